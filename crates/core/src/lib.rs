@@ -3,8 +3,17 @@
 //! - [`dtdl`]: DTDL v2/v3 parsing and validation.
 //! - [`graph`]: the twin graph and the rules for changing it.
 //! - [`query`]: the ADT query language.
+//! - [`auth`]: data actions, built-in roles and access decisions.
+//! - [`service`]: the one door into the graph: access checks, snapshots, group commit.
+//! - [`store`]: the storage seam that backends implement.
 
+pub mod auth;
+pub mod clock;
 pub mod dtdl;
 pub mod dtmi;
+pub mod error;
 pub mod graph;
 pub mod query;
+pub mod routes;
+pub mod service;
+pub mod store;

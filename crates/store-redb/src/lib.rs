@@ -1,0 +1,98 @@
+//! The embedded default store: one redb file with a table per [`Table`].
+//!
+//! redb is a pure-Rust, copy-on-write B-tree store with ACID transactions; a committed write
+//! transaction is fsynced before `commit` returns, so a write the server acknowledged survives
+//! `kill -9` and power loss. Why redb rather than SQLite is in `docs/storage.md`.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use twinguard_core::store::{Mutation, Store, StoreError, Table};
+
+fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    TableDefinition::new(table.name())
+}
+
+#[derive(Debug)]
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file at `path`; redb recovers from an unclean shutdown here.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(err)?;
+        // Create every table up front so that scans of empty tables succeed.
+        let txn = db.begin_write().map_err(err)?;
+        for table in Table::ALL {
+            txn.open_table(definition(table)).map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        Ok(Self { db })
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl Store for RedbStore {
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(definition(table)).map_err(err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut open = std::collections::BTreeMap::new();
+            for m in batch {
+                if let std::collections::btree_map::Entry::Vacant(e) = open.entry(m.table) {
+                    e.insert(txn.open_table(definition(m.table)).map_err(err)?);
+                }
+                let Some(t) = open.get_mut(&m.table) else { continue };
+                match &m.value {
+                    Some(v) => {
+                        t.insert(m.key.as_str(), v.as_slice()).map_err(err)?;
+                    }
+                    None => {
+                        t.remove(m.key.as_str()).map_err(err)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_batches_are_read_back_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            store
+                .commit(&[
+                    Mutation::put(Table::Twins, "a", b"1".to_vec()),
+                    Mutation::put(Table::Twins, "b", b"2".to_vec()),
+                    Mutation::put(Table::Models, "m", b"3".to_vec()),
+                ])
+                .unwrap();
+            store.commit(&[Mutation::delete(Table::Twins, "a")]).unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.scan(Table::Twins).unwrap(), vec![("b".to_owned(), b"2".to_vec())]);
+        assert_eq!(store.scan(Table::Models).unwrap().len(), 1);
+        assert!(store.scan(Table::EventRoutes).unwrap().is_empty());
+    }
+}

@@ -1,7 +1,11 @@
 //! The twin graph: models, twins, relationships and event routes, and the rules for changing them.
 
+pub mod ops;
+pub(crate) mod records;
 mod snapshot;
 mod types;
+pub mod validate;
 
+pub use ops::{Precondition, WriteOp, WriteOutcome};
 pub use snapshot::Graph;
 pub use types::{EventRoute, Id, ModelEntry, Relationship, Twin};

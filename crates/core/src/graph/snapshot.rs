@@ -45,7 +45,10 @@ impl Graph {
 
     /// Relationships whose source is `source`, ordered by relationship ID.
     pub fn outgoing(&self, source: &str) -> impl Iterator<Item = &Arc<Relationship>> + '_ {
-        self.outgoing.get(source).into_iter().flat_map(|m| m.values())
+        self.outgoing
+            .get(source)
+            .into_iter()
+            .flat_map(|m| m.values())
     }
 
     /// Relationships whose target is `target`, ordered by (source, relationship ID).
@@ -75,7 +78,11 @@ impl Graph {
         if &twin.model == model {
             return true;
         }
-        !exact && self.models.get(&twin.model).is_some_and(|m| m.interface.is_a(model))
+        !exact
+            && self
+                .models
+                .get(&twin.model)
+                .is_some_and(|m| m.interface.is_a(model))
     }
 
     pub fn route(&self, id: &str) -> Option<&Arc<EventRoute>> {

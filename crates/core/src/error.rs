@@ -1,0 +1,48 @@
+//! The domain's error type. Each variant names what went wrong in terms a client can act on; the
+//! server maps variants to HTTP statuses and ADT error codes in one place.
+
+use crate::dtdl::DtdlError;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DomainError {
+    #[error("the caller is not allowed to perform {action}")]
+    Forbidden { action: &'static str },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    ValidationFailed(String),
+    #[error("{0}")]
+    Dtdl(#[from] DtdlError),
+    /// A query that does not parse or cannot run; the message includes the position.
+    #[error("{0}")]
+    Query(String),
+    #[error("{0}")]
+    QueryLimitExceeded(String),
+    #[error("there is no digital twin with ID '{0}'")]
+    TwinNotFound(String),
+    #[error("there is no relationship with ID '{0}'")]
+    RelationshipNotFound(String),
+    #[error("there is no model with ID '{0}'")]
+    ModelNotFound(String),
+    #[error("there is no event route with ID '{0}'")]
+    RouteNotFound(String),
+    #[error("there is no component named '{0}'")]
+    ComponentNotFound(String),
+    #[error("a model with ID '{0}' already exists")]
+    ModelExists(String),
+    #[error("a digital twin with ID '{0}' already exists")]
+    TwinExists(String),
+    #[error("a relationship with ID '{0}' already exists")]
+    RelationshipExists(String),
+    #[error("the model '{0}' is still referenced by {1}")]
+    ModelReferenced(String, String),
+    #[error("the digital twin '{0}' still has relationships; delete them first")]
+    RelationshipsExist(String),
+    #[error("the entity's etag does not match the precondition")]
+    PreconditionFailed,
+    #[error("the store is unavailable")]
+    Unavailable,
+}
+
+pub type DomainResult<T> = Result<T, DomainError>;

@@ -1,0 +1,734 @@
+//! The write operations on the graph and their rules. Each operation checks its preconditions
+//! against the current snapshot, changes a working copy, and records the store mutations; the
+//! service commits them durably before the new snapshot is published.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::Graph;
+use super::records::{relationship_from_doc, twin_from_doc};
+use super::types::{EventRoute, ModelEntry, Relationship, Twin};
+use super::validate::{check_id, check_relationship_properties, check_twin_contents};
+use crate::auth::Action;
+use crate::dtdl::{self, Interface, ParseOptions};
+use crate::dtmi::Dtmi;
+use crate::error::{DomainError, DomainResult};
+use crate::routes;
+use crate::store::Mutation;
+
+/// Most models one upload may carry (ADT's limit).
+pub const MAX_MODELS_PER_UPLOAD: usize = 250;
+/// Most models an instance holds (ADT's limit is 10,000).
+pub const MAX_MODELS: usize = 10_000;
+/// Most event routes an instance holds (ADT's limit is 6).
+pub const MAX_ROUTES: usize = 64;
+
+/// A precondition on the entity's current etag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// `If-Match`: the entity exists and its etag matches (`*` matches any).
+    IfMatch(String),
+    /// `If-None-Match: *`: the entity does not exist yet.
+    IfNoneMatch,
+}
+
+impl Precondition {
+    fn check(&self, current: Option<&str>) -> DomainResult<()> {
+        match (self, current) {
+            (Precondition::IfMatch(tag), Some(etag)) if tag == "*" || tag == etag => Ok(()),
+            (Precondition::IfMatch(_), _) => Err(DomainError::PreconditionFailed),
+            (Precondition::IfNoneMatch, Some(_)) => Err(DomainError::PreconditionFailed),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum WriteOp {
+    UploadModels(Vec<Value>),
+    SetModelDecommissioned {
+        id: Dtmi,
+        decommissioned: bool,
+    },
+    DeleteModel(Dtmi),
+    PutTwin {
+        id: String,
+        body: Map<String, Value>,
+        precondition: Precondition,
+    },
+    PatchTwin {
+        id: String,
+        component: Option<String>,
+        patch: Value,
+        precondition: Precondition,
+    },
+    DeleteTwin {
+        id: String,
+        precondition: Precondition,
+    },
+    PutRelationship {
+        source: String,
+        id: String,
+        body: Map<String, Value>,
+        precondition: Precondition,
+    },
+    PatchRelationship {
+        source: String,
+        id: String,
+        patch: Value,
+        precondition: Precondition,
+    },
+    DeleteRelationship {
+        source: String,
+        id: String,
+        precondition: Precondition,
+    },
+    PutRoute {
+        id: String,
+        endpoint_name: String,
+        filter: String,
+    },
+    DeleteRoute(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum WriteOutcome {
+    Models(Vec<Arc<ModelEntry>>),
+    Twin(Arc<Twin>),
+    Relationship(Arc<Relationship>),
+    Route(Arc<EventRoute>),
+    Done,
+}
+
+impl WriteOp {
+    /// The data action a caller needs for this operation.
+    pub fn action(&self) -> Action {
+        match self {
+            Self::UploadModels(_) | Self::SetModelDecommissioned { .. } => Action::ModelsWrite,
+            Self::DeleteModel(_) => Action::ModelsDelete,
+            Self::PutTwin { .. } | Self::PatchTwin { .. } => Action::TwinsWrite,
+            Self::DeleteTwin { .. } => Action::TwinsDelete,
+            Self::PutRelationship { .. } | Self::PatchRelationship { .. } => {
+                Action::RelationshipsWrite
+            }
+            Self::DeleteRelationship { .. } => Action::RelationshipsDelete,
+            Self::PutRoute { .. } => Action::EventRoutesWrite,
+            Self::DeleteRoute(_) => Action::EventRoutesDelete,
+        }
+    }
+
+    /// Applies the operation to `graph`, recording store mutations in `muts`. On error the
+    /// caller discards both.
+    pub(crate) fn apply(
+        self,
+        graph: &mut Graph,
+        ctx: &WriteContext,
+        muts: &mut Vec<Mutation>,
+    ) -> DomainResult<WriteOutcome> {
+        match self {
+            Self::UploadModels(docs) => upload_models(graph, docs, ctx, muts),
+            Self::SetModelDecommissioned { id, decommissioned } => {
+                let entry = graph
+                    .model(&id)
+                    .ok_or_else(|| DomainError::ModelNotFound(id.to_string()))?;
+                let entry = Arc::new(ModelEntry {
+                    decommissioned,
+                    ..(**entry).clone()
+                });
+                graph.put_model(entry, muts);
+                Ok(WriteOutcome::Done)
+            }
+            Self::DeleteModel(id) => delete_model(graph, &id, muts),
+            Self::PutTwin {
+                id,
+                body,
+                precondition,
+            } => put_twin(graph, id, body, &precondition, ctx, muts),
+            Self::PatchTwin {
+                id,
+                component,
+                patch,
+                precondition,
+            } => patch_twin(
+                graph,
+                &id,
+                component.as_deref(),
+                &patch,
+                &precondition,
+                ctx,
+                muts,
+            ),
+            Self::DeleteTwin { id, precondition } => {
+                let twin = graph
+                    .twin(&id)
+                    .ok_or_else(|| DomainError::TwinNotFound(id.clone()))?;
+                precondition.check(Some(&twin.etag))?;
+                if graph.outgoing(&id).next().is_some() || graph.incoming(&id).next().is_some() {
+                    return Err(DomainError::RelationshipsExist(id));
+                }
+                graph.remove_twin(&id, muts);
+                Ok(WriteOutcome::Done)
+            }
+            Self::PutRelationship {
+                source,
+                id,
+                body,
+                precondition,
+            } => put_relationship(graph, source, id, body, &precondition, ctx, muts),
+            Self::PatchRelationship {
+                source,
+                id,
+                patch,
+                precondition,
+            } => patch_relationship(graph, &source, &id, &patch, &precondition, ctx, muts),
+            Self::DeleteRelationship {
+                source,
+                id,
+                precondition,
+            } => {
+                let rel = graph
+                    .relationship(&source, &id)
+                    .ok_or_else(|| DomainError::RelationshipNotFound(id.clone()))?;
+                precondition.check(Some(&rel.etag))?;
+                graph.remove_relationship(&source, &id, muts);
+                Ok(WriteOutcome::Done)
+            }
+            Self::PutRoute {
+                id,
+                endpoint_name,
+                filter,
+            } => {
+                check_id("event route", &id)?;
+                if endpoint_name.is_empty() || endpoint_name.len() > 256 {
+                    return Err(DomainError::InvalidArgument(
+                        "endpointName must be 1 to 256 characters".into(),
+                    ));
+                }
+                routes::check_filter(&filter)?;
+                if graph.route(&id).is_none() && graph.routes.len() >= MAX_ROUTES {
+                    return Err(DomainError::InvalidArgument(format!(
+                        "an instance holds at most {MAX_ROUTES} event routes"
+                    )));
+                }
+                let route = Arc::new(EventRoute {
+                    id,
+                    endpoint_name,
+                    filter,
+                });
+                graph.put_route(route.clone(), muts);
+                Ok(WriteOutcome::Route(route))
+            }
+            Self::DeleteRoute(id) => {
+                if graph.route(&id).is_none() {
+                    return Err(DomainError::RouteNotFound(id));
+                }
+                graph.remove_route(&id, muts);
+                Ok(WriteOutcome::Done)
+            }
+        }
+    }
+}
+
+/// What every write in one commit shares: its time and a source of fresh etags.
+#[derive(Debug)]
+pub struct WriteContext {
+    /// RFC 3339 time of the commit.
+    pub now: String,
+}
+
+impl WriteContext {
+    fn new_etag(&self) -> String {
+        format!("W/\"{}\"", uuid::Uuid::new_v4())
+    }
+}
+
+fn upload_models(
+    graph: &mut Graph,
+    docs: Vec<Value>,
+    ctx: &WriteContext,
+    muts: &mut Vec<Mutation>,
+) -> DomainResult<WriteOutcome> {
+    if docs.is_empty() {
+        return Err(DomainError::InvalidArgument(
+            "the request holds no models".into(),
+        ));
+    }
+    if docs.len() > MAX_MODELS_PER_UPLOAD {
+        return Err(DomainError::InvalidArgument(format!(
+            "one upload holds at most {MAX_MODELS_PER_UPLOAD} models"
+        )));
+    }
+    if graph.models.len() + docs.len() > MAX_MODELS {
+        return Err(DomainError::InvalidArgument(format!(
+            "an instance holds at most {MAX_MODELS} models"
+        )));
+    }
+    for doc in &docs {
+        if !doc.is_object() {
+            return Err(DomainError::InvalidArgument(
+                "each model must be a JSON object".into(),
+            ));
+        }
+    }
+    let resolve = |id: &Dtmi| graph.model(id).map(|m| m.interface.clone());
+    let interfaces = dtdl::parse(&docs, &resolve, &ParseOptions::strict())?;
+    let mut seen = BTreeSet::new();
+    for iface in &interfaces {
+        if graph.model(&iface.id).is_some() || !seen.insert(iface.id.clone()) {
+            return Err(DomainError::ModelExists(iface.id.to_string()));
+        }
+    }
+    let mut entries = Vec::with_capacity(interfaces.len());
+    for (definition, interface) in docs.into_iter().zip(interfaces) {
+        let entry = Arc::new(ModelEntry {
+            id: interface.id.clone(),
+            definition,
+            upload_time: ctx.now.clone(),
+            decommissioned: false,
+            interface,
+        });
+        graph.put_model(entry.clone(), muts);
+        entries.push(entry);
+    }
+    Ok(WriteOutcome::Models(entries))
+}
+
+/// The models and twins that depend on `id`; a model is deleted only when nothing does.
+fn delete_model(
+    graph: &mut Graph,
+    id: &Dtmi,
+    muts: &mut Vec<Mutation>,
+) -> DomainResult<WriteOutcome> {
+    if graph.model(id).is_none() {
+        return Err(DomainError::ModelNotFound(id.to_string()));
+    }
+    if let Some(dependent) = graph
+        .models()
+        .find(|m| &m.id != id && depends_on(&m.interface, id))
+    {
+        return Err(DomainError::ModelReferenced(
+            id.to_string(),
+            format!("model {}", dependent.id),
+        ));
+    }
+    if let Some(twin) = graph.twins().find(|t| &t.model == id) {
+        return Err(DomainError::ModelReferenced(
+            id.to_string(),
+            format!("twin '{}'", twin.id),
+        ));
+    }
+    graph.remove_model(id, muts);
+    Ok(WriteOutcome::Done)
+}
+
+/// True when `iface` extends `id` or uses it as a component schema, directly or not.
+pub(crate) fn depends_on(iface: &Interface, id: &Dtmi) -> bool {
+    iface.ancestors.contains(id)
+        || iface
+            .components
+            .values()
+            .any(|c| c.schema.is_a(id) || depends_on(&c.schema, id))
+}
+
+fn interface_for<'g>(graph: &'g Graph, model: &Dtmi) -> DomainResult<&'g Arc<ModelEntry>> {
+    graph.model(model).ok_or_else(|| {
+        DomainError::ValidationFailed(format!("model {model} has not been uploaded"))
+    })
+}
+
+fn model_of(body: &Map<String, Value>) -> DomainResult<Dtmi> {
+    let raw = body
+        .get("$metadata")
+        .and_then(|m| m.get("$model"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| DomainError::ValidationFailed("$metadata.$model is required".into()))?;
+    Dtmi::parse(raw).map_err(|e| DomainError::ValidationFailed(e.to_string()))
+}
+
+fn put_twin(
+    graph: &mut Graph,
+    id: String,
+    mut body: Map<String, Value>,
+    precondition: &Precondition,
+    ctx: &WriteContext,
+    muts: &mut Vec<Mutation>,
+) -> DomainResult<WriteOutcome> {
+    check_id("twin", &id)?;
+    let existing = graph.twin(&id).cloned();
+    precondition.check(existing.as_ref().map(|t| t.etag.as_str()))?;
+    if let Some(given) = body.get("$dtId")
+        && given.as_str() != Some(id.as_str())
+    {
+        return Err(DomainError::ValidationFailed(
+            "$dtId does not match the twin ID in the path".into(),
+        ));
+    }
+    let model = model_of(&body)?;
+    let entry = interface_for(graph, &model)?;
+    if entry.decommissioned && existing.as_ref().is_none_or(|t| t.model != model) {
+        return Err(DomainError::ValidationFailed(format!(
+            "model {model} is decommissioned"
+        )));
+    }
+    let iface = entry.interface.clone();
+    check_twin_contents(&iface, &body, "")?;
+    // Relationships that exist must still fit the new model.
+    if let Some(old) = &existing
+        && old.model != model
+    {
+        check_relationships_still_fit(graph, &id, &iface)?;
+    }
+    let requested_meta = take_metadata(&mut body);
+    body.remove("$dtId");
+    body.remove("$etag");
+    let doc = assemble_twin(
+        &id,
+        &ctx.new_etag(),
+        &model,
+        body,
+        &requested_meta,
+        existing.as_deref(),
+        &iface,
+        &ctx.now,
+    );
+    let twin = Arc::new(twin_from_parts(doc)?);
+    graph.put_twin(twin.clone(), muts);
+    Ok(WriteOutcome::Twin(twin))
+}
+
+fn check_relationships_still_fit(graph: &Graph, id: &str, iface: &Interface) -> DomainResult<()> {
+    for rel in graph.outgoing(id) {
+        if !iface.relationships.contains_key(rel.name.as_ref()) {
+            return Err(DomainError::ValidationFailed(format!(
+                "relationship '{}' is not defined by model {}; delete it first",
+                rel.id, iface.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn take_metadata(body: &mut Map<String, Value>) -> Map<String, Value> {
+    match body.remove("$metadata") {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}
+
+fn twin_from_parts(doc: Map<String, Value>) -> DomainResult<Twin> {
+    // assemble_twin always writes $dtId, $etag and $metadata.$model.
+    twin_from_doc(doc).ok_or_else(|| DomainError::ValidationFailed("malformed twin".into()))
+}
+
+/// Builds a twin's wire form with `$metadata`: the model, the twin's last update time, and per
+/// property `lastUpdateTime` (kept from `previous` when the value did not change) and
+/// `sourceTime` (as requested, else kept).
+#[allow(clippy::too_many_arguments)] // one call site per write path; a struct would only rename them
+fn assemble_twin(
+    id: &str,
+    etag: &str,
+    model: &Dtmi,
+    contents: Map<String, Value>,
+    requested_meta: &Map<String, Value>,
+    previous: Option<&Twin>,
+    iface: &Interface,
+    now: &str,
+) -> Map<String, Value> {
+    let previous_doc = previous.map(|t| &t.doc);
+    let mut doc = Map::new();
+    doc.insert("$dtId".into(), Value::String(id.to_owned()));
+    doc.insert("$etag".into(), Value::String(etag.to_owned()));
+    let mut metadata = Map::new();
+    metadata.insert("$model".into(), Value::String(model.to_string()));
+    metadata.insert("$lastUpdateTime".into(), Value::String(now.to_owned()));
+    for (name, value) in contents {
+        if let (Some(component), Value::Object(inner)) = (iface.components.get(&name), &value) {
+            let mut inner = inner.clone();
+            let inner_requested = take_metadata(&mut inner);
+            let inner_previous = previous_doc
+                .and_then(|d| d.get(&name))
+                .and_then(Value::as_object);
+            let inner_meta = property_metadata(
+                &inner,
+                &inner_requested,
+                inner_previous,
+                &component.schema,
+                now,
+            );
+            inner.insert("$metadata".into(), Value::Object(inner_meta));
+            doc.insert(name, Value::Object(inner));
+        } else {
+            doc.insert(name, value);
+        }
+    }
+    let prop_meta = property_metadata(&doc, requested_meta, previous_doc, iface, now);
+    metadata.extend(prop_meta);
+    doc.insert("$metadata".into(), Value::Object(metadata));
+    doc
+}
+
+fn property_metadata(
+    contents: &Map<String, Value>,
+    requested: &Map<String, Value>,
+    previous: Option<&Map<String, Value>>,
+    iface: &Interface,
+    now: &str,
+) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (name, value) in contents {
+        if !iface.properties.contains_key(name) {
+            continue;
+        }
+        let old_meta = previous
+            .and_then(|p| p.get("$metadata"))
+            .and_then(|m| m.get(name));
+        let unchanged = previous.and_then(|p| p.get(name)) == Some(value);
+        let mut meta = Map::new();
+        let last = match (unchanged, old_meta.and_then(|m| m.get("lastUpdateTime"))) {
+            (true, Some(t)) => t.clone(),
+            _ => Value::String(now.to_owned()),
+        };
+        meta.insert("lastUpdateTime".into(), last);
+        let source_time = requested
+            .get(name)
+            .and_then(|m| m.get("sourceTime"))
+            .or_else(|| old_meta.and_then(|m| m.get("sourceTime")));
+        if let Some(t) = source_time {
+            meta.insert("sourceTime".into(), t.clone());
+        }
+        out.insert(name.clone(), Value::Object(meta));
+    }
+    out
+}
+
+/// Checks a JSON Patch document: an array of `add`, `replace` and `remove` operations, as ADT
+/// accepts, none of which touches `$dtId` or `$etag`.
+fn parse_patch(patch: &Value) -> DomainResult<json_patch::Patch> {
+    let parsed: json_patch::Patch = serde_json::from_value(patch.clone()).map_err(|e| {
+        DomainError::InvalidArgument(format!("the body is not a valid JSON Patch: {e}"))
+    })?;
+    for op in &parsed.0 {
+        let path = match op {
+            json_patch::PatchOperation::Add(o) => &o.path,
+            json_patch::PatchOperation::Replace(o) => &o.path,
+            json_patch::PatchOperation::Remove(o) => &o.path,
+            _ => {
+                return Err(DomainError::InvalidArgument(
+                    "only add, replace and remove operations are supported".into(),
+                ));
+            }
+        };
+        let path = path.as_str();
+        if path.is_empty() || path == "/$dtId" || path == "/$etag" || path == "/$metadata" {
+            return Err(DomainError::InvalidArgument(format!(
+                "the path '{path}' cannot be patched"
+            )));
+        }
+    }
+    Ok(parsed)
+}
+
+/// The editable view of a twin: its contents plus `$metadata` holding `$model` and the
+/// properties' `sourceTime`s, which a patch may change.
+fn editable_view(doc: &Map<String, Value>) -> Value {
+    let mut view = doc.clone();
+    view.remove("$dtId");
+    view.remove("$etag");
+    Value::Object(view)
+}
+
+fn patch_twin(
+    graph: &mut Graph,
+    id: &str,
+    component: Option<&str>,
+    patch: &Value,
+    precondition: &Precondition,
+    ctx: &WriteContext,
+    muts: &mut Vec<Mutation>,
+) -> DomainResult<WriteOutcome> {
+    let twin = graph
+        .twin(id)
+        .cloned()
+        .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))?;
+    precondition.check(Some(&twin.etag))?;
+    let patch = parse_patch(patch)?;
+    let mut view = editable_view(&twin.doc);
+    {
+        let target = match component {
+            None => &mut view,
+            Some(name) => {
+                let old_model_iface = interface_for(graph, &twin.model)?;
+                if !old_model_iface.interface.components.contains_key(name) {
+                    return Err(DomainError::ComponentNotFound(name.to_owned()));
+                }
+                view.get_mut(name)
+                    .ok_or_else(|| DomainError::ComponentNotFound(name.to_owned()))?
+            }
+        };
+        json_patch::patch(target, &patch).map_err(|e| {
+            DomainError::ValidationFailed(format!("the patch cannot be applied: {e}"))
+        })?;
+    }
+    let Value::Object(mut body) = view else {
+        return Err(DomainError::ValidationFailed(
+            "the patch replaced the twin".into(),
+        ));
+    };
+    let model = model_of(&body)?;
+    let iface = interface_for(graph, &model)?.interface.clone();
+    let requested_meta = take_metadata(&mut body);
+    check_twin_contents(&iface, &body, "")?;
+    if model != twin.model {
+        check_relationships_still_fit(graph, id, &iface)?;
+    }
+    let doc = assemble_twin(
+        id,
+        &ctx.new_etag(),
+        &model,
+        body,
+        &requested_meta,
+        Some(&twin),
+        &iface,
+        &ctx.now,
+    );
+    let twin = Arc::new(twin_from_parts(doc)?);
+    graph.put_twin(twin.clone(), muts);
+    Ok(WriteOutcome::Twin(twin))
+}
+
+fn relationship_definition<'a>(
+    graph: &'a Graph,
+    source: &Twin,
+    name: &str,
+) -> DomainResult<&'a dtdl::Relationship> {
+    let entry = interface_for(graph, &source.model)?;
+    entry.interface.relationships.get(name).ok_or_else(|| {
+        DomainError::ValidationFailed(format!(
+            "model {} defines no relationship named '{name}'",
+            source.model
+        ))
+    })
+}
+
+fn put_relationship(
+    graph: &mut Graph,
+    source_id: String,
+    id: String,
+    mut body: Map<String, Value>,
+    precondition: &Precondition,
+    ctx: &WriteContext,
+    muts: &mut Vec<Mutation>,
+) -> DomainResult<WriteOutcome> {
+    check_id("relationship", &id)?;
+    let source = graph
+        .twin(&source_id)
+        .cloned()
+        .ok_or_else(|| DomainError::TwinNotFound(source_id.clone()))?;
+    let existing = graph.relationship(&source_id, &id).cloned();
+    precondition.check(existing.as_ref().map(|r| r.etag.as_str()))?;
+    let target_id = body
+        .get("$targetId")
+        .and_then(Value::as_str)
+        .ok_or_else(|| DomainError::ValidationFailed("$targetId is required".into()))?
+        .to_owned();
+    let name = body
+        .get("$relationshipName")
+        .and_then(Value::as_str)
+        .ok_or_else(|| DomainError::ValidationFailed("$relationshipName is required".into()))?
+        .to_owned();
+    for (key, expected) in [("$sourceId", &source_id), ("$relationshipId", &id)] {
+        if let Some(given) = body.get(key)
+            && given.as_str() != Some(expected.as_str())
+        {
+            return Err(DomainError::ValidationFailed(format!(
+                "{key} does not match the path"
+            )));
+        }
+    }
+    let target = graph.twin(&target_id).cloned().ok_or_else(|| {
+        DomainError::ValidationFailed(format!("the target twin '{target_id}' does not exist"))
+    })?;
+    let definition = relationship_definition(graph, &source, &name)?;
+    if let Some(required) = &definition.target
+        && !graph.is_of_model(&target, required, false)
+    {
+        return Err(DomainError::ValidationFailed(format!(
+            "relationship '{name}' must target a twin of model {required}"
+        )));
+    }
+    if let Some(max) = definition.max_multiplicity {
+        let count = graph
+            .outgoing(&source_id)
+            .filter(|r| r.name.as_ref() == name && r.id.as_ref() != id)
+            .count();
+        if count >= max as usize {
+            return Err(DomainError::ValidationFailed(format!(
+                "twin '{source_id}' already has the maximum of {max} '{name}' relationships"
+            )));
+        }
+    }
+    body.retain(|k, _| !k.starts_with('$'));
+    check_relationship_properties(definition, &body)?;
+    let mut doc = Map::new();
+    doc.insert("$relationshipId".into(), Value::String(id));
+    doc.insert("$etag".into(), Value::String(ctx.new_etag()));
+    doc.insert("$sourceId".into(), Value::String(source_id));
+    doc.insert("$relationshipName".into(), Value::String(name));
+    doc.insert("$targetId".into(), Value::String(target_id));
+    doc.extend(body);
+    let rel = Arc::new(
+        relationship_from_doc(doc)
+            .ok_or_else(|| DomainError::ValidationFailed("malformed relationship".into()))?,
+    );
+    graph.put_relationship(rel.clone(), muts);
+    Ok(WriteOutcome::Relationship(rel))
+}
+
+fn patch_relationship(
+    graph: &mut Graph,
+    source_id: &str,
+    id: &str,
+    patch: &Value,
+    precondition: &Precondition,
+    ctx: &WriteContext,
+    muts: &mut Vec<Mutation>,
+) -> DomainResult<WriteOutcome> {
+    let rel = graph
+        .relationship(source_id, id)
+        .cloned()
+        .ok_or_else(|| DomainError::RelationshipNotFound(id.to_owned()))?;
+    precondition.check(Some(&rel.etag))?;
+    let patch = parse_patch(patch)?;
+    for op in &patch.0 {
+        if op.path().as_str().starts_with("/$") {
+            return Err(DomainError::InvalidArgument(
+                "only relationship properties can be patched".into(),
+            ));
+        }
+    }
+    let mut view = Value::Object(rel.doc.clone());
+    json_patch::patch(&mut view, &patch)
+        .map_err(|e| DomainError::ValidationFailed(format!("the patch cannot be applied: {e}")))?;
+    let Value::Object(mut doc) = view else {
+        return Err(DomainError::ValidationFailed(
+            "the patch replaced the relationship".into(),
+        ));
+    };
+    let source = graph
+        .twin(source_id)
+        .cloned()
+        .ok_or_else(|| DomainError::TwinNotFound(source_id.to_owned()))?;
+    let definition = relationship_definition(graph, &source, &rel.name)?;
+    check_relationship_properties(definition, &doc)?;
+    doc.insert("$etag".into(), Value::String(ctx.new_etag()));
+    let rel = Arc::new(
+        relationship_from_doc(doc)
+            .ok_or_else(|| DomainError::ValidationFailed("malformed relationship".into()))?,
+    );
+    graph.put_relationship(rel.clone(), muts);
+    Ok(WriteOutcome::Relationship(rel))
+}

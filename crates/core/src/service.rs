@@ -1,0 +1,363 @@
+//! The twin service: the one door into the graph. Every operation checks the caller's access
+//! first; reads run on an immutable snapshot; writes go through a single writer that validates
+//! them in order, commits them to the store in groups (one durable commit for every write that
+//! arrived meanwhile), and only then publishes the new snapshot and acknowledges. A write that is
+//! acknowledged is durable and visible to every later read and query.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+
+use arc_swap::ArcSwap;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::{Action, Principal};
+use crate::clock::{Clock, rfc3339};
+use crate::dtdl::{self, ParseOptions};
+use crate::dtmi::Dtmi;
+use crate::error::{DomainError, DomainResult};
+use crate::graph::ops::{WriteContext, WriteOp, WriteOutcome};
+use crate::graph::records::{relationship_from_doc, twin_from_doc};
+use crate::graph::{EventRoute, Graph, ModelEntry, Relationship, Twin};
+use crate::store::{Mutation, Store, StoreError, Table};
+
+/// Most writes grouped into one commit.
+const MAX_GROUP: usize = 4_096;
+/// Writes waiting for the writer before new ones are turned away with 503.
+const QUEUE_DEPTH: usize = 16_384;
+
+struct Job {
+    op: WriteOp,
+    reply: oneshot::Sender<DomainResult<WriteOutcome>>,
+}
+
+/// Shared by the service handle and the writer thread.
+struct Shared {
+    published: ArcSwap<Graph>,
+    store_healthy: AtomicBool,
+}
+
+#[derive(Clone)]
+pub struct TwinService {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for TwinService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TwinService").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored {0} record '{1}' is unreadable")]
+    Corrupt(&'static str, String),
+    #[error("stored models no longer validate: {0}")]
+    Models(dtdl::DtdlError),
+    #[error("cannot start the writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl TwinService {
+    /// Loads the graph from `store` and starts the writer.
+    pub fn open(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
+        let graph = load(store.as_ref())?;
+        let shared = Arc::new(Shared {
+            published: ArcSwap::from_pointee(graph),
+            store_healthy: AtomicBool::new(true),
+        });
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer_shared = shared.clone();
+        thread::Builder::new()
+            .name("twinguard-writer".into())
+            .spawn(move || writer(rx, writer_shared, store, clock))
+            .map_err(OpenError::Thread)?;
+        Ok(Self { shared, jobs })
+    }
+
+    /// The current snapshot. It reflects every acknowledged write.
+    pub fn snapshot(&self) -> Arc<Graph> {
+        self.shared.published.load_full()
+    }
+
+    /// False after a commit failed, until one succeeds again; readiness reports it.
+    pub fn store_healthy(&self) -> bool {
+        self.shared.store_healthy.load(Ordering::Relaxed)
+    }
+
+    /// Performs a write for `principal` and returns once it is durable and visible.
+    pub async fn write(&self, principal: &Principal, op: WriteOp) -> DomainResult<WriteOutcome> {
+        principal.authorize(op.action())?;
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .try_send(Job { op, reply })
+            .map_err(|_| DomainError::Unavailable)?;
+        answer.await.map_err(|_| DomainError::Unavailable)?
+    }
+
+    pub fn twin(&self, principal: &Principal, id: &str) -> DomainResult<Arc<Twin>> {
+        principal.authorize(Action::TwinsRead)?;
+        self.snapshot()
+            .twin(id)
+            .cloned()
+            .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))
+    }
+
+    /// A component of a twin, as ADT's `GET /digitaltwins/{id}/components/{name}` returns it.
+    pub fn component(&self, principal: &Principal, id: &str, name: &str) -> DomainResult<Value> {
+        let twin = self.twin(principal, id)?;
+        let graph = self.snapshot();
+        let is_component = graph
+            .model(&twin.model)
+            .is_some_and(|m| m.interface.components.contains_key(name));
+        match twin.doc.get(name) {
+            Some(v) if is_component => Ok(v.clone()),
+            _ => Err(DomainError::ComponentNotFound(name.to_owned())),
+        }
+    }
+
+    pub fn relationship(
+        &self,
+        principal: &Principal,
+        source: &str,
+        id: &str,
+    ) -> DomainResult<Arc<Relationship>> {
+        principal.authorize(Action::RelationshipsRead)?;
+        let graph = self.snapshot();
+        if graph.twin(source).is_none() {
+            return Err(DomainError::TwinNotFound(source.to_owned()));
+        }
+        graph
+            .relationship(source, id)
+            .cloned()
+            .ok_or_else(|| DomainError::RelationshipNotFound(id.to_owned()))
+    }
+
+    /// Outgoing relationships of `source`, optionally only those named `name`.
+    pub fn outgoing(
+        &self,
+        principal: &Principal,
+        source: &str,
+        name: Option<&str>,
+    ) -> DomainResult<Vec<Arc<Relationship>>> {
+        principal.authorize(Action::RelationshipsRead)?;
+        let graph = self.snapshot();
+        if graph.twin(source).is_none() {
+            return Err(DomainError::TwinNotFound(source.to_owned()));
+        }
+        Ok(graph
+            .outgoing(source)
+            .filter(|r| name.is_none_or(|n| r.name.as_ref() == n))
+            .cloned()
+            .collect())
+    }
+
+    pub fn incoming(
+        &self,
+        principal: &Principal,
+        target: &str,
+    ) -> DomainResult<Vec<Arc<Relationship>>> {
+        principal.authorize(Action::RelationshipsRead)?;
+        let graph = self.snapshot();
+        if graph.twin(target).is_none() {
+            return Err(DomainError::TwinNotFound(target.to_owned()));
+        }
+        Ok(graph.incoming(target).cloned().collect())
+    }
+
+    pub fn model(&self, principal: &Principal, id: &str) -> DomainResult<Arc<ModelEntry>> {
+        principal.authorize(Action::ModelsRead)?;
+        let dtmi = Dtmi::parse(id).map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
+        self.snapshot()
+            .model(&dtmi)
+            .cloned()
+            .ok_or_else(|| DomainError::ModelNotFound(id.to_owned()))
+    }
+
+    /// Every model, or with `dependencies_for` those models and everything they depend on
+    /// (`extends` and component schemas, transitively), ordered by ID.
+    pub fn models(
+        &self,
+        principal: &Principal,
+        dependencies_for: &[String],
+    ) -> DomainResult<Vec<Arc<ModelEntry>>> {
+        principal.authorize(Action::ModelsRead)?;
+        let graph = self.snapshot();
+        let mut out: Vec<Arc<ModelEntry>> = if dependencies_for.is_empty() {
+            graph.models().cloned().collect()
+        } else {
+            let mut wanted = std::collections::BTreeSet::new();
+            for id in dependencies_for {
+                let dtmi =
+                    Dtmi::parse(id).map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
+                let entry = graph
+                    .model(&dtmi)
+                    .ok_or_else(|| DomainError::ModelNotFound(id.clone()))?;
+                collect_dependencies(&entry.interface, &mut wanted);
+            }
+            wanted
+                .iter()
+                .filter_map(|id| graph.model(id).cloned())
+                .collect()
+        };
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    pub fn route(&self, principal: &Principal, id: &str) -> DomainResult<Arc<EventRoute>> {
+        principal.authorize(Action::EventRoutesRead)?;
+        self.snapshot()
+            .route(id)
+            .cloned()
+            .ok_or_else(|| DomainError::RouteNotFound(id.to_owned()))
+    }
+
+    pub fn routes(&self, principal: &Principal) -> DomainResult<Vec<Arc<EventRoute>>> {
+        principal.authorize(Action::EventRoutesRead)?;
+        Ok(self.snapshot().routes().cloned().collect())
+    }
+}
+
+fn collect_dependencies(iface: &dtdl::Interface, out: &mut std::collections::BTreeSet<Dtmi>) {
+    out.insert(iface.id.clone());
+    out.extend(iface.ancestors.iter().cloned());
+    for component in iface.components.values() {
+        collect_dependencies(&component.schema, out);
+    }
+}
+
+fn writer(
+    mut rx: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) {
+    let mut batch = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_group(&mut batch, &shared, store.as_ref(), clock.as_ref());
+    }
+}
+
+/// Validates and applies each job in order on a working copy of the graph, commits all their
+/// mutations at once, then publishes and answers. A job that fails validation is answered at
+/// once and leaves no trace; if the commit fails, every job of the group fails.
+fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock: &dyn Clock) {
+    let ctx = WriteContext {
+        now: rfc3339(clock.now()),
+    };
+    let mut working: Graph = (**shared.published.load()).clone();
+    let mut muts: Vec<Mutation> = Vec::new();
+    let mut done = Vec::with_capacity(batch.len());
+    for job in batch.drain(..) {
+        let before = working.clone();
+        let mark = muts.len();
+        match job.op.apply(&mut working, &ctx, &mut muts) {
+            Ok(outcome) => done.push((job.reply, outcome)),
+            Err(e) => {
+                working = before;
+                muts.truncate(mark);
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+    if done.is_empty() {
+        return;
+    }
+    match store.commit(&muts) {
+        Ok(()) => {
+            shared.store_healthy.store(true, Ordering::Relaxed);
+            shared.published.store(Arc::new(working));
+            for (reply, outcome) in done {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, writes = done.len(), "store commit failed; writes refused");
+            shared.store_healthy.store(false, Ordering::Relaxed);
+            for (reply, _) in done {
+                let _ = reply.send(Err(DomainError::Unavailable));
+            }
+        }
+    }
+}
+
+fn load(store: &dyn Store) -> Result<Graph, OpenError> {
+    let mut graph = Graph::default();
+    let mut muts = Vec::new();
+
+    let mut definitions = Vec::new();
+    let mut records = Vec::new();
+    for (key, bytes) in store.scan(Table::Models)? {
+        let record: Value =
+            serde_json::from_slice(&bytes).map_err(|_| OpenError::Corrupt("model", key.clone()))?;
+        let definition = record
+            .get("definition")
+            .cloned()
+            .ok_or_else(|| OpenError::Corrupt("model", key.clone()))?;
+        definitions.push(definition);
+        records.push(record);
+    }
+    if !definitions.is_empty() {
+        let interfaces = dtdl::parse(&definitions, &|_| None, &ParseOptions::strict())
+            .map_err(OpenError::Models)?;
+        for ((definition, record), interface) in
+            definitions.into_iter().zip(records).zip(interfaces)
+        {
+            let entry = ModelEntry {
+                id: interface.id.clone(),
+                definition,
+                upload_time: record
+                    .get("uploadTime")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                decommissioned: record
+                    .get("decommissioned")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                interface,
+            };
+            graph.put_model(Arc::new(entry), &mut muts);
+        }
+    }
+    for (key, bytes) in store.scan(Table::Twins)? {
+        let doc: Map<String, Value> =
+            serde_json::from_slice(&bytes).map_err(|_| OpenError::Corrupt("twin", key.clone()))?;
+        let twin = twin_from_doc(doc).ok_or(OpenError::Corrupt("twin", key))?;
+        graph.insert_twin(Arc::new(twin));
+    }
+    for (key, bytes) in store.scan(Table::Relationships)? {
+        let doc: Map<String, Value> = serde_json::from_slice(&bytes)
+            .map_err(|_| OpenError::Corrupt("relationship", key.clone()))?;
+        let rel = relationship_from_doc(doc).ok_or(OpenError::Corrupt("relationship", key))?;
+        graph.insert_relationship(Arc::new(rel));
+    }
+    for (key, bytes) in store.scan(Table::EventRoutes)? {
+        let record: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| OpenError::Corrupt("event route", key.clone()))?;
+        let field = |name: &str| record.get(name).and_then(Value::as_str).map(str::to_owned);
+        let (Some(endpoint_name), Some(filter)) = (field("endpointName"), field("filter")) else {
+            return Err(OpenError::Corrupt("event route", key));
+        };
+        graph.put_route(
+            Arc::new(EventRoute {
+                id: key,
+                endpoint_name,
+                filter,
+            }),
+            &mut muts,
+        );
+    }
+    Ok(graph)
+}

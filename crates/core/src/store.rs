@@ -1,0 +1,129 @@
+//! The storage seam. The domain keeps the whole graph in memory as immutable snapshots and asks a
+//! store for two things only: every record of a table at start-up, and the atomic, durable commit
+//! of a batch of changes. A backend is a durable key-value table set; the embedded redb backend
+//! lives in its own crate, and a PostgreSQL one can follow without touching the domain.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The tables of the store. Keys are UTF-8 strings; values are JSON documents as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    Models,
+    Twins,
+    /// Keyed by `source \u{1f} relationship id`.
+    Relationships,
+    EventRoutes,
+    /// OAuth clients (secret hashes and role IDs).
+    Clients,
+    /// Instance settings: format version, instance ID.
+    Meta,
+}
+
+impl Table {
+    pub const ALL: [Table; 6] = [
+        Table::Models,
+        Table::Twins,
+        Table::Relationships,
+        Table::EventRoutes,
+        Table::Clients,
+        Table::Meta,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Models => "models",
+            Self::Twins => "twins",
+            Self::Relationships => "relationships",
+            Self::EventRoutes => "eventroutes",
+            Self::Clients => "clients",
+            Self::Meta => "meta",
+        }
+    }
+}
+
+/// One change: `value: None` deletes the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mutation {
+    pub table: Table,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Mutation {
+    pub fn put(table: Table, key: impl Into<String>, value: Vec<u8>) -> Self {
+        Self {
+            table,
+            key: key.into(),
+            value: Some(value),
+        }
+    }
+
+    pub fn delete(table: Table, key: impl Into<String>) -> Self {
+        Self {
+            table,
+            key: key.into(),
+            value: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("store error: {0}")]
+pub struct StoreError(pub String);
+
+/// A durable table store.
+pub trait Store: Send + Sync + 'static {
+    /// Every record of `table`, in key order.
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Applies every mutation of `batch` or none, and returns only once the batch is durable.
+    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError>;
+}
+
+/// An in-memory store for tests; `set_failing(true)` makes every commit fail, as a full or broken
+/// disk would.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    tables: Mutex<BTreeMap<(Table, String), Vec<u8>>>,
+    failing: AtomicBool,
+}
+
+impl MemoryStore {
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+}
+
+impl Store for MemoryStore {
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tables = self
+            .tables
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        Ok(tables
+            .iter()
+            .filter(|((t, _), _)| *t == table)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError("commit refused (test failure injection)".into()));
+        }
+        let mut tables = self
+            .tables
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        for m in batch {
+            let key = (m.table, m.key.clone());
+            match &m.value {
+                Some(v) => tables.insert(key, v.clone()),
+                None => tables.remove(&key),
+            };
+        }
+        Ok(())
+    }
+}
