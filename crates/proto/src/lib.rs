@@ -98,7 +98,12 @@ pub struct ErrorDetail {
 
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { error: ErrorDetail { code: code.as_str().to_owned(), message: message.into() } }
+        Self {
+            error: ErrorDetail {
+                code: code.as_str().to_owned(),
+                message: message.into(),
+            },
+        }
     }
 }
 
@@ -109,6 +114,9 @@ mod tests {
     #[test]
     fn error_body_has_the_adt_shape() {
         let body = serde_json::to_value(ErrorBody::new(ErrorCode::SqlQueryError, "bad")).unwrap();
-        assert_eq!(body, serde_json::json!({"error": {"code": "SQLQueryError", "message": "bad"}}));
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"code": "SQLQueryError", "message": "bad"}})
+        );
     }
 }
