@@ -20,6 +20,7 @@ use crate::error::{DomainError, DomainResult};
 use crate::graph::ops::{WriteContext, WriteOp, WriteOutcome};
 use crate::graph::records::{relationship_from_doc, twin_from_doc};
 use crate::graph::{EventRoute, Graph, ModelEntry, Relationship, Twin};
+use crate::query;
 use crate::store::{Mutation, Store, StoreError, Table};
 
 /// Most writes grouped into one commit.
@@ -360,4 +361,36 @@ fn load(store: &dyn Store) -> Result<Graph, OpenError> {
         );
     }
     Ok(graph)
+}
+
+/// A query request: new query text, or a continuation token from a previous page.
+#[derive(Debug, Clone, Default)]
+pub struct QueryRequest {
+    pub query: Option<String>,
+    pub continuation_token: Option<String>,
+    pub page_size: usize,
+}
+
+impl TwinService {
+    /// Runs one page of an ADT query on the current snapshot.
+    pub fn query(&self, principal: &Principal, request: &QueryRequest) -> DomainResult<query::QueryPage> {
+        principal.authorize(Action::Query)?;
+        let (text, offset) = match (&request.continuation_token, &request.query) {
+            (Some(token), _) => query::decode_continuation(token).map_err(query_error)?,
+            (None, Some(text)) => (text.clone(), 0),
+            (None, None) => return Err(DomainError::InvalidArgument("the request holds no query".into())),
+        };
+        let parsed = query::parse(&text).map_err(query_error)?;
+        let graph = self.snapshot();
+        // Every twin is visible to a caller allowed to query; scoped access narrows this.
+        query::execute(&graph, &parsed, &text, offset, request.page_size, &|_| true).map_err(query_error)
+    }
+}
+
+fn query_error(e: query::QueryError) -> DomainError {
+    if e.code() == twinguard_proto::ErrorCode::QueryLimitExceeded {
+        DomainError::QueryLimitExceeded(e.to_string())
+    } else {
+        DomainError::Query(e.to_string())
+    }
 }

@@ -1,0 +1,16 @@
+//! twinguard's HTTPS API server: an Azure Digital Twins-compatible data plane.
+//!
+//! - [`app`]: the router and its layers.
+//! - [`http`]: the authenticated caller, bodies, paging, correlation IDs.
+//! - [`routes`]: thin handlers, one domain call each.
+//! - [`tokens`]: client credentials and JWT access tokens.
+//! - [`datadir`]: what first start generates (CA, keys, the first admin credential).
+//! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share.
+
+pub mod app;
+pub mod datadir;
+pub mod error;
+pub mod http;
+pub mod routes;
+pub mod startup;
+pub mod tokens;

@@ -1,8 +1,13 @@
 //! DTDL v2 and v3: parsing, validation and compilation of interfaces, and checking values
 //! against their schemas.
 
+mod compile;
+mod literals;
 mod model;
+mod props;
+mod reader;
 mod values;
+mod vocab;
 
 use std::sync::Arc;
 
@@ -23,7 +28,9 @@ pub struct ParseOptions {
 
 impl ParseOptions {
     pub fn strict() -> Self {
-        Self { disallow_undefined_extensions: true }
+        Self {
+            disallow_undefined_extensions: true,
+        }
     }
 }
 
@@ -36,7 +43,9 @@ pub struct DtdlError {
 
 impl DtdlError {
     pub fn new(message: impl Into<String>) -> Self {
-        Self { messages: vec![message.into()] }
+        Self {
+            messages: vec![message.into()],
+        }
     }
 }
 
@@ -50,6 +59,14 @@ pub fn parse(
     resolve: &dyn Fn(&Dtmi) -> Option<Arc<Interface>>,
     options: &ParseOptions,
 ) -> Result<Vec<Arc<Interface>>, DtdlError> {
-    let _ = (documents, resolve, options);
-    Err(DtdlError::new("DTDL parser not implemented yet"))
+    let mut reader = reader::Reader::new(options);
+    for doc in documents {
+        reader.document(doc).map_err(DtdlError::new)?;
+    }
+    compile::link(&mut reader.nodes).map_err(DtdlError::new)?;
+    let mut compiler = compile::Compiler::new(&reader.nodes, resolve).map_err(DtdlError::new)?;
+    compiler.run(&reader.roots).map_err(DtdlError::new)
 }
+
+#[cfg(test)]
+mod tests;

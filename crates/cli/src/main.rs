@@ -1,0 +1,77 @@
+//! The `twinguard` binary: parses the command line, sets up logging and starts things.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use twinguard_server::datadir::DataDir;
+use twinguard_server::startup::{Application, ServeConfig, init, install_crypto_provider};
+
+#[derive(Debug, Parser)]
+#[command(name = "twinguard", version, about = "A digital twin server that treats every layer as hostile")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Initialise the data directory if needed, then serve the API over HTTPS.
+    Serve {
+        /// Where the store, keys, certificates and first admin credential live.
+        #[arg(long, env = "TWINGUARD_DATA_DIR", default_value = "twinguard-data")]
+        data_dir: PathBuf,
+        /// Address of the API listener; port 0 picks a free port.
+        #[arg(long, env = "TWINGUARD_API_LISTEN", default_value = "127.0.0.1:8443")]
+        api_listen: SocketAddr,
+        /// Extra DNS names or IPs for the server certificate (used when it is first created).
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
+    },
+    /// Create the data directory's CA, keys and first admin credential, then exit.
+    Init {
+        #[arg(long, env = "TWINGUARD_DATA_DIR", default_value = "twinguard-data")]
+        data_dir: PathBuf,
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TWINGUARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twinguard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { data_dir, api_listen, tls_names } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let app = Application::build(&ServeConfig { data_dir, api_listen, tls_names })?;
+                println!("twinguard: api listening on {}", app.base_url());
+                app.run().await
+            })
+        }
+        Command::Init { data_dir, tls_names } => {
+            install_crypto_provider();
+            let dir = DataDir::new(data_dir);
+            init(&dir, &tls_names)?;
+            println!("twinguard: initialised {}; CA at {}, admin credential at {}", dir.root().display(), dir.ca_cert().display(), dir.admin_client().display());
+            Ok(())
+        }
+    }
+}

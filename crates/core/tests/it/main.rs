@@ -1,0 +1,6 @@
+//! Integration tests of twinguard-core, in one test binary.
+
+// Test helpers outside `#[test]` functions fail loudly on broken fixtures by design.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod dtdl_conformance;

@@ -1,0 +1,65 @@
+//! The router: every route, its body limit, and the layers around it.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, header};
+use axum::middleware;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use twinguard_core::service::TwinService;
+
+use crate::http::{correlate, require_api_version};
+use crate::routes::{eventroutes, health, models, query, relationships, token, twins};
+use crate::tokens::TokenService;
+
+/// ADT's limit on a twin or relationship body.
+pub const TWIN_BODY_LIMIT: usize = 32 * 1024;
+/// ADT's limit on one model upload request.
+pub const MODEL_UPLOAD_LIMIT: usize = 1024 * 1024;
+/// Query bodies: the query text (at most 8,000 characters in ADT) or a continuation token.
+pub const QUERY_BODY_LIMIT: usize = 64 * 1024;
+pub const TOKEN_BODY_LIMIT: usize = 8 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: TwinService,
+    pub tokens: Arc<TokenService>,
+}
+
+const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], OPENAPI)
+}
+
+/// Builds the router with the production layers.
+pub fn router(state: AppState) -> Router {
+    let adt = Router::new()
+        .route("/models", get(models::list).post(models::upload).layer(DefaultBodyLimit::max(MODEL_UPLOAD_LIMIT)))
+        .route("/models/{id}", get(models::get).patch(models::patch).delete(models::delete))
+        .route("/digitaltwins/{id}", get(twins::get).put(twins::put).patch(twins::patch).delete(twins::delete))
+        .route("/digitaltwins/{id}/components/{component}", get(twins::get_component).patch(twins::patch_component))
+        .route("/digitaltwins/{id}/relationships", get(relationships::list))
+        .route(
+            "/digitaltwins/{id}/relationships/{rel}",
+            get(relationships::get).put(relationships::put).patch(relationships::patch).delete(relationships::delete),
+        )
+        .route("/digitaltwins/{id}/incomingrelationships", get(relationships::incoming))
+        .route("/query", post(query::query).layer(DefaultBodyLimit::max(QUERY_BODY_LIMIT)))
+        .route("/eventroutes", get(eventroutes::list))
+        .route("/eventroutes/{id}", get(eventroutes::get).put(eventroutes::put).delete(eventroutes::delete))
+        .layer(middleware::from_fn(require_api_version))
+        .layer(DefaultBodyLimit::max(TWIN_BODY_LIMIT));
+
+    Router::new()
+        .merge(adt)
+        .route("/oauth2/token", post(token::token).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { crate::error::ApiError::new(axum::http::StatusCode::NOT_FOUND, twinguard_proto::ErrorCode::BadRequest, "no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), correlate))
+        .with_state(state)
+}

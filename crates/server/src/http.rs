@@ -1,0 +1,186 @@
+//! Request plumbing shared by every route: the authenticated caller, JSON bodies with ADT errors,
+//! preconditions, paging, correlation IDs and the `api-version` check.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::de::DeserializeOwned;
+use twinguard_core::auth::Principal;
+use twinguard_core::graph::Precondition;
+use twinguard_proto::{API_VERSIONS, CORRELATION_HEADER, ErrorCode};
+
+use crate::app::AppState;
+use crate::error::{ApiError, LoggedError};
+
+/// Default and largest page sizes for list endpoints and queries.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1_000;
+
+/// The authenticated caller of a request. Extracting it verifies the bearer token; a route that
+/// takes a `Caller` cannot run for an unauthenticated request.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Arc<Principal>);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .ok_or_else(ApiError::unauthenticated)?;
+        let principal = state.tokens.verify_cached(token.trim()).map_err(|_| ApiError::unauthenticated())?;
+        Ok(Caller(principal))
+    }
+}
+
+/// A JSON request body; malformed or oversize bodies get the ADT error shape.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, "the request body is too large")
+            } else {
+                ApiError::bad_request("the request body could not be read")
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON for this operation: {e}")))
+    }
+}
+
+/// `If-Match` (any etag or `*`) as a precondition.
+pub fn if_match(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    match headers.get(header::IF_MATCH) {
+        None => Ok(Precondition::None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Precondition::IfMatch(s.trim().to_owned()))
+            .map_err(|_| ApiError::invalid_argument("If-Match is not a valid etag")),
+    }
+}
+
+/// `If-None-Match: *` as a precondition; other values are not supported by ADT either.
+pub fn if_none_match(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    match headers.get(header::IF_NONE_MATCH) {
+        None => Ok(Precondition::None),
+        Some(v) if v.as_bytes() == b"*" => Ok(Precondition::IfNoneMatch),
+        Some(_) => Err(ApiError::invalid_argument("If-None-Match only supports '*'")),
+    }
+}
+
+pub fn etag_header(etag: &str) -> [(header::HeaderName, HeaderValue); 1] {
+    [(header::ETAG, HeaderValue::from_str(etag).unwrap_or(HeaderValue::from_static("")))]
+}
+
+/// The page size a client asked for with `max-items-per-page`, bounded.
+pub fn page_size(headers: &HeaderMap) -> Result<usize, ApiError> {
+    match headers.get("max-items-per-page") {
+        None => Ok(DEFAULT_PAGE_SIZE),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .map(|n| n.min(MAX_PAGE_SIZE))
+            .ok_or_else(|| ApiError::invalid_argument("max-items-per-page must be a positive integer")),
+    }
+}
+
+/// Decodes a list continuation token (an offset) from the `continuationToken` query parameter.
+pub fn list_offset(token: Option<&str>) -> Result<usize, ApiError> {
+    let Some(token) = token else { return Ok(0) };
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("o:").and_then(|n| n.parse().ok()))
+        .ok_or_else(|| ApiError::invalid_argument("the continuation token is not valid"))
+}
+
+/// One page of a list, as `{"value": [...], "nextLink": ...}`; the next link repeats the
+/// request with a continuation token.
+pub fn list_page<T: serde::Serialize>(items: &[T], offset: usize, size: usize, uri: &axum::http::Uri, headers: &HeaderMap) -> Response {
+    let end = offset.saturating_add(size).min(items.len());
+    let page = items.get(offset.min(end)..end).unwrap_or(&[]);
+    let next_link = (end < items.len()).then(|| {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        let mut query: Vec<String> = uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty() && !p.starts_with("continuationToken="))
+            .map(str::to_owned)
+            .collect();
+        query.push(format!("continuationToken={}", URL_SAFE_NO_PAD.encode(format!("o:{end}"))));
+        format!("https://{host}{}?{}", uri.path(), query.join("&"))
+    });
+    axum::Json(serde_json::json!({"value": page, "nextLink": next_link})).into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct ApiVersionQuery {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+}
+
+/// Rejects ADT data-plane requests without a known `api-version`.
+pub async fn require_api_version(query: Result<Query<ApiVersionQuery>, axum::extract::rejection::QueryRejection>, req: Request, next: Next) -> Response {
+    let version = query.ok().and_then(|q| q.0.api_version);
+    match version.as_deref() {
+        None => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::MissingApiVersion, "the api-version query parameter is required").into_response(),
+        Some(v) if API_VERSIONS.contains(&v) => next.run(req).await,
+        Some(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::UnsupportedApiVersion,
+            format!("unsupported api-version; supported: {}", API_VERSIONS.join(", ")),
+        )
+        .into_response(),
+    }
+}
+
+/// Gives every response a correlation ID (`x-ms-request-id`) and logs errors under it. An
+/// incoming W3C `traceparent` is logged with the request.
+pub async fn correlate(State(_state): State<AppState>, req: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().to_string();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map(str::to_owned);
+    let started = Instant::now();
+    let mut response = next.run(req).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(CORRELATION_HEADER, value);
+    }
+    let status = response.status();
+    if let Some(err) = response.extensions().get::<LoggedError>() {
+        if status.is_server_error() {
+            tracing::error!(correlation_id = %id, %method, %path, status = status.as_u16(), code = err.code, detail = %err.detail, traceparent, "request failed");
+        } else {
+            tracing::info!(correlation_id = %id, %method, %path, status = status.as_u16(), code = err.code, detail = %err.detail, traceparent, "request rejected");
+        }
+    } else {
+        tracing::debug!(correlation_id = %id, %method, %path, status = status.as_u16(), micros = started.elapsed().as_micros() as u64, "request");
+    }
+    response
+}

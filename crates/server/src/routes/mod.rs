@@ -1,0 +1,9 @@
+//! Route handlers: each extracts, calls one domain function and maps the result.
+
+pub mod eventroutes;
+pub mod health;
+pub mod models;
+pub mod query;
+pub mod relationships;
+pub mod token;
+pub mod twins;

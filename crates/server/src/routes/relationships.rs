@@ -1,0 +1,96 @@
+//! `/digitaltwins/{id}/relationships` and `/incomingrelationships`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use twinguard_core::graph::{WriteOp, WriteOutcome};
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Caller, JsonBody, etag_header, if_match, if_none_match, list_offset, list_page, page_size};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListParams {
+    relationship_name: Option<String>,
+    continuation_token: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Response> {
+    let rels = state.service.outgoing(&caller, &id, params.relationship_name.as_deref())?;
+    let items: Vec<&Map<String, Value>> = rels.iter().map(|r| &r.doc).collect();
+    let offset = list_offset(params.continuation_token.as_deref())?;
+    Ok(list_page(&items, offset, page_size(&headers)?, &uri, &headers))
+}
+
+pub async fn incoming(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Response> {
+    let rels = state.service.incoming(&caller, &id)?;
+    let items: Vec<Value> = rels
+        .iter()
+        .map(|r| {
+            json!({
+                "$relationshipId": r.id,
+                "$sourceId": r.source,
+                "$relationshipName": r.name,
+                "$relationshipLink": format!("{}/relationships/{}", r.source, r.id),
+            })
+        })
+        .collect();
+    let offset = list_offset(params.continuation_token.as_deref())?;
+    Ok(list_page(&items, offset, page_size(&headers)?, &uri, &headers))
+}
+
+pub async fn get(State(state): State<AppState>, Caller(caller): Caller, Path((id, rel)): Path<(String, String)>) -> ApiResult<Response> {
+    let rel = state.service.relationship(&caller, &id, &rel)?;
+    Ok((etag_header(&rel.etag), axum::Json(&rel.doc)).into_response())
+}
+
+pub async fn put(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((source, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> ApiResult<Response> {
+    let precondition = if_none_match(&headers)?;
+    match state.service.write(&caller, WriteOp::PutRelationship { source, id, body, precondition }).await? {
+        WriteOutcome::Relationship(rel) => Ok((etag_header(&rel.etag), axum::Json(&rel.doc)).into_response()),
+        _ => Err(ApiError::internal("relationship write returned an unexpected outcome")),
+    }
+}
+
+pub async fn patch(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((source, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    JsonBody(patch): JsonBody<Value>,
+) -> ApiResult<Response> {
+    let precondition = if_match(&headers)?;
+    match state.service.write(&caller, WriteOp::PatchRelationship { source, id, patch, precondition }).await? {
+        WriteOutcome::Relationship(rel) => Ok((StatusCode::NO_CONTENT, etag_header(&rel.etag)).into_response()),
+        _ => Err(ApiError::internal("relationship patch returned an unexpected outcome")),
+    }
+}
+
+pub async fn delete(State(state): State<AppState>, Caller(caller): Caller, Path((source, id)): Path<(String, String)>, headers: HeaderMap) -> ApiResult<StatusCode> {
+    let precondition = if_match(&headers)?;
+    state.service.write(&caller, WriteOp::DeleteRelationship { source, id, precondition }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,138 @@
+//! Start-up: the data directory, the store, the services, the TLS listener. Tests build the same
+//! [`Application`] the binary runs, on port 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum_server::tls_rustls::RustlsConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use twinguard_core::auth::DATA_OWNER;
+use twinguard_core::clock::SystemClock;
+use twinguard_core::service::TwinService;
+use twinguard_core::store::Store;
+use twinguard_store_redb::RedbStore;
+
+use crate::app::{AppState, router};
+use crate::datadir::{DataDir, write_private};
+use crate::tokens::TokenService;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub api_listen: SocketAddr,
+    /// Extra DNS names or IP addresses for the server certificate, used when it is first made.
+    pub tls_names: Vec<String>,
+}
+
+pub struct Application {
+    listener: std::net::TcpListener,
+    local_addr: SocketAddr,
+    tls: RustlsConfig,
+    state: AppState,
+    data_dir: DataDir,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+/// Installs the process-wide rustls crypto provider (aws-lc-rs) once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Creates the data directory's keys, certificates and first admin client if they are missing.
+/// Returns the admin credential file's path.
+pub fn init(data_dir: &DataDir, tls_names: &[String]) -> anyhow::Result<(Arc<dyn Store>, Arc<TokenService>)> {
+    let instance = data_dir.prepare(tls_names)?;
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&data_dir.store_path()).context("opening the store")?);
+    let key_pem = std::fs::read(data_dir.signing_key())?;
+    let key = rcgen::KeyPair::from_pem(std::str::from_utf8(&key_pem)?)?;
+    let tokens = Arc::new(TokenService::new(instance.issuer, &key.serialize_der(), key.public_key_raw(), store.clone())?);
+    if tokens.client_count() == 0 {
+        // First start: write the credential for its owner first, then register it, so a crash in
+        // between leaves no registered credential that nobody holds.
+        let admin = TokenService::new_client();
+        let file = json!({
+            "client_id": admin.client_id,
+            "client_secret": admin.client_secret.as_str(),
+            "token_endpoint": serde_json::Value::Null,
+        });
+        write_private(&data_dir.admin_client(), &serde_json::to_vec_pretty(&file)?)?;
+        tokens.register_client(&admin, vec![DATA_OWNER.to_owned()])?;
+        tracing::info!(path = %data_dir.admin_client().display(), "created the first admin client credential");
+    }
+    Ok((store, tokens))
+}
+
+fn tls_config(data_dir: &DataDir) -> anyhow::Result<RustlsConfig> {
+    let certs = CertificateDer::pem_file_iter(data_dir.server_cert())
+        .context("reading the server certificate")?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(data_dir.server_key()).context("reading the server key")?;
+    let mut config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(RustlsConfig::from_config(Arc::new(config)))
+}
+
+impl Application {
+    pub fn build(config: &ServeConfig) -> anyhow::Result<Self> {
+        install_crypto_provider();
+        let data_dir = DataDir::new(&config.data_dir);
+        let (store, tokens) = init(&data_dir, &config.tls_names)?;
+        let service = TwinService::open(store, Arc::new(SystemClock)).context("loading the twin graph")?;
+        let tls = tls_config(&data_dir)?;
+        let listener = std::net::TcpListener::bind(config.api_listen)
+            .with_context(|| format!("binding {}", config.api_listen))?;
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let app = Self { listener, local_addr, tls, state: AppState { service, tokens }, data_dir };
+        app.record_token_endpoint()?;
+        Ok(app)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn base_url(&self) -> String {
+        let host = match self.local_addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_owned(),
+            ip => ip.to_string(),
+        };
+        format!("https://{host}:{}", self.local_addr.port())
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Keeps the admin credential file's `token_endpoint` pointing at this run's address.
+    fn record_token_endpoint(&self) -> anyhow::Result<()> {
+        let path = self.data_dir.admin_client();
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let mut file: serde_json::Value = serde_json::from_str(&text)?;
+        let endpoint = format!("{}/oauth2/token", self.base_url());
+        if file.get("token_endpoint").and_then(|v| v.as_str()) != Some(endpoint.as_str()) {
+            file["token_endpoint"] = serde_json::Value::String(endpoint);
+            write_private(&path, &serde_json::to_vec_pretty(&file)?)?;
+        }
+        Ok(())
+    }
+
+    /// Serves until the process ends.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let app = router(self.state);
+        axum_server::from_tcp_rustls(self.listener, self.tls)?
+            .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+            .await?;
+        Ok(())
+    }
+}
