@@ -1,1 +1,195 @@
 //! The Azure Digital Twins query language.
+//!
+//! # Grammar
+//!
+//! Keywords are case-insensitive; collection names, property names and values are
+//! case-sensitive. A reserved word is used as a name by escaping it: `[[Group]]`.
+//!
+//! ```text
+//! query      := SELECT [TOP '(' n ')'] projection FROM source [WHERE condition]
+//! projection := '*' | COUNT '(' ')' [AS name] | item (',' item)*   -- TOP alone means '*'
+//! item       := path [AS name]                 -- key: the alias, else the last path segment
+//! source     := DIGITALTWINS [[AS] name] join*
+//!             | DIGITALTWINS MATCH pattern
+//!             | RELATIONSHIPS [[AS] name]
+//! join       := JOIN name RELATED name '.' relationshipName [[AS] name]
+//! pattern    := node (edge node)*              -- at most 10 edges
+//! node       := '(' [name] ')' | name
+//! edge       := '-' '[' body ']' '->' | '<-' '[' body ']' '-' | '-' '[' body ']' '-'
+//! body       := [var] [':' relName ('|' relName)*] ['*' hops]  -- `[r]` is a variable,
+//!                                                               -- `[a|b]`, `[a*2]` are names
+//! hops       := n | n '..' m | '..' m          -- ADT semantics: n..m is n+1 to m hops
+//! condition  := or;  or := and (OR and)*;  and := not (AND not)*;  not := NOT* comparison
+//! comparison := operand [('=' | '!=' | '<>' | '<' | '>' | '<=' | '>=') operand
+//!                       | (IN | NIN | NOT IN) list]
+//! operand    := literal | path | function '(' args ')' | '(' condition ')'
+//! list       := '[' literal (',' literal)* ']' | '(' ... ')'
+//! path       := name ('.' name)*               -- `$dtId`, `T.$metadata.$model`, `T.comp.p`
+//! ```
+//!
+//! Functions: `IS_OF_MODEL([collection,] 'dtmi' [, exact])`, `IS_DEFINED`, `IS_NULL`, `IS_BOOL`,
+//! `IS_NUMBER`, `IS_STRING`, `IS_PRIMITIVE`, `IS_OBJECT`, `STARTSWITH` (or `STARTS_WITH`),
+//! `ENDSWITH` (or `ENDS_WITH`), `CONTAINS`, `ARRAY_CONTAINS`.
+//!
+//! A path whose first segment is not a collection name refers to the query's only collection
+//! (`SELECT * FROM DIGITALTWINS WHERE $dtId = 'x'`); with several collections it is an error.
+//!
+//! # Semantics
+//!
+//! - Conditions use Cosmos SQL's three-valued logic (see [`eval`]): missing properties and
+//!   comparisons across types are *undefined*, and only `true` passes `WHERE`.
+//! - A single-hop JOIN or MATCH edge yields one row per relationship. A multi-hop MATCH edge
+//!   (`*2`, `*1..3`) yields one row per distinct twin reached by a path that repeats no twin.
+//! - `SELECT *` returns the document itself; with MATCH, an object of every named collection.
+//!   With JOIN it is rejected, as in ADT.
+//! - JOIN and MATCH need no `$dtId` condition (ADT requires one): without one they start from a
+//!   scan, bounded by the work budget.
+//! - `visible` hides twins as if absent: not returned, not counted, not traversed; a
+//!   relationship is visible only if both its twins are.
+//!
+//! # Execution and cost
+//!
+//! See [`plan`] for how the starting point is chosen (point lookups for `$dtId` conditions).
+//! Each execution reads one immutable [`Graph`] snapshot, so a page is read consistent. Work is
+//! bounded by [`limits::MAX_WORK`]; a query past it fails with `QueryLimitExceeded`.
+//!
+//! The query charge is `1 + examined / 100`, rounded to two decimals, where `examined` counts
+//! the twins and relationships the run looked at. It is deterministic for a given graph.
+//!
+//! # Paging
+//!
+//! A page is `page_size` rows (1 to [`limits::MAX_PAGE_SIZE`]) after skipping `offset` rows. A
+//! continuation token is the URL-safe base64 (no padding) of `{"q": text, "o": offset}`; the
+//! next page parses the text again and runs it from the start, skipping `offset` rows. Pages are
+//! therefore consistent with the snapshot each one reads, not with each other (as in ADT). Row
+//! order is the graph's iteration order, stable while the server runs; a token used after a
+//! restart may repeat or skip rows. Tokens carry no authority: the next page is run with the
+//! caller's own `visible`.
+
+mod ast;
+mod error;
+mod eval;
+mod exec;
+mod lexer;
+pub mod limits;
+mod parser;
+mod plan;
+
+#[cfg(test)]
+mod fixture;
+#[cfg(test)]
+mod tests_exec;
+#[cfg(test)]
+mod tests_parse;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use ast::Query;
+pub use error::{QueryError, QueryErrorKind};
+
+use crate::graph::{Graph, Twin};
+
+/// One page of results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryPage {
+    pub items: Vec<Value>,
+    /// Token for the next page; `None` on the last one.
+    pub continuation: Option<String>,
+    /// The `query-charge` header value.
+    pub charge: f64,
+}
+
+/// What a client sent: a new query, or a token from a previous page.
+#[derive(Debug, Clone, Copy)]
+pub enum QueryRequest<'a> {
+    Text(&'a str),
+    Continuation(&'a str),
+}
+
+/// Parses query text.
+pub fn parse(text: &str) -> Result<Query, QueryError> {
+    parser::parse(text)
+}
+
+/// Runs a parsed query and returns the page that starts after `offset` rows. `text` is the
+/// query's text, carried in the continuation token.
+pub fn execute(
+    graph: &Graph,
+    query: &Query,
+    text: &str,
+    offset: usize,
+    page_size: usize,
+    visible: &dyn Fn(&Twin) -> bool,
+) -> Result<QueryPage, QueryError> {
+    execute_with_budget(graph, query, text, offset, page_size, visible, limits::MAX_WORK)
+}
+
+/// [`execute`] with a work budget other than [`limits::MAX_WORK`].
+pub fn execute_with_budget(
+    graph: &Graph,
+    query: &Query,
+    text: &str,
+    offset: usize,
+    page_size: usize,
+    visible: &dyn Fn(&Twin) -> bool,
+    max_work: u64,
+) -> Result<QueryPage, QueryError> {
+    let take = page_size.clamp(1, limits::MAX_PAGE_SIZE);
+    let outcome = exec::run(graph, query, offset, take, visible, max_work)?;
+    let continuation = outcome
+        .more
+        .then(|| continuation_token(text, offset.saturating_add(outcome.items.len())));
+    Ok(QueryPage { items: outcome.items, continuation, charge: charge(outcome.examined) })
+}
+
+/// Parses (or decodes) and runs one request: the whole flow of `POST /query`.
+pub fn run(
+    graph: &Graph,
+    request: QueryRequest<'_>,
+    page_size: usize,
+    visible: &dyn Fn(&Twin) -> bool,
+) -> Result<QueryPage, QueryError> {
+    let (text, offset) = match request {
+        QueryRequest::Text(text) => (text.to_owned(), 0),
+        QueryRequest::Continuation(token) => decode_continuation(token)?,
+    };
+    let query = parse(&text)?;
+    execute(graph, &query, &text, offset, page_size, visible)
+}
+
+fn charge(examined: u64) -> f64 {
+    // Precision loss only past 2^53 examined items, far beyond the work budget.
+    #[allow(clippy::cast_precision_loss)]
+    let examined = examined as f64;
+    ((1.0 + examined / 100.0) * 100.0).round() / 100.0
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Continuation {
+    q: String,
+    o: usize,
+}
+
+/// The token that resumes `text` after `offset` rows.
+pub fn continuation_token(text: &str, offset: usize) -> String {
+    let json = serde_json::to_vec(&Continuation { q: text.to_owned(), o: offset })
+        .unwrap_or_default();
+    URL_SAFE_NO_PAD.encode(json)
+}
+
+/// The query text and offset in a token from [`continuation_token`].
+pub fn decode_continuation(token: &str) -> Result<(String, usize), QueryError> {
+    // Generous: the JSON-escaped text of the longest query, base64 encoded.
+    const MAX_TOKEN: usize = limits::MAX_QUERY_CHARS * 4 * 6 * 4 / 3 + 64;
+    let invalid = || QueryError::continuation("the continuation token is not valid");
+    if token.len() > MAX_TOKEN {
+        return Err(invalid());
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(token.trim()).map_err(|_| invalid())?;
+    let c: Continuation = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    Ok((c.q, c.o))
+}

@@ -1,0 +1,30 @@
+//! The query language's limits. Each is at least as generous as the Azure Digital Twins limit it
+//! mirrors (quoted beside it), so a query that ADT accepts is never refused for its shape here.
+
+/// Characters in the query text (ADT: 8,000).
+pub const MAX_QUERY_CHARS: usize = 32_768;
+/// `JOIN` clauses in one query (ADT: 5).
+pub const MAX_JOINS: usize = 10;
+/// Values in one `IN`/`NIN` list (ADT: 50, or 100 in the operators reference).
+pub const MAX_IN_ITEMS: usize = 1_000;
+/// `AND`/`OR` operators in one query (ADT: 50).
+pub const MAX_LOGICAL_OPS: usize = 500;
+/// Hops one MATCH relationship condition can span (ADT: 10 in a query).
+pub const MAX_HOPS: u32 = 10;
+/// Relationship conditions in one MATCH pattern (ADT: not documented).
+pub const MAX_MATCH_EDGES: usize = 10;
+/// Nesting of parentheses, `NOT`s and function calls; bounds the parser's recursion (ADT: not
+/// documented).
+pub const MAX_NESTING: usize = 64;
+/// Collections (twin and relationship variables) one query can declare.
+pub const MAX_COLLECTIONS: usize = 32;
+/// Columns in a SELECT list.
+pub const MAX_SELECT_ITEMS: usize = 100;
+/// Segments of one property path (`T.a.b.c`).
+pub const MAX_PATH_SEGMENTS: usize = 32;
+/// Items in one page (ADT: 100 by default, adjustable).
+pub const MAX_PAGE_SIZE: usize = 1_000;
+/// Work one query execution may do before it is stopped: one unit per twin or relationship
+/// examined plus the weight of each condition evaluated (ADT bounds queries by query units and
+/// time instead). About a second of CPU at worst.
+pub const MAX_WORK: u64 = 50_000_000;
