@@ -38,7 +38,9 @@ pub(crate) enum Select {
     /// `SELECT *`: the document itself, or for MATCH an object of every named collection.
     Star,
     /// `SELECT COUNT()`, returned under `name` (`COUNT` unless renamed with `AS`).
-    Count { name: String },
+    Count {
+        name: String,
+    },
     Items(Vec<SelectItem>),
 }
 
@@ -149,14 +151,25 @@ impl Func {
 pub(crate) enum Expr {
     Literal(Value),
     /// A collection (`path` empty) or a property path inside its document.
-    Path { var: VarId, path: Vec<String> },
+    Path {
+        var: VarId,
+        path: Vec<String>,
+    },
     Not(Box<Expr>),
     And(Vec<Expr>),
     Or(Vec<Expr>),
     Compare(CmpOp, Box<Expr>, Box<Expr>),
-    In { expr: Box<Expr>, list: Vec<Value>, negated: bool },
+    In {
+        expr: Box<Expr>,
+        list: Vec<Value>,
+        negated: bool,
+    },
     Func(Func, Vec<Expr>),
-    IsOfModel { var: VarId, model: Dtmi, exact: bool },
+    IsOfModel {
+        var: VarId,
+        model: Dtmi,
+        exact: bool,
+    },
 }
 
 impl Expr {

@@ -28,15 +28,27 @@ pub struct QueryError {
 
 impl QueryError {
     pub(crate) fn syntax(message: impl Into<String>, position: usize) -> Self {
-        Self { kind: QueryErrorKind::Syntax, message: message.into(), position: Some(position) }
+        Self {
+            kind: QueryErrorKind::Syntax,
+            message: message.into(),
+            position: Some(position),
+        }
     }
 
     pub(crate) fn work_limit(message: impl Into<String>) -> Self {
-        Self { kind: QueryErrorKind::WorkLimitExceeded, message: message.into(), position: None }
+        Self {
+            kind: QueryErrorKind::WorkLimitExceeded,
+            message: message.into(),
+            position: None,
+        }
     }
 
     pub(crate) fn continuation(message: impl Into<String>) -> Self {
-        Self { kind: QueryErrorKind::InvalidContinuation, message: message.into(), position: None }
+        Self {
+            kind: QueryErrorKind::InvalidContinuation,
+            message: message.into(),
+            position: None,
+        }
     }
 
     /// The ADT error code a client sees for this error.

@@ -106,8 +106,12 @@ fn from_truth<'a>(t: Option<bool>) -> Val<'a> {
 
 /// Looks up `path` in a collection's document; an empty path is the document itself.
 pub(crate) fn lookup<'a>(bound: Bound<'a>, path: &[String]) -> Val<'a> {
-    let Some(doc) = bound.doc() else { return Val::Undefined };
-    let Some((first, rest)) = path.split_first() else { return Val::Doc(doc) };
+    let Some(doc) = bound.doc() else {
+        return Val::Undefined;
+    };
+    let Some((first, rest)) = path.split_first() else {
+        return Val::Doc(doc);
+    };
     let mut current = match doc.get(first) {
         Some(v) => v,
         None => return Val::Undefined,
@@ -135,7 +139,11 @@ pub(crate) fn eval<'a>(expr: &'a Expr, row: &[Bound<'a>], graph: &Graph) -> Val<
                     None => all_true = false,
                 }
             }
-            if all_true { Val::Bool(true) } else { Val::Undefined }
+            if all_true {
+                Val::Bool(true)
+            } else {
+                Val::Undefined
+            }
         }
         Expr::Or(terms) => {
             let mut all_false = true;
@@ -146,12 +154,22 @@ pub(crate) fn eval<'a>(expr: &'a Expr, row: &[Bound<'a>], graph: &Graph) -> Val<
                     None => all_false = false,
                 }
             }
-            if all_false { Val::Bool(false) } else { Val::Undefined }
+            if all_false {
+                Val::Bool(false)
+            } else {
+                Val::Undefined
+            }
         }
-        Expr::Compare(op, a, b) => {
-            from_truth(compare(*op, eval(a, row, graph).view(), eval(b, row, graph).view()))
-        }
-        Expr::In { expr, list, negated } => {
+        Expr::Compare(op, a, b) => from_truth(compare(
+            *op,
+            eval(a, row, graph).view(),
+            eval(b, row, graph).view(),
+        )),
+        Expr::In {
+            expr,
+            list,
+            negated,
+        } => {
             let x = eval(expr, row, graph).view();
             if matches!(x, View::Undefined) {
                 return Val::Undefined;
@@ -161,7 +179,8 @@ pub(crate) fn eval<'a>(expr: &'a Expr, row: &[Bound<'a>], graph: &Graph) -> Val<
         }
         Expr::Func(func, args) => {
             let arg = |i: usize| {
-                args.get(i).map_or(View::Undefined, |a| eval(a, row, graph).view())
+                args.get(i)
+                    .map_or(View::Undefined, |a| eval(a, row, graph).view())
             };
             call(*func, arg(0), arg(1))
         }
@@ -176,7 +195,11 @@ pub(crate) fn eval<'a>(expr: &'a Expr, row: &[Bound<'a>], graph: &Graph) -> Val<
 
 fn call<'a>(func: Func, a: View<'_>, b: View<'_>) -> Val<'a> {
     let is = |f: fn(View<'_>) -> bool| {
-        if matches!(a, View::Undefined) { Val::Bool(false) } else { Val::Bool(f(a)) }
+        if matches!(a, View::Undefined) {
+            Val::Bool(false)
+        } else {
+            Val::Bool(f(a))
+        }
     };
     let strings = |f: fn(&str, &str) -> bool| match (a, b) {
         (View::Str(x), View::Str(y)) => Val::Bool(f(x, y)),
@@ -244,7 +267,11 @@ fn compare(op: CmpOp, a: View<'_>, b: View<'_>) -> Option<bool> {
 
 /// Integers compare exactly; anything else as doubles (so `1 = 1.0`).
 fn number_cmp(a: &Number, b: &Number) -> Option<Ordering> {
-    let int = |n: &Number| n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from));
+    let int = |n: &Number| {
+        n.as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from))
+    };
     if let (Some(x), Some(y)) = (int(a), int(b)) {
         return Some(x.cmp(&y));
     }
@@ -257,7 +284,9 @@ fn view_json_eq(a: View<'_>, b: View<'_>) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q))
         }
         (View::Obj(x), View::Obj(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
         }
         _ => equal(a, b),
     }

@@ -64,7 +64,11 @@ pub(crate) fn run(
         object.insert(name.clone(), Value::from(run.rows));
         items.push(Value::Object(object));
     }
-    Ok(Outcome { items, more: run.more, examined: run.examined })
+    Ok(Outcome {
+        items,
+        more: run.more,
+        examined: run.examined,
+    })
 }
 
 struct Run<'a> {
@@ -125,7 +129,10 @@ impl<'a> Run<'a> {
     fn seed(&mut self, row: &mut [Bound<'a>]) -> Result<(), QueryError> {
         let graph = self.graph;
         match &self.plan.seed {
-            Seed::Twins { var, ids: Some(ids) } => {
+            Seed::Twins {
+                var,
+                ids: Some(ids),
+            } => {
                 for id in ids {
                     self.examine()?;
                     let Some(twin) = graph.twin(id) else { continue };
@@ -142,7 +149,10 @@ impl<'a> Run<'a> {
                     }
                 }
             }
-            Seed::Rels { var, by: RelSeed::Scan } => {
+            Seed::Rels {
+                var,
+                by: RelSeed::Scan,
+            } => {
                 for rel in graph.relationships() {
                     self.examine()?;
                     if self.bind_seed(row, *var, Bound::Rel(rel))? == Flow::Stop {
@@ -150,7 +160,10 @@ impl<'a> Run<'a> {
                     }
                 }
             }
-            Seed::Rels { var, by: RelSeed::Sources(ids) } => {
+            Seed::Rels {
+                var,
+                by: RelSeed::Sources(ids),
+            } => {
                 'ids: for id in ids {
                     for rel in graph.outgoing(id) {
                         self.examine()?;
@@ -160,7 +173,10 @@ impl<'a> Run<'a> {
                     }
                 }
             }
-            Seed::Rels { var, by: RelSeed::Targets(ids) } => {
+            Seed::Rels {
+                var,
+                by: RelSeed::Targets(ids),
+            } => {
                 'ids: for id in ids {
                     for rel in graph.incoming(id) {
                         self.examine()?;
@@ -197,7 +213,9 @@ impl<'a> Run<'a> {
 
     fn descend(&mut self, k: usize, row: &mut [Bound<'a>]) -> Result<Flow, QueryError> {
         let plan = self.plan;
-        let Some(step) = plan.steps.get(k) else { return self.emit(row) };
+        let Some(step) = plan.steps.get(k) else {
+            return self.emit(row);
+        };
         let Some(from) = row.get(step.from).copied().and_then(Bound::twin) else {
             return Ok(Flow::Continue);
         };
@@ -229,7 +247,9 @@ impl<'a> Run<'a> {
             if !name_allowed(&step.edge.names, rel) {
                 continue;
             }
-            let Some(twin) = graph.twin(other) else { continue };
+            let Some(twin) = graph.twin(other) else {
+                continue;
+            };
             if !self.twin_visible(twin) {
                 continue;
             }
@@ -253,7 +273,11 @@ impl<'a> Run<'a> {
         min: u32,
         max: u32,
     ) -> Result<Vec<&'a Arc<Twin>>, QueryError> {
-        let mut walk = Walk { path: vec![&*start.id], found: Vec::new(), seen: HashSet::new() };
+        let mut walk = Walk {
+            path: vec![&*start.id],
+            found: Vec::new(),
+            seen: HashSet::new(),
+        };
         self.walk(start, step, min, max, &mut walk)?;
         Ok(walk.found)
     }
@@ -273,7 +297,9 @@ impl<'a> Run<'a> {
             if !name_allowed(&step.edge.names, rel) || walk.path.contains(&other) {
                 continue;
             }
-            let Some(twin) = graph.twin(other) else { continue };
+            let Some(twin) = graph.twin(other) else {
+                continue;
+            };
             if !self.twin_visible(twin) {
                 continue;
             }

@@ -19,7 +19,9 @@ fn dtmi(s: &str) -> Dtmi {
 
 impl GraphBuilder {
     pub fn new() -> Self {
-        Self { graph: Graph::default() }
+        Self {
+            graph: Graph::default(),
+        }
     }
 
     /// A model that extends every model in `ancestors`.
@@ -55,7 +57,12 @@ impl GraphBuilder {
         if let Value::Object(props) = properties {
             doc.extend(props);
         }
-        let twin = Twin { id: id.into(), model: dtmi(model), etag: format!("W/\"{id}\""), doc };
+        let twin = Twin {
+            id: id.into(),
+            model: dtmi(model),
+            etag: format!("W/\"{id}\""),
+            doc,
+        };
         self.graph.twins.insert(id.into(), Arc::new(twin));
         self
     }
@@ -93,8 +100,16 @@ impl GraphBuilder {
         };
         let source_id: Id = source.into();
         let rel_id: Id = id.into();
-        self.graph.outgoing.entry(source_id.clone()).or_default().insert(rel_id.clone(), Arc::new(rel));
-        self.graph.incoming.entry(target.into()).or_default().insert((source_id, rel_id));
+        self.graph
+            .outgoing
+            .entry(source_id.clone())
+            .or_default()
+            .insert(rel_id.clone(), Arc::new(rel));
+        self.graph
+            .incoming
+            .entry(target.into())
+            .or_default()
+            .insert((source_id, rel_id));
         self.graph.relationship_count += 1;
         self
     }
@@ -134,14 +149,30 @@ pub(super) fn building() -> Graph {
                 "owner": null
             }),
         )
-        .twin("R2", ROOM, json!({"name": "Office", "temperature": 25.5, "tags": ["private"]}))
+        .twin(
+            "R2",
+            ROOM,
+            json!({"name": "Office", "temperature": 25.5, "tags": ["private"]}),
+        )
         .twin("R3", ROOM, json!({"name": "Lab", "temperature": "hot"}))
         .twin("S1", SENSOR, json!({"name": "s-one", "online": true}))
         .twin("S2", SENSOR, json!({"name": "s-two", "online": false}))
         .rel("B1", "contains", "F1")
         .rel("B1", "contains", "F2")
-        .rel_with("F1-contains-R1", "F1", "contains", "R1", json!({"since": 2020}))
-        .rel_with("F1-contains-R2", "F1", "contains", "R2", json!({"since": 2022}))
+        .rel_with(
+            "F1-contains-R1",
+            "F1",
+            "contains",
+            "R1",
+            json!({"since": 2020}),
+        )
+        .rel_with(
+            "F1-contains-R2",
+            "F1",
+            "contains",
+            "R2",
+            json!({"since": 2022}),
+        )
         .rel("F2", "contains", "R3")
         .rel("R1", "hasSensor", "S1")
         .rel("R3", "hasSensor", "S2")

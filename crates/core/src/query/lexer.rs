@@ -8,7 +8,10 @@ use super::error::{QueryError, excerpt};
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Tok {
     /// A name. `escaped` names were written `[[like this]]` and are never keywords.
-    Ident { name: String, escaped: bool },
+    Ident {
+        name: String,
+        escaped: bool,
+    },
     Str(String),
     Num(Number),
     Star,
@@ -87,7 +90,13 @@ pub(crate) fn tokenize(text: &str) -> Result<Vec<Token>, QueryError> {
             ')' => (Tok::RParen, 1),
             '[' if next == Some('[') => {
                 let (name, len) = escaped_ident(&chars, i)?;
-                (Tok::Ident { name, escaped: true }, len)
+                (
+                    Tok::Ident {
+                        name,
+                        escaped: true,
+                    },
+                    len,
+                )
             }
             '[' => (Tok::LBracket, 1),
             ']' => (Tok::RBracket, 1),
@@ -108,16 +117,28 @@ pub(crate) fn tokenize(text: &str) -> Result<Vec<Token>, QueryError> {
             c if c.is_ascii_digit() => number(&chars, i)?,
             c if is_ident_start(c) => {
                 let len = chars[i..].iter().take_while(|c| is_ident_char(**c)).count();
-                (Tok::Ident { name: chars[i..i + len].iter().collect(), escaped: false }, len)
+                (
+                    Tok::Ident {
+                        name: chars[i..i + len].iter().collect(),
+                        escaped: false,
+                    },
+                    len,
+                )
             }
             other => {
-                return Err(QueryError::syntax(format!("unexpected character '{other}'"), start));
+                return Err(QueryError::syntax(
+                    format!("unexpected character '{other}'"),
+                    start,
+                ));
             }
         };
         tokens.push(Token { tok, pos: start });
         i += len;
     }
-    tokens.push(Token { tok: Tok::Eof, pos: chars.len() });
+    tokens.push(Token {
+        tok: Tok::Eof,
+        pos: chars.len(),
+    });
     Ok(tokens)
 }
 
@@ -136,7 +157,10 @@ fn escaped_ident(chars: &[char], start: usize) -> Result<(String, usize), QueryE
     while j + 1 < chars.len() {
         if chars[j] == ']' && chars[j + 1] == ']' {
             if j == body {
-                return Err(QueryError::syntax("an escaped name '[[...]]' is empty", start));
+                return Err(QueryError::syntax(
+                    "an escaped name '[[...]]' is empty",
+                    start,
+                ));
             }
             return Ok((chars[body..j].iter().collect(), j + 2 - start));
         }
@@ -163,8 +187,11 @@ fn string(chars: &[char], start: usize) -> Result<(String, usize), QueryError> {
                     'r' => '\r',
                     't' => '\t',
                     'u' => {
-                        let hex: String = chars.get(j + 2..j + 6).unwrap_or_default().iter().collect();
-                        let code = u32::from_str_radix(&hex, 16).ok().filter(|_| hex.len() == 4);
+                        let hex: String =
+                            chars.get(j + 2..j + 6).unwrap_or_default().iter().collect();
+                        let code = u32::from_str_radix(&hex, 16)
+                            .ok()
+                            .filter(|_| hex.len() == 4);
                         match code.and_then(char::from_u32) {
                             Some(ch) => {
                                 out.push(ch);
@@ -201,7 +228,12 @@ fn string(chars: &[char], start: usize) -> Result<(String, usize), QueryError> {
 /// Digits, an optional fraction (only if a digit follows the dot, so `1..3` stays a range) and
 /// an optional exponent.
 fn number(chars: &[char], start: usize) -> Result<(Tok, usize), QueryError> {
-    let digits = |from: usize| chars[from..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let digits = |from: usize| {
+        chars[from..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count()
+    };
     let mut j = start + digits(start);
     let mut integer = true;
     if chars.get(j) == Some(&'.') && chars.get(j + 1).is_some_and(char::is_ascii_digit) {
@@ -234,7 +266,9 @@ fn number(chars: &[char], start: usize) -> Result<(Tok, usize), QueryError> {
             .parse::<f64>()
             .ok()
             .and_then(Number::from_f64)
-            .ok_or_else(|| QueryError::syntax(format!("'{}' is not a number", excerpt(&text)), start))?,
+            .ok_or_else(|| {
+                QueryError::syntax(format!("'{}' is not a number", excerpt(&text)), start)
+            })?,
     };
     Ok((Tok::Num(number), j - start))
 }
@@ -248,7 +282,10 @@ mod tests {
     }
 
     fn ident(name: &str) -> Tok {
-        Tok::Ident { name: name.into(), escaped: false }
+        Tok::Ident {
+            name: name.into(),
+            escaped: false,
+        }
     }
 
     #[test]
@@ -294,7 +331,13 @@ mod tests {
     fn hop_ranges_are_not_read_as_decimals() {
         assert_eq!(
             toks("*1..3"),
-            vec![Tok::Star, Tok::Num(1.into()), Tok::DotDot, Tok::Num(3.into()), Tok::Eof]
+            vec![
+                Tok::Star,
+                Tok::Num(1.into()),
+                Tok::DotDot,
+                Tok::Num(3.into()),
+                Tok::Eof
+            ]
         );
         assert_eq!(toks("1.5")[0], Tok::Num(Number::from_f64(1.5).unwrap()));
         assert_eq!(toks("2e3")[0], Tok::Num(Number::from_f64(2000.0).unwrap()));
@@ -302,11 +345,14 @@ mod tests {
 
     #[test]
     fn strings_take_either_quote_and_decode_escapes() {
-        assert_eq!(toks(r#"'it\'s' "a\"b" '\u00e9\n'"#)[..3], [
-            Tok::Str("it's".into()),
-            Tok::Str("a\"b".into()),
-            Tok::Str("é\n".into())
-        ]);
+        assert_eq!(
+            toks(r#"'it\'s' "a\"b" '\u00e9\n'"#)[..3],
+            [
+                Tok::Str("it's".into()),
+                Tok::Str("a\"b".into()),
+                Tok::Str("é\n".into())
+            ]
+        );
     }
 
     #[test]
@@ -319,23 +365,32 @@ mod tests {
 
     #[test]
     fn double_brackets_escape_reserved_words() {
-        assert_eq!(toks("[[Group]]")[0], Tok::Ident { name: "Group".into(), escaped: true });
+        assert_eq!(
+            toks("[[Group]]")[0],
+            Tok::Ident {
+                name: "Group".into(),
+                escaped: true
+            }
+        );
         assert!(tokenize("[[Group").is_err());
         assert!(tokenize("[[]]").is_err());
     }
 
     #[test]
     fn comparison_operators_include_the_sql_not_equal() {
-        assert_eq!(toks("<> != <= >= < > ="), vec![
-            Tok::Ne,
-            Tok::Ne,
-            Tok::Le,
-            Tok::Ge,
-            Tok::Lt,
-            Tok::Gt,
-            Tok::Eq,
-            Tok::Eof
-        ]);
+        assert_eq!(
+            toks("<> != <= >= < > ="),
+            vec![
+                Tok::Ne,
+                Tok::Ne,
+                Tok::Le,
+                Tok::Ge,
+                Tok::Lt,
+                Tok::Gt,
+                Tok::Eq,
+                Tok::Eof
+            ]
+        );
     }
 
     #[test]

@@ -124,7 +124,15 @@ pub fn execute(
     page_size: usize,
     visible: &dyn Fn(&Twin) -> bool,
 ) -> Result<QueryPage, QueryError> {
-    execute_with_budget(graph, query, text, offset, page_size, visible, limits::MAX_WORK)
+    execute_with_budget(
+        graph,
+        query,
+        text,
+        offset,
+        page_size,
+        visible,
+        limits::MAX_WORK,
+    )
 }
 
 /// [`execute`] with a work budget other than [`limits::MAX_WORK`].
@@ -142,7 +150,11 @@ pub fn execute_with_budget(
     let continuation = outcome
         .more
         .then(|| continuation_token(text, offset.saturating_add(outcome.items.len())));
-    Ok(QueryPage { items: outcome.items, continuation, charge: charge(outcome.examined) })
+    Ok(QueryPage {
+        items: outcome.items,
+        continuation,
+        charge: charge(outcome.examined),
+    })
 }
 
 /// Parses (or decodes) and runs one request: the whole flow of `POST /query`.
@@ -176,8 +188,11 @@ struct Continuation {
 
 /// The token that resumes `text` after `offset` rows.
 pub fn continuation_token(text: &str, offset: usize) -> String {
-    let json = serde_json::to_vec(&Continuation { q: text.to_owned(), o: offset })
-        .unwrap_or_default();
+    let json = serde_json::to_vec(&Continuation {
+        q: text.to_owned(),
+        o: offset,
+    })
+    .unwrap_or_default();
     URL_SAFE_NO_PAD.encode(json)
 }
 
@@ -189,7 +204,9 @@ pub fn decode_continuation(token: &str) -> Result<(String, usize), QueryError> {
     if token.len() > MAX_TOKEN {
         return Err(invalid());
     }
-    let bytes = URL_SAFE_NO_PAD.decode(token.trim()).map_err(|_| invalid())?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(token.trim())
+        .map_err(|_| invalid())?;
     let c: Continuation = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
     Ok((c.q, c.o))
 }

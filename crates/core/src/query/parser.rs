@@ -28,8 +28,15 @@ pub(crate) fn parse(text: &str) -> Result<Query, QueryError> {
         ));
     }
     let tokens = tokenize(text)?;
-    Parser { tokens, i: 0, depth: 0, logical_ops: 0, vars: Vec::new(), default_var: None }
-        .query()
+    Parser {
+        tokens,
+        i: 0,
+        depth: 0,
+        logical_ops: 0,
+        vars: Vec::new(),
+        default_var: None,
+    }
+    .query()
 }
 
 /// A property path in the SELECT list, resolved once FROM has declared the collections.
@@ -92,7 +99,11 @@ impl Parser {
     }
 
     fn expect_kw(&mut self, kw: &str) -> Result<(), QueryError> {
-        if self.accept_kw(kw) { Ok(()) } else { Err(self.unexpected(&format!("'{kw}'"))) }
+        if self.accept_kw(kw) {
+            Ok(())
+        } else {
+            Err(self.unexpected(&format!("'{kw}'")))
+        }
     }
 
     fn accept(&mut self, tok: &Tok) -> bool {
@@ -104,12 +115,19 @@ impl Parser {
     }
 
     fn expect(&mut self, tok: &Tok) -> Result<(), QueryError> {
-        if self.accept(tok) { Ok(()) } else { Err(self.unexpected(&tok.describe())) }
+        if self.accept(tok) {
+            Ok(())
+        } else {
+            Err(self.unexpected(&tok.describe()))
+        }
     }
 
     fn unexpected(&self, wanted: &str) -> QueryError {
         let token = self.peek();
-        QueryError::syntax(format!("expected {wanted} but found {}", token.tok.describe()), token.pos)
+        QueryError::syntax(
+            format!("expected {wanted} but found {}", token.tok.describe()),
+            token.pos,
+        )
     }
 
     /// A name usable for a collection or a property: any identifier but a reserved word.
@@ -144,7 +162,10 @@ impl Parser {
         self.depth += 1;
         if self.depth > limits::MAX_NESTING {
             return Err(QueryError::syntax(
-                format!("expressions nest more than {} levels deep", limits::MAX_NESTING),
+                format!(
+                    "expressions nest more than {} levels deep",
+                    limits::MAX_NESTING
+                ),
                 self.pos(),
             ));
         }
@@ -165,7 +186,11 @@ impl Parser {
         if self.vars.len() == 1 {
             self.default_var = Some(0);
         }
-        let filter = if self.accept_kw("WHERE") { Some(self.expr()?) } else { None };
+        let filter = if self.accept_kw("WHERE") {
+            Some(self.expr()?)
+        } else {
+            None
+        };
         if self.peek().tok != Tok::Eof {
             return Err(self.unexpected("the end of the query"));
         }
@@ -181,7 +206,14 @@ impl Parser {
             RawSelect::Count(name) => Select::Count { name },
             RawSelect::Items(items) => Select::Items(self.resolve_items(items)?),
         };
-        Ok(Query { select, top, source, filter, vars: self.vars, is_match })
+        Ok(Query {
+            select,
+            top,
+            source,
+            filter,
+            vars: self.vars,
+            is_match,
+        })
     }
 
     fn select(&mut self) -> Result<(Option<u64>, RawSelect, usize), QueryError> {
@@ -212,26 +244,44 @@ impl Parser {
         }
         if self.is_kw("COUNT") && self.peek_at(1).tok == Tok::LParen {
             if top.is_some() {
-                return Err(QueryError::syntax("TOP and COUNT() cannot be combined", pos));
+                return Err(QueryError::syntax(
+                    "TOP and COUNT() cannot be combined",
+                    pos,
+                ));
             }
             self.bump();
             self.bump();
             self.expect(&Tok::RParen)?;
-            let name = if self.accept_kw("AS") { self.name("a name")? } else { "COUNT".into() };
+            let name = if self.accept_kw("AS") {
+                self.name("a name")?
+            } else {
+                "COUNT".into()
+            };
             return Ok((top, RawSelect::Count(name), pos));
         }
         let mut items = Vec::new();
         loop {
             if items.len() == limits::MAX_SELECT_ITEMS {
                 return Err(QueryError::syntax(
-                    format!("at most {} columns can be selected", limits::MAX_SELECT_ITEMS),
+                    format!(
+                        "at most {} columns can be selected",
+                        limits::MAX_SELECT_ITEMS
+                    ),
                     self.pos(),
                 ));
             }
             let pos = self.pos();
             let segments = self.path_segments("a collection, a property, '*' or COUNT()")?;
-            let alias = if self.accept_kw("AS") { Some(self.name("a name")?) } else { None };
-            items.push(RawItem { segments, alias, pos });
+            let alias = if self.accept_kw("AS") {
+                Some(self.name("a name")?)
+            } else {
+                None
+            };
+            items.push(RawItem {
+                segments,
+                alias,
+                pos,
+            });
             if !self.accept(&Tok::Comma) {
                 break;
             }
@@ -243,7 +293,10 @@ impl Parser {
         let mut segments = vec![self.name(what)?];
         while self.accept(&Tok::Dot) {
             if segments.len() == limits::MAX_PATH_SEGMENTS {
-                return Err(QueryError::syntax("this property path is too long", self.pos()));
+                return Err(QueryError::syntax(
+                    "this property path is too long",
+                    self.pos(),
+                ));
             }
             segments.push(self.any_name("a property name")?);
         }
@@ -261,7 +314,10 @@ impl Parser {
             };
             if out.iter().any(|o| o.key == key) {
                 return Err(QueryError::syntax(
-                    format!("the column '{}' is selected twice; rename one with AS", excerpt(&key)),
+                    format!(
+                        "the column '{}' is selected twice; rename one with AS",
+                        excerpt(&key)
+                    ),
                     item.pos,
                 ));
             }
@@ -294,12 +350,18 @@ impl Parser {
     }
 
     fn var_named(&self, name: &str) -> Option<VarId> {
-        self.vars.iter().position(|v| v.name.as_deref() == Some(name))
+        self.vars
+            .iter()
+            .position(|v| v.name.as_deref() == Some(name))
     }
 
     fn var_names(&self) -> String {
         let names: Vec<&str> = self.vars.iter().filter_map(|v| v.name.as_deref()).collect();
-        if names.is_empty() { "(none)".into() } else { names.join(", ") }
+        if names.is_empty() {
+            "(none)".into()
+        } else {
+            names.join(", ")
+        }
     }
 
     fn declare(
@@ -318,7 +380,10 @@ impl Parser {
         }
         if self.vars.len() == limits::MAX_COLLECTIONS {
             return Err(QueryError::syntax(
-                format!("a query can name at most {} collections", limits::MAX_COLLECTIONS),
+                format!(
+                    "a query can name at most {} collections",
+                    limits::MAX_COLLECTIONS
+                ),
                 pos,
             ));
         }
@@ -330,7 +395,11 @@ impl Parser {
         if self.accept_kw("AS") {
             return self.name("a collection name").map(Some);
         }
-        if self.at_name() { self.name("a collection name").map(Some) } else { Ok(None) }
+        if self.at_name() {
+            self.name("a collection name").map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     fn from(&mut self) -> Result<(Source, bool), QueryError> {
@@ -375,7 +444,10 @@ impl Parser {
             edges.push(self.join()?);
         }
         if self.is_kw("MATCH") {
-            return Err(QueryError::syntax("JOIN and MATCH cannot be combined", self.pos()));
+            return Err(QueryError::syntax(
+                "JOIN and MATCH cannot be combined",
+                self.pos(),
+            ));
         }
         Ok((Source::Twins { root, edges }, false))
     }
@@ -391,13 +463,19 @@ impl Parser {
             Some(v) if self.vars[v].kind == VarKind::Twin => v,
             Some(_) => {
                 return Err(QueryError::syntax(
-                    format!("'{}' is a relationship collection, not twins", excerpt(&source_name)),
+                    format!(
+                        "'{}' is a relationship collection, not twins",
+                        excerpt(&source_name)
+                    ),
                     source_pos,
                 ));
             }
             None => {
                 return Err(QueryError::syntax(
-                    format!("'{}' is not a collection of this query", excerpt(&source_name)),
+                    format!(
+                        "'{}' is not a collection of this query",
+                        excerpt(&source_name)
+                    ),
                     source_pos,
                 ));
             }
@@ -410,7 +488,14 @@ impl Parser {
             Some(alias) => Some(self.declare(Some(alias), VarKind::Relationship, rel_pos)?),
             None => None,
         };
-        Ok(Edge { from, to, direction: Direction::Out, names: vec![name], hops: None, rel_var })
+        Ok(Edge {
+            from,
+            to,
+            direction: Direction::Out,
+            names: vec![name],
+            hops: None,
+            rel_var,
+        })
     }
 
     /// `(a)-[r:name|other*1..3]->(b)<-[]-(c)...`
@@ -452,7 +537,14 @@ impl Parser {
                 None => None,
             };
             let right = self.node()?;
-            edges.push(Edge { from: left, to: right, direction, names, hops, rel_var });
+            edges.push(Edge {
+                from: left,
+                to: right,
+                direction,
+                names,
+                hops,
+                rel_var,
+            });
             left = right;
         }
         Ok(Source::Twins { root, edges })
@@ -461,7 +553,11 @@ impl Parser {
     fn node(&mut self) -> Result<VarId, QueryError> {
         let pos = self.pos();
         if self.accept(&Tok::LParen) {
-            let name = if self.at_name() { Some(self.name("a twin name")?) } else { None };
+            let name = if self.at_name() {
+                Some(self.name("a twin name")?)
+            } else {
+                None
+            };
             self.expect(&Tok::RParen)?;
             return self.declare(name, VarKind::Twin, pos);
         }
@@ -512,7 +608,10 @@ impl Parser {
         let mut names = vec![self.any_name("a relationship name")?];
         while self.accept(&Tok::Pipe) {
             if names.len() == limits::MAX_IN_ITEMS {
-                return Err(QueryError::syntax("too many relationship names", self.pos()));
+                return Err(QueryError::syntax(
+                    "too many relationship names",
+                    self.pos(),
+                ));
             }
             names.push(self.any_name("a relationship name")?);
         }
@@ -534,11 +633,17 @@ impl Parser {
             }
         };
         if min == 0 || min > max {
-            return Err(QueryError::syntax("this hop range contains no number of hops", star_pos));
+            return Err(QueryError::syntax(
+                "this hop range contains no number of hops",
+                star_pos,
+            ));
         }
         if max > limits::MAX_HOPS {
             return Err(QueryError::syntax(
-                format!("a relationship condition can span at most {} hops", limits::MAX_HOPS),
+                format!(
+                    "a relationship condition can span at most {} hops",
+                    limits::MAX_HOPS
+                ),
                 star_pos,
             ));
         }
@@ -569,7 +674,11 @@ impl Parser {
             terms.push(self.and()?);
         }
         self.leave();
-        Ok(if terms.len() == 1 { terms.remove(0) } else { Expr::Or(terms) })
+        Ok(if terms.len() == 1 {
+            terms.remove(0)
+        } else {
+            Expr::Or(terms)
+        })
     }
 
     fn and(&mut self) -> Result<Expr, QueryError> {
@@ -578,14 +687,21 @@ impl Parser {
             self.count_logical()?;
             terms.push(self.not()?);
         }
-        Ok(if terms.len() == 1 { terms.remove(0) } else { Expr::And(terms) })
+        Ok(if terms.len() == 1 {
+            terms.remove(0)
+        } else {
+            Expr::And(terms)
+        })
     }
 
     fn count_logical(&mut self) -> Result<(), QueryError> {
         self.logical_ops += 1;
         if self.logical_ops > limits::MAX_LOGICAL_OPS {
             return Err(QueryError::syntax(
-                format!("a query can have at most {} AND/OR operators", limits::MAX_LOGICAL_OPS),
+                format!(
+                    "a query can have at most {} AND/OR operators",
+                    limits::MAX_LOGICAL_OPS
+                ),
                 self.pos(),
             ));
         }
@@ -636,7 +752,11 @@ impl Parser {
             return Ok(left);
         };
         let list = self.list()?;
-        Ok(Expr::In { expr: Box::new(left), list, negated })
+        Ok(Expr::In {
+            expr: Box::new(left),
+            list,
+            negated,
+        })
     }
 
     fn list(&mut self) -> Result<Vec<Value>, QueryError> {
@@ -654,7 +774,10 @@ impl Parser {
         loop {
             if items.len() == limits::MAX_IN_ITEMS {
                 return Err(QueryError::syntax(
-                    format!("an IN list can hold at most {} values", limits::MAX_IN_ITEMS),
+                    format!(
+                        "an IN list can hold at most {} values",
+                        limits::MAX_IN_ITEMS
+                    ),
                     self.pos(),
                 ));
             }
@@ -703,7 +826,10 @@ impl Parser {
             self.expect(&Tok::RParen)?;
             return Ok(e);
         }
-        if let Tok::Ident { name, escaped: false } = &self.peek().tok
+        if let Tok::Ident {
+            name,
+            escaped: false,
+        } = &self.peek().tok
             && self.peek_at(1).tok == Tok::LParen
         {
             let upper = name.to_ascii_uppercase();
@@ -726,7 +852,10 @@ impl Parser {
         }
         let Some(func) = Func::by_name(upper) else {
             return Err(QueryError::syntax(
-                format!("'{}' is not a function of the query language", excerpt(upper)),
+                format!(
+                    "'{}' is not a function of the query language",
+                    excerpt(upper)
+                ),
                 pos,
             ));
         };
@@ -798,8 +927,9 @@ impl Parser {
         };
         let model_pos = self.pos();
         let model = match self.bump().tok {
-            Tok::Str(s) => Dtmi::parse(&s)
-                .map_err(|_| QueryError::syntax(format!("'{}' is not a DTMI", excerpt(&s)), model_pos))?,
+            Tok::Str(s) => Dtmi::parse(&s).map_err(|_| {
+                QueryError::syntax(format!("'{}' is not a DTMI", excerpt(&s)), model_pos)
+            })?,
             other => {
                 return Err(QueryError::syntax(
                     format!("expected a model ID string but found {}", other.describe()),

@@ -21,7 +21,10 @@ pub(crate) struct Plan<'q> {
 
 pub(crate) enum Seed<'q> {
     /// Twins bound to `var`: the listed IDs, or every twin.
-    Twins { var: VarId, ids: Option<Vec<&'q str>> },
+    Twins {
+        var: VarId,
+        ids: Option<Vec<&'q str>>,
+    },
     /// Relationships bound to `var`.
     Rels { var: VarId, by: RelSeed<'q> },
 }
@@ -62,8 +65,20 @@ pub(crate) fn plan(query: &Query) -> Plan<'_> {
             let mut twin_vars = vec![*root];
             twin_vars.extend(edges.iter().map(|e| e.to));
             match best_anchor(&conjuncts, &twin_vars, "$dtId") {
-                Some((var, ids)) => (Seed::Twins { var, ids: Some(ids) }, var),
-                None => (Seed::Twins { var: *root, ids: None }, *root),
+                Some((var, ids)) => (
+                    Seed::Twins {
+                        var,
+                        ids: Some(ids),
+                    },
+                    var,
+                ),
+                None => (
+                    Seed::Twins {
+                        var: *root,
+                        ids: None,
+                    },
+                    *root,
+                ),
             }
         }
     };
@@ -92,7 +107,11 @@ pub(crate) fn plan(query: &Query) -> Plan<'_> {
             list.push((conjunct, conjunct.weight()));
         }
     }
-    Plan { seed, steps, checks }
+    Plan {
+        seed,
+        steps,
+        checks,
+    }
 }
 
 /// Orders the pattern's edges breadth-first from `start`. The pattern is a tree (JOIN targets
@@ -108,9 +127,19 @@ fn order_edges(edges: &[Edge], start: VarId) -> Vec<Step<'_>> {
                 continue;
             }
             let step = if bound.contains(&edge.from) {
-                Step { edge, from: edge.from, to: edge.to, direction: edge.direction }
+                Step {
+                    edge,
+                    from: edge.from,
+                    to: edge.to,
+                    direction: edge.direction,
+                }
             } else if bound.contains(&edge.to) {
-                Step { edge, from: edge.to, to: edge.from, direction: edge.direction.reversed() }
+                Step {
+                    edge,
+                    from: edge.to,
+                    to: edge.from,
+                    direction: edge.direction.reversed(),
+                }
             } else {
                 continue;
             };
@@ -134,7 +163,9 @@ fn best_anchor<'q>(
 ) -> Option<(VarId, Vec<&'q str>)> {
     let mut best: Option<(VarId, Vec<&'q str>)> = None;
     for conjunct in conjuncts {
-        let Some((var, ids)) = anchor_of(conjunct, key) else { continue };
+        let Some((var, ids)) = anchor_of(conjunct, key) else {
+            continue;
+        };
         if !vars.contains(&var) {
             continue;
         }
@@ -158,10 +189,18 @@ fn anchor_of<'q>(expr: &'q Expr, key: &str) -> Option<(VarId, Vec<&'q str>)> {
             }
             _ => None,
         },
-        Expr::In { expr, list, negated: false } => {
+        Expr::In {
+            expr,
+            list,
+            negated: false,
+        } => {
             let var = is_key(expr)?;
             let mut seen = HashSet::with_capacity(list.len());
-            let ids = list.iter().filter_map(|v| v.as_str()).filter(|id| seen.insert(*id)).collect();
+            let ids = list
+                .iter()
+                .filter_map(|v| v.as_str())
+                .filter(|id| seen.insert(*id))
+                .collect();
             Some((var, ids))
         }
         _ => None,

@@ -41,14 +41,19 @@ fn select_star_from_digitaltwins_parses_with_any_keyword_case() {
 #[test]
 fn unaliased_properties_refer_to_the_only_collection() {
     let q = ok("SELECT name, age FROM DIGITALTWINS WHERE $dtId = 'x'");
-    let Select::Items(items) = &q.select else { panic!() };
+    let Select::Items(items) = &q.select else {
+        panic!()
+    };
     assert_eq!(items[0].key, "name");
     assert_eq!(items[1].path, vec!["age".to_string()]);
     assert_eq!(
         q.filter,
         Some(Expr::Compare(
             CmpOp::Eq,
-            Box::new(Expr::Path { var: 0, path: vec!["$dtId".into()] }),
+            Box::new(Expr::Path {
+                var: 0,
+                path: vec!["$dtId".into()]
+            }),
             Box::new(Expr::Literal(json!("x")))
         ))
     );
@@ -57,7 +62,9 @@ fn unaliased_properties_refer_to_the_only_collection() {
 #[test]
 fn projections_take_the_last_segment_or_the_alias_as_key() {
     let q = ok("SELECT T, T.$metadata.$model, T.name AS n FROM DIGITALTWINS AS T");
-    let Select::Items(items) = &q.select else { panic!() };
+    let Select::Items(items) = &q.select else {
+        panic!()
+    };
     let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, vec!["T", "$model", "n"]);
     assert!(items[0].path.is_empty());
@@ -65,7 +72,10 @@ fn projections_take_the_last_segment_or_the_alias_as_key() {
 
 #[test]
 fn duplicate_column_names_are_rejected_at_the_second_column() {
-    assert_eq!(err_at("SELECT A.name, B.name FROM DIGITALTWINS A JOIN B RELATED A.x"), Some(15));
+    assert_eq!(
+        err_at("SELECT A.name, B.name FROM DIGITALTWINS A JOIN B RELATED A.x"),
+        Some(15)
+    );
 }
 
 #[test]
@@ -74,12 +84,16 @@ fn top_and_count_parse_and_cannot_be_combined() {
     assert_eq!((q.top, &q.select), (Some(5), &Select::Star));
     let q = ok("SELECT TOP (2) T.name FROM DIGITALTWINS T");
     assert_eq!(q.top, Some(2));
-    assert_eq!(ok("SELECT COUNT() FROM RELATIONSHIPS").select, Select::Count {
-        name: "COUNT".into()
-    });
-    assert_eq!(ok("SELECT COUNT() AS n FROM DIGITALTWINS").select, Select::Count {
-        name: "n".into()
-    });
+    assert_eq!(
+        ok("SELECT COUNT() FROM RELATIONSHIPS").select,
+        Select::Count {
+            name: "COUNT".into()
+        }
+    );
+    assert_eq!(
+        ok("SELECT COUNT() AS n FROM DIGITALTWINS").select,
+        Select::Count { name: "n".into() }
+    );
     assert_eq!(err_at("SELECT TOP(1) COUNT() FROM DIGITALTWINS"), Some(14));
     assert_eq!(err_at("SELECT TOP(-1) FROM DIGITALTWINS"), Some(11));
     assert_eq!(err_at("SELECT TOP(1.5) FROM DIGITALTWINS"), Some(11));
@@ -95,8 +109,10 @@ fn from_relationships_declares_a_relationship_collection() {
 
 #[test]
 fn joins_declare_targets_and_optional_relationship_collections() {
-    let q = ok("SELECT T, CT, R FROM DIGITALTWINS T JOIN CT RELATED T.contains R \
-                JOIN X RELATED CT.feeds WHERE T.$dtId = 'a'");
+    let q = ok(
+        "SELECT T, CT, R FROM DIGITALTWINS T JOIN CT RELATED T.contains R \
+                JOIN X RELATED CT.feeds WHERE T.$dtId = 'a'",
+    );
     let e = edges(&q);
     assert_eq!(e.len(), 2);
     assert_eq!((e[0].from, e[0].to, e[0].rel_var), (0, 1, Some(2)));
@@ -108,14 +124,26 @@ fn joins_declare_targets_and_optional_relationship_collections() {
 
 #[test]
 fn select_star_with_join_is_rejected_as_in_adt() {
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS T JOIN C RELATED T.x"), Some(7));
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS T JOIN C RELATED T.x"),
+        Some(7)
+    );
 }
 
 #[test]
 fn join_sources_must_be_declared_twin_collections() {
-    assert_eq!(err_at("SELECT C FROM DIGITALTWINS T JOIN C RELATED Q.x"), Some(44));
-    assert_eq!(err_at("SELECT C FROM DIGITALTWINS T JOIN C RELATED T.x R JOIN D RELATED R.y"), Some(65));
-    assert_eq!(err_at("SELECT T FROM DIGITALTWINS T JOIN T RELATED T.x"), Some(34));
+    assert_eq!(
+        err_at("SELECT C FROM DIGITALTWINS T JOIN C RELATED Q.x"),
+        Some(44)
+    );
+    assert_eq!(
+        err_at("SELECT C FROM DIGITALTWINS T JOIN C RELATED T.x R JOIN D RELATED R.y"),
+        Some(65)
+    );
+    assert_eq!(
+        err_at("SELECT T FROM DIGITALTWINS T JOIN T RELATED T.x"),
+        Some(34)
+    );
 }
 
 #[test]
@@ -131,26 +159,44 @@ fn join_count_is_limited_beyond_adts_five() {
 
 #[test]
 fn match_directions_parse_relative_to_the_left_node() {
-    let q = ok("SELECT a, b, c, d FROM DIGITALTWINS MATCH (a)-[]->(b)<-[]-(c)-[]-(d) WHERE a.$dtId='x'");
+    let q = ok(
+        "SELECT a, b, c, d FROM DIGITALTWINS MATCH (a)-[]->(b)<-[]-(c)-[]-(d) WHERE a.$dtId='x'",
+    );
     let dirs: Vec<Direction> = edges(&q).iter().map(|e| e.direction).collect();
     assert_eq!(dirs, vec![Direction::Out, Direction::In, Direction::Both]);
     assert!(q.is_match);
-    assert!(edges(&q).iter().all(|e| e.hops.is_none() && e.names.is_empty()));
+    assert!(
+        edges(&q)
+            .iter()
+            .all(|e| e.hops.is_none() && e.names.is_empty())
+    );
 }
 
 #[test]
 fn match_relationship_conditions_name_variables_names_and_hops() {
-    let q = ok("SELECT a FROM DIGITALTWINS MATCH (a)-[r:contains|feeds]->(b)-[:has*3]-(c)\
-                -[*1..3]->(d)-[*..2]->(e)-[has|includes*..3]-(f)-[rel]-(g)-[*1]-(h)");
+    let q = ok(
+        "SELECT a FROM DIGITALTWINS MATCH (a)-[r:contains|feeds]->(b)-[:has*3]-(c)\
+                -[*1..3]->(d)-[*..2]->(e)-[has|includes*..3]-(f)-[rel]-(g)-[*1]-(h)",
+    );
     let e = edges(&q);
-    assert_eq!(e[0].names, vec!["contains".to_string(), "feeds".to_string()]);
+    assert_eq!(
+        e[0].names,
+        vec!["contains".to_string(), "feeds".to_string()]
+    );
     assert_eq!(q.vars[e[0].rel_var.unwrap()].name.as_deref(), Some("r"));
-    assert_eq!((e[1].names.clone(), e[1].hops), (vec!["has".to_string()], Some((3, 3))));
+    assert_eq!(
+        (e[1].names.clone(), e[1].hops),
+        (vec!["has".to_string()], Some((3, 3)))
+    );
     assert_eq!(e[2].hops, Some((2, 3)), "ADT excludes the starting limit");
     assert_eq!(e[3].hops, Some((1, 2)));
     assert_eq!((e[4].names.len(), e[4].hops), (2, Some((1, 3))));
     assert!(e[5].names.is_empty() && e[5].rel_var.is_some());
-    assert_eq!((e[6].hops, e[6].rel_var), (None, None), "*1 is the default single hop");
+    assert_eq!(
+        (e[6].hops, e[6].rel_var),
+        (None, None),
+        "*1 is the default single hop"
+    );
 }
 
 #[test]
@@ -180,7 +226,10 @@ fn match_errors_point_at_the_offending_part() {
 
 #[test]
 fn match_select_star_is_allowed() {
-    assert_eq!(ok("SELECT * FROM DIGITALTWINS MATCH (a)-[*3]-(b)").select, Select::Star);
+    assert_eq!(
+        ok("SELECT * FROM DIGITALTWINS MATCH (a)-[*3]-(b)").select,
+        Select::Star
+    );
 }
 
 #[test]
@@ -196,9 +245,13 @@ fn match_edges_are_limited() {
 
 #[test]
 fn where_operators_build_the_expected_tree() {
-    let q = ok("SELECT * FROM DIGITALTWINS T WHERE T.a = 1 AND (T.b != 'x' OR NOT T.c <= 2.5) \
-                AND T.d IN ['p', 1, true, null] AND T.e NIN [] AND T.f NOT IN (-3)");
-    let Some(Expr::And(terms)) = &q.filter else { panic!("{:?}", q.filter) };
+    let q = ok(
+        "SELECT * FROM DIGITALTWINS T WHERE T.a = 1 AND (T.b != 'x' OR NOT T.c <= 2.5) \
+                AND T.d IN ['p', 1, true, null] AND T.e NIN [] AND T.f NOT IN (-3)",
+    );
+    let Some(Expr::And(terms)) = &q.filter else {
+        panic!("{:?}", q.filter)
+    };
     assert_eq!(terms.len(), 5);
     assert!(matches!(&terms[1], Expr::Or(o) if matches!(&o[1], Expr::Not(_))));
     assert!(matches!(&terms[2], Expr::In { list, negated: false, .. } if list.len() == 4));
@@ -213,12 +266,16 @@ fn where_operators_build_the_expected_tree() {
 
 #[test]
 fn functions_parse_with_their_arity_and_either_spelling() {
-    let q = ok("SELECT * FROM DIGITALTWINS WHERE IS_DEFINED(Location) AND is_null(x) \
+    let q = ok(
+        "SELECT * FROM DIGITALTWINS WHERE IS_DEFINED(Location) AND is_null(x) \
                 AND IS_BOOL(a) AND IS_NUMBER(b) AND IS_STRING(c) AND IS_PRIMITIVE(d) \
                 AND IS_OBJECT(e) AND STARTSWITH($dtId, 'a') AND STARTS_WITH($dtId, 'a') \
                 AND ENDSWITH(n, 'x') AND ENDS_WITH(n, 'x') AND CONTAINS(n, 'y') \
-                AND ARRAY_CONTAINS(tags, 2)");
-    let Some(Expr::And(terms)) = &q.filter else { panic!() };
+                AND ARRAY_CONTAINS(tags, 2)",
+    );
+    let Some(Expr::And(terms)) = &q.filter else {
+        panic!()
+    };
     let funcs: Vec<Func> = terms
         .iter()
         .map(|t| match t {
@@ -229,20 +286,51 @@ fn functions_parse_with_their_arity_and_either_spelling() {
     assert_eq!(funcs[7], Func::StartsWith);
     assert_eq!(funcs[8], Func::StartsWith);
     assert_eq!(funcs.len(), 13);
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE IS_BOOL(a, b)"), Some(44));
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE STARTSWITH(a)"), Some(33));
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE LOWER(a) = 'x'"), Some(33));
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE IS_BOOL(a, b)"),
+        Some(44)
+    );
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE STARTSWITH(a)"),
+        Some(33)
+    );
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE LOWER(a) = 'x'"),
+        Some(33)
+    );
 }
 
 #[test]
 fn is_of_model_takes_an_optional_collection_and_exact() {
     let q = ok("SELECT * FROM DIGITALTWINS WHERE IS_OF_MODEL('dtmi:a:b;1')");
-    assert!(matches!(&q.filter, Some(Expr::IsOfModel { var: 0, exact: false, .. })));
+    assert!(matches!(
+        &q.filter,
+        Some(Expr::IsOfModel {
+            var: 0,
+            exact: false,
+            ..
+        })
+    ));
     let q = ok("SELECT * FROM DIGITALTWINS WHERE IS_OF_MODEL('dtmi:a:b;1', exact)");
-    assert!(matches!(&q.filter, Some(Expr::IsOfModel { exact: true, .. })));
-    let q = ok("SELECT C FROM DIGITALTWINS T JOIN C RELATED T.x WHERE IS_OF_MODEL(C, 'dtmi:a:b;1', EXACT)");
-    assert!(matches!(&q.filter, Some(Expr::IsOfModel { var: 1, exact: true, .. })));
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE IS_OF_MODEL('not a dtmi')"), Some(45));
+    assert!(matches!(
+        &q.filter,
+        Some(Expr::IsOfModel { exact: true, .. })
+    ));
+    let q = ok(
+        "SELECT C FROM DIGITALTWINS T JOIN C RELATED T.x WHERE IS_OF_MODEL(C, 'dtmi:a:b;1', EXACT)",
+    );
+    assert!(matches!(
+        &q.filter,
+        Some(Expr::IsOfModel {
+            var: 1,
+            exact: true,
+            ..
+        })
+    ));
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE IS_OF_MODEL('not a dtmi')"),
+        Some(45)
+    );
     assert_eq!(
         err_at("SELECT C FROM DIGITALTWINS T JOIN C RELATED T.x WHERE IS_OF_MODEL('dtmi:a:b;1')"),
         Some(54)
@@ -253,16 +341,29 @@ fn is_of_model_takes_an_optional_collection_and_exact() {
 
 #[test]
 fn unknown_collections_are_errors_when_there_are_several() {
-    assert_eq!(err_at("SELECT Q.name FROM DIGITALTWINS T JOIN C RELATED T.x"), Some(7));
-    assert_eq!(err_at("SELECT C FROM DIGITALTWINS T JOIN C RELATED T.x WHERE name = 'a'"), Some(54));
+    assert_eq!(
+        err_at("SELECT Q.name FROM DIGITALTWINS T JOIN C RELATED T.x"),
+        Some(7)
+    );
+    assert_eq!(
+        err_at("SELECT C FROM DIGITALTWINS T JOIN C RELATED T.x WHERE name = 'a'"),
+        Some(54)
+    );
 }
 
 #[test]
 fn escaped_reserved_words_are_names() {
     let q = ok("SELECT * FROM DIGITALTWINS WHERE [[Group]] = 'BravoTeam' AND T.select = 1");
-    let Some(Expr::And(terms)) = &q.filter else { panic!() };
-    assert!(matches!(&terms[0], Expr::Compare(_, a, _) if **a == Expr::Path { var: 0, path: vec!["Group".into()] }));
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE Group = 1 AND select = 2"), Some(47));
+    let Some(Expr::And(terms)) = &q.filter else {
+        panic!()
+    };
+    assert!(
+        matches!(&terms[0], Expr::Compare(_, a, _) if **a == Expr::Path { var: 0, path: vec!["Group".into()] })
+    );
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE Group = 1 AND select = 2"),
+        Some(47)
+    );
 }
 
 #[test]
@@ -273,13 +374,28 @@ fn syntax_errors_report_character_positions() {
     assert_eq!(err_at("SELECT * FROM TWINS"), Some(14));
     assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE"), Some(32));
     assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE a = "), Some(37));
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE a = 1 extra"), Some(39));
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE a = 1 extra"),
+        Some(39)
+    );
     assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE (a = 1"), Some(39));
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE a IN ['x' 'y']"), Some(43));
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE a IN [b]"), Some(39));
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE a = - 'x'"), Some(37));
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE a IN ['x' 'y']"),
+        Some(43)
+    );
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE a IN [b]"),
+        Some(39)
+    );
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE a = - 'x'"),
+        Some(37)
+    );
     // Positions count characters, not bytes.
-    assert_eq!(err_at("SELECT * FROM DIGITALTWINS WHERE a = 'é' b"), Some(41));
+    assert_eq!(
+        err_at("SELECT * FROM DIGITALTWINS WHERE a = 'é' b"),
+        Some(41)
+    );
     let e = parse("SELECT * FROM DIGITALTWINS WHERE").unwrap_err();
     assert!(e.to_string().ends_with("(at position 32)"), "{e}");
     assert_eq!(e.code(), twinguard_proto::ErrorCode::SqlQueryError);
@@ -294,21 +410,49 @@ fn deeply_nested_parentheses_are_refused_without_exhausting_the_stack() {
         ")".repeat(depth.min(limits::MAX_QUERY_CHARS / 3))
     );
     assert!(err_at(&text).is_some());
-    let nots = format!("SELECT * FROM DIGITALTWINS WHERE {} a = 1", "NOT ".repeat(5_000));
+    let nots = format!(
+        "SELECT * FROM DIGITALTWINS WHERE {} a = 1",
+        "NOT ".repeat(5_000)
+    );
     assert!(err_at(&nots).is_some());
-    let calls = format!("SELECT * FROM DIGITALTWINS WHERE {}a{}", "IS_BOOL(".repeat(2_000), ")".repeat(2_000));
+    let calls = format!(
+        "SELECT * FROM DIGITALTWINS WHERE {}a{}",
+        "IS_BOOL(".repeat(2_000),
+        ")".repeat(2_000)
+    );
     assert!(err_at(&calls).is_some());
-    let fine = format!("SELECT * FROM DIGITALTWINS WHERE {}a = 1{}", "(".repeat(30), ")".repeat(30));
+    let fine = format!(
+        "SELECT * FROM DIGITALTWINS WHERE {}a = 1{}",
+        "(".repeat(30),
+        ")".repeat(30)
+    );
     ok(&fine);
 }
 
 #[test]
 fn oversized_queries_and_lists_are_refused() {
-    let long = format!("SELECT * FROM DIGITALTWINS WHERE a = '{}'", "x".repeat(limits::MAX_QUERY_CHARS));
+    let long = format!(
+        "SELECT * FROM DIGITALTWINS WHERE a = '{}'",
+        "x".repeat(limits::MAX_QUERY_CHARS)
+    );
     assert_eq!(err_at(&long), Some(limits::MAX_QUERY_CHARS));
-    let items = |n: usize| (0..n).map(|i| format!("'{i}'")).collect::<Vec<_>>().join(",");
-    ok(&format!("SELECT * FROM DIGITALTWINS WHERE $dtId IN [{}]", items(limits::MAX_IN_ITEMS)));
-    assert!(err_at(&format!("SELECT * FROM DIGITALTWINS WHERE $dtId IN [{}]", items(limits::MAX_IN_ITEMS + 1))).is_some());
+    let items = |n: usize| {
+        (0..n)
+            .map(|i| format!("'{i}'"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    ok(&format!(
+        "SELECT * FROM DIGITALTWINS WHERE $dtId IN [{}]",
+        items(limits::MAX_IN_ITEMS)
+    ));
+    assert!(
+        err_at(&format!(
+            "SELECT * FROM DIGITALTWINS WHERE $dtId IN [{}]",
+            items(limits::MAX_IN_ITEMS + 1)
+        ))
+        .is_some()
+    );
     let ands = vec!["a = 1"; limits::MAX_LOGICAL_OPS + 2].join(" AND ");
     assert!(err_at(&format!("SELECT * FROM DIGITALTWINS WHERE {ands}")).is_some());
     let ands = vec!["a = 1"; 51].join(" OR ");
@@ -317,19 +461,53 @@ fn oversized_queries_and_lists_are_refused() {
 
 #[test]
 fn literals_cover_strings_numbers_booleans_and_null() {
-    let q = ok(r#"SELECT * FROM DIGITALTWINS WHERE a IN ['s', "d", -2, 1.5e1, TRUE, false, Null, 18446744073709551615]"#);
-    let Some(Expr::In { list, .. }) = &q.filter else { panic!() };
-    assert_eq!(list[..7], [json!("s"), json!("d"), json!(-2), json!(15.0), json!(true), json!(false), json!(null)]);
+    let q = ok(
+        r#"SELECT * FROM DIGITALTWINS WHERE a IN ['s', "d", -2, 1.5e1, TRUE, false, Null, 18446744073709551615]"#,
+    );
+    let Some(Expr::In { list, .. }) = &q.filter else {
+        panic!()
+    };
+    assert_eq!(
+        list[..7],
+        [
+            json!("s"),
+            json!("d"),
+            json!(-2),
+            json!(15.0),
+            json!(true),
+            json!(false),
+            json!(null)
+        ]
+    );
     assert_eq!(list[7], json!(u64::MAX));
 }
 
 #[test]
 fn arbitrary_garbage_never_panics() {
     let samples = [
-        "SELECT", "SELECT *", "(((", ")))", "[[", "]]", "'", "\"", "-[", "]->", "*..", "..",
-        "SELECT * FROM DIGITALTWINS MATCH", "SELECT * FROM DIGITALTWINS MATCH (", "SELECT a FROM DIGITALTWINS MATCH (a)-[",
-        "SELECT a FROM DIGITALTWINS MATCH (a)-[*1..", "SELECT TOP(", "SELECT COUNT(", "\u{0}", "SELECT * FROM DIGITALTWINS WHERE IS_OF_MODEL(",
-        "SELECT * FROM DIGITALTWINS WHERE a IN", "SELECT * FROM DIGITALTWINS WHERE a NOT", "SELECT T. FROM DIGITALTWINS T",
+        "SELECT",
+        "SELECT *",
+        "(((",
+        ")))",
+        "[[",
+        "]]",
+        "'",
+        "\"",
+        "-[",
+        "]->",
+        "*..",
+        "..",
+        "SELECT * FROM DIGITALTWINS MATCH",
+        "SELECT * FROM DIGITALTWINS MATCH (",
+        "SELECT a FROM DIGITALTWINS MATCH (a)-[",
+        "SELECT a FROM DIGITALTWINS MATCH (a)-[*1..",
+        "SELECT TOP(",
+        "SELECT COUNT(",
+        "\u{0}",
+        "SELECT * FROM DIGITALTWINS WHERE IS_OF_MODEL(",
+        "SELECT * FROM DIGITALTWINS WHERE a IN",
+        "SELECT * FROM DIGITALTWINS WHERE a NOT",
+        "SELECT T. FROM DIGITALTWINS T",
     ];
     for s in samples {
         assert!(parse(s).is_err(), "{s:?}");
@@ -339,7 +517,11 @@ fn arbitrary_garbage_never_panics() {
                 WHERE a.$dtId IN ['x', 'y'] AND NOT (b.t >= -1.5 OR IS_OF_MODEL(c, 'dtmi:a:b;1', exact))";
     for end in 0..=rich.len() {
         if let Err(e) = parse(&rich[..end]) {
-            assert!(e.position.is_some_and(|p| p <= end), "{:?}: {e}", &rich[..end]);
+            assert!(
+                e.position.is_some_and(|p| p <= end),
+                "{:?}: {e}",
+                &rich[..end]
+            );
         }
     }
     ok(rich);
