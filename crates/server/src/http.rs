@@ -120,7 +120,12 @@ pub fn list_page<T: serde::Serialize>(items: &[T], offset: usize, size: usize, u
     let end = offset.saturating_add(size).min(items.len());
     let page = items.get(offset.min(end)..end).unwrap_or(&[]);
     let next_link = (end < items.len()).then(|| {
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        // HTTP/2 carries the host in the URI's authority, HTTP/1.1 in the Host header.
+        let host = uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or("localhost");
         let mut query: Vec<String> = uri
             .query()
             .unwrap_or("")

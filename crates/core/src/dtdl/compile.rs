@@ -403,7 +403,7 @@ impl<'a> Compiler<'a> {
         for p in self.parents_of(i)? {
             let inherited: Vec<(String, Content)> = match p {
                 Parent::Node(pn) => self.flat_contents(pn)?.into_iter().collect(),
-                Parent::External(e) => external_names(&e),
+                Parent::External(e) => external_names(&e, self.resolve),
             };
             for (name, c) in inherited {
                 match out.get(&name) {
@@ -616,7 +616,10 @@ enum Content {
     External(Dtmi, String),
 }
 
-fn external_names(e: &Interface) -> Vec<(String, Content)> {
+fn external_names(
+    e: &Interface,
+    resolve: &dyn Fn(&Dtmi) -> Option<Arc<Interface>>,
+) -> Vec<(String, Content)> {
     let names = e
         .properties
         .keys()
@@ -624,7 +627,28 @@ fn external_names(e: &Interface) -> Vec<(String, Content)> {
         .chain(e.commands.keys())
         .chain(e.relationships.keys())
         .chain(e.components.keys());
-    names
-        .map(|n| (n.clone(), Content::External(e.id.clone(), n.clone())))
-        .collect()
+    names.map(|n| (n.clone(), Content::External(declaring_interface(e, n, resolve), n.clone()))).collect()
+}
+
+/// The interface among `e` and its ancestors that declares content `name`: the one holding it
+/// whose own ancestors do not. Content reached through two parents (a diamond) thus has one
+/// identity and is not a redefinition.
+fn declaring_interface(
+    e: &Interface,
+    name: &str,
+    resolve: &dyn Fn(&Dtmi) -> Option<Arc<Interface>>,
+) -> Dtmi {
+    let holds = |i: &Interface| {
+        i.properties.contains_key(name)
+            || i.telemetry.contains_key(name)
+            || i.commands.contains_key(name)
+            || i.relationships.contains_key(name)
+            || i.components.contains_key(name)
+    };
+    let holders: Vec<Arc<Interface>> =
+        e.ancestors.iter().filter_map(|a| resolve(a)).filter(|a| holds(a)).collect();
+    holders
+        .iter()
+        .find(|h| !holders.iter().any(|o| o.id != h.id && h.ancestors.contains(&o.id)))
+        .map_or_else(|| e.id.clone(), |h| h.id.clone())
 }

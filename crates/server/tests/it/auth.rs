@@ -1,0 +1,187 @@
+//! Authentication and authorization at the HTTP edge: the token endpoint, bearer tokens on every
+//! route the OpenAPI document lists, forged tokens, and the built-in roles.
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use reqwest::Method;
+use serde_json::{Value, json};
+use twinguard_core::auth::{DATA_OWNER, DATA_READER};
+
+use crate::kit::TestServer;
+
+#[tokio::test]
+async fn client_credentials_grant_issues_an_eddsa_access_token() {
+    let server = TestServer::start().await;
+    let token = server.admin_token().await;
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(header["typ"], "at+jwt");
+    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    for claim in ["iss", "sub", "aud", "exp", "nbf", "iat", "jti"] {
+        assert!(claims.get(claim).is_some(), "{claim} missing");
+    }
+    assert_eq!(claims["roles"], json!([DATA_OWNER]));
+}
+
+#[tokio::test]
+async fn token_endpoint_accepts_http_basic_and_refuses_wrong_or_unknown_clients_alike() {
+    let server = TestServer::start().await;
+    let (id, secret) = server.admin_credentials();
+    let basic = server
+        .client
+        .post(server.url("/oauth2/token"))
+        .header("authorization", format!("Basic {}", STANDARD.encode(format!("{id}:{secret}"))))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 200);
+    assert_eq!(basic.headers()["cache-control"], "no-store");
+
+    let wrong = server.token_for(&id, "not-the-secret").await;
+    let unknown = server.token_for("00000000-0000-0000-0000-000000000000", &secret).await;
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(unknown.status(), 401);
+    assert_eq!(wrong.text().await.unwrap(), unknown.text().await.unwrap());
+
+    let no_grant = server.client.post(server.url("/oauth2/token")).form(&[("client_id", id.as_str())]).send().await.unwrap();
+    assert_eq!(no_grant.status(), 400);
+    let other_grant = server
+        .client
+        .post(server.url("/oauth2/token"))
+        .form(&[("grant_type", "password"), ("client_id", id.as_str()), ("client_secret", secret.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_grant.status(), 400);
+    assert_eq!(other_grant.json::<Value>().await.unwrap()["error"], "unsupported_grant_type");
+}
+
+/// Every operation of the OpenAPI document, with its path parameters filled in.
+fn documented_operations() -> Vec<(Method, String, bool)> {
+    let doc: Value = serde_json::from_str(include_str!("../../src/openapi.json")).unwrap();
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let anonymous = op["security"].as_array().is_some_and(|s| s.is_empty() || s.iter().any(|r| r.as_object().unwrap().is_empty()));
+            let concrete = path
+                .replace("{id}", "x")
+                .replace("{rel}", "y")
+                .replace("{component}", "z");
+            ops.push((method.to_uppercase().parse().unwrap(), concrete, anonymous));
+        }
+    }
+    ops
+}
+
+#[tokio::test]
+async fn every_documented_route_but_probes_and_token_requires_a_bearer_token() {
+    let server = TestServer::start().await;
+    let ops = documented_operations();
+    assert!(ops.len() >= 25, "the document lists {} operations", ops.len());
+    for (method, path, anonymous) in ops {
+        let response = server
+            .client
+            .request(method.clone(), server.url(&format!("{path}?api-version=2023-10-31")))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        if anonymous {
+            assert_ne!(response.status(), 401, "{method} {path} should be anonymous");
+        } else {
+            assert_eq!(response.status(), 401, "{method} {path} answered without a token");
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            assert!(response.headers().contains_key("x-ms-request-id"));
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "Unauthenticated");
+        }
+    }
+}
+
+fn forge(header: Value, claims: Value, signature: &str) -> String {
+    let enc = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    format!("{}.{}.{signature}", enc(&header), enc(&claims))
+}
+
+#[tokio::test]
+async fn forged_altered_and_foreign_tokens_are_rejected() {
+    let server = TestServer::start().await;
+    let good = server.admin_token().await;
+    let parts: Vec<&str> = good.split('.').collect();
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+
+    let mut none_header = header.clone();
+    none_header["alg"] = json!("none");
+    let mut hs_header = header.clone();
+    hs_header["alg"] = json!("HS256");
+    let mut elevated = claims.clone();
+    elevated["sub"] = json!("someone-else");
+    let mut expired = claims.clone();
+    expired["exp"] = json!(1);
+    let mut jku = header.clone();
+    jku["jku"] = json!("https://attacker.example/jwks.json");
+    let mut flipped = parts[2].to_owned().into_bytes();
+    flipped[5] = if flipped[5] == b'A' { b'B' } else { b'A' };
+
+    let attempts = [
+        ("alg none", forge(none_header, claims.clone(), "")),
+        ("HS256 confusion", forge(hs_header, claims.clone(), parts[2])),
+        ("altered claims", forge(header.clone(), elevated, parts[2])),
+        ("expired", forge(header.clone(), expired, parts[2])),
+        ("injected jku", forge(jku, claims.clone(), parts[2])),
+        ("stripped signature", format!("{}.{}.", parts[0], parts[1])),
+        ("flipped signature", format!("{}.{}.{}", parts[0], parts[1], String::from_utf8(flipped).unwrap())),
+        ("oversize", format!("{good}{}", "A".repeat(10_000))),
+        ("garbage", "not-a-jwt".to_owned()),
+    ];
+    for (what, token) in attempts {
+        let response = server.adt(Method::GET, "/models", &token).send().await.unwrap();
+        assert_eq!(response.status(), 401, "{what} was accepted");
+    }
+    let response = server.adt(Method::GET, "/models", &good).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_token_from_another_instance_is_rejected() {
+    let one = TestServer::start().await;
+    let other = TestServer::start().await;
+    let foreign = other.admin_token().await;
+    let response = one.adt(Method::GET, "/models", &foreign).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+}
+
+#[tokio::test]
+async fn data_reader_reads_and_queries_but_every_write_is_forbidden() {
+    let server = TestServer::start().await;
+    let reader = server.token_with_role(DATA_READER).await;
+    let ok = server.adt(Method::GET, "/models", &reader).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let query = server.adt(Method::POST, "/query", &reader).json(&json!({"query": "SELECT * FROM DIGITALTWINS"})).send().await.unwrap();
+    assert_eq!(query.status(), 200);
+    let writes = [
+        (Method::POST, "/models", json!([])),
+        (Method::PUT, "/digitaltwins/t1", json!({"$metadata": {"$model": "dtmi:a;1"}})),
+        (Method::DELETE, "/digitaltwins/t1", json!(null)),
+        (Method::PUT, "/eventroutes/r1", json!({"endpointName": "e", "filter": "true"})),
+        (Method::DELETE, "/models/dtmi:a;1", json!(null)),
+    ];
+    for (method, path, body) in writes {
+        let response = server.adt(method.clone(), path, &reader).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 403, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "Forbidden");
+    }
+}
+
+#[tokio::test]
+async fn probes_are_anonymous_and_report_readiness() {
+    let server = TestServer::start().await;
+    let health = server.client.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = server.client.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}

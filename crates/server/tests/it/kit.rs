@@ -1,0 +1,89 @@
+//! A real twinguard server on a free port over a temporary data directory, and an HTTPS client
+//! that trusts its CA.
+
+use reqwest::{Client, Method, RequestBuilder};
+use serde_json::Value;
+use tempfile::TempDir;
+use twinguard_server::startup::{Application, ServeConfig};
+
+pub const API: &str = "api-version=2023-10-31";
+
+pub struct TestServer {
+    pub base: String,
+    pub client: Client,
+    pub dir: TempDir,
+    pub state: twinguard_server::app::AppState,
+    admin_id: String,
+    admin_secret: String,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServeConfig {
+            data_dir: dir.path().to_owned(),
+            api_listen: "127.0.0.1:0".parse().unwrap(),
+            tls_names: vec![],
+        };
+        let app = Application::build(&config).unwrap();
+        let base = app.base_url();
+        let state = app.state().clone();
+        tokio::spawn(app.run());
+        let ca = std::fs::read(dir.path().join("tls/ca.pem")).unwrap();
+        let client = Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap();
+        let admin: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("secrets/admin-client.json")).unwrap()).unwrap();
+        Self {
+            base,
+            client,
+            state,
+            admin_id: admin["client_id"].as_str().unwrap().to_owned(),
+            admin_secret: admin["client_secret"].as_str().unwrap().to_owned(),
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn token_for(&self, client_id: &str, secret: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/oauth2/token"))
+            .form(&[("grant_type", "client_credentials"), ("client_id", client_id), ("client_secret", secret)])
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin_token(&self) -> String {
+        let response = self.token_for(&self.admin_id.clone(), &self.admin_secret.clone()).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// A token for a new client holding only `role`.
+    pub async fn token_with_role(&self, role: &str) -> String {
+        let client = twinguard_server::tokens::TokenService::new_client();
+        self.state.tokens.register_client(&client, vec![role.to_owned()]).unwrap();
+        let response = self.token_for(&client.client_id, &client.client_secret).await;
+        let body: Value = response.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub fn admin_credentials(&self) -> (String, String) {
+        (self.admin_id.clone(), self.admin_secret.clone())
+    }
+
+    /// A request to an ADT route (`api-version` added) with a bearer token.
+    pub fn adt(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        self.client.request(method, format!("{}{path}{sep}{API}", self.base)).bearer_auth(token)
+    }
+}

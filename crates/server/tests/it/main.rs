@@ -1,0 +1,8 @@
+//! Integration tests of the HTTPS API against a real server on port 0, in one test binary.
+
+// Test helpers outside `#[test]` functions fail loudly on broken fixtures by design.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod auth;
+mod kit;
