@@ -1,0 +1,7 @@
+//! Tests of the `twinguard` binary as an operator runs it.
+
+// Test helpers outside `#[test]` functions fail loudly on broken fixtures by design.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod crash;
+mod process;

@@ -1,0 +1,91 @@
+//! Runs `twinguard serve` as a child process, as the operator contract describes it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    /// Starts the binary on a free port and waits for its `api listening` line.
+    pub fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+            .args(["serve", "--data-dir"])
+            .arg(data_dir)
+            .args(["--api-listen", "127.0.0.1:0"])
+            .env("TWINGUARD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(data_dir.join("server.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        // Keep draining stdout into DIR/server.out so the child never writes to a closed pipe.
+        let mut out = std::fs::File::create(data_dir.join("server.out")).unwrap();
+        std::io::Write::write_all(&mut out, line.as_bytes()).unwrap();
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut out));
+        let base = line
+            .trim()
+            .strip_prefix("twinguard: api listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let ca = std::fs::read(data_dir.join("tls/ca.pem")).unwrap();
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Self { child, base, client }
+    }
+
+    /// A token from the credential file the first start wrote.
+    pub async fn admin_token(&self, data_dir: &Path) -> String {
+        let admin: Value =
+            serde_json::from_slice(&std::fs::read(data_dir.join("secrets/admin-client.json")).unwrap()).unwrap();
+        assert_eq!(admin["token_endpoint"], format!("{}/oauth2/token", self.base));
+        let response: Value = self
+            .client
+            .post(admin["token_endpoint"].as_str().unwrap())
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", admin["client_id"].as_str().unwrap()),
+                ("client_secret", admin["client_secret"].as_str().unwrap()),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        response["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}?api-version=2023-10-31", self.base)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
