@@ -9,7 +9,11 @@ use twinguard_server::datadir::DataDir;
 use twinguard_server::startup::{Application, ServeConfig, init, install_crypto_provider};
 
 #[derive(Debug, Parser)]
-#[command(name = "twinguard", version, about = "A digital twin server that treats every layer as hostile")]
+#[command(
+    name = "twinguard",
+    version,
+    about = "A digital twin server that treats every layer as hostile"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,19 +62,37 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { data_dir, api_listen, tls_names } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        Command::Serve {
+            data_dir,
+            api_listen,
+            tls_names,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async {
-                let app = Application::build(&ServeConfig { data_dir, api_listen, tls_names })?;
+                let app = Application::build(&ServeConfig {
+                    data_dir,
+                    api_listen,
+                    tls_names,
+                })?;
                 println!("twinguard: api listening on {}", app.base_url());
                 app.run().await
             })
         }
-        Command::Init { data_dir, tls_names } => {
+        Command::Init {
+            data_dir,
+            tls_names,
+        } => {
             install_crypto_provider();
             let dir = DataDir::new(data_dir);
             init(&dir, &tls_names)?;
-            println!("twinguard: initialised {}; CA at {}, admin credential at {}", dir.root().display(), dir.ca_cert().display(), dir.admin_client().display());
+            println!(
+                "twinguard: initialised {}; CA at {}, admin credential at {}",
+                dir.root().display(),
+                dir.ca_cert().display(),
+                dir.admin_client().display()
+            );
             Ok(())
         }
     }

@@ -82,7 +82,9 @@ fn is_valid_segment(segment: &str) -> bool {
         (Some(first), Some(last)) => {
             first.is_ascii_alphabetic()
                 && *last != b'_'
-                && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_')
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'_')
         }
         _ => false,
     }
@@ -126,7 +128,12 @@ mod tests {
 
     #[test]
     fn accepts_versioned_and_unversioned_identifiers() {
-        for ok in ["dtmi:com:example:Thermostat;1", "dtmi:a;1.2", "dtmi:a_b:c1", "dtmi:x;999999999"] {
+        for ok in [
+            "dtmi:com:example:Thermostat;1",
+            "dtmi:a;1.2",
+            "dtmi:a_b:c1",
+            "dtmi:x;999999999",
+        ] {
             assert!(Dtmi::parse(ok).is_ok(), "{ok}");
         }
     }

@@ -373,17 +373,26 @@ pub struct QueryRequest {
 
 impl TwinService {
     /// Runs one page of an ADT query on the current snapshot.
-    pub fn query(&self, principal: &Principal, request: &QueryRequest) -> DomainResult<query::QueryPage> {
+    pub fn query(
+        &self,
+        principal: &Principal,
+        request: &QueryRequest,
+    ) -> DomainResult<query::QueryPage> {
         principal.authorize(Action::Query)?;
         let (text, offset) = match (&request.continuation_token, &request.query) {
             (Some(token), _) => query::decode_continuation(token).map_err(query_error)?,
             (None, Some(text)) => (text.clone(), 0),
-            (None, None) => return Err(DomainError::InvalidArgument("the request holds no query".into())),
+            (None, None) => {
+                return Err(DomainError::InvalidArgument(
+                    "the request holds no query".into(),
+                ));
+            }
         };
         let parsed = query::parse(&text).map_err(query_error)?;
         let graph = self.snapshot();
         // Every twin is visible to a caller allowed to query; scoped access narrows this.
-        query::execute(&graph, &parsed, &text, offset, request.page_size, &|_| true).map_err(query_error)
+        query::execute(&graph, &parsed, &text, offset, request.page_size, &|_| true)
+            .map_err(query_error)
     }
 }
 

@@ -31,35 +31,81 @@ pub struct AppState {
 const OPENAPI: &str = include_str!("openapi.json");
 
 async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], OPENAPI)
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI,
+    )
 }
 
 /// Builds the router with the production layers.
 pub fn router(state: AppState) -> Router {
     let adt = Router::new()
-        .route("/models", get(models::list).post(models::upload).layer(DefaultBodyLimit::max(MODEL_UPLOAD_LIMIT)))
-        .route("/models/{id}", get(models::get).patch(models::patch).delete(models::delete))
-        .route("/digitaltwins/{id}", get(twins::get).put(twins::put).patch(twins::patch).delete(twins::delete))
-        .route("/digitaltwins/{id}/components/{component}", get(twins::get_component).patch(twins::patch_component))
+        .route(
+            "/models",
+            get(models::list)
+                .post(models::upload)
+                .layer(DefaultBodyLimit::max(MODEL_UPLOAD_LIMIT)),
+        )
+        .route(
+            "/models/{id}",
+            get(models::get).patch(models::patch).delete(models::delete),
+        )
+        .route(
+            "/digitaltwins/{id}",
+            get(twins::get)
+                .put(twins::put)
+                .patch(twins::patch)
+                .delete(twins::delete),
+        )
+        .route(
+            "/digitaltwins/{id}/components/{component}",
+            get(twins::get_component).patch(twins::patch_component),
+        )
         .route("/digitaltwins/{id}/relationships", get(relationships::list))
         .route(
             "/digitaltwins/{id}/relationships/{rel}",
-            get(relationships::get).put(relationships::put).patch(relationships::patch).delete(relationships::delete),
+            get(relationships::get)
+                .put(relationships::put)
+                .patch(relationships::patch)
+                .delete(relationships::delete),
         )
-        .route("/digitaltwins/{id}/incomingrelationships", get(relationships::incoming))
-        .route("/query", post(query::query).layer(DefaultBodyLimit::max(QUERY_BODY_LIMIT)))
+        .route(
+            "/digitaltwins/{id}/incomingrelationships",
+            get(relationships::incoming),
+        )
+        .route(
+            "/query",
+            post(query::query).layer(DefaultBodyLimit::max(QUERY_BODY_LIMIT)),
+        )
         .route("/eventroutes", get(eventroutes::list))
-        .route("/eventroutes/{id}", get(eventroutes::get).put(eventroutes::put).delete(eventroutes::delete))
+        .route(
+            "/eventroutes/{id}",
+            get(eventroutes::get)
+                .put(eventroutes::put)
+                .delete(eventroutes::delete),
+        )
         .layer(middleware::from_fn(require_api_version))
         .layer(DefaultBodyLimit::max(TWIN_BODY_LIMIT));
 
     Router::new()
         .merge(adt)
-        .route("/oauth2/token", post(token::token).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)))
+        .route(
+            "/oauth2/token",
+            post(token::token).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))
-        .fallback(|| async { crate::error::ApiError::new(axum::http::StatusCode::NOT_FOUND, twinguard_proto::ErrorCode::BadRequest, "no such route") })
+        .fallback(|| async {
+            crate::error::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                twinguard_proto::ErrorCode::BadRequest,
+                "no such route",
+            )
+        })
         .layer(middleware::from_fn_with_state(state.clone(), correlate))
         .with_state(state)
 }

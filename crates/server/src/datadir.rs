@@ -96,10 +96,15 @@ impl DataDir {
         let path = self.instance_file();
         if path.exists() {
             let text = fs::read_to_string(&path)?;
-            return serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()));
+            return serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", path.display()));
         }
         let instance_id = uuid::Uuid::new_v4().to_string();
-        let instance = Instance { version: 1, issuer: format!("urn:twinguard:{instance_id}"), instance_id };
+        let instance = Instance {
+            version: 1,
+            issuer: format!("urn:twinguard:{instance_id}"),
+            instance_id,
+        };
         write_private(&path, &serde_json::to_vec_pretty(&instance)?)?;
         Ok(instance)
     }
@@ -108,19 +113,30 @@ impl DataDir {
         let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.distinguished_name.push(DnType::CommonName, "twinguard local CA");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca.distinguished_name
+            .push(DnType::CommonName, "twinguard local CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         ca.not_after = rcgen::date_time_ymd(2036, 1, 1);
         let ca_cert = ca.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca, &ca_key);
 
-        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+        let mut names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
         names.extend(extra_names.iter().filter(|n| !n.is_empty()).cloned());
         names.sort();
         names.dedup();
         let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut server = CertificateParams::new(names)?;
-        server.distinguished_name.push(DnType::CommonName, "twinguard");
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "twinguard");
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         server.not_after = rcgen::date_time_ymd(2028, 1, 1);

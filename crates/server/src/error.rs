@@ -25,7 +25,12 @@ pub struct LoggedError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), detail: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            detail: None,
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -73,10 +78,15 @@ impl From<DomainError> for ApiError {
             D::ComponentNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ComponentNotFound),
             D::ModelExists(_) => (StatusCode::CONFLICT, ErrorCode::ModelAlreadyExists),
             D::TwinExists(_) => (StatusCode::CONFLICT, ErrorCode::DigitalTwinAlreadyExists),
-            D::RelationshipExists(_) => (StatusCode::CONFLICT, ErrorCode::RelationshipAlreadyExists),
+            D::RelationshipExists(_) => {
+                (StatusCode::CONFLICT, ErrorCode::RelationshipAlreadyExists)
+            }
             D::ModelReferenced(..) => (StatusCode::CONFLICT, ErrorCode::ModelReferencesNotDeleted),
             D::RelationshipsExist(_) => (StatusCode::CONFLICT, ErrorCode::RelationshipsNotDeleted),
-            D::PreconditionFailed => (StatusCode::PRECONDITION_FAILED, ErrorCode::PreconditionFailed),
+            D::PreconditionFailed => (
+                StatusCode::PRECONDITION_FAILED,
+                ErrorCode::PreconditionFailed,
+            ),
             D::Unavailable => {
                 return Self {
                     status: StatusCode::SERVICE_UNAVAILABLE,
@@ -87,7 +97,12 @@ impl From<DomainError> for ApiError {
             }
             _ => return Self::internal(message),
         };
-        Self { status, code, message, detail: None }
+        Self {
+            status,
+            code,
+            message,
+            detail: None,
+        }
     }
 }
 
@@ -97,8 +112,11 @@ impl IntoResponse for ApiError {
             code: self.code.as_str(),
             detail: self.detail.unwrap_or_else(|| self.message.clone()),
         };
-        let mut response =
-            (self.status, axum::Json(ErrorBody::new(self.code, self.message))).into_response();
+        let mut response = (
+            self.status,
+            axum::Json(ErrorBody::new(self.code, self.message)),
+        )
+            .into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -37,9 +37,15 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .ok_or_else(ApiError::unauthenticated)?;
-        let principal = state.tokens.verify_cached(token.trim()).map_err(|_| ApiError::unauthenticated())?;
+        let principal = state
+            .tokens
+            .verify_cached(token.trim())
+            .map_err(|_| ApiError::unauthenticated())?;
         Ok(Caller(principal))
     }
 }
@@ -54,14 +60,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, "the request body is too large")
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::PayloadTooLarge,
+                    "the request body is too large",
+                )
             } else {
                 ApiError::bad_request("the request body could not be read")
             }
         })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON for this operation: {e}")))
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the request body is not valid JSON for this operation: {e}"
+            ))
+        })
     }
 }
 
@@ -81,12 +93,17 @@ pub fn if_none_match(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     match headers.get(header::IF_NONE_MATCH) {
         None => Ok(Precondition::None),
         Some(v) if v.as_bytes() == b"*" => Ok(Precondition::IfNoneMatch),
-        Some(_) => Err(ApiError::invalid_argument("If-None-Match only supports '*'")),
+        Some(_) => Err(ApiError::invalid_argument(
+            "If-None-Match only supports '*'",
+        )),
     }
 }
 
 pub fn etag_header(etag: &str) -> [(header::HeaderName, HeaderValue); 1] {
-    [(header::ETAG, HeaderValue::from_str(etag).unwrap_or(HeaderValue::from_static("")))]
+    [(
+        header::ETAG,
+        HeaderValue::from_str(etag).unwrap_or(HeaderValue::from_static("")),
+    )]
 }
 
 /// The page size a client asked for with `max-items-per-page`, bounded.
@@ -99,7 +116,9 @@ pub fn page_size(headers: &HeaderMap) -> Result<usize, ApiError> {
             .and_then(|s| s.trim().parse::<usize>().ok())
             .filter(|n| *n > 0)
             .map(|n| n.min(MAX_PAGE_SIZE))
-            .ok_or_else(|| ApiError::invalid_argument("max-items-per-page must be a positive integer")),
+            .ok_or_else(|| {
+                ApiError::invalid_argument("max-items-per-page must be a positive integer")
+            }),
     }
 }
 
@@ -116,7 +135,13 @@ pub fn list_offset(token: Option<&str>) -> Result<usize, ApiError> {
 
 /// One page of a list, as `{"value": [...], "nextLink": ...}`; the next link repeats the
 /// request with a continuation token.
-pub fn list_page<T: serde::Serialize>(items: &[T], offset: usize, size: usize, uri: &axum::http::Uri, headers: &HeaderMap) -> Response {
+pub fn list_page<T: serde::Serialize>(
+    items: &[T],
+    offset: usize,
+    size: usize,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Response {
     let end = offset.saturating_add(size).min(items.len());
     let page = items.get(offset.min(end)..end).unwrap_or(&[]);
     let next_link = (end < items.len()).then(|| {
@@ -133,7 +158,10 @@ pub fn list_page<T: serde::Serialize>(items: &[T], offset: usize, size: usize, u
             .filter(|p| !p.is_empty() && !p.starts_with("continuationToken="))
             .map(str::to_owned)
             .collect();
-        query.push(format!("continuationToken={}", URL_SAFE_NO_PAD.encode(format!("o:{end}"))));
+        query.push(format!(
+            "continuationToken={}",
+            URL_SAFE_NO_PAD.encode(format!("o:{end}"))
+        ));
         format!("https://{host}{}?{}", uri.path(), query.join("&"))
     });
     axum::Json(serde_json::json!({"value": page, "nextLink": next_link})).into_response()
@@ -146,15 +174,27 @@ pub struct ApiVersionQuery {
 }
 
 /// Rejects ADT data-plane requests without a known `api-version`.
-pub async fn require_api_version(query: Result<Query<ApiVersionQuery>, axum::extract::rejection::QueryRejection>, req: Request, next: Next) -> Response {
+pub async fn require_api_version(
+    query: Result<Query<ApiVersionQuery>, axum::extract::rejection::QueryRejection>,
+    req: Request,
+    next: Next,
+) -> Response {
     let version = query.ok().and_then(|q| q.0.api_version);
     match version.as_deref() {
-        None => ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::MissingApiVersion, "the api-version query parameter is required").into_response(),
+        None => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MissingApiVersion,
+            "the api-version query parameter is required",
+        )
+        .into_response(),
         Some(v) if API_VERSIONS.contains(&v) => next.run(req).await,
         Some(_) => ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::UnsupportedApiVersion,
-            format!("unsupported api-version; supported: {}", API_VERSIONS.join(", ")),
+            format!(
+                "unsupported api-version; supported: {}",
+                API_VERSIONS.join(", ")
+            ),
         )
         .into_response(),
     }

@@ -38,7 +38,9 @@ pub struct Application {
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Application").field("local_addr", &self.local_addr).finish_non_exhaustive()
+        f.debug_struct("Application")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,12 +51,21 @@ pub fn install_crypto_provider() {
 
 /// Creates the data directory's keys, certificates and first admin client if they are missing.
 /// Returns the admin credential file's path.
-pub fn init(data_dir: &DataDir, tls_names: &[String]) -> anyhow::Result<(Arc<dyn Store>, Arc<TokenService>)> {
+pub fn init(
+    data_dir: &DataDir,
+    tls_names: &[String],
+) -> anyhow::Result<(Arc<dyn Store>, Arc<TokenService>)> {
     let instance = data_dir.prepare(tls_names)?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&data_dir.store_path()).context("opening the store")?);
+    let store: Arc<dyn Store> =
+        Arc::new(RedbStore::open(&data_dir.store_path()).context("opening the store")?);
     let key_pem = std::fs::read(data_dir.signing_key())?;
     let key = rcgen::KeyPair::from_pem(std::str::from_utf8(&key_pem)?)?;
-    let tokens = Arc::new(TokenService::new(instance.issuer, &key.serialize_der(), key.public_key_raw(), store.clone())?);
+    let tokens = Arc::new(TokenService::new(
+        instance.issuer,
+        &key.serialize_der(),
+        key.public_key_raw(),
+        store.clone(),
+    )?);
     if tokens.client_count() == 0 {
         // First start: write the credential for its owner first, then register it, so a crash in
         // between leaves no registered credential that nobody holds.
@@ -75,8 +86,11 @@ fn tls_config(data_dir: &DataDir) -> anyhow::Result<RustlsConfig> {
     let certs = CertificateDer::pem_file_iter(data_dir.server_cert())
         .context("reading the server certificate")?
         .collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(data_dir.server_key()).context("reading the server key")?;
-    let mut config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key)?;
+    let key =
+        PrivateKeyDer::from_pem_file(data_dir.server_key()).context("reading the server key")?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(RustlsConfig::from_config(Arc::new(config)))
 }
@@ -86,13 +100,20 @@ impl Application {
         install_crypto_provider();
         let data_dir = DataDir::new(&config.data_dir);
         let (store, tokens) = init(&data_dir, &config.tls_names)?;
-        let service = TwinService::open(store, Arc::new(SystemClock)).context("loading the twin graph")?;
+        let service =
+            TwinService::open(store, Arc::new(SystemClock)).context("loading the twin graph")?;
         let tls = tls_config(&data_dir)?;
         let listener = std::net::TcpListener::bind(config.api_listen)
             .with_context(|| format!("binding {}", config.api_listen))?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
-        let app = Self { listener, local_addr, tls, state: AppState { service, tokens }, data_dir };
+        let app = Self {
+            listener,
+            local_addr,
+            tls,
+            state: AppState { service, tokens },
+            data_dir,
+        };
         app.record_token_endpoint()?;
         Ok(app)
     }
@@ -117,7 +138,9 @@ impl Application {
     /// Keeps the admin credential file's `token_endpoint` pointing at this run's address.
     fn record_token_endpoint(&self) -> anyhow::Result<()> {
         let path = self.data_dir.admin_client();
-        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
         let mut file: serde_json::Value = serde_json::from_str(&text)?;
         let endpoint = format!("{}/oauth2/token", self.base_url());
         if file.get("token_endpoint").and_then(|v| v.as_str()) != Some(endpoint.as_str()) {

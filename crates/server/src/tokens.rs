@@ -87,16 +87,24 @@ pub struct TokenService {
 
 impl std::fmt::Debug for TokenService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenService").field("issuer", &self.issuer).finish_non_exhaustive()
+        f.debug_struct("TokenService")
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
     }
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl TokenService {
@@ -156,15 +164,23 @@ impl TokenService {
     }
 
     /// Registers `client` with `roles`; only the secret's hash is stored.
-    pub fn register_client(&self, client: &NewClient, roles: Vec<String>) -> Result<(), TokenError> {
-        let NewClient { client_id, client_secret } = client;
+    pub fn register_client(
+        &self,
+        client: &NewClient,
+        roles: Vec<String>,
+    ) -> Result<(), TokenError> {
+        let NewClient {
+            client_id,
+            client_secret,
+        } = client;
         let record = ClientRecord {
             secret_sha256: sha256_hex(client_secret.as_bytes()),
             roles,
             created_at: now_secs(),
         };
         let bytes = serde_json::to_vec(&record).map_err(|_| TokenError::Signing)?;
-        self.store.commit(&[Mutation::put(Table::Clients, client_id.clone(), bytes)])?;
+        self.store
+            .commit(&[Mutation::put(Table::Clients, client_id.clone(), bytes)])?;
         if let Ok(mut clients) = self.clients.write() {
             clients.insert(client_id.clone(), record);
         }
@@ -174,9 +190,15 @@ impl TokenService {
     /// The client-credentials grant: checks the secret in constant time and issues a token.
     pub fn issue(&self, client_id: &str, client_secret: &str) -> Result<String, TokenError> {
         let presented = sha256_hex(client_secret.as_bytes());
-        let record = self.clients.read().ok().and_then(|c| c.get(client_id).cloned());
+        let record = self
+            .clients
+            .read()
+            .ok()
+            .and_then(|c| c.get(client_id).cloned());
         // Compare against a dummy hash for unknown clients so both paths do the same work.
-        let expected = record.as_ref().map_or_else(|| "0".repeat(64), |r| r.secret_sha256.clone());
+        let expected = record
+            .as_ref()
+            .map_or_else(|| "0".repeat(64), |r| r.secret_sha256.clone());
         let matches: bool = presented.as_bytes().ct_eq(expected.as_bytes()).into();
         let Some(record) = record.filter(|_| matches) else {
             return Err(TokenError::InvalidClient);
@@ -231,7 +253,10 @@ impl TokenService {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::InvalidToken)?;
         if header.alg != Algorithm::EdDSA
             || header.kid.as_deref() != Some(self.kid.as_str())
-            || header.typ.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("at+jwt"))
+            || header
+                .typ
+                .as_deref()
+                .is_some_and(|t| !t.eq_ignore_ascii_case("at+jwt"))
         {
             return Err(TokenError::InvalidToken);
         }
@@ -240,6 +265,9 @@ impl TokenService {
         if data.claims.iat > now_secs() + CLOCK_SKEW_SECS {
             return Err(TokenError::InvalidToken);
         }
-        Ok((Principal::new(data.claims.sub, &data.claims.roles), data.claims.exp))
+        Ok((
+            Principal::new(data.claims.sub, &data.claims.roles),
+            data.claims.exp,
+        ))
     }
 }

@@ -56,7 +56,9 @@ impl Store for RedbStore {
                 if let std::collections::btree_map::Entry::Vacant(e) = open.entry(m.table) {
                     e.insert(txn.open_table(definition(m.table)).map_err(err)?);
                 }
-                let Some(t) = open.get_mut(&m.table) else { continue };
+                let Some(t) = open.get_mut(&m.table) else {
+                    continue;
+                };
                 match &m.value {
                     Some(v) => {
                         t.insert(m.key.as_str(), v.as_slice()).map_err(err)?;
@@ -88,10 +90,15 @@ mod tests {
                     Mutation::put(Table::Models, "m", b"3".to_vec()),
                 ])
                 .unwrap();
-            store.commit(&[Mutation::delete(Table::Twins, "a")]).unwrap();
+            store
+                .commit(&[Mutation::delete(Table::Twins, "a")])
+                .unwrap();
         }
         let store = RedbStore::open(&path).unwrap();
-        assert_eq!(store.scan(Table::Twins).unwrap(), vec![("b".to_owned(), b"2".to_vec())]);
+        assert_eq!(
+            store.scan(Table::Twins).unwrap(),
+            vec![("b".to_owned(), b"2".to_vec())]
+        );
         assert_eq!(store.scan(Table::Models).unwrap().len(), 1);
         assert!(store.scan(Table::EventRoutes).unwrap().is_empty());
     }

@@ -15,13 +15,25 @@ async fn every_acknowledged_write_survives_kill_9() {
     let token = server.admin_token(dir.path()).await;
     let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:crash:Meter;1", "@type": "Interface",
         "contents": [{"@type": "Property", "name": "reading", "schema": "long"}]}]);
-    let response = server.client.post(server.url("/models")).bearer_auth(&token).json(&model).send().await.unwrap();
+    let response = server
+        .client
+        .post(server.url("/models"))
+        .bearer_auth(&token)
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 201);
 
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
     let mut writers = Vec::new();
     for w in 0..8 {
-        let (client, base, token, acknowledged) = (server.client.clone(), server.base.clone(), token.clone(), acknowledged.clone());
+        let (client, base, token, acknowledged) = (
+            server.client.clone(),
+            server.base.clone(),
+            token.clone(),
+            acknowledged.clone(),
+        );
         writers.push(tokio::spawn(async move {
             let started = Instant::now();
             for i in 0.. {
@@ -45,13 +57,27 @@ async fn every_acknowledged_write_survives_kill_9() {
         w.await.unwrap();
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
-    assert!(acknowledged.len() > 50, "only {} writes were acknowledged before the kill", acknowledged.len());
+    assert!(
+        acknowledged.len() > 50,
+        "only {} writes were acknowledged before the kill",
+        acknowledged.len()
+    );
 
     let restarted = Server::start(dir.path());
     let token = restarted.admin_token(dir.path()).await;
     for (id, reading) in &acknowledged {
-        let response = restarted.client.get(restarted.url(&format!("/digitaltwins/{id}"))).bearer_auth(&token).send().await.unwrap();
-        assert_eq!(response.status(), 200, "acknowledged twin {id} is missing after the crash");
+        let response = restarted
+            .client
+            .get(restarted.url(&format!("/digitaltwins/{id}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "acknowledged twin {id} is missing after the crash"
+        );
         let twin: Value = response.json().await.unwrap();
         assert_eq!(&twin["reading"], reading);
     }

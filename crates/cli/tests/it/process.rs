@@ -47,14 +47,23 @@ impl Server {
             .timeout(Duration::from_secs(20))
             .build()
             .unwrap();
-        Self { child, base, client }
+        Self {
+            child,
+            base,
+            client,
+        }
     }
 
     /// A token from the credential file the first start wrote.
     pub async fn admin_token(&self, data_dir: &Path) -> String {
-        let admin: Value =
-            serde_json::from_slice(&std::fs::read(data_dir.join("secrets/admin-client.json")).unwrap()).unwrap();
-        assert_eq!(admin["token_endpoint"], format!("{}/oauth2/token", self.base));
+        let admin: Value = serde_json::from_slice(
+            &std::fs::read(data_dir.join("secrets/admin-client.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            admin["token_endpoint"],
+            format!("{}/oauth2/token", self.base)
+        );
         let response: Value = self
             .client
             .post(admin["token_endpoint"].as_str().unwrap())

@@ -627,7 +627,14 @@ fn external_names(
         .chain(e.commands.keys())
         .chain(e.relationships.keys())
         .chain(e.components.keys());
-    names.map(|n| (n.clone(), Content::External(declaring_interface(e, n, resolve), n.clone()))).collect()
+    names
+        .map(|n| {
+            (
+                n.clone(),
+                Content::External(declaring_interface(e, n, resolve), n.clone()),
+            )
+        })
+        .collect()
 }
 
 /// The interface among `e` and its ancestors that declares content `name`: the one holding it
@@ -645,10 +652,18 @@ fn declaring_interface(
             || i.relationships.contains_key(name)
             || i.components.contains_key(name)
     };
-    let holders: Vec<Arc<Interface>> =
-        e.ancestors.iter().filter_map(|a| resolve(a)).filter(|a| holds(a)).collect();
+    let holders: Vec<Arc<Interface>> = e
+        .ancestors
+        .iter()
+        .filter_map(resolve)
+        .filter(|a| holds(a))
+        .collect();
     holders
         .iter()
-        .find(|h| !holders.iter().any(|o| o.id != h.id && h.ancestors.contains(&o.id)))
+        .find(|h| {
+            !holders
+                .iter()
+                .any(|o| o.id != h.id && h.ancestors.contains(&o.id))
+        })
         .map_or_else(|| e.id.clone(), |h| h.id.clone())
 }

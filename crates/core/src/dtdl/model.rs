@@ -119,7 +119,15 @@ pub struct Field {
 pub enum Schema {
     Primitive(Primitive),
     Array(Box<Schema>),
-    Enum { value_schema: Primitive, values: Vec<EnumValue> },
-    Map { key: Primitive, value: Box<Schema> },
-    Object { fields: Vec<Field> },
+    Enum {
+        value_schema: Primitive,
+        values: Vec<EnumValue>,
+    },
+    Map {
+        key: Primitive,
+        value: Box<Schema>,
+    },
+    Object {
+        fields: Vec<Field>,
+    },
 }

@@ -767,14 +767,26 @@ fn zz_perf_probe() {
     let mut b = GraphBuilder::new();
     let n = 100_000usize;
     for i in 0..n {
-        b = b.twin(&format!("t{i}"), ROOM, json!({"n": i, "name": format!("twin {i}")}));
+        b = b.twin(
+            &format!("t{i}"),
+            ROOM,
+            json!({"n": i, "name": format!("twin {i}")}),
+        );
     }
     let mut x: u64 = 12345;
     for i in 0..n {
         for k in 0..3 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let j = (x >> 33) as usize % n;
-            b = b.rel_with(&format!("r{i}-{k}"), &format!("t{i}"), if k == 0 { "contains" } else { "feeds" }, &format!("t{j}"), json!({}));
+            b = b.rel_with(
+                &format!("r{i}-{k}"),
+                &format!("t{i}"),
+                if k == 0 { "contains" } else { "feeds" },
+                &format!("t{j}"),
+                json!({}),
+            );
         }
     }
     let g = b.build();

@@ -52,7 +52,10 @@ fn ontology() -> Vec<Value> {
 async fn service_with_ontology() -> (TwinService, Arc<MemoryStore>) {
     let store = Arc::new(MemoryStore::default());
     let service = TwinService::open(store.clone(), Arc::new(SystemClock)).unwrap();
-    service.write(&owner(), WriteOp::UploadModels(ontology())).await.unwrap();
+    service
+        .write(&owner(), WriteOp::UploadModels(ontology()))
+        .await
+        .unwrap();
     (service, store)
 }
 
@@ -62,21 +65,50 @@ fn twin_body(model: &str, props: Value) -> serde_json::Map<String, Value> {
     body
 }
 
-async fn put_twin(service: &TwinService, id: &str, model: &str, props: Value) -> Result<WriteOutcome, DomainError> {
-    let op = WriteOp::PutTwin { id: id.into(), body: twin_body(model, props), precondition: Precondition::None };
+async fn put_twin(
+    service: &TwinService,
+    id: &str,
+    model: &str,
+    props: Value,
+) -> Result<WriteOutcome, DomainError> {
+    let op = WriteOp::PutTwin {
+        id: id.into(),
+        body: twin_body(model, props),
+        precondition: Precondition::None,
+    };
     service.write(&owner(), op).await
 }
 
-async fn relate(service: &TwinService, source: &str, id: &str, target: &str) -> Result<WriteOutcome, DomainError> {
-    let body = json!({"$targetId": target, "$relationshipName": "contains"}).as_object().cloned().unwrap();
-    let op = WriteOp::PutRelationship { source: source.into(), id: id.into(), body, precondition: Precondition::None };
+async fn relate(
+    service: &TwinService,
+    source: &str,
+    id: &str,
+    target: &str,
+) -> Result<WriteOutcome, DomainError> {
+    let body = json!({"$targetId": target, "$relationshipName": "contains"})
+        .as_object()
+        .cloned()
+        .unwrap();
+    let op = WriteOp::PutRelationship {
+        source: source.into(),
+        id: id.into(),
+        body,
+        precondition: Precondition::None,
+    };
     service.write(&owner(), op).await
 }
 
 #[tokio::test]
 async fn created_twin_carries_model_etag_and_property_metadata() {
     let (service, _) = service_with_ontology().await;
-    put_twin(&service, "r1", "dtmi:test:Room;1", json!({"temperature": 21.5, "name": "lab"})).await.unwrap();
+    put_twin(
+        &service,
+        "r1",
+        "dtmi:test:Room;1",
+        json!({"temperature": 21.5, "name": "lab"}),
+    )
+    .await
+    .unwrap();
     let twin = service.twin(&reader(), "r1").unwrap();
     assert_eq!(twin.doc["$dtId"], "r1");
     assert!(twin.etag.starts_with("W/\""));
@@ -94,10 +126,17 @@ async fn writes_that_break_the_model_are_rejected() {
         (json!({"mode": "turbo"}), "bad enum value"),
         (json!({"humidity": 40.0}), "telemetry"),
     ] {
-        let err = put_twin(&service, "r1", "dtmi:test:Room;1", props).await.unwrap_err();
-        assert!(matches!(err, DomainError::ValidationFailed(_)), "{why}: {err:?}");
+        let err = put_twin(&service, "r1", "dtmi:test:Room;1", props)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DomainError::ValidationFailed(_)),
+            "{why}: {err:?}"
+        );
     }
-    let err = put_twin(&service, "r1", "dtmi:test:Missing;1", json!({})).await.unwrap_err();
+    let err = put_twin(&service, "r1", "dtmi:test:Missing;1", json!({}))
+        .await
+        .unwrap_err();
     assert!(matches!(err, DomainError::ValidationFailed(_)), "{err:?}");
     assert!(service.snapshot().twin("r1").is_none());
 }
@@ -105,7 +144,14 @@ async fn writes_that_break_the_model_are_rejected() {
 #[tokio::test]
 async fn stale_etags_and_if_none_match_are_refused_with_precondition_failed() {
     let (service, _) = service_with_ontology().await;
-    let WriteOutcome::Twin(first) = put_twin(&service, "r1", "dtmi:test:Room;1", json!({"temperature": 1.0})).await.unwrap() else {
+    let WriteOutcome::Twin(first) = put_twin(
+        &service,
+        "r1",
+        "dtmi:test:Room;1",
+        json!({"temperature": 1.0}),
+    )
+    .await
+    .unwrap() else {
         panic!("expected a twin")
     };
     let patch = json!([{"op": "replace", "path": "/temperature", "value": 2.0}]);
@@ -118,42 +164,80 @@ async fn stale_etags_and_if_none_match_are_refused_with_precondition_failed() {
     service.write(&owner(), op(&first.etag)).await.unwrap();
     let err = service.write(&owner(), op(&first.etag)).await.unwrap_err();
     assert!(matches!(err, DomainError::PreconditionFailed));
-    assert_eq!(service.twin(&owner(), "r1").unwrap().doc["temperature"], 2.0);
+    assert_eq!(
+        service.twin(&owner(), "r1").unwrap().doc["temperature"],
+        2.0
+    );
 
     let again = WriteOp::PutTwin {
         id: "r1".into(),
         body: twin_body("dtmi:test:Room;1", json!({})),
         precondition: Precondition::IfNoneMatch,
     };
-    assert!(matches!(service.write(&owner(), again).await.unwrap_err(), DomainError::PreconditionFailed));
+    assert!(matches!(
+        service.write(&owner(), again).await.unwrap_err(),
+        DomainError::PreconditionFailed
+    ));
 }
 
 #[tokio::test]
 async fn relationships_follow_the_source_model_target_and_multiplicity() {
     let (service, _) = service_with_ontology().await;
-    put_twin(&service, "f1", "dtmi:test:Floor;1", json!({})).await.unwrap();
-    put_twin(&service, "f2", "dtmi:test:Floor;1", json!({})).await.unwrap();
+    put_twin(&service, "f1", "dtmi:test:Floor;1", json!({}))
+        .await
+        .unwrap();
+    put_twin(&service, "f2", "dtmi:test:Floor;1", json!({}))
+        .await
+        .unwrap();
     for room in ["r1", "r2", "r3"] {
-        put_twin(&service, room, "dtmi:test:Room;1", json!({})).await.unwrap();
+        put_twin(&service, room, "dtmi:test:Room;1", json!({}))
+            .await
+            .unwrap();
     }
     relate(&service, "f1", "c1", "r1").await.unwrap();
     relate(&service, "f1", "c2", "r2").await.unwrap();
     // maxMultiplicity is 2.
-    assert!(matches!(relate(&service, "f1", "c3", "r3").await.unwrap_err(), DomainError::ValidationFailed(_)));
+    assert!(matches!(
+        relate(&service, "f1", "c3", "r3").await.unwrap_err(),
+        DomainError::ValidationFailed(_)
+    ));
     // Replacing an existing relationship does not count against the limit.
     relate(&service, "f1", "c2", "r3").await.unwrap();
     // The target must be a Room.
-    assert!(matches!(relate(&service, "f2", "x", "f1").await.unwrap_err(), DomainError::ValidationFailed(_)));
+    assert!(matches!(
+        relate(&service, "f2", "x", "f1").await.unwrap_err(),
+        DomainError::ValidationFailed(_)
+    ));
     // Rooms define no relationships.
-    assert!(matches!(relate(&service, "r1", "x", "r2").await.unwrap_err(), DomainError::ValidationFailed(_)));
+    assert!(matches!(
+        relate(&service, "r1", "x", "r2").await.unwrap_err(),
+        DomainError::ValidationFailed(_)
+    ));
 
-    let incoming: Vec<_> = service.incoming(&reader(), "r3").unwrap().iter().map(|r| r.id.to_string()).collect();
+    let incoming: Vec<_> = service
+        .incoming(&reader(), "r3")
+        .unwrap()
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
     assert_eq!(incoming, ["c2"]);
-    assert!(service.incoming(&reader(), "r2").unwrap().is_empty(), "the replaced relationship no longer targets r2");
+    assert!(
+        service.incoming(&reader(), "r2").unwrap().is_empty(),
+        "the replaced relationship no longer targets r2"
+    );
 
-    let delete = |id: &str| WriteOp::DeleteTwin { id: id.into(), precondition: Precondition::None };
-    assert!(matches!(service.write(&owner(), delete("r1")).await.unwrap_err(), DomainError::RelationshipsExist(_)));
-    assert!(matches!(service.write(&owner(), delete("f1")).await.unwrap_err(), DomainError::RelationshipsExist(_)));
+    let delete = |id: &str| WriteOp::DeleteTwin {
+        id: id.into(),
+        precondition: Precondition::None,
+    };
+    assert!(matches!(
+        service.write(&owner(), delete("r1")).await.unwrap_err(),
+        DomainError::RelationshipsExist(_)
+    ));
+    assert!(matches!(
+        service.write(&owner(), delete("f1")).await.unwrap_err(),
+        DomainError::RelationshipsExist(_)
+    ));
     service.write(&owner(), delete("r2")).await.unwrap();
 }
 
@@ -161,50 +245,117 @@ async fn relationships_follow_the_source_model_target_and_multiplicity() {
 async fn models_in_use_cannot_be_deleted() {
     let (service, _) = service_with_ontology().await;
     let delete = |id: &str| WriteOp::DeleteModel(twinguard_core::dtmi::Dtmi::parse(id).unwrap());
-    let err = service.write(&owner(), delete("dtmi:test:Space;1")).await.unwrap_err();
-    assert!(matches!(err, DomainError::ModelReferenced(..)), "extended by Room: {err:?}");
-    put_twin(&service, "r1", "dtmi:test:Room;1", json!({})).await.unwrap();
-    let err = service.write(&owner(), delete("dtmi:test:Room;1")).await.unwrap_err();
-    assert!(matches!(err, DomainError::ModelReferenced(..)), "used by a twin: {err:?}");
-    service.write(&owner(), delete("dtmi:test:Floor;1")).await.unwrap();
+    let err = service
+        .write(&owner(), delete("dtmi:test:Space;1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DomainError::ModelReferenced(..)),
+        "extended by Room: {err:?}"
+    );
+    put_twin(&service, "r1", "dtmi:test:Room;1", json!({}))
+        .await
+        .unwrap();
+    let err = service
+        .write(&owner(), delete("dtmi:test:Room;1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DomainError::ModelReferenced(..)),
+        "used by a twin: {err:?}"
+    );
+    service
+        .write(&owner(), delete("dtmi:test:Floor;1"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn readers_cannot_write_and_nobody_gets_in_without_a_role() {
     let (service, _) = service_with_ontology().await;
-    let op = WriteOp::PutTwin { id: "r".into(), body: twin_body("dtmi:test:Room;1", json!({})), precondition: Precondition::None };
-    assert!(matches!(service.write(&reader(), op).await.unwrap_err(), DomainError::Forbidden { .. }));
+    let op = WriteOp::PutTwin {
+        id: "r".into(),
+        body: twin_body("dtmi:test:Room;1", json!({})),
+        precondition: Precondition::None,
+    };
+    assert!(matches!(
+        service.write(&reader(), op).await.unwrap_err(),
+        DomainError::Forbidden { .. }
+    ));
     let nobody = Principal::new("nobody", &[]);
-    assert!(matches!(service.twin(&nobody, "r").unwrap_err(), DomainError::Forbidden { .. }));
-    let q = QueryRequest { query: Some("SELECT * FROM DIGITALTWINS".into()), continuation_token: None, page_size: 10 };
-    assert!(matches!(service.query(&nobody, &q).unwrap_err(), DomainError::Forbidden { .. }));
+    assert!(matches!(
+        service.twin(&nobody, "r").unwrap_err(),
+        DomainError::Forbidden { .. }
+    ));
+    let q = QueryRequest {
+        query: Some("SELECT * FROM DIGITALTWINS".into()),
+        continuation_token: None,
+        page_size: 10,
+    };
+    assert!(matches!(
+        service.query(&nobody, &q).unwrap_err(),
+        DomainError::Forbidden { .. }
+    ));
 }
 
 #[tokio::test]
 async fn a_failing_store_refuses_writes_and_keeps_the_graph_unchanged() {
     let (service, store) = service_with_ontology().await;
-    put_twin(&service, "r1", "dtmi:test:Room;1", json!({"temperature": 1.0})).await.unwrap();
+    put_twin(
+        &service,
+        "r1",
+        "dtmi:test:Room;1",
+        json!({"temperature": 1.0}),
+    )
+    .await
+    .unwrap();
     store.set_failing(true);
-    let err = put_twin(&service, "r2", "dtmi:test:Room;1", json!({})).await.unwrap_err();
+    let err = put_twin(&service, "r2", "dtmi:test:Room;1", json!({}))
+        .await
+        .unwrap_err();
     assert!(matches!(err, DomainError::Unavailable));
     assert!(!service.store_healthy());
-    assert!(service.snapshot().twin("r2").is_none(), "an unacknowledged write must not be visible");
+    assert!(
+        service.snapshot().twin("r2").is_none(),
+        "an unacknowledged write must not be visible"
+    );
     store.set_failing(false);
-    put_twin(&service, "r2", "dtmi:test:Room;1", json!({})).await.unwrap();
+    put_twin(&service, "r2", "dtmi:test:Room;1", json!({}))
+        .await
+        .unwrap();
     assert!(service.store_healthy());
 }
 
 #[tokio::test]
 async fn reopening_the_store_restores_every_acknowledged_write() {
     let (service, store) = service_with_ontology().await;
-    put_twin(&service, "f1", "dtmi:test:Floor;1", json!({"name": "ground"})).await.unwrap();
-    put_twin(&service, "r1", "dtmi:test:Room;1", json!({"temperature": 19.0})).await.unwrap();
+    put_twin(
+        &service,
+        "f1",
+        "dtmi:test:Floor;1",
+        json!({"name": "ground"}),
+    )
+    .await
+    .unwrap();
+    put_twin(
+        &service,
+        "r1",
+        "dtmi:test:Room;1",
+        json!({"temperature": 19.0}),
+    )
+    .await
+    .unwrap();
     relate(&service, "f1", "c1", "r1").await.unwrap();
-    let op = WriteOp::PutRoute { id: "all".into(), endpoint_name: "hub".into(), filter: "true".into() };
+    let op = WriteOp::PutRoute {
+        id: "all".into(),
+        endpoint_name: "hub".into(),
+        filter: "true".into(),
+    };
     service.write(&owner(), op).await.unwrap();
     drop(service);
 
-    let reopened = TwinService::open(store.clone() as Arc<dyn Store>, Arc::new(SystemClock)).unwrap();
+    let reopened =
+        TwinService::open(store.clone() as Arc<dyn Store>, Arc::new(SystemClock)).unwrap();
     let graph = reopened.snapshot();
     assert_eq!(graph.twin_count(), 2);
     assert_eq!(graph.relationship_count(), 1);
@@ -221,13 +372,23 @@ async fn concurrent_writes_are_grouped_and_all_acknowledged() {
     for i in 0..200 {
         let service = service.clone();
         tasks.push(tokio::spawn(async move {
-            put_twin(&service, &format!("room-{i}"), "dtmi:test:Room;1", json!({"temperature": i as f64})).await
+            put_twin(
+                &service,
+                &format!("room-{i}"),
+                "dtmi:test:Room;1",
+                json!({"temperature": i as f64}),
+            )
+            .await
         }));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    let q = QueryRequest { query: Some("SELECT COUNT() FROM DIGITALTWINS".into()), continuation_token: None, page_size: 10 };
+    let q = QueryRequest {
+        query: Some("SELECT COUNT() FROM DIGITALTWINS".into()),
+        continuation_token: None,
+        page_size: 10,
+    };
     let page = service.query(&reader(), &q).unwrap();
     assert_eq!(page.items[0]["COUNT"], 200);
 }

@@ -30,26 +30,65 @@ fn route_json(route: &EventRoute) -> Value {
     json!({"id": route.id, "endpointName": route.endpoint_name, "filter": route.filter})
 }
 
-pub async fn list(State(state): State<AppState>, Caller(caller): Caller, uri: Uri, headers: HeaderMap, Query(params): Query<ListParams>) -> ApiResult<Response> {
-    let items: Vec<Value> = state.service.routes(&caller)?.iter().map(|r| route_json(r)).collect();
+pub async fn list(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Response> {
+    let items: Vec<Value> = state
+        .service
+        .routes(&caller)?
+        .iter()
+        .map(|r| route_json(r))
+        .collect();
     let offset = list_offset(params.continuation_token.as_deref())?;
-    Ok(list_page(&items, offset, page_size(&headers)?, &uri, &headers))
+    Ok(list_page(
+        &items,
+        offset,
+        page_size(&headers)?,
+        &uri,
+        &headers,
+    ))
 }
 
-pub async fn get(State(state): State<AppState>, Caller(caller): Caller, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     Ok(axum::Json(route_json(&*state.service.route(&caller, &id)?)).into_response())
 }
 
-pub async fn put(State(state): State<AppState>, Caller(caller): Caller, Path(id): Path<String>, JsonBody(body): JsonBody<RouteBody>) -> ApiResult<StatusCode> {
+pub async fn put(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RouteBody>,
+) -> ApiResult<StatusCode> {
     if body.id.as_ref().is_some_and(|given| given != &id) {
-        return Err(crate::error::ApiError::invalid_argument("the route ID in the body does not match the path"));
+        return Err(crate::error::ApiError::invalid_argument(
+            "the route ID in the body does not match the path",
+        ));
     }
-    let op = WriteOp::PutRoute { id, endpoint_name: body.endpoint_name, filter: body.filter };
+    let op = WriteOp::PutRoute {
+        id,
+        endpoint_name: body.endpoint_name,
+        filter: body.filter,
+    };
     state.service.write(&caller, op).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn delete(State(state): State<AppState>, Caller(caller): Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    state.service.write(&caller, WriteOp::DeleteRoute(id)).await?;
+pub async fn delete(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state
+        .service
+        .write(&caller, WriteOp::DeleteRoute(id))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -13,8 +13,14 @@ pub async fn healthz() -> impl IntoResponse {
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.service.store_healthy() {
-        (StatusCode::OK, axum::Json(json!({"status": "ready", "store": "ok"})))
+        (
+            StatusCode::OK,
+            axum::Json(json!({"status": "ready", "store": "ok"})),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "not ready", "store": "failing"})))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "not ready", "store": "failing"})),
+        )
     }
 }

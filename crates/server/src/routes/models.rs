@@ -57,45 +57,104 @@ pub async fn list(
     Query(params): Query<ListParams>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> ApiResult<Response> {
-    let dependencies_for: Vec<String> = pairs.into_iter().filter(|(k, _)| k == "dependenciesFor").map(|(_, v)| v).collect();
+    let dependencies_for: Vec<String> = pairs
+        .into_iter()
+        .filter(|(k, _)| k == "dependenciesFor")
+        .map(|(_, v)| v)
+        .collect();
     let models = state.service.models(&caller, &dependencies_for)?;
-    let items: Vec<Value> = models.iter().map(|m| model_data(m, params.include_model_definition)).collect();
+    let items: Vec<Value> = models
+        .iter()
+        .map(|m| model_data(m, params.include_model_definition))
+        .collect();
     let offset = list_offset(params.continuation_token.as_deref())?;
-    Ok(list_page(&items, offset, page_size(&headers)?, &uri, &headers))
+    Ok(list_page(
+        &items,
+        offset,
+        page_size(&headers)?,
+        &uri,
+        &headers,
+    ))
 }
 
-pub async fn upload(State(state): State<AppState>, Caller(caller): Caller, JsonBody(models): JsonBody<Vec<Value>>) -> ApiResult<Response> {
-    match state.service.write(&caller, WriteOp::UploadModels(models)).await? {
+pub async fn upload(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    JsonBody(models): JsonBody<Vec<Value>>,
+) -> ApiResult<Response> {
+    match state
+        .service
+        .write(&caller, WriteOp::UploadModels(models))
+        .await?
+    {
         WriteOutcome::Models(entries) => {
             let body: Vec<Value> = entries.iter().map(|e| model_data(e, true)).collect();
             Ok((StatusCode::CREATED, axum::Json(body)).into_response())
         }
-        _ => Err(ApiError::internal("model upload returned an unexpected outcome")),
+        _ => Err(ApiError::internal(
+            "model upload returned an unexpected outcome",
+        )),
     }
 }
 
-pub async fn get(State(state): State<AppState>, Caller(caller): Caller, Path(id): Path<String>, Query(params): Query<GetParams>) -> ApiResult<Response> {
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    Query(params): Query<GetParams>,
+) -> ApiResult<Response> {
     let entry: Arc<ModelEntry> = state.service.model(&caller, &id)?;
     Ok(axum::Json(model_data(&entry, params.include_model_definition)).into_response())
 }
 
 /// `PATCH /models/{id}` with `[{"op": "replace", "path": "/decommissioned", "value": true}]`, the
 /// only change ADT allows on a model.
-pub async fn patch(State(state): State<AppState>, Caller(caller): Caller, Path(id): Path<String>, JsonBody(patch): JsonBody<Vec<Value>>) -> ApiResult<StatusCode> {
+pub async fn patch(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(patch): JsonBody<Vec<Value>>,
+) -> ApiResult<StatusCode> {
     let dtmi = Dtmi::parse(&id).map_err(|e| ApiError::invalid_argument(e.to_string()))?;
     let [op] = patch.as_slice() else {
-        return Err(ApiError::invalid_argument("the patch must hold exactly one operation on /decommissioned"));
+        return Err(ApiError::invalid_argument(
+            "the patch must hold exactly one operation on /decommissioned",
+        ));
     };
-    let decommissioned = match (op.get("op").and_then(Value::as_str), op.get("path").and_then(Value::as_str), op.get("value")) {
+    let decommissioned = match (
+        op.get("op").and_then(Value::as_str),
+        op.get("path").and_then(Value::as_str),
+        op.get("value"),
+    ) {
         (Some("replace" | "add"), Some("/decommissioned"), Some(Value::Bool(b))) => *b,
-        _ => return Err(ApiError::invalid_argument("only replacing /decommissioned with a boolean is supported")),
+        _ => {
+            return Err(ApiError::invalid_argument(
+                "only replacing /decommissioned with a boolean is supported",
+            ));
+        }
     };
-    state.service.write(&caller, WriteOp::SetModelDecommissioned { id: dtmi, decommissioned }).await?;
+    state
+        .service
+        .write(
+            &caller,
+            WriteOp::SetModelDecommissioned {
+                id: dtmi,
+                decommissioned,
+            },
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn delete(State(state): State<AppState>, Caller(caller): Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     let dtmi = Dtmi::parse(&id).map_err(|e| ApiError::invalid_argument(e.to_string()))?;
-    state.service.write(&caller, WriteOp::DeleteModel(dtmi)).await?;
+    state
+        .service
+        .write(&caller, WriteOp::DeleteModel(dtmi))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -18,10 +18,21 @@ pub struct QueryBody {
     continuation_token: Option<String>,
 }
 
-pub async fn query(State(state): State<AppState>, Caller(caller): Caller, headers: HeaderMap, JsonBody(body): JsonBody<QueryBody>) -> ApiResult<Response> {
-    let request = QueryRequest { query: body.query, continuation_token: body.continuation_token, page_size: page_size(&headers)? };
+pub async fn query(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<QueryBody>,
+) -> ApiResult<Response> {
+    let request = QueryRequest {
+        query: body.query,
+        continuation_token: body.continuation_token,
+        page_size: page_size(&headers)?,
+    };
     let page = state.service.query(&caller, &request)?;
-    let mut response = axum::Json(json!({"value": page.items, "continuationToken": page.continuation})).into_response();
+    let mut response =
+        axum::Json(json!({"value": page.items, "continuationToken": page.continuation}))
+            .into_response();
     if let Ok(charge) = HeaderValue::from_str(&page.charge.to_string()) {
         response.headers_mut().insert("query-charge", charge);
     }

@@ -9,7 +9,9 @@ use twinguard_core::graph::{WriteOp, WriteOutcome};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Caller, JsonBody, etag_header, if_match, if_none_match, list_offset, list_page, page_size};
+use crate::http::{
+    Caller, JsonBody, etag_header, if_match, if_none_match, list_offset, list_page, page_size,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -26,10 +28,18 @@ pub async fn list(
     headers: HeaderMap,
     Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
-    let rels = state.service.outgoing(&caller, &id, params.relationship_name.as_deref())?;
+    let rels = state
+        .service
+        .outgoing(&caller, &id, params.relationship_name.as_deref())?;
     let items: Vec<&Map<String, Value>> = rels.iter().map(|r| &r.doc).collect();
     let offset = list_offset(params.continuation_token.as_deref())?;
-    Ok(list_page(&items, offset, page_size(&headers)?, &uri, &headers))
+    Ok(list_page(
+        &items,
+        offset,
+        page_size(&headers)?,
+        &uri,
+        &headers,
+    ))
 }
 
 pub async fn incoming(
@@ -53,10 +63,20 @@ pub async fn incoming(
         })
         .collect();
     let offset = list_offset(params.continuation_token.as_deref())?;
-    Ok(list_page(&items, offset, page_size(&headers)?, &uri, &headers))
+    Ok(list_page(
+        &items,
+        offset,
+        page_size(&headers)?,
+        &uri,
+        &headers,
+    ))
 }
 
-pub async fn get(State(state): State<AppState>, Caller(caller): Caller, Path((id, rel)): Path<(String, String)>) -> ApiResult<Response> {
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((id, rel)): Path<(String, String)>,
+) -> ApiResult<Response> {
     let rel = state.service.relationship(&caller, &id, &rel)?;
     Ok((etag_header(&rel.etag), axum::Json(&rel.doc)).into_response())
 }
@@ -69,9 +89,25 @@ pub async fn put(
     JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> ApiResult<Response> {
     let precondition = if_none_match(&headers)?;
-    match state.service.write(&caller, WriteOp::PutRelationship { source, id, body, precondition }).await? {
-        WriteOutcome::Relationship(rel) => Ok((etag_header(&rel.etag), axum::Json(&rel.doc)).into_response()),
-        _ => Err(ApiError::internal("relationship write returned an unexpected outcome")),
+    match state
+        .service
+        .write(
+            &caller,
+            WriteOp::PutRelationship {
+                source,
+                id,
+                body,
+                precondition,
+            },
+        )
+        .await?
+    {
+        WriteOutcome::Relationship(rel) => {
+            Ok((etag_header(&rel.etag), axum::Json(&rel.doc)).into_response())
+        }
+        _ => Err(ApiError::internal(
+            "relationship write returned an unexpected outcome",
+        )),
     }
 }
 
@@ -83,14 +119,45 @@ pub async fn patch(
     JsonBody(patch): JsonBody<Value>,
 ) -> ApiResult<Response> {
     let precondition = if_match(&headers)?;
-    match state.service.write(&caller, WriteOp::PatchRelationship { source, id, patch, precondition }).await? {
-        WriteOutcome::Relationship(rel) => Ok((StatusCode::NO_CONTENT, etag_header(&rel.etag)).into_response()),
-        _ => Err(ApiError::internal("relationship patch returned an unexpected outcome")),
+    match state
+        .service
+        .write(
+            &caller,
+            WriteOp::PatchRelationship {
+                source,
+                id,
+                patch,
+                precondition,
+            },
+        )
+        .await?
+    {
+        WriteOutcome::Relationship(rel) => {
+            Ok((StatusCode::NO_CONTENT, etag_header(&rel.etag)).into_response())
+        }
+        _ => Err(ApiError::internal(
+            "relationship patch returned an unexpected outcome",
+        )),
     }
 }
 
-pub async fn delete(State(state): State<AppState>, Caller(caller): Caller, Path((source, id)): Path<(String, String)>, headers: HeaderMap) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((source, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
     let precondition = if_match(&headers)?;
-    state.service.write(&caller, WriteOp::DeleteRelationship { source, id, precondition }).await?;
+    state
+        .service
+        .write(
+            &caller,
+            WriteOp::DeleteRelationship {
+                source,
+                id,
+                precondition,
+            },
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -23,9 +23,14 @@ struct TokenForm {
 
 fn oauth_error(status: StatusCode, error: &str) -> Response {
     let mut response = (status, axum::Json(json!({"error": error}))).into_response();
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"twinguard\""));
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"twinguard\""),
+        );
     }
     response
 }
@@ -36,11 +41,16 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, Zeroizing<String>)>
     let encoded = value.strip_prefix("Basic ")?;
     let decoded = Zeroizing::new(String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?);
     let (id, secret) = decoded.split_once(':')?;
-    Some((form_urlencoded_decode(id)?, Zeroizing::new(form_urlencoded_decode(secret)?)))
+    Some((
+        form_urlencoded_decode(id)?,
+        Zeroizing::new(form_urlencoded_decode(secret)?),
+    ))
 }
 
 fn form_urlencoded_decode(s: &str) -> Option<String> {
-    form_urlencoded::parse(format!("v={s}").as_bytes()).next().map(|(_, v)| v.into_owned())
+    form_urlencoded::parse(format!("v={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
 }
 
 pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -48,10 +58,18 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
     };
     if form.grant_type.as_deref() != Some("client_credentials") {
-        let error = if form.grant_type.is_none() { "invalid_request" } else { "unsupported_grant_type" };
+        let error = if form.grant_type.is_none() {
+            "invalid_request"
+        } else {
+            "unsupported_grant_type"
+        };
         return oauth_error(StatusCode::BAD_REQUEST, error);
     }
-    let credentials = match (basic_credentials(&headers), form.client_id, form.client_secret) {
+    let credentials = match (
+        basic_credentials(&headers),
+        form.client_id,
+        form.client_secret,
+    ) {
         (Some(basic), None, None) => basic,
         (None, Some(id), Some(secret)) => (id, secret),
         // Two authentication methods at once, or none, is refused (RFC 6749 2.3).
@@ -65,7 +83,9 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
                 "expires_in": TOKEN_LIFETIME_SECS,
             }))
             .into_response();
-            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             response
         }
         Err(TokenError::InvalidClient) => {
@@ -80,7 +100,12 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
 }
 
 fn parse_form(body: &[u8]) -> Result<TokenForm, ()> {
-    let mut form = TokenForm { grant_type: None, client_id: None, client_secret: None, scope: None };
+    let mut form = TokenForm {
+        grant_type: None,
+        client_id: None,
+        client_secret: None,
+        scope: None,
+    };
     for (key, value) in form_urlencoded::parse(body) {
         let value = value.into_owned();
         let slot_taken = match key.as_ref() {

@@ -10,7 +10,11 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Caller, JsonBody, etag_header, if_match, if_none_match};
 
-pub async fn get(State(state): State<AppState>, Caller(caller): Caller, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn get(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let twin = state.service.twin(&caller, &id)?;
     Ok((etag_header(&twin.etag), axum::Json(&twin.doc)).into_response())
 }
@@ -23,31 +27,87 @@ pub async fn put(
     JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> ApiResult<Response> {
     let precondition = if_none_match(&headers)?;
-    match state.service.write(&caller, WriteOp::PutTwin { id, body, precondition }).await? {
-        WriteOutcome::Twin(twin) => Ok((etag_header(&twin.etag), axum::Json(&twin.doc)).into_response()),
-        _ => Err(ApiError::internal("twin write returned an unexpected outcome")),
+    match state
+        .service
+        .write(
+            &caller,
+            WriteOp::PutTwin {
+                id,
+                body,
+                precondition,
+            },
+        )
+        .await?
+    {
+        WriteOutcome::Twin(twin) => {
+            Ok((etag_header(&twin.etag), axum::Json(&twin.doc)).into_response())
+        }
+        _ => Err(ApiError::internal(
+            "twin write returned an unexpected outcome",
+        )),
     }
 }
 
-async fn patch_twin(state: AppState, caller: Caller, id: String, component: Option<String>, headers: &HeaderMap, patch: Value) -> ApiResult<Response> {
+async fn patch_twin(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    component: Option<String>,
+    headers: &HeaderMap,
+    patch: Value,
+) -> ApiResult<Response> {
     let precondition = if_match(headers)?;
-    match state.service.write(&caller.0, WriteOp::PatchTwin { id, component, patch, precondition }).await? {
-        WriteOutcome::Twin(twin) => Ok((StatusCode::NO_CONTENT, etag_header(&twin.etag)).into_response()),
-        _ => Err(ApiError::internal("twin patch returned an unexpected outcome")),
+    match state
+        .service
+        .write(
+            &caller.0,
+            WriteOp::PatchTwin {
+                id,
+                component,
+                patch,
+                precondition,
+            },
+        )
+        .await?
+    {
+        WriteOutcome::Twin(twin) => {
+            Ok((StatusCode::NO_CONTENT, etag_header(&twin.etag)).into_response())
+        }
+        _ => Err(ApiError::internal(
+            "twin patch returned an unexpected outcome",
+        )),
     }
 }
 
-pub async fn patch(State(state): State<AppState>, caller: Caller, Path(id): Path<String>, headers: HeaderMap, JsonBody(patch): JsonBody<Value>) -> ApiResult<Response> {
+pub async fn patch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(patch): JsonBody<Value>,
+) -> ApiResult<Response> {
     patch_twin(state, caller, id, None, &headers, patch).await
 }
 
-pub async fn delete(State(state): State<AppState>, Caller(caller): Caller, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
     let precondition = if_match(&headers)?;
-    state.service.write(&caller, WriteOp::DeleteTwin { id, precondition }).await?;
+    state
+        .service
+        .write(&caller, WriteOp::DeleteTwin { id, precondition })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn get_component(State(state): State<AppState>, Caller(caller): Caller, Path((id, component)): Path<(String, String)>) -> ApiResult<Response> {
+pub async fn get_component(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((id, component)): Path<(String, String)>,
+) -> ApiResult<Response> {
     let value = state.service.component(&caller, &id, &component)?;
     let twin = state.service.twin(&caller, &id)?;
     Ok((etag_header(&twin.etag), axum::Json(value)).into_response())

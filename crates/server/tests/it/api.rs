@@ -14,11 +14,19 @@ fn model(id: &str, contents: Value) -> Value {
 }
 
 async fn upload_room_model(server: &TestServer, token: &str) {
-    let room = model("dtmi:api:Room;1", json!([
-        {"@type": "Property", "name": "temperature", "schema": "double"},
-        {"@type": "Relationship", "name": "next", "target": "dtmi:api:Room;1"}
-    ]));
-    let response = server.adt(Method::POST, "/models", token).json(&json!([room])).send().await.unwrap();
+    let room = model(
+        "dtmi:api:Room;1",
+        json!([
+            {"@type": "Property", "name": "temperature", "schema": "double"},
+            {"@type": "Relationship", "name": "next", "target": "dtmi:api:Room;1"}
+        ]),
+    );
+    let response = server
+        .adt(Method::POST, "/models", token)
+        .json(&json!([room]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 201);
 }
 
@@ -26,12 +34,30 @@ async fn upload_room_model(server: &TestServer, token: &str) {
 async fn api_version_is_required_and_checked() {
     let server = TestServer::start().await;
     let token = server.admin_token().await;
-    let missing = server.client.get(server.url("/models")).bearer_auth(&token).send().await.unwrap();
+    let missing = server
+        .client
+        .get(server.url("/models"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 400);
-    assert_eq!(missing.json::<Value>().await.unwrap()["error"]["code"], "MissingApiVersionParameter");
-    let unknown = server.client.get(server.url("/models?api-version=1999-01-01")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["error"]["code"],
+        "MissingApiVersionParameter"
+    );
+    let unknown = server
+        .client
+        .get(server.url("/models?api-version=1999-01-01"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unknown.status(), 400);
-    assert_eq!(unknown.json::<Value>().await.unwrap()["error"]["code"], "InvalidApiVersion");
+    assert_eq!(
+        unknown.json::<Value>().await.unwrap()["error"]["code"],
+        "InvalidApiVersion"
+    );
 }
 
 #[tokio::test]
@@ -46,18 +72,34 @@ async fn bad_input_gets_the_adt_error_shape_with_a_correlation_id() {
         .await
         .unwrap();
     assert_eq!(malformed.status(), 400);
-    let id = malformed.headers()["x-ms-request-id"].to_str().unwrap().to_owned();
+    let id = malformed.headers()["x-ms-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(id.len(), 36);
     let body: Value = malformed.json().await.unwrap();
     assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string());
 
-    let oversize = json!({"$metadata": {"$model": "dtmi:api:Room;1"}, "blob": "x".repeat(40 * 1024)});
-    let response = server.adt(Method::PUT, "/digitaltwins/t1", &token).json(&oversize).send().await.unwrap();
+    let oversize =
+        json!({"$metadata": {"$model": "dtmi:api:Room;1"}, "blob": "x".repeat(40 * 1024)});
+    let response = server
+        .adt(Method::PUT, "/digitaltwins/t1", &token)
+        .json(&oversize)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 413);
 
-    let missing = server.adt(Method::GET, "/digitaltwins/nope", &token).send().await.unwrap();
+    let missing = server
+        .adt(Method::GET, "/digitaltwins/nope", &token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
-    assert_eq!(missing.json::<Value>().await.unwrap()["error"]["code"], "DigitalTwinNotFound");
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["error"]["code"],
+        "DigitalTwinNotFound"
+    );
 }
 
 #[tokio::test]
@@ -66,28 +108,67 @@ async fn twins_round_trip_with_etags_over_https() {
     let token = server.admin_token().await;
     upload_room_model(&server, &token).await;
     let body = json!({"$metadata": {"$model": "dtmi:api:Room;1"}, "temperature": 20.0});
-    let created = server.adt(Method::PUT, "/digitaltwins/room%201", &token).header("if-none-match", "*").json(&body).send().await.unwrap();
+    let created = server
+        .adt(Method::PUT, "/digitaltwins/room%201", &token)
+        .header("if-none-match", "*")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(created.status(), 200);
     let etag = created.headers()["etag"].to_str().unwrap().to_owned();
     let twin: Value = created.json().await.unwrap();
     assert_eq!(twin["$dtId"], "room 1");
     assert_eq!(twin["$etag"], etag.as_str());
 
-    let again = server.adt(Method::PUT, "/digitaltwins/room%201", &token).header("if-none-match", "*").json(&body).send().await.unwrap();
+    let again = server
+        .adt(Method::PUT, "/digitaltwins/room%201", &token)
+        .header("if-none-match", "*")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 412);
 
     let patch = json!([{"op": "replace", "path": "/temperature", "value": 22.5}]);
-    let patched = server.adt(Method::PATCH, "/digitaltwins/room%201", &token).header("if-match", &etag).json(&patch).send().await.unwrap();
+    let patched = server
+        .adt(Method::PATCH, "/digitaltwins/room%201", &token)
+        .header("if-match", &etag)
+        .json(&patch)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(patched.status(), 204);
-    let stale = server.adt(Method::PATCH, "/digitaltwins/room%201", &token).header("if-match", &etag).json(&patch).send().await.unwrap();
+    let stale = server
+        .adt(Method::PATCH, "/digitaltwins/room%201", &token)
+        .header("if-match", &etag)
+        .json(&patch)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(stale.status(), 412);
 
-    let fetched: Value = server.adt(Method::GET, "/digitaltwins/room%201", &token).send().await.unwrap().json().await.unwrap();
+    let fetched: Value = server
+        .adt(Method::GET, "/digitaltwins/room%201", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(fetched["temperature"], 22.5);
 
-    let deleted = server.adt(Method::DELETE, "/digitaltwins/room%201", &token).send().await.unwrap();
+    let deleted = server
+        .adt(Method::DELETE, "/digitaltwins/room%201", &token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(deleted.status(), 204);
-    let gone = server.adt(Method::GET, "/digitaltwins/room%201", &token).send().await.unwrap();
+    let gone = server
+        .adt(Method::GET, "/digitaltwins/room%201", &token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(gone.status(), 404);
 }
 
@@ -98,22 +179,40 @@ async fn query_pages_with_continuation_tokens_and_reports_a_charge() {
     upload_room_model(&server, &token).await;
     for i in 0..25 {
         let body = json!({"$metadata": {"$model": "dtmi:api:Room;1"}, "temperature": i as f64});
-        let response = server.adt(Method::PUT, &format!("/digitaltwins/r{i}"), &token).json(&body).send().await.unwrap();
+        let response = server
+            .adt(Method::PUT, &format!("/digitaltwins/r{i}"), &token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
     }
     let mut seen = BTreeSet::new();
     let mut request = json!({"query": "SELECT * FROM DIGITALTWINS T WHERE T.temperature >= 5"});
     let mut pages = 0;
     loop {
-        let response = server.adt(Method::POST, "/query", &token).header("max-items-per-page", "7").json(&request).send().await.unwrap();
+        let response = server
+            .adt(Method::POST, "/query", &token)
+            .header("max-items-per-page", "7")
+            .json(&request)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
-        let charge: f64 = response.headers()["query-charge"].to_str().unwrap().parse().unwrap();
+        let charge: f64 = response.headers()["query-charge"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(charge >= 1.0);
         let page: Value = response.json().await.unwrap();
         let items = page["value"].as_array().unwrap();
         assert!(items.len() <= 7);
         for item in items {
-            assert!(seen.insert(item["$dtId"].as_str().unwrap().to_owned()), "duplicate across pages");
+            assert!(
+                seen.insert(item["$dtId"].as_str().unwrap().to_owned()),
+                "duplicate across pages"
+            );
         }
         pages += 1;
         match page["continuationToken"].as_str() {
@@ -124,7 +223,12 @@ async fn query_pages_with_continuation_tokens_and_reports_a_charge() {
     assert_eq!(seen.len(), 20);
     assert_eq!(pages, 3);
 
-    let bad = server.adt(Method::POST, "/query", &token).json(&json!({"query": "SELECT * FROM WHERE"})).send().await.unwrap();
+    let bad = server
+        .adt(Method::POST, "/query", &token)
+        .json(&json!({"query": "SELECT * FROM WHERE"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
     let body: Value = bad.json().await.unwrap();
     assert_eq!(body["error"]["code"], "SQLQueryError");
@@ -137,9 +241,22 @@ async fn a_write_is_visible_to_the_next_query_at_once() {
     upload_room_model(&server, &token).await;
     for i in 0..20 {
         let body = json!({"$metadata": {"$model": "dtmi:api:Room;1"}, "temperature": i as f64});
-        server.adt(Method::PUT, &format!("/digitaltwins/v{i}"), &token).json(&body).send().await.unwrap();
+        server
+            .adt(Method::PUT, &format!("/digitaltwins/v{i}"), &token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let query = json!({"query": format!("SELECT T.temperature FROM DIGITALTWINS T WHERE T.$dtId = 'v{i}'")});
-        let page: Value = server.adt(Method::POST, "/query", &token).json(&query).send().await.unwrap().json().await.unwrap();
+        let page: Value = server
+            .adt(Method::POST, "/query", &token)
+            .json(&query)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(page["value"][0]["temperature"], i as f64);
     }
 }
@@ -148,12 +265,31 @@ async fn a_write_is_visible_to_the_next_query_at_once() {
 async fn model_lists_page_with_next_links() {
     let server = TestServer::start().await;
     let token = server.admin_token().await;
-    let models: Vec<Value> = (0..5).map(|i| model(&format!("dtmi:api:M{i};1"), json!([]))).collect();
-    assert_eq!(server.adt(Method::POST, "/models", &token).json(&models).send().await.unwrap().status(), 201);
-    let mut url = format!("/models?includeModelDefinition=true");
+    let models: Vec<Value> = (0..5)
+        .map(|i| model(&format!("dtmi:api:M{i};1"), json!([])))
+        .collect();
+    assert_eq!(
+        server
+            .adt(Method::POST, "/models", &token)
+            .json(&models)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let mut url = "/models?includeModelDefinition=true".to_owned();
     let mut ids = Vec::new();
     loop {
-        let page: Value = server.adt(Method::GET, &url, &token).header("max-items-per-page", "2").send().await.unwrap().json().await.unwrap();
+        let page: Value = server
+            .adt(Method::GET, &url, &token)
+            .header("max-items-per-page", "2")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         for m in page["value"].as_array().unwrap() {
             assert!(m["model"].is_object());
             ids.push(m["id"].as_str().unwrap().to_owned());
@@ -161,12 +297,23 @@ async fn model_lists_page_with_next_links() {
         match page["nextLink"].as_str() {
             Some(link) => {
                 let without_base = link.strip_prefix(&server.base).unwrap();
-                url = without_base.replace("&api-version=2023-10-31", "").replace("api-version=2023-10-31&", "");
+                url = without_base
+                    .replace("&api-version=2023-10-31", "")
+                    .replace("api-version=2023-10-31&", "");
             }
             None => break,
         }
     }
-    assert_eq!(ids, ["dtmi:api:M0;1", "dtmi:api:M1;1", "dtmi:api:M2;1", "dtmi:api:M3;1", "dtmi:api:M4;1"]);
+    assert_eq!(
+        ids,
+        [
+            "dtmi:api:M0;1",
+            "dtmi:api:M1;1",
+            "dtmi:api:M2;1",
+            "dtmi:api:M3;1",
+            "dtmi:api:M4;1"
+        ]
+    );
 }
 
 /// Every RealEstateCore interface, ordered so that each one's `extends` and component schemas
@@ -186,14 +333,21 @@ fn realestatecore_in_dependency_order() -> Vec<Value> {
             }
         }
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/ontologies/realestatecore");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/ontologies/realestatecore");
     let mut all = Vec::new();
     collect(&root, &mut all);
-    let by_id: BTreeMap<String, Value> = all.into_iter().map(|m| (m["@id"].as_str().unwrap().to_owned(), m)).collect();
+    let by_id: BTreeMap<String, Value> = all
+        .into_iter()
+        .map(|m| (m["@id"].as_str().unwrap().to_owned(), m))
+        .collect();
     fn deps(m: &Value) -> Vec<String> {
         let mut out: Vec<String> = match &m["extends"] {
             Value::String(s) => vec![s.clone()],
-            Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
             _ => vec![],
         };
         for c in m["contents"].as_array().into_iter().flatten() {
@@ -203,7 +357,12 @@ fn realestatecore_in_dependency_order() -> Vec<Value> {
         }
         out
     }
-    fn visit(id: &str, by_id: &BTreeMap<String, Value>, done: &mut BTreeSet<String>, out: &mut Vec<Value>) {
+    fn visit(
+        id: &str,
+        by_id: &BTreeMap<String, Value>,
+        done: &mut BTreeSet<String>,
+        out: &mut Vec<Value>,
+    ) {
         if !done.insert(id.to_owned()) {
             return;
         }
@@ -229,33 +388,70 @@ async fn the_realestatecore_ontology_uploads_in_batches_of_250() {
     let models = realestatecore_in_dependency_order();
     assert_eq!(models.len(), 767);
     for chunk in models.chunks(250) {
-        let response = server.adt(Method::POST, "/models", &token).json(&chunk).send().await.unwrap();
+        let response = server
+            .adt(Method::POST, "/models", &token)
+            .json(&chunk)
+            .send()
+            .await
+            .unwrap();
         let status = response.status();
         assert_eq!(status, 201, "{}", response.text().await.unwrap());
     }
-    let too_many: Vec<Value> = (0..251).map(|i| model(&format!("dtmi:api:Many{i};1"), json!([]))).collect();
-    let response = server.adt(Method::POST, "/models", &token).json(&too_many).send().await.unwrap();
+    let too_many: Vec<Value> = (0..251)
+        .map(|i| model(&format!("dtmi:api:Many{i};1"), json!([])))
+        .collect();
+    let response = server
+        .adt(Method::POST, "/models", &token)
+        .json(&too_many)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 400);
 
     let deps: Value = server
-        .adt(Method::GET, "/models?dependenciesFor=dtmi:digitaltwins:rec_3_3:building:CookingRoom;1", &token)
+        .adt(
+            Method::GET,
+            "/models?dependenciesFor=dtmi:digitaltwins:rec_3_3:building:CookingRoom;1",
+            &token,
+        )
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    let ids: BTreeSet<&str> = deps["value"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert!(ids.contains("dtmi:digitaltwins:rec_3_3:core:Space;1"), "{ids:?}");
+    let ids: BTreeSet<&str> = deps["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains("dtmi:digitaltwins:rec_3_3:core:Space;1"),
+        "{ids:?}"
+    );
 
-    let duplicate = server.adt(Method::POST, "/models", &token).json(&json!([models[0]])).send().await.unwrap();
+    let duplicate = server
+        .adt(Method::POST, "/models", &token)
+        .json(&json!([models[0]]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(duplicate.status(), 409);
 }
 
 #[tokio::test]
 async fn the_openapi_document_is_served() {
     let server = TestServer::start().await;
-    let doc: Value = server.client.get(server.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let doc: Value = server
+        .client
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/digitaltwins/{id}"]["patch"].is_object());
 }

@@ -13,10 +13,20 @@ use crate::kit::TestServer;
 async fn client_credentials_grant_issues_an_eddsa_access_token() {
     let server = TestServer::start().await;
     let token = server.admin_token().await;
-    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+    let header: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(token.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(header["alg"], "EdDSA");
     assert_eq!(header["typ"], "at+jwt");
-    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
     for claim in ["iss", "sub", "aud", "exp", "nbf", "iat", "jti"] {
         assert!(claims.get(claim).is_some(), "{claim} missing");
     }
@@ -30,7 +40,10 @@ async fn token_endpoint_accepts_http_basic_and_refuses_wrong_or_unknown_clients_
     let basic = server
         .client
         .post(server.url("/oauth2/token"))
-        .header("authorization", format!("Basic {}", STANDARD.encode(format!("{id}:{secret}"))))
+        .header(
+            "authorization",
+            format!("Basic {}", STANDARD.encode(format!("{id}:{secret}"))),
+        )
         .form(&[("grant_type", "client_credentials")])
         .send()
         .await
@@ -39,22 +52,37 @@ async fn token_endpoint_accepts_http_basic_and_refuses_wrong_or_unknown_clients_
     assert_eq!(basic.headers()["cache-control"], "no-store");
 
     let wrong = server.token_for(&id, "not-the-secret").await;
-    let unknown = server.token_for("00000000-0000-0000-0000-000000000000", &secret).await;
+    let unknown = server
+        .token_for("00000000-0000-0000-0000-000000000000", &secret)
+        .await;
     assert_eq!(wrong.status(), 401);
     assert_eq!(unknown.status(), 401);
     assert_eq!(wrong.text().await.unwrap(), unknown.text().await.unwrap());
 
-    let no_grant = server.client.post(server.url("/oauth2/token")).form(&[("client_id", id.as_str())]).send().await.unwrap();
+    let no_grant = server
+        .client
+        .post(server.url("/oauth2/token"))
+        .form(&[("client_id", id.as_str())])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(no_grant.status(), 400);
     let other_grant = server
         .client
         .post(server.url("/oauth2/token"))
-        .form(&[("grant_type", "password"), ("client_id", id.as_str()), ("client_secret", secret.as_str())])
+        .form(&[
+            ("grant_type", "password"),
+            ("client_id", id.as_str()),
+            ("client_secret", secret.as_str()),
+        ])
         .send()
         .await
         .unwrap();
     assert_eq!(other_grant.status(), 400);
-    assert_eq!(other_grant.json::<Value>().await.unwrap()["error"], "unsupported_grant_type");
+    assert_eq!(
+        other_grant.json::<Value>().await.unwrap()["error"],
+        "unsupported_grant_type"
+    );
 }
 
 /// Every operation of the OpenAPI document, with its path parameters filled in.
@@ -63,7 +91,9 @@ fn documented_operations() -> Vec<(Method, String, bool)> {
     let mut ops = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            let anonymous = op["security"].as_array().is_some_and(|s| s.is_empty() || s.iter().any(|r| r.as_object().unwrap().is_empty()));
+            let anonymous = op["security"].as_array().is_some_and(|s| {
+                s.is_empty() || s.iter().any(|r| r.as_object().unwrap().is_empty())
+            });
             let concrete = path
                 .replace("{id}", "x")
                 .replace("{rel}", "y")
@@ -78,20 +108,35 @@ fn documented_operations() -> Vec<(Method, String, bool)> {
 async fn every_documented_route_but_probes_and_token_requires_a_bearer_token() {
     let server = TestServer::start().await;
     let ops = documented_operations();
-    assert!(ops.len() >= 25, "the document lists {} operations", ops.len());
+    assert!(
+        ops.len() >= 25,
+        "the document lists {} operations",
+        ops.len()
+    );
     for (method, path, anonymous) in ops {
         let response = server
             .client
-            .request(method.clone(), server.url(&format!("{path}?api-version=2023-10-31")))
+            .request(
+                method.clone(),
+                server.url(&format!("{path}?api-version=2023-10-31")),
+            )
             .header("content-type", "application/json")
             .body("{}")
             .send()
             .await
             .unwrap();
         if anonymous {
-            assert_ne!(response.status(), 401, "{method} {path} should be anonymous");
+            assert_ne!(
+                response.status(),
+                401,
+                "{method} {path} should be anonymous"
+            );
         } else {
-            assert_eq!(response.status(), 401, "{method} {path} answered without a token");
+            assert_eq!(
+                response.status(),
+                401,
+                "{method} {path} answered without a token"
+            );
             assert_eq!(response.headers()["www-authenticate"], "Bearer");
             assert!(response.headers().contains_key("x-ms-request-id"));
             let body: Value = response.json().await.unwrap();
@@ -128,20 +173,39 @@ async fn forged_altered_and_foreign_tokens_are_rejected() {
 
     let attempts = [
         ("alg none", forge(none_header, claims.clone(), "")),
-        ("HS256 confusion", forge(hs_header, claims.clone(), parts[2])),
+        (
+            "HS256 confusion",
+            forge(hs_header, claims.clone(), parts[2]),
+        ),
         ("altered claims", forge(header.clone(), elevated, parts[2])),
         ("expired", forge(header.clone(), expired, parts[2])),
         ("injected jku", forge(jku, claims.clone(), parts[2])),
         ("stripped signature", format!("{}.{}.", parts[0], parts[1])),
-        ("flipped signature", format!("{}.{}.{}", parts[0], parts[1], String::from_utf8(flipped).unwrap())),
+        (
+            "flipped signature",
+            format!(
+                "{}.{}.{}",
+                parts[0],
+                parts[1],
+                String::from_utf8(flipped).unwrap()
+            ),
+        ),
         ("oversize", format!("{good}{}", "A".repeat(10_000))),
         ("garbage", "not-a-jwt".to_owned()),
     ];
     for (what, token) in attempts {
-        let response = server.adt(Method::GET, "/models", &token).send().await.unwrap();
+        let response = server
+            .adt(Method::GET, "/models", &token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 401, "{what} was accepted");
     }
-    let response = server.adt(Method::GET, "/models", &good).send().await.unwrap();
+    let response = server
+        .adt(Method::GET, "/models", &good)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 }
 
@@ -150,7 +214,11 @@ async fn a_token_from_another_instance_is_rejected() {
     let one = TestServer::start().await;
     let other = TestServer::start().await;
     let foreign = other.admin_token().await;
-    let response = one.adt(Method::GET, "/models", &foreign).send().await.unwrap();
+    let response = one
+        .adt(Method::GET, "/models", &foreign)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
 }
 
@@ -158,19 +226,41 @@ async fn a_token_from_another_instance_is_rejected() {
 async fn data_reader_reads_and_queries_but_every_write_is_forbidden() {
     let server = TestServer::start().await;
     let reader = server.token_with_role(DATA_READER).await;
-    let ok = server.adt(Method::GET, "/models", &reader).send().await.unwrap();
+    let ok = server
+        .adt(Method::GET, "/models", &reader)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
-    let query = server.adt(Method::POST, "/query", &reader).json(&json!({"query": "SELECT * FROM DIGITALTWINS"})).send().await.unwrap();
+    let query = server
+        .adt(Method::POST, "/query", &reader)
+        .json(&json!({"query": "SELECT * FROM DIGITALTWINS"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(query.status(), 200);
     let writes = [
         (Method::POST, "/models", json!([])),
-        (Method::PUT, "/digitaltwins/t1", json!({"$metadata": {"$model": "dtmi:a;1"}})),
+        (
+            Method::PUT,
+            "/digitaltwins/t1",
+            json!({"$metadata": {"$model": "dtmi:a;1"}}),
+        ),
         (Method::DELETE, "/digitaltwins/t1", json!(null)),
-        (Method::PUT, "/eventroutes/r1", json!({"endpointName": "e", "filter": "true"})),
+        (
+            Method::PUT,
+            "/eventroutes/r1",
+            json!({"endpointName": "e", "filter": "true"}),
+        ),
         (Method::DELETE, "/models/dtmi:a;1", json!(null)),
     ];
     for (method, path, body) in writes {
-        let response = server.adt(method.clone(), path, &reader).json(&body).send().await.unwrap();
+        let response = server
+            .adt(method.clone(), path, &reader)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 403, "{method} {path}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "Forbidden");
@@ -180,8 +270,18 @@ async fn data_reader_reads_and_queries_but_every_write_is_forbidden() {
 #[tokio::test]
 async fn probes_are_anonymous_and_report_readiness() {
     let server = TestServer::start().await;
-    let health = server.client.get(server.url("/healthz")).send().await.unwrap();
+    let health = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let ready = server.client.get(server.url("/readyz")).send().await.unwrap();
+    let ready = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
 }

@@ -11,7 +11,8 @@ pub const API: &str = "api-version=2023-10-31";
 pub struct TestServer {
     pub base: String,
     pub client: Client,
-    pub dir: TempDir,
+    /// Kept so the data directory lives as long as the server.
+    pub _dir: TempDir,
     pub state: twinguard_server::app::AppState,
     admin_id: String,
     admin_secret: String,
@@ -36,15 +37,17 @@ impl TestServer {
             .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
             .build()
             .unwrap();
-        let admin: Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("secrets/admin-client.json")).unwrap()).unwrap();
+        let admin: Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("secrets/admin-client.json")).unwrap(),
+        )
+        .unwrap();
         Self {
             base,
             client,
             state,
             admin_id: admin["client_id"].as_str().unwrap().to_owned(),
             admin_secret: admin["client_secret"].as_str().unwrap().to_owned(),
-            dir,
+            _dir: dir,
         }
     }
 
@@ -55,14 +58,20 @@ impl TestServer {
     pub async fn token_for(&self, client_id: &str, secret: &str) -> reqwest::Response {
         self.client
             .post(self.url("/oauth2/token"))
-            .form(&[("grant_type", "client_credentials"), ("client_id", client_id), ("client_secret", secret)])
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", secret),
+            ])
             .send()
             .await
             .unwrap()
     }
 
     pub async fn admin_token(&self) -> String {
-        let response = self.token_for(&self.admin_id.clone(), &self.admin_secret.clone()).await;
+        let response = self
+            .token_for(&self.admin_id.clone(), &self.admin_secret.clone())
+            .await;
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.unwrap();
         body["access_token"].as_str().unwrap().to_owned()
@@ -71,8 +80,13 @@ impl TestServer {
     /// A token for a new client holding only `role`.
     pub async fn token_with_role(&self, role: &str) -> String {
         let client = twinguard_server::tokens::TokenService::new_client();
-        self.state.tokens.register_client(&client, vec![role.to_owned()]).unwrap();
-        let response = self.token_for(&client.client_id, &client.client_secret).await;
+        self.state
+            .tokens
+            .register_client(&client, vec![role.to_owned()])
+            .unwrap();
+        let response = self
+            .token_for(&client.client_id, &client.client_secret)
+            .await;
         let body: Value = response.json().await.unwrap();
         body["access_token"].as_str().unwrap().to_owned()
     }
@@ -84,6 +98,8 @@ impl TestServer {
     /// A request to an ADT route (`api-version` added) with a bearer token.
     pub fn adt(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
         let sep = if path.contains('?') { '&' } else { '?' };
-        self.client.request(method, format!("{}{path}{sep}{API}", self.base)).bearer_auth(token)
+        self.client
+            .request(method, format!("{}{path}{sep}{API}", self.base))
+            .bearer_auth(token)
     }
 }
