@@ -29,6 +29,15 @@ pub enum DomainError {
     RouteNotFound(String),
     #[error("there is no component named '{0}'")]
     ComponentNotFound(String),
+    #[error("the target twin '{0}' does not exist")]
+    TargetTwinNotFound(String),
+    #[error("model {0} is decommissioned; new twins cannot use it")]
+    ModelDecommissioned(String),
+    #[error("invalid event route filter: {0}")]
+    RouteFilterInvalid(String),
+    /// A request the server cannot interpret, such as a continuation token it did not issue.
+    #[error("{0}")]
+    BadRequest(String),
     #[error("a model with ID '{0}' already exists")]
     ModelExists(String),
     #[error("a digital twin with ID '{0}' already exists")]

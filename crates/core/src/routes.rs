@@ -50,7 +50,7 @@ pub fn check_filter(filter: &str) -> DomainResult<()> {
 }
 
 fn invalid(message: &str) -> DomainError {
-    DomainError::InvalidArgument(format!("invalid event route filter: {message}"))
+    DomainError::RouteFilterInvalid(message.to_owned())
 }
 
 fn tokenize(s: &str) -> DomainResult<Vec<Token>> {

@@ -397,9 +397,11 @@ impl TwinService {
 }
 
 fn query_error(e: query::QueryError) -> DomainError {
-    if e.code() == twinguard_proto::ErrorCode::QueryLimitExceeded {
-        DomainError::QueryLimitExceeded(e.to_string())
-    } else {
-        DomainError::Query(e.to_string())
+    match e.code() {
+        twinguard_proto::ErrorCode::QueryLimitExceeded => {
+            DomainError::QueryLimitExceeded(e.to_string())
+        }
+        twinguard_proto::ErrorCode::BadRequest => DomainError::BadRequest(e.to_string()),
+        _ => DomainError::Query(e.to_string()),
     }
 }

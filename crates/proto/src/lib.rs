@@ -40,6 +40,9 @@ pub enum ErrorCode {
     ModelNotFound,
     EventRouteNotFound,
     ComponentNotFound,
+    TargetTwinNotFound,
+    ModelDecommissioned,
+    EventRouteFilterInvalid,
     ModelAlreadyExists,
     DigitalTwinAlreadyExists,
     RelationshipAlreadyExists,
@@ -59,7 +62,7 @@ impl ErrorCode {
             Self::InvalidArgument => "InvalidArgument",
             Self::ValidationFailed => "ValidationFailed",
             Self::DtdlParserError => "DTDLParserError",
-            Self::SqlQueryError => "SQLQueryError",
+            Self::SqlQueryError => "SqlQueryError",
             Self::QueryLimitExceeded => "QueryLimitExceeded",
             Self::MissingApiVersion => "MissingApiVersionParameter",
             Self::UnsupportedApiVersion => "InvalidApiVersion",
@@ -70,6 +73,9 @@ impl ErrorCode {
             Self::ModelNotFound => "ModelNotFound",
             Self::EventRouteNotFound => "EventRouteNotFound",
             Self::ComponentNotFound => "ComponentNotFound",
+            Self::TargetTwinNotFound => "TargetDigitalTwinNotFound",
+            Self::ModelDecommissioned => "ModelDecommissioned",
+            Self::EventRouteFilterInvalid => "EventRouteFilterInvalid",
             Self::ModelAlreadyExists => "ModelAlreadyExists",
             Self::DigitalTwinAlreadyExists => "DigitalTwinAlreadyExists",
             Self::RelationshipAlreadyExists => "RelationshipAlreadyExists",
@@ -116,7 +122,7 @@ mod tests {
         let body = serde_json::to_value(ErrorBody::new(ErrorCode::SqlQueryError, "bad")).unwrap();
         assert_eq!(
             body,
-            serde_json::json!({"error": {"code": "SQLQueryError", "message": "bad"}})
+            serde_json::json!({"error": {"code": "SqlQueryError", "message": "bad"}})
         );
     }
 }

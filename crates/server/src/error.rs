@@ -82,7 +82,16 @@ impl From<DomainError> for ApiError {
                 (StatusCode::CONFLICT, ErrorCode::RelationshipAlreadyExists)
             }
             D::ModelReferenced(..) => (StatusCode::CONFLICT, ErrorCode::ModelReferencesNotDeleted),
-            D::RelationshipsExist(_) => (StatusCode::CONFLICT, ErrorCode::RelationshipsNotDeleted),
+            // ADT answers 400, not 409, for a twin that still has relationships.
+            D::RelationshipsExist(_) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::RelationshipsNotDeleted)
+            }
+            D::TargetTwinNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::TargetTwinNotFound),
+            D::ModelDecommissioned(_) => (StatusCode::BAD_REQUEST, ErrorCode::ModelDecommissioned),
+            D::RouteFilterInvalid(_) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::EventRouteFilterInvalid)
+            }
+            D::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
             D::PreconditionFailed => (
                 StatusCode::PRECONDITION_FAILED,
                 ErrorCode::PreconditionFailed,

@@ -122,26 +122,54 @@ pub fn page_size(headers: &HeaderMap) -> Result<usize, ApiError> {
     }
 }
 
-/// Decodes a list continuation token (an offset) from the `continuationToken` query parameter.
-pub fn list_offset(token: Option<&str>) -> Result<usize, ApiError> {
-    let Some(token) = token else { return Ok(0) };
-    URL_SAFE_NO_PAD
+/// Where a list page starts and how long it is, from the `continuationToken` query parameter
+/// (URL-safe base64 of `o:<offset>:n:<size>`) or else the request's `max-items-per-page`. The
+/// size travels in the token because clients send the header only with the first request.
+fn list_position(token: Option<&str>, headers: &HeaderMap) -> Result<(usize, usize), ApiError> {
+    let Some(token) = token else {
+        return Ok((0, page_size(headers)?));
+    };
+    let invalid = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "the continuation token is not valid",
+        )
+    };
+    let text = URL_SAFE_NO_PAD
         .decode(token)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix("o:").and_then(|n| n.parse().ok()))
-        .ok_or_else(|| ApiError::invalid_argument("the continuation token is not valid"))
+        .ok_or_else(invalid)?;
+    let mut parts = text.split(':');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("o"), Some(offset), Some("n"), Some(size), None) => {
+            let offset = offset.parse().map_err(|_| invalid())?;
+            let size: usize = size.parse().map_err(|_| invalid())?;
+            if size == 0 || size > MAX_PAGE_SIZE {
+                return Err(invalid());
+            }
+            Ok((offset, size))
+        }
+        _ => Err(invalid()),
+    }
 }
 
 /// One page of a list, as `{"value": [...], "nextLink": ...}`; the next link repeats the
 /// request with a continuation token.
 pub fn list_page<T: serde::Serialize>(
     items: &[T],
-    offset: usize,
-    size: usize,
+    token: Option<&str>,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
+    let (offset, size) = list_position(token, headers)?;
     let end = offset.saturating_add(size).min(items.len());
     let page = items.get(offset.min(end)..end).unwrap_or(&[]);
     let next_link = (end < items.len()).then(|| {
@@ -158,13 +186,11 @@ pub fn list_page<T: serde::Serialize>(
             .filter(|p| !p.is_empty() && !p.starts_with("continuationToken="))
             .map(str::to_owned)
             .collect();
-        query.push(format!(
-            "continuationToken={}",
-            URL_SAFE_NO_PAD.encode(format!("o:{end}"))
-        ));
+        let token = URL_SAFE_NO_PAD.encode(format!("o:{end}:n:{size}"));
+        query.push(format!("continuationToken={token}"));
         format!("https://{host}{}?{}", uri.path(), query.join("&"))
     });
-    axum::Json(serde_json::json!({"value": page, "nextLink": next_link})).into_response()
+    Ok(axum::Json(serde_json::json!({"value": page, "nextLink": next_link})).into_response())
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -213,7 +239,20 @@ pub async fn correlate(State(_state): State<AppState>, req: Request, next: Next)
         .filter(|v| v.len() <= 128)
         .map(str::to_owned);
     let started = Instant::now();
+    // A request rejected before its body was read (bad token, bad api-version) leaves unread
+    // bytes on an HTTP/1 connection, which is then closed; say so, so clients do not reuse it.
+    let http1_with_body = req.version() < axum::http::Version::HTTP_2
+        && (req.headers().contains_key(header::TRANSFER_ENCODING)
+            || req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0"));
     let mut response = next.run(req).await;
+    if http1_with_body && response.status().is_client_error() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(CORRELATION_HEADER, value);
     }

@@ -370,9 +370,7 @@ fn put_twin(
     let model = model_of(&body)?;
     let entry = interface_for(graph, &model)?;
     if entry.decommissioned && existing.as_ref().is_none_or(|t| t.model != model) {
-        return Err(DomainError::ValidationFailed(format!(
-            "model {model} is decommissioned"
-        )));
+        return Err(DomainError::ModelDecommissioned(model.to_string()));
     }
     let iface = entry.interface.clone();
     check_twin_contents(&iface, &body, "")?;
@@ -649,9 +647,10 @@ fn put_relationship(
             )));
         }
     }
-    let target = graph.twin(&target_id).cloned().ok_or_else(|| {
-        DomainError::ValidationFailed(format!("the target twin '{target_id}' does not exist"))
-    })?;
+    let target = graph
+        .twin(&target_id)
+        .cloned()
+        .ok_or_else(|| DomainError::TargetTwinNotFound(target_id.clone()))?;
     let definition = relationship_definition(graph, &source, &name)?;
     if let Some(required) = &definition.target
         && !graph.is_of_model(&target, required, false)

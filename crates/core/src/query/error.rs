@@ -56,7 +56,7 @@ impl QueryError {
         match self.kind {
             QueryErrorKind::Syntax => ErrorCode::SqlQueryError,
             QueryErrorKind::WorkLimitExceeded => ErrorCode::QueryLimitExceeded,
-            QueryErrorKind::InvalidContinuation => ErrorCode::InvalidArgument,
+            QueryErrorKind::InvalidContinuation => ErrorCode::BadRequest,
         }
     }
 }

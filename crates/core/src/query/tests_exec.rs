@@ -720,7 +720,7 @@ fn continuation_tokens_round_trip_and_bad_ones_are_errors() {
         &|_| true,
     )
     .unwrap_err();
-    assert_eq!(e.code(), twinguard_proto::ErrorCode::InvalidArgument);
+    assert_eq!(e.code(), twinguard_proto::ErrorCode::BadRequest);
 }
 
 // ---- work budget ----

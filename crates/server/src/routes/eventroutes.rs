@@ -9,7 +9,7 @@ use twinguard_core::graph::{EventRoute, WriteOp};
 
 use crate::app::AppState;
 use crate::error::ApiResult;
-use crate::http::{Caller, JsonBody, list_offset, list_page, page_size};
+use crate::http::{Caller, JsonBody, list_page};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -43,14 +43,7 @@ pub async fn list(
         .iter()
         .map(|r| route_json(r))
         .collect();
-    let offset = list_offset(params.continuation_token.as_deref())?;
-    Ok(list_page(
-        &items,
-        offset,
-        page_size(&headers)?,
-        &uri,
-        &headers,
-    ))
+    list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
 }
 
 pub async fn get(

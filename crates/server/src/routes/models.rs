@@ -12,7 +12,7 @@ use twinguard_core::graph::{ModelEntry, WriteOp, WriteOutcome};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Caller, JsonBody, list_offset, list_page, page_size};
+use crate::http::{Caller, JsonBody, list_page};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -67,14 +67,7 @@ pub async fn list(
         .iter()
         .map(|m| model_data(m, params.include_model_definition))
         .collect();
-    let offset = list_offset(params.continuation_token.as_deref())?;
-    Ok(list_page(
-        &items,
-        offset,
-        page_size(&headers)?,
-        &uri,
-        &headers,
-    ))
+    list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
 }
 
 pub async fn upload(

@@ -9,9 +9,7 @@ use twinguard_core::graph::{WriteOp, WriteOutcome};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{
-    Caller, JsonBody, etag_header, if_match, if_none_match, list_offset, list_page, page_size,
-};
+use crate::http::{Caller, JsonBody, etag_header, if_match, if_none_match, list_page};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -32,14 +30,7 @@ pub async fn list(
         .service
         .outgoing(&caller, &id, params.relationship_name.as_deref())?;
     let items: Vec<&Map<String, Value>> = rels.iter().map(|r| &r.doc).collect();
-    let offset = list_offset(params.continuation_token.as_deref())?;
-    Ok(list_page(
-        &items,
-        offset,
-        page_size(&headers)?,
-        &uri,
-        &headers,
-    ))
+    list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
 }
 
 pub async fn incoming(
@@ -62,14 +53,7 @@ pub async fn incoming(
             })
         })
         .collect();
-    let offset = list_offset(params.continuation_token.as_deref())?;
-    Ok(list_page(
-        &items,
-        offset,
-        page_size(&headers)?,
-        &uri,
-        &headers,
-    ))
+    list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
 }
 
 pub async fn get(

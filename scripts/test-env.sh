@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Sets up what the Python end-to-end tests need: a virtualenv at <repo>/.venv with the pinned
+# packages of tests/sdk/requirements.txt. Idempotent, and a fast no-op when the virtualenv already
+# matches the requirements (a stamp holds the hash of the requirements it was built from).
+# Works on a fresh Debian machine as root: installs python3-venv if the venv module is missing.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+requirements="$root/tests/sdk/requirements.txt"
+venv="$root/.venv"
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum "$requirements" | cut -d' ' -f1)"
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$venv/bin/python" -c '' 2>/dev/null; then
+    exit 0
+fi
+
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! command -v python3 >/dev/null 2>&1; then
+    apt_install python3 python3-venv
+fi
+# Debian ships venv's ensurepip in a separate package.
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv
+fi
+
+# A virtualenv whose interpreter no longer runs (moved repo, upgraded python) is rebuilt.
+if [[ -d "$venv" ]] && ! "$venv/bin/python" -c '' >/dev/null 2>&1; then
+    rm -rf "$venv"
+fi
+if [[ ! -x "$venv/bin/python" ]]; then
+    python3 -m venv "$venv"
+fi
+
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements"
+echo "$want" >"$stamp"
+echo "test-env: $venv ready"

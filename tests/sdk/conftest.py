@@ -1,0 +1,207 @@
+"""Fixtures for the end-to-end tests against the official Azure Digital Twins Python SDK.
+
+A real `twinguard serve` runs for the whole module on a fresh data directory and port 0. The SDK
+authenticates with the admin client credential that the server writes on first start, through a
+small client-credentials `TokenCredential`, and trusts the data directory's CA.
+
+Environment:
+  TWINGUARD_BIN   server binary (default: target/debug/twinguard under the repo root)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from azure.core.credentials import AccessToken
+from azure.digitaltwins.core import DigitalTwinsClient
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 60
+SHUTDOWN_TIMEOUT_S = 10
+HTTP_TIMEOUT_S = 30
+LISTENING_PREFIX = "twinguard: api listening on "
+
+
+class ClientSecretCredential:
+    """OAuth 2.0 client-credentials grant against twinguard's token endpoint (azure-core's
+    `TokenCredential` protocol). Tokens are cached until shortly before they expire."""
+
+    def __init__(self, token_endpoint: str, client_id: str, client_secret: str, ca_path: str):
+        self._endpoint = token_endpoint
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._ca_path = ca_path
+        self._cached: AccessToken | None = None
+        self.requests_made = 0
+
+    def get_token(self, *scopes: str, **kwargs) -> AccessToken:
+        if self._cached is not None and self._cached.expires_on - 60 > time.time():
+            return self._cached
+        response = requests.post(
+            self._endpoint,
+            data={
+                "grant_type": "client_credentials",
+                "client_id": self._client_id,
+                "client_secret": self._client_secret,
+                "scope": " ".join(scopes),
+            },
+            verify=self._ca_path,
+            timeout=HTTP_TIMEOUT_S,
+        )
+        self.requests_made += 1
+        response.raise_for_status()
+        body = response.json()
+        assert body["token_type"].lower() == "bearer", body
+        self._cached = AccessToken(body["access_token"], int(time.time()) + int(body["expires_in"]))
+        return self._cached
+
+
+class StaticTokenCredential:
+    """Hands out a fixed (for example, forged) bearer token."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def get_token(self, *scopes: str, **kwargs) -> AccessToken:
+        return AccessToken(self._token, int(time.time()) + 3600)
+
+
+@dataclass
+class Server:
+    endpoint: str
+    data_dir: Path
+    ca_path: str
+    client_id: str
+    client_secret: str
+    token_endpoint: str
+    stderr_path: Path
+
+    def credential(self) -> ClientSecretCredential:
+        return ClientSecretCredential(self.token_endpoint, self.client_id, self.client_secret, self.ca_path)
+
+    def client(self, credential=None) -> DigitalTwinsClient:
+        return DigitalTwinsClient(
+            self.endpoint,
+            credential or self.credential(),
+            connection_verify=self.ca_path,
+            connection_timeout=HTTP_TIMEOUT_S,
+            read_timeout=HTTP_TIMEOUT_S,
+            retry_total=0,
+        )
+
+    def log_tail(self, max_chars: int = 20000) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError as e:
+            return f"(server log unreadable: {e})"
+        return text[-max_chars:]
+
+
+def _binary() -> Path:
+    configured = os.environ.get("TWINGUARD_BIN")
+    path = Path(configured) if configured else Path("target/debug/twinguard")
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        pytest.exit(f"twinguard binary not found at {path}; run `cargo build -p twinguard` or set TWINGUARD_BIN", 2)
+    return path
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    tmp = tmp_path_factory.mktemp("twinguard")
+    data_dir = tmp / "data"
+    stderr_path = tmp / "server-stderr.jsonl"
+    with open(stderr_path, "wb") as stderr_file:
+        process = subprocess.Popen(
+            [str(_binary()), "serve", "--data-dir", str(data_dir), "--api-listen", "127.0.0.1:0"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr_file,
+            text=True,
+            env={**os.environ, "TWINGUARD_LOG": os.environ.get("TWINGUARD_LOG", "info")},
+        )
+    try:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        endpoint = None
+        while endpoint is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no '{LISTENING_PREFIX}' line within {STARTUP_TIMEOUT_S}s")
+            try:
+                line = lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"twinguard exited with {process.wait(timeout=5)} before listening")
+            if line.startswith(LISTENING_PREFIX):
+                endpoint = line[len(LISTENING_PREFIX):].strip()
+        assert endpoint.startswith("https://"), endpoint
+        secrets = json.loads((data_dir / "secrets" / "admin-client.json").read_text())
+        srv = Server(
+            endpoint=endpoint,
+            data_dir=data_dir,
+            ca_path=str(data_dir / "tls" / "ca.pem"),
+            client_id=secrets["client_id"],
+            client_secret=secrets["client_secret"],
+            token_endpoint=secrets["token_endpoint"],
+            stderr_path=stderr_path,
+        )
+    except BaseException:
+        _stop(process)
+        print("---- twinguard stderr ----")
+        print(stderr_path.read_text(errors="replace")[-20000:])
+        raise
+    yield srv
+    _stop(process)
+    assert process.returncode is not None
+
+
+@pytest.fixture(scope="session")
+def client(server) -> DigitalTwinsClient:
+    return server.client()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call" and report.failed:
+        srv = item.funcargs.get("server")
+        if srv is None:
+            srv = getattr(item.session, "_twinguard_server", None)
+        if srv is not None:
+            report.sections.append(("twinguard server log (tail)", srv.log_tail()))
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _remember_server(request, server):
+    request.session._twinguard_server = server
