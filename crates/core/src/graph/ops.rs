@@ -22,6 +22,8 @@ use crate::store::Mutation;
 pub const MAX_MODELS_PER_UPLOAD: usize = 250;
 /// Most models an instance holds (ADT's limit is 10,000).
 pub const MAX_MODELS: usize = 10_000;
+/// Most outgoing relationships of one twin (ADT's limit).
+pub const MAX_OUTGOING_RELATIONSHIPS: usize = 5_000;
 /// Most event routes an instance holds (ADT's limit is 6).
 pub const MAX_ROUTES: usize = 64;
 
@@ -657,6 +659,11 @@ fn put_relationship(
     {
         return Err(DomainError::ValidationFailed(format!(
             "relationship '{name}' must target a twin of model {required}"
+        )));
+    }
+    if existing.is_none() && graph.outgoing_count(&source_id) >= MAX_OUTGOING_RELATIONSHIPS {
+        return Err(DomainError::ValidationFailed(format!(
+            "twin '{source_id}' already has the maximum of {MAX_OUTGOING_RELATIONSHIPS} outgoing relationships"
         )));
     }
     if let Some(max) = definition.max_multiplicity {

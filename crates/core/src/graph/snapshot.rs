@@ -51,6 +51,10 @@ impl Graph {
             .flat_map(|m| m.values())
     }
 
+    pub fn outgoing_count(&self, source: &str) -> usize {
+        self.outgoing.get(source).map_or(0, |m| m.len())
+    }
+
     /// Relationships whose target is `target`, ordered by (source, relationship ID).
     pub fn incoming(&self, target: &str) -> impl Iterator<Item = &Arc<Relationship>> + '_ {
         self.incoming

@@ -4,4 +4,5 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod dtdl_conformance;
+mod robustness;
 mod service;

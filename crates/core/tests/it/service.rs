@@ -392,3 +392,52 @@ async fn concurrent_writes_are_grouped_and_all_acknowledged() {
     let page = service.query(&reader(), &q).unwrap();
     assert_eq!(page.items[0]["COUNT"], 200);
 }
+
+#[tokio::test]
+async fn source_times_are_kept_per_property_and_unchanged_values_keep_their_update_time() {
+    let (service, _) = service_with_ontology().await;
+    let mut body = twin_body(
+        "dtmi:test:Room;1",
+        json!({"temperature": 20.0, "name": "lab"}),
+    );
+    body.insert(
+        "$metadata".into(),
+        json!({"$model": "dtmi:test:Room;1", "temperature": {"sourceTime": "2026-01-02T03:04:05Z"}}),
+    );
+    let op = WriteOp::PutTwin {
+        id: "r1".into(),
+        body,
+        precondition: Precondition::None,
+    };
+    service.write(&owner(), op).await.unwrap();
+    let first = service.twin(&owner(), "r1").unwrap();
+    assert_eq!(
+        first.doc["$metadata"]["temperature"]["sourceTime"],
+        "2026-01-02T03:04:05Z"
+    );
+    assert!(first.doc["$metadata"]["name"].get("sourceTime").is_none());
+
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let patch = json!([
+        {"op": "replace", "path": "/temperature", "value": 21.0},
+        {"op": "add", "path": "/$metadata/temperature/sourceTime", "value": "2026-01-02T03:05:00Z"}
+    ]);
+    let op = WriteOp::PatchTwin {
+        id: "r1".into(),
+        component: None,
+        patch,
+        precondition: Precondition::None,
+    };
+    service.write(&owner(), op).await.unwrap();
+    let second = service.twin(&owner(), "r1").unwrap();
+    let meta = &second.doc["$metadata"];
+    assert_eq!(meta["temperature"]["sourceTime"], "2026-01-02T03:05:00Z");
+    assert_ne!(
+        meta["temperature"]["lastUpdateTime"],
+        first.doc["$metadata"]["temperature"]["lastUpdateTime"]
+    );
+    assert_eq!(
+        meta["name"]["lastUpdateTime"], first.doc["$metadata"]["name"]["lastUpdateTime"],
+        "name did not change"
+    );
+}

@@ -1,0 +1,311 @@
+//! `twinguard-bench`: loads a graph through the public API and measures request latency, as a
+//! client would see it (HTTPS, bearer token, HTTP/2). `bench/run.sh` drives it and compares the
+//! figures with references measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+struct Cli {
+    /// The server's data directory (for the CA and the admin credential).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The server's base URL, e.g. https://127.0.0.1:8443.
+    #[arg(long)]
+    base: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a bearer token for the admin client.
+    Token,
+    /// Upload the bench model, then create twins `t0..tN` and K `link` relationships per twin.
+    Load {
+        #[arg(long)]
+        twins: usize,
+        #[arg(long, default_value_t = 3)]
+        relationships_per_twin: usize,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
+    /// Run a query template sequentially and print latency percentiles. `{id}` in the template
+    /// is replaced by a random twin ID below `--twins`.
+    Latency {
+        #[arg(long)]
+        query: String,
+        #[arg(long)]
+        twins: usize,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        /// Fail if a result has fewer items than this (checks the query does real work).
+        #[arg(long, default_value_t = 1)]
+        min_items: usize,
+    },
+}
+
+const MODEL: &str = "dtmi:bench:Node;1";
+const API: &str = "api-version=2023-10-31";
+
+struct Api {
+    clients: Vec<reqwest::Client>,
+    base: String,
+    token: String,
+}
+
+fn client(ca: &Path) -> anyhow::Result<reqwest::Client> {
+    let ca = std::fs::read(ca).context("reading the CA")?;
+    Ok(reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+        .timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+impl Api {
+    async fn connect(data_dir: &Path, base: &str, connections: usize) -> anyhow::Result<Self> {
+        let clients = (0..connections.max(1))
+            .map(|_| client(&data_dir.join("tls/ca.pem")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let admin: Value =
+            serde_json::from_slice(&std::fs::read(data_dir.join("secrets/admin-client.json"))?)?;
+        let field = |k: &str| {
+            admin[k]
+                .as_str()
+                .map(str::to_owned)
+                .context("admin-client.json is incomplete")
+        };
+        let response: Value = clients[0]
+            .post(format!("{base}/oauth2/token"))
+            .form(&[
+                ("grant_type", "client_credentials".to_owned()),
+                ("client_id", field("client_id")?),
+                ("client_secret", field("client_secret")?),
+            ])
+            .send()
+            .await?
+            .json()
+            .await?;
+        let token = response["access_token"]
+            .as_str()
+            .context("no access token")?
+            .to_owned();
+        Ok(Self {
+            clients,
+            base: base.to_owned(),
+            token,
+        })
+    }
+
+    async fn put(&self, n: usize, path: &str, body: &Value) -> anyhow::Result<()> {
+        let client = &self.clients[n % self.clients.len()];
+        let response = client
+            .put(format!("{}{path}?{API}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!(
+                "PUT {path}: {} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Neighbours of twin `i`: a fixed pseudo-random spread, so hops fan out across the graph.
+fn neighbour(i: usize, k: usize, n: usize) -> usize {
+    (i.wrapping_mul(7919)
+        .wrapping_add((k + 1).wrapping_mul(104_729)))
+        % n
+}
+
+async fn run_parallel<F, Fut>(total: usize, concurrency: usize, f: F) -> anyhow::Result<Duration>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let f = Arc::new(f);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, f) = (next.clone(), f.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                f(i).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(started.elapsed())
+}
+
+async fn load(
+    api: Arc<Api>,
+    twins: usize,
+    per_twin: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let model = json!([{
+        "@context": "dtmi:dtdl:context;3", "@id": MODEL, "@type": "Interface",
+        "contents": [
+            {"@type": "Property", "name": "name", "schema": "string"},
+            {"@type": "Property", "name": "temperature", "schema": "double"},
+            {"@type": "Property", "name": "status", "schema": "string"},
+            {"@type": "Relationship", "name": "link", "target": MODEL}
+        ]
+    }]);
+    let response = api.clients[0]
+        .post(format!("{}/models?{API}", api.base))
+        .bearer_auth(&api.token)
+        .json(&model)
+        .send()
+        .await?;
+    if !response.status().is_success() && response.status() != 409 {
+        bail!("model upload failed: {}", response.status());
+    }
+    let a = api.clone();
+    let twin_time = run_parallel(twins, concurrency, move |i| {
+        let a = a.clone();
+        async move {
+            let body = json!({"$metadata": {"$model": MODEL}, "name": format!("node {i}"), "temperature": 20.0 + (i % 100) as f64 / 10.0, "status": "ok"});
+            a.put(i, &format!("/digitaltwins/t{i}"), &body).await
+        }
+    })
+    .await?;
+    let rels = twins * per_twin;
+    let a = api.clone();
+    let rel_time = run_parallel(rels, concurrency, move |r| {
+        let a = a.clone();
+        async move {
+            let (i, k) = (r / per_twin, r % per_twin);
+            let body = json!({"$targetId": format!("t{}", neighbour(i, k, twins)), "$relationshipName": "link"});
+            a.put(r, &format!("/digitaltwins/t{i}/relationships/l{k}"), &body).await
+        }
+    })
+    .await?;
+    let total = twin_time + rel_time;
+    println!(
+        "load twins={twins} seconds={:.2} writes_per_s={:.0}",
+        twin_time.as_secs_f64(),
+        twins as f64 / twin_time.as_secs_f64()
+    );
+    println!(
+        "load relationships={rels} seconds={:.2} writes_per_s={:.0}",
+        rel_time.as_secs_f64(),
+        rels as f64 / rel_time.as_secs_f64()
+    );
+    println!(
+        "load all_writes={} seconds={:.2} writes_per_s={:.0}",
+        twins + rels,
+        total.as_secs_f64(),
+        (twins + rels) as f64 / total.as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn latency(
+    api: &Api,
+    template: &str,
+    twins: usize,
+    count: usize,
+    min_items: usize,
+) -> anyhow::Result<()> {
+    let mut samples = Vec::with_capacity(count);
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut total_items = 0usize;
+    for n in 0..count + count / 10 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let id = (seed % twins.max(1) as u64) as usize;
+        let query = template.replace("{id}", &format!("t{id}"));
+        let started = Instant::now();
+        let response = api.clients[0]
+            .post(format!("{}/query?{API}", api.base))
+            .bearer_auth(&api.token)
+            .json(&json!({"query": query}))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        let elapsed = started.elapsed();
+        if !status.is_success() {
+            bail!("query failed: {status} {body}");
+        }
+        let items = body["value"].as_array().map_or(0, Vec::len);
+        if items < min_items {
+            bail!("query returned {items} items, expected at least {min_items}: {query}");
+        }
+        // The first tenth warms connections and caches.
+        if n >= count / 10 {
+            samples.push(elapsed);
+            total_items += items;
+        }
+    }
+    samples.sort();
+    let pct = |p: f64| {
+        samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+    };
+    println!(
+        "latency count={} p50_ms={:.3} p90_ms={:.3} p99_ms={:.3} mean_items={:.1} query={template:?}",
+        samples.len(),
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        total_items as f64 / samples.len() as f64
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Token => {
+                let api = Api::connect(&cli.data_dir, &cli.base, 1).await?;
+                println!("{}", api.token);
+            }
+            Command::Load {
+                twins,
+                relationships_per_twin,
+                concurrency,
+            } => {
+                let api = Arc::new(Api::connect(&cli.data_dir, &cli.base, 8).await?);
+                load(api, twins, relationships_per_twin, concurrency).await?;
+            }
+            Command::Latency {
+                query,
+                twins,
+                count,
+                min_items,
+            } => {
+                let api = Api::connect(&cli.data_dir, &cli.base, 1).await?;
+                latency(&api, &query, twins, count, min_items).await?;
+            }
+        }
+        Ok(())
+    })
+}
