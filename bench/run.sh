@@ -79,7 +79,6 @@ http {
   keepalive_requests 10000000;
   server {
     listen 127.0.0.1:18443 ssl;
-    http2 on;
     ssl_certificate $DATA/tls/server.pem;
     ssl_certificate_key $DATA/tls/server-key.pem;
     ssl_protocols TLSv1.2 TLSv1.3;

@@ -260,14 +260,16 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock:
     let mut working: Graph = (**shared.published.load()).clone();
     let mut muts: Vec<Mutation> = Vec::new();
     let mut done = Vec::with_capacity(batch.len());
+    let mut torn = false;
     for job in batch.drain(..) {
-        let before = working.clone();
         let mark = muts.len();
         match job.op.apply(&mut working, &ctx, &mut muts) {
             Ok(outcome) => done.push((job.reply, outcome)),
             Err(e) => {
-                working = before;
-                muts.truncate(mark);
+                // Operations check everything before their first change (see `WriteOp::apply`),
+                // so a refused one has changed nothing. Should one ever break that rule, the
+                // working copy can no longer be trusted: the whole group is refused below.
+                torn |= muts.len() != mark;
                 let _ = job.reply.send(Err(e));
             }
         }
@@ -275,7 +277,22 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock:
     if done.is_empty() {
         return;
     }
-    match store.commit(&muts) {
+    if torn {
+        tracing::error!("a refused write changed the working graph; refusing its group");
+        for (reply, _) in done {
+            let _ = reply.send(Err(DomainError::Unavailable));
+        }
+        return;
+    }
+    let started = std::time::Instant::now();
+    let committed = store.commit(&muts);
+    tracing::debug!(
+        writes = done.len(),
+        records = muts.len(),
+        micros = started.elapsed().as_micros() as u64,
+        "group committed"
+    );
+    match committed {
         Ok(()) => {
             shared.store_healthy.store(true, Ordering::Relaxed);
             shared.published.store(Arc::new(working));

@@ -22,9 +22,10 @@ pub const MODEL_UPLOAD_LIMIT: usize = 1024 * 1024;
 pub const QUERY_BODY_LIMIT: usize = 64 * 1024;
 pub const TOKEN_BODY_LIMIT: usize = 8 * 1024;
 
+/// Shared by every request; cloned per request, so it holds only `Arc`s.
 #[derive(Clone)]
 pub struct AppState {
-    pub service: TwinService,
+    pub service: Arc<TwinService>,
     pub tokens: Arc<TokenService>,
 }
 

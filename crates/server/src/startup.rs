@@ -111,7 +111,10 @@ impl Application {
             listener,
             local_addr,
             tls,
-            state: AppState { service, tokens },
+            state: AppState {
+                service: Arc::new(service),
+                tokens,
+            },
             data_dir,
         };
         app.record_token_endpoint()?;

@@ -123,8 +123,10 @@ impl WriteOp {
         }
     }
 
-    /// Applies the operation to `graph`, recording store mutations in `muts`. On error the
-    /// caller discards both.
+    /// Applies the operation to `graph`, recording store mutations in `muts`.
+    ///
+    /// Every operation makes all its checks before its first change, so an error leaves `graph`
+    /// and `muts` untouched; the writer relies on this instead of copying the graph per write.
     pub(crate) fn apply(
         self,
         graph: &mut Graph,

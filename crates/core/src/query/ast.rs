@@ -91,7 +91,7 @@ pub(crate) struct Edge {
     /// Relationship names allowed; empty allows any.
     pub names: Vec<String>,
     /// `None` for a single hop, one result per relationship. `Some` for a MATCH hop range
-    /// (inclusive bounds), one result per distinct twin reached by a path without repeated twins.
+    /// (inclusive bounds), one result per distinct twin reached (see `exec::Run::reach`).
     pub hops: Option<(u32, u32)>,
     pub rel_var: Option<VarId>,
 }

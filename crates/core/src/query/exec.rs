@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use super::ast::{Direction, Query, Select, Source};
 use super::error::QueryError;
 use super::eval::{Bound, eval, lookup};
+use super::limits;
 use super::plan::{Plan, RelSeed, Seed, Step, plan};
 use crate::graph::{Graph, Relationship, Twin};
 
@@ -102,7 +103,7 @@ impl<'a> Run<'a> {
 
     fn examine(&mut self) -> Result<(), QueryError> {
         self.examined += 1;
-        self.spend(1)
+        self.spend(limits::WORK_PER_ENTITY)
     }
 
     fn twin_visible(&self, twin: &Twin) -> bool {
@@ -264,8 +265,9 @@ impl<'a> Run<'a> {
         Ok(Flow::Continue)
     }
 
-    /// Distinct twins at the end of a path of `min..=max` hops from `start` that repeats no
-    /// twin, in discovery order.
+    /// Distinct twins reached from `start` after `min..=max` hops, in breadth-first order.
+    /// As in ADT, each relationship is traversed at most once, so cycles end; the start twin is
+    /// never re-entered. The work is linear in the relationships within `max` hops.
     fn reach(
         &mut self,
         start: &'a Arc<Twin>,
@@ -273,46 +275,43 @@ impl<'a> Run<'a> {
         min: u32,
         max: u32,
     ) -> Result<Vec<&'a Arc<Twin>>, QueryError> {
-        let mut walk = Walk {
-            path: vec![&*start.id],
-            found: Vec::new(),
-            seen: HashSet::new(),
-        };
-        self.walk(start, step, min, max, &mut walk)?;
-        Ok(walk.found)
-    }
-
-    fn walk(
-        &mut self,
-        at: &'a Arc<Twin>,
-        step: &Step<'a>,
-        min: u32,
-        max: u32,
-        walk: &mut Walk<'a>,
-    ) -> Result<(), QueryError> {
         let graph = self.graph;
-        let depth = u32::try_from(walk.path.len()).unwrap_or(u32::MAX);
-        for (rel, other) in adjacent(graph, &at.id, step.direction) {
-            self.examine()?;
-            if !name_allowed(&step.edge.names, rel) || walk.path.contains(&other) {
-                continue;
+        let mut used: HashSet<*const Relationship> = HashSet::new();
+        let mut found = Vec::new();
+        let mut seen: HashSet<&'a str> = HashSet::new();
+        let mut frontier: Vec<&'a Arc<Twin>> = vec![start];
+        for depth in 1..=max {
+            let mut next = Vec::new();
+            let mut in_next: HashSet<&'a str> = HashSet::new();
+            for at in frontier {
+                for (rel, other) in adjacent(graph, &at.id, step.direction) {
+                    self.examine()?;
+                    if other == &*start.id
+                        || !name_allowed(&step.edge.names, rel)
+                        || !used.insert(Arc::as_ptr(rel))
+                    {
+                        continue;
+                    }
+                    let Some(twin) = graph.twin(other) else {
+                        continue;
+                    };
+                    if !self.twin_visible(twin) {
+                        continue;
+                    }
+                    if in_next.insert(&twin.id) {
+                        next.push(twin);
+                    }
+                    if depth >= min && seen.insert(&twin.id) {
+                        found.push(twin);
+                    }
+                }
             }
-            let Some(twin) = graph.twin(other) else {
-                continue;
-            };
-            if !self.twin_visible(twin) {
-                continue;
+            if next.is_empty() {
+                break;
             }
-            if depth >= min && walk.seen.insert(&*twin.id) {
-                walk.found.push(twin);
-            }
-            if depth < max {
-                walk.path.push(&*twin.id);
-                self.walk(twin, step, min, max, walk)?;
-                walk.path.pop();
-            }
+            frontier = next;
         }
-        Ok(())
+        Ok(found)
     }
 
     fn emit(&mut self, row: &[Bound<'a>]) -> Result<Flow, QueryError> {
@@ -334,13 +333,6 @@ impl<'a> Run<'a> {
         }
         Ok(Flow::Continue)
     }
-}
-
-struct Walk<'a> {
-    /// Twin IDs on the current path, the start first. At most `MAX_HOPS + 1` long.
-    path: Vec<&'a str>,
-    found: Vec<&'a Arc<Twin>>,
-    seen: HashSet<&'a str>,
 }
 
 fn set<'a>(row: &mut [Bound<'a>], var: usize, bound: Bound<'a>) {

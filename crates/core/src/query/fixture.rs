@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
+use super::{QueryPage, execute, limits, parse};
+
 use crate::dtdl::Interface;
 use crate::dtmi::Dtmi;
 use crate::graph::{Graph, Id, ModelEntry, Relationship, Twin};
@@ -178,4 +180,50 @@ pub(super) fn building() -> Graph {
         .rel("R3", "hasSensor", "S2")
         .rel("S1", "feeds", "R2")
         .build()
+}
+
+// ---- helpers for the execution tests ----
+
+pub(super) fn page(graph: &Graph, text: &str, visible: &dyn Fn(&Twin) -> bool) -> QueryPage {
+    let query = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    execute(graph, &query, text, 0, limits::MAX_PAGE_SIZE, visible)
+        .unwrap_or_else(|e| panic!("{text:?}: {e}"))
+}
+
+pub(super) fn items(text: &str) -> Vec<Value> {
+    page(&building(), text, &|_| true).items
+}
+
+/// The sorted `$dtId`s of the items, read at `key` (or the item itself).
+pub(super) fn ids_at(items: &[Value], key: Option<&str>) -> Vec<String> {
+    let mut ids: Vec<String> = items
+        .iter()
+        .map(|item| {
+            let doc = key.map_or(item, |k| &item[k]);
+            doc["$dtId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no $dtId in {item}"))
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+pub(super) fn ids(text: &str) -> Vec<String> {
+    ids_at(&items(text), None)
+}
+
+pub(super) fn var_ids(text: &str, var: &str) -> Vec<String> {
+    ids_at(&items(text), Some(var))
+}
+
+pub(super) fn count(text: &str) -> u64 {
+    let items = items(text);
+    assert_eq!(items.len(), 1, "{items:?}");
+    items[0]["COUNT"].as_u64().unwrap()
+}
+
+pub(super) fn s(list: &[&str]) -> Vec<String> {
+    list.iter().map(|x| x.to_string()).collect()
 }

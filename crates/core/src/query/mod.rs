@@ -39,7 +39,10 @@
 //! - Conditions use Cosmos SQL's three-valued logic (see [`eval`]): missing properties and
 //!   comparisons across types are *undefined*, and only `true` passes `WHERE`.
 //! - A single-hop JOIN or MATCH edge yields one row per relationship. A multi-hop MATCH edge
-//!   (`*2`, `*1..3`) yields one row per distinct twin reached by a path that repeats no twin.
+//!   (`*2`, `*1..3`) yields one row per distinct twin reached at an allowed depth by a
+//!   breadth-first walk that traverses each relationship at most once (ADT: "cyclic
+//!   relationships are automatically detected, so that a relationship is traversed only once")
+//!   and never re-enters the start twin. Its cost is linear in the relationships within reach.
 //! - `SELECT *` returns the document itself; with MATCH, an object of every named collection.
 //!   With JOIN it is rejected, as in ADT.
 //! - JOIN and MATCH need no `$dtId` condition (ADT requires one): without one they start from a
@@ -81,6 +84,8 @@ mod fixture;
 mod tests_exec;
 #[cfg(test)]
 mod tests_parse;
+#[cfg(test)]
+mod tests_traverse;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
