@@ -13,6 +13,9 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [
     TableDefinition::new(table.name())
 }
 
+/// redb's page cache.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 #[derive(Debug)]
 pub struct RedbStore {
     db: Database,
@@ -21,7 +24,12 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (or creates) the store file at `path`; redb recovers from an unclean shutdown here.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(err)?;
+        // The server reads the store only at start-up (the graph lives in memory), so a small
+        // page cache is enough; redb's default of 1 GiB would double the resident memory.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(err)?;
         // Create every table up front so that scans of empty tables succeed.
         let txn = db.begin_write().map_err(err)?;
         for table in Table::ALL {
