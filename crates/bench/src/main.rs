@@ -52,6 +52,7 @@ enum Command {
 }
 
 const MODEL: &str = "dtmi:bench:Node;1";
+static RETRIES: AtomicUsize = AtomicUsize::new(0);
 const API: &str = "api-version=2023-10-31";
 
 struct Api {
@@ -105,22 +106,36 @@ impl Api {
         })
     }
 
+    /// PUT is idempotent, so a request whose connection failed is sent again on another
+    /// connection (at most twice); retries are counted and reported.
     async fn put(&self, n: usize, path: &str, body: &Value) -> anyhow::Result<()> {
-        let client = &self.clients[n % self.clients.len()];
-        let response = client
-            .put(format!("{}{path}?{API}", self.base))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            bail!(
-                "PUT {path}: {} {}",
-                response.status(),
-                response.text().await.unwrap_or_default()
-            );
+        let mut attempt = 0;
+        loop {
+            let client = &self.clients[(n + attempt) % self.clients.len()];
+            let url = format!("{}{path}?{API}", self.base);
+            match client
+                .put(url)
+                .bearer_auth(&self.token)
+                .json(body)
+                .send()
+                .await
+            {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) => {
+                    let status = response.status();
+                    bail!(
+                        "PUT {path}: {status} {}",
+                        response.text().await.unwrap_or_default()
+                    );
+                }
+                Err(e) if attempt < 2 => {
+                    RETRIES.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("retrying PUT {path} after a transport error: {e}");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(())
     }
 }
 
@@ -214,10 +229,11 @@ async fn load(
         rels as f64 / rel_time.as_secs_f64()
     );
     println!(
-        "load all_writes={} seconds={:.2} writes_per_s={:.0}",
+        "load all_writes={} seconds={:.2} writes_per_s={:.0} transport_retries={}",
         twins + rels,
         total.as_secs_f64(),
-        (twins + rels) as f64 / total.as_secs_f64()
+        (twins + rels) as f64 / total.as_secs_f64(),
+        RETRIES.load(Ordering::Relaxed)
     );
     Ok(())
 }
