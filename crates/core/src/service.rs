@@ -18,7 +18,7 @@ use crate::dtdl::{self, ParseOptions};
 use crate::dtmi::Dtmi;
 use crate::error::{DomainError, DomainResult};
 use crate::graph::ops::{WriteContext, WriteOp, WriteOutcome};
-use crate::graph::records::{relationship_from_doc, twin_from_doc};
+use crate::graph::records::twin_from_doc;
 use crate::graph::{EventRoute, Graph, ModelEntry, Relationship, Twin};
 use crate::query;
 use crate::store::{Mutation, Store, StoreError, Table};
@@ -115,8 +115,8 @@ impl TwinService {
         let is_component = graph
             .model(&twin.model)
             .is_some_and(|m| m.interface.components.contains_key(name));
-        match twin.doc.get(name) {
-            Some(v) if is_component => Ok(v.clone()),
+        match twin.doc().remove(name) {
+            Some(v) if is_component => Ok(v),
             _ => Err(DomainError::ComponentNotFound(name.to_owned())),
         }
     }
@@ -358,7 +358,13 @@ fn load(store: &dyn Store) -> Result<Graph, OpenError> {
     for (key, bytes) in store.scan(Table::Relationships)? {
         let doc: Map<String, Value> = serde_json::from_slice(&bytes)
             .map_err(|_| OpenError::Corrupt("relationship", key.clone()))?;
-        let rel = relationship_from_doc(doc).ok_or(OpenError::Corrupt("relationship", key))?;
+        let twin_id = |field: &str| {
+            let id = doc.get(field).and_then(Value::as_str)?;
+            graph.twin(id).map(|t| t.id.clone())
+        };
+        let (source, target) = (twin_id("$sourceId"), twin_id("$targetId"));
+        let rel = Relationship::from_doc(&doc, source.as_ref(), target.as_ref())
+            .ok_or(OpenError::Corrupt("relationship", key))?;
         graph.insert_relationship(Arc::new(rel));
     }
     for (key, bytes) in store.scan(Table::EventRoutes)? {

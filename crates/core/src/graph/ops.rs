@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::Graph;
-use super::records::{relationship_from_doc, twin_from_doc};
+use super::records::twin_from_doc;
 use super::types::{EventRoute, ModelEntry, Relationship, Twin};
 use super::validate::{check_id, check_relationship_properties, check_twin_contents};
 use crate::auth::Action;
@@ -440,7 +440,8 @@ fn assemble_twin(
     iface: &Interface,
     now: &str,
 ) -> Map<String, Value> {
-    let previous_doc = previous.map(|t| &t.doc);
+    let previous_doc = previous.map(Twin::doc);
+    let previous_doc = previous_doc.as_ref();
     let mut doc = Map::new();
     doc.insert("$dtId".into(), Value::String(id.to_owned()));
     doc.insert("$etag".into(), Value::String(etag.to_owned()));
@@ -558,7 +559,7 @@ fn patch_twin(
         .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))?;
     precondition.check(Some(&twin.etag))?;
     let patch = parse_patch(patch)?;
-    let mut view = editable_view(&twin.doc);
+    let mut view = editable_view(&twin.doc());
     {
         let target = match component {
             None => &mut view,
@@ -689,7 +690,7 @@ fn put_relationship(
     doc.insert("$targetId".into(), Value::String(target_id));
     doc.extend(body);
     let rel = Arc::new(
-        relationship_from_doc(doc)
+        Relationship::from_doc(&doc, Some(&source.id), Some(&target.id))
             .ok_or_else(|| DomainError::ValidationFailed("malformed relationship".into()))?,
     );
     graph.put_relationship(rel.clone(), muts);
@@ -718,7 +719,7 @@ fn patch_relationship(
             ));
         }
     }
-    let mut view = Value::Object(rel.doc.clone());
+    let mut view = Value::Object(rel.doc());
     json_patch::patch(&mut view, &patch)
         .map_err(|e| DomainError::ValidationFailed(format!("the patch cannot be applied: {e}")))?;
     let Value::Object(mut doc) = view else {
@@ -734,7 +735,7 @@ fn patch_relationship(
     check_relationship_properties(definition, &doc)?;
     doc.insert("$etag".into(), Value::String(ctx.new_etag()));
     let rel = Arc::new(
-        relationship_from_doc(doc)
+        Relationship::from_doc(&doc, Some(&rel.source), Some(&rel.target))
             .ok_or_else(|| DomainError::ValidationFailed("malformed relationship".into()))?,
     );
     graph.put_relationship(rel.clone(), muts);

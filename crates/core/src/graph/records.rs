@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 
 use super::Graph;
-use super::types::{EventRoute, Id, ModelEntry, Relationship, Twin};
+use super::types::{EventRoute, ModelEntry, Relationship, Twin};
 use crate::dtmi::Dtmi;
 use crate::store::{Mutation, Table};
 
@@ -47,7 +47,7 @@ impl Graph {
         muts.push(Mutation::put(
             Table::Twins,
             twin.id.as_ref(),
-            to_bytes(&twin.doc),
+            twin.json().get().as_bytes().to_vec(),
         ));
         self.insert_twin(twin);
     }
@@ -67,7 +67,7 @@ impl Graph {
         muts.push(Mutation::put(
             Table::Relationships,
             relationship_key(&rel.source, &rel.id),
-            to_bytes(&rel.doc),
+            rel.json().get().as_bytes().to_vec(),
         ));
         self.insert_relationship(rel);
     }
@@ -135,26 +135,5 @@ impl Graph {
 
 /// Rebuilds a twin from its stored wire form.
 pub(crate) fn twin_from_doc(doc: Map<String, Value>) -> Option<Twin> {
-    let id: Id = Arc::from(doc.get("$dtId")?.as_str()?);
-    let etag = doc.get("$etag")?.as_str()?.to_owned();
-    let model = Dtmi::parse(doc.get("$metadata")?.get("$model")?.as_str()?).ok()?;
-    Some(Twin {
-        id,
-        model,
-        etag,
-        doc,
-    })
-}
-
-/// Rebuilds a relationship from its stored wire form.
-pub(crate) fn relationship_from_doc(doc: Map<String, Value>) -> Option<Relationship> {
-    let field = |name: &str| doc.get(name).and_then(Value::as_str).map(Arc::<str>::from);
-    Some(Relationship {
-        id: field("$relationshipId")?,
-        source: field("$sourceId")?,
-        target: field("$targetId")?,
-        name: field("$relationshipName")?,
-        etag: doc.get("$etag")?.as_str()?.to_owned(),
-        doc,
-    })
+    Twin::from_doc(&doc)
 }

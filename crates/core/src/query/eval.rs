@@ -3,7 +3,9 @@
 //! `NOT` and is neither true nor false in `AND`/`OR`. A row passes `WHERE` only when the
 //! condition is `true`.
 
+use std::cell::OnceCell;
 use std::cmp::Ordering;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use serde_json::{Map, Number, Value};
@@ -12,25 +14,39 @@ use super::ast::{CmpOp, Expr, Func};
 use crate::graph::{Graph, Relationship, Twin};
 
 /// What a collection variable is bound to in the current row.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Bound<'a> {
     Unbound,
-    Twin(&'a Arc<Twin>),
-    Rel(&'a Arc<Relationship>),
+    Twin(&'a Arc<Twin>, Doc),
+    Rel(&'a Arc<Relationship>, Doc),
 }
 
+/// A binding's document, parsed from the stored JSON on first use and shared by the binding's
+/// clones. Rows that never look at a document (`COUNT()`, `$dtId` seeds filtered by visibility)
+/// never parse it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Doc(Rc<OnceCell<Map<String, Value>>>);
+
 impl<'a> Bound<'a> {
-    pub fn doc(self) -> Option<&'a Map<String, Value>> {
+    pub fn twin_of(twin: &'a Arc<Twin>) -> Self {
+        Bound::Twin(twin, Doc::default())
+    }
+
+    pub fn rel_of(rel: &'a Arc<Relationship>) -> Self {
+        Bound::Rel(rel, Doc::default())
+    }
+
+    pub fn doc(&self) -> Option<&Map<String, Value>> {
         match self {
             Bound::Unbound => None,
-            Bound::Twin(t) => Some(&t.doc),
-            Bound::Rel(r) => Some(&r.doc),
+            Bound::Twin(t, d) => Some(d.0.get_or_init(|| t.doc())),
+            Bound::Rel(r, d) => Some(d.0.get_or_init(|| r.doc())),
         }
     }
 
-    pub fn twin(self) -> Option<&'a Arc<Twin>> {
+    pub fn twin(&self) -> Option<&'a Arc<Twin>> {
         match self {
-            Bound::Twin(t) => Some(t),
+            Bound::Twin(t, _) => Some(t),
             _ => None,
         }
     }
@@ -105,7 +121,7 @@ fn from_truth<'a>(t: Option<bool>) -> Val<'a> {
 }
 
 /// Looks up `path` in a collection's document; an empty path is the document itself.
-pub(crate) fn lookup<'a>(bound: Bound<'a>, path: &[String]) -> Val<'a> {
+pub(crate) fn lookup<'r>(bound: &'r Bound<'_>, path: &[String]) -> Val<'r> {
     let Some(doc) = bound.doc() else {
         return Val::Undefined;
     };
@@ -125,10 +141,13 @@ pub(crate) fn lookup<'a>(bound: Bound<'a>, path: &[String]) -> Val<'a> {
     Val::Json(current)
 }
 
-pub(crate) fn eval<'a>(expr: &'a Expr, row: &[Bound<'a>], graph: &Graph) -> Val<'a> {
+pub(crate) fn eval<'r>(expr: &'r Expr, row: &'r [Bound<'_>], graph: &Graph) -> Val<'r> {
     match expr {
         Expr::Literal(v) => Val::Json(v),
-        Expr::Path { var, path } => lookup(row.get(*var).copied().unwrap_or(Bound::Unbound), path),
+        Expr::Path { var, path } => match row.get(*var) {
+            Some(bound) => lookup(bound, path),
+            None => Val::Undefined,
+        },
         Expr::Not(e) => from_truth(eval(e, row, graph).truth().map(|b| !b)),
         Expr::And(terms) => {
             let mut all_true = true;
@@ -184,12 +203,10 @@ pub(crate) fn eval<'a>(expr: &'a Expr, row: &[Bound<'a>], graph: &Graph) -> Val<
             };
             call(*func, arg(0), arg(1))
         }
-        Expr::IsOfModel { var, model, exact } => {
-            match row.get(*var).copied().and_then(Bound::twin) {
-                Some(twin) => Val::Bool(graph.is_of_model(twin, model, *exact)),
-                None => Val::Undefined,
-            }
-        }
+        Expr::IsOfModel { var, model, exact } => match row.get(*var).and_then(Bound::twin) {
+            Some(twin) => Val::Bool(graph.is_of_model(twin, model, *exact)),
+            None => Val::Undefined,
+        },
     }
 }
 

@@ -137,7 +137,7 @@ impl<'a> Run<'a> {
                 for id in ids {
                     self.examine()?;
                     let Some(twin) = graph.twin(id) else { continue };
-                    if self.bind_seed(row, *var, Bound::Twin(twin))? == Flow::Stop {
+                    if self.bind_seed(row, *var, Bound::twin_of(twin))? == Flow::Stop {
                         break;
                     }
                 }
@@ -145,7 +145,7 @@ impl<'a> Run<'a> {
             Seed::Twins { var, ids: None } => {
                 for twin in graph.twins() {
                     self.examine()?;
-                    if self.bind_seed(row, *var, Bound::Twin(twin))? == Flow::Stop {
+                    if self.bind_seed(row, *var, Bound::twin_of(twin))? == Flow::Stop {
                         break;
                     }
                 }
@@ -156,7 +156,7 @@ impl<'a> Run<'a> {
             } => {
                 for rel in graph.relationships() {
                     self.examine()?;
-                    if self.bind_seed(row, *var, Bound::Rel(rel))? == Flow::Stop {
+                    if self.bind_seed(row, *var, Bound::rel_of(rel))? == Flow::Stop {
                         break;
                     }
                 }
@@ -168,7 +168,7 @@ impl<'a> Run<'a> {
                 'ids: for id in ids {
                     for rel in graph.outgoing(id) {
                         self.examine()?;
-                        if self.bind_seed(row, *var, Bound::Rel(rel))? == Flow::Stop {
+                        if self.bind_seed(row, *var, Bound::rel_of(rel))? == Flow::Stop {
                             break 'ids;
                         }
                     }
@@ -181,7 +181,7 @@ impl<'a> Run<'a> {
                 'ids: for id in ids {
                     for rel in graph.incoming(id) {
                         self.examine()?;
-                        if self.bind_seed(row, *var, Bound::Rel(rel))? == Flow::Stop {
+                        if self.bind_seed(row, *var, Bound::rel_of(rel))? == Flow::Stop {
                             break 'ids;
                         }
                     }
@@ -198,8 +198,8 @@ impl<'a> Run<'a> {
         bound: Bound<'a>,
     ) -> Result<Flow, QueryError> {
         let visible = match bound {
-            Bound::Twin(t) => self.twin_visible(t),
-            Bound::Rel(r) => self.rel_visible(r),
+            Bound::Twin(t, _) => self.twin_visible(t),
+            Bound::Rel(r, _) => self.rel_visible(r),
             Bound::Unbound => false,
         };
         if !visible {
@@ -217,7 +217,7 @@ impl<'a> Run<'a> {
         let Some(step) = plan.steps.get(k) else {
             return self.emit(row);
         };
-        let Some(from) = row.get(step.from).copied().and_then(Bound::twin) else {
+        let Some(from) = row.get(step.from).and_then(Bound::twin) else {
             return Ok(Flow::Continue);
         };
         match step.edge.hops {
@@ -225,7 +225,7 @@ impl<'a> Run<'a> {
             Some((min, max)) => {
                 let reached = self.reach(from, step, min, max)?;
                 for twin in reached {
-                    set(row, step.to, Bound::Twin(twin));
+                    set(row, step.to, Bound::twin_of(twin));
                     if self.checks_pass(k + 1, row)? && self.descend(k + 1, row)? == Flow::Stop {
                         return Ok(Flow::Stop);
                     }
@@ -254,9 +254,9 @@ impl<'a> Run<'a> {
             if !self.twin_visible(twin) {
                 continue;
             }
-            set(row, step.to, Bound::Twin(twin));
+            set(row, step.to, Bound::twin_of(twin));
             if let Some(rel_var) = step.edge.rel_var {
-                set(row, rel_var, Bound::Rel(rel));
+                set(row, rel_var, Bound::rel_of(rel));
             }
             if self.checks_pass(k + 1, row)? && self.descend(k + 1, row)? == Flow::Stop {
                 return Ok(Flow::Stop);
@@ -389,8 +389,10 @@ fn project(query: &Query, row: &[Bound<'_>]) -> Value {
         Select::Items(items) => {
             let mut object = Map::new();
             for item in items {
-                let bound = row.get(item.var).copied().unwrap_or(Bound::Unbound);
-                if let Some(value) = lookup(bound, &item.path).to_json() {
+                let value = row
+                    .get(item.var)
+                    .and_then(|bound| lookup(bound, &item.path).to_json());
+                if let Some(value) = value {
                     object.insert(item.key.clone(), value);
                 }
             }

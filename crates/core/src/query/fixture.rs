@@ -59,12 +59,7 @@ impl GraphBuilder {
         if let Value::Object(props) = properties {
             doc.extend(props);
         }
-        let twin = Twin {
-            id: id.into(),
-            model: dtmi(model),
-            etag: format!("W/\"{id}\""),
-            doc,
-        };
+        let twin = Twin::from_doc(&doc).expect("fixture twin");
         self.graph.twins.insert(id.into(), Arc::new(twin));
         self
     }
@@ -92,14 +87,7 @@ impl GraphBuilder {
         if let Value::Object(props) = properties {
             doc.extend(props);
         }
-        let rel = Relationship {
-            id: id.into(),
-            source: source.into(),
-            target: target.into(),
-            name: name.into(),
-            etag: format!("W/\"{id}\""),
-            doc,
-        };
+        let rel = Relationship::from_doc(&doc, None, None).expect("fixture relationship");
         let source_id: Id = source.into();
         let rel_id: Id = id.into();
         self.graph

@@ -14,7 +14,7 @@ fn select_star_returns_every_twin_document_as_is() {
     assert_eq!(result.items.len(), 8);
     assert!(result.continuation.is_none());
     let r1 = result.items.iter().find(|i| i["$dtId"] == "R1").unwrap();
-    assert_eq!(r1, &Value::Object(graph.twin("R1").unwrap().doc.clone()));
+    assert_eq!(r1, &Value::Object(graph.twin("R1").unwrap().doc()));
 }
 
 #[test]

@@ -110,11 +110,11 @@ async fn created_twin_carries_model_etag_and_property_metadata() {
     .await
     .unwrap();
     let twin = service.twin(&reader(), "r1").unwrap();
-    assert_eq!(twin.doc["$dtId"], "r1");
+    assert_eq!(twin.doc()["$dtId"], "r1");
     assert!(twin.etag.starts_with("W/\""));
-    assert_eq!(twin.doc["$metadata"]["$model"], "dtmi:test:Room;1");
-    assert!(twin.doc["$metadata"]["temperature"]["lastUpdateTime"].is_string());
-    assert!(twin.doc["$metadata"]["$lastUpdateTime"].is_string());
+    assert_eq!(twin.doc()["$metadata"]["$model"], "dtmi:test:Room;1");
+    assert!(twin.doc()["$metadata"]["temperature"]["lastUpdateTime"].is_string());
+    assert!(twin.doc()["$metadata"]["$lastUpdateTime"].is_string());
 }
 
 #[tokio::test]
@@ -165,7 +165,7 @@ async fn stale_etags_and_if_none_match_are_refused_with_precondition_failed() {
     let err = service.write(&owner(), op(&first.etag)).await.unwrap_err();
     assert!(matches!(err, DomainError::PreconditionFailed));
     assert_eq!(
-        service.twin(&owner(), "r1").unwrap().doc["temperature"],
+        service.twin(&owner(), "r1").unwrap().doc()["temperature"],
         2.0
     );
 
@@ -359,7 +359,7 @@ async fn reopening_the_store_restores_every_acknowledged_write() {
     let graph = reopened.snapshot();
     assert_eq!(graph.twin_count(), 2);
     assert_eq!(graph.relationship_count(), 1);
-    assert_eq!(graph.twin("r1").unwrap().doc["temperature"], 19.0);
+    assert_eq!(graph.twin("r1").unwrap().doc()["temperature"], 19.0);
     assert_eq!(graph.incoming("r1").count(), 1);
     assert!(graph.route("all").is_some());
     assert_eq!(graph.models().count(), 3);
@@ -412,10 +412,10 @@ async fn source_times_are_kept_per_property_and_unchanged_values_keep_their_upda
     service.write(&owner(), op).await.unwrap();
     let first = service.twin(&owner(), "r1").unwrap();
     assert_eq!(
-        first.doc["$metadata"]["temperature"]["sourceTime"],
+        first.doc()["$metadata"]["temperature"]["sourceTime"],
         "2026-01-02T03:04:05Z"
     );
-    assert!(first.doc["$metadata"]["name"].get("sourceTime").is_none());
+    assert!(first.doc()["$metadata"]["name"].get("sourceTime").is_none());
 
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let patch = json!([
@@ -430,14 +430,15 @@ async fn source_times_are_kept_per_property_and_unchanged_values_keep_their_upda
     };
     service.write(&owner(), op).await.unwrap();
     let second = service.twin(&owner(), "r1").unwrap();
-    let meta = &second.doc["$metadata"];
+    let meta = &second.doc()["$metadata"];
     assert_eq!(meta["temperature"]["sourceTime"], "2026-01-02T03:05:00Z");
     assert_ne!(
         meta["temperature"]["lastUpdateTime"],
-        first.doc["$metadata"]["temperature"]["lastUpdateTime"]
+        first.doc()["$metadata"]["temperature"]["lastUpdateTime"]
     );
     assert_eq!(
-        meta["name"]["lastUpdateTime"], first.doc["$metadata"]["name"]["lastUpdateTime"],
+        meta["name"]["lastUpdateTime"],
+        first.doc()["$metadata"]["name"]["lastUpdateTime"],
         "name did not change"
     );
 }

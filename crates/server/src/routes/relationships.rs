@@ -4,6 +4,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use twinguard_core::graph::{WriteOp, WriteOutcome};
 
@@ -29,7 +30,7 @@ pub async fn list(
     let rels = state
         .service
         .outgoing(&caller, &id, params.relationship_name.as_deref())?;
-    let items: Vec<&Map<String, Value>> = rels.iter().map(|r| &r.doc).collect();
+    let items: Vec<&RawValue> = rels.iter().map(|r| r.json()).collect();
     list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
 }
 
@@ -62,7 +63,7 @@ pub async fn get(
     Path((id, rel)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let rel = state.service.relationship(&caller, &id, &rel)?;
-    Ok((etag_header(&rel.etag), axum::Json(&rel.doc)).into_response())
+    Ok((etag_header(&rel.etag), axum::Json(rel.json())).into_response())
 }
 
 pub async fn put(
@@ -87,7 +88,7 @@ pub async fn put(
         .await?
     {
         WriteOutcome::Relationship(rel) => {
-            Ok((etag_header(&rel.etag), axum::Json(&rel.doc)).into_response())
+            Ok((etag_header(&rel.etag), axum::Json(rel.json())).into_response())
         }
         _ => Err(ApiError::internal(
             "relationship write returned an unexpected outcome",

@@ -16,7 +16,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let twin = state.service.twin(&caller, &id)?;
-    Ok((etag_header(&twin.etag), axum::Json(&twin.doc)).into_response())
+    Ok((etag_header(&twin.etag), axum::Json(twin.json())).into_response())
 }
 
 pub async fn put(
@@ -40,7 +40,7 @@ pub async fn put(
         .await?
     {
         WriteOutcome::Twin(twin) => {
-            Ok((etag_header(&twin.etag), axum::Json(&twin.doc)).into_response())
+            Ok((etag_header(&twin.etag), axum::Json(twin.json())).into_response())
         }
         _ => Err(ApiError::internal(
             "twin write returned an unexpected outcome",
