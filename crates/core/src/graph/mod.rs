@@ -1,5 +1,6 @@
 //! The twin graph: models, twins, relationships and event routes, and the rules for changing them.
 
+mod adjacency;
 pub mod ops;
 pub(crate) mod records;
 mod snapshot;

@@ -77,7 +77,7 @@ impl Graph {
             .outgoing
             .entry(rel.source.clone())
             .or_default()
-            .insert(rel.id.clone(), rel.clone());
+            .insert(rel.clone());
         match previous {
             Some(old) if old.target != rel.target => {
                 self.unlink_incoming(&old);

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use imbl::{HashMap, OrdMap, OrdSet};
+use imbl::{HashMap, OrdMap};
+
+use super::adjacency::{Incoming, Outgoing};
 
 use super::types::{EventRoute, Id, ModelEntry, Relationship, Twin};
 use crate::dtmi::Dtmi;
@@ -13,10 +15,10 @@ use crate::dtmi::Dtmi;
 pub struct Graph {
     pub(crate) models: HashMap<Dtmi, Arc<ModelEntry>>,
     pub(crate) twins: HashMap<Id, Arc<Twin>>,
-    /// source -> relationship id -> relationship
-    pub(crate) outgoing: HashMap<Id, OrdMap<Id, Arc<Relationship>>>,
-    /// target -> (source, relationship id)
-    pub(crate) incoming: HashMap<Id, OrdSet<(Id, Id)>>,
+    /// source -> its relationships, by relationship id
+    pub(crate) outgoing: HashMap<Id, Outgoing>,
+    /// target -> (source, relationship id) of the relationships that point at it
+    pub(crate) incoming: HashMap<Id, Incoming>,
     pub(crate) routes: OrdMap<String, Arc<EventRoute>>,
     pub(crate) relationship_count: usize,
 }

@@ -94,7 +94,7 @@ impl GraphBuilder {
             .outgoing
             .entry(source_id.clone())
             .or_default()
-            .insert(rel_id.clone(), Arc::new(rel));
+            .insert(Arc::new(rel));
         self.graph
             .incoming
             .entry(target.into())
