@@ -43,17 +43,24 @@ rss_mib() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; twins=$TWINS relationships=$((TWINS * 3))"
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
 # 1. Load a graph through the API, then probe query latency.
 DATA="$WORK/graph"
 start_server "$DATA"
+before=$(cpu_ticks "$SERVER_PID")
 "$TB" --data-dir "$DATA" --base "$BASE" load --twins "$TWINS" --relationships-per-twin 3
+after=$(cpu_ticks "$SERVER_PID")
+echo "server_cpu_us_per_write=$(awk -v t=$((after - before)) -v n=$((TWINS * 4)) -v k="$TICK" 'BEGIN {printf "%.1f", t / k / n * 1e6}')"
 echo "rss_after_graph_mib=$(rss_mib "$SERVER_PID")"
 "$TB" --data-dir "$DATA" --base "$BASE" latency --twins "$TWINS" --count 2000 \
     --query "SELECT * FROM DIGITALTWINS WHERE \$dtId = '{id}'"
 "$TB" --data-dir "$DATA" --base "$BASE" latency --twins "$TWINS" --count 1000 \
     --query "SELECT B FROM DIGITALTWINS MATCH (A)-[:link*..3]->(B) WHERE A.\$dtId = '{id}'" --min-items 3
 
-# 2. Authenticated GET /digitaltwins/{id} under wrk, then nginx serving the same JSON over TLS.
+# 2. Authenticated GET /digitaltwins/{id} under wrk; nginx serving the same JSON over TLS with the
+#    same certificate is measured after the write phase below.
 TOKEN=$("$TB" --data-dir "$DATA" --base "$BASE" token)
 cat >"$WORK/get.lua" <<LUA
 math.randomseed(42)
@@ -66,6 +73,34 @@ curl -s --cacert "$DATA/tls/ca.pem" -H "Authorization: Bearer $TOKEN" \
     "$BASE/digitaltwins/t1?api-version=2023-10-31" >"$WORK/twin.json"
 echo "twin_json_bytes=$(wc -c <"$WORK/twin.json")"
 wrk -t2 -c64 -d"${DURATION}s" --latency -s "$WORK/get.lua" "$BASE" >"$WORK/wrk-tg.txt"
+
+# 3. Twin creation with wrk as the client (C, HTTP/1.1 keep-alive): the write path without the
+#    Rust load generator's own CPU cost. Afterwards a COUNT query checks that every 2xx answer
+#    left a twin behind.
+cat >"$WORK/put.lua" <<LUA
+local threads = {}
+function setup(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
+local counter = 0
+local body = '{"\$metadata": {"\$model": "dtmi:bench:Node;1"}, "name": "w", "temperature": 21.5, "status": "ok"}'
+request = function()
+  counter = counter + 1
+  return wrk.format("PUT", "/digitaltwins/w" .. tid .. "-" .. counter .. "?api-version=2023-10-31",
+    {["Content-Type"] = "application/json", ["Authorization"] = "Bearer $TOKEN"}, body)
+end
+LUA
+wrk -t2 -c64 -d"${DURATION}s" --latency -s "$WORK/put.lua" "$BASE" >"$WORK/wrk-put.txt"
+PUT_TOTAL=$(awk '/requests in/ {print $1}' "$WORK/wrk-put.txt")
+PUT_BAD=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-put.txt"); PUT_BAD=${PUT_BAD:-0}
+CREATED=$(curl -s --cacert "$DATA/tls/ca.pem" -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+    -d '{"query": "SELECT COUNT() FROM DIGITALTWINS WHERE STARTSWITH($dtId, '"'w'"')"}' \
+    "$BASE/query?api-version=2023-10-31" | sed 's/.*"COUNT":\([0-9]*\).*/\1/')
+echo "put_twin rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-put.txt") p50=$(awk '$1 == "50%" {print $2}' "$WORK/wrk-put.txt") p99=$(awk '$1 == "99%" {print $2}' "$WORK/wrk-put.txt") requests=$PUT_TOTAL non2xx=$PUT_BAD twins_created=$CREATED"
+if [ "$CREATED" != "$((PUT_TOTAL - PUT_BAD))" ]; then
+    echo "put_twin: acknowledged writes ($((PUT_TOTAL - PUT_BAD))) and twins found ($CREATED) differ" >&2
+fi
 
 mkdir -p "$WORK/www"
 cp "$WORK/twin.json" "$WORK/www/twin.json"
@@ -91,6 +126,7 @@ nginx -c "$WORK/nginx.conf"
 sleep 0.5
 wrk -t2 -c64 -d"${DURATION}s" --latency -s "$WORK/get.lua" https://127.0.0.1:18443 >"$WORK/wrk-nginx.txt"
 kill "$(cat "$WORK/nginx.pid")"
+rm -f "$WORK/nginx.pid"
 
 rps() { awk '/Requests\/sec/ {print $2}' "$1"; }
 p() { awk -v q="$2" '$1 == q {print $2}' "$1"; }
@@ -98,9 +134,9 @@ TG_RPS=$(rps "$WORK/wrk-tg.txt"); NG_RPS=$(rps "$WORK/wrk-nginx.txt")
 echo "get_twin rps=$TG_RPS p50=$(p "$WORK/wrk-tg.txt" 50%) p99=$(p "$WORK/wrk-tg.txt" 99%) non2xx=$(grep -c 'Non-2xx' "$WORK/wrk-tg.txt" || true)"
 echo "nginx_static rps=$NG_RPS p50=$(p "$WORK/wrk-nginx.txt" 50%) p99=$(p "$WORK/wrk-nginx.txt" 99%)"
 echo "get_twin_to_nginx_ratio=$(awk -v a="$TG_RPS" -v b="$NG_RPS" 'BEGIN {printf "%.2f", a / b}')"
-kill "$SERVER_PID"
+kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 
-# 3. Resident memory after loading MEM_TWINS twins (no relationships).
+# 4. Resident memory after loading MEM_TWINS twins (no relationships).
 DATA="$WORK/memory"
 start_server "$DATA"
 echo "rss_empty_mib=$(rss_mib "$SERVER_PID")"
@@ -108,7 +144,7 @@ echo "rss_empty_mib=$(rss_mib "$SERVER_PID")"
 echo "rss_after_${MEM_TWINS}_twins_mib=$(rss_mib "$SERVER_PID")"
 STORE_MIB=$(du -m "$DATA/store.redb" | cut -f1)
 echo "store_file_mib=$STORE_MIB"
-kill "$SERVER_PID"
+kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 # Restart: how long loading the store takes.
 start=$(date +%s.%N)
 start_server "$DATA"

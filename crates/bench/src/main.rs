@@ -129,8 +129,9 @@ impl Api {
                     );
                 }
                 Err(e) if attempt < 2 => {
-                    RETRIES.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("retrying PUT {path} after a transport error: {e}");
+                    if RETRIES.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("retrying PUT {path} after a transport error: {e:#}");
+                    }
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
