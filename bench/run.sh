@@ -98,8 +98,12 @@ CREATED=$(curl -s --cacert "$DATA/tls/ca.pem" -H "Authorization: Bearer $TOKEN" 
     -d '{"query": "SELECT COUNT() FROM DIGITALTWINS WHERE STARTSWITH($dtId, '"'w'"')"}' \
     "$BASE/query?api-version=2023-10-31" | sed 's/.*"COUNT":\([0-9]*\).*/\1/')
 echo "put_twin rps=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-put.txt") p50=$(awk '$1 == "50%" {print $2}' "$WORK/wrk-put.txt") p99=$(awk '$1 == "99%" {print $2}' "$WORK/wrk-put.txt") requests=$PUT_TOTAL non2xx=$PUT_BAD twins_created=$CREATED"
-if [ "$CREATED" != "$((PUT_TOTAL - PUT_BAD))" ]; then
-    echo "put_twin: acknowledged writes ($((PUT_TOTAL - PUT_BAD))) and twins found ($CREATED) differ" >&2
+# wrk stops counting at the deadline while up to one request per connection is still in flight,
+# so the store may hold up to 64 more twins than wrk saw acknowledged, never fewer.
+ACKED=$((PUT_TOTAL - PUT_BAD))
+if [ "$CREATED" -lt "$ACKED" ] || [ "$CREATED" -gt $((ACKED + 64)) ]; then
+    echo "put_twin: FAILED: $ACKED acknowledged creations but $CREATED twins found" >&2
+    exit 1
 fi
 
 mkdir -p "$WORK/www"
