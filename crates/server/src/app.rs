@@ -100,6 +100,13 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))
+        .method_not_allowed_fallback(|| async {
+            crate::error::ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                twinguard_proto::ErrorCode::BadRequest,
+                "the route does not support this method",
+            )
+        })
         .fallback(|| async {
             crate::error::ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -201,7 +201,7 @@ pub struct ApiVersionQuery {
 
 /// Rejects ADT data-plane requests without a known `api-version`.
 pub async fn require_api_version(
-    query: Result<Query<ApiVersionQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<axum::extract::Query<ApiVersionQuery>, axum::extract::rejection::QueryRejection>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -267,4 +267,41 @@ pub async fn correlate(State(_state): State<AppState>, req: Request, next: Next)
         tracing::debug!(correlation_id = %id, %method, %path, status = status.as_u16(), micros = started.elapsed().as_micros() as u64, "request");
     }
     response
+}
+
+/// axum's `Query`, with malformed query strings answered in the ADT error shape (axum's own
+/// rejection is plain text that echoes parser internals).
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(e) => Err(ApiError {
+                detail: Some(e.body_text()),
+                ..ApiError::invalid_argument("a query parameter is malformed")
+            }),
+        }
+    }
+}
+
+/// axum's `Path`, with undecodable path segments answered in the ADT error shape.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(e) => Err(ApiError {
+                detail: Some(e.body_text()),
+                ..ApiError::invalid_argument("a path segment is malformed")
+            }),
+        }
+    }
 }

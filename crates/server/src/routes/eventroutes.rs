@@ -1,6 +1,6 @@
 //! `/eventroutes`: stored and validated now; delivery comes with the event pipeline.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -9,7 +9,7 @@ use twinguard_core::graph::{EventRoute, WriteOp};
 
 use crate::app::AppState;
 use crate::error::ApiResult;
-use crate::http::{Caller, JsonBody, list_page};
+use crate::http::{Caller, JsonBody, Path, Query, list_page};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -12,7 +12,7 @@ use twinguard_core::graph::{ModelEntry, WriteOp, WriteOutcome};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Caller, JsonBody, list_page};
+use crate::http::{Caller, JsonBody, Path, Query, list_page};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -1,6 +1,6 @@
 //! `/digitaltwins/{id}/relationships` and `/incomingrelationships`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -10,7 +10,7 @@ use twinguard_core::graph::{WriteOp, WriteOutcome};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Caller, JsonBody, etag_header, if_match, if_none_match, list_page};
+use crate::http::{Caller, JsonBody, Path, Query, etag_header, if_match, if_none_match, list_page};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]

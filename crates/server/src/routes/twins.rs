@@ -1,6 +1,6 @@
 //! `/digitaltwins/{id}` and its components.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
@@ -8,7 +8,7 @@ use twinguard_core::graph::{WriteOp, WriteOutcome};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Caller, JsonBody, etag_header, if_match, if_none_match};
+use crate::http::{Caller, JsonBody, Path, etag_header, if_match, if_none_match};
 
 pub async fn get(
     State(state): State<AppState>,
