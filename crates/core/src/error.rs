@@ -52,6 +52,9 @@ pub enum DomainError {
     PreconditionFailed,
     #[error("the store is unavailable")]
     Unavailable,
+    /// A broken invariant of the server itself; never the client's doing.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 pub type DomainResult<T> = Result<T, DomainError>;

@@ -106,6 +106,31 @@ pub enum WriteOutcome {
     Done,
 }
 
+impl WriteOutcome {
+    pub fn into_twin(self) -> DomainResult<Arc<Twin>> {
+        match self {
+            Self::Twin(twin) => Ok(twin),
+            _ => Err(DomainError::Internal("a twin write produced no twin")),
+        }
+    }
+
+    pub fn into_relationship(self) -> DomainResult<Arc<Relationship>> {
+        match self {
+            Self::Relationship(rel) => Ok(rel),
+            _ => Err(DomainError::Internal(
+                "a relationship write produced no relationship",
+            )),
+        }
+    }
+
+    pub fn into_models(self) -> DomainResult<Vec<Arc<ModelEntry>>> {
+        match self {
+            Self::Models(models) => Ok(models),
+            _ => Err(DomainError::Internal("a model upload produced no models")),
+        }
+    }
+}
+
 impl WriteOp {
     /// The data action a caller needs for this operation.
     pub fn action(&self) -> Action {

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use twinguard_core::dtmi::Dtmi;
-use twinguard_core::graph::{ModelEntry, WriteOp, WriteOutcome};
+use twinguard_core::graph::{ModelEntry, WriteOp};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -75,19 +75,13 @@ pub async fn upload(
     Caller(caller): Caller,
     JsonBody(models): JsonBody<Vec<Value>>,
 ) -> ApiResult<Response> {
-    match state
+    let entries = state
         .service
         .write(&caller, WriteOp::UploadModels(models))
         .await?
-    {
-        WriteOutcome::Models(entries) => {
-            let body: Vec<Value> = entries.iter().map(|e| model_data(e, true)).collect();
-            Ok((StatusCode::CREATED, axum::Json(body)).into_response())
-        }
-        _ => Err(ApiError::internal(
-            "model upload returned an unexpected outcome",
-        )),
-    }
+        .into_models()?;
+    let body: Vec<Value> = entries.iter().map(|e| model_data(e, true)).collect();
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
 }
 
 pub async fn get(

@@ -6,10 +6,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use twinguard_core::graph::{WriteOp, WriteOutcome};
+use twinguard_core::graph::WriteOp;
 
 use crate::app::AppState;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::http::{Caller, JsonBody, Path, Query, etag_header, if_match, if_none_match, list_page};
 
 #[derive(Debug, Deserialize)]
@@ -74,7 +74,7 @@ pub async fn put(
     JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> ApiResult<Response> {
     let precondition = if_none_match(&headers)?;
-    match state
+    let rel = state
         .service
         .write(
             &caller,
@@ -86,14 +86,8 @@ pub async fn put(
             },
         )
         .await?
-    {
-        WriteOutcome::Relationship(rel) => {
-            Ok((etag_header(&rel.etag), axum::Json(rel.json())).into_response())
-        }
-        _ => Err(ApiError::internal(
-            "relationship write returned an unexpected outcome",
-        )),
-    }
+        .into_relationship()?;
+    Ok((etag_header(&rel.etag), axum::Json(rel.json())).into_response())
 }
 
 pub async fn patch(
@@ -104,7 +98,7 @@ pub async fn patch(
     JsonBody(patch): JsonBody<Value>,
 ) -> ApiResult<Response> {
     let precondition = if_match(&headers)?;
-    match state
+    let rel = state
         .service
         .write(
             &caller,
@@ -116,14 +110,8 @@ pub async fn patch(
             },
         )
         .await?
-    {
-        WriteOutcome::Relationship(rel) => {
-            Ok((StatusCode::NO_CONTENT, etag_header(&rel.etag)).into_response())
-        }
-        _ => Err(ApiError::internal(
-            "relationship patch returned an unexpected outcome",
-        )),
-    }
+        .into_relationship()?;
+    Ok((StatusCode::NO_CONTENT, etag_header(&rel.etag)).into_response())
 }
 
 pub async fn delete(

@@ -4,10 +4,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
-use twinguard_core::graph::{WriteOp, WriteOutcome};
+use twinguard_core::graph::WriteOp;
 
 use crate::app::AppState;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::http::{Caller, JsonBody, Path, etag_header, if_match, if_none_match};
 
 pub async fn get(
@@ -27,7 +27,7 @@ pub async fn put(
     JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> ApiResult<Response> {
     let precondition = if_none_match(&headers)?;
-    match state
+    let twin = state
         .service
         .write(
             &caller,
@@ -38,14 +38,8 @@ pub async fn put(
             },
         )
         .await?
-    {
-        WriteOutcome::Twin(twin) => {
-            Ok((etag_header(&twin.etag), axum::Json(twin.json())).into_response())
-        }
-        _ => Err(ApiError::internal(
-            "twin write returned an unexpected outcome",
-        )),
-    }
+        .into_twin()?;
+    Ok((etag_header(&twin.etag), axum::Json(twin.json())).into_response())
 }
 
 async fn patch_twin(
@@ -57,7 +51,7 @@ async fn patch_twin(
     patch: Value,
 ) -> ApiResult<Response> {
     let precondition = if_match(headers)?;
-    match state
+    let twin = state
         .service
         .write(
             &caller.0,
@@ -69,14 +63,8 @@ async fn patch_twin(
             },
         )
         .await?
-    {
-        WriteOutcome::Twin(twin) => {
-            Ok((StatusCode::NO_CONTENT, etag_header(&twin.etag)).into_response())
-        }
-        _ => Err(ApiError::internal(
-            "twin patch returned an unexpected outcome",
-        )),
-    }
+        .into_twin()?;
+    Ok((StatusCode::NO_CONTENT, etag_header(&twin.etag)).into_response())
 }
 
 pub async fn patch(
