@@ -120,7 +120,12 @@ impl Api {
                 .send()
                 .await
             {
-                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) if response.status().is_success() => {
+                    // Read the body as a real client does; dropping it unread makes the client
+                    // reset the HTTP/2 stream, and enough resets close the connection.
+                    response.bytes().await?;
+                    return Ok(());
+                }
                 Ok(response) => {
                     let status = response.status();
                     bail!(
