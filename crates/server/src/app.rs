@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use twinguard_core::service::TwinService;
 
 use crate::http::{correlate, require_api_version};
-use crate::routes::{eventroutes, health, models, query, relationships, token, twins};
+use crate::routes::{discovery, eventroutes, health, models, query, relationships, token, twins};
 use crate::tokens::TokenService;
 
 /// ADT's limit on a twin or relationship body.
@@ -96,6 +96,15 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/oauth2/token",
             post(token::token).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
+        )
+        .route("/.well-known/jwks.json", get(discovery::jwks))
+        .route(
+            "/.well-known/openid-configuration",
+            get(discovery::metadata),
+        )
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(discovery::metadata),
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -77,6 +77,8 @@ pub struct TokenService {
     issuer: String,
     audiences: Vec<String>,
     kid: String,
+    /// The public key as a JWK `x` (base64url of the 32 raw bytes).
+    public_x: String,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -135,6 +137,7 @@ impl TokenService {
             issuer,
             audiences,
             kid,
+            public_x: URL_SAFE_NO_PAD.encode(public_key_raw),
             encoding,
             decoding,
             validation,
@@ -146,6 +149,18 @@ impl TokenService {
 
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    /// The JSON Web Key Set (RFC 7517) of the keys that verify this server's tokens.
+    pub fn jwks(&self) -> serde_json::Value {
+        serde_json::json!({"keys": [{
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": self.public_x,
+            "kid": self.kid,
+            "alg": "EdDSA",
+            "use": "sig",
+        }]})
     }
 
     pub fn client_count(&self) -> usize {
