@@ -4,13 +4,14 @@
 //! arrived meanwhile), and only then publishes the new snapshot and acknowledges. A write that is
 //! acknowledged is durable and visible to every later read and query.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::auth::{Action, Principal};
 use crate::clock::{Clock, rfc3339};
@@ -25,8 +26,11 @@ use crate::store::{Mutation, Store, StoreError, Table};
 
 /// Most writes grouped into one commit.
 const MAX_GROUP: usize = 4_096;
-/// Writes waiting for the writer before new ones are turned away with 503.
-const QUEUE_DEPTH: usize = 16_384;
+/// Writes waiting for the writer before new ones are turned away with 503. Twin and relationship
+/// bodies are at most 32 KiB, so a full queue of them stays well under 200 MiB.
+const QUEUE_DEPTH: usize = 4_096;
+/// Model uploads (up to 1 MiB each, parsed on the writer) in flight at once; more get 503.
+const MAX_UPLOADS_IN_FLIGHT: usize = 2;
 
 struct Job {
     op: WriteOp,
@@ -37,12 +41,23 @@ struct Job {
 struct Shared {
     published: ArcSwap<Graph>,
     store_healthy: AtomicBool,
+    writer_alive: AtomicBool,
+}
+
+/// Marks the writer as gone when its thread ends, however it ends.
+struct WriterAlive<'a>(&'a AtomicBool);
+
+impl Drop for WriterAlive<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 #[derive(Clone)]
 pub struct TwinService {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
+    uploads: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for TwinService {
@@ -70,6 +85,7 @@ impl TwinService {
         let shared = Arc::new(Shared {
             published: ArcSwap::from_pointee(graph),
             store_healthy: AtomicBool::new(true),
+            writer_alive: AtomicBool::new(true),
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
@@ -77,7 +93,11 @@ impl TwinService {
             .name("twinguard-writer".into())
             .spawn(move || writer(rx, writer_shared, store, clock))
             .map_err(OpenError::Thread)?;
-        Ok(Self { shared, jobs })
+        Ok(Self {
+            uploads: Arc::new(Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
+            shared,
+            jobs,
+        })
     }
 
     /// The current snapshot. It reflects every acknowledged write.
@@ -85,14 +105,25 @@ impl TwinService {
         self.shared.published.load_full()
     }
 
-    /// False after a commit failed, until one succeeds again; readiness reports it.
+    /// False after a commit failed, until one succeeds again, or when the writer has stopped;
+    /// readiness reports it.
     pub fn store_healthy(&self) -> bool {
         self.shared.store_healthy.load(Ordering::Relaxed)
+            && self.shared.writer_alive.load(Ordering::SeqCst)
     }
 
     /// Performs a write for `principal` and returns once it is durable and visible.
     pub async fn write(&self, principal: &Principal, op: WriteOp) -> DomainResult<WriteOutcome> {
         principal.authorize(op.action())?;
+        let _upload = match op {
+            WriteOp::UploadModels(_) => Some(
+                self.uploads
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| DomainError::Unavailable)?,
+            ),
+            _ => None,
+        };
         let (reply, answer) = oneshot::channel();
         self.jobs
             .try_send(Job { op, reply })
@@ -108,15 +139,24 @@ impl TwinService {
             .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))
     }
 
-    /// A component of a twin, as ADT's `GET /digitaltwins/{id}/components/{name}` returns it.
-    pub fn component(&self, principal: &Principal, id: &str, name: &str) -> DomainResult<Value> {
-        let twin = self.twin(principal, id)?;
+    /// A component of a twin and the twin's etag, from one snapshot, as ADT's
+    /// `GET /digitaltwins/{id}/components/{name}` returns them.
+    pub fn component(
+        &self,
+        principal: &Principal,
+        id: &str,
+        name: &str,
+    ) -> DomainResult<(Value, String)> {
+        principal.authorize(Action::TwinsRead)?;
         let graph = self.snapshot();
+        let twin = graph
+            .twin(id)
+            .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))?;
         let is_component = graph
             .model(&twin.model)
             .is_some_and(|m| m.interface.components.contains_key(name));
         match twin.doc().remove(name) {
-            Some(v) if is_component => Ok(v),
+            Some(v) if is_component => Ok((v, twin.etag.clone())),
             _ => Err(DomainError::ComponentNotFound(name.to_owned())),
         }
     }
@@ -237,6 +277,7 @@ fn writer(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
 ) {
+    let _alive = WriterAlive(&shared.writer_alive);
     let mut batch = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -251,8 +292,9 @@ fn writer(
 }
 
 /// Validates and applies each job in order on a working copy of the graph, commits all their
-/// mutations at once, then publishes and answers. A job that fails validation is answered at
-/// once and leaves no trace; if the commit fails, every job of the group fails.
+/// mutations at once, then publishes and answers. Refusals are answered only once the group's
+/// fate is known, because they were decided against earlier writes of the same group that were
+/// not yet durable: if the group fails, its refusals fail with it (503, retryable).
 fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock: &dyn Clock) {
     let ctx = WriteContext {
         now: rfc3339(clock.now()),
@@ -260,53 +302,73 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock:
     let mut working: Graph = (**shared.published.load()).clone();
     let mut muts: Vec<Mutation> = Vec::new();
     let mut done = Vec::with_capacity(batch.len());
+    let mut refused = Vec::new();
     let mut torn = false;
-    for job in batch.drain(..) {
+    for Job { op, reply } in batch.drain(..) {
         let mark = muts.len();
-        match job.op.apply(&mut working, &ctx, &mut muts) {
-            Ok(outcome) => done.push((job.reply, outcome)),
-            Err(e) => {
+        // A panic inside an operation (a parser bug hit by some input) must not take the
+        // writer down with it; the job is refused and the group treated as torn.
+        let applied = catch_unwind(AssertUnwindSafe(|| op.apply(&mut working, &ctx, &mut muts)));
+        match applied {
+            Ok(Ok(outcome)) => done.push((reply, outcome)),
+            Ok(Err(e)) => {
                 // Operations check everything before their first change (see `WriteOp::apply`),
                 // so a refused one has changed nothing. Should one ever break that rule, the
-                // working copy can no longer be trusted: the whole group is refused below.
+                // working copy can no longer be trusted and the whole group is refused.
                 torn |= muts.len() != mark;
-                let _ = job.reply.send(Err(e));
+                refused.push((reply, e));
+            }
+            Err(_) => {
+                tracing::error!("a write panicked in the writer; refusing its group");
+                torn = true;
+                refused.push((
+                    reply,
+                    DomainError::Internal("the write could not be processed"),
+                ));
             }
         }
     }
-    if done.is_empty() {
-        return;
-    }
-    if torn {
-        tracing::error!("a refused write changed the working graph; refusing its group");
-        for (reply, _) in done {
-            let _ = reply.send(Err(DomainError::Unavailable));
-        }
-        return;
-    }
-    let started = std::time::Instant::now();
-    let committed = store.commit(&muts);
-    tracing::debug!(
-        writes = done.len(),
-        records = muts.len(),
-        micros = started.elapsed().as_micros() as u64,
-        "group committed"
-    );
-    match committed {
-        Ok(()) => {
-            shared.store_healthy.store(true, Ordering::Relaxed);
-            shared.published.store(Arc::new(working));
-            for (reply, outcome) in done {
-                let _ = reply.send(Ok(outcome));
+    let committed = if torn {
+        tracing::error!("the working graph of a write group is torn; refusing the group");
+        false
+    } else if done.is_empty() {
+        true
+    } else {
+        let started = std::time::Instant::now();
+        let result = store.commit(&muts);
+        tracing::debug!(
+            writes = done.len(),
+            records = muts.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "group committed"
+        );
+        match result {
+            Ok(()) => {
+                shared.store_healthy.store(true, Ordering::Relaxed);
+                shared.published.store(Arc::new(working));
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = done.len(), "store commit failed; writes refused");
+                shared.store_healthy.store(false, Ordering::Relaxed);
+                false
             }
         }
-        Err(e) => {
-            tracing::error!(error = %e, writes = done.len(), "store commit failed; writes refused");
-            shared.store_healthy.store(false, Ordering::Relaxed);
-            for (reply, _) in done {
-                let _ = reply.send(Err(DomainError::Unavailable));
-            }
-        }
+    };
+    for (reply, outcome) in done {
+        let _ = reply.send(if committed {
+            Ok(outcome)
+        } else {
+            Err(DomainError::Unavailable)
+        });
+    }
+    for (reply, e) in refused {
+        let answer = match e {
+            DomainError::Internal(_) => e,
+            e if committed => e,
+            _ => DomainError::Unavailable,
+        };
+        let _ = reply.send(Err(answer));
     }
 }
 

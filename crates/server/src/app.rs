@@ -27,7 +27,12 @@ pub const TOKEN_BODY_LIMIT: usize = 8 * 1024;
 pub struct AppState {
     pub service: Arc<TwinService>,
     pub tokens: Arc<TokenService>,
+    /// Queries running at once; more are answered 429.
+    pub query_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Queries that may run at once; the blocking pool runs them beside the async threads.
+pub const QUERY_SLOTS: usize = 8;
 
 const OPENAPI: &str = include_str!("openapi.json");
 

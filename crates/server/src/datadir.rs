@@ -23,6 +23,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, Clone)]
 pub struct DataDir {
@@ -72,7 +73,8 @@ impl DataDir {
 
     /// Creates whatever is missing: directories, instance identity, TLS material (the server
     /// certificate names `localhost`, `127.0.0.1`, `::1` and `extra_names`), the signing key.
-    /// Existing material is never replaced.
+    /// Existing material is kept, except a server certificate within [`RENEW_BEFORE_DAYS`] of its
+    /// expiry, which is issued anew by the local CA.
     pub fn prepare(&self, extra_names: &[String]) -> anyhow::Result<Instance> {
         for (dir, mode) in [("", 0o700), ("tls", 0o755), ("secrets", 0o700)] {
             let path = self.root.join(dir);
@@ -82,8 +84,11 @@ impl DataDir {
             }
         }
         let instance = self.instance()?;
-        if !self.ca_cert().exists() || !self.server_cert().exists() {
-            self.create_tls(extra_names)?;
+        if !self.ca_cert().exists() || !self.ca_key().exists() {
+            self.create_ca()?;
+            self.issue_server_cert(extra_names)?;
+        } else if self.server_cert_due()? {
+            self.issue_server_cert(extra_names)?;
         }
         if !self.signing_key().exists() {
             let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
@@ -109,21 +114,36 @@ impl DataDir {
         Ok(instance)
     }
 
-    fn create_tls(&self, extra_names: &[String]) -> anyhow::Result<()> {
-        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.distinguished_name
-            .push(DnType::CommonName, "twinguard local CA");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        ca.not_after = rcgen::date_time_ymd(2036, 1, 1);
-        let ca_cert = ca.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca, &ca_key);
+    fn server_cert_meta(&self) -> PathBuf {
+        self.root.join("tls/server.json")
+    }
 
+    /// True when the server certificate is missing, its record is, or it expires within
+    /// [`RENEW_BEFORE_DAYS`].
+    fn server_cert_due(&self) -> anyhow::Result<bool> {
+        if !self.server_cert().exists() {
+            return Ok(true);
+        }
+        let Ok(text) = fs::read_to_string(self.server_cert_meta()) else {
+            return Ok(true);
+        };
+        let meta: ServerCertMeta = serde_json::from_str(&text)?;
+        let renew_at = meta.not_after - Duration::days(RENEW_BEFORE_DAYS).whole_seconds();
+        Ok(OffsetDateTime::now_utc().unix_timestamp() >= renew_at)
+    }
+
+    fn create_ca(&self) -> anyhow::Result<()> {
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let ca_cert = ca_params()?.self_signed(&ca_key)?;
+        write_private(&self.ca_key(), ca_key.serialize_pem().as_bytes())?;
+        write_public(&self.ca_cert(), ca_cert.pem().as_bytes())?;
+        Ok(())
+    }
+
+    /// Issues a server certificate valid for [`SERVER_CERT_DAYS`] with the local CA's key.
+    fn issue_server_cert(&self, extra_names: &[String]) -> anyhow::Result<()> {
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(self.ca_key())?)?;
+        let issuer = Issuer::new(ca_params()?, &ca_key);
         let mut names = vec![
             "localhost".to_owned(),
             "127.0.0.1".to_owned(),
@@ -139,15 +159,49 @@ impl DataDir {
             .push(DnType::CommonName, "twinguard");
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        server.not_after = rcgen::date_time_ymd(2028, 1, 1);
+        let now = OffsetDateTime::now_utc();
+        server.not_before = now - Duration::hours(1);
+        server.not_after = now + Duration::days(SERVER_CERT_DAYS);
         let server_cert = server.signed_by(&server_key, &issuer)?;
-
-        write_private(&self.ca_key(), ca_key.serialize_pem().as_bytes())?;
         write_private(&self.server_key(), server_key.serialize_pem().as_bytes())?;
         write_public(&self.server_cert(), server_cert.pem().as_bytes())?;
-        write_public(&self.ca_cert(), ca_cert.pem().as_bytes())?;
+        let meta = ServerCertMeta {
+            not_after: server.not_after.unix_timestamp(),
+        };
+        write_public(&self.server_cert_meta(), &serde_json::to_vec(&meta)?)?;
+        tracing::info!(not_after = %server.not_after, "issued the server certificate");
         Ok(())
     }
+}
+
+/// Days a server certificate is valid (the CA/Browser Forum's 397-day ceiling).
+pub const SERVER_CERT_DAYS: i64 = 397;
+/// A server certificate this close to its expiry is issued anew at start-up.
+pub const RENEW_BEFORE_DAYS: i64 = 30;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServerCertMeta {
+    /// Expiry of `server.pem`, Unix seconds.
+    not_after: i64,
+}
+
+/// The local CA's parameters. Certificates it issues name it by this subject, so the same
+/// parameters rebuild the issuer from the stored key when a server certificate is renewed.
+fn ca_params() -> anyhow::Result<CertificateParams> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name
+        .push(DnType::CommonName, "twinguard local CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    ca.not_before = now - Duration::days(1);
+    ca.not_after = now + Duration::days(3_650);
+    Ok(ca)
 }
 
 /// Writes a file readable by the owner only, atomically (temporary file, fsync, rename).
@@ -171,5 +225,81 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    // The rename is durable only once the directory entry is.
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::RootCertStore;
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    use super::*;
+
+    fn verify_chain(dir: &DataDir) {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let ca = CertificateDer::from_pem_file(dir.ca_cert()).unwrap();
+        let server = CertificateDer::from_pem_file(dir.server_cert()).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let verifier = WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .unwrap();
+        for name in ["localhost", "127.0.0.1"] {
+            let name = ServerName::try_from(name).unwrap();
+            verifier
+                .verify_server_cert(&server, &[], &name, &[], UnixTime::now())
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_server_certificate_near_expiry_is_renewed_by_the_same_ca_at_start_up() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(root.path());
+        dir.prepare(&[]).unwrap();
+        verify_chain(&dir);
+        let ca_before = fs::read(dir.ca_cert()).unwrap();
+        let server_before = fs::read(dir.server_cert()).unwrap();
+
+        // Still far from expiry: nothing changes.
+        dir.prepare(&[]).unwrap();
+        assert_eq!(fs::read(dir.server_cert()).unwrap(), server_before);
+
+        // Ten days left: renewed, by the same CA.
+        let soon = OffsetDateTime::now_utc() + Duration::days(10);
+        let meta = ServerCertMeta {
+            not_after: soon.unix_timestamp(),
+        };
+        fs::write(dir.server_cert_meta(), serde_json::to_vec(&meta).unwrap()).unwrap();
+        dir.prepare(&[]).unwrap();
+        assert_ne!(fs::read(dir.server_cert()).unwrap(), server_before);
+        assert_eq!(fs::read(dir.ca_cert()).unwrap(), ca_before);
+        verify_chain(&dir);
+    }
+
+    #[test]
+    fn secrets_are_private_and_the_secrets_directory_is_closed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(root.path());
+        dir.prepare(&[]).unwrap();
+        for path in [dir.ca_key(), dir.server_key(), dir.signing_key()] {
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        let mode = fs::metadata(root.path().join("secrets"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 }

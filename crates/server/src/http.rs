@@ -37,10 +37,9 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(ApiError::unauthenticated)?;
         let principal = state
             .tokens
@@ -163,15 +162,22 @@ fn list_position(token: Option<&str>, headers: &HeaderMap) -> Result<(usize, usi
 
 /// One page of a list, as `{"value": [...], "nextLink": ...}`; the next link repeats the
 /// request with a continuation token.
-pub fn list_page<T: serde::Serialize>(
+/// `render` turns one item into its wire form; only the page's items are rendered.
+pub fn list_page<T, R: serde::Serialize>(
     items: &[T],
+    render: impl Fn(&T) -> R,
     token: Option<&str>,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let (offset, size) = list_position(token, headers)?;
     let end = offset.saturating_add(size).min(items.len());
-    let page = items.get(offset.min(end)..end).unwrap_or(&[]);
+    let page: Vec<R> = items
+        .get(offset.min(end)..end)
+        .unwrap_or(&[])
+        .iter()
+        .map(render)
+        .collect();
     let next_link = (end < items.len()).then(|| {
         // HTTP/2 carries the host in the URI's authority, HTTP/1.1 in the Host header.
         let host = uri

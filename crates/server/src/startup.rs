@@ -114,6 +114,7 @@ impl Application {
             state: AppState {
                 service: Arc::new(service),
                 tokens,
+                query_slots: Arc::new(tokio::sync::Semaphore::new(crate::app::QUERY_SLOTS)),
             },
             data_dir,
         };

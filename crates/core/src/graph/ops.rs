@@ -40,7 +40,15 @@ pub enum Precondition {
 impl Precondition {
     fn check(&self, current: Option<&str>) -> DomainResult<()> {
         match (self, current) {
-            (Precondition::IfMatch(tag), Some(etag)) if tag == "*" || tag == etag => Ok(()),
+            // `If-Match` may list several etags (RFC 9110 13.1.1); any one matching is enough.
+            (Precondition::IfMatch(tags), Some(etag))
+                if tags
+                    .split(',')
+                    .map(str::trim)
+                    .any(|t| t == "*" || t == etag) =>
+            {
+                Ok(())
+            }
             (Precondition::IfMatch(_), _) => Err(DomainError::PreconditionFailed),
             (Precondition::IfNoneMatch, Some(_)) => Err(DomainError::PreconditionFailed),
             _ => Ok(()),
@@ -410,6 +418,7 @@ fn put_twin(
         check_relationships_still_fit(graph, &id, &iface)?;
     }
     let requested_meta = take_metadata(&mut body);
+    check_all_source_times(&requested_meta, &body, &iface)?;
     body.remove("$dtId");
     body.remove("$etag");
     let doc = assemble_twin(
@@ -434,6 +443,40 @@ fn check_relationships_still_fit(graph: &Graph, id: &str, iface: &Interface) -> 
                 "relationship '{}' is not defined by model {}; delete it first",
                 rel.id, iface.id
             )));
+        }
+    }
+    Ok(())
+}
+
+/// `sourceTime` values in a twin's (or component's) `$metadata` must be RFC 3339 date-times;
+/// components carry their own `$metadata`, checked when the component is assembled.
+fn check_source_times(metadata: &Map<String, Value>, at: &str) -> DomainResult<()> {
+    for (name, entry) in metadata {
+        let Some(time) = entry.get("sourceTime") else {
+            continue;
+        };
+        let valid = time.as_str().is_some_and(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).is_ok()
+        });
+        if !valid {
+            return Err(DomainError::ValidationFailed(format!(
+                "$metadata.{at}{name}.sourceTime must be an RFC 3339 date-time"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// [`check_source_times`] for a twin's own `$metadata` and each component's.
+fn check_all_source_times(
+    metadata: &Map<String, Value>,
+    body: &Map<String, Value>,
+    iface: &Interface,
+) -> DomainResult<()> {
+    check_source_times(metadata, "")?;
+    for name in iface.components.keys() {
+        if let Some(Value::Object(inner)) = body.get(name).and_then(|c| c.get("$metadata")) {
+            check_source_times(inner, &format!("{name}."))?;
         }
     }
     Ok(())
@@ -607,8 +650,13 @@ fn patch_twin(
         ));
     };
     let model = model_of(&body)?;
-    let iface = interface_for(graph, &model)?.interface.clone();
+    let entry = interface_for(graph, &model)?;
+    if entry.decommissioned && model != twin.model {
+        return Err(DomainError::ModelDecommissioned(model.to_string()));
+    }
+    let iface = entry.interface.clone();
     let requested_meta = take_metadata(&mut body);
+    check_all_source_times(&requested_meta, &body, &iface)?;
     check_twin_contents(&iface, &body, "")?;
     if model != twin.model {
         check_relationships_still_fit(graph, id, &iface)?;

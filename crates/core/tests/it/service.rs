@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use twinguard_core::auth::{DATA_OWNER, DATA_READER, Principal};
 use twinguard_core::clock::SystemClock;
+use twinguard_core::dtmi::Dtmi;
 use twinguard_core::error::DomainError;
 use twinguard_core::graph::{Precondition, WriteOp, WriteOutcome};
 use twinguard_core::service::{QueryRequest, TwinService};
@@ -441,4 +442,84 @@ async fn source_times_are_kept_per_property_and_unchanged_values_keep_their_upda
         first.doc()["$metadata"]["name"]["lastUpdateTime"],
         "name did not change"
     );
+}
+
+#[tokio::test]
+async fn refusals_decided_against_an_uncommitted_write_fail_with_its_group() {
+    let (service, store) = service_with_ontology().await;
+    store.set_failing(true);
+    let create = |precondition| WriteOp::PutTwin {
+        id: "x".into(),
+        body: twin_body("dtmi:test:Room;1", json!({})),
+        precondition,
+    };
+    // In one group, the second would be refused (412) because of the first, which then never
+    // becomes durable; in two groups, both reach the failing store. Either way neither may
+    // report anything but 503.
+    let owner = owner();
+    let (a, b) = tokio::join!(
+        service.write(&owner, create(Precondition::None)),
+        service.write(&owner, create(Precondition::IfNoneMatch)),
+    );
+    assert!(matches!(a, Err(DomainError::Unavailable)), "{a:?}");
+    assert!(matches!(b, Err(DomainError::Unavailable)), "{b:?}");
+}
+
+#[tokio::test]
+async fn if_match_accepts_any_of_several_etags_and_patches_cannot_move_to_a_decommissioned_model() {
+    let (service, _) = service_with_ontology().await;
+    let WriteOutcome::Twin(twin) = put_twin(&service, "s1", "dtmi:test:Space;1", json!({}))
+        .await
+        .unwrap()
+    else {
+        panic!("expected a twin")
+    };
+    let patch = |tags: String, value: &str| WriteOp::PatchTwin {
+        id: "s1".into(),
+        component: None,
+        patch: json!([{"op": "add", "path": "/name", "value": value}]),
+        precondition: Precondition::IfMatch(tags),
+    };
+    let err = service
+        .write(&owner(), patch("W/\"nope\"".into(), "a"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DomainError::PreconditionFailed));
+    let tags = format!("W/\"other\", {}", twin.etag);
+    service.write(&owner(), patch(tags, "b")).await.unwrap();
+
+    let room = Dtmi::parse("dtmi:test:Room;1").unwrap();
+    let op = WriteOp::SetModelDecommissioned {
+        id: room,
+        decommissioned: true,
+    };
+    service.write(&owner(), op).await.unwrap();
+    let to_room = WriteOp::PatchTwin {
+        id: "s1".into(),
+        component: None,
+        patch: json!([{"op": "replace", "path": "/$metadata/$model", "value": "dtmi:test:Room;1"}]),
+        precondition: Precondition::None,
+    };
+    let err = service.write(&owner(), to_room).await.unwrap_err();
+    assert!(
+        matches!(err, DomainError::ModelDecommissioned(_)),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_source_time_that_is_not_a_date_time_is_rejected() {
+    let (service, _) = service_with_ontology().await;
+    let mut body = twin_body("dtmi:test:Room;1", json!({"temperature": 1.0}));
+    body.insert(
+        "$metadata".into(),
+        json!({"$model": "dtmi:test:Room;1", "temperature": {"sourceTime": "yesterday"}}),
+    );
+    let op = WriteOp::PutTwin {
+        id: "r".into(),
+        body,
+        precondition: Precondition::None,
+    };
+    let err = service.write(&owner(), op).await.unwrap_err();
+    assert!(matches!(err, DomainError::ValidationFailed(_)), "{err:?}");
 }

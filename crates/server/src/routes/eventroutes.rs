@@ -37,13 +37,9 @@ pub async fn list(
     headers: HeaderMap,
     Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
-    let items: Vec<Value> = state
-        .service
-        .routes(&caller)?
-        .iter()
-        .map(|r| route_json(r))
-        .collect();
-    list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
+    let routes = state.service.routes(&caller)?;
+    let token = params.continuation_token.as_deref();
+    list_page(&routes, |r| route_json(r), token, &uri, &headers)
 }
 
 pub async fn get(

@@ -63,11 +63,9 @@ pub async fn list(
         .map(|(_, v)| v)
         .collect();
     let models = state.service.models(&caller, &dependencies_for)?;
-    let items: Vec<Value> = models
-        .iter()
-        .map(|m| model_data(m, params.include_model_definition))
-        .collect();
-    list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
+    let token = params.continuation_token.as_deref();
+    let render = |m: &Arc<ModelEntry>| model_data(m, params.include_model_definition);
+    list_page(&models, render, token, &uri, &headers)
 }
 
 pub async fn upload(

@@ -1,12 +1,13 @@
 //! `/digitaltwins/{id}/relationships` and `/incomingrelationships`.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use twinguard_core::graph::WriteOp;
+use twinguard_core::graph::{Relationship, WriteOp};
 
 use crate::app::AppState;
 use crate::error::ApiResult;
@@ -30,8 +31,8 @@ pub async fn list(
     let rels = state
         .service
         .outgoing(&caller, &id, params.relationship_name.as_deref())?;
-    let items: Vec<&RawValue> = rels.iter().map(|r| r.json()).collect();
-    list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
+    let token = params.continuation_token.as_deref();
+    list_page(&rels, |r| r.json().to_owned(), token, &uri, &headers)
 }
 
 pub async fn incoming(
@@ -43,18 +44,25 @@ pub async fn incoming(
     Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
     let rels = state.service.incoming(&caller, &id)?;
-    let items: Vec<Value> = rels
-        .iter()
-        .map(|r| {
-            json!({
-                "$relationshipId": r.id,
-                "$sourceId": r.source,
-                "$relationshipName": r.name,
-                "$relationshipLink": format!("{}/relationships/{}", r.source, r.id),
-            })
+    let render = |r: &Arc<Relationship>| {
+        json!({
+            "$relationshipId": r.id,
+            "$sourceId": r.source,
+            "$relationshipName": r.name,
+            "$relationshipLink": format!(
+                "/digitaltwins/{}/relationships/{}",
+                encode_segment(&r.source),
+                encode_segment(&r.id)
+            ),
         })
-        .collect();
-    list_page(&items, params.continuation_token.as_deref(), &uri, &headers)
+    };
+    list_page(
+        &rels,
+        render,
+        params.continuation_token.as_deref(),
+        &uri,
+        &headers,
+    )
 }
 
 pub async fn get(
@@ -133,4 +141,28 @@ pub async fn delete(
         )
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Percent-encodes a path segment (RFC 3986 unreserved characters stay as they are).
+fn encode_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode_segment;
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(encode_segment("room 1/ä"), "room%201%2F%C3%A4");
+        assert_eq!(encode_segment("a-b_c.d~e"), "a-b_c.d~e");
+    }
 }

@@ -38,7 +38,11 @@ fn oauth_error(status: StatusCode, error: &str) -> Response {
 /// Client ID and secret from `Authorization: Basic` (form-urlencoded, per RFC 6749 2.3.1).
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, Zeroizing<String>)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ")?;
+    // The scheme name is case-insensitive (RFC 9110 11.1).
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
     let decoded = Zeroizing::new(String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?);
     let (id, secret) = decoded.split_once(':')?;
     Some((

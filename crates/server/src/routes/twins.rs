@@ -96,9 +96,8 @@ pub async fn get_component(
     Caller(caller): Caller,
     Path((id, component)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let value = state.service.component(&caller, &id, &component)?;
-    let twin = state.service.twin(&caller, &id)?;
-    Ok((etag_header(&twin.etag), axum::Json(value)).into_response())
+    let (value, etag) = state.service.component(&caller, &id, &component)?;
+    Ok((etag_header(&etag), axum::Json(value)).into_response())
 }
 
 pub async fn patch_component(
