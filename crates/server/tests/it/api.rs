@@ -83,18 +83,11 @@ async fn bad_input_gets_the_adt_error_shape_with_a_correlation_id() {
     let oversize =
         json!({"$metadata": {"$model": "dtmi:api:Room;1"}, "blob": "x".repeat(40 * 1024)});
     let response = server
-        .adt(Method::PUT, "/digitaltwins/t1", &token)
-        .json(&oversize)
-        .send()
-        .await
-        .unwrap();
+        .call_json(Method::PUT, "/digitaltwins/t1", &token, &oversize)
+        .await;
     assert_eq!(response.status(), 413);
 
-    let missing = server
-        .adt(Method::GET, "/digitaltwins/nope", &token)
-        .send()
-        .await
-        .unwrap();
+    let missing = server.call(Method::GET, "/digitaltwins/nope", &token).await;
     assert_eq!(missing.status(), 404);
     assert_eq!(
         missing.json::<Value>().await.unwrap()["error"]["code"],
@@ -149,26 +142,20 @@ async fn twins_round_trip_with_etags_over_https() {
     assert_eq!(stale.status(), 412);
 
     let fetched: Value = server
-        .adt(Method::GET, "/digitaltwins/room%201", &token)
-        .send()
+        .call(Method::GET, "/digitaltwins/room%201", &token)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(fetched["temperature"], 22.5);
 
     let deleted = server
-        .adt(Method::DELETE, "/digitaltwins/room%201", &token)
-        .send()
-        .await
-        .unwrap();
+        .call(Method::DELETE, "/digitaltwins/room%201", &token)
+        .await;
     assert_eq!(deleted.status(), 204);
     let gone = server
-        .adt(Method::GET, "/digitaltwins/room%201", &token)
-        .send()
-        .await
-        .unwrap();
+        .call(Method::GET, "/digitaltwins/room%201", &token)
+        .await;
     assert_eq!(gone.status(), 404);
 }
 
@@ -249,11 +236,8 @@ async fn a_write_is_visible_to_the_next_query_at_once() {
             .unwrap();
         let query = json!({"query": format!("SELECT T.temperature FROM DIGITALTWINS T WHERE T.$dtId = 'v{i}'")});
         let page: Value = server
-            .adt(Method::POST, "/query", &token)
-            .json(&query)
-            .send()
+            .call_json(Method::POST, "/query", &token, &query)
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -270,11 +254,8 @@ async fn model_lists_page_with_next_links() {
         .collect();
     assert_eq!(
         server
-            .adt(Method::POST, "/models", &token)
-            .json(&models)
-            .send()
+            .call_json(Method::POST, "/models", &token, &models)
             .await
-            .unwrap()
             .status(),
         201
     );
@@ -400,11 +381,8 @@ async fn the_realestatecore_ontology_uploads_in_batches_of_250() {
     assert_eq!(models.len(), 767);
     for chunk in models.chunks(250) {
         let response = server
-            .adt(Method::POST, "/models", &token)
-            .json(&chunk)
-            .send()
-            .await
-            .unwrap();
+            .call_json(Method::POST, "/models", &token, &chunk)
+            .await;
         let status = response.status();
         assert_eq!(status, 201, "{}", response.text().await.unwrap());
     }
@@ -412,22 +390,17 @@ async fn the_realestatecore_ontology_uploads_in_batches_of_250() {
         .map(|i| model(&format!("dtmi:api:Many{i};1"), json!([])))
         .collect();
     let response = server
-        .adt(Method::POST, "/models", &token)
-        .json(&too_many)
-        .send()
-        .await
-        .unwrap();
+        .call_json(Method::POST, "/models", &token, &too_many)
+        .await;
     assert_eq!(response.status(), 400);
 
     let deps: Value = server
-        .adt(
+        .call(
             Method::GET,
             "/models?dependenciesFor=dtmi:digitaltwins:rec_3_3:building:CookingRoom;1",
             &token,
         )
-        .send()
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

@@ -194,18 +194,10 @@ async fn forged_altered_and_foreign_tokens_are_rejected() {
         ("garbage", "not-a-jwt".to_owned()),
     ];
     for (what, token) in attempts {
-        let response = server
-            .adt(Method::GET, "/models", &token)
-            .send()
-            .await
-            .unwrap();
+        let response = server.call(Method::GET, "/models", &token).await;
         assert_eq!(response.status(), 401, "{what} was accepted");
     }
-    let response = server
-        .adt(Method::GET, "/models", &good)
-        .send()
-        .await
-        .unwrap();
+    let response = server.call(Method::GET, "/models", &good).await;
     assert_eq!(response.status(), 200);
 }
 
@@ -226,11 +218,7 @@ async fn a_token_from_another_instance_is_rejected() {
 async fn data_reader_reads_and_queries_but_every_write_is_forbidden() {
     let server = TestServer::start().await;
     let reader = server.token_with_role(DATA_READER).await;
-    let ok = server
-        .adt(Method::GET, "/models", &reader)
-        .send()
-        .await
-        .unwrap();
+    let ok = server.call(Method::GET, "/models", &reader).await;
     assert_eq!(ok.status(), 200);
     let query = server
         .adt(Method::POST, "/query", &reader)

@@ -95,6 +95,26 @@ impl TestServer {
         (self.admin_id.clone(), self.admin_secret.clone())
     }
 
+    /// Sends a request without a body to an ADT route with a bearer token.
+    pub async fn call(&self, method: Method, path: &str, token: &str) -> reqwest::Response {
+        self.adt(method, path, token).send().await.unwrap()
+    }
+
+    /// Sends a JSON body to an ADT route with a bearer token.
+    pub async fn call_json<B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: &B,
+    ) -> reqwest::Response {
+        self.adt(method, path, token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// A request to an ADT route (`api-version` added) with a bearer token.
     pub fn adt(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
         let sep = if path.contains('?') { '&' } else { '?' };
