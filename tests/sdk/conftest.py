@@ -134,7 +134,18 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
+def server(tmp_path_factory):
+    yield from _serve(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    """A server of its own for fuzzers, whose failed token requests would otherwise make the
+    shared server back off from 127.0.0.1 for the tests that follow."""
+    yield from _serve(tmp_path_factory)
+
+
+def _serve(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("twinguard")
     data_dir = tmp / "data"
     stderr_path = tmp / "server-stderr.jsonl"

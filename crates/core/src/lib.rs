@@ -17,3 +17,4 @@ pub mod query;
 pub mod routes;
 pub mod service;
 pub mod store;
+pub mod throttle;

@@ -7,6 +7,7 @@
 //! field but `alg`, `typ` and `kid`.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use twinguard_core::auth::Principal;
+use twinguard_core::clock::SystemClock;
 use twinguard_core::store::{Mutation, Store, StoreError, Table};
+use twinguard_core::throttle::{Policy, RetryAfter, Throttle};
 use zeroize::Zeroizing;
 
 /// The audience ADT clients ask for; twinguard accepts it as its own.
@@ -71,6 +74,9 @@ pub enum TokenError {
     Store(#[from] StoreError),
     #[error("signing failed")]
     Signing,
+    /// Too many recent failures from this address or on this client; nothing was checked.
+    #[error("too many failed attempts")]
+    Throttled(RetryAfter),
 }
 
 pub struct TokenService {
@@ -84,6 +90,7 @@ pub struct TokenService {
     validation: Validation,
     clients: RwLock<HashMap<String, ClientRecord>>,
     verified: RwLock<HashMap<String, (Arc<Principal>, u64)>>,
+    throttle: Throttle,
     store: Arc<dyn Store>,
 }
 
@@ -143,6 +150,7 @@ impl TokenService {
             validation,
             clients: RwLock::new(clients),
             verified: RwLock::new(HashMap::new()),
+            throttle: Throttle::new(Policy::default(), Arc::new(SystemClock)),
             store,
         })
     }
@@ -203,6 +211,26 @@ impl TokenService {
     }
 
     /// The client-credentials grant: checks the secret in constant time and issues a token.
+    /// The client-credentials grant from `address`, subject to the failure backoff: while the
+    /// address or the client must wait, no credential is checked at all.
+    pub fn issue_from(
+        &self,
+        address: IpAddr,
+        client_id: &str,
+        client_secret: &str,
+    ) -> Result<String, TokenError> {
+        self.throttle
+            .check(address, client_id)
+            .map_err(TokenError::Throttled)?;
+        let issued = self.issue(client_id, client_secret);
+        match &issued {
+            Err(TokenError::InvalidClient) => self.throttle.failed(address, client_id),
+            Ok(_) => self.throttle.succeeded(address),
+            Err(_) => {}
+        }
+        issued
+    }
+
     pub fn issue(&self, client_id: &str, client_secret: &str) -> Result<String, TokenError> {
         let presented = sha256_hex(client_secret.as_bytes());
         let record = self

@@ -2,7 +2,9 @@
 //! client authenticated by form parameters or HTTP Basic (section 2.3.1).
 
 use axum::body::Bytes;
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -57,7 +59,12 @@ fn form_urlencoded_decode(s: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn token(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Ok(form) = parse_form(&body) else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
     };
@@ -79,7 +86,10 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
         // Two authentication methods at once, or none, is refused (RFC 6749 2.3).
         _ => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
     };
-    match state.tokens.issue(&credentials.0, &credentials.1) {
+    match state
+        .tokens
+        .issue_from(peer.ip(), &credentials.0, &credentials.1)
+    {
         Ok(access_token) => {
             let mut response = axum::Json(json!({
                 "access_token": access_token,
@@ -92,8 +102,16 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             response
         }
+        Err(TokenError::Throttled(wait)) => {
+            tracing::warn!(address = %peer.ip(), "token request refused: backing off after failed attempts");
+            let mut response = oauth_error(StatusCode::TOO_MANY_REQUESTS, "slow_down");
+            if let Ok(value) = HeaderValue::from_str(&wait.seconds().to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
         Err(TokenError::InvalidClient) => {
-            tracing::warn!(client_id = %credentials.0.chars().take(64).collect::<String>(), "token request with invalid client credentials");
+            tracing::warn!(address = %peer.ip(), client_id = %credentials.0.chars().take(64).collect::<String>(), "token request with invalid client credentials");
             oauth_error(StatusCode::UNAUTHORIZED, "invalid_client")
         }
         Err(e) => {

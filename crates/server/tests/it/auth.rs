@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use twinguard_core::auth::{DATA_OWNER, DATA_READER};
 
-use crate::kit::TestServer;
+use crate::kit::{TestServer, https_client};
 
 #[tokio::test]
 async fn client_credentials_grant_issues_an_eddsa_access_token() {
@@ -272,4 +272,40 @@ async fn probes_are_anonymous_and_report_readiness() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test]
+async fn repeated_bad_secrets_from_one_address_back_off_while_the_owner_gets_in_from_another() {
+    let server = TestServer::start().await;
+    let (id, secret) = server.admin_credentials();
+    for _ in 0..5 {
+        assert_eq!(server.token_for(&id, "wrong").await.status(), 401);
+    }
+    let throttled = server.token_for(&id, "wrong").await;
+    assert_eq!(throttled.status(), 429);
+    let retry: u64 = throttled.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=900).contains(&retry), "{retry}");
+    // While the address waits nothing is checked, not even the right secret.
+    assert_eq!(server.token_for(&id, &secret).await.status(), 429);
+
+    let elsewhere = https_client(server.dir.path(), Some("127.0.0.2".parse().unwrap()));
+    let response = elsewhere
+        .post(server.url("/oauth2/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", &id),
+            ("client_secret", &secret),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "the owner signs in at once from another address"
+    );
 }

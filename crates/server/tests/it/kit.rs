@@ -11,11 +11,24 @@ pub const API: &str = "api-version=2023-10-31";
 pub struct TestServer {
     pub base: String,
     pub client: Client,
-    /// Kept so the data directory lives as long as the server.
-    pub _dir: TempDir,
+    /// The data directory; kept alive as long as the server.
+    pub dir: TempDir,
     pub state: twinguard_server::app::AppState,
     admin_id: String,
     admin_secret: String,
+}
+
+/// An HTTPS client trusting only the data directory's CA, optionally connecting from a given
+/// local address (any of 127.0.0.0/8 works on loopback).
+pub fn https_client(data_dir: &std::path::Path, from: Option<std::net::IpAddr>) -> Client {
+    let ca = std::fs::read(data_dir.join("tls/ca.pem")).unwrap();
+    Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .local_address(from)
+        .build()
+        .unwrap()
 }
 
 impl TestServer {
@@ -30,13 +43,7 @@ impl TestServer {
         let base = app.base_url();
         let state = app.state().clone();
         tokio::spawn(app.run());
-        let ca = std::fs::read(dir.path().join("tls/ca.pem")).unwrap();
-        let client = Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .build()
-            .unwrap();
+        let client = https_client(dir.path(), None);
         let admin: Value = serde_json::from_slice(
             &std::fs::read(dir.path().join("secrets/admin-client.json")).unwrap(),
         )
@@ -47,7 +54,7 @@ impl TestServer {
             state,
             admin_id: admin["client_id"].as_str().unwrap().to_owned(),
             admin_secret: admin["client_secret"].as_str().unwrap().to_owned(),
-            _dir: dir,
+            dir,
         }
     }
 
