@@ -65,6 +65,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// SIGTERM (service managers) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
@@ -82,7 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tls_names,
                 })?;
                 println!("twinguard: api listening on {}", app.base_url());
-                app.run().await
+                app.run_until(shutdown_signal()).await
             })
         }
         Command::Init {

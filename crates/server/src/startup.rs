@@ -20,6 +20,9 @@ use crate::app::{AppState, router};
 use crate::datadir::{DataDir, write_private};
 use crate::tokens::TokenService;
 
+/// How long requests in flight may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
@@ -156,8 +159,25 @@ impl Application {
 
     /// Serves until the process ends.
     pub async fn run(self) -> anyhow::Result<()> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting connections and gives requests in
+    /// flight up to [`SHUTDOWN_GRACE`] to finish. Acknowledged writes are durable either way.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let app = router(self.state);
+        let handle = axum_server::Handle::new();
+        let on_shutdown = handle.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            on_shutdown.graceful_shutdown(Some(SHUTDOWN_GRACE));
+        });
         axum_server::from_tcp_rustls(self.listener, self.tls)?
+            .handle(handle)
             .serve(app.into_make_service_with_connect_info::<SocketAddr>())
             .await?;
         Ok(())

@@ -106,3 +106,49 @@ async fn first_start_writes_a_private_admin_credential_and_never_prints_it() {
         assert!(!text.contains(secret), "the secret appeared in {output}");
     }
 }
+
+#[tokio::test]
+async fn sigterm_stops_the_server_cleanly_and_it_starts_again_on_the_same_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let token = server.admin_token(dir.path()).await;
+    let response = server
+        .client
+        .get(server.url("/models"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Close our idle connection, or the graceful shutdown waits out its grace period for it.
+    server.client = reqwest::Client::new();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = wait_with_timeout(&mut server.child, std::time::Duration::from_secs(15));
+    assert_eq!(
+        exit.map(|s| s.code()),
+        Some(Some(0)),
+        "the server did not exit cleanly on SIGTERM"
+    );
+    drop(server);
+    let again = Server::start(dir.path());
+    let token = again.admin_token(dir.path()).await;
+    assert!(!token.is_empty());
+}
+
+fn wait_with_timeout(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
+}
