@@ -309,3 +309,101 @@ async fn repeated_bad_secrets_from_one_address_back_off_while_the_owner_gets_in_
         "the owner signs in at once from another address"
     );
 }
+
+/// Signs `claims` with the server's own key (read from its data directory), as an insider or a
+/// bug elsewhere might: the signature is valid, so only the claim checks stand in the way.
+fn sign_with_server_key(server: &TestServer, header_kid: Option<&str>, claims: &Value) -> String {
+    let pem =
+        std::fs::read_to_string(server.dir.path().join("secrets/token-signing-key.pem")).unwrap();
+    let key = rcgen::KeyPair::from_pem(&pem).unwrap();
+    let encoding = jsonwebtoken::EncodingKey::from_ed_der(&key.serialize_der());
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.typ = Some("at+jwt".into());
+    header.kid = header_kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &encoding).unwrap()
+}
+
+#[tokio::test]
+async fn validly_signed_tokens_with_wrong_claims_or_kid_are_rejected() {
+    let server = TestServer::start().await;
+    let good = server.admin_token().await;
+    let parts: Vec<&str> = good.split('.').collect();
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+    let kid = header["kid"].as_str().unwrap().to_owned();
+    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+
+    // The harness itself is sound: re-signing the genuine claims yields an accepted token.
+    let resigned = sign_with_server_key(&server, Some(&kid), &claims);
+    assert_eq!(
+        server
+            .call(Method::GET, "/models", &resigned)
+            .await
+            .status(),
+        200
+    );
+
+    let with = |field: &str, value: Value| {
+        let mut c = claims.clone();
+        c[field] = value;
+        c
+    };
+    let without = |field: &str| {
+        let mut c = claims.clone();
+        c.as_object_mut().unwrap().remove(field);
+        c
+    };
+    let far = json!(4_102_444_800u64); // 2100-01-01
+    let cases = [
+        (
+            "exp as a string (CVE-2026-25537 class)",
+            Some(kid.as_str()),
+            with("exp", json!("4102444800")),
+        ),
+        (
+            "nbf as a string",
+            Some(kid.as_str()),
+            with("nbf", json!("0")),
+        ),
+        (
+            "nbf in the future",
+            Some(kid.as_str()),
+            with("nbf", far.clone()),
+        ),
+        (
+            "iat in the future",
+            Some(kid.as_str()),
+            with("iat", far.clone()),
+        ),
+        ("exp missing", Some(kid.as_str()), without("exp")),
+        ("nbf missing", Some(kid.as_str()), without("nbf")),
+        ("iss missing", Some(kid.as_str()), without("iss")),
+        ("aud missing", Some(kid.as_str()), without("aud")),
+        (
+            "another issuer",
+            Some(kid.as_str()),
+            with("iss", json!("https://attacker.example")),
+        ),
+        (
+            "another audience",
+            Some(kid.as_str()),
+            with("aud", json!(["https://management.azure.com"])),
+        ),
+        (
+            "audience of the wrong type",
+            Some(kid.as_str()),
+            with("aud", json!(42)),
+        ),
+        (
+            "roles of the wrong type",
+            Some(kid.as_str()),
+            with("roles", json!("bcd981a7-7f74-457b-83e1-cceb9e632ffe")),
+        ),
+        ("unknown kid", Some("0123456789abcdef"), claims.clone()),
+        ("no kid", None, claims.clone()),
+    ];
+    for (what, kid, claims) in cases {
+        let token = sign_with_server_key(&server, kid, &claims);
+        let status = server.call(Method::GET, "/models", &token).await.status();
+        assert_eq!(status, 401, "{what} was accepted");
+    }
+}
