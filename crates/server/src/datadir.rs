@@ -8,7 +8,7 @@
 //! DIR/tls/ca.pem                    the CA certificate clients trust
 //! DIR/tls/ca-key.pem                the CA key (0600)
 //! DIR/tls/server.pem, server-key.pem  the API certificate and key (0600)
-//! DIR/secrets/token-signing-key.pem the Ed25519 token signing key (0600)
+//! DIR/secrets/token-keys.json      the Ed25519 token signing keys, rotated (0600)
 //! DIR/secrets/admin-client.json     {"client_id","client_secret","token_endpoint"} (0600)
 //! ```
 
@@ -24,6 +24,8 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
+
+use crate::signing_keys::KeyRing;
 
 #[derive(Debug, Clone)]
 pub struct DataDir {
@@ -61,8 +63,8 @@ impl DataDir {
     pub fn server_key(&self) -> PathBuf {
         self.root.join("tls/server-key.pem")
     }
-    pub fn signing_key(&self) -> PathBuf {
-        self.root.join("secrets/token-signing-key.pem")
+    pub fn token_keys(&self) -> PathBuf {
+        self.root.join("secrets/token-keys.json")
     }
     pub fn admin_client(&self) -> PathBuf {
         self.root.join("secrets/admin-client.json")
@@ -72,7 +74,7 @@ impl DataDir {
     }
 
     /// Creates whatever is missing: directories, instance identity, TLS material (the server
-    /// certificate names `localhost`, `127.0.0.1`, `::1` and `extra_names`), the signing key.
+    /// certificate names `localhost`, `127.0.0.1`, `::1` and `extra_names`), the signing keys.
     /// Existing material is kept, except a server certificate within [`RENEW_BEFORE_DAYS`] of its
     /// expiry, which is issued anew by the local CA.
     pub fn prepare(&self, extra_names: &[String]) -> anyhow::Result<Instance> {
@@ -90,9 +92,9 @@ impl DataDir {
         } else if self.server_cert_due()? {
             self.issue_server_cert(extra_names)?;
         }
-        if !self.signing_key().exists() {
-            let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-            write_private(&self.signing_key(), key.serialize_pem().as_bytes())?;
+        if !self.token_keys().exists() {
+            let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+            KeyRing::generate(now)?.save(&self.token_keys())?;
         }
         Ok(instance)
     }
@@ -291,7 +293,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = DataDir::new(root.path());
         dir.prepare(&[]).unwrap();
-        for path in [dir.ca_key(), dir.server_key(), dir.signing_key()] {
+        for path in [dir.ca_key(), dir.server_key(), dir.token_keys()] {
             let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", path.display());
         }

@@ -12,5 +12,6 @@ pub mod datadir;
 pub mod error;
 pub mod http;
 pub mod routes;
+pub mod signing_keys;
 pub mod startup;
 pub mod tokens;

@@ -18,6 +18,7 @@ use twinguard_store_redb::RedbStore;
 
 use crate::app::{AppState, router};
 use crate::datadir::{DataDir, write_private};
+use crate::signing_keys::KeyRing;
 use crate::tokens::TokenService;
 
 /// How long requests in flight may take to finish after a shutdown signal.
@@ -61,14 +62,14 @@ pub fn init(
     let instance = data_dir.prepare(tls_names)?;
     let store: Arc<dyn Store> =
         Arc::new(RedbStore::open(&data_dir.store_path()).context("opening the store")?);
-    let key_pem = std::fs::read(data_dir.signing_key())?;
-    let key = rcgen::KeyPair::from_pem(std::str::from_utf8(&key_pem)?)?;
+    let keys = KeyRing::load(&data_dir.token_keys()).context("loading the token signing keys")?;
     let tokens = Arc::new(TokenService::new(
         instance.issuer,
-        &key.serialize_der(),
-        key.public_key_raw(),
+        keys,
+        data_dir.token_keys(),
         store.clone(),
     )?);
+    tokens.rotate_keys_if_due()?;
     if tokens.client_count() == 0 {
         // First start: write the credential for its owner first, then register it, so a crash in
         // between leaves no registered credential that nobody holds.
@@ -168,14 +169,24 @@ impl Application {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let app = router(self.state);
         let handle = axum_server::Handle::new();
         let on_shutdown = handle.clone();
+        let tokens = self.state.tokens.clone();
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3_600));
+            loop {
+                hourly.tick().await;
+                if let Err(e) = tokens.rotate_keys_if_due() {
+                    tracing::error!(error = %e, "token signing key rotation failed");
+                }
+            }
+        });
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down");
             on_shutdown.graceful_shutdown(Some(SHUTDOWN_GRACE));
         });
+        let app = router(self.state);
         axum_server::from_tcp_rustls(self.listener, self.tls)?
             .handle(handle)
             .serve(app.into_make_service_with_connect_info::<SocketAddr>())

@@ -8,12 +8,13 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -23,6 +24,8 @@ use twinguard_core::clock::SystemClock;
 use twinguard_core::store::{Mutation, Store, StoreError, Table};
 use twinguard_core::throttle::{Policy, RetryAfter, Throttle};
 use zeroize::Zeroizing;
+
+use crate::signing_keys::KeyRing;
 
 /// The audience ADT clients ask for; twinguard accepts it as its own.
 pub const ADT_AUDIENCE: &str = "https://digitaltwins.azure.net";
@@ -82,11 +85,8 @@ pub enum TokenError {
 pub struct TokenService {
     issuer: String,
     audiences: Vec<String>,
-    kid: String,
-    /// The public key as a JWK `x` (base64url of the 32 raw bytes).
-    public_x: String,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    keys: RwLock<KeyRing>,
+    keys_path: PathBuf,
     validation: Validation,
     clients: RwLock<HashMap<String, ClientRecord>>,
     verified: RwLock<HashMap<String, (Arc<Principal>, u64)>>,
@@ -117,16 +117,13 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 impl TokenService {
-    /// `signing_key_pkcs8` is a PKCS#8 (DER) Ed25519 key; `public_key_raw` its 32-byte public key.
+    /// `keys` sign and verify; the ring is saved to `keys_path` when it rotates.
     pub fn new(
         issuer: String,
-        signing_key_pkcs8: &[u8],
-        public_key_raw: &[u8],
+        keys: KeyRing,
+        keys_path: PathBuf,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
-        let encoding = EncodingKey::from_ed_der(signing_key_pkcs8);
-        let decoding = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(public_key_raw))?;
-        let kid = sha256_hex(public_key_raw)[..16].to_owned();
         let audiences = vec![ADT_AUDIENCE.to_owned(), issuer.clone()];
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[issuer.as_str()]);
@@ -143,10 +140,8 @@ impl TokenService {
         Ok(Self {
             issuer,
             audiences,
-            kid,
-            public_x: URL_SAFE_NO_PAD.encode(public_key_raw),
-            encoding,
-            decoding,
+            keys: RwLock::new(keys),
+            keys_path,
             validation,
             clients: RwLock::new(clients),
             verified: RwLock::new(HashMap::new()),
@@ -161,14 +156,20 @@ impl TokenService {
 
     /// The JSON Web Key Set (RFC 7517) of the keys that verify this server's tokens.
     pub fn jwks(&self) -> serde_json::Value {
-        serde_json::json!({"keys": [{
-            "kty": "OKP",
-            "crv": "Ed25519",
-            "x": self.public_x,
-            "kid": self.kid,
-            "alg": "EdDSA",
-            "use": "sig",
-        }]})
+        self.keys.read().map(|ring| ring.jwks()).unwrap_or_default()
+    }
+
+    /// Rotates the signing key when it is due (see [`crate::signing_keys`]) and saves the ring.
+    pub fn rotate_keys_if_due(&self) -> anyhow::Result<()> {
+        let mut ring = self
+            .keys
+            .write()
+            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?;
+        if ring.rotate_if_due(now_secs())? {
+            ring.save(&self.keys_path)?;
+            tracing::info!(kids = ?ring.kids(), "token signing keys rotated");
+        }
+        Ok(())
     }
 
     pub fn client_count(&self) -> usize {
@@ -258,10 +259,12 @@ impl TokenService {
             client_id: client_id.to_owned(),
             roles: record.roles,
         };
+        let ring = self.keys.read().map_err(|_| TokenError::Signing)?;
+        let key = ring.active(now);
         let mut header = Header::new(Algorithm::EdDSA);
         header.typ = Some("at+jwt".into());
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|_| TokenError::Signing)
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &key.encoding).map_err(|_| TokenError::Signing)
     }
 
     /// [`TokenService::verify`] with a cache of recently verified tokens, so a client that
@@ -295,7 +298,6 @@ impl TokenService {
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::InvalidToken)?;
         if header.alg != Algorithm::EdDSA
-            || header.kid.as_deref() != Some(self.kid.as_str())
             || header
                 .typ
                 .as_deref()
@@ -303,7 +305,14 @@ impl TokenService {
         {
             return Err(TokenError::InvalidToken);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        // `kid` only selects among our own keys; a token naming no known key is refused.
+        let ring = self.keys.read().map_err(|_| TokenError::InvalidToken)?;
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| ring.get(kid))
+            .ok_or(TokenError::InvalidToken)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
             .map_err(|_| TokenError::InvalidToken)?;
         if data.claims.iat > now_secs() + CLOCK_SKEW_SECS {
             return Err(TokenError::InvalidToken);
