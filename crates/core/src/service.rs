@@ -19,7 +19,6 @@ use crate::dtdl::{self, ParseOptions};
 use crate::dtmi::Dtmi;
 use crate::error::{DomainError, DomainResult};
 use crate::graph::ops::{WriteContext, WriteOp, WriteOutcome};
-use crate::graph::records::twin_from_doc;
 use crate::graph::{EventRoute, Graph, ModelEntry, Relationship, Twin};
 use crate::query;
 use crate::store::{Mutation, Store, StoreError, Table};
@@ -414,7 +413,7 @@ fn load(store: &dyn Store) -> Result<Graph, OpenError> {
     for (key, bytes) in store.scan(Table::Twins)? {
         let doc: Map<String, Value> =
             serde_json::from_slice(&bytes).map_err(|_| OpenError::Corrupt("twin", key.clone()))?;
-        let twin = twin_from_doc(doc).ok_or(OpenError::Corrupt("twin", key))?;
+        let twin = Twin::from_doc(&doc).ok_or(OpenError::Corrupt("twin", key))?;
         graph.insert_twin(Arc::new(twin));
     }
     for (key, bytes) in store.scan(Table::Relationships)? {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::Graph;
-use super::records::twin_from_doc;
 use super::types::{EventRoute, ModelEntry, Relationship, Twin};
 use super::validate::{check_id, check_relationship_properties, check_twin_contents};
 use crate::auth::Action;
@@ -491,7 +490,7 @@ fn take_metadata(body: &mut Map<String, Value>) -> Map<String, Value> {
 
 fn twin_from_parts(doc: Map<String, Value>) -> DomainResult<Twin> {
     // assemble_twin always writes $dtId, $etag and $metadata.$model.
-    twin_from_doc(doc).ok_or_else(|| DomainError::ValidationFailed("malformed twin".into()))
+    Twin::from_doc(&doc).ok_or_else(|| DomainError::ValidationFailed("malformed twin".into()))
 }
 
 /// Builds a twin's wire form with `$metadata`: the model, the twin's last update time, and per

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
 use super::Graph;
 use super::types::{EventRoute, ModelEntry, Relationship, Twin};
@@ -131,9 +131,4 @@ impl Graph {
         muts.push(Mutation::delete(Table::EventRoutes, id));
         self.routes.remove(id);
     }
-}
-
-/// Rebuilds a twin from its stored wire form.
-pub(crate) fn twin_from_doc(doc: Map<String, Value>) -> Option<Twin> {
-    Twin::from_doc(&doc)
 }
