@@ -8,6 +8,9 @@ use crate::dtdl::DtdlError;
 pub enum DomainError {
     #[error("the caller is not allowed to perform {action}")]
     Forbidden { action: &'static str },
+    /// A sensitive action by a person whose last MFA-backed login is not recent enough.
+    #[error("{action} needs a recent multi-factor authentication")]
+    StepUpRequired { action: &'static str },
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}")]

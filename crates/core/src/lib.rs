@@ -7,6 +7,7 @@
 //! - [`service`]: the one door into the graph: access checks, snapshots, group commit.
 //! - [`store`]: the storage seam that backends implement.
 
+pub mod access;
 pub mod auth;
 pub mod clock;
 pub mod dtdl;

@@ -33,6 +33,9 @@ const MAX_UPLOADS_IN_FLIGHT: usize = 2;
 
 struct Job {
     op: WriteOp,
+    /// The caller, when it does not hold the action instance-wide: its scopes are checked on
+    /// the working graph, in order with the writes before it.
+    scoped: Option<Principal>,
     reply: oneshot::Sender<DomainResult<WriteOutcome>>,
 }
 
@@ -123,19 +126,20 @@ impl TwinService {
             ),
             _ => None,
         };
+        let scoped = (!principal.holds_everywhere(op.action())).then(|| principal.clone());
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .try_send(Job { op, reply })
+            .try_send(Job { op, scoped, reply })
             .map_err(|_| DomainError::Unavailable)?;
         answer.await.map_err(|_| DomainError::Unavailable)?
     }
 
     pub fn twin(&self, principal: &Principal, id: &str) -> DomainResult<Arc<Twin>> {
         principal.authorize(Action::TwinsRead)?;
-        self.snapshot()
-            .twin(id)
+        let graph = self.snapshot();
+        principal
+            .twin_for(&graph, Action::TwinsRead, id)
             .cloned()
-            .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))
     }
 
     /// A component of a twin and the twin's etag, from one snapshot, as ADT's
@@ -148,9 +152,7 @@ impl TwinService {
     ) -> DomainResult<(Value, String)> {
         principal.authorize(Action::TwinsRead)?;
         let graph = self.snapshot();
-        let twin = graph
-            .twin(id)
-            .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))?;
+        let twin = principal.twin_for(&graph, Action::TwinsRead, id)?;
         let is_component = graph
             .model(&twin.model)
             .is_some_and(|m| m.interface.components.contains_key(name));
@@ -168,11 +170,10 @@ impl TwinService {
     ) -> DomainResult<Arc<Relationship>> {
         principal.authorize(Action::RelationshipsRead)?;
         let graph = self.snapshot();
-        if graph.twin(source).is_none() {
-            return Err(DomainError::TwinNotFound(source.to_owned()));
-        }
+        principal.source_for(&graph, Action::RelationshipsRead, source)?;
         graph
             .relationship(source, id)
+            .filter(|r| principal.may_relationship(&graph, Action::RelationshipsRead, r))
             .cloned()
             .ok_or_else(|| DomainError::RelationshipNotFound(id.to_owned()))
     }
@@ -186,12 +187,11 @@ impl TwinService {
     ) -> DomainResult<Vec<Arc<Relationship>>> {
         principal.authorize(Action::RelationshipsRead)?;
         let graph = self.snapshot();
-        if graph.twin(source).is_none() {
-            return Err(DomainError::TwinNotFound(source.to_owned()));
-        }
+        principal.source_for(&graph, Action::RelationshipsRead, source)?;
         Ok(graph
             .outgoing(source)
             .filter(|r| name.is_none_or(|n| r.name.as_ref() == n))
+            .filter(|r| principal.may_relationship(&graph, Action::RelationshipsRead, r))
             .cloned()
             .collect())
     }
@@ -203,10 +203,12 @@ impl TwinService {
     ) -> DomainResult<Vec<Arc<Relationship>>> {
         principal.authorize(Action::RelationshipsRead)?;
         let graph = self.snapshot();
-        if graph.twin(target).is_none() {
-            return Err(DomainError::TwinNotFound(target.to_owned()));
-        }
-        Ok(graph.incoming(target).cloned().collect())
+        principal.source_for(&graph, Action::RelationshipsRead, target)?;
+        Ok(graph
+            .incoming(target)
+            .filter(|r| principal.may_relationship(&graph, Action::RelationshipsRead, r))
+            .cloned()
+            .collect())
     }
 
     pub fn model(&self, principal: &Principal, id: &str) -> DomainResult<Arc<ModelEntry>> {
@@ -214,6 +216,7 @@ impl TwinService {
         let dtmi = Dtmi::parse(id).map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
         self.snapshot()
             .model(&dtmi)
+            .filter(|m| principal.may_model(Action::ModelsRead, m))
             .cloned()
             .ok_or_else(|| DomainError::ModelNotFound(id.to_owned()))
     }
@@ -236,6 +239,7 @@ impl TwinService {
                     Dtmi::parse(id).map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
                 let entry = graph
                     .model(&dtmi)
+                    .filter(|m| principal.may_model(Action::ModelsRead, m))
                     .ok_or_else(|| DomainError::ModelNotFound(id.clone()))?;
                 collect_dependencies(&entry.interface, &mut wanted);
             }
@@ -244,6 +248,7 @@ impl TwinService {
                 .filter_map(|id| graph.model(id).cloned())
                 .collect()
         };
+        out.retain(|m| principal.may_model(Action::ModelsRead, m));
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
@@ -252,13 +257,19 @@ impl TwinService {
         principal.authorize(Action::EventRoutesRead)?;
         self.snapshot()
             .route(id)
+            .filter(|_| principal.may_route(Action::EventRoutesRead, id))
             .cloned()
             .ok_or_else(|| DomainError::RouteNotFound(id.to_owned()))
     }
 
     pub fn routes(&self, principal: &Principal) -> DomainResult<Vec<Arc<EventRoute>>> {
         principal.authorize(Action::EventRoutesRead)?;
-        Ok(self.snapshot().routes().cloned().collect())
+        Ok(self
+            .snapshot()
+            .routes()
+            .filter(|r| principal.may_route(Action::EventRoutesRead, &r.id))
+            .cloned()
+            .collect())
     }
 }
 
@@ -303,11 +314,16 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock:
     let mut done = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
     let mut torn = false;
-    for Job { op, reply } in batch.drain(..) {
+    for Job { op, scoped, reply } in batch.drain(..) {
         let mark = muts.len();
         // A panic inside an operation (a parser bug hit by some input) must not take the
         // writer down with it; the job is refused and the group treated as torn.
-        let applied = catch_unwind(AssertUnwindSafe(|| op.apply(&mut working, &ctx, &mut muts)));
+        let applied = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(principal) = &scoped {
+                principal.check_write(&working, &op)?;
+            }
+            op.apply(&mut working, &ctx, &mut muts)
+        }));
         match applied {
             Ok(Ok(outcome)) => done.push((reply, outcome)),
             Ok(Err(e)) => {
@@ -474,9 +490,13 @@ impl TwinService {
         };
         let parsed = query::parse(&text).map_err(query_error)?;
         let graph = self.snapshot();
-        // Every twin is visible to a caller allowed to query; scoped access narrows this.
-        query::execute(&graph, &parsed, &text, offset, request.page_size, &|_| true)
-            .map_err(query_error)
+        let page = match principal.query_filter(&graph) {
+            None => query::execute(&graph, &parsed, &text, offset, request.page_size, &|_| true),
+            Some(visible) => {
+                query::execute(&graph, &parsed, &text, offset, request.page_size, &visible)
+            }
+        };
+        page.map_err(query_error)
     }
 }
 

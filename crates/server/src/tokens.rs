@@ -318,7 +318,10 @@ impl TokenService {
             return Err(TokenError::InvalidToken);
         }
         Ok((
-            Principal::new(data.claims.sub, &data.claims.roles),
+            Principal::with_roles(
+                data.claims.sub,
+                &data.claims.roles.iter().map(String::as_str).collect::<Vec<_>>(),
+            ),
             data.claims.exp,
         ))
     }

@@ -5,4 +5,5 @@
 
 mod dtdl_conformance;
 mod robustness;
+mod scopes;
 mod service;

@@ -184,7 +184,7 @@ proptest! {
     fn twin_writes_survive_arbitrary_bodies_and_patches(body in json_value(), patch in json_value(), id in "\\PC{0,10}") {
         runtime().block_on(async {
             let service = TwinService::open(Arc::new(MemoryStore::default()), Arc::new(SystemClock)).unwrap();
-            let owner = Principal::new("o", &[DATA_OWNER.to_owned()]);
+            let owner = Principal::with_roles("o", &[DATA_OWNER]);
             let model = json!({"@context": "dtmi:dtdl:context;3", "@id": "dtmi:a:B;1", "@type": "Interface",
                 "contents": [{"@type": "Property", "name": "x", "schema": {"@type": "Map",
                     "mapKey": {"name": "k", "schema": "string"}, "mapValue": {"name": "v", "schema": "double"}}}]});

@@ -13,11 +13,11 @@ use twinguard_core::service::{QueryRequest, TwinService};
 use twinguard_core::store::{MemoryStore, Store};
 
 fn owner() -> Principal {
-    Principal::new("owner", &[DATA_OWNER.to_owned()])
+    Principal::with_roles("owner", &[DATA_OWNER])
 }
 
 fn reader() -> Principal {
-    Principal::new("reader", &[DATA_READER.to_owned()])
+    Principal::with_roles("reader", &[DATA_READER])
 }
 
 fn ontology() -> Vec<Value> {
@@ -283,7 +283,7 @@ async fn readers_cannot_write_and_nobody_gets_in_without_a_role() {
         service.write(&reader(), op).await.unwrap_err(),
         DomainError::Forbidden { .. }
     ));
-    let nobody = Principal::new("nobody", &[]);
+    let nobody = Principal::with_roles("nobody", &[]);
     assert!(matches!(
         service.twin(&nobody, "r").unwrap_err(),
         DomainError::Forbidden { .. }

@@ -1,0 +1,336 @@
+//! Access decisions that depend on the twin graph: is this twin, relationship, model or route
+//! inside a scope the caller holds an action at?
+//!
+//! Rules, chosen so that a scoped caller cannot read, infer or change anything outside its
+//! scope through the twin API or queries:
+//! - A twin outside every scope the caller reads at is reported exactly as an absent twin.
+//! - A subtree is the root twin and every twin reachable from it along the named containment
+//!   relationships. Membership is decided by walking *up* from the twin along incoming
+//!   relationships with those names, which costs the twin's depth, not the subtree's size, and
+//!   always reflects the snapshot the operation runs on.
+//! - A relationship is inside a twin scope when both of its twins are; inside a relationship
+//!   scope when its name is listed (its twins are then visible as endpoints, by design).
+//! - Model scopes cover the model, the models that extend it, and their twins. Models are the
+//!   ontology, not twin data: a subtree scope may read them.
+//! - Creating a twin needs instance scope or a model scope covering its model: a new twin is in
+//!   no subtree until a relationship links it, so subtree callers update what exists.
+
+use std::collections::HashSet;
+
+use serde_json::{Map, Value};
+
+use crate::auth::{Action, Principal, Scope};
+use crate::dtmi::Dtmi;
+use crate::error::{DomainError, DomainResult};
+use crate::graph::{Graph, ModelEntry, Relationship, Twin, WriteOp};
+
+/// Most twins visited when deciding subtree membership; beyond it the answer is "outside"
+/// (deny by default), so a pathological graph cannot make one check unbounded.
+const MAX_SUBTREE_WALK: usize = 100_000;
+
+fn in_subtree(graph: &Graph, root: &str, names: &[String], twin: &str) -> bool {
+    if twin == root {
+        return true;
+    }
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut stack = vec![twin];
+    while let Some(id) = stack.pop() {
+        for rel in graph.incoming(id) {
+            if !names.iter().any(|n| n.as_str() == &*rel.name) {
+                continue;
+            }
+            let parent: &str = &rel.source;
+            if parent == root {
+                return true;
+            }
+            if seen.insert(parent) {
+                if seen.len() > MAX_SUBTREE_WALK {
+                    return false;
+                }
+                stack.push(parent);
+            }
+        }
+    }
+    false
+}
+
+impl Scope {
+    fn covers_twin(&self, graph: &Graph, twin: &Twin) -> bool {
+        match self {
+            Scope::Instance => true,
+            Scope::Model { model } => {
+                Dtmi::parse(model).is_ok_and(|m| graph.is_of_model(twin, &m, false))
+            }
+            Scope::Subtree {
+                root,
+                relationships,
+            } => in_subtree(graph, root, relationships, &twin.id),
+            Scope::Relationships { .. } | Scope::EventRoutes { .. } => false,
+        }
+    }
+
+    fn covers_twin_id(&self, graph: &Graph, id: &str) -> bool {
+        graph.twin(id).is_some_and(|t| self.covers_twin(graph, t))
+    }
+
+    fn covers_relationship(&self, graph: &Graph, name: &str, source: &str, target: &str) -> bool {
+        match self {
+            Scope::Instance => true,
+            Scope::Relationships { names } => names.iter().any(|n| n == name),
+            Scope::Model { .. } | Scope::Subtree { .. } => {
+                self.covers_twin_id(graph, source) && self.covers_twin_id(graph, target)
+            }
+            Scope::EventRoutes { .. } => false,
+        }
+    }
+
+    fn covers_model(&self, entry: &ModelEntry) -> bool {
+        match self {
+            Scope::Instance | Scope::Subtree { .. } => true,
+            Scope::Model { model } => Dtmi::parse(model).is_ok_and(|m| entry.interface.is_a(&m)),
+            Scope::Relationships { .. } | Scope::EventRoutes { .. } => false,
+        }
+    }
+
+    fn covers_new_twin(&self, graph: &Graph, model: &Dtmi) -> bool {
+        match self {
+            Scope::Instance => true,
+            Scope::Model { model: m } => Dtmi::parse(m).is_ok_and(|m| {
+                graph
+                    .model(model)
+                    .is_some_and(|entry| entry.interface.is_a(&m))
+            }),
+            _ => false,
+        }
+    }
+
+    fn covers_route(&self, id: &str) -> bool {
+        match self {
+            Scope::Instance => true,
+            Scope::EventRoutes { ids } => ids.iter().any(|i| i == id),
+            _ => false,
+        }
+    }
+
+    /// Twins this scope lets a relationship action see as endpoints.
+    fn covers_endpoint(&self, graph: &Graph, twin: &Twin) -> bool {
+        matches!(self, Scope::Relationships { .. }) || self.covers_twin(graph, twin)
+    }
+}
+
+impl Principal {
+    fn any_grant(&self, action: Action, covers: impl Fn(&Scope) -> bool) -> bool {
+        self.holds_everywhere(action)
+            || self
+                .grants
+                .iter()
+                .any(|g| g.actions.contains(action) && covers(&g.scope))
+    }
+
+    pub fn may_twin(&self, graph: &Graph, action: Action, twin: &Twin) -> bool {
+        self.any_grant(action, |s| s.covers_twin(graph, twin))
+    }
+
+    pub fn may_relationship(&self, graph: &Graph, action: Action, rel: &Relationship) -> bool {
+        self.any_grant(action, |s| {
+            s.covers_relationship(graph, &rel.name, &rel.source, &rel.target)
+        })
+    }
+
+    pub fn may_model(&self, action: Action, entry: &ModelEntry) -> bool {
+        self.any_grant(action, |s| s.covers_model(entry))
+    }
+
+    pub fn may_route(&self, action: Action, id: &str) -> bool {
+        self.any_grant(action, |s| s.covers_route(id))
+    }
+
+    /// The caller may see `twin` as the endpoint of relationships it acts on with `action`.
+    pub fn may_see_endpoint(&self, graph: &Graph, action: Action, twin: &Twin) -> bool {
+        self.any_grant(action, |s| s.covers_endpoint(graph, twin))
+    }
+
+    /// What a query by this caller may see: twins inside a scope where it holds `Query`.
+    /// `None` means everything (the fast path for unscoped callers).
+    pub fn query_filter<'a>(&'a self, graph: &'a Graph) -> Option<impl Fn(&Twin) -> bool + 'a> {
+        if self.holds_everywhere(Action::Query) {
+            None
+        } else {
+            Some(move |t: &Twin| self.may_twin(graph, Action::Query, t))
+        }
+    }
+
+    /// Looks up twin `id` for `action`: a twin outside the caller's scopes is reported as
+    /// absent, one it can read but not act on as forbidden.
+    pub fn twin_for<'g>(
+        &self,
+        graph: &'g Graph,
+        action: Action,
+        id: &str,
+    ) -> DomainResult<&'g std::sync::Arc<Twin>> {
+        let twin = graph
+            .twin(id)
+            .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))?;
+        if self.may_twin(graph, action, twin) {
+            Ok(twin)
+        } else if self.may_twin(graph, Action::TwinsRead, twin) {
+            Err(forbidden(action))
+        } else {
+            Err(DomainError::TwinNotFound(id.to_owned()))
+        }
+    }
+
+    /// The twin whose relationships an action lists or changes; absent unless the caller may
+    /// see it as an endpoint.
+    pub fn source_for<'g>(
+        &self,
+        graph: &'g Graph,
+        action: Action,
+        id: &str,
+    ) -> DomainResult<&'g std::sync::Arc<Twin>> {
+        graph
+            .twin(id)
+            .filter(|t| self.may_see_endpoint(graph, action, t))
+            .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))
+    }
+
+    /// Decides a write on the snapshot it will apply to. Called by the writer, in order, for
+    /// callers that do not hold the action instance-wide.
+    pub(crate) fn check_write(&self, graph: &Graph, op: &WriteOp) -> DomainResult<()> {
+        let action = op.action();
+        match op {
+            WriteOp::UploadModels(_) => self.authorize_instance(action),
+            WriteOp::SetModelDecommissioned { id, .. } | WriteOp::DeleteModel(id) => {
+                let entry = graph
+                    .model(id)
+                    .filter(|e| self.may_model(Action::ModelsRead, e))
+                    .ok_or_else(|| DomainError::ModelNotFound(id.to_string()))?;
+                allow(self.may_model(action, entry), action)
+            }
+            WriteOp::PutTwin { id, body, .. } => self.check_put_twin(graph, id, body),
+            WriteOp::PatchTwin { id, patch, .. } => {
+                let twin = self.twin_for(graph, action, id)?;
+                match patched_model(patch) {
+                    ModelChange::None => Ok(()),
+                    ModelChange::To(model) => allow(
+                        self.any_grant(action, |s| {
+                            s.covers_twin(graph, twin) && s.covers_new_twin(graph, &model)
+                        }),
+                        action,
+                    ),
+                    ModelChange::Unknown => Err(forbidden(action)),
+                }
+            }
+            WriteOp::DeleteTwin { id, .. } => self.twin_for(graph, action, id).map(|_| ()),
+            WriteOp::PutRelationship {
+                source, id, body, ..
+            } => {
+                self.source_for(graph, action, source)?;
+                if let Some(existing) = graph.relationship(source, id)
+                    && !self.may_relationship(graph, action, existing)
+                {
+                    return Err(DomainError::RelationshipNotFound(id.clone()));
+                }
+                let field = |name: &str| body.get(name).and_then(Value::as_str).unwrap_or("");
+                let (target, name) = (field("$targetId"), field("$relationshipName"));
+                let target_seen = graph
+                    .twin(target)
+                    .is_some_and(|t| self.may_see_endpoint(graph, action, t));
+                if !target_seen {
+                    return Err(DomainError::TargetTwinNotFound(target.to_owned()));
+                }
+                allow(
+                    self.any_grant(action, |s| {
+                        s.covers_relationship(graph, name, source, target)
+                    }),
+                    action,
+                )
+            }
+            WriteOp::PatchRelationship { source, id, .. }
+            | WriteOp::DeleteRelationship { source, id, .. } => {
+                self.source_for(graph, action, source)?;
+                let rel = graph
+                    .relationship(source, id)
+                    .filter(|r| {
+                        self.may_relationship(graph, action, r)
+                            || self.may_relationship(graph, Action::RelationshipsRead, r)
+                    })
+                    .ok_or_else(|| DomainError::RelationshipNotFound(id.clone()))?;
+                allow(self.may_relationship(graph, action, rel), action)
+            }
+            WriteOp::PutRoute { id, .. } | WriteOp::DeleteRoute(id) => {
+                allow(self.may_route(action, id), action)
+            }
+        }
+    }
+
+    fn check_put_twin(&self, graph: &Graph, id: &str, body: &Map<String, Value>) -> DomainResult<()> {
+        let action = Action::TwinsWrite;
+        let model = body
+            .get("$metadata")
+            .and_then(|m| m.get("$model"))
+            .and_then(Value::as_str)
+            .and_then(|m| Dtmi::parse(m).ok());
+        let existing = graph.twin(id);
+        let allowed = self.any_grant(action, |s| {
+            match (existing, &model) {
+                // A replaced twin keeps its relationships, so subtree membership holds.
+                (Some(t), Some(m)) => {
+                    s.covers_twin(graph, t)
+                        && (matches!(s, Scope::Subtree { .. }) || s.covers_new_twin(graph, m))
+                }
+                (None, Some(m)) => s.covers_new_twin(graph, m),
+                // No readable model: the write will be refused by validation; only an
+                // unscoped caller gets that far, so scoped callers learn nothing from it.
+                (_, None) => false,
+            }
+        });
+        // A taken ID outside the caller's scope is refused like any other out-of-scope write;
+        // twin IDs share one namespace, so a caller allowed to create twins can learn that an
+        // ID is taken (ADT behaves the same).
+        allow(allowed, action)
+    }
+}
+
+enum ModelChange {
+    None,
+    To(Dtmi),
+    /// The patch moves or copies something into `$model`, or names no valid model.
+    Unknown,
+}
+
+/// Whether a JSON Patch changes the twin's model, and to what.
+fn patched_model(patch: &Value) -> ModelChange {
+    let Some(ops) = patch.as_array() else {
+        return ModelChange::None;
+    };
+    let mut change = ModelChange::None;
+    for op in ops {
+        let path = op.get("path").and_then(Value::as_str).unwrap_or("");
+        if !path.starts_with("/$metadata/$model") {
+            continue;
+        }
+        change = match (
+            op.get("op").and_then(Value::as_str),
+            op.get("value").and_then(Value::as_str),
+        ) {
+            (Some("add" | "replace"), Some(v)) => match Dtmi::parse(v) {
+                Ok(m) => ModelChange::To(m),
+                Err(_) => ModelChange::Unknown,
+            },
+            (Some("test"), _) => continue,
+            _ => ModelChange::Unknown,
+        };
+    }
+    change
+}
+
+fn forbidden(action: Action) -> DomainError {
+    DomainError::Forbidden {
+        action: action.as_str(),
+    }
+}
+
+fn allow(allowed: bool, action: Action) -> DomainResult<()> {
+    if allowed { Ok(()) } else { Err(forbidden(action)) }
+}
