@@ -264,7 +264,12 @@ impl Principal {
         }
     }
 
-    fn check_put_twin(&self, graph: &Graph, id: &str, body: &Map<String, Value>) -> DomainResult<()> {
+    fn check_put_twin(
+        &self,
+        graph: &Graph,
+        id: &str,
+        body: &Map<String, Value>,
+    ) -> DomainResult<()> {
         let action = Action::TwinsWrite;
         let model = body
             .get("$metadata")
@@ -332,5 +337,9 @@ fn forbidden(action: Action) -> DomainError {
 }
 
 fn allow(allowed: bool, action: Action) -> DomainResult<()> {
-    if allowed { Ok(()) } else { Err(forbidden(action)) }
+    if allowed {
+        Ok(())
+    } else {
+        Err(forbidden(action))
+    }
 }

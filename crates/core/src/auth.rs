@@ -159,7 +159,10 @@ impl ActionSet {
     }
 
     pub fn iter(self) -> impl Iterator<Item = Action> {
-        Action::ALL.iter().copied().filter(move |a| self.contains(*a))
+        Action::ALL
+            .iter()
+            .copied()
+            .filter(move |a| self.contains(*a))
     }
 
     /// Parses action names; a trailing `*` matches every action with that prefix, as in ADT's
@@ -433,7 +436,9 @@ pub struct Principal {
     instance: ActionSet,
     /// Union of the actions held anywhere.
     any: ActionSet,
-    /// The caller authenticated with a second factor recently enough for sensitive actions.
+    /// The caller authenticated with a second factor.
+    mfa: bool,
+    /// ... recently enough for sensitive actions.
     step_up: bool,
 }
 
@@ -442,6 +447,7 @@ impl Principal {
         subject: impl Into<String>,
         kind: PrincipalKind,
         grants: Arc<[Grant]>,
+        mfa: bool,
         step_up: bool,
     ) -> Self {
         let mut instance = ActionSet::EMPTY;
@@ -458,6 +464,7 @@ impl Principal {
             grants,
             instance,
             any,
+            mfa,
             step_up,
         }
     }
@@ -473,7 +480,13 @@ impl Principal {
                 scope: Scope::Instance,
             })
             .collect();
-        Self::new(subject, PrincipalKind::Application, grants.into(), false)
+        Self::new(
+            subject,
+            PrincipalKind::Application,
+            grants.into(),
+            false,
+            false,
+        )
     }
 
     pub fn grants(&self) -> &[Grant] {
@@ -488,7 +501,13 @@ impl Principal {
                 action: action.as_str(),
             });
         }
-        if action.needs_step_up() && self.kind == PrincipalKind::User && !self.step_up {
+        let person = self.kind == PrincipalKind::User;
+        if action.is_privileged() && person && !self.mfa {
+            return Err(DomainError::MfaRequired {
+                action: action.as_str(),
+            });
+        }
+        if action.needs_step_up() && person && !self.step_up {
             return Err(DomainError::StepUpRequired {
                 action: action.as_str(),
             });
@@ -589,14 +608,19 @@ mod tests {
             scope: Scope::Instance,
         }]
         .into();
-        let person = Principal::new("p", PrincipalKind::User, grants.clone(), false);
+        let no_mfa = Principal::new("p", PrincipalKind::User, grants.clone(), false, false);
         assert!(matches!(
-            person.authorize(Action::RolesWrite),
+            no_mfa.authorize(Action::RolesWrite),
+            Err(DomainError::MfaRequired { .. })
+        ));
+        let stale = Principal::new("p", PrincipalKind::User, grants.clone(), true, false);
+        assert!(matches!(
+            stale.authorize(Action::RolesWrite),
             Err(DomainError::StepUpRequired { .. })
         ));
-        let fresh = Principal::new("p", PrincipalKind::User, grants.clone(), true);
+        let fresh = Principal::new("p", PrincipalKind::User, grants.clone(), true, true);
         assert!(fresh.authorize(Action::RolesWrite).is_ok());
-        let app = Principal::new("a", PrincipalKind::Application, grants, false);
+        let app = Principal::new("a", PrincipalKind::Application, grants, false, false);
         assert!(app.authorize(Action::RolesWrite).is_ok());
     }
 
@@ -625,7 +649,8 @@ mod tests {
             .validate()
             .is_err()
         );
-        let json = serde_json::json!({"kind": "subtree", "root": "b1", "relationships": ["contains"]});
+        let json =
+            serde_json::json!({"kind": "subtree", "root": "b1", "relationships": ["contains"]});
         let scope: Scope = serde_json::from_value(json).unwrap_or(Scope::Instance);
         assert_eq!(
             scope,

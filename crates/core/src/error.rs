@@ -8,11 +8,20 @@ use crate::dtdl::DtdlError;
 pub enum DomainError {
     #[error("the caller is not allowed to perform {action}")]
     Forbidden { action: &'static str },
+    /// A privileged action by a person who logged in without a second factor.
+    #[error("{action} needs a login with a second factor; enrol one and log in again")]
+    MfaRequired { action: &'static str },
     /// A sensitive action by a person whose last MFA-backed login is not recent enough.
     #[error("{action} needs a recent multi-factor authentication")]
     StepUpRequired { action: &'static str },
     #[error("{0}")]
     InvalidArgument(String),
+    /// An identity, role, role assignment or API key that does not exist.
+    #[error("there is no {kind} with ID '{id}'")]
+    NotFound { kind: &'static str, id: String },
+    /// The request conflicts with the current state (a name taken, a role still assigned).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     ValidationFailed(String),
     #[error("{0}")]

@@ -14,6 +14,7 @@ pub mod dtdl;
 pub mod dtmi;
 pub mod error;
 pub mod graph;
+pub mod identity;
 pub mod query;
 pub mod routes;
 pub mod service;

@@ -137,9 +137,7 @@ impl TwinService {
     pub fn twin(&self, principal: &Principal, id: &str) -> DomainResult<Arc<Twin>> {
         principal.authorize(Action::TwinsRead)?;
         let graph = self.snapshot();
-        principal
-            .twin_for(&graph, Action::TwinsRead, id)
-            .cloned()
+        principal.twin_for(&graph, Action::TwinsRead, id).cloned()
     }
 
     /// A component of a twin and the twin's etag, from one snapshot, as ADT's

@@ -15,20 +15,38 @@ pub enum Table {
     /// Keyed by `source \u{1f} relationship id`.
     Relationships,
     EventRoutes,
-    /// OAuth clients (secret hashes and role IDs).
+    /// OAuth clients of format 1 (secret hashes and role IDs); migrated into `Identities`.
     Clients,
     /// Instance settings: format version, instance ID.
     Meta,
+    /// Users, groups, applications, service accounts and devices, with credential digests.
+    Identities,
+    /// Custom role definitions.
+    Roles,
+    /// Principal x role x scope.
+    RoleAssignments,
+    /// Refresh token digests and their families.
+    RefreshTokens,
+    /// IDs of revoked access tokens, until they expire.
+    RevokedTokens,
+    /// API key digests.
+    ApiKeys,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 12] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
         Table::EventRoutes,
         Table::Clients,
         Table::Meta,
+        Table::Identities,
+        Table::Roles,
+        Table::RoleAssignments,
+        Table::RefreshTokens,
+        Table::RevokedTokens,
+        Table::ApiKeys,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +57,12 @@ impl Table {
             Self::EventRoutes => "eventroutes",
             Self::Clients => "clients",
             Self::Meta => "meta",
+            Self::Identities => "identities",
+            Self::Roles => "roles",
+            Self::RoleAssignments => "roleassignments",
+            Self::RefreshTokens => "refreshtokens",
+            Self::RevokedTokens => "revokedtokens",
+            Self::ApiKeys => "apikeys",
         }
     }
 }

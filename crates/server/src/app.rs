@@ -7,11 +7,13 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, header};
 use axum::middleware;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use twinguard_core::service::TwinService;
 
 use crate::http::{correlate, require_api_version};
-use crate::routes::{discovery, eventroutes, health, models, query, relationships, token, twins};
+use crate::routes::{
+    discovery, eventroutes, health, identity, models, query, relationships, token, twins,
+};
 use crate::tokens::TokenService;
 
 /// ADT's limit on a twin or relationship body.
@@ -21,6 +23,8 @@ pub const MODEL_UPLOAD_LIMIT: usize = 1024 * 1024;
 /// Query bodies: the query text (at most 8,000 characters in ADT) or a continuation token.
 pub const QUERY_BODY_LIMIT: usize = 64 * 1024;
 pub const TOKEN_BODY_LIMIT: usize = 8 * 1024;
+/// Identity administration bodies: small JSON documents.
+pub const ADMIN_BODY_LIMIT: usize = 16 * 1024;
 
 /// Shared by every request; cloned per request, so it holds only `Arc`s.
 #[derive(Clone)]
@@ -96,11 +100,58 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(require_api_version))
         .layer(DefaultBodyLimit::max(TWIN_BODY_LIMIT));
 
+    let admin = Router::new()
+        .route(
+            "/admin/identities",
+            get(identity::list_identities).post(identity::create_identity),
+        )
+        .route(
+            "/admin/identities/{id}",
+            get(identity::get_identity)
+                .patch(identity::update_identity)
+                .delete(identity::delete_identity),
+        )
+        .route(
+            "/admin/identities/{id}/password",
+            put(identity::set_password),
+        )
+        .route("/admin/identities/{id}/mfa", delete(identity::reset_mfa))
+        .route(
+            "/admin/identities/{id}/secret",
+            post(identity::rotate_secret),
+        )
+        .route(
+            "/admin/roles",
+            get(identity::list_roles).post(identity::create_role),
+        )
+        .route(
+            "/admin/roles/{id}",
+            get(identity::get_role).delete(identity::delete_role),
+        )
+        .route(
+            "/admin/roleassignments",
+            get(identity::list_assignments).post(identity::create_assignment),
+        )
+        .route(
+            "/admin/roleassignments/{id}",
+            delete(identity::delete_assignment),
+        )
+        .route("/me", get(identity::me))
+        .route("/me/mfa/totp", post(identity::begin_totp))
+        .route("/me/mfa/totp/confirm", post(identity::confirm_totp))
+        .route("/me/password", put(identity::change_password))
+        .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT));
+
     Router::new()
         .merge(adt)
+        .merge(admin)
         .route(
             "/oauth2/token",
             post(token::token).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
+        )
+        .route(
+            "/oauth2/revoke",
+            post(token::revoke).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
         )
         .route("/.well-known/jwks.json", get(discovery::jwks))
         .route(

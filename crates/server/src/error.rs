@@ -66,6 +66,10 @@ impl From<DomainError> for ApiError {
         let message = e.to_string();
         let (status, code) = match &e {
             D::Forbidden { .. } => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            D::MfaRequired { .. } => (StatusCode::FORBIDDEN, ErrorCode::MfaRequired),
+            D::StepUpRequired { .. } => (StatusCode::FORBIDDEN, ErrorCode::StepUpRequired),
+            D::NotFound { .. } => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            D::Conflict(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             D::InvalidArgument(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument),
             D::ValidationFailed(_) => (StatusCode::BAD_REQUEST, ErrorCode::ValidationFailed),
             D::Dtdl(_) => (StatusCode::BAD_REQUEST, ErrorCode::DtdlParserError),

@@ -41,11 +41,16 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token)
             .ok_or_else(ApiError::unauthenticated)?;
-        let principal = state
+        let session = state
             .tokens
             .verify_cached(token.trim())
             .map_err(|_| ApiError::unauthenticated())?;
-        Ok(Caller(principal))
+        // The grants are read now: a disabled identity or a removed assignment counts at once.
+        let principal = state
+            .tokens
+            .principal(&session)
+            .ok_or_else(ApiError::unauthenticated)?;
+        Ok(Caller(Arc::new(principal)))
     }
 }
 

@@ -3,7 +3,8 @@
 //! - [`app`]: the router and its layers.
 //! - [`http`]: the authenticated caller, bodies, paging, correlation IDs.
 //! - [`routes`]: thin handlers, one domain call each.
-//! - [`tokens`]: client credentials and JWT access tokens.
+//! - [`tokens`]: the OAuth 2.0 grants, JWT access tokens and revocation; [`refresh`]: rotating
+//!   refresh tokens.
 //! - [`datadir`]: what first start generates (CA, keys, the first admin credential).
 //! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share.
 
@@ -11,6 +12,7 @@ pub mod app;
 pub mod datadir;
 pub mod error;
 pub mod http;
+pub mod refresh;
 pub mod routes;
 pub mod signing_keys;
 pub mod startup;

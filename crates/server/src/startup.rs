@@ -10,8 +10,8 @@ use axum_server::tls_rustls::RustlsConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
-use twinguard_core::auth::DATA_OWNER;
 use twinguard_core::clock::SystemClock;
+use twinguard_core::identity::Directory;
 use twinguard_core::service::TwinService;
 use twinguard_core::store::Store;
 use twinguard_store_redb::RedbStore;
@@ -63,25 +63,34 @@ pub fn init(
     let store: Arc<dyn Store> =
         Arc::new(RedbStore::open(&data_dir.store_path()).context("opening the store")?);
     let keys = KeyRing::load(&data_dir.token_keys()).context("loading the token signing keys")?;
+    let directory = Arc::new(
+        Directory::open(store.clone(), Arc::new(SystemClock))
+            .context("loading the identity directory")?,
+    );
     let tokens = Arc::new(TokenService::new(
         instance.issuer,
         keys,
         data_dir.token_keys(),
         store.clone(),
+        directory.clone(),
     )?);
     tokens.rotate_keys_if_due()?;
-    if tokens.client_count() == 0 {
-        // First start: write the credential for its owner first, then register it, so a crash in
-        // between leaves no registered credential that nobody holds.
-        let admin = TokenService::new_client();
+    if directory.is_empty() {
+        // First start: write the credential for its owner first, then register it, so a crash
+        // in between leaves no registered credential that nobody holds.
+        let (client_id, client_secret) = Directory::new_admin_credential();
         let file = json!({
-            "client_id": admin.client_id,
-            "client_secret": admin.client_secret.as_str(),
+            "client_id": client_id,
+            "client_secret": client_secret.as_str(),
             "token_endpoint": serde_json::Value::Null,
         });
         write_private(&data_dir.admin_client(), &serde_json::to_vec_pretty(&file)?)?;
-        tokens.register_client(&admin, vec![DATA_OWNER.to_owned()])?;
+        directory
+            .bootstrap_admin(&client_id, &client_secret)
+            .map_err(|e| anyhow::anyhow!("registering the first administrator: {e}"))?;
         tracing::info!(path = %data_dir.admin_client().display(), "created the first admin client credential");
+    } else if !data_dir.admin_client().exists() {
+        tracing::warn!(path = %data_dir.admin_client().display(), "the first admin credential file is missing; administer with another identity");
     }
     Ok((store, tokens))
 }

@@ -1,10 +1,11 @@
-//! OAuth 2.0 client credentials and the JWT access tokens issued for them.
+//! The OAuth 2.0 authorization server's token logic: the client-credentials, password (+TOTP)
+//! and refresh-token grants, JWT access tokens, their verification, and revocation.
 //!
-//! Clients are stored with a SHA-256 hash of their secret (secrets are 256-bit random values,
-//! so a fast hash is the right tool; human passwords, which need a slow hash, come with the
-//! identity issue). Tokens are RFC 9068 `at+jwt` JWTs signed with EdDSA (Ed25519). Verification
-//! pins the algorithm, requires `exp`, `nbf`, `iat`, `iss` and `aud`, and ignores every header
-//! field but `alg`, `typ` and `kid`.
+//! Access tokens are RFC 9068 `at+jwt` JWTs signed with EdDSA (Ed25519). They name the subject
+//! and how it authenticated (`amr`, `auth_time`), never its roles: the grants are read from the
+//! directory on every request, so disabling an identity or removing a role assignment takes
+//! effect at once. Verification pins the algorithm, requires `exp`, `nbf`, `iat`, `iss`, `aud`
+//! and `sub` with their JSON types, and ignores every header field but `alg`, `typ` and `kid`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,25 +13,24 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, Header, Validation};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-use twinguard_core::auth::Principal;
+use twinguard_core::auth::{Principal, PrincipalKind};
 use twinguard_core::clock::SystemClock;
+use twinguard_core::identity::{Authenticated, Directory, LoginFailure};
 use twinguard_core::store::{Mutation, Store, StoreError, Table};
 use twinguard_core::throttle::{Policy, RetryAfter, Throttle};
 use zeroize::Zeroizing;
 
+use crate::refresh::{Redeemed, RefreshTokens};
 use crate::signing_keys::KeyRing;
 
 /// The audience ADT clients ask for; twinguard accepts it as its own.
 pub const ADT_AUDIENCE: &str = "https://digitaltwins.azure.net";
-/// Lifetime of an access token.
+/// Lifetime of an access token issued to a workload.
 pub const TOKEN_LIFETIME_SECS: u64 = 3_600;
+/// Lifetime of an access token issued to a person; the refresh token renews it.
+pub const USER_TOKEN_LIFETIME_SECS: u64 = 900;
 /// Allowed clock difference when checking `exp`, `nbf` and `iat`.
 pub const CLOCK_SKEW_SECS: u64 = 30;
 /// Longest bearer token accepted; anything larger is refused unparsed.
@@ -38,15 +38,8 @@ pub const MAX_TOKEN_LEN: usize = 8_192;
 /// Verified tokens remembered at most.
 const VERIFIED_CACHE_SIZE: usize = 16_384;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ClientRecord {
-    secret_sha256: String,
-    roles: Vec<String>,
-    created_at: u64,
-}
-
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Claims {
     iss: String,
     sub: String,
@@ -55,15 +48,30 @@ struct Claims {
     nbf: u64,
     iat: u64,
     jti: String,
+    /// The client the token was issued to (RFC 9068); for people, `twinguard-login`.
     client_id: String,
-    roles: Vec<String>,
+    /// Authentication methods (RFC 8176): `pwd`, `otp`, `mfa`.
+    amr: Vec<String>,
+    /// When the subject authenticated (seconds); refreshes keep it.
+    auth_time: u64,
 }
 
-/// A newly created client; the secret exists only here and in the file it is written to.
+/// A verified access token: who, how and when it authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub subject: String,
+    pub mfa: bool,
+    pub auth_time: u64,
+    pub jti: String,
+    pub exp: u64,
+}
+
+/// What the token endpoint hands out.
 #[derive(Debug)]
-pub struct NewClient {
-    pub client_id: String,
-    pub client_secret: Zeroizing<String>,
+pub struct Issued {
+    pub access_token: String,
+    pub expires_in: u64,
+    pub refresh_token: Option<Zeroizing<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,13 +79,17 @@ pub enum TokenError {
     /// Unknown client or wrong secret; the two are not told apart.
     #[error("invalid client credentials")]
     InvalidClient,
+    /// Unknown user, wrong password, missing or wrong code, disabled, or a bad refresh token;
+    /// never told apart.
+    #[error("invalid grant")]
+    InvalidGrant,
     #[error("invalid or expired token")]
     InvalidToken,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("signing failed")]
     Signing,
-    /// Too many recent failures from this address or on this client; nothing was checked.
+    /// Too many recent failures from this address or on this account; nothing was checked.
     #[error("too many failed attempts")]
     Throttled(RetryAfter),
 }
@@ -88,8 +100,11 @@ pub struct TokenService {
     keys: RwLock<KeyRing>,
     keys_path: PathBuf,
     validation: Validation,
-    clients: RwLock<HashMap<String, ClientRecord>>,
-    verified: RwLock<HashMap<String, (Arc<Principal>, u64)>>,
+    directory: Arc<Directory>,
+    verified: RwLock<HashMap<String, (Arc<Session>, u64)>>,
+    /// Revoked access tokens by `jti`, with their expiry.
+    revoked: RwLock<HashMap<String, u64>>,
+    refresh: RefreshTokens,
     throttle: Throttle,
     store: Arc<dyn Store>,
 }
@@ -102,19 +117,15 @@ impl std::fmt::Debug for TokenService {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+/// The `client_id` claim of tokens from a person's login.
+const LOGIN_CLIENT: &str = "twinguard-login";
 
 impl TokenService {
     /// `keys` sign and verify; the ring is saved to `keys_path` when it rotates.
@@ -123,6 +134,7 @@ impl TokenService {
         keys: KeyRing,
         keys_path: PathBuf,
         store: Arc<dyn Store>,
+        directory: Arc<Directory>,
     ) -> anyhow::Result<Self> {
         let audiences = vec![ADT_AUDIENCE.to_owned(), issuer.clone()];
         let mut validation = Validation::new(Algorithm::EdDSA);
@@ -132,19 +144,28 @@ impl TokenService {
         validation.validate_nbf = true;
         validation.validate_exp = true;
         validation.leeway = CLOCK_SKEW_SECS;
-        let mut clients = HashMap::new();
-        for (id, bytes) in store.scan(Table::Clients)? {
-            let record: ClientRecord = serde_json::from_slice(&bytes)?;
-            clients.insert(id, record);
+        let now = now_secs();
+        let mut revoked = HashMap::new();
+        let mut expired = Vec::new();
+        for (jti, bytes) in store.scan(Table::RevokedTokens)? {
+            let exp: u64 = serde_json::from_slice(&bytes).unwrap_or(0);
+            if exp + CLOCK_SKEW_SECS < now {
+                expired.push(Mutation::delete(Table::RevokedTokens, jti));
+            } else {
+                revoked.insert(jti, exp);
+            }
         }
+        store.commit(&expired)?;
         Ok(Self {
             issuer,
             audiences,
             keys: RwLock::new(keys),
             keys_path,
             validation,
-            clients: RwLock::new(clients),
+            refresh: RefreshTokens::open(store.clone())?,
+            directory,
             verified: RwLock::new(HashMap::new()),
+            revoked: RwLock::new(revoked),
             throttle: Throttle::new(Policy::default(), Arc::new(SystemClock)),
             store,
         })
@@ -152,6 +173,10 @@ impl TokenService {
 
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
     }
 
     /// The JSON Web Key Set (RFC 7517) of the keys that verify this server's tokens.
@@ -172,113 +197,191 @@ impl TokenService {
         Ok(())
     }
 
-    pub fn client_count(&self) -> usize {
-        self.clients.read().map(|c| c.len()).unwrap_or(0)
-    }
-
-    /// A fresh client ID and a 256-bit secret, not yet registered: the caller saves the secret
-    /// where its owner will find it, then calls [`TokenService::register_client`].
-    pub fn new_client() -> NewClient {
-        let mut raw = Zeroizing::new([0u8; 32]);
-        rand::rng().fill_bytes(raw.as_mut());
-        NewClient {
-            client_id: uuid::Uuid::new_v4().to_string(),
-            client_secret: Zeroizing::new(URL_SAFE_NO_PAD.encode(raw.as_ref())),
-        }
-    }
-
-    /// Registers `client` with `roles`; only the secret's hash is stored.
-    pub fn register_client(
-        &self,
-        client: &NewClient,
-        roles: Vec<String>,
-    ) -> Result<(), TokenError> {
-        let NewClient {
-            client_id,
-            client_secret,
-        } = client;
-        let record = ClientRecord {
-            secret_sha256: sha256_hex(client_secret.as_bytes()),
-            roles,
-            created_at: now_secs(),
-        };
-        let bytes = serde_json::to_vec(&record).map_err(|_| TokenError::Signing)?;
-        self.store
-            .commit(&[Mutation::put(Table::Clients, client_id.clone(), bytes)])?;
-        if let Ok(mut clients) = self.clients.write() {
-            clients.insert(client_id.clone(), record);
-        }
-        Ok(())
-    }
-
-    /// The client-credentials grant: checks the secret in constant time and issues a token.
     /// The client-credentials grant from `address`, subject to the failure backoff: while the
     /// address or the client must wait, no credential is checked at all.
-    pub fn issue_from(
+    pub fn issue_for_client(
         &self,
         address: IpAddr,
         client_id: &str,
         client_secret: &str,
-    ) -> Result<String, TokenError> {
+    ) -> Result<Issued, TokenError> {
         self.throttle
             .check(address, client_id)
             .map_err(TokenError::Throttled)?;
-        let issued = self.issue(client_id, client_secret);
-        match &issued {
-            Err(TokenError::InvalidClient) => self.throttle.failed(address, client_id),
-            Ok(_) => self.throttle.succeeded(address),
-            Err(_) => {}
+        match self.directory.authenticate_client(client_id, client_secret) {
+            Ok(who) => {
+                self.throttle.succeeded(address);
+                self.issue(&who, client_id, now_secs(), None)
+            }
+            Err(LoginFailure::Unavailable) => Err(TokenError::Signing),
+            Err(why) => {
+                tracing::warn!(%address, reason = %why, "client authentication failed");
+                self.throttle.failed(address, client_id);
+                Err(TokenError::InvalidClient)
+            }
         }
-        issued
     }
 
-    pub fn issue(&self, client_id: &str, client_secret: &str) -> Result<String, TokenError> {
-        let presented = sha256_hex(client_secret.as_bytes());
-        let record = self
-            .clients
-            .read()
-            .ok()
-            .and_then(|c| c.get(client_id).cloned());
-        // Compare against a dummy hash for unknown clients so both paths do the same work.
-        let expected = record
-            .as_ref()
-            .map_or_else(|| "0".repeat(64), |r| r.secret_sha256.clone());
-        let matches: bool = presented.as_bytes().ct_eq(expected.as_bytes()).into();
-        let Some(record) = record.filter(|_| matches) else {
-            return Err(TokenError::InvalidClient);
+    /// A person's login with password and, when enrolled, a one-time code. Runs argon2: call
+    /// it off the async runtime.
+    pub fn issue_for_user(
+        &self,
+        address: IpAddr,
+        username: &str,
+        password: &str,
+        code: Option<&str>,
+    ) -> Result<Issued, TokenError> {
+        let account = format!("user:{}", username.to_lowercase());
+        self.throttle
+            .check(address, &account)
+            .map_err(TokenError::Throttled)?;
+        match self.directory.authenticate_user(username, password, code) {
+            Ok(who) => {
+                self.throttle.succeeded(address);
+                let now = now_secs();
+                let refresh = self.refresh.issue(&who.id, who.mfa, now, None)?;
+                self.issue(&who, LOGIN_CLIENT, now, Some(refresh))
+            }
+            Err(LoginFailure::Unavailable) => Err(TokenError::Signing),
+            Err(why) => {
+                tracing::warn!(%address, reason = %why, "login failed");
+                self.throttle.failed(address, &account);
+                Err(TokenError::InvalidGrant)
+            }
+        }
+    }
+
+    /// The refresh-token grant: the token is spent and a new one of the same family issued.
+    /// Presenting a spent token again revokes its whole family (someone copied it).
+    pub fn refresh(&self, address: IpAddr, token: &str) -> Result<Issued, TokenError> {
+        let redeemed = match self.refresh.redeem(token)? {
+            Redeemed::Valid(r) => r,
+            Redeemed::Reused { subject } => {
+                tracing::warn!(%address, %subject, "a spent refresh token was presented again; its family is revoked");
+                return Err(TokenError::InvalidGrant);
+            }
+            Redeemed::Invalid => return Err(TokenError::InvalidGrant),
         };
+        let Some(principal) =
+            self.directory
+                .principal(&redeemed.subject, redeemed.mfa, redeemed.auth_time)
+        else {
+            return Err(TokenError::InvalidGrant);
+        };
+        let who = Authenticated {
+            id: redeemed.subject.clone(),
+            kind: principal.kind,
+            mfa: redeemed.mfa,
+        };
+        let next = self.refresh.issue(
+            &redeemed.subject,
+            redeemed.mfa,
+            redeemed.auth_time,
+            Some((redeemed.family, redeemed.family_expires)),
+        )?;
+        self.issue(&who, LOGIN_CLIENT, redeemed.auth_time, Some(next))
+    }
+
+    fn issue(
+        &self,
+        who: &Authenticated,
+        client_id: &str,
+        auth_time: u64,
+        refresh_token: Option<Zeroizing<String>>,
+    ) -> Result<Issued, TokenError> {
         let now = now_secs();
+        let lifetime = if who.kind == PrincipalKind::User {
+            USER_TOKEN_LIFETIME_SECS
+        } else {
+            TOKEN_LIFETIME_SECS
+        };
+        let amr = match (who.kind, who.mfa) {
+            (PrincipalKind::User, true) => vec!["pwd", "otp", "mfa"],
+            (PrincipalKind::User, false) => vec!["pwd"],
+            _ => vec![],
+        };
         let claims = Claims {
             iss: self.issuer.clone(),
-            sub: client_id.to_owned(),
+            sub: who.id.clone(),
             aud: self.audiences.clone(),
-            exp: now + TOKEN_LIFETIME_SECS,
+            exp: now + lifetime,
             nbf: now,
             iat: now,
             jti: uuid::Uuid::new_v4().to_string(),
             client_id: client_id.to_owned(),
-            roles: record.roles,
+            amr: amr.into_iter().map(str::to_owned).collect(),
+            auth_time,
         };
         let ring = self.keys.read().map_err(|_| TokenError::Signing)?;
         let key = ring.active(now);
         let mut header = Header::new(Algorithm::EdDSA);
         header.typ = Some("at+jwt".into());
         header.kid = Some(key.kid.clone());
-        jsonwebtoken::encode(&header, &claims, &key.encoding).map_err(|_| TokenError::Signing)
+        let access_token = jsonwebtoken::encode(&header, &claims, &key.encoding)
+            .map_err(|_| TokenError::Signing)?;
+        Ok(Issued {
+            access_token,
+            expires_in: lifetime,
+            refresh_token,
+        })
+    }
+
+    /// RFC 7009 revocation. A refresh token revokes its family; an access token of ours is
+    /// refused from now until it expires. Anything else is ignored, as the RFC asks.
+    pub fn revoke(&self, token: &str) -> Result<(), TokenError> {
+        if self.refresh.revoke(token)? {
+            return Ok(());
+        }
+        let Ok(session) = self.verify(token) else {
+            return Ok(());
+        };
+        self.store.commit(&[Mutation::put(
+            Table::RevokedTokens,
+            session.jti.clone(),
+            session.exp.to_string().into_bytes(),
+        )])?;
+        if let Ok(mut revoked) = self.revoked.write() {
+            let now = now_secs();
+            revoked.retain(|_, exp| *exp + CLOCK_SKEW_SECS >= now);
+            revoked.insert(session.jti, session.exp);
+        }
+        if let Ok(mut cache) = self.verified.write() {
+            cache.remove(token);
+        }
+        Ok(())
+    }
+
+    fn is_revoked(&self, jti: &str) -> bool {
+        self.revoked
+            .read()
+            .map(|r| !r.is_empty() && r.contains_key(jti))
+            .unwrap_or(true)
+    }
+
+    /// The caller a verified session stands for now, or `None` if its identity may no longer
+    /// act (deleted or disabled).
+    pub fn principal(&self, session: &Session) -> Option<Principal> {
+        self.directory
+            .principal(&session.subject, session.mfa, session.auth_time)
     }
 
     /// [`TokenService::verify`] with a cache of recently verified tokens, so a client that
     /// reuses its token pays for the signature check once. Entries expire with their token.
-    pub fn verify_cached(&self, token: &str) -> Result<Arc<Principal>, TokenError> {
+    pub fn verify_cached(&self, token: &str) -> Result<Arc<Session>, TokenError> {
         let now = now_secs();
         if let Ok(cache) = self.verified.read()
-            && let Some((principal, exp)) = cache.get(token)
+            && let Some((session, exp)) = cache.get(token)
             && now < exp + CLOCK_SKEW_SECS
         {
-            return Ok(principal.clone());
+            if self.is_revoked(&session.jti) {
+                return Err(TokenError::InvalidToken);
+            }
+            return Ok(session.clone());
         }
-        let (principal, exp) = self.verify(token)?;
-        let principal = Arc::new(principal);
+        let session = Arc::new(self.verify(token)?);
+        if self.is_revoked(&session.jti) {
+            return Err(TokenError::InvalidToken);
+        }
         if let Ok(mut cache) = self.verified.write() {
             if cache.len() >= VERIFIED_CACHE_SIZE {
                 cache.retain(|_, (_, e)| now < *e);
@@ -286,13 +389,13 @@ impl TokenService {
                     cache.clear();
                 }
             }
-            cache.insert(token.to_owned(), (principal.clone(), exp));
+            cache.insert(token.to_owned(), (session.clone(), session.exp));
         }
-        Ok(principal)
+        Ok(session)
     }
 
-    /// Verifies a bearer token and returns the caller it names and the token's expiry.
-    pub fn verify(&self, token: &str) -> Result<(Principal, u64), TokenError> {
+    /// Verifies a bearer token's signature and claims.
+    pub fn verify(&self, token: &str) -> Result<Session, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::InvalidToken);
         }
@@ -312,17 +415,18 @@ impl TokenService {
             .as_deref()
             .and_then(|kid| ring.get(kid))
             .ok_or(TokenError::InvalidToken)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
-            .map_err(|_| TokenError::InvalidToken)?;
-        if data.claims.iat > now_secs() + CLOCK_SKEW_SECS {
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
+            .map_err(|_| TokenError::InvalidToken)?
+            .claims;
+        if claims.iat > now_secs() + CLOCK_SKEW_SECS || claims.auth_time > claims.iat {
             return Err(TokenError::InvalidToken);
         }
-        Ok((
-            Principal::with_roles(
-                data.claims.sub,
-                &data.claims.roles.iter().map(String::as_str).collect::<Vec<_>>(),
-            ),
-            data.claims.exp,
-        ))
+        Ok(Session {
+            mfa: claims.amr.iter().any(|m| m == "mfa"),
+            subject: claims.sub,
+            auth_time: claims.auth_time,
+            jti: claims.jti,
+            exp: claims.exp,
+        })
     }
 }

@@ -22,7 +22,13 @@ fn scoped(subject: &str, role: &str, scope: Scope) -> Principal {
         actions: role.actions,
         scope,
     };
-    Principal::new(subject, PrincipalKind::User, vec![grant].into(), false)
+    Principal::new(
+        subject,
+        PrincipalKind::Application,
+        vec![grant].into(),
+        false,
+        false,
+    )
 }
 
 fn owner() -> Principal {
@@ -69,7 +75,8 @@ fn patch_name(id: &str, name: &str) -> WriteOp {
 /// Two buildings with rooms, a pump, and `feeds` relationships that cross between them:
 /// b1 contains r1a, r1b; b2 contains r2a; r1a feeds r2a; p1 feeds r1a.
 async fn plant() -> TwinService {
-    let service = TwinService::open(Arc::new(MemoryStore::default()), Arc::new(SystemClock)).unwrap();
+    let service =
+        TwinService::open(Arc::new(MemoryStore::default()), Arc::new(SystemClock)).unwrap();
     let space = json!({
         "@context": "dtmi:dtdl:context;3", "@id": "dtmi:s:Space;1", "@type": "Interface",
         "contents": [
@@ -83,10 +90,10 @@ async fn plant() -> TwinService {
     let room = json!({"@context": "dtmi:dtdl:context;3", "@id": "dtmi:s:Room;1",
         "@type": "Interface", "extends": "dtmi:s:Space;1"});
     let pump = json!({"@context": "dtmi:dtdl:context;3", "@id": "dtmi:s:Pump;1",
-        "@type": "Interface", "contents": [
-            {"@type": "Property", "name": "name", "schema": "string"},
-            {"@type": "Relationship", "name": "feeds"}
-        ]});
+    "@type": "Interface", "contents": [
+        {"@type": "Property", "name": "name", "schema": "string"},
+        {"@type": "Relationship", "name": "feeds"}
+    ]});
     let o = owner();
     service
         .write(&o, WriteOp::UploadModels(vec![space, building, room, pump]))
@@ -109,7 +116,10 @@ async fn plant() -> TwinService {
         ("r1a", "f1", "feeds", "r2a"),
         ("p1", "f2", "feeds", "r1a"),
     ] {
-        service.write(&o, put_rel(source, id, name, target)).await.unwrap();
+        service
+            .write(&o, put_rel(source, id, name, target))
+            .await
+            .unwrap();
     }
     service
         .write(
@@ -207,7 +217,14 @@ async fn queries_never_return_count_or_traverse_twins_outside_the_scope() {
         ids(&service, &alice, "SELECT COUNT() FROM DIGITALTWINS"),
         vec![r#"{"COUNT":3}"#.to_owned()]
     );
-    assert!(ids(&service, &alice, "SELECT * FROM DIGITALTWINS WHERE $dtId = 'r2a'").is_empty());
+    assert!(
+        ids(
+            &service,
+            &alice,
+            "SELECT * FROM DIGITALTWINS WHERE $dtId = 'r2a'"
+        )
+        .is_empty()
+    );
     // MATCH and JOIN across the edge find nothing: r2a and p1 are outside.
     assert!(
         ids(
@@ -234,7 +251,11 @@ async fn queries_never_return_count_or_traverse_twins_outside_the_scope() {
         vec![r#"{"COUNT":2}"#.to_owned()]
     );
     assert_eq!(
-        ids(&service, &alice, "SELECT R.$relationshipId FROM RELATIONSHIPS R"),
+        ids(
+            &service,
+            &alice,
+            "SELECT R.$relationshipId FROM RELATIONSHIPS R"
+        ),
         vec![
             r#"{"$relationshipId":"c1"}"#.to_owned(),
             r#"{"$relationshipId":"c2"}"#.to_owned()
@@ -251,13 +272,22 @@ async fn queries_never_return_count_or_traverse_twins_outside_the_scope() {
 async fn subtree_writer_changes_its_subtree_and_nothing_else() {
     let service = plant().await;
     let alice = scoped("alice", DATA_OWNER, subtree("b1"));
-    service.write(&alice, patch_name("r1a", "lab")).await.unwrap();
+    service
+        .write(&alice, patch_name("r1a", "lab"))
+        .await
+        .unwrap();
     let hidden = shape(
-        service.write(&alice, patch_name("r2a", "x")).await.unwrap_err(),
+        service
+            .write(&alice, patch_name("r2a", "x"))
+            .await
+            .unwrap_err(),
         "r2a",
     );
     let absent = shape(
-        service.write(&alice, patch_name("nope", "x")).await.unwrap_err(),
+        service
+            .write(&alice, patch_name("nope", "x"))
+            .await
+            .unwrap_err(),
         "nope",
     );
     assert_eq!(hidden, absent);
@@ -267,7 +297,10 @@ async fn subtree_writer_changes_its_subtree_and_nothing_else() {
     };
     assert_eq!(
         shape(service.write(&alice, delete("p1")).await.unwrap_err(), "p1"),
-        shape(service.write(&alice, delete("nope")).await.unwrap_err(), "nope")
+        shape(
+            service.write(&alice, delete("nope")).await.unwrap_err(),
+            "nope"
+        )
     );
     // A relationship to a twin outside is refused exactly as one to a missing twin.
     assert_eq!(
@@ -288,7 +321,9 @@ async fn subtree_writer_changes_its_subtree_and_nothing_else() {
     );
     // From a twin outside: as if the source did not exist.
     assert!(matches!(
-        service.write(&alice, put_rel("b2", "x2", "contains", "r1a")).await,
+        service
+            .write(&alice, put_rel("b2", "x2", "contains", "r1a"))
+            .await,
         Err(DomainError::TwinNotFound(_))
     ));
     // Inside: allowed.
@@ -299,7 +334,9 @@ async fn subtree_writer_changes_its_subtree_and_nothing_else() {
     // A subtree caller cannot create twins (a new twin is in no subtree) or move one to a model
     // it could not create.
     assert!(matches!(
-        service.write(&alice, put_twin("new", "dtmi:s:Room;1")).await,
+        service
+            .write(&alice, put_twin("new", "dtmi:s:Room;1"))
+            .await,
         Err(DomainError::Forbidden { .. })
     ));
     service
@@ -417,7 +454,9 @@ async fn relationship_and_route_scopes_cover_only_what_they_name() {
         vec![r#"{"COUNT":0}"#.to_owned()]
     );
     assert!(matches!(
-        service.write(&carol, put_rel("b2", "x", "contains", "r1a")).await,
+        service
+            .write(&carol, put_rel("b2", "x", "contains", "r1a"))
+            .await,
         Err(DomainError::Forbidden { .. })
     ));
     service
@@ -444,7 +483,9 @@ async fn relationship_and_route_scopes_cover_only_what_they_name() {
         Err(DomainError::RouteNotFound(_))
     ));
     assert!(matches!(
-        service.write(&dave, WriteOp::DeleteRoute("route-b".into())).await,
+        service
+            .write(&dave, WriteOp::DeleteRoute("route-b".into()))
+            .await,
         Err(DomainError::Forbidden { .. })
     ));
     service

@@ -1,5 +1,10 @@
-//! `POST /oauth2/token`: the OAuth 2.0 client-credentials grant (RFC 6749 section 4.4), with the
-//! client authenticated by form parameters or HTTP Basic (section 2.3.1).
+//! `POST /oauth2/token` and `POST /oauth2/revoke`.
+//!
+//! Grants: client credentials (RFC 6749 4.4, the client authenticated by form parameters or HTTP
+//! Basic, 2.3.1); a person's password (4.3) with the TOTP or recovery code in the extension
+//! parameter `otp`, answered with a short-lived access token and a rotating refresh token; and
+//! refresh tokens (6). Every failure of a person's login answers `invalid_grant` alike, whatever
+//! was wrong. Revocation follows RFC 7009.
 
 use axum::body::Bytes;
 use std::net::SocketAddr;
@@ -13,12 +18,18 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::app::AppState;
-use crate::tokens::{TOKEN_LIFETIME_SECS, TokenError};
+use crate::tokens::{Issued, TokenError};
 
+#[derive(Default)]
 struct TokenForm {
     grant_type: Option<String>,
     client_id: Option<String>,
     client_secret: Option<Zeroizing<String>>,
+    username: Option<String>,
+    password: Option<Zeroizing<String>>,
+    otp: Option<Zeroizing<String>>,
+    refresh_token: Option<Zeroizing<String>>,
+    token: Option<Zeroizing<String>>,
     #[allow(dead_code)] // accepted as ADT clients send it; every token carries both audiences
     scope: Option<String>,
 }
@@ -68,52 +79,65 @@ pub async fn token(
     let Ok(form) = parse_form(&body) else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
     };
-    if form.grant_type.as_deref() != Some("client_credentials") {
-        let error = if form.grant_type.is_none() {
-            "invalid_request"
-        } else {
-            "unsupported_grant_type"
-        };
-        return oauth_error(StatusCode::BAD_REQUEST, error);
-    }
-    let credentials = match (
-        basic_credentials(&headers),
-        form.client_id,
-        form.client_secret,
-    ) {
-        (Some(basic), None, None) => basic,
-        (None, Some(id), Some(secret)) => (id, secret),
-        // Two authentication methods at once, or none, is refused (RFC 6749 2.3).
-        _ => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
-    };
-    match state
-        .tokens
-        .issue_from(peer.ip(), &credentials.0, &credentials.1)
-    {
-        Ok(access_token) => {
-            let mut response = axum::Json(json!({
-                "access_token": access_token,
-                "token_type": "Bearer",
-                "expires_in": TOKEN_LIFETIME_SECS,
-            }))
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            response
+    let address = peer.ip();
+    let issued = match form.grant_type.as_deref() {
+        Some("client_credentials") => {
+            let credentials = match (
+                basic_credentials(&headers),
+                form.client_id,
+                form.client_secret,
+            ) {
+                (Some(basic), None, None) => basic,
+                (None, Some(id), Some(secret)) => (id, secret),
+                // Two authentication methods at once, or none, is refused (RFC 6749 2.3).
+                _ => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
+            };
+            state
+                .tokens
+                .issue_for_client(address, &credentials.0, &credentials.1)
         }
+        Some("password") => {
+            let (Some(username), Some(password)) = (form.username, form.password) else {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+            };
+            let tokens = state.tokens.clone();
+            let otp = form.otp;
+            // argon2 takes tens of milliseconds of CPU: keep it off the async threads.
+            let login = tokio::task::spawn_blocking(move || {
+                tokens.issue_for_user(
+                    address,
+                    &username,
+                    &password,
+                    otp.as_deref().map(|s| s.as_str()),
+                )
+            })
+            .await;
+            match login {
+                Ok(result) => result,
+                Err(_) => Err(TokenError::Signing),
+            }
+        }
+        Some("refresh_token") => {
+            let Some(refresh) = form.refresh_token else {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+            };
+            state.tokens.refresh(address, &refresh)
+        }
+        Some(_) => return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type"),
+        None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
+    };
+    match issued {
+        Ok(issued) => token_response(issued),
         Err(TokenError::Throttled(wait)) => {
-            tracing::warn!(address = %peer.ip(), "token request refused: backing off after failed attempts");
+            tracing::warn!(%address, "token request refused: backing off after failed attempts");
             let mut response = oauth_error(StatusCode::TOO_MANY_REQUESTS, "slow_down");
             if let Ok(value) = HeaderValue::from_str(&wait.seconds().to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
             response
         }
-        Err(TokenError::InvalidClient) => {
-            tracing::warn!(address = %peer.ip(), client_id = %credentials.0.chars().take(64).collect::<String>(), "token request with invalid client credentials");
-            oauth_error(StatusCode::UNAUTHORIZED, "invalid_client")
-        }
+        Err(TokenError::InvalidClient) => oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
+        Err(TokenError::InvalidGrant) => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"),
         Err(e) => {
             tracing::error!(error = %e, "token issuance failed");
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error")
@@ -121,19 +145,60 @@ pub async fn token(
     }
 }
 
-fn parse_form(body: &[u8]) -> Result<TokenForm, ()> {
-    let mut form = TokenForm {
-        grant_type: None,
-        client_id: None,
-        client_secret: None,
-        scope: None,
+fn token_response(issued: Issued) -> Response {
+    let mut body = json!({
+        "access_token": issued.access_token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+    });
+    if let Some(refresh) = &issued.refresh_token {
+        body["refresh_token"] = json!(refresh.as_str());
+    }
+    let mut response = axum::Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// RFC 7009: `token` (and an optional `token_type_hint`, not needed: the two kinds of token
+/// cannot be confused). Answers 200 whether or not the token was valid.
+pub async fn revoke(State(state): State<AppState>, body: Bytes) -> Response {
+    let Ok(form) = parse_form(&body) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
     };
+    let Some(token) = form.token else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+    };
+    match state.tokens.revoke(&token) {
+        Ok(()) => {
+            let mut response = StatusCode::OK.into_response();
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "revocation failed");
+            oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+        }
+    }
+}
+
+fn parse_form(body: &[u8]) -> Result<TokenForm, ()> {
+    let mut form = TokenForm::default();
     for (key, value) in form_urlencoded::parse(body) {
         let value = value.into_owned();
+        let secret = |v: String| Zeroizing::new(v);
         let slot_taken = match key.as_ref() {
             "grant_type" => form.grant_type.replace(value).is_some(),
             "client_id" => form.client_id.replace(value).is_some(),
-            "client_secret" => form.client_secret.replace(Zeroizing::new(value)).is_some(),
+            "client_secret" => form.client_secret.replace(secret(value)).is_some(),
+            "username" => form.username.replace(value).is_some(),
+            "password" => form.password.replace(secret(value)).is_some(),
+            "otp" => form.otp.replace(secret(value)).is_some(),
+            "refresh_token" => form.refresh_token.replace(secret(value)).is_some(),
+            "token" => form.token.replace(secret(value)).is_some(),
             "scope" => form.scope.replace(value).is_some(),
             _ => false,
         };

@@ -5,7 +5,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use reqwest::Method;
 use serde_json::{Value, json};
-use twinguard_core::auth::{DATA_OWNER, DATA_READER};
+use twinguard_core::auth::DATA_READER;
 use twinguard_server::signing_keys::KeyRing;
 
 use crate::kit::{TestServer, https_client};
@@ -28,10 +28,22 @@ async fn client_credentials_grant_issues_an_eddsa_access_token() {
             .unwrap(),
     )
     .unwrap();
-    for claim in ["iss", "sub", "aud", "exp", "nbf", "iat", "jti"] {
+    for claim in [
+        "iss",
+        "sub",
+        "aud",
+        "exp",
+        "nbf",
+        "iat",
+        "jti",
+        "client_id",
+        "auth_time",
+    ] {
         assert!(claims.get(claim).is_some(), "{claim} missing");
     }
-    assert_eq!(claims["roles"], json!([DATA_OWNER]));
+    // Roles are not in the token: they are read from the directory on every request.
+    assert!(claims.get("roles").is_none());
+    assert_eq!(claims["amr"], json!([]));
 }
 
 #[tokio::test]
@@ -72,7 +84,7 @@ async fn token_endpoint_accepts_http_basic_and_refuses_wrong_or_unknown_clients_
         .client
         .post(server.url("/oauth2/token"))
         .form(&[
-            ("grant_type", "password"),
+            ("grant_type", "authorization_code"),
             ("client_id", id.as_str()),
             ("client_secret", secret.as_str()),
         ])

@@ -13,7 +13,6 @@ pub struct TestServer {
     pub client: Client,
     /// The data directory; kept alive as long as the server.
     pub dir: TempDir,
-    pub state: twinguard_server::app::AppState,
     admin_id: String,
     admin_secret: String,
 }
@@ -41,7 +40,6 @@ impl TestServer {
         };
         let app = Application::build(&config).unwrap();
         let base = app.base_url();
-        let state = app.state().clone();
         tokio::spawn(app.run());
         let client = https_client(dir.path(), None);
         let admin: Value = serde_json::from_slice(
@@ -51,7 +49,6 @@ impl TestServer {
         Self {
             base,
             client,
-            state,
             admin_id: admin["client_id"].as_str().unwrap().to_owned(),
             admin_secret: admin["client_secret"].as_str().unwrap().to_owned(),
             dir,
@@ -84,18 +81,44 @@ impl TestServer {
         body["access_token"].as_str().unwrap().to_owned()
     }
 
-    /// A token for a new client holding only `role`.
+    /// A token for a new application holding only `role` at instance scope.
     pub async fn token_with_role(&self, role: &str) -> String {
-        let client = twinguard_server::tokens::TokenService::new_client();
-        self.state
-            .tokens
-            .register_client(&client, vec![role.to_owned()])
+        self.token_with_scoped_role(role, serde_json::json!({"kind": "instance"}))
+            .await
+    }
+
+    /// A token for a new application holding `role` at `scope`, created through the admin API.
+    pub async fn token_with_scoped_role(&self, role: &str, scope: Value) -> String {
+        let admin = self.admin_token().await;
+        let name = format!("app-{}", uuid_like());
+        let created: Value = self
+            .admin_call(reqwest::Method::POST, "/admin/identities", &admin)
+            .json(&serde_json::json!({"kind": "application", "name": name}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
             .unwrap();
-        let response = self
-            .token_for(&client.client_id, &client.client_secret)
-            .await;
+        let id = created["identity"]["id"].as_str().unwrap().to_owned();
+        let secret = created["clientSecret"].as_str().unwrap().to_owned();
+        let assigned = self
+            .admin_call(reqwest::Method::POST, "/admin/roleassignments", &admin)
+            .json(&serde_json::json!({"principalId": id, "roleId": role, "scope": scope}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(assigned.status(), 201);
+        let response = self.token_for(&id, &secret).await;
         let body: Value = response.json().await.unwrap();
         body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// A request to twinguard's own API (no `api-version`) with a bearer token.
+    pub fn admin_call(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(token)
     }
 
     pub fn admin_credentials(&self) -> (String, String) {
@@ -129,4 +152,15 @@ impl TestServer {
             .request(method, format!("{}{path}{sep}{API}", self.base))
             .bearer_auth(token)
     }
+}
+
+/// A unique suffix for names in one test run.
+pub fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{nanos:x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }

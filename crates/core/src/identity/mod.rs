@@ -1,0 +1,1163 @@
+//! The identity directory: users, groups, applications, service accounts and devices; custom
+//! roles; and role assignments (principal x role x scope). Authentication turns a credential into
+//! an identity ID; [`Directory::principal`] turns that ID into the grants it holds *now*, so
+//! disabling an identity or removing an assignment takes effect on the next request, whatever
+//! tokens are in flight.
+//!
+//! Every administrative operation takes the caller's [`Principal`] and decides access here, in
+//! the domain, like the twin operations do.
+
+pub mod credentials;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::auth::{
+    Action, ActionSet, DATA_OWNER, Grant, Principal, PrincipalKind, Role, RoleId, SECURITY_ADMIN,
+    Scope, builtin_role, builtin_roles,
+};
+use crate::clock::Clock;
+use crate::error::{DomainError, DomainResult};
+use crate::store::{Mutation, Store, StoreError, Table};
+use credentials::TotpState;
+
+/// How long after an MFA-backed login a person may perform sensitive actions (step-up).
+pub const STEP_UP_WINDOW_SECS: u64 = 300;
+/// Longest identity or role name.
+const MAX_NAME_LEN: usize = 128;
+/// Most role assignments per principal; bounds the work of every access decision.
+const MAX_ASSIGNMENTS_PER_PRINCIPAL: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum IdentityKind {
+    User,
+    Group,
+    Application,
+    ServiceAccount,
+    Device,
+}
+
+impl IdentityKind {
+    /// The kind of caller this identity authenticates as; groups never authenticate.
+    fn principal_kind(self) -> Option<PrincipalKind> {
+        match self {
+            Self::User => Some(PrincipalKind::User),
+            Self::Application => Some(PrincipalKind::Application),
+            Self::ServiceAccount => Some(PrincipalKind::ServiceAccount),
+            Self::Device => Some(PrincipalKind::Device),
+            Self::Group => None,
+        }
+    }
+
+    /// Workloads authenticate with a client secret (or, later, a key or certificate).
+    fn is_workload(self) -> bool {
+        matches!(self, Self::Application | Self::ServiceAccount)
+    }
+}
+
+/// What the API shows of an identity; credentials never leave the directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    pub id: String,
+    pub kind: IdentityKind,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    pub disabled: bool,
+    /// IDs of the groups this identity belongs to.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub created_at: u64,
+    /// Whether a second factor is enrolled and confirmed.
+    #[serde(default)]
+    pub mfa_enrolled: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Credentials {
+    /// argon2id PHC string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    password: Option<String>,
+    /// SHA-256 of the client secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    totp: Option<TotpState>,
+    /// SHA-256 of each unused recovery code.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    recovery: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Record {
+    identity: Identity,
+    credentials: Credentials,
+}
+
+/// A role assignment: `principal_id` holds `role_id` at `scope`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoleAssignment {
+    pub id: String,
+    pub principal_id: String,
+    pub role_id: String,
+    pub scope: Scope,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RoleRecord {
+    id: String,
+    name: String,
+    description: String,
+    actions: Vec<String>,
+}
+
+/// A role as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleView {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub actions: Vec<&'static str>,
+    pub builtin: bool,
+    /// A person holding it must log in with a second factor.
+    pub privileged: bool,
+}
+
+impl From<&Role> for RoleView {
+    fn from(r: &Role) -> Self {
+        Self {
+            id: r.id.to_string(),
+            name: r.name.clone(),
+            description: r.description.clone(),
+            actions: r.actions.names(),
+            builtin: r.builtin,
+            privileged: r.is_privileged(),
+        }
+    }
+}
+
+/// A new identity as an administrator describes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewIdentity {
+    pub kind: IdentityKind,
+    pub name: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// A user's initial password.
+    #[serde(default)]
+    pub password: Option<Zeroizing<String>>,
+}
+
+/// Changes to an identity; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityPatch {
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
+}
+
+/// Who authenticated, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub id: String,
+    pub kind: PrincipalKind,
+    /// A second factor was checked.
+    pub mfa: bool,
+}
+
+/// A TOTP enrolment in progress, shown to the user once.
+#[derive(Debug)]
+pub struct TotpEnrolment {
+    pub secret: Zeroizing<String>,
+    pub uri: Zeroizing<String>,
+    pub qr_png: Vec<u8>,
+}
+
+/// Why a login failed. The API answers every variant the same way; the variant is for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LoginFailure {
+    #[error("unknown identity")]
+    Unknown,
+    #[error("identity disabled")]
+    Disabled,
+    #[error("wrong secret")]
+    WrongSecret,
+    #[error("missing or wrong one-time code")]
+    WrongCode,
+    #[error("the directory is unavailable")]
+    Unavailable,
+}
+
+#[derive(Default)]
+struct State {
+    records: HashMap<String, Record>,
+    /// Lower-cased name to ID; names are unique across kinds.
+    by_name: HashMap<String, String>,
+    roles: BTreeMap<String, Role>,
+    assignments: BTreeMap<String, RoleAssignment>,
+    /// Resolved grants per identity; cleared on every change.
+    grants: HashMap<String, Arc<[Grant]>>,
+}
+
+impl State {
+    fn role(&self, id: &str) -> Option<Role> {
+        builtin_role(id).or_else(|| self.roles.get(id).cloned())
+    }
+
+    fn resolve(&self, id: &str) -> Arc<[Grant]> {
+        let Some(record) = self.records.get(id) else {
+            return Arc::from(Vec::new());
+        };
+        let mut holders = vec![id];
+        holders.extend(
+            record
+                .identity
+                .groups
+                .iter()
+                .filter(|g| {
+                    self.records.get(g.as_str()).is_some_and(|r| {
+                        r.identity.kind == IdentityKind::Group && !r.identity.disabled
+                    })
+                })
+                .map(String::as_str),
+        );
+        self.assignments
+            .values()
+            .filter(|a| holders.contains(&a.principal_id.as_str()))
+            .filter_map(|a| {
+                self.role(&a.role_id).map(|role| Grant {
+                    role: role.id,
+                    actions: role.actions,
+                    scope: a.scope.clone(),
+                })
+            })
+            .collect::<Vec<_>>()
+            .into()
+    }
+}
+
+pub struct Directory {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    state: RwLock<State>,
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory").finish_non_exhaustive()
+    }
+}
+
+fn corrupt(what: &str, key: &str) -> StoreError {
+    StoreError(format!("stored {what} '{key}' is unreadable"))
+}
+
+fn to_json<T: Serialize>(value: &T) -> DomainResult<Vec<u8>> {
+    serde_json::to_vec(value)
+        .map_err(|_| DomainError::Internal("a directory record did not serialize"))
+}
+
+fn not_found(kind: &'static str, id: &str) -> DomainError {
+    DomainError::NotFound {
+        kind,
+        id: id.to_owned(),
+    }
+}
+
+fn check_name(name: &str) -> DomainResult<()> {
+    let ok = !name.trim().is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.chars().any(char::is_control)
+        && name == name.trim();
+    if ok {
+        Ok(())
+    } else {
+        Err(DomainError::InvalidArgument(format!(
+            "a name must be 1 to {MAX_NAME_LEN} characters without control characters or surrounding spaces"
+        )))
+    }
+}
+
+impl Directory {
+    /// Loads the directory. Client records of earlier versions (table `clients`: secret digest
+    /// and role IDs) become applications holding those roles at instance scope.
+    pub fn open(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let mut state = State::default();
+        for (key, bytes) in store.scan(Table::Identities)? {
+            let record: Record =
+                serde_json::from_slice(&bytes).map_err(|_| corrupt("identity", &key))?;
+            state
+                .by_name
+                .insert(record.identity.name.to_lowercase(), key.clone());
+            state.records.insert(key, record);
+        }
+        for (key, bytes) in store.scan(Table::Roles)? {
+            let record: RoleRecord =
+                serde_json::from_slice(&bytes).map_err(|_| corrupt("role", &key))?;
+            let actions = ActionSet::parse(&record.actions).map_err(|_| corrupt("role", &key))?;
+            state.roles.insert(
+                key,
+                Role {
+                    id: RoleId(record.id),
+                    name: record.name,
+                    description: record.description,
+                    actions,
+                    builtin: false,
+                },
+            );
+        }
+        for (key, bytes) in store.scan(Table::RoleAssignments)? {
+            let a: RoleAssignment =
+                serde_json::from_slice(&bytes).map_err(|_| corrupt("role assignment", &key))?;
+            state.assignments.insert(key, a);
+        }
+        let directory = Self {
+            store,
+            clock,
+            state: RwLock::new(state),
+        };
+        directory.migrate_clients()?;
+        Ok(directory)
+    }
+
+    fn migrate_clients(&self) -> Result<(), StoreError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct LegacyClient {
+            secret_sha256: String,
+            roles: Vec<String>,
+            created_at: u64,
+        }
+        let legacy = self.store.scan(Table::Clients)?;
+        if legacy.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.write_state()?;
+        let mut muts = Vec::new();
+        let mut added = Vec::new();
+        for (id, bytes) in legacy {
+            let client: LegacyClient =
+                serde_json::from_slice(&bytes).map_err(|_| corrupt("client", &id))?;
+            let record = Record {
+                identity: Identity {
+                    id: id.clone(),
+                    kind: IdentityKind::Application,
+                    name: format!("client-{id}"),
+                    display_name: None,
+                    disabled: false,
+                    groups: vec![],
+                    created_at: client.created_at,
+                    mfa_enrolled: false,
+                },
+                credentials: Credentials {
+                    client_secret: Some(client.secret_sha256),
+                    ..Credentials::default()
+                },
+            };
+            muts.push(Mutation::put(
+                Table::Identities,
+                id.clone(),
+                json_bytes(&record)?,
+            ));
+            for role in client.roles {
+                let a = RoleAssignment {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    principal_id: id.clone(),
+                    role_id: role,
+                    scope: Scope::Instance,
+                    created_at: client.created_at,
+                };
+                muts.push(Mutation::put(
+                    Table::RoleAssignments,
+                    a.id.clone(),
+                    json_bytes(&a)?,
+                ));
+                added.push(a);
+            }
+            muts.push(Mutation::delete(Table::Clients, id.clone()));
+            state
+                .by_name
+                .insert(record.identity.name.to_lowercase(), id.clone());
+            state.records.insert(id, record);
+        }
+        self.store.commit(&muts)?;
+        for a in added {
+            state.assignments.insert(a.id.clone(), a);
+        }
+        state.grants.clear();
+        tracing::info!("migrated OAuth clients into the identity directory");
+        Ok(())
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.clock.now().unix_timestamp()).unwrap_or(0)
+    }
+
+    fn read_state(&self) -> DomainResult<std::sync::RwLockReadGuard<'_, State>> {
+        self.state
+            .read()
+            .map_err(|_| DomainError::Internal("directory lock poisoned"))
+    }
+
+    fn write_state(&self) -> Result<std::sync::RwLockWriteGuard<'_, State>, StoreError> {
+        self.state
+            .write()
+            .map_err(|_| StoreError("directory lock poisoned".into()))
+    }
+
+    fn commit(&self, muts: &[Mutation]) -> DomainResult<()> {
+        self.store.commit(muts).map_err(|e| {
+            tracing::error!(error = %e, "directory commit failed");
+            DomainError::Unavailable
+        })
+    }
+
+    fn lock(&self) -> DomainResult<std::sync::RwLockWriteGuard<'_, State>> {
+        self.write_state().map_err(|_| DomainError::Unavailable)
+    }
+
+    /// Number of identities; the first start creates the first administrator when it is zero.
+    pub fn is_empty(&self) -> bool {
+        self.read_state()
+            .map(|s| s.records.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// A client ID and secret for the first administrator, not yet registered: the caller
+    /// saves them where their owner will find them, then calls [`Directory::bootstrap_admin`],
+    /// so a crash in between leaves no registered credential that nobody holds.
+    pub fn new_admin_credential() -> (String, Zeroizing<String>) {
+        (
+            uuid::Uuid::new_v4().to_string(),
+            credentials::random_secret(32),
+        )
+    }
+
+    /// Registers the first administrator: an application holding Data Owner and Security Admin
+    /// at instance scope. Only the secret's digest is stored.
+    pub fn bootstrap_admin(&self, id: &str, secret: &str) -> DomainResult<()> {
+        let id = id.to_owned();
+        let now = self.now();
+        let record = Record {
+            identity: Identity {
+                id: id.clone(),
+                kind: IdentityKind::Application,
+                name: "bootstrap-admin".into(),
+                display_name: Some("First administrator, created on first start".into()),
+                disabled: false,
+                groups: vec![],
+                created_at: now,
+                mfa_enrolled: false,
+            },
+            credentials: Credentials {
+                client_secret: Some(credentials::secret_digest(secret)),
+                ..Credentials::default()
+            },
+        };
+        let assignments: Vec<RoleAssignment> = [DATA_OWNER, SECURITY_ADMIN]
+            .iter()
+            .map(|role| RoleAssignment {
+                id: uuid::Uuid::new_v4().to_string(),
+                principal_id: id.clone(),
+                role_id: (*role).to_owned(),
+                scope: Scope::Instance,
+                created_at: now,
+            })
+            .collect();
+        let mut state = self.lock()?;
+        if state.by_name.contains_key("bootstrap-admin") {
+            return Err(DomainError::Conflict(
+                "the first administrator already exists".into(),
+            ));
+        }
+        let mut muts = vec![Mutation::put(
+            Table::Identities,
+            id.clone(),
+            to_json(&record)?,
+        )];
+        for a in &assignments {
+            muts.push(Mutation::put(
+                Table::RoleAssignments,
+                a.id.clone(),
+                to_json(a)?,
+            ));
+        }
+        self.commit(&muts)?;
+        state.by_name.insert("bootstrap-admin".into(), id.clone());
+        state.records.insert(id.clone(), record);
+        for a in assignments {
+            state.assignments.insert(a.id.clone(), a);
+        }
+        state.grants.clear();
+        Ok(())
+    }
+
+    // ---- authentication ----
+
+    /// The grants `id` holds now, or `None` if it does not exist, is disabled or is a group.
+    fn grants(&self, id: &str) -> Option<(PrincipalKind, Arc<[Grant]>)> {
+        {
+            let state = self.state.read().ok()?;
+            let record = state.records.get(id)?;
+            if record.identity.disabled {
+                return None;
+            }
+            let kind = record.identity.kind.principal_kind()?;
+            if let Some(grants) = state.grants.get(id) {
+                return Some((kind, grants.clone()));
+            }
+        }
+        let mut state = self.state.write().ok()?;
+        let kind = state.records.get(id)?.identity.kind.principal_kind()?;
+        let grants = state.resolve(id);
+        state.grants.insert(id.to_owned(), grants.clone());
+        Some((kind, grants))
+    }
+
+    /// The caller identity `id` is now: its current grants, with MFA and step-up decided from
+    /// how and when it authenticated. `None` if it may not act at all.
+    pub fn principal(&self, id: &str, mfa: bool, auth_time: u64) -> Option<Principal> {
+        let (kind, grants) = self.grants(id)?;
+        let now = self.now();
+        let step_up = mfa && now.saturating_sub(auth_time) <= STEP_UP_WINDOW_SECS;
+        Some(Principal::new(id, kind, grants, mfa, step_up))
+    }
+
+    /// The client-credentials check for applications and service accounts. `client_id` is the
+    /// identity ID.
+    pub fn authenticate_client(
+        &self,
+        client_id: &str,
+        secret: &str,
+    ) -> Result<Authenticated, LoginFailure> {
+        let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
+        let record = state.records.get(client_id);
+        let stored = record.and_then(|r| r.credentials.client_secret.as_deref());
+        // The digest comparison runs whether or not the client exists.
+        let matches = credentials::secret_matches(secret, stored);
+        let record = record.ok_or(LoginFailure::Unknown)?;
+        if !matches || !record.identity.kind.is_workload() {
+            return Err(LoginFailure::WrongSecret);
+        }
+        if record.identity.disabled {
+            return Err(LoginFailure::Disabled);
+        }
+        let kind = record
+            .identity
+            .kind
+            .principal_kind()
+            .ok_or(LoginFailure::Unknown)?;
+        Ok(Authenticated {
+            id: client_id.to_owned(),
+            kind,
+            mfa: false,
+        })
+    }
+
+    /// A person's login: password (argon2id), then, if enrolled, a TOTP or recovery code. An
+    /// unknown user costs the same argon2 work as a wrong password. Slow by design: call it
+    /// off the async runtime.
+    pub fn authenticate_user(
+        &self,
+        name: &str,
+        password: &str,
+        code: Option<&str>,
+    ) -> Result<Authenticated, LoginFailure> {
+        let (id, hash) = {
+            let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
+            let record = state
+                .by_name
+                .get(&name.to_lowercase())
+                .and_then(|id| state.records.get(id))
+                .filter(|r| r.identity.kind == IdentityKind::User);
+            (
+                record.map(|r| r.identity.id.clone()),
+                record.and_then(|r| r.credentials.password.clone()),
+            )
+        };
+        let password_ok = credentials::verify_password(password, hash.as_deref());
+        let id = id.ok_or(LoginFailure::Unknown)?;
+        if !password_ok {
+            return Err(LoginFailure::WrongSecret);
+        }
+        let now = self.now();
+        let mut state = self.state.write().map_err(|_| LoginFailure::Unavailable)?;
+        let record = state.records.get_mut(&id).ok_or(LoginFailure::Unknown)?;
+        if record.identity.disabled {
+            return Err(LoginFailure::Disabled);
+        }
+        let enrolled = record
+            .credentials
+            .totp
+            .as_ref()
+            .is_some_and(|t| t.confirmed);
+        if !enrolled {
+            return Ok(Authenticated {
+                id,
+                kind: PrincipalKind::User,
+                mfa: false,
+            });
+        }
+        let code = code.ok_or(LoginFailure::WrongCode)?;
+        let mut updated = record.clone();
+        let totp_ok = updated
+            .credentials
+            .totp
+            .as_mut()
+            .is_some_and(|totp| totp.accept(code, now));
+        let accepted =
+            totp_ok || credentials::use_recovery_code(&mut updated.credentials.recovery, code);
+        if !accepted {
+            return Err(LoginFailure::WrongCode);
+        }
+        // The used step or code is durable before the login succeeds: a code works once,
+        // across restarts too.
+        let bytes = to_json(&updated).map_err(|_| LoginFailure::Unavailable)?;
+        self.store
+            .commit(&[Mutation::put(Table::Identities, id.clone(), bytes)])
+            .map_err(|_| LoginFailure::Unavailable)?;
+        *record = updated;
+        Ok(Authenticated {
+            id,
+            kind: PrincipalKind::User,
+            mfa: true,
+        })
+    }
+
+    // ---- self-service ----
+
+    /// Starts a TOTP enrolment for the calling user. A confirmed enrolment is only replaced by
+    /// an administrator's reset, so a stolen password alone cannot re-enrol.
+    pub fn begin_totp(&self, caller: &Principal, issuer: &str) -> DomainResult<TotpEnrolment> {
+        if caller.kind != PrincipalKind::User {
+            return Err(DomainError::InvalidArgument(
+                "only people enrol a second factor".into(),
+            ));
+        }
+        let mut state = self.lock()?;
+        let record = state
+            .records
+            .get_mut(&caller.subject)
+            .ok_or_else(|| not_found("identity", &caller.subject))?;
+        if record
+            .credentials
+            .totp
+            .as_ref()
+            .is_some_and(|t| t.confirmed)
+        {
+            return Err(DomainError::Conflict(
+                "a second factor is already enrolled; an administrator can reset it".into(),
+            ));
+        }
+        let totp = TotpState::generate();
+        let name = record.identity.name.clone();
+        let enrolment = TotpEnrolment {
+            secret: Zeroizing::new(totp.secret.clone()),
+            uri: Zeroizing::new(totp.uri(&name, issuer).unwrap_or_default()),
+            qr_png: totp.qr_png(&name, issuer).unwrap_or_default(),
+        };
+        let mut updated = record.clone();
+        updated.credentials.totp = Some(totp);
+        self.commit(&[Mutation::put(
+            Table::Identities,
+            caller.subject.clone(),
+            to_json(&updated)?,
+        )])?;
+        *record = updated;
+        Ok(enrolment)
+    }
+
+    /// Confirms the calling user's enrolment with a first code and returns recovery codes,
+    /// shown once.
+    pub fn confirm_totp(&self, caller: &Principal, code: &str) -> DomainResult<Vec<String>> {
+        let now = self.now();
+        let mut state = self.lock()?;
+        let record = state
+            .records
+            .get_mut(&caller.subject)
+            .ok_or_else(|| not_found("identity", &caller.subject))?;
+        let mut updated = record.clone();
+        let Some(totp) = updated.credentials.totp.as_mut().filter(|t| !t.confirmed) else {
+            return Err(DomainError::Conflict(
+                "no enrolment is waiting for confirmation".into(),
+            ));
+        };
+        if !totp.accept(code, now) {
+            return Err(DomainError::InvalidArgument("the code is not valid".into()));
+        }
+        totp.confirmed = true;
+        let (codes, digests) = credentials::recovery_codes();
+        updated.credentials.recovery = digests;
+        updated.identity.mfa_enrolled = true;
+        self.commit(&[Mutation::put(
+            Table::Identities,
+            caller.subject.clone(),
+            to_json(&updated)?,
+        )])?;
+        *record = updated;
+        Ok(codes)
+    }
+
+    /// Changes the calling user's own password, given the current one.
+    pub fn change_own_password(
+        &self,
+        caller: &Principal,
+        current: &str,
+        new: &str,
+    ) -> DomainResult<()> {
+        let stored = {
+            let state = self.read_state()?;
+            state
+                .records
+                .get(&caller.subject)
+                .and_then(|r| r.credentials.password.clone())
+        };
+        if !credentials::verify_password(current, stored.as_deref()) {
+            return Err(DomainError::InvalidArgument(
+                "the current password is wrong".into(),
+            ));
+        }
+        let hash = credentials::hash_password(new)
+            .map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
+        self.update_record(&caller.subject, |r| {
+            r.credentials.password = Some(hash);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    // ---- administration ----
+
+    fn update_record(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut Record) -> DomainResult<()>,
+    ) -> DomainResult<Identity> {
+        let mut state = self.lock()?;
+        let record = state
+            .records
+            .get(id)
+            .ok_or_else(|| not_found("identity", id))?;
+        let mut updated = record.clone();
+        change(&mut updated)?;
+        for g in &updated.identity.groups {
+            let is_group = state
+                .records
+                .get(g)
+                .is_some_and(|r| r.identity.kind == IdentityKind::Group);
+            if !is_group || g == id {
+                return Err(DomainError::InvalidArgument(format!(
+                    "'{g}' is not a group"
+                )));
+            }
+        }
+        self.commit(&[Mutation::put(
+            Table::Identities,
+            id.to_owned(),
+            to_json(&updated)?,
+        )])?;
+        let identity = updated.identity.clone();
+        state.records.insert(id.to_owned(), updated);
+        state.grants.clear();
+        Ok(identity)
+    }
+
+    pub fn identities(&self, caller: &Principal) -> DomainResult<Vec<Identity>> {
+        caller.authorize_instance(Action::IdentitiesRead)?;
+        let state = self.read_state()?;
+        let mut out: Vec<Identity> = state.records.values().map(|r| r.identity.clone()).collect();
+        out.sort_by_key(|a| a.name.to_lowercase());
+        Ok(out)
+    }
+
+    /// An identity; a caller may always read its own.
+    pub fn identity(&self, caller: &Principal, id: &str) -> DomainResult<Identity> {
+        if caller.subject != id {
+            caller.authorize_instance(Action::IdentitiesRead)?;
+        }
+        let state = self.read_state()?;
+        state
+            .records
+            .get(id)
+            .map(|r| r.identity.clone())
+            .ok_or_else(|| not_found("identity", id))
+    }
+
+    /// Creates an identity. Applications and service accounts get a client secret, returned
+    /// here once and stored only as a digest.
+    pub fn create_identity(
+        &self,
+        caller: &Principal,
+        new: NewIdentity,
+    ) -> DomainResult<(Identity, Option<Zeroizing<String>>)> {
+        caller.authorize_instance(Action::IdentitiesWrite)?;
+        check_name(&new.name)?;
+        let password = match (&new.password, new.kind) {
+            (Some(p), IdentityKind::User) => Some(
+                credentials::hash_password(p)
+                    .map_err(|e| DomainError::InvalidArgument(e.to_string()))?,
+            ),
+            (Some(_), _) => {
+                return Err(DomainError::InvalidArgument(
+                    "only users have passwords".into(),
+                ));
+            }
+            (None, _) => None,
+        };
+        let secret = new
+            .kind
+            .is_workload()
+            .then(|| credentials::random_secret(32));
+        let id = uuid::Uuid::new_v4().to_string();
+        let record = Record {
+            identity: Identity {
+                id: id.clone(),
+                kind: new.kind,
+                name: new.name.clone(),
+                display_name: new.display_name,
+                disabled: false,
+                groups: new.groups,
+                created_at: self.now(),
+                mfa_enrolled: false,
+            },
+            credentials: Credentials {
+                password,
+                client_secret: secret.as_ref().map(|s| credentials::secret_digest(s)),
+                ..Credentials::default()
+            },
+        };
+        let mut state = self.lock()?;
+        if state.by_name.contains_key(&new.name.to_lowercase()) {
+            return Err(DomainError::Conflict(format!(
+                "the name '{}' is taken",
+                new.name
+            )));
+        }
+        for g in &record.identity.groups {
+            if !state
+                .records
+                .get(g)
+                .is_some_and(|r| r.identity.kind == IdentityKind::Group)
+            {
+                return Err(DomainError::InvalidArgument(format!(
+                    "'{g}' is not a group"
+                )));
+            }
+        }
+        self.commit(&[Mutation::put(
+            Table::Identities,
+            id.clone(),
+            to_json(&record)?,
+        )])?;
+        let identity = record.identity.clone();
+        state.by_name.insert(new.name.to_lowercase(), id.clone());
+        state.records.insert(id, record);
+        Ok((identity, secret))
+    }
+
+    pub fn update_identity(
+        &self,
+        caller: &Principal,
+        id: &str,
+        patch: IdentityPatch,
+    ) -> DomainResult<Identity> {
+        caller.authorize_instance(Action::IdentitiesWrite)?;
+        self.update_record(id, |r| {
+            if let Some(disabled) = patch.disabled {
+                r.identity.disabled = disabled;
+            }
+            if let Some(name) = patch.display_name {
+                r.identity.display_name = Some(name);
+            }
+            if let Some(groups) = patch.groups {
+                r.identity.groups = groups;
+            }
+            Ok(())
+        })
+    }
+
+    /// Deletes an identity with its role assignments; a group also leaves its members.
+    pub fn delete_identity(&self, caller: &Principal, id: &str) -> DomainResult<()> {
+        caller.authorize_instance(Action::IdentitiesWrite)?;
+        let mut state = self.lock()?;
+        let record = state
+            .records
+            .get(id)
+            .ok_or_else(|| not_found("identity", id))?;
+        let name = record.identity.name.to_lowercase();
+        let mut muts = vec![Mutation::delete(Table::Identities, id.to_owned())];
+        let gone: Vec<String> = state
+            .assignments
+            .values()
+            .filter(|a| a.principal_id == id)
+            .map(|a| a.id.clone())
+            .collect();
+        for a in &gone {
+            muts.push(Mutation::delete(Table::RoleAssignments, a.clone()));
+        }
+        let mut members = Vec::new();
+        for (mid, member) in &state.records {
+            if member.identity.groups.iter().any(|g| g == id) {
+                let mut updated = member.clone();
+                updated.identity.groups.retain(|g| g != id);
+                muts.push(Mutation::put(
+                    Table::Identities,
+                    mid.clone(),
+                    to_json(&updated)?,
+                ));
+                members.push(updated);
+            }
+        }
+        self.commit(&muts)?;
+        state.records.remove(id);
+        state.by_name.remove(&name);
+        for a in gone {
+            state.assignments.remove(&a);
+        }
+        for m in members {
+            state.records.insert(m.identity.id.clone(), m);
+        }
+        state.grants.clear();
+        Ok(())
+    }
+
+    /// Sets a user's password (an administrator's reset).
+    pub fn set_password(&self, caller: &Principal, id: &str, password: &str) -> DomainResult<()> {
+        caller.authorize_instance(Action::IdentitiesWrite)?;
+        let hash = credentials::hash_password(password)
+            .map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
+        self.update_record(id, |r| {
+            if r.identity.kind != IdentityKind::User {
+                return Err(DomainError::InvalidArgument(
+                    "only users have passwords".into(),
+                ));
+            }
+            r.credentials.password = Some(hash);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// Removes a user's second factor and recovery codes, so they can enrol again.
+    pub fn reset_mfa(&self, caller: &Principal, id: &str) -> DomainResult<()> {
+        caller.authorize_instance(Action::IdentitiesWrite)?;
+        self.update_record(id, |r| {
+            r.credentials.totp = None;
+            r.credentials.recovery.clear();
+            r.identity.mfa_enrolled = false;
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// Issues a new client secret for an application or service account; the old one stops
+    /// working at once.
+    pub fn rotate_client_secret(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> DomainResult<Zeroizing<String>> {
+        caller.authorize_instance(Action::KeysWrite)?;
+        let secret = credentials::random_secret(32);
+        let digest = credentials::secret_digest(&secret);
+        self.update_record(id, |r| {
+            if !r.identity.kind.is_workload() {
+                return Err(DomainError::InvalidArgument(
+                    "only applications and service accounts have client secrets".into(),
+                ));
+            }
+            r.credentials.client_secret = Some(digest);
+            Ok(())
+        })?;
+        Ok(secret)
+    }
+
+    // ---- roles and assignments ----
+
+    /// Built-in and custom roles. Role definitions are not secret: any caller may list them.
+    pub fn roles(&self) -> DomainResult<Vec<RoleView>> {
+        let state = self.read_state()?;
+        let mut out: Vec<RoleView> = builtin_roles().iter().map(RoleView::from).collect();
+        out.extend(state.roles.values().map(RoleView::from));
+        Ok(out)
+    }
+
+    pub fn role(&self, id: &str) -> DomainResult<RoleView> {
+        let state = self.read_state()?;
+        state
+            .role(id)
+            .map(|r| RoleView::from(&r))
+            .ok_or_else(|| not_found("role", id))
+    }
+
+    pub fn create_role(
+        &self,
+        caller: &Principal,
+        name: &str,
+        description: &str,
+        actions: &[String],
+    ) -> DomainResult<RoleView> {
+        caller.authorize_instance(Action::RolesWrite)?;
+        check_name(name)?;
+        let set =
+            ActionSet::parse(actions).map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
+        if set.is_empty() {
+            return Err(DomainError::InvalidArgument(
+                "a role needs at least one action".into(),
+            ));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let record = RoleRecord {
+            id: id.clone(),
+            name: name.to_owned(),
+            description: description.to_owned(),
+            actions: set.names().into_iter().map(str::to_owned).collect(),
+        };
+        let mut state = self.lock()?;
+        let taken = builtin_roles()
+            .iter()
+            .map(|r| r.name.clone())
+            .chain(state.roles.values().map(|r| r.name.clone()))
+            .any(|n| n.eq_ignore_ascii_case(name));
+        if taken {
+            return Err(DomainError::Conflict(format!(
+                "a role named '{name}' exists"
+            )));
+        }
+        self.commit(&[Mutation::put(Table::Roles, id.clone(), to_json(&record)?)])?;
+        let role = Role {
+            id: RoleId(id.clone()),
+            name: record.name,
+            description: record.description,
+            actions: set,
+            builtin: false,
+        };
+        let view = RoleView::from(&role);
+        state.roles.insert(id, role);
+        Ok(view)
+    }
+
+    /// Deletes a custom role; refused for built-in roles and while any assignment uses it.
+    pub fn delete_role(&self, caller: &Principal, id: &str) -> DomainResult<()> {
+        caller.authorize_instance(Action::RolesWrite)?;
+        if builtin_role(id).is_some() {
+            return Err(DomainError::InvalidArgument(
+                "built-in roles cannot be deleted".into(),
+            ));
+        }
+        let mut state = self.lock()?;
+        if !state.roles.contains_key(id) {
+            return Err(not_found("role", id));
+        }
+        if state.assignments.values().any(|a| a.role_id == id) {
+            return Err(DomainError::Conflict("the role is still assigned".into()));
+        }
+        self.commit(&[Mutation::delete(Table::Roles, id.to_owned())])?;
+        state.roles.remove(id);
+        Ok(())
+    }
+
+    /// Role assignments, all or one principal's; a caller may always list its own.
+    pub fn assignments(
+        &self,
+        caller: &Principal,
+        principal_id: Option<&str>,
+    ) -> DomainResult<Vec<RoleAssignment>> {
+        if principal_id != Some(caller.subject.as_str()) {
+            caller.authorize_instance(Action::IdentitiesRead)?;
+        }
+        let state = self.read_state()?;
+        Ok(state
+            .assignments
+            .values()
+            .filter(|a| principal_id.is_none_or(|p| a.principal_id == p))
+            .cloned()
+            .collect())
+    }
+
+    pub fn assign(
+        &self,
+        caller: &Principal,
+        principal_id: &str,
+        role_id: &str,
+        scope: Scope,
+    ) -> DomainResult<RoleAssignment> {
+        caller.authorize_instance(Action::RolesWrite)?;
+        scope.validate()?;
+        let mut state = self.lock()?;
+        if !state.records.contains_key(principal_id) {
+            return Err(not_found("identity", principal_id));
+        }
+        if state.role(role_id).is_none() {
+            return Err(not_found("role", role_id));
+        }
+        let held: Vec<&RoleAssignment> = state
+            .assignments
+            .values()
+            .filter(|a| a.principal_id == principal_id)
+            .collect();
+        if let Some(same) = held
+            .iter()
+            .find(|a| a.role_id == role_id && a.scope == scope)
+        {
+            return Ok((*same).clone());
+        }
+        if held.len() >= MAX_ASSIGNMENTS_PER_PRINCIPAL {
+            return Err(DomainError::Conflict(format!(
+                "a principal holds at most {MAX_ASSIGNMENTS_PER_PRINCIPAL} role assignments"
+            )));
+        }
+        let a = RoleAssignment {
+            id: uuid::Uuid::new_v4().to_string(),
+            principal_id: principal_id.to_owned(),
+            role_id: role_id.to_owned(),
+            scope,
+            created_at: self.now(),
+        };
+        self.commit(&[Mutation::put(
+            Table::RoleAssignments,
+            a.id.clone(),
+            to_json(&a)?,
+        )])?;
+        state.assignments.insert(a.id.clone(), a.clone());
+        state.grants.clear();
+        Ok(a)
+    }
+
+    pub fn unassign(&self, caller: &Principal, id: &str) -> DomainResult<()> {
+        caller.authorize_instance(Action::RolesWrite)?;
+        let mut state = self.lock()?;
+        if !state.assignments.contains_key(id) {
+            return Err(not_found("role assignment", id));
+        }
+        self.commit(&[Mutation::delete(Table::RoleAssignments, id.to_owned())])?;
+        state.assignments.remove(id);
+        state.grants.clear();
+        Ok(())
+    }
+}
+
+fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|_| StoreError("a directory record did not serialize".into()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! twinguard's identity API: `/admin/...` for administrators (identities, roles, role
+//! assignments) and `/me/...` for every authenticated caller (who am I, MFA enrolment, password).
+//! Access is decided by the directory; these handlers only translate.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use twinguard_core::auth::{Principal, Scope};
+use twinguard_core::error::DomainError;
+use twinguard_core::identity::{Identity, IdentityPatch, NewIdentity, RoleAssignment};
+use zeroize::Zeroizing;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Caller, JsonBody, Path, Query};
+
+/// Runs a directory call that hashes a password (argon2) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DomainError> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::internal("a directory task failed"))?
+        .map_err(ApiError::from)
+}
+
+fn list(value: Value) -> Response {
+    axum::Json(json!({ "value": value })).into_response()
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+// ---- identities ----
+
+pub async fn list_identities(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Response> {
+    let all = state.tokens.directory().identities(&caller)?;
+    Ok(list(to_value(&all)))
+}
+
+pub async fn get_identity(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<Identity>> {
+    Ok(axum::Json(state.tokens.directory().identity(&caller, &id)?))
+}
+
+/// 201 with the identity, and for applications and service accounts the client secret, shown
+/// this once.
+pub async fn create_identity(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    JsonBody(new): JsonBody<NewIdentity>,
+) -> ApiResult<Response> {
+    let directory = state.tokens.directory().clone();
+    let (identity, secret) = blocking(move || directory.create_identity(&caller, new)).await?;
+    let mut body = json!({ "identity": identity });
+    if let Some(secret) = secret {
+        body["clientSecret"] = json!(secret.as_str());
+    }
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+pub async fn update_identity(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(patch): JsonBody<IdentityPatch>,
+) -> ApiResult<axum::Json<Identity>> {
+    Ok(axum::Json(
+        state
+            .tokens
+            .directory()
+            .update_identity(&caller, &id, patch)?,
+    ))
+}
+
+pub async fn delete_identity(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.tokens.directory().delete_identity(&caller, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PasswordBody {
+    password: Zeroizing<String>,
+}
+
+pub async fn set_password(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<PasswordBody>,
+) -> ApiResult<StatusCode> {
+    let directory = state.tokens.directory().clone();
+    blocking(move || directory.set_password(&caller, &id, &body.password)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn reset_mfa(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.tokens.directory().reset_mfa(&caller, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn rotate_secret(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let secret = state
+        .tokens
+        .directory()
+        .rotate_client_secret(&caller, &id)?;
+    Ok(axum::Json(json!({ "clientSecret": secret.as_str() })).into_response())
+}
+
+// ---- roles ----
+
+pub async fn list_roles(State(state): State<AppState>, Caller(_): Caller) -> ApiResult<Response> {
+    Ok(list(to_value(&state.tokens.directory().roles()?)))
+}
+
+pub async fn get_role(
+    State(state): State<AppState>,
+    Caller(_): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(to_value(&state.tokens.directory().role(&id)?)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoleBody {
+    name: String,
+    #[serde(default)]
+    description: String,
+    actions: Vec<String>,
+}
+
+pub async fn create_role(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    JsonBody(body): JsonBody<RoleBody>,
+) -> ApiResult<Response> {
+    let role = state.tokens.directory().create_role(
+        &caller,
+        &body.name,
+        &body.description,
+        &body.actions,
+    )?;
+    Ok((StatusCode::CREATED, axum::Json(to_value(&role))).into_response())
+}
+
+pub async fn delete_role(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.tokens.directory().delete_role(&caller, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- role assignments ----
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AssignmentFilter {
+    principal_id: Option<String>,
+}
+
+pub async fn list_assignments(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Query(filter): Query<AssignmentFilter>,
+) -> ApiResult<Response> {
+    let all = state
+        .tokens
+        .directory()
+        .assignments(&caller, filter.principal_id.as_deref())?;
+    Ok(list(to_value(&all)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AssignmentBody {
+    principal_id: String,
+    role_id: String,
+    #[serde(default = "instance")]
+    scope: Scope,
+}
+
+fn instance() -> Scope {
+    Scope::Instance
+}
+
+pub async fn create_assignment(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    JsonBody(body): JsonBody<AssignmentBody>,
+) -> ApiResult<(StatusCode, axum::Json<RoleAssignment>)> {
+    let a =
+        state
+            .tokens
+            .directory()
+            .assign(&caller, &body.principal_id, &body.role_id, body.scope)?;
+    Ok((StatusCode::CREATED, axum::Json(a)))
+}
+
+pub async fn delete_assignment(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.tokens.directory().unassign(&caller, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- the caller itself ----
+
+fn grants_json(caller: &Principal) -> Value {
+    caller
+        .grants()
+        .iter()
+        .map(|g| json!({"roleId": g.role.as_str(), "actions": g.actions.names(), "scope": g.scope}))
+        .collect()
+}
+
+pub async fn me(State(state): State<AppState>, Caller(caller): Caller) -> ApiResult<Response> {
+    let identity = state
+        .tokens
+        .directory()
+        .identity(&caller, &caller.subject)?;
+    Ok(axum::Json(json!({
+        "identity": identity,
+        "grants": grants_json(&caller),
+    }))
+    .into_response())
+}
+
+/// Starts TOTP enrolment: the secret, the `otpauth://` URI and the QR code (PNG, base64).
+pub async fn begin_totp(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Response> {
+    let enrolment = state.tokens.directory().begin_totp(&caller, "twinguard")?;
+    let mut response = axum::Json(json!({
+        "secret": enrolment.secret.as_str(),
+        "otpauthUri": enrolment.uri.as_str(),
+        "qrPng": STANDARD.encode(&enrolment.qr_png),
+    }))
+    .into_response();
+    no_store(&mut response);
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CodeBody {
+    code: Zeroizing<String>,
+}
+
+/// Confirms enrolment with a first code; answers the recovery codes, shown this once.
+pub async fn confirm_totp(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    JsonBody(body): JsonBody<CodeBody>,
+) -> ApiResult<Response> {
+    let codes = state.tokens.directory().confirm_totp(&caller, &body.code)?;
+    let mut response = axum::Json(json!({ "recoveryCodes": codes })).into_response();
+    no_store(&mut response);
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChangePassword {
+    current_password: Zeroizing<String>,
+    new_password: Zeroizing<String>,
+}
+
+pub async fn change_password(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    JsonBody(body): JsonBody<ChangePassword>,
+) -> ApiResult<StatusCode> {
+    let directory = state.tokens.directory().clone();
+    blocking(move || {
+        directory.change_own_password(&caller, &body.current_password, &body.new_password)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn no_store(response: &mut Response) {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+}

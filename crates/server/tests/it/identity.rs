@@ -1,0 +1,413 @@
+//! People, MFA, refresh tokens, revocation and scoped roles over HTTPS, end to end.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use twinguard_core::auth::{DATA_OWNER, DATA_READER, SECURITY_ADMIN};
+
+use crate::kit::{TestServer, uuid_like};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+struct Person {
+    id: String,
+    name: String,
+}
+
+async fn create_user(server: &TestServer, admin: &str, roles: &[&str]) -> Person {
+    let name = format!("user-{}", uuid_like());
+    let created: Value = server
+        .admin_call(Method::POST, "/admin/identities", admin)
+        .json(&json!({"kind": "user", "name": name, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["identity"]["id"].as_str().unwrap().to_owned();
+    assert!(created.get("clientSecret").is_none());
+    for role in roles {
+        let r = server
+            .admin_call(Method::POST, "/admin/roleassignments", admin)
+            .json(&json!({"principalId": id, "roleId": role}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    Person { id, name }
+}
+
+async fn login(
+    server: &TestServer,
+    name: &str,
+    password: &str,
+    otp: Option<&str>,
+) -> reqwest::Response {
+    let mut form = vec![
+        ("grant_type", "password"),
+        ("username", name),
+        ("password", password),
+    ];
+    if let Some(code) = otp {
+        form.push(("otp", code));
+    }
+    server
+        .client
+        .post(server.url("/oauth2/token"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn code_at(secret: &str, offset: i64) -> String {
+    let totp = totp_rs::Builder::new()
+        .with_secret(totp_rs::Secret::try_from_base32(secret).unwrap())
+        .build()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    totp.generate(now.saturating_add_signed(offset)).to_string()
+}
+
+async fn error_code(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_person_enrols_totp_and_privileged_actions_need_it() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let alice = create_user(&server, &admin, &[DATA_OWNER, SECURITY_ADMIN]).await;
+
+    let first = login(&server, &alice.name, PASSWORD, None).await;
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["expires_in"], 900);
+    assert!(first["refresh_token"].as_str().unwrap().starts_with("tgr_"));
+    let password_only = first["access_token"].as_str().unwrap().to_owned();
+
+    // Reading works with a password; anything privileged needs the second factor.
+    assert_eq!(
+        server
+            .call(Method::GET, "/models", &password_only)
+            .await
+            .status(),
+        200
+    );
+    let upload = server
+        .call_json(Method::POST, "/models", &password_only, &json!([]))
+        .await;
+    assert_eq!(error_code(upload).await, (403, "MfaRequired".to_owned()));
+
+    // Enrol: the QR code is a PNG, the URI names the account.
+    let enrolment: Value = server
+        .admin_call(Method::POST, "/me/mfa/totp", &password_only)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = enrolment["secret"].as_str().unwrap().to_owned();
+    assert!(
+        enrolment["otpauthUri"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("otpauth://totp/twinguard:{}", alice.name))
+    );
+    assert!(!enrolment["qrPng"].as_str().unwrap().is_empty());
+    let confirmed: Value = server
+        .admin_call(Method::POST, "/me/mfa/totp/confirm", &password_only)
+        .json(&json!({"code": code_at(&secret, 0)}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(confirmed["recoveryCodes"].as_array().unwrap().len(), 10);
+
+    // Now the password alone fails, like a wrong password; the spent code fails; the next works.
+    let no_code = login(&server, &alice.name, PASSWORD, None).await;
+    assert_eq!(no_code.status(), 400);
+    assert_eq!(
+        no_code.json::<Value>().await.unwrap()["error"],
+        "invalid_grant"
+    );
+    let replay = login(&server, &alice.name, PASSWORD, Some(&code_at(&secret, 0))).await;
+    assert_eq!(replay.status(), 400);
+    let with_mfa = login(&server, &alice.name, PASSWORD, Some(&code_at(&secret, 30))).await;
+    assert_eq!(with_mfa.status(), 200);
+    let token = with_mfa.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let upload = server
+        .call_json(Method::POST, "/models", &token, &json!([]))
+        .await;
+    assert_ne!(upload.status(), 403);
+    // A fresh MFA login may also change role assignments (step-up).
+    let bob = create_user(&server, &token, &[]).await;
+    let assign = server
+        .admin_call(Method::POST, "/admin/roleassignments", &token)
+        .json(&json!({"principalId": bob.id, "roleId": DATA_READER}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(assign.status(), 201);
+}
+
+#[tokio::test]
+async fn login_failures_look_alike() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let carol = create_user(&server, &admin, &[DATA_READER]).await;
+    let mut answers = Vec::new();
+    for (name, password) in [
+        (carol.name.as_str(), "wrong password here"),
+        ("nobody-at-all", PASSWORD),
+    ] {
+        let r = login(&server, name, password, None).await;
+        answers.push((r.status().as_u16(), r.text().await.unwrap()));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, 400);
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_replayed_one_revokes_the_family() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let dave = create_user(&server, &admin, &[DATA_READER]).await;
+    let first: Value = login(&server, &dave.name, PASSWORD, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let refresh = |token: String| {
+        let server = &server;
+        async move {
+            server
+                .client
+                .post(server.url("/oauth2/token"))
+                .form(&[("grant_type", "refresh_token"), ("refresh_token", &token)])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r1 = first["refresh_token"].as_str().unwrap().to_owned();
+    let second: Value = refresh(r1.clone()).await.json().await.unwrap();
+    let r2 = second["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(r1, r2);
+    let access = second["access_token"].as_str().unwrap();
+    assert_eq!(
+        server.call(Method::GET, "/models", access).await.status(),
+        200
+    );
+    // r1 is spent: presenting it again is theft, and kills r2 as well.
+    assert_eq!(refresh(r1).await.status(), 400);
+    assert_eq!(refresh(r2).await.status(), 400);
+}
+
+#[tokio::test]
+async fn revoked_tokens_and_disabled_identities_stop_at_once() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let erin = create_user(&server, &admin, &[DATA_READER]).await;
+    let tokens: Value = login(&server, &erin.name, PASSWORD, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let access = tokens["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        server.call(Method::GET, "/models", &access).await.status(),
+        200
+    );
+    let revoke = server
+        .client
+        .post(server.url("/oauth2/revoke"))
+        .form(&[("token", access.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke.status(), 200);
+    assert_eq!(
+        server.call(Method::GET, "/models", &access).await.status(),
+        401
+    );
+
+    let tokens: Value = login(&server, &erin.name, PASSWORD, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let access = tokens["access_token"].as_str().unwrap().to_owned();
+    let disable = server
+        .admin_call(
+            Method::PATCH,
+            &format!("/admin/identities/{}", erin.id),
+            &admin,
+        )
+        .json(&json!({"disabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disable.status(), 200);
+    assert_eq!(
+        server.call(Method::GET, "/models", &access).await.status(),
+        401
+    );
+    assert_eq!(
+        login(&server, &erin.name, PASSWORD, None).await.status(),
+        400
+    );
+}
+
+#[tokio::test]
+async fn only_security_admins_manage_identities_and_nobody_elevates_themselves() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let reader = server.token_with_role(DATA_READER).await;
+    let me: Value = server
+        .admin_call(Method::GET, "/me", &reader)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let my_id = me["identity"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(me["grants"][0]["roleId"], DATA_READER);
+    for (method, path, body) in [
+        (Method::GET, "/admin/identities".to_owned(), json!(null)),
+        (
+            Method::POST,
+            "/admin/identities".to_owned(),
+            json!({"kind": "user", "name": "x"}),
+        ),
+        (
+            Method::POST,
+            "/admin/roleassignments".to_owned(),
+            json!({"principalId": my_id, "roleId": DATA_OWNER}),
+        ),
+        (
+            Method::POST,
+            format!("/admin/identities/{my_id}/secret"),
+            json!(null),
+        ),
+    ] {
+        let mut request = server.admin_call(method.clone(), &path, &reader);
+        if !body.is_null() {
+            request = request.json(&body);
+        }
+        let (status, code) = error_code(request.send().await.unwrap()).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (403, "Forbidden"),
+            "{method} {path}"
+        );
+    }
+    // The roles list is public to callers; the built-in IDs are the documented ones.
+    let roles: Value = server
+        .admin_call(Method::GET, "/admin/roles", &reader)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = roles["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&DATA_OWNER) && ids.contains(&SECURITY_ADMIN));
+    let _ = admin;
+}
+
+#[tokio::test]
+async fn a_subtree_scoped_client_sees_only_its_subtree_over_http() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let model = json!({
+        "@context": "dtmi:dtdl:context;3", "@id": "dtmi:t:Space;1", "@type": "Interface",
+        "contents": [{"@type": "Relationship", "name": "contains"}]
+    });
+    assert_eq!(
+        server
+            .call_json(Method::POST, "/models", &admin, &json!([model]))
+            .await
+            .status(),
+        201
+    );
+    for id in ["site", "b1", "b2"] {
+        let body = json!({"$metadata": {"$model": "dtmi:t:Space;1"}});
+        let r = server
+            .call_json(Method::PUT, &format!("/digitaltwins/{id}"), &admin, &body)
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let rel = json!({"$targetId": "b1", "$relationshipName": "contains"});
+    let r = server
+        .call_json(
+            Method::PUT,
+            "/digitaltwins/site/relationships/c1",
+            &admin,
+            &rel,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let scoped = server
+        .token_with_scoped_role(
+            DATA_READER,
+            json!({"kind": "subtree", "root": "site", "relationships": ["contains"]}),
+        )
+        .await;
+    assert_eq!(
+        server
+            .call(Method::GET, "/digitaltwins/b1", &scoped)
+            .await
+            .status(),
+        200
+    );
+    let hidden = server.call(Method::GET, "/digitaltwins/b2", &scoped).await;
+    let absent = server.call(Method::GET, "/digitaltwins/zz", &scoped).await;
+    assert_eq!(hidden.status(), absent.status());
+    let hidden: Value = hidden.json().await.unwrap();
+    let absent: Value = absent.json().await.unwrap();
+    assert_eq!(hidden["error"]["code"], absent["error"]["code"]);
+    assert_eq!(
+        hidden["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("b2", "?"),
+        absent["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("zz", "?")
+    );
+    let count: Value = server
+        .call_json(
+            Method::POST,
+            "/query",
+            &scoped,
+            &json!({"query": "SELECT COUNT() FROM DIGITALTWINS"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(count["value"][0]["COUNT"], 2);
+}
