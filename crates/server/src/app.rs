@@ -136,6 +136,13 @@ pub fn router(state: AppState) -> Router {
             "/admin/roleassignments/{id}",
             delete(identity::delete_assignment),
         )
+        .route(
+            "/admin/apikeys",
+            get(identity::list_api_keys).post(identity::create_api_key),
+        )
+        .route("/admin/apikeys/overdue", get(identity::overdue_api_keys))
+        .route("/admin/apikeys/{id}", delete(identity::revoke_api_key))
+        .route("/admin/apikeys/{id}/rotate", post(identity::rotate_api_key))
         .route("/me", get(identity::me))
         .route("/me/mfa/totp", post(identity::begin_totp))
         .route("/me/mfa/totp/confirm", post(identity::confirm_totp))

@@ -33,6 +33,18 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(key) = api_key(&parts.headers) {
+            return state
+                .tokens
+                .directory()
+                .authenticate_api_key(key)
+                .map(|p| Caller(Arc::new(p)))
+                .ok_or_else(|| {
+                    let id: String = key.chars().take(24).collect();
+                    tracing::warn!(key = %id, "request with an invalid, revoked or expired API key");
+                    ApiError::unauthenticated()
+                });
+        }
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -52,6 +64,21 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(ApiError::unauthenticated)?;
         Ok(Caller(Arc::new(principal)))
     }
+}
+
+/// An API key from `x-api-key`, or a bearer credential that is one (`tgk_...`).
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(key) = headers.get("x-api-key") {
+        return key.to_str().ok().map(str::trim);
+    }
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, token)| {
+            scheme.eq_ignore_ascii_case("bearer") && token.trim().starts_with("tgk_")
+        })
+        .map(|(_, token)| token.trim())
 }
 
 /// A JSON request body; malformed or oversize bodies get the ADT error shape.

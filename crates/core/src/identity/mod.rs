@@ -7,6 +7,7 @@
 //! Every administrative operation takes the caller's [`Principal`] and decides access here, in
 //! the domain, like the twin operations do.
 
+pub mod apikeys;
 pub mod credentials;
 
 use std::collections::{BTreeMap, HashMap};
@@ -215,6 +216,8 @@ struct State {
     assignments: BTreeMap<String, RoleAssignment>,
     /// Resolved grants per identity; cleared on every change.
     grants: HashMap<String, Arc<[Grant]>>,
+    /// API keys by public ID.
+    api_keys: HashMap<String, apikeys::KeyRecord>,
 }
 
 impl State {
@@ -328,6 +331,10 @@ impl Directory {
             let a: RoleAssignment =
                 serde_json::from_slice(&bytes).map_err(|_| corrupt("role assignment", &key))?;
             state.assignments.insert(key, a);
+        }
+        for (key, bytes) in store.scan(Table::ApiKeys)? {
+            apikeys::load(&mut state, key.clone(), &bytes)
+                .ok_or_else(|| corrupt("API key", &key))?;
         }
         let directory = Self {
             store,

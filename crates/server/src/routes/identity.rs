@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use twinguard_core::auth::{Principal, Scope};
 use twinguard_core::error::DomainError;
+use twinguard_core::identity::apikeys::{CreatedKey, NewApiKey};
 use twinguard_core::identity::{Identity, IdentityPatch, NewIdentity, RoleAssignment};
 use zeroize::Zeroizing;
 
@@ -230,6 +231,84 @@ pub async fn delete_assignment(
 ) -> ApiResult<StatusCode> {
     state.tokens.directory().unassign(&caller, &id)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- API keys ----
+
+fn created_key(created: CreatedKey) -> Response {
+    let mut response = (
+        StatusCode::CREATED,
+        axum::Json(json!({"key": created.key, "apiKey": created.secret.as_str()})),
+    )
+        .into_response();
+    no_store(&mut response);
+    response
+}
+
+pub async fn list_api_keys(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Response> {
+    Ok(list(to_value(&state.tokens.directory().api_keys(&caller)?)))
+}
+
+/// Keys past their rotation date that still work and have no successor.
+pub async fn overdue_api_keys(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Response> {
+    Ok(list(to_value(
+        &state.tokens.directory().overdue_api_keys(&caller)?,
+    )))
+}
+
+/// 201 with the key's description and the key itself, shown this once.
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    JsonBody(new): JsonBody<NewApiKey>,
+) -> ApiResult<Response> {
+    Ok(created_key(
+        state.tokens.directory().create_api_key(&caller, new)?,
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RotateBody {
+    #[serde(default)]
+    overlap_seconds: Option<u64>,
+}
+
+pub async fn rotate_api_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    // The body is optional: empty means the default overlap.
+    let overlap = if body.is_empty() {
+        None
+    } else {
+        serde_json::from_slice::<RotateBody>(&body)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))?
+            .overlap_seconds
+    };
+    Ok(created_key(
+        state
+            .tokens
+            .directory()
+            .rotate_api_key(&caller, &id, overlap)?,
+    ))
+}
+
+pub async fn revoke_api_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let key = state.tokens.directory().revoke_api_key(&caller, &id)?;
+    Ok(axum::Json(to_value(&key)).into_response())
 }
 
 // ---- the caller itself ----

@@ -411,3 +411,105 @@ async fn a_subtree_scoped_client_sees_only_its_subtree_over_http() {
         .unwrap();
     assert_eq!(count["value"][0]["COUNT"], 2);
 }
+
+#[tokio::test]
+async fn api_keys_authenticate_rotate_and_revoke() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let created: Value = server
+        .admin_call(Method::POST, "/admin/identities", &admin)
+        .json(&json!({"kind": "serviceAccount", "name": "exporter"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let owner = created["identity"]["id"].as_str().unwrap().to_owned();
+    let assigned = server
+        .admin_call(Method::POST, "/admin/roleassignments", &admin)
+        .json(&json!({"principalId": owner, "roleId": DATA_READER}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(assigned.status(), 201);
+    let key: Value = server
+        .admin_call(Method::POST, "/admin/apikeys", &admin)
+        .json(&json!({"name": "nightly export", "ownerId": owner, "roleId": DATA_READER, "risk": "high"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = key["apiKey"].as_str().unwrap().to_owned();
+    let id = key["key"]["id"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with(&format!("{id}_")));
+    // The list shows the public ID only.
+    let listed = server
+        .admin_call(Method::GET, "/admin/apikeys", &admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(listed.contains(&id) && !listed.contains(&secret));
+
+    assert_eq!(
+        server.call(Method::GET, "/models", &secret).await.status(),
+        200
+    );
+    let with_header = server
+        .client
+        .get(server.url(&format!("/models?{}", crate::kit::API)))
+        .header("x-api-key", &secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_header.status(), 200);
+    let write = server
+        .call_json(Method::POST, "/models", &secret, &json!([]))
+        .await;
+    assert_eq!(write.status(), 403);
+
+    let rotated: Value = server
+        .admin_call(Method::POST, &format!("/admin/apikeys/{id}/rotate"), &admin)
+        .json(&json!({"overlapSeconds": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let successor = rotated["apiKey"].as_str().unwrap().to_owned();
+    assert_eq!(
+        server.call(Method::GET, "/models", &secret).await.status(),
+        401
+    );
+    assert_eq!(
+        server
+            .call(Method::GET, "/models", &successor)
+            .await
+            .status(),
+        200
+    );
+    let successor_id = rotated["key"]["id"].as_str().unwrap();
+    let revoke = server
+        .admin_call(
+            Method::DELETE,
+            &format!("/admin/apikeys/{successor_id}"),
+            &admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke.status(), 200);
+    assert_eq!(
+        server
+            .call(Method::GET, "/models", &successor)
+            .await
+            .status(),
+        401
+    );
+}
