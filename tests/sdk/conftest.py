@@ -145,13 +145,13 @@ def fuzz_server(tmp_path_factory):
     yield from _serve(tmp_path_factory)
 
 
-def _serve(tmp_path_factory):
+def _serve(tmp_path_factory, extra_args=()):
     tmp = tmp_path_factory.mktemp("twinguard")
     data_dir = tmp / "data"
     stderr_path = tmp / "server-stderr.jsonl"
     with open(stderr_path, "wb") as stderr_file:
         process = subprocess.Popen(
-            [str(_binary()), "serve", "--data-dir", str(data_dir), "--api-listen", "127.0.0.1:0"],
+            [str(_binary()), "serve", "--data-dir", str(data_dir), "--api-listen", "127.0.0.1:0", *extra_args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr_file,

@@ -32,6 +32,9 @@ enum Command {
         /// Extra DNS names or IPs for the server certificate (used when it is first created).
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
+        /// JSON file listing trusted external OpenID Connect issuers (see docs/identity.md).
+        #[arg(long, env = "TWINGUARD_ISSUERS")]
+        issuers: Option<PathBuf>,
     },
     /// Create the data directory's CA, keys and first admin credential, then exit.
     Init {
@@ -90,6 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             api_listen,
             tls_names,
+            issuers,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -99,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     data_dir,
                     api_listen,
                     tls_names,
+                    issuers,
                 })?;
                 println!("twinguard: api listening on {}", app.base_url());
                 app.run_until(shutdown_signal()).await
@@ -110,7 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             install_crypto_provider();
             let dir = DataDir::new(data_dir);
-            init(&dir, &tls_names)?;
+            init(&dir, &tls_names, None)?;
             println!(
                 "twinguard: initialised {}; CA at {}, admin credential at {}",
                 dir.root().display(),

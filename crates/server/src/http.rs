@@ -55,7 +55,8 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(ApiError::unauthenticated)?;
         let session = state
             .tokens
-            .verify_cached(token.trim())
+            .authenticate(token.trim())
+            .await
             .map_err(|_| ApiError::unauthenticated())?;
         // The grants are read now: a disabled identity or a removed assignment counts at once.
         let principal = state

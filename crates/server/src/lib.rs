@@ -11,6 +11,7 @@
 pub mod app;
 pub mod datadir;
 pub mod error;
+pub mod external;
 pub mod http;
 pub mod refresh;
 pub mod routes;

@@ -18,6 +18,7 @@ use twinguard_store_redb::RedbStore;
 
 use crate::app::{AppState, router};
 use crate::datadir::{DataDir, write_private};
+use crate::external::ExternalIssuers;
 use crate::signing_keys::KeyRing;
 use crate::tokens::TokenService;
 
@@ -30,6 +31,8 @@ pub struct ServeConfig {
     pub api_listen: SocketAddr,
     /// Extra DNS names or IP addresses for the server certificate, used when it is first made.
     pub tls_names: Vec<String>,
+    /// Trusted external OpenID Connect issuers (a JSON file), if any.
+    pub issuers: Option<PathBuf>,
 }
 
 pub struct Application {
@@ -58,7 +61,12 @@ pub fn install_crypto_provider() {
 pub fn init(
     data_dir: &DataDir,
     tls_names: &[String],
+    issuers: Option<&std::path::Path>,
 ) -> anyhow::Result<(Arc<dyn Store>, Arc<TokenService>)> {
+    let external = match issuers {
+        Some(path) => ExternalIssuers::load(path)?,
+        None => ExternalIssuers::default(),
+    };
     let instance = data_dir.prepare(tls_names)?;
     let store: Arc<dyn Store> =
         Arc::new(RedbStore::open(&data_dir.store_path()).context("opening the store")?);
@@ -73,6 +81,7 @@ pub fn init(
         data_dir.token_keys(),
         store.clone(),
         directory.clone(),
+        external,
     )?);
     tokens.rotate_keys_if_due()?;
     if directory.is_empty() {
@@ -112,7 +121,7 @@ impl Application {
     pub fn build(config: &ServeConfig) -> anyhow::Result<Self> {
         install_crypto_provider();
         let data_dir = DataDir::new(&config.data_dir);
-        let (store, tokens) = init(&data_dir, &config.tls_names)?;
+        let (store, tokens) = init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
         let service =
             TwinService::open(store, Arc::new(SystemClock)).context("loading the twin graph")?;
         let tls = tls_config(&data_dir)?;
@@ -188,6 +197,16 @@ impl Application {
                 if let Err(e) = tokens.rotate_keys_if_due() {
                     tracing::error!(error = %e, "token signing key rotation failed");
                 }
+            }
+        });
+        let tokens = self.state.tokens.clone();
+        tokio::spawn(async move {
+            // The first fetch of external issuers' keys runs beside serving: a slow identity
+            // provider delays its own tokens only (they fetch again on an unknown kid).
+            let mut every_minute = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every_minute.tick().await;
+                tokens.external().refresh_due().await;
             }
         });
         tokio::spawn(async move {

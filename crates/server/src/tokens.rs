@@ -22,6 +22,7 @@ use twinguard_core::store::{Mutation, Store, StoreError, Table};
 use twinguard_core::throttle::{Policy, RetryAfter, Throttle};
 use zeroize::Zeroizing;
 
+use crate::external::{ExternalCaller, ExternalIssuers, Rejected, unverified_issuer};
 use crate::refresh::{Redeemed, RefreshTokens};
 use crate::signing_keys::KeyRing;
 
@@ -64,6 +65,8 @@ pub struct Session {
     pub auth_time: u64,
     pub jti: String,
     pub exp: u64,
+    /// Set for an external issuer's token: the groups and roles its claims map to.
+    pub external: Option<ExternalCaller>,
 }
 
 /// What the token endpoint hands out.
@@ -85,6 +88,9 @@ pub enum TokenError {
     InvalidGrant,
     #[error("invalid or expired token")]
     InvalidToken,
+    /// An external issuer's token signed with a key not fetched yet.
+    #[error("unknown signing key")]
+    UnknownKey,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("signing failed")]
@@ -105,6 +111,7 @@ pub struct TokenService {
     /// Revoked access tokens by `jti`, with their expiry.
     revoked: RwLock<HashMap<String, u64>>,
     refresh: RefreshTokens,
+    external: ExternalIssuers,
     throttle: Throttle,
     store: Arc<dyn Store>,
 }
@@ -135,6 +142,7 @@ impl TokenService {
         keys_path: PathBuf,
         store: Arc<dyn Store>,
         directory: Arc<Directory>,
+        external: ExternalIssuers,
     ) -> anyhow::Result<Self> {
         let audiences = vec![ADT_AUDIENCE.to_owned(), issuer.clone()];
         let mut validation = Validation::new(Algorithm::EdDSA);
@@ -163,6 +171,7 @@ impl TokenService {
             keys_path,
             validation,
             refresh: RefreshTokens::open(store.clone())?,
+            external,
             directory,
             verified: RwLock::new(HashMap::new()),
             revoked: RwLock::new(revoked),
@@ -177,6 +186,31 @@ impl TokenService {
 
     pub fn directory(&self) -> &Arc<Directory> {
         &self.directory
+    }
+
+    pub fn external(&self) -> &ExternalIssuers {
+        &self.external
+    }
+
+    /// Verifies a bearer token of ours or of a trusted external issuer. An external token
+    /// signed with a key not yet known makes the issuer's keys be fetched again (rate limited)
+    /// and the token checked once more.
+    pub async fn authenticate(&self, token: &str) -> Result<Arc<Session>, TokenError> {
+        match self.verify_cached(token) {
+            Err(TokenError::UnknownKey) => {
+                if let Some(issuer) = unverified_issuer(token)
+                    .as_deref()
+                    .and_then(|iss| self.external.get(iss))
+                {
+                    issuer.refresh_for_unknown_kid().await;
+                }
+                match self.verify_cached(token) {
+                    Err(TokenError::UnknownKey) => Err(TokenError::InvalidToken),
+                    other => other,
+                }
+            }
+            other => other,
+        }
     }
 
     /// The JSON Web Key Set (RFC 7517) of the keys that verify this server's tokens.
@@ -361,8 +395,19 @@ impl TokenService {
     /// The caller a verified session stands for now, or `None` if its identity may no longer
     /// act (deleted or disabled).
     pub fn principal(&self, session: &Session) -> Option<Principal> {
-        self.directory
-            .principal(&session.subject, session.mfa, session.auth_time)
+        match &session.external {
+            None => self
+                .directory
+                .principal(&session.subject, session.mfa, session.auth_time),
+            Some(ext) => Some(self.directory.external_principal(
+                &ext.subject,
+                ext.application,
+                &ext.group_ids,
+                &ext.role_ids,
+                ext.mfa,
+                ext.auth_time,
+            )),
+        }
     }
 
     /// [`TokenService::verify`] with a cache of recently verified tokens, so a client that
@@ -378,7 +423,7 @@ impl TokenService {
             }
             return Ok(session.clone());
         }
-        let session = Arc::new(self.verify(token)?);
+        let session = Arc::new(self.verify_any(token)?);
         if self.is_revoked(&session.jti) {
             return Err(TokenError::InvalidToken);
         }
@@ -394,7 +439,35 @@ impl TokenService {
         Ok(session)
     }
 
-    /// Verifies a bearer token's signature and claims.
+    /// Chooses the verifier by the token's claimed issuer: ours, or a configured external one.
+    fn verify_any(&self, token: &str) -> Result<Session, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::InvalidToken);
+        }
+        let claimed = unverified_issuer(token);
+        let external = claimed
+            .as_deref()
+            .filter(|iss| *iss != self.issuer)
+            .and_then(|iss| self.external.get(iss));
+        let Some(issuer) = external else {
+            return self.verify(token);
+        };
+        match issuer.verify(token) {
+            Ok(caller) => Ok(Session {
+                subject: caller.subject.clone(),
+                mfa: caller.mfa,
+                auth_time: caller.auth_time,
+                // External tokens are revoked at their issuer; the signature stands in for an ID.
+                jti: token.rsplit('.').next().unwrap_or_default().to_owned(),
+                exp: caller.exp,
+                external: Some(caller),
+            }),
+            Err(Rejected::UnknownKey) => Err(TokenError::UnknownKey),
+            Err(Rejected::Invalid) => Err(TokenError::InvalidToken),
+        }
+    }
+
+    /// Verifies a bearer token of ours: signature and claims.
     pub fn verify(&self, token: &str) -> Result<Session, TokenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::InvalidToken);
@@ -427,6 +500,7 @@ impl TokenService {
             auth_time: claims.auth_time,
             jti: claims.jti,
             exp: claims.exp,
+            external: None,
         })
     }
 }

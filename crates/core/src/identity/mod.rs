@@ -548,6 +548,68 @@ impl Directory {
         Some(Principal::new(id, kind, grants, mfa, step_up))
     }
 
+    /// A caller authenticated by an external issuer: the role assignments of the directory
+    /// groups its claims map to (by group ID or name; scopes included), plus the mapped roles at
+    /// instance scope. Values that name no enabled group of the directory grant nothing.
+    pub fn external_principal(
+        &self,
+        subject: &str,
+        application: bool,
+        group_ids: &[String],
+        role_ids: &[String],
+        mfa: bool,
+        auth_time: u64,
+    ) -> Principal {
+        let mut grants: Vec<Grant> = Vec::new();
+        if let Ok(state) = self.state.read() {
+            // A mapped value names a directory group by ID or by name.
+            let groups: Vec<&str> = group_ids
+                .iter()
+                .filter_map(|g| {
+                    let id = match state.records.get(g) {
+                        Some(_) => g.as_str(),
+                        None => state.by_name.get(&g.to_lowercase())?.as_str(),
+                    };
+                    state
+                        .records
+                        .get(id)
+                        .filter(|r| r.identity.kind == IdentityKind::Group && !r.identity.disabled)
+                        .map(|_| id)
+                })
+                .collect();
+            grants.extend(
+                state
+                    .assignments
+                    .values()
+                    .filter(|a| groups.contains(&a.principal_id.as_str()))
+                    .filter_map(|a| {
+                        state.role(&a.role_id).map(|role| Grant {
+                            role: role.id,
+                            actions: role.actions,
+                            scope: a.scope.clone(),
+                        })
+                    }),
+            );
+            grants.extend(
+                role_ids
+                    .iter()
+                    .filter_map(|id| state.role(id))
+                    .map(|role| Grant {
+                        role: role.id,
+                        actions: role.actions,
+                        scope: Scope::Instance,
+                    }),
+            );
+        }
+        let kind = if application {
+            PrincipalKind::Application
+        } else {
+            PrincipalKind::User
+        };
+        let step_up = mfa && self.now().saturating_sub(auth_time) <= STEP_UP_WINDOW_SECS;
+        Principal::new(subject, kind, grants.into(), mfa, step_up)
+    }
+
     /// The client-credentials check for applications and service accounts. `client_id` is the
     /// identity ID.
     pub fn authenticate_client(

@@ -37,6 +37,7 @@ impl TestServer {
             data_dir: dir.path().to_owned(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
             tls_names: vec![],
+            issuers: None,
         };
         let app = Application::build(&config).unwrap();
         let base = app.base_url();
