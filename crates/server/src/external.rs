@@ -133,19 +133,22 @@ fn is_loopback_http(url: &reqwest::Url) -> bool {
 
 /// The algorithm a JWK's key type supports, checked against what the issuer may use.
 fn key_algorithm(jwk: &jsonwebtoken::jwk::Jwk, allowed: &[Algorithm]) -> Option<Algorithm> {
-    let family_ok = |a: &Algorithm| match (&jwk.algorithm, a) {
-        (
-            AlgorithmParameters::RSA(_),
-            Algorithm::RS256
-            | Algorithm::RS384
-            | Algorithm::RS512
-            | Algorithm::PS256
-            | Algorithm::PS384
-            | Algorithm::PS512,
-        ) => true,
-        (AlgorithmParameters::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384) => true,
-        (AlgorithmParameters::OctetKeyPair(_), Algorithm::EdDSA) => true,
-        _ => false,
+    let family_ok = |a: &Algorithm| {
+        matches!(
+            (&jwk.algorithm, a),
+            (
+                AlgorithmParameters::RSA(_),
+                Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512,
+            ) | (
+                AlgorithmParameters::EllipticCurve(_),
+                Algorithm::ES256 | Algorithm::ES384
+            ) | (AlgorithmParameters::OctetKeyPair(_), Algorithm::EdDSA)
+        )
     };
     let declared = jwk
         .common
