@@ -117,6 +117,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/admin/identities/{id}/mfa", delete(identity::reset_mfa))
         .route(
+            "/admin/identities/{id}/keys",
+            put(identity::set_client_keys),
+        )
+        .route(
             "/admin/identities/{id}/secret",
             post(identity::rotate_secret),
         )

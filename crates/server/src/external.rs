@@ -132,7 +132,10 @@ fn is_loopback_http(url: &reqwest::Url) -> bool {
 }
 
 /// The algorithm a JWK's key type supports, checked against what the issuer may use.
-fn key_algorithm(jwk: &jsonwebtoken::jwk::Jwk, allowed: &[Algorithm]) -> Option<Algorithm> {
+pub(crate) fn key_algorithm(
+    jwk: &jsonwebtoken::jwk::Jwk,
+    allowed: &[Algorithm],
+) -> Option<Algorithm> {
     let family_ok = |a: &Algorithm| {
         matches!(
             (&jwk.algorithm, a),

@@ -141,6 +141,9 @@ impl Application {
             data_dir,
         };
         app.record_token_endpoint()?;
+        app.state
+            .tokens
+            .set_token_endpoint(format!("{}/oauth2/token", app.base_url()));
         Ok(app)
     }
 

@@ -112,6 +112,10 @@ pub struct TokenService {
     revoked: RwLock<HashMap<String, u64>>,
     refresh: RefreshTokens,
     external: ExternalIssuers,
+    /// This server's token endpoint URL, an audience client assertions may name.
+    token_endpoint: RwLock<Option<String>>,
+    /// `jti`s of client assertions already used, until they expire (RFC 7523 3, replay).
+    used_assertions: std::sync::Mutex<HashMap<String, u64>>,
     throttle: Throttle,
     store: Arc<dyn Store>,
 }
@@ -129,6 +133,17 @@ pub(crate) fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A string claim of a JWT, read without verification (to find whose keys judge it).
+fn unverified_claim(token: &str, name: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get(name)?.as_str().map(str::to_owned)
 }
 
 /// The `client_id` claim of tokens from a person's login.
@@ -172,6 +187,8 @@ impl TokenService {
             validation,
             refresh: RefreshTokens::open(store.clone())?,
             external,
+            token_endpoint: RwLock::new(None),
+            used_assertions: std::sync::Mutex::new(HashMap::new()),
             directory,
             verified: RwLock::new(HashMap::new()),
             revoked: RwLock::new(revoked),
@@ -254,6 +271,95 @@ impl TokenService {
                 Err(TokenError::InvalidClient)
             }
         }
+    }
+
+    /// Records the URL clients reach the token endpoint at (an accepted assertion audience).
+    pub fn set_token_endpoint(&self, url: String) {
+        if let Ok(mut endpoint) = self.token_endpoint.write() {
+            *endpoint = Some(url);
+        }
+    }
+
+    /// The client-credentials grant with `private_key_jwt` client authentication (RFC 7523
+    /// section 2.2, OIDC Core 9): the client signs a short-lived assertion with a key whose
+    /// public half it registered; no shared secret exists.
+    pub fn issue_for_assertion(
+        &self,
+        address: IpAddr,
+        client_id: Option<&str>,
+        assertion: &str,
+    ) -> Result<Issued, TokenError> {
+        let claimed = unverified_claim(assertion, "sub").unwrap_or_default();
+        let account = client_id.unwrap_or(&claimed).to_owned();
+        self.throttle
+            .check(address, &account)
+            .map_err(TokenError::Throttled)?;
+        match self.check_assertion(client_id, &claimed, assertion) {
+            Some(who) => {
+                self.throttle.succeeded(address);
+                self.issue(&who, &who.id.clone(), now_secs(), None)
+            }
+            None => {
+                tracing::warn!(%address, client_id = %account.chars().take(64).collect::<String>(), "client assertion refused");
+                self.throttle.failed(address, &account);
+                Err(TokenError::InvalidClient)
+            }
+        }
+    }
+
+    fn check_assertion(
+        &self,
+        client_id: Option<&str>,
+        claimed: &str,
+        assertion: &str,
+    ) -> Option<Authenticated> {
+        if assertion.len() > MAX_TOKEN_LEN || client_id.is_some_and(|c| c != claimed) {
+            return None;
+        }
+        let (jwks, _) = self.directory.client_keys(claimed)?;
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks).ok()?;
+        let header = jsonwebtoken::decode_header(assertion).ok()?;
+        let jwk = set.find(header.kid.as_deref()?)?;
+        let allowed = [
+            Algorithm::EdDSA,
+            Algorithm::ES256,
+            Algorithm::RS256,
+            Algorithm::PS256,
+        ];
+        let alg = crate::external::key_algorithm(jwk, &allowed)?;
+        if alg != header.alg {
+            return None;
+        }
+        let key = jsonwebtoken::DecodingKey::from_jwk(jwk).ok()?;
+        let mut audiences = vec![self.issuer.clone()];
+        if let Ok(Some(endpoint)) = self.token_endpoint.read().map(|e| e.clone()) {
+            audiences.push(endpoint);
+        }
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&[claimed]);
+        validation.sub = Some(claimed.to_owned());
+        validation.set_audience(&audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+        validation.leeway = CLOCK_SKEW_SECS;
+        let claims = jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &validation)
+            .ok()?
+            .claims;
+        let now = now_secs();
+        let exp = claims.get("exp")?.as_u64()?;
+        // Assertions are single-use and short-lived: at most five minutes ahead.
+        if exp > now + 300 + CLOCK_SKEW_SECS {
+            return None;
+        }
+        let jti = claims.get("jti")?.as_str()?.to_owned();
+        {
+            let mut used = self.used_assertions.lock().ok()?;
+            used.retain(|_, e| *e + CLOCK_SKEW_SECS >= now);
+            if used.contains_key(&jti) {
+                return None;
+            }
+            used.insert(jti, exp);
+        }
+        self.directory.workload(claimed)
     }
 
     /// A person's login with password and, when enrolled, a one-time code. Runs argon2: call

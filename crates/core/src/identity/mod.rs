@@ -93,6 +93,21 @@ struct Credentials {
     /// SHA-256 of each unused recovery code.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     recovery: Vec<String>,
+    /// Public keys (a JWKS) for `private_key_jwt` client authentication (RFC 7523).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    public_keys: Option<serde_json::Value>,
+    /// Serial numbers (hex) of client certificates issued by the instance CA, with expiry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    certificates: Vec<IssuedCertificate>,
+}
+
+/// A client certificate issued to a workload by the instance CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IssuedCertificate {
+    pub serial: String,
+    pub not_after: u64,
+    pub revoked: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1057,6 +1072,152 @@ impl Directory {
             Ok(())
         })?;
         Ok(secret)
+    }
+
+    /// Registers the public keys (a JWKS with at least one key, each with a `kid`) an
+    /// application or service account signs its `private_key_jwt` assertions with.
+    pub fn set_client_keys(
+        &self,
+        caller: &Principal,
+        id: &str,
+        jwks: serde_json::Value,
+    ) -> DomainResult<()> {
+        caller.authorize_instance(Action::KeysWrite)?;
+        let keys = jwks.get("keys").and_then(serde_json::Value::as_array);
+        let well_formed = keys.is_some_and(|keys| {
+            !keys.is_empty()
+                && keys.len() <= 8
+                && keys.iter().all(|k| {
+                    k.get("kid")
+                        .and_then(serde_json::Value::as_str)
+                        .is_some_and(|s| !s.is_empty())
+                        && k.get("d").is_none()
+                        && matches!(
+                            k.get("kty").and_then(serde_json::Value::as_str),
+                            Some("RSA" | "EC" | "OKP")
+                        )
+                })
+        });
+        if !well_formed {
+            return Err(DomainError::InvalidArgument(
+                "expected a JWKS of 1 to 8 public RSA, EC or OKP keys, each with a kid".into(),
+            ));
+        }
+        self.update_record(id, |r| {
+            if !r.identity.kind.is_workload() {
+                return Err(DomainError::InvalidArgument(
+                    "only applications and service accounts have client keys".into(),
+                ));
+            }
+            r.credentials.public_keys = Some(jwks);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// The registered public keys of an enabled workload, for checking its client assertions.
+    pub fn client_keys(&self, id: &str) -> Option<(serde_json::Value, PrincipalKind)> {
+        let state = self.state.read().ok()?;
+        let record = state.records.get(id)?;
+        if record.identity.disabled || !record.identity.kind.is_workload() {
+            return None;
+        }
+        let kind = record.identity.kind.principal_kind()?;
+        Some((record.credentials.public_keys.clone()?, kind))
+    }
+
+    /// Records a client certificate issued to workload `id` (the CA signs it outside the
+    /// domain). Only the identity's own certificates, unrevoked and unexpired, authenticate it.
+    pub fn record_certificate(
+        &self,
+        caller: &Principal,
+        id: &str,
+        certificate: IssuedCertificate,
+    ) -> DomainResult<()> {
+        if caller.subject != id {
+            caller.authorize_instance(Action::KeysWrite)?;
+        }
+        let now = self.now();
+        self.update_record(id, |r| {
+            if !r.identity.kind.is_workload() {
+                return Err(DomainError::InvalidArgument(
+                    "only applications and service accounts get client certificates".into(),
+                ));
+            }
+            r.credentials.certificates.retain(|c| c.not_after > now);
+            r.credentials.certificates.push(certificate);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// Revokes one of a workload's certificates at once.
+    pub fn revoke_certificate(
+        &self,
+        caller: &Principal,
+        id: &str,
+        serial: &str,
+    ) -> DomainResult<()> {
+        caller.authorize_instance(Action::KeysWrite)?;
+        self.update_record(id, |r| {
+            let cert = r
+                .credentials
+                .certificates
+                .iter_mut()
+                .find(|c| c.serial.eq_ignore_ascii_case(serial))
+                .ok_or_else(|| not_found("certificate", serial))?;
+            cert.revoked = true;
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// Authenticates a workload by a client certificate the TLS layer has already verified
+    /// against the instance CA: the certificate must be one recorded for `id` and not revoked.
+    pub fn authenticate_certificate(
+        &self,
+        id: &str,
+        serial: &str,
+    ) -> Result<Authenticated, LoginFailure> {
+        let now = self.now();
+        let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
+        let record = state.records.get(id).ok_or(LoginFailure::Unknown)?;
+        let known = record
+            .credentials
+            .certificates
+            .iter()
+            .any(|c| c.serial.eq_ignore_ascii_case(serial) && !c.revoked && c.not_after > now);
+        if !known || !record.identity.kind.is_workload() {
+            return Err(LoginFailure::WrongSecret);
+        }
+        if record.identity.disabled {
+            return Err(LoginFailure::Disabled);
+        }
+        let kind = record
+            .identity
+            .kind
+            .principal_kind()
+            .ok_or(LoginFailure::Unknown)?;
+        Ok(Authenticated {
+            id: id.to_owned(),
+            kind,
+            mfa: false,
+        })
+    }
+
+    /// An enabled workload's kind, for a client authenticated by other means (a verified
+    /// `private_key_jwt` assertion).
+    pub fn workload(&self, id: &str) -> Option<Authenticated> {
+        let state = self.state.read().ok()?;
+        let record = state.records.get(id)?;
+        if record.identity.disabled || !record.identity.kind.is_workload() {
+            return None;
+        }
+        Some(Authenticated {
+            id: id.to_owned(),
+            kind: record.identity.kind.principal_kind()?,
+            mfa: false,
+        })
     }
 
     // ---- roles and assignments ----

@@ -132,6 +132,20 @@ pub async fn rotate_secret(
     Ok(axum::Json(json!({ "clientSecret": secret.as_str() })).into_response())
 }
 
+/// Registers the public keys (JWKS) of a workload's `private_key_jwt` assertions.
+pub async fn set_client_keys(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(jwks): JsonBody<Value>,
+) -> ApiResult<StatusCode> {
+    state
+        .tokens
+        .directory()
+        .set_client_keys(&caller, &id, jwks)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 // ---- roles ----
 
 pub async fn list_roles(State(state): State<AppState>, Caller(_): Caller) -> ApiResult<Response> {

@@ -30,6 +30,8 @@ struct TokenForm {
     otp: Option<Zeroizing<String>>,
     refresh_token: Option<Zeroizing<String>>,
     token: Option<Zeroizing<String>>,
+    client_assertion_type: Option<String>,
+    client_assertion: Option<String>,
     #[allow(dead_code)] // accepted as ADT clients send it; every token carries both audiences
     scope: Option<String>,
 }
@@ -81,6 +83,20 @@ pub async fn token(
     };
     let address = peer.ip();
     let issued = match form.grant_type.as_deref() {
+        Some("client_credentials") if form.client_assertion.is_some() => {
+            // RFC 7523 2.2: private_key_jwt; no other client authentication may be combined.
+            let jwt_bearer = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+            if form.client_assertion_type.as_deref() != Some(jwt_bearer)
+                || form.client_secret.is_some()
+                || basic_credentials(&headers).is_some()
+            {
+                return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+            }
+            let assertion = form.client_assertion.unwrap_or_default();
+            state
+                .tokens
+                .issue_for_assertion(address, form.client_id.as_deref(), &assertion)
+        }
         Some("client_credentials") => {
             let credentials = match (
                 basic_credentials(&headers),
@@ -199,6 +215,8 @@ fn parse_form(body: &[u8]) -> Result<TokenForm, ()> {
             "otp" => form.otp.replace(secret(value)).is_some(),
             "refresh_token" => form.refresh_token.replace(secret(value)).is_some(),
             "token" => form.token.replace(secret(value)).is_some(),
+            "client_assertion_type" => form.client_assertion_type.replace(value).is_some(),
+            "client_assertion" => form.client_assertion.replace(value).is_some(),
             "scope" => form.scope.replace(value).is_some(),
             _ => false,
         };
