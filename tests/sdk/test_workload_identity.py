@@ -98,3 +98,116 @@ def test_a_service_authenticates_with_a_signed_assertion_and_no_secret(server):
     if status != 401:
         wrong["client_id disagrees"] = status
     assert wrong == {}, wrong
+
+
+def _csr_and_key(tmp_path, name: str):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        # Asked-for names and usages are ignored: the CA decides what the certificate says.
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("admin.example")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_path = tmp_path / f"{name}.key"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode(), key_path
+
+
+def test_a_service_authenticates_with_a_client_certificate_of_the_instance_ca(server, tmp_path):
+    from cryptography import x509
+
+    created = _admin(server, "POST", "/admin/identities",
+                     json={"kind": "serviceAccount", "name": f"pump-ctl-{uuid.uuid4().hex[:6]}"})
+    client_id = created.json()["identity"]["id"]
+    assert _admin(server, "POST", "/admin/roleassignments",
+                  json={"principalId": client_id, "roleId": DATA_READER}).status_code == 201
+    csr, key_path = _csr_and_key(tmp_path, "pump-ctl")
+    issued = _admin(server, "POST", f"/admin/identities/{client_id}/certificates", json={"csr": csr})
+    assert issued.status_code == 201, issued.text
+    cert_pem = issued.json()["certificate"]
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [f"urn:twinguard:identity:{client_id}"]
+    assert sans.get_values_for_type(x509.DNSName) == []
+    cert_path = tmp_path / "pump-ctl.pem"
+    cert_path.write_text(cert_pem)
+    mtls = (str(cert_path), str(key_path))
+
+    def token(client=client_id, cert=mtls):
+        return requests.post(server.token_endpoint, data={"grant_type": "client_credentials", "client_id": client},
+                             cert=cert, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
+
+    ok = token()
+    assert ok.status_code == 200, ok.text
+    access = ok.json()["access_token"]
+    models = requests.get(f"{server.endpoint}/models?api-version=2023-10-31",
+                          headers={"Authorization": f"Bearer {access}"}, verify=server.ca_path,
+                          timeout=HTTP_TIMEOUT_S)
+    assert models.status_code == 200
+    # Without the certificate, or claiming another client, nothing.
+    assert token(cert=None).status_code == 401
+    assert token(client=str(uuid.uuid4())).status_code == 401
+
+    # The workload renews its own certificate with the token its certificate got it.
+    csr2, key2 = _csr_and_key(tmp_path, "pump-ctl-2")
+    renewed = requests.post(f"{server.endpoint}/me/certificate", json={"csr": csr2},
+                            headers={"Authorization": f"Bearer {access}"}, verify=server.ca_path,
+                            timeout=HTTP_TIMEOUT_S)
+    assert renewed.status_code == 201, renewed.text
+
+    # Revoking the first certificate stops it at once.
+    serial = issued.json()["serial"]
+    assert _admin(server, "DELETE", f"/admin/identities/{client_id}/certificates/{serial}").status_code == 204
+    assert token().status_code == 401
+    second = tmp_path / "pump-ctl-2.pem"
+    second.write_text(renewed.json()["certificate"])
+    assert token(cert=(str(second), str(key2))).status_code == 200
+
+
+def test_a_certificate_not_issued_by_the_instance_ca_fails_the_handshake(server, tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twinguard local CA")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(f"urn:twinguard:identity:{server.client_id}")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "forged.pem", tmp_path / "forged.key"
+    cert_path.write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    try:
+        r = requests.post(server.token_endpoint,
+                          data={"grant_type": "client_credentials", "client_id": server.client_id},
+                          cert=(str(cert_path), str(key_path)), verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
+    except requests.exceptions.SSLError:
+        return
+    except requests.exceptions.ConnectionError:
+        return
+    raise AssertionError(f"a forged client certificate got an answer: {r.status_code} {r.text}")

@@ -33,6 +33,8 @@ pub struct AppState {
     pub tokens: Arc<TokenService>,
     /// Queries running at once; more are answered 429.
     pub query_slots: Arc<tokio::sync::Semaphore>,
+    /// The data directory, whose CA signs workloads' client certificates.
+    pub ca: Arc<crate::datadir::DataDir>,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -121,6 +123,14 @@ pub fn router(state: AppState) -> Router {
             put(identity::set_client_keys),
         )
         .route(
+            "/admin/identities/{id}/certificates",
+            post(identity::issue_certificate),
+        )
+        .route(
+            "/admin/identities/{id}/certificates/{serial}",
+            delete(identity::revoke_certificate),
+        )
+        .route(
             "/admin/identities/{id}/secret",
             post(identity::rotate_secret),
         )
@@ -151,6 +161,7 @@ pub fn router(state: AppState) -> Router {
         .route("/me/mfa/totp", post(identity::begin_totp))
         .route("/me/mfa/totp/confirm", post(identity::confirm_totp))
         .route("/me/password", put(identity::change_password))
+        .route("/me/certificate", post(identity::renew_certificate))
         .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT));
 
     Router::new()

@@ -176,6 +176,67 @@ impl DataDir {
     }
 }
 
+/// A client certificate issued to a workload.
+#[derive(Debug, Clone)]
+pub struct ClientCertificate {
+    pub pem: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
+}
+
+/// The URI SAN naming the identity a client certificate belongs to.
+pub fn identity_uri(identity_id: &str) -> String {
+    format!("urn:twinguard:identity:{identity_id}")
+}
+
+impl DataDir {
+    /// Signs a client certificate for workload `identity_id` from its CSR. Only the CSR's
+    /// public key is used (its proof of possession is checked); the subject, names, usages and
+    /// validity are the CA's choice: the identity's URI, client authentication only,
+    /// [`CLIENT_CERT_DAYS`].
+    pub fn issue_client_cert(
+        &self,
+        identity_id: &str,
+        csr_pem: &str,
+    ) -> anyhow::Result<ClientCertificate> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| anyhow::anyhow!("the certificate signing request is not valid: {e}"))?;
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(self.ca_key())?)?;
+        let issuer = Issuer::new(ca_params()?, &ca_key);
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity_id);
+        params.subject_alt_names = vec![rcgen::SanType::URI(identity_uri(identity_id).try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let mut serial = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
+        // Positive and without a leading zero byte, so DER keeps all sixteen bytes as given.
+        serial[0] = (serial[0] & 0x7f) | 0x01;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(CLIENT_CERT_DAYS);
+        let signed = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&issuer)?;
+        Ok(ClientCertificate {
+            pem: signed.pem(),
+            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+            not_after: u64::try_from((now + Duration::days(CLIENT_CERT_DAYS)).unix_timestamp())
+                .unwrap_or(0),
+        })
+    }
+}
+
+/// Days a workload's client certificate is valid; it renews with `POST /me/certificate`.
+pub const CLIENT_CERT_DAYS: i64 = 30;
+
 /// Days a server certificate is valid (the CA/Browser Forum's 397-day ceiling).
 pub const SERVER_CERT_DAYS: i64 = 397;
 /// A server certificate this close to its expiry is issued anew at start-up.

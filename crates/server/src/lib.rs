@@ -17,4 +17,5 @@ pub mod refresh;
 pub mod routes;
 pub mod signing_keys;
 pub mod startup;
+pub mod tls;
 pub mod tokens;

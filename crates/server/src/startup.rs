@@ -7,8 +7,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum_server::tls_rustls::RustlsConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 use twinguard_core::clock::SystemClock;
 use twinguard_core::identity::Directory;
@@ -104,19 +102,6 @@ pub fn init(
     Ok((store, tokens))
 }
 
-fn tls_config(data_dir: &DataDir) -> anyhow::Result<RustlsConfig> {
-    let certs = CertificateDer::pem_file_iter(data_dir.server_cert())
-        .context("reading the server certificate")?
-        .collect::<Result<Vec<_>, _>>()?;
-    let key =
-        PrivateKeyDer::from_pem_file(data_dir.server_key()).context("reading the server key")?;
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(RustlsConfig::from_config(Arc::new(config)))
-}
-
 impl Application {
     pub fn build(config: &ServeConfig) -> anyhow::Result<Self> {
         install_crypto_provider();
@@ -124,7 +109,7 @@ impl Application {
         let (store, tokens) = init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
         let service =
             TwinService::open(store, Arc::new(SystemClock)).context("loading the twin graph")?;
-        let tls = tls_config(&data_dir)?;
+        let tls = crate::tls::server_config(&data_dir)?;
         let listener = std::net::TcpListener::bind(config.api_listen)
             .with_context(|| format!("binding {}", config.api_listen))?;
         listener.set_nonblocking(true)?;
@@ -137,6 +122,7 @@ impl Application {
                 service: Arc::new(service),
                 tokens,
                 query_slots: Arc::new(tokio::sync::Semaphore::new(crate::app::QUERY_SLOTS)),
+                ca: Arc::new(DataDir::new(&config.data_dir)),
             },
             data_dir,
         };
@@ -218,7 +204,8 @@ impl Application {
             on_shutdown.graceful_shutdown(Some(SHUTDOWN_GRACE));
         });
         let app = router(self.state);
-        axum_server::from_tcp_rustls(self.listener, self.tls)?
+        axum_server::from_tcp(self.listener)?
+            .acceptor(crate::tls::ClientCertAcceptor::new(self.tls))
             .handle(handle)
             .serve(app.into_make_service_with_connect_info::<SocketAddr>())
             .await?;

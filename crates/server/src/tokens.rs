@@ -146,6 +146,25 @@ fn unverified_claim(token: &str, name: &str) -> Option<String> {
     claims.get(name)?.as_str().map(str::to_owned)
 }
 
+/// The identity ID (from the `urn:twinguard:identity:` URI SAN) and serial number (hex) of a
+/// client certificate the TLS layer verified.
+fn certificate_identity(der: &[u8]) -> Option<(String, String)> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let serial: String = cert
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let san = cert.subject_alternative_name().ok()??;
+    let id = san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => uri.strip_prefix("urn:twinguard:identity:"),
+        _ => None,
+    })?;
+    Some((id.to_owned(), serial))
+}
+
 /// The `client_id` claim of tokens from a person's login.
 const LOGIN_CLIENT: &str = "twinguard-login";
 
@@ -302,6 +321,35 @@ impl TokenService {
             None => {
                 tracing::warn!(%address, client_id = %account.chars().take(64).collect::<String>(), "client assertion refused");
                 self.throttle.failed(address, &account);
+                Err(TokenError::InvalidClient)
+            }
+        }
+    }
+
+    /// The client-credentials grant for a workload that presented a client certificate of the
+    /// instance CA in the TLS handshake (RFC 8705 section 2.1 style): the certificate must name
+    /// `client_id` and be one recorded for it, unrevoked.
+    pub fn issue_for_certificate(
+        &self,
+        address: IpAddr,
+        client_id: &str,
+        certificate: &[u8],
+    ) -> Result<Issued, TokenError> {
+        self.throttle
+            .check(address, client_id)
+            .map_err(TokenError::Throttled)?;
+        let who = certificate_identity(certificate)
+            .filter(|(id, _)| id == client_id)
+            .ok_or(LoginFailure::WrongSecret)
+            .and_then(|(id, serial)| self.directory.authenticate_certificate(&id, &serial));
+        match who {
+            Ok(who) => {
+                self.throttle.succeeded(address);
+                self.issue(&who, client_id, now_secs(), None)
+            }
+            Err(why) => {
+                tracing::warn!(%address, reason = %why, "client certificate authentication failed");
+                self.throttle.failed(address, client_id);
                 Err(TokenError::InvalidClient)
             }
         }

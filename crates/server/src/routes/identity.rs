@@ -146,6 +146,88 @@ pub async fn set_client_keys(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CsrBody {
+    /// A PKCS #10 certificate signing request, PEM.
+    csr: String,
+}
+
+/// Signs a client certificate for workload `id` with the instance CA and records it.
+async fn certify(state: &AppState, caller: &Principal, id: &str, csr: &str) -> ApiResult<Response> {
+    // Decide access and the identity's kind before the CA signs anything.
+    let directory = state.tokens.directory();
+    let identity = directory.identity(caller, id)?;
+    if !matches!(
+        identity.kind,
+        twinguard_core::identity::IdentityKind::Application
+            | twinguard_core::identity::IdentityKind::ServiceAccount
+    ) {
+        return Err(ApiError::invalid_argument(
+            "only applications and service accounts get client certificates",
+        ));
+    }
+    if caller.subject != id {
+        caller.authorize_instance(twinguard_core::auth::Action::KeysWrite)?;
+    }
+    let cert = state
+        .ca
+        .issue_client_cert(id, csr)
+        .map_err(|e| ApiError::invalid_argument(e.to_string()))?;
+    directory.record_certificate(
+        caller,
+        id,
+        twinguard_core::identity::IssuedCertificate {
+            serial: cert.serial.clone(),
+            not_after: cert.not_after,
+            revoked: false,
+        },
+    )?;
+    let ca = std::fs::read_to_string(state.ca.ca_cert()).unwrap_or_default();
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "certificate": cert.pem,
+            "serial": cert.serial,
+            "notAfter": cert.not_after,
+            "caCertificate": ca,
+        })),
+    )
+        .into_response())
+}
+
+/// Issues a client certificate for a workload from its CSR (twinguard/keys/write).
+pub async fn issue_certificate(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<CsrBody>,
+) -> ApiResult<Response> {
+    certify(&state, &caller, &id, &body.csr).await
+}
+
+/// A workload renews its own client certificate with a new CSR.
+pub async fn renew_certificate(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    JsonBody(body): JsonBody<CsrBody>,
+) -> ApiResult<Response> {
+    let id = caller.subject.clone();
+    certify(&state, &caller, &id, &body.csr).await
+}
+
+pub async fn revoke_certificate(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((id, serial)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    state
+        .tokens
+        .directory()
+        .revoke_certificate(&caller, &id, &serial)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 // ---- roles ----
 
 pub async fn list_roles(State(state): State<AppState>, Caller(_): Caller) -> ApiResult<Response> {

@@ -9,6 +9,7 @@
 use axum::body::Bytes;
 use std::net::SocketAddr;
 
+use axum::Extension;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +19,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::app::AppState;
+use crate::tls::PeerCertificate;
 use crate::tokens::{Issued, TokenError};
 
 #[derive(Default)]
@@ -75,6 +77,7 @@ fn form_urlencoded_decode(s: &str) -> Option<String> {
 pub async fn token(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    certificate: Option<Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -96,6 +99,17 @@ pub async fn token(
             state
                 .tokens
                 .issue_for_assertion(address, form.client_id.as_deref(), &assertion)
+        }
+        Some("client_credentials")
+            if form.client_secret.is_none() && basic_credentials(&headers).is_none() =>
+        {
+            // No secret: the client authenticates with the certificate it presented in the
+            // TLS handshake (workload identity), or not at all.
+            let cert = certificate.and_then(|Extension(PeerCertificate(c))| c);
+            match (form.client_id, cert) {
+                (Some(id), Some(cert)) => state.tokens.issue_for_certificate(address, &id, &cert),
+                _ => return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
+            }
         }
         Some("client_credentials") => {
             let credentials = match (
