@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up what the Python end-to-end tests need: a virtualenv at <repo>/.venv with the pinned
-# packages of tests/sdk/requirements.txt. Idempotent, and a fast no-op when the virtualenv already
+# packages of tests/sdk/requirements.txt, and THC hydra from Debian. Idempotent, and a fast no-op when the virtualenv already
 # matches the requirements (a stamp holds the hash of the requirements it was built from).
 # Works on a fresh Debian machine as root: installs python3-venv if the venv module is missing.
 set -euo pipefail
@@ -11,15 +11,20 @@ venv="$root/.venv"
 stamp="$venv/.requirements.sha256"
 want="$(sha256sum "$requirements" | cut -d' ' -f1)"
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$venv/bin/python" -c '' 2>/dev/null; then
-    exit 0
-fi
-
 apt_install() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "$@" >/dev/null
 }
+
+# Attack tools the tests run against the server on loopback.
+if ! command -v hydra >/dev/null 2>&1; then
+    apt_install hydra
+fi
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$venv/bin/python" -c '' 2>/dev/null; then
+    exit 0
+fi
 
 if ! command -v python3 >/dev/null 2>&1; then
     apt_install python3 python3-venv
