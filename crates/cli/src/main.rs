@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod admin;
 use twinguard_server::datadir::DataDir;
 use twinguard_server::startup::{Application, ServeConfig, init, install_crypto_provider};
 
@@ -36,6 +38,16 @@ enum Command {
         #[arg(long, env = "TWINGUARD_ISSUERS")]
         issuers: Option<PathBuf>,
     },
+    /// Administer identities, roles, role assignments and API keys through the API.
+    Admin {
+        #[command(flatten)]
+        connection: admin::Connection,
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
+    /// A person's second factor.
+    #[command(subcommand)]
+    Mfa(MfaCommand),
     /// Create the data directory's CA, keys and first admin credential, then exit.
     Init {
         #[arg(long, env = "TWINGUARD_DATA_DIR", default_value = "twinguard-data")]
@@ -43,6 +55,12 @@ enum Command {
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum MfaCommand {
+    /// Enrol an authenticator app (TOTP): shows a QR code here in the terminal.
+    Enroll(admin::Enrol),
 }
 
 /// mimalloc instead of the system allocator: the request path allocates many small, short-lived
@@ -66,6 +84,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    install_crypto_provider();
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// SIGTERM (service managers) or SIGINT (Ctrl-C).
@@ -109,6 +134,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 app.run_until(shutdown_signal()).await
             })
         }
+        Command::Admin {
+            connection,
+            command,
+        } => client_runtime()?.block_on(admin::run(connection, command)),
+        Command::Mfa(MfaCommand::Enroll(args)) => client_runtime()?.block_on(admin::enrol(args)),
         Command::Init {
             data_dir,
             tls_names,

@@ -3,5 +3,6 @@
 // Test helpers outside `#[test]` functions fail loudly on broken fixtures by design.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod crash;
 mod process;

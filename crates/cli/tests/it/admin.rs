@@ -1,0 +1,174 @@
+//! `twinguard admin` and `twinguard mfa enroll` against a running server, as an operator and a
+//! person at a terminal use them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::process::Server;
+
+fn twinguard(data_dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn json(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn an_operator_manages_identities_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let _server = Server::start(dir.path());
+    let password = "a password nobody guesses\n";
+    let created = json(&twinguard(
+        dir.path(),
+        &[
+            "identity",
+            "create",
+            "--kind",
+            "user",
+            "--name",
+            "alice",
+            "--password-stdin",
+        ],
+        Some(password),
+    ));
+    let alice = created["identity"]["id"].as_str().unwrap().to_owned();
+    let listed = json(&twinguard(dir.path(), &["identity", "list"], None));
+    let names: Vec<&str> = listed["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"alice") && names.contains(&"bootstrap-admin"));
+    let assigned = json(&twinguard(
+        dir.path(),
+        &[
+            "assignment",
+            "create",
+            "--principal",
+            &alice,
+            "--role",
+            twinguard_core_reader(),
+            "--scope",
+            r#"{"kind":"subtree","root":"site","relationships":["contains"]}"#,
+        ],
+        None,
+    ));
+    assert_eq!(assigned["scope"]["kind"], "subtree");
+    let disabled = json(&twinguard(
+        dir.path(),
+        &["identity", "disable", &alice],
+        None,
+    ));
+    assert_eq!(disabled["disabled"], true);
+    let app = json(&twinguard(
+        dir.path(),
+        &[
+            "identity",
+            "create",
+            "--kind",
+            "service-account",
+            "--name",
+            "historian",
+        ],
+        None,
+    ));
+    assert!(app["clientSecret"].as_str().unwrap().len() >= 40);
+    // Errors are reported and fail the command.
+    let refused = twinguard(dir.path(), &["identity", "delete", "no-such-id"], None);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("NotFound"));
+}
+
+fn twinguard_core_reader() -> &'static str {
+    "d57506d4-4c8d-48b1-8587-93c323f6a5a3"
+}
+
+#[tokio::test]
+async fn a_person_enrols_totp_at_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let _server = Server::start(dir.path());
+    json(&twinguard(
+        dir.path(),
+        &[
+            "identity",
+            "create",
+            "--kind",
+            "user",
+            "--name",
+            "bob",
+            "--password-stdin",
+        ],
+        Some("bob's long passphrase\n"),
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+        .args(["mfa", "enroll", "--username", "bob", "--data-dir"])
+        .arg(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "bob's long passphrase").unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let secret = loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "ended early: {printed}"
+        );
+        printed.push_str(&line);
+        if let Some(s) = line.trim().strip_prefix("secret: ") {
+            break s.to_owned();
+        }
+    };
+    assert!(
+        printed.contains('\u{2588}'),
+        "a QR code is drawn: {printed}"
+    );
+    assert!(printed.contains("otpauth://totp/twinguard:bob"));
+    let totp = totp_rs::Builder::new()
+        .with_secret(totp_rs::Secret::try_from_base32(&secret).unwrap())
+        .build()
+        .unwrap();
+    writeln!(stdin, "{}", totp.generate_current()).unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("enrolled"));
+    let codes = rest
+        .lines()
+        .filter(|l| l.starts_with("  ") && l.trim().len() == 19)
+        .count();
+    assert_eq!(codes, 10, "{rest}");
+}
