@@ -92,6 +92,14 @@ def test_hydra_finds_nothing_backoff_engages_and_the_owner_still_logs_in(hydra_s
                    "password": PASSWORD}, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
     assert r.status_code == 200, r.text
 
+    # Every failure and every throttled attempt is counted in the metrics.
+    scrape = requests.get(f"{server.endpoint}/metrics", headers={"Authorization": f"Bearer {token}"},
+                          verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
+    assert scrape.status_code == 200, scrape.text
+    counted = dict(re.findall(r'^(twinguard_auth_\w+(?:\{[^}]*\})?) (\d+)', scrape.text, re.M))
+    assert int(counted.get('twinguard_auth_failures_total{method="password"}', 0)) >= checked, scrape.text
+    assert int(counted.get("twinguard_auth_throttled_total", 0)) >= throttled, scrape.text
+
     rate = re.findall(r"\[STATUS\] ([0-9.]+) tries/min", output)
     report = REPO_ROOT / "target" / "hydra-report.md"
     report.parent.mkdir(exist_ok=True)

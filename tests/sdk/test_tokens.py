@@ -20,7 +20,9 @@ def test_discovery_metadata_points_at_the_token_endpoint_and_the_jwks(server):
     metadata = _get(server, "/.well-known/openid-configuration")
     assert metadata["token_endpoint"] == f"{server.endpoint}/oauth2/token"
     assert metadata["jwks_uri"] == f"{server.endpoint}/.well-known/jwks.json"
-    assert metadata["grant_types_supported"] == ["client_credentials"]
+    assert metadata["grant_types_supported"] == ["client_credentials", "password", "refresh_token"]
+    assert metadata["revocation_endpoint"] == f"{server.endpoint}/oauth2/revoke"
+    assert {"private_key_jwt", "tls_client_auth"} <= set(metadata["token_endpoint_auth_methods_supported"])
     assert _get(server, "/.well-known/oauth-authorization-server") == metadata
 
 

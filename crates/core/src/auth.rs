@@ -84,6 +84,7 @@ actions! {
     IdentitiesRead => "twinguard/identities/read", SecurityRead;
     IdentitiesWrite => "twinguard/identities/write", Sensitive;
     RolesWrite => "twinguard/roles/write", Sensitive;
+    MetricsRead => "twinguard/metrics/read", Read;
 }
 
 impl Action {
@@ -239,6 +240,8 @@ pub const OPERATOR: &str = "4a1f8d2c-7e5b-4c93-8b16-3d9e0a6f2c84";
 pub const AUDITOR: &str = "9b3e6f50-1c8a-4d27-9e4b-6a2f7c1d5e95";
 /// twinguard Security Admin: identities, role assignments, keys and devices.
 pub const SECURITY_ADMIN: &str = "1d7c4a9e-3f62-4b58-a0d9-8e5b2c6f4a17";
+/// twinguard Monitoring: scrape the metrics (counts, never data).
+pub const MONITORING: &str = "6c2d9f84-0b7e-4e1a-9c35-2f8a7d4b1e06";
 
 /// A role: a named set of actions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -343,7 +346,14 @@ pub fn builtin_roles() -> Vec<Role> {
                 DevicesRead,
                 DevicesWrite,
                 AuditRead,
+                MetricsRead,
             ]),
+        ),
+        builtin(
+            MONITORING,
+            "twinguard Monitoring",
+            "Scrape the Prometheus metrics; no twin data, no audit trail.",
+            set(&[MetricsRead]),
         ),
     ]
 }

@@ -186,6 +186,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi))
         .method_not_allowed_fallback(|| async {
             crate::error::ApiError::new(

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 use twinguard_core::auth::Principal;
 use twinguard_core::graph::Precondition;
 use twinguard_proto::{API_VERSIONS, CORRELATION_HEADER, ErrorCode};
@@ -42,6 +43,7 @@ impl FromRequestParts<AppState> for Caller {
                 .ok_or_else(|| {
                     let id: String = key.chars().take(24).collect();
                     tracing::warn!(key = %id, "request with an invalid, revoked or expired API key");
+                    crate::metrics::auth_failure(crate::metrics::Method::ApiKey);
                     ApiError::unauthenticated()
                 });
         }
@@ -53,11 +55,11 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token)
             .ok_or_else(ApiError::unauthenticated)?;
-        let session = state
-            .tokens
-            .authenticate(token.trim())
-            .await
-            .map_err(|_| ApiError::unauthenticated())?;
+        let session = state.tokens.authenticate(token.trim()).await.map_err(|_| {
+            tracing::info!("request with an invalid or expired bearer token");
+            crate::metrics::auth_failure(crate::metrics::Method::Bearer);
+            ApiError::unauthenticated()
+        })?;
         // The grants are read now: a disabled identity or a removed assignment counts at once.
         let principal = state
             .tokens
@@ -286,7 +288,9 @@ pub async fn correlate(State(_state): State<AppState>, req: Request, next: Next)
                 .headers()
                 .get(header::CONTENT_LENGTH)
                 .is_some_and(|v| v.as_bytes() != b"0"));
-    let mut response = next.run(req).await;
+    // Everything logged while the request runs carries its correlation ID.
+    let span = tracing::info_span!("request", correlation_id = %id);
+    let mut response = next.run(req).instrument(span).await;
     if http1_with_body && response.status().is_client_error() {
         response
             .headers_mut()

@@ -13,6 +13,7 @@ pub mod datadir;
 pub mod error;
 pub mod external;
 pub mod http;
+pub mod metrics;
 pub mod refresh;
 pub mod routes;
 pub mod signing_keys;

@@ -105,6 +105,7 @@ pub fn init(
 impl Application {
     pub fn build(config: &ServeConfig) -> anyhow::Result<Self> {
         install_crypto_provider();
+        crate::metrics::install();
         let data_dir = DataDir::new(&config.data_dir);
         let (store, tokens) = init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
         let service =

@@ -23,6 +23,7 @@ use twinguard_core::throttle::{Policy, RetryAfter, Throttle};
 use zeroize::Zeroizing;
 
 use crate::external::{ExternalCaller, ExternalIssuers, Rejected, unverified_issuer};
+use crate::metrics;
 use crate::refresh::{Redeemed, RefreshTokens};
 use crate::signing_keys::KeyRing;
 
@@ -286,6 +287,7 @@ impl TokenService {
             Err(LoginFailure::Unavailable) => Err(TokenError::Signing),
             Err(why) => {
                 tracing::warn!(%address, reason = %why, "client authentication failed");
+                metrics::auth_failure(metrics::Method::ClientSecret);
                 self.throttle.failed(address, client_id);
                 Err(TokenError::InvalidClient)
             }
@@ -320,6 +322,7 @@ impl TokenService {
             }
             None => {
                 tracing::warn!(%address, client_id = %account.chars().take(64).collect::<String>(), "client assertion refused");
+                metrics::auth_failure(metrics::Method::ClientAssertion);
                 self.throttle.failed(address, &account);
                 Err(TokenError::InvalidClient)
             }
@@ -349,6 +352,7 @@ impl TokenService {
             }
             Err(why) => {
                 tracing::warn!(%address, reason = %why, "client certificate authentication failed");
+                metrics::auth_failure(metrics::Method::ClientCertificate);
                 self.throttle.failed(address, client_id);
                 Err(TokenError::InvalidClient)
             }
@@ -433,6 +437,7 @@ impl TokenService {
             Err(LoginFailure::Unavailable) => Err(TokenError::Signing),
             Err(why) => {
                 tracing::warn!(%address, reason = %why, "login failed");
+                metrics::auth_failure(metrics::Method::Password);
                 self.throttle.failed(address, &account);
                 Err(TokenError::InvalidGrant)
             }
@@ -446,9 +451,14 @@ impl TokenService {
             Redeemed::Valid(r) => r,
             Redeemed::Reused { subject } => {
                 tracing::warn!(%address, %subject, "a spent refresh token was presented again; its family is revoked");
+                metrics::auth_failure(metrics::Method::RefreshToken);
                 return Err(TokenError::InvalidGrant);
             }
-            Redeemed::Invalid => return Err(TokenError::InvalidGrant),
+            Redeemed::Invalid => {
+                tracing::warn!(%address, "invalid refresh token");
+                metrics::auth_failure(metrics::Method::RefreshToken);
+                return Err(TokenError::InvalidGrant);
+            }
         };
         let Some(principal) =
             self.directory

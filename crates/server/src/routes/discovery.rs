@@ -41,11 +41,19 @@ pub async fn metadata(State(state): State<AppState>, uri: Uri, headers: HeaderMa
         "issuer": state.tokens.issuer(),
         "token_endpoint": format!("{base}/oauth2/token"),
         "jwks_uri": format!("{base}/.well-known/jwks.json"),
-        "grant_types_supported": ["client_credentials"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "revocation_endpoint": format!("{base}/oauth2/revoke"),
+        "grant_types_supported": ["client_credentials", "password", "refresh_token"],
+        "token_endpoint_auth_methods_supported": [
+            "client_secret_basic",
+            "client_secret_post",
+            "private_key_jwt",
+            "tls_client_auth"
+        ],
+        "token_endpoint_auth_signing_alg_values_supported": ["EdDSA", "ES256", "RS256", "PS256"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
         "response_types_supported": ["token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["EdDSA"],
-        "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+        "amr_values_supported": ["pwd", "otp", "mfa"],
     }))
 }

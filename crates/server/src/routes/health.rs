@@ -24,3 +24,19 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         )
     }
 }
+
+/// `GET /metrics`: Prometheus text format, for callers holding `twinguard/metrics/read`.
+pub async fn metrics(
+    crate::http::Caller(caller): crate::http::Caller,
+) -> crate::error::ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    caller.authorize_instance(twinguard_core::auth::Action::MetricsRead)?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        crate::metrics::render(),
+    )
+        .into_response())
+}

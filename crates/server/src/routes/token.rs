@@ -133,7 +133,9 @@ pub async fn token(
             let tokens = state.tokens.clone();
             let otp = form.otp;
             // argon2 takes tens of milliseconds of CPU: keep it off the async threads.
+            let span = tracing::Span::current();
             let login = tokio::task::spawn_blocking(move || {
+                let _in_request = span.enter();
                 tokens.issue_for_user(
                     address,
                     &username,
@@ -160,6 +162,7 @@ pub async fn token(
         Ok(issued) => token_response(issued),
         Err(TokenError::Throttled(wait)) => {
             tracing::warn!(%address, "token request refused: backing off after failed attempts");
+            crate::metrics::auth_throttled();
             let mut response = oauth_error(StatusCode::TOO_MANY_REQUESTS, "slow_down");
             if let Ok(value) = HeaderValue::from_str(&wait.seconds().to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);

@@ -513,3 +513,162 @@ async fn api_keys_authenticate_rotate_and_revoke() {
         401
     );
 }
+
+/// Every twin and relationship route, called by a client scoped to one subtree, answers a twin
+/// outside the subtree exactly as it answers a twin that does not exist.
+#[tokio::test]
+async fn every_route_answers_a_hidden_twin_like_an_absent_one() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let model = json!({
+        "@context": "dtmi:dtdl:context;3", "@id": "dtmi:t:Room;1", "@type": "Interface",
+        "contents": [
+            {"@type": "Property", "name": "name", "schema": "string"},
+            {"@type": "Relationship", "name": "contains"},
+            {"@type": "Relationship", "name": "feeds", "properties": [
+                {"@type": "Property", "name": "since", "schema": "integer"}]},
+            {"@type": "Component", "name": "panel", "schema": {"@type": "Interface",
+                "@id": "dtmi:t:Panel;1", "contents": [{"@type": "Property", "name": "on", "schema": "boolean"}]}}
+        ]
+    });
+    assert_eq!(
+        server
+            .call_json(Method::POST, "/models", &admin, &json!([model]))
+            .await
+            .status(),
+        201
+    );
+    for id in ["site", "in", "b2"] {
+        let body = json!({"$metadata": {"$model": "dtmi:t:Room;1"}, "name": id, "panel": {"$metadata": {}}});
+        let r = server
+            .call_json(Method::PUT, &format!("/digitaltwins/{id}"), &admin, &body)
+            .await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    for (source, rel, name, target) in [
+        ("site", "c1", "contains", "in"),
+        ("b2", "r1", "feeds", "in"),
+        ("in", "r1", "feeds", "b2"),
+    ] {
+        let body = json!({"$targetId": target, "$relationshipName": name});
+        let r = server
+            .call_json(
+                Method::PUT,
+                &format!("/digitaltwins/{source}/relationships/{rel}"),
+                &admin,
+                &body,
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let scoped = server
+        .token_with_scoped_role(
+            DATA_OWNER,
+            json!({"kind": "subtree", "root": "site", "relationships": ["contains"]}),
+        )
+        .await;
+
+    let patch = json!([{"op": "replace", "path": "/name", "value": "x"}]);
+    let twin_body =
+        json!({"$metadata": {"$model": "dtmi:t:Room;1"}, "name": "x", "panel": {"$metadata": {}}});
+    let rel_to = |target: &str| json!({"$targetId": target, "$relationshipName": "feeds"});
+    let rel_patch = json!([{"op": "add", "path": "/since", "value": 1}]);
+    // (method, path with {id}, body); {id} is the hidden twin or the absent one.
+    let operations: Vec<(Method, &str, Option<Value>)> = vec![
+        (Method::GET, "/digitaltwins/{id}", None),
+        (Method::PUT, "/digitaltwins/{id}", Some(twin_body.clone())),
+        (Method::PATCH, "/digitaltwins/{id}", Some(patch.clone())),
+        (Method::DELETE, "/digitaltwins/{id}", None),
+        (Method::GET, "/digitaltwins/{id}/components/panel", None),
+        (
+            Method::PATCH,
+            "/digitaltwins/{id}/components/panel",
+            Some(json!([{"op": "add", "path": "/on", "value": true}])),
+        ),
+        (Method::GET, "/digitaltwins/{id}/relationships", None),
+        (
+            Method::GET,
+            "/digitaltwins/{id}/incomingrelationships",
+            None,
+        ),
+        (Method::GET, "/digitaltwins/{id}/relationships/r1", None),
+        (
+            Method::PUT,
+            "/digitaltwins/{id}/relationships/r9",
+            Some(rel_to("in")),
+        ),
+        (
+            Method::PATCH,
+            "/digitaltwins/{id}/relationships/r1",
+            Some(rel_patch.clone()),
+        ),
+        (Method::DELETE, "/digitaltwins/{id}/relationships/r1", None),
+        // From inside the subtree towards the hidden twin, and at a relationship that reaches it.
+        (
+            Method::PUT,
+            "/digitaltwins/in/relationships/r8",
+            Some(rel_to("{id}")),
+        ),
+    ];
+    let answer = |r: reqwest::Response, id: &'static str| async move {
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .replace(id, "<id>");
+        (status, body["error"]["code"].clone(), message)
+    };
+    for (method, path, body) in operations {
+        let mut answers = Vec::new();
+        for id in ["b2", "zz"] {
+            let path = path.replace("{id}", id);
+            let body = body.as_ref().map(|b| {
+                serde_json::from_str::<Value>(&b.to_string().replace("{id}", id)).unwrap()
+            });
+            let r = match &body {
+                Some(b) => server.call_json(method.clone(), &path, &scoped, b).await,
+                None => server.call(method.clone(), &path, &scoped).await,
+            };
+            answers.push(answer(r, id).await);
+        }
+        assert_eq!(answers[0], answers[1], "{method} {path}");
+        assert!(
+            answers[0].0 >= 400,
+            "{method} {path} succeeded outside the scope"
+        );
+    }
+    // The relationship between the inside twin and the hidden one is invisible as well.
+    let listed: Value = server
+        .call(Method::GET, "/digitaltwins/in/relationships", &scoped)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["value"], json!([]));
+    let incoming: Value = server
+        .call(
+            Method::GET,
+            "/digitaltwins/in/incomingrelationships",
+            &scoped,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sources: Vec<&str> = incoming["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["$sourceId"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, vec!["site"]);
+    // And nothing outside was changed by any of it.
+    let b2: Value = server
+        .call(Method::GET, "/digitaltwins/b2", &admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(b2["name"], "b2");
+}
