@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up what the Python end-to-end tests need: a virtualenv at <repo>/.venv with the pinned
-# packages of tests/sdk/requirements.txt, and THC hydra from Debian. Idempotent, and a fast no-op when the virtualenv already
-# matches the requirements (a stamp holds the hash of the requirements it was built from).
+# packages of tests/sdk/requirements.txt, and THC hydra from Debian. Idempotent, and a fast
+# no-op when both are there (a stamp holds the hash of the requirements the venv was built from).
 # Works on a fresh Debian machine as root: installs python3-venv if the venv module is missing.
 set -euo pipefail
 
