@@ -1,0 +1,547 @@
+//! The append-only audit log on disk, with group commit.
+//!
+//! Layout of the log directory (by default `DATA_DIR/audit/`):
+//! - `entries.jsonl`: one JSON entry per line; the line's bytes (without the newline) are the
+//!   Merkle leaf. This file is the record; it is fsynced before any append is acknowledged.
+//! - `hashes/level-NN`: the hashes of complete subtrees, 32 bytes each, per tree level, so
+//!   proofs are served from disk; rebuilt from the entries whenever they disagree.
+//! - `checkpoint`: the latest signed checkpoint; `checkpoints.log`: every checkpoint issued, as
+//!   signed notes separated by form feeds (`\x0c\n`).
+//! - `checkpoint.pub`: the verifier key of the checkpoint signatures.
+//!
+//! One writer thread appends: entries that arrive while it writes wait for the next group, and
+//! every entry of a group is acknowledged after one `fdatasync`. A failed write poisons the log:
+//! every later append fails, so nothing is acknowledged unrecorded.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::merkle::{self, Hash, NodeSource};
+use crate::note::{Checkpoint, NoteSigner};
+
+/// Most entries written in one group.
+const MAX_GROUP: usize = 8_192;
+/// Entries waiting for the writer before appends are refused.
+const QUEUE_DEPTH: usize = 65_536;
+/// Separates checkpoints in `checkpoints.log`.
+pub const CHECKPOINT_SEPARATOR: &str = "\x0c\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit log is unavailable")]
+    Unavailable,
+    #[error("audit log I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// Node hashes on disk, one append-only file per level.
+struct LevelFiles {
+    dir: PathBuf,
+    files: Vec<File>,
+    /// Complete nodes per level, as written.
+    counts: Vec<u64>,
+}
+
+impl LevelFiles {
+    fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            files: Vec::new(),
+            counts: Vec::new(),
+        })
+    }
+
+    fn file(&mut self, level: usize) -> std::io::Result<&File> {
+        while self.files.len() <= level {
+            let path = self.dir.join(format!("level-{:02}", self.files.len()));
+            let file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(path)?;
+            self.files.push(file);
+            self.counts.push(0);
+        }
+        Ok(&self.files[level])
+    }
+
+    fn truncate_all(&mut self) -> std::io::Result<()> {
+        for level in 0..64 {
+            let path = self.dir.join(format!("level-{level:02}"));
+            if path.exists() {
+                File::options().write(true).open(&path)?.set_len(0)?;
+            }
+        }
+        self.files.clear();
+        self.counts.clear();
+        Ok(())
+    }
+}
+
+/// Appends leaves and keeps the right edge of the tree to form parents.
+struct Tree {
+    levels: LevelFiles,
+    /// The hash of the last complete node of each level, if it waits for a right sibling.
+    pending: Vec<Option<Hash>>,
+    size: u64,
+    buffers: Vec<Vec<u8>>,
+}
+
+impl Tree {
+    fn push(&mut self, leaf: Hash) {
+        let mut hash = leaf;
+        let mut level = 0;
+        loop {
+            if self.buffers.len() <= level {
+                self.buffers.push(Vec::new());
+                self.pending.push(None);
+            }
+            self.buffers[level].extend_from_slice(&hash);
+            match self.pending[level].take() {
+                Some(left) => {
+                    hash = merkle::node_hash(&left, &hash);
+                    level += 1;
+                }
+                None => {
+                    self.pending[level] = Some(hash);
+                    break;
+                }
+            }
+        }
+        self.size += 1;
+    }
+
+    /// The root of the tree so far, from the pending right-edge nodes (a compact range).
+    fn root(&self) -> Hash {
+        let mut acc: Option<Hash> = None;
+        for p in self.pending.iter().flatten() {
+            acc = Some(match acc {
+                None => *p,
+                Some(right) => merkle::node_hash(p, &right),
+            });
+        }
+        acc.unwrap_or_else(merkle::empty_root)
+    }
+
+    /// Writes the buffered node hashes.
+    fn flush(&mut self) -> std::io::Result<()> {
+        for level in 0..self.buffers.len() {
+            if self.buffers[level].is_empty() {
+                continue;
+            }
+            let bytes = std::mem::take(&mut self.buffers[level]);
+            let mut file = self.levels.file(level)?;
+            file.write_all(&bytes)?;
+            self.levels.counts[level] += (bytes.len() / 32) as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Reads node hashes from the level files (a separate handle per file, by offset).
+struct Reader {
+    dir: PathBuf,
+}
+
+impl NodeSource for Reader {
+    fn node(&self, level: u32, index: u64) -> std::io::Result<Hash> {
+        let file = File::open(self.dir.join(format!("level-{level:02}")))?;
+        let mut hash = [0u8; 32];
+        file.read_exact_at(&mut hash, index * 32)?;
+        Ok(hash)
+    }
+}
+
+struct Job {
+    entry: Vec<u8>,
+    reply: oneshot::Sender<Result<u64, ()>>,
+}
+
+/// What the log has durably recorded: its size and root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub size: u64,
+    pub root: Hash,
+}
+
+struct Shared {
+    head: RwLock<Head>,
+    healthy: AtomicBool,
+    latest_checkpoint: RwLock<Option<String>>,
+}
+
+/// The audit log. Cloning shares it.
+#[derive(Clone)]
+pub struct AuditLog {
+    jobs: SyncSender<Job>,
+    shared: Arc<Shared>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options of a log.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The checkpoint origin line, e.g. `twinguard/<instance>/audit`.
+    pub origin: String,
+    /// How often a checkpoint is signed (when the log grew).
+    pub checkpoint_every: Duration,
+    /// A file the latest checkpoint is copied to as well (a witness location).
+    pub witness: Option<PathBuf>,
+}
+
+/// Reads every entry line, dropping a torn last line (a crash mid-write of an unacknowledged
+/// group), and returns the lines.
+fn read_entries(path: &Path) -> Result<Vec<Vec<u8>>, AuditError> {
+    let Ok(file) = File::open(path) else {
+        return Ok(Vec::new());
+    };
+    let mut reader = BufReader::new(file);
+    let mut lines = Vec::new();
+    let mut good_len = 0u64;
+    loop {
+        let mut line = Vec::new();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        if line.last() != Some(&b'\n') {
+            tracing::warn!(
+                bytes = n,
+                "dropping a torn last audit entry (never acknowledged)"
+            );
+            break;
+        }
+        good_len += n as u64;
+        line.pop();
+        lines.push(line);
+    }
+    let file = OpenOptions::new().write(true).open(path)?;
+    if file.metadata()?.len() != good_len {
+        file.set_len(good_len)?;
+        file.sync_all()?;
+    }
+    Ok(lines)
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log in `dir`, checkpoints signed by `signer`.
+    pub fn open(dir: &Path, signer: NoteSigner, options: Options) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("checkpoint.pub"),
+            format!("{}\n", signer.verifier_key()),
+        )?;
+        let entries_path = dir.join("entries.jsonl");
+        let lines = read_entries(&entries_path)?;
+        let mut levels = LevelFiles::open(&dir.join("hashes"))?;
+        levels.truncate_all()?;
+        let mut tree = Tree {
+            levels,
+            pending: Vec::new(),
+            size: 0,
+            buffers: Vec::new(),
+        };
+        for line in &lines {
+            tree.push(merkle::leaf_hash(line));
+            if tree.buffers.first().is_some_and(|b| b.len() >= 1 << 20) {
+                tree.flush()?;
+            }
+        }
+        tree.flush()?;
+        let root = tree.root();
+        let latest = std::fs::read_to_string(dir.join("checkpoint")).ok();
+        let shared = Arc::new(Shared {
+            head: RwLock::new(Head {
+                size: tree.size,
+                root,
+            }),
+            healthy: AtomicBool::new(true),
+            latest_checkpoint: RwLock::new(latest),
+        });
+        let mut entries = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&entries_path)?;
+        entries.seek(SeekFrom::End(0))?;
+        let (jobs, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+        let writer = Writer {
+            dir: dir.to_owned(),
+            entries,
+            tree,
+            signer,
+            options,
+            shared: shared.clone(),
+            checkpointed: None,
+        };
+        std::thread::Builder::new()
+            .name("twinguard-audit".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Self {
+            jobs,
+            shared,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Appends an entry and returns its index once it is durable. Blocks: call it off the
+    /// async threads, or use [`AuditLog::append_async`].
+    pub fn append(&self, entry: Vec<u8>) -> Result<u64, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .try_send(Job { entry, reply })
+            .map_err(|_| AuditError::Unavailable)?;
+        answer
+            .blocking_recv()
+            .map_err(|_| AuditError::Unavailable)?
+            .map_err(|_| AuditError::Unavailable)
+    }
+
+    /// [`AuditLog::append`] for async callers: waits on a oneshot, not a thread.
+    pub async fn append_async(&self, entry: Vec<u8>) -> Result<u64, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .try_send(Job { entry, reply })
+            .map_err(|_| AuditError::Unavailable)?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable)?
+            .map_err(|_| AuditError::Unavailable)
+    }
+
+    /// False once a write failed: readiness reports it and appends are refused.
+    pub fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::SeqCst)
+    }
+
+    pub fn head(&self) -> Head {
+        self.shared.head.read().map(|h| *h).unwrap_or(Head {
+            size: 0,
+            root: merkle::empty_root(),
+        })
+    }
+
+    pub fn latest_checkpoint(&self) -> Option<String> {
+        self.shared
+            .latest_checkpoint
+            .read()
+            .ok()
+            .and_then(|c| c.clone())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The inclusion proof of entry `index` in the tree of `size` entries.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
+        if index >= size || size > self.head().size {
+            return Err(AuditError::Corrupt("index or size out of range".into()));
+        }
+        Ok(merkle::inclusion_proof(&self.reader(), index, size)?)
+    }
+
+    /// The consistency proof between the trees of `old` and `new` entries.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, AuditError> {
+        if old > new || new > self.head().size {
+            return Err(AuditError::Corrupt("sizes out of range".into()));
+        }
+        Ok(merkle::consistency_proof(&self.reader(), old, new)?)
+    }
+
+    /// The root of the tree of the first `size` entries.
+    pub fn root_at(&self, size: u64) -> Result<Hash, AuditError> {
+        if size > self.head().size {
+            return Err(AuditError::Corrupt("size out of range".into()));
+        }
+        Ok(merkle::subtree_root(&self.reader(), 0, size)?)
+    }
+
+    /// Entry `index`, as recorded.
+    pub fn entry(&self, index: u64) -> Result<Vec<u8>, AuditError> {
+        if index >= self.head().size {
+            return Err(AuditError::Corrupt("index out of range".into()));
+        }
+        let file = File::open(self.dir.join("entries.jsonl"))?;
+        BufReader::new(file)
+            .split(b'\n')
+            .nth(index as usize)
+            .ok_or_else(|| AuditError::Corrupt("entry missing".into()))?
+            .map_err(AuditError::from)
+    }
+
+    fn reader(&self) -> Reader {
+        Reader {
+            dir: self.dir.join("hashes"),
+        }
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    entries: File,
+    tree: Tree,
+    signer: NoteSigner,
+    options: Options,
+    shared: Arc<Shared>,
+    checkpointed: Option<(u64, Instant)>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+        let mut buffer: Vec<u8> = Vec::with_capacity(1 << 20);
+        loop {
+            let wait = self.options.checkpoint_every;
+            match rx.recv_timeout(wait) {
+                Ok(job) => batch.push(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.checkpoint_if_due();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.checkpoint_if_due();
+                    return;
+                }
+            }
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let ok = self.shared.healthy.load(Ordering::SeqCst)
+                && self.write_group(&batch, &mut buffer).is_ok();
+            if !ok {
+                self.shared.healthy.store(false, Ordering::SeqCst);
+                tracing::error!(
+                    "the audit log cannot be written; every request is refused until it can"
+                );
+            }
+            let first = self.tree.size - if ok { batch.len() as u64 } else { 0 };
+            for (i, job) in batch.drain(..).enumerate() {
+                let _ = job
+                    .reply
+                    .send(if ok { Ok(first + i as u64) } else { Err(()) });
+            }
+            self.checkpoint_if_due();
+        }
+    }
+
+    fn write_group(&mut self, batch: &[Job], buffer: &mut Vec<u8>) -> Result<(), AuditError> {
+        buffer.clear();
+        let mut starts = Vec::with_capacity(batch.len());
+        for (i, job) in batch.iter().enumerate() {
+            // Entries are JSON objects; the log puts their index first, so every line names
+            // its own position and a deletion or reordering shows.
+            let body = job.entry.strip_prefix(b"{").unwrap_or(&[]);
+            if body.is_empty() || job.entry.contains(&b'\n') {
+                return Err(AuditError::Corrupt(
+                    "an entry must be a one-line JSON object".into(),
+                ));
+            }
+            starts.push(buffer.len());
+            buffer.extend_from_slice(format!("{{\"seq\":{}", self.tree.size + i as u64).as_bytes());
+            if body != b"}" {
+                buffer.push(b',');
+            }
+            buffer.extend_from_slice(body);
+            buffer.push(b'\n');
+        }
+        self.entries.write_all(buffer)?;
+        self.entries.sync_data()?;
+        starts.push(buffer.len());
+        for pair in starts.windows(2) {
+            self.tree
+                .push(merkle::leaf_hash(&buffer[pair[0]..pair[1] - 1]));
+        }
+        self.tree.flush()?;
+        let root = self.tree.root();
+        if let Ok(mut head) = self.shared.head.write() {
+            *head = Head {
+                size: self.tree.size,
+                root,
+            };
+        }
+        Ok(())
+    }
+
+    fn checkpoint_if_due(&mut self) {
+        let head = match self.shared.head.read() {
+            Ok(h) => *h,
+            Err(_) => return,
+        };
+        let due = match self.checkpointed {
+            None => true,
+            Some((size, at)) => size != head.size && at.elapsed() >= self.options.checkpoint_every,
+        };
+        if !due {
+            return;
+        }
+        let checkpoint = Checkpoint {
+            origin: self.options.origin.clone(),
+            size: head.size,
+            root: head.root,
+        };
+        let note = self.signer.sign(&checkpoint.text());
+        match self.write_checkpoint(&note) {
+            Ok(()) => {
+                self.checkpointed = Some((head.size, Instant::now()));
+                if let Ok(mut latest) = self.shared.latest_checkpoint.write() {
+                    *latest = Some(note);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "writing an audit checkpoint failed");
+                self.shared.healthy.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn write_checkpoint(&self, note: &str) -> std::io::Result<()> {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("checkpoints.log"))?;
+        log.write_all(note.as_bytes())?;
+        log.write_all(CHECKPOINT_SEPARATOR.as_bytes())?;
+        log.sync_data()?;
+        write_atomic(&self.dir.join("checkpoint"), note.as_bytes())?;
+        if let Some(witness) = &self.options.witness
+            && let Err(e) = write_atomic(witness, note.as_bytes())
+        {
+            tracing::warn!(error = %e, path = %witness.display(), "copying the checkpoint to the witness failed");
+        }
+        Ok(())
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
