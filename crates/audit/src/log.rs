@@ -178,6 +178,8 @@ pub struct Head {
 struct Shared {
     head: RwLock<Head>,
     healthy: AtomicBool,
+    /// Fault injection: the next group's write fails as a full or read-only disk would.
+    fail_writes: AtomicBool,
     latest_checkpoint: RwLock<Option<String>>,
 }
 
@@ -275,6 +277,7 @@ impl AuditLog {
                 root,
             }),
             healthy: AtomicBool::new(true),
+            fail_writes: AtomicBool::new(false),
             latest_checkpoint: RwLock::new(latest),
         });
         let mut entries = OpenOptions::new()
@@ -325,6 +328,12 @@ impl AuditLog {
             .await
             .map_err(|_| AuditError::Unavailable)?
             .map_err(|_| AuditError::Unavailable)
+    }
+
+    /// Fault injection for tests of fail-closed behaviour: from now on every write of the log
+    /// fails with an I/O error, exactly where a full or read-only disk would fail it.
+    pub fn inject_write_failure(&self) {
+        self.shared.fail_writes.store(true, Ordering::SeqCst);
     }
 
     /// False once a write failed: readiness reports it and appends are refused.
@@ -465,6 +474,9 @@ impl Writer {
             }
             buffer.extend_from_slice(body);
             buffer.push(b'\n');
+        }
+        if self.shared.fail_writes.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected write failure").into());
         }
         self.entries.write_all(buffer)?;
         self.entries.sync_data()?;

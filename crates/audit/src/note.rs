@@ -249,7 +249,9 @@ impl Checkpoint {
             .ok_or(NoteError::Checkpoint("no origin"))?;
         let size = lines
             .next()
-            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()) && !(s.len() > 1 && s.starts_with('0')))
+            .filter(|s| {
+                s.bytes().all(|b| b.is_ascii_digit()) && !(s.len() > 1 && s.starts_with('0'))
+            })
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or(NoteError::Checkpoint("the size is not a decimal number"))?;
         let root = lines

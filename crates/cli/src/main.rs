@@ -37,6 +37,10 @@ enum Command {
         /// JSON file listing trusted external OpenID Connect issuers (see docs/identity.md).
         #[arg(long, env = "TWINGUARD_ISSUERS")]
         issuers: Option<PathBuf>,
+        /// A file each new audit checkpoint is also written to, kept where the server's
+        /// operators cannot roll it back (see docs/audit.md).
+        #[arg(long, env = "TWINGUARD_AUDIT_WITNESS")]
+        audit_witness: Option<PathBuf>,
     },
     /// Administer identities, roles, role assignments and API keys through the API.
     Admin {
@@ -48,12 +52,32 @@ enum Command {
     /// A person's second factor.
     #[command(subcommand)]
     Mfa(MfaCommand),
+    /// The tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Create the data directory's CA, keys and first admin credential, then exit.
     Init {
         #[arg(long, env = "TWINGUARD_DATA_DIR", default_value = "twinguard-data")]
         data_dir: PathBuf,
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify a log offline: recompute the tree, check every checkpoint's signature and their
+    /// consistency, and name the first bad entry. Exits non-zero on any finding.
+    Verify {
+        /// The log directory (DATA_DIR/audit).
+        #[arg(long)]
+        log: PathBuf,
+        /// The checkpoint verifier key (DATA_DIR/audit/checkpoint.pub, or a copy kept apart).
+        #[arg(long)]
+        key: PathBuf,
+        /// A checkpoint kept elsewhere (a witness): proves the log was not rolled back past it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
     },
 }
 
@@ -83,6 +107,31 @@ fn main() -> ExitCode {
             eprintln!("twinguard: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn verify_audit(
+    log: &std::path::Path,
+    key: &std::path::Path,
+    checkpoint: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let key_text =
+        std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+    let verifier = twinguard_audit::note::NoteVerifier::parse(&key_text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let witness = checkpoint
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    match twinguard_audit::verify::verify(log, &verifier, witness.as_deref()) {
+        Ok(report) => {
+            println!(
+                "twinguard: audit log verified: {} entries, {} signed checkpoints, all consistent",
+                report.entries, report.checkpoints
+            );
+            Ok(())
+        }
+        Err(finding) => anyhow::bail!("audit log verification FAILED: {finding}"),
     }
 }
 
@@ -119,6 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_listen,
             tls_names,
             issuers,
+            audit_witness,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -129,6 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     api_listen,
                     tls_names,
                     issuers,
+                    audit_witness,
                 })?;
                 println!("twinguard: api listening on {}", app.base_url());
                 app.run_until(shutdown_signal()).await
@@ -139,6 +190,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command,
         } => client_runtime()?.block_on(admin::run(connection, command)),
         Command::Mfa(MfaCommand::Enroll(args)) => client_runtime()?.block_on(admin::enrol(args)),
+        Command::Audit(AuditCommand::Verify {
+            log,
+            key,
+            checkpoint,
+        }) => verify_audit(&log, &key, checkpoint.as_deref()),
         Command::Init {
             data_dir,
             tls_names,

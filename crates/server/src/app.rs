@@ -12,7 +12,7 @@ use twinguard_core::service::TwinService;
 
 use crate::http::{correlate, require_api_version};
 use crate::routes::{
-    discovery, eventroutes, health, identity, models, query, relationships, token, twins,
+    audit, discovery, eventroutes, health, identity, models, query, relationships, token, twins,
 };
 use crate::tokens::TokenService;
 
@@ -35,6 +35,8 @@ pub struct AppState {
     pub query_slots: Arc<tokio::sync::Semaphore>,
     /// The data directory, whose CA signs workloads' client certificates.
     pub ca: Arc<crate::datadir::DataDir>,
+    /// The tamper-evident audit trail every request is recorded in.
+    pub audit: crate::audit::Audit,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -157,6 +159,9 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/apikeys/overdue", get(identity::overdue_api_keys))
         .route("/admin/apikeys/{id}", delete(identity::revoke_api_key))
         .route("/admin/apikeys/{id}/rotate", post(identity::rotate_api_key))
+        .route("/audit/checkpoint", get(audit::checkpoint))
+        .route("/audit/entries/{index}", get(audit::entry))
+        .route("/audit/proofs/consistency", get(audit::consistency))
         .route("/me", get(identity::me))
         .route("/me/mfa/totp", post(identity::begin_totp))
         .route("/me/mfa/totp/confirm", post(identity::confirm_totp))
@@ -202,6 +207,10 @@ pub fn router(state: AppState) -> Router {
                 "no such route",
             )
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit::record,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), correlate))
         .with_state(state)
 }

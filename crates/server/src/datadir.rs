@@ -99,7 +99,8 @@ impl DataDir {
         Ok(instance)
     }
 
-    fn instance(&self) -> anyhow::Result<Instance> {
+    /// The instance's identity, as the first start recorded it.
+    pub fn instance(&self) -> anyhow::Result<Instance> {
         let path = self.instance_file();
         if path.exists() {
             let text = fs::read_to_string(&path)?;

@@ -49,6 +49,15 @@ impl ApiError {
         )
     }
 
+    /// A dependency is not ready (503).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ServiceUnavailable,
+            message,
+        )
+    }
+
     /// A server-side failure: the client learns only that it happened.
     pub fn internal(detail: impl Into<String>) -> Self {
         Self {

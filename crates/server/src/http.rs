@@ -39,7 +39,10 @@ impl FromRequestParts<AppState> for Caller {
                 .tokens
                 .directory()
                 .authenticate_api_key(key)
-                .map(|p| Caller(Arc::new(p)))
+                .map(|p| {
+                    note_principal(parts, &p);
+                    Caller(Arc::new(p))
+                })
                 .ok_or_else(|| {
                     let id: String = key.chars().take(24).collect();
                     tracing::warn!(key = %id, "request with an invalid, revoked or expired API key");
@@ -65,7 +68,15 @@ impl FromRequestParts<AppState> for Caller {
             .tokens
             .principal(&session)
             .ok_or_else(ApiError::unauthenticated)?;
+        note_principal(parts, &principal);
         Ok(Caller(Arc::new(principal)))
+    }
+}
+
+/// Names the caller in the request's audit entry.
+fn note_principal(parts: &Parts, principal: &Principal) {
+    if let Some(note) = parts.extensions.get::<crate::audit::AuditNote>() {
+        note.set("principal", principal.subject.clone());
     }
 }
 
@@ -267,6 +278,10 @@ pub async fn require_api_version(
     }
 }
 
+/// The correlation ID of the request being served.
+#[derive(Debug, Clone)]
+pub struct CorrelationId(pub String);
+
 /// Gives every response a correlation ID (`x-ms-request-id`) and logs errors under it. An
 /// incoming W3C `traceparent` is logged with the request.
 pub async fn correlate(State(_state): State<AppState>, req: Request, next: Next) -> Response {
@@ -290,6 +305,8 @@ pub async fn correlate(State(_state): State<AppState>, req: Request, next: Next)
                 .is_some_and(|v| v.as_bytes() != b"0"));
     // Everything logged while the request runs carries its correlation ID.
     let span = tracing::info_span!("request", correlation_id = %id);
+    let mut req = req;
+    req.extensions_mut().insert(CorrelationId(id.clone()));
     let mut response = next.run(req).instrument(span).await;
     if http1_with_body && response.status().is_client_error() {
         response

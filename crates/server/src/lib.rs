@@ -9,6 +9,7 @@
 //! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share.
 
 pub mod app;
+pub mod audit;
 pub mod datadir;
 pub mod error;
 pub mod external;

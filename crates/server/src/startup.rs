@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub tls_names: Vec<String>,
     /// Trusted external OpenID Connect issuers (a JSON file), if any.
     pub issuers: Option<PathBuf>,
+    /// A file each new audit checkpoint is also written to (a witness location), if any.
+    pub audit_witness: Option<PathBuf>,
 }
 
 pub struct Application {
@@ -111,6 +113,12 @@ impl Application {
         let service =
             TwinService::open(store, Arc::new(SystemClock)).context("loading the twin graph")?;
         let tls = crate::tls::server_config(&data_dir)?;
+        let instance = data_dir.instance()?;
+        let audit = crate::audit::Audit::open(
+            &data_dir,
+            &instance.instance_id,
+            config.audit_witness.as_deref(),
+        )?;
         let listener = std::net::TcpListener::bind(config.api_listen)
             .with_context(|| format!("binding {}", config.api_listen))?;
         listener.set_nonblocking(true)?;
@@ -124,6 +132,7 @@ impl Application {
                 tokens,
                 query_slots: Arc::new(tokio::sync::Semaphore::new(crate::app::QUERY_SLOTS)),
                 ca: Arc::new(DataDir::new(&config.data_dir)),
+                audit,
             },
             data_dir,
         };

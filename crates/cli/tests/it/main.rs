@@ -4,5 +4,6 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod admin;
+mod audit;
 mod crash;
 mod process;

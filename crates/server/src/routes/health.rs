@@ -12,16 +12,18 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.service.store_healthy() {
-        (
-            StatusCode::OK,
-            axum::Json(json!({"status": "ready", "store": "ok"})),
-        )
+    let store = state.service.store_healthy();
+    let audit = state.audit.healthy();
+    let word = |ok: bool| if ok { "ok" } else { "failing" };
+    let body = json!({
+        "status": if store && audit { "ready" } else { "not ready" },
+        "store": word(store),
+        "audit": word(audit),
+    });
+    if store && audit {
+        (StatusCode::OK, axum::Json(body))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "not ready", "store": "failing"})),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body))
     }
 }
 

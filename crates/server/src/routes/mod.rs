@@ -1,5 +1,6 @@
 //! Route handlers: each extracts, calls one domain function and maps the result.
 
+pub mod audit;
 pub mod discovery;
 pub mod eventroutes;
 pub mod health;

@@ -19,6 +19,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::app::AppState;
+use crate::audit::AuditNote;
 use crate::tls::PeerCertificate;
 use crate::tokens::{Issued, TokenError};
 
@@ -78,6 +79,7 @@ pub async fn token(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     certificate: Option<Extension<PeerCertificate>>,
+    note: Option<Extension<AuditNote>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -85,6 +87,19 @@ pub async fn token(
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
     };
     let address = peer.ip();
+    // The audit entry names the grant and the account tried, the latter as a keyed digest
+    // (people type passwords into user-name fields).
+    let note = note.map(|Extension(n)| n).unwrap_or_default();
+    note.set("event", "token");
+    note.set("grant", form.grant_type.clone().unwrap_or_default());
+    let account = form
+        .client_id
+        .clone()
+        .or_else(|| form.username.clone())
+        .or_else(|| basic_credentials(&headers).map(|(id, _)| id));
+    if let Some(account) = account {
+        note.set("account", state.audit.digest(&account));
+    }
     let issued = match form.grant_type.as_deref() {
         Some("client_credentials") if form.client_assertion.is_some() => {
             // RFC 7523 2.2: private_key_jwt; no other client authentication may be combined.
@@ -158,6 +173,15 @@ pub async fn token(
         Some(_) => return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type"),
         None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
     };
+    note.set(
+        "authResult",
+        match &issued {
+            Ok(_) => "issued",
+            Err(TokenError::Throttled(_)) => "throttled",
+            Err(TokenError::InvalidClient | TokenError::InvalidGrant) => "failed",
+            Err(_) => "error",
+        },
+    );
     match issued {
         Ok(issued) => token_response(issued),
         Err(TokenError::Throttled(wait)) => {

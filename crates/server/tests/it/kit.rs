@@ -13,6 +13,7 @@ pub struct TestServer {
     pub client: Client,
     /// The data directory; kept alive as long as the server.
     pub dir: TempDir,
+    pub state: twinguard_server::app::AppState,
     admin_id: String,
     admin_secret: String,
 }
@@ -38,9 +39,11 @@ impl TestServer {
             api_listen: "127.0.0.1:0".parse().unwrap(),
             tls_names: vec![],
             issuers: None,
+            audit_witness: None,
         };
         let app = Application::build(&config).unwrap();
         let base = app.base_url();
+        let state = app.state().clone();
         tokio::spawn(app.run());
         let client = https_client(dir.path(), None);
         let admin: Value = serde_json::from_slice(
@@ -50,6 +53,7 @@ impl TestServer {
         Self {
             base,
             client,
+            state,
             admin_id: admin["client_id"].as_str().unwrap().to_owned(),
             admin_secret: admin["client_secret"].as_str().unwrap().to_owned(),
             dir,
