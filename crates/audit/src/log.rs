@@ -31,8 +31,6 @@ use crate::note::{Checkpoint, NoteSigner};
 const MAX_GROUP: usize = 8_192;
 /// Entries waiting for the writer before appends are refused.
 const QUEUE_DEPTH: usize = 65_536;
-/// How long a busy writer waits for more entries before committing a group.
-const LINGER: Duration = Duration::from_micros(200);
 /// Separates checkpoints in `checkpoints.log`.
 pub const CHECKPOINT_SEPARATOR: &str = "\x0c\n";
 
@@ -212,6 +210,10 @@ pub struct Options {
     pub checkpoint_every: Duration,
     /// A file the latest checkpoint is copied to as well (a witness location).
     pub witness: Option<PathBuf>,
+    /// How long a busy writer waits for more entries before committing a group: worth it when
+    /// each writer is a thread woken by the previous group; zero for async callers, whose
+    /// entries keep arriving while a group is written.
+    pub linger: Duration,
 }
 
 /// Reads every entry line, dropping a torn last line (a crash mid-write of an unacknowledged
@@ -450,8 +452,8 @@ impl Writer {
             }
             // Under load, wait a moment for the writers just woken by the last group: one
             // fdatasync for all of them instead of one each. An idle log does not wait.
-            if last_group > 1 {
-                let deadline = Instant::now() + LINGER;
+            if last_group > 1 && !self.options.linger.is_zero() {
+                let deadline = Instant::now() + self.options.linger;
                 while batch.len() < MAX_GROUP {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(left) {

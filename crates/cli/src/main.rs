@@ -41,6 +41,21 @@ enum Command {
         /// operators cannot roll it back (see docs/audit.md).
         #[arg(long, env = "TWINGUARD_AUDIT_WITNESS")]
         audit_witness: Option<PathBuf>,
+        /// Forward the audit trail as JSON lines to this file (rotated at 64 MiB, 5 kept).
+        #[arg(long)]
+        siem_file: Option<PathBuf>,
+        /// Forward the audit trail to this syslog collector over TLS (RFC 5424/5425), HOST:PORT.
+        #[arg(long, requires = "siem_ca")]
+        siem_syslog: Option<String>,
+        /// CA certificate (PEM) the syslog collector's certificate must chain to.
+        #[arg(long)]
+        siem_ca: Option<PathBuf>,
+        /// Name the collector's certificate must carry (default: the host of --siem-syslog).
+        #[arg(long)]
+        siem_server_name: Option<String>,
+        /// Message body sent to the syslog collector.
+        #[arg(long, value_parser = ["json", "cef"], default_value = "json")]
+        siem_format: String,
     },
     /// Administer identities, roles, role assignments and API keys through the API.
     Admin {
@@ -169,7 +184,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls_names,
             issuers,
             audit_witness,
+            siem_file,
+            siem_syslog,
+            siem_ca,
+            siem_server_name,
+            siem_format,
         } => {
+            let mut siem = Vec::new();
+            if let Some(path) = siem_file {
+                siem.push(twinguard_server::siem::Sink::File {
+                    path,
+                    max_bytes: 64 << 20,
+                    keep: 5,
+                });
+            }
+            if let (Some(address), Some(ca)) = (siem_syslog, siem_ca) {
+                let host = address
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+                    .unwrap_or_else(|| address.clone());
+                siem.push(twinguard_server::siem::Sink::Syslog {
+                    server_name: siem_server_name.unwrap_or(host),
+                    address,
+                    ca,
+                    format: if siem_format == "cef" {
+                        twinguard_server::siem::Format::Cef
+                    } else {
+                        twinguard_server::siem::Format::Json
+                    },
+                });
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -180,6 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tls_names,
                     issuers,
                     audit_witness,
+                    siem,
                 })?;
                 println!("twinguard: api listening on {}", app.base_url());
                 app.run_until(shutdown_signal()).await

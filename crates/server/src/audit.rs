@@ -18,7 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use twinguard_audit::log::{AuditLog, Options};
 use twinguard_audit::note::NoteSigner;
 use twinguard_proto::ErrorCode;
@@ -90,6 +90,7 @@ impl Audit {
                 origin,
                 checkpoint_every: Duration::from_secs(1),
                 witness: witness.map(Path::to_owned),
+                linger: Duration::ZERO,
             },
         )
         .context("opening the audit log")?;
@@ -112,6 +113,22 @@ impl Audit {
         let tag = hmac::sign(&self.hmac, value.as_bytes());
         format!("hmac:{}", URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16]))
     }
+}
+
+/// One request's entry, serialized without building a JSON tree (it is on every request's path).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestEntry<'a> {
+    kind: &'static str,
+    time: &'a str,
+    correlation_id: Option<&'a str>,
+    address: Option<&'a str>,
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    outcome: &'static str,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 fn outcome(status: StatusCode) -> &'static str {
@@ -156,21 +173,23 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         .map(|c| c.0.clone());
     let response = next.run(req).await;
     let status = response.status();
-    let mut entry = json!({
-        "kind": "request",
-        "time": twinguard_core::clock::rfc3339(time::OffsetDateTime::now_utc()),
-        "correlationId": correlation,
-        "address": address,
-        "method": method,
-        "path": path,
-        "status": status.as_u16(),
-        "outcome": outcome(status),
-    });
-    if let Ok(extra) = note.0.lock() {
-        for (k, v) in extra.iter() {
-            entry[k] = v.clone();
-        }
-    }
+    let time = twinguard_core::clock::rfc3339(time::OffsetDateTime::now_utc());
+    let extra = note
+        .0
+        .lock()
+        .map(|mut m| std::mem::take(&mut *m))
+        .unwrap_or_default();
+    let entry = RequestEntry {
+        kind: "request",
+        time: &time,
+        correlation_id: correlation.as_deref(),
+        address: address.as_deref(),
+        method: &method,
+        path: &path,
+        status: status.as_u16(),
+        outcome: outcome(status),
+        extra,
+    };
     let bytes = serde_json::to_vec(&entry).unwrap_or_default();
     match state.audit.log().append_async(bytes).await {
         Ok(_) => response,

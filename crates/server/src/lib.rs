@@ -17,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod refresh;
 pub mod routes;
+pub mod siem;
 pub mod signing_keys;
 pub mod startup;
 pub mod tls;

@@ -33,6 +33,8 @@ pub struct ServeConfig {
     pub issuers: Option<PathBuf>,
     /// A file each new audit checkpoint is also written to (a witness location), if any.
     pub audit_witness: Option<PathBuf>,
+    /// Where the audit trail is forwarded (SIEM sinks).
+    pub siem: Vec<crate::siem::Sink>,
 }
 
 pub struct Application {
@@ -41,6 +43,7 @@ pub struct Application {
     tls: RustlsConfig,
     state: AppState,
     data_dir: DataDir,
+    siem: Vec<crate::siem::Sink>,
 }
 
 impl std::fmt::Debug for Application {
@@ -135,6 +138,7 @@ impl Application {
                 audit,
             },
             data_dir,
+            siem: config.siem.clone(),
         };
         app.record_token_endpoint()?;
         app.state
@@ -198,6 +202,13 @@ impl Application {
                 }
             }
         });
+        for sink in &self.siem {
+            crate::siem::spawn(
+                self.state.audit.log().clone(),
+                sink.clone(),
+                &self.data_dir.root().join("siem"),
+            )?;
+        }
         let tokens = self.state.tokens.clone();
         tokio::spawn(async move {
             // The first fetch of external issuers' keys runs beside serving: a slow identity

@@ -40,6 +40,7 @@ impl TestServer {
             tls_names: vec![],
             issuers: None,
             audit_witness: None,
+            siem: vec![],
         };
         let app = Application::build(&config).unwrap();
         let base = app.base_url();
