@@ -108,6 +108,16 @@ impl Audit {
         self.log.healthy()
     }
 
+    /// Entries recorded but not yet covered by a signed checkpoint (the audit lag).
+    pub fn unsigned_entries(&self) -> u64 {
+        let signed = self
+            .log
+            .latest_checkpoint()
+            .and_then(|note| note.lines().nth(1).and_then(|l| l.parse::<u64>().ok()))
+            .unwrap_or(0);
+        self.log.head().size.saturating_sub(signed)
+    }
+
     /// A keyed digest of a sensitive value: equal values give equal digests, nothing else.
     pub fn digest(&self, value: &str) -> String {
         let tag = hmac::sign(&self.hmac, value.as_bytes());

@@ -317,6 +317,7 @@ pub async fn correlate(State(_state): State<AppState>, req: Request, next: Next)
         response.headers_mut().insert(CORRELATION_HEADER, value);
     }
     let status = response.status();
+    crate::metrics::request(&method, status.as_u16(), started.elapsed());
     if let Some(err) = response.extensions().get::<LoggedError>() {
         if status.is_server_error() {
             tracing::error!(correlation_id = %id, %method, %path, status = status.as_u16(), code = err.code, detail = %err.detail, traceparent, "request failed");

@@ -3,26 +3,51 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the Prometheus recorder once per process; later calls reuse it.
 pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed");
-                None
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets_for_metric(
+                Matcher::Full("twinguard_http_request_duration_seconds".into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ],
+            );
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
             }
         })
         .as_ref()
 }
 
-/// The current metrics in the Prometheus text format.
-pub fn render() -> String {
+/// The current metrics in the Prometheus text format, with the audit trail's gauges read now.
+pub fn render(audit: &crate::audit::Audit) -> String {
+    let head = audit.log().head();
+    metrics::gauge!("twinguard_audit_entries").set(head.size as f64);
+    metrics::gauge!("twinguard_audit_unsigned_entries").set(audit.unsigned_entries() as f64);
+    metrics::gauge!("twinguard_audit_healthy").set(if audit.healthy() { 1.0 } else { 0.0 });
     install().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+/// `twinguard_http_requests_total{method,status}` and the request duration histogram.
+pub fn request(method: &axum::http::Method, status: u16, elapsed: std::time::Duration) {
+    let class = match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("twinguard_http_requests_total", "method" => method.as_str().to_owned(), "status" => class)
+        .increment(1);
+    metrics::histogram!("twinguard_http_request_duration_seconds").record(elapsed.as_secs_f64());
 }
 
 /// How a caller tried to authenticate.

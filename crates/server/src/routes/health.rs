@@ -29,6 +29,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// `GET /metrics`: Prometheus text format, for callers holding `twinguard/metrics/read`.
 pub async fn metrics(
+    State(state): State<AppState>,
     crate::http::Caller(caller): crate::http::Caller,
 ) -> crate::error::ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
@@ -38,7 +39,7 @@ pub async fn metrics(
             axum::http::header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        crate::metrics::render(),
+        crate::metrics::render(&state.audit),
     )
         .into_response())
 }

@@ -222,3 +222,44 @@ async fn when_the_log_cannot_be_written_requests_fail_and_nothing_is_acknowledge
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["audit"], "failing");
 }
+
+#[tokio::test]
+async fn metrics_report_requests_latencies_and_the_audit_trail() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    for _ in 0..5 {
+        assert_eq!(
+            server.call(Method::GET, "/models", &admin).await.status(),
+            200
+        );
+    }
+    assert_eq!(
+        server
+            .call(Method::GET, "/models", "not-a-token")
+            .await
+            .status(),
+        401
+    );
+    let text = server
+        .admin_call(Method::GET, "/metrics", &admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    assert!(value("twinguard_http_requests_total{method=\"GET\",status=\"2xx\"}") >= 5.0);
+    assert!(value("twinguard_http_requests_total{method=\"GET\",status=\"4xx\"}") >= 1.0);
+    assert!(value("twinguard_http_request_duration_seconds_count") >= 6.0);
+    assert!(text.contains("twinguard_http_request_duration_seconds_bucket{le=\"0.005\"}"));
+    assert!(value("twinguard_audit_entries") >= 7.0);
+    assert_eq!(value("twinguard_audit_healthy"), 1.0);
+    assert!(value("twinguard_auth_failures_total{method=\"bearer\"}") >= 1.0);
+}
