@@ -637,23 +637,7 @@ impl Directory {
         let stored = record.and_then(|r| r.credentials.client_secret.as_deref());
         // The digest comparison runs whether or not the client exists.
         let matches = credentials::secret_matches(secret, stored);
-        let record = record.ok_or(LoginFailure::Unknown)?;
-        if !matches || !record.identity.kind.is_workload() {
-            return Err(LoginFailure::WrongSecret);
-        }
-        if record.identity.disabled {
-            return Err(LoginFailure::Disabled);
-        }
-        let kind = record
-            .identity
-            .kind
-            .principal_kind()
-            .ok_or(LoginFailure::Unknown)?;
-        Ok(Authenticated {
-            id: client_id.to_owned(),
-            kind,
-            mfa: false,
-        })
+        workload_login(record.ok_or(LoginFailure::Unknown)?, matches)
     }
 
     /// A person's login: password (argon2id), then, if enrolled, a TOTP or recovery code. An
@@ -1187,22 +1171,7 @@ impl Directory {
             .certificates
             .iter()
             .any(|c| c.serial.eq_ignore_ascii_case(serial) && !c.revoked && c.not_after > now);
-        if !known || !record.identity.kind.is_workload() {
-            return Err(LoginFailure::WrongSecret);
-        }
-        if record.identity.disabled {
-            return Err(LoginFailure::Disabled);
-        }
-        let kind = record
-            .identity
-            .kind
-            .principal_kind()
-            .ok_or(LoginFailure::Unknown)?;
-        Ok(Authenticated {
-            id: id.to_owned(),
-            kind,
-            mfa: false,
-        })
+        workload_login(record, known)
     }
 
     /// An enabled workload's kind, for a client authenticated by other means (a verified
@@ -1383,6 +1352,26 @@ impl Directory {
         state.grants.clear();
         Ok(())
     }
+}
+
+/// The outcome of a workload's authentication once its credential was checked (`credential_ok`).
+fn workload_login(record: &Record, credential_ok: bool) -> Result<Authenticated, LoginFailure> {
+    if !credential_ok || !record.identity.kind.is_workload() {
+        return Err(LoginFailure::WrongSecret);
+    }
+    if record.identity.disabled {
+        return Err(LoginFailure::Disabled);
+    }
+    let kind = record
+        .identity
+        .kind
+        .principal_kind()
+        .ok_or(LoginFailure::Unknown)?;
+    Ok(Authenticated {
+        id: record.identity.id.clone(),
+        kind,
+        mfa: false,
+    })
 }
 
 fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
