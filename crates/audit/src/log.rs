@@ -178,8 +178,6 @@ pub struct Head {
 struct Shared {
     head: RwLock<Head>,
     healthy: AtomicBool,
-    /// Fault injection: the next group's write fails as a full or read-only disk would.
-    fail_writes: AtomicBool,
     /// Groups committed (one fdatasync each).
     groups: AtomicU64,
     latest_checkpoint: RwLock<Option<String>>,
@@ -283,7 +281,6 @@ impl AuditLog {
                 root,
             }),
             healthy: AtomicBool::new(true),
-            fail_writes: AtomicBool::new(false),
             groups: AtomicU64::new(0),
             latest_checkpoint: RwLock::new(latest),
         });
@@ -335,12 +332,6 @@ impl AuditLog {
             .await
             .map_err(|_| AuditError::Unavailable)?
             .map_err(|_| AuditError::Unavailable)
-    }
-
-    /// Fault injection for tests of fail-closed behaviour: from now on every write of the log
-    /// fails with an I/O error, exactly where a full or read-only disk would fail it.
-    pub fn inject_write_failure(&self) {
-        self.shared.fail_writes.store(true, Ordering::SeqCst);
     }
 
     /// Groups committed so far, one `fdatasync` each.
@@ -500,9 +491,6 @@ impl Writer {
             }
             buffer.extend_from_slice(body);
             buffer.push(b'\n');
-        }
-        if self.shared.fail_writes.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("injected write failure").into());
         }
         self.entries.write_all(buffer)?;
         self.entries.sync_data()?;

@@ -194,7 +194,10 @@ async fn when_the_log_cannot_be_written_requests_fail_and_nothing_is_acknowledge
             .status(),
         201
     );
-    server.state.audit.log().inject_write_failure();
+    // Make the audit log's file unwritable underneath the running server: `chattr +i` makes
+    // even the writer's open descriptor fail (EPERM), as a read-only or failing disk would.
+    let entries = server.dir.path().join("audit/entries.jsonl");
+    let _immutable = Immutable::set(&entries);
     // The request in flight when the disk fails is refused: its record could not be made.
     let body = json!({"$metadata": {"$model": "dtmi:t:A;1"}});
     let first = server
@@ -262,4 +265,28 @@ async fn metrics_report_requests_latencies_and_the_audit_trail() {
     assert!(value("twinguard_audit_entries") >= 7.0);
     assert_eq!(value("twinguard_audit_healthy"), 1.0);
     assert!(value("twinguard_auth_failures_total{method=\"bearer\"}") >= 1.0);
+}
+
+/// `chattr +i` on a file for the life of the guard.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Self {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .expect("chattr (e2fsprogs) is on every machine of this kind");
+        assert!(status.success(), "chattr +i failed on {}", path.display());
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
 }
