@@ -290,9 +290,16 @@ impl AuditLog {
             .open(&entries_path)?;
         entries.seek(SeekFrom::End(0))?;
         let (jobs, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+        let (syncer, pending) = mpsc::channel();
+        let sync_file = entries.try_clone()?;
+        let sync_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("twinguard-audit-sync".into())
+            .spawn(move || sync_loop(sync_file, pending, sync_shared))?;
         let writer = Writer {
             dir: dir.to_owned(),
             entries,
+            syncer,
             tree,
             signer,
             options,
@@ -407,9 +414,44 @@ impl AuditLog {
     }
 }
 
+/// A written group waiting for its fdatasync.
+struct Pending {
+    replies: Vec<(oneshot::Sender<Result<u64, ()>>, u64)>,
+    head: Head,
+}
+
+/// Makes written groups durable: each `fdatasync` covers every group written before it began,
+/// so while one runs the writer prepares the next. Publishes the durable head and answers.
+fn sync_loop(file: File, rx: Receiver<Pending>, shared: Arc<Shared>) {
+    while let Ok(first) = rx.recv() {
+        let mut groups = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            groups.push(more);
+        }
+        let ok = shared.healthy.load(Ordering::SeqCst) && file.sync_data().is_ok();
+        if ok {
+            shared.groups.fetch_add(1, Ordering::Relaxed);
+            if let (Some(last), Ok(mut head)) = (groups.last(), shared.head.write()) {
+                *head = last.head;
+            }
+        } else {
+            shared.healthy.store(false, Ordering::SeqCst);
+            tracing::error!(
+                "the audit log cannot be synced; every request is refused until it can"
+            );
+        }
+        for group in groups {
+            for (reply, index) in group.replies {
+                let _ = reply.send(if ok { Ok(index) } else { Err(()) });
+            }
+        }
+    }
+}
+
 struct Writer {
     dir: PathBuf,
     entries: File,
+    syncer: mpsc::Sender<Pending>,
     tree: Tree,
     signer: NoteSigner,
     options: Options,
@@ -454,25 +496,41 @@ impl Writer {
                 }
             }
             last_group = batch.len();
-            let ok = self.shared.healthy.load(Ordering::SeqCst)
-                && self.write_group(&batch, &mut buffer).is_ok();
-            if !ok {
-                self.shared.healthy.store(false, Ordering::SeqCst);
-                tracing::error!(
-                    "the audit log cannot be written; every request is refused until it can"
-                );
-            }
-            let first = self.tree.size - if ok { batch.len() as u64 } else { 0 };
-            for (i, job) in batch.drain(..).enumerate() {
-                let _ = job
-                    .reply
-                    .send(if ok { Ok(first + i as u64) } else { Err(()) });
+            let written = if self.shared.healthy.load(Ordering::SeqCst) {
+                self.write_group(&batch, &mut buffer).ok()
+            } else {
+                None
+            };
+            match written {
+                Some(head) => {
+                    // The syncer acknowledges the group once an fdatasync that began after
+                    // this write has returned; meanwhile the next group is being written.
+                    let first = head.size - batch.len() as u64;
+                    let replies = batch
+                        .drain(..)
+                        .enumerate()
+                        .map(|(i, job)| (job.reply, first + i as u64))
+                        .collect();
+                    if self.syncer.send(Pending { replies, head }).is_err() {
+                        self.shared.healthy.store(false, Ordering::SeqCst);
+                    }
+                }
+                None => {
+                    self.shared.healthy.store(false, Ordering::SeqCst);
+                    tracing::error!(
+                        "the audit log cannot be written; every request is refused until it can"
+                    );
+                    for job in batch.drain(..) {
+                        let _ = job.reply.send(Err(()));
+                    }
+                }
             }
             self.checkpoint_if_due();
         }
     }
 
-    fn write_group(&mut self, batch: &[Job], buffer: &mut Vec<u8>) -> Result<(), AuditError> {
+    /// Writes a group to the page cache and extends the tree; the syncer makes it durable.
+    fn write_group(&mut self, batch: &[Job], buffer: &mut Vec<u8>) -> Result<Head, AuditError> {
         buffer.clear();
         let mut starts = Vec::with_capacity(batch.len());
         for (i, job) in batch.iter().enumerate() {
@@ -493,22 +551,16 @@ impl Writer {
             buffer.push(b'\n');
         }
         self.entries.write_all(buffer)?;
-        self.entries.sync_data()?;
         starts.push(buffer.len());
         for pair in starts.windows(2) {
             self.tree
                 .push(merkle::leaf_hash(&buffer[pair[0]..pair[1] - 1]));
         }
         self.tree.flush()?;
-        let root = self.tree.root();
-        self.shared.groups.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut head) = self.shared.head.write() {
-            *head = Head {
-                size: self.tree.size,
-                root,
-            };
-        }
-        Ok(())
+        Ok(Head {
+            size: self.tree.size,
+            root: self.tree.root(),
+        })
     }
 
     fn checkpoint_if_due(&mut self) {
