@@ -294,3 +294,108 @@ impl NodeSource for MemoryTree {
             .ok_or_else(|| std::io::Error::other("node not in the tree"))
     }
 }
+
+/// Whether `[start, end)` is a subtree in the sense of the Merkle Tree Certificates draft
+/// (draft-ietf-plants-merkle-tree-certs, section 4.1): non-empty, and `start` a multiple of the
+/// smallest power of two not below its size.
+pub fn is_valid_subtree(start: u64, end: u64) -> bool {
+    end > start
+        && (start == 0
+            || (end - start)
+                .checked_next_power_of_two()
+                .is_some_and(|ceil| start.is_multiple_of(ceil)))
+}
+
+/// Verifies that `leaf` is entry `index` of the subtree `[start, end)` whose hash is `root`
+/// (the draft's section 4.3.3). A subtree is a tree of its own, so this is RFC 9162 inclusion
+/// at the shifted index.
+pub fn verify_subtree_inclusion(
+    index: u64,
+    start: u64,
+    end: u64,
+    leaf: &Hash,
+    proof: &[Hash],
+    root: &[u8],
+) -> Result<(), ProofError> {
+    if !is_valid_subtree(start, end) || index < start || index >= end {
+        return Err(ProofError::IndexOutOfRange);
+    }
+    let root = <&Hash>::try_from(root).map_err(|_| ProofError::RootMismatch)?;
+    verify_inclusion(index - start, end - start, leaf, proof, root)
+}
+
+/// Verifies that the subtree `[start, end)` with hash `subtree` is part of the tree of `size`
+/// entries with root `root` (the draft's section 4.4.3). An empty interval is accepted only with
+/// an empty proof and the empty tree's hash.
+pub fn verify_subtree_consistency(
+    start: u64,
+    end: u64,
+    size: u64,
+    subtree: &[u8],
+    root: &[u8],
+    proof: &[Hash],
+) -> Result<(), ProofError> {
+    if start == end && end <= size {
+        return if !proof.is_empty() {
+            Err(ProofError::WrongLength)
+        } else if subtree == empty_root() {
+            Ok(())
+        } else {
+            Err(ProofError::RootMismatch)
+        };
+    }
+    if !is_valid_subtree(start, end) || end > size {
+        return Err(ProofError::IndexOutOfRange);
+    }
+    let (mut fnode, mut snode, mut tnode) = (start, end - 1, size - 1);
+    let shift = |f: &mut u64, s: &mut u64, t: &mut u64| {
+        *f >>= 1;
+        *s >>= 1;
+        *t >>= 1;
+    };
+    if snode == tnode {
+        while fnode != snode {
+            shift(&mut fnode, &mut snode, &mut tnode);
+        }
+    } else {
+        while fnode != snode && snode & 1 == 1 {
+            shift(&mut fnode, &mut snode, &mut tnode);
+        }
+    }
+    let (mut fr, mut sr, rest): (Vec<u8>, Vec<u8>, &[Hash]) = if fnode == snode {
+        (subtree.to_vec(), subtree.to_vec(), proof)
+    } else {
+        let (first, rest) = proof.split_first().ok_or(ProofError::WrongLength)?;
+        (first.to_vec(), first.to_vec(), rest)
+    };
+    let node = |l: &[u8], r: &[u8]| -> Result<Vec<u8>, ProofError> {
+        let (Ok(l), Ok(r)) = (<&Hash>::try_from(l), <&Hash>::try_from(r)) else {
+            return Err(ProofError::RootMismatch);
+        };
+        Ok(node_hash(l, r).to_vec())
+    };
+    for c in rest {
+        if tnode == 0 {
+            return Err(ProofError::WrongLength);
+        }
+        if snode & 1 == 1 || snode == tnode {
+            if fnode < snode {
+                fr = node(c, &fr)?;
+            }
+            sr = node(c, &sr)?;
+            while snode & 1 == 0 && fnode < snode {
+                shift(&mut fnode, &mut snode, &mut tnode);
+            }
+        } else {
+            sr = node(&sr, c)?;
+        }
+        shift(&mut fnode, &mut snode, &mut tnode);
+    }
+    if tnode != 0 {
+        return Err(ProofError::WrongLength);
+    }
+    if fr != subtree || sr != root {
+        return Err(ProofError::RootMismatch);
+    }
+    Ok(())
+}

@@ -169,3 +169,57 @@ fn generated_proofs_verify_exhaustively() {
         }
     }
 }
+
+/// The Merkle Tree Certificates draft's subtree proofs, also in the vector set.
+#[test]
+fn every_subtree_inclusion_vector() {
+    let cases = files(&data_dir().join("subtreeinclusion"));
+    assert!(cases.len() > 50, "vectors missing: {}", cases.len());
+    for path in &cases {
+        let case: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let want_err = case["wantErr"].as_bool().unwrap();
+        let verdict = (|| {
+            let root = STANDARD.decode(case["root"].as_str()?).ok()?;
+            Some(
+                twinguard_audit::merkle::verify_subtree_inclusion(
+                    number(&case["leafIdx"])?,
+                    number(&case["start"])?,
+                    number(&case["end"])?,
+                    &hash(&case["leafHash"])?,
+                    &proof(&case["proof"])?,
+                    &root,
+                )
+                .is_ok(),
+            )
+        })()
+        .unwrap_or(false);
+        assert_eq!(verdict, !want_err, "{}", path.display());
+    }
+}
+
+#[test]
+fn every_subtree_consistency_vector() {
+    let cases = files(&data_dir().join("subtreeconsistency"));
+    assert!(cases.len() > 50, "vectors missing: {}", cases.len());
+    for path in &cases {
+        let case: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let want_err = case["wantErr"].as_bool().unwrap();
+        let verdict = (|| {
+            let root1 = STANDARD.decode(case["root1"].as_str()?).ok()?;
+            let root2 = STANDARD.decode(case["root2"].as_str()?).ok()?;
+            Some(
+                twinguard_audit::merkle::verify_subtree_consistency(
+                    number(&case["start"])?,
+                    number(&case["end"])?,
+                    number(&case["size"])?,
+                    &root1,
+                    &root2,
+                    &proof(&case["proof"])?,
+                )
+                .is_ok(),
+            )
+        })()
+        .unwrap_or(false);
+        assert_eq!(verdict, !want_err, "{}", path.display());
+    }
+}
