@@ -176,7 +176,7 @@ impl Principal {
         } else if self.may_twin(graph, Action::TwinsRead, twin) {
             Err(forbidden(action))
         } else {
-            Err(DomainError::TwinNotFound(id.to_owned()))
+            Err(hidden(DomainError::TwinNotFound(id.to_owned())))
         }
     }
 
@@ -188,10 +188,14 @@ impl Principal {
         action: Action,
         id: &str,
     ) -> DomainResult<&'g std::sync::Arc<Twin>> {
-        graph
+        let twin = graph
             .twin(id)
-            .filter(|t| self.may_see_endpoint(graph, action, t))
-            .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))
+            .ok_or_else(|| DomainError::TwinNotFound(id.to_owned()))?;
+        if self.may_see_endpoint(graph, action, twin) {
+            Ok(twin)
+        } else {
+            Err(hidden(DomainError::TwinNotFound(id.to_owned())))
+        }
     }
 
     /// Decides a write on the snapshot it will apply to. Called by the writer, in order, for
@@ -203,8 +207,10 @@ impl Principal {
             WriteOp::SetModelDecommissioned { id, .. } | WriteOp::DeleteModel(id) => {
                 let entry = graph
                     .model(id)
-                    .filter(|e| self.may_model(Action::ModelsRead, e))
                     .ok_or_else(|| DomainError::ModelNotFound(id.to_string()))?;
+                if !self.may_model(Action::ModelsRead, entry) {
+                    return Err(hidden(DomainError::ModelNotFound(id.to_string())));
+                }
                 allow(self.may_model(action, entry), action)
             }
             WriteOp::PutTwin { id, body, .. } => self.check_put_twin(graph, id, body),
@@ -229,15 +235,16 @@ impl Principal {
                 if let Some(existing) = graph.relationship(source, id)
                     && !self.may_relationship(graph, action, existing)
                 {
-                    return Err(DomainError::RelationshipNotFound(id.clone()));
+                    return Err(hidden(DomainError::RelationshipNotFound(id.clone())));
                 }
                 let field = |name: &str| body.get(name).and_then(Value::as_str).unwrap_or("");
                 let (target, name) = (field("$targetId"), field("$relationshipName"));
-                let target_seen = graph
-                    .twin(target)
-                    .is_some_and(|t| self.may_see_endpoint(graph, action, t));
-                if !target_seen {
-                    return Err(DomainError::TargetTwinNotFound(target.to_owned()));
+                match graph.twin(target) {
+                    None => return Err(DomainError::TargetTwinNotFound(target.to_owned())),
+                    Some(t) if !self.may_see_endpoint(graph, action, t) => {
+                        return Err(hidden(DomainError::TargetTwinNotFound(target.to_owned())));
+                    }
+                    Some(_) => {}
                 }
                 allow(
                     self.any_grant(action, |s| {
@@ -251,11 +258,12 @@ impl Principal {
                 self.source_for(graph, action, source)?;
                 let rel = graph
                     .relationship(source, id)
-                    .filter(|r| {
-                        self.may_relationship(graph, action, r)
-                            || self.may_relationship(graph, Action::RelationshipsRead, r)
-                    })
                     .ok_or_else(|| DomainError::RelationshipNotFound(id.clone()))?;
+                if !self.may_relationship(graph, action, rel)
+                    && !self.may_relationship(graph, Action::RelationshipsRead, rel)
+                {
+                    return Err(hidden(DomainError::RelationshipNotFound(id.clone())));
+                }
                 allow(self.may_relationship(graph, action, rel), action)
             }
             WriteOp::PutRoute { id, .. } | WriteOp::DeleteRoute(id) => {
@@ -328,6 +336,11 @@ fn patched_model(patch: &Value) -> ModelChange {
         };
     }
     change
+}
+
+/// An existing resource outside the caller's scopes, answered as `absent`.
+pub(crate) fn hidden(absent: DomainError) -> DomainError {
+    DomainError::Hidden(Box::new(absent))
 }
 
 fn forbidden(action: Action) -> DomainError {

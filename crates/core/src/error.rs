@@ -22,6 +22,11 @@ pub enum DomainError {
     /// The request conflicts with the current state (a name taken, a role still assigned).
     #[error("{0}")]
     Conflict(String),
+    /// Something that exists but lies outside every scope the caller holds: answered exactly as
+    /// the wrapped absence, so nothing is revealed, while the log and the audit trail record
+    /// the scope decision.
+    #[error("{0}")]
+    Hidden(Box<DomainError>),
     #[error("{0}")]
     ValidationFailed(String),
     #[error("{0}")]

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use serde_json::{Map, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::access::hidden;
 use crate::auth::{Action, Principal};
 use crate::clock::{Clock, rfc3339};
 use crate::dtdl::{self, ParseOptions};
@@ -169,11 +170,14 @@ impl TwinService {
         principal.authorize(Action::RelationshipsRead)?;
         let graph = self.snapshot();
         principal.source_for(&graph, Action::RelationshipsRead, source)?;
-        graph
+        let rel = graph
             .relationship(source, id)
-            .filter(|r| principal.may_relationship(&graph, Action::RelationshipsRead, r))
-            .cloned()
-            .ok_or_else(|| DomainError::RelationshipNotFound(id.to_owned()))
+            .ok_or_else(|| DomainError::RelationshipNotFound(id.to_owned()))?;
+        if principal.may_relationship(&graph, Action::RelationshipsRead, rel) {
+            Ok(rel.clone())
+        } else {
+            Err(hidden(DomainError::RelationshipNotFound(id.to_owned())))
+        }
     }
 
     /// Outgoing relationships of `source`, optionally only those named `name`.
@@ -212,11 +216,15 @@ impl TwinService {
     pub fn model(&self, principal: &Principal, id: &str) -> DomainResult<Arc<ModelEntry>> {
         principal.authorize(Action::ModelsRead)?;
         let dtmi = Dtmi::parse(id).map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
-        self.snapshot()
+        let graph = self.snapshot();
+        let entry = graph
             .model(&dtmi)
-            .filter(|m| principal.may_model(Action::ModelsRead, m))
-            .cloned()
-            .ok_or_else(|| DomainError::ModelNotFound(id.to_owned()))
+            .ok_or_else(|| DomainError::ModelNotFound(id.to_owned()))?;
+        if principal.may_model(Action::ModelsRead, entry) {
+            Ok(entry.clone())
+        } else {
+            Err(hidden(DomainError::ModelNotFound(id.to_owned())))
+        }
     }
 
     /// Every model, or with `dependencies_for` those models and everything they depend on
@@ -237,8 +245,10 @@ impl TwinService {
                     Dtmi::parse(id).map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
                 let entry = graph
                     .model(&dtmi)
-                    .filter(|m| principal.may_model(Action::ModelsRead, m))
                     .ok_or_else(|| DomainError::ModelNotFound(id.clone()))?;
+                if !principal.may_model(Action::ModelsRead, entry) {
+                    return Err(hidden(DomainError::ModelNotFound(id.clone())));
+                }
                 collect_dependencies(&entry.interface, &mut wanted);
             }
             wanted
@@ -253,11 +263,16 @@ impl TwinService {
 
     pub fn route(&self, principal: &Principal, id: &str) -> DomainResult<Arc<EventRoute>> {
         principal.authorize(Action::EventRoutesRead)?;
-        self.snapshot()
+        let route = self
+            .snapshot()
             .route(id)
-            .filter(|_| principal.may_route(Action::EventRoutesRead, id))
             .cloned()
-            .ok_or_else(|| DomainError::RouteNotFound(id.to_owned()))
+            .ok_or_else(|| DomainError::RouteNotFound(id.to_owned()))?;
+        if principal.may_route(Action::EventRoutesRead, id) {
+            Ok(route)
+        } else {
+            Err(hidden(DomainError::RouteNotFound(id.to_owned())))
+        }
     }
 
     pub fn routes(&self, principal: &Principal) -> DomainResult<Vec<Arc<EventRoute>>> {

@@ -183,6 +183,13 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         .map(|c| c.0.clone());
     let response = next.run(req).await;
     let status = response.status();
+    if response
+        .extensions()
+        .get::<crate::error::ScopeHidden>()
+        .is_some()
+    {
+        note.set("scope", "hidden");
+    }
     let time = twinguard_core::clock::rfc3339(time::OffsetDateTime::now_utc());
     let extra = note
         .0

@@ -14,6 +14,9 @@ pub struct ApiError {
     pub message: String,
     /// Logged, never sent.
     pub detail: Option<String>,
+    /// The answer stands for a resource outside the caller's scope (recorded in the audit trail;
+    /// the client sees the plain absence).
+    pub hidden: bool,
 }
 
 /// Carried in the response extensions so the correlation middleware can log it with the ID.
@@ -30,6 +33,7 @@ impl ApiError {
             code,
             message: message.into(),
             detail: None,
+            hidden: false,
         }
     }
 
@@ -65,6 +69,7 @@ impl ApiError {
             code: ErrorCode::InternalServerError,
             message: "an internal error occurred; quote the request ID to the operator".into(),
             detail: Some(detail.into()),
+            hidden: false,
         }
     }
 }
@@ -72,6 +77,16 @@ impl ApiError {
 impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> Self {
         use DomainError as D;
+        if let D::Hidden(absent) = e {
+            // Exactly the absence's answer; only the log and the audit trail know more.
+            let mut answer = ApiError::from(*absent);
+            answer.detail = Some(format!(
+                "{} (exists outside the caller's scope)",
+                answer.message
+            ));
+            answer.hidden = true;
+            return answer;
+        }
         let message = e.to_string();
         let (status, code) = match &e {
             D::Forbidden { .. } => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
@@ -115,6 +130,7 @@ impl From<DomainError> for ApiError {
                     code: ErrorCode::ServiceUnavailable,
                     message: "the service cannot accept writes right now; retry later".into(),
                     detail: Some(message),
+                    hidden: false,
                 };
             }
             _ => return Self::internal(message),
@@ -124,6 +140,7 @@ impl From<DomainError> for ApiError {
             code,
             message,
             detail: None,
+            hidden: false,
         }
     }
 }
@@ -145,8 +162,15 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response.extensions_mut().insert(logged);
+        if self.hidden {
+            response.extensions_mut().insert(ScopeHidden);
+        }
         response
     }
 }
+
+/// Marks a response that stands for a resource outside the caller's scope.
+#[derive(Debug, Clone, Copy)]
+pub struct ScopeHidden;
 
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -158,10 +158,15 @@ fn ids(service: &TwinService, who: &Principal, query: &str) -> Vec<String> {
     out
 }
 
-/// The message of an error with the named ID replaced, so an error about a hidden twin can be
-/// compared with the error about a twin that does not exist.
+/// What a client is told (the error a hidden resource is answered as, with the named ID
+/// replaced), so an error about a hidden twin can be compared with the error about a twin that
+/// does not exist. The audit trail still learns which one it was (`DomainError::Hidden`).
 fn shape(e: DomainError, id: &str) -> String {
-    format!("{:?}", e).replace(id, "<id>")
+    let told = match e {
+        DomainError::Hidden(absent) => *absent,
+        other => other,
+    };
+    format!("{told:?}").replace(id, "<id>")
 }
 
 #[tokio::test]
@@ -171,6 +176,14 @@ async fn subtree_reader_sees_its_subtree_only_in_direct_reads() {
     for id in ["b1", "r1a", "r1b"] {
         assert!(service.twin(&alice, id).is_ok(), "{id}");
     }
+    assert!(matches!(
+        service.twin(&alice, "b2"),
+        Err(DomainError::Hidden(_))
+    ));
+    assert!(matches!(
+        service.twin(&alice, "nope"),
+        Err(DomainError::TwinNotFound(_))
+    ));
     for hidden in ["b2", "r2a", "p1"] {
         let seen = shape(service.twin(&alice, hidden).unwrap_err(), hidden);
         let absent = shape(service.twin(&alice, "nope").unwrap_err(), "nope");
@@ -324,7 +337,7 @@ async fn subtree_writer_changes_its_subtree_and_nothing_else() {
         service
             .write(&alice, put_rel("b2", "x2", "contains", "r1a"))
             .await,
-        Err(DomainError::TwinNotFound(_))
+        Err(DomainError::Hidden(absent)) if matches!(*absent, DomainError::TwinNotFound(_))
     ));
     // Inside: allowed.
     service
@@ -447,7 +460,7 @@ async fn relationship_and_route_scopes_cover_only_what_they_name() {
     assert!(service.outgoing(&carol, "b1", None).unwrap().is_empty());
     assert!(matches!(
         service.twin(&carol, "p1"),
-        Err(DomainError::TwinNotFound(_))
+        Err(DomainError::Hidden(absent)) if matches!(*absent, DomainError::TwinNotFound(_))
     ));
     assert_eq!(
         ids(&service, &carol, "SELECT COUNT() FROM DIGITALTWINS"),
@@ -480,7 +493,7 @@ async fn relationship_and_route_scopes_cover_only_what_they_name() {
     assert_eq!(routes, vec!["route-a"]);
     assert!(matches!(
         service.route(&dave, "route-b"),
-        Err(DomainError::RouteNotFound(_))
+        Err(DomainError::Hidden(absent)) if matches!(*absent, DomainError::RouteNotFound(_))
     ));
     assert!(matches!(
         service

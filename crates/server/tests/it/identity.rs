@@ -385,6 +385,18 @@ async fn a_subtree_scoped_client_sees_only_its_subtree_over_http() {
     let hidden = server.call(Method::GET, "/digitaltwins/b2", &scoped).await;
     let absent = server.call(Method::GET, "/digitaltwins/zz", &scoped).await;
     assert_eq!(hidden.status(), absent.status());
+    // The client cannot tell them apart; the audit trail can.
+    let trail = std::fs::read_to_string(server.dir.path().join("audit/entries.jsonl")).unwrap();
+    let entry_of = |r: &reqwest::Response| -> Value {
+        let id = r.headers()["x-ms-request-id"].to_str().unwrap().to_owned();
+        trail
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|e| e["correlationId"] == id.as_str())
+            .unwrap()
+    };
+    assert_eq!(entry_of(&hidden)["scope"], "hidden");
+    assert!(entry_of(&absent).get("scope").is_none());
     let hidden: Value = hidden.json().await.unwrap();
     let absent: Value = absent.json().await.unwrap();
     assert_eq!(hidden["error"]["code"], absent["error"]["code"]);
