@@ -28,13 +28,8 @@ async fn entries(server: &TestServer, token: &str) -> Vec<Value> {
     let mut out = Vec::new();
     for i in 0..size {
         let r: Value = server
-            .admin_call(Method::GET, &format!("/audit/entries/{i}"), token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .admin_json(Method::GET, &format!("/audit/entries/{i}"), token, None)
+            .await;
         out.push(r["entry"].clone());
     }
     out
@@ -126,17 +121,13 @@ async fn proofs_from_the_api_verify_against_the_signed_checkpoint() {
     let checkpoint = checkpoint.expect("a signed checkpoint covering the requests");
     for index in [0, 7, checkpoint.size - 1] {
         let r: Value = server
-            .admin_call(
+            .admin_json(
                 Method::GET,
                 &format!("/audit/entries/{index}?size={}", checkpoint.size),
                 &admin,
+                None,
             )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .await;
         let leaf = twinguard_audit::merkle::leaf_hash(
             &STANDARD.decode(r["leaf"].as_str().unwrap()).unwrap(),
         );
@@ -150,17 +141,13 @@ async fn proofs_from_the_api_verify_against_the_signed_checkpoint() {
         .unwrap();
     }
     let r: Value = server
-        .admin_call(
+        .admin_json(
             Method::GET,
             &format!("/audit/proofs/consistency?old=5&new={}", checkpoint.size),
             &admin,
+            None,
         )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .await;
     verify_consistency(
         5,
         checkpoint.size,

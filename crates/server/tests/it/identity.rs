@@ -16,14 +16,13 @@ struct Person {
 async fn create_user(server: &TestServer, admin: &str, roles: &[&str]) -> Person {
     let name = format!("user-{}", uuid_like());
     let created: Value = server
-        .admin_call(Method::POST, "/admin/identities", admin)
-        .json(&json!({"kind": "user", "name": name, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .admin_json(
+            Method::POST,
+            "/admin/identities",
+            admin,
+            Some(&json!({"kind": "user", "name": name, "password": PASSWORD})),
+        )
+        .await;
     let id = created["identity"]["id"].as_str().unwrap().to_owned();
     assert!(created.get("clientSecret").is_none());
     for role in roles {
@@ -110,13 +109,8 @@ async fn a_person_enrols_totp_and_privileged_actions_need_it() {
 
     // Enrol: the QR code is a PNG, the URI names the account.
     let enrolment: Value = server
-        .admin_call(Method::POST, "/me/mfa/totp", &password_only)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .admin_json(Method::POST, "/me/mfa/totp", &password_only, None)
+        .await;
     let secret = enrolment["secret"].as_str().unwrap().to_owned();
     assert!(
         enrolment["otpauthUri"]
@@ -126,14 +120,13 @@ async fn a_person_enrols_totp_and_privileged_actions_need_it() {
     );
     assert!(!enrolment["qrPng"].as_str().unwrap().is_empty());
     let confirmed: Value = server
-        .admin_call(Method::POST, "/me/mfa/totp/confirm", &password_only)
-        .json(&json!({"code": code_at(&secret, 0)}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .admin_json(
+            Method::POST,
+            "/me/mfa/totp/confirm",
+            &password_only,
+            Some(&json!({"code": code_at(&secret, 0)})),
+        )
+        .await;
     assert_eq!(confirmed["recoveryCodes"].as_array().unwrap().len(), 10);
 
     // Now the password alone fails, like a wrong password; the spent code fails; the next works.
@@ -279,14 +272,7 @@ async fn only_security_admins_manage_identities_and_nobody_elevates_themselves()
     let server = TestServer::start().await;
     let admin = server.admin_token().await;
     let reader = server.token_with_role(DATA_READER).await;
-    let me: Value = server
-        .admin_call(Method::GET, "/me", &reader)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = server.admin_json(Method::GET, "/me", &reader, None).await;
     let my_id = me["identity"]["id"].as_str().unwrap().to_owned();
     assert_eq!(me["grants"][0]["roleId"], DATA_READER);
     for (method, path, body) in [
@@ -320,13 +306,8 @@ async fn only_security_admins_manage_identities_and_nobody_elevates_themselves()
     }
     // The roles list is public to callers; the built-in IDs are the documented ones.
     let roles: Value = server
-        .admin_call(Method::GET, "/admin/roles", &reader)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .admin_json(Method::GET, "/admin/roles", &reader, None)
+        .await;
     let ids: Vec<&str> = roles["value"]
         .as_array()
         .unwrap()
@@ -429,14 +410,13 @@ async fn api_keys_authenticate_rotate_and_revoke() {
     let server = TestServer::start().await;
     let admin = server.admin_token().await;
     let created: Value = server
-        .admin_call(Method::POST, "/admin/identities", &admin)
-        .json(&json!({"kind": "serviceAccount", "name": "exporter"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .admin_json(
+            Method::POST,
+            "/admin/identities",
+            &admin,
+            Some(&json!({"kind": "serviceAccount", "name": "exporter"})),
+        )
+        .await;
     let owner = created["identity"]["id"].as_str().unwrap().to_owned();
     let assigned = server
         .admin_call(Method::POST, "/admin/roleassignments", &admin)
@@ -445,15 +425,7 @@ async fn api_keys_authenticate_rotate_and_revoke() {
         .await
         .unwrap();
     assert_eq!(assigned.status(), 201);
-    let key: Value = server
-        .admin_call(Method::POST, "/admin/apikeys", &admin)
-        .json(&json!({"name": "nightly export", "ownerId": owner, "roleId": DATA_READER, "risk": "high"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let key: Value = server.admin_json(Method::POST, "/admin/apikeys", &admin, Some(&json!({"name": "nightly export", "ownerId": owner, "roleId": DATA_READER, "risk": "high"}))).await;
     let secret = key["apiKey"].as_str().unwrap().to_owned();
     let id = key["key"]["id"].as_str().unwrap().to_owned();
     assert!(secret.starts_with(&format!("{id}_")));
@@ -486,14 +458,13 @@ async fn api_keys_authenticate_rotate_and_revoke() {
     assert_eq!(write.status(), 403);
 
     let rotated: Value = server
-        .admin_call(Method::POST, &format!("/admin/apikeys/{id}/rotate"), &admin)
-        .json(&json!({"overlapSeconds": 0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .admin_json(
+            Method::POST,
+            &format!("/admin/apikeys/{id}/rotate"),
+            &admin,
+            Some(&json!({"overlapSeconds": 0})),
+        )
+        .await;
     let successor = rotated["apiKey"].as_str().unwrap().to_owned();
     assert_eq!(
         server.call(Method::GET, "/models", &secret).await.status(),

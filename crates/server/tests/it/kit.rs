@@ -120,6 +120,21 @@ impl TestServer {
         body["access_token"].as_str().unwrap().to_owned()
     }
 
+    /// Calls twinguard's own API and returns the JSON answer (any status).
+    pub async fn admin_json(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> Value {
+        let mut request = self.admin_call(method, path, token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().await.unwrap().json().await.unwrap()
+    }
+
     /// A request to twinguard's own API (no `api-version`) with a bearer token.
     pub fn admin_call(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
         self.client
