@@ -34,7 +34,6 @@ fn main() -> anyhow::Result<()> {
             origin: "bench/audit".into(),
             checkpoint_every: Duration::from_secs(1),
             witness: None,
-            linger: Duration::ZERO,
         },
     )?;
     // Writers are async tasks, as requests are in the server: an append parks a task, not a

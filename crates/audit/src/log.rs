@@ -208,10 +208,6 @@ pub struct Options {
     pub checkpoint_every: Duration,
     /// A file the latest checkpoint is copied to as well (a witness location).
     pub witness: Option<PathBuf>,
-    /// How long a busy writer waits for more entries before committing a group: worth it when
-    /// each writer is a thread woken by the previous group; zero for async callers, whose
-    /// entries keep arriving while a group is written.
-    pub linger: Duration,
 }
 
 /// Reads every entry line, dropping a torn last line (a crash mid-write of an unacknowledged
@@ -463,7 +459,6 @@ impl Writer {
     fn run(mut self, rx: Receiver<Job>) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
         let mut buffer: Vec<u8> = Vec::with_capacity(1 << 20);
-        let mut last_group = 0usize;
         loop {
             let wait = self.options.checkpoint_every;
             match rx.recv_timeout(wait) {
@@ -483,19 +478,6 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // Under load, wait a moment for the writers just woken by the last group: one
-            // fdatasync for all of them instead of one each. An idle log does not wait.
-            if last_group > 1 && !self.options.linger.is_zero() {
-                let deadline = Instant::now() + self.options.linger;
-                while batch.len() < MAX_GROUP {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-            }
-            last_group = batch.len();
             let written = if self.shared.healthy.load(Ordering::SeqCst) {
                 self.write_group(&batch, &mut buffer).ok()
             } else {

@@ -140,7 +140,6 @@ pub fn verify(dir: &Path, key: &NoteVerifier, witness: Option<&str>) -> Result<R
     }
     // Each checkpoint must match the recomputed tree; the first that does not bounds the change
     // between the largest size already vouched for and its own.
-    let mut vouched = 0;
     let mut ordered: Vec<&Checkpoint> = checkpoints.iter().map(|(_, c)| c).collect();
     ordered.sort_by_key(|c| c.size);
     for (name, checkpoint) in &checkpoints {
@@ -156,7 +155,6 @@ pub fn verify(dir: &Path, key: &NoteVerifier, witness: Option<&str>) -> Result<R
                 checkpoint.size.saturating_sub(1)
             )));
         }
-        vouched = vouched.max(checkpoint.size);
     }
     // Consecutive checkpoints are consistent (RFC 9162 proofs over the recomputed tree).
     for pair in ordered.windows(2) {
@@ -175,7 +173,6 @@ pub fn verify(dir: &Path, key: &NoteVerifier, witness: Option<&str>) -> Result<R
             },
         )?;
     }
-    let _ = vouched;
     Ok(Report {
         entries: size,
         checkpoints: checkpoints.len(),

@@ -20,7 +20,6 @@ fn open(dir: &Path, key: &str, witness: Option<PathBuf>) -> AuditLog {
             origin: ORIGIN.into(),
             checkpoint_every: Duration::from_millis(5),
             witness,
-            linger: Duration::ZERO,
         },
     )
     .unwrap()
@@ -237,7 +236,6 @@ fn proofs_served_by_the_log_verify() {
             origin: ORIGIN.into(),
             checkpoint_every: Duration::from_secs(60),
             witness: None,
-            linger: Duration::ZERO,
         },
     )
     .unwrap();

@@ -77,8 +77,8 @@ impl Audit {
                 .decode(text.trim())
                 .context("reading the audit HMAC key")?,
             Err(_) => {
-                let secret = twinguard_core::identity::credentials::random_secret(32);
-                let raw = URL_SAFE_NO_PAD.decode(secret.as_bytes())?;
+                let mut raw = vec![0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
                 write_private(&hmac_path, STANDARD.encode(&raw).as_bytes())?;
                 raw
             }
@@ -90,7 +90,6 @@ impl Audit {
                 origin,
                 checkpoint_every: Duration::from_secs(1),
                 witness: witness.map(Path::to_owned),
-                linger: Duration::ZERO,
             },
         )
         .context("opening the audit log")?;

@@ -187,9 +187,12 @@ pub struct ClientCertificate {
     pub not_after: u64,
 }
 
+/// The prefix of the URI SAN naming the identity a client certificate belongs to.
+pub const IDENTITY_URI_PREFIX: &str = "urn:twinguard:identity:";
+
 /// The URI SAN naming the identity a client certificate belongs to.
 pub fn identity_uri(identity_id: &str) -> String {
-    format!("urn:twinguard:identity:{identity_id}")
+    format!("{IDENTITY_URI_PREFIX}{identity_id}")
 }
 
 impl DataDir {

@@ -422,13 +422,18 @@ impl ExternalIssuers {
 /// The `iss` claim of a token, read without verification: it only chooses which configured
 /// issuer's pinned keys and rules then judge the token.
 pub fn unverified_issuer(token: &str) -> Option<String> {
+    unverified_claim(token, "iss")
+}
+
+/// A string claim of a JWT, read without verification (only to find whose keys judge it).
+pub(crate) fn unverified_claim(token: &str, name: &str) -> Option<String> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()?;
     let claims: Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get("iss")?.as_str().map(str::to_owned)
+    claims.get(name)?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]

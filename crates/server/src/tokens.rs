@@ -22,7 +22,9 @@ use twinguard_core::store::{Mutation, Store, StoreError, Table};
 use twinguard_core::throttle::{Policy, RetryAfter, Throttle};
 use zeroize::Zeroizing;
 
-use crate::external::{ExternalCaller, ExternalIssuers, Rejected, unverified_issuer};
+use crate::external::{
+    ExternalCaller, ExternalIssuers, Rejected, unverified_claim, unverified_issuer,
+};
 use crate::metrics;
 use crate::refresh::{Redeemed, RefreshTokens};
 use crate::signing_keys::KeyRing;
@@ -136,17 +138,6 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// A string claim of a JWT, read without verification (to find whose keys judge it).
-fn unverified_claim(token: &str, name: &str) -> Option<String> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get(name)?.as_str().map(str::to_owned)
-}
-
 /// The identity ID (from the `urn:twinguard:identity:` URI SAN) and serial number (hex) of a
 /// client certificate the TLS layer verified.
 fn certificate_identity(der: &[u8]) -> Option<(String, String)> {
@@ -160,7 +151,7 @@ fn certificate_identity(der: &[u8]) -> Option<(String, String)> {
         .collect();
     let san = cert.subject_alternative_name().ok()??;
     let id = san.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => uri.strip_prefix("urn:twinguard:identity:"),
+        GeneralName::URI(uri) => uri.strip_prefix(crate::datadir::IDENTITY_URI_PREFIX),
         _ => None,
     })?;
     Some((id.to_owned(), serial))

@@ -397,7 +397,8 @@ impl Directory {
             muts.push(Mutation::put(
                 Table::Identities,
                 id.clone(),
-                json_bytes(&record)?,
+                to_json(&record)
+                    .map_err(|_| StoreError("a directory record did not serialize".into()))?,
             ));
             for role in client.roles {
                 let a = RoleAssignment {
@@ -410,7 +411,8 @@ impl Directory {
                 muts.push(Mutation::put(
                     Table::RoleAssignments,
                     a.id.clone(),
-                    json_bytes(&a)?,
+                    to_json(&a)
+                        .map_err(|_| StoreError("a directory record did not serialize".into()))?,
                 ));
                 added.push(a);
             }
@@ -1178,15 +1180,7 @@ impl Directory {
     /// `private_key_jwt` assertion).
     pub fn workload(&self, id: &str) -> Option<Authenticated> {
         let state = self.state.read().ok()?;
-        let record = state.records.get(id)?;
-        if record.identity.disabled || !record.identity.kind.is_workload() {
-            return None;
-        }
-        Some(Authenticated {
-            id: id.to_owned(),
-            kind: record.identity.kind.principal_kind()?,
-            mfa: false,
-        })
+        workload_login(state.records.get(id)?, true).ok()
     }
 
     // ---- roles and assignments ----
@@ -1372,10 +1366,6 @@ fn workload_login(record: &Record, credential_ok: bool) -> Result<Authenticated,
         kind,
         mfa: false,
     })
-}
-
-fn json_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|_| StoreError("a directory record did not serialize".into()))
 }
 
 #[cfg(test)]
