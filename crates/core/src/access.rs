@@ -269,6 +269,8 @@ impl Principal {
             WriteOp::PutRoute { id, .. } | WriteOp::DeleteRoute(id) => {
                 allow(self.may_route(action, id), action)
             }
+            // The telemetry pipeline writes with instance scope; nobody narrower may.
+            WriteOp::ApplyReadings { .. } => self.authorize_instance(action),
         }
     }
 

@@ -38,6 +38,8 @@ struct Job {
     /// the working graph, in order with the writes before it.
     scoped: Option<Principal>,
     reply: oneshot::Sender<DomainResult<WriteOutcome>>,
+    /// A model upload's slot, held until the writer has dealt with it.
+    _upload: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Shared by the service handle and the writer thread.
@@ -117,6 +119,17 @@ impl TwinService {
 
     /// Performs a write for `principal` and returns once it is durable and visible.
     pub async fn write(&self, principal: &Principal, op: WriteOp) -> DomainResult<WriteOutcome> {
+        self.submit(principal, op)?.await
+    }
+
+    /// Queues a write for `principal` and returns what waits for its answer. Writes are
+    /// applied in the order they were queued, so a caller that queues while holding its own
+    /// lock gets its writes applied in its lock order.
+    pub fn submit(
+        &self,
+        principal: &Principal,
+        op: WriteOp,
+    ) -> DomainResult<impl Future<Output = DomainResult<WriteOutcome>> + Send + 'static> {
         principal.authorize(op.action())?;
         let _upload = match op {
             WriteOp::UploadModels(_) => Some(
@@ -130,9 +143,14 @@ impl TwinService {
         let scoped = (!principal.holds_everywhere(op.action())).then(|| principal.clone());
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .try_send(Job { op, scoped, reply })
+            .try_send(Job {
+                op,
+                scoped,
+                reply,
+                _upload,
+            })
             .map_err(|_| DomainError::Unavailable)?;
-        answer.await.map_err(|_| DomainError::Unavailable)?
+        Ok(async move { answer.await.map_err(|_| DomainError::Unavailable)? })
     }
 
     pub fn twin(&self, principal: &Principal, id: &str) -> DomainResult<Arc<Twin>> {
@@ -327,7 +345,10 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock:
     let mut done = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
     let mut torn = false;
-    for Job { op, scoped, reply } in batch.drain(..) {
+    for Job {
+        op, scoped, reply, ..
+    } in batch.drain(..)
+    {
         let mark = muts.len();
         // A panic inside an operation (a parser bug hit by some input) must not take the
         // writer down with it; the job is refused and the group treated as torn.

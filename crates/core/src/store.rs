@@ -31,10 +31,24 @@ pub enum Table {
     RevokedTokens,
     /// API key digests.
     ApiKeys,
+    /// Registered devices: public key, bindings, status, attestation.
+    Devices,
+    /// Approved firmware digests, per device model.
+    Firmware,
+    /// Validation policies, per model and property.
+    Policies,
+    /// Sensor groups: the devices that feed one property together.
+    SensorGroups,
+    /// Each device's anti-replay window.
+    Replay,
+    /// Readings held for review, with their reason codes.
+    Quarantine,
+    /// Accepted readings, keyed by `twin \u{1f} name \u{1f} time`, for range reads.
+    History,
 }
 
 impl Table {
-    pub const ALL: [Table; 12] = [
+    pub const ALL: [Table; 19] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -47,6 +61,13 @@ impl Table {
         Table::RefreshTokens,
         Table::RevokedTokens,
         Table::ApiKeys,
+        Table::Devices,
+        Table::Firmware,
+        Table::Policies,
+        Table::SensorGroups,
+        Table::Replay,
+        Table::Quarantine,
+        Table::History,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +84,13 @@ impl Table {
             Self::RefreshTokens => "refreshtokens",
             Self::RevokedTokens => "revokedtokens",
             Self::ApiKeys => "apikeys",
+            Self::Devices => "devices",
+            Self::Firmware => "firmware",
+            Self::Policies => "policies",
+            Self::SensorGroups => "sensorgroups",
+            Self::Replay => "replay",
+            Self::Quarantine => "quarantine",
+            Self::History => "history",
         }
     }
 }
@@ -104,6 +132,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies every mutation of `batch` or none, and returns only once the batch is durable.
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError>;
+
+    /// The records of `table` with `from <= key < to`, in key order, at most `limit` of them.
+    /// Backends with ordered keys should override this default, which scans the whole table.
+    fn range(
+        &self,
+        table: Table,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .scan(table)?
+            .into_iter()
+            .filter(|(k, _)| k.as_str() >= from && k.as_str() < to)
+            .take(limit)
+            .collect())
+    }
 }
 
 /// An in-memory store for tests; `set_failing(true)` makes every commit fail, as a full or broken

@@ -102,6 +102,12 @@ pub enum WriteOp {
         filter: String,
     },
     DeleteRoute(String),
+    /// The telemetry pipeline's decisions for twin properties, committed with the records that
+    /// go with them (see [`super::readings`]).
+    ApplyReadings {
+        updates: Vec<super::readings::PropertyUpdate>,
+        records: Vec<Mutation>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +116,8 @@ pub enum WriteOutcome {
     Twin(Arc<Twin>),
     Relationship(Arc<Relationship>),
     Route(Arc<EventRoute>),
+    /// One answer per update of [`WriteOp::ApplyReadings`], in order.
+    Readings(Vec<Result<(), super::readings::Skipped>>),
     Done,
 }
 
@@ -152,6 +160,7 @@ impl WriteOp {
             Self::DeleteRelationship { .. } => Action::RelationshipsDelete,
             Self::PutRoute { .. } => Action::EventRoutesWrite,
             Self::DeleteRoute(_) => Action::EventRoutesDelete,
+            Self::ApplyReadings { .. } => Action::TelemetryWrite,
         }
     }
 
@@ -265,6 +274,9 @@ impl WriteOp {
                 graph.remove_route(&id, muts);
                 Ok(WriteOutcome::Done)
             }
+            Self::ApplyReadings { updates, records } => Ok(WriteOutcome::Readings(
+                super::readings::apply(graph, updates, records, ctx, muts),
+            )),
         }
     }
 }
@@ -277,7 +289,7 @@ pub struct WriteContext {
 }
 
 impl WriteContext {
-    fn new_etag(&self) -> String {
+    pub(crate) fn new_etag(&self) -> String {
         format!("W/\"{}\"", uuid::Uuid::new_v4())
     }
 }
@@ -569,6 +581,15 @@ fn property_metadata(
             .or_else(|| old_meta.and_then(|m| m.get("sourceTime")));
         if let Some(t) = source_time {
             meta.insert("sourceTime".into(), t.clone());
+        }
+        // Quality and sources are the telemetry pipeline's to set (see `readings`): a value a
+        // client writes carries none, an untouched one keeps what it had.
+        if unchanged && let Some(old) = old_meta {
+            for key in ["quality", "sources"] {
+                if let Some(v) = old.get(key) {
+                    meta.insert(key.into(), v.clone());
+                }
+            }
         }
         out.insert(name.clone(), Value::Object(meta));
     }
