@@ -1,0 +1,662 @@
+//! The ingestion pipeline: from envelope bytes to twin updates, quarantine and history, in the
+//! order the crate documentation gives. Signature checks run outside the state lock and in
+//! batches; the decisions that depend on earlier messages (replay windows, rate of change,
+//! fusion) run under the lock, and the resulting write is queued before the lock is released,
+//! so writes reach the store in decision order.
+
+use serde::Serialize;
+use serde_json::Value;
+use twinguard_core::error::{DomainError, DomainResult};
+use twinguard_core::graph::{Graph, PropertyUpdate, Quality};
+use twinguard_core::store::{Mutation, Table};
+
+use crate::anomaly::Detector;
+use crate::envelope::{Envelope, Message, Reject, Verified, verify_batch};
+use crate::fusion::fuse;
+use crate::policy::DEFAULT_ANOMALY_THRESHOLD;
+use crate::records::{HistoryEntry, Quarantined, Review, history_key, quarantine_key};
+use crate::registry::{Status, Suspect};
+use crate::replay::{READING_AHEAD_MS, check_time};
+use crate::service::{Prop, Sensor, State, Telemetry, put};
+
+/// How a message arrived, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Https,
+    Mqtt,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Https => "https",
+            Self::Mqtt => "mqtt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Every reading was applied or recorded.
+    Accepted,
+    /// The signature is valid but at least one reading was held for review.
+    Quarantined,
+    /// The message was refused; nothing of it was stored.
+    Rejected,
+}
+
+/// The answer for one message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    pub status: Verdict,
+    /// The reason code of a rejection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub readings: Vec<ReadingOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReadingOutcome {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub twin: Option<String>,
+    pub status: Verdict,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    #[serde(rename = "anomalyScore", skip_serializing_if = "Option::is_none")]
+    pub anomaly_score: Option<f64>,
+}
+
+impl Outcome {
+    fn rejected(reason: &'static str, device: Option<String>, seq: Option<u64>) -> Self {
+        Self {
+            status: Verdict::Rejected,
+            reason: Some(reason),
+            device,
+            seq,
+            readings: Vec::new(),
+        }
+    }
+}
+
+fn count(transport: Transport, status: &'static str, reason: &'static str) {
+    metrics::counter!(
+        "twinguard_telemetry_messages_total",
+        "transport" => transport.as_str(),
+        "status" => status,
+        "reason" => reason
+    )
+    .increment(1);
+}
+
+/// Everything one batch decides, committed together.
+#[derive(Default)]
+struct Decisions {
+    updates: Vec<PropertyUpdate>,
+    records: Vec<Mutation>,
+    /// `(device, seq)` marked in the replay windows, taken back if the commit fails.
+    marked: Vec<(String, u64)>,
+}
+
+impl Telemetry {
+    /// Ingests signed messages (each a COSE_Sign1 or JWS envelope) and answers each once its
+    /// effects are durable. `Err` only when the store cannot take the batch (retry later);
+    /// every refusal of a message is in its [`Outcome`].
+    pub async fn ingest(
+        &self,
+        messages: Vec<Vec<u8>>,
+        transport: Transport,
+    ) -> DomainResult<Vec<Outcome>> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; messages.len()];
+        // 1. Decode and find each claimed device's key.
+        let mut to_verify = Vec::new();
+        let mut slots = Vec::new();
+        {
+            let state = self.state()?;
+            for (i, bytes) in messages.iter().enumerate() {
+                let envelope = match Envelope::decode(bytes) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        outcomes[i] = Some(self.refuse(transport, &e, None));
+                        continue;
+                    }
+                };
+                let claimed = match envelope.kid() {
+                    Some(kid) => Ok(kid.to_owned()),
+                    None => envelope.claimed_device(),
+                };
+                let id = match claimed {
+                    Ok(id) => id,
+                    Err(e) => {
+                        outcomes[i] = Some(self.refuse(transport, &e, None));
+                        continue;
+                    }
+                };
+                let refused = match state.devices.get(&id) {
+                    None => Some("unknown_device"),
+                    Some(d) if d.status == Status::Revoked => Some("revoked"),
+                    Some(d) if d.status == Status::Suspended => Some("suspended"),
+                    Some(d) => match d.key() {
+                        Some(key) => {
+                            to_verify.push((envelope, id.clone(), key));
+                            slots.push(i);
+                            None
+                        }
+                        None => Some("unknown_device"),
+                    },
+                };
+                if let Some(reason) = refused {
+                    count(transport, "rejected", reason);
+                    tracing::warn!(device = %id, reason, "telemetry message refused");
+                    outcomes[i] = Some(Outcome::rejected(reason, Some(id), None));
+                }
+            }
+        }
+        // 2. Verify signatures, in one batch.
+        let verified = verify_batch(to_verify);
+        let mut believed: Vec<(usize, Verified)> = Vec::new();
+        for (slot, result) in slots.into_iter().zip(verified) {
+            match result {
+                Ok(v) => believed.push((slot, v)),
+                Err(e) => outcomes[slot] = Some(self.refuse(transport, &e, None)),
+            }
+        }
+        // 3. Decide under the lock, queue the write before letting go.
+        let mut decisions = Decisions::default();
+        let pending = {
+            let mut state = self.state()?;
+            let graph = self.inner.twins.snapshot();
+            let now_ms = self.now_ms();
+            let now = self.now_rfc3339();
+            for (slot, verified) in believed {
+                let outcome = self.decide(
+                    &mut state,
+                    &graph,
+                    verified.into_message(),
+                    now_ms,
+                    &now,
+                    &mut decisions,
+                );
+                let status = match outcome.status {
+                    Verdict::Accepted => "accepted",
+                    Verdict::Quarantined => "quarantined",
+                    Verdict::Rejected => "rejected",
+                };
+                count(transport, status, outcome.reason.unwrap_or("none"));
+                outcomes[slot] = Some(outcome);
+            }
+            if decisions.records.is_empty() && decisions.updates.is_empty() {
+                None
+            } else {
+                let updates = std::mem::take(&mut decisions.updates);
+                let records = std::mem::take(&mut decisions.records);
+                match self.submit(updates, records) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        forget(&mut state, &decisions.marked);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        // 4. Answer once durable.
+        if let Some(pending) = pending {
+            match pending.await {
+                Ok(skipped) => {
+                    for result in skipped {
+                        if let Err(skip) = result {
+                            tracing::warn!(
+                                reason = skip.code(),
+                                "an accepted reading could not be applied to its twin"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    forget(&mut *self.state()?, &decisions.marked);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::rejected("internal", None, None)))
+            .collect())
+    }
+
+    fn refuse(&self, transport: Transport, e: &Reject, device: Option<String>) -> Outcome {
+        count(transport, "rejected", e.code());
+        tracing::warn!(reason = e.code(), "telemetry message refused");
+        Outcome::rejected(e.code(), device, None)
+    }
+
+    /// Decides one verified message: time and replay, firmware, then each reading.
+    fn decide(
+        &self,
+        state: &mut State,
+        graph: &Graph,
+        message: Message,
+        now_ms: i64,
+        now: &str,
+        out: &mut Decisions,
+    ) -> Outcome {
+        let device_id = message.device.clone();
+        let rejected =
+            |reason| Outcome::rejected(reason, Some(device_id.clone()), Some(message.seq));
+        if let Err(e) = check_time(message.time, now_ms) {
+            return rejected(e.code());
+        }
+        let window = state.windows.entry(device_id.clone()).or_default();
+        if let Err(e) = window.accept(message.seq) {
+            tracing::warn!(device = %device_id, seq = message.seq, reason = e.code(), "replayed telemetry refused");
+            return rejected(e.code());
+        }
+        out.marked.push((device_id.clone(), message.seq));
+        out.records.push(put(Table::Replay, &device_id, &*window));
+
+        // Firmware attestation: a reported digest is remembered; an unapproved one holds back
+        // every reading of the device until it reports approved firmware again.
+        let Some(device) = state.devices.get_mut(&device_id) else {
+            return rejected("unknown_device");
+        };
+        if message.firmware.is_some() && device.firmware != message.firmware {
+            device.firmware = message.firmware.clone();
+            out.records.push(put(Table::Devices, &device_id, &*device));
+        }
+        let firmware_reason = match &device.firmware {
+            None => Some("firmware_unattested"),
+            Some(digest) => {
+                let approved = state
+                    .firmware
+                    .get(&device.device_model)
+                    .is_some_and(|list| list.digests.contains(digest));
+                (!approved).then_some("firmware_unknown")
+            }
+        };
+        let device = device.clone();
+
+        let mut readings = Vec::with_capacity(message.readings.len());
+        for reading in message.readings {
+            let time_ms = reading.time.unwrap_or(message.time);
+            let twin_id = reading
+                .twin
+                .clone()
+                .or_else(|| device.default_twin().map(str::to_owned));
+            let mut reasons: Vec<String> = Vec::new();
+            if let Some(r) = firmware_reason {
+                reasons.push(r.into());
+            }
+            if time_ms > message.time.saturating_add(READING_AHEAD_MS) {
+                reasons.push("reading_time".into());
+            }
+            let mut score = None;
+            let mut is_property = false;
+            match &twin_id {
+                None => reasons.push("no_twin".into()),
+                Some(twin_id) if !device.may_write(twin_id, &reading.name) => {
+                    reasons.push("not_bound".into());
+                }
+                Some(twin_id) => {
+                    match check_schema(graph, twin_id, &reading.name, &reading.value) {
+                        Err(code) => reasons.push(code.into()),
+                        Ok((property, models)) => {
+                            is_property = property;
+                            let time_s = time_ms as f64 / 1000.0;
+                            let sensor = state
+                                .sensors
+                                .entry((device_id.clone(), twin_id.clone(), reading.name.clone()))
+                                .or_insert_with(|| Sensor {
+                                    detector: Detector::new(&self.inner.detector),
+                                    last: None,
+                                });
+                            let policy = state
+                                .policies
+                                .values()
+                                .find(|p| p.property == reading.name && models.contains(&p.model));
+                            if let Some(policy) = policy {
+                                reasons.extend(
+                                    policy
+                                        .check(&reading.value, time_s, sensor.last)
+                                        .into_iter()
+                                        .map(|v| v.code().to_owned()),
+                                );
+                            }
+                            if let Some(v) = reading.value.as_f64() {
+                                let s = sensor.detector.update(time_s, v);
+                                score = Some(s);
+                                let threshold = policy
+                                    .map_or(DEFAULT_ANOMALY_THRESHOLD, |p| p.anomaly_threshold());
+                                if s >= threshold {
+                                    reasons.push("anomaly".into());
+                                }
+                                if reasons.is_empty() {
+                                    sensor.last = Some((v, time_s));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let source_time = rfc3339_ms(time_ms);
+            if reasons.is_empty() {
+                let Some(twin_id) = twin_id.clone() else {
+                    continue;
+                };
+                out.records.push(put(
+                    Table::History,
+                    &history_key(&twin_id, &reading.name, time_ms, &device_id, message.seq),
+                    &HistoryEntry {
+                        time: source_time.clone(),
+                        value: reading.value.clone(),
+                        device: device_id.clone(),
+                        seq: message.seq,
+                        anomaly_score: score,
+                    },
+                ));
+                if is_property {
+                    self.apply(
+                        state,
+                        &twin_id,
+                        &reading.name,
+                        &device_id,
+                        reading.value.clone(),
+                        time_ms,
+                        now,
+                        out,
+                    );
+                }
+                readings.push(ReadingOutcome {
+                    name: reading.name,
+                    twin: Some(twin_id),
+                    status: Verdict::Accepted,
+                    reasons: Vec::new(),
+                    anomaly_score: score,
+                });
+            } else {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                state.quarantined += 1;
+                let key = quarantine_key(now_ms, state.quarantined, &id);
+                out.records.push(put(
+                    Table::Quarantine,
+                    &key,
+                    &Quarantined {
+                        id: key.clone(),
+                        device: device_id.clone(),
+                        seq: message.seq,
+                        twin: twin_id.clone(),
+                        name: reading.name.clone(),
+                        value: reading.value,
+                        source_time,
+                        received: now.to_owned(),
+                        reasons: reasons.clone(),
+                        anomaly_score: score,
+                        status: Review::Pending,
+                        decided_by: None,
+                        decided_at: None,
+                    },
+                ));
+                for r in &reasons {
+                    metrics::counter!("twinguard_telemetry_quarantined_total", "reason" => r.clone())
+                        .increment(1);
+                }
+                tracing::info!(device = %device_id, seq = message.seq, name = %reading.name, reasons = ?reasons, "reading quarantined");
+                readings.push(ReadingOutcome {
+                    name: reading.name,
+                    twin: twin_id,
+                    status: Verdict::Quarantined,
+                    reasons,
+                    anomaly_score: score,
+                });
+            }
+        }
+        let status = if readings.iter().all(|r| r.status == Verdict::Accepted) {
+            Verdict::Accepted
+        } else {
+            Verdict::Quarantined
+        };
+        Outcome {
+            status,
+            reason: None,
+            device: Some(device_id),
+            seq: Some(message.seq),
+            readings,
+        }
+    }
+
+    /// Moves a property with an accepted reading: directly, or through its sensor group.
+    #[allow(clippy::too_many_arguments)] // the decision's context, spelled out
+    fn apply(
+        &self,
+        state: &mut State,
+        twin: &str,
+        name: &str,
+        device: &str,
+        value: Value,
+        time_ms: i64,
+        now: &str,
+        out: &mut Decisions,
+    ) {
+        let time_s = time_ms as f64 / 1000.0;
+        let now_s = self.now_ms() as f64 / 1000.0;
+        let key = (twin.to_owned(), name.to_owned());
+        let group = state.group_for(twin, name).cloned();
+        let prop = state.props.entry(key).or_default();
+        let Some(group) = group else {
+            if time_ms < prop.applied_ms {
+                return; // an older reading: history only
+            }
+            if let Some(v) = value.as_f64() {
+                prop.forecaster.update(time_s, v);
+            }
+            prop.applied_ms = time_ms;
+            prop.good_s = now_s;
+            prop.quality = Some(Quality::Good);
+            out.updates.push(PropertyUpdate {
+                twin: twin.to_owned(),
+                name: name.to_owned(),
+                value: Some(value),
+                source_time: Some(rfc3339_ms(time_ms)),
+                quality: Quality::Good,
+                sources: vec![device.to_owned()],
+            });
+            return;
+        };
+        if !group.devices.iter().any(|d| d == device) {
+            return; // bound but not a member: recorded in the history, never fused
+        }
+        match prop.latest.iter_mut().find(|(d, _, _)| d == device) {
+            Some(entry) if entry.2 > time_s => return,
+            Some(entry) => *entry = (device.to_owned(), value, time_s),
+            None => prop.latest.push((device.to_owned(), value, time_s)),
+        }
+        let fused = fuse(&group, &prop.latest, now_s);
+        let update = match &fused.value {
+            Some(v) => {
+                if fused.quality == Quality::Good {
+                    if let Some(x) = v.as_f64() {
+                        prop.forecaster.update(time_s, x);
+                    }
+                    prop.good_s = now_s;
+                }
+                prop.applied_ms = prop.applied_ms.max(time_ms);
+                PropertyUpdate {
+                    twin: twin.to_owned(),
+                    name: name.to_owned(),
+                    value: Some(v.clone()),
+                    source_time: Some(rfc3339_ms(time_ms)),
+                    quality: fused.quality,
+                    sources: fused.sources.clone(),
+                }
+            }
+            None => degraded(prop, twin, name, now_s),
+        };
+        prop.quality = Some(update.quality);
+        out.updates.push(update);
+        for suspect in &fused.suspects {
+            metrics::counter!("twinguard_telemetry_suspect_total", "group" => group.id.clone())
+                .increment(1);
+            let last_value = prop
+                .latest
+                .iter()
+                .find(|(d, _, _)| d == suspect)
+                .map(|(_, v, _)| v.clone())
+                .unwrap_or(Value::Null);
+            if let Some(d) = state.devices.get_mut(suspect)
+                && d.suspect.is_none()
+            {
+                tracing::warn!(device = %suspect, group = %group.id, "sensor disagrees with its group; marked suspect");
+                d.suspect = Some(Suspect {
+                    group: group.id.clone(),
+                    since: now.to_owned(),
+                    last_value,
+                    fused_value: fused.value.clone().unwrap_or(Value::Null),
+                });
+                out.records.push(put(Table::Devices, suspect, &*d));
+            }
+        }
+    }
+
+    /// Marks properties whose stream went stale, or whose group lost quorum, as estimated (with
+    /// a forecast) or stale (without one). Run about once a second.
+    pub async fn sweep(&self) -> DomainResult<usize> {
+        let now_s = self.now_ms() as f64 / 1000.0;
+        let pending = {
+            let mut state = self.state()?;
+            let graph = self.inner.twins.snapshot();
+            let mut updates = Vec::new();
+            let limits: Vec<((String, String), f64)> = state
+                .props
+                .keys()
+                .filter_map(|(twin, name)| {
+                    let limit = match state.group_for(twin, name) {
+                        Some(g) => Some(g.fresh_seconds),
+                        None => {
+                            let models = models_of(&graph, twin)?;
+                            state.policy_for(&models, name)?.stale_after_seconds
+                        }
+                    }?;
+                    Some(((twin.clone(), name.clone()), limit))
+                })
+                .collect();
+            for ((twin, name), limit) in limits {
+                let Some(prop) = state.props.get_mut(&(twin.clone(), name.clone())) else {
+                    continue;
+                };
+                let fresh = now_s - prop.good_s <= limit;
+                if fresh || matches!(prop.quality, Some(Quality::Estimated | Quality::Stale)) {
+                    continue;
+                }
+                let update = degraded(prop, &twin, &name, now_s);
+                prop.quality = Some(update.quality);
+                tracing::warn!(twin = %twin, property = %name, quality = update.quality.as_str(), "property degraded");
+                updates.push(update);
+            }
+            if updates.is_empty() {
+                return Ok(0);
+            }
+            let n = updates.len();
+            (self.submit(updates, Vec::new())?, n)
+        };
+        pending.0.await?;
+        Ok(pending.1)
+    }
+
+    /// The properties not currently good: `(twin, property, quality)`. Commands that depend on
+    /// them can require approval (control DI-8, DI-9).
+    pub fn degraded(&self) -> DomainResult<Vec<(String, String, Quality)>> {
+        let state = self.state()?;
+        let mut out: Vec<_> = state
+            .props
+            .iter()
+            .filter_map(|((t, n), p)| match p.quality {
+                Some(q) if q != Quality::Good => Some((t.clone(), n.clone(), q)),
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        Ok(out)
+    }
+}
+
+/// The fallback update for a property without trustworthy input.
+fn degraded(prop: &Prop, twin: &str, name: &str, now_s: f64) -> PropertyUpdate {
+    match prop.forecaster.forecast(now_s) {
+        Some(v) => PropertyUpdate {
+            twin: twin.to_owned(),
+            name: name.to_owned(),
+            value: serde_json::Number::from_f64(v).map(Value::Number),
+            source_time: Some(rfc3339_ms((now_s * 1000.0) as i64)),
+            quality: Quality::Estimated,
+            sources: vec!["forecast".into()],
+        },
+        None => PropertyUpdate {
+            twin: twin.to_owned(),
+            name: name.to_owned(),
+            value: None,
+            source_time: None,
+            quality: Quality::Stale,
+            sources: Vec::new(),
+        },
+    }
+}
+
+fn forget(state: &mut State, marked: &[(String, u64)]) {
+    for (device, seq) in marked {
+        if let Some(w) = state.windows.get_mut(device) {
+            w.forget(*seq);
+        }
+    }
+}
+
+/// The twin's model and every model it extends.
+pub(crate) fn models_of(graph: &Graph, twin: &str) -> Option<Vec<String>> {
+    let twin = graph.twin(twin)?;
+    let entry = graph.model(&twin.model)?;
+    let mut models = vec![entry.interface.id.to_string()];
+    models.extend(entry.interface.ancestors.iter().map(ToString::to_string));
+    Some(models)
+}
+
+/// Checks a reading against the twin's model: `Ok((is_property, models))` when `name` is a
+/// property or telemetry of the twin's model and `value` fits its schema.
+fn check_schema(
+    graph: &Graph,
+    twin: &str,
+    name: &str,
+    value: &Value,
+) -> Result<(bool, Vec<String>), &'static str> {
+    let models = models_of(graph, twin).ok_or("twin_missing")?;
+    let found = graph.twin(twin).and_then(|t| graph.model(&t.model));
+    let Some(entry) = found else {
+        return Err("twin_missing");
+    };
+    let iface = &entry.interface;
+    if let Some(p) = iface.properties.get(name) {
+        p.schema.check(value).map_err(|_| "schema")?;
+        Ok((true, models))
+    } else if let Some(t) = iface.telemetry.get(name) {
+        t.schema.check(value).map_err(|_| "schema")?;
+        Ok((false, models))
+    } else {
+        Err("not_in_model")
+    }
+}
+
+/// RFC 3339 of a millisecond timestamp.
+pub(crate) fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(twinguard_core::clock::rfc3339)
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+impl From<Reject> for DomainError {
+    fn from(e: Reject) -> Self {
+        DomainError::InvalidArgument(format!("the message was refused: {}", e.code()))
+    }
+}

@@ -1,0 +1,621 @@
+//! Administration of the telemetry plane: devices, firmware allowlists, validation policies,
+//! sensor groups, quarantine review and history reads. Every operation authorizes the caller
+//! here, in the domain; changes are committed durably before they take effect or are answered.
+
+use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use twinguard_core::auth::{Action, Principal};
+use twinguard_core::error::{DomainError, DomainResult};
+use twinguard_core::graph::{PropertyUpdate, Quality};
+use twinguard_core::store::{Mutation, Table};
+
+use crate::envelope::{DeviceKey, generate_key};
+use crate::fusion::SensorGroup;
+use crate::ingest::rfc3339_ms;
+use crate::policy::Policy;
+use crate::records::{
+    Bucket, HistoryEntry, Quarantined, Review, downsample, history_bound, history_key,
+};
+use crate::registry::{Binding, Device, FirmwareList, Status, check_device_id};
+use crate::service::{Telemetry, put};
+
+/// A device to register: either its public key (a JWK object or an SPKI PEM string) or
+/// `"generate": true` for a key pair made here, whose private key is handed out once.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewDevice {
+    #[serde(default)]
+    pub public_key: Option<Value>,
+    #[serde(default)]
+    pub generate: bool,
+    pub device_model: String,
+    #[serde(default)]
+    pub bindings: Vec<Binding>,
+}
+
+#[derive(Debug)]
+pub struct Registered {
+    pub device: Device,
+    /// PKCS#8 PEM, present only when the key pair was generated here; shown once, kept nowhere.
+    pub private_key: Option<Zeroizing<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusChange {
+    Suspend,
+    /// Back to active; also clears a suspect mark.
+    Resume,
+    Revoke,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Release,
+    Discard,
+}
+
+/// A history read: raw readings, or buckets when an interval is given.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct History {
+    pub twin: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readings: Option<Vec<HistoryEntry>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Vec<Bucket>>,
+    /// True when `limit` cut the answer short.
+    pub truncated: bool,
+}
+
+/// Which part of a history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryQuery {
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Bucket width for downsampling; `None` returns raw readings.
+    pub interval_ms: Option<i64>,
+    /// Most raw readings returned.
+    pub limit: usize,
+}
+
+/// Most readings one history read returns.
+pub const MAX_HISTORY: usize = 10_000;
+/// Most readings a downsampled history read summarises.
+pub const MAX_DOWNSAMPLED: usize = 1_000_000;
+
+fn not_found(kind: &'static str, id: &str) -> DomainError {
+    DomainError::NotFound {
+        kind,
+        id: id.to_owned(),
+    }
+}
+
+fn check_name(kind: &str, id: &str) -> DomainResult<()> {
+    check_device_id(id).map_err(|_| {
+        DomainError::InvalidArgument(format!(
+            "a {kind} ID is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+        ))
+    })
+}
+
+impl Telemetry {
+    // ---- devices ----
+
+    pub async fn register_device(
+        &self,
+        caller: &Principal,
+        id: &str,
+        new: NewDevice,
+    ) -> DomainResult<Registered> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        check_name("device", id)?;
+        check_name("device model", &new.device_model)?;
+        let (key, private_key) = match (new.public_key, new.generate) {
+            (Some(_), true) | (None, false) => {
+                return Err(DomainError::InvalidArgument(
+                    "give either publicKey or \"generate\": true".into(),
+                ));
+            }
+            (None, true) => {
+                let (key, pem) = generate_key()
+                    .map_err(|_| DomainError::Internal("a device key pair could not be made"))?;
+                (key, Some(pem))
+            }
+            (Some(Value::String(pem)), false) => (parse_key(DeviceKey::from_pem(&pem))?, None),
+            (Some(jwk), false) => (parse_key(DeviceKey::from_jwk(&jwk))?, None),
+        };
+        check_bindings(&new.bindings)?;
+        let thumbprint = key.thumbprint();
+        let device = Device {
+            id: id.to_owned(),
+            public_key: key.to_jwk(),
+            key_thumbprint: thumbprint.clone(),
+            device_model: new.device_model,
+            bindings: new.bindings,
+            status: Status::Active,
+            firmware: None,
+            suspect: None,
+            created: self.now_rfc3339(),
+        };
+        let pending = {
+            let mut state = self.state()?;
+            if state.devices.contains_key(id) {
+                return Err(DomainError::Conflict(format!(
+                    "a device with ID '{id}' is already registered"
+                )));
+            }
+            if state
+                .devices
+                .values()
+                .any(|d| d.key_thumbprint == thumbprint)
+            {
+                return Err(DomainError::Conflict(
+                    "this public key is registered to another device; every device needs its own key"
+                        .into(),
+                ));
+            }
+            let pending = self.submit(Vec::new(), vec![put(Table::Devices, id, &device)])?;
+            state.devices.insert(id.to_owned(), device.clone());
+            pending
+        };
+        if let Err(e) = pending.await {
+            self.state()?.devices.remove(id);
+            return Err(e);
+        }
+        tracing::info!(device = %id, "device registered");
+        Ok(Registered {
+            device,
+            private_key,
+        })
+    }
+
+    pub fn devices(&self, caller: &Principal) -> DomainResult<Vec<Device>> {
+        caller.authorize(Action::DevicesRead)?;
+        let mut all: Vec<Device> = self.state()?.devices.values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+
+    pub fn device(&self, caller: &Principal, id: &str) -> DomainResult<Device> {
+        caller.authorize(Action::DevicesRead)?;
+        self.state()?
+            .devices
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found("device", id))
+    }
+
+    pub async fn set_bindings(
+        &self,
+        caller: &Principal,
+        id: &str,
+        bindings: Vec<Binding>,
+    ) -> DomainResult<Device> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        check_bindings(&bindings)?;
+        self.change_device(id, |d| {
+            d.bindings = bindings;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Suspends, resumes or revokes a device. The change applies to the next message the
+    /// device sends, on every transport; a revocation cannot be undone.
+    pub async fn set_status(
+        &self,
+        caller: &Principal,
+        id: &str,
+        change: StatusChange,
+    ) -> DomainResult<Device> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        let device = self
+            .change_device(id, |d| {
+                if d.status == Status::Revoked {
+                    return Err(DomainError::Conflict(
+                        "the device is revoked; register a new device".into(),
+                    ));
+                }
+                match change {
+                    StatusChange::Suspend => d.status = Status::Suspended,
+                    StatusChange::Resume => {
+                        d.status = Status::Active;
+                        d.suspect = None;
+                    }
+                    StatusChange::Revoke => d.status = Status::Revoked,
+                }
+                Ok(())
+            })
+            .await?;
+        tracing::warn!(device = %id, status = ?device.status, "device status changed");
+        Ok(device)
+    }
+
+    /// Applies `f` to a device, commits it, and makes it current; the lock is held while the
+    /// write is queued so the store sees changes in the order the state does.
+    async fn change_device(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Device) -> DomainResult<()>,
+    ) -> DomainResult<Device> {
+        let (pending, before, after) = {
+            let mut state = self.state()?;
+            let before = state
+                .devices
+                .get(id)
+                .cloned()
+                .ok_or_else(|| not_found("device", id))?;
+            let mut after = before.clone();
+            f(&mut after)?;
+            let pending = self.submit(Vec::new(), vec![put(Table::Devices, id, &after)])?;
+            state.devices.insert(id.to_owned(), after.clone());
+            (pending, before, after)
+        };
+        if let Err(e) = pending.await {
+            self.state()?.devices.insert(id.to_owned(), before);
+            return Err(e);
+        }
+        Ok(after)
+    }
+
+    // ---- firmware ----
+
+    pub async fn put_firmware(
+        &self,
+        caller: &Principal,
+        device_model: &str,
+        mut list: FirmwareList,
+    ) -> DomainResult<FirmwareList> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        check_name("device model", device_model)?;
+        list.device_model = device_model.to_owned();
+        list.check_definition()
+            .map_err(DomainError::InvalidArgument)?;
+        self.commit(vec![put(Table::Firmware, device_model, &list)])
+            .await?;
+        self.state()?
+            .firmware
+            .insert(device_model.to_owned(), list.clone());
+        Ok(list)
+    }
+
+    pub fn firmware(&self, caller: &Principal) -> DomainResult<Vec<FirmwareList>> {
+        caller.authorize(Action::DevicesRead)?;
+        let mut all: Vec<_> = self.state()?.firmware.values().cloned().collect();
+        all.sort_by(|a, b| a.device_model.cmp(&b.device_model));
+        Ok(all)
+    }
+
+    // ---- policies ----
+
+    pub async fn put_policy(
+        &self,
+        caller: &Principal,
+        id: &str,
+        mut policy: Policy,
+    ) -> DomainResult<Policy> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        check_name("policy", id)?;
+        policy.id = id.to_owned();
+        policy
+            .check_definition()
+            .map_err(DomainError::InvalidArgument)?;
+        {
+            let state = self.state()?;
+            if state
+                .policies
+                .values()
+                .any(|p| p.id != id && p.model == policy.model && p.property == policy.property)
+            {
+                return Err(DomainError::Conflict(
+                    "another policy already covers this model and property".into(),
+                ));
+            }
+        }
+        self.commit(vec![put(Table::Policies, id, &policy)]).await?;
+        self.state()?.policies.insert(id.to_owned(), policy.clone());
+        Ok(policy)
+    }
+
+    pub fn policies(&self, caller: &Principal) -> DomainResult<Vec<Policy>> {
+        caller.authorize(Action::DevicesRead)?;
+        let mut all: Vec<_> = self.state()?.policies.values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+
+    pub async fn delete_policy(&self, caller: &Principal, id: &str) -> DomainResult<()> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        if !self.state()?.policies.contains_key(id) {
+            return Err(not_found("policy", id));
+        }
+        self.commit(vec![Mutation::delete(Table::Policies, id)])
+            .await?;
+        self.state()?.policies.remove(id);
+        Ok(())
+    }
+
+    // ---- sensor groups ----
+
+    pub async fn put_group(
+        &self,
+        caller: &Principal,
+        id: &str,
+        mut group: SensorGroup,
+    ) -> DomainResult<SensorGroup> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        check_name("sensor group", id)?;
+        group.id = id.to_owned();
+        group
+            .check_definition()
+            .map_err(DomainError::InvalidArgument)?;
+        {
+            let state = self.state()?;
+            if state
+                .groups
+                .values()
+                .any(|g| g.id != id && g.twin == group.twin && g.property == group.property)
+            {
+                return Err(DomainError::Conflict(
+                    "another sensor group already feeds this property".into(),
+                ));
+            }
+        }
+        self.commit(vec![put(Table::SensorGroups, id, &group)])
+            .await?;
+        self.state()?.groups.insert(id.to_owned(), group.clone());
+        Ok(group)
+    }
+
+    pub fn groups(&self, caller: &Principal) -> DomainResult<Vec<SensorGroup>> {
+        caller.authorize(Action::DevicesRead)?;
+        let mut all: Vec<_> = self.state()?.groups.values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+
+    pub async fn delete_group(&self, caller: &Principal, id: &str) -> DomainResult<()> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        if !self.state()?.groups.contains_key(id) {
+            return Err(not_found("sensor group", id));
+        }
+        self.commit(vec![Mutation::delete(Table::SensorGroups, id)])
+            .await?;
+        self.state()?.groups.remove(id);
+        Ok(())
+    }
+
+    // ---- quarantine ----
+
+    /// Quarantined readings in arrival order, `status` only (pending by default), at most
+    /// `limit`, starting after the key `after`.
+    pub fn quarantine(
+        &self,
+        caller: &Principal,
+        status: Option<Review>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> DomainResult<Vec<Quarantined>> {
+        caller.authorize_instance(Action::QuarantineReview)?;
+        let status = status.unwrap_or(Review::Pending);
+        let mut from = after.map(|a| format!("{a}\u{0}")).unwrap_or_default();
+        let mut out = Vec::new();
+        // Read in pages so a long history of decided records does not load at once.
+        loop {
+            let page = self
+                .inner
+                .store
+                .range(Table::Quarantine, &from, "\u{7f}", 1_000)
+                .map_err(|_| DomainError::Unavailable)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            from = format!("{last}\u{0}");
+            for (_, bytes) in &page {
+                if let Ok(q) = serde_json::from_slice::<Quarantined>(bytes)
+                    && q.status == status
+                {
+                    out.push(q);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn quarantined(&self, caller: &Principal, id: &str) -> DomainResult<Quarantined> {
+        caller.authorize_instance(Action::QuarantineReview)?;
+        self.read_quarantined(id)
+    }
+
+    fn read_quarantined(&self, id: &str) -> DomainResult<Quarantined> {
+        let found = self
+            .inner
+            .store
+            .range(Table::Quarantine, id, &format!("{id}\u{0}"), 1)
+            .map_err(|_| DomainError::Unavailable)?;
+        found
+            .into_iter()
+            .find(|(k, _)| k == id)
+            .and_then(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| not_found("quarantined reading", id))
+    }
+
+    /// Releases a held reading (it is applied to the twin as the reviewer's decision) or
+    /// discards it. Either way the record stays, with who decided and when.
+    pub async fn review(
+        &self,
+        caller: &Principal,
+        id: &str,
+        decision: Decision,
+    ) -> DomainResult<Quarantined> {
+        caller.authorize_instance(Action::QuarantineReview)?;
+        let mut record = self.read_quarantined(id)?;
+        if record.status != Review::Pending {
+            return Err(DomainError::Conflict(
+                "the reading was already reviewed".into(),
+            ));
+        }
+        record.status = match decision {
+            Decision::Release => Review::Released,
+            Decision::Discard => Review::Discarded,
+        };
+        record.decided_by = Some(caller.subject.clone());
+        record.decided_at = Some(self.now_rfc3339());
+        let mut records = vec![put(Table::Quarantine, id, &record)];
+        let mut updates = Vec::new();
+        if decision == Decision::Release {
+            let Some(twin) = record.twin.clone() else {
+                return Err(DomainError::Conflict(
+                    "the reading names no twin; it can only be discarded".into(),
+                ));
+            };
+            let time_ms = time::OffsetDateTime::parse(
+                &record.source_time,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+            .unwrap_or_else(|_| self.now_ms());
+            records.push(put(
+                Table::History,
+                &history_key(&twin, &record.name, time_ms, &record.device, record.seq),
+                &HistoryEntry {
+                    time: record.source_time.clone(),
+                    value: record.value.clone(),
+                    device: record.device.clone(),
+                    seq: record.seq,
+                    anomaly_score: record.anomaly_score,
+                },
+            ));
+            let graph = self.inner.twins.snapshot();
+            let is_property = graph
+                .twin(&twin)
+                .and_then(|t| graph.model(&t.model))
+                .is_some_and(|m| m.interface.properties.contains_key(&record.name));
+            if is_property {
+                updates.push(PropertyUpdate {
+                    twin,
+                    name: record.name.clone(),
+                    value: Some(record.value.clone()),
+                    source_time: Some(record.source_time.clone()),
+                    quality: Quality::Good,
+                    sources: vec![record.device.clone()],
+                });
+            }
+        }
+        let results = self.submit(updates, records)?.await?;
+        if let Some(Err(skip)) = results.into_iter().next() {
+            tracing::warn!(id = %id, reason = skip.code(), "a released reading could not be applied");
+        }
+        tracing::info!(id = %id, decision = ?decision, by = %caller.subject, "quarantined reading reviewed");
+        Ok(record)
+    }
+
+    // ---- history ----
+
+    /// Accepted readings of `twin`'s `name` with `from_ms <= time < to_ms`, raw or in buckets
+    /// of `interval_ms`. The caller must be allowed to read the twin.
+    pub fn history(
+        &self,
+        caller: &Principal,
+        twin: &str,
+        name: &str,
+        query: HistoryQuery,
+    ) -> DomainResult<History> {
+        let HistoryQuery {
+            from_ms,
+            to_ms,
+            interval_ms,
+            limit,
+        } = query;
+        self.inner.twins.twin(caller, twin)?;
+        if from_ms >= to_ms {
+            return Err(DomainError::InvalidArgument(
+                "from must be earlier than to".into(),
+            ));
+        }
+        let cap = match interval_ms {
+            Some(i) if i <= 0 => {
+                return Err(DomainError::InvalidArgument(
+                    "interval must be positive".into(),
+                ));
+            }
+            Some(_) => MAX_DOWNSAMPLED,
+            None => limit.clamp(1, MAX_HISTORY),
+        };
+        let rows = self
+            .inner
+            .store
+            .range(
+                Table::History,
+                &history_bound(twin, name, from_ms),
+                &history_bound(twin, name, to_ms),
+                cap + 1,
+            )
+            .map_err(|_| DomainError::Unavailable)?;
+        let truncated = rows.len() > cap;
+        let entries: Vec<HistoryEntry> = rows
+            .into_iter()
+            .take(cap)
+            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+            .collect();
+        let mut history = History {
+            twin: twin.to_owned(),
+            name: name.to_owned(),
+            readings: None,
+            buckets: None,
+            truncated,
+        };
+        match interval_ms {
+            None => history.readings = Some(entries),
+            Some(interval) => {
+                let points: Vec<(i64, f64)> = entries
+                    .iter()
+                    .filter_map(|e| {
+                        let t = time::OffsetDateTime::parse(
+                            &e.time,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()?;
+                        Some((
+                            (t.unix_timestamp_nanos() / 1_000_000) as i64,
+                            e.value.as_f64()?,
+                        ))
+                    })
+                    .collect();
+                history.buckets = Some(
+                    downsample(&points, from_ms, interval)
+                        .into_iter()
+                        .map(|(start, mut b)| {
+                            b.start = rfc3339_ms(start);
+                            b
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Ok(history)
+    }
+}
+
+fn parse_key<E: std::fmt::Display>(key: Result<DeviceKey, E>) -> DomainResult<DeviceKey> {
+    key.map_err(|e| DomainError::InvalidArgument(format!("the public key is not usable: {e}")))
+}
+
+fn check_bindings(bindings: &[Binding]) -> DomainResult<()> {
+    if bindings.len() > 64
+        || bindings
+            .iter()
+            .any(|b| b.names.is_empty() || b.names.len() > 256)
+    {
+        return Err(DomainError::InvalidArgument(
+            "a device has at most 64 bindings, each naming 1 to 256 properties or telemetry".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! What the pipeline stores besides the twin: quarantined readings (control DI-5, DI-6, DI-4)
+//! and the history of accepted ones, each under keys that sort the way they are read.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Review {
+    Pending,
+    Released,
+    Discarded,
+}
+
+/// A reading with a valid signature that was not applied, kept for a reviewer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quarantined {
+    pub id: String,
+    pub device: String,
+    pub seq: u64,
+    /// `None` when the reading named no twin and the device is bound to several.
+    pub twin: Option<String>,
+    pub name: String,
+    pub value: Value,
+    /// RFC 3339 time the reading was measured.
+    pub source_time: String,
+    pub received: String,
+    /// Stable reason codes, e.g. `above_max`, `anomaly`, `firmware_unknown`.
+    pub reasons: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly_score: Option<f64>,
+    pub status: Review,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<String>,
+}
+
+/// Quarantine keys sort by arrival: milliseconds, then the order of arrival within this run,
+/// then a random suffix that keeps keys of different runs apart.
+pub fn quarantine_key(received_ms: i64, order: u64, suffix: &str) -> String {
+    format!("{:016}-{order:012}-{suffix}", received_ms.max(0))
+}
+
+/// One accepted reading in the history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub time: String,
+    pub value: Value,
+    pub device: String,
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly_score: Option<f64>,
+}
+
+const SEP: char = '\u{1f}';
+
+/// History keys: twin, name, then the measurement time in zero-padded milliseconds, so a range
+/// of keys is a range of time; device and sequence number keep keys unique.
+pub fn history_key(twin: &str, name: &str, time_ms: i64, device: &str, seq: u64) -> String {
+    format!(
+        "{}{SEP}{time:016}{SEP}{device}{SEP}{seq:020}",
+        history_prefix(twin, name),
+        time = time_ms.max(0)
+    )
+}
+
+/// The first key of `twin`'s `name` at `time_ms`.
+pub fn history_bound(twin: &str, name: &str, time_ms: i64) -> String {
+    format!("{}{SEP}{:016}", history_prefix(twin, name), time_ms.max(0))
+}
+
+fn history_prefix(twin: &str, name: &str) -> String {
+    format!("{twin}{SEP}{name}")
+}
+
+/// One bucket of a downsampled history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bucket {
+    pub start: String,
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub last: f64,
+}
+
+/// Downsamples numeric `(time_ms, value)` points into buckets of `interval_ms` starting at
+/// `from_ms`; non-numeric values are left out.
+pub fn downsample(points: &[(i64, f64)], from_ms: i64, interval_ms: i64) -> Vec<(i64, Bucket)> {
+    let mut out: Vec<(i64, Bucket)> = Vec::new();
+    for &(t, v) in points {
+        let start = from_ms + (t - from_ms).div_euclid(interval_ms.max(1)) * interval_ms.max(1);
+        match out.last_mut() {
+            Some((s, b)) if *s == start => {
+                b.count += 1;
+                b.min = b.min.min(v);
+                b.max = b.max.max(v);
+                b.mean += (v - b.mean) / b.count as f64;
+                b.last = v;
+            }
+            _ => out.push((
+                start,
+                Bucket {
+                    start: String::new(),
+                    count: 1,
+                    min: v,
+                    max: v,
+                    mean: v,
+                    last: v,
+                },
+            )),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keys_sort_by_time_within_a_property() {
+        let a = history_key("t", "temp", 999, "d", 5);
+        let b = history_key("t", "temp", 1_000, "d", 1);
+        let c = history_key("t", "tempo", 0, "d", 1);
+        assert!(a < b);
+        assert!(history_bound("t", "temp", 0) <= a);
+        assert!(b < history_bound("t", "temp", 1_001));
+        assert!(c > history_bound("t", "temp", i64::MAX));
+    }
+
+    #[test]
+    fn downsampling_summarises_each_interval() {
+        let points = [(0, 1.0), (500, 3.0), (1_000, 10.0), (2_500, 4.0)];
+        let buckets = downsample(&points, 0, 1_000);
+        assert_eq!(buckets.len(), 3);
+        assert_eq!(
+            (buckets[0].1.count, buckets[0].1.mean, buckets[0].1.max),
+            (2, 2.0, 3.0)
+        );
+        assert_eq!(buckets[2].0, 2_000);
+    }
+}

@@ -1,0 +1,201 @@
+//! The telemetry service: the registry, policies, groups and per-stream state in memory, loaded
+//! from the store at start, and every change committed through the twin service's writer so that
+//! it lands in the same durable transaction as the twin updates it goes with.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use twinguard_core::auth::{Principal, TELEMETRY_WRITER};
+use twinguard_core::clock::Clock;
+use twinguard_core::error::{DomainError, DomainResult};
+use twinguard_core::graph::{PropertyUpdate, Quality, Skipped, WriteOp, WriteOutcome};
+use twinguard_core::service::TwinService;
+use twinguard_core::store::{Mutation, Store, StoreError, Table};
+
+use crate::anomaly::{Detector, DetectorConfig};
+use crate::forecast::Forecaster;
+use crate::fusion::SensorGroup;
+use crate::policy::Policy;
+use crate::registry::{Device, FirmwareList};
+use crate::replay::ReplayWindow;
+
+/// One device's stream of one name on one twin: what judges its next reading.
+#[derive(Debug)]
+pub(crate) struct Sensor {
+    pub detector: Detector,
+    /// The last accepted reading `(value, time_s)`, for the rate-of-change limit.
+    pub last: Option<(f64, f64)>,
+}
+
+/// One property of one twin: what the twin shows and what it falls back to.
+#[derive(Debug, Default)]
+pub(crate) struct Prop {
+    pub forecaster: Forecaster,
+    /// Measurement time (ms) of the value the twin shows, so older readings do not overwrite it.
+    pub applied_ms: i64,
+    /// When the property last got a good value (s).
+    pub good_s: f64,
+    pub quality: Option<Quality>,
+    /// Each group member's latest accepted reading `(device, value, time_s)`.
+    pub latest: Vec<(String, Value, f64)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub devices: HashMap<String, Device>,
+    pub firmware: HashMap<String, FirmwareList>,
+    pub policies: HashMap<String, Policy>,
+    pub groups: HashMap<String, SensorGroup>,
+    pub windows: HashMap<String, ReplayWindow>,
+    pub sensors: HashMap<(String, String, String), Sensor>,
+    pub props: HashMap<(String, String), Prop>,
+    /// Readings quarantined in this run, for the order of their keys.
+    pub quarantined: u64,
+}
+
+impl State {
+    pub fn group_for(&self, twin: &str, name: &str) -> Option<&SensorGroup> {
+        self.groups
+            .values()
+            .find(|g| g.twin == twin && g.property == name)
+    }
+
+    /// The policy for `name` on a twin of `model` (or of a model it extends).
+    pub fn policy_for(&self, models: &[String], name: &str) -> Option<&Policy> {
+        self.policies
+            .values()
+            .find(|p| p.property == name && models.contains(&p.model))
+    }
+}
+
+pub(crate) struct Inner {
+    pub twins: TwinService,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    /// The pipeline's own principal: telemetry writes at instance scope, nothing else.
+    pub system: Principal,
+    pub detector: DetectorConfig,
+    pub state: Mutex<State>,
+}
+
+/// The trusted telemetry service. Cheap to clone.
+#[derive(Clone)]
+pub struct Telemetry {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored {0} record '{1}' is unreadable")]
+    Corrupt(&'static str, String),
+}
+
+fn load<T: DeserializeOwned>(
+    store: &dyn Store,
+    table: Table,
+    kind: &'static str,
+) -> Result<Vec<(String, T)>, OpenError> {
+    store
+        .scan(table)?
+        .into_iter()
+        .map(|(key, bytes)| {
+            serde_json::from_slice(&bytes)
+                .map(|v| (key.clone(), v))
+                .map_err(|_| OpenError::Corrupt(kind, key))
+        })
+        .collect()
+}
+
+impl Telemetry {
+    /// Loads the registry, policies, groups and replay windows from `store`, which must be the
+    /// store `twins` commits to.
+    pub fn open(
+        twins: TwinService,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, OpenError> {
+        let mut state = State::default();
+        for (key, device) in load::<Device>(store.as_ref(), Table::Devices, "device")? {
+            state.devices.insert(key, device);
+        }
+        for (key, list) in load::<FirmwareList>(store.as_ref(), Table::Firmware, "firmware")? {
+            state.firmware.insert(key, list);
+        }
+        for (key, policy) in load::<Policy>(store.as_ref(), Table::Policies, "policy")? {
+            state.policies.insert(key, policy);
+        }
+        for (key, group) in load::<SensorGroup>(store.as_ref(), Table::SensorGroups, "group")? {
+            state.groups.insert(key, group);
+        }
+        for (key, window) in load::<ReplayWindow>(store.as_ref(), Table::Replay, "replay")? {
+            state.windows.insert(key, window);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                twins,
+                store,
+                clock,
+                system: Principal::with_roles("system:telemetry", &[TELEMETRY_WRITER]),
+                detector: DetectorConfig::default(),
+                state: Mutex::new(state),
+            }),
+        })
+    }
+
+    pub(crate) fn state(&self) -> DomainResult<MutexGuard<'_, State>> {
+        self.inner
+            .state
+            .lock()
+            .map_err(|_| DomainError::Internal("the telemetry state is poisoned"))
+    }
+
+    pub(crate) fn now_ms(&self) -> i64 {
+        (self.inner.clock.now().unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    pub(crate) fn now_rfc3339(&self) -> String {
+        twinguard_core::clock::rfc3339(self.inner.clock.now())
+    }
+
+    /// Queues twin updates and records as one durable write (see [`TwinService::submit`]).
+    pub(crate) fn submit(
+        &self,
+        updates: Vec<PropertyUpdate>,
+        records: Vec<Mutation>,
+    ) -> DomainResult<impl Future<Output = DomainResult<Vec<Result<(), Skipped>>>> + Send + 'static>
+    {
+        let pending = self.inner.twins.submit(
+            &self.inner.system,
+            WriteOp::ApplyReadings { updates, records },
+        )?;
+        Ok(async move {
+            match pending.await? {
+                WriteOutcome::Readings(results) => Ok(results),
+                _ => Err(DomainError::Internal(
+                    "a telemetry write produced no answer",
+                )),
+            }
+        })
+    }
+
+    /// Commits `records` durably (registry and review changes).
+    pub(crate) async fn commit(&self, records: Vec<Mutation>) -> DomainResult<()> {
+        self.submit(Vec::new(), records)?.await.map(|_| ())
+    }
+}
+
+/// A JSON record for the store.
+pub(crate) fn put<T: Serialize>(table: Table, key: &str, value: &T) -> Mutation {
+    Mutation::put(table, key, serde_json::to_vec(value).unwrap_or_default())
+}

@@ -1,0 +1,7 @@
+//! Integration tests of twinguard-telemetry, in one test binary.
+
+// Test helpers outside `#[test]` functions fail loudly on broken fixtures by design.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod pipeline;
+mod wycheproof_ed25519;
