@@ -31,7 +31,7 @@ trap cleanup EXIT
 
 start_server() { # $1 data dir -> sets BASE and SERVER_PID
     mkfifo "$WORK/out.$$"
-    TWINGUARD_LOG=warn "$TG" serve --data-dir "$1" --api-listen 127.0.0.1:0 >"$WORK/out.$$" 2>"$1.log" &
+    TWINGUARD_LOG=warn "$TG" serve --data-dir "$1" --api-listen 127.0.0.1:0 --device-listen off >"$WORK/out.$$" 2>"$1.log" &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
     read -r line <"$WORK/out.$$"

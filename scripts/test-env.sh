@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up what the Python end-to-end tests need: a virtualenv at <repo>/.venv with the pinned
-# packages of tests/sdk/requirements.txt, and THC hydra and rsyslog from Debian. Idempotent,
+# packages of tests/sdk/requirements.txt, and THC hydra, rsyslog and Mosquitto from Debian. Idempotent,
 # and a fast no-op when all are there (a stamp holds the hash of the requirements the venv was
 # built from).
 # Works on a fresh Debian machine as root: installs python3-venv if the venv module is missing.
@@ -25,6 +25,11 @@ fi
 # A real syslog collector (with its TLS driver) receives the SIEM export in the tests.
 if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 2>&1; then
     apt_install rsyslog rsyslog-gnutls
+fi
+
+# Mosquitto: the tests start a TLS broker of their own beside the machine's plain one.
+if ! command -v mosquitto >/dev/null 2>&1; then
+    apt_install mosquitto
 fi
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$venv/bin/python" -c '' 2>/dev/null; then

@@ -10,9 +10,11 @@ Environment:
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import queue
+import socket
 import subprocess
 import threading
 import time
@@ -23,12 +25,17 @@ import pytest
 import requests
 from azure.core.credentials import AccessToken
 from azure.digitaltwins.core import DigitalTwinsClient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 10
 HTTP_TIMEOUT_S = 30
 LISTENING_PREFIX = "twinguard: api listening on "
+DEVICE_PREFIX = "twinguard: device plane listening on "
 
 
 class ClientSecretCredential:
@@ -84,6 +91,7 @@ class Server:
     client_secret: str
     token_endpoint: str
     stderr_path: Path
+    device_endpoint: str | None = None
 
     def credential(self) -> ClientSecretCredential:
         return ClientSecretCredential(self.token_endpoint, self.client_id, self.client_secret, self.ca_path)
@@ -151,7 +159,17 @@ def _serve(tmp_path_factory, extra_args=()):
     stderr_path = tmp / "server-stderr.jsonl"
     with open(stderr_path, "wb") as stderr_file:
         process = subprocess.Popen(
-            [str(_binary()), "serve", "--data-dir", str(data_dir), "--api-listen", "127.0.0.1:0", *extra_args],
+            [
+                str(_binary()),
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--api-listen",
+                "127.0.0.1:0",
+                "--device-listen",
+                "127.0.0.1:0",
+                *extra_args,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr_file,
@@ -175,6 +193,13 @@ def _serve(tmp_path_factory, extra_args=()):
                 raise RuntimeError(f"twinguard exited with {process.wait(timeout=5)} before listening")
             if line.startswith(LISTENING_PREFIX):
                 endpoint = line[len(LISTENING_PREFIX):].strip()
+        device_endpoint = None
+        while device_endpoint is None and "off" not in extra_args:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            if line is None:
+                raise RuntimeError("twinguard exited before its device plane listened")
+            if line.startswith(DEVICE_PREFIX):
+                device_endpoint = line[len(DEVICE_PREFIX):].strip()
         assert endpoint.startswith("https://"), endpoint
         secrets = json.loads((data_dir / "secrets" / "admin-client.json").read_text())
         srv = Server(
@@ -185,6 +210,7 @@ def _serve(tmp_path_factory, extra_args=()):
             client_secret=secrets["client_secret"],
             token_endpoint=secrets["token_endpoint"],
             stderr_path=stderr_path,
+            device_endpoint=device_endpoint,
         )
     except BaseException:
         _stop(process)
@@ -216,3 +242,41 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(autouse=True)
 def _remember_server(request, server):
     request.session._twinguard_server = server
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_test_ca(directory, name: str = "localhost"):
+    """Writes a throwaway CA (ca.pem) and a server certificate for `name` (cert.pem, key.pem)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twinguard test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    )

@@ -5,7 +5,6 @@ receiver is then stopped while requests go on, and started again: nothing is los
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
 import signal
@@ -16,50 +15,10 @@ import uuid
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from conftest import HTTP_TIMEOUT_S, _serve
+from conftest import HTTP_TIMEOUT_S, _serve, free_port, make_test_ca
 
 WAIT_S = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ca_and_cert(directory):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "siem test CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "cert.pem").write_bytes(cert.public_bytes(pem))
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
-    )
 
 
 class Rsyslog:
@@ -108,8 +67,8 @@ action(type="omfile" file="{self.received}" template="raw")
 def collector(tmp_path_factory):
     assert shutil.which("rsyslogd"), "rsyslog is installed by scripts/test-env.sh"
     directory = tmp_path_factory.mktemp("rsyslog")
-    _ca_and_cert(directory)
-    receiver = Rsyslog(directory, _free_port())
+    make_test_ca(directory)
+    receiver = Rsyslog(directory, free_port())
     receiver.start()
     yield receiver
     receiver.stop()

@@ -11,6 +11,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod ingest;
+
 #[derive(Debug, Parser)]
 struct Cli {
     /// The server's data directory (for the CA and the admin credential).
@@ -35,6 +37,28 @@ enum Command {
         relationships_per_twin: usize,
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+    },
+    /// Signed telemetry ingestion over the device plane (and MQTT), against this machine's
+    /// Ed25519 batch verification rate.
+    Ingest {
+        /// The device plane's URL.
+        #[arg(long)]
+        device_plane: String,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Messages per HTTPS phase.
+        #[arg(long, default_value_t = 40_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 250)]
+        batch: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// The broker the server subscribes to, mqtt://HOST:PORT.
+        #[arg(long)]
+        mqtt: Option<String>,
+        /// The topic to publish on (under the server's --mqtt-topic filter).
+        #[arg(long, default_value = "twinguard/telemetry/bench")]
+        topic: String,
     },
     /// Run a query template sequentially and print latency percentiles. `{id}` in the template
     /// is replaced by a random twin ID below `--twins`.
@@ -317,6 +341,62 @@ fn main() -> anyhow::Result<()> {
             } => {
                 let api = Arc::new(Api::connect(&cli.data_dir, &cli.base, 8).await?);
                 load(api, twins, relationships_per_twin, concurrency).await?;
+            }
+            Command::Ingest {
+                device_plane,
+                devices,
+                messages,
+                batch,
+                concurrency,
+                mqtt,
+                topic,
+            } => {
+                let reference = ingest::verify_rate(2, 20_000)?;
+                println!("ed25519_batch_verify_per_s={reference:.0} (2 threads, batches of 256)");
+                let api = Arc::new(Api::connect(&cli.data_dir, &cli.base, concurrency).await?);
+                let mut fleet = ingest::setup(&api, devices).await?;
+                let warm = fleet.sign(2_000, 1);
+                ingest::https(&api, &device_plane, warm, batch, concurrency).await?;
+                let mut peak = 0.0;
+                for readings in [1, 10] {
+                    let count = messages / readings;
+                    let signed = fleet.sign(count, readings);
+                    let took = ingest::https(&api, &device_plane, signed, batch, concurrency).await?;
+                    let rate = (count * readings) as f64 / took.as_secs_f64();
+                    if readings == 1 {
+                        peak = rate;
+                    }
+                    println!(
+                        "ingest_https readings_per_message={readings} messages={count} readings_per_s={rate:.0} ratio_to_verify={:.2}",
+                        rate / reference
+                    );
+                }
+                if let Some(url) = &mqtt {
+                    for readings in [1, 10] {
+                        let count = messages / 2 / readings;
+                        let signed = fleet.sign(count, readings);
+                        let took = ingest::mqtt(&api, url, &topic, signed).await?;
+                        let rate = (count * readings) as f64 / took.as_secs_f64();
+                        println!(
+                            "ingest_mqtt readings_per_message={readings} messages={count} readings_per_s={rate:.0} ratio_to_verify={:.2}",
+                            rate / reference
+                        );
+                    }
+                }
+                let rate = peak / 2.0;
+                let signed = fleet.sign((rate * 10.0) as usize, 1);
+                let mut samples =
+                    ingest::latency(&api, &device_plane, signed, 20, rate).await?;
+                samples.sort();
+                let pct = |p: f64| {
+                    samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+                };
+                println!(
+                    "ingest_latency offered_readings_per_s={rate:.0} batch=20 requests={} p50_ms={:.2} p99_ms={:.2}",
+                    samples.len(),
+                    pct(0.5),
+                    pct(0.99)
+                );
             }
             Command::Latency {
                 query,

@@ -177,7 +177,7 @@ pub enum ApiKeyCommand {
     },
 }
 
-struct Api {
+pub(crate) struct Api {
     client: Client,
     base: String,
     token: String,
@@ -195,7 +195,7 @@ fn read_secret(prompt: &str) -> anyhow::Result<String> {
     Ok(secret)
 }
 
-fn https_client(ca: &std::path::Path) -> anyhow::Result<Client> {
+pub(crate) fn https_client(ca: &std::path::Path) -> anyhow::Result<Client> {
     let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
     Ok(Client::builder()
         .use_rustls_tls()
@@ -221,7 +221,7 @@ impl Connection {
             .context("no --server given and the data directory records no token endpoint")
     }
 
-    async fn admin(&self) -> anyhow::Result<Api> {
+    pub(crate) async fn admin(&self) -> anyhow::Result<Api> {
         let path = self
             .credentials
             .clone()
@@ -268,7 +268,12 @@ async fn token_from(response: reqwest::Response) -> anyhow::Result<String> {
 }
 
 impl Api {
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let mut request = self
             .client
             .request(method, format!("{}{path}", self.base))
@@ -294,7 +299,7 @@ impl Api {
     }
 }
 
-fn print(value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print(value: &Value) -> anyhow::Result<()> {
     if !value.is_null() {
         println!("{}", serde_json::to_string_pretty(value)?);
     }

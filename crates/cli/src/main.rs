@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod anomaly;
+mod demo;
+mod device;
+mod sim;
 use twinguard_server::datadir::DataDir;
 use twinguard_server::startup::{Application, ServeConfig, init, install_crypto_provider};
 
@@ -56,6 +60,23 @@ enum Command {
         /// Message body sent to the syslog collector.
         #[arg(long, value_parser = ["json", "cef"], default_value = "json")]
         siem_format: String,
+        /// Address of the device plane: the HTTPS listener for signed telemetry ("off" to
+        /// disable it); port 0 picks a free port.
+        #[arg(
+            long,
+            env = "TWINGUARD_DEVICE_LISTEN",
+            default_value = "127.0.0.1:8444"
+        )]
+        device_listen: String,
+        /// Take signed telemetry from this MQTT broker: mqtt://HOST:PORT or mqtts://HOST:PORT.
+        #[arg(long, env = "TWINGUARD_MQTT_URL")]
+        mqtt_url: Option<String>,
+        /// Topic filter to subscribe to.
+        #[arg(long, default_value = "twinguard/telemetry/#")]
+        mqtt_topic: String,
+        /// CA certificate (PEM) the broker's certificate must chain to (mqtts).
+        #[arg(long)]
+        mqtt_ca: Option<PathBuf>,
     },
     /// Administer identities, roles, role assignments and API keys through the API.
     Admin {
@@ -64,6 +85,21 @@ enum Command {
         #[command(subcommand)]
         command: admin::AdminCommand,
     },
+    /// Devices, firmware allowlists, validation policies, sensor groups and quarantine review.
+    Device {
+        #[command(flatten)]
+        connection: admin::Connection,
+        #[command(subcommand)]
+        command: device::DeviceCommand,
+    },
+    /// Simulate a device that signs its readings, honestly or not.
+    Sim(sim::SimArgs),
+    /// Run the server with a small plant and simulated devices, some hostile, and report what
+    /// the defences did.
+    Demo(demo::DemoArgs),
+    /// The anomaly detector on its own.
+    #[command(subcommand)]
+    Anomaly(AnomalyCommand),
     /// A person's second factor.
     #[command(subcommand)]
     Mfa(MfaCommand),
@@ -94,6 +130,13 @@ enum AuditCommand {
         #[arg(long)]
         checkpoint: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AnomalyCommand {
+    /// Score the Numenta Anomaly Benchmark corpus with the detector's one configuration and
+    /// write NAB's results format (see docs/anomaly.md).
+    Nab(anomaly::NabArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +232,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             siem_ca,
             siem_server_name,
             siem_format,
+            device_listen,
+            mqtt_url,
+            mqtt_topic,
+            mqtt_ca,
         } => {
             let mut siem = Vec::new();
             if let Some(path) = siem_file {
@@ -217,6 +264,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
+            let device_listen = match device_listen.as_str() {
+                "off" => None,
+                addr => Some(
+                    addr.parse::<SocketAddr>()
+                        .map_err(|_| anyhow::anyhow!("--device-listen must be HOST:PORT or off"))?,
+                ),
+            };
+            let mqtt = mqtt_url.map(|url| twinguard_server::mqtt::MqttConfig {
+                url,
+                topic: mqtt_topic,
+                ca: mqtt_ca,
+                // The instance ID, filled in at start: a stable persistent session.
+                client_id: String::new(),
+            });
             runtime.block_on(async {
                 let app = Application::build(&ServeConfig {
                     data_dir,
@@ -225,8 +286,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     issuers,
                     audit_witness,
                     siem,
+                    device_listen,
+                    mqtt,
                 })?;
                 println!("twinguard: api listening on {}", app.base_url());
+                if let Some(addr) = app.device_addr() {
+                    println!("twinguard: device plane listening on https://{addr}");
+                }
                 app.run_until(shutdown_signal()).await
             })
         }
@@ -234,6 +300,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connection,
             command,
         } => client_runtime()?.block_on(admin::run(connection, command)),
+        Command::Device {
+            connection,
+            command,
+        } => client_runtime()?.block_on(device::run(connection, command)),
+        Command::Sim(args) => client_runtime()?.block_on(sim::run(args)),
+        Command::Demo(args) => {
+            install_crypto_provider();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(demo::run(args))
+        }
+        Command::Anomaly(AnomalyCommand::Nab(args)) => anomaly::run_nab(args),
         Command::Mfa(MfaCommand::Enroll(args)) => client_runtime()?.block_on(admin::enrol(args)),
         Command::Audit(AuditCommand::Verify {
             log,

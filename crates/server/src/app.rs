@@ -12,7 +12,8 @@ use twinguard_core::service::TwinService;
 
 use crate::http::{correlate, require_api_version};
 use crate::routes::{
-    audit, discovery, eventroutes, health, identity, models, query, relationships, token, twins,
+    audit, discovery, eventroutes, health, identity, models, query, relationships, telemetry,
+    token, twins,
 };
 use crate::tokens::TokenService;
 
@@ -37,6 +38,8 @@ pub struct AppState {
     pub ca: Arc<crate::datadir::DataDir>,
     /// The tamper-evident audit trail every request is recorded in.
     pub audit: crate::audit::Audit,
+    /// Signed telemetry: device registry, ingestion, quarantine, history.
+    pub telemetry: twinguard_telemetry::Telemetry,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -52,6 +55,50 @@ async fn openapi() -> impl IntoResponse {
         )],
         OPENAPI,
     )
+}
+
+/// A batch on the device plane: up to 1,000 messages, as JWS text or base64 COSE.
+pub const DEVICE_BATCH_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The device plane: signed telemetry only, on its own listener. The signature is each
+/// message's credential, so no route here takes a token.
+pub fn device_router(state: AppState) -> Router {
+    let devices = Router::new()
+        .route(
+            "/telemetry",
+            post(telemetry::ingest).layer(DefaultBodyLimit::max(DEVICE_BATCH_LIMIT)),
+        )
+        .route("/healthz", get(health::healthz))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(no_route);
+    with_production_layers(devices, state)
+}
+
+async fn no_route() -> crate::error::ApiError {
+    crate::error::ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        twinguard_proto::ErrorCode::BadRequest,
+        "no such route",
+    )
+}
+
+async fn method_not_allowed() -> crate::error::ApiError {
+    crate::error::ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        twinguard_proto::ErrorCode::BadRequest,
+        "the route does not support this method",
+    )
+}
+
+/// Every request is recorded in the audit trail (inside) and carries a correlation ID (outside).
+fn with_production_layers(routes: Router<AppState>, state: AppState) -> Router {
+    routes
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit::record,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), correlate))
+        .with_state(state)
 }
 
 /// Builds the router with the production layers.
@@ -167,9 +214,33 @@ pub fn router(state: AppState) -> Router {
         .route("/me/mfa/totp/confirm", post(identity::confirm_totp))
         .route("/me/password", put(identity::change_password))
         .route("/me/certificate", post(identity::renew_certificate))
+        .route("/devices", get(telemetry::list_devices))
+        .route(
+            "/devices/{id}",
+            get(telemetry::get_device).put(telemetry::register_device),
+        )
+        .route("/devices/{id}/bindings", put(telemetry::set_bindings))
+        .route("/devices/{id}/{action}", post(telemetry::change_status))
+        .route("/firmware", get(telemetry::list_firmware))
+        .route("/firmware/{model}", put(telemetry::put_firmware))
+        .route("/policies", get(telemetry::list_policies))
+        .route(
+            "/policies/{id}",
+            put(telemetry::put_policy).delete(telemetry::delete_policy),
+        )
+        .route("/sensorgroups", get(telemetry::list_groups))
+        .route(
+            "/sensorgroups/{id}",
+            put(telemetry::put_group).delete(telemetry::delete_group),
+        )
+        .route("/quarantine", get(telemetry::list_quarantine))
+        .route("/quarantine/{id}", get(telemetry::get_quarantined))
+        .route("/quarantine/{id}/{decision}", post(telemetry::review))
+        .route("/history/{twin}/{name}", get(telemetry::history))
+        .route("/telemetry/status", get(telemetry::status))
         .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT));
 
-    Router::new()
+    let routes = Router::new()
         .merge(adt)
         .merge(admin)
         .route(
@@ -193,24 +264,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi))
-        .method_not_allowed_fallback(|| async {
-            crate::error::ApiError::new(
-                axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                twinguard_proto::ErrorCode::BadRequest,
-                "the route does not support this method",
-            )
-        })
-        .fallback(|| async {
-            crate::error::ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                twinguard_proto::ErrorCode::BadRequest,
-                "no such route",
-            )
-        })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::audit::record,
-        ))
-        .layer(middleware::from_fn_with_state(state.clone(), correlate))
-        .with_state(state)
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(no_route);
+    with_production_layers(routes, state)
 }

@@ -6,6 +6,8 @@
 //! - [`tokens`]: the OAuth 2.0 grants, JWT access tokens and revocation; [`refresh`]: rotating
 //!   refresh tokens.
 //! - [`datadir`]: what first start generates (CA, keys, the first admin credential).
+//! - [`mqtt`]: the MQTT subscriber feeding signed telemetry; the device plane's HTTPS
+//!   listener is [`app::device_router`].
 //! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share.
 
 pub mod app;
@@ -15,6 +17,7 @@ pub mod error;
 pub mod external;
 pub mod http;
 pub mod metrics;
+pub mod mqtt;
 pub mod refresh;
 pub mod routes;
 pub mod siem;

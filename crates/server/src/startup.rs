@@ -35,11 +35,18 @@ pub struct ServeConfig {
     pub audit_witness: Option<PathBuf>,
     /// Where the audit trail is forwarded (SIEM sinks).
     pub siem: Vec<crate::siem::Sink>,
+    /// Address of the device plane's HTTPS listener (signed telemetry); `None` turns it off.
+    pub device_listen: Option<SocketAddr>,
+    /// An MQTT broker to take signed telemetry from, if any.
+    pub mqtt: Option<crate::mqtt::MqttConfig>,
 }
 
 pub struct Application {
     listener: std::net::TcpListener,
     local_addr: SocketAddr,
+    /// The device plane's listener, if configured.
+    device_listener: Option<std::net::TcpListener>,
+    mqtt: Option<crate::mqtt::MqttConfig>,
     tls: RustlsConfig,
     state: AppState,
     data_dir: DataDir,
@@ -113,8 +120,11 @@ impl Application {
         crate::metrics::install();
         let data_dir = DataDir::new(&config.data_dir);
         let (store, tokens) = init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
-        let service =
-            TwinService::open(store, Arc::new(SystemClock)).context("loading the twin graph")?;
+        let service = TwinService::open(store.clone(), Arc::new(SystemClock))
+            .context("loading the twin graph")?;
+        let telemetry =
+            twinguard_telemetry::Telemetry::open(service.clone(), store, Arc::new(SystemClock))
+                .context("loading the device registry")?;
         let tls = crate::tls::server_config(&data_dir)?;
         let instance = data_dir.instance()?;
         let audit = crate::audit::Audit::open(
@@ -126,9 +136,25 @@ impl Application {
             .with_context(|| format!("binding {}", config.api_listen))?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
+        let device_listener = match config.device_listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding the device plane on {addr}"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
         let app = Self {
             listener,
             local_addr,
+            device_listener,
+            mqtt: config.mqtt.clone().map(|mut m| {
+                if m.client_id.is_empty() {
+                    m.client_id = format!("twinguard-{}", instance.instance_id);
+                }
+                m
+            }),
             tls,
             state: AppState {
                 service: Arc::new(service),
@@ -136,6 +162,7 @@ impl Application {
                 query_slots: Arc::new(tokio::sync::Semaphore::new(crate::app::QUERY_SLOTS)),
                 ca: Arc::new(DataDir::new(&config.data_dir)),
                 audit,
+                telemetry,
             },
             data_dir,
             siem: config.siem.clone(),
@@ -158,6 +185,13 @@ impl Application {
             ip => ip.to_string(),
         };
         format!("https://{host}:{}", self.local_addr.port())
+    }
+
+    /// The device plane's address, if it listens.
+    pub fn device_addr(&self) -> Option<SocketAddr> {
+        self.device_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn state(&self) -> &AppState {
@@ -224,6 +258,33 @@ impl Application {
             tracing::info!("shutting down");
             on_shutdown.graceful_shutdown(Some(SHUTDOWN_GRACE));
         });
+        let telemetry = self.state.telemetry.clone();
+        tokio::spawn(async move {
+            let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                every_second.tick().await;
+                if let Err(e) = telemetry.sweep().await {
+                    tracing::error!(error = %e, "the staleness sweep failed");
+                }
+            }
+        });
+        if let Some(mqtt) = self.mqtt {
+            crate::mqtt::spawn(mqtt, self.state.telemetry.clone())?;
+        }
+        if let Some(listener) = self.device_listener {
+            let devices = crate::app::device_router(self.state.clone());
+            let handle = handle.clone();
+            let tls = self.tls.clone();
+            let server = axum_server::from_tcp(listener)?
+                .acceptor(axum_server::tls_rustls::RustlsAcceptor::new(tls))
+                .handle(handle)
+                .serve(devices.into_make_service_with_connect_info::<SocketAddr>());
+            tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "the device plane listener stopped");
+                }
+            });
+        }
         let app = router(self.state);
         axum_server::from_tcp(self.listener)?
             .acceptor(crate::tls::ClientCertAcceptor::new(self.tls))

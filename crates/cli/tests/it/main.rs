@@ -6,4 +6,5 @@
 mod admin;
 mod audit;
 mod crash;
+mod demo;
 mod process;

@@ -19,7 +19,12 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
             .args(["serve", "--data-dir"])
             .arg(data_dir)
-            .args(["--api-listen", "127.0.0.1:0"])
+            .args([
+                "--api-listen",
+                "127.0.0.1:0",
+                "--device-listen",
+                "127.0.0.1:0",
+            ])
             .env("TWINGUARD_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(data_dir.join("server.log")).unwrap())

@@ -8,5 +8,6 @@ pub mod identity;
 pub mod models;
 pub mod query;
 pub mod relationships;
+pub mod telemetry;
 pub mod token;
 pub mod twins;

@@ -41,6 +41,8 @@ impl TestServer {
             issuers: None,
             audit_witness: None,
             siem: vec![],
+            device_listen: Some("127.0.0.1:0".parse().unwrap()),
+            mqtt: None,
         };
         let app = Application::build(&config).unwrap();
         let base = app.base_url();

@@ -1,0 +1,317 @@
+//! Signed telemetry ingestion, end to end: messages signed beforehand (so the client's signing
+//! does not compete with the server for the two cores while timing), sent over the HTTPS device
+//! plane in batches or through an MQTT broker, each one verified, validated, applied to its twin
+//! and made durable by the server before it answers or acknowledges. The reference is this
+//! machine's own Ed25519 batch verification rate on both cores, measured in the same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde_json::{Value, json};
+use twinguard_telemetry::envelope::{Message, Reading, sign_cose, signing_key_from_pem};
+
+use crate::Api;
+
+const MODEL: &str = "dtmi:bench:Sensor;1";
+const FIRMWARE: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const API_VERSION: &str = "api-version=2023-10-31";
+
+pub struct Fleet {
+    keys: Vec<SigningKey>,
+    seq: Vec<u64>,
+}
+
+/// Model, twins `s0..`, firmware allowlist and one device per twin, bound to `p0..p9`.
+pub async fn setup(api: &Api, devices: usize) -> anyhow::Result<Fleet> {
+    let client = &api.clients[0];
+    let contents: Vec<Value> = (0..10)
+        .map(|i| json!({"@type": "Property", "name": format!("p{i}"), "schema": "double"}))
+        .collect();
+    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": MODEL, "@type": "Interface", "contents": contents}]);
+    let send = |method: reqwest::Method, path: String, body: Value| {
+        client
+            .request(method, format!("{}{path}", api.base))
+            .bearer_auth(&api.token)
+            .json(&body)
+            .send()
+    };
+    let r = send(
+        reqwest::Method::POST,
+        format!("/models?{API_VERSION}"),
+        model,
+    )
+    .await?;
+    ensure!(
+        r.status().is_success() || r.status() == 409,
+        "model upload: {}",
+        r.status()
+    );
+    send(
+        reqwest::Method::PUT,
+        "/firmware/bench-sensor".into(),
+        json!({"digests": [FIRMWARE]}),
+    )
+    .await?
+    .error_for_status()?;
+    let mut keys = Vec::with_capacity(devices);
+    for i in 0..devices {
+        send(
+            reqwest::Method::PUT,
+            format!("/digitaltwins/s{i}?{API_VERSION}"),
+            json!({"$metadata": {"$model": MODEL}}),
+        )
+        .await?
+        .error_for_status()?;
+        let names: Vec<String> = (0..10).map(|p| format!("p{p}")).collect();
+        let created: Value = send(
+            reqwest::Method::PUT,
+            format!("/devices/d{i}"),
+            json!({"generate": true, "deviceModel": "bench-sensor",
+                   "bindings": [{"twin": format!("s{i}"), "names": names}]}),
+        )
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+        let pem = created["privateKey"].as_str().context("no private key")?;
+        keys.push(signing_key_from_pem(pem)?);
+    }
+    Ok(Fleet {
+        seq: vec![0; keys.len()],
+        keys,
+    })
+}
+
+impl Fleet {
+    /// `count` COSE messages of `readings` readings each, spread over the devices.
+    pub fn sign(&mut self, count: usize, readings: usize) -> Vec<Vec<u8>> {
+        let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        (0..count)
+            .map(|n| {
+                let d = n % self.keys.len();
+                self.seq[d] += 1;
+                let message = Message {
+                    device: format!("d{d}"),
+                    seq: self.seq[d],
+                    time: now,
+                    firmware: Some(FIRMWARE.into()),
+                    readings: (0..readings)
+                        .map(|p| Reading {
+                            name: format!("p{p}"),
+                            value: json!(20.0 + ((n + p) % 7) as f64 * 0.1),
+                            twin: None,
+                            time: Some(now - 1_000 + (self.seq[d] % 1_000) as i64),
+                        })
+                        .collect(),
+                };
+                sign_cose(&message, &self.keys[d])
+            })
+            .collect()
+    }
+}
+
+/// A device plane batch: COSE messages as base64.
+fn batch_body(chunk: &[Vec<u8>]) -> Value {
+    let encoded: Vec<String> = chunk
+        .iter()
+        .map(|m| base64::engine::general_purpose::STANDARD.encode(m))
+        .collect();
+    json!({ "messages": encoded })
+}
+
+/// Sends `messages` in batches of `batch` with `concurrency` requests in flight; returns the
+/// elapsed time once every message is answered, and fails unless every one was accepted.
+pub async fn https(
+    api: &Arc<Api>,
+    plane: &str,
+    messages: Vec<Vec<u8>>,
+    batch: usize,
+    concurrency: usize,
+) -> anyhow::Result<Duration> {
+    let bodies: Vec<Value> = messages.chunks(batch).map(batch_body).collect();
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let (api, bodies, next, url) = (
+            api.clone(),
+            bodies.clone(),
+            next.clone(),
+            format!("{plane}/telemetry"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = &api.clients[worker % api.clients.len()];
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else {
+                    return anyhow::Ok(());
+                };
+                let answer: Value = client
+                    .post(&url)
+                    .json(body)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
+                let results = answer["results"].as_array().context("no results")?;
+                let accepted = results.iter().filter(|r| r["status"] == "accepted").count();
+                if accepted != results.len() {
+                    bail!(
+                        "not every message was accepted: {}",
+                        results
+                            .iter()
+                            .find(|r| r["status"] != "accepted")
+                            .map(Value::to_string)
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(started.elapsed())
+}
+
+/// The server's count of accepted messages over `transport`, from `/metrics`.
+async fn accepted(api: &Api, transport: &str) -> anyhow::Result<u64> {
+    let text = api.clients[0]
+        .get(format!("{}/metrics", api.base))
+        .bearer_auth(&api.token)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("twinguard_telemetry_messages_total")
+                && l.contains(&format!("transport=\"{transport}\""))
+                && l.contains("status=\"accepted\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// Publishes `messages` with QoS 1 and returns the time until the server has accepted all.
+pub async fn mqtt(
+    api: &Api,
+    url: &str,
+    topic: &str,
+    messages: Vec<Vec<u8>>,
+) -> anyhow::Result<Duration> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .context("--mqtt takes mqtt://HOST:PORT")?;
+    let (host, port) = rest.rsplit_once(':').context("HOST:PORT")?;
+    let mut options =
+        rumqttc::MqttOptions::new(format!("bench-{}", std::process::id()), host, port.parse()?);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    options.set_inflight(1_000);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 10_000);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let before = accepted(api, "mqtt").await?;
+    let total = messages.len() as u64;
+    let started = Instant::now();
+    for m in messages {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, m)
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let done = accepted(api, "mqtt").await? - before;
+        if done >= total {
+            return Ok(started.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {total} MQTT messages were accepted within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends batches of `batch` messages at `rate` messages per second (open loop) and returns each
+/// request's latency: from sending to the answer, which comes after the twin update is durable.
+pub async fn latency(
+    api: &Arc<Api>,
+    plane: &str,
+    messages: Vec<Vec<u8>>,
+    batch: usize,
+    rate: f64,
+) -> anyhow::Result<Vec<Duration>> {
+    let period = Duration::from_secs_f64(batch as f64 / rate);
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    for (n, chunk) in messages.chunks(batch).enumerate() {
+        ticker.tick().await;
+        let body = batch_body(chunk);
+        let (api, url) = (api.clone(), format!("{plane}/telemetry"));
+        tasks.push(tokio::spawn(async move {
+            let client = &api.clients[n % api.clients.len()];
+            let started = Instant::now();
+            let answer: Value = client
+                .post(&url)
+                .json(&body)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let elapsed = started.elapsed();
+            ensure!(
+                answer["results"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().all(|x| x["status"] == "accepted")),
+                "a message was not accepted"
+            );
+            anyhow::Ok(elapsed)
+        }));
+    }
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await??);
+    }
+    Ok(out)
+}
+
+/// This machine's Ed25519 batch verification rate (signatures per second) on `threads` threads,
+/// in batches of 256 (larger batches verify faster per signature, so this is a strong reference).
+pub fn verify_rate(threads: usize, per_thread: usize) -> anyhow::Result<f64> {
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let public: VerifyingKey = key.verifying_key();
+    let messages: Vec<Vec<u8>> = (0..per_thread)
+        .map(|i| format!("reading {i} of the reference").into_bytes())
+        .collect();
+    let signatures: Vec<Signature> = messages.iter().map(|m| key.sign(m)).collect();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    for (ms, ss) in messages.chunks(256).zip(signatures.chunks(256)) {
+                        let refs: Vec<&[u8]> = ms.iter().map(Vec::as_slice).collect();
+                        let keys = vec![public; ms.len()];
+                        ed25519_dalek::verify_batch(&refs, ss, &keys)
+                            .map_err(|_| anyhow::anyhow!("reference batch failed"))?;
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a reference thread failed"))??;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok((threads * per_thread) as f64 / started.elapsed().as_secs_f64())
+}

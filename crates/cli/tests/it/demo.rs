@@ -1,0 +1,217 @@
+//! `twinguard demo` and `twinguard device` / `twinguard sim` as an operator runs them.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::process::Server;
+
+#[test]
+fn the_demo_shows_every_defence_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+        .args(["demo", "--exit", "--seconds", "4", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("TWINGUARD_LOG", "error")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = |device: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{device} ")) && !l.contains("device "))
+            .unwrap_or_else(|| panic!("no line for {device} in\n{out}"))
+            .to_owned()
+    };
+    assert!(
+        line("intruder").contains("rejected (bad_signature)"),
+        "{out}"
+    );
+    assert!(!line("intruder").contains("accepted"), "{out}");
+    assert!(line("old-gateway").contains("rejected (replay)"), "{out}");
+    assert!(line("broken").contains("quarantined (above_max)"), "{out}");
+    assert!(
+        line("rogue-fw").contains("quarantined (firmware_unknown)"),
+        "{out}"
+    );
+    assert!(out.contains("suspect: temp-c"), "{out}");
+    assert!(out.contains("quality \"estimated\""), "{out}");
+}
+
+#[tokio::test]
+async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let server = Server::start(&data);
+    let token = server.admin_token(&data).await;
+    let api = |method: reqwest::Method, path: &str, body: Value| {
+        server
+            .client
+            .request(method, format!("{}{path}", server.base))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let model = serde_json::json!([{
+        "@context": "dtmi:dtdl:context;3", "@id": "dtmi:test:Tank;1", "@type": "Interface",
+        "contents": [{"@type": "Property", "name": "level", "schema": "double"}]
+    }]);
+    assert!(
+        api(
+            reqwest::Method::POST,
+            "/models?api-version=2023-10-31",
+            model
+        )
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+    );
+    let twin = serde_json::json!({"$metadata": {"$model": "dtmi:test:Tank;1"}});
+    assert!(
+        api(
+            reqwest::Method::PUT,
+            "/digitaltwins/tank-1?api-version=2023-10-31",
+            twin
+        )
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+    );
+    let digest = "ab".repeat(32);
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_twinguard"))
+            .args(args)
+            .env("TWINGUARD_DATA_DIR", &data)
+            .env("TWINGUARD_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let key = dir.path().join("level-1.pem");
+    let provisioned = cli(&[
+        "device",
+        "provision",
+        "level-1",
+        "--model",
+        "tank-sensor",
+        "--bind",
+        "tank-1=level",
+        "--key-out",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        provisioned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&provisioned.stderr)
+    );
+    let shown = String::from_utf8_lossy(&provisioned.stdout);
+    assert!(
+        !shown.contains("PRIVATE KEY"),
+        "the private key goes to the file only: {shown}"
+    );
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    assert!(
+        cli(&["device", "firmware", "tank-sensor", "--digest", &digest])
+            .status
+            .success()
+    );
+    let device_plane = std::fs::read_to_string(data.join("server.out"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("twinguard: device plane listening on ")
+                .map(str::to_owned)
+        });
+    let device_plane = match device_plane {
+        Some(url) => url,
+        None => {
+            // The second line may not be drained yet.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            std::fs::read_to_string(data.join("server.out"))
+                .unwrap()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("twinguard: device plane listening on ")
+                        .map(str::to_owned)
+                })
+                .unwrap()
+        }
+    };
+    let sim = cli(&[
+        "sim",
+        "--device",
+        "level-1",
+        "--key",
+        key.to_str().unwrap(),
+        "--name",
+        "level",
+        "--base",
+        "3.5",
+        "--count",
+        "3",
+        "--interval-ms",
+        "10",
+        "--firmware",
+        &digest,
+        "--target",
+        &device_plane,
+        "--ca",
+        data.join("tls/ca.pem").to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&sim.stdout);
+    assert!(
+        sim.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&sim.stderr)
+    );
+    let accepted = out
+        .lines()
+        .filter(|l| l.starts_with("level-1: 200 OK") && l.ends_with("\"status\":\"accepted\"}"))
+        .count();
+    assert_eq!(accepted, 3, "{out}");
+    let twin: Value = api(
+        reqwest::Method::GET,
+        "/digitaltwins/tank-1?api-version=2023-10-31",
+        Value::Null,
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert!(
+        (twin["level"].as_f64().unwrap() - 3.5).abs() < 0.1,
+        "{twin}"
+    );
+    assert_eq!(twin["$metadata"]["level"]["sources"][0], "level-1");
+    // Revoked from the command line: the next message is refused.
+    assert!(cli(&["device", "revoke", "level-1"]).status.success());
+    let again = cli(&[
+        "sim",
+        "--device",
+        "level-1",
+        "--key",
+        key.to_str().unwrap(),
+        "--name",
+        "level",
+        "--count",
+        "1",
+        "--firmware",
+        &digest,
+        "--target",
+        &device_plane,
+        "--ca",
+        data.join("tls/ca.pem").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("\"reason\":\"revoked\""));
+}

@@ -1,0 +1,367 @@
+//! The telemetry plane's HTTP surface: signed message ingestion on the device listener, and on
+//! the API listener the device registry, firmware allowlists, validation policies, sensor groups,
+//! quarantine review, history and degradation status. Decisions are the telemetry service's.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use twinguard_proto::ErrorCode;
+use twinguard_telemetry::fusion::SensorGroup;
+use twinguard_telemetry::manage::{Decision, HistoryQuery, NewDevice, StatusChange};
+use twinguard_telemetry::policy::Policy;
+use twinguard_telemetry::records::Review;
+use twinguard_telemetry::registry::{Binding, FirmwareList};
+use twinguard_telemetry::{Transport, Verdict};
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Caller, JsonBody, Path, Query};
+
+/// Most messages in one batch request.
+pub const MAX_BATCH: usize = 1_000;
+
+fn list<T: serde::Serialize>(items: &[T]) -> Response {
+    axum::Json(json!({ "value": items })).into_response()
+}
+
+// ---- device plane ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    /// JWS compact strings, or base64 (standard alphabet) of COSE_Sign1 bytes.
+    messages: Vec<String>,
+}
+
+/// `POST /telemetry`: one message as `application/cose` (COSE_Sign1 bytes) or
+/// `application/jose` (JWS compact), or a batch as `application/json`
+/// `{"messages": [...]}`. The signature is the credential: no token is needed or accepted in
+/// its place.
+pub async fn ingest(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let telemetry = &state.telemetry;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let batch = match content_type.as_str() {
+        "application/cose" | "application/jose" => false,
+        "application/json" => true,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::BadRequest,
+                "send application/cose, application/jose, or a JSON batch",
+            ));
+        }
+    };
+    if !batch {
+        let outcomes = telemetry
+            .ingest(vec![body.to_vec()], Transport::Https)
+            .await?;
+        let Some(outcome) = outcomes.into_iter().next() else {
+            return Err(ApiError::internal("the pipeline gave no answer"));
+        };
+        let status = match outcome.status {
+            Verdict::Accepted => StatusCode::OK,
+            Verdict::Quarantined => StatusCode::ACCEPTED,
+            Verdict::Rejected => StatusCode::BAD_REQUEST,
+        };
+        return Ok((status, axum::Json(outcome)).into_response());
+    }
+    let Batch { messages } = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_request("the batch must be {\"messages\": [string, ...]}"))?;
+    if messages.is_empty() || messages.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds 1 to {MAX_BATCH} messages"
+        )));
+    }
+    let raw: Vec<Vec<u8>> = messages
+        .into_iter()
+        .map(|m| {
+            if m.contains('.') {
+                m.into_bytes()
+            } else {
+                // Undecodable base64 becomes bytes the decoder refuses as malformed.
+                base64::engine::general_purpose::STANDARD
+                    .decode(m.as_bytes())
+                    .unwrap_or_default()
+            }
+        })
+        .collect();
+    let outcomes = telemetry.ingest(raw, Transport::Https).await?;
+    Ok(axum::Json(json!({ "results": outcomes })).into_response())
+}
+
+// ---- devices ----
+
+pub async fn list_devices(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Response> {
+    Ok(list(&state.telemetry.devices(&caller)?))
+}
+
+pub async fn get_device(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(state.telemetry.device(&caller, &id)?).into_response())
+}
+
+/// 201 with the device; with `"generate": true` also its private key (PKCS#8 PEM), shown this
+/// once and kept nowhere.
+pub async fn register_device(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(new): JsonBody<NewDevice>,
+) -> ApiResult<Response> {
+    let registered = state.telemetry.register_device(&caller, &id, new).await?;
+    let mut body = json!({ "device": registered.device });
+    if let Some(key) = &registered.private_key {
+        body["privateKey"] = Value::String(key.as_str().to_owned());
+    }
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+pub async fn set_bindings(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(bindings): JsonBody<Vec<Binding>>,
+) -> ApiResult<Response> {
+    let device = state.telemetry.set_bindings(&caller, &id, bindings).await?;
+    Ok(axum::Json(device).into_response())
+}
+
+pub async fn change_status(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let change = match action.as_str() {
+        "suspend" => StatusChange::Suspend,
+        "resume" => StatusChange::Resume,
+        "revoke" => StatusChange::Revoke,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::BadRequest,
+                "no such route",
+            ));
+        }
+    };
+    let device = state.telemetry.set_status(&caller, &id, change).await?;
+    Ok(axum::Json(device).into_response())
+}
+
+// ---- firmware, policies, sensor groups ----
+
+pub async fn list_firmware(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Response> {
+    Ok(list(&state.telemetry.firmware(&caller)?))
+}
+
+pub async fn put_firmware(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(model): Path<String>,
+    JsonBody(firmware): JsonBody<FirmwareList>,
+) -> ApiResult<Response> {
+    let list = state
+        .telemetry
+        .put_firmware(&caller, &model, firmware)
+        .await?;
+    Ok(axum::Json(list).into_response())
+}
+
+pub async fn list_policies(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Response> {
+    Ok(list(&state.telemetry.policies(&caller)?))
+}
+
+pub async fn put_policy(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(policy): JsonBody<Policy>,
+) -> ApiResult<Response> {
+    let policy = state.telemetry.put_policy(&caller, &id, policy).await?;
+    Ok(axum::Json(policy).into_response())
+}
+
+pub async fn delete_policy(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.telemetry.delete_policy(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list_groups(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+) -> ApiResult<Response> {
+    Ok(list(&state.telemetry.groups(&caller)?))
+}
+
+pub async fn put_group(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(group): JsonBody<SensorGroup>,
+) -> ApiResult<Response> {
+    let group = state.telemetry.put_group(&caller, &id, group).await?;
+    Ok(axum::Json(group).into_response())
+}
+
+pub async fn delete_group(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.telemetry.delete_group(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- quarantine ----
+
+#[derive(Debug, Deserialize)]
+pub struct QuarantineQuery {
+    status: Option<Review>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list_quarantine(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Query(q): Query<QuarantineQuery>,
+) -> ApiResult<Response> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
+    let items = state
+        .telemetry
+        .quarantine(&caller, q.status, q.after.as_deref(), limit)?;
+    Ok(list(&items))
+}
+
+pub async fn get_quarantined(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(state.telemetry.quarantined(&caller, &id)?).into_response())
+}
+
+pub async fn review(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((id, decision)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let decision = match decision.as_str() {
+        "release" => Decision::Release,
+        "discard" => Decision::Discard,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::BadRequest,
+                "no such route",
+            ));
+        }
+    };
+    let record = state.telemetry.review(&caller, &id, decision).await?;
+    Ok(axum::Json(record).into_response())
+}
+
+// ---- history and status ----
+
+#[derive(Debug, Deserialize)]
+pub struct HistoryParams {
+    /// RFC 3339; default one hour before `to`.
+    from: Option<String>,
+    /// RFC 3339; default now.
+    to: Option<String>,
+    /// Bucket width in seconds for downsampling.
+    interval: Option<f64>,
+    limit: Option<usize>,
+}
+
+fn parse_time(text: &str, name: &str) -> Result<i64, ApiError> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .map_err(|_| ApiError::invalid_argument(format!("{name} must be an RFC 3339 date-time")))
+}
+
+pub async fn history(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((twin, name)): Path<(String, String)>,
+    Query(p): Query<HistoryParams>,
+) -> ApiResult<Response> {
+    let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    let to_ms = match &p.to {
+        Some(t) => parse_time(t, "to")?,
+        None => now_ms + 1,
+    };
+    let from_ms = match &p.from {
+        Some(t) => parse_time(t, "from")?,
+        None => to_ms - 3_600_000,
+    };
+    let interval_ms = match p.interval {
+        Some(s) if s.is_finite() && s > 0.0 => Some((s * 1000.0).max(1.0) as i64),
+        Some(_) => {
+            return Err(ApiError::invalid_argument(
+                "interval must be positive seconds",
+            ));
+        }
+        None => None,
+    };
+    let history = state.telemetry.history(
+        &caller,
+        &twin,
+        &name,
+        HistoryQuery {
+            from_ms,
+            to_ms,
+            interval_ms,
+            limit: p.limit.unwrap_or(1_000),
+        },
+    )?;
+    Ok(axum::Json(history).into_response())
+}
+
+/// Properties whose quality is not good, for operators and for command approval.
+pub async fn status(State(state): State<AppState>, Caller(caller): Caller) -> ApiResult<Response> {
+    caller.authorize(twinguard_core::auth::Action::TwinsRead)?;
+    let degraded: Vec<Value> = state
+        .telemetry
+        .degraded()?
+        .into_iter()
+        .filter(|(twin, _, _)| state.service.twin(&caller, twin).is_ok())
+        .map(|(twin, property, quality)| {
+            json!({ "twin": twin, "property": property, "quality": quality })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "degraded": degraded })).into_response())
+}
