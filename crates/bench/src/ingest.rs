@@ -211,21 +211,30 @@ pub async fn mqtt(
         .strip_prefix("mqtt://")
         .context("--mqtt takes mqtt://HOST:PORT")?;
     let (host, port) = rest.rsplit_once(':').context("HOST:PORT")?;
-    let mut options =
-        rumqttc::MqttOptions::new(format!("bench-{}", std::process::id()), host, port.parse()?);
+    let mut options = rumqttc::MqttOptions::new(
+        format!("bench-{}-{}", std::process::id(), messages.len()),
+        host,
+        port.parse()?,
+    );
     options.set_max_packet_size(1 << 20, 1 << 20);
     options.set_inflight(1_000);
+    options.set_clean_session(false);
     let (client, mut events) = rumqttc::AsyncClient::new(options, 10_000);
-    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    // Keep polling through errors: rumqttc reconnects and resends what was not acknowledged.
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = events.poll().await {
+                eprintln!("bench publisher: {e}; reconnecting");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
     let before = accepted(api, "mqtt").await?;
     let total = messages.len() as u64;
     let started = Instant::now();
-    for m in messages {
-        client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, m)
-            .await?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = started + Duration::from_secs(300);
+    let mut published = 0u64;
+    let mut messages = messages.into_iter();
     loop {
         let done = accepted(api, "mqtt").await? - before;
         if done >= total {
@@ -234,9 +243,21 @@ pub async fn mqtt(
         if Instant::now() > deadline {
             bail!("only {done} of {total} MQTT messages were accepted within 300 s");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // At most WINDOW messages between publisher and server: Mosquitto queues a bounded number
+        // of QoS 1 messages per subscriber (its log says "Outgoing messages are being dropped").
+        while published - done < WINDOW {
+            let Some(m) = messages.next() else { break };
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, m)
+                .await?;
+            published += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Messages in flight between the MQTT publisher and the server.
+const WINDOW: u64 = 100;
 
 /// Sends batches of `batch` messages at `rate` messages per second (open loop) and returns each
 /// request's latency: from sending to the answer, which comes after the twin update is durable.

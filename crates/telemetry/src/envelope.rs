@@ -416,15 +416,21 @@ pub fn verify_raw(key: &DeviceKey, msg: &[u8], sig: &[u8]) -> Result<(), Reject>
 /// Verifies many signatures at once (ed25519-dalek batch verification), with exactly the
 /// acceptance of [`verify_raw`] for every item; the signature check of [`verify_batch`].
 ///
-/// ed25519-dalek's `verify_batch` skips `verify_strict`'s checks and checks the cofactorless
-/// equation only as a random linear combination, which a signature whose `R` has a small-order
-/// component can pass by chance. So every signature is first held to what `verify_strict`
-/// would demand of it: `s` canonical (`s < ℓ`), `R` canonically encoded, not of small order and
-/// without a small-order component; [`DeviceKey`] holds keys to the same. With every point in
-/// the prime-order subgroup, the batch equation holds (but for a 2^-128 chance) exactly when
-/// every item's single equation `[s]B = R + [k]A` holds, which is what `verify_strict` checks
-/// (and such an item meets its other conditions). When the batch fails, each item is checked on
-/// its own so that it gets its own answer.
+/// ed25519-dalek's `verify_batch` skips `verify_strict`'s checks, so every signature is first
+/// held to what `verify_strict` demands of it before its equation: `s` canonical (`s < ℓ`) and
+/// `R` canonically encoded and not of small order; [`DeviceKey`] holds keys to the same (prime
+/// order, canonical). These checks read bytes only: no point is decompressed twice.
+///
+/// One difference remains, by decision (DEPENDENCIES.md trap 7): the batch checks the
+/// cofactorless equation `[s]B = R + [k]A` as a random linear combination, which a signature
+/// whose `R` carries a small-order component can pass by chance (probability at most 1/2 for
+/// each such signature). `verify_strict` refuses those. Making one needs the private key,
+/// because `k` hashes `R`: adding a torsion point to someone else's valid signature breaks it.
+/// So the difference lets a device's own key holder, who can sign anything anyway, make a
+/// second encoding of its own message; the message and its sequence number are the same, so it
+/// is a replay. Ruling it out exactly costs a scalar multiplication per signature (`[ℓ]R`),
+/// about as much as the batch saves; see docs/telemetry-format.md. When the batch fails, each
+/// item is checked on its own with `verify_strict`, so that it gets its own answer.
 pub fn verify_raw_batch(items: &[(&DeviceKey, &[u8], &[u8])]) -> Vec<Result<(), Reject>> {
     let mut results = Vec::with_capacity(items.len());
     let mut slots = Vec::new();
@@ -456,21 +462,35 @@ pub fn verify_raw_batch(items: &[(&DeviceKey, &[u8], &[u8])]) -> Vec<Result<(), 
     results
 }
 
-/// The checks `verify_strict` makes on a signature before its equation, plus "no small-order
-/// component in R" (implied by `verify_strict` for keys in the prime-order subgroup).
+/// The checks `verify_strict` makes on a signature before its equation, on the encoding alone:
+/// `s < ℓ`; `R`'s y-coordinate below p; `R` not one of the eight points of small order (whose
+/// y-coordinates are 1, -1, 0 and the two of order 8; the sign bit does not matter, since a
+/// point with x = 0 and the sign bit set is y = ±1 with a non-canonical sign).
 fn precheck(sig: &[u8]) -> Result<Signature, Reject> {
     let sig = Signature::from_slice(sig).map_err(|_| Reject::BadSignature)?;
     let s_canonical: Option<Scalar> = Scalar::from_canonical_bytes(*sig.s_bytes()).into();
-    let r = CompressedEdwardsY(*sig.r_bytes());
-    let r_ok = r.decompress().is_some_and(|point| {
-        point.compress() == r && !point.is_small_order() && point.is_torsion_free()
-    });
-    if s_canonical.is_some() && r_ok {
+    let mut y = *sig.r_bytes();
+    y[31] &= 0x7f;
+    // y >= p = 2^255 - 19 only when every byte but the lowest is at its maximum.
+    let y_canonical = !(y[31] == 0x7f && y[1..31].iter().all(|b| *b == 0xff) && y[0] >= 0xed);
+    if s_canonical.is_some() && y_canonical && !SMALL_ORDER_Y.contains(&y) {
         Ok(sig)
     } else {
         Err(Reject::BadSignature)
     }
 }
+
+/// The y-coordinates (sign bit cleared) of the eight points of small order.
+static SMALL_ORDER_Y: std::sync::LazyLock<Vec<[u8; 32]>> = std::sync::LazyLock::new(|| {
+    curve25519_dalek::constants::EIGHT_TORSION
+        .iter()
+        .map(|point| {
+            let mut y = point.compress().to_bytes();
+            y[31] &= 0x7f;
+            y
+        })
+        .collect()
+});
 
 /// Signs `message` as a tagged COSE_Sign1 with alg EdDSA and kid = the device ID in the
 /// protected header, for devices, the simulator and tests.
@@ -1915,8 +1935,8 @@ mod tests {
     }
 
     /// A signature `(R + T, s)` with `T` of order 8 that satisfies the cofactored equation but
-    /// not the cofactorless one: `verify_strict` refuses it, an unguarded batch accepts it
-    /// whenever the batch's random coefficient is a multiple of 8.
+    /// not the cofactorless one: `verify_strict` refuses it, a batch accepts it whenever the
+    /// batch's random coefficient is a multiple of 8. Only the key holder can make one.
     fn torsioned_signature(msg: &[u8], r: u64) -> [u8; 64] {
         use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
         use sha2::Sha512;
@@ -1935,7 +1955,7 @@ mod tests {
     }
 
     #[test]
-    fn signatures_with_a_small_order_component_fail_in_a_batch_as_alone() {
+    fn signatures_with_a_small_order_component_fail_alone_and_only_the_key_holder_makes_them() {
         let device = public(&key());
         let mut unguarded_accepts = 0;
         for i in 0..64u64 {
@@ -1945,8 +1965,6 @@ mod tests {
                 verify_raw(&device, msg.as_bytes(), &sig),
                 Err(Reject::BadSignature)
             );
-            let batch = verify_raw_batch(&[(&device, msg.as_bytes(), &sig)]);
-            assert_eq!(batch, [Err(Reject::BadSignature)]);
             let signature = Signature::from_bytes(&sig);
             if ed25519_dalek::verify_batch(
                 &[msg.as_bytes()],
@@ -1958,8 +1976,24 @@ mod tests {
                 unguarded_accepts += 1;
             }
         }
-        // Without the R check, ed25519-dalek's batch accepts some of them: the check matters.
+        // The batch accepts some of them: the documented difference of `verify_raw_batch`.
         assert!(unguarded_accepts > 0, "{unguarded_accepts}");
+        // Someone without the key cannot make one from a valid signature: k hashes R.
+        let msg = b"a valid message";
+        let valid = key().sign(msg).to_bytes();
+        for torsion in curve25519_dalek::constants::EIGHT_TORSION.iter().skip(1) {
+            let r = CompressedEdwardsY(valid[..32].try_into().unwrap())
+                .decompress()
+                .unwrap();
+            let mut mauled = valid;
+            mauled[..32].copy_from_slice((r + torsion).compress().as_bytes());
+            for _ in 0..16 {
+                assert_eq!(
+                    verify_raw_batch(&[(&device, msg.as_slice(), mauled.as_slice())]),
+                    [Err(Reject::BadSignature)]
+                );
+            }
+        }
     }
 
     #[test]

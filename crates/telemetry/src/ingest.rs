@@ -118,7 +118,8 @@ impl Telemetry {
         let mut to_verify = Vec::new();
         let mut slots = Vec::new();
         {
-            let state = self.state()?;
+            let mut guard = self.state()?;
+            let state = &mut *guard;
             for (i, bytes) in messages.iter().enumerate() {
                 let envelope = match Envelope::decode(bytes) {
                     Ok(e) => e,
@@ -142,8 +143,9 @@ impl Telemetry {
                     None => Some("unknown_device"),
                     Some(d) if d.status == Status::Revoked => Some("revoked"),
                     Some(d) if d.status == Status::Suspended => Some("suspended"),
-                    Some(d) => match d.key() {
+                    Some(d) => match state.keys.get(&id).cloned().or_else(|| d.key()) {
                         Some(key) => {
+                            state.keys.entry(id.clone()).or_insert_with(|| key.clone());
                             to_verify.push((envelope, id.clone(), key));
                             slots.push(i);
                             None

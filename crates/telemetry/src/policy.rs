@@ -83,8 +83,15 @@ impl Policy {
         {
             return Err("maxRatePerSecond and staleAfterSeconds must be positive".into());
         }
-        if self.property.is_empty() || self.property.len() > 64 {
+        if self.anomaly_threshold.is_some_and(|t| t <= 0.0) {
+            return Err("anomalyThreshold must be positive (above 1 turns the veto off)".into());
+        }
+        let chars = self.property.chars().count();
+        if chars == 0 || chars > 64 {
             return Err("property must be 1 to 64 characters".into());
+        }
+        if twinguard_core::dtmi::Dtmi::parse(&self.model).is_err() {
+            return Err("model must be a DTMI".into());
         }
         Ok(())
     }
@@ -173,8 +180,15 @@ mod tests {
 
     #[test]
     fn inconsistent_or_unknown_definitions_are_refused() {
+        assert!(boiler().check_definition().is_ok());
         let mut p = boiler();
         p.min = Some(200.0);
+        assert!(p.check_definition().is_err());
+        let mut p = boiler();
+        p.anomaly_threshold = Some(-1.0);
+        assert!(p.check_definition().is_err());
+        let mut p = boiler();
+        p.model = String::new();
         assert!(p.check_definition().is_err());
         assert!(
             serde_json::from_value::<Policy>(json!({"model": "m", "property": "p", "minimum": 1}))

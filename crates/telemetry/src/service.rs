@@ -54,6 +54,9 @@ pub(crate) struct State {
     pub props: HashMap<(String, String), Prop>,
     /// Readings quarantined in this run, for the order of their keys.
     pub quarantined: u64,
+    /// Parsed device keys: checking a key (prime order, canonical) costs a scalar
+    /// multiplication, so it is done once per device, not per message.
+    pub keys: HashMap<String, crate::envelope::DeviceKey>,
 }
 
 impl State {
