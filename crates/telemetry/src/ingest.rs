@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
-use twinguard_core::error::{DomainError, DomainResult};
+use twinguard_core::error::DomainResult;
 use twinguard_core::graph::{Graph, PropertyUpdate, Quality};
 use twinguard_core::store::{Mutation, Table};
 
@@ -655,10 +655,4 @@ pub(crate) fn rfc3339_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .map(twinguard_core::clock::rfc3339)
         .unwrap_or_else(|_| ms.to_string())
-}
-
-impl From<Reject> for DomainError {
-    fn from(e: Reject) -> Self {
-        DomainError::InvalidArgument(format!("the message was refused: {}", e.code()))
-    }
 }
