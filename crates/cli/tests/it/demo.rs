@@ -125,54 +125,48 @@ async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
             .status
             .success()
     );
-    let device_plane = std::fs::read_to_string(data.join("server.out"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("twinguard: device plane listening on ")
-                .map(str::to_owned)
-        });
-    let device_plane = match device_plane {
-        Some(url) => url,
-        None => {
-            // The second line may not be drained yet.
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            std::fs::read_to_string(data.join("server.out"))
-                .unwrap()
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("twinguard: device plane listening on ")
-                        .map(str::to_owned)
-                })
-                .unwrap()
+    // The device plane's line follows the api line; give the drain a moment to write it.
+    let mut device_plane = None;
+    for _ in 0..50 {
+        device_plane = std::fs::read_to_string(data.join("server.out"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("twinguard: device plane listening on ")
+                    .map(str::to_owned)
+            });
+        if device_plane.is_some() {
+            break;
         }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let device_plane = device_plane.unwrap();
+    let ca = data.join("tls/ca.pem");
+    let sim = |extra: &[&str]| {
+        let mut args = vec![
+            "sim",
+            "--device",
+            "level-1",
+            "--key",
+            key.to_str().unwrap(),
+            "--name",
+            "level",
+            "--firmware",
+            &digest,
+            "--target",
+            &device_plane,
+            "--ca",
+            ca.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        cli(&args)
     };
-    let sim = cli(&[
-        "sim",
-        "--device",
-        "level-1",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        "level",
-        "--base",
-        "3.5",
-        "--count",
-        "3",
-        "--interval-ms",
-        "10",
-        "--firmware",
-        &digest,
-        "--target",
-        &device_plane,
-        "--ca",
-        data.join("tls/ca.pem").to_str().unwrap(),
-    ]);
-    let out = String::from_utf8_lossy(&sim.stdout);
+    let run = sim(&["--base", "3.5", "--count", "3", "--interval-ms", "10"]);
+    let out = String::from_utf8_lossy(&run.stdout);
     assert!(
-        sim.status.success(),
+        run.status.success(),
         "{out}{}",
-        String::from_utf8_lossy(&sim.stderr)
+        String::from_utf8_lossy(&run.stderr)
     );
     let accepted = out
         .lines()
@@ -196,22 +190,6 @@ async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
     assert_eq!(twin["$metadata"]["level"]["sources"][0], "level-1");
     // Revoked from the command line: the next message is refused.
     assert!(cli(&["device", "revoke", "level-1"]).status.success());
-    let again = cli(&[
-        "sim",
-        "--device",
-        "level-1",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        "level",
-        "--count",
-        "1",
-        "--firmware",
-        &digest,
-        "--target",
-        &device_plane,
-        "--ca",
-        data.join("tls/ca.pem").to_str().unwrap(),
-    ]);
+    let again = sim(&["--count", "1"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("\"reason\":\"revoked\""));
 }

@@ -170,6 +170,14 @@ impl Plant {
         self.send(bytes).await
     }
 
+    async fn set_status(
+        &self,
+        device: &str,
+        change: StatusChange,
+    ) -> Result<twinguard_telemetry::registry::Device, twinguard_core::error::DomainError> {
+        self.telemetry.set_status(&self.admin, device, change).await
+    }
+
     fn twin(&self) -> Value {
         let twin = self.twins.twin(&self.admin, "boiler-1").unwrap();
         serde_json::to_value(twin.json()).unwrap()
@@ -288,39 +296,23 @@ async fn suspended_and_revoked_devices_are_refused_on_the_next_message() {
         plant.reading("t1", "temperature", json!(1.0)).await.status,
         Verdict::Accepted
     );
-    plant
-        .telemetry
-        .set_status(&plant.admin, "t1", StatusChange::Suspend)
-        .await
-        .unwrap();
+    plant.set_status("t1", StatusChange::Suspend).await.unwrap();
     assert_eq!(
         plant.reading("t1", "temperature", json!(2.0)).await.reason,
         Some("suspended")
     );
-    plant
-        .telemetry
-        .set_status(&plant.admin, "t1", StatusChange::Resume)
-        .await
-        .unwrap();
+    plant.set_status("t1", StatusChange::Resume).await.unwrap();
     assert_eq!(
         plant.reading("t1", "temperature", json!(3.0)).await.status,
         Verdict::Accepted
     );
-    plant
-        .telemetry
-        .set_status(&plant.admin, "t1", StatusChange::Revoke)
-        .await
-        .unwrap();
+    plant.set_status("t1", StatusChange::Revoke).await.unwrap();
     assert_eq!(
         plant.reading("t1", "temperature", json!(4.0)).await.reason,
         Some("revoked")
     );
     assert!(
-        plant
-            .telemetry
-            .set_status(&plant.admin, "t1", StatusChange::Resume)
-            .await
-            .is_err(),
+        plant.set_status("t1", StatusChange::Resume).await.is_err(),
         "a revocation cannot be undone"
     );
     assert_eq!(plant.twin()["temperature"], json!(3.0));
