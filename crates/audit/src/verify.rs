@@ -37,10 +37,14 @@ fn finding(message: impl Into<String>) -> Finding {
 pub fn verify(dir: &Path, key: &NoteVerifier, witness: Option<&str>) -> Result<Report, Finding> {
     let bytes = std::fs::read(dir.join("entries.jsonl"))
         .map_err(|e| finding(format!("cannot read entries.jsonl: {e}")))?;
-    let mut lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+    // The record ends at the first NUL: the server writes zeros ahead of it. Bytes other than
+    // zeros past that point are pages of a group that a crash cut short (never acknowledged).
+    let content = crate::log::recorded(&bytes);
+    let scraps = bytes[content.len()..].iter().any(|b| *b != 0);
+    let mut lines: Vec<&[u8]> = content.split(|b| *b == b'\n').collect();
     // The text ends with a newline, leaving an empty last piece; anything else there is a torn
     // write that was never acknowledged, checked against the checkpoints below.
-    let torn = lines.pop().filter(|l| !l.is_empty());
+    let torn = lines.pop().filter(|l| !l.is_empty()).is_some() || scraps;
     let recorded = std::fs::read(dir.join("hashes/level-00")).unwrap_or_default();
 
     let mut tree = MemoryTree::default();
@@ -131,11 +135,7 @@ pub fn verify(dir: &Path, key: &NoteVerifier, witness: Option<&str>) -> Result<R
             "the log is truncated: {name} covers {} entries but the log has {size}; entries {size} to {} are missing{}",
             longest.size,
             longest.size - 1,
-            if torn.is_some() {
-                " (the last line is torn)"
-            } else {
-                ""
-            }
+            if torn { " (the last line is torn)" } else { "" }
         )));
     }
     // Each checkpoint must match the recomputed tree; the first that does not bounds the change

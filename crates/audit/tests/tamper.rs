@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use twinguard_audit::log::{AuditLog, Options};
+use twinguard_audit::log::{AuditLog, Options, PREALLOCATE, recorded};
 use twinguard_audit::note::{NoteSigner, NoteVerifier};
 use twinguard_audit::verify::verify;
 
@@ -77,7 +77,8 @@ fn fixture() -> Fixture {
 }
 
 fn lines(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("entries.jsonl"))
+    let bytes = std::fs::read(dir.join("entries.jsonl")).unwrap();
+    String::from_utf8(recorded(&bytes).to_vec())
         .unwrap()
         .lines()
         .map(str::to_owned)
@@ -107,6 +108,43 @@ fn an_intact_log_verifies_with_its_checkpoints_and_the_witness() {
     for (i, line) in lines(&f.dir).iter().enumerate() {
         assert!(line.starts_with(&format!(r#"{{"seq":{i},"#)), "{line}");
     }
+}
+
+#[test]
+fn space_written_ahead_and_scraps_of_an_unacknowledged_group_are_not_entries() {
+    let f = fixture();
+    let path = f.dir.join("entries.jsonl");
+    let bytes = std::fs::read(&path).unwrap();
+    let record = recorded(&bytes).len();
+    assert!(
+        bytes.len() as u64 >= record as u64 + PREALLOCATE / 2,
+        "no space written ahead"
+    );
+    // A crash can leave pages of a group that was never acknowledged past the zeros.
+    let mut crashed = bytes.clone();
+    let scrap = b"{\"seq\":999}\n";
+    crashed[record + 4096..record + 4096 + scrap.len()].copy_from_slice(scrap);
+    std::fs::write(&path, &crashed).unwrap();
+    let report = verify(&f.dir, &f.verifier, Some(&f.witness)).unwrap();
+    assert_eq!(report.entries, 100);
+    // Reopened, the log cuts them off and continues at 100.
+    let (signer, _) = NoteSigner::generate(ORIGIN).unwrap();
+    let log = AuditLog::open(
+        &f.dir,
+        signer,
+        Options {
+            origin: ORIGIN.into(),
+            checkpoint_every: Duration::from_secs(60),
+            witness: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(log.head().size, 100);
+    append(&log, 100, 101);
+    let after = lines(&f.dir);
+    assert_eq!(after.len(), 101);
+    assert!(after[100].starts_with(r#"{"seq":100,"#), "{}", after[100]);
+    assert!(!after.iter().any(|l| l.contains("999")));
 }
 
 #[test]
