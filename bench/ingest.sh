@@ -35,4 +35,4 @@ cat <&3 >/dev/null &
 
 echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ) cores=$(nproc) commit=$(git rev-parse --short HEAD)"
 target/release/twinguard-bench --data-dir "$WORK/data" --base "$BASE" ingest \
-    --device-plane "$PLANE" --messages "$MESSAGES" --mqtt "$MQTT" --topic "$TOPIC/bench"
+    --device-plane "$PLANE" --messages "$MESSAGES" --mqtt "$MQTT" --topic "$TOPIC/bench" --server-pid "$SERVER_PID"

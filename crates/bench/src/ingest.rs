@@ -288,12 +288,10 @@ pub async fn latency(
                 .json()
                 .await?;
             let elapsed = started.elapsed();
-            ensure!(
-                answer["results"]
-                    .as_array()
-                    .is_some_and(|r| r.iter().all(|x| x["status"] == "accepted")),
-                "a message was not accepted"
-            );
+            let results = answer["results"].as_array().context("no results")?;
+            if let Some(refused) = results.iter().find(|r| r["status"] != "accepted") {
+                bail!("a message was not accepted: {refused}");
+            }
             anyhow::Ok(elapsed)
         }));
     }
@@ -335,4 +333,15 @@ pub fn verify_rate(threads: usize, per_thread: usize) -> anyhow::Result<f64> {
         anyhow::Ok(())
     })?;
     Ok((threads * per_thread) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// User + system CPU seconds of process `pid` so far (Linux `/proc/PID/stat`, fields 14 and 15,
+/// in clock ticks of 1/100 s).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces; fields count from after it.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }

@@ -61,6 +61,11 @@ enum Command {
         /// The topic to publish on (under the server's --mqtt-topic filter).
         #[arg(long, default_value = "twinguard/telemetry/bench")]
         topic: String,
+        /// The server's process ID: each phase then also reports the server's CPU time per
+        /// reading (user + system, from /proc), which varies less than throughput on a shared
+        /// host.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Run a query template sequentially and print latency percentiles. `{id}` in the template
     /// is replaced by a random twin ID below `--twins`.
@@ -352,7 +357,15 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
                 mqtt,
                 topic,
+                server_pid,
             } => {
+                let cpu = || server_pid.and_then(ingest::cpu_seconds);
+                let per_reading = |before: Option<f64>, readings: usize| match (before, cpu()) {
+                    (Some(a), Some(b)) => {
+                        format!(" server_cpu_us_per_reading={:.1}", (b - a) / readings as f64 * 1e6)
+                    }
+                    _ => String::new(),
+                };
                 let reference = ingest::verify_rate(2, 20_000)?;
                 println!("ed25519_batch_verify_per_s={reference:.0} (2 threads, batches of 256)");
                 let api = Arc::new(Api::connect(&cli.data_dir, &cli.base, concurrency).await?);
@@ -363,42 +376,51 @@ fn main() -> anyhow::Result<()> {
                 for readings in [1, 10] {
                     let count = messages / readings;
                     let signed = fleet.sign(count, readings);
+                    let before = cpu();
                     let took = ingest::https(&api, &device_plane, signed, batch, concurrency).await?;
                     let rate = (count * readings) as f64 / took.as_secs_f64();
                     if readings == 1 {
                         peak = rate;
                     }
                     println!(
-                        "ingest_https readings_per_message={readings} messages={count} readings_per_s={rate:.0} ratio_to_verify={:.2}",
-                        rate / reference
+                        "ingest_https readings_per_message={readings} messages={count} readings_per_s={rate:.0} ratio_to_verify={:.2}{}",
+                        rate / reference,
+                        per_reading(before, count * readings)
                     );
                 }
                 if let Some(url) = &mqtt {
                     for readings in [1, 10] {
                         let count = messages / 2 / readings;
                         let signed = fleet.sign(count, readings);
+                        let before = cpu();
                         let took = ingest::mqtt(&api, url, &topic, signed).await?;
                         let rate = (count * readings) as f64 / took.as_secs_f64();
                         println!(
-                            "ingest_mqtt readings_per_message={readings} messages={count} readings_per_s={rate:.0} ratio_to_verify={:.2}",
-                            rate / reference
+                            "ingest_mqtt readings_per_message={readings} messages={count} readings_per_s={rate:.0} ratio_to_verify={:.2}{}",
+                            rate / reference,
+                            per_reading(before, count * readings)
                         );
                     }
                 }
+                // Half the peak, offered for 10 s: once in the peak's batches (a request then
+                // waits for all its messages), once in batches of 25 (a gateway's send).
                 let rate = peak / 2.0;
-                let signed = fleet.sign((rate * 10.0) as usize, 1);
-                let mut samples =
-                    ingest::latency(&api, &device_plane, signed, batch, rate).await?;
-                samples.sort();
-                let pct = |p: f64| {
-                    samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
-                };
-                println!(
-                    "ingest_latency offered_readings_per_s={rate:.0} batch={batch} requests={} p50_ms={:.2} p99_ms={:.2}",
-                    samples.len(),
-                    pct(0.5),
-                    pct(0.99)
-                );
+                for size in [batch, 25] {
+                    let signed = fleet.sign((rate * 10.0) as usize, 1);
+                    let mut samples =
+                        ingest::latency(&api, &device_plane, signed, size, rate).await?;
+                    samples.sort();
+                    let pct = |p: f64| {
+                        samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64()
+                            * 1000.0
+                    };
+                    println!(
+                        "ingest_latency offered_readings_per_s={rate:.0} batch={size} requests={} p50_ms={:.2} p99_ms={:.2}",
+                        samples.len(),
+                        pct(0.5),
+                        pct(0.99)
+                    );
+                }
             }
             Command::Latency {
                 query,
