@@ -513,7 +513,8 @@ impl Writer {
             // Entries are JSON objects; the log puts their index first, so every line names
             // its own position and a deletion or reordering shows.
             let body = job.entry.strip_prefix(b"{").unwrap_or(&[]);
-            if body.is_empty() || job.entry.contains(&b'\n') {
+            // A NUL would end the record early (see `PREALLOCATE`); JSON escapes it anyway.
+            if body.is_empty() || job.entry.iter().any(|b| *b == b'\n' || *b == 0) {
                 return Err(AuditError::Corrupt(
                     "an entry must be a one-line JSON object".into(),
                 ));
