@@ -56,6 +56,20 @@ pub async fn setup(api: &Api, devices: usize) -> anyhow::Result<Fleet> {
     )
     .await?
     .error_for_status()?;
+    // Limits for every property, as a plant would have. The values below are synthetic, not a
+    // physical process, so the detector's veto is off (a threshold above 1): it still scores
+    // every reading, and that work is measured, but a run cannot fail on its opinion of a
+    // made-up pattern (at the default threshold it held about one reading in 20,000).
+    for p in 0..10 {
+        send(
+            reqwest::Method::PUT,
+            format!("/policies/bench-p{p}"),
+            json!({"model": MODEL, "property": format!("p{p}"), "min": -50.0, "max": 150.0,
+                   "anomalyThreshold": 1.5}),
+        )
+        .await?
+        .error_for_status()?;
+    }
     let mut keys = Vec::with_capacity(devices);
     for i in 0..devices {
         send(

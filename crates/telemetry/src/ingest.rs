@@ -114,31 +114,32 @@ impl Telemetry {
         transport: Transport,
     ) -> DomainResult<Vec<Outcome>> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; messages.len()];
-        // 1. Decode and find each claimed device's key.
-        let mut to_verify = Vec::new();
-        let mut slots = Vec::new();
+        // 1. Decode, without the lock: concurrent batches decode side by side.
+        let mut decoded = Vec::with_capacity(messages.len());
+        for (i, bytes) in messages.iter().enumerate() {
+            let envelope = match Envelope::decode(bytes) {
+                Ok(e) => e,
+                Err(e) => {
+                    outcomes[i] = Some(self.refuse(transport, &e, None));
+                    continue;
+                }
+            };
+            let claimed = match envelope.kid() {
+                Some(kid) => Ok(kid.to_owned()),
+                None => envelope.claimed_device(),
+            };
+            match claimed {
+                Ok(id) => decoded.push((i, envelope, id)),
+                Err(e) => outcomes[i] = Some(self.refuse(transport, &e, None)),
+            }
+        }
+        // 2. Find each claimed device's key, under the lock.
+        let mut to_verify = Vec::with_capacity(decoded.len());
+        let mut slots = Vec::with_capacity(decoded.len());
         {
             let mut guard = self.state()?;
             let state = &mut *guard;
-            for (i, bytes) in messages.iter().enumerate() {
-                let envelope = match Envelope::decode(bytes) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        outcomes[i] = Some(self.refuse(transport, &e, None));
-                        continue;
-                    }
-                };
-                let claimed = match envelope.kid() {
-                    Some(kid) => Ok(kid.to_owned()),
-                    None => envelope.claimed_device(),
-                };
-                let id = match claimed {
-                    Ok(id) => id,
-                    Err(e) => {
-                        outcomes[i] = Some(self.refuse(transport, &e, None));
-                        continue;
-                    }
-                };
+            for (i, envelope, id) in decoded {
                 let refused = match state.devices.get(&id) {
                     None => Some("unknown_device"),
                     Some(d) if d.status == Status::Revoked => Some("revoked"),
@@ -160,7 +161,7 @@ impl Telemetry {
                 }
             }
         }
-        // 2. Verify signatures, in one batch.
+        // 3. Verify signatures, in one batch.
         let verified = verify_batch(to_verify);
         let mut believed: Vec<(usize, Verified)> = Vec::new();
         for (slot, result) in slots.into_iter().zip(verified) {
@@ -169,7 +170,7 @@ impl Telemetry {
                 Err(e) => outcomes[slot] = Some(self.refuse(transport, &e, None)),
             }
         }
-        // 3. Decide under the lock, queue the write before letting go.
+        // 4. Decide under the lock, queue the write before letting go.
         let mut decisions = Decisions::default();
         let pending = {
             let mut state = self.state()?;
@@ -207,7 +208,7 @@ impl Telemetry {
                 }
             }
         };
-        // 4. Answer once durable.
+        // 5. Answer once durable.
         if let Some(pending) = pending {
             match pending.await {
                 Ok(skipped) => {

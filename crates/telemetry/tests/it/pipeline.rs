@@ -289,6 +289,46 @@ async fn replayed_tampered_foreign_and_stale_messages_are_rejected_with_their_re
 }
 
 #[tokio::test]
+async fn a_large_batch_answers_each_message_in_its_place() {
+    // Refusals at both ends and in the middle: every answer must stay with its message.
+    let mut plant = Plant::new().await;
+    plant.device("t1", &["temperature"]).await;
+    let mut batch = Vec::new();
+    for i in 0..200 {
+        let m = plant.message("t1", "temperature", json!(20.0 + f64::from(i % 3) * 0.01));
+        batch.push(plant.cose(&m));
+    }
+    let tampered = [5usize, 120, 199];
+    for &i in &tampered {
+        let last = batch[i].len() - 1;
+        batch[i][last] ^= 1;
+    }
+    batch[50] = b"not an envelope".to_vec();
+    let outcomes = plant
+        .telemetry
+        .ingest(batch, Transport::Https)
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 200);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let expected = if tampered.contains(&i) {
+            Some("bad_signature")
+        } else if i == 50 {
+            Some("malformed")
+        } else {
+            None
+        };
+        assert_eq!(outcome.reason, expected, "message {i}: {outcome:?}");
+        let status = if expected.is_some() {
+            Verdict::Rejected
+        } else {
+            Verdict::Accepted
+        };
+        assert_eq!(outcome.status, status, "message {i}");
+    }
+}
+
+#[tokio::test]
 async fn suspended_and_revoked_devices_are_refused_on_the_next_message() {
     let mut plant = Plant::new().await;
     plant.device("t1", &["temperature"]).await;
