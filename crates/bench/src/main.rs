@@ -407,15 +407,18 @@ fn main() -> anyhow::Result<()> {
                 let rate = peak / 2.0;
                 for size in [batch, 25] {
                     let signed = fleet.sign((rate * 10.0) as usize, 1);
+                    let count = signed.len();
+                    let before = cpu();
                     let mut samples =
                         ingest::latency(&api, &device_plane, signed, size, rate).await?;
+                    let cpu_used = per_reading(before, count);
                     samples.sort();
                     let pct = |p: f64| {
                         samples[((samples.len() as f64 - 1.0) * p).round() as usize].as_secs_f64()
                             * 1000.0
                     };
                     println!(
-                        "ingest_latency offered_readings_per_s={rate:.0} batch={size} requests={} p50_ms={:.2} p99_ms={:.2}",
+                        "ingest_latency offered_readings_per_s={rate:.0} batch={size} requests={} p50_ms={:.2} p99_ms={:.2}{cpu_used}",
                         samples.len(),
                         pct(0.5),
                         pct(0.99)
