@@ -32,6 +32,22 @@ fn append(log: &AuditLog, from: u64, to: u64) {
     }
 }
 
+/// Opens an existing log again with a fresh signer that checkpoints rarely (the tests read it
+/// without new checkpoints getting in the way).
+fn reopen(dir: &Path) -> AuditLog {
+    let (signer, _) = NoteSigner::generate(ORIGIN).unwrap();
+    AuditLog::open(
+        dir,
+        signer,
+        Options {
+            origin: ORIGIN.into(),
+            checkpoint_every: Duration::from_secs(60),
+            witness: None,
+        },
+    )
+    .unwrap()
+}
+
 /// Waits until the latest checkpoint covers the whole log.
 fn checkpointed(log: &AuditLog, verifier: &NoteVerifier) -> String {
     for _ in 0..400 {
@@ -128,17 +144,7 @@ fn space_written_ahead_and_scraps_of_an_unacknowledged_group_are_not_entries() {
     let report = verify(&f.dir, &f.verifier, Some(&f.witness)).unwrap();
     assert_eq!(report.entries, 100);
     // Reopened, the log cuts them off and continues at 100.
-    let (signer, _) = NoteSigner::generate(ORIGIN).unwrap();
-    let log = AuditLog::open(
-        &f.dir,
-        signer,
-        Options {
-            origin: ORIGIN.into(),
-            checkpoint_every: Duration::from_secs(60),
-            witness: None,
-        },
-    )
-    .unwrap();
+    let log = reopen(&f.dir);
     assert_eq!(log.head().size, 100);
     append(&log, 100, 101);
     let after = lines(&f.dir);
@@ -266,17 +272,7 @@ fn a_forged_checkpoint_is_refused() {
 #[test]
 fn proofs_served_by_the_log_verify() {
     let f = fixture();
-    let (signer, _) = NoteSigner::generate(ORIGIN).unwrap();
-    let log = AuditLog::open(
-        &f.dir,
-        signer,
-        Options {
-            origin: ORIGIN.into(),
-            checkpoint_every: Duration::from_secs(60),
-            witness: None,
-        },
-    )
-    .unwrap();
+    let log = reopen(&f.dir);
     let head = log.head();
     assert_eq!(head.size, 100);
     for index in [0u64, 1, 37, 64, 99] {
