@@ -22,6 +22,8 @@ const API_VERSION: &str = "api-version=2023-10-31";
 pub struct Fleet {
     keys: Vec<SigningKey>,
     seq: Vec<u64>,
+    /// Each device's newest reading so far: its time (ms) and the values of `p0..`.
+    newest: Vec<(i64, Vec<f64>)>,
 }
 
 /// Model, twins `s0..`, firmware allowlist and one device per twin, bound to `p0..p9`.
@@ -95,35 +97,97 @@ pub async fn setup(api: &Api, devices: usize) -> anyhow::Result<Fleet> {
     }
     Ok(Fleet {
         seq: vec![0; keys.len()],
+        newest: vec![(0, Vec::new()); keys.len()],
         keys,
     })
 }
 
 impl Fleet {
-    /// `count` COSE messages of `readings` readings each, spread over the devices.
+    /// `count` COSE messages of `readings` readings each, spread over the devices. Each
+    /// device's readings are 1 ms apart and newer than all it sent before, so every one that
+    /// arrives in order moves its twin (an older one would only go to the history).
     pub fn sign(&mut self, count: usize, readings: usize) -> Vec<Vec<u8>> {
         let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
         (0..count)
             .map(|n| {
                 let d = n % self.keys.len();
                 self.seq[d] += 1;
+                // A minute back, so that up to 65,000 messages per device and call stay within
+                // the 5 s a reading may be ahead of its message.
+                let time = (self.newest[d].0 + 1).max(now - 60_000);
+                let values: Vec<f64> = (0..readings)
+                    .map(|p| 20.0 + ((n + p) % 7) as f64 * 0.1)
+                    .collect();
                 let message = Message {
                     device: format!("d{d}"),
                     seq: self.seq[d],
                     time: now,
                     firmware: Some(FIRMWARE.into()),
-                    readings: (0..readings)
-                        .map(|p| Reading {
+                    readings: values
+                        .iter()
+                        .enumerate()
+                        .map(|(p, v)| Reading {
                             name: format!("p{p}"),
-                            value: json!(20.0 + ((n + p) % 7) as f64 * 0.1),
+                            value: json!(v),
                             twin: None,
-                            time: Some(now - 1_000 + (self.seq[d] % 1_000) as i64),
+                            time: Some(time),
                         })
                         .collect(),
                 };
+                self.newest[d] = (time, values);
                 sign_cose(&message, &self.keys[d])
             })
             .collect()
+    }
+
+    /// Fails unless every device's twin shows the device's newest reading (value and source
+    /// time), i.e. the phase really applied readings to twins rather than only storing them.
+    /// `settle` is how long a twin may take to show it: none after HTTPS answers (they come
+    /// once the update is durable), a moment after MQTT, whose end the bench only sees in the
+    /// server's acceptance counter, which counts a message before its commit.
+    pub async fn check_applied(&self, api: &Api, settle: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + settle;
+        loop {
+            match self.first_stale(api).await? {
+                None => return Ok(()),
+                Some(e) if Instant::now() >= deadline => bail!(e),
+                Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// The first twin that does not show its device's newest reading, described.
+    async fn first_stale(&self, api: &Api) -> anyhow::Result<Option<String>> {
+        for (d, (time, values)) in self.newest.iter().enumerate() {
+            let twin: Value = api.clients[0]
+                .get(format!("{}/digitaltwins/s{d}?{API_VERSION}", api.base))
+                .bearer_auth(&api.token)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            for (p, value) in values.iter().enumerate() {
+                let name = format!("p{p}");
+                let shown = twin[&name].as_f64();
+                let source_time = twin["$metadata"][&name]["sourceTime"]
+                    .as_str()
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+                if shown != Some(*value) || source_time != Some(*time) {
+                    return Ok(Some(format!(
+                        "twin s{d} shows {name} = {shown:?} from {source_time:?}, not the newest reading {value} from {time}"
+                    )));
+                }
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -378,6 +378,7 @@ fn main() -> anyhow::Result<()> {
                     let signed = fleet.sign(count, readings);
                     let before = cpu();
                     let took = ingest::https(&api, &device_plane, signed, batch, concurrency).await?;
+                    fleet.check_applied(&api, Duration::ZERO).await?;
                     let rate = (count * readings) as f64 / took.as_secs_f64();
                     if readings == 1 {
                         peak = rate;
@@ -394,6 +395,7 @@ fn main() -> anyhow::Result<()> {
                         let signed = fleet.sign(count, readings);
                         let before = cpu();
                         let took = ingest::mqtt(&api, url, &topic, signed).await?;
+                        fleet.check_applied(&api, Duration::from_secs(2)).await?;
                         let rate = (count * readings) as f64 / took.as_secs_f64();
                         println!(
                             "ingest_mqtt readings_per_message={readings} messages={count} readings_per_s={rate:.0} ratio_to_verify={:.2}{}",
@@ -411,6 +413,7 @@ fn main() -> anyhow::Result<()> {
                     let before = cpu();
                     let mut samples =
                         ingest::latency(&api, &device_plane, signed, size, rate).await?;
+                    fleet.check_applied(&api, Duration::ZERO).await?;
                     let cpu_used = per_reading(before, count);
                     samples.sort();
                     let pct = |p: f64| {
