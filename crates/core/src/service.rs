@@ -384,6 +384,7 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock:
         true
     } else {
         let started = std::time::Instant::now();
+        keep_last_per_key(&mut muts);
         let result = store.commit(&muts);
         tracing::debug!(
             writes = done.len(),
@@ -419,6 +420,20 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock:
         };
         let _ = reply.send(Err(answer));
     }
+}
+
+/// Drops every change that a later change of the same key in the batch overrides. A group often
+/// rewrites one record many times (a twin moved by several readings, a device's replay window);
+/// the store needs only the last version, which is what the whole batch leaves behind anyway.
+fn keep_last_per_key(muts: &mut Vec<Mutation>) {
+    let mut keep = vec![false; muts.len()];
+    let mut seen = std::collections::HashSet::with_capacity(muts.len());
+    for (i, m) in muts.iter().enumerate().rev() {
+        keep[i] = seen.insert((m.table, m.key.as_str()));
+    }
+    drop(seen);
+    let mut kept = keep.into_iter();
+    muts.retain(|_| kept.next().unwrap_or(true));
 }
 
 fn load(store: &dyn Store) -> Result<Graph, OpenError> {
@@ -541,5 +556,44 @@ fn query_error(e: query::QueryError) -> DomainError {
         }
         twinguard_proto::ErrorCode::BadRequest => DomainError::BadRequest(e.to_string()),
         _ => DomainError::Query(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn a_batch_keeps_only_each_keys_last_change_and_leaves_the_same_store() {
+        let batch = vec![
+            Mutation::put(Table::Twins, "a", b"1".to_vec()),
+            Mutation::put(Table::Replay, "a", b"w1".to_vec()),
+            Mutation::put(Table::Twins, "b", b"1".to_vec()),
+            Mutation::put(Table::Twins, "a", b"2".to_vec()),
+            Mutation::delete(Table::Twins, "b"),
+            Mutation::put(Table::Replay, "a", b"w2".to_vec()),
+            Mutation::put(Table::History, "h1", b"x".to_vec()),
+            Mutation::delete(Table::Twins, "c"),
+            Mutation::put(Table::Twins, "c", b"3".to_vec()),
+        ];
+        let mut kept = batch.clone();
+        keep_last_per_key(&mut kept);
+        assert_eq!(
+            kept,
+            vec![
+                Mutation::put(Table::Twins, "a", b"2".to_vec()),
+                Mutation::delete(Table::Twins, "b"),
+                Mutation::put(Table::Replay, "a", b"w2".to_vec()),
+                Mutation::put(Table::History, "h1", b"x".to_vec()),
+                Mutation::put(Table::Twins, "c", b"3".to_vec()),
+            ]
+        );
+        let (whole, trimmed) = (MemoryStore::default(), MemoryStore::default());
+        whole.commit(&batch).unwrap();
+        trimmed.commit(&kept).unwrap();
+        for table in Table::ALL {
+            assert_eq!(whole.scan(table).unwrap(), trimmed.scan(table).unwrap());
+        }
     }
 }

@@ -194,6 +194,15 @@ impl Telemetry {
                 count(transport, status, outcome.reason.unwrap_or("none"));
                 outcomes[slot] = Some(outcome);
             }
+            // Each device's window once, as it stands after the whole batch.
+            let mut windows: Vec<&str> = decisions.marked.iter().map(|(d, _)| d.as_str()).collect();
+            windows.sort_unstable();
+            windows.dedup();
+            for device in windows {
+                if let Some(window) = state.windows.get(device) {
+                    decisions.records.push(put(Table::Replay, device, window));
+                }
+            }
             if decisions.records.is_empty() && decisions.updates.is_empty() {
                 None
             } else {
@@ -261,7 +270,6 @@ impl Telemetry {
             return rejected(e.code());
         }
         out.marked.push((device_id.clone(), message.seq));
-        out.records.push(put(Table::Replay, &device_id, &*window));
 
         // Firmware attestation: a reported digest is remembered; an unapproved one holds back
         // every reading of the device until it reports approved firmware again.

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use super::Graph;
 use super::ops::WriteContext;
 use super::types::Twin;
+use crate::dtdl::Interface;
 use crate::store::Mutation;
 
 /// How far a property's value can be trusted (control DI-8).
@@ -73,7 +74,8 @@ impl Skipped {
 }
 
 /// Applies `updates` in order (each one that fits; the others are reported, never fatal) and
-/// adds `records` to the commit.
+/// adds `records` to the commit. Each twin is parsed and written once however many of its
+/// properties move.
 pub(crate) fn apply(
     graph: &mut Graph,
     updates: Vec<PropertyUpdate>,
@@ -81,46 +83,77 @@ pub(crate) fn apply(
     ctx: &WriteContext,
     muts: &mut Vec<Mutation>,
 ) -> Vec<Result<(), Skipped>> {
-    let mut results = Vec::with_capacity(updates.len());
-    for update in updates {
-        results.push(apply_one(graph, update, ctx, muts));
+    let mut results = vec![Ok(()); updates.len()];
+    // The updates of each twin, in order, twins in the order they first appear.
+    let mut twins: Vec<(String, Vec<(usize, PropertyUpdate)>)> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, update) in updates.into_iter().enumerate() {
+        let slot = *index.entry(update.twin.clone()).or_insert_with(|| {
+            twins.push((update.twin.clone(), Vec::new()));
+            twins.len() - 1
+        });
+        twins[slot].1.push((i, update));
+    }
+    for (id, updates) in twins {
+        let target = graph.twin(&id).and_then(|twin| {
+            let iface = graph.model(&twin.model)?.interface.clone();
+            Some((twin.doc(), iface))
+        });
+        let Some((mut doc, iface)) = target else {
+            for (i, _) in updates {
+                results[i] = Err(Skipped::TwinMissing);
+            }
+            continue;
+        };
+        let mut moved = Vec::new();
+        for (i, update) in updates {
+            results[i] = update_doc(&mut doc, &iface, update, ctx);
+            if results[i].is_ok() {
+                moved.push(i);
+            }
+        }
+        if moved.is_empty() {
+            continue;
+        }
+        if let Some(Value::Object(metadata)) = doc.get_mut("$metadata") {
+            metadata.insert("$lastUpdateTime".into(), Value::String(ctx.now.clone()));
+        }
+        doc.insert("$etag".into(), Value::String(ctx.new_etag()));
+        match Twin::from_doc(&doc) {
+            Some(twin) => graph.put_twin(Arc::new(twin), muts),
+            None => {
+                for i in moved {
+                    results[i] = Err(Skipped::TwinMissing);
+                }
+            }
+        }
     }
     muts.extend(records);
     results
 }
 
-fn apply_one(
-    graph: &mut Graph,
+/// Moves one property of a twin's document, with its `$metadata`.
+fn update_doc(
+    doc: &mut Map<String, Value>,
+    iface: &Interface,
     update: PropertyUpdate,
     ctx: &WriteContext,
-    muts: &mut Vec<Mutation>,
 ) -> Result<(), Skipped> {
-    let twin = graph
-        .twin(&update.twin)
-        .cloned()
-        .ok_or(Skipped::TwinMissing)?;
-    let iface = graph
-        .model(&twin.model)
-        .map(|m| m.interface.clone())
-        .ok_or(Skipped::TwinMissing)?;
     let property = iface
         .properties
         .get(&update.name)
         .ok_or(Skipped::NotAProperty)?;
-    let mut doc = twin.doc();
-    let changed = match &update.value {
-        Some(value) => {
-            property.schema.check(value).map_err(|_| Skipped::Schema)?;
-            let changed = doc.get(&update.name) != Some(value);
-            doc.insert(update.name.clone(), value.clone());
-            changed
-        }
-        None => false,
-    };
-    let Some(Value::Object(metadata)) = doc.get_mut("$metadata") else {
+    if let Some(value) = &update.value {
+        property.schema.check(value).map_err(|_| Skipped::Schema)?;
+    }
+    let Some(Value::Object(metadata)) = doc.get("$metadata") else {
         return Err(Skipped::TwinMissing);
     };
     let previous = metadata.get(&update.name).and_then(Value::as_object);
+    let changed = update
+        .value
+        .as_ref()
+        .is_some_and(|value| doc.get(&update.name) != Some(value));
     let mut meta = Map::new();
     let last = match previous.and_then(|m| m.get("lastUpdateTime")) {
         Some(t) if !changed => t.clone(),
@@ -142,10 +175,11 @@ fn apply_one(
         "sources".into(),
         Value::Array(update.sources.into_iter().map(Value::String).collect()),
     );
-    metadata.insert(update.name, Value::Object(meta));
-    metadata.insert("$lastUpdateTime".into(), Value::String(ctx.now.clone()));
-    doc.insert("$etag".into(), Value::String(ctx.new_etag()));
-    let twin = Twin::from_doc(&doc).ok_or(Skipped::TwinMissing)?;
-    graph.put_twin(Arc::new(twin), muts);
+    if let Some(value) = update.value {
+        doc.insert(update.name.clone(), value);
+    }
+    if let Some(Value::Object(metadata)) = doc.get_mut("$metadata") {
+        metadata.insert(update.name, Value::Object(meta));
+    }
     Ok(())
 }

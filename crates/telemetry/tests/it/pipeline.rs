@@ -328,6 +328,86 @@ async fn a_large_batch_answers_each_message_in_its_place() {
     }
 }
 
+/// A twin's document without its `$etag`, which every write renews.
+fn without_etag(mut twin: Value) -> Value {
+    twin.as_object_mut().unwrap().remove("$etag");
+    twin
+}
+
+#[tokio::test]
+async fn a_batch_that_moves_one_twin_many_times_leaves_it_as_one_message_at_a_time_would() {
+    let mut plants = [Plant::new().await, Plant::new().await];
+    let mut batches = [Vec::new(), Vec::new()];
+    for (plant, batch) in plants.iter_mut().zip(&mut batches) {
+        plant.device("t1", &["temperature", "valve"]).await;
+        plant.device("t2", &["temperature"]).await;
+        let mut two = plant.message("t1", "temperature", json!(21.0));
+        two.readings.push(Reading {
+            name: "valve".into(),
+            value: json!("open"),
+            twin: None,
+            time: None,
+        });
+        let messages = [
+            plant.message("t2", "temperature", json!(20.5)),
+            two,
+            plant.message("t1", "temperature", json!(22.0)),
+            plant.message("t2", "valve", json!("shut")), // not bound: quarantined
+        ];
+        batch.extend(messages.iter().map(|m| plant.cose(m)));
+    }
+    let [together, one_by_one] = &plants;
+    let [batch, singles] = batches;
+    let outcomes = together
+        .telemetry
+        .ingest(batch, Transport::Https)
+        .await
+        .unwrap();
+    let verdicts: Vec<Verdict> = outcomes.iter().map(|o| o.status).collect();
+    assert_eq!(
+        verdicts,
+        [
+            Verdict::Accepted,
+            Verdict::Accepted,
+            Verdict::Accepted,
+            Verdict::Quarantined
+        ]
+    );
+    for bytes in singles {
+        one_by_one.send(bytes).await;
+    }
+    let twin = together.twin();
+    assert_eq!(twin["temperature"], json!(22.0));
+    assert_eq!(twin["valve"], json!("open"));
+    assert_eq!(twin["$metadata"]["temperature"]["sources"], json!(["t1"]));
+    assert_eq!(without_etag(twin), without_etag(one_by_one.twin()));
+}
+
+#[tokio::test]
+async fn every_message_of_a_batch_stays_refused_as_a_replay_after_a_restart() {
+    let mut plant = Plant::new().await;
+    plant.device("t1", &["temperature"]).await;
+    plant.device("t2", &["temperature"]).await;
+    let batch: Vec<Vec<u8>> = (0..6)
+        .map(|i| {
+            let device = if i % 2 == 0 { "t1" } else { "t2" };
+            let m = plant.message(device, "temperature", json!(20.0 + f64::from(i) * 0.01));
+            plant.cose(&m)
+        })
+        .collect();
+    let outcomes = plant
+        .telemetry
+        .ingest(batch.clone(), Transport::Https)
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(|o| o.status == Verdict::Accepted));
+    let store: Arc<dyn Store> = plant.store.clone();
+    let reopened = Telemetry::open(plant.twins.clone(), store, plant.clock.clone()).unwrap();
+    let again = reopened.ingest(batch, Transport::Mqtt).await.unwrap();
+    let reasons: Vec<Option<&str>> = again.iter().map(|o| o.reason).collect();
+    assert_eq!(reasons, [Some("replay"); 6]);
+}
+
 #[tokio::test]
 async fn suspended_and_revoked_devices_are_refused_on_the_next_message() {
     let mut plant = Plant::new().await;
