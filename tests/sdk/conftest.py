@@ -153,9 +153,10 @@ def fuzz_server(tmp_path_factory):
     yield from _serve(tmp_path_factory)
 
 
-def _serve(tmp_path_factory, extra_args=()):
+def _serve(tmp_path_factory, extra_args=(), data_dir=None):
+    """Starts a server on a new data directory, or on `data_dir` to restart one."""
     tmp = tmp_path_factory.mktemp("twinguard")
-    data_dir = tmp / "data"
+    data_dir = data_dir or tmp / "data"
     stderr_path = tmp / "server-stderr.jsonl"
     with open(stderr_path, "wb") as stderr_file:
         process = subprocess.Popen(
@@ -217,8 +218,12 @@ def _serve(tmp_path_factory, extra_args=()):
         print("---- twinguard stderr ----")
         print(stderr_path.read_text(errors="replace")[-20000:])
         raise
-    yield srv
-    _stop(process)
+    try:
+        yield srv
+    finally:
+        # Also when the generator is closed early (a test that restarts a server): the code
+        # after a bare `yield` would never run then, and the process would outlive the test.
+        _stop(process)
     assert process.returncode is not None
 
 

@@ -7,6 +7,7 @@ reason code and a metric. The twin is read back with the official ADT SDK."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import json
 import shutil
@@ -257,21 +258,20 @@ def test_messages_through_mosquitto_reach_the_twin(tserver, plant, mqtt_topic):
         publisher.disconnect()
 
 
-@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is installed by scripts/test-env.sh")
-def test_a_tls_broker_started_here_delivers_to_twinguard(tmp_path_factory):
-    """A Mosquitto of the test's own with TLS on a free port: twinguard verifies the broker's
-    certificate against the CA it was given, then ingests what the broker delivers."""
-    directory = tmp_path_factory.mktemp("mosquitto")
-    make_test_ca(directory)
+@contextlib.contextmanager
+def own_broker(directory, tls: bool):
+    """A Mosquitto of the test's own on a free port, with TLS (certificates in `directory`) or
+    without; yields the port and stops the broker afterwards."""
     port = free_port()
     conf = directory / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\ncafile {directory}/ca.pem\ncertfile {directory}/cert.pem\n"
-        f"keyfile {directory}/key.pem\nallow_anonymous true\npersistence false\n"
-        # Run as whoever runs the tests: a broker started as root would otherwise switch to the
-        # mosquitto user, who cannot read the test's private directory.
-        f"user {getpass.getuser()}\n"
-    )
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
+             # Run as whoever runs the tests: a broker started as root would otherwise switch to
+             # the mosquitto user, who cannot read the test's private directory.
+             f"user {getpass.getuser()}"]
+    if tls:
+        make_test_ca(directory)
+        lines += [f"cafile {directory}/ca.pem", f"certfile {directory}/cert.pem", f"keyfile {directory}/key.pem"]
+    conf.write_text("\n".join(lines) + "\n")
     log = open(directory / "mosquitto.log", "wb")
     broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -284,43 +284,106 @@ def test_a_tls_broker_started_here_delivers_to_twinguard(tmp_path_factory):
                 time.sleep(0.1)
         else:
             pytest.fail(f"mosquitto did not listen: {(directory / 'mosquitto.log').read_text()}")
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+        log.close()
+
+
+def provision(srv, twin: str, device: Device):
+    """The model, a twin, the firmware allowlist and `device` bound to the twin's temperature."""
+    headers = {"Authorization": f"Bearer {srv.credential().get_token().token}"}
+    client = srv.client()
+    client.create_models([{"@context": "dtmi:dtdl:context;3", "@id": MODEL, "@type": "Interface",
+                           "contents": [{"@type": "Property", "name": "temperature", "schema": "double"}]}])
+    client.upsert_digital_twin(twin, {"$metadata": {"$model": MODEL}})
+    for path, body in [("/firmware/vendor-x", {"digests": [FIRMWARE]}),
+                       (f"/devices/{device.id}", {"publicKey": device.public_pem(), "deviceModel": "vendor-x",
+                                                  "bindings": [{"twin": twin, "names": ["temperature"]}]})]:
+        r = requests.put(f"{srv.endpoint}{path}", json=body, headers=headers, verify=srv.ca_path,
+                         timeout=HTTP_TIMEOUT_S)
+        assert r.status_code in (200, 201), r.text
+    return client
+
+
+def publish_until_seen(publisher, topic: str, device: Device, client, twin: str, value: float):
+    """Publishes `value` until the twin shows it: the server's subscription exists by then."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        publisher.publish(topic, device.cose(device.payload(twin, "temperature", value)), qos=1).wait_for_publish(5)
+        time.sleep(0.5)
+        if client.get_digital_twin(twin).get("temperature") == value:
+            return
+    pytest.fail(f"{value} did not reach {twin} through the broker within 30 s")
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is installed by scripts/test-env.sh")
+def test_a_tls_broker_started_here_delivers_to_twinguard(tmp_path_factory):
+    """A Mosquitto of the test's own with TLS on a free port: twinguard verifies the broker's
+    certificate against the CA it was given, then ingests what the broker delivers."""
+    directory = tmp_path_factory.mktemp("mosquitto")
+    with own_broker(directory, tls=True) as port:
         gen = _serve(tmp_path_factory, ("--mqtt-url", f"mqtts://localhost:{port}", "--mqtt-ca", str(directory / "ca.pem"),
                                         "--mqtt-topic", "tls-test/#"))
         srv = next(gen)
         try:
-            token = srv.credential().get_token().token
-            headers = {"Authorization": f"Bearer {token}"}
-            client = srv.client()
-            client.create_models([{"@context": "dtmi:dtdl:context;3", "@id": MODEL, "@type": "Interface",
-                                   "contents": [{"@type": "Property", "name": "temperature", "schema": "double"}]}])
-            client.upsert_digital_twin("boiler-tls", {"$metadata": {"$model": MODEL}})
             device = Device("tls-1")
-            for path, body in [("/firmware/vendor-x", {"digests": [FIRMWARE]}),
-                               ("/devices/tls-1", {"publicKey": device.public_pem(), "deviceModel": "vendor-x",
-                                                   "bindings": [{"twin": "boiler-tls", "names": ["temperature"]}]})]:
-                r = requests.put(f"{srv.endpoint}{path}", json=body, headers=headers, verify=srv.ca_path,
-                                 timeout=HTTP_TIMEOUT_S)
-                assert r.status_code in (200, 201), r.text
+            client = provision(srv, "boiler-tls", device)
             publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-tls")
             publisher.tls_set(ca_certs=str(directory / "ca.pem"))
             publisher.connect("localhost", port)
             publisher.loop_start()
             try:
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    publisher.publish("tls-test/tls-1", device.cose(device.payload("boiler-tls", "temperature", 42.0)),
-                                      qos=1).wait_for_publish(5)
-                    time.sleep(0.5)
-                    if client.get_digital_twin("boiler-tls").get("temperature") == 42.0:
-                        break
-                else:
-                    pytest.fail("nothing arrived through the TLS broker within 30 s")
+                publish_until_seen(publisher, "tls-test/tls-1", device, client, "boiler-tls", 42.0)
             finally:
                 publisher.loop_stop()
                 publisher.disconnect()
         finally:
             gen.close()
-    finally:
-        broker.terminate()
-        broker.wait(timeout=10)
-        log.close()
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is installed by scripts/test-env.sh")
+def test_readings_published_while_twinguard_is_down_arrive_when_it_is_back(tmp_path_factory):
+    """The subscription is a persistent session: the broker keeps what devices publish while
+    twinguard is stopped, more messages than the broker sends a subscriber at once, and delivers
+    them to the restarted server."""
+    directory = tmp_path_factory.mktemp("mosquitto")
+    with own_broker(directory, tls=False) as port:
+        args = ("--mqtt-url", f"mqtt://127.0.0.1:{port}", "--mqtt-topic", "plant/#")
+        gen = _serve(tmp_path_factory, args)
+        srv = next(gen)
+        device = Device("restart-1")
+        try:
+            client = provision(srv, "boiler-r", device)
+            publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-restart")
+            publisher.connect("127.0.0.1", port)
+            publisher.loop_start()
+            publish_until_seen(publisher, "plant/restart-1", device, client, "boiler-r", 20.0)
+        finally:
+            gen.close()
+        try:
+            payloads = [device.payload("boiler-r", "temperature", 20.0 + (i % 5) * 0.01) for i in range(300)]
+            for payload in payloads:
+                publisher.publish("plant/restart-1", device.cose(payload), qos=1).wait_for_publish(5)
+            gen = _serve(tmp_path_factory, args, data_dir=srv.data_dir)
+            srv = next(gen)
+            try:
+                token = srv.credential().get_token().token
+                missing = {p["seq"] for p in payloads}
+                deadline = time.monotonic() + 30
+                while missing:
+                    assert time.monotonic() < deadline, f"{len(missing)} of 300 readings sent while down never arrived"
+                    time.sleep(0.2)
+                    r = requests.get(f"{srv.endpoint}/history/boiler-r/temperature", params={"limit": 1000},
+                                     headers={"Authorization": f"Bearer {token}"}, verify=srv.ca_path,
+                                     timeout=HTTP_TIMEOUT_S)
+                    assert r.status_code == 200, r.text
+                    missing -= {reading["seq"] for reading in r.json()["readings"]}
+                twin = srv.client().get_digital_twin("boiler-r")
+                assert twin["temperature"] == payloads[-1]["readings"][0]["value"]
+            finally:
+                gen.close()
+        finally:
+            publisher.loop_stop()
+            publisher.disconnect()

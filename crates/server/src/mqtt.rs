@@ -3,15 +3,26 @@
 //! broker's job is delivery. Messages are acknowledged (QoS 1) only once the pipeline's
 //! decision on them is durable, and the session is persistent, so readings the broker took
 //! while twinguard was down are delivered when it is back.
+//!
+//! twinguard speaks MQTT 5 for its Receive Maximum: it lets the broker send up to
+//! [`RECEIVE_MAXIMUM`] messages ahead of the acknowledgements. An MQTT 3.1.1 subscriber gets the
+//! broker's own limit instead (Mosquitto: 20), and since acknowledgements wait for a durable
+//! commit, every commit then carried at most 20 messages. Several batches are ingested at once;
+//! their acknowledgements still go out in the order the messages arrived, as MQTT requires.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration};
+use rumqttc::TlsConfiguration;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use tokio::sync::mpsc;
 use twinguard_telemetry::{Telemetry, Transport};
 
 /// Where and how to subscribe.
@@ -28,7 +39,14 @@ pub struct MqttConfig {
 }
 
 /// Most messages ingested as one batch.
-const BATCH: usize = 256;
+const BATCH: usize = 128;
+/// Batches being ingested at once.
+const BATCHES_IN_FLIGHT: usize = 4;
+/// Unacknowledged messages the broker may send (MQTT 5 Receive Maximum): enough to fill every
+/// batch in flight. Mosquitto drops a message for a subscriber that already has
+/// `max_queued_messages` (default 1,000) plus `max_inflight_messages` (20) unacknowledged, even
+/// when its Receive Maximum allows more in flight, so 512 leaves room for a backlog.
+pub const RECEIVE_MAXIMUM: u16 = (BATCH * BATCHES_IN_FLIGHT) as u16;
 
 fn options(config: &MqttConfig) -> anyhow::Result<MqttOptions> {
     let (tls, rest) = if let Some(rest) = config.url.strip_prefix("mqtts://") {
@@ -46,11 +64,14 @@ fn options(config: &MqttConfig) -> anyhow::Result<MqttOptions> {
     let mut options = MqttOptions::new(&config.client_id, host, port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_manual_acks(true);
-    options.set_clean_session(false);
-    options.set_max_packet_size(
-        twinguard_telemetry::envelope::MAX_ENVELOPE_BYTES + 1024,
-        twinguard_telemetry::envelope::MAX_ENVELOPE_BYTES + 1024,
-    );
+    // A persistent session that never expires (MQTT 5 needs both for what 3.1.1's
+    // clean-session flag alone did): the broker keeps what arrives while twinguard is down.
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(u32::MAX));
+    options.set_receive_maximum(Some(RECEIVE_MAXIMUM));
+    options.set_max_packet_size(Some(
+        (twinguard_telemetry::envelope::MAX_ENVELOPE_BYTES + 1024) as u32,
+    ));
     if tls {
         let ca = config
             .ca
@@ -77,21 +98,27 @@ fn options(config: &MqttConfig) -> anyhow::Result<MqttOptions> {
 /// Connects and ingests until the process ends; reconnects with a pause after errors.
 pub fn spawn(config: MqttConfig, telemetry: Telemetry) -> anyhow::Result<()> {
     let options = options(&config)?;
-    let (client, mut events) = AsyncClient::new(options, 1_024);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Publish>(4 * BATCH);
+    let (client, mut events) = AsyncClient::new(options, usize::from(RECEIVE_MAXIMUM));
+    // Each message with the connection it came on: an acknowledgement belongs to that
+    // connection only (after a reconnect the broker sends again whatever was not acknowledged).
+    let connection = Arc::new(AtomicU64::new(0));
+    let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(usize::from(RECEIVE_MAXIMUM));
     let topic = config.topic.clone();
     let subscriber = client.clone();
+    let current = connection.clone();
     tokio::spawn(async move {
         loop {
             match events.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    current.fetch_add(1, Ordering::SeqCst);
                     tracing::info!(topic = %topic, "connected to the MQTT broker");
                     if let Err(e) = subscriber.subscribe(&topic, QoS::AtLeastOnce).await {
                         tracing::error!(error = %e, "MQTT subscribe failed");
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if tx.send(publish).await.is_err() {
+                    let on = current.load(Ordering::SeqCst);
+                    if tx.send((on, publish)).await.is_err() {
                         return;
                     }
                 }
@@ -103,24 +130,53 @@ pub fn spawn(config: MqttConfig, telemetry: Telemetry) -> anyhow::Result<()> {
             }
         }
     });
+    // Batches start in arrival order and are answered in that order.
+    let (started, mut ingesting) = mpsc::channel(BATCHES_IN_FLIGHT);
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
         while rx.recv_many(&mut batch, BATCH).await > 0 {
-            let raw = batch.iter().map(|p| p.payload.to_vec()).collect();
-            match telemetry.ingest(raw, Transport::Mqtt).await {
-                Ok(_) => {
-                    for publish in batch.drain(..) {
-                        if let Err(e) = client.ack(&publish).await {
-                            tracing::warn!(error = %e, "MQTT ack failed");
-                        }
-                    }
+            let raw = batch.iter().map(|(_, p)| p.payload.to_vec()).collect();
+            let telemetry = telemetry.clone();
+            let ingest = tokio::spawn(async move { telemetry.ingest(raw, Transport::Mqtt).await });
+            if started
+                .send((ingest, std::mem::take(&mut batch)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        // The connection on which a batch could not be stored: nothing more is acknowledged
+        // on it, so the broker sends the rest again after the reconnect this forces.
+        let mut failed_on = None;
+        while let Some((ingest, batch)) = ingesting.recv().await {
+            let stored = match ingest.await {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, messages = batch.len(), "MQTT batch not stored; leaving it unacknowledged");
+                    false
                 }
                 Err(e) => {
-                    // Not acknowledged: the broker redelivers after the reconnect this forces.
-                    tracing::error!(error = %e, messages = batch.len(), "MQTT batch not stored; leaving it unacknowledged");
-                    batch.clear();
+                    tracing::error!(error = %e, messages = batch.len(), "MQTT batch failed; leaving it unacknowledged");
+                    false
+                }
+            };
+            let now = connection.load(Ordering::SeqCst);
+            if !stored {
+                if failed_on != Some(now) {
+                    failed_on = Some(now);
                     let _ = client.disconnect().await;
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                continue;
+            }
+            for (on, publish) in batch {
+                if on != now || failed_on == Some(on) {
+                    continue; // its connection is gone: the broker delivers it again
+                }
+                if let Err(e) = client.ack(&publish).await {
+                    tracing::warn!(error = %e, "MQTT ack failed");
                 }
             }
         }
