@@ -278,6 +278,52 @@ async fn accepted(api: &Api, transport: &str) -> anyhow::Result<u64> {
         .sum::<f64>() as u64)
 }
 
+/// The server's request duration histogram, from `/metrics`: `(upper bound in seconds,
+/// requests at or under it)`, ascending.
+pub async fn request_durations(api: &Api) -> anyhow::Result<Vec<(f64, u64)>> {
+    let text = api.clients[0]
+        .get(format!("{}/metrics", api.base))
+        .bearer_auth(&api.token)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let mut buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("twinguard_http_request_duration_seconds_bucket{le=\"")?;
+            let (le, rest) = rest.split_once('"')?;
+            let count = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some((le.parse::<f64>().unwrap_or(f64::INFINITY), count as u64))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    ensure!(
+        !buckets.is_empty(),
+        "the server reports no request durations"
+    );
+    Ok(buckets)
+}
+
+/// The smallest histogram bound under which at least `p` of the requests between two
+/// snapshots finished, in milliseconds, with the number of requests.
+pub fn percentile_bound(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> (f64, u64) {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let earlier = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+            (le, n.saturating_sub(earlier))
+        })
+        .collect();
+    let total = delta.last().map_or(0, |d| d.1);
+    let bound = delta
+        .iter()
+        .find(|&&(_, n)| n as f64 >= p * total as f64)
+        .map_or(f64::INFINITY, |d| d.0);
+    (bound * 1000.0, total)
+}
+
 /// Publishes `messages` with QoS 1 and returns the time until the server has accepted all.
 pub async fn mqtt(
     api: &Api,

@@ -14,7 +14,8 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             let builder = PrometheusBuilder::new().set_buckets_for_metric(
                 Matcher::Full("twinguard_http_request_duration_seconds".into()),
                 &[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+                    0.075, 0.1, 0.25, 0.5, 1.0,
                 ],
             );
             match builder.and_then(|b| b.install_recorder()) {
