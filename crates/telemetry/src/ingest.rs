@@ -6,8 +6,8 @@
 
 use serde::Serialize;
 use serde_json::Value;
-use twinguard_core::error::DomainResult;
-use twinguard_core::graph::{Graph, PropertyUpdate, Quality};
+use twinguard_core::error::{DomainError, DomainResult};
+use twinguard_core::graph::{Graph, PropertyUpdate, Quality, Skipped};
 use twinguard_core::store::{Mutation, Table};
 
 use crate::anomaly::Detector;
@@ -95,6 +95,14 @@ fn count(transport: Transport, status: &'static str, reason: &'static str) {
     .increment(1);
 }
 
+/// The durable write of a batch's decisions: what each twin update came to.
+type Pending = std::pin::Pin<
+    Box<dyn std::future::Future<Output = DomainResult<Vec<Result<(), Skipped>>>> + Send>,
+>;
+
+/// A batch decided: outcomes so far, the write to wait for, the replay marks it made.
+type Decided = (Vec<Option<Outcome>>, Option<Pending>, Vec<(String, u64)>);
+
 /// Everything one batch decides, committed together.
 #[derive(Default)]
 struct Decisions {
@@ -113,6 +121,41 @@ impl Telemetry {
         messages: Vec<Vec<u8>>,
         transport: Transport,
     ) -> DomainResult<Vec<Outcome>> {
+        // Decoding, verifying and deciding a batch is milliseconds of CPU: on the blocking pool,
+        // so that the async workers stay free to read requests and deliver answers meanwhile.
+        let this = self.clone();
+        let (outcomes, pending, marked) =
+            tokio::task::spawn_blocking(move || this.decide_batch(messages, transport))
+                .await
+                .map_err(|_| DomainError::Internal("a telemetry batch could not be processed"))??;
+        // 5. Answer once durable.
+        if let Some(pending) = pending {
+            match pending.await {
+                Ok(skipped) => {
+                    for result in skipped {
+                        if let Err(skip) = result {
+                            tracing::warn!(
+                                reason = skip.code(),
+                                "an accepted reading could not be applied to its twin"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    forget(&mut *self.state()?, &marked);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::rejected("internal", None, None)))
+            .collect())
+    }
+
+    /// Steps 1 to 4 of [`Telemetry::ingest`]: each message's outcome so far, the durable write
+    /// to wait for, and the replay-window marks to take back should that write fail.
+    fn decide_batch(&self, messages: Vec<Vec<u8>>, transport: Transport) -> DomainResult<Decided> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; messages.len()];
         // 1. Decode, without the lock: concurrent batches decode side by side.
         let mut decoded = Vec::with_capacity(messages.len());
@@ -209,7 +252,7 @@ impl Telemetry {
                 let updates = std::mem::take(&mut decisions.updates);
                 let records = std::mem::take(&mut decisions.records);
                 match self.submit(updates, records) {
-                    Ok(p) => Some(p),
+                    Ok(p) => Some(Box::pin(p) as Pending),
                     Err(e) => {
                         forget(&mut state, &decisions.marked);
                         return Err(e);
@@ -217,29 +260,7 @@ impl Telemetry {
                 }
             }
         };
-        // 5. Answer once durable.
-        if let Some(pending) = pending {
-            match pending.await {
-                Ok(skipped) => {
-                    for result in skipped {
-                        if let Err(skip) = result {
-                            tracing::warn!(
-                                reason = skip.code(),
-                                "an accepted reading could not be applied to its twin"
-                            );
-                        }
-                    }
-                }
-                Err(e) => {
-                    forget(&mut *self.state()?, &decisions.marked);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or_else(|| Outcome::rejected("internal", None, None)))
-            .collect())
+        Ok((outcomes, pending, decisions.marked))
     }
 
     fn refuse(&self, transport: Transport, e: &Reject, device: Option<String>) -> Outcome {
