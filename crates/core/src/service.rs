@@ -22,8 +22,10 @@ use crate::error::{DomainError, DomainResult};
 use crate::graph::ops::{WriteContext, WriteOp, WriteOutcome};
 use crate::graph::{EventRoute, Graph, ModelEntry, Relationship, Twin};
 use crate::query;
-use crate::store::{Mutation, Store, StoreError, Table};
+use crate::store::{Mutation, Store, StoreError, Table, for_each_record};
 
+/// Twins or relationships read from the store at a time while the graph is loaded.
+const LOAD_PAGE: usize = 10_000;
 /// Most writes grouped into one commit.
 const MAX_GROUP: usize = 4_096;
 /// Writes waiting for the writer before new ones are turned away with 503. Twin and relationship
@@ -475,13 +477,16 @@ fn load(store: &dyn Store) -> Result<Graph, OpenError> {
             graph.put_model(Arc::new(entry), &mut muts);
         }
     }
-    for (key, bytes) in store.scan(Table::Twins)? {
-        let doc: Map<String, Value> =
-            serde_json::from_slice(&bytes).map_err(|_| OpenError::Corrupt("twin", key.clone()))?;
-        let twin = Twin::from_doc(&doc).ok_or(OpenError::Corrupt("twin", key))?;
+    for_each_record(store, Table::Twins, LOAD_PAGE, |key, bytes| {
+        let twin = String::from_utf8(bytes)
+            .ok()
+            .and_then(Twin::from_json)
+            .filter(|twin| *twin.id == *key)
+            .ok_or(OpenError::Corrupt("twin", key))?;
         graph.insert_twin(Arc::new(twin));
-    }
-    for (key, bytes) in store.scan(Table::Relationships)? {
+        Ok::<_, OpenError>(())
+    })?;
+    for_each_record(store, Table::Relationships, LOAD_PAGE, |key, bytes| {
         let doc: Map<String, Value> = serde_json::from_slice(&bytes)
             .map_err(|_| OpenError::Corrupt("relationship", key.clone()))?;
         let twin_id = |field: &str| {
@@ -492,7 +497,8 @@ fn load(store: &dyn Store) -> Result<Graph, OpenError> {
         let rel = Relationship::from_doc(&doc, source.as_ref(), target.as_ref())
             .ok_or(OpenError::Corrupt("relationship", key))?;
         graph.insert_relationship(Arc::new(rel));
-    }
+        Ok::<_, OpenError>(())
+    })?;
     for (key, bytes) in store.scan(Table::EventRoutes)? {
         let record: Value = serde_json::from_slice(&bytes)
             .map_err(|_| OpenError::Corrupt("event route", key.clone()))?;

@@ -133,6 +133,23 @@ pub trait Store: Send + Sync + 'static {
     /// Applies every mutation of `batch` or none, and returns only once the batch is durable.
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError>;
 
+    /// The records of `table` with `from <= key`, in key order, at most `limit` of them: a page
+    /// of a large table. Backends with ordered keys should override this default, which scans
+    /// the whole table.
+    fn range_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .scan(table)?
+            .into_iter()
+            .filter(|(k, _)| k.as_str() >= from)
+            .take(limit)
+            .collect())
+    }
+
     /// The records of `table` with `from <= key < to`, in key order, at most `limit` of them.
     /// Backends with ordered keys should override this default, which scans the whole table.
     fn range(
@@ -148,6 +165,34 @@ pub trait Store: Send + Sync + 'static {
             .filter(|(k, _)| k.as_str() >= from && k.as_str() < to)
             .take(limit)
             .collect())
+    }
+}
+
+/// Calls `f` with every record of `table` in key order, reading `page` records at a time, so
+/// that a large table is never held in memory twice (once as read, once as built from it).
+pub fn for_each_record<E: From<StoreError>>(
+    store: &dyn Store,
+    table: Table,
+    page: usize,
+    mut f: impl FnMut(String, Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
+    let page = page.max(1);
+    let mut from = String::new();
+    loop {
+        let rows = store.range_from(table, &from, page)?;
+        let full = rows.len() == page;
+        let mut next = None;
+        for (i, (key, value)) in rows.into_iter().enumerate() {
+            if full && i == page - 1 {
+                // The smallest key after this one.
+                next = Some(format!("{key}\0"));
+            }
+            f(key, value)?;
+        }
+        match next {
+            Some(key) => from = key,
+            None => return Ok(()),
+        }
     }
 }
 

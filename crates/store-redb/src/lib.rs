@@ -80,6 +80,22 @@ impl Store for RedbStore {
         txn.commit().map_err(err)
     }
 
+    fn range_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(definition(table)).map_err(err)?;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for row in t.range(from..).map_err(err)?.take(limit) {
+            let (k, v) = row.map_err(err)?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     fn range(
         &self,
         table: Table,
@@ -130,6 +146,27 @@ mod tests {
             );
         }
         assert_eq!(redb.range(Table::History, "b", "c", 10).unwrap().len(), 3);
+        for (from, limit) in [("", 10), ("b", 2), ("b\u{1f}1\0", 10), ("e", 10)] {
+            assert_eq!(
+                redb.range_from(Table::History, from, limit).unwrap(),
+                memory.range_from(Table::History, from, limit).unwrap(),
+                "{from:?}.. limit {limit}"
+            );
+        }
+        // Paging visits every record once, in order, whatever the page size.
+        for page in [1, 2, 5, 6, 100] {
+            let mut seen = Vec::new();
+            twinguard_core::store::for_each_record(&redb, Table::History, page, |k, _| {
+                seen.push(k);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+            assert_eq!(
+                seen,
+                ["a", "b", "b\u{1f}1", "b\u{1f}2", "c", "d"],
+                "page {page}"
+            );
+        }
     }
 
     #[test]

@@ -9,8 +9,8 @@ use twinguard_core::clock::SystemClock;
 use twinguard_core::dtmi::Dtmi;
 use twinguard_core::error::DomainError;
 use twinguard_core::graph::{Precondition, WriteOp, WriteOutcome};
-use twinguard_core::service::{QueryRequest, TwinService};
-use twinguard_core::store::{MemoryStore, Store};
+use twinguard_core::service::{OpenError, QueryRequest, TwinService};
+use twinguard_core::store::{MemoryStore, Mutation, Store, Table};
 
 fn owner() -> Principal {
     Principal::with_roles("owner", &[DATA_OWNER])
@@ -364,6 +364,81 @@ async fn reopening_the_store_restores_every_acknowledged_write() {
     assert_eq!(graph.incoming("r1").count(), 1);
     assert!(graph.route("all").is_some());
     assert_eq!(graph.models().count(), 3);
+}
+
+#[tokio::test]
+async fn reopening_keeps_each_twin_byte_for_byte_and_refuses_a_corrupt_record() {
+    let (service, store) = service_with_ontology().await;
+    let ids = [
+        "plain",
+        "quote\"d",
+        "\u{fc}n\u{ef}code-\u{2603}",
+        "back\\slash",
+    ];
+    for id in ids {
+        put_twin(
+            &service,
+            id,
+            "dtmi:test:Room;1",
+            json!({"temperature": 19.5, "mode": "auto"}),
+        )
+        .await
+        .unwrap();
+    }
+    let written = |service: &TwinService| -> Vec<(String, String, String)> {
+        let graph = service.snapshot();
+        ids.iter()
+            .map(|id| {
+                let twin = graph.twin(id).unwrap();
+                (
+                    twin.id.to_string(),
+                    twin.etag.clone(),
+                    twin.json().get().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let before = written(&service);
+    drop(service);
+    let reopened =
+        TwinService::open(store.clone() as Arc<dyn Store>, Arc::new(SystemClock)).unwrap();
+    assert_eq!(written(&reopened), before);
+    assert_eq!(
+        reopened
+            .snapshot()
+            .twin("quote\"d")
+            .unwrap()
+            .model
+            .to_string(),
+        "dtmi:test:Room;1"
+    );
+    drop(reopened);
+
+    // A record that is not a twin, or whose key is not its $dtId, stops the start-up.
+    for (key, value) in [
+        ("plain", b"{\"$dtId\": ".to_vec()),
+        ("elsewhere", before[0].2.clone().into_bytes()),
+    ] {
+        let store = Arc::new(MemoryStore::default());
+        let (service, original) = service_with_ontology().await;
+        drop(service);
+        for table in Table::ALL {
+            let rows: Vec<Mutation> = original
+                .scan(table)
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| Mutation::put(table, k, v))
+                .collect();
+            store.commit(&rows).unwrap();
+        }
+        store
+            .commit(&[Mutation::put(Table::Twins, key, value)])
+            .unwrap();
+        match TwinService::open(store as Arc<dyn Store>, Arc::new(SystemClock)) {
+            Err(OpenError::Corrupt("twin", k)) => assert_eq!(k, key),
+            other => panic!("{key}: {:?}", other.map(|_| ())),
+        }
+    }
 }
 
 #[tokio::test]
