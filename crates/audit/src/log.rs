@@ -227,18 +227,22 @@ pub fn recorded(bytes: &[u8]) -> &[u8] {
     &bytes[..end]
 }
 
-/// Reads every entry line, dropping a torn last line (a crash mid-write of an unacknowledged
-/// group), cuts the file after the last whole line (the writer writes zeros ahead again), and
-/// returns the lines.
-fn read_entries(path: &Path) -> Result<Vec<Vec<u8>>, AuditError> {
+/// Calls `each` with every entry line (without its newline) in order, drops a torn last line (a
+/// crash mid-write of an unacknowledged group) and cuts the file after the last whole line (the
+/// writer writes zeros ahead again). One line is in memory at a time: a log of millions of
+/// entries opens in the memory of one.
+fn read_entries(
+    path: &Path,
+    mut each: impl FnMut(&[u8]) -> Result<(), AuditError>,
+) -> Result<(), AuditError> {
     let Ok(file) = File::open(path) else {
-        return Ok(Vec::new());
+        return Ok(());
     };
     let mut reader = BufReader::new(file);
-    let mut lines = Vec::new();
+    let mut line = Vec::new();
     let mut good_len = 0u64;
     loop {
-        let mut line = Vec::new();
+        line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 {
             break;
@@ -263,15 +267,14 @@ fn read_entries(path: &Path) -> Result<Vec<Vec<u8>>, AuditError> {
             break;
         }
         good_len += n as u64;
-        line.pop();
-        lines.push(line);
+        each(&line[..n - 1])?;
     }
     let file = OpenOptions::new().write(true).open(path)?;
     if file.metadata()?.len() != good_len {
         file.set_len(good_len)?;
         file.sync_all()?;
     }
-    Ok(lines)
+    Ok(())
 }
 
 impl AuditLog {
@@ -283,7 +286,6 @@ impl AuditLog {
             format!("{}\n", signer.verifier_key()),
         )?;
         let entries_path = dir.join("entries.jsonl");
-        let lines = read_entries(&entries_path)?;
         let mut levels = LevelFiles::open(&dir.join("hashes"))?;
         levels.truncate_all()?;
         let mut tree = Tree {
@@ -292,12 +294,13 @@ impl AuditLog {
             size: 0,
             buffers: Vec::new(),
         };
-        for line in &lines {
+        read_entries(&entries_path, |line| {
             tree.push(merkle::leaf_hash(line));
             if tree.buffers.first().is_some_and(|b| b.len() >= 1 << 20) {
                 tree.flush()?;
             }
-        }
+            Ok(())
+        })?;
         tree.flush()?;
         let root = tree.root();
         let latest = std::fs::read_to_string(dir.join("checkpoint")).ok();
