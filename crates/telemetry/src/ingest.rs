@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
+use twinguard_core::dtdl::Interface;
 use twinguard_core::error::{DomainError, DomainResult};
 use twinguard_core::graph::{Graph, PropertyUpdate, Quality, Skipped};
 use twinguard_core::store::{Mutation, Table};
@@ -311,15 +312,24 @@ impl Telemetry {
                 (!approved).then_some("firmware_unknown")
             }
         };
-        let device = device.clone();
+        // Each reading's twin, and whether the device is bound to write the reading there,
+        // settled while the device's record is at hand.
+        let targets: Vec<(Option<String>, bool)> = message
+            .readings
+            .iter()
+            .map(|reading| {
+                let twin =
+                    (reading.twin.clone()).or_else(|| device.default_twin().map(str::to_owned));
+                let bound = twin
+                    .as_deref()
+                    .is_some_and(|twin| device.may_write(twin, &reading.name));
+                (twin, bound)
+            })
+            .collect();
 
         let mut readings = Vec::with_capacity(message.readings.len());
-        for reading in message.readings {
+        for (reading, (twin_id, bound)) in message.readings.into_iter().zip(targets) {
             let time_ms = reading.time.unwrap_or(message.time);
-            let twin_id = reading
-                .twin
-                .clone()
-                .or_else(|| device.default_twin().map(str::to_owned));
             let mut reasons: Vec<String> = Vec::new();
             if let Some(r) = firmware_reason {
                 reasons.push(r.into());
@@ -331,13 +341,11 @@ impl Telemetry {
             let mut is_property = false;
             match &twin_id {
                 None => reasons.push("no_twin".into()),
-                Some(twin_id) if !device.may_write(twin_id, &reading.name) => {
-                    reasons.push("not_bound".into());
-                }
+                Some(_) if !bound => reasons.push("not_bound".into()),
                 Some(twin_id) => {
                     match check_schema(graph, twin_id, &reading.name, &reading.value) {
                         Err(code) => reasons.push(code.into()),
-                        Ok((property, models)) => {
+                        Ok((property, model)) => {
                             is_property = property;
                             let time_s = time_ms as f64 / 1000.0;
                             let sensor = state
@@ -347,10 +355,9 @@ impl Telemetry {
                                     detector: Detector::new(&self.inner.detector),
                                     last: None,
                                 });
-                            let policy = state
-                                .policies
-                                .values()
-                                .find(|p| p.property == reading.name && models.contains(&p.model));
+                            let policy = state.policies.values().find(|p| {
+                                p.property == reading.name && is_of_model(model, &p.model)
+                            });
                             if let Some(policy) = policy {
                                 reasons.extend(
                                     policy
@@ -655,29 +662,33 @@ pub(crate) fn models_of(graph: &Graph, twin: &str) -> Option<Vec<String>> {
     Some(models)
 }
 
-/// Checks a reading against the twin's model: `Ok((is_property, models))` when `name` is a
+/// Checks a reading against the twin's model: `Ok((is_property, model))` when `name` is a
 /// property or telemetry of the twin's model and `value` fits its schema.
-fn check_schema(
-    graph: &Graph,
+fn check_schema<'g>(
+    graph: &'g Graph,
     twin: &str,
     name: &str,
     value: &Value,
-) -> Result<(bool, Vec<String>), &'static str> {
-    let models = models_of(graph, twin).ok_or("twin_missing")?;
+) -> Result<(bool, &'g Interface), &'static str> {
     let found = graph.twin(twin).and_then(|t| graph.model(&t.model));
     let Some(entry) = found else {
         return Err("twin_missing");
     };
-    let iface = &entry.interface;
+    let iface = &*entry.interface;
     if let Some(p) = iface.properties.get(name) {
         p.schema.check(value).map_err(|_| "schema")?;
-        Ok((true, models))
+        Ok((true, iface))
     } else if let Some(t) = iface.telemetry.get(name) {
         t.schema.check(value).map_err(|_| "schema")?;
-        Ok((false, models))
+        Ok((false, iface))
     } else {
         Err("not_in_model")
     }
+}
+
+/// Whether `iface` is the model `model` or extends it.
+fn is_of_model(iface: &Interface, model: &str) -> bool {
+    iface.id.as_str() == model || iface.ancestors.iter().any(|a| a.as_str() == model)
 }
 
 /// RFC 3339 of a millisecond timestamp.
