@@ -403,7 +403,7 @@ impl Telemetry {
                         state,
                         &twin_id,
                         &reading.name,
-                        &device_id,
+                        (&device_id, message.seq),
                         reading.value.clone(),
                         time_ms,
                         now,
@@ -468,14 +468,17 @@ impl Telemetry {
         }
     }
 
-    /// Moves a property with an accepted reading: directly, or through its sensor group.
+    /// Moves a property with an accepted reading: directly, or through its sensor group. A
+    /// reading older than the one shown goes to the history only; so does one of the same time
+    /// from the same device with an earlier sequence number (batches can be decided out of the
+    /// order the device sent them, and a device may stamp several readings in one millisecond).
     #[allow(clippy::too_many_arguments)] // the decision's context, spelled out
     fn apply(
         &self,
         state: &mut State,
         twin: &str,
         name: &str,
-        device: &str,
+        (device, seq): (&str, u64),
         value: Value,
         time_ms: i64,
         now: &str,
@@ -486,9 +489,16 @@ impl Telemetry {
         let key = (twin.to_owned(), name.to_owned());
         let group = state.group_for(twin, name).cloned();
         let prop = state.props.entry(key).or_default();
+        let overtaken = |newest: Option<&(i64, u64)>| {
+            newest.is_some_and(|&(t, s)| t > time_ms || (t == time_ms && s > seq))
+        };
+        if overtaken(prop.newest.get(device)) {
+            return; // history only
+        }
+        prop.newest.insert(device.to_owned(), (time_ms, seq));
         let Some(group) = group else {
             if time_ms < prop.applied_ms {
-                return; // an older reading: history only
+                return; // older than another device's reading: history only
             }
             if let Some(v) = value.as_f64() {
                 prop.forecaster.update(time_s, v);
@@ -510,7 +520,6 @@ impl Telemetry {
             return; // bound but not a member: recorded in the history, never fused
         }
         match prop.latest.iter_mut().find(|(d, _, _)| d == device) {
-            Some(entry) if entry.2 > time_s => return,
             Some(entry) => *entry = (device.to_owned(), value, time_s),
             None => prop.latest.push((device.to_owned(), value, time_s)),
         }

@@ -41,6 +41,8 @@ pub(crate) struct Prop {
     pub quality: Option<Quality>,
     /// Each group member's latest accepted reading `(device, value, time_s)`.
     pub latest: Vec<(String, Value, f64)>,
+    /// The newest reading each device has had applied here: `(time_ms, seq)`.
+    pub newest: HashMap<String, (i64, u64)>,
 }
 
 #[derive(Debug, Default)]

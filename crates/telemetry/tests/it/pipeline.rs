@@ -384,6 +384,31 @@ async fn a_batch_that_moves_one_twin_many_times_leaves_it_as_one_message_at_a_ti
 }
 
 #[tokio::test]
+async fn a_reading_overtaken_by_a_later_one_of_the_same_time_does_not_move_the_twin_back() {
+    // The test clock stands still, so both readings carry the same time; the device numbered
+    // them, and the twin must end on the later one whatever order they are decided in.
+    let mut plant = Plant::new().await;
+    plant.device("t1", &["temperature"]).await;
+    plant.device("t2", &["temperature"]).await;
+    let first = plant.message("t1", "temperature", json!(21.0));
+    let second = plant.message("t1", "temperature", json!(22.0));
+    let (first, second) = (plant.cose(&first), plant.cose(&second));
+    assert_eq!(plant.send(second).await.status, Verdict::Accepted);
+    assert_eq!(plant.send(first).await.status, Verdict::Accepted);
+    assert_eq!(plant.twin()["temperature"], json!(22.0));
+    // Another device's reading of the same time is newer news for the twin.
+    assert_eq!(
+        plant.reading("t2", "temperature", json!(23.0)).await.status,
+        Verdict::Accepted
+    );
+    assert_eq!(plant.twin()["temperature"], json!(23.0));
+    assert_eq!(
+        plant.twin()["$metadata"]["temperature"]["sources"],
+        json!(["t2"])
+    );
+}
+
+#[tokio::test]
 async fn every_message_of_a_batch_stays_refused_as_a_replay_after_a_restart() {
     let mut plant = Plant::new().await;
     plant.device("t1", &["temperature"]).await;
