@@ -489,13 +489,14 @@ impl Telemetry {
         let key = (twin.to_owned(), name.to_owned());
         let group = state.group_for(twin, name).cloned();
         let prop = state.props.entry(key).or_default();
-        let overtaken = |newest: Option<&(i64, u64)>| {
-            newest.is_some_and(|&(t, s)| t > time_ms || (t == time_ms && s > seq))
-        };
-        if overtaken(prop.newest.get(device)) {
-            return; // history only
+        let overtaken = |&(t, s): &(i64, u64)| t > time_ms || (t == time_ms && s > seq);
+        match prop.newest.get_mut(device) {
+            Some(newest) if overtaken(newest) => return, // history only
+            Some(newest) => *newest = (time_ms, seq),
+            None => {
+                prop.newest.insert(device.to_owned(), (time_ms, seq));
+            }
         }
-        prop.newest.insert(device.to_owned(), (time_ms, seq));
         let Some(group) = group else {
             if time_ms < prop.applied_ms {
                 return; // older than another device's reading: history only
