@@ -41,8 +41,8 @@ impl Twin {
 
     /// Rebuilds a twin from the JSON text [`Twin::json`] gave (as the store keeps it) without
     /// building the document: only the indexed fields are read, and the text is kept as it is.
-    /// Loading a million twins this way allocates a tenth of what parsing each one would, and
-    /// leaves the allocator's pages as full as when the twins were written.
+    /// Start-up uses it; with paged reads of the store it took 63 MiB off the resident memory
+    /// after restarting with a million twins (`docs/benchmarks.md`).
     pub fn from_json(text: String) -> Option<Self> {
         #[derive(serde::Deserialize)]
         struct Indexed<'a> {
