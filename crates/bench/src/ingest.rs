@@ -257,16 +257,21 @@ pub async fn https(
     Ok(started.elapsed())
 }
 
-/// The server's count of accepted messages over `transport`, from `/metrics`.
-async fn accepted(api: &Api, transport: &str) -> anyhow::Result<u64> {
-    let text = api.clients[0]
+/// The server's `/metrics` text.
+async fn metrics(api: &Api) -> anyhow::Result<String> {
+    Ok(api.clients[0]
         .get(format!("{}/metrics", api.base))
         .bearer_auth(&api.token)
         .send()
         .await?
         .error_for_status()?
         .text()
-        .await?;
+        .await?)
+}
+
+/// The server's count of accepted messages over `transport`, from `/metrics`.
+async fn accepted(api: &Api, transport: &str) -> anyhow::Result<u64> {
+    let text = metrics(api).await?;
     Ok(text
         .lines()
         .filter(|l| {
@@ -281,14 +286,7 @@ async fn accepted(api: &Api, transport: &str) -> anyhow::Result<u64> {
 /// The server's request duration histogram, from `/metrics`: `(upper bound in seconds,
 /// requests at or under it)`, ascending.
 pub async fn request_durations(api: &Api) -> anyhow::Result<Vec<(f64, u64)>> {
-    let text = api.clients[0]
-        .get(format!("{}/metrics", api.base))
-        .bearer_auth(&api.token)
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
+    let text = metrics(api).await?;
     let mut buckets: Vec<(f64, u64)> = text
         .lines()
         .filter_map(|l| {
