@@ -66,6 +66,9 @@ enum Command {
         /// host.
         #[arg(long)]
         server_pid: Option<u32>,
+        /// Leave out the latency phases (for profiling the throughput phases).
+        #[arg(long)]
+        no_latency: bool,
     },
     /// Run a query template sequentially and print latency percentiles. `{id}` in the template
     /// is replaced by a random twin ID below `--twins`.
@@ -358,13 +361,29 @@ fn main() -> anyhow::Result<()> {
                 mqtt,
                 topic,
                 server_pid,
+                no_latency,
             } => {
-                let cpu = || server_pid.and_then(ingest::cpu_seconds);
-                let per_reading = |before: Option<f64>, readings: usize| match (before, cpu()) {
-                    (Some(a), Some(b)) => {
-                        format!(" server_cpu_us_per_reading={:.1}", (b - a) / readings as f64 * 1e6)
+                // CPU seconds so far of the server (when its PID is known) and of this load
+                // generator, which shares the machine's cores with it.
+                let cpu = || {
+                    (
+                        server_pid.and_then(ingest::cpu_seconds),
+                        ingest::cpu_seconds(std::process::id()),
+                    )
+                };
+                let per_reading = |before: (Option<f64>, Option<f64>), readings: usize| {
+                    let after = cpu();
+                    let us = |a: Option<f64>, b: Option<f64>| {
+                        a.zip(b).map(|(a, b)| (b - a) / readings as f64 * 1e6)
+                    };
+                    let mut out = String::new();
+                    if let Some(server) = us(before.0, after.0) {
+                        out += &format!(" server_cpu_us_per_reading={server:.1}");
                     }
-                    _ => String::new(),
+                    if let Some(client) = us(before.1, after.1) {
+                        out += &format!(" load_generator_cpu_us_per_reading={client:.1}");
+                    }
+                    out
                 };
                 let reference = ingest::verify_rate(2, 20_000)?;
                 println!("ed25519_batch_verify_per_s={reference:.0} (2 threads, batches of 256)");
@@ -407,7 +426,8 @@ fn main() -> anyhow::Result<()> {
                 // Half the peak, offered for 10 s: once in the peak's batches (a request then
                 // waits for all its messages), once in batches of 25 (a gateway's send).
                 let rate = peak / 2.0;
-                for size in [batch, 25] {
+                let sizes = if no_latency { vec![] } else { vec![batch, 25] };
+                for size in sizes {
                     let signed = fleet.sign((rate * 10.0) as usize, 1);
                     let count = signed.len();
                     let before = cpu();
