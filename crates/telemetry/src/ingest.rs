@@ -4,6 +4,8 @@
 //! fusion) run under the lock, and the resulting write is queued before the lock is released,
 //! so writes reach the store in decision order.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 use serde_json::Value;
 use twinguard_core::dtdl::Interface;
@@ -11,11 +13,11 @@ use twinguard_core::error::{DomainError, DomainResult};
 use twinguard_core::graph::{Graph, PropertyUpdate, Quality, Skipped};
 use twinguard_core::store::{Mutation, Table};
 
-use crate::anomaly::Detector;
+use crate::anomaly::{Detector, DetectorConfig};
 use crate::envelope::{Envelope, Message, Reject, Verified, verify_batch};
 use crate::fusion::fuse;
 use crate::policy::DEFAULT_ANOMALY_THRESHOLD;
-use crate::records::{HistoryEntry, Quarantined, Review, history_key, quarantine_key};
+use crate::records::{Quarantined, Review, StoredReading, history_key, quarantine_key};
 use crate::registry::{Status, Suspect};
 use crate::replay::{READING_AHEAD_MS, check_time};
 use crate::service::{Prop, Sensor, State, Telemetry, put};
@@ -86,14 +88,31 @@ impl Outcome {
     }
 }
 
-fn count(transport: Transport, status: &'static str, reason: &'static str) {
-    metrics::counter!(
-        "twinguard_telemetry_messages_total",
-        "transport" => transport.as_str(),
-        "status" => status,
-        "reason" => reason
-    )
-    .increment(1);
+/// Counts a batch's outcomes in `twinguard_telemetry_messages_total`: one increment per
+/// distinct status and reason rather than one registry lookup per message.
+fn count(transport: Transport, outcomes: &[Option<Outcome>]) {
+    let mut tally: Vec<((&'static str, &'static str), u64)> = Vec::new();
+    for outcome in outcomes.iter().flatten() {
+        let status = match outcome.status {
+            Verdict::Accepted => "accepted",
+            Verdict::Quarantined => "quarantined",
+            Verdict::Rejected => "rejected",
+        };
+        let key = (status, outcome.reason.unwrap_or("none"));
+        match tally.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => tally.push((key, 1)),
+        }
+    }
+    for ((status, reason), n) in tally {
+        metrics::counter!(
+            "twinguard_telemetry_messages_total",
+            "transport" => transport.as_str(),
+            "status" => status,
+            "reason" => reason
+        )
+        .increment(n);
+    }
 }
 
 /// The durable write of a batch's decisions: what each twin update came to.
@@ -164,7 +183,7 @@ impl Telemetry {
             let envelope = match Envelope::decode(bytes) {
                 Ok(e) => e,
                 Err(e) => {
-                    outcomes[i] = Some(self.refuse(transport, &e, None));
+                    outcomes[i] = Some(self.refuse(&e, None));
                     continue;
                 }
             };
@@ -174,7 +193,7 @@ impl Telemetry {
             };
             match claimed {
                 Ok(id) => decoded.push((i, envelope, id)),
-                Err(e) => outcomes[i] = Some(self.refuse(transport, &e, None)),
+                Err(e) => outcomes[i] = Some(self.refuse(&e, None)),
             }
         }
         // 2. Find each claimed device's key, under the lock.
@@ -199,7 +218,6 @@ impl Telemetry {
                     },
                 };
                 if let Some(reason) = refused {
-                    count(transport, "rejected", reason);
                     tracing::warn!(device = %id, reason, "telemetry message refused");
                     outcomes[i] = Some(Outcome::rejected(reason, Some(id), None));
                 }
@@ -211,7 +229,7 @@ impl Telemetry {
         for (slot, result) in slots.into_iter().zip(verified) {
             match result {
                 Ok(v) => believed.push((slot, v)),
-                Err(e) => outcomes[slot] = Some(self.refuse(transport, &e, None)),
+                Err(e) => outcomes[slot] = Some(self.refuse(&e, None)),
             }
         }
         // 4. Decide under the lock, queue the write before letting go.
@@ -230,12 +248,6 @@ impl Telemetry {
                     &now,
                     &mut decisions,
                 );
-                let status = match outcome.status {
-                    Verdict::Accepted => "accepted",
-                    Verdict::Quarantined => "quarantined",
-                    Verdict::Rejected => "rejected",
-                };
-                count(transport, status, outcome.reason.unwrap_or("none"));
                 outcomes[slot] = Some(outcome);
             }
             // Each device's window once, as it stands after the whole batch.
@@ -261,11 +273,11 @@ impl Telemetry {
                 }
             }
         };
+        count(transport, &outcomes);
         Ok((outcomes, pending, decisions.marked))
     }
 
-    fn refuse(&self, transport: Transport, e: &Reject, device: Option<String>) -> Outcome {
-        count(transport, "rejected", e.code());
+    fn refuse(&self, e: &Reject, device: Option<String>) -> Outcome {
         tracing::warn!(reason = e.code(), "telemetry message refused");
         Outcome::rejected(e.code(), device, None)
     }
@@ -286,7 +298,12 @@ impl Telemetry {
         if let Err(e) = check_time(message.time, now_ms) {
             return rejected(e.code());
         }
-        let window = state.windows.entry(device_id.clone()).or_default();
+        if !state.windows.contains_key(&device_id) {
+            state.windows.insert(device_id.clone(), Default::default());
+        }
+        let Some(window) = state.windows.get_mut(&device_id) else {
+            return rejected("internal");
+        };
         if let Err(e) = window.accept(message.seq) {
             tracing::warn!(device = %device_id, seq = message.seq, reason = e.code(), "replayed telemetry refused");
             return rejected(e.code());
@@ -348,13 +365,11 @@ impl Telemetry {
                         Ok((property, model)) => {
                             is_property = property;
                             let time_s = time_ms as f64 / 1000.0;
-                            let sensor = state
-                                .sensors
-                                .entry((device_id.clone(), twin_id.clone(), reading.name.clone()))
-                                .or_insert_with(|| Sensor {
-                                    detector: Detector::new(&self.inner.detector),
-                                    last: None,
-                                });
+                            let sensor = sensor_of(
+                                &mut state.sensors,
+                                (&device_id, twin_id, &reading.name),
+                                &self.inner.detector,
+                            );
                             let policy = state.policies.values().find(|p| {
                                 p.property == reading.name && is_of_model(model, &p.model)
                             });
@@ -382,7 +397,6 @@ impl Telemetry {
                     }
                 }
             }
-            let source_time = rfc3339_ms(time_ms);
             if reasons.is_empty() {
                 let Some(twin_id) = twin_id.clone() else {
                     continue;
@@ -390,11 +404,8 @@ impl Telemetry {
                 out.records.push(put(
                     Table::History,
                     &history_key(&twin_id, &reading.name, time_ms, &device_id, message.seq),
-                    &HistoryEntry {
-                        time: source_time.clone(),
+                    &StoredReading {
                         value: reading.value.clone(),
-                        device: device_id.clone(),
-                        seq: message.seq,
                         anomaly_score: score,
                     },
                 ));
@@ -431,7 +442,7 @@ impl Telemetry {
                         twin: twin_id.clone(),
                         name: reading.name.clone(),
                         value: reading.value,
-                        source_time,
+                        source_time: rfc3339_ms(time_ms),
                         received: now.to_owned(),
                         reasons: reasons.clone(),
                         anomaly_score: score,
@@ -631,6 +642,21 @@ impl Telemetry {
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         Ok(out)
     }
+}
+
+/// The state of one device's stream of `name` on `twin`, created on its first reading.
+fn sensor_of<'s>(
+    sensors: &'s mut HashMap<String, Sensor>,
+    (device, twin, name): (&str, &str, &str),
+    detector: &DetectorConfig,
+) -> &'s mut Sensor {
+    // Device IDs and DTDL names (the reading passed the schema check) cannot hold the
+    // separator, so with the twin ID last, whatever it holds, the key is unique.
+    let key = format!("{device}\u{1f}{name}\u{1f}{twin}");
+    sensors.entry(key).or_insert_with(|| Sensor {
+        detector: Detector::new(detector),
+        last: None,
+    })
 }
 
 /// The fallback update for a property without trustworthy input.

@@ -15,7 +15,8 @@ use crate::fusion::SensorGroup;
 use crate::ingest::rfc3339_ms;
 use crate::policy::Policy;
 use crate::records::{
-    Bucket, HistoryEntry, Quarantined, Review, downsample, history_bound, history_key,
+    Bucket, HistoryEntry, Quarantined, Review, StoredReading, downsample, history_bound,
+    history_entry, history_key,
 };
 use crate::registry::{Binding, Device, FirmwareList, Status, check_device_id};
 use crate::service::{Telemetry, put};
@@ -484,11 +485,8 @@ impl Telemetry {
             records.push(put(
                 Table::History,
                 &history_key(&twin, &record.name, time_ms, &record.device, record.seq),
-                &HistoryEntry {
-                    time: record.source_time.clone(),
+                &StoredReading {
                     value: record.value.clone(),
-                    device: record.device.clone(),
-                    seq: record.seq,
                     anomaly_score: record.anomaly_score,
                 },
             ));
@@ -559,10 +557,10 @@ impl Telemetry {
             )
             .map_err(|_| DomainError::Unavailable)?;
         let truncated = rows.len() > cap;
-        let entries: Vec<HistoryEntry> = rows
+        let entries: Vec<(i64, HistoryEntry)> = rows
             .into_iter()
             .take(cap)
-            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+            .filter_map(|(key, bytes)| history_entry(&key, &bytes))
             .collect();
         let mut history = History {
             twin: twin.to_owned(),
@@ -572,21 +570,11 @@ impl Telemetry {
             truncated,
         };
         match interval_ms {
-            None => history.readings = Some(entries),
+            None => history.readings = Some(entries.into_iter().map(|(_, e)| e).collect()),
             Some(interval) => {
                 let points: Vec<(i64, f64)> = entries
                     .iter()
-                    .filter_map(|e| {
-                        let t = time::OffsetDateTime::parse(
-                            &e.time,
-                            &time::format_description::well_known::Rfc3339,
-                        )
-                        .ok()?;
-                        Some((
-                            (t.unix_timestamp_nanos() / 1_000_000) as i64,
-                            e.value.as_f64()?,
-                        ))
-                    })
+                    .filter_map(|(time_ms, e)| Some((*time_ms, e.value.as_f64()?)))
                     .collect();
                 history.buckets = Some(
                     downsample(&points, from_ms, interval)

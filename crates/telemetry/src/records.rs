@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ingest::rfc3339_ms;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Review {
@@ -43,7 +45,7 @@ pub fn quarantine_key(received_ms: i64, order: u64, suffix: &str) -> String {
     format!("{:016}-{order:012}-{suffix}", received_ms.max(0))
 }
 
-/// One accepted reading in the history.
+/// One accepted reading in the history, as the history endpoint answers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
@@ -51,6 +53,17 @@ pub struct HistoryEntry {
     pub value: Value,
     pub device: String,
     pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly_score: Option<f64>,
+}
+
+/// What a history record's value holds: the reading's value and anomaly score. Its time, device
+/// and sequence number are in its key ([`history_key`]), so the value does not repeat them.
+/// Records written before 2026-12 also carry `time`, `device` and `seq` here; they are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredReading {
+    pub value: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomaly_score: Option<f64>,
 }
@@ -70,6 +83,34 @@ pub fn history_key(twin: &str, name: &str, time_ms: i64, device: &str, seq: u64)
 /// The first key of `twin`'s `name` at `time_ms`.
 pub fn history_bound(twin: &str, name: &str, time_ms: i64) -> String {
     format!("{}{SEP}{:016}", history_prefix(twin, name), time_ms.max(0))
+}
+
+/// The measurement time (ms), device and sequence number of a [`history_key`]. Device IDs never
+/// hold the separator, so the key is read from its end; the twin and name are not needed.
+pub fn parse_history_key(key: &str) -> Option<(i64, &str, u64)> {
+    let mut parts = key.rsplitn(4, SEP);
+    let seq = parts.next()?.parse().ok()?;
+    let device = parts.next()?;
+    let time_ms = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some((time_ms, device, seq))
+}
+
+/// A stored history record as the reading it records, with its measurement time in ms; `None`
+/// when the key or the value cannot be read.
+pub fn history_entry(key: &str, value: &[u8]) -> Option<(i64, HistoryEntry)> {
+    let (time_ms, device, seq) = parse_history_key(key)?;
+    let stored: StoredReading = serde_json::from_slice(value).ok()?;
+    Some((
+        time_ms,
+        HistoryEntry {
+            time: rfc3339_ms(time_ms),
+            value: stored.value,
+            device: device.to_owned(),
+            seq,
+            anomaly_score: stored.anomaly_score,
+        },
+    ))
 }
 
 fn history_prefix(twin: &str, name: &str) -> String {
@@ -131,6 +172,36 @@ mod tests {
         assert!(history_bound("t", "temp", 0) <= a);
         assert!(b < history_bound("t", "temp", 1_001));
         assert!(c > history_bound("t", "temp", i64::MAX));
+    }
+
+    #[test]
+    fn a_history_record_is_read_back_as_the_reading_it_records() {
+        let key = history_key("pump-1", "flow", 1_764_563_283_123, "meter.7", 42);
+        let stored = serde_json::to_vec(&StoredReading {
+            value: serde_json::json!(20.5),
+            anomaly_score: Some(0.25),
+        })
+        .unwrap();
+        let (time_ms, entry) = history_entry(&key, &stored).unwrap();
+        assert_eq!(time_ms, 1_764_563_283_123);
+        assert_eq!(
+            entry,
+            HistoryEntry {
+                time: "2025-12-01T04:28:03.123Z".into(),
+                value: serde_json::json!(20.5),
+                device: "meter.7".into(),
+                seq: 42,
+                anomaly_score: Some(0.25),
+            }
+        );
+        // A record of the earlier format, which repeated time, device and seq in its value.
+        let old = br#"{"time":"2025-12-01T04:28:03.123Z","value":20.5,"device":"meter.7","seq":42,"anomalyScore":0.25}"#;
+        assert_eq!(history_entry(&key, old).unwrap().1, entry);
+        // Twin IDs and names may hold anything but the separator; the key is read from its end.
+        let key = history_key("site/a b:c", "x.y", 0, "d", 1);
+        assert_eq!(parse_history_key(&key), Some((0, "d", 1)));
+        assert_eq!(parse_history_key("no separators"), None);
+        assert!(history_entry(&key, b"not json").is_none());
     }
 
     #[test]
