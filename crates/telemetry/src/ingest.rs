@@ -256,7 +256,9 @@ impl Telemetry {
             windows.dedup();
             for device in windows {
                 if let Some(window) = state.windows.get(device) {
-                    decisions.records.push(put(Table::Replay, device, window));
+                    decisions
+                        .records
+                        .push(Mutation::put(Table::Replay, device, window.to_bytes()));
                 }
             }
             if decisions.records.is_empty() && decisions.updates.is_empty() {

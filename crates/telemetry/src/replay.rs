@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 /// Sequence numbers remembered behind the highest one seen.
 pub const WINDOW: u64 = 1024;
 const WORDS: usize = (WINDOW / 64) as usize;
+const STORED_FORMAT: u8 = 1;
+const STORED_LEN: usize = 1 + 8 + WORDS * 8;
 /// How far a message's time may be from the server's clock, either way.
 pub const TIME_SKEW_MS: i64 = 5 * 60 * 1000;
 /// How far a reading's own time may be after its message's time.
@@ -35,7 +37,9 @@ impl ReplayReject {
 }
 
 /// One device's window: the highest sequence number accepted and a bitmap of the `WINDOW`
-/// numbers at and below it (bit 0 is `highest`). Its stored form is a few dozen bytes.
+/// numbers at and below it (bit 0 is `highest`). It is stored in 137 bytes ([`Self::to_bytes`]);
+/// it is rewritten with every batch its device sends, and the JSON form it had before 2026-12
+/// took about 350.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplayWindow {
     highest: u64,
@@ -75,6 +79,36 @@ impl ReplayWindow {
         }
         self.set(self.highest - seq, true);
         Ok(())
+    }
+
+    /// The stored form: a format byte (1), `highest`, then the bitmap words, little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(STORED_LEN);
+        out.push(STORED_FORMAT);
+        out.extend_from_slice(&self.highest.to_le_bytes());
+        for word in self.bits {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads [`Self::to_bytes`], or the JSON form of records written before it.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.first() == Some(&b'{') {
+            return serde_json::from_slice(bytes).ok();
+        }
+        if bytes.len() != STORED_LEN || bytes[0] != STORED_FORMAT {
+            return None;
+        }
+        let mut words = bytes[1..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()));
+        let highest = words.next()?;
+        let mut bits = [0; WORDS];
+        for (slot, word) in bits.iter_mut().zip(words) {
+            *slot = word;
+        }
+        Some(Self { highest, bits })
     }
 
     /// Takes back an acceptance that never became durable, so a retry of the same message is
@@ -134,6 +168,26 @@ pub fn check_time(message_ms: i64, now_ms: i64) -> Result<(), ReplayReject> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stored_form_gives_back_the_window_and_old_json_records_still_read() {
+        let mut w = ReplayWindow::default();
+        for seq in [5, 3, 1_000, 1_700, 1_701, 1_699] {
+            w.accept(seq).unwrap();
+        }
+        let bytes = w.to_bytes();
+        assert_eq!(bytes.len(), 137);
+        let back = ReplayWindow::from_bytes(&bytes).unwrap();
+        assert_eq!(back, w);
+        assert_eq!(back.check(1_700), Err(ReplayReject::Replayed));
+        assert_eq!(back.check(1_698), Ok(()));
+        let json = serde_json::to_vec(&w).unwrap();
+        assert_eq!(ReplayWindow::from_bytes(&json).unwrap(), w);
+        assert_eq!(ReplayWindow::from_bytes(&bytes[..136]), None);
+        let mut other = bytes.clone();
+        other[0] = 2;
+        assert_eq!(ReplayWindow::from_bytes(&other), None);
+    }
 
     #[test]
     fn every_sequence_number_is_accepted_once() {

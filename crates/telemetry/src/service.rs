@@ -144,7 +144,9 @@ impl Telemetry {
         for (key, group) in load::<SensorGroup>(store.as_ref(), Table::SensorGroups, "group")? {
             state.groups.insert(key, group);
         }
-        for (key, window) in load::<ReplayWindow>(store.as_ref(), Table::Replay, "replay")? {
+        for (key, bytes) in store.scan(Table::Replay)? {
+            let window = ReplayWindow::from_bytes(&bytes)
+                .ok_or_else(|| OpenError::Corrupt("replay", key.clone()))?;
             state.windows.insert(key, window);
         }
         Ok(Self {
