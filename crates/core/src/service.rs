@@ -330,7 +330,96 @@ fn writer(
                 Err(_) => break,
             }
         }
+        let merged = merge_readings(&mut batch);
         commit_group(&mut batch, &shared, store.as_ref(), clock.as_ref());
+        answer_merged(merged);
+    }
+}
+
+/// Telemetry writes merged into one for a group's commit: the merged write's answer, and each
+/// original write's reply with how many updates it had.
+struct Merged {
+    answer: oneshot::Receiver<DomainResult<WriteOutcome>>,
+    parts: Vec<(oneshot::Sender<DomainResult<WriteOutcome>>, usize)>,
+}
+
+/// Merges each run of consecutive telemetry writes (from the pipeline's instance-wide
+/// principal) into one, so that a twin that several of them move is parsed and written once per
+/// commit rather than once per write. Applying the merged updates in order leaves the graph and
+/// the store as applying the writes one after another would: each twin's updates keep their
+/// order, and the records of a later write still come after those of an earlier one.
+fn merge_readings(batch: &mut Vec<Job>) -> Vec<Merged> {
+    fn flush(run: &mut Vec<Job>, out: &mut Vec<Job>, merged: &mut Vec<Merged>) {
+        if run.len() < 2 {
+            out.append(run);
+            return;
+        }
+        let (reply, answer) = oneshot::channel();
+        let (mut updates, mut records, mut parts) = (Vec::new(), Vec::new(), Vec::new());
+        for job in run.drain(..) {
+            match job.op {
+                WriteOp::ApplyReadings {
+                    updates: u,
+                    records: r,
+                } => {
+                    parts.push((job.reply, u.len()));
+                    updates.extend(u);
+                    records.extend(r);
+                }
+                op => out.push(Job { op, ..job }),
+            }
+        }
+        out.push(Job {
+            op: WriteOp::ApplyReadings { updates, records },
+            scoped: None,
+            reply,
+            _upload: None,
+        });
+        merged.push(Merged { answer, parts });
+    }
+    let mut out = Vec::with_capacity(batch.len());
+    let mut merged = Vec::new();
+    let mut run = Vec::new();
+    for job in batch.drain(..) {
+        if matches!(
+            (&job.op, &job.scoped),
+            (WriteOp::ApplyReadings { .. }, None)
+        ) {
+            run.push(job);
+        } else {
+            flush(&mut run, &mut out, &mut merged);
+            out.push(job);
+        }
+    }
+    flush(&mut run, &mut out, &mut merged);
+    *batch = out;
+    merged
+}
+
+/// Hands each merged write's part of the answer to the write it came from.
+fn answer_merged(merged: Vec<Merged>) {
+    for Merged { mut answer, parts } in merged {
+        match answer.try_recv() {
+            Ok(Ok(WriteOutcome::Readings(results))) => {
+                let mut results = results.into_iter();
+                for (reply, n) in parts {
+                    let part = results.by_ref().take(n).collect();
+                    let _ = reply.send(Ok(WriteOutcome::Readings(part)));
+                }
+            }
+            Ok(Err(DomainError::Unavailable)) => {
+                for (reply, _) in parts {
+                    let _ = reply.send(Err(DomainError::Unavailable));
+                }
+            }
+            _ => {
+                for (reply, _) in parts {
+                    let _ = reply.send(Err(DomainError::Internal(
+                        "the write could not be processed",
+                    )));
+                }
+            }
+        }
     }
 }
 
@@ -568,7 +657,109 @@ fn query_error(e: query::QueryError) -> DomainError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::graph::{PropertyUpdate, Quality, Skipped};
     use crate::store::MemoryStore;
+
+    type Answer = oneshot::Receiver<DomainResult<WriteOutcome>>;
+
+    fn readings_job(names: &[&str], record: &str) -> (Job, Answer) {
+        let updates = names
+            .iter()
+            .map(|name| PropertyUpdate {
+                twin: "t".into(),
+                name: (*name).into(),
+                value: Some(Value::from(1)),
+                source_time: None,
+                quality: Quality::Good,
+                sources: Vec::new(),
+            })
+            .collect();
+        let records = vec![Mutation::put(
+            Table::Replay,
+            "d",
+            record.as_bytes().to_vec(),
+        )];
+        let (reply, answer) = oneshot::channel();
+        let op = WriteOp::ApplyReadings { updates, records };
+        let job = Job {
+            op,
+            scoped: None,
+            reply,
+            _upload: None,
+        };
+        (job, answer)
+    }
+
+    #[test]
+    fn consecutive_telemetry_writes_are_merged_in_order_and_each_gets_its_own_answer() {
+        let (a, mut answer_a) = readings_job(&["x", "y"], "a");
+        let (route_reply, mut route_answer) = oneshot::channel();
+        let route = Job {
+            op: WriteOp::DeleteRoute("r".into()),
+            scoped: None,
+            reply: route_reply,
+            _upload: None,
+        };
+        let (c, mut answer_c) = readings_job(&["x"], "c");
+        let (d, mut answer_d) = readings_job(&["y", "z", "x"], "d");
+        let (e, mut answer_e) = readings_job(&["z"], "e");
+        let mut batch = vec![a, route, c, d];
+        let merged = merge_readings(&mut batch);
+        // A lone telemetry write stays as it is; the run of two after the route is merged.
+        assert_eq!(batch.len(), 3);
+        assert_eq!(merged.len(), 1);
+        assert!(matches!(batch[1].op, WriteOp::DeleteRoute(_)));
+        let WriteOp::ApplyReadings { updates, records } = &batch[2].op else {
+            panic!("not merged");
+        };
+        let names: Vec<&str> = updates.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["x", "y", "z", "x"]);
+        assert_eq!(
+            records,
+            &[
+                Mutation::put(Table::Replay, "d", b"c".to_vec()),
+                Mutation::put(Table::Replay, "d", b"d".to_vec()),
+            ]
+        );
+        // As the writer would answer: the merged write's results, split back in order.
+        let mut jobs = batch.into_iter();
+        let _ = jobs.next().unwrap().reply.send(Ok(WriteOutcome::Done));
+        let _ = jobs.next().unwrap().reply.send(Ok(WriteOutcome::Done));
+        let results = vec![Ok(()), Ok(()), Err(Skipped::Schema), Ok(())];
+        let _ = jobs
+            .next()
+            .unwrap()
+            .reply
+            .send(Ok(WriteOutcome::Readings(results)));
+        answer_merged(merged);
+        let readings = |answer: &mut Answer| match answer.try_recv() {
+            Ok(Ok(WriteOutcome::Readings(r))) => r,
+            _ => panic!("no readings answer"),
+        };
+        assert!(matches!(answer_a.try_recv(), Ok(Ok(WriteOutcome::Done))));
+        assert!(matches!(
+            route_answer.try_recv(),
+            Ok(Ok(WriteOutcome::Done))
+        ));
+        assert_eq!(readings(&mut answer_c), vec![Ok(())]);
+        assert_eq!(
+            readings(&mut answer_d),
+            vec![Ok(()), Err(Skipped::Schema), Ok(())]
+        );
+        // A failed commit fails every merged write, retryably.
+        let (f, mut answer_f) = readings_job(&["x"], "f");
+        let mut batch = vec![e, f];
+        let merged = merge_readings(&mut batch);
+        let job = batch.pop().unwrap();
+        let _ = job.reply.send(Err(DomainError::Unavailable));
+        answer_merged(merged);
+        for answer in [&mut answer_e, &mut answer_f] {
+            assert!(matches!(
+                answer.try_recv(),
+                Ok(Err(DomainError::Unavailable))
+            ));
+        }
+    }
 
     #[test]
     fn a_batch_keeps_only_each_keys_last_change_and_leaves_the_same_store() {
