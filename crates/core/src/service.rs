@@ -20,7 +20,7 @@ use crate::dtdl::{self, ParseOptions};
 use crate::dtmi::Dtmi;
 use crate::error::{DomainError, DomainResult};
 use crate::graph::ops::{WriteContext, WriteOp, WriteOutcome};
-use crate::graph::{EventRoute, Graph, ModelEntry, Relationship, Twin};
+use crate::graph::{EventRoute, Graph, ModelEntry, PropertyUpdate, Relationship, Twin};
 use crate::query;
 use crate::store::{Mutation, Store, StoreError, Table, for_each_record};
 
@@ -34,12 +34,15 @@ const QUEUE_DEPTH: usize = 4_096;
 /// Model uploads (up to 1 MiB each, parsed on the writer) in flight at once; more get 503.
 const MAX_UPLOADS_IN_FLIGHT: usize = 2;
 
+/// Where a write's answer goes.
+type Reply = oneshot::Sender<DomainResult<WriteOutcome>>;
+
 struct Job {
     op: WriteOp,
     /// The caller, when it does not hold the action instance-wide: its scopes are checked on
     /// the working graph, in order with the writes before it.
     scoped: Option<Principal>,
-    reply: oneshot::Sender<DomainResult<WriteOutcome>>,
+    reply: Reply,
     /// A model upload's slot, held until the writer has dealt with it.
     _upload: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -340,7 +343,7 @@ fn writer(
 /// original write's reply with how many updates it had.
 struct Merged {
     answer: oneshot::Receiver<DomainResult<WriteOutcome>>,
-    parts: Vec<(oneshot::Sender<DomainResult<WriteOutcome>>, usize)>,
+    parts: Vec<(Reply, usize)>,
 }
 
 /// Merges each run of consecutive telemetry writes (from the pipeline's instance-wide
@@ -349,46 +352,45 @@ struct Merged {
 /// the store as applying the writes one after another would: each twin's updates keep their
 /// order, and the records of a later write still come after those of an earlier one.
 fn merge_readings(batch: &mut Vec<Job>) -> Vec<Merged> {
-    fn flush(run: &mut Vec<Job>, out: &mut Vec<Job>, merged: &mut Vec<Merged>) {
-        if run.len() < 2 {
-            out.append(run);
-            return;
-        }
-        let (reply, answer) = oneshot::channel();
-        let (mut updates, mut records, mut parts) = (Vec::new(), Vec::new(), Vec::new());
-        for job in run.drain(..) {
-            match job.op {
-                WriteOp::ApplyReadings {
-                    updates: u,
-                    records: r,
-                } => {
-                    parts.push((job.reply, u.len()));
-                    updates.extend(u);
-                    records.extend(r);
-                }
-                op => out.push(Job { op, ..job }),
-            }
-        }
-        out.push(Job {
+    type Part = (Vec<PropertyUpdate>, Vec<Mutation>, Reply);
+    fn job(updates: Vec<PropertyUpdate>, records: Vec<Mutation>, reply: Reply) -> Job {
+        Job {
             op: WriteOp::ApplyReadings { updates, records },
             scoped: None,
             reply,
             _upload: None,
-        });
+        }
+    }
+    fn flush(run: &mut Vec<Part>, out: &mut Vec<Job>, merged: &mut Vec<Merged>) {
+        if run.len() < 2 {
+            out.extend(run.drain(..).map(|(u, r, reply)| job(u, r, reply)));
+            return;
+        }
+        let (reply, answer) = oneshot::channel();
+        let (mut updates, mut records, mut parts) = (Vec::new(), Vec::new(), Vec::new());
+        for (u, r, part_reply) in run.drain(..) {
+            parts.push((part_reply, u.len()));
+            updates.extend(u);
+            records.extend(r);
+        }
+        out.push(job(updates, records, reply));
         merged.push(Merged { answer, parts });
     }
     let mut out = Vec::with_capacity(batch.len());
     let mut merged = Vec::new();
     let mut run = Vec::new();
     for job in batch.drain(..) {
-        if matches!(
-            (&job.op, &job.scoped),
-            (WriteOp::ApplyReadings { .. }, None)
-        ) {
-            run.push(job);
-        } else {
-            flush(&mut run, &mut out, &mut merged);
-            out.push(job);
+        match job {
+            Job {
+                op: WriteOp::ApplyReadings { updates, records },
+                scoped: None,
+                reply,
+                ..
+            } => run.push((updates, records, reply)),
+            job => {
+                flush(&mut run, &mut out, &mut merged);
+                out.push(job);
+            }
         }
     }
     flush(&mut run, &mut out, &mut merged);
@@ -657,7 +659,7 @@ fn query_error(e: query::QueryError) -> DomainError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{PropertyUpdate, Quality, Skipped};
+    use crate::graph::{Quality, Skipped};
     use crate::store::MemoryStore;
 
     type Answer = oneshot::Receiver<DomainResult<WriteOutcome>>;

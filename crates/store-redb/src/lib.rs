@@ -86,14 +86,7 @@ impl Store for RedbStore {
         from: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let t = txn.open_table(definition(table)).map_err(err)?;
-        let mut out = Vec::with_capacity(limit.min(1024));
-        for row in t.range(from..).map_err(err)?.take(limit) {
-            let (k, v) = row.map_err(err)?;
-            out.push((k.value().to_owned(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.read_range(table, from.., limit)
     }
 
     fn range(
@@ -106,10 +99,22 @@ impl Store for RedbStore {
         if from >= to {
             return Ok(Vec::new());
         }
+        self.read_range(table, from..to, limit)
+    }
+}
+
+impl RedbStore {
+    /// At most `limit` records of `table` whose keys fall in `keys`, in key order.
+    fn read_range<'k>(
+        &self,
+        table: Table,
+        keys: impl std::ops::RangeBounds<&'k str> + 'k,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let t = txn.open_table(definition(table)).map_err(err)?;
-        let mut out = Vec::new();
-        for row in t.range(from..to).map_err(err)?.take(limit) {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for row in t.range(keys).map_err(err)?.take(limit) {
             let (k, v) = row.map_err(err)?;
             out.push((k.value().to_owned(), v.value().to_vec()));
         }

@@ -663,7 +663,7 @@ fn parse_json_payload(payload: &[u8]) -> Result<Message, Reject> {
     if !maps {
         return Err(MISTYPED);
     }
-    from_value(value)
+    serde_json::from_value(value).map_err(|_| MISTYPED)
 }
 
 fn parse_cbor_payload(payload: &[u8]) -> Result<Message, Reject> {
@@ -860,10 +860,6 @@ fn read_int<T: TryFrom<i128>>(d: &mut Decoder<'_>) -> Result<T, Reject> {
         _ => return Err(MISTYPED),
     };
     T::try_from(i).map_err(|_| MISTYPED)
-}
-
-fn from_value(value: Value) -> Result<Message, Reject> {
-    serde_json::from_value(value).map_err(|_| MISTYPED)
 }
 
 /// The rules of [`Message`] that its types do not carry.

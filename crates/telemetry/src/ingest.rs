@@ -4,8 +4,6 @@
 //! fusion) run under the lock, and the resulting write is queued before the lock is released,
 //! so writes reach the store in decision order.
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 use serde_json::Value;
 use twinguard_core::dtdl::Interface;
@@ -13,7 +11,7 @@ use twinguard_core::error::{DomainError, DomainResult};
 use twinguard_core::graph::{Graph, PropertyUpdate, Quality, Skipped};
 use twinguard_core::store::{Mutation, Table};
 
-use crate::anomaly::{Detector, DetectorConfig};
+use crate::anomaly::Detector;
 use crate::envelope::{Envelope, Message, Reject, Verified, verify_batch};
 use crate::fusion::fuse;
 use crate::policy::DEFAULT_ANOMALY_THRESHOLD;
@@ -300,12 +298,7 @@ impl Telemetry {
         if let Err(e) = check_time(message.time, now_ms) {
             return rejected(e.code());
         }
-        if !state.windows.contains_key(&device_id) {
-            state.windows.insert(device_id.clone(), Default::default());
-        }
-        let Some(window) = state.windows.get_mut(&device_id) else {
-            return rejected("internal");
-        };
+        let window = state.windows.entry(device_id.clone()).or_default();
         if let Err(e) = window.accept(message.seq) {
             tracing::warn!(device = %device_id, seq = message.seq, reason = e.code(), "replayed telemetry refused");
             return rejected(e.code());
@@ -367,11 +360,13 @@ impl Telemetry {
                         Ok((property, model)) => {
                             is_property = property;
                             let time_s = time_ms as f64 / 1000.0;
-                            let sensor = sensor_of(
-                                &mut state.sensors,
-                                (&device_id, twin_id, &reading.name),
-                                &self.inner.detector,
-                            );
+                            let sensor = state
+                                .sensors
+                                .entry((device_id.clone(), twin_id.clone(), reading.name.clone()))
+                                .or_insert_with(|| Sensor {
+                                    detector: Detector::new(&self.inner.detector),
+                                    last: None,
+                                });
                             let policy = state.policies.values().find(|p| {
                                 p.property == reading.name && is_of_model(model, &p.model)
                             });
@@ -644,21 +639,6 @@ impl Telemetry {
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         Ok(out)
     }
-}
-
-/// The state of one device's stream of `name` on `twin`, created on its first reading.
-fn sensor_of<'s>(
-    sensors: &'s mut HashMap<String, Sensor>,
-    (device, twin, name): (&str, &str, &str),
-    detector: &DetectorConfig,
-) -> &'s mut Sensor {
-    // Device IDs and DTDL names (the reading passed the schema check) cannot hold the
-    // separator, so with the twin ID last, whatever it holds, the key is unique.
-    let key = format!("{device}\u{1f}{name}\u{1f}{twin}");
-    sensors.entry(key).or_insert_with(|| Sensor {
-        detector: Detector::new(detector),
-        last: None,
-    })
 }
 
 /// The fallback update for a property without trustworthy input.

@@ -52,8 +52,7 @@ pub(crate) struct State {
     pub policies: HashMap<String, Policy>,
     pub groups: HashMap<String, SensorGroup>,
     pub windows: HashMap<String, ReplayWindow>,
-    /// Keyed by device, name and twin, separated by U+001F.
-    pub sensors: HashMap<String, Sensor>,
+    pub sensors: HashMap<(String, String, String), Sensor>,
     pub props: HashMap<(String, String), Prop>,
     /// Readings quarantined in this run, for the order of their keys.
     pub quarantined: u64,

@@ -85,16 +85,23 @@ pub(crate) fn apply(
 ) -> Vec<Result<(), Skipped>> {
     let mut results = vec![Ok(()); updates.len()];
     // The updates of each twin, in order, twins in the order they first appear.
-    let mut twins: Vec<(String, Vec<(usize, PropertyUpdate)>)> = Vec::new();
+    let mut twins: Vec<Vec<(usize, PropertyUpdate)>> = Vec::new();
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (i, update) in updates.into_iter().enumerate() {
-        let slot = *index.entry(update.twin.clone()).or_insert_with(|| {
-            twins.push((update.twin.clone(), Vec::new()));
-            twins.len() - 1
-        });
-        twins[slot].1.push((i, update));
+        let slot = match index.get(&update.twin) {
+            Some(&slot) => slot,
+            None => {
+                index.insert(update.twin.clone(), twins.len());
+                twins.push(Vec::new());
+                twins.len() - 1
+            }
+        };
+        twins[slot].push((i, update));
     }
-    for (id, updates) in twins {
+    for updates in twins {
+        let Some(id) = updates.first().map(|(_, u)| u.twin.clone()) else {
+            continue;
+        };
         let target = graph.twin(&id).and_then(|twin| {
             let iface = graph.model(&twin.model)?.interface.clone();
             Some((twin.doc(), iface))
