@@ -33,6 +33,10 @@ BASE=${api#twinguard: api listening on }
 PLANE=${devices#twinguard: device plane listening on }
 cat <&3 >/dev/null &
 
+# The broker's CPU counts too when it runs on this machine (it shares the two cores).
+BROKER=()
+if [ "$MQTT" = mqtt://127.0.0.1:1883 ] && pid=$(pgrep -o -x mosquitto); then BROKER=(--broker-pid "$pid"); fi
+
 echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ) cores=$(nproc) commit=$(git rev-parse --short HEAD)"
 target/release/twinguard-bench --data-dir "$WORK/data" --base "$BASE" ingest \
-    --device-plane "$PLANE" --messages "$MESSAGES" --mqtt "$MQTT" --topic "$TOPIC/bench" --server-pid "$SERVER_PID"
+    --device-plane "$PLANE" --messages "$MESSAGES" --mqtt "$MQTT" --topic "$TOPIC/bench" --server-pid "$SERVER_PID" "${BROKER[@]}"

@@ -442,14 +442,29 @@ pub async fn latency(
 }
 
 /// This machine's Ed25519 batch verification rate (signatures per second) on `threads` threads,
-/// in batches of 256 (larger batches verify faster per signature, so this is a strong reference).
-pub fn verify_rate(threads: usize, per_thread: usize) -> anyhow::Result<f64> {
+/// in batches of 256 (the server's own batches are a request's messages, at most 250 in the
+/// bench), the best of `runs` runs: a busy moment of a shared host lowers a single run.
+pub fn verify_rate(threads: usize, per_thread: usize, runs: usize) -> anyhow::Result<f64> {
     let key = SigningKey::from_bytes(&[7; 32]);
     let public: VerifyingKey = key.verifying_key();
     let messages: Vec<Vec<u8>> = (0..per_thread)
         .map(|i| format!("reading {i} of the reference").into_bytes())
         .collect();
     let signatures: Vec<Signature> = messages.iter().map(|m| key.sign(m)).collect();
+    let mut best: f64 = 0.0;
+    for _ in 0..runs {
+        best = best.max(verify_run(threads, public, &messages, &signatures)?);
+    }
+    Ok(best)
+}
+
+/// One run of [`verify_rate`]: every thread verifies all `messages` in batches of 256.
+fn verify_run(
+    threads: usize,
+    public: VerifyingKey,
+    messages: &[Vec<u8>],
+    signatures: &[Signature],
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
@@ -471,7 +486,7 @@ pub fn verify_rate(threads: usize, per_thread: usize) -> anyhow::Result<f64> {
         }
         anyhow::Ok(())
     })?;
-    Ok((threads * per_thread) as f64 / started.elapsed().as_secs_f64())
+    Ok((threads * messages.len()) as f64 / started.elapsed().as_secs_f64())
 }
 
 /// User + system CPU seconds of process `pid` so far (Linux `/proc/PID/stat`, fields 14 and 15,
