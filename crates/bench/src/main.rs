@@ -403,6 +403,15 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "ed25519_batch_verify_per_s={reference:.0} (2 threads, batches of 256, best of 3)"
                 );
+                // What a ratio of 0.6 leaves for everything on the machine (server, load
+                // generator, broker) per reading, beside what the signature check alone costs:
+                // the CPU figures of each phase below add up against it.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+                println!(
+                    "cpu_us_per_signature={:.1} cpu_budget_us_per_reading_at_ratio_0.6={:.1} ({cores} cores)",
+                    cores * 1e6 / reference,
+                    cores * 1e6 / (0.6 * reference)
+                );
                 let mut peaks = Vec::new();
                 for (readings, size) in [(1, batch), (10, batch), (1, 25)] {
                     let count = messages / readings / if size == batch { 1 } else { 2 };
