@@ -402,18 +402,19 @@ fn main() -> anyhow::Result<()> {
                 // Measured once the server is set up and idle (its start-up work would slow
                 // the reference down and flatter the ratio), as the best of three runs: the
                 // strongest figure this machine gives for the check every message needs.
-                let reference = ingest::verify_rate(2, 20_000, 3)?;
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let reference = ingest::verify_rate(cores, 20_000, 3)?;
                 println!(
-                    "ed25519_batch_verify_per_s={reference:.0} (2 threads, batches of 256, best of 3)"
+                    "ed25519_batch_verify_per_s={reference:.0} ({cores} threads, batches of 256, best of 3)"
                 );
                 // What a ratio of 0.6 leaves for everything on the machine (server, load
                 // generator, broker) per reading, beside what the signature check alone costs:
                 // the CPU figures of each phase below add up against it.
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+                let cpu_us = cores as f64 * 1e6;
                 println!(
                     "cpu_us_per_signature={:.1} cpu_budget_us_per_reading_at_ratio_0.6={:.1} ({cores} cores)",
-                    cores * 1e6 / reference,
-                    cores * 1e6 / (0.6 * reference)
+                    cpu_us / reference,
+                    cpu_us / (0.6 * reference)
                 );
                 // (readings per message, batch size, messages): the peak's batches, and a
                 // gateway's batches of 25 with half as many messages (they take longer).
