@@ -399,9 +399,9 @@ fn main() -> anyhow::Result<()> {
                 let mut fleet = ingest::setup(&api, devices).await?;
                 let warm = fleet.sign(2_000, 1);
                 ingest::https(&api, &device_plane, warm, batch, concurrency).await?;
-                // Measured once the server is set up and idle (its start-up work would slow
-                // the reference down and flatter the ratio), as the best of three runs: the
-                // strongest figure this machine gives for the check every message needs.
+                // Measured once the server is set up and idle, so that none of its work
+                // competes with the reference, as the best of three runs: a busy moment of the
+                // shared host lowers a single run and would flatter the ratio.
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
                 let reference = ingest::verify_rate(cores, 20_000, 3)?;
                 println!(
