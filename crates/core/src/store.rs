@@ -45,10 +45,13 @@ pub enum Table {
     Quarantine,
     /// Accepted readings, keyed by `twin \u{1f} name \u{1f} time`, for range reads.
     History,
+    /// Accepted readings in the order they were committed, until they are merged into
+    /// `History` (see the telemetry crate's `history` module).
+    HistoryLog,
 }
 
 impl Table {
-    pub const ALL: [Table; 19] = [
+    pub const ALL: [Table; 20] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -68,6 +71,7 @@ impl Table {
         Table::Replay,
         Table::Quarantine,
         Table::History,
+        Table::HistoryLog,
     ];
 
     pub fn name(self) -> &'static str {
@@ -91,6 +95,7 @@ impl Table {
             Self::Replay => "replay",
             Self::Quarantine => "quarantine",
             Self::History => "history",
+            Self::HistoryLog => "historylog",
         }
     }
 }

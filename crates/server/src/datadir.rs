@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! DIR/store.redb                    the embedded store
+//! DIR/history.redb                  accepted readings' history, by twin, name and time
 //! DIR/instance.json                 instance ID and token issuer
 //! DIR/tls/ca.pem                    the CA certificate clients trust
 //! DIR/tls/ca-key.pem                the CA key (0600)
@@ -50,6 +51,11 @@ impl DataDir {
     }
     pub fn store_path(&self) -> PathBuf {
         self.root.join("store.redb")
+    }
+
+    /// Accepted readings' history, merged from the main store's log (see the telemetry crate).
+    pub fn history_path(&self) -> PathBuf {
+        self.root.join("history.redb")
     }
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("tls/ca.pem")

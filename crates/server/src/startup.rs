@@ -21,6 +21,10 @@ use crate::signing_keys::KeyRing;
 use crate::tokens::TokenService;
 
 /// How long requests in flight may take to finish after a shutdown signal.
+/// The history store's page cache: merges append to each stream's last leaf, so this holds
+/// those of a few thousand streams.
+const HISTORY_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
@@ -122,9 +126,20 @@ impl Application {
         let (store, tokens) = init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
         let service = TwinService::open(store.clone(), Arc::new(SystemClock))
             .context("loading the twin graph")?;
-        let telemetry =
-            twinguard_telemetry::Telemetry::open(service.clone(), store, Arc::new(SystemClock))
-                .context("loading the device registry")?;
+        let history: Arc<dyn Store> = Arc::new(
+            RedbStore::open_with_cache(&data_dir.history_path(), HISTORY_CACHE_BYTES)
+                .context("opening the history store")?,
+        );
+        let telemetry = twinguard_telemetry::Telemetry::open(
+            service.clone(),
+            store,
+            history,
+            Arc::new(SystemClock),
+        )
+        .context("loading the device registry")?;
+        telemetry
+            .spawn_history_merger()
+            .context("starting the history merger")?;
         let tls = crate::tls::server_config(&data_dir)?;
         let instance = data_dir.instance()?;
         let audit = crate::audit::Audit::open(

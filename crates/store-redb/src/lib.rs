@@ -26,8 +26,13 @@ impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         // The server reads the store only at start-up (the graph lives in memory), so a small
         // page cache is enough; redb's default of 1 GiB would double the resident memory.
+        Self::open_with_cache(path, CACHE_BYTES)
+    }
+
+    /// [`RedbStore::open`] with a page cache of `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(cache_bytes)
             .create(path)
             .map_err(err)?;
         // Create every table up front so that scans of empty tables succeed.

@@ -398,8 +398,7 @@ impl Telemetry {
                 let Some(twin_id) = twin_id.clone() else {
                     continue;
                 };
-                out.records.push(put(
-                    Table::History,
+                out.records.push(self.history_record(
                     &history_key(&twin_id, &reading.name, time_ms, &device_id, message.seq),
                     &StoredReading {
                         value: reading.value.clone(),

@@ -21,6 +21,7 @@ pub mod anomaly;
 pub mod envelope;
 pub mod forecast;
 pub mod fusion;
+pub mod history;
 pub mod ingest;
 pub mod manage;
 pub mod nab;

@@ -482,8 +482,7 @@ impl Telemetry {
             )
             .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
             .unwrap_or_else(|_| self.now_ms());
-            records.push(put(
-                Table::History,
+            records.push(self.history_record(
                 &history_key(&twin, &record.name, time_ms, &record.device, record.seq),
                 &StoredReading {
                     value: record.value.clone(),
@@ -548,9 +547,8 @@ impl Telemetry {
         };
         let rows = self
             .inner
-            .store
+            .history
             .range(
-                Table::History,
                 &history_bound(twin, name, from_ms),
                 &history_bound(twin, name, to_ms),
                 cap + 1,

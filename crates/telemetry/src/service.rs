@@ -18,7 +18,9 @@ use twinguard_core::store::{Mutation, Store, StoreError, Table};
 use crate::anomaly::{Detector, DetectorConfig};
 use crate::forecast::Forecaster;
 use crate::fusion::SensorGroup;
+use crate::history::HistoryStore;
 use crate::policy::Policy;
+use crate::records::StoredReading;
 use crate::registry::{Device, FirmwareList};
 use crate::replay::ReplayWindow;
 
@@ -79,6 +81,7 @@ impl State {
 pub(crate) struct Inner {
     pub twins: TwinService,
     pub store: Arc<dyn Store>,
+    pub history: HistoryStore,
     pub clock: Arc<dyn Clock>,
     /// The pipeline's own principal: telemetry writes at instance scope, nothing else.
     pub system: Principal,
@@ -124,12 +127,16 @@ fn load<T: DeserializeOwned>(
 
 impl Telemetry {
     /// Loads the registry, policies, groups and replay windows from `store`, which must be the
-    /// store `twins` commits to.
+    /// store `twins` commits to. Accepted readings' history is kept in `history` (see
+    /// [`HistoryStore`]), which may be `store` itself; call [`Telemetry::spawn_history_merger`]
+    /// to merge it in the background rather than only when it is read.
     pub fn open(
         twins: TwinService,
         store: Arc<dyn Store>,
+        history: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, OpenError> {
+        let history = HistoryStore::open(store.clone(), history)?;
         let mut state = State::default();
         for (key, device) in load::<Device>(store.as_ref(), Table::Devices, "device")? {
             state.devices.insert(key, device);
@@ -152,12 +159,18 @@ impl Telemetry {
             inner: Arc::new(Inner {
                 twins,
                 store,
+                history,
                 clock,
                 system: Principal::with_roles("system:telemetry", &[TELEMETRY_WRITER]),
                 detector: DetectorConfig::default(),
                 state: Mutex::new(state),
             }),
         })
+    }
+
+    /// Starts merging the history log in the background (see [`HistoryStore`]).
+    pub fn spawn_history_merger(&self) -> std::io::Result<()> {
+        self.inner.history.spawn_merger()
     }
 
     pub(crate) fn state(&self) -> DomainResult<MutexGuard<'_, State>> {
@@ -203,6 +216,15 @@ impl Telemetry {
 }
 
 /// A JSON record for the store.
+impl Telemetry {
+    /// The log record of an accepted reading's history (see [`HistoryStore`]).
+    pub(crate) fn history_record(&self, key: &str, reading: &StoredReading) -> Mutation {
+        self.inner
+            .history
+            .record(key, &serde_json::to_vec(reading).unwrap_or_default())
+    }
+}
+
 pub(crate) fn put<T: Serialize>(table: Table, key: &str, value: &T) -> Mutation {
     Mutation::put(table, key, serde_json::to_vec(value).unwrap_or_default())
 }

@@ -83,6 +83,161 @@ async fn every_acknowledged_write_survives_kill_9() {
     }
 }
 
+/// Signed telemetry under SIGKILL: every reading the device plane accepted is in its twin's
+/// history after a restart, whether it was still in the history log or already merged into the
+/// history store when the process died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_reading_survives_kill_9_in_the_history() {
+    use base64::Engine;
+    use twinguard_telemetry::envelope::{Message, Reading, sign_cose, signing_key_from_pem};
+
+    const DEVICES: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let token = server.admin_token(dir.path()).await;
+    let plane = server.device_plane(dir.path());
+    let api = |method: reqwest::Method, path: &str, body: Value| {
+        server
+            .client
+            .request(method, format!("{}{path}", server.base))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:crash:Tank;1", "@type": "Interface",
+        "contents": [{"@type": "Property", "name": "level", "schema": "double"}]}]);
+    let created = api(
+        reqwest::Method::POST,
+        "/models?api-version=2023-10-31",
+        model,
+    );
+    let created = created.await.unwrap();
+    assert_eq!(created.status(), 201);
+    let firmware = "cd".repeat(32);
+    let allowed = api(
+        reqwest::Method::PUT,
+        "/firmware/tank-sensor",
+        json!({"digests": [firmware]}),
+    );
+    assert!(allowed.await.unwrap().status().is_success());
+    let mut keys = Vec::new();
+    for d in 0..DEVICES {
+        let twin = json!({"$metadata": {"$model": "dtmi:crash:Tank;1"}});
+        let put = api(
+            reqwest::Method::PUT,
+            &format!("/digitaltwins/tank-{d}?api-version=2023-10-31"),
+            twin,
+        );
+        assert!(put.await.unwrap().status().is_success());
+        let device = json!({"generate": true, "deviceModel": "tank-sensor",
+            "bindings": [{"twin": format!("tank-{d}"), "names": ["level"]}]});
+        let registered = api(reqwest::Method::PUT, &format!("/devices/level-{d}"), device);
+        let registered: Value = registered.await.unwrap().json().await.unwrap();
+        let pem = registered["privateKey"].as_str().expect("a generated key");
+        keys.push(signing_key_from_pem(pem).unwrap());
+    }
+
+    // Each device sends batches of 25 signed one-reading messages and notes what was accepted.
+    let accepted = Arc::new(Mutex::new(Vec::<(usize, u64)>::new()));
+    let mut senders = Vec::new();
+    for (d, key) in keys.into_iter().enumerate() {
+        let (client, url, accepted, firmware) = (
+            server.client.clone(),
+            format!("{plane}/telemetry"),
+            accepted.clone(),
+            firmware.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            let mut seq = 0;
+            while seq < 4_000 {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+                let batch: Vec<String> = (0..25)
+                    .map(|_| {
+                        seq += 1;
+                        let message = Message {
+                            device: format!("level-{d}"),
+                            seq,
+                            time: now as i64,
+                            firmware: Some(firmware.clone()),
+                            readings: vec![Reading {
+                                name: "level".into(),
+                                value: json!(1.5),
+                                twin: None,
+                                time: None,
+                            }],
+                        };
+                        base64::engine::general_purpose::STANDARD.encode(sign_cose(&message, &key))
+                    })
+                    .collect();
+                let Ok(response) = client
+                    .post(&url)
+                    .json(&json!({"messages": batch}))
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                let Ok(answer) = response.json::<Value>().await else {
+                    return;
+                };
+                let results = answer["results"].as_array().cloned().unwrap_or_default();
+                let first = seq - 24;
+                for (i, result) in results.iter().enumerate() {
+                    if result["status"] == "accepted" {
+                        accepted.lock().unwrap().push((d, first + i as u64));
+                    }
+                }
+            }
+        }));
+    }
+    // Long enough for several background merges, then the kill lands mid-stream.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    server.kill();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(
+        accepted.len() > 100,
+        "only {} readings were accepted before the kill",
+        accepted.len()
+    );
+
+    let restarted = Server::start(dir.path());
+    let token = restarted.admin_token(dir.path()).await;
+    for d in 0..DEVICES {
+        let history: Value = restarted
+            .client
+            .get(format!(
+                "{}/history/tank-{d}/level?limit=10000",
+                restarted.base
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(history["truncated"], false);
+        let kept: std::collections::HashSet<u64> = history["readings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert_eq!(r["device"], format!("level-{d}"));
+                r["seq"].as_u64().unwrap()
+            })
+            .collect();
+        for (_, seq) in accepted.iter().filter(|(device, _)| *device == d) {
+            assert!(
+                kept.contains(seq),
+                "accepted reading {seq} of level-{d} is missing from the history after the crash"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn first_start_writes_a_private_admin_credential_and_never_prints_it() {
     use std::os::unix::fs::PermissionsExt;

@@ -125,22 +125,7 @@ async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
             .status
             .success()
     );
-    // The device plane's line follows the api line; give the drain a moment to write it.
-    let mut device_plane = None;
-    for _ in 0..50 {
-        device_plane = std::fs::read_to_string(data.join("server.out"))
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("twinguard: device plane listening on ")
-                    .map(str::to_owned)
-            });
-        if device_plane.is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let device_plane = device_plane.unwrap();
+    let device_plane = server.device_plane(&data);
     let ca = data.join("tls/ca.pem");
     let sim = |extra: &[&str]| {
         let mut args = vec![

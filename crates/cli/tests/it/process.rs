@@ -86,6 +86,23 @@ impl Server {
         response["access_token"].as_str().unwrap().to_owned()
     }
 
+    /// The device plane's address, from the line that follows the api line on stdout.
+    pub fn device_plane(&self, data_dir: &Path) -> String {
+        // Give the drain a moment to write it.
+        for _ in 0..50 {
+            let out = std::fs::read_to_string(data_dir.join("server.out")).unwrap();
+            let found = out.lines().find_map(|l| {
+                l.strip_prefix("twinguard: device plane listening on ")
+                    .map(str::to_owned)
+            });
+            if let Some(address) = found {
+                return address;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the server printed no device plane address");
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}?api-version=2023-10-31", self.base)
     }

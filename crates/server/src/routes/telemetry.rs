@@ -337,17 +337,18 @@ pub async fn history(
         }
         None => None,
     };
-    let history = state.telemetry.history(
-        &caller,
-        &twin,
-        &name,
-        HistoryQuery {
-            from_ms,
-            to_ms,
-            interval_ms,
-            limit: p.limit.unwrap_or(1_000),
-        },
-    )?;
+    let query = HistoryQuery {
+        from_ms,
+        to_ms,
+        interval_ms,
+        limit: p.limit.unwrap_or(1_000),
+    };
+    // A history read first merges the log (it may wait for a merge already running).
+    let telemetry = state.telemetry.clone();
+    let history =
+        tokio::task::spawn_blocking(move || telemetry.history(&caller, &twin, &name, query))
+            .await
+            .map_err(|e| ApiError::internal(format!("history task failed: {e}")))??;
     Ok(axum::Json(history).into_response())
 }
 

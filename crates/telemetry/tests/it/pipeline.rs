@@ -32,6 +32,8 @@ impl Clock for TestClock {
 
 struct Plant {
     store: Arc<MemoryStore>,
+    /// The history store, apart from the main one as in the server.
+    history: Arc<MemoryStore>,
     clock: Arc<TestClock>,
     twins: TwinService,
     telemetry: Telemetry,
@@ -81,7 +83,9 @@ impl Plant {
                 .await
                 .unwrap();
         }
-        let telemetry = Telemetry::open(twins.clone(), store.clone(), clock.clone()).unwrap();
+        let history = Arc::new(MemoryStore::default());
+        let telemetry =
+            Telemetry::open(twins.clone(), store.clone(), history.clone(), clock.clone()).unwrap();
         telemetry
             .put_firmware(
                 &admin(),
@@ -95,6 +99,7 @@ impl Plant {
             .unwrap();
         Self {
             store,
+            history,
             clock,
             twins,
             telemetry,
@@ -427,7 +432,13 @@ async fn every_message_of_a_batch_stays_refused_as_a_replay_after_a_restart() {
         .unwrap();
     assert!(outcomes.iter().all(|o| o.status == Verdict::Accepted));
     let store: Arc<dyn Store> = plant.store.clone();
-    let reopened = Telemetry::open(plant.twins.clone(), store, plant.clock.clone()).unwrap();
+    let reopened = Telemetry::open(
+        plant.twins.clone(),
+        store,
+        plant.history.clone(),
+        plant.clock.clone(),
+    )
+    .unwrap();
     let again = reopened.ingest(batch, Transport::Mqtt).await.unwrap();
     let reasons: Vec<Option<&str>> = again.iter().map(|o| o.reason).collect();
     assert_eq!(reasons, [Some("replay"); 6]);
@@ -703,7 +714,13 @@ async fn the_replay_window_survives_a_restart() {
     let bytes = plant.cose(&m);
     assert_eq!(plant.send(bytes.clone()).await.status, Verdict::Accepted);
     let store: Arc<dyn Store> = plant.store.clone();
-    let reopened = Telemetry::open(plant.twins.clone(), store, plant.clock.clone()).unwrap();
+    let reopened = Telemetry::open(
+        plant.twins.clone(),
+        store,
+        plant.history.clone(),
+        plant.clock.clone(),
+    )
+    .unwrap();
     let again = reopened.ingest(vec![bytes], Transport::Mqtt).await.unwrap();
     assert_eq!(again[0].reason, Some("replay"));
 }

@@ -1,0 +1,360 @@
+//! The history of accepted readings, written so that it costs the ingestion commit little.
+//!
+//! History is read by twin, name and time, but readings arrive interleaved across every stream.
+//! Written under their read keys in the ingestion commit, each commit dirtied one B-tree leaf per
+//! stream it carried: the largest part of a small commit's work (docs/benchmarks.md). So the
+//! commit appends each record to a log keyed by arrival ([`Table::HistoryLog`], in the main
+//! store, atomically with the twin update it goes with: one or two leaves per commit), and a
+//! merger moves the log a page at a time into the history store ([`Table::History`], a store of
+//! its own with its own writer), where each stream's records of a page land side by side. The
+//! merger runs in the background every [`MERGE_EVERY`], or sooner once a page is waiting; a
+//! history read merges first, so it sees every reading acknowledged before it began.
+//!
+//! Crash safety: a page is committed to the history store before it leaves the log, and merging
+//! a page again writes the same keys and values, so a crash in between loses and duplicates
+//! nothing.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use twinguard_core::store::{Mutation, Store, StoreError, Table};
+
+/// Log records moved per merge transaction: large enough that a stream's records of one page
+/// share leaves, small enough that deleting them holds the main store's writer only briefly.
+pub const MERGE_PAGE: usize = 4096;
+/// How often the merger looks at the log when fewer than a page of records are waiting.
+pub const MERGE_EVERY: Duration = Duration::from_millis(500);
+
+/// The log and the history store, and the merge between them. Cheap to clone.
+#[derive(Clone)]
+pub struct HistoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The main store: the log is committed with the twin updates.
+    main: Arc<dyn Store>,
+    /// Where merged records are kept, under their read keys.
+    series: Arc<dyn Store>,
+    /// The next log key.
+    next: AtomicU64,
+    /// Log records handed out since the last merge (an estimate: some may never commit).
+    pending: AtomicUsize,
+    /// One merge at a time.
+    merging: Mutex<()>,
+    merger: Mutex<Option<std::thread::Thread>>,
+}
+
+impl std::fmt::Debug for HistoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HistoryStore").finish_non_exhaustive()
+    }
+}
+
+impl HistoryStore {
+    /// Opens the history over `main` (which holds the log) and `series` (which holds the merged
+    /// records); `series` may be `main` itself. Merges everything the log holds, and moves
+    /// history records that an earlier version kept in the main store into `series`.
+    pub fn open(main: Arc<dyn Store>, series: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let history = Self {
+            inner: Arc::new(Inner {
+                main,
+                series,
+                next: AtomicU64::new(0),
+                pending: AtomicUsize::new(0),
+                merging: Mutex::new(()),
+                merger: Mutex::new(None),
+            }),
+        };
+        if !Arc::ptr_eq(&history.inner.main, &history.inner.series) {
+            history.adopt_main_history()?;
+        }
+        history.merge()?;
+        // Records the merge could not read stay in the log; new keys go after them.
+        let left = history.inner.main.scan(Table::HistoryLog)?;
+        let next = left
+            .last()
+            .and_then(|(key, _)| key.parse::<u64>().ok())
+            .map_or(0, |n| n + 1);
+        history.inner.next.store(next, Ordering::Relaxed);
+        Ok(history)
+    }
+
+    /// Starts the background merger; it stops once every clone of this store is dropped.
+    pub fn spawn_merger(&self) -> std::io::Result<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let handle = std::thread::Builder::new()
+            .name("history-merge".into())
+            .spawn(move || {
+                loop {
+                    std::thread::park_timeout(MERGE_EVERY);
+                    let Some(inner) = weak.upgrade() else {
+                        return;
+                    };
+                    if let Err(e) = (HistoryStore { inner }).merge() {
+                        tracing::warn!(error = %e, "merging the history log failed; will retry");
+                    }
+                }
+            })?;
+        if let Ok(mut merger) = self.inner.merger.lock() {
+            *merger = Some(handle.thread().clone());
+        }
+        Ok(())
+    }
+
+    /// The log record of a reading whose history key is `key` and stored value `value`: a
+    /// mutation of the main store, for the commit that applies the reading.
+    pub fn record(&self, key: &str, value: &[u8]) -> Mutation {
+        let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        if self.inner.pending.fetch_add(1, Ordering::Relaxed) + 1 == MERGE_PAGE {
+            self.wake_merger();
+        }
+        Mutation::put(Table::HistoryLog, log_key(n), frame(key, value))
+    }
+
+    /// The merged records with `from <= key < to`, at most `limit`, after merging the log so that
+    /// every record committed before this call is among them.
+    pub fn range(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.merge()?;
+        self.inner.series.range(Table::History, from, to, limit)
+    }
+
+    /// Moves every committed log record into the history store, a page per transaction.
+    /// Returns how many records moved.
+    pub fn merge(&self) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let _one = inner
+            .merging
+            .lock()
+            .map_err(|_| StoreError("the history merge lock is poisoned".into()))?;
+        inner.pending.store(0, Ordering::Relaxed);
+        let mut moved = 0;
+        let mut from = String::new();
+        loop {
+            let rows = inner
+                .main
+                .range_from(Table::HistoryLog, &from, MERGE_PAGE)?;
+            let Some((last, _)) = rows.last() else {
+                return Ok(moved);
+            };
+            let full = rows.len() == MERGE_PAGE;
+            from = format!("{last}\0");
+            let mut puts = Vec::with_capacity(rows.len());
+            let mut deletes = Vec::with_capacity(rows.len());
+            for (log, framed) in rows {
+                match unframe(&framed) {
+                    Some((key, value)) => {
+                        puts.push(Mutation::put(Table::History, key, value.to_vec()));
+                        deletes.push(Mutation::delete(Table::HistoryLog, log));
+                    }
+                    // Left in the log, where an operator can find it; never silently dropped.
+                    None => tracing::error!(key = %log, "a history log record is unreadable"),
+                }
+            }
+            puts.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            if !puts.is_empty() {
+                inner.series.commit(&puts)?;
+                // Only now, with the records durable in the history store.
+                inner.main.commit(&deletes)?;
+            }
+            moved += puts.len();
+            if !full {
+                return Ok(moved);
+            }
+        }
+    }
+
+    /// Moves history records kept in the main store (before the log) into the history store.
+    fn adopt_main_history(&self) -> Result<(), StoreError> {
+        loop {
+            let rows = self.inner.main.range_from(Table::History, "", MERGE_PAGE)?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let deletes: Vec<Mutation> = rows
+                .iter()
+                .map(|(key, _)| Mutation::delete(Table::History, key.clone()))
+                .collect();
+            let puts: Vec<Mutation> = rows
+                .into_iter()
+                .map(|(key, value)| Mutation::put(Table::History, key, value))
+                .collect();
+            self.inner.series.commit(&puts)?;
+            self.inner.main.commit(&deletes)?;
+            tracing::info!(
+                records = puts.len(),
+                "moved history records into the history store"
+            );
+        }
+    }
+
+    fn wake_merger(&self) {
+        if let Ok(merger) = self.inner.merger.lock()
+            && let Some(thread) = merger.as_ref()
+        {
+            thread.unpark();
+        }
+    }
+}
+
+/// Log keys sort by the order they were handed out.
+fn log_key(n: u64) -> String {
+    format!("{n:020}")
+}
+
+/// A log record's value: the history key's length (4 bytes, little-endian), the key, then the
+/// stored value as it will be kept in the history store, so that merging parses nothing.
+fn frame(key: &str, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.len() + value.len());
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+fn unframe(framed: &[u8]) -> Option<(&str, &[u8])> {
+    let (len, rest) = framed.split_first_chunk::<4>()?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if rest.len() < len {
+        return None;
+    }
+    let (key, value) = rest.split_at(len);
+    Some((std::str::from_utf8(key).ok()?, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinguard_core::store::MemoryStore;
+
+    fn stores() -> (Arc<MemoryStore>, Arc<MemoryStore>) {
+        (Arc::default(), Arc::default())
+    }
+
+    #[test]
+    fn frames_round_trip_and_bad_frames_are_refused() {
+        let framed = frame("t\u{1f}p\u{1f}0001", b"{\"value\":1}");
+        assert_eq!(
+            unframe(&framed),
+            Some(("t\u{1f}p\u{1f}0001", &b"{\"value\":1}"[..]))
+        );
+        assert_eq!(unframe(&frame("", b"")), Some(("", &b""[..])));
+        assert_eq!(unframe(b"\x02\x00"), None);
+        assert_eq!(unframe(b"\x09\x00\x00\x00short"), None);
+        assert_eq!(unframe(b"\x02\x00\x00\x00\xff\xfe"), None);
+    }
+
+    #[test]
+    fn committed_records_are_read_back_under_their_history_keys_and_leave_the_log() {
+        let (main, series) = stores();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        let records: Vec<Mutation> = (0..MERGE_PAGE + 10)
+            .map(|i| history.record(&format!("k{i:05}"), format!("v{i}").as_bytes()))
+            .collect();
+        main.commit(&records).unwrap();
+        // A record handed out but never committed (its commit failed) is simply absent.
+        let _lost = history.record("lost", b"x");
+        let rows = history.range("k", "l", usize::MAX).unwrap();
+        assert_eq!(rows.len(), MERGE_PAGE + 10);
+        assert_eq!(rows[7], ("k00007".to_owned(), b"v7".to_vec()));
+        assert!(main.scan(Table::HistoryLog).unwrap().is_empty());
+        assert_eq!(series.scan(Table::History).unwrap().len(), MERGE_PAGE + 10);
+        assert_eq!(history.range("k00003", "k00005", 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_merge_keeps_the_log_and_a_later_one_finishes_it() {
+        let (main, series) = stores();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        main.commit(&[history.record("a", b"1"), history.record("b", b"2")])
+            .unwrap();
+        series.set_failing(true);
+        assert!(history.merge().is_err());
+        assert_eq!(main.scan(Table::HistoryLog).unwrap().len(), 2);
+        series.set_failing(false);
+        // Reopening merges what the log still holds and hands out keys after it.
+        let reopened = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        assert!(main.scan(Table::HistoryLog).unwrap().is_empty());
+        assert_eq!(series.scan(Table::History).unwrap().len(), 2);
+        main.commit(&[reopened.record("c", b"3")]).unwrap();
+        assert_eq!(reopened.range("", "z", 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_crash_between_the_two_commits_duplicates_nothing() {
+        let (main, series) = stores();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        let record = history.record("a", b"1");
+        main.commit(std::slice::from_ref(&record)).unwrap();
+        // The page reached the history store, but the process died before the log was trimmed.
+        series
+            .commit(&[Mutation::put(Table::History, "a", b"1".to_vec())])
+            .unwrap();
+        let reopened = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        assert_eq!(
+            reopened.range("", "z", 10).unwrap(),
+            vec![("a".to_owned(), b"1".to_vec())]
+        );
+        assert!(main.scan(Table::HistoryLog).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unreadable_log_records_stay_and_new_keys_go_after_them() {
+        let (main, series) = stores();
+        main.commit(&[
+            Mutation::put(Table::HistoryLog, log_key(41), b"\x01".to_vec()),
+            Mutation::put(Table::HistoryLog, log_key(40), frame("a", b"1")),
+        ])
+        .unwrap();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        assert_eq!(series.scan(Table::History).unwrap().len(), 1);
+        let left = main.scan(Table::HistoryLog).unwrap();
+        assert_eq!(left, vec![(log_key(41), b"\x01".to_vec())]);
+        assert_eq!(history.record("b", b"2").key, log_key(42));
+    }
+
+    #[test]
+    fn history_kept_in_the_main_store_moves_to_the_history_store() {
+        let (main, series) = stores();
+        let old: Vec<Mutation> = (0..MERGE_PAGE + 1)
+            .map(|i| Mutation::put(Table::History, format!("h{i:05}"), b"v".to_vec()))
+            .collect();
+        main.commit(&old).unwrap();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        assert!(main.scan(Table::History).unwrap().is_empty());
+        assert_eq!(
+            history.range("h", "i", usize::MAX).unwrap().len(),
+            MERGE_PAGE + 1
+        );
+    }
+
+    #[test]
+    fn the_background_merger_empties_the_log_and_stops_with_the_store() {
+        let (main, series) = stores();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        history.spawn_merger().unwrap();
+        main.commit(&[history.record("a", b"1")]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !main.scan(Table::HistoryLog).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the merger never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(series.scan(Table::History).unwrap().len(), 1);
+        let weak = Arc::downgrade(&history.inner);
+        drop(history);
+        // The merger holds the store only while it merges.
+        while weak.upgrade().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the merger kept the store"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
