@@ -159,9 +159,17 @@ impl HistoryStore {
             }
             puts.sort_unstable_by(|a, b| a.key.cmp(&b.key));
             if !puts.is_empty() {
+                let started = std::time::Instant::now();
                 inner.series.commit(&puts)?;
+                let stored = started.elapsed();
                 // Only now, with the records durable in the history store.
                 inner.main.commit(&deletes)?;
+                tracing::debug!(
+                    records = puts.len(),
+                    store_micros = stored.as_micros() as u64,
+                    trim_micros = (started.elapsed() - stored).as_micros() as u64,
+                    "merged a page of the history log"
+                );
             }
             moved += puts.len();
             if !full {
