@@ -20,11 +20,11 @@ use crate::external::ExternalIssuers;
 use crate::signing_keys::KeyRing;
 use crate::tokens::TokenService;
 
-/// How long requests in flight may take to finish after a shutdown signal.
 /// The history store's page cache: merges append to each stream's last leaf, so this holds
 /// those of a few thousand streams.
 const HISTORY_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
+/// How long requests in flight may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@
 //! a page again writes the same keys and values, so a crash in between loses and duplicates
 //! nothing.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -41,8 +42,8 @@ struct Inner {
     next: AtomicU64,
     /// Log records handed out since the last merge (an estimate: some may never commit).
     pending: AtomicUsize,
-    /// One merge at a time.
-    merging: Mutex<()>,
+    /// One merge at a time; holds the log keys already reported as unreadable.
+    merging: Mutex<HashSet<String>>,
     merger: Mutex<Option<std::thread::Thread>>,
 }
 
@@ -63,7 +64,7 @@ impl HistoryStore {
                 series,
                 next: AtomicU64::new(0),
                 pending: AtomicUsize::new(0),
-                merging: Mutex::new(()),
+                merging: Mutex::new(HashSet::new()),
                 merger: Mutex::new(None),
             }),
         };
@@ -129,7 +130,7 @@ impl HistoryStore {
     /// Returns how many records moved.
     pub fn merge(&self) -> Result<usize, StoreError> {
         let inner = &self.inner;
-        let _one = inner
+        let mut unreadable = inner
             .merging
             .lock()
             .map_err(|_| StoreError("the history merge lock is poisoned".into()))?;
@@ -154,7 +155,11 @@ impl HistoryStore {
                         deletes.push(Mutation::delete(Table::HistoryLog, log));
                     }
                     // Left in the log, where an operator can find it; never silently dropped.
-                    None => tracing::error!(key = %log, "a history log record is unreadable"),
+                    None => {
+                        if unreadable.insert(log.clone()) {
+                            tracing::error!(key = %log, "a history log record is unreadable; it stays in the log");
+                        }
+                    }
                 }
             }
             puts.sort_unstable_by(|a, b| a.key.cmp(&b.key));

@@ -173,6 +173,13 @@ impl Telemetry {
         self.inner.history.spawn_merger()
     }
 
+    /// The log record of an accepted reading's history (see [`HistoryStore`]).
+    pub(crate) fn history_record(&self, key: &str, reading: &StoredReading) -> Mutation {
+        self.inner
+            .history
+            .record(key, &serde_json::to_vec(reading).unwrap_or_default())
+    }
+
     pub(crate) fn state(&self) -> DomainResult<MutexGuard<'_, State>> {
         self.inner
             .state
@@ -216,15 +223,6 @@ impl Telemetry {
 }
 
 /// A JSON record for the store.
-impl Telemetry {
-    /// The log record of an accepted reading's history (see [`HistoryStore`]).
-    pub(crate) fn history_record(&self, key: &str, reading: &StoredReading) -> Mutation {
-        self.inner
-            .history
-            .record(key, &serde_json::to_vec(reading).unwrap_or_default())
-    }
-}
-
 pub(crate) fn put<T: Serialize>(table: Table, key: &str, value: &T) -> Mutation {
     Mutation::put(table, key, serde_json::to_vec(value).unwrap_or_default())
 }
