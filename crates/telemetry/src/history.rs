@@ -22,7 +22,8 @@ use std::time::Duration;
 use twinguard_core::store::{Mutation, Store, StoreError, Table};
 
 /// Log records moved per merge transaction: large enough that a stream's records of one page
-/// share leaves, small enough that deleting them holds the main store's writer only briefly.
+/// share leaves. Deleting them from the log is a transaction on the main store's writer, which
+/// telemetry commits wait behind (measured in docs/benchmarks.md).
 pub const MERGE_PAGE: usize = 4096;
 /// How often the merger looks at the log when fewer than a page of records are waiting.
 pub const MERGE_EVERY: Duration = Duration::from_millis(500);

@@ -96,14 +96,7 @@ async fn every_accepted_reading_survives_kill_9_in_the_history() {
     let server = Server::start(dir.path());
     let token = server.admin_token(dir.path()).await;
     let plane = server.device_plane(dir.path());
-    let api = |method: reqwest::Method, path: &str, body: Value| {
-        server
-            .client
-            .request(method, format!("{}{path}", server.base))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-    };
+    let api = |method, path: &str, body| server.request(&token, method, path, body);
     let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:crash:Tank;1", "@type": "Interface",
         "contents": [{"@type": "Property", "name": "level", "schema": "double"}]}]);
     let created = api(

@@ -49,14 +49,7 @@ async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
     std::fs::create_dir_all(&data).unwrap();
     let server = Server::start(&data);
     let token = server.admin_token(&data).await;
-    let api = |method: reqwest::Method, path: &str, body: Value| {
-        server
-            .client
-            .request(method, format!("{}{path}", server.base))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-    };
+    let api = |method, path: &str, body| server.request(&token, method, path, body);
     let model = serde_json::json!([{
         "@context": "dtmi:dtdl:context;3", "@id": "dtmi:test:Tank;1", "@type": "Interface",
         "contents": [{"@type": "Property", "name": "level", "schema": "double"}]

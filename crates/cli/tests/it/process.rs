@@ -86,6 +86,21 @@ impl Server {
         response["access_token"].as_str().unwrap().to_owned()
     }
 
+    /// Sends `body` as JSON to `path` on the API with `token`.
+    pub fn request(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> impl std::future::Future<Output = reqwest::Result<reqwest::Response>> + use<> {
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    }
+
     /// The device plane's address, from the line that follows the api line on stdout.
     pub fn device_plane(&self, data_dir: &Path) -> String {
         // Give the drain a moment to write it.

@@ -47,6 +47,18 @@ fn admin() -> Principal {
 }
 
 impl Plant {
+    /// The telemetry service opened again over the same stores, as after a restart.
+    fn reopen(&self) -> Telemetry {
+        let store: Arc<dyn Store> = self.store.clone();
+        Telemetry::open(
+            self.twins.clone(),
+            store,
+            self.history.clone(),
+            self.clock.clone(),
+        )
+        .unwrap()
+    }
+
     async fn new() -> Self {
         let store = Arc::new(MemoryStore::default());
         let clock = Arc::new(TestClock(Mutex::new(
@@ -431,14 +443,7 @@ async fn every_message_of_a_batch_stays_refused_as_a_replay_after_a_restart() {
         .await
         .unwrap();
     assert!(outcomes.iter().all(|o| o.status == Verdict::Accepted));
-    let store: Arc<dyn Store> = plant.store.clone();
-    let reopened = Telemetry::open(
-        plant.twins.clone(),
-        store,
-        plant.history.clone(),
-        plant.clock.clone(),
-    )
-    .unwrap();
+    let reopened = plant.reopen();
     let again = reopened.ingest(batch, Transport::Mqtt).await.unwrap();
     let reasons: Vec<Option<&str>> = again.iter().map(|o| o.reason).collect();
     assert_eq!(reasons, [Some("replay"); 6]);
@@ -713,14 +718,7 @@ async fn the_replay_window_survives_a_restart() {
     let m = plant.message("t1", "temperature", json!(20.0));
     let bytes = plant.cose(&m);
     assert_eq!(plant.send(bytes.clone()).await.status, Verdict::Accepted);
-    let store: Arc<dyn Store> = plant.store.clone();
-    let reopened = Telemetry::open(
-        plant.twins.clone(),
-        store,
-        plant.history.clone(),
-        plant.clock.clone(),
-    )
-    .unwrap();
+    let reopened = plant.reopen();
     let again = reopened.ingest(vec![bytes], Transport::Mqtt).await.unwrap();
     assert_eq!(again[0].reason, Some("replay"));
 }
