@@ -325,6 +325,7 @@ fn writer(
 ) {
     let _alive = WriterAlive(&shared.writer_alive);
     let mut batch = Vec::with_capacity(MAX_GROUP);
+    let mut ctx = WriteContext::default();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_GROUP {
@@ -334,7 +335,8 @@ fn writer(
             }
         }
         let merged = merge_readings(&mut batch);
-        commit_group(&mut batch, &shared, store.as_ref(), clock.as_ref());
+        ctx.now = rfc3339(clock.now());
+        commit_group(&mut batch, &shared, store.as_ref(), &ctx);
         answer_merged(merged);
     }
 }
@@ -429,10 +431,7 @@ fn answer_merged(merged: Vec<Merged>) {
 /// mutations at once, then publishes and answers. Refusals are answered only once the group's
 /// fate is known, because they were decided against earlier writes of the same group that were
 /// not yet durable: if the group fails, its refusals fail with it (503, retryable).
-fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock: &dyn Clock) {
-    let ctx = WriteContext {
-        now: rfc3339(clock.now()),
-    };
+fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &WriteContext) {
     let mut working: Graph = (**shared.published.load()).clone();
     let mut muts: Vec<Mutation> = Vec::new();
     let mut done = Vec::with_capacity(batch.len());
@@ -449,7 +448,7 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, clock:
             if let Some(principal) = &scoped {
                 principal.check_write(&working, &op)?;
             }
-            op.apply(&mut working, &ctx, &mut muts)
+            op.apply(&mut working, ctx, &mut muts)
         }));
         match applied {
             Ok(Ok(outcome)) => done.push((reply, outcome)),

@@ -281,11 +281,15 @@ impl WriteOp {
     }
 }
 
-/// What every write in one commit shares: its time and a source of fresh etags.
-#[derive(Debug)]
+/// What every write in one commit shares: its time and a source of fresh etags. The writer
+/// keeps one for its lifetime, so that what it learns in one commit (the twin documents it
+/// parsed) serves the next.
+#[derive(Debug, Default)]
 pub struct WriteContext {
     /// RFC 3339 time of the commit.
     pub now: String,
+    /// Twin documents that telemetry writes left parsed (see [`super::readings::ParsedTwins`]).
+    pub(crate) parsed: std::cell::RefCell<super::readings::ParsedTwins>,
 }
 
 impl WriteContext {

@@ -4,6 +4,7 @@
 //! committed in one durable transaction: a reading is never applied without its replay state,
 //! nor recorded as accepted without being applied.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -11,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::Graph;
 use super::ops::WriteContext;
-use super::types::Twin;
+use super::types::{Id, Twin};
 use crate::dtdl::Interface;
 use crate::store::Mutation;
 
@@ -104,7 +105,7 @@ pub(crate) fn apply(
         };
         let target = graph.twin(&id).and_then(|twin| {
             let iface = graph.model(&twin.model)?.interface.clone();
-            Some((twin.doc(), iface))
+            Some((ctx.parsed.borrow_mut().take(twin), iface))
         });
         let Some((mut doc, iface)) = target else {
             for (i, _) in updates {
@@ -127,7 +128,11 @@ pub(crate) fn apply(
         }
         doc.insert("$etag".into(), Value::String(ctx.new_etag()));
         match Twin::from_doc(&doc) {
-            Some(twin) => graph.put_twin(Arc::new(twin), muts),
+            Some(twin) => {
+                let twin = Arc::new(twin);
+                ctx.parsed.borrow_mut().keep(&twin, doc);
+                graph.put_twin(twin, muts);
+            }
             None => {
                 for i in moved {
                     results[i] = Err(Skipped::TwinMissing);
@@ -137,6 +142,78 @@ pub(crate) fn apply(
     }
     muts.extend(records);
     results
+}
+
+/// Twin documents kept parsed between commits for the twins that telemetry moves. A twin is
+/// stored as JSON text, and parsing it back is most of what applying readings costs when each
+/// commit carries a few readings per twin; the writer keeps the document it has just written
+/// and takes it back at the twin's next update.
+///
+/// A document is used only while the twin still has the etag it was kept with. Every change of
+/// a twin gives it a fresh etag, so a twin changed by anything else since (an API write, a
+/// commit that failed and was never published) is parsed again from its text.
+#[derive(Default)]
+pub(crate) struct ParsedTwins {
+    docs: HashMap<Id, Kept>,
+    /// The JSON text length of the kept documents, against [`ParsedTwins::BUDGET`].
+    bytes: usize,
+}
+
+struct Kept {
+    etag: String,
+    len: usize,
+    doc: Map<String, Value>,
+}
+
+impl std::fmt::Debug for ParsedTwins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedTwins")
+            .field("twins", &self.docs.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl ParsedTwins {
+    /// Most JSON text kept parsed (a parsed document takes a few times its text). When a new
+    /// document would go over, everything kept is dropped: a fleet larger than the budget is
+    /// parsed as if there were no cache, and memory stays bounded.
+    const BUDGET: usize = 8 << 20;
+
+    /// The twin's document: the kept one if it is still current, else parsed from its text.
+    pub(crate) fn take(&mut self, twin: &Twin) -> Map<String, Value> {
+        match self.docs.remove(&twin.id) {
+            Some(kept) => {
+                self.bytes -= kept.len;
+                if kept.etag == twin.etag {
+                    return kept.doc;
+                }
+                twin.doc()
+            }
+            None => twin.doc(),
+        }
+    }
+
+    /// Keeps `doc`, the document `twin` was just built from, for the twin's next update.
+    pub(crate) fn keep(&mut self, twin: &Twin, doc: Map<String, Value>) {
+        let len = twin.json().get().len();
+        if len > Self::BUDGET {
+            return;
+        }
+        if self.bytes + len > Self::BUDGET {
+            self.docs.clear();
+            self.bytes = 0;
+        }
+        let kept = Kept {
+            etag: twin.etag.clone(),
+            len,
+            doc,
+        };
+        self.bytes += len;
+        if let Some(old) = self.docs.insert(twin.id.clone(), kept) {
+            self.bytes -= old.len;
+        }
+    }
 }
 
 /// Moves one property of a twin's document, with its `$metadata`.
@@ -189,4 +266,64 @@ fn update_doc(
         metadata.insert(update.name, Value::Object(meta));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn twin(id: &str, etag: &str, extra: Value) -> Twin {
+        let mut doc = json!({"$dtId": id, "$etag": etag, "$metadata": {"$model": "dtmi:t:T;1"}});
+        doc["extra"] = extra;
+        Twin::from_doc(doc.as_object().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_kept_document_is_used_only_while_its_twin_keeps_the_etag() {
+        let mut parsed = ParsedTwins::default();
+        let first = twin("a", "e1", json!(1));
+        let mut doc = first.doc();
+        doc.insert("marker".into(), json!("kept"));
+        parsed.keep(&first, doc.clone());
+        assert_eq!(parsed.take(&first), doc, "the kept document, not a parse");
+        // Taken: a second take parses the text.
+        assert_eq!(parsed.take(&first), first.doc());
+        parsed.keep(&first, doc);
+        let changed = twin("a", "e2", json!(2));
+        assert_eq!(
+            parsed.take(&changed),
+            changed.doc(),
+            "changed since: parsed"
+        );
+        assert_eq!((parsed.docs.len(), parsed.bytes), (0, 0));
+    }
+
+    #[test]
+    fn kept_documents_stay_within_the_budget() {
+        let mut parsed = ParsedTwins::default();
+        let big = "x".repeat(ParsedTwins::BUDGET / 3);
+        for i in 0..10 {
+            let t = twin(&format!("t{i}"), "e", json!(big));
+            parsed.keep(&t, t.doc());
+            assert!(parsed.bytes <= ParsedTwins::BUDGET);
+            assert_eq!(
+                parsed.bytes,
+                parsed.docs.values().map(|k| k.len).sum::<usize>()
+            );
+        }
+        assert!(!parsed.docs.is_empty());
+        // Keeping a twin again replaces its entry and its share of the budget.
+        let t = twin("t9", "e", json!(1));
+        parsed.keep(&t, t.doc());
+        assert_eq!(
+            parsed.bytes,
+            parsed.docs.values().map(|k| k.len).sum::<usize>()
+        );
+        // A document bigger than the whole budget is not kept.
+        let huge = twin("h", "e", json!("y".repeat(ParsedTwins::BUDGET + 1)));
+        parsed.keep(&huge, huge.doc());
+        assert!(!parsed.docs.contains_key("h"));
+    }
 }

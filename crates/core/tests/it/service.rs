@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use twinguard_core::auth::{DATA_OWNER, DATA_READER, Principal};
+use twinguard_core::auth::{DATA_OWNER, DATA_READER, Principal, TELEMETRY_WRITER};
 use twinguard_core::clock::SystemClock;
 use twinguard_core::dtmi::Dtmi;
 use twinguard_core::error::DomainError;
-use twinguard_core::graph::{Precondition, WriteOp, WriteOutcome};
+use twinguard_core::graph::{Precondition, PropertyUpdate, Quality, WriteOp, WriteOutcome};
 use twinguard_core::service::{OpenError, QueryRequest, TwinService};
 use twinguard_core::store::{MemoryStore, Mutation, Store, Table};
 
@@ -597,4 +597,96 @@ async fn a_source_time_that_is_not_a_date_time_is_rejected() {
     };
     let err = service.write(&owner(), op).await.unwrap_err();
     assert!(matches!(err, DomainError::ValidationFailed(_)), "{err:?}");
+}
+
+/// A telemetry write that moves `temperature` of `twin` to `value`.
+async fn reading(service: &TwinService, twin: &str, value: f64) -> Result<(), DomainError> {
+    let update = PropertyUpdate {
+        twin: twin.into(),
+        name: "temperature".into(),
+        value: Some(json!(value)),
+        source_time: None,
+        quality: Quality::Good,
+        sources: vec!["d1".into()],
+    };
+    let op = WriteOp::ApplyReadings {
+        updates: vec![update],
+        records: Vec::new(),
+    };
+    let pipeline = Principal::with_roles("pipeline", &[TELEMETRY_WRITER]);
+    match service.write(&pipeline, op).await? {
+        WriteOutcome::Readings(results) => {
+            assert_eq!(results, [Ok(())]);
+            Ok(())
+        }
+        other => panic!("not a readings answer: {other:?}"),
+    }
+}
+
+async fn patch_twin(service: &TwinService, id: &str, patch: Value) {
+    let op = WriteOp::PatchTwin {
+        id: id.into(),
+        component: None,
+        patch,
+        precondition: Precondition::None,
+    };
+    service.write(&owner(), op).await.unwrap();
+}
+
+/// The writer keeps the documents of twins that telemetry moves parsed between commits; a twin
+/// changed since by anything else, or by a commit that never became durable, must be read from
+/// what is published, never from what was kept.
+#[tokio::test]
+async fn telemetry_writes_build_on_every_other_change_of_their_twin() {
+    let (service, store) = service_with_ontology().await;
+    put_twin(
+        &service,
+        "r1",
+        "dtmi:test:Room;1",
+        json!({"temperature": 20.0, "name": "lab"}),
+    )
+    .await
+    .unwrap();
+    reading(&service, "r1", 21.0).await.unwrap();
+    // An API write in between: the next reading keeps its change.
+    patch_twin(
+        &service,
+        "r1",
+        json!([{"op": "replace", "path": "/name", "value": "hall"}]),
+    )
+    .await;
+    reading(&service, "r1", 22.0).await.unwrap();
+    let doc = service.twin(&owner(), "r1").unwrap().doc();
+    assert_eq!(
+        (doc["name"].clone(), doc["temperature"].clone()),
+        (json!("hall"), json!(22.0))
+    );
+    // A reading whose commit fails is not acknowledged and must not resurface in a later one.
+    store.set_failing(true);
+    assert!(matches!(
+        reading(&service, "r1", 99.0).await,
+        Err(DomainError::Unavailable)
+    ));
+    store.set_failing(false);
+    patch_twin(
+        &service,
+        "r1",
+        json!([{"op": "add", "path": "/mode", "value": "off"}]),
+    )
+    .await;
+    reading(&service, "r1", 23.0).await.unwrap();
+    let published = service.twin(&owner(), "r1").unwrap();
+    let doc = published.doc();
+    assert_eq!(
+        (
+            doc["name"].clone(),
+            doc["mode"].clone(),
+            doc["temperature"].clone()
+        ),
+        (json!("hall"), json!("off"), json!(23.0))
+    );
+    // What the store holds is what the service shows.
+    let stored = store.scan(Table::Twins).unwrap();
+    let stored = stored.iter().find(|(key, _)| key == "r1").unwrap();
+    assert_eq!(stored.1, published.json().get().as_bytes());
 }
