@@ -13,20 +13,31 @@
 //! Crash safety: a page is committed to the history store before it leaves the log, and merging
 //! a page again writes the same keys and values, so a crash in between loses and duplicates
 //! nothing.
+//!
+//! The merge is background work and yields to ingestion: the merger thread runs at a lower
+//! scheduling priority ([`MERGER_NICE`]), and once [`HistoryStore::trim_through`] is set (the
+//! server hands the deletions to the twin writer) no transaction of its own holds the main
+//! store's writer, so nothing that ingestion waits for runs at that lower priority.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use twinguard_core::store::{Mutation, Store, StoreError, Table};
 
 /// Log records moved per merge transaction: large enough that a stream's records of one page
-/// share leaves. Deleting them from the log is a transaction on the main store's writer, which
-/// telemetry commits wait behind (measured in docs/benchmarks.md).
+/// share leaves.
 pub const MERGE_PAGE: usize = 4096;
 /// How often the merger looks at the log when fewer than a page of records are waiting.
 pub const MERGE_EVERY: Duration = Duration::from_millis(500);
+/// How much the merger thread lowers its scheduling priority (a nice increment; Linux keeps nice
+/// values per thread). At 5 it gets about a third of the share of an ingestion thread when the
+/// cores are contended, enough to keep up with the peak, and all of an idle core otherwise.
+pub const MERGER_NICE: i32 = 5;
+
+/// Commits the deletion of merged records from the log (see [`HistoryStore::trim_through`]).
+type Trim = Box<dyn Fn(Vec<Mutation>) -> Result<(), StoreError> + Send + Sync>;
 
 /// The log and the history store, and the merge between them. Cheap to clone.
 #[derive(Clone)]
@@ -46,6 +57,8 @@ struct Inner {
     /// One merge at a time; holds the log keys already reported as unreadable.
     merging: Mutex<HashSet<String>>,
     merger: Mutex<Option<std::thread::Thread>>,
+    /// How merged records leave the log; a transaction of its own on `main` until set.
+    trim: OnceLock<Trim>,
 }
 
 impl std::fmt::Debug for HistoryStore {
@@ -67,6 +80,7 @@ impl HistoryStore {
                 pending: AtomicUsize::new(0),
                 merging: Mutex::new(HashSet::new()),
                 merger: Mutex::new(None),
+                trim: OnceLock::new(),
             }),
         };
         if !Arc::ptr_eq(&history.inner.main, &history.inner.series) {
@@ -89,6 +103,9 @@ impl HistoryStore {
         let handle = std::thread::Builder::new()
             .name("history-merge".into())
             .spawn(move || {
+                if let Err(e) = rustix::process::nice(MERGER_NICE) {
+                    tracing::debug!(error = %e, "the history merger keeps its priority");
+                }
                 loop {
                     std::thread::park_timeout(MERGE_EVERY);
                     let Some(inner) = weak.upgrade() else {
@@ -103,6 +120,17 @@ impl HistoryStore {
             *merger = Some(handle.thread().clone());
         }
         Ok(())
+    }
+
+    /// From now on, hands the deletion of merged records from the log to `trim`, which must
+    /// commit them durably to the main store before it returns: for instance with the main
+    /// store's other writes, rather than in transactions of its own. Set once; later calls are
+    /// ignored.
+    pub fn trim_through(
+        &self,
+        trim: impl Fn(Vec<Mutation>) -> Result<(), StoreError> + Send + Sync + 'static,
+    ) {
+        let _ = self.inner.trim.set(Box::new(trim));
     }
 
     /// The log record of a reading whose history key is `key` and stored value `value`: a
@@ -169,7 +197,10 @@ impl HistoryStore {
                 inner.series.commit(&puts)?;
                 let stored = started.elapsed();
                 // Only now, with the records durable in the history store.
-                inner.main.commit(&deletes)?;
+                match inner.trim.get() {
+                    Some(trim) => trim(deletes)?,
+                    None => inner.main.commit(&deletes)?,
+                }
                 tracing::debug!(
                     records = puts.len(),
                     store_micros = stored.as_micros() as u64,
@@ -346,6 +377,69 @@ mod tests {
             history.range("h", "i", usize::MAX).unwrap().len(),
             MERGE_PAGE + 1
         );
+    }
+
+    #[test]
+    fn a_trim_handed_elsewhere_takes_every_deletion_and_a_failed_one_loses_nothing() {
+        let (main, series) = stores();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (seen, fail, store) = (calls.clone(), failing.clone(), main.clone());
+        history.trim_through(move |deletes| {
+            if fail.load(Ordering::Relaxed) {
+                return Err(StoreError("trim refused".into()));
+            }
+            seen.lock().unwrap().push(deletes.len());
+            store.commit(&deletes)
+        });
+        let records: Vec<Mutation> = (0..MERGE_PAGE + 3)
+            .map(|i| history.record(&format!("k{i:05}"), b"v"))
+            .collect();
+        main.commit(&records).unwrap();
+        // The page reached the history store but stays in the log: merging again is harmless.
+        assert!(history.merge().is_err());
+        assert_eq!(main.scan(Table::HistoryLog).unwrap().len(), MERGE_PAGE + 3);
+        failing.store(false, Ordering::Relaxed);
+        assert_eq!(history.merge().unwrap(), MERGE_PAGE + 3);
+        assert_eq!(*calls.lock().unwrap(), [MERGE_PAGE, 3]);
+        assert!(main.scan(Table::HistoryLog).unwrap().is_empty());
+        assert_eq!(series.scan(Table::History).unwrap().len(), MERGE_PAGE + 3);
+    }
+
+    /// The nice value of this process's thread called `name`, from `/proc`.
+    #[cfg(target_os = "linux")]
+    fn thread_nice(name: &str) -> Option<i32> {
+        for task in std::fs::read_dir("/proc/self/task").ok()? {
+            let path = task.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            if comm.trim_end() == name {
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                // Fields after the command's closing parenthesis; nice is field 19 of stat.
+                let rest = &stat[stat.rfind(')')? + 2..];
+                return rest.split(' ').nth(16)?.parse().ok();
+            }
+        }
+        None
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_merger_thread_runs_at_a_lower_priority_than_the_rest() {
+        let (main, series) = stores();
+        let history = HistoryStore::open(main, series).unwrap();
+        history.spawn_merger().unwrap();
+        let expected = (rustix::process::getpriority_process(None).unwrap() + MERGER_NICE).min(19);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // The thread may be seen before it has lowered its priority, never after at another.
+        while thread_nice("history-merge") != Some(expected) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the merger's nice value is {:?}, not {expected}",
+                thread_nice("history-merge")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]

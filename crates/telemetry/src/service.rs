@@ -137,6 +137,23 @@ impl Telemetry {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, OpenError> {
         let history = HistoryStore::open(store.clone(), history)?;
+        let system = Principal::with_roles("system:telemetry", &[TELEMETRY_WRITER]);
+        // Merged records leave the log in the twin writer's group commits, beside the telemetry
+        // writes, instead of in transactions of their own that those writes would wait behind.
+        let (writer, trimmer) = (twins.clone(), system.clone());
+        history.trim_through(move |deletes| {
+            let op = WriteOp::ApplyReadings {
+                updates: Vec::new(),
+                records: deletes,
+            };
+            let trimmed = writer.submit(&trimmer, op).map(futures_executor::block_on);
+            match trimmed {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) | Err(e) => Err(StoreError(format!(
+                    "the twin writer did not take the history log trim: {e}"
+                ))),
+            }
+        });
         let mut state = State::default();
         for (key, device) in load::<Device>(store.as_ref(), Table::Devices, "device")? {
             state.devices.insert(key, device);
@@ -161,7 +178,7 @@ impl Telemetry {
                 store,
                 history,
                 clock,
-                system: Principal::with_roles("system:telemetry", &[TELEMETRY_WRITER]),
+                system,
                 detector: DetectorConfig::default(),
                 state: Mutex::new(state),
             }),
