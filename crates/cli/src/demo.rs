@@ -99,6 +99,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         siem: vec![],
         device_listen: Some("127.0.0.1:0".parse()?),
         mqtt: None,
+        history_retention: None,
     })?;
     let base = app.base_url();
     let device_plane = format!(

@@ -77,6 +77,10 @@ enum Command {
         /// CA certificate (PEM) the broker's certificate must chain to (mqtts).
         #[arg(long)]
         mqtt_ca: Option<PathBuf>,
+        /// Keep accepted readings in the history for this many days after their measurement
+        /// time, then remove them (checked every minute). Without it history is kept for ever.
+        #[arg(long, env = "TWINGUARD_HISTORY_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+        history_retention_days: Option<u32>,
     },
     /// Administer identities, roles, role assignments and API keys through the API.
     Admin {
@@ -238,6 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mqtt_url,
             mqtt_topic,
             mqtt_ca,
+            history_retention_days,
         } => {
             let mut siem = Vec::new();
             if let Some(path) = siem_file {
@@ -290,6 +295,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     siem,
                     device_listen,
                     mqtt,
+                    history_retention: history_retention_days
+                        .map(|days| std::time::Duration::from_secs(u64::from(days) * 86_400)),
                 })?;
                 println!("twinguard: api listening on {}", app.base_url());
                 if let Some(addr) = app.device_addr() {

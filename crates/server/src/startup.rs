@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub device_listen: Option<SocketAddr>,
     /// An MQTT broker to take signed telemetry from, if any.
     pub mqtt: Option<crate::mqtt::MqttConfig>,
+    /// How long accepted readings stay in the history; `None` keeps them for ever.
+    pub history_retention: Option<std::time::Duration>,
 }
 
 pub struct Application {
@@ -137,6 +139,9 @@ impl Application {
             Arc::new(SystemClock),
         )
         .context("loading the device registry")?;
+        if let Some(retention) = config.history_retention {
+            telemetry.keep_history_for(retention);
+        }
         telemetry
             .spawn_history_merger()
             .context("starting the history merger")?;

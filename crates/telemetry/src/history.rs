@@ -14,6 +14,10 @@
 //! a page again writes the same keys and values, so a crash in between loses and duplicates
 //! nothing.
 //!
+//! Retention ([`HistoryStore::keep_for`]): the merger also removes, every [`PURGE_EVERY`], the
+//! records measured longer ago than the retention period, stream by stream, a page per
+//! transaction of the history store. Without it history is kept for ever.
+//!
 //! The merge is background work and yields to ingestion: the merger thread runs at a lower
 //! scheduling priority ([`MERGER_NICE`]), and once [`HistoryStore::trim_through`] is set (the
 //! server hands the deletions to the twin writer) no transaction of its own holds the main
@@ -35,6 +39,11 @@ pub const MERGE_EVERY: Duration = Duration::from_millis(500);
 /// values per thread). At 5 it gets about a third of the share of an ingestion thread when the
 /// cores are contended, enough to keep up with the peak, and all of an idle core otherwise.
 pub const MERGER_NICE: i32 = 5;
+
+/// How often the merger removes history older than the retention period, when one is set.
+pub const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// Separates a history key's parts (see `records::history_key`).
+const SEP: char = '\u{1f}';
 
 /// Commits the deletion of merged records from the log (see [`HistoryStore::trim_through`]).
 type Trim = Box<dyn Fn(Vec<Mutation>) -> Result<(), StoreError> + Send + Sync>;
@@ -59,6 +68,8 @@ struct Inner {
     merger: Mutex<Option<std::thread::Thread>>,
     /// How merged records leave the log; a transaction of its own on `main` until set.
     trim: OnceLock<Trim>,
+    /// How long merged records are kept; for ever until set.
+    retention: OnceLock<Duration>,
 }
 
 impl std::fmt::Debug for HistoryStore {
@@ -81,6 +92,7 @@ impl HistoryStore {
                 merging: Mutex::new(HashSet::new()),
                 merger: Mutex::new(None),
                 trim: OnceLock::new(),
+                retention: OnceLock::new(),
             }),
         };
         if !Arc::ptr_eq(&history.inner.main, &history.inner.series) {
@@ -106,13 +118,33 @@ impl HistoryStore {
                 if let Err(e) = rustix::process::nice(MERGER_NICE) {
                     tracing::debug!(error = %e, "the history merger keeps its priority");
                 }
+                let mut purged: Option<std::time::Instant> = None;
                 loop {
                     std::thread::park_timeout(MERGE_EVERY);
                     let Some(inner) = weak.upgrade() else {
                         return;
                     };
-                    if let Err(e) = (HistoryStore { inner }).merge() {
+                    let history = HistoryStore { inner };
+                    if let Err(e) = history.merge() {
                         tracing::warn!(error = %e, "merging the history log failed; will retry");
+                    }
+                    let due = purged.is_none_or(|at| at.elapsed() >= PURGE_EVERY);
+                    if let Some(retention) = history.inner.retention.get()
+                        && due
+                    {
+                        purged = Some(std::time::Instant::now());
+                        let cutoff = now_ms() - retention.as_millis() as i64;
+                        match history.purge_before(cutoff) {
+                            Ok(0) => {}
+                            Ok(removed) => tracing::info!(
+                                records = removed,
+                                "removed history older than the retention period"
+                            ),
+                            Err(e) => tracing::warn!(
+                                error = %e,
+                                "removing history older than the retention period failed; will retry"
+                            ),
+                        }
                     }
                 }
             })?;
@@ -131,6 +163,48 @@ impl HistoryStore {
         trim: impl Fn(Vec<Mutation>) -> Result<(), StoreError> + Send + Sync + 'static,
     ) {
         let _ = self.inner.trim.set(Box::new(trim));
+    }
+
+    /// From now on, keeps merged records for `retention` after their measurement time; the
+    /// background merger removes older ones. Set once; later calls are ignored.
+    pub fn keep_for(&self, retention: Duration) {
+        let _ = self.inner.retention.set(retention);
+    }
+
+    /// Removes the merged records measured before `cutoff_ms` (Unix milliseconds), stream by
+    /// stream, a page per transaction. Returns how many were removed. Costs one lookup per
+    /// stream besides the records removed.
+    pub fn purge_before(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let series = &self.inner.series;
+        let mut removed = 0;
+        let mut from = String::new();
+        while let Some((key, _)) = series.range_from(Table::History, &from, 1)?.pop() {
+            // The stream's prefix (twin, name): the key without its time, device and sequence.
+            let Some(stream) = key.rsplitn(4, SEP).nth(3) else {
+                tracing::error!(key = %key, "a history key is unreadable; it is kept");
+                from = format!("{key}\0");
+                continue;
+            };
+            let first = format!("{stream}{SEP}");
+            let bound = format!("{stream}{SEP}{:016}", cutoff_ms.max(0));
+            loop {
+                let rows = series.range(Table::History, &first, &bound, MERGE_PAGE)?;
+                let deletes: Vec<Mutation> = rows
+                    .into_iter()
+                    .map(|(key, _)| Mutation::delete(Table::History, key))
+                    .collect();
+                if !deletes.is_empty() {
+                    series.commit(&deletes)?;
+                }
+                removed += deletes.len();
+                if deletes.len() < MERGE_PAGE {
+                    break;
+                }
+            }
+            // Past every key of this stream: times are digits, which sort before DEL.
+            from = format!("{stream}{SEP}\u{7f}");
+        }
+        Ok(removed)
     }
 
     /// The log record of a reading whose history key is `key` and stored value `value`: a
@@ -246,6 +320,11 @@ impl HistoryStore {
             thread.unpark();
         }
     }
+}
+
+/// The time now in Unix milliseconds, as history keys hold measurement times.
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 /// Log keys sort by the order they were handed out.
@@ -405,6 +484,84 @@ mod tests {
         assert_eq!(*calls.lock().unwrap(), [MERGE_PAGE, 3]);
         assert!(main.scan(Table::HistoryLog).unwrap().is_empty());
         assert_eq!(series.scan(Table::History).unwrap().len(), MERGE_PAGE + 3);
+    }
+
+    fn history_keys(series: &MemoryStore) -> Vec<String> {
+        let rows = series.scan(Table::History).unwrap();
+        rows.into_iter().map(|(key, _)| key).collect()
+    }
+
+    fn key(twin: &str, name: &str, time_ms: i64, seq: u64) -> String {
+        crate::records::history_key(twin, name, time_ms, "dev", seq)
+    }
+
+    #[test]
+    fn purging_removes_each_streams_records_measured_before_the_cutoff_and_nothing_else() {
+        let (main, series) = stores();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        // "temp" and "tempo" share a prefix; "pump\u{1f}a" holds the separator in its twin ID.
+        let mut puts = Vec::new();
+        for (twin, name) in [("pump", "temp"), ("pump", "tempo"), ("pump\u{1f}a", "flow")] {
+            for (time, seq) in [(999, 1), (1_000, 2), (5_000, 3)] {
+                puts.push(Mutation::put(
+                    Table::History,
+                    key(twin, name, time, seq),
+                    b"v".to_vec(),
+                ));
+            }
+        }
+        // More old records in one stream than a page, to take several transactions.
+        for seq in 0..MERGE_PAGE as u64 + 5 {
+            puts.push(Mutation::put(
+                Table::History,
+                key("big", "p", 10, seq),
+                b"v".to_vec(),
+            ));
+        }
+        puts.push(Mutation::put(
+            Table::History,
+            key("big", "p", 1_000, 0),
+            b"v".to_vec(),
+        ));
+        series.commit(&puts).unwrap();
+        assert_eq!(history.purge_before(1_000).unwrap(), 3 + MERGE_PAGE + 5);
+        let left = history_keys(&series);
+        let mut expected = vec![key("big", "p", 1_000, 0)];
+        for (twin, name) in [("pump", "temp"), ("pump", "tempo"), ("pump\u{1f}a", "flow")] {
+            expected.push(key(twin, name, 1_000, 2));
+            expected.push(key(twin, name, 5_000, 3));
+        }
+        expected.sort();
+        assert_eq!(left, expected);
+        assert_eq!(history.purge_before(1_000).unwrap(), 0);
+        assert_eq!(history.purge_before(i64::MAX).unwrap(), expected.len());
+    }
+
+    #[test]
+    fn the_background_merger_keeps_history_for_the_retention_period_only() {
+        let (main, series) = stores();
+        let history = HistoryStore::open(main.clone(), series.clone()).unwrap();
+        history.keep_for(Duration::from_secs(3_600));
+        let now_ms = now_ms();
+        let (old, recent) = (
+            key("t", "p", now_ms - 7_200_000, 1),
+            key("t", "p", now_ms - 60_000, 2),
+        );
+        main.commit(&[history.record(&old, b"1"), history.record(&recent, b"2")])
+            .unwrap();
+        history.spawn_merger().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let keys = history_keys(&series);
+            if keys == [recent.clone()] {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "history is {keys:?}, not only the recent reading"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The nice value of this process's thread called `name`, from `/proc`.

@@ -185,6 +185,12 @@ impl Telemetry {
         })
     }
 
+    /// Keeps accepted readings' history for `retention` after their measurement time; the
+    /// background merger removes older records (see [`HistoryStore::keep_for`]).
+    pub fn keep_history_for(&self, retention: std::time::Duration) {
+        self.inner.history.keep_for(retention);
+    }
+
     /// Starts merging the history log in the background (see [`HistoryStore`]).
     pub fn spawn_history_merger(&self) -> std::io::Result<()> {
         self.inner.history.spawn_merger()

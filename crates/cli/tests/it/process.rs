@@ -26,6 +26,9 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .env("TWINGUARD_LOG", "warn")
+            // Retention on, as a deployment would run: the tests' readings are recent, so
+            // nothing they send may go (the crash test reads every accepted one back).
+            .env("TWINGUARD_HISTORY_RETENTION_DAYS", "30")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(data_dir.join("server.log")).unwrap())
             .spawn()

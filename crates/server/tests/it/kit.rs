@@ -43,6 +43,7 @@ impl TestServer {
             siem: vec![],
             device_listen: Some("127.0.0.1:0".parse().unwrap()),
             mqtt: None,
+            history_retention: None,
         };
         let app = Application::build(&config).unwrap();
         let base = app.base_url();
