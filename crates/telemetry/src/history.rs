@@ -30,6 +30,8 @@ use std::time::Duration;
 
 use twinguard_core::store::{Mutation, Store, StoreError, Table};
 
+use crate::records::{history_stream, stream_bound, stream_end};
+
 /// Log records moved per merge transaction: large enough that a stream's records of one page
 /// share leaves.
 pub const MERGE_PAGE: usize = 4096;
@@ -42,8 +44,6 @@ pub const MERGER_NICE: i32 = 5;
 
 /// How often the merger removes history older than the retention period, when one is set.
 pub const PURGE_EVERY: Duration = Duration::from_secs(60);
-/// Separates a history key's parts (see `records::history_key`).
-const SEP: char = '\u{1f}';
 
 /// Commits the deletion of merged records from the log (see [`HistoryStore::trim_through`]).
 type Trim = Box<dyn Fn(Vec<Mutation>) -> Result<(), StoreError> + Send + Sync>;
@@ -179,14 +179,12 @@ impl HistoryStore {
         let mut removed = 0;
         let mut from = String::new();
         while let Some((key, _)) = series.range_from(Table::History, &from, 1)?.pop() {
-            // The stream's prefix (twin, name): the key without its time, device and sequence.
-            let Some(stream) = key.rsplitn(4, SEP).nth(3) else {
+            let Some(stream) = history_stream(&key) else {
                 tracing::error!(key = %key, "a history key is unreadable; it is kept");
                 from = format!("{key}\0");
                 continue;
             };
-            let first = format!("{stream}{SEP}");
-            let bound = format!("{stream}{SEP}{:016}", cutoff_ms.max(0));
+            let (first, bound) = (stream_bound(stream, 0), stream_bound(stream, cutoff_ms));
             loop {
                 let rows = series.range(Table::History, &first, &bound, MERGE_PAGE)?;
                 let deletes: Vec<Mutation> = rows
@@ -201,8 +199,7 @@ impl HistoryStore {
                     break;
                 }
             }
-            // Past every key of this stream: times are digits, which sort before DEL.
-            from = format!("{stream}{SEP}\u{7f}");
+            from = stream_end(stream);
         }
         Ok(removed)
     }

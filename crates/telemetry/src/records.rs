@@ -82,7 +82,24 @@ pub fn history_key(twin: &str, name: &str, time_ms: i64, device: &str, seq: u64)
 
 /// The first key of `twin`'s `name` at `time_ms`.
 pub fn history_bound(twin: &str, name: &str, time_ms: i64) -> String {
-    format!("{}{SEP}{:016}", history_prefix(twin, name), time_ms.max(0))
+    stream_bound(&history_prefix(twin, name), time_ms)
+}
+
+/// The stream (twin and name) of a history key: what every key of one stream starts with. Read
+/// from the key's end, as in [`parse_history_key`].
+pub fn history_stream(key: &str) -> Option<&str> {
+    key.rsplitn(4, SEP).nth(3)
+}
+
+/// The first key of `stream` (see [`history_stream`]) at `time_ms`.
+pub fn stream_bound(stream: &str, time_ms: i64) -> String {
+    format!("{stream}{SEP}{:016}", time_ms.max(0))
+}
+
+/// A key after every key of `stream` and before those of any other stream: times are digits,
+/// which sort before DEL.
+pub fn stream_end(stream: &str) -> String {
+    format!("{stream}{SEP}\u{7f}")
 }
 
 /// The measurement time (ms), device and sequence number of a [`history_key`]. Device IDs never
