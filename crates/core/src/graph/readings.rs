@@ -145,9 +145,10 @@ pub(crate) fn apply(
 }
 
 /// Twin documents kept parsed between commits for the twins that telemetry moves. A twin is
-/// stored as JSON text, and parsing it back is most of what applying readings costs when each
-/// commit carries a few readings per twin; the writer keeps the document it has just written
-/// and takes it back at the twin's next update.
+/// stored as JSON text, and parsing it back (and dropping the parse) was about half of what
+/// applying readings cost when each commit carries a few readings per twin (docs/benchmarks.md);
+/// the writer keeps the document it has just written and takes it back at the twin's next
+/// update.
 ///
 /// A document is used only while the twin still has the etag it was kept with. Every change of
 /// a twin gives it a fresh etag, so a twin changed by anything else since (an API write, a
