@@ -104,6 +104,11 @@ pub enum IdentityCommand {
     ResetMfa {
         id: String,
     },
+    /// Issue the one-time code (printed once, valid 24 hours) with which a person who holds
+    /// privileged roles enrols a first authenticator; hand it over out of band.
+    EnrolmentCode {
+        id: String,
+    },
     /// Issue a new client secret (printed once); the old one stops working at once.
     RotateSecret {
         id: String,
@@ -434,6 +439,14 @@ async fn identity(api: &Api, command: IdentityCommand) -> anyhow::Result<Value> 
             api.call(Method::DELETE, &format!("{}/mfa", one(&id)), None)
                 .await
         }
+        IdentityCommand::EnrolmentCode { id } => {
+            api.call(
+                Method::POST,
+                &format!("{}/mfa/enrolmentcode", one(&id)),
+                None,
+            )
+            .await
+        }
         IdentityCommand::RotateSecret { id } => {
             api.call(Method::POST, &format!("{}/secret", one(&id)), None)
                 .await
@@ -442,14 +455,19 @@ async fn identity(api: &Api, command: IdentityCommand) -> anyhow::Result<Value> 
 }
 
 /// `twinguard mfa enroll`: a person enrols an authenticator app from the terminal. Reads the
-/// password, then the first code, from standard input; prints the QR code in the terminal, the
-/// `otpauth://` URI and the secret, then the recovery codes (once).
+/// password (and, with `--enrolment-code`, the administrator's one-time enrolment code), then
+/// the first code, from standard input; prints the QR code in the terminal, the `otpauth://`
+/// URI and the secret, then the recovery codes (once).
 #[derive(Debug, Args)]
 pub struct Enrol {
     #[command(flatten)]
     connection: Connection,
     #[arg(long)]
     username: String,
+    /// Also read the one-time enrolment code an administrator issued (`twinguard admin
+    /// identity enrolment-code`); people who hold privileged roles need it.
+    #[arg(long)]
+    enrolment_code: bool,
 }
 
 pub async fn enrol(args: Enrol) -> anyhow::Result<()> {
@@ -465,6 +483,11 @@ pub async fn enrol(args: Enrol) -> anyhow::Result<()> {
     };
     let client = https_client(&connection.ca())?;
     let password = read_secret("password: ")?;
+    let enrolment_code = if args.enrolment_code {
+        Some(read_secret("enrolment code: ")?)
+    } else {
+        None
+    };
     let response = client
         .post(format!("{base}/oauth2/token"))
         .form(&[
@@ -479,7 +502,8 @@ pub async fn enrol(args: Enrol) -> anyhow::Result<()> {
         client,
         base,
     };
-    let enrolment = api.call(Method::POST, "/me/mfa/totp", None).await?;
+    let body = enrolment_code.map(|c| json!({"enrolmentCode": c.as_str()}));
+    let enrolment = api.call(Method::POST, "/me/mfa/totp", body).await?;
     let uri = enrolment["otpauthUri"].as_str().unwrap_or_default();
     println!("{}", terminal_qr(uri)?);
     println!("otpauth URI: {uri}");

@@ -242,6 +242,10 @@ pub const AUDITOR: &str = "9b3e6f50-1c8a-4d27-9e4b-6a2f7c1d5e95";
 pub const SECURITY_ADMIN: &str = "1d7c4a9e-3f62-4b58-a0d9-8e5b2c6f4a17";
 /// twinguard Monitoring: scrape the metrics (counts, never data).
 pub const MONITORING: &str = "6c2d9f84-0b7e-4e1a-9c35-2f8a7d4b1e06";
+/// twinguard Instance Owner: every action. Held by the first administrator, the root of all
+/// delegation: administrators hand out only what they hold (see [`Principal::covers`]), so
+/// someone must hold everything.
+pub const INSTANCE_OWNER: &str = "0f3b6c2e-8d41-4a7f-b5e9-2c6a1d8e4f70";
 
 /// A role: a named set of actions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,6 +359,12 @@ pub fn builtin_roles() -> Vec<Role> {
             "Scrape the Prometheus metrics; no twin data, no audit trail.",
             set(&[MetricsRead]),
         ),
+        builtin(
+            INSTANCE_OWNER,
+            "twinguard Instance Owner",
+            "Every action; the first administrator's, from which every other grant is delegated.",
+            Action::ALL.iter().copied().collect(),
+        ),
     ]
 }
 
@@ -435,12 +445,29 @@ pub enum PrincipalKind {
     Device,
 }
 
+/// The credential a request presented. Derived credentials are attenuated by it: an API key
+/// cannot change credentials at all, and only a session that came from a client certificate
+/// may renew that certificate (re-enrolment, as in EST, RFC 7030 4.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Credential {
+    /// An access token from a password login, a client secret, a client assertion or an
+    /// external issuer, or the server's own internal caller.
+    #[default]
+    Token,
+    /// An access token obtained with a client certificate of the instance CA.
+    CertificateToken,
+    /// An API key: a standing credential bound to one role; no self-service.
+    ApiKey,
+}
+
 /// An authenticated caller and its grants. Only the server's authentication builds one, per
 /// request, from the identity directory; the domain only reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub subject: String,
     pub kind: PrincipalKind,
+    /// What the caller presented.
+    pub credential: Credential,
     pub(crate) grants: Arc<[Grant]>,
     /// Union of the actions held at instance scope: the fast path for unscoped callers.
     instance: ActionSet,
@@ -471,6 +498,7 @@ impl Principal {
         Self {
             subject: subject.into(),
             kind,
+            credential: Credential::Token,
             grants,
             instance,
             any,
@@ -499,8 +527,34 @@ impl Principal {
         )
     }
 
+    /// The same caller, marked as having presented `credential`.
+    pub fn presented(mut self, credential: Credential) -> Self {
+        self.credential = credential;
+        self
+    }
+
     pub fn grants(&self) -> &[Grant] {
         &self.grants
+    }
+
+    /// Whether the caller holds `action` at `scope`: at instance scope, or at exactly that
+    /// scope. This is the order used to bound administration by the actor: an administrator
+    /// may only act on an identity whose every grant it covers.
+    pub fn holds_at(&self, action: Action, scope: &Scope) -> bool {
+        self.holds_everywhere(action)
+            || self
+                .grants
+                .iter()
+                .any(|g| g.actions.contains(action) && g.scope == *scope)
+    }
+
+    /// Whether every action of every grant in `grants` is one the caller holds at that grant's
+    /// scope (see [`Principal::holds_at`]); then acting for their holder gives the caller
+    /// nothing it does not have.
+    pub fn covers(&self, grants: &[Grant]) -> bool {
+        grants
+            .iter()
+            .all(|g| g.actions.iter().all(|a| self.holds_at(a, &g.scope)))
     }
 
     /// The caller holds `action` somewhere, and, for a sensitive action, has stepped up. The

@@ -69,6 +69,10 @@ pub enum DomainError {
     PreconditionFailed,
     #[error("the store is unavailable")]
     Unavailable,
+    /// Too many recent failed secret checks from this address or on this account; nothing was
+    /// checked.
+    #[error("too many failed attempts; retry in {retry_after_secs} s")]
+    Throttled { retry_after_secs: i64 },
     /// A broken invariant of the server itself; never the client's doing.
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -1,18 +1,28 @@
-//! Backoff for failed authentication (control AP-2).
+//! Backoff for failed secret checks (control AP-2): the one throttle every check of a secret
+//! goes through (passwords at login and at change, TOTP and recovery codes, enrolment codes,
+//! client secrets, client assertions and certificates, API keys).
 //!
-//! Failures are counted per source address and per account (the client ID or user name
-//! presented, known or not). Each key gets a few free failures; after that every further failure
-//! doubles the time the key must wait, up to a ceiling, and a key forgets its failures after a
-//! quiet period. While a key waits, attempts are refused before any credential is checked, so
-//! they neither count nor reveal anything.
+//! Failures are counted per source address (an IPv6 address by its /64, which one host
+//! usually holds whole) and per account (the client ID, key ID or user name presented, known or
+//! not). Each key gets a few free failures; after that every further failure doubles the time
+//! the key must wait, up to a ceiling, and a key forgets its failures after a quiet period.
+//! While a key waits, attempts are refused before any secret is checked, so they neither count
+//! nor reveal anything. A success clears nothing: an attacker who holds one valid credential
+//! cannot use it to wipe the failures of its address or of other accounts.
 //!
 //! The account threshold is much higher than the address one. One address hammering an account
 //! is held back by its own backoff long before the account's threshold is near, so the owner
 //! still signs in at once from elsewhere; many addresses each failing a few times (a distributed
 //! attack) reach the account threshold and slow every attempt on that account.
+//!
+//! Memory is bounded and tracking never stops. Each kind of key is counted exactly in a table of
+//! `capacity` entries; once it is full (after forgetting quiet entries), further keys are counted
+//! in a count-min sketch of fixed size, which can only over-count. Nothing is evicted early, so
+//! nobody can flush a key's count by inventing addresses or account names.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -32,11 +42,14 @@ pub struct Policy {
     pub max: Duration,
     /// A key with no failure for this long starts afresh.
     pub forget_after: Duration,
-    /// Keys tracked per kind. When the address table is full the oldest entry goes; when the
-    /// account table is full, new accounts are not tracked (so nobody can flush an account's
-    /// count by inventing names), while their addresses still are.
+    /// Keys counted exactly per kind; more are counted in the overflow sketch.
     pub capacity: usize,
+    /// Cells per row of the overflow sketch (it has [`SKETCH_ROWS`] rows).
+    pub sketch_width: usize,
 }
+
+/// Rows of the overflow sketch; a key is over-counted only if it collides in every row.
+pub const SKETCH_ROWS: usize = 4;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -49,6 +62,8 @@ impl Default for Policy {
             // count: a persistent attacker keeps one attempt per `max`.
             forget_after: Duration::hours(1),
             capacity: 100_000,
+            // 4 x 65,536 cells of 16 bytes: 4 MiB per kind of key.
+            sketch_width: 1 << 16,
         }
     }
 }
@@ -57,6 +72,30 @@ impl Default for Policy {
 struct Entry {
     failures: u32,
     last_failure: OffsetDateTime,
+}
+
+impl Entry {
+    const EMPTY: Entry = Entry {
+        failures: 0,
+        last_failure: OffsetDateTime::UNIX_EPOCH,
+    };
+
+    fn bump(&mut self, now: OffsetDateTime, forget_after: Duration) {
+        if now - self.last_failure >= forget_after {
+            self.failures = 0;
+        }
+        self.failures = self.failures.saturating_add(1);
+        self.last_failure = now;
+    }
+
+    /// The entry as of `now`: empty once forgotten.
+    fn current(self, now: OffsetDateTime, forget_after: Duration) -> Entry {
+        if now - self.last_failure >= forget_after {
+            Entry::EMPTY
+        } else {
+            self
+        }
+    }
 }
 
 /// How long a refused attempt must wait.
@@ -75,10 +114,93 @@ impl RetryAfter {
     }
 }
 
-#[derive(Debug, Default)]
+/// Failure counts for one kind of key: exact up to `capacity`, then a count-min sketch.
+#[derive(Debug)]
+struct Counts<K> {
+    exact: HashMap<K, Entry>,
+    sketch: Vec<Entry>,
+    hashers: [RandomState; SKETCH_ROWS],
+}
+
+impl<K: Eq + Hash> Counts<K> {
+    fn new() -> Self {
+        Self {
+            exact: HashMap::new(),
+            sketch: Vec::new(),
+            hashers: std::array::from_fn(|_| RandomState::new()),
+        }
+    }
+
+    fn cells(&self, key: &K, width: usize) -> [usize; SKETCH_ROWS] {
+        let width = width.max(1);
+        std::array::from_fn(|row| {
+            let h = self.hashers[row].hash_one(key);
+            row * width + (h % width as u64) as usize
+        })
+    }
+
+    /// The key's failures as of `now`: its exact entry, or the sketch's estimate (the smallest
+    /// count among its cells, which is never below the truth).
+    fn get(&self, key: &K, now: OffsetDateTime, policy: &Policy) -> Entry {
+        if let Some(entry) = self.exact.get(key) {
+            return entry.current(now, policy.forget_after);
+        }
+        if self.sketch.is_empty() {
+            return Entry::EMPTY;
+        }
+        self.cells(key, policy.sketch_width)
+            .iter()
+            .filter_map(|&i| self.sketch.get(i))
+            .map(|e| e.current(now, policy.forget_after))
+            .min_by_key(|e| e.failures)
+            .unwrap_or(Entry::EMPTY)
+    }
+
+    fn bump(&mut self, key: K, now: OffsetDateTime, policy: &Policy) {
+        if let Some(entry) = self.exact.get_mut(&key) {
+            entry.bump(now, policy.forget_after);
+            return;
+        }
+        if self.exact.len() >= policy.capacity {
+            self.exact
+                .retain(|_, e| now - e.last_failure < policy.forget_after);
+        }
+        if self.exact.len() < policy.capacity {
+            let mut entry = Entry::EMPTY;
+            entry.bump(now, policy.forget_after);
+            self.exact.insert(key, entry);
+            return;
+        }
+        if self.sketch.is_empty() {
+            self.sketch = vec![Entry::EMPTY; SKETCH_ROWS * policy.sketch_width.max(1)];
+        }
+        for i in self.cells(&key, policy.sketch_width) {
+            if let Some(cell) = self.sketch.get_mut(i) {
+                cell.bump(now, policy.forget_after);
+            }
+        }
+    }
+}
+
+/// The address an attempt is counted under: IPv4 as it is, IPv6 by its /64.
+fn address_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+        },
+    }
+}
+
+#[derive(Debug)]
 struct Tables {
-    addresses: HashMap<IpAddr, Entry>,
-    accounts: HashMap<String, Entry>,
+    addresses: Counts<IpAddr>,
+    accounts: Counts<String>,
 }
 
 pub struct Throttle {
@@ -100,25 +222,26 @@ impl Throttle {
         Self {
             policy,
             clock,
-            tables: Mutex::new(Tables::default()),
+            tables: Mutex::new(Tables {
+                addresses: Counts::new(),
+                accounts: Counts::new(),
+            }),
         }
     }
 
-    /// Whether an attempt from `address` on `account` may go ahead now.
-    pub fn check(&self, address: IpAddr, account: &str) -> Result<(), RetryAfter> {
+    /// Whether an attempt from `address` on `account` (if it names one) may go ahead now. A
+    /// poisoned lock refuses: the throttle fails closed.
+    pub fn check(&self, address: IpAddr, account: Option<&str>) -> Result<(), RetryAfter> {
         let now = self.clock.now();
         let Ok(tables) = self.tables.lock() else {
-            return Ok(());
+            return Err(RetryAfter(self.policy.base));
         };
+        let policy = &self.policy;
+        let by_address = tables.addresses.get(&address_key(address), now, policy);
+        let by_account = account.map(|a| tables.accounts.get(&a.to_owned(), now, policy));
         let waits = [
-            tables
-                .addresses
-                .get(&address)
-                .and_then(|e| self.wait(e, self.policy.address_free, now)),
-            tables
-                .accounts
-                .get(account)
-                .and_then(|e| self.wait(e, self.policy.account_free, now)),
+            self.wait(by_address, policy.address_free, now),
+            by_account.and_then(|e| self.wait(e, policy.account_free, now)),
         ];
         match waits.into_iter().flatten().max() {
             Some(wait) => Err(RetryAfter(wait)),
@@ -127,27 +250,21 @@ impl Throttle {
     }
 
     /// Records a failed attempt.
-    pub fn failed(&self, address: IpAddr, account: &str) {
+    pub fn failed(&self, address: IpAddr, account: Option<&str>) {
         let now = self.clock.now();
         let Ok(mut tables) = self.tables.lock() else {
             return;
         };
         let policy = &self.policy;
-        bump(&mut tables.addresses, address, now, policy, true);
-        bump(&mut tables.accounts, account.to_owned(), now, policy, false);
-    }
-
-    /// Records a successful attempt: the address starts afresh. The account keeps its count,
-    /// so succeeding on one account cannot reset an attack on others.
-    pub fn succeeded(&self, address: IpAddr) {
-        if let Ok(mut tables) = self.tables.lock() {
-            tables.addresses.remove(&address);
+        tables.addresses.bump(address_key(address), now, policy);
+        if let Some(account) = account {
+            tables.accounts.bump(account.to_owned(), now, policy);
         }
     }
 
     /// The remaining wait of a key, if it has to wait at all.
-    fn wait(&self, entry: &Entry, free: u32, now: OffsetDateTime) -> Option<Duration> {
-        if now - entry.last_failure >= self.policy.forget_after || entry.failures < free {
+    fn wait(&self, entry: Entry, free: u32, now: OffsetDateTime) -> Option<Duration> {
+        if entry.failures < free {
             return None;
         }
         let doublings = (entry.failures - free).min(30);
@@ -160,42 +277,6 @@ impl Throttle {
         let until = entry.last_failure + delay;
         (until > now).then(|| until - now)
     }
-}
-
-fn bump<K: Eq + Hash>(
-    table: &mut HashMap<K, Entry>,
-    key: K,
-    now: OffsetDateTime,
-    policy: &Policy,
-    evict: bool,
-) {
-    if let Some(entry) = table.get_mut(&key) {
-        if now - entry.last_failure >= policy.forget_after {
-            entry.failures = 0;
-        }
-        entry.failures = entry.failures.saturating_add(1);
-        entry.last_failure = now;
-        return;
-    }
-    if table.len() >= policy.capacity {
-        table.retain(|_, e| now - e.last_failure < policy.forget_after);
-    }
-    if table.len() >= policy.capacity {
-        if !evict {
-            return;
-        }
-        // Drop the entries that failed longest ago.
-        if let Some(oldest) = table.values().map(|e| e.last_failure).min() {
-            table.retain(|_, e| e.last_failure > oldest);
-        }
-    }
-    table.insert(
-        key,
-        Entry {
-            failures: 1,
-            last_failure: now,
-        },
-    );
 }
 
 #[cfg(test)]
@@ -240,16 +321,16 @@ mod tests {
         let (throttle, clock) = setup();
         let attacker = ip("10.0.0.1");
         for _ in 0..5 {
-            assert!(throttle.check(attacker, "victim").is_ok());
-            throttle.failed(attacker, "victim");
+            assert!(throttle.check(attacker, Some("victim")).is_ok());
+            throttle.failed(attacker, Some("victim"));
         }
         let mut waits = Vec::new();
         for _ in 0..6 {
-            let RetryAfter(wait) = throttle.check(attacker, "victim").unwrap_err();
+            let RetryAfter(wait) = throttle.check(attacker, Some("victim")).unwrap_err();
             waits.push(wait.whole_seconds());
             clock.advance(wait);
-            assert!(throttle.check(attacker, "victim").is_ok());
-            throttle.failed(attacker, "victim");
+            assert!(throttle.check(attacker, Some("victim")).is_ok());
+            throttle.failed(attacker, Some("victim"));
         }
         assert_eq!(waits, [1, 2, 4, 8, 16, 32]);
     }
@@ -259,14 +340,14 @@ mod tests {
         let (throttle, clock) = setup();
         let attacker = ip("10.0.0.1");
         for _ in 0..36 {
-            if let Err(RetryAfter(wait)) = throttle.check(attacker, "victim") {
+            if let Err(RetryAfter(wait)) = throttle.check(attacker, Some("victim")) {
                 clock.advance(wait);
             }
-            throttle.failed(attacker, "victim");
+            throttle.failed(attacker, Some("victim"));
         }
-        assert!(throttle.check(attacker, "victim").is_err());
+        assert!(throttle.check(attacker, Some("victim")).is_err());
         assert!(
-            throttle.check(ip("192.0.2.7"), "victim").is_ok(),
+            throttle.check(ip("192.0.2.7"), Some("victim")).is_ok(),
             "the owner is not locked out"
         );
     }
@@ -276,30 +357,29 @@ mod tests {
         let (throttle, _clock) = setup();
         for i in 0..50u8 {
             let address = IpAddr::from([10, 1, 0, i]);
-            throttle.failed(address, "victim");
+            throttle.failed(address, Some("victim"));
         }
         assert!(
-            throttle.check(ip("192.0.2.7"), "victim").is_err(),
+            throttle.check(ip("192.0.2.7"), Some("victim")).is_err(),
             "the account now waits"
         );
-        assert!(throttle.check(ip("192.0.2.7"), "someone-else").is_ok());
+        assert!(
+            throttle
+                .check(ip("192.0.2.7"), Some("someone-else"))
+                .is_ok()
+        );
     }
 
     #[test]
-    fn failures_are_forgotten_after_a_quiet_period_and_success_clears_the_address() {
+    fn failures_are_forgotten_after_a_quiet_period() {
         let (throttle, clock) = setup();
         let address = ip("10.0.0.2");
         for _ in 0..6 {
-            throttle.failed(address, "a");
+            throttle.failed(address, Some("a"));
         }
-        assert!(throttle.check(address, "b").is_err());
+        assert!(throttle.check(address, Some("b")).is_err());
         clock.advance(Duration::minutes(61));
-        assert!(throttle.check(address, "b").is_ok());
-        for _ in 0..6 {
-            throttle.failed(address, "a");
-        }
-        throttle.succeeded(address);
-        assert!(throttle.check(address, "b").is_ok());
+        assert!(throttle.check(address, Some("b")).is_ok());
     }
 
     #[test]
@@ -307,20 +387,20 @@ mod tests {
         let (throttle, clock) = setup();
         let address = ip("10.0.0.3");
         for _ in 0..200 {
-            throttle.failed(address, "a");
+            throttle.failed(address, Some("a"));
         }
-        let RetryAfter(wait) = throttle.check(address, "a").unwrap_err();
+        let RetryAfter(wait) = throttle.check(address, Some("a")).unwrap_err();
         assert!(wait <= Duration::minutes(15));
         clock.advance(wait);
-        throttle.failed(address, "a");
+        throttle.failed(address, Some("a"));
         assert!(
-            throttle.check(address, "a").is_err(),
+            throttle.check(address, Some("a")).is_err(),
             "one more failure waits the full ceiling again"
         );
     }
 
     #[test]
-    fn invented_account_names_cannot_flush_a_tracked_account() {
+    fn invented_account_names_cannot_flush_a_tracked_account_and_overflow_is_still_counted() {
         let clock = Arc::new(ManualClock(StdMutex::new(
             OffsetDateTime::UNIX_EPOCH + Duration::days(20_000),
         )));
@@ -331,11 +411,64 @@ mod tests {
         };
         let throttle = Throttle::new(policy, clock);
         for i in 0..3u8 {
-            throttle.failed(IpAddr::from([10, 2, 0, i]), "victim");
+            throttle.failed(IpAddr::from([10, 2, 0, i]), Some("victim"));
         }
         for i in 0..100u32 {
-            throttle.failed(IpAddr::from([10, 3, 0, 1]), &format!("junk-{i}"));
+            throttle.failed(IpAddr::from([10, 3, 0, 1]), Some(&format!("junk-{i}")));
         }
-        assert!(throttle.check(ip("192.0.2.7"), "victim").is_err());
+        assert!(throttle.check(ip("192.0.2.7"), Some("victim")).is_err());
+        // The table is full, yet an account first seen now is counted (in the sketch).
+        for i in 0..3u8 {
+            throttle.failed(IpAddr::from([10, 4, 0, i]), Some("late-victim"));
+        }
+        assert!(
+            throttle
+                .check(ip("192.0.2.7"), Some("late-victim"))
+                .is_err()
+        );
+        assert!(throttle.check(ip("192.0.2.8"), Some("never-tried")).is_ok());
+    }
+
+    #[test]
+    fn overflowing_addresses_are_counted_and_cannot_flush_an_attacker() {
+        let clock = Arc::new(ManualClock(StdMutex::new(
+            OffsetDateTime::UNIX_EPOCH + Duration::days(20_000),
+        )));
+        let policy = Policy {
+            capacity: 8,
+            sketch_width: 1024,
+            ..Policy::default()
+        };
+        let throttle = Throttle::new(policy, clock);
+        let attacker = ip("10.9.9.9");
+        for _ in 0..6 {
+            throttle.failed(attacker, None);
+        }
+        // A botnet fills the table and far past it.
+        for i in 0..5_000u32 {
+            throttle.failed(IpAddr::from((0x0a00_0000u32 + i).to_be_bytes()), None);
+        }
+        assert!(throttle.check(attacker, None).is_err(), "not flushed");
+        let newcomer = ip("172.16.0.1");
+        for _ in 0..6 {
+            throttle.failed(newcomer, None);
+        }
+        assert!(
+            throttle.check(newcomer, None).is_err(),
+            "counted past capacity"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_host_cannot_dodge_the_backoff_by_changing_its_interface_id() {
+        let (throttle, _clock) = setup();
+        for i in 0..6u16 {
+            let address = IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i]);
+            throttle.failed(address, None);
+        }
+        let sibling = IpAddr::from([0x2001, 0xdb8, 0, 1, 0xdead, 0xbeef, 0, 99]);
+        assert!(throttle.check(sibling, None).is_err());
+        let other_network = IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]);
+        assert!(throttle.check(other_network, None).is_ok());
     }
 }

@@ -168,6 +168,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/admin/identities/{id}/mfa", delete(identity::reset_mfa))
         .route(
+            "/admin/identities/{id}/mfa/enrolmentcode",
+            post(identity::enrolment_code),
+        )
+        .route(
             "/admin/identities/{id}/keys",
             put(identity::set_client_keys),
         )

@@ -17,6 +17,8 @@ pub struct ApiError {
     /// The answer stands for a resource outside the caller's scope (recorded in the audit trail;
     /// the client sees the plain absence).
     pub hidden: bool,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<i64>,
 }
 
 /// Carried in the response extensions so the correlation middleware can log it with the ID.
@@ -34,6 +36,7 @@ impl ApiError {
             message: message.into(),
             detail: None,
             hidden: false,
+            retry_after: None,
         }
     }
 
@@ -70,6 +73,7 @@ impl ApiError {
             message: "an internal error occurred; quote the request ID to the operator".into(),
             detail: Some(detail.into()),
             hidden: false,
+            retry_after: None,
         }
     }
 }
@@ -131,6 +135,17 @@ impl From<DomainError> for ApiError {
                     message: "the service cannot accept writes right now; retry later".into(),
                     detail: Some(message),
                     hidden: false,
+                    retry_after: None,
+                };
+            }
+            D::Throttled { retry_after_secs } => {
+                return Self {
+                    retry_after: Some(*retry_after_secs),
+                    ..Self::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::TooManyRequests,
+                        "too many failed attempts; retry later",
+                    )
                 };
             }
             _ => return Self::internal(message),
@@ -141,6 +156,7 @@ impl From<DomainError> for ApiError {
             message,
             detail: None,
             hidden: false,
+            retry_after: None,
         }
     }
 }
@@ -160,6 +176,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after
+            && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response.extensions_mut().insert(logged);
         if self.hidden {

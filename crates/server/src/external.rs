@@ -356,6 +356,11 @@ impl Issuer {
             None => iat,
             Some(v) => v.as_u64()?,
         };
+        // Authentication cannot happen after the token was issued: an `auth_time` in the
+        // future would otherwise count as a fresh step-up for as long as it lies ahead.
+        if auth_time > iat.saturating_add(crate::tokens::CLOCK_SKEW_SECS) {
+            return None;
+        }
         let mapped = |values: &[String], map: &HashMap<String, String>| {
             values.iter().filter_map(|v| map.get(v).cloned()).collect()
         };

@@ -1,11 +1,12 @@
 //! Request plumbing shared by every route: the authenticated caller, JSON bodies with ADT errors,
 //! preconditions, paging, correlation IDs and the `api-version` check.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -15,11 +16,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 use twinguard_core::auth::Principal;
+use twinguard_core::error::DomainError;
 use twinguard_core::graph::Precondition;
+use twinguard_core::identity::Refusal;
 use twinguard_proto::{API_VERSIONS, CORRELATION_HEADER, ErrorCode};
 
 use crate::app::AppState;
 use crate::error::{ApiError, LoggedError};
+use crate::tls::PeerCertificate;
 
 /// Default and largest page sizes for list endpoints and queries.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -35,20 +39,26 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         if let Some(key) = api_key(&parts.headers) {
-            return state
-                .tokens
-                .directory()
-                .authenticate_api_key(key)
-                .map(|p| {
+            // An API key is a secret like any other: checked behind the one throttle.
+            let from = peer_address(parts);
+            return match state.tokens.directory().authenticate_api_key(from, key) {
+                Ok(p) => {
                     note_principal(parts, &p);
-                    Caller(Arc::new(p))
-                })
-                .ok_or_else(|| {
+                    Ok(Caller(Arc::new(p)))
+                }
+                Err(Refusal::Throttled(wait)) => {
+                    crate::metrics::auth_throttled();
+                    Err(ApiError::from(DomainError::Throttled {
+                        retry_after_secs: wait.seconds(),
+                    }))
+                }
+                Err(Refusal::Failed(why)) => {
                     let id: String = key.chars().take(24).collect();
-                    tracing::warn!(key = %id, "request with an invalid, revoked or expired API key");
+                    tracing::warn!(key = %id, reason = %why, "request with an invalid, revoked or expired API key");
                     crate::metrics::auth_failure(crate::metrics::Method::ApiKey);
-                    ApiError::unauthenticated()
-                });
+                    Err(ApiError::unauthenticated())
+                }
+            };
         }
         let token = parts
             .headers
@@ -63,13 +73,39 @@ impl FromRequestParts<AppState> for Caller {
             crate::metrics::auth_failure(crate::metrics::Method::Bearer);
             ApiError::unauthenticated()
         })?;
-        // The grants are read now: a disabled identity or a removed assignment counts at once.
+        // The grants are read now: a disabled identity, a removed assignment, a credential
+        // reset or a revoked refresh family counts at once.
+        let certificate = parts
+            .extensions
+            .get::<PeerCertificate>()
+            .and_then(|PeerCertificate(c)| c.clone());
         let principal = state
             .tokens
-            .principal(&session)
+            .principal(&session, certificate.as_deref().map(|c| c.as_ref()))
             .ok_or_else(ApiError::unauthenticated)?;
         note_principal(parts, &principal);
         Ok(Caller(Arc::new(principal)))
+    }
+}
+
+/// The address a request came from (the unspecified address if the server did not record it).
+pub fn peer_address(parts: &Parts) -> IpAddr {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+/// The address of the request being served, for handlers that check a secret.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddress(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(PeerAddress(peer_address(parts)))
     }
 }
 

@@ -3,6 +3,10 @@
 //! A spent token presented again means two parties hold the family, so the whole family is
 //! revoked. Tokens are 256-bit random strings stored only as SHA-256 digests; every change is
 //! durable before the answer.
+//!
+//! Access tokens issued from a family name it (`sid`), so revoking the family ends them too,
+//! not only the refresh tokens; and each family carries the person's session generation, so a
+//! reset of their password or MFA ends it at once (see `Directory::principal`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +22,8 @@ use crate::tokens::now_secs;
 pub const FAMILY_LIFETIME_SECS: u64 = 12 * 3_600;
 /// Prefix that makes refresh tokens recognisable (and findable by secret scanners).
 const PREFIX: &str = "tgr_";
+/// How often issuing a token also forgets expired families (a scan of every record).
+const SWEEP_EVERY_SECS: u64 = 60;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,6 +42,9 @@ struct Record {
     auth_time: u64,
     family_expires: u64,
     status: Status,
+    /// The subject's session generation when the family began.
+    #[serde(default)]
+    generation: u64,
 }
 
 /// A refresh token that was valid and is now spent.
@@ -46,6 +55,25 @@ pub struct Valid {
     pub mfa: bool,
     pub auth_time: u64,
     pub family_expires: u64,
+    pub generation: u64,
+}
+
+/// A newly issued refresh token and the family it belongs to.
+#[derive(Debug)]
+pub struct IssuedRefresh {
+    pub token: Zeroizing<String>,
+    pub family: String,
+}
+
+/// What the token service needs to know of a family it starts or continues.
+#[derive(Debug, Clone)]
+pub struct Family {
+    pub subject: String,
+    pub mfa: bool,
+    pub auth_time: u64,
+    pub generation: u64,
+    /// An existing family (ID, absolute expiry), or a new one.
+    pub continues: Option<(String, u64)>,
 }
 
 #[derive(Debug)]
@@ -58,9 +86,19 @@ pub enum Redeemed {
     Invalid,
 }
 
+#[derive(Default)]
+struct Records {
+    by_digest: HashMap<String, Record>,
+    /// Live families (not revoked) with their absolute expiry: an access token naming any
+    /// other family is refused.
+    live: HashMap<String, u64>,
+    /// When expired families were last forgotten.
+    swept_at: u64,
+}
+
 pub struct RefreshTokens {
     store: Arc<dyn Store>,
-    records: Mutex<HashMap<String, Record>>,
+    records: Mutex<Records>,
 }
 
 fn to_json(record: &Record) -> Result<Vec<u8>, StoreError> {
@@ -71,49 +109,63 @@ impl RefreshTokens {
     /// Loads the live tokens and forgets expired families.
     pub fn open(store: Arc<dyn Store>) -> Result<Self, StoreError> {
         let now = now_secs();
-        let mut records = HashMap::new();
+        let mut records = Records {
+            swept_at: now,
+            ..Records::default()
+        };
         let mut expired = Vec::new();
         for (digest, bytes) in store.scan(Table::RefreshTokens)? {
             match serde_json::from_slice::<Record>(&bytes) {
                 Ok(r) if r.family_expires > now => {
-                    records.insert(digest, r);
+                    if r.status != Status::Revoked {
+                        records.live.insert(r.family.clone(), r.family_expires);
+                    }
+                    records.by_digest.insert(digest, r);
                 }
                 _ => expired.push(Mutation::delete(Table::RefreshTokens, digest)),
             }
         }
-        store.commit(&expired)?;
+        if !expired.is_empty() {
+            store.commit(&expired)?;
+        }
         Ok(Self {
             store,
             records: Mutex::new(records),
         })
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Record>>, StoreError> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Records>, StoreError> {
         self.records
             .lock()
             .map_err(|_| StoreError("refresh token lock poisoned".into()))
     }
 
-    /// Issues a token for `subject`; `family` continues an existing family.
-    pub fn issue(
-        &self,
-        subject: &str,
-        mfa: bool,
-        auth_time: u64,
-        family: Option<(String, u64)>,
-    ) -> Result<Zeroizing<String>, StoreError> {
+    /// Whether `family` is live: issued, not revoked, not expired (a lock failure counts as
+    /// not live: fail closed).
+    pub fn family_live(&self, family: &str) -> bool {
         let now = now_secs();
-        let (family, family_expires) = family
+        self.records
+            .lock()
+            .map(|r| r.live.get(family).is_some_and(|expires| *expires > now))
+            .unwrap_or(false)
+    }
+
+    /// Issues a token of `family` (a new family unless it continues one).
+    pub fn issue(&self, family: Family) -> Result<IssuedRefresh, StoreError> {
+        let now = now_secs();
+        let (id, family_expires) = family
+            .continues
             .unwrap_or_else(|| (uuid::Uuid::new_v4().to_string(), now + FAMILY_LIFETIME_SECS));
         let token = Zeroizing::new(format!("{PREFIX}{}", random_secret(32).as_str()));
         let digest = secret_digest(&token);
         let record = Record {
-            family,
-            subject: subject.to_owned(),
-            mfa,
-            auth_time,
+            family: id.clone(),
+            subject: family.subject,
+            mfa: family.mfa,
+            auth_time: family.auth_time,
             family_expires,
             status: Status::Active,
+            generation: family.generation,
         };
         let mut records = self.lock()?;
         let mut muts = vec![Mutation::put(
@@ -121,23 +173,33 @@ impl RefreshTokens {
             digest.clone(),
             to_json(&record)?,
         )];
-        // Forget expired families as new tokens come in, so the table stays bounded.
-        let expired: Vec<String> = records
-            .iter()
-            .filter(|(_, r)| r.family_expires <= now)
-            .map(|(d, _)| d.clone())
-            .collect();
-        muts.extend(
-            expired
+        // Forget expired families now and then, so the table stays bounded without a scan of
+        // every record under the lock at every login.
+        let mut expired = Vec::new();
+        if now.saturating_sub(records.swept_at) >= SWEEP_EVERY_SECS {
+            expired = records
+                .by_digest
                 .iter()
-                .map(|d| Mutation::delete(Table::RefreshTokens, d.clone())),
-        );
-        self.store.commit(&muts)?;
-        for d in expired {
-            records.remove(&d);
+                .filter(|(_, r)| r.family_expires <= now)
+                .map(|(d, r)| (d.clone(), r.family.clone()))
+                .collect();
+            muts.extend(
+                expired
+                    .iter()
+                    .map(|(d, _)| Mutation::delete(Table::RefreshTokens, d.clone())),
+            );
         }
-        records.insert(digest, record);
-        Ok(token)
+        self.store.commit(&muts)?;
+        if now.saturating_sub(records.swept_at) >= SWEEP_EVERY_SECS {
+            records.swept_at = now;
+        }
+        for (d, f) in expired {
+            records.by_digest.remove(&d);
+            records.live.remove(&f);
+        }
+        records.live.insert(record.family.clone(), family_expires);
+        records.by_digest.insert(digest, record);
+        Ok(IssuedRefresh { token, family: id })
     }
 
     /// Spends `token`. See [`Redeemed`].
@@ -147,7 +209,7 @@ impl RefreshTokens {
         }
         let digest = secret_digest(token);
         let mut records = self.lock()?;
-        let Some(record) = records.get(&digest).cloned() else {
+        let Some(record) = records.by_digest.get(&digest).cloned() else {
             return Ok(Redeemed::Invalid);
         };
         if record.family_expires <= now_secs() {
@@ -171,13 +233,14 @@ impl RefreshTokens {
                     digest.clone(),
                     to_json(&spent)?,
                 )])?;
-                records.insert(digest, spent);
+                records.by_digest.insert(digest, spent);
                 Ok(Redeemed::Valid(Valid {
                     family: record.family,
                     subject: record.subject,
                     mfa: record.mfa,
                     auth_time: record.auth_time,
                     family_expires: record.family_expires,
+                    generation: record.generation,
                 }))
             }
         }
@@ -190,21 +253,22 @@ impl RefreshTokens {
         }
         let digest = secret_digest(token);
         let mut records = self.lock()?;
-        let Some(family) = records.get(&digest).map(|r| r.family.clone()) else {
+        let Some(family) = records.by_digest.get(&digest).map(|r| r.family.clone()) else {
             return Ok(false);
         };
         self.revoke_family(&mut records, &family)?;
         Ok(true)
     }
 
-    fn revoke_family(
-        &self,
-        records: &mut HashMap<String, Record>,
-        family: &str,
-    ) -> Result<(), StoreError> {
+    /// Revokes `family`; a family already revoked costs no commit (the revocation endpoint is
+    /// unauthenticated).
+    fn revoke_family(&self, records: &mut Records, family: &str) -> Result<(), StoreError> {
+        if !records.live.contains_key(family) {
+            return Ok(());
+        }
         let mut muts = Vec::new();
         let mut changed = Vec::new();
-        for (digest, r) in records.iter() {
+        for (digest, r) in records.by_digest.iter() {
             if r.family == family && r.status != Status::Revoked {
                 let revoked = Record {
                     status: Status::Revoked,
@@ -218,8 +282,11 @@ impl RefreshTokens {
                 changed.push((digest.clone(), revoked));
             }
         }
-        self.store.commit(&muts)?;
-        records.extend(changed);
+        if !muts.is_empty() {
+            self.store.commit(&muts)?;
+        }
+        records.by_digest.extend(changed);
+        records.live.remove(family);
         Ok(())
     }
 }
@@ -232,11 +299,29 @@ mod tests {
 
     use super::*;
 
+    fn family(
+        subject: &str,
+        mfa: bool,
+        auth_time: u64,
+        continues: Option<(String, u64)>,
+    ) -> Family {
+        Family {
+            subject: subject.to_owned(),
+            mfa,
+            auth_time,
+            generation: 0,
+            continues,
+        }
+    }
+
     #[test]
     fn rotation_spends_each_token_and_reuse_revokes_the_family() {
         let store = Arc::new(MemoryStore::default());
         let tokens = RefreshTokens::open(store.clone()).unwrap();
-        let first = tokens.issue("alice", true, 100, None).unwrap();
+        let first = tokens
+            .issue(family("alice", true, 100, None))
+            .unwrap()
+            .token;
         let Redeemed::Valid(v) = tokens.redeem(&first).unwrap() else {
             unreachable!("a fresh token redeems")
         };
@@ -245,13 +330,14 @@ mod tests {
             ("alice", true, 100)
         );
         let second = tokens
-            .issue(
+            .issue(family(
                 "alice",
                 true,
                 100,
                 Some((v.family.clone(), v.family_expires)),
-            )
-            .unwrap();
+            ))
+            .unwrap()
+            .token;
         // The attacker replays the first token: the family dies, including the second token.
         assert!(matches!(
             tokens.redeem(&first).unwrap(),
@@ -273,9 +359,14 @@ mod tests {
     #[test]
     fn revoking_a_token_revokes_its_family_only() {
         let tokens = RefreshTokens::open(Arc::new(MemoryStore::default())).unwrap();
-        let a = tokens.issue("alice", false, 1, None).unwrap();
-        let b = tokens.issue("alice", false, 1, None).unwrap();
-        assert!(tokens.revoke(&a).unwrap());
+        let a = tokens.issue(family("alice", false, 1, None)).unwrap();
+        let b = tokens.issue(family("alice", false, 1, None)).unwrap();
+        assert!(tokens.family_live(&a.family));
+        assert!(tokens.revoke(&a.token).unwrap());
+        assert!(!tokens.family_live(&a.family), "its access tokens die too");
+        assert!(tokens.family_live(&b.family));
+        assert!(!tokens.family_live("never-issued"));
+        let (a, b) = (a.token, b.token);
         assert!(!tokens.revoke("not ours").unwrap());
         assert!(matches!(tokens.redeem(&a).unwrap(), Redeemed::Invalid));
         assert!(matches!(tokens.redeem(&b).unwrap(), Redeemed::Valid(_)));

@@ -2,8 +2,8 @@
 //! certificates chained to the instance CA (workload identity, RFC 8705 style). A client without
 //! a certificate connects as before; one with a certificate the CA did not issue, or without the
 //! client-auth usage, fails the handshake. The verified end-entity certificate rides into each
-//! request of the connection as a [`PeerCertificate`] extension; only the token endpoint reads
-//! it.
+//! request of the connection as a [`PeerCertificate`] extension; the token endpoint reads it, and
+//! so does authentication, to prove possession of the certificate a token is bound to.
 
 use std::future::Future;
 use std::io;

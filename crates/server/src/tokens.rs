@@ -6,6 +6,12 @@
 //! directory on every request, so disabling an identity or removing a role assignment takes
 //! effect at once. Verification pins the algorithm, requires `exp`, `nbf`, `iat`, `iss`, `aud`
 //! and `sub` with their JSON types, and ignores every header field but `alg`, `typ` and `kid`.
+//!
+//! A token is a session of its subject and dies with it: it carries the subject's session
+//! generation (`gen`), which every credential reset increments; a person's token names its
+//! refresh family (`sid`), whose revocation ends it; a token obtained with a client certificate
+//! is bound to it (RFC 8705 `cnf`), and only such a session may renew that certificate. Every
+//! secret is checked behind the directory's one throttle ([`Directory::guarded`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,18 +21,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
-use twinguard_core::auth::{Principal, PrincipalKind};
-use twinguard_core::clock::SystemClock;
-use twinguard_core::identity::{Authenticated, Directory, LoginFailure};
+use twinguard_core::auth::{Credential, Principal, PrincipalKind};
+use twinguard_core::identity::{Authenticated, Directory, LoginFailure, Refusal};
 use twinguard_core::store::{Mutation, Store, StoreError, Table};
-use twinguard_core::throttle::{Policy, RetryAfter, Throttle};
+use twinguard_core::throttle::RetryAfter;
 use zeroize::Zeroizing;
 
 use crate::external::{
     ExternalCaller, ExternalIssuers, Rejected, unverified_claim, unverified_issuer,
 };
 use crate::metrics;
-use crate::refresh::{Redeemed, RefreshTokens};
+use crate::refresh::{Family, Redeemed, RefreshTokens};
 use crate::signing_keys::KeyRing;
 
 /// The audience ADT clients ask for; twinguard accepts it as its own.
@@ -58,6 +63,22 @@ struct Claims {
     amr: Vec<String>,
     /// When the subject authenticated (seconds); refreshes keep it.
     auth_time: u64,
+    /// The subject's session generation when it authenticated.
+    #[serde(default, rename = "gen")]
+    generation: u64,
+    /// The refresh family a person's token belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sid: Option<String>,
+    /// RFC 8705: the SHA-256 thumbprint of the client certificate the token was issued for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cnf: Option<Confirmation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Confirmation {
+    #[serde(rename = "x5t#S256")]
+    x5t_s256: String,
 }
 
 /// A verified access token: who, how and when it authenticated.
@@ -68,6 +89,12 @@ pub struct Session {
     pub auth_time: u64,
     pub jti: String,
     pub exp: u64,
+    /// The subject's session generation the token was issued in.
+    pub generation: u64,
+    /// The refresh family of a person's token.
+    pub family: Option<String>,
+    /// The token was issued for a client certificate (bound to its thumbprint).
+    pub certificate: Option<String>,
     /// Set for an external issuer's token: the groups and roles its claims map to.
     pub external: Option<ExternalCaller>,
 }
@@ -78,6 +105,8 @@ pub struct Issued {
     pub access_token: String,
     pub expires_in: u64,
     pub refresh_token: Option<Zeroizing<String>>,
+    /// The identity the token was issued to.
+    pub subject: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +127,10 @@ pub enum TokenError {
     Store(#[from] StoreError),
     #[error("signing failed")]
     Signing,
+    /// The directory could not check the credential now (store, or password checks at their
+    /// cap); nothing was counted against the caller.
+    #[error("temporarily unavailable")]
+    Unavailable,
     /// Too many recent failures from this address or on this account; nothing was checked.
     #[error("too many failed attempts")]
     Throttled(RetryAfter),
@@ -119,7 +152,6 @@ pub struct TokenService {
     token_endpoint: RwLock<Option<String>>,
     /// `jti`s of client assertions already used, until they expire (RFC 7523 3, replay).
     used_assertions: std::sync::Mutex<HashMap<String, u64>>,
-    throttle: Throttle,
     store: Arc<dyn Store>,
 }
 
@@ -155,6 +187,22 @@ fn certificate_identity(der: &[u8]) -> Option<(String, String)> {
         _ => None,
     })?;
     Some((id.to_owned(), serial))
+}
+
+/// RFC 8705 3.1: base64url SHA-256 of the certificate's DER.
+fn thumbprint(der: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der))
+}
+
+/// A refusal from the directory's throttle or check, as the token endpoint answers it.
+fn refused(refusal: Refusal, wrong: TokenError) -> TokenError {
+    match refusal {
+        Refusal::Throttled(wait) => TokenError::Throttled(wait),
+        Refusal::Failed(LoginFailure::Unavailable) => TokenError::Unavailable,
+        Refusal::Failed(_) => wrong,
+    }
 }
 
 /// The `client_id` claim of tokens from a person's login.
@@ -203,7 +251,6 @@ impl TokenService {
             directory,
             verified: RwLock::new(HashMap::new()),
             revoked: RwLock::new(revoked),
-            throttle: Throttle::new(Policy::default(), Arc::new(SystemClock)),
             store,
         })
     }
@@ -267,20 +314,17 @@ impl TokenService {
         client_id: &str,
         client_secret: &str,
     ) -> Result<Issued, TokenError> {
-        self.throttle
-            .check(address, client_id)
-            .map_err(TokenError::Throttled)?;
-        match self.directory.authenticate_client(client_id, client_secret) {
-            Ok(who) => {
-                self.throttle.succeeded(address);
-                self.issue(&who, client_id, now_secs(), None)
-            }
-            Err(LoginFailure::Unavailable) => Err(TokenError::Signing),
-            Err(why) => {
-                tracing::warn!(%address, reason = %why, "client authentication failed");
-                metrics::auth_failure(metrics::Method::ClientSecret);
-                self.throttle.failed(address, client_id);
-                Err(TokenError::InvalidClient)
+        match self
+            .directory
+            .authenticate_client(address, client_id, client_secret)
+        {
+            Ok(who) => self.issue(&who, client_id, now_secs(), None, None),
+            Err(refusal) => {
+                if let Refusal::Failed(why) = refusal {
+                    tracing::warn!(%address, reason = %why, "client authentication failed");
+                    metrics::auth_failure(metrics::Method::ClientSecret);
+                }
+                Err(refused(refusal, TokenError::InvalidClient))
             }
         }
     }
@@ -303,19 +347,18 @@ impl TokenService {
     ) -> Result<Issued, TokenError> {
         let claimed = unverified_claim(assertion, "sub").unwrap_or_default();
         let account = client_id.unwrap_or(&claimed).to_owned();
-        self.throttle
-            .check(address, &account)
-            .map_err(TokenError::Throttled)?;
-        match self.check_assertion(client_id, &claimed, assertion) {
-            Some(who) => {
-                self.throttle.succeeded(address);
-                self.issue(&who, &who.id.clone(), now_secs(), None)
-            }
-            None => {
-                tracing::warn!(%address, client_id = %account.chars().take(64).collect::<String>(), "client assertion refused");
-                metrics::auth_failure(metrics::Method::ClientAssertion);
-                self.throttle.failed(address, &account);
-                Err(TokenError::InvalidClient)
+        let checked = self.directory.guarded(address, Some(&account), || {
+            self.check_assertion(client_id, &claimed, assertion)
+                .ok_or(LoginFailure::WrongSecret)
+        });
+        match checked {
+            Ok(who) => self.issue(&who, &who.id.clone(), now_secs(), None, None),
+            Err(refusal) => {
+                if let Refusal::Failed(_) = refusal {
+                    tracing::warn!(%address, client_id = %account.chars().take(64).collect::<String>(), "client assertion refused");
+                    metrics::auth_failure(metrics::Method::ClientAssertion);
+                }
+                Err(refused(refusal, TokenError::InvalidClient))
             }
         }
     }
@@ -329,23 +372,25 @@ impl TokenService {
         client_id: &str,
         certificate: &[u8],
     ) -> Result<Issued, TokenError> {
-        self.throttle
-            .check(address, client_id)
-            .map_err(TokenError::Throttled)?;
-        let who = certificate_identity(certificate)
-            .filter(|(id, _)| id == client_id)
-            .ok_or(LoginFailure::WrongSecret)
-            .and_then(|(id, serial)| self.directory.authenticate_certificate(&id, &serial));
+        let who = self.directory.guarded(address, Some(client_id), || {
+            certificate_identity(certificate)
+                .filter(|(id, _)| id == client_id)
+                .ok_or(LoginFailure::WrongSecret)
+                .and_then(|(id, serial)| self.directory.authenticate_certificate(&id, &serial))
+        });
         match who {
             Ok(who) => {
-                self.throttle.succeeded(address);
-                self.issue(&who, client_id, now_secs(), None)
+                let bound = Confirmation {
+                    x5t_s256: thumbprint(certificate),
+                };
+                self.issue(&who, client_id, now_secs(), None, Some(bound))
             }
-            Err(why) => {
-                tracing::warn!(%address, reason = %why, "client certificate authentication failed");
-                metrics::auth_failure(metrics::Method::ClientCertificate);
-                self.throttle.failed(address, client_id);
-                Err(TokenError::InvalidClient)
+            Err(refusal) => {
+                if let Refusal::Failed(why) = refusal {
+                    tracing::warn!(%address, reason = %why, "client certificate authentication failed");
+                    metrics::auth_failure(metrics::Method::ClientCertificate);
+                }
+                Err(refused(refusal, TokenError::InvalidClient))
             }
         }
     }
@@ -414,61 +459,85 @@ impl TokenService {
         password: &str,
         code: Option<&str>,
     ) -> Result<Issued, TokenError> {
-        let account = format!("user:{}", username.to_lowercase());
-        self.throttle
-            .check(address, &account)
-            .map_err(TokenError::Throttled)?;
-        match self.directory.authenticate_user(username, password, code) {
+        match self
+            .directory
+            .authenticate_user(address, username, password, code)
+        {
             Ok(who) => {
-                self.throttle.succeeded(address);
                 let now = now_secs();
-                let refresh = self.refresh.issue(&who.id, who.mfa, now, None)?;
-                self.issue(&who, LOGIN_CLIENT, now, Some(refresh))
+                let refresh = self.refresh.issue(Family {
+                    subject: who.id.clone(),
+                    mfa: who.mfa,
+                    auth_time: now,
+                    generation: who.generation,
+                    continues: None,
+                })?;
+                self.issue(&who, LOGIN_CLIENT, now, Some(refresh), None)
             }
-            Err(LoginFailure::Unavailable) => Err(TokenError::Signing),
-            Err(why) => {
-                tracing::warn!(%address, reason = %why, "login failed");
-                metrics::auth_failure(metrics::Method::Password);
-                self.throttle.failed(address, &account);
-                Err(TokenError::InvalidGrant)
+            Err(refusal) => {
+                if let Refusal::Failed(why) = refusal {
+                    tracing::warn!(%address, reason = %why, "login failed");
+                    metrics::auth_failure(metrics::Method::Password);
+                }
+                Err(refused(refusal, TokenError::InvalidGrant))
             }
         }
     }
 
     /// The refresh-token grant: the token is spent and a new one of the same family issued.
     /// Presenting a spent token again revokes its whole family (someone copied it).
+    /// Refresh tokens are 256-bit random values, so a wrong one is no guess worth counting
+    /// per account, but it is counted against the address like every other failed secret.
     pub fn refresh(&self, address: IpAddr, token: &str) -> Result<Issued, TokenError> {
-        let redeemed = match self.refresh.redeem(token)? {
-            Redeemed::Valid(r) => r,
-            Redeemed::Reused { subject } => {
-                tracing::warn!(%address, %subject, "a spent refresh token was presented again; its family is revoked");
-                metrics::auth_failure(metrics::Method::RefreshToken);
-                return Err(TokenError::InvalidGrant);
+        let redeemed = self.directory.guarded(address, None, || {
+            match self.refresh.redeem(token) {
+                Ok(Redeemed::Valid(r)) => Ok(r),
+                Ok(Redeemed::Reused { subject }) => {
+                    tracing::warn!(%address, %subject, "a spent refresh token was presented again; its family is revoked");
+                    Err(LoginFailure::WrongSecret)
+                }
+                Ok(Redeemed::Invalid) => {
+                    tracing::warn!(%address, "invalid refresh token");
+                    Err(LoginFailure::WrongSecret)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "refresh token store failed");
+                    Err(LoginFailure::Unavailable)
+                }
             }
-            Redeemed::Invalid => {
-                tracing::warn!(%address, "invalid refresh token");
-                metrics::auth_failure(metrics::Method::RefreshToken);
-                return Err(TokenError::InvalidGrant);
+        });
+        let redeemed = match redeemed {
+            Ok(r) => r,
+            Err(refusal) => {
+                if let Refusal::Failed(LoginFailure::WrongSecret) = refusal {
+                    metrics::auth_failure(metrics::Method::RefreshToken);
+                }
+                return Err(refused(refusal, TokenError::InvalidGrant));
             }
         };
-        let Some(principal) =
-            self.directory
-                .principal(&redeemed.subject, redeemed.mfa, redeemed.auth_time)
-        else {
+        // A family of an earlier generation (the password or MFA was reset since) is dead.
+        let Some(principal) = self.directory.principal(
+            &redeemed.subject,
+            redeemed.mfa,
+            redeemed.auth_time,
+            redeemed.generation,
+        ) else {
             return Err(TokenError::InvalidGrant);
         };
         let who = Authenticated {
             id: redeemed.subject.clone(),
             kind: principal.kind,
             mfa: redeemed.mfa,
+            generation: redeemed.generation,
         };
-        let next = self.refresh.issue(
-            &redeemed.subject,
-            redeemed.mfa,
-            redeemed.auth_time,
-            Some((redeemed.family, redeemed.family_expires)),
-        )?;
-        self.issue(&who, LOGIN_CLIENT, redeemed.auth_time, Some(next))
+        let next = self.refresh.issue(Family {
+            subject: redeemed.subject.clone(),
+            mfa: redeemed.mfa,
+            auth_time: redeemed.auth_time,
+            generation: redeemed.generation,
+            continues: Some((redeemed.family, redeemed.family_expires)),
+        })?;
+        self.issue(&who, LOGIN_CLIENT, redeemed.auth_time, Some(next), None)
     }
 
     fn issue(
@@ -476,7 +545,8 @@ impl TokenService {
         who: &Authenticated,
         client_id: &str,
         auth_time: u64,
-        refresh_token: Option<Zeroizing<String>>,
+        refresh: Option<crate::refresh::IssuedRefresh>,
+        cnf: Option<Confirmation>,
     ) -> Result<Issued, TokenError> {
         let now = now_secs();
         let lifetime = if who.kind == PrincipalKind::User {
@@ -500,6 +570,9 @@ impl TokenService {
             client_id: client_id.to_owned(),
             amr: amr.into_iter().map(str::to_owned).collect(),
             auth_time,
+            generation: who.generation,
+            sid: refresh.as_ref().map(|r| r.family.clone()),
+            cnf,
         };
         let ring = self.keys.read().map_err(|_| TokenError::Signing)?;
         let key = ring.active(now);
@@ -511,7 +584,8 @@ impl TokenService {
         Ok(Issued {
             access_token,
             expires_in: lifetime,
-            refresh_token,
+            refresh_token: refresh.map(|r| r.token),
+            subject: who.id.clone(),
         })
     }
 
@@ -524,6 +598,10 @@ impl TokenService {
         let Ok(session) = self.verify(token) else {
             return Ok(());
         };
+        // Revoking a token already revoked costs nothing (the endpoint is unauthenticated).
+        if self.is_revoked(&session.jti) {
+            return Ok(());
+        }
         self.store.commit(&[Mutation::put(
             Table::RevokedTokens,
             session.jti.clone(),
@@ -547,13 +625,48 @@ impl TokenService {
             .unwrap_or(true)
     }
 
-    /// The caller a verified session stands for now, or `None` if its identity may no longer
-    /// act (deleted or disabled).
-    pub fn principal(&self, session: &Session) -> Option<Principal> {
+    /// The caller a verified session stands for now, or `None` if it may no longer act: its
+    /// identity was deleted or disabled, a credential of it was reset since the session began
+    /// (another generation), or the session's refresh family is no longer live (revoked or
+    /// expired).
+    ///
+    /// A session bound to a client certificate counts as a certificate session only on a
+    /// request that presents that certificate in its TLS handshake (`peer_certificate`, DER):
+    /// proof of possession, as RFC 8705 binds tokens, so a stolen bearer token alone cannot
+    /// renew the certificate.
+    pub fn principal(
+        &self,
+        session: &Session,
+        peer_certificate: Option<&[u8]>,
+    ) -> Option<Principal> {
         match &session.external {
-            None => self
-                .directory
-                .principal(&session.subject, session.mfa, session.auth_time),
+            None => {
+                if session
+                    .family
+                    .as_deref()
+                    .is_some_and(|f| !self.refresh.family_live(f))
+                {
+                    return None;
+                }
+                let possessed = session
+                    .certificate
+                    .as_deref()
+                    .zip(peer_certificate)
+                    .is_some_and(|(bound, der)| bound == thumbprint(der));
+                let credential = if possessed {
+                    Credential::CertificateToken
+                } else {
+                    Credential::Token
+                };
+                self.directory
+                    .principal(
+                        &session.subject,
+                        session.mfa,
+                        session.auth_time,
+                        session.generation,
+                    )
+                    .map(|p| p.presented(credential))
+            }
             Some(ext) => Some(self.directory.external_principal(
                 &ext.subject,
                 ext.application,
@@ -615,6 +728,9 @@ impl TokenService {
                 // External tokens are revoked at their issuer; the signature stands in for an ID.
                 jti: token.rsplit('.').next().unwrap_or_default().to_owned(),
                 exp: caller.exp,
+                generation: 0,
+                family: None,
+                certificate: None,
                 external: Some(caller),
             }),
             Err(Rejected::UnknownKey) => Err(TokenError::UnknownKey),
@@ -655,6 +771,9 @@ impl TokenService {
             auth_time: claims.auth_time,
             jti: claims.jti,
             exp: claims.exp,
+            generation: claims.generation,
+            family: claims.sid,
+            certificate: claims.cnf.map(|c| c.x5t_s256),
             external: None,
         })
     }

@@ -115,7 +115,7 @@ fn twinguard_core_reader() -> &'static str {
 async fn a_person_enrols_totp_at_the_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let _server = Server::start(dir.path());
-    json(&twinguard(
+    let bob = json(&twinguard(
         dir.path(),
         &[
             "identity",
@@ -128,8 +128,36 @@ async fn a_person_enrols_totp_at_the_terminal() {
         ],
         Some("bob's long passphrase\n"),
     ));
+    let bob = bob["identity"]["id"].as_str().unwrap().to_owned();
+    // Bob holds a privileged role, so his password alone cannot enrol a second factor: the
+    // administrator issues him a one-time enrolment code.
+    json(&twinguard(
+        dir.path(),
+        &[
+            "assignment",
+            "create",
+            "--principal",
+            &bob,
+            "--role",
+            "4a1f8d2c-7e5b-4c93-8b16-3d9e0a6f2c84", // twinguard Operator
+        ],
+        None,
+    ));
+    let issued = json(&twinguard(
+        dir.path(),
+        &["identity", "enrolment-code", &bob],
+        None,
+    ));
+    let code = issued["enrolmentCode"].as_str().unwrap().to_owned();
     let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
-        .args(["mfa", "enroll", "--username", "bob", "--data-dir"])
+        .args([
+            "mfa",
+            "enroll",
+            "--enrolment-code",
+            "--username",
+            "bob",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -138,6 +166,7 @@ async fn a_person_enrols_totp_at_the_terminal() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "bob's long passphrase").unwrap();
+    writeln!(stdin, "{code}").unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut printed = String::new();
     let secret = loop {

@@ -5,7 +5,11 @@
 //! keeps a SHA-256 digest. A key is bound to an owner and to one role at one scope, and never
 //! grants more than its owner holds right now: if the owner loses that role or is disabled, the
 //! key stops working. Keys cannot carry sensitive actions (role, identity and key changes,
-//! approvals): those need a person who just passed MFA.
+//! approvals): those need a person who just passed MFA. A key owned by a person acts as that
+//! person and obeys their MFA rule, which no key can pass, so it carries read actions only. A
+//! key cannot change any credential (no self-service), and only an administrator who covers
+//! the owner's every grant, and who holds the key's role at its scope, creates, rotates or
+//! revokes one.
 //!
 //! Every key has a risk class with a rotation period (high 30 days, low 90 by default) and an
 //! expiry (by default the end of that period). Rotation issues a successor and leaves the old
@@ -14,8 +18,12 @@
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::{Directory, State, check_name, credentials, not_found, to_json};
-use crate::auth::{Action, Grant, Principal, PrincipalKind, Scope};
+use std::net::IpAddr;
+
+use super::{
+    Directory, LoginFailure, Refusal, State, bounded, check_name, credentials, not_found, to_json,
+};
+use crate::auth::{Action, Credential, Grant, Principal, Scope};
 use crate::error::{DomainError, DomainResult};
 use crate::store::{Mutation, Table};
 
@@ -143,9 +151,10 @@ impl Directory {
         }
         {
             let state = self.read_state()?;
-            if !state.records.contains_key(&new.owner_id) {
-                return Err(not_found("identity", &new.owner_id));
-            }
+            let owner = state
+                .records
+                .get(&new.owner_id)
+                .ok_or_else(|| not_found("identity", &new.owner_id))?;
             let role = state
                 .role(&new.role_id)
                 .ok_or_else(|| not_found("role", &new.role_id))?;
@@ -153,6 +162,22 @@ impl Directory {
                 return Err(DomainError::InvalidArgument(
                     "API keys cannot carry role, identity, key or approval actions".into(),
                 ));
+            }
+            if owner.identity.kind == super::IdentityKind::User && role.is_privileged() {
+                return Err(DomainError::InvalidArgument(
+                    "a key owned by a person obeys the person's MFA rule, which no key can pass: it carries read actions only".into(),
+                ));
+            }
+            bounded(&state, caller, Action::KeysWrite, &new.owner_id)?;
+            // The creator hands out only what it holds itself, at that scope.
+            if !caller.covers(&[Grant {
+                role: role.id.clone(),
+                actions: role.actions,
+                scope: new.scope.clone(),
+            }]) {
+                return Err(DomainError::Forbidden {
+                    action: Action::KeysWrite.as_str(),
+                });
             }
         }
         if !self.owner_holds(&new.owner_id, &new.role_id, &new.scope) {
@@ -194,40 +219,59 @@ impl Directory {
         })
     }
 
-    /// Authenticates an API key and returns the caller it stands for now.
-    pub fn authenticate_api_key(&self, presented: &str) -> Option<Principal> {
-        let (id, _) = split(presented)?;
+    /// Authenticates an API key presented from `from`, behind the throttle (the account is the
+    /// key's public ID), and returns the caller it stands for now: the owner's kind (so a
+    /// person's key obeys the person's MFA rule), the key's one grant, marked as a key.
+    pub fn authenticate_api_key(
+        &self,
+        from: IpAddr,
+        presented: &str,
+    ) -> Result<Principal, Refusal> {
+        let account = split(presented).map(|(id, _)| format!("key:{id}"));
+        self.guarded(from, account.as_deref(), || self.check_api_key(presented))
+    }
+
+    fn check_api_key(&self, presented: &str) -> Result<Principal, LoginFailure> {
+        let (id, _) = split(presented).ok_or(LoginFailure::Unknown)?;
         let now = self.now();
-        let key = {
-            let state = self.state.read().ok()?;
+        let (key, role) = {
+            let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
             let record = state.api_keys.get(&format!("{PREFIX}{id}"));
             let stored = record.map(|r| r.digest.as_str());
             if !credentials::secret_matches(presented, stored) {
-                return None;
+                return Err(LoginFailure::WrongSecret);
             }
-            let key = record?.key.clone();
-            let role = state.role(&key.role_id)?;
+            let key = record.ok_or(LoginFailure::Unknown)?.key.clone();
+            let role = state.role(&key.role_id).ok_or(LoginFailure::Disabled)?;
             if key.revoked || key.expires_at <= now {
-                return None;
+                return Err(LoginFailure::Disabled);
             }
             (key, role)
         };
-        let (key, role) = key;
         if !self.owner_holds(&key.owner_id, &key.role_id, &key.scope) {
-            return None;
+            return Err(LoginFailure::Disabled);
         }
+        let (kind, _) = self.grants(&key.owner_id).ok_or(LoginFailure::Disabled)?;
         let grant = Grant {
             role: role.id,
             actions: role.actions,
             scope: key.scope,
         };
-        Some(Principal::new(
-            key.owner_id,
-            PrincipalKind::Application,
-            vec![grant].into(),
-            false,
-            false,
-        ))
+        Ok(
+            Principal::new(key.owner_id, kind, vec![grant].into(), false, false)
+                .presented(Credential::ApiKey),
+        )
+    }
+
+    /// The key `id` for an administrator who may manage it: one who covers its owner.
+    fn manageable(&self, state: &State, caller: &Principal, id: &str) -> DomainResult<KeyRecord> {
+        let record = state
+            .api_keys
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found("API key", id))?;
+        bounded(state, caller, Action::KeysWrite, &record.key.owner_id)?;
+        Ok(record)
     }
 
     pub fn api_keys(&self, caller: &Principal) -> DomainResult<Vec<ApiKey>> {
@@ -253,11 +297,7 @@ impl Directory {
     pub fn revoke_api_key(&self, caller: &Principal, id: &str) -> DomainResult<ApiKey> {
         caller.authorize_instance(Action::KeysWrite)?;
         let mut state = self.lock()?;
-        let mut record = state
-            .api_keys
-            .get(id)
-            .cloned()
-            .ok_or_else(|| not_found("API key", id))?;
+        let mut record = self.manageable(&state, caller, id)?;
         record.key.revoked = true;
         self.commit(&[Mutation::put(
             Table::ApiKeys,
@@ -281,15 +321,18 @@ impl Directory {
         let overlap = overlap_secs.unwrap_or(DEFAULT_OVERLAP_SECS).min(30 * DAY);
         let now = self.now();
         let mut state = self.lock()?;
-        let mut old = state
-            .api_keys
-            .get(id)
-            .cloned()
-            .ok_or_else(|| not_found("API key", id))?;
+        let mut old = self.manageable(&state, caller, id)?;
         if old.key.revoked || old.key.expires_at <= now {
             return Err(DomainError::Conflict(
                 "the key is revoked or expired".into(),
             ));
+        }
+        // A key has at most one successor: rotating a replaced key again would leave several
+        // live keys of which only the last is linked to it.
+        if let Some(successor) = &old.key.replaced_by {
+            return Err(DomainError::Conflict(format!(
+                "the key was already rotated; rotate its successor {successor}"
+            )));
         }
         let lifetime = old.key.expires_at.saturating_sub(old.key.created_at).max(1);
         let (new, secret) = self.mint(&old.key, now + lifetime.min(MAX_LIFETIME_SECS));
@@ -318,11 +361,13 @@ mod tests {
     use crate::identity::{IdentityKind, NewIdentity};
     use crate::store::MemoryStore;
 
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     fn setup() -> (Directory, Principal, String) {
         let dir = Directory::open(Arc::new(MemoryStore::default()), Arc::new(SystemClock)).unwrap();
         let (admin, secret) = Directory::new_admin_credential();
         dir.bootstrap_admin(&admin, &secret).unwrap();
-        let admin = dir.principal(&admin, false, 0).unwrap();
+        let admin = dir.principal(&admin, false, 0, 0).unwrap();
         let new = NewIdentity {
             kind: IdentityKind::ServiceAccount,
             name: "historian".into(),
@@ -355,15 +400,15 @@ mod tests {
             .unwrap();
         assert!(created.secret.starts_with(&format!("{}_", created.key.id)));
         assert_eq!(created.key.rotate_by - created.key.created_at, 30 * DAY);
-        let p = dir.authenticate_api_key(&created.secret).unwrap();
+        let p = dir.authenticate_api_key(LOCAL, &created.secret).unwrap();
         assert!(p.authorize(Action::Query).is_ok());
         assert!(p.authorize(Action::TwinsWrite).is_err());
         // A wrong secret with a real ID, or a made-up key, is nothing.
         assert!(
-            dir.authenticate_api_key(&format!("{}_AAAA", created.key.id))
-                .is_none()
+            dir.authenticate_api_key(LOCAL, &format!("{}_AAAA", created.key.id))
+                .is_err()
         );
-        assert!(dir.authenticate_api_key("tgk_x_y").is_none());
+        assert!(dir.authenticate_api_key(LOCAL, "tgk_x_y").is_err());
         // The owner cannot hand out what it does not hold.
         assert!(
             dir.create_api_key(&admin, new_key(&svc, DATA_OWNER, Risk::Low))
@@ -375,7 +420,7 @@ mod tests {
                 .is_err()
         );
         dir.revoke_api_key(&admin, &created.key.id).unwrap();
-        assert!(dir.authenticate_api_key(&created.secret).is_none());
+        assert!(dir.authenticate_api_key(LOCAL, &created.secret).is_err());
     }
 
     #[test]
@@ -386,7 +431,7 @@ mod tests {
             .unwrap();
         let assignment = dir.assignments(&admin, Some(&svc)).unwrap().remove(0);
         dir.unassign(&admin, &assignment.id).unwrap();
-        assert!(dir.authenticate_api_key(&created.secret).is_none());
+        assert!(dir.authenticate_api_key(LOCAL, &created.secret).is_err());
     }
 
     #[test]
@@ -398,18 +443,21 @@ mod tests {
         let new = dir
             .rotate_api_key(&admin, &old.key.id, Some(3_600))
             .unwrap();
-        assert!(dir.authenticate_api_key(&old.secret).is_some(), "overlap");
-        assert!(dir.authenticate_api_key(&new.secret).is_some());
+        assert!(
+            dir.authenticate_api_key(LOCAL, &old.secret).is_ok(),
+            "overlap"
+        );
+        assert!(dir.authenticate_api_key(LOCAL, &new.secret).is_ok());
         let listed = dir.api_keys(&admin).unwrap();
         let old_now = listed.iter().find(|k| k.id == old.key.id).unwrap();
         assert_eq!(old_now.replaced_by.as_deref(), Some(new.key.id.as_str()));
         assert!(old_now.expires_at <= dir.now() + 3_600);
         let no_overlap = dir.rotate_api_key(&admin, &new.key.id, Some(0)).unwrap();
         assert!(
-            dir.authenticate_api_key(&new.secret).is_none(),
+            dir.authenticate_api_key(LOCAL, &new.secret).is_err(),
             "expired at once"
         );
-        assert!(dir.authenticate_api_key(&no_overlap.secret).is_some());
+        assert!(dir.authenticate_api_key(LOCAL, &no_overlap.secret).is_ok());
         // Nothing is overdue yet; a key created with an old date is.
         assert!(dir.overdue_api_keys(&admin).unwrap().is_empty());
         {

@@ -27,12 +27,62 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::DEFAULT)
 }
 
+/// argon2 computations that may run at once in the process (each holds 19 MiB and a core for
+/// tens of milliseconds), and callers that may wait for one. Past both, a password operation is
+/// refused as busy at once: an attacker who floods logins, password changes or resets holds at
+/// most this much memory and these threads, whatever route the passwords come in by.
+pub const ARGON2_RUNNING: usize = 2;
+pub const ARGON2_WAITING: usize = 32;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CredentialError {
     #[error("a password must be {MIN_PASSWORD_LEN} to {MAX_PASSWORD_LEN} characters long")]
     PasswordLength,
     #[error("the password could not be hashed")]
     Hashing,
+    #[error("too many password checks are running; retry shortly")]
+    Busy,
+}
+
+/// The process-wide cap on argon2 work (see [`ARGON2_RUNNING`]).
+struct Slots {
+    /// (running, waiting)
+    counts: std::sync::Mutex<(usize, usize)>,
+    freed: std::sync::Condvar,
+}
+
+struct Slot(&'static Slots);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.0.counts.lock() {
+            counts.0 = counts.0.saturating_sub(1);
+        }
+        self.0.freed.notify_one();
+    }
+}
+
+fn argon2_slot() -> Result<Slot, CredentialError> {
+    static SLOTS: Slots = Slots {
+        counts: std::sync::Mutex::new((0, 0)),
+        freed: std::sync::Condvar::new(),
+    };
+    let mut counts = SLOTS.counts.lock().map_err(|_| CredentialError::Busy)?;
+    if counts.0 >= ARGON2_RUNNING {
+        if counts.1 >= ARGON2_WAITING {
+            return Err(CredentialError::Busy);
+        }
+        counts.1 += 1;
+        while counts.0 >= ARGON2_RUNNING {
+            counts = SLOTS
+                .freed
+                .wait(counts)
+                .map_err(|_| CredentialError::Busy)?;
+        }
+        counts.1 -= 1;
+    }
+    counts.0 += 1;
+    Ok(Slot(&SLOTS))
 }
 
 /// Hashes a new password; the result is a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$...`).
@@ -41,6 +91,7 @@ pub fn hash_password(password: &str) -> Result<String, CredentialError> {
     if !(MIN_PASSWORD_LEN..=MAX_PASSWORD_LEN).contains(&chars) {
         return Err(CredentialError::PasswordLength);
     }
+    let _slot = argon2_slot()?;
     argon2()
         .hash_password(password.as_bytes())
         .map(|h| h.to_string())
@@ -59,22 +110,24 @@ fn decoy_hash() -> &'static str {
     })
 }
 
-/// Checks `password` against a stored hash, or against a decoy when there is none.
-pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
+/// Checks `password` against a stored hash, or against a decoy when there is none. `Busy` when
+/// the process already runs as many argon2 checks as it allows.
+pub fn verify_password(password: &str, stored: Option<&str>) -> Result<bool, CredentialError> {
     if password.len() > MAX_PASSWORD_LEN * 4 {
-        return false;
+        return Ok(false);
     }
     let (hash, real) = match stored {
         Some(h) => (h, true),
         None => (decoy_hash(), false),
     };
     let Ok(parsed) = PasswordHash::new(hash) else {
-        return false;
+        return Ok(false);
     };
+    let _slot = argon2_slot()?;
     let ok = argon2()
         .verify_password(password.as_bytes(), &parsed)
         .is_ok();
-    ok && real
+    Ok(ok && real)
 }
 
 /// SHA-256 of a machine secret, hex.
@@ -253,9 +306,15 @@ mod tests {
             hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
             "{hash}"
         );
-        assert!(verify_password("correct horse battery", Some(&hash)));
-        assert!(!verify_password("correct horse battery!", Some(&hash)));
-        assert!(!verify_password("correct horse battery", None));
+        assert_eq!(
+            verify_password("correct horse battery", Some(&hash)),
+            Ok(true)
+        );
+        assert_eq!(
+            verify_password("correct horse battery!", Some(&hash)),
+            Ok(false)
+        );
+        assert_eq!(verify_password("correct horse battery", None), Ok(false));
         assert_eq!(hash_password("short"), Err(CredentialError::PasswordLength));
     }
 
@@ -266,5 +325,36 @@ mod tests {
         assert!(use_recovery_code(&mut stored, &codes[3].to_uppercase()));
         assert!(!use_recovery_code(&mut stored, &codes[3]));
         assert_eq!(stored.len(), RECOVERY_CODES - 1);
+    }
+
+    #[test]
+    fn argon2_work_is_capped_and_the_overflow_is_refused_at_once() {
+        let hash = hash_password("correct horse battery").unwrap_or_default();
+        let callers = ARGON2_RUNNING + ARGON2_WAITING + 16;
+        let start = std::sync::Arc::new(std::sync::Barrier::new(callers));
+        let threads: Vec<_> = (0..callers)
+            .map(|_| {
+                let (hash, start) = (hash.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    verify_password("correct horse battery", Some(&hash))
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or(Err(CredentialError::Hashing)))
+            .collect();
+        let busy = results
+            .iter()
+            .filter(|r| **r == Err(CredentialError::Busy))
+            .count();
+        let checked = results.iter().filter(|r| **r == Ok(true)).count();
+        assert_eq!(busy + checked, callers, "{results:?}");
+        assert!(
+            busy >= 1,
+            "more callers than slots and places to wait: some are refused"
+        );
+        assert!(checked > ARGON2_RUNNING, "waiting callers get their turn");
     }
 }

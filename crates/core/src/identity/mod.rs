@@ -11,19 +11,21 @@ pub mod apikeys;
 pub mod credentials;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::auth::{
-    Action, ActionSet, DATA_OWNER, Grant, Principal, PrincipalKind, Role, RoleId, SECURITY_ADMIN,
-    Scope, builtin_role, builtin_roles,
+    Action, ActionSet, Credential, DATA_OWNER, Grant, INSTANCE_OWNER, Principal, PrincipalKind,
+    Role, RoleId, SECURITY_ADMIN, Scope, builtin_role, builtin_roles,
 };
 use crate::clock::Clock;
 use crate::error::{DomainError, DomainResult};
 use crate::store::{Mutation, Store, StoreError, Table};
-use credentials::TotpState;
+use crate::throttle::{Policy, RetryAfter, Throttle};
+use credentials::{CredentialError, TotpState};
 
 /// How long after an MFA-backed login a person may perform sensitive actions (step-up).
 pub const STEP_UP_WINDOW_SECS: u64 = 300;
@@ -31,6 +33,8 @@ pub const STEP_UP_WINDOW_SECS: u64 = 300;
 const MAX_NAME_LEN: usize = 128;
 /// Most role assignments per principal; bounds the work of every access decision.
 const MAX_ASSIGNMENTS_PER_PRINCIPAL: usize = 64;
+/// How long an MFA enrolment code issued by an administrator stays usable.
+pub const ENROLMENT_CODE_LIFETIME_SECS: u64 = 24 * 3_600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -99,6 +103,25 @@ struct Credentials {
     /// Serial numbers (hex) of client certificates issued by the instance CA, with expiry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     certificates: Vec<IssuedCertificate>,
+    /// The session generation: every reset or rotation of a credential increments it, and a
+    /// session (access or refresh token) of another generation is dead.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    generation: u64,
+    /// A one-time code an administrator issued for a person's first MFA enrolment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enrolment: Option<EnrolmentCode>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct EnrolmentCode {
+    /// SHA-256 of the code.
+    digest: String,
+    expires_at: u64,
 }
 
 /// A client certificate issued to a workload by the instance CA.
@@ -197,6 +220,30 @@ pub struct Authenticated {
     pub kind: PrincipalKind,
     /// A second factor was checked.
     pub mfa: bool,
+    /// The identity's session generation at authentication (see [`Directory::principal`]).
+    pub generation: u64,
+}
+
+/// Why a secret check let nobody in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many recent failures from this address or on this account: nothing was checked.
+    Throttled(RetryAfter),
+    Failed(LoginFailure),
+}
+
+impl From<Refusal> for DomainError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Throttled(wait) => DomainError::Throttled {
+                retry_after_secs: wait.seconds(),
+            },
+            Refusal::Failed(LoginFailure::Unavailable) => DomainError::Unavailable,
+            Refusal::Failed(_) => {
+                DomainError::InvalidArgument("the password or code is not valid".into())
+            }
+        }
+    }
 }
 
 /// A TOTP enrolment in progress, shown to the user once.
@@ -276,6 +323,8 @@ pub struct Directory {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     state: RwLock<State>,
+    /// The one throttle every check of a secret goes through ([`Directory::guarded`]).
+    throttle: Throttle,
 }
 
 impl std::fmt::Debug for Directory {
@@ -353,11 +402,48 @@ impl Directory {
         }
         let directory = Self {
             store,
+            throttle: Throttle::new(Policy::default(), clock.clone()),
             clock,
             state: RwLock::new(state),
         };
         directory.migrate_clients()?;
+        directory.migrate_owner()?;
         Ok(directory)
+    }
+
+    /// Data directories made before administration was bounded by the actor gave the first
+    /// administrator Data Owner and Security Admin only, which no longer let it hand out the
+    /// Operator or Telemetry Writer roles; it gets Instance Owner, the role that now roots all
+    /// delegation. (It could assign itself any role before, so it gains no power it lacked.)
+    fn migrate_owner(&self) -> Result<(), StoreError> {
+        let mut state = self.write_state()?;
+        let Some(id) = state.by_name.get("bootstrap-admin").cloned() else {
+            return Ok(());
+        };
+        let holds = |role: &str| {
+            state
+                .assignments
+                .values()
+                .any(|a| a.principal_id == id && a.role_id == role && a.scope == Scope::Instance)
+        };
+        if !holds(SECURITY_ADMIN) || holds(INSTANCE_OWNER) {
+            return Ok(());
+        }
+        let a = RoleAssignment {
+            id: uuid::Uuid::new_v4().to_string(),
+            principal_id: id,
+            role_id: INSTANCE_OWNER.to_owned(),
+            scope: Scope::Instance,
+            created_at: self.now(),
+        };
+        let bytes = serde_json::to_vec(&a)
+            .map_err(|_| StoreError("a directory record did not serialize".into()))?;
+        self.store
+            .commit(&[Mutation::put(Table::RoleAssignments, a.id.clone(), bytes)])?;
+        state.assignments.insert(a.id.clone(), a);
+        state.grants.clear();
+        tracing::info!("the first administrator now holds the Instance Owner role");
+        Ok(())
     }
 
     fn migrate_clients(&self) -> Result<(), StoreError> {
@@ -475,8 +561,8 @@ impl Directory {
         )
     }
 
-    /// Registers the first administrator: an application holding Data Owner and Security Admin
-    /// at instance scope. Only the secret's digest is stored.
+    /// Registers the first administrator: an application holding Data Owner, Security Admin and
+    /// Instance Owner at instance scope. Only the secret's digest is stored.
     pub fn bootstrap_admin(&self, id: &str, secret: &str) -> DomainResult<()> {
         let id = id.to_owned();
         let now = self.now();
@@ -496,7 +582,7 @@ impl Directory {
                 ..Credentials::default()
             },
         };
-        let assignments: Vec<RoleAssignment> = [DATA_OWNER, SECURITY_ADMIN]
+        let assignments: Vec<RoleAssignment> = [DATA_OWNER, SECURITY_ADMIN, INSTANCE_OWNER]
             .iter()
             .map(|role| RoleAssignment {
                 id: uuid::Uuid::new_v4().to_string(),
@@ -557,12 +643,55 @@ impl Directory {
     }
 
     /// The caller identity `id` is now: its current grants, with MFA and step-up decided from
-    /// how and when it authenticated. `None` if it may not act at all.
-    pub fn principal(&self, id: &str, mfa: bool, auth_time: u64) -> Option<Principal> {
+    /// how and when it authenticated. `None` if it may not act at all: deleted, disabled, or
+    /// the session is of an earlier `generation` (a credential was reset since it began).
+    pub fn principal(
+        &self,
+        id: &str,
+        mfa: bool,
+        auth_time: u64,
+        generation: u64,
+    ) -> Option<Principal> {
+        if self.generation(id)? != generation {
+            return None;
+        }
         let (kind, grants) = self.grants(id)?;
         let now = self.now();
-        let step_up = mfa && now.saturating_sub(auth_time) <= STEP_UP_WINDOW_SECS;
+        // An `auth_time` in the future is no authentication at all, not a step-up forever.
+        let step_up =
+            mfa && auth_time <= now && now.saturating_sub(auth_time) <= STEP_UP_WINDOW_SECS;
         Some(Principal::new(id, kind, grants, mfa, step_up))
+    }
+
+    /// The session generation of identity `id`: sessions of another generation are dead.
+    pub fn generation(&self, id: &str) -> Option<u64> {
+        let state = self.state.read().ok()?;
+        Some(state.records.get(id)?.credentials.generation)
+    }
+
+    /// Runs `check`, a check of a secret presented from `from` for `account` (when it names
+    /// one), behind the one throttle: while the address or the account must wait, `check` does
+    /// not run at all; a failure counts against both; a success clears nothing. Every secret
+    /// the directory holds is checked through here, and so are the checks that live elsewhere
+    /// (client assertions and certificates in the token service).
+    pub fn guarded<T>(
+        &self,
+        from: IpAddr,
+        account: Option<&str>,
+        check: impl FnOnce() -> Result<T, LoginFailure>,
+    ) -> Result<T, Refusal> {
+        self.throttle
+            .check(from, account)
+            .map_err(Refusal::Throttled)?;
+        match check() {
+            Ok(value) => Ok(value),
+            // The server could not check: not the caller's failure.
+            Err(LoginFailure::Unavailable) => Err(Refusal::Failed(LoginFailure::Unavailable)),
+            Err(why) => {
+                self.throttle.failed(from, account);
+                Err(Refusal::Failed(why))
+            }
+        }
     }
 
     /// A caller authenticated by an external issuer: the role assignments of the directory
@@ -623,29 +752,47 @@ impl Directory {
         } else {
             PrincipalKind::User
         };
-        let step_up = mfa && self.now().saturating_sub(auth_time) <= STEP_UP_WINDOW_SECS;
+        let now = self.now();
+        let step_up =
+            mfa && auth_time <= now && now.saturating_sub(auth_time) <= STEP_UP_WINDOW_SECS;
         Principal::new(subject, kind, grants.into(), mfa, step_up)
     }
 
-    /// The client-credentials check for applications and service accounts. `client_id` is the
-    /// identity ID.
+    /// The client-credentials check for applications and service accounts, from `from`.
+    /// `client_id` is the identity ID.
     pub fn authenticate_client(
         &self,
+        from: IpAddr,
         client_id: &str,
         secret: &str,
-    ) -> Result<Authenticated, LoginFailure> {
-        let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
-        let record = state.records.get(client_id);
-        let stored = record.and_then(|r| r.credentials.client_secret.as_deref());
-        // The digest comparison runs whether or not the client exists.
-        let matches = credentials::secret_matches(secret, stored);
-        workload_login(record.ok_or(LoginFailure::Unknown)?, matches)
+    ) -> Result<Authenticated, Refusal> {
+        self.guarded(from, Some(client_id), || {
+            let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
+            let record = state.records.get(client_id);
+            let stored = record.and_then(|r| r.credentials.client_secret.as_deref());
+            // The digest comparison runs whether or not the client exists.
+            let matches = credentials::secret_matches(secret, stored);
+            workload_login(record.ok_or(LoginFailure::Unknown)?, matches)
+        })
     }
 
-    /// A person's login: password (argon2id), then, if enrolled, a TOTP or recovery code. An
-    /// unknown user costs the same argon2 work as a wrong password. Slow by design: call it
-    /// off the async runtime.
+    /// A person's login from `from`: password (argon2id), then, if enrolled, a TOTP or recovery
+    /// code. An unknown user costs the same argon2 work as a wrong password. Slow by design:
+    /// call it off the async runtime.
     pub fn authenticate_user(
+        &self,
+        from: IpAddr,
+        name: &str,
+        password: &str,
+        code: Option<&str>,
+    ) -> Result<Authenticated, Refusal> {
+        let account = person_account(name);
+        self.guarded(from, Some(&account), || {
+            self.check_user(name, password, code)
+        })
+    }
+
+    fn check_user(
         &self,
         name: &str,
         password: &str,
@@ -663,7 +810,8 @@ impl Directory {
                 record.and_then(|r| r.credentials.password.clone()),
             )
         };
-        let password_ok = credentials::verify_password(password, hash.as_deref());
+        let password_ok = credentials::verify_password(password, hash.as_deref())
+            .map_err(|_| LoginFailure::Unavailable)?;
         let id = id.ok_or(LoginFailure::Unknown)?;
         if !password_ok {
             return Err(LoginFailure::WrongSecret);
@@ -679,11 +827,13 @@ impl Directory {
             .totp
             .as_ref()
             .is_some_and(|t| t.confirmed);
+        let generation = record.credentials.generation;
         if !enrolled {
             return Ok(Authenticated {
                 id,
                 kind: PrincipalKind::User,
                 mfa: false,
+                generation,
             });
         }
         let code = code.ok_or(LoginFailure::WrongCode)?;
@@ -709,90 +859,172 @@ impl Directory {
             id,
             kind: PrincipalKind::User,
             mfa: true,
+            generation,
         })
     }
 
     // ---- self-service ----
 
+    /// The caller itself, if it may change its own credentials: a person (or, for
+    /// certificates, a workload) that presented a session, never an API key, which is a
+    /// standing credential bound to one role and must not mint others.
+    fn self_service(caller: &Principal) -> DomainResult<()> {
+        if caller.credential == Credential::ApiKey {
+            return Err(DomainError::Forbidden {
+                action: "twinguard/self-service",
+            });
+        }
+        Ok(())
+    }
+
     /// Starts a TOTP enrolment for the calling user. A confirmed enrolment is only replaced by
-    /// an administrator's reset, so a stolen password alone cannot re-enrol.
-    pub fn begin_totp(&self, caller: &Principal, issuer: &str) -> DomainResult<TotpEnrolment> {
+    /// an administrator's reset, so a stolen password alone cannot re-enrol. A person who holds
+    /// any privileged action must also present the one-time enrolment code an administrator
+    /// issued ([`Directory::issue_enrolment_code`]): otherwise whoever stole the password of a
+    /// privileged person who had not enrolled yet would enrol their own authenticator and pass
+    /// every MFA check from then on. The code is checked behind the throttle and used up.
+    pub fn begin_totp(
+        &self,
+        caller: &Principal,
+        from: IpAddr,
+        enrolment_code: Option<&str>,
+        issuer: &str,
+    ) -> DomainResult<TotpEnrolment> {
+        Self::self_service(caller)?;
         if caller.kind != PrincipalKind::User {
             return Err(DomainError::InvalidArgument(
                 "only people enrol a second factor".into(),
             ));
         }
-        let mut state = self.lock()?;
-        let record = state
-            .records
-            .get_mut(&caller.subject)
-            .ok_or_else(|| not_found("identity", &caller.subject))?;
-        if record
-            .credentials
-            .totp
-            .as_ref()
-            .is_some_and(|t| t.confirmed)
-        {
-            return Err(DomainError::Conflict(
-                "a second factor is already enrolled; an administrator can reset it".into(),
-            ));
-        }
+        let account = self.person_account_of(&caller.subject)?;
+        let now = self.now();
         let totp = TotpState::generate();
-        let name = record.identity.name.clone();
-        let enrolment = TotpEnrolment {
+        let enrolled = self.guarded(from, Some(&account), || {
+            let mut state = self.state.write().map_err(|_| LoginFailure::Unavailable)?;
+            let privileged = state
+                .resolve(&caller.subject)
+                .iter()
+                .any(|g| g.actions.iter().any(Action::is_privileged));
+            let record = state
+                .records
+                .get_mut(&caller.subject)
+                .ok_or(LoginFailure::Unknown)?;
+            let mut updated = record.clone();
+            if updated
+                .credentials
+                .totp
+                .as_ref()
+                .is_some_and(|t| t.confirmed)
+            {
+                return Ok(Err(DomainError::Conflict(
+                    "a second factor is already enrolled; an administrator can reset it".into(),
+                )));
+            }
+            if privileged {
+                let issued = updated
+                    .credentials
+                    .enrolment
+                    .take()
+                    .filter(|c| c.expires_at > now);
+                let matches = credentials::secret_matches(
+                    enrolment_code.unwrap_or_default(),
+                    issued.as_ref().map(|c| c.digest.as_str()),
+                );
+                if !matches {
+                    return Err(LoginFailure::WrongCode);
+                }
+            }
+            updated.credentials.totp = Some(totp.clone());
+            let bytes = to_json(&updated).map_err(|_| LoginFailure::Unavailable)?;
+            self.store
+                .commit(&[Mutation::put(
+                    Table::Identities,
+                    caller.subject.clone(),
+                    bytes,
+                )])
+                .map_err(|_| LoginFailure::Unavailable)?;
+            let name = updated.identity.name.clone();
+            *record = updated;
+            Ok(Ok(name))
+        });
+        let name = match enrolled {
+            Ok(result) => result?,
+            Err(Refusal::Failed(LoginFailure::WrongCode)) => {
+                return Err(DomainError::InvalidArgument(
+                    "a person who holds privileged roles enrols with the one-time enrolment code an administrator issued".into(),
+                ));
+            }
+            Err(refusal) => return Err(refusal.into()),
+        };
+        Ok(TotpEnrolment {
             secret: Zeroizing::new(totp.secret.clone()),
             uri: Zeroizing::new(totp.uri(&name, issuer).unwrap_or_default()),
             qr_png: totp.qr_png(&name, issuer).unwrap_or_default(),
-        };
-        let mut updated = record.clone();
-        updated.credentials.totp = Some(totp);
-        self.commit(&[Mutation::put(
-            Table::Identities,
-            caller.subject.clone(),
-            to_json(&updated)?,
-        )])?;
-        *record = updated;
-        Ok(enrolment)
+        })
     }
 
-    /// Confirms the calling user's enrolment with a first code and returns recovery codes,
-    /// shown once.
-    pub fn confirm_totp(&self, caller: &Principal, code: &str) -> DomainResult<Vec<String>> {
+    /// Confirms the calling user's enrolment with a first code (behind the throttle) and
+    /// returns recovery codes, shown once.
+    pub fn confirm_totp(
+        &self,
+        caller: &Principal,
+        from: IpAddr,
+        code: &str,
+    ) -> DomainResult<Vec<String>> {
+        Self::self_service(caller)?;
+        let account = self.person_account_of(&caller.subject)?;
         let now = self.now();
-        let mut state = self.lock()?;
-        let record = state
-            .records
-            .get_mut(&caller.subject)
-            .ok_or_else(|| not_found("identity", &caller.subject))?;
-        let mut updated = record.clone();
-        let Some(totp) = updated.credentials.totp.as_mut().filter(|t| !t.confirmed) else {
-            return Err(DomainError::Conflict(
-                "no enrolment is waiting for confirmation".into(),
-            ));
-        };
-        if !totp.accept(code, now) {
-            return Err(DomainError::InvalidArgument("the code is not valid".into()));
+        let confirmed = self.guarded(from, Some(&account), || {
+            let mut state = self.state.write().map_err(|_| LoginFailure::Unavailable)?;
+            let record = state
+                .records
+                .get_mut(&caller.subject)
+                .ok_or(LoginFailure::Unknown)?;
+            let mut updated = record.clone();
+            let Some(totp) = updated.credentials.totp.as_mut().filter(|t| !t.confirmed) else {
+                return Ok(Err(DomainError::Conflict(
+                    "no enrolment is waiting for confirmation".into(),
+                )));
+            };
+            if !totp.accept(code, now) {
+                return Err(LoginFailure::WrongCode);
+            }
+            totp.confirmed = true;
+            let (codes, digests) = credentials::recovery_codes();
+            updated.credentials.recovery = digests;
+            updated.identity.mfa_enrolled = true;
+            let bytes = to_json(&updated).map_err(|_| LoginFailure::Unavailable)?;
+            self.store
+                .commit(&[Mutation::put(
+                    Table::Identities,
+                    caller.subject.clone(),
+                    bytes,
+                )])
+                .map_err(|_| LoginFailure::Unavailable)?;
+            *record = updated;
+            Ok(Ok(codes))
+        });
+        match confirmed {
+            Ok(result) => result,
+            Err(Refusal::Failed(LoginFailure::WrongCode)) => {
+                Err(DomainError::InvalidArgument("the code is not valid".into()))
+            }
+            Err(refusal) => Err(refusal.into()),
         }
-        totp.confirmed = true;
-        let (codes, digests) = credentials::recovery_codes();
-        updated.credentials.recovery = digests;
-        updated.identity.mfa_enrolled = true;
-        self.commit(&[Mutation::put(
-            Table::Identities,
-            caller.subject.clone(),
-            to_json(&updated)?,
-        )])?;
-        *record = updated;
-        Ok(codes)
     }
 
-    /// Changes the calling user's own password, given the current one.
+    /// Changes the calling user's own password, given the current one, which is checked
+    /// behind the throttle under the same account as a login. Every session of the person,
+    /// this one included, ends: they log in again with the new password.
     pub fn change_own_password(
         &self,
         caller: &Principal,
+        from: IpAddr,
         current: &str,
         new: &str,
     ) -> DomainResult<()> {
+        Self::self_service(caller)?;
+        let account = self.person_account_of(&caller.subject)?;
         let stored = {
             let state = self.read_state()?;
             state
@@ -800,24 +1032,53 @@ impl Directory {
                 .get(&caller.subject)
                 .and_then(|r| r.credentials.password.clone())
         };
-        if !credentials::verify_password(current, stored.as_deref()) {
-            return Err(DomainError::InvalidArgument(
-                "the current password is wrong".into(),
-            ));
+        let checked = self.guarded(from, Some(&account), || match credentials::verify_password(
+            current,
+            stored.as_deref(),
+        ) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(LoginFailure::WrongSecret),
+            Err(_) => Err(LoginFailure::Unavailable),
+        });
+        match checked {
+            Ok(()) => {}
+            Err(Refusal::Failed(LoginFailure::WrongSecret)) => {
+                return Err(DomainError::InvalidArgument(
+                    "the current password is wrong".into(),
+                ));
+            }
+            Err(refusal) => return Err(refusal.into()),
         }
-        let hash = credentials::hash_password(new)
-            .map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
-        self.update_record(&caller.subject, |r| {
+        let hash = hash_new_password(new)?;
+        self.update_record(None, &caller.subject, |r| {
             r.credentials.password = Some(hash);
+            r.credentials.generation += 1;
             Ok(())
         })
         .map(|_| ())
     }
 
+    /// The throttle account of a person: the same key whether a guess comes in by login or by
+    /// a self-service check.
+    fn person_account_of(&self, id: &str) -> DomainResult<String> {
+        let state = self.read_state()?;
+        let record = state
+            .records
+            .get(id)
+            .filter(|r| r.identity.kind == IdentityKind::User)
+            .ok_or_else(|| {
+                DomainError::InvalidArgument("only people have passwords and second factors".into())
+            })?;
+        Ok(person_account(&record.identity.name))
+    }
+
     // ---- administration ----
 
+    /// Changes identity `id`'s record. With an `actor` (an administrator and the action it
+    /// uses), the actor must cover everything `id` holds, and every group `id` joins.
     fn update_record(
         &self,
+        actor: Option<(&Principal, Action)>,
         id: &str,
         change: impl FnOnce(&mut Record) -> DomainResult<()>,
     ) -> DomainResult<Identity> {
@@ -826,6 +1087,9 @@ impl Directory {
             .records
             .get(id)
             .ok_or_else(|| not_found("identity", id))?;
+        if let Some((caller, action)) = actor {
+            bounded(&state, caller, action, id)?;
+        }
         let mut updated = record.clone();
         change(&mut updated)?;
         for g in &updated.identity.groups {
@@ -837,6 +1101,11 @@ impl Directory {
                 return Err(DomainError::InvalidArgument(format!(
                     "'{g}' is not a group"
                 )));
+            }
+            if let Some((caller, action)) = actor
+                && !record.identity.groups.contains(g)
+            {
+                bounded(&state, caller, action, g)?;
             }
         }
         self.commit(&[Mutation::put(
@@ -881,10 +1150,7 @@ impl Directory {
         caller.authorize_instance(Action::IdentitiesWrite)?;
         check_name(&new.name)?;
         let password = match (&new.password, new.kind) {
-            (Some(p), IdentityKind::User) => Some(
-                credentials::hash_password(p)
-                    .map_err(|e| DomainError::InvalidArgument(e.to_string()))?,
-            ),
+            (Some(p), IdentityKind::User) => Some(hash_new_password(p)?),
             (Some(_), _) => {
                 return Err(DomainError::InvalidArgument(
                     "only users have passwords".into(),
@@ -931,6 +1197,7 @@ impl Directory {
                     "'{g}' is not a group"
                 )));
             }
+            bounded(&state, caller, Action::IdentitiesWrite, g)?;
         }
         self.commit(&[Mutation::put(
             Table::Identities,
@@ -950,8 +1217,11 @@ impl Directory {
         patch: IdentityPatch,
     ) -> DomainResult<Identity> {
         caller.authorize_instance(Action::IdentitiesWrite)?;
-        self.update_record(id, |r| {
+        self.update_record(Some((caller, Action::IdentitiesWrite)), id, |r| {
             if let Some(disabled) = patch.disabled {
+                if disabled && !r.identity.disabled {
+                    r.credentials.generation += 1;
+                }
                 r.identity.disabled = disabled;
             }
             if let Some(name) = patch.display_name {
@@ -973,6 +1243,7 @@ impl Directory {
             .get(id)
             .ok_or_else(|| not_found("identity", id))?;
         let name = record.identity.name.to_lowercase();
+        bounded(&state, caller, Action::IdentitiesWrite, id)?;
         let mut muts = vec![Mutation::delete(Table::Identities, id.to_owned())];
         let gone: Vec<String> = state
             .assignments
@@ -1009,33 +1280,62 @@ impl Directory {
         Ok(())
     }
 
-    /// Sets a user's password (an administrator's reset).
+    /// Sets a user's password (an administrator's reset); every session of the person ends.
     pub fn set_password(&self, caller: &Principal, id: &str, password: &str) -> DomainResult<()> {
         caller.authorize_instance(Action::IdentitiesWrite)?;
-        let hash = credentials::hash_password(password)
-            .map_err(|e| DomainError::InvalidArgument(e.to_string()))?;
-        self.update_record(id, |r| {
+        self.read_state()
+            .and_then(|s| bounded(&s, caller, Action::IdentitiesWrite, id))?;
+        let hash = hash_new_password(password)?;
+        self.update_record(Some((caller, Action::IdentitiesWrite)), id, |r| {
             if r.identity.kind != IdentityKind::User {
                 return Err(DomainError::InvalidArgument(
                     "only users have passwords".into(),
                 ));
             }
             r.credentials.password = Some(hash);
+            r.credentials.generation += 1;
             Ok(())
         })
         .map(|_| ())
     }
 
-    /// Removes a user's second factor and recovery codes, so they can enrol again.
+    /// Removes a user's second factor and recovery codes, so they can enrol again; every
+    /// session of the person ends.
     pub fn reset_mfa(&self, caller: &Principal, id: &str) -> DomainResult<()> {
         caller.authorize_instance(Action::IdentitiesWrite)?;
-        self.update_record(id, |r| {
+        self.update_record(Some((caller, Action::IdentitiesWrite)), id, |r| {
             r.credentials.totp = None;
             r.credentials.recovery.clear();
             r.identity.mfa_enrolled = false;
+            r.credentials.generation += 1;
             Ok(())
         })
         .map(|_| ())
+    }
+
+    /// Issues a one-time code with which person `id` enrols a first authenticator although
+    /// they hold privileged roles (see [`Directory::begin_totp`]). The administrator hands it
+    /// over out of band; it is stored as a digest, replaces any earlier code and lapses after
+    /// [`ENROLMENT_CODE_LIFETIME_SECS`].
+    pub fn issue_enrolment_code(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> DomainResult<(Zeroizing<String>, u64)> {
+        caller.authorize_instance(Action::IdentitiesWrite)?;
+        let code = credentials::random_secret(16);
+        let expires_at = self.now() + ENROLMENT_CODE_LIFETIME_SECS;
+        let digest = credentials::secret_digest(&code);
+        self.update_record(Some((caller, Action::IdentitiesWrite)), id, |r| {
+            if r.identity.kind != IdentityKind::User {
+                return Err(DomainError::InvalidArgument(
+                    "only people enrol a second factor".into(),
+                ));
+            }
+            r.credentials.enrolment = Some(EnrolmentCode { digest, expires_at });
+            Ok(())
+        })?;
+        Ok((code, expires_at))
     }
 
     /// Issues a new client secret for an application or service account; the old one stops
@@ -1048,13 +1348,14 @@ impl Directory {
         caller.authorize_instance(Action::KeysWrite)?;
         let secret = credentials::random_secret(32);
         let digest = credentials::secret_digest(&secret);
-        self.update_record(id, |r| {
+        self.update_record(Some((caller, Action::KeysWrite)), id, |r| {
             if !r.identity.kind.is_workload() {
                 return Err(DomainError::InvalidArgument(
                     "only applications and service accounts have client secrets".into(),
                 ));
             }
             r.credentials.client_secret = Some(digest);
+            r.credentials.generation += 1;
             Ok(())
         })?;
         Ok(secret)
@@ -1089,13 +1390,14 @@ impl Directory {
                 "expected a JWKS of 1 to 8 public RSA, EC or OKP keys, each with a kid".into(),
             ));
         }
-        self.update_record(id, |r| {
+        self.update_record(Some((caller, Action::KeysWrite)), id, |r| {
             if !r.identity.kind.is_workload() {
                 return Err(DomainError::InvalidArgument(
                     "only applications and service accounts have client keys".into(),
                 ));
             }
             r.credentials.public_keys = Some(jwks);
+            r.credentials.generation += 1;
             Ok(())
         })
         .map(|_| ())
@@ -1112,19 +1414,44 @@ impl Directory {
         Some((record.credentials.public_keys.clone()?, kind))
     }
 
+    /// Whether `caller` may have a client certificate issued to workload `id`: an administrator
+    /// with the keys permission who covers everything `id` holds, or the workload itself
+    /// renewing with a session it opened with its current certificate (re-enrolment, as EST
+    /// does). A session from a client secret, an assertion or an API key cannot turn itself
+    /// into a 30-day certificate. Decide this before the CA signs anything.
+    pub fn authorize_certificate(&self, caller: &Principal, id: &str) -> DomainResult<()> {
+        let renewal = caller.subject == id && caller.credential == Credential::CertificateToken;
+        if !renewal {
+            caller.authorize_instance(Action::KeysWrite)?;
+        }
+        let state = self.read_state()?;
+        let record = state
+            .records
+            .get(id)
+            .ok_or_else(|| not_found("identity", id))?;
+        if !record.identity.kind.is_workload() {
+            return Err(DomainError::InvalidArgument(
+                "only applications and service accounts get client certificates".into(),
+            ));
+        }
+        if !renewal {
+            bounded(&state, caller, Action::KeysWrite, id)?;
+        }
+        Ok(())
+    }
+
     /// Records a client certificate issued to workload `id` (the CA signs it outside the
-    /// domain). Only the identity's own certificates, unrevoked and unexpired, authenticate it.
+    /// domain, after [`Directory::authorize_certificate`]). Only the identity's own
+    /// certificates, unrevoked and unexpired, authenticate it.
     pub fn record_certificate(
         &self,
         caller: &Principal,
         id: &str,
         certificate: IssuedCertificate,
     ) -> DomainResult<()> {
-        if caller.subject != id {
-            caller.authorize_instance(Action::KeysWrite)?;
-        }
+        self.authorize_certificate(caller, id)?;
         let now = self.now();
-        self.update_record(id, |r| {
+        self.update_record(None, id, |r| {
             if !r.identity.kind.is_workload() {
                 return Err(DomainError::InvalidArgument(
                     "only applications and service accounts get client certificates".into(),
@@ -1145,7 +1472,7 @@ impl Directory {
         serial: &str,
     ) -> DomainResult<()> {
         caller.authorize_instance(Action::KeysWrite)?;
-        self.update_record(id, |r| {
+        self.update_record(Some((caller, Action::KeysWrite)), id, |r| {
             let cert = r
                 .credentials
                 .certificates
@@ -1153,6 +1480,7 @@ impl Directory {
                 .find(|c| c.serial.eq_ignore_ascii_case(serial))
                 .ok_or_else(|| not_found("certificate", serial))?;
             cert.revoked = true;
+            r.credentials.generation += 1;
             Ok(())
         })
         .map(|_| ())
@@ -1160,6 +1488,7 @@ impl Directory {
 
     /// Authenticates a workload by a client certificate the TLS layer has already verified
     /// against the instance CA: the certificate must be one recorded for `id` and not revoked.
+    /// Call it through [`Directory::guarded`].
     pub fn authenticate_certificate(
         &self,
         id: &str,
@@ -1299,8 +1628,18 @@ impl Directory {
         if !state.records.contains_key(principal_id) {
             return Err(not_found("identity", principal_id));
         }
-        if state.role(role_id).is_none() {
+        let Some(role) = state.role(role_id) else {
             return Err(not_found("role", role_id));
+        };
+        // Nobody hands out what they do not hold themselves, at that scope.
+        if !caller.covers(&[Grant {
+            role: role.id.clone(),
+            actions: role.actions,
+            scope: scope.clone(),
+        }]) {
+            return Err(DomainError::Forbidden {
+                action: Action::RolesWrite.as_str(),
+            });
         }
         let held: Vec<&RoleAssignment> = state
             .assignments
@@ -1338,8 +1677,19 @@ impl Directory {
     pub fn unassign(&self, caller: &Principal, id: &str) -> DomainResult<()> {
         caller.authorize_instance(Action::RolesWrite)?;
         let mut state = self.lock()?;
-        if !state.assignments.contains_key(id) {
+        let Some(assignment) = state.assignments.get(id) else {
             return Err(not_found("role assignment", id));
+        };
+        // Taking a role away is bounded like handing it out: only by someone who holds it.
+        let held = state.role(&assignment.role_id).map(|role| Grant {
+            role: role.id,
+            actions: role.actions,
+            scope: assignment.scope.clone(),
+        });
+        if !held.is_none_or(|g| caller.covers(&[g])) {
+            return Err(DomainError::Forbidden {
+                action: Action::RolesWrite.as_str(),
+            });
         }
         self.commit(&[Mutation::delete(Table::RoleAssignments, id.to_owned())])?;
         state.assignments.remove(id);
@@ -1365,8 +1715,37 @@ fn workload_login(record: &Record, credential_ok: bool) -> Result<Authenticated,
         id: record.identity.id.clone(),
         kind,
         mfa: false,
+        generation: record.credentials.generation,
     })
 }
 
+/// The actor may administer identity `target` with `action` only if it covers every grant the
+/// target holds (see [`Principal::covers`]): then no reset, key, certificate or membership it
+/// obtains for the target gives it more than it already has. Refused as forbidden.
+fn bounded(state: &State, caller: &Principal, action: Action, target: &str) -> DomainResult<()> {
+    if caller.covers(&state.resolve(target)) {
+        Ok(())
+    } else {
+        Err(DomainError::Forbidden {
+            action: action.as_str(),
+        })
+    }
+}
+
+/// The throttle account of a person's name.
+fn person_account(name: &str) -> String {
+    format!("user:{}", name.to_lowercase())
+}
+
+/// argon2id of a new password, with the length rule and the process-wide cap on argon2 work.
+fn hash_new_password(password: &str) -> DomainResult<String> {
+    credentials::hash_password(password).map_err(|e| match e {
+        CredentialError::Busy => DomainError::Unavailable,
+        e => DomainError::InvalidArgument(e.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod bounded_tests;
 #[cfg(test)]
 mod tests;

@@ -7,12 +7,14 @@ use crate::auth::{DATA_READER, OPERATOR};
 use crate::clock::SystemClock;
 use crate::store::MemoryStore;
 
+const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 fn directory() -> (Directory, Principal) {
     let store = Arc::new(MemoryStore::default());
     let dir = Directory::open(store, Arc::new(SystemClock)).unwrap();
     let (admin, secret) = Directory::new_admin_credential();
     dir.bootstrap_admin(&admin, &secret).unwrap();
-    let admin = dir.principal(&admin, false, 0).unwrap();
+    let admin = dir.principal(&admin, false, 0, 0).unwrap();
     (dir, admin)
 }
 
@@ -58,16 +60,17 @@ fn client_credentials_check_secret_and_disabled_state() {
     let (svc, secret) = dir.create_identity(&admin, new).unwrap();
     let secret = secret.unwrap();
     assert_eq!(
-        dir.authenticate_client(&svc.id, &secret).map(|a| a.kind),
+        dir.authenticate_client(LOCAL, &svc.id, &secret)
+            .map(|a| a.kind),
         Ok(PrincipalKind::ServiceAccount)
     );
     assert_eq!(
-        dir.authenticate_client(&svc.id, "wrong"),
-        Err(LoginFailure::WrongSecret)
+        dir.authenticate_client(LOCAL, &svc.id, "wrong"),
+        Err(Refusal::Failed(LoginFailure::WrongSecret))
     );
     assert_eq!(
-        dir.authenticate_client("nobody", &secret),
-        Err(LoginFailure::Unknown)
+        dir.authenticate_client(LOCAL, "nobody", &secret),
+        Err(Refusal::Failed(LoginFailure::Unknown))
     );
     let patch = IdentityPatch {
         disabled: Some(true),
@@ -75,11 +78,11 @@ fn client_credentials_check_secret_and_disabled_state() {
     };
     dir.update_identity(&admin, &svc.id, patch).unwrap();
     assert_eq!(
-        dir.authenticate_client(&svc.id, &secret),
-        Err(LoginFailure::Disabled)
+        dir.authenticate_client(LOCAL, &svc.id, &secret),
+        Err(Refusal::Failed(LoginFailure::Disabled))
     );
     assert!(
-        dir.principal(&svc.id, false, 0).is_none(),
+        dir.principal(&svc.id, false, 0, 0).is_none(),
         "disabled acts no more"
     );
     let rotated = dir.rotate_client_secret(&admin, &svc.id).unwrap();
@@ -88,48 +91,58 @@ fn client_credentials_check_secret_and_disabled_state() {
 
 #[test]
 fn user_login_with_totp_accepts_each_code_once_and_recovery_codes() {
+    // Each failure comes from its own address, so that the throttle, which a success no
+    // longer resets, does not stand in the way of what this test is about.
+    let elsewhere = |n: u8| IpAddr::from([192, 0, 2, n]);
     let (dir, admin) = directory();
     let alice = user(&dir, &admin, "alice");
     let login = dir
-        .authenticate_user("alice", "a long enough password", None)
+        .authenticate_user(LOCAL, "alice", "a long enough password", None)
         .unwrap();
     assert!(!login.mfa);
     assert_eq!(
-        dir.authenticate_user("alice", "wrong password!!", None),
-        Err(LoginFailure::WrongSecret)
+        dir.authenticate_user(elsewhere(1), "alice", "wrong password!!", None),
+        Err(Refusal::Failed(LoginFailure::WrongSecret))
     );
     assert_eq!(
-        dir.authenticate_user("mallory", "a long enough password", None),
-        Err(LoginFailure::Unknown)
+        dir.authenticate_user(elsewhere(2), "mallory", "a long enough password", None),
+        Err(Refusal::Failed(LoginFailure::Unknown))
     );
-    let me = dir.principal(&alice.id, false, 0).unwrap();
-    let enrolment = dir.begin_totp(&me, "twinguard").unwrap();
+    let me = dir.principal(&alice.id, false, 0, 0).unwrap();
+    let enrolment = dir.begin_totp(&me, LOCAL, None, "twinguard").unwrap();
     assert!(enrolment.uri.starts_with("otpauth://totp/twinguard:alice"));
-    assert!(dir.confirm_totp(&me, "000000").is_err());
-    let recovery = dir.confirm_totp(&me, &code_now(&enrolment.secret)).unwrap();
+    assert!(dir.confirm_totp(&me, elsewhere(9), "000000").is_err());
+    let recovery = dir
+        .confirm_totp(&me, LOCAL, &code_now(&enrolment.secret))
+        .unwrap();
     assert_eq!(recovery.len(), credentials::RECOVERY_CODES);
     assert!(
-        dir.begin_totp(&me, "twinguard").is_err(),
+        dir.begin_totp(&me, LOCAL, None, "twinguard").is_err(),
         "no silent re-enrolment"
     );
     // Enrolled: the password alone no longer logs in.
     assert_eq!(
-        dir.authenticate_user("alice", "a long enough password", None),
-        Err(LoginFailure::WrongCode)
+        dir.authenticate_user(elsewhere(3), "alice", "a long enough password", None),
+        Err(Refusal::Failed(LoginFailure::WrongCode))
     );
     // The confirmation used the current step, so the current code is spent.
     let code = code_now(&enrolment.secret);
     assert_eq!(
-        dir.authenticate_user("alice", "a long enough password", Some(&code)),
-        Err(LoginFailure::WrongCode)
+        dir.authenticate_user(elsewhere(4), "alice", "a long enough password", Some(&code)),
+        Err(Refusal::Failed(LoginFailure::WrongCode))
     );
     let login = dir
-        .authenticate_user("alice", "a long enough password", Some(&recovery[0]))
+        .authenticate_user(LOCAL, "alice", "a long enough password", Some(&recovery[0]))
         .unwrap();
     assert!(login.mfa);
     assert_eq!(
-        dir.authenticate_user("alice", "a long enough password", Some(&recovery[0])),
-        Err(LoginFailure::WrongCode)
+        dir.authenticate_user(
+            elsewhere(5),
+            "alice",
+            "a long enough password",
+            Some(&recovery[0])
+        ),
+        Err(Refusal::Failed(LoginFailure::WrongCode))
     );
 }
 
@@ -140,16 +153,16 @@ fn people_need_mfa_for_privileged_roles_and_step_up_for_sensitive_actions() {
     dir.assign(&admin, &bob.id, OPERATOR, Scope::Instance)
         .unwrap();
     let now = dir.now();
-    let password_only = dir.principal(&bob.id, false, now).unwrap();
+    let password_only = dir.principal(&bob.id, false, now, 0).unwrap();
     assert!(password_only.authorize(Action::TwinsRead).is_ok());
     assert!(matches!(
         password_only.authorize(Action::Commands),
         Err(DomainError::MfaRequired { .. })
     ));
-    let fresh = dir.principal(&bob.id, true, now).unwrap();
+    let fresh = dir.principal(&bob.id, true, now, 0).unwrap();
     assert!(fresh.authorize(Action::Approve).is_ok());
     let stale = dir
-        .principal(&bob.id, true, now - STEP_UP_WINDOW_SECS - 5)
+        .principal(&bob.id, true, now - STEP_UP_WINDOW_SECS - 5, 0)
         .unwrap();
     assert!(stale.authorize(Action::Commands).is_ok());
     assert!(matches!(
@@ -182,7 +195,7 @@ fn groups_custom_roles_and_assignments_resolve_to_current_grants() {
     dir.assign(&admin, &readers.id, DATA_READER, scope.clone())
         .unwrap();
     assert!(
-        dir.principal(&carol.id, false, 0)
+        dir.principal(&carol.id, false, 0, 0)
             .unwrap()
             .grants()
             .is_empty()
@@ -196,7 +209,7 @@ fn groups_custom_roles_and_assignments_resolve_to_current_grants() {
         },
     )
     .unwrap();
-    let carol_now = dir.principal(&carol.id, false, 0).unwrap();
+    let carol_now = dir.principal(&carol.id, false, 0, 0).unwrap();
     assert_eq!(carol_now.grants().len(), 1);
     assert_eq!(carol_now.grants()[0].scope, scope);
 
@@ -226,7 +239,7 @@ fn groups_custom_roles_and_assignments_resolve_to_current_grants() {
     // Deleting the group removes its grants from its members at once.
     dir.delete_identity(&admin, &readers.id).unwrap();
     assert!(
-        dir.principal(&carol.id, false, 0)
+        dir.principal(&carol.id, false, 0, 0)
             .unwrap()
             .grants()
             .is_empty()
@@ -240,7 +253,7 @@ fn only_security_admins_administer_and_everyone_reads_themselves() {
     let dave = user(&dir, &admin, "dave");
     dir.assign(&admin, &dave.id, DATA_READER, Scope::Instance)
         .unwrap();
-    let me = dir.principal(&dave.id, false, 0).unwrap();
+    let me = dir.principal(&dave.id, false, 0, 0).unwrap();
     assert!(dir.identities(&me).is_err());
     assert!(dir.identity(&me, &dave.id).is_ok());
     assert!(dir.identity(&me, &admin.subject).is_err());
@@ -278,17 +291,24 @@ fn directory_survives_reopen_and_migrates_legacy_clients() {
         )])
         .unwrap();
     let dir = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
-    assert!(dir.authenticate_client("legacy-id", "s3cret").is_ok());
-    let p = dir.principal("legacy-id", false, 0).unwrap();
+    assert!(
+        dir.authenticate_client(LOCAL, "legacy-id", "s3cret")
+            .is_ok()
+    );
+    let p = dir.principal("legacy-id", false, 0, 0).unwrap();
     assert!(p.authorize(Action::Query).is_ok());
     assert!(p.authorize(Action::TwinsWrite).is_err());
     assert!(store.scan(Table::Clients).unwrap().is_empty());
     drop(dir);
     let again = Directory::open(store, Arc::new(SystemClock)).unwrap();
-    assert!(again.authenticate_client("legacy-id", "s3cret").is_ok());
     assert!(
         again
-            .principal("legacy-id", false, 0)
+            .authenticate_client(LOCAL, "legacy-id", "s3cret")
+            .is_ok()
+    );
+    assert!(
+        again
+            .principal("legacy-id", false, 0, 0)
             .unwrap()
             .authorize(Action::Query)
             .is_ok()

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Caller, JsonBody, Path, Query};
+use crate::http::{Caller, JsonBody, Path, PeerAddress, Query};
 
 /// Runs a directory call that hashes a password (argon2) on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -111,6 +111,26 @@ pub async fn set_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Issues the one-time code with which a person who holds privileged roles enrols a first
+/// authenticator; the administrator hands it over out of band.
+pub async fn enrolment_code(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (code, expires_at) = state
+        .tokens
+        .directory()
+        .issue_enrolment_code(&caller, &id)?;
+    let mut response = (
+        StatusCode::CREATED,
+        axum::Json(json!({ "enrolmentCode": code.as_str(), "expiresAt": expires_at })),
+    )
+        .into_response();
+    no_store(&mut response);
+    Ok(response)
+}
+
 pub async fn reset_mfa(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -157,19 +177,7 @@ pub struct CsrBody {
 async fn certify(state: &AppState, caller: &Principal, id: &str, csr: &str) -> ApiResult<Response> {
     // Decide access and the identity's kind before the CA signs anything.
     let directory = state.tokens.directory();
-    let identity = directory.identity(caller, id)?;
-    if !matches!(
-        identity.kind,
-        twinguard_core::identity::IdentityKind::Application
-            | twinguard_core::identity::IdentityKind::ServiceAccount
-    ) {
-        return Err(ApiError::invalid_argument(
-            "only applications and service accounts get client certificates",
-        ));
-    }
-    if caller.subject != id {
-        caller.authorize_instance(twinguard_core::auth::Action::KeysWrite)?;
-    }
+    directory.authorize_certificate(caller, id)?;
     let cert = state
         .ca
         .issue_client_cert(id, csr)
@@ -206,7 +214,8 @@ pub async fn issue_certificate(
     certify(&state, &caller, &id, &body.csr).await
 }
 
-/// A workload renews its own client certificate with a new CSR.
+/// A workload renews its own client certificate with a new CSR, with a token its current
+/// certificate got it, presenting that certificate in the TLS handshake.
 pub async fn renew_certificate(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -429,12 +438,33 @@ pub async fn me(State(state): State<AppState>, Caller(caller): Caller) -> ApiRes
     .into_response())
 }
 
-/// Starts TOTP enrolment: the secret, the `otpauth://` URI and the QR code (PNG, base64).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BeginTotp {
+    /// The one-time code from an administrator; required of people with privileged roles.
+    #[serde(default)]
+    enrolment_code: Option<Zeroizing<String>>,
+}
+
+/// Starts TOTP enrolment: the secret, the `otpauth://` URI and the QR code (PNG, base64). The
+/// body is optional: `{"enrolmentCode": ...}`.
 pub async fn begin_totp(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    PeerAddress(from): PeerAddress,
+    body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let enrolment = state.tokens.directory().begin_totp(&caller, "twinguard")?;
+    let body: BeginTotp = if body.is_empty() {
+        BeginTotp::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))?
+    };
+    let code = body.enrolment_code.as_ref().map(|c| c.as_str());
+    let enrolment = state
+        .tokens
+        .directory()
+        .begin_totp(&caller, from, code, "twinguard")?;
     let mut response = axum::Json(json!({
         "secret": enrolment.secret.as_str(),
         "otpauthUri": enrolment.uri.as_str(),
@@ -455,9 +485,13 @@ pub struct CodeBody {
 pub async fn confirm_totp(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    PeerAddress(from): PeerAddress,
     JsonBody(body): JsonBody<CodeBody>,
 ) -> ApiResult<Response> {
-    let codes = state.tokens.directory().confirm_totp(&caller, &body.code)?;
+    let codes = state
+        .tokens
+        .directory()
+        .confirm_totp(&caller, from, &body.code)?;
     let mut response = axum::Json(json!({ "recoveryCodes": codes })).into_response();
     no_store(&mut response);
     Ok(response)
@@ -473,11 +507,12 @@ pub struct ChangePassword {
 pub async fn change_password(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    PeerAddress(from): PeerAddress,
     JsonBody(body): JsonBody<ChangePassword>,
 ) -> ApiResult<StatusCode> {
     let directory = state.tokens.directory().clone();
     blocking(move || {
-        directory.change_own_password(&caller, &body.current_password, &body.new_password)
+        directory.change_own_password(&caller, from, &body.current_password, &body.new_password)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)

@@ -87,19 +87,14 @@ pub async fn token(
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
     };
     let address = peer.ip();
-    // The audit entry names the grant and the account tried, the latter as a keyed digest
-    // (people type passwords into user-name fields).
+    // The audit entry names the grant, the outcome and, only when a token was issued, the
+    // identity it was issued to. Nothing derived from the account a failed or throttled attempt
+    // named is recorded: a keyed digest of it would let whoever reads the trail confirm
+    // guessed account names (or passwords typed into the user-name field) by comparison, and
+    // throttled attempts cost the guesser nothing.
     let note = note.map(|Extension(n)| n).unwrap_or_default();
     note.set("event", "token");
-    note.set("grant", form.grant_type.clone().unwrap_or_default());
-    let account = form
-        .client_id
-        .clone()
-        .or_else(|| form.username.clone())
-        .or_else(|| basic_credentials(&headers).map(|(id, _)| id));
-    if let Some(account) = account {
-        note.set("account", state.audit.digest(&account));
-    }
+    note.set("grant", grant_name(form.grant_type.as_deref()));
     let issued = match form.grant_type.as_deref() {
         Some("client_credentials") if form.client_assertion.is_some() => {
             // RFC 7523 2.2: private_key_jwt; no other client authentication may be combined.
@@ -183,7 +178,10 @@ pub async fn token(
         },
     );
     match issued {
-        Ok(issued) => token_response(issued),
+        Ok(issued) => {
+            note.set("principal", issued.subject.clone());
+            token_response(issued)
+        }
         Err(TokenError::Throttled(wait)) => {
             tracing::warn!(%address, "token request refused: backing off after failed attempts");
             crate::metrics::auth_throttled();
@@ -195,10 +193,24 @@ pub async fn token(
         }
         Err(TokenError::InvalidClient) => oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
         Err(TokenError::InvalidGrant) => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"),
+        Err(TokenError::Unavailable) => {
+            oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+        }
         Err(e) => {
             tracing::error!(error = %e, "token issuance failed");
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error")
         }
+    }
+}
+
+/// The grant type as recorded: one of the names the endpoint knows, never the client's text.
+fn grant_name(grant: Option<&str>) -> &'static str {
+    match grant {
+        Some("client_credentials") => "client_credentials",
+        Some("password") => "password",
+        Some("refresh_token") => "refresh_token",
+        Some(_) => "unsupported",
+        None => "missing",
     }
 }
 
