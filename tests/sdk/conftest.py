@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from requests.adapters import HTTPAdapter
 from azure.core.credentials import AccessToken
 from azure.digitaltwins.core import DigitalTwinsClient
 from cryptography import x509
@@ -285,3 +286,30 @@ def make_test_ca(directory, name: str = "localhost"):
     (directory / "key.pem").write_bytes(
         key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
     )
+
+
+class FromAddress(HTTPAdapter):
+    """Connects from a given local address (any of 127.0.0.0/8 works on loopback)."""
+
+    def __init__(self, address: str):
+        self._address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self._address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+_NEXT_ADDRESS = iter(range(1, 250 * 250))
+
+
+def client_from_new_address() -> requests.Session:
+    """A session connecting from a loopback address no other test uses (127.0.x.y, x >= 100).
+
+    The server counts failed secret checks per source address and a success clears nothing, so
+    a test that makes a wrong guess on purpose makes it from an address of its own, leaving the
+    shared server's backoff of 127.0.0.1 to the tests that follow untouched."""
+    n = next(_NEXT_ADDRESS)
+    session = requests.Session()
+    session.mount("https://", FromAddress(f"127.0.{100 + n // 250}.{1 + n % 250}"))
+    return session

@@ -273,6 +273,7 @@ def test_the_jwt_attack_catalogue_is_refused(oidc_server, idp):
         "expired": sign_a(keys, claims(exp=now - 3600, iat=now - 7200, nbf=now - 7200)),
         "nbf in the future": sign_a(keys, claims(nbf=now + 3600)),
         "iat in the future": sign_a(keys, claims(iat=now + 3600)),
+        "auth_time in the future (step-up for ever)": sign_a(keys, claims(auth_time=now + 3600)),
         "exp missing": sign_a(keys, {k: v for k, v in good_claims.items() if k != "exp"}),
         "iat missing": sign_a(keys, {k: v for k, v in good_claims.items() if k != "iat"}),
         "wrong iss": sign_a(keys, claims(iss="https://idp-a.test/realms/other")),

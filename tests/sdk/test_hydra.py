@@ -14,26 +14,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from requests.adapters import HTTPAdapter
 
-from conftest import HTTP_TIMEOUT_S, REPO_ROOT, _serve
+from conftest import HTTP_TIMEOUT_S, REPO_ROOT, FromAddress, _serve
 
 USER = "plant-operator"
 PASSWORD = "the right passphrase 42"
 WORDS = 300
 HYDRA_TIMEOUT_S = 90
-
-
-class FromAddress(HTTPAdapter):
-    """Connects from a given local address (any of 127.0.0.0/8 works on loopback)."""
-
-    def __init__(self, address: str):
-        self._address = address
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["source_address"] = (self._address, 0)
-        super().init_poolmanager(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

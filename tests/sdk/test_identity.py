@@ -13,7 +13,7 @@ import pytest
 import requests
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-from conftest import HTTP_TIMEOUT_S, ClientSecretCredential
+from conftest import HTTP_TIMEOUT_S, ClientSecretCredential, client_from_new_address
 
 DATA_READER = "d57506d4-4c8d-48b1-8587-93c323f6a5a3"
 OPERATOR = "4a1f8d2c-7e5b-4c93-8b16-3d9e0a6f2c84"
@@ -24,11 +24,12 @@ def _admin_token(server) -> str:
     return server.credential().get_token(server.endpoint).token
 
 
-def _api(server, method: str, path: str, token: str | None = None, **kwargs) -> requests.Response:
+def _api(server, method: str, path: str, token: str | None = None, via=requests,
+         **kwargs) -> requests.Response:
     headers = kwargs.pop("headers", {})
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    return requests.request(
+    return via.request(
         method,
         server.endpoint + path,
         headers=headers,
@@ -38,11 +39,16 @@ def _api(server, method: str, path: str, token: str | None = None, **kwargs) -> 
     )
 
 
-def _login(server, name: str, password: str, otp: str | None = None) -> requests.Response:
+def _login(server, name: str, password: str, otp: str | None = None, via=requests) -> requests.Response:
     form = {"grant_type": "password", "username": name, "password": password}
     if otp is not None:
         form["otp"] = otp
-    return _api(server, "POST", "/oauth2/token", data=form)
+    return _api(server, "POST", "/oauth2/token", data=form, via=via)
+
+
+def _failing_login(server, name: str, password: str, otp: str | None = None) -> requests.Response:
+    """A login expected to fail, from an address of its own (see `client_from_new_address`)."""
+    return _login(server, name, password, otp, via=client_from_new_address())
 
 
 def _create(server, admin: str, body: dict) -> dict:
@@ -70,7 +76,15 @@ def test_totp_codes_from_pyotp_log_in_and_each_works_once(server):
     claims = jwt.decode(first.json()["access_token"], options={"verify_signature": False})
     assert claims["amr"] == ["pwd"]
 
-    enrolment = _api(server, "POST", "/me/mfa/totp", first.json()["access_token"])
+    # An operator holds privileged actions: the password alone does not enrol a second factor
+    # (whoever stole it would enrol theirs), the administrator's one-time code does.
+    refused = _api(server, "POST", "/me/mfa/totp", first.json()["access_token"])
+    assert refused.status_code == 400, refused.text
+    issued = _api(server, "POST", f"/admin/identities/{person['identity']['id']}/mfa/enrolmentcode", admin)
+    assert issued.status_code == 201, issued.text
+    assert issued.headers["Cache-Control"] == "no-store"
+    enrolment = _api(server, "POST", "/me/mfa/totp", first.json()["access_token"],
+                     json={"enrolmentCode": issued.json()["enrolmentCode"]})
     assert enrolment.status_code == 200, enrolment.text
     # pyotp parses the URI an authenticator app would scan, independently of the server.
     totp = pyotp.parse_uri(enrolment.json()["otpauthUri"])
@@ -84,21 +98,22 @@ def test_totp_codes_from_pyotp_log_in_and_each_works_once(server):
     assert len(recovery) == 10
 
     # The confirmation spent the current code; the next step's code (within the skew) logs in.
-    assert _login(server, name, PASSWORD, totp.now()).status_code == 400
+    assert _failing_login(server, name, PASSWORD, totp.now()).status_code == 400
     next_code = totp.at(time.time() + 30)
     ok = _login(server, name, PASSWORD, next_code)
     assert ok.status_code == 200, ok.text
     claims = jwt.decode(ok.json()["access_token"], options={"verify_signature": False})
     assert "mfa" in claims["amr"] and "otp" in claims["amr"]
     assert abs(claims["auth_time"] - time.time()) < 60
-    replay = _login(server, name, PASSWORD, next_code)
+    replay = _failing_login(server, name, PASSWORD, next_code)
     assert replay.status_code == 400
     assert replay.json()["error"] == "invalid_grant"
     # Without a code, and with a wrong one, the answer is the same as a wrong password.
-    assert _login(server, name, PASSWORD).json() == _login(server, name, "wrong passphrase!").json()
+    assert (_failing_login(server, name, PASSWORD).json()
+            == _failing_login(server, name, "wrong passphrase!").json())
     # A recovery code works once.
     assert _login(server, name, PASSWORD, recovery[0]).status_code == 200
-    assert _login(server, name, PASSWORD, recovery[0]).status_code == 400
+    assert _failing_login(server, name, PASSWORD, recovery[0]).status_code == 400
 
 
 def test_the_official_sdk_scoped_to_a_subtree_sees_nothing_outside_it(server):

@@ -11,7 +11,7 @@ import jwt
 import requests
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from conftest import HTTP_TIMEOUT_S
+from conftest import HTTP_TIMEOUT_S, client_from_new_address
 
 DATA_READER = "d57506d4-4c8d-48b1-8587-93c323f6a5a3"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -29,7 +29,7 @@ def _admin(server, method: str, path: str, **kwargs) -> requests.Response:
     )
 
 
-def _token_with(server, assertion: str, client_id: str | None = None) -> requests.Response:
+def _token_with(server, assertion: str, client_id: str | None = None, via=requests) -> requests.Response:
     form = {
         "grant_type": "client_credentials",
         "client_assertion_type": JWT_BEARER,
@@ -37,7 +37,7 @@ def _token_with(server, assertion: str, client_id: str | None = None) -> request
     }
     if client_id:
         form["client_id"] = client_id
-    return requests.post(server.token_endpoint, data=form, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
+    return via.post(server.token_endpoint, data=form, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
 
 
 def test_a_service_authenticates_with_a_signed_assertion_and_no_secret(server):
@@ -75,8 +75,8 @@ def test_a_service_authenticates_with_a_signed_assertion_and_no_secret(server):
                           timeout=HTTP_TIMEOUT_S)
     assert models.status_code == 200
 
-    # Each forgery is judged on its own: a good assertion before it resets the address's
-    # failure backoff, which would otherwise answer 429 without checking anything.
+    # Each forgery is judged on its own, from an address of its own: a success clears no
+    # failure, so forgeries from one address would soon be answered 429 without any check.
     forgeries = {
         "replayed assertion": lambda: first,
         "another server's audience": lambda: assertion(aud="https://elsewhere.test/oauth2/token"),
@@ -89,12 +89,12 @@ def test_a_service_authenticates_with_a_signed_assertion_and_no_secret(server):
     }
     wrong = {}
     for name, forge in forgeries.items():
-        assert _token_with(server, assertion()).status_code == 200
-        status = _token_with(server, forge()).status_code
+        status = _token_with(server, forge(), via=client_from_new_address()).status_code
         if status != 401:
             wrong[name] = status
     assert _token_with(server, assertion()).status_code == 200
-    status = _token_with(server, assertion(), client_id=str(uuid.uuid4())).status_code
+    status = _token_with(server, assertion(), client_id=str(uuid.uuid4()),
+                         via=client_from_new_address()).status_code
     if status != 401:
         wrong["client_id disagrees"] = status
     assert wrong == {}, wrong
@@ -143,9 +143,9 @@ def test_a_service_authenticates_with_a_client_certificate_of_the_instance_ca(se
     cert_path.write_text(cert_pem)
     mtls = (str(cert_path), str(key_path))
 
-    def token(client=client_id, cert=mtls):
-        return requests.post(server.token_endpoint, data={"grant_type": "client_credentials", "client_id": client},
-                             cert=cert, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
+    def token(client=client_id, cert=mtls, via=requests):
+        return via.post(server.token_endpoint, data={"grant_type": "client_credentials", "client_id": client},
+                        cert=cert, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
 
     ok = token()
     assert ok.status_code == 200, ok.text
@@ -155,20 +155,22 @@ def test_a_service_authenticates_with_a_client_certificate_of_the_instance_ca(se
                           timeout=HTTP_TIMEOUT_S)
     assert models.status_code == 200
     # Without the certificate, or claiming another client, nothing.
-    assert token(cert=None).status_code == 401
-    assert token(client=str(uuid.uuid4())).status_code == 401
+    assert token(cert=None, via=client_from_new_address()).status_code == 401
+    assert token(client=str(uuid.uuid4()), via=client_from_new_address()).status_code == 401
 
-    # The workload renews its own certificate with the token its certificate got it.
+    # The workload renews its own certificate with the token its certificate got it, presenting
+    # that certificate (proof of possession): the token alone, say a stolen copy, cannot.
     csr2, key2 = _csr_and_key(tmp_path, "pump-ctl-2")
-    renewed = requests.post(f"{server.endpoint}/me/certificate", json={"csr": csr2},
-                            headers={"Authorization": f"Bearer {access}"}, verify=server.ca_path,
-                            timeout=HTTP_TIMEOUT_S)
+    renew = dict(json={"csr": csr2}, headers={"Authorization": f"Bearer {access}"},
+                 verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
+    assert requests.post(f"{server.endpoint}/me/certificate", **renew).status_code == 403
+    renewed = requests.post(f"{server.endpoint}/me/certificate", cert=mtls, **renew)
     assert renewed.status_code == 201, renewed.text
 
     # Revoking the first certificate stops it at once.
     serial = issued.json()["serial"]
     assert _admin(server, "DELETE", f"/admin/identities/{client_id}/certificates/{serial}").status_code == 204
-    assert token().status_code == 401
+    assert token(via=client_from_new_address()).status_code == 401
     second = tmp_path / "pump-ctl-2.pem"
     second.write_text(renewed.json()["certificate"])
     assert token(cert=(str(second), str(key2))).status_code == 200

@@ -411,6 +411,43 @@ async fn validly_signed_tokens_with_wrong_claims_or_kid_are_rejected() {
         ),
         ("unknown kid", Some("0123456789abcdef"), claims.clone()),
         ("no kid", None, claims.clone()),
+        ("expired beyond the skew", Some(kid.as_str()), {
+            let now = claims["iat"].as_u64().unwrap();
+            let mut c = claims.clone();
+            c["iat"] = json!(now - 7_200);
+            c["nbf"] = json!(now - 7_200);
+            c["auth_time"] = json!(now - 7_200);
+            c["exp"] = json!(now - 3_600);
+            c
+        }),
+        ("sub missing", Some(kid.as_str()), without("sub")),
+        ("jti missing", Some(kid.as_str()), without("jti")),
+        ("iat missing", Some(kid.as_str()), without("iat")),
+        (
+            "authenticated after it was issued (step-up for ever)",
+            Some(kid.as_str()),
+            with("auth_time", far.clone()),
+        ),
+        (
+            "a session generation that was never issued",
+            Some(kid.as_str()),
+            with("gen", json!(7)),
+        ),
+        (
+            "a refresh family that does not exist",
+            Some(kid.as_str()),
+            with("sid", json!("no-such-family")),
+        ),
+        (
+            "a claim the server does not know",
+            Some(kid.as_str()),
+            with("roles", json!(["bcd981a7-7f74-457b-83e1-cceb9e632ffe"])),
+        ),
+        (
+            "oversize (a 9 KiB client_id)",
+            Some(kid.as_str()),
+            with("client_id", json!("x".repeat(9 * 1024))),
+        ),
     ];
     for (what, kid, claims) in cases {
         let token = sign_with_server_key(&server, kid, &claims);

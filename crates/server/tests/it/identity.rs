@@ -6,14 +6,14 @@ use twinguard_core::auth::{DATA_OWNER, DATA_READER, SECURITY_ADMIN};
 
 use crate::kit::{TestServer, uuid_like};
 
-const PASSWORD: &str = "correct horse battery staple";
+pub const PASSWORD: &str = "correct horse battery staple";
 
-struct Person {
-    id: String,
-    name: String,
+pub struct Person {
+    pub id: String,
+    pub name: String,
 }
 
-async fn create_user(server: &TestServer, admin: &str, roles: &[&str]) -> Person {
+pub async fn create_user(server: &TestServer, admin: &str, roles: &[&str]) -> Person {
     let name = format!("user-{}", uuid_like());
     let created: Value = server
         .admin_json(
@@ -37,7 +37,7 @@ async fn create_user(server: &TestServer, admin: &str, roles: &[&str]) -> Person
     Person { id, name }
 }
 
-async fn login(
+pub async fn login(
     server: &TestServer,
     name: &str,
     password: &str,
@@ -60,7 +60,7 @@ async fn login(
         .unwrap()
 }
 
-fn code_at(secret: &str, offset: i64) -> String {
+pub fn code_at(secret: &str, offset: i64) -> String {
     let totp = totp_rs::Builder::new()
         .with_secret(totp_rs::Secret::try_from_base32(secret).unwrap())
         .build()
@@ -72,7 +72,7 @@ fn code_at(secret: &str, offset: i64) -> String {
     totp.generate(now.saturating_add_signed(offset)).to_string()
 }
 
-async fn error_code(response: reqwest::Response) -> (u16, String) {
+pub async fn error_code(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     (
@@ -107,9 +107,35 @@ async fn a_person_enrols_totp_and_privileged_actions_need_it() {
         .await;
     assert_eq!(error_code(upload).await, (403, "MfaRequired".to_owned()));
 
+    // Alice holds privileged roles, so her password alone does not enrol an authenticator
+    // (a password thief would enrol theirs): she needs the administrator's one-time code.
+    let refused = server
+        .admin_call(Method::POST, "/me/mfa/totp", &password_only)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(refused).await,
+        (400, "InvalidArgument".to_owned())
+    );
+    let issued: Value = server
+        .admin_json(
+            Method::POST,
+            &format!("/admin/identities/{}/mfa/enrolmentcode", alice.id),
+            &admin,
+            None,
+        )
+        .await;
+    let enrolment_code = issued["enrolmentCode"].as_str().unwrap().to_owned();
+
     // Enrol: the QR code is a PNG, the URI names the account.
     let enrolment: Value = server
-        .admin_json(Method::POST, "/me/mfa/totp", &password_only, None)
+        .admin_json(
+            Method::POST,
+            "/me/mfa/totp",
+            &password_only,
+            Some(&json!({"enrolmentCode": enrolment_code})),
+        )
         .await;
     let secret = enrolment["secret"].as_str().unwrap().to_owned();
     assert!(

@@ -4,6 +4,7 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod attacks;
 mod audit;
 mod auth;
 mod identity;
