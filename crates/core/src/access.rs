@@ -235,7 +235,10 @@ impl Principal {
                 if let Some(existing) = graph.relationship(source, id)
                     && !self.may_relationship(graph, action, existing)
                 {
-                    return Err(hidden(DomainError::RelationshipNotFound(id.clone())));
+                    if self.may_relationship(graph, Action::RelationshipsRead, existing) {
+                        return Err(forbidden(action));
+                    }
+                    return self.check_put_over_hidden(graph, op, source, id);
                 }
                 let field = |name: &str| body.get(name).and_then(Value::as_str).unwrap_or("");
                 let (target, name) = (field("$targetId"), field("$relationshipName"));
@@ -272,6 +275,28 @@ impl Principal {
             // The telemetry pipeline writes with instance scope; nobody narrower may.
             WriteOp::ApplyReadings { .. } => self.authorize_instance(action),
         }
+    }
+
+    /// A PUT of relationship `id` from `source`, where that ID is held by a relationship the
+    /// caller may not see. The answer is the one the caller would get if the ID were free
+    /// (every access, precondition and validation refusal, decided on the graph without it),
+    /// with one exception that no answer can avoid: where that PUT would create the
+    /// relationship, it is refused as an out-of-scope write, because creating it would replace
+    /// the hidden one. So the caller learns that the ID is taken, and nothing about what holds
+    /// it, as with a taken twin ID; the hidden relationship is never changed.
+    fn check_put_over_hidden(
+        &self,
+        graph: &Graph,
+        op: &WriteOp,
+        source: &str,
+        id: &str,
+    ) -> DomainResult<()> {
+        let mut without = graph.clone();
+        without.remove_relationship(source, id, &mut Vec::new());
+        // The relationship is gone from `without`, so this does not come back here.
+        self.check_write(&without, op)?;
+        op.clone().dry_run(&without)?;
+        Err(hidden(forbidden(op.action())))
     }
 
     fn check_put_twin(

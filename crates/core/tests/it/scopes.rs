@@ -580,3 +580,92 @@ async fn the_query_charge_tells_a_scoped_reader_nothing_about_twins_outside_its_
     // The unscoped owner still pays for what the scan examines.
     assert!(page(&service, &o, "SELECT COUNT() FROM DIGITALTWINS").ends_with("charge=1.26"));
 }
+
+fn put_rel_with(source: &str, id: &str, body: Value, precondition: Precondition) -> WriteOp {
+    WriteOp::PutRelationship {
+        source: source.into(),
+        id: id.into(),
+        body: object(body),
+        precondition,
+    }
+}
+
+#[tokio::test]
+async fn a_subtree_writer_cannot_tell_a_relationship_id_held_outside_its_scope_from_a_free_one() {
+    let service = plant().await;
+    let alice = scoped("alice", DATA_OWNER, subtree("b1"));
+    let o = owner();
+    // r1a feeds r2a through f1; r2a is outside alice's subtree, so f1 is hidden from her.
+    let f1 = service.relationship(&o, "r1a", "f1").unwrap();
+    let feeds = |target: &str| json!({"$targetId": target, "$relationshipName": "feeds"});
+    let preconditions = [
+        Precondition::IfMatch("*".into()),
+        Precondition::IfMatch(f1.etag.clone()),
+        Precondition::IfMatch("W/\"guess\"".into()),
+    ];
+    for precondition in &preconditions {
+        // Every PUT that would not create the relationship, every PATCH and DELETE: the answer
+        // for the hidden f1 is the answer for the free ID zz (it used to be 404 against 412).
+        for body in [
+            feeds("r1b"),
+            feeds("r2a"),
+            feeds("nope"),
+            json!({"$relationshipName": "feeds"}),
+            json!({"$targetId": "r1b", "$relationshipName": "undefined"}),
+            json!({"$targetId": "r1b", "$relationshipName": "feeds", "extra": 1}),
+        ] {
+            let mut answers = Vec::new();
+            for id in ["f1", "zz"] {
+                let op = put_rel_with("r1a", id, body.clone(), precondition.clone());
+                answers.push(shape(service.write(&alice, op).await.unwrap_err(), id));
+            }
+            assert_eq!(answers[0], answers[1], "{body} {precondition:?}");
+        }
+        let mut answers = Vec::new();
+        for id in ["f1", "zz"] {
+            let patch = WriteOp::PatchRelationship {
+                source: "r1a".into(),
+                id: id.into(),
+                patch: json!([{"op": "add", "path": "/x", "value": 1}]),
+                precondition: precondition.clone(),
+            };
+            let delete = WriteOp::DeleteRelationship {
+                source: "r1a".into(),
+                id: id.into(),
+                precondition: precondition.clone(),
+            };
+            answers.push((
+                shape(service.write(&alice, patch).await.unwrap_err(), id),
+                shape(service.write(&alice, delete).await.unwrap_err(), id),
+                shape(service.relationship(&alice, "r1a", id).unwrap_err(), id),
+            ));
+        }
+        assert_eq!(answers[0], answers[1], "{precondition:?}");
+    }
+    // A PUT that would create zz, refused for f1 rather than replace the hidden relationship: the
+    // one answer that differs, because the ID is taken (as for twin IDs). It used to be 404.
+    for precondition in [Precondition::None, Precondition::IfNoneMatch] {
+        let op = put_rel_with("r1a", "f1", feeds("r1b"), precondition.clone());
+        assert!(
+            matches!(
+                service.write(&alice, op).await,
+                Err(DomainError::Hidden(e)) if matches!(*e, DomainError::Forbidden { .. })
+            ),
+            "{precondition:?}"
+        );
+        let op = put_rel_with("r1a", "zz", feeds("r1b"), precondition.clone());
+        service.write(&alice, op).await.unwrap();
+        let delete = WriteOp::DeleteRelationship {
+            source: "r1a".into(),
+            id: "zz".into(),
+            precondition: Precondition::None,
+        };
+        service.write(&alice, delete).await.unwrap();
+    }
+    // f1 was never changed.
+    assert_eq!(service.relationship(&o, "r1a", "f1").unwrap().etag, f1.etag);
+    assert_eq!(
+        &*service.relationship(&o, "r1a", "f1").unwrap().target,
+        "r2a"
+    );
+}
