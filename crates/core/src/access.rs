@@ -213,7 +213,15 @@ impl Principal {
                 }
                 allow(self.may_model(action, entry), action)
             }
-            WriteOp::PutTwin { id, body, .. } => self.check_put_twin(graph, id, body),
+            WriteOp::PutTwin { id, body, .. } => match graph.twin(id) {
+                Some(existing)
+                    if !self.may_twin(graph, action, existing)
+                        && !self.may_twin(graph, Action::TwinsRead, existing) =>
+                {
+                    self.check_put_over_hidden_twin(graph, op, id)
+                }
+                _ => self.check_put_twin(graph, id, body),
+            },
             WriteOp::PatchTwin { id, patch, .. } => {
                 let twin = self.twin_for(graph, action, id)?;
                 match patched_model(patch) {
@@ -294,6 +302,32 @@ impl Principal {
         let mut without = graph.clone();
         without.remove_relationship(source, id, &mut Vec::new());
         // The relationship is gone from `without`, so this does not come back here.
+        self.check_write(&without, op)?;
+        op.clone().dry_run(&without)?;
+        Err(hidden(forbidden(op.action())))
+    }
+
+    /// A PUT of twin `id` where a twin the caller may not see holds that ID: answered as if
+    /// the ID were free, except that a PUT that would create the twin is refused as an
+    /// out-of-scope write (see [`Principal::check_put_over_hidden`]).
+    fn check_put_over_hidden_twin(
+        &self,
+        graph: &Graph,
+        op: &WriteOp,
+        id: &str,
+    ) -> DomainResult<()> {
+        let mut without = graph.clone();
+        let mut scratch = Vec::new();
+        let touching: Vec<(String, String)> = graph
+            .outgoing(id)
+            .chain(graph.incoming(id))
+            .map(|r| (r.source.to_string(), r.id.to_string()))
+            .collect();
+        for (source, rel) in touching {
+            without.remove_relationship(&source, &rel, &mut scratch);
+        }
+        without.remove_twin(id, &mut scratch);
+        // The twin is gone from `without`, so this does not come back here.
         self.check_write(&without, op)?;
         op.clone().dry_run(&without)?;
         Err(hidden(forbidden(op.action())))
