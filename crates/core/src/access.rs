@@ -213,7 +213,15 @@ impl Principal {
                 }
                 allow(self.may_model(action, entry), action)
             }
-            WriteOp::PutTwin { id, body, .. } => self.check_put_twin(graph, id, body),
+            WriteOp::PutTwin { id, body, .. } => match graph.twin(id) {
+                Some(existing)
+                    if !self.may_twin(graph, action, existing)
+                        && !self.may_twin(graph, Action::TwinsRead, existing) =>
+                {
+                    self.check_put_over_hidden_twin(graph, op, id)
+                }
+                _ => self.check_put_twin(graph, id, body),
+            },
             WriteOp::PatchTwin { id, patch, .. } => {
                 let twin = self.twin_for(graph, action, id)?;
                 match patched_model(patch) {
@@ -235,7 +243,10 @@ impl Principal {
                 if let Some(existing) = graph.relationship(source, id)
                     && !self.may_relationship(graph, action, existing)
                 {
-                    return Err(hidden(DomainError::RelationshipNotFound(id.clone())));
+                    if self.may_relationship(graph, Action::RelationshipsRead, existing) {
+                        return Err(forbidden(action));
+                    }
+                    return self.check_put_over_hidden(graph, op, source, id);
                 }
                 let field = |name: &str| body.get(name).and_then(Value::as_str).unwrap_or("");
                 let (target, name) = (field("$targetId"), field("$relationshipName"));
@@ -272,6 +283,54 @@ impl Principal {
             // The telemetry pipeline writes with instance scope; nobody narrower may.
             WriteOp::ApplyReadings { .. } => self.authorize_instance(action),
         }
+    }
+
+    /// A PUT of relationship `id` from `source`, where that ID is held by a relationship the
+    /// caller may not see. The answer is the one the caller would get if the ID were free
+    /// (every access, precondition and validation refusal, decided on the graph without it),
+    /// with one exception that no answer can avoid: where that PUT would create the
+    /// relationship, it is refused as an out-of-scope write, because creating it would replace
+    /// the hidden one. So the caller learns that the ID is taken, and nothing about what holds
+    /// it, as with a taken twin ID; the hidden relationship is never changed.
+    fn check_put_over_hidden(
+        &self,
+        graph: &Graph,
+        op: &WriteOp,
+        source: &str,
+        id: &str,
+    ) -> DomainResult<()> {
+        let mut without = graph.clone();
+        without.remove_relationship(source, id, &mut Vec::new());
+        // The relationship is gone from `without`, so this does not come back here.
+        self.check_write(&without, op)?;
+        op.clone().dry_run(&without)?;
+        Err(hidden(forbidden(op.action())))
+    }
+
+    /// A PUT of twin `id` where a twin the caller may not see holds that ID: answered as if
+    /// the ID were free, except that a PUT that would create the twin is refused as an
+    /// out-of-scope write (see [`Principal::check_put_over_hidden`]).
+    fn check_put_over_hidden_twin(
+        &self,
+        graph: &Graph,
+        op: &WriteOp,
+        id: &str,
+    ) -> DomainResult<()> {
+        let mut without = graph.clone();
+        let mut scratch = Vec::new();
+        let touching: Vec<(String, String)> = graph
+            .outgoing(id)
+            .chain(graph.incoming(id))
+            .map(|r| (r.source.to_string(), r.id.to_string()))
+            .collect();
+        for (source, rel) in touching {
+            without.remove_relationship(&source, &rel, &mut scratch);
+        }
+        without.remove_twin(id, &mut scratch);
+        // The twin is gone from `without`, so this does not come back here.
+        self.check_write(&without, op)?;
+        op.clone().dry_run(&without)?;
+        Err(hidden(forbidden(op.action())))
     }
 
     fn check_put_twin(

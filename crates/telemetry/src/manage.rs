@@ -173,20 +173,40 @@ impl Telemetry {
         })
     }
 
+    /// The devices the caller may see (see [`Scoped::device`]), ordered by ID.
     pub fn devices(&self, caller: &Principal) -> DomainResult<Vec<Device>> {
         caller.authorize(Action::DevicesRead)?;
-        let mut all: Vec<Device> = self.state()?.devices.values().cloned().collect();
+        let scoped = self.scoped(caller);
+        let mut all: Vec<Device> = self
+            .state()?
+            .devices
+            .values()
+            .filter_map(|d| scoped.device(d))
+            .collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(all)
     }
 
+    /// A device the caller may see; one it may not is answered as absent.
     pub fn device(&self, caller: &Principal, id: &str) -> DomainResult<Device> {
         caller.authorize(Action::DevicesRead)?;
-        self.state()?
+        let scoped = self.scoped(caller);
+        let state = self.state()?;
+        let device = state
             .devices
             .get(id)
-            .cloned()
-            .ok_or_else(|| not_found("device", id))
+            .ok_or_else(|| not_found("device", id))?;
+        scoped
+            .device(device)
+            .ok_or_else(|| DomainError::Hidden(Box::new(not_found("device", id))))
+    }
+
+    fn scoped<'a>(&self, caller: &'a Principal) -> Scoped<'a> {
+        Scoped {
+            caller,
+            graph: (!caller.holds_everywhere(Action::DevicesRead))
+                .then(|| self.inner.twins.snapshot()),
+        }
     }
 
     pub async fn set_bindings(
@@ -283,9 +303,30 @@ impl Telemetry {
         Ok(list)
     }
 
+    /// Firmware allowlists; for a scoped caller, those of the device models of devices it may
+    /// see.
     pub fn firmware(&self, caller: &Principal) -> DomainResult<Vec<FirmwareList>> {
         caller.authorize(Action::DevicesRead)?;
-        let mut all: Vec<_> = self.state()?.firmware.values().cloned().collect();
+        let scoped = self.scoped(caller);
+        let state = self.state()?;
+        let models: Option<std::collections::HashSet<&str>> = scoped.graph.is_some().then(|| {
+            state
+                .devices
+                .values()
+                .filter(|d| scoped.device(d).is_some())
+                .map(|d| d.device_model.as_str())
+                .collect()
+        });
+        let mut all: Vec<_> = state
+            .firmware
+            .values()
+            .filter(|f| {
+                models
+                    .as_ref()
+                    .is_none_or(|m| m.contains(f.device_model.as_str()))
+            })
+            .cloned()
+            .collect();
         all.sort_by(|a, b| a.device_model.cmp(&b.device_model));
         Ok(all)
     }
@@ -321,9 +362,17 @@ impl Telemetry {
         Ok(policy)
     }
 
+    /// Validation policies; for a scoped caller, those whose model it may see.
     pub fn policies(&self, caller: &Principal) -> DomainResult<Vec<Policy>> {
         caller.authorize(Action::DevicesRead)?;
-        let mut all: Vec<_> = self.state()?.policies.values().cloned().collect();
+        let scoped = self.scoped(caller);
+        let mut all: Vec<_> = self
+            .state()?
+            .policies
+            .values()
+            .filter(|p| scoped.model(&p.model))
+            .cloned()
+            .collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(all)
     }
@@ -371,9 +420,17 @@ impl Telemetry {
         Ok(group)
     }
 
+    /// Sensor groups; for a scoped caller, those feeding a twin it may see.
     pub fn groups(&self, caller: &Principal) -> DomainResult<Vec<SensorGroup>> {
         caller.authorize(Action::DevicesRead)?;
-        let mut all: Vec<_> = self.state()?.groups.values().cloned().collect();
+        let scoped = self.scoped(caller);
+        let mut all: Vec<_> = self
+            .state()?
+            .groups
+            .values()
+            .filter(|g| scoped.twin(&g.twin))
+            .cloned()
+            .collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(all)
     }
@@ -586,6 +643,64 @@ impl Telemetry {
             }
         }
         Ok(history)
+    }
+}
+
+/// What of the telemetry plane a caller holding `devices/read` may see. Hidden equals absent,
+/// as in the twin API: a twin outside the caller's `devices/read` scopes, and everything that
+/// names it, is left out as if the twin did not exist.
+/// - A device is shown with the bindings to twins the caller may see, and only those; a device
+///   with none is absent for that caller. So a device bound to a visible and a hidden twin
+///   shows its visible binding only, exactly as if the hidden twin did not exist (a binding to
+///   a twin that does not exist is shown to instance-wide callers only).
+/// - A sensor group is shown when its twin is visible; its members are the devices that feed
+///   that visible twin's property, so they are shown as they are.
+/// - A validation policy is shown when the caller may see its model, a firmware allowlist when
+///   the caller sees a device of its device model.
+struct Scoped<'a> {
+    caller: &'a Principal,
+    /// `None` for a caller that holds `devices/read` instance-wide: it sees everything.
+    graph: Option<std::sync::Arc<twinguard_core::graph::Graph>>,
+}
+
+impl Scoped<'_> {
+    fn twin(&self, id: &str) -> bool {
+        match &self.graph {
+            None => true,
+            Some(graph) => graph
+                .twin(id)
+                .is_some_and(|t| self.caller.may_twin(graph, Action::DevicesRead, t)),
+        }
+    }
+
+    fn model(&self, id: &str) -> bool {
+        match &self.graph {
+            None => true,
+            Some(graph) => twinguard_core::dtmi::Dtmi::parse(id)
+                .ok()
+                .and_then(|m| graph.model(&m))
+                .is_some_and(|entry| self.caller.may_model(Action::DevicesRead, entry)),
+        }
+    }
+
+    /// The device as this caller may see it, or `None` when it is absent for the caller.
+    fn device(&self, device: &Device) -> Option<Device> {
+        if self.graph.is_none() {
+            return Some(device.clone());
+        }
+        let bindings: Vec<Binding> = device
+            .bindings
+            .iter()
+            .filter(|b| self.twin(&b.twin))
+            .cloned()
+            .collect();
+        if bindings.is_empty() {
+            return None;
+        }
+        Some(Device {
+            bindings,
+            ..device.clone()
+        })
     }
 }
 

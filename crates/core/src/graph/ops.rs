@@ -164,6 +164,15 @@ impl WriteOp {
         }
     }
 
+    /// The answer [`WriteOp::apply`] would give on `graph`, changing nothing.
+    pub(crate) fn dry_run(self, graph: &Graph) -> DomainResult<WriteOutcome> {
+        self.apply(
+            &mut graph.clone(),
+            &WriteContext::default(),
+            &mut Vec::new(),
+        )
+    }
+
     /// Applies the operation to `graph`, recording store mutations in `muts`.
     ///
     /// Every operation makes all its checks before its first change, so an error leaves `graph`

@@ -18,7 +18,8 @@ pub(crate) struct Outcome {
     pub items: Vec<Value>,
     /// Rows exist past the returned ones.
     pub more: bool,
-    /// Twins and relationships examined.
+    /// Twins and relationships examined that the caller may see, plus the IDs the query
+    /// names: what the charge is computed from.
     pub examined: u64,
 }
 
@@ -101,9 +102,26 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Counts one examined twin or relationship that the caller may see (or one ID the query
+    /// names). Entities outside the caller's scopes are never counted: the charge, the work
+    /// budget and so the `QueryLimitExceeded` answer depend only on what the caller sees, as if
+    /// those entities were absent.
     fn examine(&mut self) -> Result<(), QueryError> {
         self.examined += 1;
         self.spend(limits::WORK_PER_ENTITY)
+    }
+
+    /// Whether the caller may see `bound`, counting it as examined if so.
+    fn examine_if_visible(&mut self, bound: &Bound<'a>) -> Result<bool, QueryError> {
+        let visible = match bound {
+            Bound::Twin(t, _) => self.twin_visible(t),
+            Bound::Rel(r, _) => self.rel_visible(r),
+            Bound::Unbound => false,
+        };
+        if visible {
+            self.examine()?;
+        }
+        Ok(visible)
     }
 
     fn twin_visible(&self, twin: &Twin) -> bool {
@@ -134,9 +152,13 @@ impl<'a> Run<'a> {
                 var,
                 ids: Some(ids),
             } => {
+                // Each named ID costs one lookup whether it is visible, hidden or absent.
                 for id in ids {
                     self.examine()?;
                     let Some(twin) = graph.twin(id) else { continue };
+                    if !self.twin_visible(twin) {
+                        continue;
+                    }
                     if self.bind_seed(row, *var, Bound::twin_of(twin))? == Flow::Stop {
                         break;
                     }
@@ -144,8 +166,11 @@ impl<'a> Run<'a> {
             }
             Seed::Twins { var, ids: None } => {
                 for twin in graph.twins() {
-                    self.examine()?;
-                    if self.bind_seed(row, *var, Bound::twin_of(twin))? == Flow::Stop {
+                    let bound = Bound::twin_of(twin);
+                    if !self.examine_if_visible(&bound)? {
+                        continue;
+                    }
+                    if self.bind_seed(row, *var, bound)? == Flow::Stop {
                         break;
                     }
                 }
@@ -155,8 +180,11 @@ impl<'a> Run<'a> {
                 by: RelSeed::Scan,
             } => {
                 for rel in graph.relationships() {
-                    self.examine()?;
-                    if self.bind_seed(row, *var, Bound::rel_of(rel))? == Flow::Stop {
+                    let bound = Bound::rel_of(rel);
+                    if !self.examine_if_visible(&bound)? {
+                        continue;
+                    }
+                    if self.bind_seed(row, *var, bound)? == Flow::Stop {
                         break;
                     }
                 }
@@ -167,8 +195,11 @@ impl<'a> Run<'a> {
             } => {
                 'ids: for id in ids {
                     for rel in graph.outgoing(id) {
-                        self.examine()?;
-                        if self.bind_seed(row, *var, Bound::rel_of(rel))? == Flow::Stop {
+                        let bound = Bound::rel_of(rel);
+                        if !self.examine_if_visible(&bound)? {
+                            continue;
+                        }
+                        if self.bind_seed(row, *var, bound)? == Flow::Stop {
                             break 'ids;
                         }
                     }
@@ -180,8 +211,11 @@ impl<'a> Run<'a> {
             } => {
                 'ids: for id in ids {
                     for rel in graph.incoming(id) {
-                        self.examine()?;
-                        if self.bind_seed(row, *var, Bound::rel_of(rel))? == Flow::Stop {
+                        let bound = Bound::rel_of(rel);
+                        if !self.examine_if_visible(&bound)? {
+                            continue;
+                        }
+                        if self.bind_seed(row, *var, bound)? == Flow::Stop {
                             break 'ids;
                         }
                     }
@@ -191,20 +225,13 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Binds a seed the caller may see (the callers check it) and walks on from it.
     fn bind_seed(
         &mut self,
         row: &mut [Bound<'a>],
         var: usize,
         bound: Bound<'a>,
     ) -> Result<Flow, QueryError> {
-        let visible = match bound {
-            Bound::Twin(t, _) => self.twin_visible(t),
-            Bound::Rel(r, _) => self.rel_visible(r),
-            Bound::Unbound => false,
-        };
-        if !visible {
-            return Ok(Flow::Continue);
-        }
         set(row, var, bound);
         if !self.checks_pass(0, row)? {
             return Ok(Flow::Continue);
@@ -244,14 +271,15 @@ impl<'a> Run<'a> {
     ) -> Result<Flow, QueryError> {
         let graph = self.graph;
         for (rel, other) in adjacent(graph, &from.id, step.direction) {
-            self.examine()?;
-            if !name_allowed(&step.edge.names, rel) {
-                continue;
-            }
+            // `from` is visible, so the relationship is visible exactly when `other` is.
             let Some(twin) = graph.twin(other) else {
                 continue;
             };
             if !self.twin_visible(twin) {
+                continue;
+            }
+            self.examine()?;
+            if !name_allowed(&step.edge.names, rel) {
                 continue;
             }
             set(row, step.to, Bound::twin_of(twin));
@@ -285,17 +313,19 @@ impl<'a> Run<'a> {
             let mut in_next: HashSet<&'a str> = HashSet::new();
             for at in frontier {
                 for (rel, other) in adjacent(graph, &at.id, step.direction) {
+                    // Every twin on the frontier is visible, so the relationship is visible
+                    // exactly when `other` is; hidden ones are skipped before they count.
+                    let Some(twin) = graph.twin(other) else {
+                        continue;
+                    };
+                    if !self.twin_visible(twin) {
+                        continue;
+                    }
                     self.examine()?;
                     if other == &*start.id
                         || !name_allowed(&step.edge.names, rel)
                         || !used.insert(Arc::as_ptr(rel))
                     {
-                        continue;
-                    }
-                    let Some(twin) = graph.twin(other) else {
-                        continue;
-                    };
-                    if !self.twin_visible(twin) {
                         continue;
                     }
                     if in_next.insert(&twin.id) {

@@ -57,7 +57,17 @@
 //! bounded by [`limits::MAX_WORK`]; a query past it fails with `QueryLimitExceeded`.
 //!
 //! The query charge is `1 + examined / 100`, rounded to two decimals, where `examined` counts
-//! the twins and relationships the run looked at. It is deterministic for a given graph.
+//! the IDs the query names (each one lookup, whether the twin exists or not) and the twins and
+//! relationships the run looked at *that the caller may see*. It is deterministic for a given
+//! graph.
+//!
+//! Hidden equals absent here too: a twin outside `visible`, and a relationship with such a twin
+//! at either end, is skipped before it is counted, so it adds nothing to the charge or to the
+//! work budget. The charge, the rows, the page boundaries, the continuation tokens and whether
+//! `QueryLimitExceeded` is reached are therefore the same as in a graph where those entities do
+//! not exist. What hidden entities still cost is wall-clock time: skipping one is a lookup and
+//! a visibility check, bounded by the relationships of the visible twins a walk reaches and by
+//! the size of the graph for scans (timing is outside this guarantee).
 //!
 //! # Paging
 //!

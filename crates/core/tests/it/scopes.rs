@@ -508,3 +508,164 @@ async fn relationship_and_route_scopes_cover_only_what_they_name() {
     assert!(service.twin(&dave, "b1").is_err());
     assert!(dave.authorize(Action::AuditRead).is_err());
 }
+
+/// One page of `query` for `who`, as the client sees it: items, continuation token and charge.
+fn page(service: &TwinService, who: &Principal, query: &str) -> String {
+    let request = QueryRequest {
+        query: Some(query.into()),
+        continuation_token: None,
+        page_size: 1_000,
+    };
+    match service.query(who, &request) {
+        Ok(page) => format!(
+            "{:?} {:?} charge={}",
+            page.items, page.continuation, page.charge
+        ),
+        Err(e) => shape(e, "\u{0}"),
+    }
+}
+
+#[tokio::test]
+async fn the_query_charge_tells_a_scoped_reader_nothing_about_twins_outside_its_scope() {
+    let service = plant().await;
+    let alice = scoped("alice", DATA_READER, subtree("b1"));
+    // Naming a hidden twin costs what naming a missing one costs, in every query form that
+    // starts from an ID: the charge used to count the hidden twin's relationships.
+    for template in [
+        "SELECT * FROM RELATIONSHIPS WHERE $sourceId = '{id}'",
+        "SELECT * FROM RELATIONSHIPS WHERE $targetId = '{id}'",
+        "SELECT * FROM RELATIONSHIPS R WHERE R.$sourceId IN ['{id}', 'b1', 'nope2']",
+        "SELECT COUNT() FROM RELATIONSHIPS R WHERE R.$targetId IN ['{id}', 'r1a']",
+        "SELECT * FROM DIGITALTWINS WHERE $dtId IN ['{id}', 'b1']",
+        "SELECT b FROM DIGITALTWINS MATCH (a)-[:feeds|contains*1..3]-(b) WHERE a.$dtId = '{id}'",
+        "SELECT b FROM DIGITALTWINS a JOIN b RELATED a.feeds WHERE a.$dtId = '{id}'",
+    ] {
+        let absent = page(&service, &alice, &template.replace("{id}", "nope"));
+        for hidden in ["b2", "r2a", "p1"] {
+            let seen = page(&service, &alice, &template.replace("{id}", hidden));
+            assert_eq!(seen, absent, "{template} with {hidden}");
+        }
+    }
+    // Scans, walks and counts cost the same whatever lies outside: the charge used to count
+    // every twin and relationship of the instance.
+    let queries = [
+        "SELECT COUNT() FROM DIGITALTWINS",
+        "SELECT T.$dtId FROM DIGITALTWINS T WHERE IS_OF_MODEL('dtmi:s:Room;1')",
+        "SELECT * FROM RELATIONSHIPS",
+        "SELECT TOP(2) T FROM DIGITALTWINS T",
+        "SELECT a, b FROM DIGITALTWINS MATCH (a)-[*1..3]-(b)",
+        "SELECT a, b FROM DIGITALTWINS a JOIN b RELATED a.feeds",
+        "SELECT COUNT() FROM DIGITALTWINS MATCH (a)-[:contains]->(b)-[:feeds]->(c)",
+    ];
+    let before: Vec<String> = queries.iter().map(|q| page(&service, &alice, q)).collect();
+    let o = owner();
+    for i in 0..20 {
+        let id = format!("h{i}");
+        service
+            .write(&o, put_twin(&id, "dtmi:s:Room;1"))
+            .await
+            .unwrap();
+        // Hidden twins fed from inside the subtree, and hidden rooms in the hidden building.
+        service
+            .write(&o, put_rel("r1a", &format!("hf{i}"), "feeds", &id))
+            .await
+            .unwrap();
+        service
+            .write(&o, put_rel("b2", &format!("hc{i}"), "contains", &id))
+            .await
+            .unwrap();
+    }
+    let after: Vec<String> = queries.iter().map(|q| page(&service, &alice, q)).collect();
+    assert_eq!(before, after);
+    // The unscoped owner still pays for what the scan examines.
+    assert!(page(&service, &o, "SELECT COUNT() FROM DIGITALTWINS").ends_with("charge=1.26"));
+}
+
+fn put_rel_with(source: &str, id: &str, body: Value, precondition: Precondition) -> WriteOp {
+    WriteOp::PutRelationship {
+        source: source.into(),
+        id: id.into(),
+        body: object(body),
+        precondition,
+    }
+}
+
+#[tokio::test]
+async fn a_subtree_writer_cannot_tell_a_relationship_id_held_outside_its_scope_from_a_free_one() {
+    let service = plant().await;
+    let alice = scoped("alice", DATA_OWNER, subtree("b1"));
+    let o = owner();
+    // r1a feeds r2a through f1; r2a is outside alice's subtree, so f1 is hidden from her.
+    let f1 = service.relationship(&o, "r1a", "f1").unwrap();
+    let feeds = |target: &str| json!({"$targetId": target, "$relationshipName": "feeds"});
+    let preconditions = [
+        Precondition::IfMatch("*".into()),
+        Precondition::IfMatch(f1.etag.clone()),
+        Precondition::IfMatch("W/\"guess\"".into()),
+    ];
+    for precondition in &preconditions {
+        // Every PUT that would not create the relationship, every PATCH and DELETE: the answer
+        // for the hidden f1 is the answer for the free ID zz (it used to be 404 against 412).
+        for body in [
+            feeds("r1b"),
+            feeds("r2a"),
+            feeds("nope"),
+            json!({"$relationshipName": "feeds"}),
+            json!({"$targetId": "r1b", "$relationshipName": "undefined"}),
+            json!({"$targetId": "r1b", "$relationshipName": "feeds", "extra": 1}),
+        ] {
+            let mut answers = Vec::new();
+            for id in ["f1", "zz"] {
+                let op = put_rel_with("r1a", id, body.clone(), precondition.clone());
+                answers.push(shape(service.write(&alice, op).await.unwrap_err(), id));
+            }
+            assert_eq!(answers[0], answers[1], "{body} {precondition:?}");
+        }
+        let mut answers = Vec::new();
+        for id in ["f1", "zz"] {
+            let patch = WriteOp::PatchRelationship {
+                source: "r1a".into(),
+                id: id.into(),
+                patch: json!([{"op": "add", "path": "/x", "value": 1}]),
+                precondition: precondition.clone(),
+            };
+            let delete = WriteOp::DeleteRelationship {
+                source: "r1a".into(),
+                id: id.into(),
+                precondition: precondition.clone(),
+            };
+            answers.push((
+                shape(service.write(&alice, patch).await.unwrap_err(), id),
+                shape(service.write(&alice, delete).await.unwrap_err(), id),
+                shape(service.relationship(&alice, "r1a", id).unwrap_err(), id),
+            ));
+        }
+        assert_eq!(answers[0], answers[1], "{precondition:?}");
+    }
+    // A PUT that would create zz, refused for f1 rather than replace the hidden relationship: the
+    // one answer that differs, because the ID is taken (as for twin IDs). It used to be 404.
+    for precondition in [Precondition::None, Precondition::IfNoneMatch] {
+        let op = put_rel_with("r1a", "f1", feeds("r1b"), precondition.clone());
+        assert!(
+            matches!(
+                service.write(&alice, op).await,
+                Err(DomainError::Hidden(e)) if matches!(*e, DomainError::Forbidden { .. })
+            ),
+            "{precondition:?}"
+        );
+        let op = put_rel_with("r1a", "zz", feeds("r1b"), precondition.clone());
+        service.write(&alice, op).await.unwrap();
+        let delete = WriteOp::DeleteRelationship {
+            source: "r1a".into(),
+            id: "zz".into(),
+            precondition: Precondition::None,
+        };
+        service.write(&alice, delete).await.unwrap();
+    }
+    // f1 was never changed.
+    assert_eq!(service.relationship(&o, "r1a", "f1").unwrap().etag, f1.etag);
+    assert_eq!(
+        &*service.relationship(&o, "r1a", "f1").unwrap().target,
+        "r2a"
+    );
+}

@@ -854,3 +854,125 @@ async fn a_reading_that_breaks_the_streams_history_is_held_and_the_stream_goes_o
     assert_eq!(plant.twin()["temperature"], json!(60.2));
     assert_eq!(plant.pending()[0].reasons, vec!["anomaly"]);
 }
+
+/// A caller holding `devices/read` (and `twins/read`) on the subtree of `root` only.
+fn device_reader_of(root: &str) -> Principal {
+    use twinguard_core::auth::{Action, Grant, PrincipalKind, RoleId, Scope};
+    let grant = Grant {
+        role: RoleId("device-reader".into()),
+        actions: [Action::DevicesRead, Action::TwinsRead]
+            .into_iter()
+            .collect(),
+        scope: Scope::Subtree {
+            root: root.into(),
+            relationships: vec!["contains".into()],
+        },
+    };
+    Principal::new(
+        "eve",
+        PrincipalKind::Application,
+        vec![grant].into(),
+        false,
+        false,
+    )
+}
+
+/// Everything the telemetry administration reads show `who`, as a client would see it.
+fn telemetry_view(plant: &Plant, who: &Principal) -> String {
+    let t = &plant.telemetry;
+    let device = |id: &str| match t.device(who, id) {
+        Ok(d) => serde_json::to_string(&d).unwrap(),
+        Err(twinguard_core::error::DomainError::Hidden(absent)) => format!("{absent:?}"),
+        Err(e) => format!("{e:?}"),
+    };
+    format!(
+        "devices {}\nd-two {}\nd-both {}\ngroups {}\nfirmware {}\npolicies {}\nquarantine {:?}",
+        serde_json::to_string(&t.devices(who).unwrap()).unwrap(),
+        device("d-two").replace("d-two", "<id>"),
+        device("d-both"),
+        serde_json::to_string(&t.groups(who).unwrap()).unwrap(),
+        serde_json::to_string(&t.firmware(who).unwrap()).unwrap(),
+        serde_json::to_string(&t.policies(who).unwrap()).unwrap(),
+        t.quarantine(who, None, None, 10).map(|q| q.len()),
+    )
+}
+
+#[tokio::test]
+async fn a_device_reader_scoped_to_a_subtree_sees_no_device_group_or_twin_outside_it() {
+    let plant = Plant::new().await;
+    let a = &plant.admin;
+    for (id, model, twins) in [
+        ("d-one", "thermo-1", vec!["boiler-1"]),
+        ("d-two", "thermo-2", vec!["boiler-2"]),
+        ("d-both", "thermo-1", vec!["boiler-1", "boiler-2"]),
+    ] {
+        let bindings = twins
+            .into_iter()
+            .map(|twin| Binding {
+                twin: twin.into(),
+                names: vec!["temperature".into()],
+            })
+            .collect();
+        let new = NewDevice {
+            public_key: None,
+            generate: true,
+            device_model: model.into(),
+            bindings,
+        };
+        plant.telemetry.register_device(a, id, new).await.unwrap();
+    }
+    let firmware = FirmwareList {
+        device_model: String::new(),
+        digests: vec![FIRMWARE.into()],
+    };
+    plant
+        .telemetry
+        .put_firmware(a, "thermo-2", firmware)
+        .await
+        .unwrap();
+    for twin in ["boiler-1", "boiler-2"] {
+        let mut g = group(&["d-one", "d-both"]);
+        g.twin = twin.into();
+        plant
+            .telemetry
+            .put_group(a, &format!("g-{twin}"), g)
+            .await
+            .unwrap();
+    }
+    let policy: Policy = serde_json::from_value(json!({
+        "model": "dtmi:test:Boiler;1", "property": "temperature", "min": -50.0, "max": 500.0
+    }))
+    .unwrap();
+    plant.telemetry.put_policy(a, "p", policy).await.unwrap();
+
+    let eve = device_reader_of("boiler-1");
+    let seen = telemetry_view(&plant, &eve);
+    // The listings used to show d-two, the group on boiler-2 and d-both's binding to it.
+    assert!(!seen.contains("boiler-2"), "{seen}");
+    assert!(!seen.contains("thermo-2"), "{seen}");
+    assert!(
+        seen.contains("d-one") && seen.contains("g-boiler-1"),
+        "{seen}"
+    );
+    // Hidden equals absent: with boiler-2 gone (and nothing else changed), eve sees the same.
+    plant
+        .twins
+        .write(
+            a,
+            WriteOp::DeleteTwin {
+                id: "boiler-2".into(),
+                precondition: Precondition::None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(telemetry_view(&plant, &eve), seen);
+    // d-two is now as absent for eve as a device that was never registered.
+    assert!(seen.contains(&format!(
+        "d-two {:?}",
+        plant.telemetry.device(&eve, "<id>").unwrap_err()
+    )));
+    // The instance-wide administrator still sees everything as it was registered.
+    let all = telemetry_view(&plant, a);
+    assert!(all.contains("d-two") && all.contains("g-boiler-2") && all.contains("thermo-2"));
+}
