@@ -10,6 +10,8 @@ pub const API: &str = "api-version=2023-10-31";
 
 pub struct TestServer {
     pub base: String,
+    /// The device plane's base URL (signed telemetry).
+    pub device_base: String,
     pub client: Client,
     /// The data directory; kept alive as long as the server.
     pub dir: TempDir,
@@ -47,6 +49,7 @@ impl TestServer {
         };
         let app = Application::build(&config).unwrap();
         let base = app.base_url();
+        let device_base = format!("https://{}", app.device_addr().unwrap());
         let state = app.state().clone();
         tokio::spawn(app.run());
         let client = https_client(dir.path(), None);
@@ -56,6 +59,7 @@ impl TestServer {
         .unwrap();
         Self {
             base,
+            device_base,
             client,
             state,
             admin_id: admin["client_id"].as_str().unwrap().to_owned(),

@@ -8,3 +8,4 @@ mod audit;
 mod auth;
 mod identity;
 mod kit;
+mod outputs;

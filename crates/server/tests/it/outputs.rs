@@ -1,0 +1,164 @@
+//! What the server puts on the wire besides the answer itself: the security headers on every
+//! answer of both listeners, and links built from the configured public address, never from
+//! what a client sent.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::auth::documented_operations;
+use crate::kit::{API, TestServer};
+
+/// Public documents a shared cache may keep: the token signing keys and the server metadata.
+const PUBLIC_DOCUMENTS: [&str; 3] = [
+    "/.well-known/jwks.json",
+    "/.well-known/openid-configuration",
+    "/.well-known/oauth-authorization-server",
+];
+
+fn assert_security_headers(what: &str, path: &str, response: &reqwest::Response) {
+    let headers = response.headers();
+    let expected = [
+        ("strict-transport-security", "max-age=31536000"),
+        ("x-content-type-options", "nosniff"),
+        (
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+    ];
+    for (name, value) in expected {
+        assert_eq!(
+            headers.get(name).and_then(|v| v.to_str().ok()),
+            Some(value),
+            "{what} ({}) lacks {name}: {value}",
+            response.status()
+        );
+    }
+    let cache = headers.get("cache-control").and_then(|v| v.to_str().ok());
+    if PUBLIC_DOCUMENTS.contains(&path) && response.status() == 200 {
+        assert_eq!(cache, Some("public, max-age=300"), "{what}");
+    } else {
+        assert_eq!(
+            cache,
+            Some("no-store"),
+            "{what} ({}) may be stored by a cache",
+            response.status()
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_answer_of_both_listeners_carries_the_security_headers_and_no_store() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let ops = documented_operations();
+    assert!(
+        ops.len() >= 25,
+        "the document lists {} operations",
+        ops.len()
+    );
+    // Every documented operation, anonymous (mostly 401) and as the administrator (200, 201,
+    // 204, 400, 404, ...).
+    for (method, path, _) in &ops {
+        for token in [None, Some(admin.as_str())] {
+            let mut request = server
+                .client
+                .request(method.clone(), server.url(&format!("{path}?{API}")))
+                .header("content-type", "application/json")
+                .body("{}");
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            let who = if token.is_some() {
+                "admin"
+            } else {
+                "anonymous"
+            };
+            assert_security_headers(&format!("{method} {path} ({who})"), path, &response);
+        }
+    }
+
+    // The answers that carry secrets, each reached for real.
+    let created = server
+        .admin_call(Method::POST, "/admin/identities", &admin)
+        .json(&json!({"kind": "application", "name": "headers-app"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_security_headers("identity creation", "", &created);
+    let id = created.json::<Value>().await.unwrap()["identity"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rotated = server
+        .admin_call(
+            Method::POST,
+            &format!("/admin/identities/{id}/secret"),
+            &admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(rotated.status().is_success(), "{}", rotated.status());
+    assert_security_headers("secret rotation", "", &rotated);
+    let device = server
+        .admin_call(Method::PUT, "/devices/headers-device", &admin)
+        .json(&json!({"generate": true, "deviceModel": "headers-sensor"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(device.status(), 201);
+    let device_headers = device.headers().clone();
+    let body: Value = device.json().await.unwrap();
+    assert!(body["privateKey"].is_string());
+    assert_eq!(device_headers["cache-control"], "no-store");
+    assert_eq!(device_headers["x-content-type-options"], "nosniff");
+
+    // Errors outside the documented routes.
+    let missing = server
+        .client
+        .get(server.url("/nowhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_security_headers("an unknown route", "/nowhere", &missing);
+    let wrong_method = server
+        .client
+        .delete(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_security_headers("a wrong method", "/healthz", &wrong_method);
+    let no_version = server
+        .client
+        .get(server.url("/models"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_version.status(), 400);
+    assert_security_headers("a missing api-version", "/models", &no_version);
+
+    // The device plane: its routes, a refused message, its fallbacks.
+    let device_plane = [
+        (Method::GET, "/healthz", None),
+        (Method::POST, "/telemetry", Some("not a signed message")),
+        (Method::GET, "/telemetry", None),
+        (Method::GET, "/models", None),
+    ];
+    for (method, path, body) in device_plane {
+        let mut request = server
+            .client
+            .request(method.clone(), format!("{}{path}", server.device_base));
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.unwrap();
+        assert_security_headers(&format!("device plane {method} {path}"), path, &response);
+    }
+}
