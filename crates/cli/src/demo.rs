@@ -100,6 +100,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         device_listen: Some("127.0.0.1:0".parse()?),
         mqtt: None,
         history_retention: None,
+        public_url: None,
     })?;
     let base = app.base_url();
     let device_plane = format!(

@@ -40,6 +40,9 @@ pub struct AppState {
     pub audit: crate::audit::Audit,
     /// Signed telemetry: device registry, ingestion, quarantine, history.
     pub telemetry: twinguard_telemetry::Telemetry,
+    /// Where clients reach the API; every link handed out is built from it, never from a
+    /// request's `Host` or `:authority`.
+    pub public_url: Arc<crate::startup::PublicUrl>,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.

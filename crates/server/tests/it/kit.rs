@@ -35,8 +35,13 @@ pub fn https_client(data_dir: &std::path::Path, from: Option<std::net::IpAddr>) 
 
 impl TestServer {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server whose configuration `adjust` changes first.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServeConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServeConfig {
+        let mut config = ServeConfig {
             data_dir: dir.path().to_owned(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
             tls_names: vec![],
@@ -46,9 +51,12 @@ impl TestServer {
             device_listen: Some("127.0.0.1:0".parse().unwrap()),
             mqtt: None,
             history_retention: None,
+            public_url: None,
         };
+        adjust(&mut config);
         let app = Application::build(&config).unwrap();
-        let base = app.base_url();
+        // The listener itself: a configured public URL need not resolve here.
+        let base = app.listener_url();
         let device_base = format!("https://{}", app.device_addr().unwrap());
         let state = app.state().clone();
         tokio::spawn(app.run());

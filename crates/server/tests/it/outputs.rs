@@ -162,3 +162,117 @@ async fn every_answer_of_both_listeners_carries_the_security_headers_and_no_stor
         assert_security_headers(&format!("device plane {method} {path}"), path, &response);
     }
 }
+
+/// Two models, so a page of one has a next link.
+async fn two_models(server: &TestServer, token: &str) {
+    let models: Vec<Value> = ["A", "B"]
+        .iter()
+        .map(|n| {
+            json!({"@id": format!("dtmi:echo:{n};1"), "@type": "Interface",
+                   "@context": "dtmi:dtdl:context;3"})
+        })
+        .collect();
+    let response = server
+        .adt(Method::POST, "/models", token)
+        .json(&models)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+}
+
+/// Clients an attacker controls: HTTP/1.1 with a `Host` header of its choosing, and HTTP/2
+/// whose `:authority` names the attacker's host (resolved to the server).
+fn attacker_clients(server: &TestServer) -> [(&'static str, reqwest::Client, String); 2] {
+    let ca = std::fs::read(server.dir.path().join("tls/ca.pem")).unwrap();
+    let http1 = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    let addr: std::net::SocketAddr = server.base.trim_start_matches("https://").parse().unwrap();
+    let http2 = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        // The attacker's client talks to the real server under the attacker's name.
+        .danger_accept_invalid_certs(true)
+        .resolve("attacker.example", addr)
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    [
+        ("HTTP/1.1 Host", http1, server.base.clone()),
+        (
+            "HTTP/2 :authority",
+            http2,
+            format!("https://attacker.example:{}", addr.port()),
+        ),
+    ]
+}
+
+/// Follows what the attacker gets back: the `nextLink` of a one-item page of models and the
+/// endpoints of the discovery metadata, each of which must be on `public`.
+async fn links_seen_by_an_attacker(server: &TestServer, public: &str) {
+    let token = server.admin_token().await;
+    two_models(server, &token).await;
+    for (how, client, base) in attacker_clients(server) {
+        let page = client
+            .get(format!("{base}/models?{API}"))
+            .header("host", "attacker.example")
+            .header("max-items-per-page", "1")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 200, "{how}");
+        if how.starts_with("HTTP/2") {
+            assert_eq!(page.version(), reqwest::Version::HTTP_2);
+        } else {
+            assert_eq!(page.version(), reqwest::Version::HTTP_11);
+        }
+        let body: Value = page.json().await.unwrap();
+        let next = body["nextLink"].as_str().unwrap();
+        assert!(
+            next.starts_with(&format!("{public}/models?")),
+            "{how}: the next link {next} is not on {public}"
+        );
+        assert!(!next.contains("attacker"), "{how}: {next}");
+
+        let metadata: Value = client
+            .get(format!("{base}/.well-known/openid-configuration"))
+            .header("host", "attacker.example")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for endpoint in ["token_endpoint", "jwks_uri", "revocation_endpoint"] {
+            let url = metadata[endpoint].as_str().unwrap();
+            assert!(
+                url.starts_with(&format!("{public}/")),
+                "{how}: {endpoint} {url} is not on {public}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn links_are_built_on_the_configured_public_url_whatever_host_the_client_names() {
+    let server = TestServer::start_with(|config| {
+        config.public_url =
+            Some(twinguard_server::startup::PublicUrl::parse("https://twins.example.com").unwrap());
+    })
+    .await;
+    // The test reaches the server at its listener; only the links name the public URL.
+    links_seen_by_an_attacker(&server, "https://twins.example.com").await;
+}
+
+#[tokio::test]
+async fn without_a_public_url_links_are_built_on_the_listener_address_not_the_host_header() {
+    let server = TestServer::start().await;
+    let public = server.base.clone();
+    links_seen_by_an_attacker(&server, &public).await;
+}
