@@ -6,6 +6,7 @@
 //! the twin falls back to a forecast, saying so.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -172,7 +173,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     )
     .await?;
     let keys = data_dir.join("demo-keys");
-    std::fs::create_dir_all(&keys)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&keys)?;
     let mut actors = Vec::new();
     let cast: [(&'static str, &'static str, Behaviour, &str, Option<&str>); 7] = [
         ("temp-a", "honest sensor", Behaviour::Honest, FIRMWARE, None),

@@ -162,6 +162,9 @@ enum MfaCommand {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Whatever the process creates is its owner's only, even a file some code path (or a
+    // library) creates without an explicit mode; every file twinguard creates also sets 0600.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     tracing_subscriber::fmt()
         .json()
         .with_writer(std::io::stderr)

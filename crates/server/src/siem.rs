@@ -11,6 +11,7 @@
 //! closing (power loss) can lose what was in flight to it; RELP would close that gap.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,7 +159,13 @@ impl Cursor {
 
     fn save(&self) -> std::io::Result<()> {
         let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{} {}\n", self.offset, self.next))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(format!("{} {}\n", self.offset, self.next).as_bytes())?;
         std::fs::rename(tmp, &self.path)
     }
 }
@@ -186,7 +193,10 @@ fn read_batch(log: &AuditLog, cursor: &Cursor) -> std::io::Result<Vec<String>> {
 
 /// Starts forwarding to `sink`; runs until the process ends.
 pub fn spawn(log: AuditLog, sink: Sink, state_dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(state_dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)?;
     let cursor = Cursor::load(state_dir.join(format!("{}.cursor", sink.name())));
     let tls = match &sink {
         Sink::Syslog { ca, .. } => {
@@ -292,9 +302,11 @@ fn write_file(path: &Path, max_bytes: u64, keep: usize, batch: &[String]) -> any
         }
         std::fs::rename(path, path.with_extension("jsonl.1"))?;
     }
+    // The export holds the audit trail: its owner's only, whatever the umask.
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)?;
     for line in batch {
         file.write_all(line.as_bytes())?;

@@ -276,3 +276,66 @@ async fn without_a_public_url_links_are_built_on_the_listener_address_not_the_ho
     let public = server.base.clone();
     links_seen_by_an_attacker(&server, &public).await;
 }
+
+/// Paths under `root` (itself included) whose mode gives group or others any access.
+fn open_to_others(root: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            found.push(format!("{} {mode:o}", path.display()));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn files_are_created_owner_only_by_their_own_modes_not_by_the_umask() {
+    // The library sets no umask (the binary does): with the usual permissive one, only the
+    // modes every file is opened with keep the data directory and the exports private. Each
+    // test runs in its own process under nextest.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    let outside = tempfile::tempdir().unwrap();
+    let siem = outside.path().join("audit.jsonl");
+    let witness = outside.path().join("witness");
+    let server = TestServer::start_with(|config| {
+        config.siem = vec![twinguard_server::siem::Sink::File {
+            path: siem.clone(),
+            max_bytes: 1 << 20,
+            keep: 2,
+        }];
+        config.audit_witness = Some(witness.clone());
+    })
+    .await;
+    let admin = server.admin_token().await;
+    let device = server
+        .admin_call(Method::PUT, "/devices/umask-device", &admin)
+        .json(&json!({"generate": true, "deviceModel": "umask-sensor"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(device.status(), 201);
+    for _ in 0..100 {
+        let exported = std::fs::metadata(&siem).map(|m| m.len()).unwrap_or(0);
+        if exported > 0 && witness.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        std::fs::metadata(&siem).unwrap().len() > 0,
+        "nothing exported"
+    );
+    let mut open = open_to_others(server.dir.path());
+    open.extend(open_to_others(&siem));
+    open.extend(open_to_others(&witness));
+    assert!(open.is_empty(), "readable by others: {open:#?}");
+}
