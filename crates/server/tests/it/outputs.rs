@@ -339,3 +339,142 @@ async fn files_are_created_owner_only_by_their_own_modes_not_by_the_umask() {
     open.extend(open_to_others(&witness));
     assert!(open.is_empty(), "readable by others: {open:#?}");
 }
+
+/// Percent-encodes every byte of `id` but ASCII letters, digits, `-`, `_` and `~` (dots too, so
+/// `..` reaches the server as the ID an attacker sends rather than being resolved by the client).
+fn path_segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn assert_invalid_argument(what: &str, response: reqwest::Response) {
+    assert_eq!(response.status(), 400, "{what} was accepted");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "InvalidArgument", "{what}");
+}
+
+#[tokio::test]
+async fn event_routes_refuse_path_like_ids_and_endpoint_names_that_are_urls_or_escapes() {
+    let server = TestServer::start().await;
+    let token = server.admin_token().await;
+    let good = json!({"endpointName": "audit-sink", "filter": "true"});
+    // A bare `..` cannot be sent through a URL parser (it resolves `%2E%2E` too); the unit test
+    // `route_ids_read_as_names_never_as_paths` refuses it.
+    for id in ["a/../b", "a/..", "a/b", "a..b", "r\u{202e}1", "r\u{200b}1"] {
+        let response = server
+            .call_json(
+                Method::PUT,
+                &format!("/eventroutes/{}", path_segment(id)),
+                &token,
+                &good,
+            )
+            .await;
+        assert_invalid_argument(&format!("route ID {id:?}"), response).await;
+    }
+    for endpoint in [
+        "https://attacker.example/hook",
+        "sink\r\nX-Injected: 1",
+        "\u{1b}[2J\u{1b}[31mOK",
+        "sink\u{2028}forged",
+        "e",
+    ] {
+        let response = server
+            .call_json(
+                Method::PUT,
+                "/eventroutes/route-1",
+                &token,
+                &json!({"endpointName": endpoint, "filter": "true"}),
+            )
+            .await;
+        assert_invalid_argument(&format!("endpoint {endpoint:?}"), response).await;
+    }
+    let listed: Value = server
+        .call(Method::GET, "/eventroutes", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["value"], json!([]), "something was stored");
+    let stored = server
+        .call_json(Method::PUT, "/eventroutes/route-1", &token, &good)
+        .await;
+    assert!(stored.status().is_success(), "{}", stored.status());
+}
+
+#[tokio::test]
+async fn twin_and_relationship_ids_refuse_hidden_characters_and_mixed_alphabets_but_keep_other_scripts()
+ {
+    let server = TestServer::start().await;
+    let token = server.admin_token().await;
+    let room = json!({"@id": "dtmi:echo:Room;1", "@type": "Interface",
+        "@context": "dtmi:dtdl:context;3",
+        "contents": [{"@type": "Relationship", "name": "next"}]});
+    let uploaded = server
+        .call_json(Method::POST, "/models", &token, &json!([room]))
+        .await;
+    assert_eq!(uploaded.status(), 201);
+    let twin = json!({"$metadata": {"$model": "dtmi:echo:Room;1"}});
+    let put_twin = |id: String| {
+        let server = &server;
+        let token = token.clone();
+        let twin = twin.clone();
+        async move {
+            server
+                .call_json(
+                    Method::PUT,
+                    &format!("/digitaltwins/{}", path_segment(&id)),
+                    &token,
+                    &twin,
+                )
+                .await
+        }
+    };
+    // What a person would read as "room-1", "admin", or with its end shown first.
+    for id in [
+        "room\u{200b}-1",
+        "room-1\u{202e}gnp.exe",
+        "\u{2066}room-1\u{2069}",
+        "\u{feff}room-1",
+        "room-1\u{2028}",
+        "room-1\u{85}",
+        "r\u{43e}om-1",
+        "\u{430}dmin",
+        " room-1",
+        "room\u{e000}",
+    ] {
+        assert_invalid_argument(&format!("twin ID {id:?}"), put_twin(id.to_owned()).await).await;
+    }
+    for id in ["room-1", "комната-1", "会議室-1", "δωμάτιο"] {
+        let response = put_twin(id.to_owned()).await;
+        assert_eq!(response.status(), 200, "the twin ID {id} was refused");
+    }
+    let relationship = |target: &str| json!({"$relationshipName": "next", "$targetId": target});
+    let refused = server
+        .call_json(
+            Method::PUT,
+            &format!(
+                "/digitaltwins/room-1/relationships/{}",
+                path_segment("next\u{202e}1")
+            ),
+            &token,
+            &relationship("комната-1"),
+        )
+        .await;
+    assert_invalid_argument("relationship ID with a bidi override", refused).await;
+    let kept = server
+        .call_json(
+            Method::PUT,
+            "/digitaltwins/room-1/relationships/next-1",
+            &token,
+            &relationship("комната-1"),
+        )
+        .await;
+    assert_eq!(kept.status(), 200);
+}
