@@ -22,7 +22,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -63,7 +63,7 @@ struct LevelFiles {
 
 impl LevelFiles {
     fn open(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
         Ok(Self {
             dir: dir.to_owned(),
             files: Vec::new(),
@@ -78,6 +78,7 @@ impl LevelFiles {
                 .create(true)
                 .read(true)
                 .append(true)
+                .mode(PRIVATE_FILE)
                 .open(path)?;
             self.files.push(file);
             self.counts.push(0);
@@ -280,10 +281,10 @@ fn read_entries(
 impl AuditLog {
     /// Opens (or creates) the log in `dir`, checkpoints signed by `signer`.
     pub fn open(dir: &Path, signer: NoteSigner, options: Options) -> Result<Self, AuditError> {
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(
-            dir.join("checkpoint.pub"),
-            format!("{}\n", signer.verifier_key()),
+        create_private_dir(dir)?;
+        write_atomic(
+            &dir.join("checkpoint.pub"),
+            format!("{}\n", signer.verifier_key()).as_bytes(),
         )?;
         let entries_path = dir.join("entries.jsonl");
         let mut levels = LevelFiles::open(&dir.join("hashes"))?;
@@ -318,6 +319,7 @@ impl AuditLog {
             .read(true)
             .write(true)
             .truncate(false)
+            .mode(PRIVATE_FILE)
             .open(&entries_path)?;
         let end = entries.metadata()?.len();
         let (jobs, rx) = mpsc::sync_channel(QUEUE_DEPTH);
@@ -598,6 +600,7 @@ impl Writer {
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(PRIVATE_FILE)
             .open(self.dir.join("checkpoints.log"))?;
         log.write_all(note.as_bytes())?;
         log.write_all(CHECKPOINT_SEPARATOR.as_bytes())?;
@@ -612,9 +615,25 @@ impl Writer {
     }
 }
 
+/// Every file the log creates is its owner's only, whatever the process umask.
+const PRIVATE_FILE: u32 = 0o600;
+
+/// A directory (and its missing parents) that only its owner can enter.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(PRIVATE_FILE)
+        .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;

@@ -6,6 +6,7 @@
 //! the twin falls back to a forecast, saying so.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -100,6 +101,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         device_listen: Some("127.0.0.1:0".parse()?),
         mqtt: None,
         history_retention: None,
+        public_url: None,
     })?;
     let base = app.base_url();
     let device_plane = format!(
@@ -171,7 +173,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     )
     .await?;
     let keys = data_dir.join("demo-keys");
-    std::fs::create_dir_all(&keys)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&keys)?;
     let mut actors = Vec::new();
     let cast: [(&'static str, &'static str, Behaviour, &str, Option<&str>); 7] = [
         ("temp-a", "honest sensor", Behaviour::Honest, FIRMWARE, None),

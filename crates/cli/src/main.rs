@@ -81,6 +81,11 @@ enum Command {
         /// time, then remove them (checked every minute). Without it history is kept for ever.
         #[arg(long, env = "TWINGUARD_HISTORY_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
         history_retention_days: Option<u32>,
+        /// The address clients reach the API at, https://HOST[:PORT]: every link the server
+        /// hands out (list paging, discovery metadata, the token endpoint) is built from it.
+        /// Default: the listen address, or for 0.0.0.0 / [::] the first --tls-name.
+        #[arg(long, env = "TWINGUARD_PUBLIC_URL")]
+        public_url: Option<String>,
     },
     /// Administer identities, roles, role assignments and API keys through the API.
     Admin {
@@ -157,6 +162,9 @@ enum MfaCommand {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Whatever the process creates is its owner's only, even a file some code path (or a
+    // library) creates without an explicit mode; every file twinguard creates also sets 0600.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     tracing_subscriber::fmt()
         .json()
         .with_writer(std::io::stderr)
@@ -243,7 +251,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mqtt_topic,
             mqtt_ca,
             history_retention_days,
+            public_url,
         } => {
+            let public_url = public_url
+                .as_deref()
+                .map(twinguard_server::startup::PublicUrl::parse)
+                .transpose()?;
             let mut siem = Vec::new();
             if let Some(path) = siem_file {
                 siem.push(twinguard_server::siem::Sink::File {
@@ -297,8 +310,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     mqtt,
                     history_retention: history_retention_days
                         .map(|days| std::time::Duration::from_secs(u64::from(days) * 86_400)),
+                    public_url,
                 })?;
-                println!("twinguard: api listening on {}", app.base_url());
+                println!("twinguard: api listening on {}", app.listener_url());
+                if app.base_url() != app.listener_url() {
+                    println!("twinguard: links name the public URL {}", app.base_url());
+                }
                 if let Some(addr) = app.device_addr() {
                     println!("twinguard: device plane listening on https://{addr}");
                 }

@@ -6,6 +6,8 @@
 //! - [`auth`]: data actions, built-in roles and access decisions.
 //! - [`service`]: the one door into the graph: access checks, snapshots, group commit.
 //! - [`store`]: the storage seam that backends implement.
+//! - [`text`]: characters that must not reach a person or a log unescaped, and the one grammar
+//!   of identifiers.
 
 pub mod access;
 pub mod auth;
@@ -19,4 +21,5 @@ pub mod query;
 pub mod routes;
 pub mod service;
 pub mod store;
+pub mod text;
 pub mod throttle;

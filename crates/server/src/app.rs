@@ -6,7 +6,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, header};
 use axum::middleware;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use twinguard_core::service::TwinService;
 
@@ -40,6 +40,9 @@ pub struct AppState {
     pub audit: crate::audit::Audit,
     /// Signed telemetry: device registry, ingestion, quarantine, history.
     pub telemetry: twinguard_telemetry::Telemetry,
+    /// Where clients reach the API; every link handed out is built from it, never from a
+    /// request's `Host` or `:authority`.
+    pub public_url: Arc<crate::startup::PublicUrl>,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -90,7 +93,8 @@ async fn method_not_allowed() -> crate::error::ApiError {
     )
 }
 
-/// Every request is recorded in the audit trail (inside) and carries a correlation ID (outside).
+/// Every request is recorded in the audit trail (inside), carries a correlation ID, and every
+/// answer, errors and fallbacks included, carries the security headers (outermost).
 fn with_production_layers(routes: Router<AppState>, state: AppState) -> Router {
     routes
         .layer(middleware::from_fn_with_state(
@@ -98,7 +102,40 @@ fn with_production_layers(routes: Router<AppState>, state: AppState) -> Router {
             crate::audit::record,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), correlate))
+        .layer(middleware::from_fn(security_headers))
         .with_state(state)
+}
+
+/// Headers every answer carries, on both listeners.
+const SECURITY_HEADERS: [(header::HeaderName, &str); 6] = [
+    // HTTPS only, for a year; a browser that once reached the server never tries plaintext.
+    (header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
+    // JSON is never sniffed into HTML or script.
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    // Nothing here is a page: no script, style, frame or subresource may load from an answer.
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; frame-ancestors 'none'",
+    ),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    // Secrets (client secrets, device keys, recovery codes, API keys) and twin data alike.
+    (header::CACHE_CONTROL, "no-store"),
+];
+
+/// Sets [`SECURITY_HEADERS`] on every answer. A route may choose its own `Cache-Control` (only
+/// the public discovery documents do: the JWKS and the server metadata); every other header
+/// overrides whatever a handler set.
+async fn security_headers(req: axum::extract::Request, next: middleware::Next) -> Response {
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        if name == header::CACHE_CONTROL && headers.contains_key(&name) {
+            continue;
+        }
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// Builds the router with the production layers.

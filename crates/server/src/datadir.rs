@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -84,12 +84,17 @@ impl DataDir {
     /// Existing material is kept, except a server certificate within [`RENEW_BEFORE_DAYS`] of its
     /// expiry, which is issued anew by the local CA.
     pub fn prepare(&self, extra_names: &[String]) -> anyhow::Result<Instance> {
-        for (dir, mode) in [("", 0o700), ("tls", 0o755), ("secrets", 0o700)] {
+        // Everything under the data directory is the server's own: directories 0700, files
+        // 0600, whatever the umask. The certificates are public, but nobody else needs them
+        // here (clients get the CA from the operator).
+        for dir in ["", "tls", "secrets"] {
             let path = self.root.join(dir);
-            fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-            if !dir.is_empty() || mode == 0o700 {
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
-            }
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
         }
         let instance = self.instance()?;
         if !self.ca_cert().exists() || !self.ca_key().exists() {
@@ -282,8 +287,10 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     write_atomic(path, bytes, 0o600)
 }
 
+/// Certificates and their metadata: public, yet kept owner-only like everything in the data
+/// directory.
 fn write_public(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    write_atomic(path, bytes, 0o644)
+    write_atomic(path, bytes, 0o600)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {

@@ -243,12 +243,14 @@ fn list_position(token: Option<&str>, headers: &HeaderMap) -> Result<(usize, usi
 }
 
 /// One page of a list, as `{"value": [...], "nextLink": ...}`; the next link repeats the
-/// request with a continuation token.
+/// request with a continuation token, on the server's public URL (`base`), never on the host a
+/// client named.
 /// `render` turns one item into its wire form; only the page's items are rendered.
 pub fn list_page<T, R: serde::Serialize>(
     items: &[T],
     render: impl Fn(&T) -> R,
     token: Option<&str>,
+    base: &crate::startup::PublicUrl,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -261,12 +263,6 @@ pub fn list_page<T, R: serde::Serialize>(
         .map(render)
         .collect();
     let next_link = (end < items.len()).then(|| {
-        // HTTP/2 carries the host in the URI's authority, HTTP/1.1 in the Host header.
-        let host = uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
-            .unwrap_or("localhost");
         let mut query: Vec<String> = uri
             .query()
             .unwrap_or("")
@@ -276,7 +272,7 @@ pub fn list_page<T, R: serde::Serialize>(
             .collect();
         let token = URL_SAFE_NO_PAD.encode(format!("o:{end}:n:{size}"));
         query.push(format!("continuationToken={token}"));
-        format!("https://{host}{}?{}", uri.path(), query.join("&"))
+        format!("{}{}?{}", base.as_str(), uri.path(), query.join("&"))
     });
     Ok(axum::Json(serde_json::json!({"value": page, "nextLink": next_link})).into_response())
 }

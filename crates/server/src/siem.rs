@@ -11,6 +11,7 @@
 //! closing (power loss) can lose what was in flight to it; RELP would close that gap.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use twinguard_audit::log::AuditLog;
+use twinguard_core::text::is_invisible_or_breaking;
 
 /// Entries sent per batch at most.
 const BATCH: usize = 512;
@@ -61,17 +63,87 @@ impl Sink {
     }
 }
 
-/// CEF escaping of a header field (`|` and `\`).
-fn cef_header(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('|', "\\|")
+/// Writes `c` as `\uXXXX` (UTF-16 code units, a surrogate pair beyond the BMP): JSON's escape,
+/// and the visible form of a hidden character in CEF, where a client's own backslash is always
+/// escaped, so `\u` comes only from here.
+fn push_escaped(out: &mut String, c: char) {
+    let mut units = [0u16; 2];
+    for unit in c.encode_utf16(&mut units) {
+        out.push_str(&format!("\\u{unit:04x}"));
+    }
 }
 
-/// CEF escaping of an extension value (`=`, `\` and line breaks).
+/// CEF escaping of a header field: `|` and `\`, and every control, format (bidi, zero-width)
+/// and line or paragraph separator character as `\uXXXX`.
+fn cef_header(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '|' => out.push_str("\\|"),
+            c if is_invisible_or_breaking(c) => push_escaped(&mut out, c),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// CEF escaping of an extension value: `=`, `\`, CR and LF as CEF defines them, and every other
+/// control, format (bidi, zero-width) and line or paragraph separator character as `\uXXXX`.
 fn cef_value(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('=', "\\=")
-        .replace('\n', "\\n")
-        .replace('\r', "\\r")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '=' => out.push_str("\\="),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if is_invisible_or_breaking(c) => push_escaped(&mut out, c),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A JSON text on one line with nothing hidden: inside strings every control, format and line or
+/// paragraph separator character becomes `\uXXXX` (the same JSON value); outside strings, where
+/// only JSON whitespace can be, it becomes a space. U+2028, NEL and bidi controls, which JSON
+/// allows raw in strings, so never reach a log reader or a line-splitting collector.
+pub fn json_one_line(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in line.chars() {
+        if is_invisible_or_breaking(c) {
+            if in_string {
+                push_escaped(&mut out, c);
+            } else {
+                out.push(' ');
+            }
+            escaped = false;
+            continue;
+        }
+        out.push(c);
+        if !in_string {
+            in_string = c == '"';
+        } else if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            in_string = false;
+        }
+    }
+    out
+}
+
+/// An RFC 5424 header field: printable US-ASCII only, `-` when nothing is left.
+fn header_field(s: &str) -> String {
+    let kept: String = s.chars().filter(|c| c.is_ascii_graphic()).collect();
+    if kept.is_empty() {
+        "-".to_owned()
+    } else {
+        kept
+    }
 }
 
 fn severity(outcome: &str) -> u8 {
@@ -131,9 +203,10 @@ pub fn to_cef(entry: &Value) -> String {
 pub fn to_syslog(entry: &Value, line: &str, format: Format, hostname: &str) -> String {
     let ok = entry.get("outcome").and_then(Value::as_str) == Some("ok");
     let pri = 13 * 8 + if ok { 6 } else { 4 };
-    let time = entry.get("time").and_then(Value::as_str).unwrap_or("-");
+    let time = header_field(entry.get("time").and_then(Value::as_str).unwrap_or("-"));
+    let hostname = header_field(hostname);
     let body = match format {
-        Format::Json => line.to_owned(),
+        Format::Json => json_one_line(line),
         Format::Cef => to_cef(entry),
     };
     format!("<{pri}>1 {time} {hostname} twinguard - audit - {body}")
@@ -158,7 +231,13 @@ impl Cursor {
 
     fn save(&self) -> std::io::Result<()> {
         let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{} {}\n", self.offset, self.next))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(format!("{} {}\n", self.offset, self.next).as_bytes())?;
         std::fs::rename(tmp, &self.path)
     }
 }
@@ -186,7 +265,10 @@ fn read_batch(log: &AuditLog, cursor: &Cursor) -> std::io::Result<Vec<String>> {
 
 /// Starts forwarding to `sink`; runs until the process ends.
 pub fn spawn(log: AuditLog, sink: Sink, state_dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(state_dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)?;
     let cursor = Cursor::load(state_dir.join(format!("{}.cursor", sink.name())));
     let tls = match &sink {
         Sink::Syslog { ca, .. } => {
@@ -292,12 +374,15 @@ fn write_file(path: &Path, max_bytes: u64, keep: usize, batch: &[String]) -> any
         }
         std::fs::rename(path, path.with_extension("jsonl.1"))?;
     }
+    // The export holds the audit trail: its owner's only, whatever the umask.
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)?;
     for line in batch {
-        file.write_all(line.as_bytes())?;
+        file.write_all(json_one_line(line.trim_end()).as_bytes())?;
+        file.write_all(b"\n")?;
     }
     file.sync_data()?;
     Ok(())
@@ -351,6 +436,100 @@ async fn send_syslog(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Strings an attacker would send: anything, with line and paragraph separators, NEL, bidi
+    /// overrides and isolates, zero-width characters, CEF and JSON metacharacters made likely.
+    fn hostile_text() -> impl Strategy<Value = String> {
+        let hostile = prop::sample::select(vec![
+            '\n',
+            '\r',
+            '\u{0}',
+            '\u{1b}',
+            '\u{7f}',
+            '\u{85}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{202e}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{200b}',
+            '\u{200f}',
+            '\u{feff}',
+            '\u{ad}',
+            '\u{e0001}',
+            '|',
+            '=',
+            '\\',
+            '"',
+            'u',
+        ]);
+        prop::collection::vec(prop_oneof![any::<char>(), hostile], 0..24)
+            .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    fn assert_nothing_hidden(what: &str, text: &str) {
+        for c in text.chars() {
+            assert!(
+                !is_invisible_or_breaking(c),
+                "{what} carries U+{:04X} unescaped: {text:?}",
+                c as u32
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn siem_records_never_carry_a_hidden_or_line_breaking_character_and_stay_one_record(
+            fields in prop::collection::vec(hostile_text(), 8),
+            hostname in hostile_text(),
+        ) {
+            let entry = serde_json::json!({
+                "seq": 1, "kind": fields[0], "time": fields[1], "address": fields[2],
+                "method": fields[3], "path": fields[4], "status": 400, "outcome": fields[5],
+                "principal": fields[6], "account": fields[7], "correlationId": "c-1"
+            });
+            let line = serde_json::to_string(&entry).unwrap();
+            let cef = to_cef(&entry);
+            assert_nothing_hidden("CEF", &cef);
+            for format in [Format::Cef, Format::Json] {
+                let message = to_syslog(&entry, &line, format, &hostname);
+                assert_nothing_hidden("syslog", &message);
+            }
+            // The JSON forms are still the same entry, on one line.
+            let exported = json_one_line(&line);
+            assert_nothing_hidden("JSON line", &exported);
+            let back: Value = serde_json::from_str(&exported).unwrap();
+            prop_assert_eq!(back, entry);
+        }
+
+        #[test]
+        fn json_one_line_keeps_every_json_value(value in hostile_text(), key in hostile_text()) {
+            let pretty = serde_json::to_string_pretty(
+                &serde_json::json!({ key.clone(): [value.clone(), {"k": value}] }),
+            )
+            .unwrap();
+            let exported = json_one_line(&pretty);
+            assert_nothing_hidden("JSON line", &exported);
+            prop_assert_eq!(
+                serde_json::from_str::<Value>(&exported).unwrap(),
+                serde_json::from_str::<Value>(&pretty).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_line_separator_in_a_path_cannot_forge_a_second_cef_record() {
+        let entry = serde_json::json!({
+            "seq": 1, "kind": "request", "method": "GET", "outcome": "denied",
+            "path": "/digitaltwins/a\u{2028}CEF:0|twinguard|twinguard|1|login|forged|1|suser=admin",
+            "principal": "\u{202e}nimda", "status": 404,
+        });
+        let cef = to_cef(&entry);
+        assert!(cef.contains("/digitaltwins/a\\u2028CEF:0"), "{cef}");
+        assert!(cef.contains("suser=\\u202enimda"), "{cef}");
+        assert!(!cef.contains(['\u{2028}', '\u{202e}']), "{cef}");
+    }
 
     #[test]
     fn cef_escapes_and_maps_the_entry() {

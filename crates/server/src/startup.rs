@@ -45,6 +45,64 @@ pub struct ServeConfig {
     pub mqtt: Option<crate::mqtt::MqttConfig>,
     /// How long accepted readings stay in the history; `None` keeps them for ever.
     pub history_retention: Option<std::time::Duration>,
+    /// The address clients reach the API at, from which every link the server hands out is
+    /// built (`nextLink`, discovery metadata, the token endpoint). `None` derives it from the
+    /// listener: its IP and port, or for an unspecified IP the first TLS name (else 127.0.0.1).
+    /// Never taken from a request's `Host` or `:authority`.
+    pub public_url: Option<PublicUrl>,
+}
+
+/// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicUrl(String);
+
+impl PublicUrl {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let url = reqwest::Url::parse(text.trim())
+            .map_err(|e| anyhow::anyhow!("the public URL is not a URL: {e}"))?;
+        anyhow::ensure!(url.scheme() == "https", "the public URL must be https");
+        anyhow::ensure!(
+            url.username().is_empty() && url.password().is_none(),
+            "the public URL must not carry user information"
+        );
+        anyhow::ensure!(
+            url.path() == "/" && url.query().is_none() && url.fragment().is_none(),
+            "the public URL is a scheme, host and port only: no path, query or fragment"
+        );
+        let host = url
+            .host_str()
+            .ok_or_else(|| anyhow::anyhow!("the public URL needs a host"))?;
+        Ok(Self(match url.port() {
+            Some(port) => format!("https://{host}:{port}"),
+            None => format!("https://{host}"),
+        }))
+    }
+
+    /// The default: the listener's address, or for an unspecified one (`0.0.0.0`, `::`) the
+    /// first TLS name, else loopback.
+    fn derived(listener: SocketAddr, tls_names: &[String]) -> Self {
+        let bracket = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let host = if listener.ip().is_unspecified() {
+            match tls_names.first() {
+                Some(name) => match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => bracket(ip),
+                    Err(_) => name.clone(),
+                },
+                None => "127.0.0.1".to_owned(),
+            }
+        } else {
+            bracket(listener.ip())
+        };
+        Self(format!("https://{host}:{}", listener.port()))
+    }
+
+    /// The base URL without a trailing slash; paths are appended to it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 pub struct Application {
@@ -156,6 +214,10 @@ impl Application {
             .with_context(|| format!("binding {}", config.api_listen))?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
+        let public_url = match &config.public_url {
+            Some(url) => url.clone(),
+            None => PublicUrl::derived(local_addr, &config.tls_names),
+        };
         let device_listener = match config.device_listen {
             Some(addr) => {
                 let l = std::net::TcpListener::bind(addr)
@@ -183,6 +245,7 @@ impl Application {
                 ca: Arc::new(DataDir::new(&config.data_dir)),
                 audit,
                 telemetry,
+                public_url: Arc::new(public_url),
             },
             data_dir,
             siem: config.siem.clone(),
@@ -198,8 +261,16 @@ impl Application {
         self.local_addr
     }
 
+    /// The public base URL: configured, or derived from the listener ([`ServeConfig::public_url`]).
     pub fn base_url(&self) -> String {
+        self.state.public_url.as_str().to_owned()
+    }
+
+    /// The listener's own URL (an unspecified address shown as loopback), which local tools
+    /// connect to whatever public URL is configured.
+    pub fn listener_url(&self) -> String {
         let host = match self.local_addr.ip() {
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_owned(),
             std::net::IpAddr::V6(ip) => format!("[{ip}]"),
             std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_owned(),
             ip => ip.to_string(),
@@ -312,5 +383,52 @@ impl Application {
             .serve(app.into_make_service_with_connect_info::<SocketAddr>())
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PublicUrl;
+
+    #[test]
+    fn a_public_url_is_an_https_origin_and_nothing_else() {
+        for good in ["https://twins.example.com", "https://twins.example.com/"] {
+            assert_eq!(
+                PublicUrl::parse(good).unwrap().as_str(),
+                "https://twins.example.com"
+            );
+        }
+        assert_eq!(
+            PublicUrl::parse("https://[::1]:8443").unwrap().as_str(),
+            "https://[::1]:8443"
+        );
+        for bad in [
+            "http://twins.example.com",
+            "https://twins.example.com/adt",
+            "https://twins.example.com/?x=1",
+            "https://twins.example.com/#top",
+            "https://user:pass@twins.example.com",
+            "twins.example.com",
+            "",
+        ] {
+            assert!(PublicUrl::parse(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn the_default_public_url_is_the_listener_or_the_first_tls_name_for_a_wildcard_listener() {
+        let names = vec!["twins.example.com".to_owned()];
+        let derived = |addr: &str, names: &[String]| {
+            PublicUrl::derived(addr.parse().unwrap(), names)
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(derived("127.0.0.1:8443", &names), "https://127.0.0.1:8443");
+        assert_eq!(derived("[::1]:8443", &[]), "https://[::1]:8443");
+        assert_eq!(
+            derived("0.0.0.0:8443", &names),
+            "https://twins.example.com:8443"
+        );
+        assert_eq!(derived("[::]:8443", &[]), "https://127.0.0.1:8443");
     }
 }

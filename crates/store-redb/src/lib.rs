@@ -4,6 +4,7 @@
 //! transaction is fsynced before `commit` returns, so a write the server acknowledged survives
 //! `kill -9` and power loss. Why redb rather than SQLite is in `docs/storage.md`.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -31,6 +32,16 @@ impl RedbStore {
 
     /// [`RedbStore::open`] with a page cache of `cache_bytes`.
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        // The file is its owner's only, whatever the umask: made here with mode 0600 (redb
+        // initialises an empty file), an existing one kept as it is.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(err)?;
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(path)

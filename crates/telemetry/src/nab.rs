@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use time::PrimitiveDateTime;
@@ -94,10 +95,14 @@ pub fn run(
         let scores = score_series(config, &rows);
 
         let dir = out_dir.join(&category);
-        fs::create_dir_all(&dir).map_err(|source| NabError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| NabError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         let path = dir.join(format!("twinguard_{name}"));
         let labelled = write_results(&path, &rows, &scores, file_windows)?;
 
@@ -242,7 +247,13 @@ fn write_results(
         path: path.to_path_buf(),
         source,
     };
-    let file = fs::File::create(path).map_err(io_error)?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error)?;
     let mut out = BufWriter::new(file);
     writeln!(out, "timestamp,value,anomaly_score,label").map_err(io_error)?;
     let mut labelled = 0u64;

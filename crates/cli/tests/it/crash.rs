@@ -300,3 +300,87 @@ fn wait_with_timeout(
     }
     None
 }
+
+/// Every file and directory under `root` (itself included) whose mode gives group or others
+/// any access, skipping the names the test harness itself creates.
+fn open_to_others(root: &std::path::Path, harness: &[&str]) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if harness.contains(&name) {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            found.push(format!("{} {mode:o}", path.display()));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn under_a_permissive_umask_every_file_the_server_writes_is_its_owners_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let siem = outside.path().join("audit.jsonl");
+    let witness = outside.path().join("witness");
+    let server = Server::start_with(
+        dir.path(),
+        &[
+            "--siem-file",
+            siem.to_str().unwrap(),
+            "--audit-witness",
+            witness.to_str().unwrap(),
+        ],
+        Some("022"),
+    );
+    let token = server.admin_token(dir.path()).await;
+    let created = server
+        .request(
+            &token,
+            reqwest::Method::POST,
+            "/admin/identities",
+            json!({"kind": "application", "name": "umask-app"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let device = server
+        .request(
+            &token,
+            reqwest::Method::PUT,
+            "/devices/umask-device",
+            json!({"generate": true, "deviceModel": "umask-sensor"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(device.status(), 201);
+    // The SIEM export and the witness are written in the background.
+    for _ in 0..100 {
+        let exported = std::fs::metadata(&siem).map(|m| m.len()).unwrap_or(0);
+        if exported > 0 && witness.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        std::fs::metadata(&siem).unwrap().len() > 0,
+        "nothing exported"
+    );
+    // server.out and server.log are the harness's captures of stdout and stderr.
+    let open = open_to_others(dir.path(), &["server.out", "server.log"]);
+    assert!(open.is_empty(), "readable by others: {open:#?}");
+    for path in [&siem, &witness] {
+        let open = open_to_others(path, &[]);
+        assert!(open.is_empty(), "readable by others: {open:#?}");
+    }
+    server.kill();
+}

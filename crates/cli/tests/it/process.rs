@@ -16,7 +16,24 @@ pub struct Server {
 impl Server {
     /// Starts the binary on a free port and waits for its `api listening` line.
     pub fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+        Self::start_with(data_dir, &[], None)
+    }
+
+    /// [`Server::start`] with extra `serve` arguments, and optionally under a given umask
+    /// (octal, set by a shell that then executes the binary).
+    pub fn start_with(data_dir: &Path, extra: &[&str], umask: Option<&str>) -> Self {
+        let binary = env!("CARGO_BIN_EXE_twinguard");
+        let mut command = match umask {
+            Some(mask) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("umask {mask} && exec \"$0\" \"$@\""))
+                    .arg(binary);
+                sh
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["serve", "--data-dir"])
             .arg(data_dir)
             .args([
@@ -25,6 +42,7 @@ impl Server {
                 "--device-listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .env("TWINGUARD_LOG", "warn")
             // Retention on, as a deployment would run: the tests' readings are recent, so
             // nothing they send may go (the crash test reads every accepted one back).

@@ -9,7 +9,10 @@ use serde_json::{Map, Value};
 
 use super::Graph;
 use super::types::{EventRoute, ModelEntry, Relationship, Twin};
-use super::validate::{check_id, check_relationship_properties, check_twin_contents};
+use super::validate::{
+    check_endpoint_name, check_id, check_relationship_properties, check_route_id,
+    check_twin_contents,
+};
 use crate::auth::Action;
 use crate::dtdl::{self, Interface, ParseOptions};
 use crate::dtmi::Dtmi;
@@ -256,12 +259,8 @@ impl WriteOp {
                 endpoint_name,
                 filter,
             } => {
-                check_id("event route", &id)?;
-                if endpoint_name.is_empty() || endpoint_name.len() > 256 {
-                    return Err(DomainError::InvalidArgument(
-                        "endpointName must be 1 to 256 characters".into(),
-                    ));
-                }
+                check_route_id(&id)?;
+                check_endpoint_name(&endpoint_name)?;
                 routes::check_filter(&filter)?;
                 if graph.route(&id).is_none() && graph.routes.len() >= MAX_ROUTES {
                     return Err(DomainError::InvalidArgument(format!(

@@ -350,15 +350,17 @@ fn not_found(kind: &'static str, id: &str) -> DomainError {
 }
 
 fn check_name(name: &str) -> DomainResult<()> {
+    // The identifier grammar (`crate::text`): no hidden, reordering or line-breaking character,
+    // no edge whitespace, no Latin mixed with Greek or Cyrillic, so `аdmin` cannot pass for
+    // `admin` in a listing or the audit trail.
     let ok = !name.trim().is_empty()
         && name.len() <= MAX_NAME_LEN
-        && !name.chars().any(char::is_control)
-        && name == name.trim();
+        && crate::text::check_identifier(name).is_ok();
     if ok {
         Ok(())
     } else {
         Err(DomainError::InvalidArgument(format!(
-            "a name must be 1 to {MAX_NAME_LEN} characters without control characters or surrounding spaces"
+            "a name must be 1 to {MAX_NAME_LEN} characters of the identifier grammar: no control, format or separator characters, no surrounding spaces, no Latin mixed with Greek or Cyrillic"
         )))
     }
 }

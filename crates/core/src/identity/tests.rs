@@ -314,3 +314,34 @@ fn directory_survives_reopen_and_migrates_legacy_clients() {
             .is_ok()
     );
 }
+
+#[test]
+fn names_that_hide_characters_or_pass_for_another_name_are_refused() {
+    let (dir, admin) = directory();
+    let new = |name: &str| NewIdentity {
+        kind: IdentityKind::Application,
+        name: name.into(),
+        display_name: None,
+        groups: vec![],
+        password: None,
+    };
+    for name in [
+        "\u{430}dmin",
+        "admin\u{200b}",
+        "ops\u{202e}nimda",
+        "admin\u{2028}",
+        " admin",
+        "adm\u{ad}in",
+    ] {
+        assert!(
+            dir.create_identity(&admin, new(name)).is_err(),
+            "{name:?} was accepted"
+        );
+    }
+    for name in ["ingest-app", "приложение", "アプリ", "José García"] {
+        assert!(
+            dir.create_identity(&admin, new(name)).is_ok(),
+            "{name} was refused"
+        );
+    }
+}

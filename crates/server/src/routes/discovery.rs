@@ -7,20 +7,11 @@
 //! `https` issuer equal to the discovery location need that setting (identity issue).
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Uri, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::app::AppState;
-
-fn base_url(uri: &Uri, headers: &HeaderMap) -> String {
-    let host = uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
-        .unwrap_or("localhost");
-    format!("https://{host}")
-}
 
 fn cacheable(body: serde_json::Value) -> Response {
     let mut response = axum::Json(body).into_response();
@@ -35,8 +26,9 @@ pub async fn jwks(State(state): State<AppState>) -> Response {
     cacheable(state.tokens.jwks())
 }
 
-pub async fn metadata(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    let base = base_url(&uri, &headers);
+/// The endpoints are on the configured public URL, never on the host a client named.
+pub async fn metadata(State(state): State<AppState>) -> Response {
+    let base = state.public_url.as_str();
     cacheable(json!({
         "issuer": state.tokens.issuer(),
         "token_endpoint": format!("{base}/oauth2/token"),

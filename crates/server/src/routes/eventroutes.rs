@@ -39,7 +39,14 @@ pub async fn list(
 ) -> ApiResult<Response> {
     let routes = state.service.routes(&caller)?;
     let token = params.continuation_token.as_deref();
-    list_page(&routes, |r| route_json(r), token, &uri, &headers)
+    list_page(
+        &routes,
+        |r| route_json(r),
+        token,
+        &state.public_url,
+        &uri,
+        &headers,
+    )
 }
 
 pub async fn get(

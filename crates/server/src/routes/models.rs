@@ -65,7 +65,7 @@ pub async fn list(
     let models = state.service.models(&caller, &dependencies_for)?;
     let token = params.continuation_token.as_deref();
     let render = |m: &Arc<ModelEntry>| model_data(m, params.include_model_definition);
-    list_page(&models, render, token, &uri, &headers)
+    list_page(&models, render, token, &state.public_url, &uri, &headers)
 }
 
 pub async fn upload(

@@ -32,7 +32,14 @@ pub async fn list(
         .service
         .outgoing(&caller, &id, params.relationship_name.as_deref())?;
     let token = params.continuation_token.as_deref();
-    list_page(&rels, |r| r.json().to_owned(), token, &uri, &headers)
+    list_page(
+        &rels,
+        |r| r.json().to_owned(),
+        token,
+        &state.public_url,
+        &uri,
+        &headers,
+    )
 }
 
 pub async fn incoming(
@@ -60,6 +67,7 @@ pub async fn incoming(
         &rels,
         render,
         params.continuation_token.as_deref(),
+        &state.public_url,
         &uri,
         &headers,
     )

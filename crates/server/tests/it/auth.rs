@@ -99,7 +99,7 @@ async fn token_endpoint_accepts_http_basic_and_refuses_wrong_or_unknown_clients_
 }
 
 /// Every operation of the OpenAPI document, with its path parameters filled in.
-fn documented_operations() -> Vec<(Method, String, bool)> {
+pub(crate) fn documented_operations() -> Vec<(Method, String, bool)> {
     let doc: Value = serde_json::from_str(include_str!("../../src/openapi.json")).unwrap();
     let mut ops = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {

@@ -10,6 +10,8 @@ pub const API: &str = "api-version=2023-10-31";
 
 pub struct TestServer {
     pub base: String,
+    /// The device plane's base URL (signed telemetry).
+    pub device_base: String,
     pub client: Client,
     /// The data directory; kept alive as long as the server.
     pub dir: TempDir,
@@ -33,8 +35,13 @@ pub fn https_client(data_dir: &std::path::Path, from: Option<std::net::IpAddr>) 
 
 impl TestServer {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server whose configuration `adjust` changes first.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServeConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServeConfig {
+        let mut config = ServeConfig {
             data_dir: dir.path().to_owned(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
             tls_names: vec![],
@@ -44,9 +51,13 @@ impl TestServer {
             device_listen: Some("127.0.0.1:0".parse().unwrap()),
             mqtt: None,
             history_retention: None,
+            public_url: None,
         };
+        adjust(&mut config);
         let app = Application::build(&config).unwrap();
-        let base = app.base_url();
+        // The listener itself: a configured public URL need not resolve here.
+        let base = app.listener_url();
+        let device_base = format!("https://{}", app.device_addr().unwrap());
         let state = app.state().clone();
         tokio::spawn(app.run());
         let client = https_client(dir.path(), None);
@@ -56,6 +67,7 @@ impl TestServer {
         .unwrap();
         Self {
             base,
+            device_base,
             client,
             state,
             admin_id: admin["client_id"].as_str().unwrap().to_owned(),

@@ -9,3 +9,4 @@ mod audit;
 mod auth;
 mod identity;
 mod kit;
+mod outputs;
