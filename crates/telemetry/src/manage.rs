@@ -129,6 +129,7 @@ impl Telemetry {
             (Some(jwk), false) => (parse_key(DeviceKey::from_jwk(&jwk))?, None),
         };
         check_bindings(&new.bindings)?;
+        self.authorize_feeding(caller, new.bindings.iter().map(|b| b.twin.as_str()))?;
         let thumbprint = key.thumbprint();
         let device = Device {
             id: id.to_owned(),
@@ -201,6 +202,33 @@ impl Telemetry {
             .ok_or_else(|| DomainError::Hidden(Box::new(not_found("device", id))))
     }
 
+    /// A device bound to a twin, or a sensor group on it, feeds that twin signed readings that
+    /// move its properties. So the devices permission alone must not bind one: whoever does must
+    /// also hold `twinguard/telemetry/write` on every twin fed (instance-wide, or in a scope that
+    /// covers the twin as it is now). A twin that does not exist, or lies outside the caller's
+    /// scope, is refused alike.
+    fn authorize_feeding<'t>(
+        &self,
+        caller: &Principal,
+        twins: impl Iterator<Item = &'t str>,
+    ) -> DomainResult<()> {
+        if caller.holds_everywhere(Action::TelemetryWrite) {
+            return caller.authorize(Action::TelemetryWrite);
+        }
+        let graph = self.inner.twins.snapshot();
+        for twin in twins {
+            let writable = graph
+                .twin(twin)
+                .is_some_and(|t| caller.may_twin(&graph, Action::TelemetryWrite, t));
+            if !writable {
+                return Err(DomainError::Forbidden {
+                    action: Action::TelemetryWrite.as_str(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn scoped<'a>(&self, caller: &'a Principal) -> Scoped<'a> {
         Scoped {
             caller,
@@ -217,6 +245,7 @@ impl Telemetry {
     ) -> DomainResult<Device> {
         caller.authorize_instance(Action::DevicesWrite)?;
         check_bindings(&bindings)?;
+        self.authorize_feeding(caller, bindings.iter().map(|b| b.twin.as_str()))?;
         self.change_device(id, |d| {
             d.bindings = bindings;
             Ok(())
@@ -398,6 +427,7 @@ impl Telemetry {
     ) -> DomainResult<SensorGroup> {
         caller.authorize_instance(Action::DevicesWrite)?;
         check_name("sensor group", id)?;
+        self.authorize_feeding(caller, std::iter::once(group.twin.as_str()))?;
         group.id = id.to_owned();
         group
             .check_definition()

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use ed25519_dalek::SigningKey;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use twinguard_core::auth::{DATA_OWNER, OPERATOR, Principal, SECURITY_ADMIN};
+use twinguard_core::auth::{DATA_OWNER, OPERATOR, Principal, SECURITY_ADMIN, TELEMETRY_WRITER};
 use twinguard_core::clock::Clock;
 use twinguard_core::graph::{Precondition, WriteOp};
 use twinguard_core::service::TwinService;
@@ -42,8 +42,13 @@ struct Plant {
     seq: u64,
 }
 
+/// The plant's administrator: it provisions devices (Security Admin) and may feed the twins
+/// they are bound to (Telemetry Writer), which binding a device needs.
 fn admin() -> Principal {
-    Principal::with_roles("admin", &[DATA_OWNER, SECURITY_ADMIN, OPERATOR])
+    Principal::with_roles(
+        "admin",
+        &[DATA_OWNER, SECURITY_ADMIN, OPERATOR, TELEMETRY_WRITER],
+    )
 }
 
 impl Plant {
@@ -975,4 +980,77 @@ async fn a_device_reader_scoped_to_a_subtree_sees_no_device_group_or_twin_outsid
     // The instance-wide administrator still sees everything as it was registered.
     let all = telemetry_view(&plant, a);
     assert!(all.contains("d-two") && all.contains("g-boiler-2") && all.contains("thermo-2"));
+}
+
+fn refused<T>(r: &Result<T, twinguard_core::error::DomainError>) -> bool {
+    matches!(r, Err(twinguard_core::error::DomainError::Forbidden { action }) if *action == "twinguard/telemetry/write")
+}
+
+#[tokio::test]
+async fn the_devices_permission_alone_binds_no_device_or_group_to_a_twin() {
+    use twinguard_core::auth::{Action, Grant, PrincipalKind, RoleId, Scope};
+    let plant = Plant::new().await;
+    let t = &plant.telemetry;
+    let new = |twin: &str| NewDevice {
+        public_key: None,
+        generate: true,
+        device_model: "thermo-1".into(),
+        bindings: vec![Binding {
+            twin: twin.into(),
+            names: vec!["temperature".into()],
+        }],
+    };
+    // Security Admin holds devices/write but no telemetry/write: a device it binds to a twin
+    // would let it move that twin with readings signed by a key it chose (issue 16, deputies).
+    let security_admin = Principal::with_roles("sa", &[SECURITY_ADMIN]);
+    assert!(refused(
+        &t.register_device(&security_admin, "rogue", new("boiler-1"))
+            .await
+    ));
+    let unbound = NewDevice {
+        bindings: vec![],
+        ..new("boiler-1")
+    };
+    t.register_device(&security_admin, "spare", unbound)
+        .await
+        .unwrap();
+    let rebind = vec![Binding {
+        twin: "boiler-1".into(),
+        names: vec!["temperature".into()],
+    }];
+    assert!(refused(
+        &t.set_bindings(&security_admin, "spare", rebind.clone())
+            .await
+    ));
+    assert!(refused(
+        &t.put_group(&security_admin, "g", group(&["spare"])).await
+    ));
+    // With telemetry/write on boiler-1's subtree as well, it binds there, and a twin outside
+    // the subtree is refused exactly like one that does not exist.
+    let grants = vec![
+        Grant {
+            role: RoleId("sa".into()),
+            actions: [Action::DevicesWrite].into_iter().collect(),
+            scope: Scope::Instance,
+        },
+        Grant {
+            role: RoleId("feeder".into()),
+            actions: [Action::TelemetryWrite].into_iter().collect(),
+            scope: Scope::Subtree {
+                root: "boiler-1".into(),
+                relationships: vec!["contains".into()],
+            },
+        },
+    ];
+    let feeder = Principal::new("f", PrincipalKind::Application, grants.into(), false, false);
+    t.set_bindings(&feeder, "spare", rebind).await.unwrap();
+    let outside = t.register_device(&feeder, "d-out", new("boiler-2")).await;
+    let absent = t
+        .register_device(&feeder, "d-none", new("no-such-boiler"))
+        .await;
+    assert!(refused(&outside) && refused(&absent));
+    assert_eq!(
+        format!("{:?}", outside.err()),
+        format!("{:?}", absent.err())
+    );
 }
