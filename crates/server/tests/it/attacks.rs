@@ -205,6 +205,65 @@ async fn no_credential_obtains_a_certificate_or_other_credential_beyond_what_it_
         403
     );
 
+    // A token from a private_key_jwt assertion is no certificate either, even on a request
+    // that presents the valve's certificate, and a workload has no password to change.
+    let signer = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": "valve-1",
+        "x": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, signer.public_key_raw())});
+    let registered = server
+        .admin_call(
+            Method::PUT,
+            &format!("/admin/identities/{valve}/keys"),
+            &admin,
+        )
+        .json(&json!({"keys": [jwk]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 204);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({"iss": valve, "sub": valve, "aud": server.url("/oauth2/token"),
+        "iat": now, "exp": now + 60, "jti": uuid_like()});
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some("valve-1".into());
+    let key = jsonwebtoken::EncodingKey::from_ed_der(&signer.serialize_der());
+    let assertion = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    let by_assertion: Value = plain
+        .post(server.url("/oauth2/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let by_assertion = by_assertion["access_token"].as_str().unwrap().to_owned();
+    let bearer = format!("Bearer {by_assertion}");
+    for client in [plain, &valve_cert] {
+        assert_eq!(
+            renew(client, &server, ("authorization", &bearer)).await,
+            403
+        );
+    }
+    let password = plain
+        .put(server.url("/me/password"))
+        .bearer_auth(&by_assertion)
+        .json(&json!({"currentPassword": "x".repeat(12), "newPassword": "y".repeat(16)}))
+        .send()
+        .await
+        .unwrap();
+    assert!(password.status().is_client_error() && password.status() != 429);
+
     // The refresh-token grant continues a person's session with the grants they hold now,
     // never more: a refreshed token of a Data Reader still cannot write.
     let reader = create_user(&server, &admin, &[DATA_READER]).await;
