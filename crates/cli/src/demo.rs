@@ -6,7 +6,7 @@
 //! the twin falls back to a forecast, saying so.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -80,17 +80,45 @@ struct Actor {
     sim: Simulator,
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let scratch;
-    let data_dir = match args.data_dir {
-        Some(dir) => dir,
-        None => {
-            scratch = tempfile::Builder::new()
+/// The server log's file name in the demo's data directory.
+const SERVER_LOG: &str = "server.log";
+
+/// Settles the demo's data directory (a fresh temporary one unless `--data-dir` names one; the
+/// guard removes it when dropped) and opens the server log in it, owner-only, before anything
+/// logs.
+pub fn prepare(args: &mut DemoArgs) -> anyhow::Result<(Option<tempfile::TempDir>, std::fs::File)> {
+    let scratch = match &args.data_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
                 .prefix("twinguard-demo")
-                .tempdir()?;
-            scratch.path().to_owned()
-        }
+                .tempdir()?,
+        ),
     };
+    let data_dir = match &scratch {
+        Some(dir) => dir.path().to_owned(),
+        None => args.data_dir.clone().unwrap_or_default(),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(data_dir.join(SERVER_LOG))
+        .with_context(|| format!("cannot open the server log in {}", data_dir.display()))?;
+    args.data_dir = Some(data_dir);
+    Ok((scratch, log))
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .context("the demo's data directory was not prepared")?;
     let app = Application::build(&ServeConfig {
         data_dir: data_dir.clone(),
         api_listen: "127.0.0.1:0".parse()?,
@@ -110,6 +138,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("twinguard: api listening on {base}");
     println!("twinguard: device plane listening on {device_plane}");
+    println!(
+        "twinguard: the server's own log goes to {}",
+        data_dir.join(SERVER_LOG).display()
+    );
     let server = tokio::spawn(app.run());
 
     let ca = data_dir.join("tls/ca.pem");
@@ -365,7 +397,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         server.abort();
         return Ok(());
     }
-    println!("The server keeps running; Ctrl-C stops it.");
+    let d = data_dir.display();
+    println!("\n== try it while the server runs (another terminal)");
+    println!("   D={d}");
+    println!(
+        "   TOKEN=$(curl -s --cacert $D/tls/ca.pem -d grant_type=client_credentials \\\n     \
+         -d client_id=$(jq -r .client_id $D/secrets/admin-client.json) \\\n     \
+         -d client_secret=$(jq -r .client_secret $D/secrets/admin-client.json) \\\n     \
+         {base}/oauth2/token | jq -r .access_token)"
+    );
+    println!(
+        "   curl -s --cacert $D/tls/ca.pem -H \"Authorization: Bearer $TOKEN\" \\\n     \
+         \"{base}/digitaltwins/boiler-1?api-version=2023-10-31\" | jq .   # the twin and its quality"
+    );
+    println!(
+        "   curl -s --cacert $D/tls/ca.pem -H \"Authorization: Bearer $TOKEN\" {base}/quarantine | jq .   # held readings"
+    );
+    println!(
+        "   twinguard audit verify --log $D/audit --key $D/audit/checkpoint.pub   # prove the trail intact"
+    );
+    println!("   tail -f $D/{SERVER_LOG}   # the server's own log");
+    println!("\nThe server keeps running; Ctrl-C stops it.");
     let _ = server.await;
     Ok(())
 }

@@ -165,15 +165,34 @@ fn main() -> ExitCode {
     // Whatever the process creates is its owner's only, even a file some code path (or a
     // library) creates without an explicit mode; every file twinguard creates also sets 0600.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    tracing_subscriber::fmt()
-        .json()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TWINGUARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run(Cli::parse()) {
+    let mut cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TWINGUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The demo is read by a person in a terminal: its server log goes to a file it names.
+    let mut _demo_dir = None;
+    if let Command::Demo(args) = &mut cli.command {
+        match demo::prepare(args) {
+            Ok((scratch, log)) => {
+                _demo_dir = scratch;
+                tracing_subscriber::fmt()
+                    .json()
+                    .with_writer(std::sync::Mutex::new(log))
+                    .with_env_filter(filter)
+                    .init();
+            }
+            Err(e) => {
+                eprintln!("twinguard: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("twinguard: {e:#}");

@@ -12,7 +12,6 @@ fn the_demo_shows_every_defence_working() {
     let output = Command::new(env!("CARGO_BIN_EXE_twinguard"))
         .args(["demo", "--exit", "--seconds", "4", "--data-dir"])
         .arg(dir.path().join("data"))
-        .env("TWINGUARD_LOG", "error")
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&output.stdout);
@@ -40,6 +39,17 @@ fn the_demo_shows_every_defence_working() {
     );
     assert!(out.contains("suspect: temp-c"), "{out}");
     assert!(out.contains("quality \"estimated\""), "{out}");
+    // The terminal gets the story; the server's own log goes to the file the story names.
+    let log = dir.path().join("data/server.log");
+    assert!(out.contains(&log.display().to_string()), "{out}");
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("device registered"), "{logged}");
+    assert!(!out.contains("\"level\""), "{out}");
 }
 
 #[tokio::test]
