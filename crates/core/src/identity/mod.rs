@@ -852,10 +852,7 @@ impl Directory {
         }
         // The used step or code is durable before the login succeeds: a code works once,
         // across restarts too.
-        let bytes = to_json(&updated).map_err(|_| LoginFailure::Unavailable)?;
-        self.store
-            .commit(&[Mutation::put(Table::Identities, id.clone(), bytes)])
-            .map_err(|_| LoginFailure::Unavailable)?;
+        self.persist(&id, &updated)?;
         *record = updated;
         Ok(Authenticated {
             id,
@@ -937,14 +934,7 @@ impl Directory {
                 }
             }
             updated.credentials.totp = Some(totp.clone());
-            let bytes = to_json(&updated).map_err(|_| LoginFailure::Unavailable)?;
-            self.store
-                .commit(&[Mutation::put(
-                    Table::Identities,
-                    caller.subject.clone(),
-                    bytes,
-                )])
-                .map_err(|_| LoginFailure::Unavailable)?;
+            self.persist(&caller.subject, &updated)?;
             let name = updated.identity.name.clone();
             *record = updated;
             Ok(Ok(name))
@@ -995,14 +985,7 @@ impl Directory {
             let (codes, digests) = credentials::recovery_codes();
             updated.credentials.recovery = digests;
             updated.identity.mfa_enrolled = true;
-            let bytes = to_json(&updated).map_err(|_| LoginFailure::Unavailable)?;
-            self.store
-                .commit(&[Mutation::put(
-                    Table::Identities,
-                    caller.subject.clone(),
-                    bytes,
-                )])
-                .map_err(|_| LoginFailure::Unavailable)?;
+            self.persist(&caller.subject, &updated)?;
             *record = updated;
             Ok(Ok(codes))
         });
@@ -1058,6 +1041,15 @@ impl Directory {
             Ok(())
         })
         .map(|_| ())
+    }
+
+    /// Makes a changed record durable inside a secret check (a used code, an enrolment):
+    /// failing to is the server's failure, not the caller's.
+    fn persist(&self, id: &str, record: &Record) -> Result<(), LoginFailure> {
+        let bytes = to_json(record).map_err(|_| LoginFailure::Unavailable)?;
+        self.store
+            .commit(&[Mutation::put(Table::Identities, id.to_owned(), bytes)])
+            .map_err(|_| LoginFailure::Unavailable)
     }
 
     /// The throttle account of a person: the same key whether a guess comes in by login or by

@@ -48,6 +48,20 @@ async fn token(server: &TestServer, id: &str, secret: &str) -> String {
         .to_owned()
 }
 
+/// A request to the token endpoint from `client`.
+async fn token_request(
+    client: &Client,
+    server: &TestServer,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    client
+        .post(server.url("/oauth2/token"))
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A custom role holding exactly `actions`, and a token of a new application holding it.
 async fn holder_of(server: &TestServer, admin: &str, actions: &[&str]) -> (String, String) {
     let role: Value = server
@@ -181,18 +195,18 @@ async fn no_credential_obtains_a_certificate_or_other_credential_beyond_what_it_
 
     // A token the certificate got renews it only where the certificate is presented: a stolen
     // copy of the token alone cannot.
-    let by_cert: Value = valve_cert
-        .post(server.url("/oauth2/token"))
-        .form(&[
+    let by_cert: Value = token_request(
+        &valve_cert,
+        &server,
+        &[
             ("grant_type", "client_credentials"),
             ("client_id", valve.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let bearer = format!("Bearer {}", by_cert["access_token"].as_str().unwrap());
     assert_eq!(renew(plain, &server, ("authorization", &bearer)).await, 403);
     assert_eq!(
@@ -231,22 +245,22 @@ async fn no_credential_obtains_a_certificate_or_other_credential_beyond_what_it_
     header.kid = Some("valve-1".into());
     let key = jsonwebtoken::EncodingKey::from_ed_der(&signer.serialize_der());
     let assertion = jsonwebtoken::encode(&header, &claims, &key).unwrap();
-    let by_assertion: Value = plain
-        .post(server.url("/oauth2/token"))
-        .form(&[
+    let by_assertion: Value = token_request(
+        plain,
+        &server,
+        &[
             ("grant_type", "client_credentials"),
             (
                 "client_assertion_type",
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             ),
             ("client_assertion", assertion.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let by_assertion = by_assertion["access_token"].as_str().unwrap().to_owned();
     let bearer = format!("Bearer {by_assertion}");
     for client in [plain, &valve_cert] {
@@ -272,18 +286,18 @@ async fn no_credential_obtains_a_certificate_or_other_credential_beyond_what_it_
         .json()
         .await
         .unwrap();
-    let refreshed: Value = plain
-        .post(server.url("/oauth2/token"))
-        .form(&[
+    let refreshed: Value = token_request(
+        plain,
+        &server,
+        &[
             ("grant_type", "refresh_token"),
             ("refresh_token", first["refresh_token"].as_str().unwrap()),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let refreshed = refreshed["access_token"].as_str().unwrap();
     let write = server
         .call_json(
@@ -365,15 +379,14 @@ async fn revoke(server: &TestServer, token: &str) {
 }
 
 async fn refresh_status(server: &TestServer, refresh: &str) -> u16 {
-    server
-        .client
-        .post(server.url("/oauth2/token"))
-        .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh)])
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    token_request(
+        &server.client,
+        server,
+        &[("grant_type", "refresh_token"), ("refresh_token", refresh)],
+    )
+    .await
+    .status()
+    .as_u16()
 }
 
 #[tokio::test]
@@ -450,18 +463,18 @@ async fn a_reset_or_a_revoked_family_ends_every_session_of_it_at_once() {
 }
 
 async fn failing_login(client: &Client, server: &TestServer, name: &str) -> u16 {
-    client
-        .post(server.url("/oauth2/token"))
-        .form(&[
+    token_request(
+        client,
+        server,
+        &[
             ("grant_type", "password"),
             ("username", name),
             ("password", "not the password"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+        ],
+    )
+    .await
+    .status()
+    .as_u16()
 }
 
 #[tokio::test]
@@ -481,16 +494,16 @@ async fn a_success_never_wipes_the_failures_of_its_address() {
     for i in 0..70 {
         statuses.push(failing_login(&attacker, &server, &victims[i % 3].name).await);
         if i % 4 == 3 {
-            attacker
-                .post(server.url("/oauth2/token"))
-                .form(&[
+            token_request(
+                &attacker,
+                &server,
+                &[
                     ("grant_type", "client_credentials"),
                     ("client_id", own.as_str()),
                     ("client_secret", own_secret.as_str()),
-                ])
-                .send()
-                .await
-                .unwrap();
+                ],
+            )
+            .await;
         }
     }
     // Before the fix no attempt drew a 429. Now the sixth failure waits; afterwards only an
@@ -696,16 +709,16 @@ async fn the_audit_trail_cannot_confirm_a_guessed_account_name() {
         } else {
             format!("guess-{i}")
         };
-        let r = attacker
-            .post(server.url("/oauth2/token"))
-            .form(&[
+        let r = token_request(
+            &attacker,
+            &server,
+            &[
                 ("grant_type", "password"),
                 ("username", name.as_str()),
                 ("password", "wrong password 1"),
-            ])
-            .send()
-            .await
-            .unwrap();
+            ],
+        )
+        .await;
         let id = r.headers()["x-ms-request-id"].to_str().unwrap().to_owned();
         guesses.push((name == victim.name, r.status().as_u16(), id));
     }
