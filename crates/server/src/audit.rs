@@ -1,9 +1,16 @@
 //! The audit trail at the HTTP edge: every request is recorded (who, what, where from, the
 //! answer, the correlation ID) and durable in the Merkle log before its response leaves; if it
-//! cannot be recorded, the client gets 503 instead and readiness fails (fail closed). Handlers
-//! add security detail (the authentication method, an attempted account) through
-//! [`AuditNote`]; sensitive values are HMAC'd with the deployment's key, so equal values can be
-//! correlated without being revealed.
+//! cannot be recorded, the client gets 503 instead and readiness fails (fail closed). A request
+//! that may change state (any method but GET, HEAD and OPTIONS) is recorded twice: its intent
+//! is durable *before* the handler runs, so a request the trail cannot record is never applied,
+//! and its outcome after. Handlers add security detail (the grant, the identity a token went
+//! to) through [`AuditNote`].
+//!
+//! An entry's size is bounded whatever the request: every text value longer than
+//! [`MAX_VALUE_BYTES`] (a 64 KiB path, a long identifier) is cut and followed by the SHA-256 of
+//! the whole, so equal values still correlate and nobody grows the log faster than a few
+//! hundred bytes a request. The free space of the log's file system is watched: below
+//! [`DISK_RESERVE_BYTES`] readiness fails and says so, before appends would.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,11 +34,18 @@ use crate::app::AppState;
 use crate::datadir::{DataDir, write_private};
 use crate::error::ApiError;
 
+/// Longest text value an entry keeps whole.
+pub const MAX_VALUE_BYTES: usize = 256;
+/// Free space on the audit log's file system below which readiness fails.
+pub const DISK_RESERVE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// The audit log and the deployment's HMAC key for sensitive values.
 #[derive(Clone)]
 pub struct Audit {
     log: AuditLog,
     hmac: Arc<hmac::Key>,
+    /// Bytes free on the log's file system at the last look (`u64::MAX` before the first).
+    disk_free: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -93,10 +107,13 @@ impl Audit {
             },
         )
         .context("opening the audit log")?;
-        Ok(Self {
+        let audit = Self {
             log,
             hmac: Arc::new(hmac::Key::new(hmac::HMAC_SHA256, &hmac_key)),
-        })
+            disk_free: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+        };
+        audit.measure_disk();
+        Ok(audit)
     }
 
     pub fn log(&self) -> &AuditLog {
@@ -105,6 +122,29 @@ impl Audit {
 
     pub fn healthy(&self) -> bool {
         self.log.healthy()
+    }
+
+    /// Looks at the free space of the log's file system again (a `statvfs`); the server does
+    /// this every few seconds.
+    pub fn measure_disk(&self) {
+        match rustix::fs::statvfs(self.log.dir()) {
+            Ok(stat) => {
+                let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+                self.disk_free
+                    .store(free, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the audit log's free disk space"),
+        }
+    }
+
+    /// Bytes free for the log at the last look.
+    pub fn disk_free(&self) -> u64 {
+        self.disk_free.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the log has room to go on: at least [`DISK_RESERVE_BYTES`] free.
+    pub fn disk_ok(&self) -> bool {
+        self.disk_free() >= DISK_RESERVE_BYTES
     }
 
     /// Entries recorded but not yet covered by a signed checkpoint (the audit lag).
@@ -140,6 +180,62 @@ struct RequestEntry<'a> {
     extra: Map<String, Value>,
 }
 
+/// What a state-changing request is about to do, recorded before it runs.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IntentEntry<'a> {
+    kind: &'static str,
+    time: &'a str,
+    correlation_id: Option<&'a str>,
+    address: Option<&'a str>,
+    method: &'a str,
+    path: &'a str,
+}
+
+/// `value` whole if it is at most [`MAX_VALUE_BYTES`] long; otherwise its first bytes (on a
+/// character boundary), an ellipsis, its length and the SHA-256 of the whole.
+pub fn bounded(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.len() <= MAX_VALUE_BYTES {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut cut = MAX_VALUE_BYTES - 96;
+    while !value.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value.as_bytes());
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::borrow::Cow::Owned(format!(
+        "{}\u{2026}[{} bytes, sha256:{hex}]",
+        &value[..cut],
+        value.len()
+    ))
+}
+
+/// Every text value of a handler's note, bounded.
+fn bounded_values(extra: Map<String, Value>) -> Map<String, Value> {
+    extra
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) if s.len() > MAX_VALUE_BYTES => {
+                let b = bounded(&s).into_owned();
+                (k, Value::String(b))
+            }
+            other => (k, other),
+        })
+        .collect()
+}
+
+/// Whether a request may change state, so its intent must be on the record before it runs.
+fn may_change(method: &axum::http::Method) -> bool {
+    !matches!(
+        *method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    )
+}
+
 fn outcome(status: StatusCode) -> &'static str {
     match status.as_u16() {
         200..=399 => "ok",
@@ -170,8 +266,9 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
     }
     let note = AuditNote::default();
     req.extensions_mut().insert(note.clone());
+    let changes = may_change(req.method());
     let method = req.method().to_string();
-    let path = req.uri().path().to_owned();
+    let path = bounded(req.uri().path()).into_owned();
     let address = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -180,6 +277,33 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         .extensions()
         .get::<crate::http::CorrelationId>()
         .map(|c| c.0.clone());
+    if changes {
+        // Write-ahead: what cannot be recorded is not done.
+        let time = twinguard_core::clock::rfc3339(time::OffsetDateTime::now_utc());
+        let intent = IntentEntry {
+            kind: "intent",
+            time: &time,
+            correlation_id: correlation.as_deref(),
+            address: address.as_deref(),
+            method: &method,
+            path: &path,
+        };
+        let recorded = match serde_json::to_vec(&intent) {
+            Ok(bytes) => state.audit.log().append_async(bytes).await.map(|_| ()),
+            Err(e) => Err(twinguard_audit::log::AuditError::from(
+                std::io::Error::other(e),
+            )),
+        };
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "a request's intent could not be recorded in the audit log; refused, not applied");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ServiceUnavailable,
+                "the request could not be recorded; it was not applied",
+            )
+            .into_response();
+        }
+    }
     let response = next.run(req).await;
     let status = response.status();
     if response
@@ -193,7 +317,7 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
     let extra = note
         .0
         .lock()
-        .map(|mut m| std::mem::take(&mut *m))
+        .map(|mut m| bounded_values(std::mem::take(&mut *m)))
         .unwrap_or_default();
     let entry = RequestEntry {
         kind: "request",
@@ -206,15 +330,28 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         outcome: outcome(status),
         extra,
     };
-    let bytes = serde_json::to_vec(&entry).unwrap_or_default();
+    // The entry holds strings, numbers and the note's JSON values only: it always serializes.
+    let bytes = match serde_json::to_vec(&entry) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(error = %e, "an audit entry did not serialize; refused");
+            return ApiError::internal("an audit entry did not serialize").into_response();
+        }
+    };
     match state.audit.log().append_async(bytes).await {
         Ok(_) => response,
         Err(e) => {
-            tracing::error!(error = %e, "a request could not be recorded in the audit log; refused");
+            tracing::error!(error = %e, "a request's outcome could not be recorded in the audit log; refused");
+            let message = if changes {
+                // Its intent is on the record; the change may have been made.
+                "the outcome could not be recorded; the request may have been applied, check before retrying"
+            } else {
+                "the request could not be recorded; nothing was acknowledged"
+            };
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::ServiceUnavailable,
-                "the request could not be recorded; nothing was acknowledged",
+                message,
             )
             .into_response()
         }

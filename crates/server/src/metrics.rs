@@ -35,6 +35,7 @@ pub fn render(audit: &crate::audit::Audit) -> String {
     metrics::gauge!("twinguard_audit_entries").set(head.size as f64);
     metrics::gauge!("twinguard_audit_unsigned_entries").set(audit.unsigned_entries() as f64);
     metrics::gauge!("twinguard_audit_healthy").set(if audit.healthy() { 1.0 } else { 0.0 });
+    metrics::gauge!("twinguard_audit_disk_free_bytes").set(audit.disk_free() as f64);
     install().map(PrometheusHandle::render).unwrap_or_default()
 }
 

@@ -349,6 +349,15 @@ impl Application {
             tracing::info!("shutting down");
             on_shutdown.graceful_shutdown(Some(SHUTDOWN_GRACE));
         });
+        let audit = self.state.audit.clone();
+        tokio::spawn(async move {
+            let mut every_five_seconds = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                every_five_seconds.tick().await;
+                let audit = audit.clone();
+                let _ = tokio::task::spawn_blocking(move || audit.measure_disk()).await;
+            }
+        });
         let telemetry = self.state.telemetry.clone();
         tokio::spawn(async move {
             let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));

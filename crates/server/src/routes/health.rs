@@ -1,4 +1,5 @@
-//! Anonymous probes: `/healthz` (the process runs) and `/readyz` (the store accepts writes).
+//! Anonymous probes: `/healthz` (the process runs) and `/readyz` (the store accepts writes, the
+//! audit trail records, and its disk has room).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -14,13 +15,16 @@ pub async fn healthz() -> impl IntoResponse {
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let store = state.service.store_healthy();
     let audit = state.audit.healthy();
+    // Not ready before the audit log's disk fills: appends would fail closed then.
+    let disk = state.audit.disk_ok();
     let word = |ok: bool| if ok { "ok" } else { "failing" };
     let body = json!({
-        "status": if store && audit { "ready" } else { "not ready" },
+        "status": if store && audit && disk { "ready" } else { "not ready" },
         "store": word(store),
         "audit": word(audit),
+        "auditDisk": if disk { "ok" } else { "low" },
     });
-    if store && audit {
+    if store && audit && disk {
         (StatusCode::OK, axum::Json(body))
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body))

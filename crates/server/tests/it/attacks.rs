@@ -738,7 +738,7 @@ async fn the_audit_trail_cannot_confirm_a_guessed_account_name() {
     let normalised = |cid: &str| {
         let mut e = entries
             .iter()
-            .find(|e| e["correlationId"] == cid)
+            .find(|e| e["correlationId"] == cid && e["kind"] == "request")
             .cloned()
             .unwrap();
         let text = e.to_string();

@@ -64,7 +64,7 @@ async fn every_request_is_recorded_with_its_correlation_id_caller_and_no_secret(
     let all = entries(&server, &admin).await;
     let find = |cid: &str| {
         all.iter()
-            .find(|e| e["correlationId"] == cid)
+            .find(|e| e["correlationId"] == cid && e["kind"] == "request")
             .cloned()
             .unwrap_or_else(|| panic!("no entry for {cid}: {all:?}"))
     };
@@ -199,10 +199,14 @@ async fn when_the_log_cannot_be_written_requests_fail_and_nothing_is_acknowledge
     assert_eq!(after.status(), 503);
     let owner =
         twinguard_core::auth::Principal::with_roles("t", &[twinguard_core::auth::DATA_OWNER]);
-    assert!(
-        server.state.service.twin(&owner, "after").is_err(),
-        "a refused write was applied"
-    );
+    // Fail closed means not applied: the first write's intent could not be recorded, so it
+    // never ran (issue 17: it used to run first and be refused after, applied and durable).
+    for id in ["during", "after"] {
+        assert!(
+            server.state.service.twin(&owner, id).is_err(),
+            "the refused write of {id} was applied"
+        );
+    }
     let ready = server
         .client
         .get(server.url("/readyz"))
@@ -277,4 +281,133 @@ impl Drop for Immutable {
             .arg(&self.0)
             .status();
     }
+}
+
+#[tokio::test]
+async fn an_entry_stays_small_whatever_the_request_and_long_values_still_correlate() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    // The file is written ahead with zeros; what is recorded ends at the first NUL.
+    let recorded = || {
+        let bytes = std::fs::read(server.dir.path().join("audit/entries.jsonl")).unwrap();
+        twinguard_audit::log::recorded(&bytes).len()
+    };
+    let before = recorded();
+    // Issue 17 finding 5: unauthenticated requests with 60 KiB paths (about what a client can
+    // send in a URI), GET and POST.
+    let long = "x".repeat(60 * 1024);
+    let ca = std::fs::read(server.dir.path().join("tls/ca.pem")).unwrap();
+    let http1 = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    for method in [Method::GET, Method::POST] {
+        for _ in 0..5 {
+            let r = http1
+                .request(method.clone(), server.url(&format!("/digitaltwins/{long}")))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_client_error(), "{}", r.status());
+        }
+    }
+    let grown = recorded() - before;
+    // Ten requests, fifteen entries (a POST records its intent too): each well under 1 KiB.
+    assert!(grown < 15 * 1024, "the log grew by {grown} bytes");
+    let all = entries(&server, &admin).await;
+    let paths: Vec<&str> = all
+        .iter()
+        .filter_map(|e| e["path"].as_str())
+        .filter(|p| p.starts_with("/digitaltwins/xxx"))
+        .collect();
+    assert_eq!(paths.len(), 15);
+    // The cut keeps the length and a digest of the whole, the same for the same value.
+    assert!(paths.iter().all(|p| *p == paths[0]), "{paths:?}");
+    assert!(paths[0].contains(&format!("[{} bytes, sha256:", 14 + long.len())));
+}
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(mib: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root, as CI has");
+        Self(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn readiness_fails_when_the_audit_disk_runs_low_before_appends_would() {
+    let disk = SmallDisk::mount(320);
+    let data = tempfile::tempdir_in(disk.0.path()).unwrap();
+    let server = TestServer::start_in(data, |_| {}).await;
+    let ready = || async {
+        let r = server
+            .client
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    server.state.audit.measure_disk();
+    assert_eq!(ready().await.0, 200);
+    // Fill the file system until less than the reserve is free.
+    let filler = disk.0.path().join("filler");
+    let free = server.state.audit.disk_free();
+    let fill = free.saturating_sub(twinguard_server::audit::DISK_RESERVE_BYTES / 2);
+    std::fs::write(&filler, vec![0xa5u8; usize::try_from(fill).unwrap()]).unwrap();
+    server.state.audit.measure_disk();
+    let (status, body) = ready().await;
+    assert_eq!(
+        (status, body["auditDisk"].as_str()),
+        (503, Some("low")),
+        "{body}"
+    );
+    // Requests are still recorded meanwhile: readiness warns, the log has not failed.
+    let admin = server.admin_token().await;
+    assert_eq!(
+        server.call(Method::GET, "/models", &admin).await.status(),
+        200
+    );
+    let metrics = server
+        .admin_call(Method::GET, "/metrics", &admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("twinguard_audit_disk_free_bytes"),
+        "{metrics}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    server.state.audit.measure_disk();
+    assert_eq!(ready().await.0, 200);
+    drop(server);
 }

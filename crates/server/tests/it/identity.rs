@@ -400,7 +400,7 @@ async fn a_subtree_scoped_client_sees_only_its_subtree_over_http() {
         trail
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .find(|e| e["correlationId"] == id.as_str())
+            .find(|e| e["correlationId"] == id.as_str() && e["kind"] == "request")
             .unwrap()
     };
     assert_eq!(entry_of(&hidden)["scope"], "hidden");

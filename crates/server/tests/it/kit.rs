@@ -40,7 +40,11 @@ impl TestServer {
 
     /// A server whose configuration `adjust` changes first.
     pub async fn start_with(adjust: impl FnOnce(&mut ServeConfig)) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), adjust).await
+    }
+
+    /// A server on the data directory `dir` (which may be, say, a small file system of its own).
+    pub async fn start_in(dir: TempDir, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
         let mut config = ServeConfig {
             data_dir: dir.path().to_owned(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
