@@ -130,6 +130,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         mqtt: None,
         history_retention: None,
         public_url: None,
+        connections: Default::default(),
     })?;
     let base = app.base_url();
     let device_plane = format!(

@@ -330,6 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     history_retention: history_retention_days
                         .map(|days| std::time::Duration::from_secs(u64::from(days) * 86_400)),
                     public_url,
+                    connections: Default::default(),
                 })?;
                 println!("twinguard: api listening on {}", app.listener_url());
                 if app.base_url() != app.listener_url() {

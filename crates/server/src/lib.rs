@@ -8,10 +8,12 @@
 //! - [`datadir`]: what first start generates (CA, keys, the first admin credential).
 //! - [`mqtt`]: the MQTT subscriber feeding signed telemetry; the device plane's HTTPS
 //!   listener is [`app::device_router`].
-//! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share.
+//! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share;
+//!   [`connections`]: how long and how many connections every listener keeps.
 
 pub mod app;
 pub mod audit;
+pub mod connections;
 pub mod datadir;
 pub mod error;
 pub mod external;

@@ -88,3 +88,9 @@ pub fn auth_failure(method: Method) {
 pub fn auth_throttled() {
     metrics::counter!("twinguard_auth_throttled_total").increment(1);
 }
+
+/// `twinguard_connections_closed_total{reason}`: connections the server closed itself, for
+/// being over a limit (`limit`) or silent too long (`idle`).
+pub fn connection_closed(reason: &'static str) {
+    metrics::counter!("twinguard_connections_closed_total", "reason" => reason).increment(1);
+}

@@ -50,6 +50,8 @@ pub struct ServeConfig {
     /// listener: its IP and port, or for an unspecified IP the first TLS name (else 127.0.0.1).
     /// Never taken from a request's `Host` or `:authority`.
     pub public_url: Option<PublicUrl>,
+    /// How long and how many connections each listener keeps (see [`crate::connections`]).
+    pub connections: crate::connections::ConnectionPolicy,
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -115,6 +117,7 @@ pub struct Application {
     state: AppState,
     data_dir: DataDir,
     siem: Vec<crate::siem::Sink>,
+    connections: crate::connections::ConnectionPolicy,
 }
 
 impl std::fmt::Debug for Application {
@@ -249,6 +252,7 @@ impl Application {
             },
             data_dir,
             siem: config.siem.clone(),
+            connections: config.connections.clone(),
         };
         app.record_token_endpoint()?;
         app.state
@@ -375,10 +379,14 @@ impl Application {
             let devices = crate::app::device_router(self.state.clone());
             let handle = handle.clone();
             let tls = self.tls.clone();
-            let server = axum_server::from_tcp(listener)?
-                .acceptor(axum_server::tls_rustls::RustlsAcceptor::new(tls))
-                .handle(handle)
-                .serve(devices.into_make_service_with_connect_info::<SocketAddr>());
+            let tls = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+                .handshake_timeout(self.connections.handshake_timeout);
+            let gate = crate::connections::Gate::new(self.connections.clone());
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(crate::connections::Limited::new(gate, tls))
+                .handle(handle);
+            self.connections.configure(server.http_builder());
+            let server = server.serve(devices.into_make_service_with_connect_info::<SocketAddr>());
             tokio::spawn(async move {
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "the device plane listener stopped");
@@ -386,9 +394,13 @@ impl Application {
             });
         }
         let app = router(self.state);
-        axum_server::from_tcp(self.listener)?
-            .acceptor(crate::tls::ClientCertAcceptor::new(self.tls))
-            .handle(handle)
+        let tls = crate::tls::ClientCertAcceptor::new(self.tls, self.connections.handshake_timeout);
+        let gate = crate::connections::Gate::new(self.connections.clone());
+        let mut server = axum_server::from_tcp(self.listener)?
+            .acceptor(crate::connections::Limited::new(gate, tls))
+            .handle(handle);
+        self.connections.configure(server.http_builder());
+        server
             .serve(app.into_make_service_with_connect_info::<SocketAddr>())
             .await?;
         Ok(())

@@ -57,9 +57,10 @@ pub struct ClientCertAcceptor {
 }
 
 impl ClientCertAcceptor {
-    pub fn new(config: RustlsConfig) -> Self {
+    /// The handshake must complete within `handshake_timeout`.
+    pub fn new(config: RustlsConfig, handshake_timeout: std::time::Duration) -> Self {
         Self {
-            inner: RustlsAcceptor::new(config),
+            inner: RustlsAcceptor::new(config).handshake_timeout(handshake_timeout),
         }
     }
 }

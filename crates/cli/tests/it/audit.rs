@@ -41,7 +41,8 @@ async fn the_offline_verifier_accepts_the_servers_log_and_names_a_tampered_entry
         "{stdout}{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(stdout.contains("11 entries"), "{stdout}");
+    // The token request's intent and outcome, then the ten reads.
+    assert!(stdout.contains("12 entries"), "{stdout}");
 
     let path = dir.path().join("audit/entries.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -51,5 +52,5 @@ async fn the_offline_verifier_accepts_the_servers_log_and_names_a_tampered_entry
     let bad = verify(dir.path());
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("entry 1 was modified"), "{stderr}");
+    assert!(stderr.contains("entry 2 was modified"), "{stderr}");
 }

@@ -56,6 +56,7 @@ impl TestServer {
             mqtt: None,
             history_retention: None,
             public_url: None,
+            connections: Default::default(),
         };
         adjust(&mut config);
         let app = Application::build(&config).unwrap();

@@ -7,6 +7,7 @@ mod api;
 mod attacks;
 mod audit;
 mod auth;
+mod connections;
 mod identity;
 mod kit;
 mod outputs;

@@ -1,0 +1,342 @@
+//! Connection hygiene on every listener (issue 17: slow clients and floods). A connection costs
+//! a descriptor, buffers and a task for as long as it is open, so how long and how many are
+//! bounded before any request is read:
+//!
+//! - at most [`ConnectionPolicy::per_source`] connections from one address (an IPv6 address by
+//!   its /64) and [`ConnectionPolicy::total`] in all; more are closed at once, before TLS;
+//! - the TLS handshake within [`ConnectionPolicy::handshake_timeout`];
+//! - an HTTP/1 request head within [`ConnectionPolicy::header_timeout`], which also bounds the
+//!   wait for the next request on a kept-alive connection (hyper's header read timeout);
+//! - no connection silent in both directions for longer than [`ConnectionPolicy::idle_timeout`]
+//!   (HTTP/2 included, and a client that stops reading its answer);
+//! - HTTP/2: concurrent streams, the header list size and reset streams (the "rapid reset"
+//!   flood, CVE-2023-44487) are capped; HTTP/1: the request head's buffer and header count.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum_server::accept::Accept;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// How long and how many connections a listener keeps.
+#[derive(Debug, Clone)]
+pub struct ConnectionPolicy {
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub per_source: usize,
+    pub total: usize,
+    pub h2_max_concurrent_streams: u32,
+    /// Largest request head: the HTTP/2 header list, and the HTTP/1 read buffer.
+    pub max_header_bytes: u32,
+    /// HTTP/2 streams a client may reset before the server has accepted them, at once.
+    pub h2_max_pending_resets: usize,
+}
+
+impl Default for ConnectionPolicy {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            // Above every request's own deadline (queries stop well before), so only a
+            // connection nobody uses is closed.
+            idle_timeout: Duration::from_secs(120),
+            per_source: 128,
+            total: 8_192,
+            h2_max_concurrent_streams: 64,
+            // ADT's longest request head is a URI with a 128-character ID and a few headers;
+            // a bearer token is at most 8 KiB.
+            max_header_bytes: 64 * 1024,
+            h2_max_pending_resets: 20,
+        }
+    }
+}
+
+impl ConnectionPolicy {
+    /// Applies the HTTP limits to a listener's connection builder.
+    pub fn configure<E>(&self, builder: &mut hyper_util::server::conn::auto::Builder<E>) {
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .max_buf_size(self.max_header_bytes as usize)
+            .max_headers(100);
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(self.h2_max_concurrent_streams)
+            .max_header_list_size(self.max_header_bytes)
+            .max_pending_accept_reset_streams(self.h2_max_pending_resets)
+            .max_local_error_reset_streams(1_024);
+    }
+}
+
+/// The key a connection is counted under: IPv4 as it is, IPv6 by its /64.
+fn source(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::from(octets)
+            }
+        },
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// The open connections of one listener.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    policy: ConnectionPolicy,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl Gate {
+    pub fn new(policy: ConnectionPolicy) -> Self {
+        Self {
+            policy,
+            counts: Arc::default(),
+        }
+    }
+
+    pub fn policy(&self) -> &ConnectionPolicy {
+        &self.policy
+    }
+
+    /// A place for a connection from `address`, or `None` when the source or the listener is
+    /// full (or the counts cannot be read: fail closed).
+    fn admit(&self, address: IpAddr) -> Option<Slot> {
+        let key = source(address);
+        let mut counts = self.counts.lock().ok()?;
+        let from_source = counts.by_source.get(&key).copied().unwrap_or(0);
+        if counts.total >= self.policy.total || from_source >= self.policy.per_source {
+            return None;
+        }
+        counts.total += 1;
+        counts.by_source.insert(key, from_source + 1);
+        Some(Slot {
+            counts: self.counts.clone(),
+            key,
+        })
+    }
+}
+
+/// A connection's place; freed when the connection is dropped.
+#[derive(Debug)]
+struct Slot {
+    counts: Arc<Mutex<Counts>>,
+    key: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.counts.lock() {
+            counts.total = counts.total.saturating_sub(1);
+            if let Some(n) = counts.by_source.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.by_source.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+/// A TCP connection that holds its place and closes itself after `idle` without a byte either
+/// way.
+pub struct Guarded {
+    inner: TcpStream,
+    _slot: Slot,
+    idle: Duration,
+    last_activity: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Guarded {
+    fn new(inner: TcpStream, slot: Slot, idle: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            _slot: slot,
+            idle,
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+        }
+    }
+
+    /// Called when the stream is not ready: `Err` once it has been silent for too long. The
+    /// timer is moved only when it fires early (activity since it was set), not at every byte.
+    fn check_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            let deadline = self.last_activity + self.idle;
+            if Instant::now() >= deadline {
+                crate::metrics::connection_closed("idle");
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection was idle too long",
+                ));
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    self.last_activity = Instant::now();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match self.check_idle(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.last_activity = Instant::now();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // A client that stops reading its answer is as idle as one that sends nothing.
+            Poll::Pending => match self.check_idle(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An acceptor that admits a connection through the [`Gate`] before handing it to `inner`
+/// (TLS), wrapped as [`Guarded`].
+#[derive(Clone)]
+pub struct Limited<A> {
+    gate: Gate,
+    inner: A,
+}
+
+impl<A> Limited<A> {
+    pub fn new(gate: Gate, inner: A) -> Self {
+        Self { gate, inner }
+    }
+}
+
+impl<A, S> Accept<TcpStream, S> for Limited<A>
+where
+    A: Accept<Guarded, S> + Clone + Send + Sync + 'static,
+    A::Future: Send,
+    S: Send + 'static,
+{
+    type Stream = A::Stream;
+    type Service = A::Service;
+    type Future = Pin<Box<dyn Future<Output = io::Result<(Self::Stream, Self::Service)>> + Send>>;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let admitted = stream
+            .peer_addr()
+            .ok()
+            .and_then(|peer| self.gate.admit(peer.ip()));
+        let idle = self.gate.policy.idle_timeout;
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let Some(slot) = admitted else {
+                crate::metrics::connection_closed("limit");
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "too many connections from this source or in all",
+                ));
+            };
+            inner
+                .accept(Guarded::new(stream, slot, idle), service)
+                .await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_source_and_the_listener_are_capped_and_closing_frees_the_place() {
+        let gate = Gate::new(ConnectionPolicy {
+            per_source: 2,
+            total: 3,
+            ..ConnectionPolicy::default()
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = gate.admit(a).unwrap();
+        let _second = gate.admit(a).unwrap();
+        assert!(gate.admit(a).is_none(), "a third from one source");
+        let _third = gate.admit(b).unwrap();
+        assert!(
+            gate.admit("192.0.2.3".parse().unwrap()).is_none(),
+            "a fourth in all"
+        );
+        drop(first);
+        assert!(gate.admit(a).is_some());
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_one_source_whatever_its_interface_id() {
+        let gate = Gate::new(ConnectionPolicy {
+            per_source: 1,
+            ..ConnectionPolicy::default()
+        });
+        let _one = gate.admit("2001:db8:0:1::1".parse().unwrap()).unwrap();
+        assert!(
+            gate.admit("2001:db8:0:1:dead:beef::9".parse().unwrap())
+                .is_none()
+        );
+        assert!(gate.admit("2001:db8:0:2::1".parse().unwrap()).is_some());
+    }
+}
