@@ -174,11 +174,7 @@ fn main() -> ExitCode {
         match demo::prepare(args) {
             Ok((scratch, log)) => {
                 _demo_dir = scratch;
-                tracing_subscriber::fmt()
-                    .json()
-                    .with_writer(std::sync::Mutex::new(log))
-                    .with_env_filter(filter)
-                    .init();
+                init_logging(std::sync::Mutex::new(log), filter);
             }
             Err(e) => {
                 eprintln!("twinguard: {e:#}");
@@ -186,11 +182,7 @@ fn main() -> ExitCode {
             }
         }
     } else {
-        tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init();
+        init_logging(std::io::stderr, filter);
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -250,6 +242,27 @@ async fn shutdown_signal() {
         _ = terminate => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// JSON lines to `writer`, filtered by `TWINGUARD_LOG` and rate-limited per call site, so no
+/// input floods the log (`twinguard_server::logging`).
+fn init_logging<W>(writer: W, filter: tracing_subscriber::EnvFilter)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let limited = twinguard_server::logging::RateLimited::with_reporter();
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(writer)
+                .with_filter(filter)
+                .with_filter(limited),
+        )
+        .init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

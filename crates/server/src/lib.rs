@@ -18,6 +18,7 @@ pub mod datadir;
 pub mod error;
 pub mod external;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod refresh;

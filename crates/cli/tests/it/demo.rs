@@ -181,3 +181,56 @@ async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
     let again = sim(&["--count", "1"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("\"reason\":\"revoked\""));
 }
+
+#[tokio::test]
+async fn garbage_on_the_device_plane_costs_the_log_a_bounded_number_of_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // At the default level, as a deployment logs.
+    let server = Server::start_logging(&data, &[], None, "info");
+    let device_plane = server.device_plane(&data);
+    let log = data.join("server.log");
+    let before = std::fs::metadata(&log).unwrap().len();
+    // Issue 17 finding 7: 5 KB of garbage used to produce 168 KB of log lines. 300 bodies of
+    // 5 KB each, as JSON, as JWS text and as binary, each refused.
+    let mut sent = 0u64;
+    for i in 0..300u32 {
+        let (kind, body): (&str, Vec<u8>) = match i % 3 {
+            // A batch of 700 tiny messages, each refused on its own.
+            0 => (
+                "application/json",
+                format!("{{\"messages\": [{}\"a.b\"]}}", "\"a.b\",".repeat(699)).into_bytes(),
+            ),
+            1 => ("application/jose", "a.b.c ".repeat(850).into_bytes()),
+            _ => (
+                "application/cose",
+                (0..5_000u32).map(|b| (b * 7 + i) as u8).collect(),
+            ),
+        };
+        sent += body.len() as u64;
+        let r = server
+            .client
+            .post(format!("{device_plane}/telemetry"))
+            .header("content-type", kind)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            !r.status().is_success() || r.status() == 200,
+            "{}",
+            r.status()
+        );
+    }
+    // The rate limiter lets each call site write a burst and a few lines a second.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let logged = std::fs::metadata(&log).unwrap().len() - before;
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(
+        logged < sent / 4,
+        "{logged} bytes of log for {sent} bytes of garbage"
+    );
+    assert!(lines < 400, "{lines} log lines");
+    drop(server);
+}

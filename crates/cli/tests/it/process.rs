@@ -22,6 +22,16 @@ impl Server {
     /// [`Server::start`] with extra `serve` arguments, and optionally under a given umask
     /// (octal, set by a shell that then executes the binary).
     pub fn start_with(data_dir: &Path, extra: &[&str], umask: Option<&str>) -> Self {
+        Self::start_logging(data_dir, extra, umask, "warn")
+    }
+
+    /// [`Server::start_with`] logging at `level` (`TWINGUARD_LOG`) to `DIR/server.log`.
+    pub fn start_logging(
+        data_dir: &Path,
+        extra: &[&str],
+        umask: Option<&str>,
+        level: &str,
+    ) -> Self {
         let binary = env!("CARGO_BIN_EXE_twinguard");
         let mut command = match umask {
             Some(mask) => {
@@ -43,7 +53,7 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .args(extra)
-            .env("TWINGUARD_LOG", "warn")
+            .env("TWINGUARD_LOG", level)
             // Retention on, as a deployment would run: the tests' readings are recent, so
             // nothing they send may go (the crash test reads every accepted one back).
             .env("TWINGUARD_HISTORY_RETENTION_DAYS", "30")
