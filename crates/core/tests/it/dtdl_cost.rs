@@ -6,10 +6,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use twinguard_core::auth::{MODEL_UPLOADER, Principal};
+use twinguard_core::auth::{DATA_OWNER, MODEL_UPLOADER, Principal};
 use twinguard_core::clock::SystemClock;
-use twinguard_core::dtdl::Schema;
-use twinguard_core::graph::WriteOp;
+use twinguard_core::dtdl::{DEFAULT_WORK_LIMIT, ParseOptions, Schema, compile};
+use twinguard_core::dtmi::Dtmi;
+use twinguard_core::graph::ops::MAX_STORED_EXPANSION;
+use twinguard_core::graph::{Precondition, WriteOp};
 use twinguard_core::service::TwinService;
 use twinguard_core::store::MemoryStore;
 
@@ -116,14 +118,72 @@ fn schema_allocations(service: &TwinService) -> usize {
     seen.len()
 }
 
-#[tokio::test]
-async fn an_eleven_layer_inheritance_lattice_is_compiled_once_per_interface() {
+fn work_for(docs: &[Value]) -> usize {
+    compile(docs, &|_| None, &ParseOptions::strict(), DEFAULT_WORK_LIMIT)
+        .unwrap()
+        .work
+}
+
+#[test]
+fn an_inheritance_lattice_costs_work_in_its_interfaces_not_in_its_paths() {
+    // Width 5: each layer more multiplies the paths from the top by 5.
+    let nine = work_for(&lattice("w", 5, 9));
+    let eleven = work_for(&lattice("w", 5, 11));
+    eprintln!("compile work: 9 layers {nine}, 11 layers {eleven}");
+    // 25 times the paths; the interfaces hold about (11/9)^2 = 1.5 times the entries.
+    assert!(eleven <= nine * 2, "work grew from {nine} to {eleven}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twin_write_is_answered_while_an_eleven_layer_lattice_compiles() {
     let (service, _) = open();
-    let docs = lattice("a", 5, 11);
+    let owner = Principal::with_roles("owner", &[DATA_OWNER]);
     service
-        .write(&uploader(), WriteOp::UploadModels(docs))
+        .write(&owner, WriteOp::UploadModels(lattice("t", 1, 1)))
         .await
         .unwrap();
+    let put = |n: u32| WriteOp::PutTwin {
+        id: "t".into(),
+        body: json!({"$metadata": {"$model": "dtmi:attack:tL0x0;1"}, "p0x0": n})
+            .as_object()
+            .cloned()
+            .unwrap(),
+        precondition: Precondition::None,
+    };
+    service.write(&owner, put(1)).await.unwrap();
+
+    // The hook holds the upload in compilation until the twin write has been answered.
+    let (compiling_tx, compiling_rx) = std::sync::mpsc::channel::<Option<String>>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    service.set_compile_hook(Arc::new(move || {
+        let thread = std::thread::current().name().map(str::to_owned);
+        let _ = compiling_tx.send(thread);
+        let _ = release_rx.lock().unwrap().recv();
+    }));
+    let upload = tokio::spawn({
+        let service = service.clone();
+        async move {
+            service
+                .write(&uploader(), WriteOp::UploadModels(lattice("a", 5, 11)))
+                .await
+        }
+    });
+    let thread = tokio::task::spawn_blocking(move || compiling_rx.recv().unwrap())
+        .await
+        .unwrap();
+    assert_ne!(thread.as_deref(), Some("twinguard-writer"));
+    // A guard against a deadlock, not a latency bound: were the upload compiled on the
+    // writer, this write would wait for it, and it waits for this write.
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        service.write(&owner, put(2)),
+    )
+    .await
+    .expect("the twin write waited for the upload's compilation");
+    answered.unwrap();
+    release_tx.send(()).unwrap();
+    upload.await.unwrap().unwrap();
     let top = service.snapshot();
     let top = top
         .models()
@@ -131,6 +191,96 @@ async fn an_eleven_layer_inheritance_lattice_is_compiled_once_per_interface() {
         .unwrap();
     assert_eq!(top.interface.ancestors.len(), 50);
     assert_eq!(top.interface.properties.len(), 51);
+}
+
+#[tokio::test]
+async fn a_restart_with_adversarial_models_stored_compiles_them_in_work_bounded_by_their_expansion()
+{
+    let (service, store) = open();
+    let docs: Vec<Vec<Value>> = vec![
+        lattice("a", 5, 11),
+        vec![schema_fan("dtmi:attack:fan;1", 8, 4)],
+        children_of("dtmi:attack:fan;1", 250),
+    ];
+    let bytes: usize = docs.iter().flatten().map(|d| d.to_string().len()).sum();
+    for batch in docs {
+        service
+            .write(&uploader(), WriteOp::UploadModels(batch))
+            .await
+            .unwrap();
+    }
+    let expanded: usize = service
+        .snapshot()
+        .models()
+        .map(|m| m.interface.expanded_size)
+        .sum();
+    let restarted = TwinService::open(store, Arc::new(SystemClock)).unwrap();
+    let work = restarted.load_work();
+    eprintln!("restart: {bytes} bytes of models, expanded size {expanded}, work {work}");
+    assert_eq!(restarted.snapshot().models().count(), 55 + 1 + 250);
+    // Each element read once (an element is more than 8 bytes of JSON), each stored entry
+    // built once and merged once: the restart replays what the uploads stored, no more.
+    assert!(
+        work <= bytes / 8 + 2 * expanded,
+        "a restart did {work} units of work for {bytes} bytes expanding to {expanded}"
+    );
+    assert!(expanded < MAX_STORED_EXPANSION);
+}
+
+#[tokio::test]
+async fn many_children_of_a_large_parent_are_refused_at_the_documented_expansion_limit() {
+    let (service, _) = open();
+    let contents: Vec<Value> = (0..2_000)
+        .map(|p| json!({"@type": "Property", "name": format!("p{p}"), "schema": "double"}))
+        .collect();
+    let parent = json!({
+        "@context": "dtmi:dtdl:context;3",
+        "@id": "dtmi:attack:big;1",
+        "@type": "Interface",
+        "contents": contents
+    });
+    service
+        .write(&uploader(), WriteOp::UploadModels(vec![parent]))
+        .await
+        .unwrap();
+    let mut accepted = 0;
+    let refusal = loop {
+        let children: Vec<Value> = (0..250)
+            .map(|i| {
+                json!({
+                    "@context": "dtmi:dtdl:context;3",
+                    "@id": format!("dtmi:attack:kid{};1", accepted + i),
+                    "@type": "Interface",
+                    "extends": "dtmi:attack:big;1"
+                })
+            })
+            .collect();
+        match service
+            .write(&uploader(), WriteOp::UploadModels(children))
+            .await
+        {
+            Ok(_) => accepted += 250,
+            Err(e) => break e,
+        }
+        assert!(accepted <= 10_000, "never refused");
+    };
+    let message = refusal.to_string();
+    assert!(
+        message.contains(&MAX_STORED_EXPANSION.to_string()),
+        "the refusal does not name the limit: {message}"
+    );
+    let expanded: usize = service
+        .snapshot()
+        .models()
+        .map(|m| m.interface.expanded_size)
+        .sum();
+    eprintln!("{accepted} children of a 2,000-property parent accepted, expanded size {expanded}");
+    assert!(expanded <= MAX_STORED_EXPANSION);
+    // Each child holds its parent's 2,000 entries: the limit admits about 1,000 of them.
+    assert!(
+        (750..=1_000).contains(&accepted),
+        "{accepted} children accepted"
+    );
 }
 
 #[tokio::test]
@@ -168,8 +318,7 @@ async fn schemas_referenced_many_times_and_many_children_share_one_copy() {
 fn lookups_for_lattice_on_stored_layers(width: usize, layers: usize, stored: usize) -> usize {
     use std::cell::Cell;
     use std::collections::HashMap;
-    use twinguard_core::dtdl::{Interface, ParseOptions, parse};
-    use twinguard_core::dtmi::Dtmi;
+    use twinguard_core::dtdl::{Interface, parse};
     let docs = lattice("r", width, layers);
     let (below, above) = docs.split_at(width * stored);
     let none = |_: &Dtmi| None;
