@@ -203,7 +203,9 @@ impl Principal {
     pub(crate) fn check_write(&self, graph: &Graph, op: &WriteOp) -> DomainResult<()> {
         let action = op.action();
         match op {
-            WriteOp::UploadModels(_) => self.authorize_instance(action),
+            WriteOp::UploadModels(_) | WriteOp::AddCompiledModels(_) => {
+                self.authorize_instance(action)
+            }
             WriteOp::SetModelDecommissioned { id, .. } | WriteOp::DeleteModel(id) => {
                 let entry = graph
                     .model(id)

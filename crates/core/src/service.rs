@@ -19,7 +19,7 @@ use crate::clock::{Clock, rfc3339};
 use crate::dtdl::{self, ParseOptions};
 use crate::dtmi::Dtmi;
 use crate::error::{DomainError, DomainResult};
-use crate::graph::ops::{WriteContext, WriteOp, WriteOutcome};
+use crate::graph::ops::{self, WriteContext, WriteOp, WriteOutcome};
 use crate::graph::{EventRoute, Graph, ModelEntry, PropertyUpdate, Relationship, Twin};
 use crate::query;
 use crate::store::{Mutation, Store, StoreError, Table, for_each_record};
@@ -31,8 +31,20 @@ const MAX_GROUP: usize = 4_096;
 /// Writes waiting for the writer before new ones are turned away with 503. Twin and relationship
 /// bodies are at most 32 KiB, so a full queue of them stays well under 200 MiB.
 const QUEUE_DEPTH: usize = 4_096;
-/// Model uploads (up to 1 MiB each, parsed on the writer) in flight at once; more get 503.
+/// Model uploads (up to 1 MiB each, compiled before they enter the writer's queue) in flight at
+/// once; more get 503.
 const MAX_UPLOADS_IN_FLIGHT: usize = 2;
+
+/// A submitted write: queued, or an upload still to compile.
+enum Pending {
+    Queued(oneshot::Receiver<DomainResult<WriteOutcome>>),
+    Upload {
+        docs: Vec<Value>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        service: TwinService,
+        scoped: Option<Principal>,
+    },
+}
 
 /// Where a write's answer goes.
 type Reply = oneshot::Sender<DomainResult<WriteOutcome>>;
@@ -52,7 +64,13 @@ struct Shared {
     published: ArcSwap<Graph>,
     store_healthy: AtomicBool,
     writer_alive: AtomicBool,
+    /// Run on the compiling thread before each model upload compiles (tests only).
+    compile_hook: std::sync::RwLock<Option<CompileHook>>,
+    /// Units of DTDL compilation work the start-up did (`dtdl::Compiled::work`).
+    load_work: usize,
 }
+
+type CompileHook = Arc<dyn Fn() + Send + Sync>;
 
 /// Marks the writer as gone when its thread ends, however it ends.
 struct WriterAlive<'a>(&'a AtomicBool);
@@ -91,11 +109,15 @@ pub enum OpenError {
 impl TwinService {
     /// Loads the graph from `store` and starts the writer.
     pub fn open(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
-        let graph = load(store.as_ref())?;
+        let mut load_work = 0;
+        let graph = load(store.as_ref(), &mut load_work)?;
+        tracing::info!(work = load_work, "stored models compiled");
         let shared = Arc::new(Shared {
             published: ArcSwap::from_pointee(graph),
             store_healthy: AtomicBool::new(true),
             writer_alive: AtomicBool::new(true),
+            compile_hook: std::sync::RwLock::new(None),
+            load_work,
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
@@ -108,6 +130,12 @@ impl TwinService {
             shared,
             jobs,
         })
+    }
+
+    /// Units of DTDL compilation work the start-up did to compile the stored models again
+    /// (`dtdl::Compiled::work`).
+    pub fn load_work(&self) -> usize {
+        self.shared.load_work
     }
 
     /// The current snapshot. It reflects every acknowledged write.
@@ -130,22 +158,60 @@ impl TwinService {
     /// Queues a write for `principal` and returns what waits for its answer. Writes are
     /// applied in the order they were queued, so a caller that queues while holding its own
     /// lock gets its writes applied in its lock order.
+    ///
+    /// A model upload is the exception: it is compiled first, against the current snapshot and
+    /// on a blocking thread of the runtime (or the caller's thread outside one), and queued
+    /// only then, so that the writer never compiles DTDL. The writer adds the compiled models
+    /// after checking that the stored models they used are still there.
     pub fn submit(
         &self,
         principal: &Principal,
         op: WriteOp,
     ) -> DomainResult<impl Future<Output = DomainResult<WriteOutcome>> + Send + 'static> {
         principal.authorize(op.action())?;
-        let _upload = match op {
-            WriteOp::UploadModels(_) => Some(
-                self.uploads
+        let scoped = (!principal.holds_everywhere(op.action())).then(|| principal.clone());
+        let pending = match op {
+            WriteOp::UploadModels(docs) => {
+                if let Some(principal) = &scoped {
+                    principal.check_write(&self.snapshot(), &WriteOp::UploadModels(Vec::new()))?;
+                }
+                let permit = self
+                    .uploads
                     .clone()
                     .try_acquire_owned()
-                    .map_err(|_| DomainError::Unavailable)?,
-            ),
-            _ => None,
+                    .map_err(|_| DomainError::Unavailable)?;
+                Pending::Upload {
+                    docs,
+                    permit,
+                    service: self.clone(),
+                    scoped,
+                }
+            }
+            op => Pending::Queued(self.enqueue(op, scoped, None)?),
         };
-        let scoped = (!principal.holds_everywhere(op.action())).then(|| principal.clone());
+        Ok(async move {
+            let answer = match pending {
+                Pending::Queued(answer) => answer,
+                Pending::Upload {
+                    docs,
+                    permit,
+                    service,
+                    scoped,
+                } => {
+                    let compiled = service.compile_upload(docs).await?;
+                    service.enqueue(WriteOp::AddCompiledModels(compiled), scoped, Some(permit))?
+                }
+            };
+            answer.await.map_err(|_| DomainError::Unavailable)?
+        })
+    }
+
+    fn enqueue(
+        &self,
+        op: WriteOp,
+        scoped: Option<Principal>,
+        _upload: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> DomainResult<oneshot::Receiver<DomainResult<WriteOutcome>>> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .try_send(Job {
@@ -155,7 +221,35 @@ impl TwinService {
                 _upload,
             })
             .map_err(|_| DomainError::Unavailable)?;
-        Ok(async move { answer.await.map_err(|_| DomainError::Unavailable)? })
+        Ok(answer)
+    }
+
+    /// Compiles an upload off the writer: on a blocking thread when a runtime is running.
+    async fn compile_upload(&self, docs: Vec<Value>) -> DomainResult<ops::CompiledModels> {
+        let snapshot = self.snapshot();
+        let hook = self.shared.compile_hook.read().ok().and_then(|h| h.clone());
+        let compile = move || {
+            if let Some(hook) = hook {
+                hook();
+            }
+            ops::compile_upload(&snapshot, docs)
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime
+                .spawn_blocking(compile)
+                .await
+                .map_err(|_| DomainError::Internal("the upload could not be compiled"))?,
+            Err(_) => compile(),
+        }
+    }
+
+    /// Runs `hook` on the thread that compiles each later model upload, just before it
+    /// compiles. For tests that hold an upload in compilation; nothing in configuration sets it.
+    #[doc(hidden)]
+    pub fn set_compile_hook(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        if let Ok(mut slot) = self.shared.compile_hook.write() {
+            *slot = Some(hook);
+        }
     }
 
     pub fn twin(&self, principal: &Principal, id: &str) -> DomainResult<Arc<Twin>> {
@@ -528,7 +622,7 @@ fn keep_last_per_key(muts: &mut Vec<Mutation>) {
     muts.retain(|_| kept.next().unwrap_or(true));
 }
 
-fn load(store: &dyn Store) -> Result<Graph, OpenError> {
+fn load(store: &dyn Store, load_work: &mut usize) -> Result<Graph, OpenError> {
     let mut graph = Graph::default();
     let mut muts = Vec::new();
 
@@ -545,8 +639,13 @@ fn load(store: &dyn Store) -> Result<Graph, OpenError> {
         records.push(record);
     }
     if !definitions.is_empty() {
-        let interfaces = dtdl::parse(&definitions, &|_| None, &ParseOptions::strict())
+        // No work limit here: every stored model was accepted within `MAX_STORED_EXPANSION`,
+        // and compiling them all again costs about their stored expansion and their size, never
+        // more (memoised compilation); refusing them now would keep the server from starting.
+        let compiled = dtdl::compile(&definitions, &|_| None, &ParseOptions::strict(), usize::MAX)
             .map_err(OpenError::Models)?;
+        *load_work = compiled.work;
+        let interfaces = compiled.interfaces;
         for ((definition, record), interface) in
             definitions.into_iter().zip(records).zip(interfaces)
         {

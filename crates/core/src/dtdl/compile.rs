@@ -1,7 +1,7 @@
 //! Batch-level validation and compilation: identifiers, references, inheritance, limits that
 //! span elements, and the construction of the compiled [`Interface`]s.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -22,6 +22,9 @@ const MAX_EXTENDS_DEPTH: usize = 10;
 const MAX_SCHEMA_DEPTH: usize = 5;
 /// Most interfaces a DTDL v3 interface may extend, directly or not.
 const MAX_ANCESTORS: usize = 1024;
+/// Most contents a DTDL v3 interface may hold, own and inherited. The spec limits the elements
+/// in the `contents` hierarchy, imported ones included, to 100,000; contents are some of them.
+const MAX_V3_CONTENTS: usize = 100_000;
 
 /// Replaces references to elements of the batch (`fields`, `enumValues`, `request`, ...) by the
 /// elements themselves. `extends` and component schemas stay references: they may name
@@ -75,12 +78,57 @@ pub(super) struct Compiler<'a> {
     parents: HashMap<usize, Vec<Parent>>,
     depth: HashMap<usize, usize>,
     built: HashMap<usize, Arc<Interface>>,
+    /// Memoised per node, so that every interface, schema and content is worked on once
+    /// however many paths lead to it.
+    flat: HashMap<usize, Arc<Flat>>,
+    external_flat: HashMap<Dtmi, Arc<Flat>>,
+    components: HashMap<usize, bool>,
+    shapes: HashMap<usize, Shape>,
+    schemas: HashMap<usize, Arc<Schema>>,
+    budget: Budget,
+}
+
+/// Own and inherited contents by name, each with its identity.
+type Flat = BTreeMap<String, Content>;
+
+/// What a complex schema holds below it, for the depth, Array and geospatial rules.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Being walked: meeting it again is a reference cycle.
+    Open,
+    Done {
+        height: usize,
+        array: bool,
+        geospatial: bool,
+    },
+}
+
+/// Units of compilation work: content entries merged or copied, ancestors copied, schema nodes
+/// walked or built. Every unit is charged before it is done, so a batch over the limit stops
+/// before it allocates.
+pub(super) struct Budget {
+    pub(super) used: usize,
+    pub(super) limit: usize,
+}
+
+impl Budget {
+    fn charge(&mut self, units: usize) -> Res<()> {
+        self.used = self.used.saturating_add(units);
+        if self.used > self.limit {
+            return Err(format!(
+                "the models expand to more than {} entries, the limit of one compilation",
+                self.limit
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl<'a> Compiler<'a> {
     pub(super) fn new(
         nodes: &'a [Node],
         resolve: &'a dyn Fn(&Dtmi) -> Option<Arc<Interface>>,
+        limit: usize,
     ) -> Res<Self> {
         let mut ids = HashMap::new();
         for (i, node) in nodes.iter().enumerate() {
@@ -97,7 +145,21 @@ impl<'a> Compiler<'a> {
             parents: HashMap::new(),
             depth: HashMap::new(),
             built: HashMap::new(),
+            flat: HashMap::new(),
+            external_flat: HashMap::new(),
+            components: HashMap::new(),
+            shapes: HashMap::new(),
+            schemas: HashMap::new(),
+            budget: Budget {
+                used: nodes.len(),
+                limit,
+            },
         })
+    }
+
+    /// Work done so far.
+    pub(super) fn work(&self) -> usize {
+        self.budget.used
     }
 
     /// Validates every element and compiles the interfaces `roots`.
@@ -158,7 +220,7 @@ impl<'a> Compiler<'a> {
         for p in self.parents_of(i)? {
             let d = match p {
                 Parent::Node(n) => self.extends_depth(n, stack)? + 1,
-                Parent::External(iface) => iface.ancestors.len().min(MAX_EXTENDS_DEPTH) + 1,
+                Parent::External(iface) => iface.extends_depth.saturating_add(1),
             };
             depth = depth.max(d);
         }
@@ -195,7 +257,7 @@ impl<'a> Compiler<'a> {
                 let schema = node.get("schema");
                 let excl_array = node.class == Class::Property && node.version == 2;
                 for v in schema {
-                    self.schema_depth(v, 0, excl_array, &mut Vec::new())?;
+                    self.check_schema(v, excl_array)?;
                 }
                 if let Some(semantic) = node.semantic.first() {
                     let numeric = schema.iter().any(|v| {
@@ -263,7 +325,8 @@ impl<'a> Compiler<'a> {
                     _ => None,
                 });
                 self.unique_names(node.nodes("enumValues"), "enumValues")?;
-                let mut seen: Vec<&Value> = Vec::new();
+                // Compared by their JSON text, which is canonical for integers and strings.
+                let mut seen: HashSet<String> = HashSet::new();
                 for n in node.nodes("enumValues") {
                     for v in self.node(n).get("enumValue") {
                         if let Val::Literal(lit) = v {
@@ -275,10 +338,9 @@ impl<'a> Compiler<'a> {
                             if !fits {
                                 return Err("enumValue does not match the valueSchema".into());
                             }
-                            if seen.contains(&lit) {
+                            if !seen.insert(lit.to_string()) {
                                 return Err(format!("enumValue {lit} appears twice"));
                             }
-                            seen.push(lit);
                         }
                     }
                 }
@@ -302,25 +364,42 @@ impl<'a> Compiler<'a> {
     }
 
     fn has_components(&mut self, i: usize) -> Res<bool> {
-        Ok(!self
+        if let Some(&has) = self.components.get(&i) {
+            return Ok(has);
+        }
+        let has = self
             .flat_contents(i)?
             .values()
-            .all(|c| !matches!(c, Content::Node(n) if self.node(*n).class == Class::Component))
+            .any(|c| matches!(c, Content::Node(n) if self.node(*n).class == Class::Component))
             || self
                 .parents_of(i)?
                 .iter()
-                .any(|p| matches!(p, Parent::External(e) if !e.components.is_empty())))
+                .any(|p| matches!(p, Parent::External(e) if !e.components.is_empty()));
+        self.components.insert(i, has);
+        Ok(has)
     }
 
-    /// Follows a schema value; rejects reference cycles, too deep nesting, and (for v2
-    /// Properties) arrays.
-    fn schema_depth(
-        &self,
-        v: &Val,
-        depth: usize,
-        excl_array: bool,
-        stack: &mut Vec<usize>,
-    ) -> Res<()> {
+    /// Checks a schema value: no reference cycle, at most [`MAX_SCHEMA_DEPTH`] levels, and (for
+    /// DTDL v2 Properties) no Array and no geospatial schema anywhere in it.
+    fn check_schema(&mut self, v: &Val, excl_array: bool) -> Res<()> {
+        let (height, array, geospatial) = self.shape(v, 0)?;
+        if excl_array && array {
+            return Err("a Property schema may not contain an Array".into());
+        }
+        if excl_array && geospatial {
+            return Err("a DTDL v2 Property schema may not be geospatial".into());
+        }
+        if height > MAX_SCHEMA_DEPTH {
+            return Err(format!(
+                "schemas nest more than {MAX_SCHEMA_DEPTH} levels deep"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Height, Array and geospatial content of a schema value; each complex schema is walked
+    /// once (memoised), and the walk stops below [`MAX_SCHEMA_DEPTH`] levels.
+    fn shape(&mut self, v: &Val, level: usize) -> Res<(usize, bool, bool)> {
         let n = match v {
             Val::Node(n) => *n,
             Val::Ref(id) => match self.ids.get(id) {
@@ -338,27 +417,27 @@ impl<'a> Compiler<'a> {
                         | Primitive::Polygon
                         | Primitive::MultiPolygon
                 );
-                if excl_array && geospatial {
-                    return Err("a DTDL v2 Property schema may not be geospatial".into());
-                }
-                return Ok(());
+                return Ok((0, false, geospatial));
             }
-            _ => return Ok(()),
+            _ => return Ok((0, false, false)),
         };
-        if stack.contains(&n) {
-            return Err("a schema refers to itself".into());
+        match self.shapes.get(&n) {
+            Some(Shape::Open) => return Err("a schema refers to itself".into()),
+            Some(&Shape::Done {
+                height,
+                array,
+                geospatial,
+            }) => return Ok((height, array, geospatial)),
+            None => {}
         }
-        let node = self.node(n);
-        if excl_array && node.class == Class::Array {
-            return Err("a Property schema may not contain an Array".into());
-        }
-        let depth = depth + 1;
-        if depth > MAX_SCHEMA_DEPTH {
+        if level >= MAX_SCHEMA_DEPTH {
             return Err(format!(
                 "schemas nest more than {MAX_SCHEMA_DEPTH} levels deep"
             ));
         }
-        stack.push(n);
+        self.budget.charge(1)?;
+        self.shapes.insert(n, Shape::Open);
+        let node = self.node(n);
         let children: Vec<&Val> = match node.class {
             Class::Array => node.get("elementSchema").iter().collect(),
             Class::Map => node
@@ -371,11 +450,23 @@ impl<'a> Compiler<'a> {
                 .collect(),
             _ => Vec::new(),
         };
+        let (mut height, mut array, mut geospatial) = (0, node.class == Class::Array, false);
         for c in children {
-            self.schema_depth(c, depth, excl_array, stack)?;
+            let (h, a, g) = self.shape(c, level + 1)?;
+            height = height.max(h);
+            array |= a;
+            geospatial |= g;
         }
-        stack.pop();
-        Ok(())
+        let height = height + 1;
+        self.shapes.insert(
+            n,
+            Shape::Done {
+                height,
+                array,
+                geospatial,
+            },
+        );
+        Ok((height, array, geospatial))
     }
 
     fn check_interface(&mut self, i: usize) -> Res<()> {
@@ -385,37 +476,82 @@ impl<'a> Compiler<'a> {
         if node.version == 2 && flat.len() > 300 {
             return Err("an Interface may have at most 300 contents".into());
         }
+        if flat.len() > MAX_V3_CONTENTS {
+            return Err(format!(
+                "'{}' has more than {MAX_V3_CONTENTS} contents, own and inherited",
+                self.display_id(i)
+            ));
+        }
         for v in node.get("schemas") {
-            self.schema_depth(v, 0, false, &mut Vec::new())?;
+            self.check_schema(v, false)?;
         }
         Ok(())
     }
 
-    /// Own and inherited contents by name; rejects conflicting names.
-    fn flat_contents(&mut self, i: usize) -> Res<BTreeMap<String, Content>> {
-        let mut out: BTreeMap<String, Content> = BTreeMap::new();
+    /// Own and inherited contents by name; rejects conflicting names. Memoised: each
+    /// interface's contents are merged once, whatever the number of paths to it.
+    fn flat_contents(&mut self, i: usize) -> Res<Arc<Flat>> {
+        if let Some(f) = self.flat.get(&i) {
+            return Ok(f.clone());
+        }
+        let mut out = Flat::new();
         let node = self.node(i);
         for n in node.nodes("contents") {
             if let Some(name) = self.node(n).str("name") {
                 out.insert(name.to_string(), Content::Node(n));
             }
         }
+        self.budget.charge(out.len())?;
         for p in self.parents_of(i)? {
-            let inherited: Vec<(String, Content)> = match p {
-                Parent::Node(pn) => self.flat_contents(pn)?.into_iter().collect(),
-                Parent::External(e) => external_names(&e, self.resolve),
+            let inherited = match p {
+                Parent::Node(pn) => self.flat_contents(pn)?,
+                Parent::External(e) => self.external_flat(&e, 0)?,
             };
-            for (name, c) in inherited {
-                match out.get(&name) {
-                    Some(existing) if *existing != c => {
-                        return Err(format!("content name '{name}' is inherited and redefined"));
-                    }
-                    _ => {
-                        out.insert(name, c);
-                    }
-                }
+            self.budget.charge(inherited.len())?;
+            merge(&mut out, &inherited)?;
+        }
+        let out = Arc::new(out);
+        self.flat.insert(i, out.clone());
+        Ok(out)
+    }
+
+    /// The contents of an accepted interface by name, each identified by the interface that
+    /// declares it: the one holding it whose direct parents do not. Content reached through
+    /// two parents (a diamond) thus has one identity and is not a redefinition. Memoised per
+    /// interface, like [`Self::flat_contents`].
+    fn external_flat(&mut self, e: &Arc<Interface>, level: usize) -> Res<Arc<Flat>> {
+        if let Some(f) = self.external_flat.get(&e.id) {
+            return Ok(f.clone());
+        }
+        if level > MAX_EXTENDS_DEPTH {
+            return Err(format!(
+                "'{}' has more than {MAX_EXTENDS_DEPTH} levels of extends",
+                e.id
+            ));
+        }
+        let mut out = Flat::new();
+        for id in &e.extends {
+            if let Some(parent) = (self.resolve)(id) {
+                let inherited = self.external_flat(&parent, level + 1)?;
+                self.budget.charge(inherited.len())?;
+                merge(&mut out, &inherited)?;
             }
         }
+        let names = e
+            .properties
+            .keys()
+            .chain(e.telemetry.keys())
+            .chain(e.commands.keys())
+            .chain(e.relationships.keys())
+            .chain(e.components.keys());
+        self.budget.charge(entries(e))?;
+        for name in names {
+            if !out.contains_key(name) {
+                out.insert(name.clone(), Content::External(e.id.clone(), name.clone()));
+            }
+        }
+        let out = Arc::new(out);
+        self.external_flat.insert(e.id.clone(), out.clone());
         Ok(out)
     }
 
@@ -429,6 +565,8 @@ impl<'a> Compiler<'a> {
             id,
             dtdl_version: node.version,
             extends: Vec::new(),
+            extends_depth: self.depth.get(&i).copied().unwrap_or(0),
+            expanded_size: 0,
             ancestors: BTreeSet::new(),
             properties: BTreeMap::new(),
             telemetry: BTreeMap::new(),
@@ -441,6 +579,10 @@ impl<'a> Compiler<'a> {
                 Parent::Node(n) => self.interface(n)?,
                 Parent::External(e) => e,
             };
+            // Charged before the copy: an interface over the budget is never built.
+            let copied = entries(&parent);
+            iface.expanded_size = iface.expanded_size.saturating_add(copied);
+            self.budget.charge(copied)?;
             iface.extends.push(parent.id.clone());
             iface.ancestors.insert(parent.id.clone());
             iface.ancestors.extend(parent.ancestors.iter().cloned());
@@ -453,6 +595,9 @@ impl<'a> Compiler<'a> {
         for n in node.nodes("contents") {
             let c = self.node(n);
             let name = c.str("name").unwrap_or_default().to_string();
+            let own = 1 + c.nodes("properties").count();
+            iface.expanded_size = iface.expanded_size.saturating_add(own);
+            self.budget.charge(own)?;
             match c.class {
                 Class::Property => {
                     iface.properties.insert(name, self.property(n)?);
@@ -516,6 +661,7 @@ impl<'a> Compiler<'a> {
                 _ => {}
             }
         }
+        iface.expanded_size = iface.expanded_size.saturating_add(iface.extends.len());
         if iface.dtdl_version >= 3 && iface.ancestors.len() > MAX_ANCESTORS {
             return Err(format!(
                 "'{}' has more than {MAX_ANCESTORS} ancestors",
@@ -527,7 +673,7 @@ impl<'a> Compiler<'a> {
         Ok(built)
     }
 
-    fn property(&self, n: usize) -> Res<Property> {
+    fn property(&mut self, n: usize) -> Res<Property> {
         let c = self.node(n);
         Ok(Property {
             name: c.str("name").unwrap_or_default().to_string(),
@@ -536,17 +682,19 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    fn payload(&self, n: Option<usize>) -> Res<Option<Schema>> {
+    fn payload(&mut self, n: Option<usize>) -> Res<Option<Arc<Schema>>> {
         n.map(|n| self.schema(self.node(n).get("schema")))
             .transpose()
     }
 
-    fn schema(&self, vals: &[Val]) -> Res<Schema> {
+    /// The compiled schema of a schema value. Each complex schema node is compiled once and
+    /// shared by every use.
+    fn schema(&mut self, vals: &[Val]) -> Res<Arc<Schema>> {
         let Some(v) = vals.first() else {
             return Err("missing schema".into());
         };
         let n = match v {
-            Val::Prim(p) => return Ok(Schema::Primitive(*p)),
+            Val::Prim(p) => return Ok(Arc::new(Schema::Primitive(*p))),
             Val::Node(n) => *n,
             Val::Ref(id) => *self
                 .ids
@@ -554,9 +702,13 @@ impl<'a> Compiler<'a> {
                 .ok_or_else(|| format!("schema '{id}' is not defined"))?,
             _ => return Err("not a schema".into()),
         };
+        if let Some(s) = self.schemas.get(&n) {
+            return Ok(s.clone());
+        }
+        self.budget.charge(1)?;
         let node = self.node(n);
-        Ok(match node.class {
-            Class::Array => Schema::Array(Box::new(self.schema(node.get("elementSchema"))?)),
+        let schema = Arc::new(match node.class {
+            Class::Array => Schema::Array(self.schema(node.get("elementSchema"))?),
             Class::Map => {
                 let value = node
                     .nodes("mapValue")
@@ -564,7 +716,7 @@ impl<'a> Compiler<'a> {
                     .ok_or("a Map needs a mapValue")?;
                 Schema::Map {
                     key: Primitive::String,
-                    value: Box::new(self.schema(self.node(value).get("schema"))?),
+                    value: self.schema(self.node(value).get("schema"))?,
                 }
             }
             Class::Object => {
@@ -605,7 +757,9 @@ impl<'a> Compiler<'a> {
                 }
             }
             other => return Err(format!("a {} is not a schema", other.name())),
-        })
+        });
+        self.schemas.insert(n, schema.clone());
+        Ok(schema)
     }
 }
 
@@ -616,54 +770,32 @@ enum Content {
     External(Dtmi, String),
 }
 
-fn external_names(
-    e: &Interface,
-    resolve: &dyn Fn(&Dtmi) -> Option<Arc<Interface>>,
-) -> Vec<(String, Content)> {
-    let names = e
-        .properties
-        .keys()
-        .chain(e.telemetry.keys())
-        .chain(e.commands.keys())
-        .chain(e.relationships.keys())
-        .chain(e.components.keys());
-    names
-        .map(|n| {
-            (
-                n.clone(),
-                Content::External(declaring_interface(e, n, resolve), n.clone()),
-            )
-        })
-        .collect()
+/// The entries an interface's compiled form holds: contents, relationship properties and
+/// ancestors. What a child copies from it.
+fn entries(i: &Interface) -> usize {
+    i.properties.len()
+        + i.telemetry.len()
+        + i.commands.len()
+        + i.components.len()
+        + i.relationships
+            .values()
+            .map(|r| 1 + r.properties.len())
+            .sum::<usize>()
+        + i.ancestors.len()
 }
 
-/// The interface among `e` and its ancestors that declares content `name`: the one holding it
-/// whose own ancestors do not. Content reached through two parents (a diamond) thus has one
-/// identity and is not a redefinition.
-fn declaring_interface(
-    e: &Interface,
-    name: &str,
-    resolve: &dyn Fn(&Dtmi) -> Option<Arc<Interface>>,
-) -> Dtmi {
-    let holds = |i: &Interface| {
-        i.properties.contains_key(name)
-            || i.telemetry.contains_key(name)
-            || i.commands.contains_key(name)
-            || i.relationships.contains_key(name)
-            || i.components.contains_key(name)
-    };
-    let holders: Vec<Arc<Interface>> = e
-        .ancestors
-        .iter()
-        .filter_map(resolve)
-        .filter(|a| holds(a))
-        .collect();
-    holders
-        .iter()
-        .find(|h| {
-            !holders
-                .iter()
-                .any(|o| o.id != h.id && h.ancestors.contains(&o.id))
-        })
-        .map_or_else(|| e.id.clone(), |h| h.id.clone())
+/// Adds `inherited` to `out`; a name that both hold for different contents is a conflict.
+fn merge(out: &mut Flat, inherited: &Flat) -> Res<()> {
+    for (name, c) in inherited {
+        match out.get(name) {
+            Some(existing) if existing != c => {
+                return Err(format!("content name '{name}' is inherited and redefined"));
+            }
+            Some(_) => {}
+            None => {
+                out.insert(name.clone(), c.clone());
+            }
+        }
+    }
+    Ok(())
 }

@@ -59,13 +59,44 @@ pub fn parse(
     resolve: &dyn Fn(&Dtmi) -> Option<Arc<Interface>>,
     options: &ParseOptions,
 ) -> Result<Vec<Arc<Interface>>, DtdlError> {
+    compile(documents, resolve, options, DEFAULT_WORK_LIMIT).map(|c| c.interfaces)
+}
+
+/// Work one [`parse`] may do, in the units of [`Compiled::work`]: enough for thousands of
+/// RealEstateCore-sized interfaces, far below what would hurt the server.
+pub const DEFAULT_WORK_LIMIT: usize = 4_000_000;
+
+/// A compiled batch and the work it took.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub interfaces: Vec<Arc<Interface>>,
+    /// Units of work: elements read, content entries merged or copied, ancestors copied,
+    /// schema nodes walked or built. Every interface, content and schema is worked on once
+    /// whatever the number of paths to it, so this grows with the size of the documents and of
+    /// the compiled interfaces, never with the number of paths through the inheritance graph.
+    pub work: usize,
+}
+
+/// [`parse`] with a limit on the work: a batch that would need more is refused with an error
+/// naming the limit, before it allocates what it would need.
+pub fn compile(
+    documents: &[Value],
+    resolve: &dyn Fn(&Dtmi) -> Option<Arc<Interface>>,
+    options: &ParseOptions,
+    work_limit: usize,
+) -> Result<Compiled, DtdlError> {
     let mut reader = reader::Reader::new(options);
     for doc in documents {
         reader.document(doc).map_err(DtdlError::new)?;
     }
     compile::link(&mut reader.nodes).map_err(DtdlError::new)?;
-    let mut compiler = compile::Compiler::new(&reader.nodes, resolve).map_err(DtdlError::new)?;
-    compiler.run(&reader.roots).map_err(DtdlError::new)
+    let mut compiler =
+        compile::Compiler::new(&reader.nodes, resolve, work_limit).map_err(DtdlError::new)?;
+    let interfaces = compiler.run(&reader.roots).map_err(DtdlError::new)?;
+    Ok(Compiled {
+        interfaces,
+        work: compiler.work(),
+    })
 }
 
 #[cfg(test)]

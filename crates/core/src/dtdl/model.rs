@@ -16,6 +16,13 @@ pub struct Interface {
     pub dtdl_version: u8,
     /// Direct parents, in declaration order.
     pub extends: Vec<Dtmi>,
+    /// Levels of `extends` above this interface (0 when it extends nothing).
+    pub extends_depth: usize,
+    /// The work its compilation took, in entries copied: its parents' contents, relationship
+    /// properties and ancestors, and its own contents. It bounds the entries it holds (schemas
+    /// and component interfaces are shared, not copied) and is what compiling it again at
+    /// start-up costs; the server bounds the sum over stored models (`docs/dtdl.md`).
+    pub expanded_size: usize,
     /// Every interface this one extends, directly or not; never contains `id` itself.
     pub ancestors: BTreeSet<Dtmi>,
     /// Own and inherited contents, by name.
@@ -36,21 +43,21 @@ impl Interface {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Property {
     pub name: String,
-    pub schema: Schema,
+    pub schema: Arc<Schema>,
     pub writable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Telemetry {
     pub name: String,
-    pub schema: Schema,
+    pub schema: Arc<Schema>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Command {
     pub name: String,
-    pub request: Option<Schema>,
-    pub response: Option<Schema>,
+    pub request: Option<Arc<Schema>>,
+    pub response: Option<Arc<Schema>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,20 +119,22 @@ pub struct EnumValue {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Field {
     pub name: String,
-    pub schema: Schema,
+    pub schema: Arc<Schema>,
 }
 
+/// A schema. Named schemas are compiled once and shared (`Arc`) by every use, so a schema
+/// referenced many times, or inherited by many interfaces, is held once.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Schema {
     Primitive(Primitive),
-    Array(Box<Schema>),
+    Array(Arc<Schema>),
     Enum {
         value_schema: Primitive,
         values: Vec<EnumValue>,
     },
     Map {
         key: Primitive,
-        value: Box<Schema>,
+        value: Arc<Schema>,
     },
     Object {
         fields: Vec<Field>,

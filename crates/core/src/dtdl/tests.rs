@@ -37,12 +37,12 @@ fn interface_contents_are_compiled_by_kind() {
     assert_eq!(t.dtdl_version, 3);
     assert!(t.properties["target"].writable);
     assert_eq!(
-        t.telemetry["temp"].schema,
+        *t.telemetry["temp"].schema,
         Schema::Primitive(Primitive::Double)
     );
     assert_eq!(
-        t.commands["reboot"].request,
-        Some(Schema::Primitive(Primitive::Integer))
+        t.commands["reboot"].request.as_deref(),
+        Some(&Schema::Primitive(Primitive::Integer))
     );
     assert_eq!(t.relationships["feeds"].target, Some(id("dtmi:ex:Room;1")));
     assert_eq!(t.relationships["feeds"].max_multiplicity, Some(3));
@@ -104,7 +104,7 @@ fn components_carry_their_interface_and_named_schemas_are_resolved() {
     let ifaces = parse_strict(&docs).unwrap();
     let part = &ifaces[1].components["part"].schema;
     assert_eq!(part.id, id("dtmi:ex:Part;1"));
-    match &part.properties["mode"].schema {
+    match &*part.properties["mode"].schema {
         Schema::Enum { values, .. } => assert_eq!(values[0].value, json!("on")),
         other => panic!("not an enum: {other:?}"),
     }

@@ -392,13 +392,13 @@ mod tests {
         let inner = Schema::Object {
             fields: vec![Field {
                 name: "b".into(),
-                schema: prim(Primitive::Integer),
+                schema: std::sync::Arc::new(prim(Primitive::Integer)),
             }],
         };
         let outer = Schema::Object {
             fields: vec![Field {
                 name: "a".into(),
-                schema: inner,
+                schema: std::sync::Arc::new(inner),
             }],
         };
         assert!(outer.check(&json!({"a": {"b": 3}})).is_ok());
@@ -416,14 +416,14 @@ mod tests {
     fn maps_and_arrays_check_every_entry() {
         let map = Schema::Map {
             key: Primitive::String,
-            value: Box::new(prim(Primitive::Boolean)),
+            value: std::sync::Arc::new(prim(Primitive::Boolean)),
         };
         assert!(map.check(&json!({"x": true, "y": false})).is_ok());
         assert_eq!(
             map.check(&json!({"x": 1})).err().map(|e| e.0).as_deref(),
             Some("field 'x': expected boolean")
         );
-        let array = Schema::Array(Box::new(prim(Primitive::String)));
+        let array = Schema::Array(std::sync::Arc::new(prim(Primitive::String)));
         assert!(array.check(&json!(["a", "b"])).is_ok());
         assert!(array.check(&json!(["a", 2])).is_err());
     }

@@ -24,6 +24,10 @@ use crate::store::Mutation;
 pub const MAX_MODELS_PER_UPLOAD: usize = 250;
 /// Most models an instance holds (ADT's limit is 10,000).
 pub const MAX_MODELS: usize = 10_000;
+/// Most entries the stored models' compiled forms may hold together, in the units of
+/// `Interface::expanded_size` (the 767 RealEstateCore interfaces take 16,566). Start-up compiles
+/// the stored models again, so this also bounds the work of a start-up (`docs/dtdl.md`).
+pub const MAX_STORED_EXPANSION: usize = 2_000_000;
 /// Most outgoing relationships of one twin (ADT's limit).
 pub const MAX_OUTGOING_RELATIONSHIPS: usize = 5_000;
 /// Most event routes an instance holds (ADT's limit is 6).
@@ -62,6 +66,9 @@ impl Precondition {
 #[non_exhaustive]
 pub enum WriteOp {
     UploadModels(Vec<Value>),
+    /// An upload compiled before it was queued (see `TwinService::submit`); only this crate
+    /// makes one.
+    AddCompiledModels(CompiledModels),
     SetModelDecommissioned {
         id: Dtmi,
         decommissioned: bool,
@@ -153,7 +160,9 @@ impl WriteOp {
     /// The data action a caller needs for this operation.
     pub fn action(&self) -> Action {
         match self {
-            Self::UploadModels(_) | Self::SetModelDecommissioned { .. } => Action::ModelsWrite,
+            Self::UploadModels(_)
+            | Self::AddCompiledModels(_)
+            | Self::SetModelDecommissioned { .. } => Action::ModelsWrite,
             Self::DeleteModel(_) => Action::ModelsDelete,
             Self::PutTwin { .. } | Self::PatchTwin { .. } => Action::TwinsWrite,
             Self::DeleteTwin { .. } => Action::TwinsDelete,
@@ -187,7 +196,11 @@ impl WriteOp {
         muts: &mut Vec<Mutation>,
     ) -> DomainResult<WriteOutcome> {
         match self {
-            Self::UploadModels(docs) => upload_models(graph, docs, ctx, muts),
+            Self::UploadModels(docs) => {
+                let compiled = compile_upload(graph, docs)?;
+                add_models(graph, compiled, ctx, muts)
+            }
+            Self::AddCompiledModels(compiled) => add_models(graph, compiled, ctx, muts),
             Self::SetModelDecommissioned { id, decommissioned } => {
                 let entry = graph
                     .model(&id)
@@ -306,12 +319,26 @@ impl WriteContext {
     }
 }
 
-fn upload_models(
-    graph: &mut Graph,
+/// A model upload compiled against a snapshot, waiting to be added by the writer.
+#[derive(Debug, Clone)]
+pub struct CompiledModels {
     docs: Vec<Value>,
-    ctx: &WriteContext,
-    muts: &mut Vec<Mutation>,
-) -> DomainResult<WriteOutcome> {
+    interfaces: Vec<Arc<Interface>>,
+    /// The stored models the compilation used, as it found them.
+    used: Vec<Arc<Interface>>,
+}
+
+/// Sum of the stored models' `expanded_size`.
+fn stored_expansion(graph: &Graph) -> usize {
+    graph
+        .models()
+        .map(|m| m.interface.expanded_size)
+        .fold(0, usize::saturating_add)
+}
+
+/// Compiles an upload against `graph`, changing nothing: the costly part of an upload, which
+/// the service runs before the upload enters the writer's queue.
+pub(crate) fn compile_upload(graph: &Graph, docs: Vec<Value>) -> DomainResult<CompiledModels> {
     if docs.is_empty() {
         return Err(DomainError::InvalidArgument(
             "the request holds no models".into(),
@@ -334,13 +361,74 @@ fn upload_models(
             ));
         }
     }
-    let resolve = |id: &Dtmi| graph.model(id).map(|m| m.interface.clone());
-    let interfaces = dtdl::parse(&docs, &resolve, &ParseOptions::strict())?;
+    let used = std::cell::RefCell::new(Vec::new());
+    let resolve = |id: &Dtmi| {
+        let found = graph.model(id).map(|m| m.interface.clone());
+        if let Some(i) = &found {
+            used.borrow_mut().push(i.clone());
+        }
+        found
+    };
+    let compiled = dtdl::compile(
+        &docs,
+        &resolve,
+        &ParseOptions::strict(),
+        dtdl::DEFAULT_WORK_LIMIT,
+    )?;
+    let mut used = used.into_inner();
+    used.sort_by(|a, b| a.id.cmp(&b.id));
+    used.dedup_by(|a, b| a.id == b.id);
+    Ok(CompiledModels {
+        docs,
+        interfaces: compiled.interfaces,
+        used,
+    })
+}
+
+/// Adds compiled models once the graph they were compiled against is known to be the one they
+/// enter, as far as they depend on it: every stored model they used is still there, unchanged.
+/// Costs time in the number of models, not in their size.
+fn add_models(
+    graph: &mut Graph,
+    compiled: CompiledModels,
+    ctx: &WriteContext,
+    muts: &mut Vec<Mutation>,
+) -> DomainResult<WriteOutcome> {
+    let CompiledModels {
+        docs,
+        interfaces,
+        used,
+    } = compiled;
+    if graph.models.len() + interfaces.len() > MAX_MODELS {
+        return Err(DomainError::InvalidArgument(format!(
+            "an instance holds at most {MAX_MODELS} models"
+        )));
+    }
+    for dep in &used {
+        if !graph
+            .model(&dep.id)
+            .is_some_and(|m| Arc::ptr_eq(&m.interface, dep))
+        {
+            return Err(DomainError::Dtdl(dtdl::DtdlError::new(format!(
+                "'{}' was deleted while the upload was compiled",
+                dep.id
+            ))));
+        }
+    }
     let mut seen = BTreeSet::new();
     for iface in &interfaces {
         if graph.model(&iface.id).is_some() || !seen.insert(iface.id.clone()) {
             return Err(DomainError::ModelExists(iface.id.to_string()));
         }
+    }
+    let added = interfaces
+        .iter()
+        .map(|i| i.expanded_size)
+        .fold(0, usize::saturating_add);
+    if stored_expansion(graph).saturating_add(added) > MAX_STORED_EXPANSION {
+        return Err(DomainError::InvalidArgument(format!(
+            "the instance's models would expand to more than {MAX_STORED_EXPANSION} entries"
+        )));
     }
     let mut entries = Vec::with_capacity(interfaces.len());
     for (definition, interface) in docs.into_iter().zip(interfaces) {

@@ -32,6 +32,8 @@ impl GraphBuilder {
             id: dtmi(id),
             dtdl_version: 3,
             extends: ancestors.iter().map(|a| dtmi(a)).collect(),
+            extends_depth: usize::from(!ancestors.is_empty()),
+            expanded_size: ancestors.len(),
             ancestors: ancestors.iter().map(|a| dtmi(a)).collect::<BTreeSet<_>>(),
             properties: BTreeMap::new(),
             telemetry: BTreeMap::new(),

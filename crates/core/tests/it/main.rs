@@ -4,6 +4,7 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod dtdl_conformance;
+mod dtdl_cost;
 mod hidden_absent;
 mod robustness;
 mod scopes;
