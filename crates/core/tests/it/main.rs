@@ -5,6 +5,7 @@
 
 mod dtdl_conformance;
 mod hidden_absent;
+mod query_cost;
 mod robustness;
 mod scopes;
 mod service;
