@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 use twinguard_core::auth::{DATA_OWNER, Principal, QUERY_ONLY};
-use twinguard_core::clock::SystemClock;
+use twinguard_core::clock::{Clock, SystemClock};
 use twinguard_core::error::DomainError;
 use twinguard_core::graph::{Precondition, WriteOp};
 use twinguard_core::query::QueryPage;
@@ -186,4 +186,125 @@ async fn deep_joins_over_self_loops_parse_the_one_twin_they_touch_once() {
     let page = service.query(&attacker(), &request(&text, 1000)).unwrap();
     assert!(page.items.is_empty());
     assert_eq!(page.cost.parses, 1, "one twin touched, one parse");
+}
+
+/// A clock that moves one second each time it is read: a query that keeps working reads it at
+/// every deadline check, so it meets its deadline after a fixed amount of work, whatever the
+/// machine's speed.
+struct SteppingClock(std::sync::Mutex<time::OffsetDateTime>);
+
+impl Clock for SteppingClock {
+    fn now(&self) -> time::OffsetDateTime {
+        let mut now = self.0.lock().unwrap();
+        *now += time::Duration::seconds(1);
+        *now
+    }
+}
+
+/// A clock that, while `hold` is set, parks every reader until it is cleared: a query reads it
+/// once it holds its slot, so the test can keep queries running for as long as it likes.
+#[derive(Default)]
+struct HoldingClock {
+    state: std::sync::Mutex<(bool, usize)>,
+    changed: std::sync::Condvar,
+}
+
+impl HoldingClock {
+    fn hold(&self, on: bool) {
+        self.state.lock().unwrap().0 = on;
+        self.changed.notify_all();
+    }
+
+    fn wait_for_parked(&self, n: usize) {
+        let mut state = self.state.lock().unwrap();
+        while state.1 < n {
+            state = self.changed.wait(state).unwrap();
+        }
+    }
+}
+
+impl Clock for HoldingClock {
+    fn now(&self) -> time::OffsetDateTime {
+        let mut state = self.state.lock().unwrap();
+        if state.0 {
+            state.1 += 1;
+            self.changed.notify_all();
+            while state.0 {
+                state = self.changed.wait(state).unwrap();
+            }
+            state.1 -= 1;
+        }
+        time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+    }
+}
+
+async fn service_on(clock: Arc<dyn Clock>) -> TwinService {
+    let service = TwinService::open(Arc::new(MemoryStore::default()), clock).unwrap();
+    let model = json!({
+        "@context": "dtmi:dtdl:context;3", "@id": "dtmi:a:Amp;1", "@type": "Interface",
+        "contents": [{"@type": "Relationship", "name": "feeds"}]
+    });
+    service
+        .write(&owner(), WriteOp::UploadModels(vec![model]))
+        .await
+        .unwrap();
+    put_twin(&service, "amp", json!({})).await;
+    for i in 0..4 {
+        put_rel(&service, "amp", &format!("loop{i}"), "feeds", "amp").await;
+    }
+    service
+}
+
+#[tokio::test]
+async fn a_query_past_its_deadline_is_refused_and_a_short_one_answers() {
+    let clock = Arc::new(SteppingClock(std::sync::Mutex::new(
+        time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+    )));
+    let service = service_on(clock).await;
+    // 87,380 relationships examined: far inside the work budget, but at one second per
+    // deadline check it meets the 10 s deadline after about 160,000 work units.
+    let long = format!(
+        "SELECT COUNT() FROM DIGITALTWINS T{} WHERE T.$dtId = 'amp'",
+        joins(8)
+    );
+    match service.query(&attacker(), &request(&long, 10)) {
+        Err(DomainError::QueryLimitExceeded(message)) => {
+            assert!(message.contains("deadline"), "{message}")
+        }
+        other => panic!("{:?}", other.map(|p| p.values())),
+    }
+    let short = format!(
+        "SELECT COUNT() FROM DIGITALTWINS T{} WHERE T.$dtId = 'amp'",
+        joins(2)
+    );
+    let page = service.query(&attacker(), &request(&short, 10)).unwrap();
+    assert_eq!(page.values(), vec![json!({"COUNT": 16})]);
+}
+
+#[tokio::test]
+async fn a_principal_runs_at_most_two_queries_at_once_and_others_are_not_held_back() {
+    let clock = Arc::new(HoldingClock::default());
+    let service = service_on(clock.clone()).await;
+    let text = "SELECT COUNT() FROM DIGITALTWINS";
+    clock.hold(true);
+    let run = |who: Principal| {
+        let service = service.clone();
+        std::thread::spawn(move || service.query(&who, &request(text, 10)).map(|p| p.values()))
+    };
+    let first = [run(attacker()), run(attacker())];
+    clock.wait_for_parked(2);
+    // Refused before it runs (it never reads the clock, so it is not parked).
+    match service.query(&attacker(), &request(text, 10)) {
+        Err(DomainError::Busy { retry_after_secs }) => assert_eq!(retry_after_secs, 1),
+        other => panic!("{:?}", other.map(|p| p.values())),
+    }
+    // Another principal still gets a slot.
+    let other = run(Principal::with_roles("someone-else", &[QUERY_ONLY]));
+    clock.wait_for_parked(3);
+    clock.hold(false);
+    for handle in first.into_iter().chain([other]) {
+        assert_eq!(handle.join().unwrap().unwrap(), vec![json!({"COUNT": 1})]);
+    }
+    // The slots are free again.
+    assert!(service.query(&attacker(), &request(text, 10)).is_ok());
 }
