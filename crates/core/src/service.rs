@@ -657,16 +657,25 @@ impl TwinService {
         let graph = self.snapshot();
         let deadline = self.clock.now() + query::limits::QUERY_DEADLINE;
         let expired = || self.clock.now() >= deadline;
-        let bounds = query::Bounds {
-            expired: &expired,
-            ..query::Bounds::default()
-        };
         let size = request.page_size;
-        let page = match principal.query_filter(&graph) {
+        let page = match principal.query_scope(&graph) {
             None => {
+                let bounds = query::Bounds {
+                    expired: &expired,
+                    ..query::Bounds::default()
+                };
                 query::execute_bounded(&graph, &parsed, &text, offset, size, &|_| true, &bounds)
             }
-            Some(visible) => {
+            Some(scope) => {
+                // Each twin's visibility is decided once per page, and the subtree walks along
+                // paths the caller may see are charged to the work budget.
+                let steps = || scope.charged_steps();
+                let bounds = query::Bounds {
+                    expired: &expired,
+                    scope_steps: &steps,
+                    ..query::Bounds::default()
+                };
+                let visible = |t: &crate::graph::Twin| scope.visible(t);
                 query::execute_bounded(&graph, &parsed, &text, offset, size, &visible, &bounds)
             }
         };

@@ -30,6 +30,9 @@ pub struct Bounds<'a> {
     /// Whether the query's deadline has passed; asked every [`limits::DEADLINE_CHECK_UNITS`]
     /// work units and every [`limits::DEADLINE_CHECK_SKIPS`] entities skipped unseen.
     pub expired: &'a dyn Fn() -> bool,
+    /// Subtree-walk steps the caller's visibility check has taken along paths it may see so
+    /// far (`access::QueryScope::charged_steps`); each costs [`limits::WORK_PER_SCOPE_STEP`].
+    pub scope_steps: &'a dyn Fn() -> u64,
 }
 
 impl Default for Bounds<'_> {
@@ -38,6 +41,7 @@ impl Default for Bounds<'_> {
             max_work: limits::MAX_WORK,
             max_page_bytes: limits::MAX_PAGE_BYTES,
             expired: &|| false,
+            scope_steps: &|| 0,
         }
     }
 }
@@ -55,6 +59,8 @@ pub(crate) struct Outcome {
     pub parsed_bytes: u64,
     /// Serialized bytes of `items`.
     pub page_bytes: u64,
+    /// Subtree-walk steps charged.
+    pub scope_steps: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,6 +88,8 @@ pub(crate) fn run(
         max_work: bounds.max_work,
         max_page_bytes: bounds.max_page_bytes,
         expired: bounds.expired,
+        scope_steps: bounds.scope_steps,
+        settled_steps: 0,
         next_deadline_check: limits::DEADLINE_CHECK_UNITS,
         skips: 0,
         examined: 0,
@@ -117,6 +125,7 @@ pub(crate) fn run(
         parses: run.meter.parses.get(),
         parsed_bytes: run.meter.parsed_bytes.get(),
         page_bytes: u64::try_from(run.page_bytes).unwrap_or(u64::MAX),
+        scope_steps: run.settled_steps,
         items: run.items,
     })
 }
@@ -130,6 +139,9 @@ struct Run<'a> {
     max_work: u64,
     max_page_bytes: usize,
     expired: &'a dyn Fn() -> bool,
+    scope_steps: &'a dyn Fn() -> u64,
+    /// The scope steps already charged.
+    settled_steps: u64,
     /// The work at which the deadline is asked next.
     next_deadline_check: u64,
     /// Entities skipped unseen (hidden twins and their relationships), which spend no work.
@@ -244,7 +256,14 @@ impl<'a> Run<'a> {
     /// those entities were absent.
     fn examine(&mut self) -> Result<(), QueryError> {
         self.examined += 1;
-        self.spend(limits::WORK_PER_ENTITY)
+        let steps = (self.scope_steps)();
+        let walked = steps.saturating_sub(self.settled_steps);
+        self.settled_steps = steps;
+        self.spend(
+            walked
+                .saturating_mul(limits::WORK_PER_SCOPE_STEP)
+                .saturating_add(limits::WORK_PER_ENTITY),
+        )
     }
 
     /// Whether the caller may see `bound`, counting it as examined if so.

@@ -57,3 +57,6 @@ pub const DEADLINE_CHECK_SKIPS: u64 = 4_096;
 /// deadline bounds what the budget does not count (entities hidden from the caller, a slow
 /// machine).
 pub const QUERY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Work units per relationship a subtree-membership walk follows (a lookup, like examining an
+/// entity). Walks are remembered per query, so a twin is walked from at most once.
+pub const WORK_PER_SCOPE_STEP: u64 = 8;

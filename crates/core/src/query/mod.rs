@@ -133,6 +133,9 @@ pub struct QueryCost {
     /// Serialized bytes of the page's items with the commas between them (the `value` array
     /// without its brackets): at most [`limits::MAX_PAGE_BYTES`].
     pub page_bytes: u64,
+    /// Subtree-membership walk steps charged to the work budget: those along paths inside the
+    /// caller's scopes (`access::QueryScope`).
+    pub scope_steps: u64,
 }
 
 impl QueryPage {
@@ -215,6 +218,7 @@ pub fn execute_bounded(
         parses: outcome.parses,
         parsed_bytes: outcome.parsed_bytes,
         page_bytes: outcome.page_bytes,
+        scope_steps: outcome.scope_steps,
     };
     Ok(QueryPage {
         items: outcome.items,

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
-use twinguard_core::auth::{DATA_OWNER, Principal, QUERY_ONLY};
+use twinguard_core::auth::{
+    DATA_OWNER, Grant, Principal, PrincipalKind, QUERY_ONLY, RoleId, Scope, builtin_role,
+};
 use twinguard_core::clock::{Clock, SystemClock};
 use twinguard_core::error::DomainError;
 use twinguard_core::graph::{Precondition, WriteOp};
@@ -307,4 +309,64 @@ async fn a_principal_runs_at_most_two_queries_at_once_and_others_are_not_held_ba
     }
     // The slots are free again.
     assert!(service.query(&attacker(), &request(text, 10)).is_ok());
+}
+
+/// A caller scoped to the subtree of `c0` in a containment chain `c0 → c1 → … → c(n-1)`.
+fn chain_reader() -> Principal {
+    let role = builtin_role(QUERY_ONLY).unwrap();
+    let grant = Grant {
+        role: RoleId(role.id.to_string()),
+        actions: role.actions,
+        scope: Scope::Subtree {
+            root: "c0".into(),
+            relationships: vec!["contains".into()],
+        },
+    };
+    Principal::new(
+        "chain-reader",
+        PrincipalKind::Application,
+        vec![grant].into(),
+        false,
+        false,
+    )
+}
+
+/// Suspected finding: subtree membership walked up from every twin, uncharged, so a scan of a
+/// chain of n twins took n²/2 steps (500,000 for 1,000 twins) outside the work budget.
+#[tokio::test]
+async fn a_scoped_scan_of_a_containment_chain_walks_it_once_and_is_charged_for_the_walk() {
+    const N: usize = 1_000;
+    let service = service().await;
+    for i in 0..N {
+        put_twin(&service, &format!("c{i}"), json!({})).await;
+    }
+    for i in 1..N {
+        put_rel(
+            &service,
+            &format!("c{}", i - 1),
+            &format!("r{i}"),
+            "contains",
+            &format!("c{i}"),
+        )
+        .await;
+    }
+    let reader = chain_reader();
+    let graph = service.snapshot();
+    let scope = reader.query_scope(&graph).unwrap();
+    // Deepest first: the order that made every walk the longest.
+    for i in (0..N).rev() {
+        assert!(scope.visible(graph.twin(&format!("c{i}")).unwrap()));
+    }
+    assert_eq!(
+        scope.walk_steps(),
+        (N - 1) as u64,
+        "each relationship walked once"
+    );
+    assert_eq!(scope.charged_steps(), (N - 1) as u64);
+
+    let page = service
+        .query(&reader, &request("SELECT COUNT() FROM DIGITALTWINS", 10))
+        .unwrap();
+    assert_eq!(page.values(), vec![json!({"COUNT": N})]);
+    assert_eq!(page.cost.scope_steps, (N - 1) as u64, "the walk is charged");
 }
