@@ -54,11 +54,16 @@
 //!
 //! See [`plan`] for how the starting point is chosen (point lookups for `$dtId` conditions).
 //! Each execution reads one immutable [`Graph`] snapshot, so a page is read consistent. Work is
-//! bounded by [`limits::MAX_WORK`]; a query past it fails with `QueryLimitExceeded`.
+//! bounded by [`limits::MAX_WORK`] (entities examined, documents parsed and their bytes, result
+//! bytes, subtree-walk steps along the caller's scope, expression nodes); a query past it, past
+//! its deadline, or with a single row over [`limits::MAX_PAGE_BYTES`] fails with
+//! `QueryLimitExceeded`. A page ends before the row that would take its items past
+//! [`limits::MAX_PAGE_BYTES`]. [`QueryPage::cost`] reports what the page cost.
 //!
-//! The query charge is `1 + examined / 100`, rounded to two decimals, where `examined` counts
-//! the IDs the query names (each one lookup, whether the twin exists or not) and the twins and
-//! relationships the run looked at *that the caller may see*. It is deterministic for a given
+//! The query charge is `1 + (examined + bytes / 8192) / 100`, rounded to two decimals, where
+//! `examined` counts the IDs the query names (each one lookup, whether the twin exists or not)
+//! and the twins and relationships the run looked at *that the caller may see*, and `bytes`
+//! the stored JSON parsed plus the result bytes produced. It is deterministic for a given
 //! graph.
 //!
 //! Hidden equals absent here too: a twin outside `visible`, and a relationship with such a twin
@@ -71,7 +76,8 @@
 //!
 //! # Paging
 //!
-//! A page is `page_size` rows (1 to [`limits::MAX_PAGE_SIZE`]) after skipping `offset` rows. A
+//! A page is `page_size` rows (1 to [`limits::MAX_PAGE_SIZE`]) after skipping `offset` rows, or
+//! fewer when the next row would take the page past [`limits::MAX_PAGE_BYTES`]. A
 //! continuation token is the URL-safe base64 (no padding) of `{"q": text, "o": offset}`; the
 //! next page parses the text again and runs it from the start, skipping `offset` rows. Pages are
 //! therefore consistent with the snapshot each one reads, not with each other (as in ADT). Row
