@@ -15,7 +15,9 @@
 //! - Creating a twin needs instance scope or a model scope covering its model: a new twin is in
 //!   no subtree until a relationship links it, so subtree callers update what exists.
 
-use std::collections::HashSet;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -52,6 +54,145 @@ fn in_subtree(graph: &Graph, root: &str, names: &[String], twin: &str) -> bool {
         }
     }
     false
+}
+
+/// Subtree membership decided for one query, remembered so that each twin is walked from at
+/// most once and a walk stops at the first twin already decided: a scan of a containment chain
+/// of n twins takes O(n) steps, not O(n²).
+///
+/// A walk that reaches the root marks every twin on the path it found as inside; a walk that
+/// ends without reaching it marks every twin it visited as outside (their upward closure holds
+/// no path to the root). Only the steps of a found path are *charged* (to the query's work
+/// budget): every twin on it is inside the subtree, and which path is found does not depend on
+/// twins outside it (their ancestors are all outside too, so exploring them never finds the
+/// root nor hides a path to it). The other steps, spent on twins the caller may not see, are
+/// counted in [`QueryScope::walk_steps`] but not charged, so the budget stays the same as in a
+/// graph without them; the query's deadline bounds them.
+struct SubtreeMemo {
+    decided: HashMap<Arc<str>, bool>,
+}
+
+impl SubtreeMemo {
+    fn contains(
+        &mut self,
+        graph: &Graph,
+        root: &str,
+        names: &[String],
+        twin: &Arc<str>,
+        steps: &Cell<u64>,
+        charged: &Cell<u64>,
+    ) -> bool {
+        if &**twin == root {
+            return true;
+        }
+        if let Some(known) = self.decided.get(twin) {
+            return *known;
+        }
+        // Each visited twin with the twin it was reached from.
+        let mut came_from: HashMap<Arc<str>, Option<Arc<str>>> = HashMap::new();
+        came_from.insert(twin.clone(), None);
+        let mut stack = vec![twin.clone()];
+        while let Some(id) = stack.pop() {
+            for rel in graph.incoming(&id) {
+                if !names.iter().any(|n| n.as_str() == &*rel.name) {
+                    continue;
+                }
+                steps.set(steps.get() + 1);
+                let parent = &rel.source;
+                let known = if &**parent == root {
+                    Some(true)
+                } else {
+                    self.decided.get(parent).copied()
+                };
+                match known {
+                    Some(true) => {
+                        // The path back from `id` to `twin` is inside.
+                        let mut at = Some(id.clone());
+                        let mut length = 1;
+                        while let Some(node) = at {
+                            at = came_from.get(&node).cloned().flatten();
+                            self.decided.insert(node, true);
+                            length += 1;
+                        }
+                        charged.set(charged.get() + length - 1);
+                        return true;
+                    }
+                    Some(false) => continue,
+                    None => {}
+                }
+                if !came_from.contains_key(parent) {
+                    if came_from.len() >= MAX_SUBTREE_WALK {
+                        // Deny by default, and decide nothing: the walk was cut short.
+                        return false;
+                    }
+                    came_from.insert(parent.clone(), Some(id.clone()));
+                    stack.push(parent.clone());
+                }
+            }
+        }
+        for (node, _) in came_from {
+            self.decided.insert(node, false);
+        }
+        false
+    }
+}
+
+/// What one query by a scoped caller may see, decided once per twin and remembered for the
+/// query. Build one per query with [`Principal::query_scope`].
+pub struct QueryScope<'a> {
+    principal: &'a Principal,
+    graph: &'a Graph,
+    /// One memo per grant (subtree grants use theirs).
+    memos: RefCell<Vec<SubtreeMemo>>,
+    decided: RefCell<HashMap<Arc<str>, bool>>,
+    steps: Cell<u64>,
+    charged: Cell<u64>,
+}
+
+impl QueryScope<'_> {
+    /// Whether the caller may see `twin` in a query.
+    pub fn visible(&self, twin: &Twin) -> bool {
+        if let Some(known) = self.decided.borrow().get(&twin.id) {
+            return *known;
+        }
+        let mut memos = self.memos.borrow_mut();
+        let graph = self.graph;
+        let seen = self
+            .principal
+            .grants
+            .iter()
+            .zip(memos.iter_mut())
+            .any(|(grant, memo)| {
+                grant.actions.contains(Action::Query)
+                    && match &grant.scope {
+                        Scope::Subtree {
+                            root,
+                            relationships,
+                        } => memo.contains(
+                            graph,
+                            root,
+                            relationships,
+                            &twin.id,
+                            &self.steps,
+                            &self.charged,
+                        ),
+                        scope => scope.covers_twin(graph, twin),
+                    }
+            });
+        self.decided.borrow_mut().insert(twin.id.clone(), seen);
+        seen
+    }
+
+    /// Relationship steps taken by subtree walks so far, seen or not.
+    pub fn walk_steps(&self) -> u64 {
+        self.steps.get()
+    }
+
+    /// The steps of [`QueryScope::walk_steps`] along paths inside the caller's scopes: what
+    /// the query's work budget is charged for.
+    pub fn charged_steps(&self) -> u64 {
+        self.charged.get()
+    }
 }
 
 impl Scope {
@@ -158,6 +299,29 @@ impl Principal {
         } else {
             Some(move |t: &Twin| self.may_twin(graph, Action::Query, t))
         }
+    }
+
+    /// [`Principal::query_filter`] with the decisions remembered for one query and the subtree
+    /// walks counted; `None` means everything.
+    pub fn query_scope<'a>(&'a self, graph: &'a Graph) -> Option<QueryScope<'a>> {
+        if self.holds_everywhere(Action::Query) {
+            return None;
+        }
+        let memos = self
+            .grants
+            .iter()
+            .map(|_| SubtreeMemo {
+                decided: HashMap::new(),
+            })
+            .collect();
+        Some(QueryScope {
+            principal: self,
+            graph,
+            memos: RefCell::new(memos),
+            decided: RefCell::new(HashMap::new()),
+            steps: Cell::new(0),
+            charged: Cell::new(0),
+        })
     }
 
     /// Looks up twin `id` for `action`: a twin outside the caller's scopes is reported as

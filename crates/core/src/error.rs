@@ -73,6 +73,12 @@ pub enum DomainError {
     /// checked.
     #[error("too many failed attempts; retry in {retry_after_secs} s")]
     Throttled { retry_after_secs: i64 },
+    /// The caller already runs as many queries (or history reads) at once as one caller may;
+    /// nothing was run.
+    #[error(
+        "too many requests of this kind by this caller are running; retry in {retry_after_secs} s"
+    )]
+    Busy { retry_after_secs: i64 },
     /// A broken invariant of the server itself; never the client's doing.
     #[error("internal error: {0}")]
     Internal(&'static str),

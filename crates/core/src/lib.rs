@@ -15,6 +15,7 @@ pub mod clock;
 pub mod dtdl;
 pub mod dtmi;
 pub mod error;
+pub mod gate;
 pub mod graph;
 pub mod identity;
 pub mod query;

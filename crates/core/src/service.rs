@@ -86,6 +86,10 @@ pub struct TwinService {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
     uploads: Arc<Semaphore>,
+    /// Queries running per principal.
+    queries: Arc<crate::gate::Gate>,
+    /// Reads query deadlines.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for TwinService {
@@ -121,12 +125,15 @@ impl TwinService {
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
+        let writer_clock = clock.clone();
         thread::Builder::new()
             .name("twinguard-writer".into())
-            .spawn(move || writer(rx, writer_shared, store, clock))
+            .spawn(move || writer(rx, writer_shared, store, writer_clock))
             .map_err(OpenError::Thread)?;
         Ok(Self {
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
+            queries: Arc::new(crate::gate::Gate::new(MAX_QUERIES_PER_PRINCIPAL)),
+            clock,
             shared,
             jobs,
         })
@@ -715,14 +722,27 @@ pub struct QueryRequest {
     pub page_size: usize,
 }
 
+/// Queries one principal may run at once; one more is refused with [`DomainError::Busy`]. Two
+/// lets a client fetch the next page while it reads one, and keeps one caller to a quarter of
+/// the server's query slots.
+pub const MAX_QUERIES_PER_PRINCIPAL: usize = 2;
+
 impl TwinService {
-    /// Runs one page of an ADT query on the current snapshot.
+    /// Runs one page of an ADT query on the current snapshot, within the query limits
+    /// (`query::limits`): the work budget, the page byte cap, [`query::limits::QUERY_DEADLINE`]
+    /// read on the service's clock, and [`MAX_QUERIES_PER_PRINCIPAL`].
     pub fn query(
         &self,
         principal: &Principal,
         request: &QueryRequest,
     ) -> DomainResult<query::QueryPage> {
         principal.authorize(Action::Query)?;
+        let _running = self
+            .queries
+            .enter(&principal.subject)
+            .ok_or(DomainError::Busy {
+                retry_after_secs: 1,
+            })?;
         let (text, offset) = match (&request.continuation_token, &request.query) {
             (Some(token), _) => query::decode_continuation(token).map_err(query_error)?,
             (None, Some(text)) => (text.clone(), 0),
@@ -734,10 +754,28 @@ impl TwinService {
         };
         let parsed = query::parse(&text).map_err(query_error)?;
         let graph = self.snapshot();
-        let page = match principal.query_filter(&graph) {
-            None => query::execute(&graph, &parsed, &text, offset, request.page_size, &|_| true),
-            Some(visible) => {
-                query::execute(&graph, &parsed, &text, offset, request.page_size, &visible)
+        let deadline = self.clock.now() + query::limits::QUERY_DEADLINE;
+        let expired = || self.clock.now() >= deadline;
+        let size = request.page_size;
+        let page = match principal.query_scope(&graph) {
+            None => {
+                let bounds = query::Bounds {
+                    expired: &expired,
+                    ..query::Bounds::default()
+                };
+                query::execute_bounded(&graph, &parsed, &text, offset, size, &|_| true, &bounds)
+            }
+            Some(scope) => {
+                // Each twin's visibility is decided once per page, and the subtree walks along
+                // paths the caller may see are charged to the work budget.
+                let steps = || scope.charged_steps();
+                let bounds = query::Bounds {
+                    expired: &expired,
+                    scope_steps: &steps,
+                    ..query::Bounds::default()
+                };
+                let visible = |t: &crate::graph::Twin| scope.visible(t);
+                query::execute_bounded(&graph, &parsed, &text, offset, size, &visible, &bounds)
             }
         };
         page.map_err(query_error)
@@ -750,6 +788,9 @@ fn query_error(e: query::QueryError) -> DomainError {
             DomainError::QueryLimitExceeded(e.to_string())
         }
         twinguard_proto::ErrorCode::BadRequest => DomainError::BadRequest(e.to_string()),
+        twinguard_proto::ErrorCode::InternalServerError => {
+            DomainError::Internal("a query result row could not be serialized")
+        }
         _ => DomainError::Query(e.to_string()),
     }
 }

@@ -138,6 +138,17 @@ impl From<DomainError> for ApiError {
                     retry_after: None,
                 };
             }
+            D::Busy { retry_after_secs } => {
+                return Self {
+                    retry_after: Some(*retry_after_secs),
+                    ..Self::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::TooManyRequests,
+                        "too many requests of this kind by this caller are running; retry \
+                         shortly",
+                    )
+                };
+            }
             D::Throttled { retry_after_secs } => {
                 return Self {
                     retry_after: Some(*retry_after_secs),

@@ -86,6 +86,11 @@ pub struct HistoryQuery {
 pub const MAX_HISTORY: usize = 10_000;
 /// Most readings a downsampled history read summarises.
 pub const MAX_DOWNSAMPLED: usize = 1_000_000;
+/// History reads one principal may run at once; one more is refused with `Busy` (429).
+pub const MAX_HISTORY_READS_PER_PRINCIPAL: usize = 2;
+/// History reads the server runs at once in all: each may hold up to [`MAX_DOWNSAMPLED`]
+/// stored readings while it summarises them.
+pub const MAX_HISTORY_READS: usize = 4;
 
 fn not_found(kind: &'static str, id: &str) -> DomainError {
     DomainError::NotFound {
@@ -618,6 +623,17 @@ impl Telemetry {
             limit,
         } = query;
         self.inner.twins.twin(caller, twin)?;
+        let busy = DomainError::Busy {
+            retry_after_secs: 1,
+        };
+        let _mine = self
+            .inner
+            .history_readers
+            .enter(&caller.subject)
+            .ok_or(DomainError::Busy {
+                retry_after_secs: 1,
+            })?;
+        let _slot = self.inner.history_slots.enter("").ok_or(busy)?;
         if from_ms >= to_ms {
             return Err(DomainError::InvalidArgument(
                 "from must be earlier than to".into(),

@@ -87,6 +87,9 @@ pub(crate) struct Inner {
     pub system: Principal,
     pub detector: DetectorConfig,
     pub state: Mutex<State>,
+    /// History reads running, per principal and in all (see `manage::MAX_HISTORY_READS`).
+    pub history_readers: twinguard_core::gate::Gate,
+    pub history_slots: twinguard_core::gate::Gate,
 }
 
 /// The trusted telemetry service. Cheap to clone.
@@ -181,6 +184,10 @@ impl Telemetry {
                 system,
                 detector: DetectorConfig::default(),
                 state: Mutex::new(state),
+                history_readers: twinguard_core::gate::Gate::new(
+                    crate::manage::MAX_HISTORY_READS_PER_PRINCIPAL,
+                ),
+                history_slots: twinguard_core::gate::Gate::new(crate::manage::MAX_HISTORY_READS),
             }),
         })
     }

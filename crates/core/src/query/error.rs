@@ -15,6 +15,11 @@ pub enum QueryErrorKind {
     WorkLimitExceeded,
     /// A continuation token that this server did not issue, or that was altered.
     InvalidContinuation,
+    /// The query ran past its deadline.
+    DeadlineExceeded,
+    /// A broken invariant of the executor (a row that would not serialize); never the
+    /// client's doing.
+    Internal,
 }
 
 /// A rejected or stopped query. `position` is a character offset into the query text, when the
@@ -43,6 +48,22 @@ impl QueryError {
         }
     }
 
+    pub(crate) fn deadline(message: impl Into<String>) -> Self {
+        Self {
+            kind: QueryErrorKind::DeadlineExceeded,
+            message: message.into(),
+            position: None,
+        }
+    }
+
+    pub(crate) fn internal() -> Self {
+        Self {
+            kind: QueryErrorKind::Internal,
+            message: "a result row could not be serialized".into(),
+            position: None,
+        }
+    }
+
     pub(crate) fn continuation(message: impl Into<String>) -> Self {
         Self {
             kind: QueryErrorKind::InvalidContinuation,
@@ -55,7 +76,10 @@ impl QueryError {
     pub fn code(&self) -> ErrorCode {
         match self.kind {
             QueryErrorKind::Syntax => ErrorCode::SqlQueryError,
-            QueryErrorKind::WorkLimitExceeded => ErrorCode::QueryLimitExceeded,
+            QueryErrorKind::WorkLimitExceeded | QueryErrorKind::DeadlineExceeded => {
+                ErrorCode::QueryLimitExceeded
+            }
+            QueryErrorKind::Internal => ErrorCode::InternalServerError,
             QueryErrorKind::InvalidContinuation => ErrorCode::BadRequest,
         }
     }

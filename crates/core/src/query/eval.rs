@@ -3,7 +3,7 @@
 //! `NOT` and is neither true nor false in `AND`/`OR`. A row passes `WHERE` only when the
 //! condition is `true`.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::cmp::Ordering;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -24,23 +24,63 @@ pub(crate) enum Bound<'a> {
 /// A binding's document, parsed from the stored JSON on first use and shared by the binding's
 /// clones. Rows that never look at a document (`COUNT()`, `$dtId` seeds filtered by visibility)
 /// never parse it.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Doc(Rc<OnceCell<Map<String, Value>>>);
+#[derive(Debug, Clone)]
+pub(crate) struct Doc(Rc<DocCell>);
 
-impl<'a> Bound<'a> {
-    pub fn twin_of(twin: &'a Arc<Twin>) -> Self {
-        Bound::Twin(twin, Doc::default())
+#[derive(Debug)]
+struct DocCell {
+    parsed: OnceCell<Map<String, Value>>,
+    meter: Rc<Meter>,
+}
+
+/// Documents one execution parsed, and their JSON bytes: read back by the executor to charge
+/// the work budget.
+#[derive(Debug, Default)]
+pub(crate) struct Meter {
+    pub parses: Cell<u64>,
+    pub parsed_bytes: Cell<u64>,
+}
+
+impl Doc {
+    pub fn new(meter: &Rc<Meter>) -> Self {
+        Doc(Rc::new(DocCell {
+            parsed: OnceCell::new(),
+            meter: Rc::clone(meter),
+        }))
     }
 
-    pub fn rel_of(rel: &'a Arc<Relationship>) -> Self {
-        Bound::Rel(rel, Doc::default())
+    fn get(
+        &self,
+        raw: &serde_json::value::RawValue,
+        parse: impl FnOnce() -> Map<String, Value>,
+    ) -> &Map<String, Value> {
+        self.0.parsed.get_or_init(|| {
+            let meter = &self.0.meter;
+            meter.parses.set(meter.parses.get().saturating_add(1));
+            let bytes = u64::try_from(raw.get().len()).unwrap_or(u64::MAX);
+            meter
+                .parsed_bytes
+                .set(meter.parsed_bytes.get().saturating_add(bytes));
+            parse()
+        })
+    }
+}
+
+impl<'a> Bound<'a> {
+    /// The bound twin's or relationship's stored JSON text: its document, serialized.
+    pub fn raw(&self) -> Option<&'a serde_json::value::RawValue> {
+        match self {
+            Bound::Unbound => None,
+            Bound::Twin(t, _) => Some(t.json()),
+            Bound::Rel(r, _) => Some(r.json()),
+        }
     }
 
     pub fn doc(&self) -> Option<&Map<String, Value>> {
         match self {
             Bound::Unbound => None,
-            Bound::Twin(t, d) => Some(d.0.get_or_init(|| t.doc())),
-            Bound::Rel(r, d) => Some(d.0.get_or_init(|| r.doc())),
+            Bound::Twin(t, d) => Some(d.get(t.json(), || t.doc())),
+            Bound::Rel(r, d) => Some(d.get(r.json(), || r.doc())),
         }
     }
 
@@ -91,16 +131,6 @@ impl<'a> Val<'a> {
         match self.view() {
             View::Bool(b) => Some(b),
             _ => None,
-        }
-    }
-
-    /// The value as JSON for a result row; `None` when undefined.
-    pub fn to_json(self) -> Option<Value> {
-        match self {
-            Val::Undefined => None,
-            Val::Bool(b) => Some(Value::Bool(b)),
-            Val::Json(v) => Some(v.clone()),
-            Val::Doc(m) => Some(Value::Object(m.clone())),
         }
     }
 }

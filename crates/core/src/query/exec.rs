@@ -1,26 +1,66 @@
 //! Running a planned query over one graph snapshot: seed, walk the pattern depth-first, check
 //! conditions as soon as their collections are bound, and hand complete rows to the page.
+//!
+//! Documents are shared, not copied: a twin bound again while another binding of it is in the
+//! row, or while it is in the run's document cache, shares that binding's parsed document, so
+//! self-loops and cycles parse a twin once. A whole document in a result is copied from its
+//! stored JSON text, never parsed. Rows are serialized as they are produced, and the page stops
+//! before the row that would take it past its byte cap.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 use super::ast::{Direction, Query, Select, Source};
 use super::error::QueryError;
-use super::eval::{Bound, eval, lookup};
+use super::eval::{Bound, Doc, Meter, Val, eval, lookup};
 use super::limits;
 use super::plan::{Plan, RelSeed, Seed, Step, plan};
 use crate::graph::{Graph, Relationship, Twin};
 
+/// What bounds one execution besides the query's own shape.
+#[derive(Clone, Copy)]
+pub struct Bounds<'a> {
+    /// Work units (see [`limits::MAX_WORK`]).
+    pub max_work: u64,
+    /// Serialized bytes of a page's items (see [`limits::MAX_PAGE_BYTES`]).
+    pub max_page_bytes: usize,
+    /// Whether the query's deadline has passed; asked every [`limits::DEADLINE_CHECK_UNITS`]
+    /// work units and every [`limits::DEADLINE_CHECK_SKIPS`] entities skipped unseen.
+    pub expired: &'a dyn Fn() -> bool,
+    /// Subtree-walk steps the caller's visibility check has taken along paths it may see so
+    /// far (`access::QueryScope::charged_steps`); each costs [`limits::WORK_PER_SCOPE_STEP`].
+    pub scope_steps: &'a dyn Fn() -> u64,
+}
+
+impl Default for Bounds<'_> {
+    fn default() -> Self {
+        Bounds {
+            max_work: limits::MAX_WORK,
+            max_page_bytes: limits::MAX_PAGE_BYTES,
+            expired: &|| false,
+            scope_steps: &|| 0,
+        }
+    }
+}
+
 /// What one execution produced.
 pub(crate) struct Outcome {
-    pub items: Vec<Value>,
+    pub items: Vec<Box<RawValue>>,
     /// Rows exist past the returned ones.
     pub more: bool,
     /// Twins and relationships examined that the caller may see, plus the IDs the query
     /// names: what the charge is computed from.
     pub examined: u64,
+    /// Documents parsed, and their JSON bytes.
+    pub parses: u64,
+    pub parsed_bytes: u64,
+    /// Serialized bytes of `items`.
+    pub page_bytes: u64,
+    /// Subtree-walk steps charged.
+    pub scope_steps: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -35,7 +75,7 @@ pub(crate) fn run(
     skip: usize,
     take: usize,
     visible: &dyn Fn(&Twin) -> bool,
-    max_work: u64,
+    bounds: &Bounds<'_>,
 ) -> Result<Outcome, QueryError> {
     let plan = plan(query);
     let counting = matches!(query.select, Select::Count { .. });
@@ -45,31 +85,48 @@ pub(crate) fn run(
         visible,
         plan: &plan,
         work: 0,
-        max_work,
+        max_work: bounds.max_work,
+        max_page_bytes: bounds.max_page_bytes,
+        expired: bounds.expired,
+        scope_steps: bounds.scope_steps,
+        settled_steps: 0,
+        next_deadline_check: limits::DEADLINE_CHECK_UNITS,
+        skips: 0,
         examined: 0,
         rows: 0,
         skip,
         take,
         counting,
         items: Vec::new(),
+        page_bytes: 0,
         more: false,
+        meter: Rc::default(),
+        settled: (0, 0),
+        docs: HashMap::new(),
+        cached_bytes: 0,
     };
     let mut row = vec![Bound::Unbound; query.vars.len()];
     if query.top != Some(0) {
         run.seed(&mut row)?;
     }
-    let mut items = run.items;
     if let Select::Count { name } = &query.select
         && skip == 0
     {
-        let mut object = Map::new();
-        object.insert(name.clone(), Value::from(run.rows));
-        items.push(Value::Object(object));
+        let mut object = serde_json::Map::new();
+        object.insert(name.clone(), serde_json::Value::from(run.rows));
+        let text = serde_json::to_string(&object).map_err(|_| QueryError::internal())?;
+        run.page_bytes += text.len();
+        run.items
+            .push(RawValue::from_string(text).map_err(|_| QueryError::internal())?);
     }
     Ok(Outcome {
-        items,
         more: run.more,
         examined: run.examined,
+        parses: run.meter.parses.get(),
+        parsed_bytes: run.meter.parsed_bytes.get(),
+        page_bytes: u64::try_from(run.page_bytes).unwrap_or(u64::MAX),
+        scope_steps: run.settled_steps,
+        items: run.items,
     })
 }
 
@@ -80,14 +137,32 @@ struct Run<'a> {
     plan: &'a Plan<'a>,
     work: u64,
     max_work: u64,
+    max_page_bytes: usize,
+    expired: &'a dyn Fn() -> bool,
+    scope_steps: &'a dyn Fn() -> u64,
+    /// The scope steps already charged.
+    settled_steps: u64,
+    /// The work at which the deadline is asked next.
+    next_deadline_check: u64,
+    /// Entities skipped unseen (hidden twins and their relationships), which spend no work.
+    skips: u64,
     examined: u64,
     /// Rows that passed every condition so far.
     rows: u64,
     skip: usize,
     take: usize,
     counting: bool,
-    items: Vec<Value>,
+    items: Vec<Box<RawValue>>,
+    /// Serialized bytes of `items`.
+    page_bytes: usize,
     more: bool,
+    meter: Rc<Meter>,
+    /// The parses and parsed bytes already charged to the work budget.
+    settled: (u64, u64),
+    /// Documents kept for the whole run, by the address of their twin or relationship (alive in
+    /// `graph` for the run), up to [`limits::DOC_CACHE_BYTES`] of stored JSON.
+    docs: HashMap<usize, Doc>,
+    cached_bytes: usize,
 }
 
 impl<'a> Run<'a> {
@@ -99,7 +174,80 @@ impl<'a> Run<'a> {
                  condition, fewer hops or a more selective WHERE",
             ));
         }
+        if self.work >= self.next_deadline_check {
+            self.next_deadline_check = self.work.saturating_add(limits::DEADLINE_CHECK_UNITS);
+            self.check_deadline()?;
+        }
         Ok(())
+    }
+
+    fn check_deadline(&self) -> Result<(), QueryError> {
+        if (self.expired)() {
+            return Err(QueryError::deadline(
+                "the query ran past its deadline; narrow it with a $dtId condition, fewer hops \
+                 or a more selective WHERE",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts an entity skipped because the caller may not see it. It spends no work (hidden
+    /// equals absent), but the deadline still bounds the time skipping takes.
+    fn skip_unseen(&mut self) -> Result<(), QueryError> {
+        self.skips += 1;
+        if self.skips.is_multiple_of(limits::DEADLINE_CHECK_SKIPS) {
+            self.check_deadline()?;
+        }
+        Ok(())
+    }
+
+    /// Charges the documents parsed since the last call to the work budget.
+    fn settle_parses(&mut self) -> Result<(), QueryError> {
+        let now = (self.meter.parses.get(), self.meter.parsed_bytes.get());
+        let (parses, bytes) = (now.0 - self.settled.0, now.1 - self.settled.1);
+        self.settled = now;
+        if parses == 0 {
+            return Ok(());
+        }
+        self.spend(
+            parses
+                .saturating_mul(limits::WORK_PER_PARSE)
+                .saturating_add(bytes / limits::PARSED_BYTES_PER_UNIT),
+        )
+    }
+
+    /// A binding of `twin` that shares the parsed document of another binding of the same twin
+    /// in `row` or in the run's cache.
+    fn bind_twin(&mut self, row: &[Bound<'a>], twin: &'a Arc<Twin>) -> Bound<'a> {
+        let shared = row.iter().find_map(|b| match b {
+            Bound::Twin(t, doc) if Arc::ptr_eq(t, twin) => Some(doc.clone()),
+            _ => None,
+        });
+        let doc = self.shared_doc(shared, Arc::as_ptr(twin) as usize, twin.json());
+        Bound::Twin(twin, doc)
+    }
+
+    /// [`Run::bind_twin`] for a relationship.
+    fn bind_rel(&mut self, row: &[Bound<'a>], rel: &'a Arc<Relationship>) -> Bound<'a> {
+        let shared = row.iter().find_map(|b| match b {
+            Bound::Rel(r, doc) if Arc::ptr_eq(r, rel) => Some(doc.clone()),
+            _ => None,
+        });
+        let doc = self.shared_doc(shared, Arc::as_ptr(rel) as usize, rel.json());
+        Bound::Rel(rel, doc)
+    }
+
+    fn shared_doc(&mut self, in_row: Option<Doc>, key: usize, raw: &RawValue) -> Doc {
+        if let Some(doc) = in_row.or_else(|| self.docs.get(&key).cloned()) {
+            return doc;
+        }
+        let doc = Doc::new(&self.meter);
+        let size = raw.get().len();
+        if self.cached_bytes + size <= limits::DOC_CACHE_BYTES {
+            self.cached_bytes += size;
+            self.docs.insert(key, doc.clone());
+        }
+        doc
     }
 
     /// Counts one examined twin or relationship that the caller may see (or one ID the query
@@ -108,7 +256,14 @@ impl<'a> Run<'a> {
     /// those entities were absent.
     fn examine(&mut self) -> Result<(), QueryError> {
         self.examined += 1;
-        self.spend(limits::WORK_PER_ENTITY)
+        let steps = (self.scope_steps)();
+        let walked = steps.saturating_sub(self.settled_steps);
+        self.settled_steps = steps;
+        self.spend(
+            walked
+                .saturating_mul(limits::WORK_PER_SCOPE_STEP)
+                .saturating_add(limits::WORK_PER_ENTITY),
+        )
     }
 
     /// Whether the caller may see `bound`, counting it as examined if so.
@@ -120,6 +275,8 @@ impl<'a> Run<'a> {
         };
         if visible {
             self.examine()?;
+        } else {
+            self.skip_unseen()?;
         }
         Ok(visible)
     }
@@ -138,7 +295,9 @@ impl<'a> Run<'a> {
         let plan = self.plan;
         for (expr, weight) in plan.checks.get(at).map(Vec::as_slice).unwrap_or_default() {
             self.spend(*weight)?;
-            if !eval(expr, row, self.graph).is_true() {
+            let pass = eval(expr, row, self.graph).is_true();
+            self.settle_parses()?;
+            if !pass {
                 return Ok(false);
             }
         }
@@ -159,14 +318,15 @@ impl<'a> Run<'a> {
                     if !self.twin_visible(twin) {
                         continue;
                     }
-                    if self.bind_seed(row, *var, Bound::twin_of(twin))? == Flow::Stop {
+                    let bound = self.bind_twin(row, twin);
+                    if self.bind_seed(row, *var, bound)? == Flow::Stop {
                         break;
                     }
                 }
             }
             Seed::Twins { var, ids: None } => {
                 for twin in graph.twins() {
-                    let bound = Bound::twin_of(twin);
+                    let bound = self.bind_twin(row, twin);
                     if !self.examine_if_visible(&bound)? {
                         continue;
                     }
@@ -180,7 +340,7 @@ impl<'a> Run<'a> {
                 by: RelSeed::Scan,
             } => {
                 for rel in graph.relationships() {
-                    let bound = Bound::rel_of(rel);
+                    let bound = self.bind_rel(row, rel);
                     if !self.examine_if_visible(&bound)? {
                         continue;
                     }
@@ -195,7 +355,7 @@ impl<'a> Run<'a> {
             } => {
                 'ids: for id in ids {
                     for rel in graph.outgoing(id) {
-                        let bound = Bound::rel_of(rel);
+                        let bound = self.bind_rel(row, rel);
                         if !self.examine_if_visible(&bound)? {
                             continue;
                         }
@@ -211,7 +371,7 @@ impl<'a> Run<'a> {
             } => {
                 'ids: for id in ids {
                     for rel in graph.incoming(id) {
-                        let bound = Bound::rel_of(rel);
+                        let bound = self.bind_rel(row, rel);
                         if !self.examine_if_visible(&bound)? {
                             continue;
                         }
@@ -252,7 +412,8 @@ impl<'a> Run<'a> {
             Some((min, max)) => {
                 let reached = self.reach(from, step, min, max)?;
                 for twin in reached {
-                    set(row, step.to, Bound::twin_of(twin));
+                    let bound = self.bind_twin(row, twin);
+                    set(row, step.to, bound);
                     if self.checks_pass(k + 1, row)? && self.descend(k + 1, row)? == Flow::Stop {
                         return Ok(Flow::Stop);
                     }
@@ -276,15 +437,18 @@ impl<'a> Run<'a> {
                 continue;
             };
             if !self.twin_visible(twin) {
+                self.skip_unseen()?;
                 continue;
             }
             self.examine()?;
             if !name_allowed(&step.edge.names, rel) {
                 continue;
             }
-            set(row, step.to, Bound::twin_of(twin));
+            let bound = self.bind_twin(row, twin);
+            set(row, step.to, bound);
             if let Some(rel_var) = step.edge.rel_var {
-                set(row, rel_var, Bound::rel_of(rel));
+                let bound = self.bind_rel(row, rel);
+                set(row, rel_var, bound);
             }
             if self.checks_pass(k + 1, row)? && self.descend(k + 1, row)? == Flow::Stop {
                 return Ok(Flow::Stop);
@@ -319,6 +483,7 @@ impl<'a> Run<'a> {
                         continue;
                     };
                     if !self.twin_visible(twin) {
+                        self.skip_unseen()?;
                         continue;
                     }
                     self.examine()?;
@@ -354,10 +519,32 @@ impl<'a> Run<'a> {
             self.more = true;
             return Ok(Flow::Stop);
         }
-        self.rows += 1;
-        if self.rows > self.skip as u64 {
-            self.items.push(project(self.query, row));
+        if self.rows >= self.skip as u64 {
+            let mut text = Vec::new();
+            project(self.query, row, &mut text).map_err(|_| QueryError::internal())?;
+            self.settle_parses()?;
+            self.spend(
+                u64::try_from(text.len()).unwrap_or(u64::MAX) / limits::PAGE_BYTES_PER_UNIT,
+            )?;
+            // One comma between items.
+            let added = text.len() + usize::from(!self.items.is_empty());
+            if self.page_bytes + added > self.max_page_bytes {
+                if self.items.is_empty() {
+                    return Err(QueryError::work_limit(
+                        "one result row is larger than a page may be; select fewer or smaller \
+                         properties",
+                    ));
+                }
+                // The row that does not fit starts the next page.
+                self.more = true;
+                return Ok(Flow::Stop);
+            }
+            let text = String::from_utf8(text).map_err(|_| QueryError::internal())?;
+            self.items
+                .push(RawValue::from_string(text).map_err(|_| QueryError::internal())?);
+            self.page_bytes += added;
         }
+        self.rows += 1;
         if self.query.top.is_some_and(|top| self.rows >= top) {
             return Ok(Flow::Stop);
         }
@@ -396,38 +583,82 @@ fn adjacent<'g>(
     out.chain(inc)
 }
 
-fn project(query: &Query, row: &[Bound<'_>]) -> Value {
+/// Writes one result row as JSON. A whole twin or relationship is copied from its stored JSON
+/// text (which is the serialization of its document), so it is neither parsed nor cloned; a
+/// property is serialized from a reference into the shared document. Keys are written in the
+/// order a JSON object map keeps them (sorted; a later column replaces an earlier one of the
+/// same key), as the rows were before.
+fn project(query: &Query, row: &[Bound<'_>], out: &mut Vec<u8>) -> serde_json::Result<()> {
     match &query.select {
         Select::Star if query.is_match => {
-            let mut object = Map::new();
+            let mut columns: BTreeMap<&str, Column<'_>> = BTreeMap::new();
             for (var, bound) in query.vars.iter().zip(row) {
-                if let (Some(name), Some(doc)) = (&var.name, bound.doc()) {
-                    object.insert(name.clone(), Value::Object(doc.clone()));
+                if let (Some(name), Some(raw)) = (&var.name, bound.raw()) {
+                    columns.insert(name, Column::Raw(raw));
                 }
             }
-            Value::Object(object)
+            write_object(columns, out)
         }
         Select::Star => {
             let var = match &query.source {
                 Source::Twins { root, .. } => *root,
                 Source::Relationships { var } => *var,
             };
-            row.get(var)
-                .and_then(|b| b.doc())
-                .map_or(Value::Null, |doc| Value::Object(doc.clone()))
+            match row.get(var).and_then(Bound::raw) {
+                Some(raw) => out.extend_from_slice(raw.get().as_bytes()),
+                None => out.extend_from_slice(b"null"),
+            }
+            Ok(())
         }
         Select::Items(items) => {
-            let mut object = Map::new();
+            let mut columns: BTreeMap<&str, Column<'_>> = BTreeMap::new();
             for item in items {
-                let value = row
-                    .get(item.var)
-                    .and_then(|bound| lookup(bound, &item.path).to_json());
-                if let Some(value) = value {
-                    object.insert(item.key.clone(), value);
+                let Some(bound) = row.get(item.var) else {
+                    continue;
+                };
+                let column = if item.path.is_empty() {
+                    bound.raw().map(Column::Raw)
+                } else {
+                    match lookup(bound, &item.path) {
+                        Val::Undefined => None,
+                        value => Some(Column::Val(value)),
+                    }
+                };
+                if let Some(column) = column {
+                    columns.insert(&item.key, column);
                 }
             }
-            Value::Object(object)
+            write_object(columns, out)
         }
-        Select::Count { .. } => Value::Null,
+        Select::Count { .. } => {
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
     }
+}
+
+/// One value of a result row.
+enum Column<'r> {
+    Raw(&'r RawValue),
+    Val(Val<'r>),
+}
+
+fn write_object(columns: BTreeMap<&str, Column<'_>>, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    out.push(b'{');
+    for (i, (key, column)) in columns.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key)?;
+        out.push(b':');
+        match column {
+            Column::Raw(raw) => out.extend_from_slice(raw.get().as_bytes()),
+            Column::Val(Val::Json(v)) => serde_json::to_writer(&mut *out, v)?,
+            Column::Val(Val::Doc(m)) => serde_json::to_writer(&mut *out, m)?,
+            Column::Val(Val::Bool(b)) => serde_json::to_writer(&mut *out, &b)?,
+            Column::Val(Val::Undefined) => out.extend_from_slice(b"null"),
+        }
+    }
+    out.push(b'}');
+    Ok(())
 }

@@ -181,7 +181,7 @@ pub(super) fn page(graph: &Graph, text: &str, visible: &dyn Fn(&Twin) -> bool) -
 }
 
 pub(super) fn items(text: &str) -> Vec<Value> {
-    page(&building(), text, &|_| true).items
+    page(&building(), text, &|_| true).values()
 }
 
 /// The sorted `$dtId`s of the items, read at `key` (or the item itself).

@@ -33,3 +33,30 @@ pub const MAX_WORK: u64 = 12_000_000;
 /// Work units for examining one twin or relationship: a hash lookup with likely cache misses
 /// costs about as much as evaluating eight expression nodes.
 pub const WORK_PER_ENTITY: u64 = 8;
+/// Work units for parsing one stored document, on top of its bytes.
+pub const WORK_PER_PARSE: u64 = 8;
+/// Stored JSON bytes parsed per work unit: parsing a document into a tree costs about as much
+/// per 16 bytes as one expression node.
+pub const PARSED_BYTES_PER_UNIT: u64 = 16;
+/// Serialized result bytes per work unit.
+pub const PAGE_BYTES_PER_UNIT: u64 = 64;
+/// Serialized bytes of one page's items (ADT bounds a page by its query units instead). A page
+/// stops before the row that would pass it; the continuation token resumes at that row. A row
+/// larger than this alone is refused with `QueryLimitExceeded`.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Stored JSON bytes of the documents one execution keeps parsed for its whole run, so a twin
+/// reached again later parses once. Past it, a document is shared only while a binding of it is
+/// in the current row, and a twin reached again after that is parsed (and charged) again.
+pub const DOC_CACHE_BYTES: usize = 2 * 1024 * 1024;
+/// Work units between two looks at the query's deadline.
+pub const DEADLINE_CHECK_UNITS: u64 = 16_384;
+/// Unseen (hidden) entities skipped between two looks at the query's deadline.
+pub const DEADLINE_CHECK_SKIPS: u64 = 4_096;
+/// How long one query execution (one page) may run: past it, it stops with
+/// `QueryLimitExceeded`. The work budget ends a query well before on ordinary hardware; the
+/// deadline bounds what the budget does not count (entities hidden from the caller, a slow
+/// machine).
+pub const QUERY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Work units per relationship a subtree-membership walk follows (a lookup, like examining an
+/// entity). Walks are remembered per query, so a twin is walked from at most once.
+pub const WORK_PER_SCOPE_STEP: u64 = 8;

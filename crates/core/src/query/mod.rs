@@ -54,11 +54,16 @@
 //!
 //! See [`plan`] for how the starting point is chosen (point lookups for `$dtId` conditions).
 //! Each execution reads one immutable [`Graph`] snapshot, so a page is read consistent. Work is
-//! bounded by [`limits::MAX_WORK`]; a query past it fails with `QueryLimitExceeded`.
+//! bounded by [`limits::MAX_WORK`] (entities examined, documents parsed and their bytes, result
+//! bytes, subtree-walk steps along the caller's scope, expression nodes); a query past it, past
+//! its deadline, or with a single row over [`limits::MAX_PAGE_BYTES`] fails with
+//! `QueryLimitExceeded`. A page ends before the row that would take its items past
+//! [`limits::MAX_PAGE_BYTES`]. [`QueryPage::cost`] reports what the page cost.
 //!
-//! The query charge is `1 + examined / 100`, rounded to two decimals, where `examined` counts
-//! the IDs the query names (each one lookup, whether the twin exists or not) and the twins and
-//! relationships the run looked at *that the caller may see*. It is deterministic for a given
+//! The query charge is `1 + (examined + bytes / 8192) / 100`, rounded to two decimals, where
+//! `examined` counts the IDs the query names (each one lookup, whether the twin exists or not)
+//! and the twins and relationships the run looked at *that the caller may see*, and `bytes`
+//! the stored JSON parsed plus the result bytes produced. It is deterministic for a given
 //! graph.
 //!
 //! Hidden equals absent here too: a twin outside `visible`, and a relationship with such a twin
@@ -71,7 +76,8 @@
 //!
 //! # Paging
 //!
-//! A page is `page_size` rows (1 to [`limits::MAX_PAGE_SIZE`]) after skipping `offset` rows. A
+//! A page is `page_size` rows (1 to [`limits::MAX_PAGE_SIZE`]) after skipping `offset` rows, or
+//! fewer when the next row would take the page past [`limits::MAX_PAGE_BYTES`]. A
 //! continuation token is the URL-safe base64 (no padding) of `{"q": text, "o": offset}`; the
 //! next page parses the text again and runs it from the start, skipping `offset` rows. Pages are
 //! therefore consistent with the snapshot each one reads, not with each other (as in ADT). Row
@@ -101,20 +107,52 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 pub use ast::Query;
 pub use error::{QueryError, QueryErrorKind};
+pub use exec::Bounds;
 
 use crate::graph::{Graph, Twin};
 
 /// One page of results.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct QueryPage {
-    pub items: Vec<Value>,
+    /// Each item serialized, as the response carries it.
+    pub items: Vec<Box<RawValue>>,
     /// Token for the next page; `None` on the last one.
     pub continuation: Option<String>,
     /// The `query-charge` header value.
     pub charge: f64,
+    /// What the execution that produced this page cost.
+    pub cost: QueryCost,
+}
+
+/// What one page's execution did: the figures the work budget and the resource tests read.
+/// Like the charge, they count only what the caller may see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryCost {
+    /// Twin and relationship documents parsed from their stored JSON.
+    pub parses: u64,
+    /// The JSON bytes of those documents.
+    pub parsed_bytes: u64,
+    /// Serialized bytes of the page's items with the commas between them (the `value` array
+    /// without its brackets): at most [`limits::MAX_PAGE_BYTES`].
+    pub page_bytes: u64,
+    /// Subtree-membership walk steps charged to the work budget: those along paths inside the
+    /// caller's scopes (`access::QueryScope`).
+    pub scope_steps: u64,
+}
+
+impl QueryPage {
+    /// The items parsed back into JSON values (for tests and tools; the server sends the
+    /// serialized items as they are).
+    pub fn values(&self) -> Vec<Value> {
+        self.items
+            .iter()
+            .map(|raw| serde_json::from_str(raw.get()).unwrap_or(Value::Null))
+            .collect()
+    }
 }
 
 /// What a client sent: a new query, or a token from a previous page.
@@ -160,15 +198,39 @@ pub fn execute_with_budget(
     visible: &dyn Fn(&Twin) -> bool,
     max_work: u64,
 ) -> Result<QueryPage, QueryError> {
+    let bounds = Bounds {
+        max_work,
+        ..Bounds::default()
+    };
+    execute_bounded(graph, query, text, offset, page_size, visible, &bounds)
+}
+
+/// [`execute`] within `bounds`: a work budget, a page byte cap and a deadline.
+pub fn execute_bounded(
+    graph: &Graph,
+    query: &Query,
+    text: &str,
+    offset: usize,
+    page_size: usize,
+    visible: &dyn Fn(&Twin) -> bool,
+    bounds: &Bounds<'_>,
+) -> Result<QueryPage, QueryError> {
     let take = page_size.clamp(1, limits::MAX_PAGE_SIZE);
-    let outcome = exec::run(graph, query, offset, take, visible, max_work)?;
+    let outcome = exec::run(graph, query, offset, take, visible, bounds)?;
     let continuation = outcome
         .more
         .then(|| continuation_token(text, offset.saturating_add(outcome.items.len())));
+    let cost = QueryCost {
+        parses: outcome.parses,
+        parsed_bytes: outcome.parsed_bytes,
+        page_bytes: outcome.page_bytes,
+        scope_steps: outcome.scope_steps,
+    };
     Ok(QueryPage {
         items: outcome.items,
         continuation,
-        charge: charge(outcome.examined),
+        charge: charge(outcome.examined, &cost),
+        cost,
     })
 }
 
@@ -187,11 +249,15 @@ pub fn run(
     execute(graph, &query, &text, offset, page_size, visible)
 }
 
-fn charge(examined: u64) -> f64 {
-    // Precision loss only past 2^53 examined items, far beyond the work budget.
+/// Bytes parsed or produced that count as one examined entity in the charge.
+const CHARGE_BYTES_PER_UNIT: u64 = 8 * 1024;
+
+fn charge(examined: u64, cost: &QueryCost) -> f64 {
+    let bytes = cost.parsed_bytes.saturating_add(cost.page_bytes) / CHARGE_BYTES_PER_UNIT;
+    // Precision loss only past 2^53 units, far beyond the work budget.
     #[allow(clippy::cast_precision_loss)]
-    let examined = examined as f64;
-    ((1.0 + examined / 100.0) * 100.0).round() / 100.0
+    let units = examined.saturating_add(bytes) as f64;
+    ((1.0 + units / 100.0) * 100.0).round() / 100.0
 }
 
 #[derive(Serialize, Deserialize)]

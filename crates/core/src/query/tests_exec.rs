@@ -13,7 +13,8 @@ fn select_star_returns_every_twin_document_as_is() {
     let result = page(&graph, "SELECT * FROM DIGITALTWINS", &|_| true);
     assert_eq!(result.items.len(), 8);
     assert!(result.continuation.is_none());
-    let r1 = result.items.iter().find(|i| i["$dtId"] == "R1").unwrap();
+    let values = result.values();
+    let r1 = values.iter().find(|i| i["$dtId"] == "R1").unwrap();
     assert_eq!(r1, &Value::Object(graph.twin("R1").unwrap().doc()));
 }
 
@@ -86,7 +87,7 @@ fn dtid_equality_is_a_point_lookup_in_every_spelling() {
         "SELECT * FROM DIGITALTWINS T WHERE 'R1' = T.$dtId AND T.name = 'Lobby'",
     ] {
         let result = page(&building(), text, &|_| true);
-        assert_eq!(ids_at(&result.items, None), s(&["R1"]), "{text}");
+        assert_eq!(ids_at(&result.values(), None), s(&["R1"]), "{text}");
         assert_eq!(result.charge, 1.01, "one twin examined: {text}");
     }
     let result = page(
@@ -94,7 +95,7 @@ fn dtid_equality_is_a_point_lookup_in_every_spelling() {
         "SELECT * FROM DIGITALTWINS WHERE $dtId IN ['R2', 'nope', 'R1', 'R2']",
         &|_| true,
     );
-    assert_eq!(ids_at(&result.items, None), s(&["R1", "R2"]));
+    assert_eq!(ids_at(&result.values(), None), s(&["R1", "R2"]));
     assert_eq!(result.charge, 1.03, "duplicates are looked up once");
 }
 

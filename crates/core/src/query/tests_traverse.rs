@@ -62,8 +62,11 @@ fn join_anchored_on_the_target_walks_incoming_relationships() {
     let text = "SELECT Room, Sensor, Rel FROM DIGITALTWINS Room JOIN Sensor RELATED Room.hasSensor Rel \
                 WHERE Sensor.$dtId = 'S2'";
     let result = page(&building(), text, &|_| true);
-    assert_eq!(ids_at(&result.items, Some("Room")), s(&["R3"]));
-    assert_eq!(result.items[0]["Rel"]["$relationshipId"], "R3-hasSensor-S2");
+    assert_eq!(ids_at(&result.values(), Some("Room")), s(&["R3"]));
+    assert_eq!(
+        result.values()[0]["Rel"]["$relationshipId"],
+        "R3-hasSensor-S2"
+    );
     assert!(result.charge < 1.05, "no scan: {}", result.charge);
 }
 
@@ -204,7 +207,7 @@ fn chained_match_conditions_bind_every_named_twin() {
         "SELECT f FROM DIGITALTWINS MATCH (b)-[:contains]->(f)-[:contains]->(r) WHERE r.$dtId = 'R3'",
         &|_| true,
     );
-    assert_eq!(ids_at(&result.items, Some("f")), s(&["F2"]));
+    assert_eq!(ids_at(&result.values(), Some("f")), s(&["F2"]));
     assert!(result.charge < 1.05, "no scan: {}", result.charge);
 }
 
@@ -240,7 +243,7 @@ fn undirected_match_lists_a_self_relationship_once() {
 fn hidden_twins_behave_as_if_absent() {
     let graph = building();
     let hide_f1 = |t: &Twin| &*t.id != "F1";
-    let run_hidden = |text: &str| page(&graph, text, &hide_f1).items;
+    let run_hidden = |text: &str| page(&graph, text, &hide_f1).values();
     assert_eq!(run_hidden("SELECT * FROM DIGITALTWINS").len(), 7);
     assert_eq!(
         run_hidden("SELECT COUNT() FROM DIGITALTWINS"),
@@ -289,7 +292,7 @@ fn all_pages(graph: &Graph, text: &str, page_size: usize) -> (Vec<Value>, usize)
     loop {
         let result = run(graph, request, page_size, &|_| true).unwrap();
         pages += 1;
-        all.extend(result.items);
+        all.extend(result.values());
         match result.continuation {
             Some(t) => {
                 token = t;
@@ -387,7 +390,7 @@ fn a_query_within_the_budget_is_not_stopped() {
     let graph = complete_graph(5);
     let text = "SELECT COUNT() FROM DIGITALTWINS MATCH (a)-[*..4]->(b) WHERE a.$dtId = 'n0'";
     assert_eq!(
-        page(&graph, text, &|_| true).items,
+        page(&graph, text, &|_| true).values(),
         vec![json!({"COUNT": 4})]
     );
 }
@@ -404,7 +407,7 @@ fn multi_hop_walks_traverse_each_relationship_once_and_end_on_cycles() {
         .build();
     let reached = |pattern: &str| {
         let text = format!("SELECT b FROM DIGITALTWINS MATCH {pattern} WHERE a.$dtId = 'A'");
-        ids_at(&page(&graph, &text, &|_| true).items, Some("b"))
+        ids_at(&page(&graph, &text, &|_| true).values(), Some("b"))
     };
     assert_eq!(reached("(a)-[*..10]->(b)"), s(&["B", "C"]));
     assert_eq!(reached("(a)-[*..10]-(b)"), s(&["B", "C"]));

@@ -344,7 +344,10 @@ fn pages(service: &TwinService, who: &Principal, text: &str, page_size: usize) -
     for _ in 0..64 {
         match service.query(who, &request) {
             Ok(page) => {
-                out += &format!("{:?} {:?} {}\n", page.items, page.continuation, page.charge);
+                out += &format!(
+                    "{:?} {:?} {} {:?}\n",
+                    page.items, page.continuation, page.charge, page.cost
+                );
                 let Some(token) = page.continuation else {
                     return out;
                 };

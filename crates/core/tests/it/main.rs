@@ -6,6 +6,7 @@
 mod dtdl_conformance;
 mod dtdl_cost;
 mod hidden_absent;
+mod query_cost;
 mod robustness;
 mod scopes;
 mod service;

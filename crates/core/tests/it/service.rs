@@ -466,7 +466,7 @@ async fn concurrent_writes_are_grouped_and_all_acknowledged() {
         page_size: 10,
     };
     let page = service.query(&reader(), &q).unwrap();
-    assert_eq!(page.items[0]["COUNT"], 200);
+    assert_eq!(page.values()[0]["COUNT"], 200);
 }
 
 #[tokio::test]
