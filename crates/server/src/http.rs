@@ -242,10 +242,16 @@ fn list_position(token: Option<&str>, headers: &HeaderMap) -> Result<(usize, usi
     }
 }
 
+/// Serialized bytes a list page may hold (the query pages' cap too, `limits::MAX_PAGE_BYTES`):
+/// a page ends early, and its next link continues, when its items would pass it.
+pub const MAX_LIST_PAGE_BYTES: usize = twinguard_core::query::limits::MAX_PAGE_BYTES;
+
 /// One page of a list, as `{"value": [...], "nextLink": ...}`; the next link repeats the
 /// request with a continuation token, on the server's public URL (`base`), never on the host a
-/// client named.
-/// `render` turns one item into its wire form; only the page's items are rendered.
+/// client named. `render` turns one item into its wire form; only the page's items are
+/// rendered, one at a time, and the page stops at `max-items-per-page` items or at
+/// [`MAX_LIST_PAGE_BYTES`], whichever comes first (always at least one item), so a list of large
+/// models costs at most that much memory per request.
 pub fn list_page<T, R: serde::Serialize>(
     items: &[T],
     render: impl Fn(&T) -> R,
@@ -255,13 +261,20 @@ pub fn list_page<T, R: serde::Serialize>(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let (offset, size) = list_position(token, headers)?;
-    let end = offset.saturating_add(size).min(items.len());
-    let page: Vec<R> = items
-        .get(offset.min(end)..end)
-        .unwrap_or(&[])
-        .iter()
-        .map(render)
-        .collect();
+    let last = offset.saturating_add(size).min(items.len());
+    let mut page: Vec<Box<serde_json::value::RawValue>> = Vec::new();
+    let mut bytes = 0usize;
+    let mut end = offset.min(last);
+    for item in items.get(end..last).unwrap_or(&[]) {
+        let raw = serde_json::value::to_raw_value(&render(item))
+            .map_err(|e| ApiError::internal(format!("a list item did not serialize: {e}")))?;
+        bytes = bytes.saturating_add(raw.get().len() + 1);
+        if bytes > MAX_LIST_PAGE_BYTES && !page.is_empty() {
+            break;
+        }
+        page.push(raw);
+        end += 1;
+    }
     let next_link = (end < items.len()).then(|| {
         let mut query: Vec<String> = uri
             .query()

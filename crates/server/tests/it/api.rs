@@ -439,3 +439,77 @@ async fn the_openapi_document_is_served() {
     assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/digitaltwins/{id}"]["patch"].is_object());
 }
+
+#[tokio::test]
+async fn a_list_of_large_items_is_paged_under_the_byte_cap_and_loses_nothing() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let model = json!([{
+        "@context": "dtmi:dtdl:context;3", "@id": "dtmi:api:Tank;1", "@type": "Interface",
+        "contents": [{"@type": "Relationship", "name": "feeds",
+            "properties": [{"@type": "Property", "name": "blob", "schema": "string"}]}]
+    }]);
+    assert_eq!(
+        server
+            .call_json(Method::POST, "/models", &admin, &model)
+            .await
+            .status(),
+        201
+    );
+    let twin = json!({"$metadata": {"$model": "dtmi:api:Tank;1"}});
+    for id in ["src", "dst"] {
+        let r = server
+            .call_json(Method::PUT, &format!("/digitaltwins/{id}"), &admin, &twin)
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    // Issue 17: 200 relationships of 30 KB each, 6 MB in all, asked for in one page of 1,000.
+    let blob = "b".repeat(30 * 1024);
+    for i in 0..200 {
+        let body = json!({"$targetId": "dst", "$relationshipName": "feeds", "blob": blob});
+        let r = server
+            .call_json(
+                Method::PUT,
+                &format!("/digitaltwins/src/relationships/r{i:03}"),
+                &admin,
+                &body,
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let mut url = format!(
+        "{}/digitaltwins/src/relationships?{}",
+        server.base,
+        crate::kit::API
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    let mut pages = 0;
+    loop {
+        let r = server
+            .client
+            .get(&url)
+            .bearer_auth(&admin)
+            .header("max-items-per-page", "1000")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let bytes = r.bytes().await.unwrap();
+        assert!(
+            bytes.len() <= twinguard_server::http::MAX_LIST_PAGE_BYTES + 1024,
+            "a page of {} bytes",
+            bytes.len()
+        );
+        let page: Value = serde_json::from_slice(&bytes).unwrap();
+        for rel in page["value"].as_array().unwrap() {
+            assert!(seen.insert(rel["$relationshipId"].as_str().unwrap().to_owned()));
+        }
+        pages += 1;
+        match page["nextLink"].as_str() {
+            Some(next) => url = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 200, "every relationship once");
+    assert!(pages >= 2, "{pages} page(s)");
+}
