@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up what the Python end-to-end tests need: a virtualenv at <repo>/.venv with the pinned
-# packages of tests/sdk/requirements.txt, and THC hydra, rsyslog and Mosquitto from Debian. Idempotent,
+# packages of tests/sdk/requirements.txt, and THC hydra, slowhttptest, rsyslog and Mosquitto from Debian. Idempotent,
 # and a fast no-op when all are there (a stamp holds the hash of the requirements the venv was
 # built from).
 # Works on a fresh Debian machine as root: installs python3-venv if the venv module is missing.
@@ -21,6 +21,9 @@ apt_install() {
 # Attack tools the tests run against the server on loopback.
 if ! command -v hydra >/dev/null 2>&1; then
     apt_install hydra
+fi
+if ! command -v slowhttptest >/dev/null 2>&1; then
+    apt_install slowhttptest
 fi
 # A real syslog collector (with its TLS driver) receives the SIEM export in the tests.
 if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 2>&1; then
