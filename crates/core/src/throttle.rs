@@ -182,8 +182,10 @@ impl<K: Eq + Hash> Counts<K> {
     }
 }
 
-/// The address an attempt is counted under: IPv4 as it is, IPv6 by its /64.
-fn address_key(address: IpAddr) -> IpAddr {
+/// The source an address is counted under: IPv4 as it is, IPv6 by its /64 (which one host
+/// usually holds whole), an IPv4-mapped IPv6 address as its IPv4 address. Shared by every
+/// per-source limit (this throttle, the connection caps).
+pub fn source_key(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V4(_) => address,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -237,7 +239,7 @@ impl Throttle {
             return Err(RetryAfter(self.policy.base));
         };
         let policy = &self.policy;
-        let by_address = tables.addresses.get(&address_key(address), now, policy);
+        let by_address = tables.addresses.get(&source_key(address), now, policy);
         let by_account = account.map(|a| tables.accounts.get(&a.to_owned(), now, policy));
         let waits = [
             self.wait(by_address, policy.address_free, now),
@@ -256,7 +258,7 @@ impl Throttle {
             return;
         };
         let policy = &self.policy;
-        tables.addresses.bump(address_key(address), now, policy);
+        tables.addresses.bump(source_key(address), now, policy);
         if let Some(account) = account {
             tables.accounts.bump(account.to_owned(), now, policy);
         }

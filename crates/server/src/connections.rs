@@ -79,21 +79,6 @@ impl ConnectionPolicy {
     }
 }
 
-/// The key a connection is counted under: IPv4 as it is, IPv6 by its /64.
-fn source(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V4(_) => address,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut octets = v6.octets();
-                octets[8..].fill(0);
-                IpAddr::from(octets)
-            }
-        },
-    }
-}
-
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
@@ -122,7 +107,7 @@ impl Gate {
     /// A place for a connection from `address`, or `None` when the source or the listener is
     /// full (or the counts cannot be read: fail closed).
     fn admit(&self, address: IpAddr) -> Option<Slot> {
-        let key = source(address);
+        let key = twinguard_core::throttle::source_key(address);
         let mut counts = self.counts.lock().ok()?;
         let from_source = counts.by_source.get(&key).copied().unwrap_or(0);
         if counts.total >= self.policy.total || from_source >= self.policy.per_source {
