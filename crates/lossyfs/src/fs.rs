@@ -77,6 +77,28 @@ impl State {
         lost
     }
 
+    /// Writes every unsynced file through, as a kernel's background write-back may at any
+    /// time; returns how many files it wrote.
+    pub(crate) fn write_back(&mut self) -> std::io::Result<usize> {
+        let inos: Vec<u64> = self.unsynced.keys().copied().collect();
+        for ino in &inos {
+            let Some(unsynced) = self.unsynced.get(ino) else {
+                continue;
+            };
+            match self.open.values().find(|f| f.ino == *ino) {
+                Some(open) => unsynced.write_through(&open.file)?,
+                // Unlinked and closed, it has no path: nothing can read it any more.
+                None => {
+                    if let Some(path) = self.paths.get(ino) {
+                        unsynced.write_through(&opened(path)?)?;
+                    }
+                }
+            }
+            self.unsynced.remove(ino);
+        }
+        Ok(inos.len())
+    }
+
     pub(crate) fn unsynced_files(&self) -> usize {
         self.unsynced.len()
     }
