@@ -42,10 +42,12 @@ pub(crate) struct State {
 }
 
 /// What a crash threw away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lost {
     /// Files that had writes or size changes not yet synced.
     pub files: usize,
+    /// Their paths in the backing directory, sorted (unlinked ones left out).
+    pub paths: Vec<PathBuf>,
     /// Bytes of unsynced pages dropped (whole pages).
     pub bytes: u64,
 }
@@ -68,8 +70,15 @@ impl State {
 
     /// Drops every unsynced write; from now on every operation fails with EIO.
     pub(crate) fn crash(&mut self) -> Lost {
+        let mut paths: Vec<PathBuf> = self
+            .unsynced
+            .keys()
+            .filter_map(|ino| self.paths.get(ino).cloned())
+            .collect();
+        paths.sort();
         let lost = Lost {
             files: self.unsynced.len(),
+            paths,
             bytes: self.unsynced.values().map(Unsynced::held_bytes).sum(),
         };
         self.unsynced.clear();

@@ -55,8 +55,13 @@ impl PowerCut {
     fn cut(&mut self) {
         let mount = self.mount.take().expect("still mounted");
         let lost = mount.crash();
+        let names: Vec<_> = lost
+            .paths
+            .iter()
+            .filter_map(|p| p.strip_prefix(self.backing.path()).ok())
+            .collect();
         eprintln!(
-            "power cut: lost {} unsynced bytes in {} files",
+            "power cut: lost {} unsynced bytes in {} files: {names:?}",
             lost.bytes, lost.files
         );
         mount.unmount().unwrap();
