@@ -34,7 +34,7 @@ impl RedbStore {
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         // The file is its owner's only, whatever the umask: made here with mode 0600 (redb
         // initialises an empty file), an existing one kept as it is.
-        std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -42,10 +42,20 @@ impl RedbStore {
             .mode(0o600)
             .open(path)
             .map_err(err)?;
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)
-            .map_err(err)?;
+        let mut builder = Database::builder();
+        builder.set_cache_size(cache_bytes);
+        #[cfg(feature = "dangerous-skip-fsync-for-tests")]
+        if skip_fsync::requested() {
+            let backend = skip_fsync::Backend::new(file).map_err(err)?;
+            let db = builder.create_with_backend(backend).map_err(err)?;
+            return Self::with_tables(db);
+        }
+        drop(file);
+        let db = builder.create(path).map_err(err)?;
+        Self::with_tables(db)
+    }
+
+    fn with_tables(db: Database) -> Result<Self, StoreError> {
         // Create every table up front so that scans of empty tables succeed.
         let txn = db.begin_write().map_err(err)?;
         for table in Table::ALL {
@@ -53,6 +63,91 @@ impl RedbStore {
         }
         txn.commit().map_err(err)?;
         Ok(Self { db })
+    }
+}
+
+/// A negative control for the durability tests, compiled only with the feature
+/// `dangerous-skip-fsync-for-tests` (which no production build enables) and active only when
+/// `TWINGUARD_DANGEROUS_SKIP_STORE_FSYNC=1`: redb's commits write as usual but never reach
+/// `fsync`, so a store that survives `kill -9` loses its acknowledged writes in a power cut.
+/// The crash test on a file system that loses unsynced writes must catch it.
+#[cfg(feature = "dangerous-skip-fsync-for-tests")]
+mod skip_fsync {
+    use std::io;
+    use std::ops::Bound;
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, StorageBackend};
+
+    pub(super) fn requested() -> bool {
+        let on = std::env::var_os("TWINGUARD_DANGEROUS_SKIP_STORE_FSYNC").is_some_and(|v| v == "1");
+        if on {
+            eprintln!(
+                "twinguard: DANGEROUS: store commits skip fsync (test build, negative control)"
+            );
+        }
+        on
+    }
+
+    /// redb's own file backend, every call passed on but `sync_data`.
+    #[derive(Debug)]
+    pub(super) struct Backend(FileBackend);
+
+    impl Backend {
+        pub(super) fn new(file: std::fs::File) -> Result<Self, redb::DatabaseError> {
+            FileBackend::new(file).map(Self)
+        }
+    }
+
+    impl StorageBackend for Backend {
+        fn len(&self) -> Result<u64, io::Error> {
+            self.0.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
+            self.0.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), io::Error> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), io::Error> {
+            Ok(())
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+            self.0.write(offset, data)
+        }
+        fn close(&self) -> Result<(), io::Error> {
+            self.0.close()
+        }
+        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.0.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.0.try_lock_shared_range(start, end)
+        }
+        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.0.lock_range(start, end)
+        }
+        fn lock_shared_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<(), BackendError> {
+            self.0.lock_shared_range(start, end)
+        }
+        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.0.unlock_range(start, end)
+        }
+        fn query_lock_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.0.query_lock_range(start, end)
+        }
     }
 }
 

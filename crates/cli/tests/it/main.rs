@@ -7,4 +7,5 @@ mod admin;
 mod audit;
 mod crash;
 mod demo;
+mod power_cut;
 mod process;

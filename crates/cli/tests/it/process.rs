@@ -25,12 +25,27 @@ impl Server {
         Self::start_logging(data_dir, extra, umask, "warn")
     }
 
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_env(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_full(data_dir, &[], None, "warn", env)
+    }
+
     /// [`Server::start_with`] logging at `level` (`TWINGUARD_LOG`) to `DIR/server.log`.
     pub fn start_logging(
         data_dir: &Path,
         extra: &[&str],
         umask: Option<&str>,
         level: &str,
+    ) -> Self {
+        Self::start_full(data_dir, extra, umask, level, &[])
+    }
+
+    fn start_full(
+        data_dir: &Path,
+        extra: &[&str],
+        umask: Option<&str>,
+        level: &str,
+        env: &[(&str, &str)],
     ) -> Self {
         let binary = env!("CARGO_BIN_EXE_twinguard");
         let mut command = match umask {
@@ -57,6 +72,7 @@ impl Server {
             // Retention on, as a deployment would run: the tests' readings are recent, so
             // nothing they send may go (the crash test reads every accepted one back).
             .env("TWINGUARD_HISTORY_RETENTION_DAYS", "30")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(data_dir.join("server.log")).unwrap())
             .spawn()
