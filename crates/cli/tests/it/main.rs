@@ -8,3 +8,4 @@ mod audit;
 mod crash;
 mod demo;
 mod process;
+mod resources;
