@@ -19,9 +19,9 @@
 //! issue 17 one wide projection alone took the release server from 23 MB to 1.1 GB.
 //!
 //! Measured on the project's 2-core machine (debug build of the binary, as `cargo test` builds
-//! it, 2026-12-04): peak RSS 41 MiB after setup and 163 MiB after the attacks, +122 MiB of the
-//! 384 MiB allowed; the eight concurrent wide projections (74 pages each) set the peak. The
-//! test prints its `measured:` line on every run.
+//! it, 2026-12-04), two runs: peak RSS 41 MiB after setup, then 163 and 138 MiB after the
+//! attacks, +122 and +97 MiB of the 384 MiB allowed; the eight concurrent wide projections (74
+//! pages each, 282 MB per copy) set the peak. The test prints its `measured:` line every run.
 
 use std::time::Duration;
 
