@@ -131,6 +131,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         history_retention: None,
         public_url: None,
         connections: Default::default(),
+        dangerous_unbounded_resources: false,
     })?;
     let base = app.base_url();
     let device_plane = format!(

@@ -86,6 +86,12 @@ enum Command {
         /// Default: the listen address, or for 0.0.0.0 / [::] the first --tls-name.
         #[arg(long, env = "TWINGUARD_PUBLIC_URL")]
         public_url: Option<String>,
+        /// DANGEROUS, benchmarks only: issue 17's resource protections off (connection limits
+        /// and timeouts, query limits and slots, the log's rate limit) so `bench/protections.sh`
+        /// can measure what they cost. Hidden from --help, no environment variable, no
+        /// config file entry.
+        #[arg(long, hide = true)]
+        dangerous_unbounded_resources: bool,
     },
     /// Administer identities, roles, role assignments and API keys through the API.
     Admin {
@@ -174,7 +180,7 @@ fn main() -> ExitCode {
         match demo::prepare(args) {
             Ok((scratch, log)) => {
                 _demo_dir = scratch;
-                init_logging(std::sync::Mutex::new(log), filter);
+                init_logging(std::sync::Mutex::new(log), filter, true);
             }
             Err(e) => {
                 eprintln!("twinguard: {e:#}");
@@ -182,7 +188,14 @@ fn main() -> ExitCode {
             }
         }
     } else {
-        init_logging(std::io::stderr, filter);
+        let rate_limited = !matches!(
+            cli.command,
+            Command::Serve {
+                dangerous_unbounded_resources: true,
+                ..
+            }
+        );
+        init_logging(std::io::stderr, filter, rate_limited);
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -245,15 +258,16 @@ async fn shutdown_signal() {
 }
 
 /// JSON lines to `writer`, filtered by `TWINGUARD_LOG` and rate-limited per call site, so no
-/// input floods the log (`twinguard_server::logging`).
-fn init_logging<W>(writer: W, filter: tracing_subscriber::EnvFilter)
+/// input floods the log (`twinguard_server::logging`); `rate_limited` is false only for
+/// `serve --dangerous-unbounded-resources`.
+fn init_logging<W>(writer: W, filter: tracing_subscriber::EnvFilter, rate_limited: bool)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let limited = twinguard_server::logging::RateLimited::with_reporter();
+    let limited = rate_limited.then(twinguard_server::logging::RateLimited::with_reporter);
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
@@ -284,6 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mqtt_ca,
             history_retention_days,
             public_url,
+            dangerous_unbounded_resources,
         } => {
             let public_url = public_url
                 .as_deref()
@@ -344,6 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|days| std::time::Duration::from_secs(u64::from(days) * 86_400)),
                     public_url,
                     connections: Default::default(),
+                    dangerous_unbounded_resources,
                 })?;
                 println!("twinguard: api listening on {}", app.listener_url());
                 if app.base_url() != app.listener_url() {

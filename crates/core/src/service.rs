@@ -90,6 +90,8 @@ pub struct TwinService {
     queries: Arc<crate::gate::Gate>,
     /// Reads query deadlines.
     clock: Arc<dyn Clock>,
+    /// Set only by [`TwinService::dangerous_unbounded_queries`].
+    unbounded_queries: bool,
 }
 
 impl std::fmt::Debug for TwinService {
@@ -136,7 +138,20 @@ impl TwinService {
             clock,
             shared,
             jobs,
+            unbounded_queries: false,
         })
+    }
+
+    /// Lifts issue 17's query limits: no work budget, no page byte cap, no deadline and no cap
+    /// per principal. Dangerous: one query can then take the server's memory and CPU for as
+    /// long as it likes. It exists for one caller, the benchmark's reference run
+    /// (`twinguard serve --dangerous-unbounded-resources`, `bench/protections.sh`), which
+    /// measures what the limits cost. The executor still counts work and page bytes (the
+    /// counters are in its inner loop), so the reference pays for the counting, not for the
+    /// limits.
+    pub fn dangerous_unbounded_queries(mut self) -> Self {
+        self.unbounded_queries = true;
+        self
     }
 
     /// Units of DTDL compilation work the start-up did to compile the stored models again
@@ -737,12 +752,17 @@ impl TwinService {
         request: &QueryRequest,
     ) -> DomainResult<query::QueryPage> {
         principal.authorize(Action::Query)?;
-        let _running = self
-            .queries
-            .enter(&principal.subject)
-            .ok_or(DomainError::Busy {
-                retry_after_secs: 1,
-            })?;
+        let _running = if self.unbounded_queries {
+            None
+        } else {
+            Some(
+                self.queries
+                    .enter(&principal.subject)
+                    .ok_or(DomainError::Busy {
+                        retry_after_secs: 1,
+                    })?,
+            )
+        };
         let (text, offset) = match (&request.continuation_token, &request.query) {
             (Some(token), _) => query::decode_continuation(token).map_err(query_error)?,
             (None, Some(text)) => (text.clone(), 0),
@@ -754,14 +774,24 @@ impl TwinService {
         };
         let parsed = query::parse(&text).map_err(query_error)?;
         let graph = self.snapshot();
+        let unbounded = self.unbounded_queries;
         let deadline = self.clock.now() + query::limits::QUERY_DEADLINE;
-        let expired = || self.clock.now() >= deadline;
+        let expired = || !unbounded && self.clock.now() >= deadline;
+        let limits = if unbounded {
+            query::Bounds {
+                max_work: u64::MAX,
+                max_page_bytes: usize::MAX,
+                ..query::Bounds::default()
+            }
+        } else {
+            query::Bounds::default()
+        };
         let size = request.page_size;
         let page = match principal.query_scope(&graph) {
             None => {
                 let bounds = query::Bounds {
                     expired: &expired,
-                    ..query::Bounds::default()
+                    ..limits
                 };
                 query::execute_bounded(&graph, &parsed, &text, offset, size, &|_| true, &bounds)
             }
@@ -772,7 +802,7 @@ impl TwinService {
                 let bounds = query::Bounds {
                     expired: &expired,
                     scope_steps: &steps,
-                    ..query::Bounds::default()
+                    ..limits
                 };
                 let visible = |t: &crate::graph::Twin| scope.visible(t);
                 query::execute_bounded(&graph, &parsed, &text, offset, size, &visible, &bounds)

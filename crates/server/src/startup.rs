@@ -52,6 +52,14 @@ pub struct ServeConfig {
     pub public_url: Option<PublicUrl>,
     /// How long and how many connections each listener keeps (see [`crate::connections`]).
     pub connections: crate::connections::ConnectionPolicy,
+    /// Turns issue 17's resource protections off, for the benchmark's reference run only
+    /// (`bench/protections.sh`): no connection limits or timeouts (no connection gate, no idle
+    /// wrapper, hyper's HTTP defaults, a handshake timeout of a day), no query work budget,
+    /// page byte cap, deadline, cap per principal or server-wide query slots. Dangerous: any
+    /// client can then exhaust the server. The write-ahead audit intent stays: it is
+    /// correctness (a refused write is not applied), not a protection. Set only by the hidden
+    /// `serve --dangerous-unbounded-resources`, which also drops the log's rate limit.
+    pub dangerous_unbounded_resources: bool,
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -118,6 +126,8 @@ pub struct Application {
     data_dir: DataDir,
     siem: Vec<crate::siem::Sink>,
     connections: crate::connections::ConnectionPolicy,
+    /// [`ServeConfig::dangerous_unbounded_resources`].
+    unbounded: bool,
 }
 
 impl std::fmt::Debug for Application {
@@ -181,6 +191,10 @@ pub fn init(
     Ok((store, tokens))
 }
 
+/// The TLS handshake timeout with [`ServeConfig::dangerous_unbounded_resources`]: a day, as
+/// good as none for a benchmark (axum-server would otherwise apply its own 10 s).
+const UNBOUNDED_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 impl Application {
     pub fn build(config: &ServeConfig) -> anyhow::Result<Self> {
         install_crypto_provider();
@@ -189,6 +203,15 @@ impl Application {
         let (store, tokens) = init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
         let service = TwinService::open(store.clone(), Arc::new(SystemClock))
             .context("loading the twin graph")?;
+        let service = if config.dangerous_unbounded_resources {
+            tracing::warn!(
+                "DANGEROUS: resource protections are off (--dangerous-unbounded-resources); \
+                 for benchmarks only"
+            );
+            service.dangerous_unbounded_queries()
+        } else {
+            service
+        };
         let history: Arc<dyn Store> = Arc::new(
             RedbStore::open_with_cache(&data_dir.history_path(), HISTORY_CACHE_BYTES)
                 .context("opening the history store")?,
@@ -244,7 +267,13 @@ impl Application {
             state: AppState {
                 service: Arc::new(service),
                 tokens,
-                query_slots: Arc::new(tokio::sync::Semaphore::new(crate::app::QUERY_SLOTS)),
+                query_slots: Arc::new(tokio::sync::Semaphore::new(
+                    if config.dangerous_unbounded_resources {
+                        tokio::sync::Semaphore::MAX_PERMITS
+                    } else {
+                        crate::app::QUERY_SLOTS
+                    },
+                )),
                 ca: Arc::new(DataDir::new(&config.data_dir)),
                 audit,
                 telemetry,
@@ -253,6 +282,7 @@ impl Application {
             data_dir,
             siem: config.siem.clone(),
             connections: config.connections.clone(),
+            unbounded: config.dangerous_unbounded_resources,
         };
         app.record_token_endpoint()?;
         app.state
@@ -379,30 +409,47 @@ impl Application {
             let devices = crate::app::device_router(self.state.clone());
             let handle = handle.clone();
             let tls = self.tls.clone();
-            let tls = axum_server::tls_rustls::RustlsAcceptor::new(tls)
-                .handshake_timeout(self.connections.handshake_timeout);
-            let gate = crate::connections::Gate::new(self.connections.clone());
-            let mut server = axum_server::from_tcp(listener)?
-                .acceptor(crate::connections::Limited::new(gate, tls))
-                .handle(handle);
-            self.connections.configure(server.http_builder());
-            let server = server.serve(devices.into_make_service_with_connect_info::<SocketAddr>());
+            let service = devices.into_make_service_with_connect_info::<SocketAddr>();
+            let served = if self.unbounded {
+                let tls = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+                    .handshake_timeout(UNBOUNDED_HANDSHAKE);
+                let server = axum_server::from_tcp(listener)?
+                    .acceptor(tls)
+                    .handle(handle);
+                tokio::spawn(server.serve(service))
+            } else {
+                let tls = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+                    .handshake_timeout(self.connections.handshake_timeout);
+                let gate = crate::connections::Gate::new(self.connections.clone());
+                let mut server = axum_server::from_tcp(listener)?
+                    .acceptor(crate::connections::Limited::new(gate, tls))
+                    .handle(handle);
+                self.connections.configure(server.http_builder());
+                tokio::spawn(server.serve(service))
+            };
             tokio::spawn(async move {
-                if let Err(e) = server.await {
+                if let Ok(Err(e)) = served.await {
                     tracing::error!(error = %e, "the device plane listener stopped");
                 }
             });
         }
-        let app = router(self.state);
+        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        if self.unbounded {
+            let tls = crate::tls::ClientCertAcceptor::new(self.tls, UNBOUNDED_HANDSHAKE);
+            axum_server::from_tcp(self.listener)?
+                .acceptor(tls)
+                .handle(handle)
+                .serve(app)
+                .await?;
+            return Ok(());
+        }
         let tls = crate::tls::ClientCertAcceptor::new(self.tls, self.connections.handshake_timeout);
         let gate = crate::connections::Gate::new(self.connections.clone());
         let mut server = axum_server::from_tcp(self.listener)?
             .acceptor(crate::connections::Limited::new(gate, tls))
             .handle(handle);
         self.connections.configure(server.http_builder());
-        server
-            .serve(app.into_make_service_with_connect_info::<SocketAddr>())
-            .await?;
+        server.serve(app).await?;
         Ok(())
     }
 }

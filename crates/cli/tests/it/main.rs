@@ -9,3 +9,4 @@ mod crash;
 mod demo;
 mod power_cut;
 mod process;
+mod resources;

@@ -57,6 +57,7 @@ impl TestServer {
             history_retention: None,
             public_url: None,
             connections: Default::default(),
+            dangerous_unbounded_resources: false,
         };
         adjust(&mut config);
         let app = Application::build(&config).unwrap();
