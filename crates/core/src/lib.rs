@@ -3,6 +3,7 @@
 //! - [`dtdl`]: DTDL v2/v3 parsing and validation.
 //! - [`graph`]: the twin graph and the rules for changing it.
 //! - [`query`]: the ADT query language.
+//! - [`paging`]: the continuation tokens of list endpoints.
 //! - [`auth`]: data actions, built-in roles and access decisions.
 //! - [`service`]: the one door into the graph: access checks, snapshots, group commit.
 //! - [`store`]: the storage seam that backends implement.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod gate;
 pub mod graph;
 pub mod identity;
+pub mod paging;
 pub mod query;
 pub mod routes;
 pub mod service;

@@ -11,14 +11,13 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 use twinguard_core::auth::Principal;
 use twinguard_core::error::DomainError;
 use twinguard_core::graph::Precondition;
 use twinguard_core::identity::Refusal;
+use twinguard_core::paging::ListPosition;
 use twinguard_proto::{API_VERSIONS, CORRELATION_HEADER, ErrorCode};
 
 use crate::app::AppState;
@@ -27,7 +26,7 @@ use crate::tls::PeerCertificate;
 
 /// Default and largest page sizes for list endpoints and queries.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
-pub const MAX_PAGE_SIZE: usize = 1_000;
+pub const MAX_PAGE_SIZE: usize = twinguard_core::paging::MAX_PAGE_SIZE;
 
 /// The authenticated caller of a request. Extracting it verifies the bearer token; a route that
 /// takes a `Caller` cannot run for an unauthenticated request.
@@ -204,42 +203,20 @@ pub fn page_size(headers: &HeaderMap) -> Result<usize, ApiError> {
 }
 
 /// Where a list page starts and how long it is, from the `continuationToken` query parameter
-/// (URL-safe base64 of `o:<offset>:n:<size>`) or else the request's `max-items-per-page`. The
-/// size travels in the token because clients send the header only with the first request.
-fn list_position(token: Option<&str>, headers: &HeaderMap) -> Result<(usize, usize), ApiError> {
+/// (see [`ListPosition`]) or else the request's `max-items-per-page`.
+fn list_position(token: Option<&str>, headers: &HeaderMap) -> Result<ListPosition, ApiError> {
     let Some(token) = token else {
-        return Ok((0, page_size(headers)?));
+        return ListPosition::new(0, page_size(headers)?).ok_or_else(|| {
+            ApiError::invalid_argument("max-items-per-page must be a positive integer")
+        });
     };
-    let invalid = || {
+    ListPosition::parse(token).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::BadRequest,
             "the continuation token is not valid",
         )
-    };
-    let text = URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(invalid)?;
-    let mut parts = text.split(':');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some("o"), Some(offset), Some("n"), Some(size), None) => {
-            let offset = offset.parse().map_err(|_| invalid())?;
-            let size: usize = size.parse().map_err(|_| invalid())?;
-            if size == 0 || size > MAX_PAGE_SIZE {
-                return Err(invalid());
-            }
-            Ok((offset, size))
-        }
-        _ => Err(invalid()),
-    }
+    })
 }
 
 /// Serialized bytes a list page may hold (the query pages' cap too, `limits::MAX_PAGE_BYTES`):
@@ -260,8 +237,9 @@ pub fn list_page<T, R: serde::Serialize>(
     uri: &axum::http::Uri,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (offset, size) = list_position(token, headers)?;
-    let last = offset.saturating_add(size).min(items.len());
+    let position = list_position(token, headers)?;
+    let offset = position.offset();
+    let last = offset.saturating_add(position.size()).min(items.len());
     let mut page: Vec<Box<serde_json::value::RawValue>> = Vec::new();
     let mut bytes = 0usize;
     let mut end = offset.min(last);
@@ -283,7 +261,7 @@ pub fn list_page<T, R: serde::Serialize>(
             .filter(|p| !p.is_empty() && !p.starts_with("continuationToken="))
             .map(str::to_owned)
             .collect();
-        let token = URL_SAFE_NO_PAD.encode(format!("o:{end}:n:{size}"));
+        let token = position.at(end).token();
         query.push(format!("continuationToken={token}"));
         format!("{}{}?{}", base.as_str(), uri.path(), query.join("&"))
     });

@@ -84,6 +84,10 @@ fn options(config: &MqttConfig) -> anyhow::Result<MqttOptions> {
         let client = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Always our own `ClientConfig`: it verifies with rustls 0.23 (rustls-webpki 0.103).
+        // rumqttc's `TlsConfiguration::Simple` would parse PEM with the unmaintained
+        // rustls-pemfile; its rustls-webpki 0.102 is only an error type here. See
+        // docs/dependencies.md before using any other `TlsConfiguration`.
         options.set_transport(rumqttc::Transport::tls_with_config(
             TlsConfiguration::Rustls(Arc::new(client)),
         ));

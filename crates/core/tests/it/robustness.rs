@@ -11,6 +11,7 @@ use twinguard_core::clock::SystemClock;
 use twinguard_core::dtdl::{self, ParseOptions};
 use twinguard_core::dtmi::Dtmi;
 use twinguard_core::graph::{Precondition, WriteOp};
+use twinguard_core::paging::{self, ListPosition};
 use twinguard_core::service::TwinService;
 use twinguard_core::store::MemoryStore;
 use twinguard_core::{query, routes};
@@ -151,6 +152,18 @@ proptest! {
     #[test]
     fn continuation_decoder_survives_arbitrary_tokens(token in "\\PC{0,300}") {
         let _ = query::decode_continuation(&token);
+    }
+
+    #[test]
+    fn list_continuation_parser_survives_arbitrary_tokens(token in "\\PC{0,100}") {
+        let _ = ListPosition::parse(&token);
+    }
+
+    #[test]
+    fn list_continuation_tokens_round_trip(offset in any::<usize>(), size in 1..=paging::MAX_PAGE_SIZE) {
+        let position = ListPosition::new(offset, size);
+        prop_assert!(position.is_some());
+        prop_assert_eq!(position.and_then(|p| ListPosition::parse(&p.token())), position);
     }
 
     #[test]

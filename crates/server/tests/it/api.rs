@@ -246,6 +246,46 @@ async fn a_write_is_visible_to_the_next_query_at_once() {
 }
 
 #[tokio::test]
+async fn list_continuation_tokens_a_list_could_not_have_produced_are_refused_with_400() {
+    let server = TestServer::start().await;
+    let token = server.admin_token().await;
+    // `o:0:n:0`, `o:0:n:1001`, `o:-1:n:10`, not base64, and a 68-character token.
+    let long = "A".repeat(68);
+    for bad in [
+        "bzowOm46MA",
+        "bzowOm46MTAwMQ",
+        "bzotMTpuOjEw",
+        "%2A%2A%2A",
+        long.as_str(),
+    ] {
+        let answer = server
+            .adt(
+                Method::GET,
+                &format!("/models?continuationToken={bad}"),
+                &token,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{bad}");
+    }
+    // The token of a real page is accepted.
+    let good = twinguard_core::paging::ListPosition::new(0, 10)
+        .unwrap()
+        .token();
+    let answer = server
+        .adt(
+            Method::GET,
+            &format!("/models?continuationToken={good}"),
+            &token,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+}
+
+#[tokio::test]
 async fn model_lists_page_with_next_links() {
     let server = TestServer::start().await;
     let token = server.admin_token().await;
