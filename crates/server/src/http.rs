@@ -265,7 +265,19 @@ pub fn list_page<T, R: serde::Serialize>(
         query.push(format!("continuationToken={token}"));
         format!("{}{}?{}", base.as_str(), uri.path(), query.join("&"))
     });
-    Ok(axum::Json(serde_json::json!({"value": page, "nextLink": next_link})).into_response())
+    // The items are already JSON: written as they are, not parsed back into a tree. Keys in the
+    // order clients have always seen (`nextLink`, then `value`).
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        #[serde(rename = "nextLink")]
+        next_link: Option<String>,
+        value: &'a [Box<serde_json::value::RawValue>],
+    }
+    Ok(axum::Json(Page {
+        next_link,
+        value: &page,
+    })
+    .into_response())
 }
 
 #[derive(Debug, serde::Deserialize)]
