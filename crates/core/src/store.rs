@@ -48,10 +48,13 @@ pub enum Table {
     /// Accepted readings in the order they were committed, until they are merged into
     /// `History` (see the telemetry crate's `history` module).
     HistoryLog,
+    /// Each sensor stream's learned state (anomaly detector, last accepted reading), keyed by
+    /// `device \u{1f} twin \u{1f} name`, so a restart does not start the streams afresh.
+    Streams,
 }
 
 impl Table {
-    pub const ALL: [Table; 20] = [
+    pub const ALL: [Table; 21] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -72,6 +75,7 @@ impl Table {
         Table::Quarantine,
         Table::History,
         Table::HistoryLog,
+        Table::Streams,
     ];
 
     pub fn name(self) -> &'static str {
@@ -96,6 +100,7 @@ impl Table {
             Self::Quarantine => "quarantine",
             Self::History => "history",
             Self::HistoryLog => "historylog",
+            Self::Streams => "streams",
         }
     }
 }

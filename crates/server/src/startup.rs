@@ -13,6 +13,7 @@ use twinguard_core::identity::Directory;
 use twinguard_core::service::TwinService;
 use twinguard_core::store::Store;
 use twinguard_store_redb::RedbStore;
+use twinguard_telemetry::service::TelemetryEvent;
 
 use crate::app::{AppState, router};
 use crate::datadir::{DataDir, write_private};
@@ -402,6 +403,45 @@ impl Application {
                 }
             }
         });
+        // The pipeline's own decisions (a device flagged at its quarantine quota) go to the
+        // audit trail; the sink only queues, since it is called under the pipeline's lock.
+        let (events, mut queued) = tokio::sync::mpsc::channel::<TelemetryEvent>(1_024);
+        self.state.telemetry.set_audit_sink(move |event| {
+            if events.try_send(event).is_err() {
+                tracing::error!(
+                    "the audit queue for telemetry decisions is full; one was not recorded"
+                );
+            }
+        });
+        let audit = self.state.audit.clone();
+        tokio::spawn(async move {
+            while let Some(event) = queued.recv().await {
+                let entry = serde_json::json!({
+                    "kind": "telemetry",
+                    "time": twinguard_core::clock::rfc3339(time::OffsetDateTime::now_utc()),
+                    "event": event.event,
+                    "device": event.device,
+                    "detail": event.detail,
+                });
+                if let Err(e) = audit
+                    .log()
+                    .append_async(entry.to_string().into_bytes())
+                    .await
+                {
+                    tracing::error!(error = %e, "a telemetry decision could not be recorded in the audit log");
+                }
+            }
+        });
+        let telemetry = self.state.telemetry.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(twinguard_telemetry::service::CHECKPOINT_EVERY);
+            loop {
+                every.tick().await;
+                if let Err(e) = telemetry.checkpoint().await {
+                    tracing::error!(error = %e, "the sensor streams' state could not be stored");
+                }
+            }
+        });
         if let Some(mqtt) = self.mqtt {
             crate::mqtt::spawn(mqtt, self.state.telemetry.clone())?;
         }
@@ -433,6 +473,7 @@ impl Application {
                 }
             });
         }
+        let telemetry = self.state.telemetry.clone();
         let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         if self.unbounded {
             let tls = crate::tls::ClientCertAcceptor::new(self.tls, UNBOUNDED_HANDSHAKE);
@@ -441,15 +482,20 @@ impl Application {
                 .handle(handle)
                 .serve(app)
                 .await?;
-            return Ok(());
+        } else {
+            let tls =
+                crate::tls::ClientCertAcceptor::new(self.tls, self.connections.handshake_timeout);
+            let gate = crate::connections::Gate::new(self.connections.clone());
+            let mut server = axum_server::from_tcp(self.listener)?
+                .acceptor(crate::connections::Limited::new(gate, tls))
+                .handle(handle);
+            self.connections.configure(server.http_builder());
+            server.serve(app).await?;
         }
-        let tls = crate::tls::ClientCertAcceptor::new(self.tls, self.connections.handshake_timeout);
-        let gate = crate::connections::Gate::new(self.connections.clone());
-        let mut server = axum_server::from_tcp(self.listener)?
-            .acceptor(crate::connections::Limited::new(gate, tls))
-            .handle(handle);
-        self.connections.configure(server.http_builder());
-        server.serve(app).await?;
+        // What the streams learned since the last checkpoint outlives the process.
+        if let Err(e) = telemetry.checkpoint().await {
+            tracing::error!(error = %e, "the sensor streams' state could not be stored at shutdown");
+        }
         Ok(())
     }
 }

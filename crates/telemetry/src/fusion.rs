@@ -1,7 +1,10 @@
 //! N-version sensing (control DI-7): a property fed by a group of independent sensors shows the
-//! group's fused value — the median of numbers, the majority of discrete values — and a member
-//! that disagrees beyond the tolerance is marked suspect. With three members, one liar cannot
-//! move the median outside the honest pair's range.
+//! group's fused value — the median of numbers, the majority of discrete values — only when a
+//! quorum of fresh members agrees with it (within the tolerance); a member that disagrees with
+//! an agreeing quorum is marked suspect. Without an agreeing quorum the property shows its
+//! estimate. With three members, one liar cannot move the twin beyond the tolerance around the
+//! honest value, whatever the others' timing: with both honest members fresh the median stays in
+//! their range, and with one of them silent the liar needs the honest one's agreement.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -33,7 +36,8 @@ pub struct SensorGroup {
     /// Largest distance from the fused value a numeric member may report and still agree.
     #[serde(default)]
     pub tolerance: f64,
-    /// Agreeing fresh members needed for a good value; defaults to a majority of the members.
+    /// Fresh members that must agree for the group to show a value: a majority of the members
+    /// (the default) or more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quorum: Option<usize>,
     /// Seconds a member's latest reading counts as fresh.
@@ -63,9 +67,13 @@ impl SensorGroup {
         if !self.fresh_seconds.is_finite() || self.fresh_seconds <= 0.0 {
             return Err("freshSeconds must be positive".into());
         }
+        // A quorum below a majority would let a minority of the members decide the value
+        // against the rest.
         let quorum = self.quorum();
-        if quorum == 0 || quorum > self.devices.len() {
-            return Err("quorum must be between 1 and the number of devices".into());
+        if quorum <= self.devices.len() / 2 || quorum > self.devices.len() {
+            return Err(
+                "quorum must be a majority of the devices, at most the number of devices".into(),
+            );
         }
         Ok(())
     }
@@ -85,8 +93,10 @@ pub struct Fused {
     pub quality: Quality,
     /// The members whose readings agree with the fused value.
     pub sources: Vec<String>,
-    /// The fresh members that disagree.
+    /// The fresh members that disagree with a quorum that agrees.
     pub suspects: Vec<String>,
+    /// Enough members are fresh, but too few of them agree for a value.
+    pub disagreement: bool,
 }
 
 /// Fuses the members' latest readings `(device, value, time_s)` at `now_s`.
@@ -100,6 +110,7 @@ pub fn fuse(group: &SensorGroup, latest: &[Latest], now_s: f64) -> Fused {
         quality: Quality::Estimated,
         sources: Vec::new(),
         suspects: Vec::new(),
+        disagreement: false,
     };
     if fresh.len() < group.quorum() {
         return lost;
@@ -138,7 +149,7 @@ pub fn fuse(group: &SensorGroup, latest: &[Latest], now_s: f64) -> Fused {
             };
             if n * 2 <= fresh.len() {
                 return Fused {
-                    suspects: fresh.iter().map(|(d, _, _)| d.clone()).collect(),
+                    disagreement: true,
                     ..lost
                 };
             }
@@ -149,19 +160,21 @@ pub fn fuse(group: &SensorGroup, latest: &[Latest], now_s: f64) -> Fused {
     };
     let (sources, suspects): (Vec<&Latest>, Vec<&Latest>) =
         fresh.into_iter().partition(|(_, v, _)| agrees(v));
-    let sources: Vec<String> = sources.into_iter().map(|(d, _, _)| d.clone()).collect();
-    let suspects: Vec<String> = suspects.into_iter().map(|(d, _, _)| d.clone()).collect();
-    // A value that stands on an agreeing quorum is good; a dissenter is reported, not believed.
-    let quality = if sources.len() >= group.quorum() {
-        Quality::Good
-    } else {
-        Quality::Suspect
-    };
+    // Only a value that stands on an agreeing quorum is shown. Without one nobody can tell the
+    // liar from the honest, so no member is blamed and the twin falls back to its estimate: a
+    // fresh member's agreement is what counts, never its mere freshness.
+    if sources.len() < group.quorum() {
+        return Fused {
+            disagreement: true,
+            ..lost
+        };
+    }
     Fused {
         value: Some(value),
-        quality,
-        sources,
-        suspects,
+        quality: Quality::Good,
+        sources: sources.into_iter().map(|(d, _, _)| d.clone()).collect(),
+        suspects: suspects.into_iter().map(|(d, _, _)| d.clone()).collect(),
+        disagreement: false,
     }
 }
 
@@ -221,14 +234,27 @@ mod tests {
     }
 
     #[test]
-    fn two_fresh_members_that_disagree_are_suspect() {
+    fn two_fresh_members_that_disagree_give_no_value_and_blame_nobody() {
+        // The finding of 2026-12: with the third member silent, one honest and one liar made a
+        // quorum by freshness and their median (53) was shown. Agreement is what counts now.
         let g = group(Method::Median);
         let f = fuse(
             &g,
-            &[r("a", json!(20.0), 100.0), r("b", json!(30.0), 100.0)],
+            &[r("a", json!(21.1), 100.0), r("b", json!(85.0), 100.0)],
             101.0,
         );
-        assert_eq!(f.quality, Quality::Suspect);
+        assert_eq!(f.value, None);
+        assert_eq!(f.quality, Quality::Estimated);
+        assert!(f.disagreement);
+        assert!(f.suspects.is_empty());
+        // Within the tolerance the pair agrees, and the value stays within it of either.
+        let f = fuse(
+            &g,
+            &[r("a", json!(21.0), 100.0), r("b", json!(21.8), 100.0)],
+            101.0,
+        );
+        assert_eq!(f.quality, Quality::Good);
+        assert!((f.value.unwrap().as_f64().unwrap() - 21.0).abs() <= g.tolerance);
     }
 
     #[test]

@@ -11,14 +11,18 @@ use twinguard_core::error::{DomainError, DomainResult};
 use twinguard_core::graph::{Graph, PropertyUpdate, Quality, Skipped};
 use twinguard_core::store::{Mutation, Table};
 
-use crate::anomaly::Detector;
 use crate::envelope::{Envelope, Message, Reject, Verified, verify_batch};
 use crate::fusion::fuse;
 use crate::policy::DEFAULT_ANOMALY_THRESHOLD;
 use crate::records::{Quarantined, Review, StoredReading, history_key, quarantine_key};
-use crate::registry::{Status, Suspect};
-use crate::replay::{READING_AHEAD_MS, check_time};
-use crate::service::{Prop, Sensor, State, Telemetry, put};
+use crate::registry::{QuarantineFull, Status, Suspect};
+use crate::replay::{LATE_AFTER_MS, MAX_BACKFILL_MS, READING_AHEAD_MS, check_time};
+use crate::service::{Prop, Sensor, State, Telemetry, TelemetryEvent, put};
+
+/// Readings one device may have waiting for review. Beyond it the device is flagged (audited)
+/// and its readings that would be held are refused, not stored, until reviews make room; its
+/// good readings still flow.
+pub const QUARANTINE_QUOTA: u64 = 1_000;
 
 /// How a message arrived, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,10 @@ pub struct ReadingOutcome {
     pub reasons: Vec<String>,
     #[serde(rename = "anomalyScore", skip_serializing_if = "Option::is_none")]
     pub anomaly_score: Option<f64>,
+    /// Accepted into the history only: measured too long before its arrival, or before the
+    /// stream's last accepted reading.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 impl Outcome {
@@ -123,11 +131,11 @@ type Decided = (Vec<Option<Outcome>>, Option<Pending>, Vec<(String, u64)>);
 
 /// Everything one batch decides, committed together.
 #[derive(Default)]
-struct Decisions {
-    updates: Vec<PropertyUpdate>,
-    records: Vec<Mutation>,
+pub(crate) struct Decisions {
+    pub updates: Vec<PropertyUpdate>,
+    pub records: Vec<Mutation>,
     /// `(device, seq)` marked in the replay windows, taken back if the commit fails.
-    marked: Vec<(String, u64)>,
+    pub marked: Vec<(String, u64)>,
 }
 
 impl Telemetry {
@@ -277,6 +285,28 @@ impl Telemetry {
         Ok((outcomes, pending, decisions.marked))
     }
 
+    /// Flags a device whose readings waiting for review reached [`QUARANTINE_QUOTA`], once,
+    /// and reports it to the audit trail.
+    fn quarantine_full(&self, state: &mut State, device_id: &str, now: &str, out: &mut Decisions) {
+        let Some(device) = state.devices.get_mut(device_id) else {
+            return;
+        };
+        if device.quarantine_full.is_some() {
+            return;
+        }
+        device.quarantine_full = Some(QuarantineFull {
+            since: now.to_owned(),
+            quota: QUARANTINE_QUOTA,
+        });
+        out.records.push(put(Table::Devices, device_id, &*device));
+        tracing::warn!(device = %device_id, quota = QUARANTINE_QUOTA, "device reached its quarantine quota; its readings that would be held are refused until reviews make room");
+        self.report(TelemetryEvent {
+            event: "device.quarantineFull",
+            device: device_id.to_owned(),
+            detail: serde_json::json!({ "quota": QUARANTINE_QUOTA }),
+        });
+    }
+
     fn refuse(&self, e: &Reject, device: Option<String>) -> Outcome {
         tracing::warn!(reason = e.code(), "telemetry message refused");
         Outcome::rejected(e.code(), device, None)
@@ -341,16 +371,28 @@ impl Telemetry {
 
         let mut readings = Vec::with_capacity(message.readings.len());
         for (reading, (twin_id, bound)) in message.readings.into_iter().zip(targets) {
-            let time_ms = reading.time.unwrap_or(message.time);
+            // Time is not a weapon: a reading is judged at the time it claims, but never later
+            // than its arrival, so a future time can neither stretch a rate of change nor keep
+            // a stream fresh; one measured long before its arrival, or before the stream's last
+            // accepted reading, is late and never moves the twin.
+            let claimed_ms = reading.time.unwrap_or(message.time);
+            let time_ms = claimed_ms.min(now_ms);
+            let time_s = time_ms as f64 / 1000.0;
+            let mut late = time_ms < now_ms.saturating_sub(LATE_AFTER_MS);
             let mut reasons: Vec<String> = Vec::new();
             if let Some(r) = firmware_reason {
                 reasons.push(r.into());
             }
-            if time_ms > message.time.saturating_add(READING_AHEAD_MS) {
+            if claimed_ms > message.time.saturating_add(READING_AHEAD_MS)
+                || claimed_ms < now_ms.saturating_sub(MAX_BACKFILL_MS)
+            {
                 reasons.push("reading_time".into());
             }
             let mut score = None;
             let mut is_property = false;
+            // The stream's detector after learning this reading, kept only if it is accepted
+            // in time: what is held, refused or late never trains it.
+            let mut learned = None;
             match &twin_id {
                 None => reasons.push("no_twin".into()),
                 Some(_) if !bound => reasons.push("not_bound".into()),
@@ -359,14 +401,11 @@ impl Telemetry {
                         Err(code) => reasons.push(code.into()),
                         Ok((property, model)) => {
                             is_property = property;
-                            let time_s = time_ms as f64 / 1000.0;
                             let sensor = state
                                 .sensors
                                 .entry((device_id.clone(), twin_id.clone(), reading.name.clone()))
-                                .or_insert_with(|| Sensor {
-                                    detector: Detector::new(&self.inner.detector),
-                                    last: None,
-                                });
+                                .or_insert_with(|| Sensor::new(&self.inner.detector));
+                            late |= sensor.last.is_some_and(|(_, at)| time_s < at);
                             let policy = state.policies.values().find(|p| {
                                 p.property == reading.name && is_of_model(model, &p.model)
                             });
@@ -379,16 +418,14 @@ impl Telemetry {
                                 );
                             }
                             if let Some(v) = reading.value.as_f64() {
-                                let s = sensor.detector.update(time_s, v);
-                                score = Some(s);
+                                let mut trial = sensor.detector.clone();
+                                score = trial.score(time_s, v);
                                 let threshold = policy
                                     .map_or(DEFAULT_ANOMALY_THRESHOLD, |p| p.anomaly_threshold());
-                                if s >= threshold {
+                                if score.is_some_and(|s| s >= threshold) {
                                     reasons.push("anomaly".into());
                                 }
-                                if reasons.is_empty() {
-                                    sensor.last = Some((v, time_s));
-                                }
+                                learned = Some((trial, v));
                             }
                         }
                     }
@@ -398,14 +435,25 @@ impl Telemetry {
                 let Some(twin_id) = twin_id.clone() else {
                     continue;
                 };
+                if !late {
+                    let stream = (device_id.clone(), twin_id.clone(), reading.name.clone());
+                    if let (Some(sensor), Some((detector, v))) =
+                        (state.sensors.get_mut(&stream), learned)
+                    {
+                        sensor.detector = detector;
+                        sensor.last = Some((v, time_s));
+                        sensor.dirty = true;
+                    }
+                }
                 out.records.push(self.history_record(
                     &history_key(&twin_id, &reading.name, time_ms, &device_id, message.seq),
                     &StoredReading {
                         value: reading.value.clone(),
                         anomaly_score: score,
+                        late,
                     },
                 ));
-                if is_property {
+                if is_property && !late {
                     self.apply(
                         state,
                         &twin_id,
@@ -423,55 +471,127 @@ impl Telemetry {
                     status: Verdict::Accepted,
                     reasons: Vec::new(),
                     anomaly_score: score,
+                    late,
                 });
-            } else {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                state.quarantined += 1;
-                let key = quarantine_key(now_ms, state.quarantined, &id);
-                out.records.push(put(
-                    Table::Quarantine,
-                    &key,
-                    &Quarantined {
-                        id: key.clone(),
-                        device: device_id.clone(),
-                        seq: message.seq,
-                        twin: twin_id.clone(),
-                        name: reading.name.clone(),
-                        value: reading.value,
-                        source_time: rfc3339_ms(time_ms),
-                        received: now.to_owned(),
-                        reasons: reasons.clone(),
-                        anomaly_score: score,
-                        status: Review::Pending,
-                        decided_by: None,
-                        decided_at: None,
-                    },
-                ));
-                for r in &reasons {
-                    metrics::counter!("twinguard_telemetry_quarantined_total", "reason" => r.clone())
-                        .increment(1);
-                }
-                tracing::info!(device = %device_id, seq = message.seq, name = %reading.name, reasons = ?reasons, "reading quarantined");
+                continue;
+            }
+            // Held for review, within the device's quota; beyond it refused and not stored.
+            let held = state.held.entry(device_id.clone()).or_default();
+            if *held >= QUARANTINE_QUOTA {
+                reasons.push("quarantine_quota".into());
+                metrics::counter!("twinguard_telemetry_quota_refused_total").increment(1);
+                self.quarantine_full(state, &device_id, now, out);
                 readings.push(ReadingOutcome {
                     name: reading.name,
                     twin: twin_id,
-                    status: Verdict::Quarantined,
+                    status: Verdict::Rejected,
                     reasons,
                     anomaly_score: score,
+                    late,
                 });
+                continue;
             }
+            *held += 1;
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            state.quarantined += 1;
+            let key = quarantine_key(now_ms, state.quarantined, &id);
+            out.records.push(put(
+                Table::Quarantine,
+                &key,
+                &Quarantined {
+                    id: key.clone(),
+                    device: device_id.clone(),
+                    seq: message.seq,
+                    twin: twin_id.clone(),
+                    name: reading.name.clone(),
+                    value: reading.value,
+                    source_time: rfc3339_ms(time_ms),
+                    received: now.to_owned(),
+                    reasons: reasons.clone(),
+                    anomaly_score: score,
+                    status: Review::Pending,
+                    decided_by: None,
+                    decided_at: None,
+                },
+            ));
+            for r in &reasons {
+                metrics::counter!("twinguard_telemetry_quarantined_total", "reason" => r.clone())
+                    .increment(1);
+            }
+            tracing::info!(device = %device_id, seq = message.seq, name = %reading.name, reasons = ?reasons, "reading quarantined");
+            readings.push(ReadingOutcome {
+                name: reading.name,
+                twin: twin_id,
+                status: Verdict::Quarantined,
+                reasons,
+                anomaly_score: score,
+                late,
+            });
         }
         let status = if readings.iter().all(|r| r.status == Verdict::Accepted) {
             Verdict::Accepted
+        } else if readings.iter().all(|r| r.status == Verdict::Rejected) {
+            Verdict::Rejected
         } else {
             Verdict::Quarantined
         };
         Outcome {
             status,
-            reason: None,
+            reason: (status == Verdict::Rejected).then_some("quarantine_quota"),
             device: Some(device_id),
             seq: Some(message.seq),
             readings,
+        }
+    }
+
+    /// The effects of a reading a reviewer released (after [`Telemetry::review`]'s checks): the
+    /// stream's detector learns it, and it goes into the history and, unless it is late, to
+    /// the twin as an accepted reading would.
+    pub(crate) fn accept_released(
+        &self,
+        state: &mut State,
+        twin: &str,
+        record: &Quarantined,
+        time_ms: i64,
+        is_property: bool,
+        out: &mut Decisions,
+    ) {
+        let now_ms = self.now_ms();
+        let time_s = time_ms as f64 / 1000.0;
+        let stream = (record.device.clone(), twin.to_owned(), record.name.clone());
+        let sensor = state
+            .sensors
+            .entry(stream)
+            .or_insert_with(|| Sensor::new(&self.inner.detector));
+        let late = time_ms < now_ms.saturating_sub(LATE_AFTER_MS)
+            || sensor.last.is_some_and(|(_, at)| time_s < at);
+        if let Some(v) = record.value.as_f64() {
+            sensor.detector.score(time_s, v);
+            if !late {
+                sensor.last = Some((v, time_s));
+            }
+            sensor.dirty = true;
+        }
+        out.records.push(self.history_record(
+            &history_key(twin, &record.name, time_ms, &record.device, record.seq),
+            &StoredReading {
+                value: record.value.clone(),
+                anomaly_score: record.anomaly_score,
+                late,
+            },
+        ));
+        if is_property && !late {
+            let now = self.now_rfc3339();
+            self.apply(
+                state,
+                twin,
+                &record.name,
+                (&record.device, record.seq),
+                record.value.clone(),
+                time_ms,
+                &now,
+                out,
+            );
         }
     }
 
@@ -532,14 +652,17 @@ impl Telemetry {
             None => prop.latest.push((device.to_owned(), value, time_s)),
         }
         let fused = fuse(&group, &prop.latest, now_s);
+        if fused.disagreement {
+            metrics::counter!("twinguard_telemetry_disagreement_total", "group" => group.id.clone())
+                .increment(1);
+            tracing::warn!(group = %group.id, twin = %twin, property = %name, "a sensor group's fresh members do not agree; the property shows its estimate");
+        }
         let update = match &fused.value {
             Some(v) => {
-                if fused.quality == Quality::Good {
-                    if let Some(x) = v.as_f64() {
-                        prop.forecaster.update(time_s, x);
-                    }
-                    prop.good_s = now_s;
+                if let Some(x) = v.as_f64() {
+                    prop.forecaster.update(time_s, x);
                 }
+                prop.good_s = now_s;
                 prop.applied_ms = prop.applied_ms.max(time_ms);
                 PropertyUpdate {
                     twin: twin.to_owned(),
@@ -681,7 +804,7 @@ pub(crate) fn models_of(graph: &Graph, twin: &str) -> Option<Vec<String>> {
 
 /// Checks a reading against the twin's model: `Ok((is_property, model))` when `name` is a
 /// property or telemetry of the twin's model and `value` fits its schema.
-fn check_schema<'g>(
+pub(crate) fn check_schema<'g>(
     graph: &'g Graph,
     twin: &str,
     name: &str,

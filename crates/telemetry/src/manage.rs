@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use twinguard_core::auth::{Action, Principal};
 use twinguard_core::error::{DomainError, DomainResult};
-use twinguard_core::graph::{PropertyUpdate, Quality};
 use twinguard_core::store::{Mutation, Table};
 
 use crate::envelope::{DeviceKey, generate_key};
@@ -15,8 +14,7 @@ use crate::fusion::SensorGroup;
 use crate::ingest::rfc3339_ms;
 use crate::policy::Policy;
 use crate::records::{
-    Bucket, HistoryEntry, Quarantined, Review, StoredReading, downsample, history_bound,
-    history_entry, history_key,
+    Bucket, HistoryEntry, Quarantined, Review, downsample, history_bound, history_entry,
 };
 use crate::registry::{Binding, Device, FirmwareList, Status, check_device_id};
 use crate::service::{Telemetry, put};
@@ -145,6 +143,7 @@ impl Telemetry {
             status: Status::Active,
             firmware: None,
             suspect: None,
+            quarantine_full: None,
             created: self.now_rfc3339(),
         };
         let pending = {
@@ -279,6 +278,7 @@ impl Telemetry {
                     StatusChange::Resume => {
                         d.status = Status::Active;
                         d.suspect = None;
+                        d.quarantine_full = None;
                     }
                     StatusChange::Revoke => d.status = Status::Revoked,
                 }
@@ -539,8 +539,17 @@ impl Telemetry {
             .ok_or_else(|| not_found("quarantined reading", id))
     }
 
-    /// Releases a held reading (it is applied to the twin as the reviewer's decision) or
-    /// discards it. Either way the record stays, with who decided and when.
+    /// Releases a held reading or discards it. Either way the record stays, with who decided
+    /// and when, and the device's quota gets the room back.
+    ///
+    /// A release cannot launder a reading: it is checked again as the pipeline would check a
+    /// new one, now. The device must still be bound to write the name on the twin, the name
+    /// must be a property or telemetry of the twin's model with a value that fits its schema,
+    /// and the reviewer must hold the right to write that twin (`digitaltwins/write` or
+    /// `twinguard/telemetry/write` covering it), not only the review permission. A reading
+    /// that fails any of these can only be discarded. A released reading then goes the way of
+    /// an accepted one: into the history, to its sensor group's fusion or to the twin unless a
+    /// newer reading is shown, and into the stream's detector (a reviewer vouched for it).
     pub async fn review(
         &self,
         caller: &Principal,
@@ -560,49 +569,70 @@ impl Telemetry {
         };
         record.decided_by = Some(caller.subject.clone());
         record.decided_at = Some(self.now_rfc3339());
-        let mut records = vec![put(Table::Quarantine, id, &record)];
-        let mut updates = Vec::new();
-        if decision == Decision::Release {
-            let Some(twin) = record.twin.clone() else {
-                return Err(DomainError::Conflict(
-                    "the reading names no twin; it can only be discarded".into(),
-                ));
-            };
-            let time_ms = time::OffsetDateTime::parse(
-                &record.source_time,
-                &time::format_description::well_known::Rfc3339,
-            )
-            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-            .unwrap_or_else(|_| self.now_ms());
-            records.push(self.history_record(
-                &history_key(&twin, &record.name, time_ms, &record.device, record.seq),
-                &StoredReading {
-                    value: record.value.clone(),
-                    anomaly_score: record.anomaly_score,
-                },
-            ));
-            let graph = self.inner.twins.snapshot();
-            let is_property = graph
-                .twin(&twin)
-                .and_then(|t| graph.model(&t.model))
-                .is_some_and(|m| m.interface.properties.contains_key(&record.name));
-            if is_property {
-                updates.push(PropertyUpdate {
-                    twin,
-                    name: record.name.clone(),
-                    value: Some(record.value.clone()),
-                    source_time: Some(record.source_time.clone()),
-                    quality: Quality::Good,
-                    sources: vec![record.device.clone()],
-                });
+        let pending = {
+            let mut state = self.state()?;
+            let mut out = crate::ingest::Decisions::default();
+            if decision == Decision::Release {
+                self.release(caller, &mut state, &record, &mut out)?;
             }
-        }
-        let results = self.submit(updates, records)?.await?;
-        if let Some(Err(skip)) = results.into_iter().next() {
+            out.records.push(put(Table::Quarantine, id, &record));
+            let pending = self.submit(std::mem::take(&mut out.updates), out.records)?;
+            if let Some(held) = state.held.get_mut(&record.device) {
+                *held = held.saturating_sub(1);
+            }
+            pending
+        };
+        let results = pending.await?;
+        for skip in results.into_iter().filter_map(Result::err) {
             tracing::warn!(id = %id, reason = skip.code(), "a released reading could not be applied");
         }
         tracing::info!(id = %id, decision = ?decision, by = %caller.subject, "quarantined reading reviewed");
         Ok(record)
+    }
+
+    /// The checks and effects of releasing `record` (see [`Telemetry::review`]).
+    fn release(
+        &self,
+        caller: &Principal,
+        state: &mut crate::service::State,
+        record: &Quarantined,
+        out: &mut crate::ingest::Decisions,
+    ) -> DomainResult<()> {
+        let refuse =
+            |why: &str| DomainError::Conflict(format!("{why}; the reading can only be discarded"));
+        let Some(twin) = record.twin.as_deref() else {
+            return Err(refuse("the reading names no twin"));
+        };
+        let graph = self.inner.twins.snapshot();
+        let may_write = graph.twin(twin).is_some_and(|t| {
+            caller.may_twin(&graph, Action::TwinsWrite, t)
+                || caller.may_twin(&graph, Action::TelemetryWrite, t)
+        });
+        if !may_write {
+            return Err(DomainError::Forbidden {
+                action: Action::TwinsWrite.as_str(),
+            });
+        }
+        let bound = state
+            .devices
+            .get(&record.device)
+            .is_some_and(|d| d.status == Status::Active && d.may_write(twin, &record.name));
+        if !bound {
+            return Err(refuse(
+                "the device is not active and bound to write this name on the twin",
+            ));
+        }
+        let (is_property, _) =
+            crate::ingest::check_schema(&graph, twin, &record.name, &record.value)
+                .map_err(|_| refuse("the twin's model does not define this name for this value"))?;
+        let time_ms = time::OffsetDateTime::parse(
+            &record.source_time,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .map_err(|_| refuse("the reading's time is unreadable"))?;
+        self.accept_released(state, twin, record, time_ms, is_property, out);
+        Ok(())
     }
 
     // ---- history ----

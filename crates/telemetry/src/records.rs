@@ -55,6 +55,10 @@ pub struct HistoryEntry {
     pub seq: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomaly_score: Option<f64>,
+    /// Measured more than five minutes before it arrived, or before the stream's last accepted
+    /// reading: kept in the history, never shown by the twin.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 /// What a history record's value holds: the reading's value and anomaly score. Its time, device
@@ -66,6 +70,9 @@ pub struct StoredReading {
     pub value: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomaly_score: Option<f64>,
+    /// See [`HistoryEntry::late`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 const SEP: char = '\u{1f}';
@@ -126,6 +133,7 @@ pub fn history_entry(key: &str, value: &[u8]) -> Option<(i64, HistoryEntry)> {
             device: device.to_owned(),
             seq,
             anomaly_score: stored.anomaly_score,
+            late: stored.late,
         },
     ))
 }
@@ -197,6 +205,7 @@ mod tests {
         let stored = serde_json::to_vec(&StoredReading {
             value: serde_json::json!(20.5),
             anomaly_score: Some(0.25),
+            late: false,
         })
         .unwrap();
         let (time_ms, entry) = history_entry(&key, &stored).unwrap();
@@ -209,6 +218,7 @@ mod tests {
                 device: "meter.7".into(),
                 seq: 42,
                 anomaly_score: Some(0.25),
+                late: false,
             }
         );
         // A record of the earlier format, which repeated time, device and seq in its value.

@@ -44,7 +44,21 @@ pub struct Device {
     /// Set when a sensor group found the device disagreeing with its peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspect: Option<Suspect>,
+    /// Set when the device's readings waiting for review reached its quota: further readings
+    /// that would be held are refused, not stored, until reviews make room. Cleared when an
+    /// administrator sets the device's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine_full: Option<QuarantineFull>,
     pub created: String,
+}
+
+/// When a device reached its quarantine quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineFull {
+    pub since: String,
+    /// The quota it reached.
+    pub quota: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

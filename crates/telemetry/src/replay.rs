@@ -14,6 +14,12 @@ const STORED_LEN: usize = 1 + 8 + WORDS * 8;
 pub const TIME_SKEW_MS: i64 = 5 * 60 * 1000;
 /// How far a reading's own time may be after its message's time.
 pub const READING_AHEAD_MS: i64 = 5_000;
+/// A reading measured longer than this before it arrived is late: it enters the history,
+/// marked late, and never moves the twin.
+pub const LATE_AFTER_MS: i64 = TIME_SKEW_MS;
+/// How far back a late reading may be measured (a device's store-and-forward buffer); older
+/// readings are held for review.
+pub const MAX_BACKFILL_MS: i64 = 7 * 24 * 3_600 * 1_000;
 
 /// Why a sequence number or a time was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -24,12 +24,76 @@ use crate::records::StoredReading;
 use crate::registry::{Device, FirmwareList};
 use crate::replay::ReplayWindow;
 
-/// One device's stream of one name on one twin: what judges its next reading.
-#[derive(Debug)]
+/// One device's stream of one name on one twin: what judges its next reading. It is stored
+/// (table `Streams`, see [`Telemetry::checkpoint`]) so that a restart neither hands the stream
+/// a fresh warmup nor forgets the reading the next one's rate of change is measured from.
+#[derive(Debug, Clone)]
 pub(crate) struct Sensor {
     pub detector: Detector,
-    /// The last accepted reading `(value, time_s)`, for the rate-of-change limit.
+    /// The last accepted reading `(value, time_s)`, for the rate-of-change limit and the order
+    /// of readings: one measured before it is late.
     pub last: Option<(f64, f64)>,
+    /// Changed since it was last stored.
+    pub dirty: bool,
+}
+
+/// How often the server stores the streams' learned state ([`Telemetry::checkpoint`]).
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Format of a stored [`Sensor`].
+const SENSOR_FORMAT: u8 = 1;
+
+impl Sensor {
+    pub fn new(config: &DetectorConfig) -> Self {
+        Self {
+            detector: Detector::new(config),
+            last: None,
+            dirty: true,
+        }
+    }
+
+    /// A format byte, whether there is a last reading, its value and time, then the detector.
+    fn to_bytes(&self) -> Vec<u8> {
+        let (has, (value, time)) = match self.last {
+            Some(last) => (1u8, last),
+            None => (0, (0.0, 0.0)),
+        };
+        let mut out = vec![SENSOR_FORMAT, has];
+        out.extend_from_slice(&value.to_le_bytes());
+        out.extend_from_slice(&time.to_le_bytes());
+        out.extend_from_slice(&self.detector.to_bytes());
+        out
+    }
+
+    /// Reads [`Sensor::to_bytes`]. A detector learned under another configuration starts
+    /// afresh; the last reading is kept either way.
+    fn from_bytes(config: &DetectorConfig, bytes: &[u8]) -> Option<Self> {
+        let (head, detector) = bytes.split_at_checked(18)?;
+        if head[0] != SENSOR_FORMAT {
+            return None;
+        }
+        let value = f64::from_le_bytes(head[2..10].try_into().ok()?);
+        let time = f64::from_le_bytes(head[10..18].try_into().ok()?);
+        let last = match head[1] {
+            0 => None,
+            1 if value.is_finite() && time.is_finite() => Some((value, time)),
+            _ => return None,
+        };
+        let detector = Detector::from_bytes(config, detector).unwrap_or_else(|| {
+            tracing::warn!("a stored anomaly detector was learned under another configuration; it starts afresh");
+            Detector::new(config)
+        });
+        Some(Self {
+            detector,
+            last,
+            dirty: false,
+        })
+    }
+}
+
+/// The key of a stream's stored state.
+pub(crate) fn stream_key(device: &str, twin: &str, name: &str) -> String {
+    format!("{device}\u{1f}{twin}\u{1f}{name}")
 }
 
 /// One property of one twin: what the twin shows and what it falls back to.
@@ -58,6 +122,8 @@ pub(crate) struct State {
     pub props: HashMap<(String, String), Prop>,
     /// Readings quarantined in this run, for the order of their keys.
     pub quarantined: u64,
+    /// Readings each device has waiting for review, against its quota.
+    pub held: HashMap<String, u64>,
     /// Parsed device keys: checking a key (prime order, canonical) costs a scalar
     /// multiplication, so it is done once per device, not per message.
     pub keys: HashMap<String, crate::envelope::DeviceKey>,
@@ -78,6 +144,17 @@ impl State {
     }
 }
 
+/// A decision the pipeline took on its own that belongs in the audit trail (see
+/// [`Telemetry::set_audit_sink`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TelemetryEvent {
+    pub event: &'static str,
+    pub device: String,
+    pub detail: Value,
+}
+
+type AuditSink = Box<dyn Fn(TelemetryEvent) + Send + Sync>;
+
 pub(crate) struct Inner {
     pub twins: TwinService,
     pub store: Arc<dyn Store>,
@@ -90,6 +167,7 @@ pub(crate) struct Inner {
     /// History reads running, per principal and in all (see `manage::MAX_HISTORY_READS`).
     pub history_readers: twinguard_core::gate::Gate,
     pub history_slots: twinguard_core::gate::Gate,
+    pub audit: std::sync::OnceLock<AuditSink>,
 }
 
 /// The trusted telemetry service. Cheap to clone.
@@ -170,6 +248,31 @@ impl Telemetry {
         for (key, group) in load::<SensorGroup>(store.as_ref(), Table::SensorGroups, "group")? {
             state.groups.insert(key, group);
         }
+        let detector = DetectorConfig::default();
+        for (key, bytes) in store.scan(Table::Streams)? {
+            let mut parts = key.splitn(3, '\u{1f}');
+            let (Some(device), Some(twin), Some(name)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(OpenError::Corrupt("stream", key));
+            };
+            let sensor = Sensor::from_bytes(&detector, &bytes)
+                .ok_or_else(|| OpenError::Corrupt("stream", key.clone()))?;
+            let id = (device.to_owned(), twin.to_owned(), name.to_owned());
+            state.sensors.insert(id, sensor);
+        }
+        twinguard_core::store::for_each_record(
+            store.as_ref(),
+            Table::Quarantine,
+            1_000,
+            |_, bytes| -> Result<(), OpenError> {
+                if let Ok(q) = serde_json::from_slice::<crate::records::Quarantined>(&bytes)
+                    && q.status == crate::records::Review::Pending
+                {
+                    *state.held.entry(q.device).or_default() += 1;
+                }
+                Ok(())
+            },
+        )?;
         for (key, bytes) in store.scan(Table::Replay)? {
             let window = ReplayWindow::from_bytes(&bytes)
                 .ok_or_else(|| OpenError::Corrupt("replay", key.clone()))?;
@@ -182,12 +285,13 @@ impl Telemetry {
                 history,
                 clock,
                 system,
-                detector: DetectorConfig::default(),
+                detector,
                 state: Mutex::new(state),
                 history_readers: twinguard_core::gate::Gate::new(
                     crate::manage::MAX_HISTORY_READS_PER_PRINCIPAL,
                 ),
                 history_slots: twinguard_core::gate::Gate::new(crate::manage::MAX_HISTORY_READS),
+                audit: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -244,6 +348,58 @@ impl Telemetry {
                 )),
             }
         })
+    }
+
+    /// Where the pipeline's own decisions go (the server's audit trail). Called with the
+    /// telemetry state locked: the sink must only queue the event. Set once; later calls are
+    /// ignored.
+    pub fn set_audit_sink(&self, sink: impl Fn(TelemetryEvent) + Send + Sync + 'static) {
+        let _ = self.inner.audit.set(Box::new(sink));
+    }
+
+    pub(crate) fn report(&self, event: TelemetryEvent) {
+        match self.inner.audit.get() {
+            Some(sink) => sink(event),
+            None => {
+                tracing::warn!(event = event.event, device = %event.device, "no audit sink for a telemetry decision")
+            }
+        }
+    }
+
+    /// Stores the state of every stream that changed since the last checkpoint (3.3 KB each).
+    /// The server calls it every [`CHECKPOINT_EVERY`] and at shutdown, so a crash costs a
+    /// stream at most that much learning, never its whole history.
+    pub async fn checkpoint(&self) -> DomainResult<usize> {
+        let (pending, n) = {
+            let mut state = self.state()?;
+            let records: Vec<Mutation> = state
+                .sensors
+                .iter_mut()
+                .filter(|(_, sensor)| sensor.dirty)
+                .map(|((device, twin, name), sensor)| {
+                    sensor.dirty = false;
+                    let key = stream_key(device, twin, name);
+                    Mutation::put(Table::Streams, &key, sensor.to_bytes())
+                })
+                .collect();
+            if records.is_empty() {
+                return Ok(0);
+            }
+            let n = records.len();
+            (self.submit(Vec::new(), records), n)
+        };
+        let stored = match pending {
+            Ok(pending) => pending.await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            // Which ones did not land is unknown: all are written again next time.
+            for sensor in self.state()?.sensors.values_mut() {
+                sensor.dirty = true;
+            }
+            return Err(e);
+        }
+        Ok(n)
     }
 
     /// Commits `records` durably (registry and review changes).
