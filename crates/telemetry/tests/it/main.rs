@@ -3,5 +3,7 @@
 // Test helpers outside `#[test]` functions fail loudly on broken fixtures by design.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
+mod attacks;
 mod pipeline;
+mod poisoning;
 mod wycheproof_ed25519;

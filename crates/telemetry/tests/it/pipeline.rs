@@ -19,10 +19,11 @@ use twinguard_telemetry::records::Review;
 use twinguard_telemetry::registry::{Binding, FirmwareList};
 use twinguard_telemetry::{Outcome, Telemetry, Transport, Verdict};
 
-const FIRMWARE: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-const T0: i64 = 1_800_000_000_000;
+pub(crate) const FIRMWARE: &str =
+    "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+pub(crate) const T0: i64 = 1_800_000_000_000;
 
-struct TestClock(Mutex<OffsetDateTime>);
+pub(crate) struct TestClock(pub(crate) Mutex<OffsetDateTime>);
 
 impl Clock for TestClock {
     fn now(&self) -> OffsetDateTime {
@@ -30,21 +31,21 @@ impl Clock for TestClock {
     }
 }
 
-struct Plant {
-    store: Arc<MemoryStore>,
+pub(crate) struct Plant {
+    pub(crate) store: Arc<MemoryStore>,
     /// The history store, apart from the main one as in the server.
-    history: Arc<MemoryStore>,
-    clock: Arc<TestClock>,
-    twins: TwinService,
-    telemetry: Telemetry,
-    admin: Principal,
-    keys: std::collections::HashMap<String, SigningKey>,
-    seq: u64,
+    pub(crate) history: Arc<MemoryStore>,
+    pub(crate) clock: Arc<TestClock>,
+    pub(crate) twins: TwinService,
+    pub(crate) telemetry: Telemetry,
+    pub(crate) admin: Principal,
+    pub(crate) keys: std::collections::HashMap<String, SigningKey>,
+    pub(crate) seq: u64,
 }
 
 /// The plant's administrator: it provisions devices (Security Admin) and may feed the twins
 /// they are bound to (Telemetry Writer), which binding a device needs.
-fn admin() -> Principal {
+pub(crate) fn admin() -> Principal {
     Principal::with_roles(
         "admin",
         &[DATA_OWNER, SECURITY_ADMIN, OPERATOR, TELEMETRY_WRITER],
@@ -53,7 +54,7 @@ fn admin() -> Principal {
 
 impl Plant {
     /// The telemetry service opened again over the same stores, as after a restart.
-    fn reopen(&self) -> Telemetry {
+    pub(crate) fn reopen(&self) -> Telemetry {
         let store: Arc<dyn Store> = self.store.clone();
         Telemetry::open(
             self.twins.clone(),
@@ -64,7 +65,7 @@ impl Plant {
         .unwrap()
     }
 
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let store = Arc::new(MemoryStore::default());
         let clock = Arc::new(TestClock(Mutex::new(
             OffsetDateTime::from_unix_timestamp_nanos(i128::from(T0) * 1_000_000).unwrap(),
@@ -126,16 +127,16 @@ impl Plant {
         }
     }
 
-    fn now_ms(&self) -> i64 {
+    pub(crate) fn now_ms(&self) -> i64 {
         (self.clock.now().unix_timestamp_nanos() / 1_000_000) as i64
     }
 
-    fn advance(&self, seconds: i64) {
+    pub(crate) fn advance(&self, seconds: i64) {
         let mut now = self.clock.0.lock().unwrap();
         *now += time::Duration::seconds(seconds);
     }
 
-    async fn device(&mut self, id: &str, names: &[&str]) {
+    pub(crate) async fn device(&mut self, id: &str, names: &[&str]) {
         let registered = self
             .telemetry
             .register_device(
@@ -158,7 +159,7 @@ impl Plant {
             .insert(id.into(), signing_key_from_pem(pem.as_str()).unwrap());
     }
 
-    fn message(&mut self, device: &str, name: &str, value: Value) -> Message {
+    pub(crate) fn message(&mut self, device: &str, name: &str, value: Value) -> Message {
         self.seq += 1;
         Message {
             device: device.into(),
@@ -174,11 +175,11 @@ impl Plant {
         }
     }
 
-    fn cose(&self, message: &Message) -> Vec<u8> {
+    pub(crate) fn cose(&self, message: &Message) -> Vec<u8> {
         sign_cose(message, &self.keys[&message.device])
     }
 
-    async fn send(&self, bytes: Vec<u8>) -> Outcome {
+    pub(crate) async fn send(&self, bytes: Vec<u8>) -> Outcome {
         self.telemetry
             .ingest(vec![bytes], Transport::Https)
             .await
@@ -186,13 +187,13 @@ impl Plant {
             .remove(0)
     }
 
-    async fn reading(&mut self, device: &str, name: &str, value: Value) -> Outcome {
+    pub(crate) async fn reading(&mut self, device: &str, name: &str, value: Value) -> Outcome {
         let m = self.message(device, name, value);
         let bytes = self.cose(&m);
         self.send(bytes).await
     }
 
-    async fn set_status(
+    pub(crate) async fn set_status(
         &self,
         device: &str,
         change: StatusChange,
@@ -200,12 +201,12 @@ impl Plant {
         self.telemetry.set_status(&self.admin, device, change).await
     }
 
-    fn twin(&self) -> Value {
+    pub(crate) fn twin(&self) -> Value {
         let twin = self.twins.twin(&self.admin, "boiler-1").unwrap();
         serde_json::to_value(twin.json()).unwrap()
     }
 
-    fn pending(&self) -> Vec<twinguard_telemetry::records::Quarantined> {
+    pub(crate) fn pending(&self) -> Vec<twinguard_telemetry::records::Quarantined> {
         self.telemetry
             .quarantine(&self.admin, Some(Review::Pending), None, 1000)
             .unwrap()
@@ -599,7 +600,7 @@ async fn impossible_readings_are_quarantined_and_a_reviewer_can_release_or_disca
     assert_eq!(discarded[0].value, json!(900.0));
 }
 
-fn group(devices: &[&str]) -> SensorGroup {
+pub(crate) fn group(devices: &[&str]) -> SensorGroup {
     serde_json::from_value(json!({
         "twin": "boiler-1", "property": "temperature",
         "devices": devices, "method": "median", "tolerance": 1.0, "freshSeconds": 30.0
