@@ -17,7 +17,7 @@ use crate::policy::DEFAULT_ANOMALY_THRESHOLD;
 use crate::records::{Quarantined, Review, StoredReading, history_key, quarantine_key};
 use crate::registry::{QuarantineFull, Status, Suspect};
 use crate::replay::{LATE_AFTER_MS, MAX_BACKFILL_MS, READING_AHEAD_MS, check_time};
-use crate::service::{Prop, Sensor, State, Telemetry, TelemetryEvent, put};
+use crate::service::{Prop, RECENT_FUSED, Sensor, State, Telemetry, TelemetryEvent, put};
 
 /// Readings one device may have waiting for review. Beyond it the device is flagged (audited)
 /// and its readings that would be held are refused, not stored, until reviews make room; its
@@ -661,6 +661,10 @@ impl Telemetry {
             Some(v) => {
                 if let Some(x) = v.as_f64() {
                     prop.forecaster.update(time_s, x);
+                    if prop.recent.len() == RECENT_FUSED {
+                        prop.recent.pop_front();
+                    }
+                    prop.recent.push_back(x);
                 }
                 prop.good_s = now_s;
                 prop.applied_ms = prop.applied_ms.max(time_ms);
@@ -763,9 +767,20 @@ impl Telemetry {
     }
 }
 
-/// The fallback update for a property without trustworthy input.
+/// The fallback update for a property without trustworthy input: its forecast, which for a
+/// sensor group stays within the range of its recent good values.
 fn degraded(prop: &Prop, twin: &str, name: &str, now_s: f64) -> PropertyUpdate {
-    match prop.forecaster.forecast(now_s) {
+    let low = prop.recent.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = prop
+        .recent
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    let forecast = prop
+        .forecaster
+        .forecast(now_s)
+        .map(|v| if low <= high { v.clamp(low, high) } else { v });
+    match forecast {
         Some(v) => PropertyUpdate {
             twin: twin.to_owned(),
             name: name.to_owned(),

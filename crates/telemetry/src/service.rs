@@ -37,6 +37,9 @@ pub(crate) struct Sensor {
     pub dirty: bool,
 }
 
+/// Good values of a sensor group whose range bounds its estimate.
+pub(crate) const RECENT_FUSED: usize = 16;
+
 /// How often the server stores the streams' learned state ([`Telemetry::checkpoint`]).
 pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -107,6 +110,9 @@ pub(crate) struct Prop {
     pub quality: Option<Quality>,
     /// Each group member's latest accepted reading `(device, value, time_s)`.
     pub latest: Vec<(String, Value, f64)>,
+    /// A group's last [`RECENT_FUSED`] good values: its estimate stays within their range, so
+    /// a liar that agreed within the tolerance for a while cannot have its drift extrapolated.
+    pub recent: std::collections::VecDeque<f64>,
     /// The newest reading each device has had applied here: `(time_ms, seq)`.
     pub newest: HashMap<String, (i64, u64)>,
 }
