@@ -304,6 +304,45 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Every item of a paged list, `{"value": [...]}` as one answer: follows each page's
+    /// `nextLink`. Only the link's path and query are used, on this connection's server, so a
+    /// link never sends the token anywhere else. Stops after [`MAX_LIST_PAGES`] pages.
+    pub(crate) async fn list(&self, path: &str) -> anyhow::Result<Value> {
+        let mut items = Vec::new();
+        let mut next = Some(path.to_owned());
+        let mut pages = 0usize;
+        while let Some(path) = next.take() {
+            pages += 1;
+            if pages > MAX_LIST_PAGES {
+                bail!("the list did not end after {MAX_LIST_PAGES} pages");
+            }
+            let mut page = self.call(Method::GET, &path, None).await?;
+            match page.get_mut("value").map(Value::take) {
+                Some(Value::Array(mut value)) => items.append(&mut value),
+                _ => bail!("the server answered a list without a value array"),
+            }
+            next = match page.get("nextLink").and_then(Value::as_str) {
+                Some(link) => Some(path_of(link)?),
+                None => None,
+            };
+        }
+        Ok(json!({ "value": items }))
+    }
+}
+
+/// Most pages [`Api::list`] follows (a million items at the largest page size).
+const MAX_LIST_PAGES: usize = 1_000;
+
+/// The path and query of a next link.
+fn path_of(link: &str) -> anyhow::Result<String> {
+    let url = reqwest::Url::parse(link).with_context(|| format!("a next link {link:?}"))?;
+    Ok(match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    })
+}
+
 pub(crate) fn print(value: &Value) -> anyhow::Result<()> {
     if !value.is_null() {
         println!("{}", serde_json::to_string_pretty(value)?);
@@ -320,7 +359,7 @@ pub async fn run(connection: Connection, command: AdminCommand) -> anyhow::Resul
     let out = match command {
         AdminCommand::Identity(c) => identity(&api, c).await?,
         AdminCommand::Role(c) => match c {
-            RoleCommand::List => api.call(Method::GET, "/admin/roles", None).await?,
+            RoleCommand::List => api.list("/admin/roles").await?,
             RoleCommand::Create {
                 name,
                 description,
@@ -340,7 +379,7 @@ pub async fn run(connection: Connection, command: AdminCommand) -> anyhow::Resul
                     Some(p) => format!("/admin/roleassignments?principalId={p}"),
                     None => "/admin/roleassignments".to_owned(),
                 };
-                api.call(Method::GET, &path, None).await?
+                api.list(&path).await?
             }
             AssignmentCommand::Create {
                 principal,
@@ -362,11 +401,8 @@ pub async fn run(connection: Connection, command: AdminCommand) -> anyhow::Resul
             }
         },
         AdminCommand::Apikey(c) => match c {
-            ApiKeyCommand::List => api.call(Method::GET, "/admin/apikeys", None).await?,
-            ApiKeyCommand::Overdue => {
-                api.call(Method::GET, "/admin/apikeys/overdue", None)
-                    .await?
-            }
+            ApiKeyCommand::List => api.list("/admin/apikeys").await?,
+            ApiKeyCommand::Overdue => api.list("/admin/apikeys/overdue").await?,
             ApiKeyCommand::Create {
                 name,
                 owner,
@@ -402,7 +438,7 @@ pub async fn run(connection: Connection, command: AdminCommand) -> anyhow::Resul
 async fn identity(api: &Api, command: IdentityCommand) -> anyhow::Result<Value> {
     let one = |id: &str| format!("/admin/identities/{id}");
     match command {
-        IdentityCommand::List => api.call(Method::GET, "/admin/identities", None).await,
+        IdentityCommand::List => api.list("/admin/identities").await,
         IdentityCommand::Show { id } => api.call(Method::GET, &one(&id), None).await,
         IdentityCommand::Create {
             kind,

@@ -101,7 +101,7 @@ fn read_json(path: &PathBuf) -> anyhow::Result<Value> {
 pub async fn run(connection: Connection, command: DeviceCommand) -> anyhow::Result<()> {
     let api = connection.admin().await?;
     let out = match command {
-        DeviceCommand::List => api.call(Method::GET, "/devices", None).await?,
+        DeviceCommand::List => api.list("/devices").await?,
         DeviceCommand::Show { id } => {
             api.call(Method::GET, &format!("/devices/{id}"), None)
                 .await?
@@ -183,7 +183,7 @@ pub async fn run(connection: Connection, command: DeviceCommand) -> anyhow::Resu
             )
             .await?
         }
-        DeviceCommand::Quarantine => api.call(Method::GET, "/quarantine", None).await?,
+        DeviceCommand::Quarantine => api.list("/quarantine").await?,
         DeviceCommand::Release { id } => {
             api.call(Method::POST, &format!("/quarantine/{id}/release"), None)
                 .await?

@@ -17,7 +17,7 @@ use twinguard_core::auth::Principal;
 use twinguard_core::error::DomainError;
 use twinguard_core::graph::Precondition;
 use twinguard_core::identity::Refusal;
-use twinguard_core::paging::ListPosition;
+use twinguard_core::paging::{KeyPosition, ListPosition};
 use twinguard_proto::{API_VERSIONS, CORRELATION_HEADER, ErrorCode};
 
 use crate::app::AppState;
@@ -223,6 +223,74 @@ fn list_position(token: Option<&str>, headers: &HeaderMap) -> Result<ListPositio
 /// a page ends early, and its next link continues, when its items would pass it.
 pub const MAX_LIST_PAGE_BYTES: usize = twinguard_core::query::limits::MAX_PAGE_BYTES;
 
+/// The query of a list request: a continuation token, and for the lists that have one a
+/// filter (carried over to the next link as the client wrote it).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListParams {
+    pub continuation_token: Option<String>,
+}
+
+/// Renders items one at a time until `size` items or [`MAX_LIST_PAGE_BYTES`] of JSON, whichever
+/// comes first (always at least one item); returns the page and how many items it took.
+fn render_page<'a, T: 'a>(
+    items: impl Iterator<Item = &'a T>,
+    render: impl Fn(&T) -> Result<Box<serde_json::value::RawValue>, serde_json::Error>,
+    size: usize,
+) -> Result<(Vec<Box<serde_json::value::RawValue>>, usize), ApiError> {
+    let mut page: Vec<Box<serde_json::value::RawValue>> = Vec::new();
+    let mut bytes = 0usize;
+    for item in items.take(size) {
+        let raw = render(item)
+            .map_err(|e| ApiError::internal(format!("a list item did not serialize: {e}")))?;
+        bytes = bytes.saturating_add(raw.get().len() + 1);
+        if bytes > MAX_LIST_PAGE_BYTES && !page.is_empty() {
+            break;
+        }
+        page.push(raw);
+    }
+    let taken = page.len();
+    Ok((page, taken))
+}
+
+/// The request again with `token` as its continuation token (and without the query parameters
+/// in `drop`, which the token replaces), on the server's public URL.
+fn next_link(
+    base: &crate::startup::PublicUrl,
+    uri: &axum::http::Uri,
+    drop: &[&str],
+    token: &str,
+) -> String {
+    let mut query: Vec<String> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| {
+            let name = p.split('=').next().unwrap_or("");
+            !p.is_empty() && name != "continuationToken" && !drop.contains(&name)
+        })
+        .map(str::to_owned)
+        .collect();
+    query.push(format!("continuationToken={token}"));
+    format!("{}{}?{}", base.as_str(), uri.path(), query.join("&"))
+}
+
+/// `{"nextLink": ..., "value": [...]}` from items that are already JSON: written as they are,
+/// not parsed back into a tree. Keys in the order clients have always seen.
+fn page_response(next_link: Option<String>, page: &[Box<serde_json::value::RawValue>]) -> Response {
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        #[serde(rename = "nextLink")]
+        next_link: Option<String>,
+        value: &'a [Box<serde_json::value::RawValue>],
+    }
+    axum::Json(Page {
+        next_link,
+        value: page,
+    })
+    .into_response()
+}
+
 /// One page of a list, as `{"value": [...], "nextLink": ...}`; the next link repeats the
 /// request with a continuation token, on the server's public URL (`base`), never on the host a
 /// client named. `render` turns one item into its wire form; only the page's items are
@@ -237,47 +305,101 @@ pub fn list_page<T, R: serde::Serialize>(
     uri: &axum::http::Uri,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let render = |item: &T| serde_json::value::to_raw_value(&render(item));
+    raw_list_page(items, render, token, base, uri, headers)
+}
+
+/// [`list_page`] of items that serialize as they are.
+pub fn serialized_list_page<T: serde::Serialize>(
+    items: &[T],
+    token: Option<&str>,
+    base: &crate::startup::PublicUrl,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    raw_list_page(
+        items,
+        serde_json::value::to_raw_value,
+        token,
+        base,
+        uri,
+        headers,
+    )
+}
+
+fn raw_list_page<T>(
+    items: &[T],
+    render: impl Fn(&T) -> Result<Box<serde_json::value::RawValue>, serde_json::Error>,
+    token: Option<&str>,
+    base: &crate::startup::PublicUrl,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let position = list_position(token, headers)?;
-    let offset = position.offset();
-    let last = offset.saturating_add(position.size()).min(items.len());
-    let mut page: Vec<Box<serde_json::value::RawValue>> = Vec::new();
-    let mut bytes = 0usize;
-    let mut end = offset.min(last);
-    for item in items.get(end..last).unwrap_or(&[]) {
-        let raw = serde_json::value::to_raw_value(&render(item))
-            .map_err(|e| ApiError::internal(format!("a list item did not serialize: {e}")))?;
-        bytes = bytes.saturating_add(raw.get().len() + 1);
-        if bytes > MAX_LIST_PAGE_BYTES && !page.is_empty() {
-            break;
+    let offset = position.offset().min(items.len());
+    let (page, taken) = render_page(
+        items.get(offset..).unwrap_or(&[]).iter(),
+        render,
+        position.size(),
+    )?;
+    let end = offset + taken;
+    let next_link =
+        (end < items.len()).then(|| next_link(base, uri, &[], &position.at(end).token()));
+    Ok(page_response(next_link, &page))
+}
+
+/// A page of a keyed list (see [`KeyPosition`]): where it starts, from the continuation token
+/// or else from the request's `max-items-per-page` (a list may also take a legacy size, such as
+/// the quarantine's `limit`, when no header is sent).
+pub fn key_position(
+    token: Option<&str>,
+    headers: &HeaderMap,
+    legacy_size: Option<usize>,
+) -> Result<(Option<String>, usize), ApiError> {
+    match token {
+        Some(token) => KeyPosition::parse(token)
+            .map(|p| (Some(p.after().to_owned()), p.size()))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadRequest,
+                    "the continuation token is not valid",
+                )
+            }),
+        None => {
+            let size = match (headers.contains_key("max-items-per-page"), legacy_size) {
+                (false, Some(n)) => n.clamp(1, MAX_PAGE_SIZE),
+                _ => page_size(headers)?,
+            };
+            Ok((None, size))
         }
-        page.push(raw);
-        end += 1;
     }
-    let next_link = (end < items.len()).then(|| {
-        let mut query: Vec<String> = uri
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter(|p| !p.is_empty() && !p.starts_with("continuationToken="))
-            .map(str::to_owned)
-            .collect();
-        let token = position.at(end).token();
-        query.push(format!("continuationToken={token}"));
-        format!("{}{}?{}", base.as_str(), uri.path(), query.join("&"))
-    });
-    // The items are already JSON: written as they are, not parsed back into a tree. Keys in the
-    // order clients have always seen (`nextLink`, then `value`).
-    #[derive(serde::Serialize)]
-    struct Page<'a> {
-        #[serde(rename = "nextLink")]
-        next_link: Option<String>,
-        value: &'a [Box<serde_json::value::RawValue>],
-    }
-    Ok(axum::Json(Page {
-        next_link,
-        value: &page,
-    })
-    .into_response())
+}
+
+/// One page of a keyed list: `items` are the page's candidates in key order, read with one
+/// more than `size` so the lister knows whether more follow. The page is cut like
+/// [`list_page`]'s; the next link starts after the last item sent, and replaces the query
+/// parameters in `replaces` (a legacy cursor and size).
+pub fn keyed_list_page<T: serde::Serialize>(
+    items: &[T],
+    key: impl Fn(&T) -> &str,
+    size: usize,
+    base: &crate::startup::PublicUrl,
+    uri: &axum::http::Uri,
+    replaces: &[&str],
+) -> Result<Response, ApiError> {
+    let (page, taken) = render_page(items.iter(), serde_json::value::to_raw_value, size)?;
+    let next_link = if taken < items.len() {
+        let last = items
+            .get(taken.saturating_sub(1))
+            .map(&key)
+            .and_then(|k| KeyPosition::new(k, size))
+            .ok_or_else(|| ApiError::internal("a list item has a key no token can carry"))?;
+        Some(next_link(base, uri, replaces, &last.token()))
+    } else {
+        None
+    };
+    Ok(page_response(next_link, &page))
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -278,7 +278,8 @@ impl Directory {
         caller.authorize_instance(Action::KeysWrite)?;
         let state = self.read_state()?;
         let mut keys: Vec<ApiKey> = state.api_keys.values().map(|r| r.key.clone()).collect();
-        keys.sort_by_key(|k| k.created_at);
+        // A total order, so pages neither repeat nor skip.
+        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(keys)
     }
 

@@ -1117,7 +1117,8 @@ impl Directory {
         caller.authorize_instance(Action::IdentitiesRead)?;
         let state = self.read_state()?;
         let mut out: Vec<Identity> = state.records.values().map(|r| r.identity.clone()).collect();
-        out.sort_by_key(|a| a.name.to_lowercase());
+        // A total order (names are unique, ids break any tie), so pages neither repeat nor skip.
+        out.sort_by(|a, b| (a.name.to_lowercase(), &a.id).cmp(&(b.name.to_lowercase(), &b.id)));
         Ok(out)
     }
 

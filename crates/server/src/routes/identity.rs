@@ -3,7 +3,7 @@
 //! Access is decided by the directory; these handlers only translate.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Caller, JsonBody, Path, PeerAddress, Query};
+use crate::http::{Caller, JsonBody, ListParams, Path, PeerAddress, Query, serialized_list_page};
 
 /// Runs a directory call that hashes a password (argon2) on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -29,12 +29,25 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-fn list(value: Value) -> Response {
-    axum::Json(json!({ "value": value })).into_response()
-}
-
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// One page of an administration list, cut like the ADT lists (`http::list_page`).
+fn page<T: serde::Serialize>(
+    state: &AppState,
+    items: &[T],
+    params: &ListParams,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    serialized_list_page(
+        items,
+        params.continuation_token.as_deref(),
+        &state.public_url,
+        uri,
+        headers,
+    )
 }
 
 // ---- identities ----
@@ -42,9 +55,12 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
 pub async fn list_identities(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
     let all = state.tokens.directory().identities(&caller)?;
-    Ok(list(to_value(&all)))
+    page(&state, &all, &params, &uri, &headers)
 }
 
 pub async fn get_identity(
@@ -239,8 +255,15 @@ pub async fn revoke_certificate(
 
 // ---- roles ----
 
-pub async fn list_roles(State(state): State<AppState>, Caller(_): Caller) -> ApiResult<Response> {
-    Ok(list(to_value(&state.tokens.directory().roles()?)))
+pub async fn list_roles(
+    State(state): State<AppState>,
+    Caller(_): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Response> {
+    let all = state.tokens.directory().roles()?;
+    page(&state, &all, &params, &uri, &headers)
 }
 
 pub async fn get_role(
@@ -289,18 +312,24 @@ pub async fn delete_role(
 #[serde(rename_all = "camelCase")]
 pub struct AssignmentFilter {
     principal_id: Option<String>,
+    continuation_token: Option<String>,
 }
 
 pub async fn list_assignments(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
     Query(filter): Query<AssignmentFilter>,
 ) -> ApiResult<Response> {
     let all = state
         .tokens
         .directory()
         .assignments(&caller, filter.principal_id.as_deref())?;
-    Ok(list(to_value(&all)))
+    let params = ListParams {
+        continuation_token: filter.continuation_token,
+    };
+    page(&state, &all, &params, &uri, &headers)
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,18 +382,24 @@ fn created_key(created: CreatedKey) -> Response {
 pub async fn list_api_keys(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
-    Ok(list(to_value(&state.tokens.directory().api_keys(&caller)?)))
+    let all = state.tokens.directory().api_keys(&caller)?;
+    page(&state, &all, &params, &uri, &headers)
 }
 
 /// Keys past their rotation date that still work and have no successor.
 pub async fn overdue_api_keys(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
-    Ok(list(to_value(
-        &state.tokens.directory().overdue_api_keys(&caller)?,
-    )))
+    let all = state.tokens.directory().overdue_api_keys(&caller)?;
+    page(&state, &all, &params, &uri, &headers)
 }
 
 /// 201 with the key's description and the key itself, shown this once.

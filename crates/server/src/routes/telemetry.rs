@@ -4,7 +4,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
@@ -19,13 +19,28 @@ use twinguard_telemetry::{Transport, Verdict};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Caller, JsonBody, Path, Query};
+use crate::http::{
+    Caller, JsonBody, ListParams, Path, Query, key_position, keyed_list_page, serialized_list_page,
+};
 
 /// Most messages in one batch request.
 pub const MAX_BATCH: usize = 1_000;
 
-fn list<T: serde::Serialize>(items: &[T]) -> Response {
-    axum::Json(json!({ "value": items })).into_response()
+/// One page of a device-plane administration list, cut like the ADT lists (`http::list_page`).
+fn page<T: serde::Serialize>(
+    state: &AppState,
+    items: &[T],
+    params: &ListParams,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    serialized_list_page(
+        items,
+        params.continuation_token.as_deref(),
+        &state.public_url,
+        uri,
+        headers,
+    )
 }
 
 // ---- device plane ----
@@ -112,8 +127,12 @@ pub async fn ingest(
 pub async fn list_devices(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
-    Ok(list(&state.telemetry.devices(&caller)?))
+    let all = state.telemetry.devices(&caller)?;
+    page(&state, &all, &params, &uri, &headers)
 }
 
 pub async fn get_device(
@@ -176,8 +195,12 @@ pub async fn change_status(
 pub async fn list_firmware(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
-    Ok(list(&state.telemetry.firmware(&caller)?))
+    let all = state.telemetry.firmware(&caller)?;
+    page(&state, &all, &params, &uri, &headers)
 }
 
 pub async fn put_firmware(
@@ -196,8 +219,12 @@ pub async fn put_firmware(
 pub async fn list_policies(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
-    Ok(list(&state.telemetry.policies(&caller)?))
+    let all = state.telemetry.policies(&caller)?;
+    page(&state, &all, &params, &uri, &headers)
 }
 
 pub async fn put_policy(
@@ -222,8 +249,12 @@ pub async fn delete_policy(
 pub async fn list_groups(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
-    Ok(list(&state.telemetry.groups(&caller)?))
+    let all = state.telemetry.groups(&caller)?;
+    page(&state, &all, &params, &uri, &headers)
 }
 
 pub async fn put_group(
@@ -248,22 +279,40 @@ pub async fn delete_group(
 // ---- quarantine ----
 
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct QuarantineQuery {
     status: Option<Review>,
+    /// Start after this record (the first page of a legacy client; the next link carries a
+    /// continuation token instead).
     after: Option<String>,
+    /// Records in the page when no `max-items-per-page` is sent (legacy).
     limit: Option<usize>,
+    continuation_token: Option<String>,
 }
 
+/// Quarantined readings with one status, oldest first, paged by key: a reviewed record leaves
+/// the pending list, so the next page starts after the last record sent, not at an offset.
 pub async fn list_quarantine(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
+    headers: HeaderMap,
     Query(q): Query<QuarantineQuery>,
 ) -> ApiResult<Response> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
+    let (token_after, size) = key_position(q.continuation_token.as_deref(), &headers, q.limit)?;
+    let after = token_after.or(q.after);
+    // One more than the page, to know whether another follows.
     let items = state
         .telemetry
-        .quarantine(&caller, q.status, q.after.as_deref(), limit)?;
-    Ok(list(&items))
+        .quarantine(&caller, q.status, after.as_deref(), size + 1)?;
+    keyed_list_page(
+        &items,
+        |r| r.id.as_str(),
+        size,
+        &state.public_url,
+        &uri,
+        &["after", "limit"],
+    )
 }
 
 pub async fn get_quarantined(

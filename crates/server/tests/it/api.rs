@@ -553,3 +553,124 @@ async fn a_list_of_large_items_is_paged_under_the_byte_cap_and_loses_nothing() {
     assert_eq!(seen.len(), 200, "every relationship once");
     assert!(pages >= 2, "{pages} page(s)");
 }
+
+/// Follows a list's next links from `path` with `max-items-per-page: size`: every page's
+/// bytes and the IDs (`key`) of its items, in order.
+async fn walk_list(
+    server: &TestServer,
+    token: &str,
+    path: &str,
+    size: usize,
+    key: &str,
+) -> (Vec<usize>, Vec<String>) {
+    let mut url = server.url(path);
+    let (mut pages, mut ids) = (Vec::new(), Vec::new());
+    loop {
+        let r = server
+            .client
+            .get(&url)
+            .bearer_auth(token)
+            .header("max-items-per-page", size.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        let bytes = r.bytes().await.unwrap();
+        pages.push(bytes.len());
+        let page: Value = serde_json::from_slice(&bytes).unwrap();
+        let items = page["value"].as_array().unwrap();
+        assert!(
+            items.len() <= size,
+            "{} items in a page of {size}",
+            items.len()
+        );
+        ids.extend(items.iter().map(|i| i[key].as_str().unwrap().to_owned()));
+        match page["nextLink"].as_str() {
+            Some(next) => url = next.to_owned(),
+            None => return (pages, ids),
+        }
+    }
+}
+
+#[tokio::test]
+async fn administration_lists_are_paged_under_the_byte_cap_every_item_once_and_forged_tokens_get_400()
+ {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    // Issue 17: 300 firmware allowlists of 230 digests (about 15.5 KB each, 4.6 MB in all).
+    let digests: Vec<String> = (0..230).map(|i| format!("{i:064x}")).collect();
+    for i in 0..300 {
+        let r = server
+            .admin_call(Method::PUT, &format!("/firmware/model-{i:03}"), &admin)
+            .json(&json!({ "digests": digests }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
+    let expected: Vec<String> = (0..300).map(|i| format!("model-{i:03}")).collect();
+    // Asked for in pages of 1,000: the byte cap ends each page, and nothing is lost or repeated.
+    let (pages, ids) = walk_list(&server, &admin, "/firmware", 1_000, "deviceModel").await;
+    assert_eq!(ids, expected, "every allowlist once, in order");
+    assert!(pages.len() >= 2, "{} page(s)", pages.len());
+    for bytes in &pages {
+        assert!(
+            *bytes <= twinguard_server::http::MAX_LIST_PAGE_BYTES + 1024,
+            "a page of {bytes} bytes"
+        );
+    }
+    // Without a size: pages of the default 100.
+    let first: Value = server
+        .admin_json(Method::GET, "/firmware", &admin, None)
+        .await;
+    assert_eq!(first["value"].as_array().unwrap().len(), 100);
+    assert!(first["nextLink"].as_str().is_some());
+    // A short page size walks a list of more items than a page: the roles, 3 at a time.
+    let all_roles: usize = {
+        let (_, ids) = walk_list(&server, &admin, "/admin/roles", 1_000, "id").await;
+        ids.len()
+    };
+    let (pages, ids) = walk_list(&server, &admin, "/admin/roles", 3, "id").await;
+    assert!(all_roles > 3 && pages.len() == all_roles.div_ceil(3));
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        all_roles,
+        "every role once"
+    );
+    // Tokens no list could have produced are refused on every paged administration list.
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    for path in [
+        "/admin/identities",
+        "/admin/roles",
+        "/admin/roleassignments",
+        "/admin/apikeys",
+        "/admin/apikeys/overdue",
+        "/devices",
+        "/firmware",
+        "/policies",
+        "/sensorgroups",
+        "/quarantine",
+    ] {
+        for forged in [
+            "garbage".to_owned(),
+            b64("o:0:n:100000"),
+            b64("o:-1:n:10"),
+            b64("k:../x:n:10"),
+            b64("k:a:n:0"),
+        ] {
+            let r = server
+                .admin_call(
+                    Method::GET,
+                    &format!("{path}?continuationToken={forged}"),
+                    &admin,
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{path} with {forged}");
+        }
+    }
+}
