@@ -233,6 +233,48 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    /// Ordered, not a scan of the table: a page costs its own size, so reading a large table a
+    /// page at a time (history reads) costs the table once, not once per page.
+    fn range_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tables = self
+            .tables
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        Ok(tables
+            .range((table, from.to_owned())..)
+            .take_while(|((t, _), _)| *t == table)
+            .take(limit)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    /// Ordered, as [`MemoryStore::range_from`].
+    fn range(
+        &self,
+        table: Table,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let tables = self
+            .tables
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        Ok(tables
+            .range((table, from.to_owned())..(table, to.to_owned()))
+            .take(limit)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {
             return Err(StoreError("commit refused (test failure injection)".into()));

@@ -223,6 +223,18 @@ impl HistoryStore {
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.merge()?;
+        self.merged_range(from, to, limit)
+    }
+
+    /// The records already merged into the history store with `from <= key < to`, in key order,
+    /// at most `limit`: one page of an ordered range read, without merging the log first (a
+    /// paged read merges once, then reads page after page).
+    pub fn merged_range(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.series.range(Table::History, from, to, limit)
     }
 

@@ -22,6 +22,7 @@ pub mod envelope;
 pub mod forecast;
 pub mod fusion;
 pub mod history;
+pub mod history_page;
 pub mod ingest;
 pub mod manage;
 pub mod nab;

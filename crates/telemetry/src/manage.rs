@@ -11,11 +11,10 @@ use twinguard_core::store::{Mutation, Table};
 
 use crate::envelope::{DeviceKey, generate_key};
 use crate::fusion::SensorGroup;
+use crate::history_page::{HistoryCursor, HistoryWindow, OpenBucket};
 use crate::ingest::rfc3339_ms;
 use crate::policy::Policy;
-use crate::records::{
-    Bucket, HistoryEntry, Quarantined, Review, downsample, history_bound, history_entry,
-};
+use crate::records::{Bucket, HistoryEntry, Quarantined, Review, history_bound, history_entry};
 use crate::registry::{Binding, Device, FirmwareList, Status, check_device_id};
 use crate::service::{Telemetry, put};
 
@@ -80,15 +79,33 @@ pub struct HistoryQuery {
     pub limit: usize,
 }
 
-/// Most readings one history read returns.
+/// Most readings one history page returns (and the largest `limit`).
 pub const MAX_HISTORY: usize = 10_000;
-/// Most readings a downsampled history read summarises.
-pub const MAX_DOWNSAMPLED: usize = 1_000_000;
+/// Most buckets one summarised history page returns: with about 150 bytes a bucket, well under
+/// [`MAX_HISTORY_PAGE_BYTES`].
+pub const MAX_HISTORY_BUCKETS: usize = 10_000;
+/// Most stored readings one history page reads; the next page continues after them.
+pub const MAX_HISTORY_SCAN: usize = 100_000;
+/// Serialized bytes of one history page's readings: the page ends before they would pass it
+/// (it always holds one reading).
+pub const MAX_HISTORY_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Stored readings read from the history store at a time, within a page.
+const HISTORY_CHUNK: usize = 1_000;
 /// History reads one principal may run at once; one more is refused with `Busy` (429).
 pub const MAX_HISTORY_READS_PER_PRINCIPAL: usize = 2;
-/// History reads the server runs at once in all: each may hold up to [`MAX_DOWNSAMPLED`]
-/// stored readings while it summarises them.
+/// History reads the server runs at once in all: each holds at most a page
+/// ([`MAX_HISTORY_PAGE_BYTES`] of readings or [`MAX_HISTORY_BUCKETS`] buckets, and a chunk of
+/// [`HISTORY_CHUNK`] stored rows).
 pub const MAX_HISTORY_READS: usize = 4;
+
+/// One page of a history read and where the next continues (`None` on the last page).
+#[derive(Debug)]
+pub struct HistoryPage {
+    pub history: History,
+    pub next: Option<HistoryCursor>,
+    /// Stored readings this page read.
+    pub scanned: usize,
+}
 
 fn not_found(kind: &'static str, id: &str) -> DomainError {
     DomainError::NotFound {
@@ -637,8 +654,9 @@ impl Telemetry {
 
     // ---- history ----
 
-    /// Accepted readings of `twin`'s `name` with `from_ms <= time < to_ms`, raw or in buckets
-    /// of `interval_ms`. The caller must be allowed to read the twin.
+    /// The first page of the accepted readings of `twin`'s `name` with
+    /// `from_ms <= time < to_ms`, raw or in buckets of `interval_ms` (see
+    /// [`Telemetry::history_page`]); `truncated` says whether more pages follow.
     pub fn history(
         &self,
         caller: &Principal,
@@ -646,6 +664,24 @@ impl Telemetry {
         name: &str,
         query: HistoryQuery,
     ) -> DomainResult<History> {
+        Ok(self.history_page(caller, twin, name, query, None)?.history)
+    }
+
+    /// One page of a history read, continuing after `cursor` (from the page before, checked with
+    /// [`HistoryCursor::parse`]). A page reads at most [`MAX_HISTORY_SCAN`] stored readings, an
+    /// ordered range read a chunk at a time, and returns at most `limit` readings (at most
+    /// [`MAX_HISTORY`]) in at most [`MAX_HISTORY_PAGE_BYTES`] of JSON, or at most
+    /// [`MAX_HISTORY_BUCKETS`] finished buckets; a bucket still open when the page ends travels
+    /// in the cursor and is returned whole by the page that finishes it. The caller must be
+    /// allowed to read the twin.
+    pub fn history_page(
+        &self,
+        caller: &Principal,
+        twin: &str,
+        name: &str,
+        query: HistoryQuery,
+        cursor: Option<HistoryCursor>,
+    ) -> DomainResult<HistoryPage> {
         let HistoryQuery {
             from_ms,
             to_ms,
@@ -669,56 +705,122 @@ impl Telemetry {
                 "from must be earlier than to".into(),
             ));
         }
-        let cap = match interval_ms {
-            Some(i) if i <= 0 => {
-                return Err(DomainError::InvalidArgument(
-                    "interval must be positive".into(),
-                ));
-            }
-            Some(_) => MAX_DOWNSAMPLED,
-            None => limit.clamp(1, MAX_HISTORY),
+        if matches!(interval_ms, Some(i) if i <= 0) {
+            return Err(DomainError::InvalidArgument(
+                "interval must be positive".into(),
+            ));
+        }
+        let limit = limit.clamp(1, MAX_HISTORY);
+        let end = history_bound(twin, name, to_ms);
+        let (mut from, mut open) = match cursor {
+            Some(c) => (format!("{}\u{0}", c.after), c.bucket),
+            None => (history_bound(twin, name, from_ms), None),
         };
-        let rows = self
-            .inner
-            .history
-            .range(
-                &history_bound(twin, name, from_ms),
-                &history_bound(twin, name, to_ms),
-                cap + 1,
-            )
-            .map_err(|_| DomainError::Unavailable)?;
-        let truncated = rows.len() > cap;
-        let entries: Vec<(i64, HistoryEntry)> = rows
-            .into_iter()
-            .take(cap)
-            .filter_map(|(key, bytes)| history_entry(&key, &bytes))
-            .collect();
-        let mut history = History {
-            twin: twin.to_owned(),
-            name: name.to_owned(),
-            readings: None,
-            buckets: None,
-            truncated,
-        };
-        match interval_ms {
-            None => history.readings = Some(entries.into_iter().map(|(_, e)| e).collect()),
-            Some(interval) => {
-                let points: Vec<(i64, f64)> = entries
-                    .iter()
-                    .filter_map(|(time_ms, e)| Some((*time_ms, e.value.as_f64()?)))
-                    .collect();
-                history.buckets = Some(
-                    downsample(&points, from_ms, interval)
-                        .into_iter()
-                        .map(|(start, mut b)| {
-                            b.start = rfc3339_ms(start);
-                            b
-                        })
-                        .collect(),
-                );
+        let unavailable = |_| DomainError::Unavailable;
+        // Every reading committed before the read is in the history store from here on.
+        self.inner.history.merge().map_err(unavailable)?;
+        let mut readings: Vec<HistoryEntry> = Vec::new();
+        let mut buckets: Vec<Bucket> = Vec::new();
+        let (mut scanned, mut bytes, mut more) = (0usize, 0usize, false);
+        let mut last: Option<String> = None;
+        'read: loop {
+            // One row past the scan bound, to know whether the history goes on.
+            let chunk = HISTORY_CHUNK.min(MAX_HISTORY_SCAN - scanned + 1);
+            let rows = self
+                .inner
+                .history
+                .merged_range(&from, &end, chunk)
+                .map_err(unavailable)?;
+            let Some((tail, _)) = rows.last() else {
+                break;
+            };
+            from = format!("{tail}\u{0}");
+            for (key, value) in rows {
+                if scanned == MAX_HISTORY_SCAN {
+                    more = true;
+                    break 'read;
+                }
+                let entry = history_entry(&key, &value);
+                match (interval_ms, entry) {
+                    (None, Some((_, entry))) => {
+                        if readings.len() == limit {
+                            more = true;
+                            break 'read;
+                        }
+                        let size = serde_json::to_vec(&entry).map_or(0, |b| b.len() + 1);
+                        if bytes + size > MAX_HISTORY_PAGE_BYTES && !readings.is_empty() {
+                            more = true;
+                            break 'read;
+                        }
+                        bytes += size;
+                        readings.push(entry);
+                    }
+                    (Some(interval), Some((time_ms, entry))) => {
+                        if let Some(v) = entry.value.as_f64() {
+                            let start =
+                                from_ms + (time_ms - from_ms).div_euclid(interval) * interval;
+                            match &mut open {
+                                Some(b) if b.start_ms == start => b.add(v),
+                                _ => {
+                                    if buckets.len() == MAX_HISTORY_BUCKETS {
+                                        more = true;
+                                        break 'read;
+                                    }
+                                    if let Some(done) = open.replace(OpenBucket::new(start, v)) {
+                                        buckets.push(done.finish(rfc3339_ms));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // An unreadable record is read, counted and left out.
+                    (_, None) => {}
+                }
+                scanned += 1;
+                last = Some(key);
             }
         }
-        Ok(history)
+        let next = match (more, last) {
+            (true, Some(after)) => Some(HistoryCursor {
+                after,
+                bucket: open.take(),
+            }),
+            _ => None,
+        };
+        if let Some(done) = open {
+            buckets.push(done.finish(rfc3339_ms));
+        }
+        let history = History {
+            twin: twin.to_owned(),
+            name: name.to_owned(),
+            readings: interval_ms.is_none().then_some(readings),
+            buckets: interval_ms.is_some().then_some(buckets),
+            truncated: next.is_some(),
+        };
+        Ok(HistoryPage {
+            history,
+            next,
+            scanned,
+        })
+    }
+
+    /// Checks a history continuation token against the read it continues.
+    pub fn history_cursor(
+        token: &str,
+        twin: &str,
+        name: &str,
+        query: &HistoryQuery,
+    ) -> Option<HistoryCursor> {
+        HistoryCursor::parse(
+            token,
+            HistoryWindow {
+                twin,
+                name,
+                from_ms: query.from_ms,
+                to_ms: query.to_ms,
+                interval_ms: query.interval_ms,
+            },
+        )
     }
 }
 

@@ -346,6 +346,7 @@ pub async fn review(
 // ---- history and status ----
 
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HistoryParams {
     /// RFC 3339; default one hour before `to`.
     from: Option<String>,
@@ -354,6 +355,8 @@ pub struct HistoryParams {
     /// Bucket width in seconds for downsampling.
     interval: Option<f64>,
     limit: Option<usize>,
+    /// Where the page continues (from the page before's `nextLink`).
+    continuation_token: Option<String>,
 }
 
 fn parse_time(text: &str, name: &str) -> Result<i64, ApiError> {
@@ -365,6 +368,7 @@ fn parse_time(text: &str, name: &str) -> Result<i64, ApiError> {
 pub async fn history(
     State(state): State<AppState>,
     Caller(caller): Caller,
+    uri: Uri,
     Path((twin, name)): Path<(String, String)>,
     Query(p): Query<HistoryParams>,
 ) -> ApiResult<Response> {
@@ -378,7 +382,7 @@ pub async fn history(
         None => to_ms - 3_600_000,
     };
     let interval_ms = match p.interval {
-        Some(s) if s.is_finite() && s > 0.0 => Some((s * 1000.0).max(1.0) as i64),
+        Some(s) if s.is_finite() && s > 0.0 => Some((s * 1000.0).round().max(1.0) as i64),
         Some(_) => {
             return Err(ApiError::invalid_argument(
                 "interval must be positive seconds",
@@ -392,13 +396,65 @@ pub async fn history(
         interval_ms,
         limit: p.limit.unwrap_or(1_000),
     };
+    let cursor = match p.continuation_token.as_deref() {
+        None => None,
+        Some(token) => Some(
+            twinguard_telemetry::Telemetry::history_cursor(token, &twin, &name, &query)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::BadRequest,
+                        "the continuation token is not valid",
+                    )
+                })?,
+        ),
+    };
     // A history read first merges the log (it may wait for a merge already running).
     let telemetry = state.telemetry.clone();
-    let history =
-        tokio::task::spawn_blocking(move || telemetry.history(&caller, &twin, &name, query))
-            .await
-            .map_err(|e| ApiError::internal(format!("history task failed: {e}")))??;
-    Ok(axum::Json(history).into_response())
+    let page = tokio::task::spawn_blocking(move || {
+        telemetry.history_page(&caller, &twin, &name, query, cursor)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("history task failed: {e}")))??;
+    // The next link names the window exactly (`to` defaults to now, which moves) and the token.
+    let next_link = page.next.map(|cursor| {
+        let mut link = format!(
+            "{}{}?from={}&to={}&limit={}",
+            state.public_url.as_str(),
+            uri.path(),
+            rfc3339_ms(query.from_ms),
+            rfc3339_ms(query.to_ms),
+            query.limit,
+        );
+        if let Some(interval) = query.interval_ms {
+            link.push_str(&format!("&interval={}", interval as f64 / 1000.0));
+        }
+        link.push_str(&format!("&continuationToken={}", cursor.token()));
+        link
+    });
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        #[serde(flatten)]
+        history: &'a twinguard_telemetry::manage::History,
+        #[serde(rename = "nextLink")]
+        next_link: Option<String>,
+    }
+    Ok(axum::Json(Page {
+        history: &page.history,
+        next_link,
+    })
+    .into_response())
+}
+
+/// RFC 3339 with milliseconds, UTC, as the history's times are written.
+fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// Properties whose quality is not good, for operators and for command approval.

@@ -4,6 +4,7 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod attacks;
+mod history_pages;
 mod pipeline;
 mod poisoning;
 mod wycheproof_ed25519;
