@@ -88,6 +88,10 @@ pub(super) struct Compiler<'a> {
     budget: Budget,
 }
 
+/// Work units charged per enum value: its name's uniqueness, its value's type and its value's
+/// uniqueness.
+pub const ENUM_VALUE_UNITS: usize = 3;
+
 /// Own and inherited contents by name, each with its identity.
 type Flat = BTreeMap<String, Content>;
 
@@ -324,9 +328,15 @@ impl<'a> Compiler<'a> {
                     Val::Prim(p) => Some(*p),
                     _ => None,
                 });
+                // Linear in the values (hash sets), and charged before it runs: a unit each for
+                // the name's and the value's uniqueness and one for the value's type, so a
+                // huge enum is refused at the work limit, not worked through.
+                let values = node.nodes("enumValues").count();
+                self.budget
+                    .charge(ENUM_VALUE_UNITS.saturating_mul(values))?;
                 self.unique_names(node.nodes("enumValues"), "enumValues")?;
                 // Compared by their JSON text, which is canonical for integers and strings.
-                let mut seen: HashSet<String> = HashSet::new();
+                let mut seen: HashSet<String> = HashSet::with_capacity(values);
                 for n in node.nodes("enumValues") {
                     for v in self.node(n).get("enumValue") {
                         if let Val::Literal(lit) = v {
@@ -352,7 +362,7 @@ impl<'a> Compiler<'a> {
     }
 
     fn unique_names(&self, items: impl Iterator<Item = usize>, what: &str) -> Res<()> {
-        let mut seen = BTreeSet::new();
+        let mut seen = HashSet::new();
         for n in items {
             if let Some(name) = self.node(n).str("name")
                 && !seen.insert(name)

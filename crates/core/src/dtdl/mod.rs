@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+pub use compile::ENUM_VALUE_UNITS;
 pub use model::*;
 pub use values::ValueError;
 

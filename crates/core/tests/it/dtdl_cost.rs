@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use twinguard_core::auth::{DATA_OWNER, MODEL_UPLOADER, Principal};
 use twinguard_core::clock::SystemClock;
-use twinguard_core::dtdl::{DEFAULT_WORK_LIMIT, ParseOptions, Schema, compile};
+use twinguard_core::dtdl::{DEFAULT_WORK_LIMIT, ENUM_VALUE_UNITS, ParseOptions, Schema, compile};
 use twinguard_core::dtmi::Dtmi;
 use twinguard_core::graph::ops::MAX_STORED_EXPANSION;
 use twinguard_core::graph::{Precondition, WriteOp};
@@ -344,4 +344,48 @@ fn an_upload_over_a_stored_lattice_looks_each_stored_interface_up_a_bounded_numb
     // Two more layers of three interfaces add 6 interfaces (a third more): the look-ups may
     // grow as much, not by the factor of 9 the extra paths through the lattice would give.
     assert!(large <= small * 2, "look-ups grew from {small} to {large}");
+}
+
+/// An interface with one property whose schema is an enum of `n` string values.
+fn enum_model(n: usize) -> Value {
+    let values: Vec<Value> = (0..n)
+        .map(|i| json!({"name": format!("v{i}"), "enumValue": format!("value-{i}")}))
+        .collect();
+    json!({"@context": "dtmi:dtdl:context;3", "@id": "dtmi:cost:Enum;1", "@type": "Interface",
+        "contents": [{"@type": "Property", "name": "state",
+            "schema": {"@type": "Enum", "valueSchema": "string", "enumValues": values}}]})
+}
+
+#[test]
+fn enum_uniqueness_is_charged_per_value_linearly_and_a_huge_enum_is_refused_at_the_limit() {
+    // Issue 17 (suspected): the enum name and value uniqueness checks. They use hash sets and are
+    // charged ENUM_VALUE_UNITS a value before they run.
+    let work: Vec<usize> = [1_000, 10_000, 100_000]
+        .iter()
+        .map(|&n| work_for(&[enum_model(n)]))
+        .collect();
+    eprintln!("enum compile work for 1k, 10k, 100k values: {work:?}");
+    for (n, w) in [1_000, 10_000, 100_000].iter().zip(&work) {
+        assert!(*w >= ENUM_VALUE_UNITS * n, "{n} values cost {w} units");
+    }
+    // Linear: ten times the values, ten times the extra work (within 10 %).
+    let per_value_small = (work[1] - work[0]) as f64 / 9_000.0;
+    let per_value_large = (work[2] - work[1]) as f64 / 90_000.0;
+    assert!(
+        (per_value_large / per_value_small - 1.0).abs() < 0.1,
+        "work per value {per_value_small} then {per_value_large}"
+    );
+    // Under a limit below its charge, the enum is refused before it is checked, naming the limit.
+    let refused = compile(
+        &[enum_model(100_000)],
+        &|_| None,
+        &ParseOptions::strict(),
+        ENUM_VALUE_UNITS * 100_000 - 1,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains(&(ENUM_VALUE_UNITS * 100_000 - 1).to_string()),
+        "{refused}"
+    );
 }
