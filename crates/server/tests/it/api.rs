@@ -673,4 +673,24 @@ async fn administration_lists_are_paged_under_the_byte_cap_every_item_once_and_f
             assert_eq!(r.status(), 400, "{path} with {forged}");
         }
     }
+    // A history token must name a reading of this twin's property inside the window read.
+    let other = twinguard_telemetry::history_page::HistoryCursor {
+        after: twinguard_telemetry::records::history_key("other", "level", 1_000, "d", 1),
+        bucket: None,
+    }
+    .token();
+    for forged in ["garbage".to_owned(), other] {
+        let r = server
+            .admin_call(
+                Method::GET,
+                &format!(
+                    "/history/tank/level?from=1970-01-01T00:00:00Z&continuationToken={forged}"
+                ),
+                &admin,
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "history with {forged}");
+    }
 }
