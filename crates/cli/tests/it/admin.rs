@@ -201,3 +201,51 @@ async fn a_person_enrols_totp_at_the_terminal() {
         .count();
     assert_eq!(codes, 10, "{rest}");
 }
+
+#[tokio::test]
+async fn the_command_line_follows_next_links_and_prints_whole_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let token = server.admin_token(dir.path()).await;
+    // More custom roles than the server's default page of 100.
+    for i in 0..120 {
+        let body = serde_json::json!({"name": format!("reader-{i:03}"), "description": "",
+            "actions": ["Microsoft.DigitalTwins/digitaltwins/read"]});
+        let r = server
+            .request(&token, reqwest::Method::POST, "/admin/roles", body)
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+    }
+    let first_page: Value = server
+        .client
+        .get(server.url("/admin/roles"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first_page["value"].as_array().unwrap().len(), 100);
+    assert!(first_page["nextLink"].is_string());
+    let listed = json(&twinguard(dir.path(), &["role", "list"], None));
+    let names: std::collections::BTreeSet<&str> = listed["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    for i in 0..120 {
+        assert!(
+            names.contains(format!("reader-{i:03}").as_str()),
+            "reader-{i:03}"
+        );
+    }
+    assert_eq!(
+        listed["value"].as_array().unwrap().len(),
+        names.len(),
+        "none twice"
+    );
+    assert!(listed.get("nextLink").is_none(), "one list, as before");
+}
