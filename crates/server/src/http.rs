@@ -378,11 +378,13 @@ pub fn key_position(
 
 /// One page of a keyed list: `items` are the page's candidates in key order, read with one
 /// more than `size` so the lister knows whether more follow. The page is cut like
-/// [`list_page`]'s; the next link starts after the last item sent, and replaces the query
-/// parameters in `replaces` (a legacy cursor and size).
+/// [`list_page`]'s; the next link starts after the last item sent, or, when every item fits and
+/// the lister stopped reading early (`resume`, the last key it read), after that; it replaces
+/// the query parameters in `replaces` (a legacy cursor and size).
 pub fn keyed_list_page<T: serde::Serialize>(
     items: &[T],
     key: impl Fn(&T) -> &str,
+    resume: Option<&str>,
     size: usize,
     base: &crate::startup::PublicUrl,
     uri: &axum::http::Uri,
@@ -396,6 +398,10 @@ pub fn keyed_list_page<T: serde::Serialize>(
             .and_then(|k| KeyPosition::new(k, size))
             .ok_or_else(|| ApiError::internal("a list item has a key no token can carry"))?;
         Some(next_link(base, uri, replaces, &last.token()))
+    } else if let Some(resume) = resume {
+        let position = KeyPosition::new(resume, size)
+            .ok_or_else(|| ApiError::internal("a list key no token can carry"))?;
+        Some(next_link(base, uri, replaces, &position.token()))
     } else {
         None
     };

@@ -98,6 +98,19 @@ pub const MAX_HISTORY_READS_PER_PRINCIPAL: usize = 2;
 /// [`HISTORY_CHUNK`] stored rows).
 pub const MAX_HISTORY_READS: usize = 4;
 
+/// Most quarantine records one quarantine page reads, whatever their status.
+pub const MAX_QUARANTINE_SCAN: usize = 10_000;
+
+/// A page of the quarantine list.
+#[derive(Debug)]
+pub struct QuarantinePage {
+    /// The records found, in key order.
+    pub items: Vec<Quarantined>,
+    /// Set when the scan bound ended the page before `limit` records were found: the last key
+    /// read, after which the next page starts.
+    pub resume_after: Option<String>,
+}
+
 /// One page of a history read and where the next continues (`None` on the last page).
 #[derive(Debug)]
 pub struct HistoryPage {
@@ -509,33 +522,69 @@ impl Telemetry {
         after: Option<&str>,
         limit: usize,
     ) -> DomainResult<Vec<Quarantined>> {
+        Ok(self.quarantine_page(caller, status, after, limit)?.items)
+    }
+
+    /// Up to `limit` quarantined readings with `status` (default pending) after the key
+    /// `after`, in key (arrival) order, reading at most [`MAX_QUARANTINE_SCAN`] records: decided
+    /// records are read and skipped, so a long history of them does not make one page read them
+    /// all. When the scan bound ends the page, `resume_after` is the last key read.
+    pub fn quarantine_page(
+        &self,
+        caller: &Principal,
+        status: Option<Review>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> DomainResult<QuarantinePage> {
         caller.authorize_instance(Action::QuarantineReview)?;
         let status = status.unwrap_or(Review::Pending);
         let mut from = after.map(|a| format!("{a}\u{0}")).unwrap_or_default();
-        let mut out = Vec::new();
-        // Read in pages so a long history of decided records does not load at once.
-        loop {
+        let mut items = Vec::new();
+        let mut scanned = 0usize;
+        // Read in store pages so a long history of decided records does not load at once.
+        while scanned < MAX_QUARANTINE_SCAN {
             let page = self
                 .inner
                 .store
-                .range(Table::Quarantine, &from, "\u{7f}", 1_000)
+                .range(
+                    Table::Quarantine,
+                    &from,
+                    "\u{7f}",
+                    1_000.min(MAX_QUARANTINE_SCAN - scanned),
+                )
                 .map_err(|_| DomainError::Unavailable)?;
             let Some((last, _)) = page.last() else {
-                break;
+                return Ok(QuarantinePage {
+                    items,
+                    resume_after: None,
+                });
             };
             from = format!("{last}\u{0}");
-            for (_, bytes) in &page {
+            for (key, bytes) in &page {
+                scanned += 1;
                 if let Ok(q) = serde_json::from_slice::<Quarantined>(bytes)
                     && q.status == status
                 {
-                    out.push(q);
-                    if out.len() >= limit {
-                        return Ok(out);
+                    items.push(q);
+                    if items.len() >= limit {
+                        return Ok(QuarantinePage {
+                            items,
+                            resume_after: None,
+                        });
                     }
+                }
+                if scanned == MAX_QUARANTINE_SCAN {
+                    return Ok(QuarantinePage {
+                        items,
+                        resume_after: Some(key.clone()),
+                    });
                 }
             }
         }
-        Ok(out)
+        Ok(QuarantinePage {
+            items,
+            resume_after: None,
+        })
     }
 
     pub fn quarantined(&self, caller: &Principal, id: &str) -> DomainResult<Quarantined> {

@@ -302,12 +302,13 @@ pub async fn list_quarantine(
     let (token_after, size) = key_position(q.continuation_token.as_deref(), &headers, q.limit)?;
     let after = token_after.or(q.after);
     // One more than the page, to know whether another follows.
-    let items = state
+    let page = state
         .telemetry
-        .quarantine(&caller, q.status, after.as_deref(), size + 1)?;
+        .quarantine_page(&caller, q.status, after.as_deref(), size + 1)?;
     keyed_list_page(
-        &items,
+        &page.items,
         |r| r.id.as_str(),
+        page.resume_after.as_deref(),
         size,
         &state.public_url,
         &uri,

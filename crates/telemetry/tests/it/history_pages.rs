@@ -2,15 +2,16 @@
 //! stored readings, returns at most its limit of readings in at most `MAX_HISTORY_PAGE_BYTES`,
 //! or at most `MAX_HISTORY_BUCKETS` buckets, and the continuation cursor loses nothing: a
 //! bucket left open travels in it. Counted (stored readings read, items, bytes), never timed.
+//! The quarantine list's page reads a bounded number of records too.
 
 use serde_json::{Value, json};
 use twinguard_core::store::{Mutation, Store, Table};
 use twinguard_telemetry::history_page::HistoryCursor;
 use twinguard_telemetry::manage::{
     HistoryPage, HistoryQuery, MAX_HISTORY, MAX_HISTORY_BUCKETS, MAX_HISTORY_PAGE_BYTES,
-    MAX_HISTORY_SCAN,
+    MAX_HISTORY_SCAN, MAX_QUARANTINE_SCAN,
 };
-use twinguard_telemetry::records::{StoredReading, downsample, history_key};
+use twinguard_telemetry::records::{Quarantined, Review, StoredReading, downsample, history_key};
 
 use super::pipeline::{Plant, T0};
 
@@ -145,4 +146,65 @@ async fn a_history_page_of_large_readings_stays_under_the_byte_cap() {
     }
     assert!(all.len() >= 3, "{} page(s)", all.len());
     assert_eq!(seqs, (0..3_000).collect::<Vec<_>>());
+}
+
+/// Stores quarantine records with keys `q{i:08}` for `range`, with `status`.
+fn store_quarantined(plant: &Plant, range: std::ops::Range<u32>, status: Review) {
+    let rows: Vec<Mutation> = range
+        .map(|i| {
+            let id = format!("q{i:08}");
+            let record = Quarantined {
+                id: id.clone(),
+                device: "dev-1".into(),
+                seq: u64::from(i),
+                twin: Some("boiler-1".into()),
+                name: "temperature".into(),
+                value: json!(500.0),
+                source_time: "2027-01-15T08:00:00Z".into(),
+                received: "2027-01-15T08:00:00Z".into(),
+                reasons: vec!["above_max".into()],
+                anomaly_score: None,
+                status,
+                decided_by: None,
+                decided_at: None,
+            };
+            Mutation::put(Table::Quarantine, id, serde_json::to_vec(&record).unwrap())
+        })
+        .collect();
+    plant.store.commit(&rows).unwrap();
+}
+
+#[tokio::test]
+async fn a_quarantine_page_reads_a_bounded_number_of_records_however_many_are_decided() {
+    // 25,000 discarded records, then 5 pending ones: a page of pending readings reads at most
+    // MAX_QUARANTINE_SCAN records and says where to resume, and the pages find all five.
+    let plant = Plant::new().await;
+    store_quarantined(&plant, 0..25_000, Review::Discarded);
+    store_quarantined(&plant, 25_000..25_005, Review::Pending);
+    let mut after: Option<String> = None;
+    let mut found = Vec::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        let page = plant
+            .telemetry
+            .quarantine_page(&plant.admin, None, after.as_deref(), 100)
+            .unwrap();
+        found.extend(page.items.iter().map(|q| q.id.clone()));
+        match page.resume_after {
+            Some(key) => {
+                let read = key[1..].parse::<usize>().unwrap() + 1
+                    - after
+                        .as_deref()
+                        .map_or(0, |a| a[1..].parse::<usize>().unwrap() + 1);
+                assert_eq!(read, MAX_QUARANTINE_SCAN, "records read by one page");
+                after = Some(key);
+            }
+            None => break,
+        }
+        assert!(pages < 10);
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (25_000..25_005).map(|i| format!("q{i:08}")).collect();
+    assert_eq!(found, expected);
 }
