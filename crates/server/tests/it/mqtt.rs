@@ -639,6 +639,42 @@ async fn with_the_client_id_leaked_every_reading_reaches_the_twin_or_has_no_rece
 }
 
 #[tokio::test]
+async fn a_session_wiped_under_twinguards_id_is_reported_lost_and_twinguard_subscribes_again() {
+    let topics = Topics::new();
+    let server = TestServer::start_with(|c| c.mqtt = Some(topics.config(BROKER))).await;
+    let keys = provision(&server.state, &["dev-a"]).await;
+    wait_ready(&server).await;
+    // With the leaked ID and a clean start, the attacker discards twinguard's session, its
+    // subscription and anything queued in it.
+    let leaked = client_id(server.dir.path());
+    end_session(&leaked, 1883).await;
+    let mqtt = server.state.mqtt.clone().unwrap();
+    eventually("the lost session reported", || {
+        mqtt.detail()["sessionsLost"].as_u64() >= Some(1)
+    })
+    .await;
+    eventually("twinguard subscribed again", || mqtt.subscribed()).await;
+    assert_eq!(
+        mqtt.detail()["lastTakeover"]["evidence"],
+        "session_not_present",
+        "{}",
+        mqtt.detail()
+    );
+    let mut devices = Devices::start(1883, &format!("{}/#", topics.receipts()), None).await;
+    let sent = sign_readings(&keys, 3);
+    devices
+        .publish(&topics, &sent.iter().collect::<Vec<_>>())
+        .await;
+    let state = server.state.clone();
+    eventually("readings after the loss in the history", || {
+        history(&state, "dev-a").len() == 3
+    })
+    .await;
+    devices.stop();
+    end_session(&leaked, 1883).await;
+}
+
+#[tokio::test]
 async fn a_data_dir_with_the_old_derivable_session_is_drained_and_switches_to_a_random_id() {
     let topics = Topics::new();
     let dir = TempDir::new().unwrap();
