@@ -25,6 +25,32 @@ struct Cli {
     command: Command,
 }
 
+/// `serve`'s MQTT options (boxed: they would make every `Command` as big).
+#[derive(Debug, clap::Args)]
+struct MqttArgs {
+    /// Take signed telemetry from this MQTT broker: mqtt://HOST:PORT or mqtts://HOST:PORT.
+    #[arg(long, env = "TWINGUARD_MQTT_URL")]
+    mqtt_url: Option<String>,
+    /// Topic filter to subscribe to.
+    #[arg(long, default_value = "twinguard/telemetry/#")]
+    mqtt_topic: String,
+    /// CA certificate (PEM) the broker's certificate must chain to (mqtts).
+    #[arg(long)]
+    mqtt_ca: Option<PathBuf>,
+    /// User name to log in to the broker with (credentials go only over mqtts:// or to a
+    /// loopback broker).
+    #[arg(long, env = "TWINGUARD_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// File whose first line is the broker password (never the password itself on the
+    /// command line).
+    #[arg(long, env = "TWINGUARD_MQTT_PASSWORD_FILE", requires = "mqtt_username")]
+    mqtt_password_file: Option<PathBuf>,
+    /// Topic prefix of the signed receipts twinguard publishes for each message it decided on:
+    /// PREFIX/DEVICE (see docs/telemetry-format.md).
+    #[arg(long, default_value = twinguard_server::mqtt::receipt::DEFAULT_PREFIX)]
+    mqtt_receipt_topic: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Initialise the data directory if needed, then serve the API over HTTPS.
@@ -68,15 +94,8 @@ enum Command {
             default_value = "127.0.0.1:8444"
         )]
         device_listen: String,
-        /// Take signed telemetry from this MQTT broker: mqtt://HOST:PORT or mqtts://HOST:PORT.
-        #[arg(long, env = "TWINGUARD_MQTT_URL")]
-        mqtt_url: Option<String>,
-        /// Topic filter to subscribe to.
-        #[arg(long, default_value = "twinguard/telemetry/#")]
-        mqtt_topic: String,
-        /// CA certificate (PEM) the broker's certificate must chain to (mqtts).
-        #[arg(long)]
-        mqtt_ca: Option<PathBuf>,
+        #[command(flatten)]
+        mqtt: Box<MqttArgs>,
         /// Keep accepted readings in the history for this many days after their measurement
         /// time, then remove them (checked every minute). Without it history is kept for ever.
         #[arg(long, env = "TWINGUARD_HISTORY_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
@@ -293,9 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             siem_server_name,
             siem_format,
             device_listen,
-            mqtt_url,
-            mqtt_topic,
-            mqtt_ca,
+            mqtt,
             history_retention_days,
             public_url,
             dangerous_unbounded_resources,
@@ -338,12 +355,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .map_err(|_| anyhow::anyhow!("--device-listen must be HOST:PORT or off"))?,
                 ),
             };
+            let MqttArgs {
+                mqtt_url,
+                mqtt_topic,
+                mqtt_ca,
+                mqtt_username,
+                mqtt_password_file,
+                mqtt_receipt_topic,
+            } = *mqtt;
             let mqtt = mqtt_url.map(|url| twinguard_server::mqtt::MqttConfig {
                 url,
                 topic: mqtt_topic,
                 ca: mqtt_ca,
-                // The instance ID, filled in at start: a stable persistent session.
-                client_id: String::new(),
+                username: mqtt_username,
+                password_file: mqtt_password_file,
+                receipt_prefix: mqtt_receipt_topic,
             });
             runtime.block_on(async {
                 let app = Application::build(&ServeConfig {

@@ -43,6 +43,8 @@ pub struct AppState {
     /// Where clients reach the API; every link handed out is built from it, never from a
     /// request's `Host` or `:authority`.
     pub public_url: Arc<crate::startup::PublicUrl>,
+    /// The MQTT link's state (takeover evidence), when a broker is configured.
+    pub mqtt: Option<Arc<crate::mqtt::MqttStatus>>,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.

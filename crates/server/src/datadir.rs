@@ -11,6 +11,9 @@
 //! DIR/tls/server.pem, server-key.pem  the API certificate and key (0600)
 //! DIR/secrets/token-keys.json      the Ed25519 token signing keys, rotated (0600)
 //! DIR/secrets/admin-client.json     {"client_id","client_secret","token_endpoint"} (0600)
+//! DIR/secrets/mqtt-receipt-key      the Ed25519 key MQTT receipts are signed with (0600)
+//! DIR/mqtt/session.json             the MQTT session's random client ID (0600)
+//! DIR/mqtt/receipt-key.jwk          the receipt key's public JWK, for devices (0600)
 //! ```
 
 use std::fs;
@@ -74,6 +77,17 @@ impl DataDir {
     }
     pub fn admin_client(&self) -> PathBuf {
         self.root.join("secrets/admin-client.json")
+    }
+    /// `DIR/<name>`, created owner-only (0700) if missing.
+    pub fn private_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let path = self.root.join(name);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
+        Ok(path)
     }
     fn instance_file(&self) -> PathBuf {
         self.root.join("instance.json")

@@ -121,7 +121,7 @@ pub struct Application {
     local_addr: SocketAddr,
     /// The device plane's listener, if configured.
     device_listener: Option<std::net::TcpListener>,
-    mqtt: Option<crate::mqtt::MqttConfig>,
+    mqtt: Option<crate::mqtt::Prepared>,
     tls: RustlsConfig,
     state: AppState,
     data_dir: DataDir,
@@ -254,16 +254,19 @@ impl Application {
             }
             None => None,
         };
+        let mqtt = config
+            .mqtt
+            .clone()
+            .map(|m| crate::mqtt::Prepared::new(m, &data_dir, &instance.instance_id))
+            .transpose()?;
+        let mqtt_status = mqtt
+            .as_ref()
+            .map(|_| Arc::new(crate::mqtt::MqttStatus::default()));
         let app = Self {
             listener,
             local_addr,
             device_listener,
-            mqtt: config.mqtt.clone().map(|mut m| {
-                if m.client_id.is_empty() {
-                    m.client_id = format!("twinguard-{}", instance.instance_id);
-                }
-                m
-            }),
+            mqtt,
             tls,
             state: AppState {
                 service: Arc::new(service),
@@ -279,6 +282,7 @@ impl Application {
                 audit,
                 telemetry,
                 public_url: Arc::new(public_url),
+                mqtt: mqtt_status,
             },
             data_dir,
             siem: config.siem.clone(),
@@ -442,8 +446,16 @@ impl Application {
                 }
             }
         });
-        if let Some(mqtt) = self.mqtt {
-            crate::mqtt::spawn(mqtt, self.state.telemetry.clone())?;
+        if let (Some(mqtt), Some(status)) = (self.mqtt, self.state.mqtt.clone()) {
+            crate::mqtt::spawn(
+                mqtt,
+                crate::mqtt::MqttContext {
+                    data_dir: self.data_dir.clone(),
+                    telemetry: self.state.telemetry.clone(),
+                    audit: self.state.audit.clone(),
+                    status,
+                },
+            )?;
         }
         if let Some(listener) = self.device_listener {
             let devices = crate::app::device_router(self.state.clone());

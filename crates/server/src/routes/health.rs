@@ -1,5 +1,7 @@
 //! Anonymous probes: `/healthz` (the process runs) and `/readyz` (the store accepts writes, the
-//! audit trail records, and its disk has room).
+//! audit trail records, and its disk has room). `/readyz` also carries an `mqtt` detail when a
+//! broker is configured: connected or not, and any evidence that another client took
+//! twinguard's session (informational: the HTTP API stays ready).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -18,12 +20,15 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     // Not ready before the audit log's disk fills: appends would fail closed then.
     let disk = state.audit.disk_ok();
     let word = |ok: bool| if ok { "ok" } else { "failing" };
-    let body = json!({
+    let mut body = json!({
         "status": if store && audit && disk { "ready" } else { "not ready" },
         "store": word(store),
         "audit": word(audit),
         "auditDisk": if disk { "ok" } else { "low" },
     });
+    if let Some(mqtt) = &state.mqtt {
+        body["mqtt"] = mqtt.detail();
+    }
     if store && audit && disk {
         (StatusCode::OK, axum::Json(body))
     } else {

@@ -45,6 +45,13 @@ impl TestServer {
 
     /// A server on the data directory `dir` (which may be, say, a small file system of its own).
     pub async fn start_in(dir: TempDir, adjust: impl FnOnce(&mut ServeConfig)) -> Self {
+        let app = Self::build_in(&dir, adjust);
+        Self::run(app, dir)
+    }
+
+    /// The application on `dir`, built but not yet serving: a test may prepare what must be
+    /// there before the server runs (see [`TestServer::run`]).
+    pub fn build_in(dir: &TempDir, adjust: impl FnOnce(&mut ServeConfig)) -> Application {
         let mut config = ServeConfig {
             data_dir: dir.path().to_owned(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
@@ -60,7 +67,11 @@ impl TestServer {
             dangerous_unbounded_resources: false,
         };
         adjust(&mut config);
-        let app = Application::build(&config).unwrap();
+        Application::build(&config).unwrap()
+    }
+
+    /// Serves `app`, built on `dir` by [`TestServer::build_in`].
+    pub fn run(app: Application, dir: TempDir) -> Self {
         // The listener itself: a configured public URL need not resolve here.
         let base = app.listener_url();
         let device_base = format!("https://{}", app.device_addr().unwrap());

@@ -10,4 +10,5 @@ mod auth;
 mod connections;
 mod identity;
 mod kit;
+mod mqtt;
 mod outputs;

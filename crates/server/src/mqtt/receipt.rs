@@ -1,0 +1,186 @@
+//! Receipts: what twinguard, not the broker, decided about a device's message. After a message
+//! is ingested and its outcome is durable, twinguard publishes a COSE_Sign1 receipt on
+//! `<prefix>/<device>`, signed with its own receipt key. A broker that acknowledged a message
+//! proves nothing (an attacker holding twinguard's session acknowledges too); a receipt that
+//! verifies with the receipt key does. A device re-sends each message until it holds a receipt
+//! for its `seq` (see docs/telemetry-format.md).
+//!
+//! Only messages whose signature verified get a receipt: the outcome names a device and a
+//! sequence number only then, so nobody can make twinguard sign a statement about a message the
+//! device did not sign.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use coset::{CoseSign1Builder, HeaderBuilder, TaggedCborSerializable, iana};
+use ed25519_dalek::{Signer, SigningKey};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use twinguard_telemetry::envelope::{DeviceKey, generate_key, signing_key_from_pem};
+use twinguard_telemetry::{Outcome, Verdict};
+
+use crate::datadir::{DataDir, write_private};
+
+/// The default topic prefix receipts are published under.
+pub const DEFAULT_PREFIX: &str = "twinguard/receipts";
+
+/// The receipt key: private in `secrets/mqtt-receipt-key` (PKCS#8 PEM, 0600), public as a JWK in
+/// `mqtt/receipt-key.jwk` for devices and anyone else who checks receipts.
+pub struct ReceiptKey {
+    key: SigningKey,
+    /// The RFC 7638 thumbprint of the public key: the receipts' `kid`.
+    kid: String,
+}
+
+impl std::fmt::Debug for ReceiptKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiptKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn private_path(data_dir: &DataDir) -> PathBuf {
+    data_dir.root().join("secrets/mqtt-receipt-key")
+}
+
+pub fn public_path(data_dir: &DataDir) -> PathBuf {
+    data_dir.root().join("mqtt/receipt-key.jwk")
+}
+
+impl ReceiptKey {
+    /// Loads the receipt key, creating it (and its public JWK) at first use.
+    pub fn load_or_create(data_dir: &DataDir) -> anyhow::Result<Self> {
+        let private = private_path(data_dir);
+        if !private.exists() {
+            let (_, pem) = generate_key().context("generating the MQTT receipt key")?;
+            write_private(&private, pem.as_bytes())?;
+            tracing::info!(path = %private.display(), "created the MQTT receipt key");
+        }
+        let pem = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&private)
+                .with_context(|| format!("reading {}", private.display()))?,
+        );
+        let key = signing_key_from_pem(&pem).context("the MQTT receipt key")?;
+        let public = DeviceKey::from_bytes(key.verifying_key().as_bytes())
+            .context("the MQTT receipt key's public half")?;
+        let kid = public.thumbprint();
+        let mut jwk = public.to_jwk();
+        jwk["kid"] = kid.clone().into();
+        jwk["alg"] = "EdDSA".into();
+        jwk["use"] = "sig".into();
+        write_if_changed(&public_path(data_dir), &serde_json::to_vec_pretty(&jwk)?)?;
+        Ok(Self { key, kid })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The receipt for one message's outcome, if it has one (its signature verified).
+    pub fn receipt(&self, outcome: &Outcome, envelope: &[u8], time: &str) -> Option<Receipt> {
+        let device = outcome.device.as_ref()?;
+        let seq = outcome.seq?;
+        let body = Body {
+            device,
+            seq,
+            status: match outcome.status {
+                Verdict::Accepted => "accepted",
+                Verdict::Quarantined => "quarantined",
+                Verdict::Rejected => "rejected",
+            },
+            reason: outcome.reason,
+            time,
+            digest: serde_bytes(Sha256::digest(envelope).as_slice()),
+        };
+        let mut payload = Vec::new();
+        if let Err(e) = ciborium::into_writer(&body, &mut payload) {
+            tracing::error!(error = %e, "a receipt could not be encoded");
+            return None;
+        }
+        let protected = HeaderBuilder::new()
+            .algorithm(iana::Algorithm::EdDSA)
+            .key_id(self.kid.as_bytes().to_vec())
+            .content_type(RECEIPT_CONTENT_TYPE.to_owned())
+            .build();
+        let sign1 = CoseSign1Builder::new()
+            .protected(protected)
+            .payload(payload)
+            .create_signature(b"", |data| self.key.sign(data).to_bytes().to_vec())
+            .build();
+        match sign1.to_tagged_vec() {
+            Ok(bytes) => Some(Receipt {
+                device: device.clone(),
+                bytes,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "a receipt could not be encoded");
+                None
+            }
+        }
+    }
+}
+
+/// The COSE content type of a receipt's payload.
+pub const RECEIPT_CONTENT_TYPE: &str = "application/vnd.twinguard.receipt+cbor";
+
+/// A signed receipt ready to publish.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub device: String,
+    pub bytes: Vec<u8>,
+}
+
+/// A receipt's CBOR payload.
+#[derive(Serialize)]
+struct Body<'a> {
+    device: &'a str,
+    seq: u64,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    time: &'a str,
+    /// SHA-256 of the envelope as it arrived: binds the receipt to the exact message.
+    digest: ciborium::Value,
+}
+
+fn serde_bytes(bytes: &[u8]) -> ciborium::Value {
+    ciborium::Value::Bytes(bytes.to_vec())
+}
+
+/// The topic a device's receipts go to: `<prefix>/<device>`, the device ID with `%`, `/`, `+`,
+/// `#` and NUL percent-encoded, since a topic level cannot hold them.
+pub fn topic(prefix: &str, device: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1 + device.len());
+    out.push_str(prefix.trim_end_matches('/'));
+    out.push('/');
+    for c in device.chars() {
+        match c {
+            '%' | '/' | '+' | '#' | '\0' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn write_if_changed(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if std::fs::read(path).ok().as_deref() == Some(bytes) {
+        return Ok(());
+    }
+    write_private(path, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_device_id_becomes_one_topic_level() {
+        assert_eq!(topic("twinguard/receipts", "t1"), "twinguard/receipts/t1");
+        assert_eq!(
+            topic("twinguard/receipts/", "a/b+#%c"),
+            "twinguard/receipts/a%2Fb%2B%23%25c"
+        );
+    }
+}
