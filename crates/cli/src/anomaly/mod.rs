@@ -58,10 +58,11 @@ impl Corpus {
             }
             for file in read(&category)? {
                 let file = file?.path();
-                if let Some(name) = file.file_name().and_then(|n| n.to_str()) {
-                    if file.is_file() && name.ends_with(".csv") {
-                        out.push(format!("{category_name}/{name}"));
-                    }
+                if let Some(name) = file.file_name().and_then(|n| n.to_str())
+                    && file.is_file()
+                    && name.ends_with(".csv")
+                {
+                    out.push(format!("{category_name}/{name}"));
                 }
             }
         }

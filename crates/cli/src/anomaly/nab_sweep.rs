@@ -98,18 +98,18 @@ impl Corpus {
         let mut next_id = self.labelled_windows - windows.len() as u32;
         let mut registered: Option<u32> = None;
         for (i, (&time, &score)) in times.iter().zip(scores).enumerate() {
-            if let Some(&&(start, end)) = pending.peek() {
-                if time == start {
-                    pending.next();
-                    let left = i;
-                    let right = times
-                        .iter()
-                        .position(|&t| t == end)
-                        .unwrap_or_else(|| times.iter().rposition(|&t| t <= end).unwrap_or(left));
-                    let width = (right as f64 - left as f64) + 1.0;
-                    current = Some((next_id, right, width, end));
-                    next_id += 1;
-                }
+            if let Some(&&(start, end)) = pending.peek()
+                && time == start
+            {
+                pending.next();
+                let left = i;
+                let right = times
+                    .iter()
+                    .position(|&t| t == end)
+                    .unwrap_or_else(|| times.iter().rposition(|&t| t <= end).unwrap_or(left));
+                let width = (right as f64 - left as f64) + 1.0;
+                current = Some((next_id, right, width, end));
+                next_id += 1;
             }
             let (sweep, window) = match current {
                 Some((id, right, width, _)) => {
@@ -127,11 +127,11 @@ impl Corpus {
                 }
             };
             if i as f64 >= probation {
-                if let Some(id) = window {
-                    if registered != Some(id) {
-                        registered = Some(id);
-                        self.scored_windows += 1;
-                    }
+                if let Some(id) = window
+                    && registered != Some(id)
+                {
+                    registered = Some(id);
+                    self.scored_windows += 1;
                 }
                 self.points.push(Point {
                     score,
@@ -139,11 +139,11 @@ impl Corpus {
                     window,
                 });
             }
-            if let Some((_, right, width, end)) = current {
-                if time == end || i == right {
-                    previous = Some((i, width));
-                    current = None;
-                }
+            if let Some((_, right, width, end)) = current
+                && (time == end || i == right)
+            {
+                previous = Some((i, width));
+                current = None;
             }
         }
     }
@@ -203,11 +203,11 @@ impl Corpus {
                 Some(w) => {
                     counts.tp += 1;
                     counts.fn_ -= 1;
-                    if let Some(Some(part)) = parts.get_mut(w as usize) {
-                        if p.sweep > *part {
-                            total += p.sweep - *part;
-                            *part = p.sweep;
-                        }
+                    if let Some(Some(part)) = parts.get_mut(w as usize)
+                        && p.sweep > *part
+                    {
+                        total += p.sweep - *part;
+                        *part = p.sweep;
                     }
                 }
                 None => {
