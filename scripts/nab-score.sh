@@ -14,23 +14,29 @@
 # scored at that threshold, and the total is normalized against NAB's null detector (0) and a
 # perfect detector (100). Prints the standard, reward_low_FP_rate and reward_low_FN_rate scores.
 #
+# With --threshold T the optimize step is skipped: NAB scores every profile at the fixed threshold T
+# (run.py -d twinguard --score --normalize -t FILE, FILE naming T for twinguard). This is how the
+# held-out score is computed (scripts/nab-heldout.sh, docs/anomaly.md): no test label picks T.
+#
 # Python: a virtualenv (default <nab>/.venv, or --venv DIR) with the versions below, which run
 # NAB's scorer on Python 3.11 (NAB's requirements.txt pins pandas 0.23, which does not build there).
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 --nab NAB_CHECKOUT --results RESULTS_DIR [--venv DIR]" >&2
+    echo "usage: $0 --nab NAB_CHECKOUT --results RESULTS_DIR [--venv DIR] [--threshold T]" >&2
     exit 2
 }
 
 nab=""
 results=""
 venv=""
+threshold=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --nab) nab="${2:-}"; shift 2 ;;
         --results) results="${2:-}"; shift 2 ;;
         --venv) venv="${2:-}"; shift 2 ;;
+        --threshold) threshold="${2:-}"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "unknown argument: $1" >&2; usage ;;
     esac
@@ -61,7 +67,14 @@ cp -r "$results"/. "$nab/results/twinguard/"
 find "$nab/results/twinguard" -maxdepth 1 -name 'twinguard_*_scores.csv' -delete
 
 cd "$nab"
-"$venv/bin/python" run.py -d twinguard --optimize --score --normalize --skipConfirmation
+if [[ -n "$threshold" ]]; then
+    fixed="$nab/config/twinguard_fixed_thresholds.json"
+    "$venv/bin/python" -c 'import json, sys; json.dump({"twinguard": {p: {"threshold": float(sys.argv[1]), "score": None} for p in ("standard", "reward_low_FP_rate", "reward_low_FN_rate")}}, open(sys.argv[2], "w"))' "$threshold" "$fixed"
+    "$venv/bin/python" run.py -d twinguard --score --normalize --skipConfirmation -t "$fixed"
+    echo "threshold: fixed at $threshold for every profile (not optimized)"
+else
+    "$venv/bin/python" run.py -d twinguard --optimize --score --normalize --skipConfirmation
+fi
 "$venv/bin/python" - <<'EOF'
 import json
 scores = json.load(open("results/final_results.json"))["twinguard"]

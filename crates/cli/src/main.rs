@@ -171,6 +171,13 @@ enum AnomalyCommand {
     /// Score the Numenta Anomaly Benchmark corpus with the detector's one configuration and
     /// write NAB's results format (see docs/anomaly.md).
     Nab(anomaly::NabArgs),
+    /// Split NAB's files into two halves, stratified by category, from a seed (JSON).
+    Split(anomaly::SplitArgs),
+    /// Search the detector's configuration on some of NAB's files with a port of NAB's scorer.
+    Tune(anomaly::TuneArgs),
+    /// Score a configuration on some of NAB's files with the port of NAB's scorer (an estimate;
+    /// the reported numbers come from NAB's own scorer).
+    Evaluate(anomaly::EvaluateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -414,6 +421,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .block_on(demo::run(args))
         }
         Command::Anomaly(AnomalyCommand::Nab(args)) => anomaly::run_nab(args),
+        Command::Anomaly(AnomalyCommand::Split(args)) => anomaly::run_split(args),
+        Command::Anomaly(AnomalyCommand::Tune(args)) => anomaly::run_tune(args),
+        Command::Anomaly(AnomalyCommand::Evaluate(args)) => anomaly::run_evaluate(args),
         Command::Mfa(MfaCommand::Enroll(args)) => client_runtime()?.block_on(admin::enrol(args)),
         Command::Audit(AuditCommand::Verify {
             log,
