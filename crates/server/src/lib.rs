@@ -6,6 +6,7 @@
 //! - [`tokens`]: the OAuth 2.0 grants, JWT access tokens and revocation; [`refresh`]: rotating
 //!   refresh tokens.
 //! - [`datadir`]: what first start generates (CA, keys, the first admin credential).
+//! - [`egress`]: the allowlist every outbound connection goes through (NS-4).
 //! - [`mqtt`]: the MQTT subscriber feeding signed telemetry; the device plane's HTTPS
 //!   listener is [`app::device_router`].
 //! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share;
@@ -15,6 +16,7 @@ pub mod app;
 pub mod audit;
 pub mod connections;
 pub mod datadir;
+pub mod egress;
 pub mod error;
 pub mod external;
 pub mod http;
