@@ -33,8 +33,9 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-/// One page of an administration list, cut like the ADT lists (`http::list_page`).
-fn page<T: serde::Serialize>(
+/// One page of an administration list (identity or device plane), cut like the ADT lists
+/// (`http::list_page`).
+pub(crate) fn page<T: serde::Serialize>(
     state: &AppState,
     items: &[T],
     params: &ListParams,

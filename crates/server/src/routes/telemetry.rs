@@ -19,29 +19,12 @@ use twinguard_telemetry::{Transport, Verdict};
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{
-    Caller, JsonBody, ListParams, Path, Query, key_position, keyed_list_page, serialized_list_page,
-};
+use crate::http::{Caller, JsonBody, ListParams, Path, Query, key_position, keyed_list_page};
+
+use super::identity::page;
 
 /// Most messages in one batch request.
 pub const MAX_BATCH: usize = 1_000;
-
-/// One page of a device-plane administration list, cut like the ADT lists (`http::list_page`).
-fn page<T: serde::Serialize>(
-    state: &AppState,
-    items: &[T],
-    params: &ListParams,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> ApiResult<Response> {
-    serialized_list_page(
-        items,
-        params.continuation_token.as_deref(),
-        &state.public_url,
-        uri,
-        headers,
-    )
-}
 
 // ---- device plane ----
 
