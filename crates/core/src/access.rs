@@ -56,18 +56,79 @@ fn in_subtree(graph: &Graph, root: &str, names: &[String], twin: &str) -> bool {
     false
 }
 
+/// What a walk up from a twin found.
+enum Walk {
+    /// A twin known to be inside was reached; the twins of the path back to the start, from
+    /// the one next to it down to the start.
+    Found(Vec<Arc<str>>),
+    /// No twin known to be inside was reached; every twin visited.
+    NotFound(Vec<Arc<str>>),
+    /// The walk visited [`MAX_SUBTREE_WALK`] twins without an answer.
+    CutShort,
+}
+
+/// Walks up from `twin` along incoming relationships named `names`, depth first, until it
+/// reaches a twin `known` says is inside; twins it says are outside are not walked on. Each
+/// relationship looked at adds one to `steps`.
+///
+/// Which path is found does not depend on twins outside the subtree: their ancestors are all
+/// outside too, so walking them never reaches an inside twin, and no inside twin is reached
+/// through them, so the inside twins are visited in the same order with or without them.
+fn walk_up(
+    graph: &Graph,
+    names: &[String],
+    twin: &Arc<str>,
+    known: impl Fn(&str) -> Option<bool>,
+    steps: &Cell<u64>,
+) -> Walk {
+    // Each visited twin with the twin it was reached from.
+    let mut came_from: HashMap<Arc<str>, Option<Arc<str>>> = HashMap::new();
+    came_from.insert(twin.clone(), None);
+    let mut stack = vec![twin.clone()];
+    while let Some(id) = stack.pop() {
+        for rel in graph.incoming(&id) {
+            if !names.iter().any(|n| n.as_str() == &*rel.name) {
+                continue;
+            }
+            steps.set(steps.get() + 1);
+            let parent = &rel.source;
+            match known(parent) {
+                Some(true) => {
+                    let mut path = Vec::new();
+                    let mut at = Some(id.clone());
+                    while let Some(node) = at {
+                        at = came_from.get(&node).cloned().flatten();
+                        path.push(node);
+                    }
+                    return Walk::Found(path);
+                }
+                Some(false) => continue,
+                None => {}
+            }
+            if !came_from.contains_key(parent) {
+                if came_from.len() >= MAX_SUBTREE_WALK {
+                    return Walk::CutShort;
+                }
+                came_from.insert(parent.clone(), Some(id.clone()));
+                stack.push(parent.clone());
+            }
+        }
+    }
+    Walk::NotFound(came_from.into_keys().collect())
+}
+
 /// Subtree membership decided for one query, remembered so that each twin is walked from at
 /// most once and a walk stops at the first twin already decided: a scan of a containment chain
 /// of n twins takes O(n) steps, not O(n²).
 ///
 /// A walk that reaches the root marks every twin on the path it found as inside; a walk that
 /// ends without reaching it marks every twin it visited as outside (their upward closure holds
-/// no path to the root). Only the steps of a found path are *charged* (to the query's work
-/// budget): every twin on it is inside the subtree, and which path is found does not depend on
-/// twins outside it (their ancestors are all outside too, so exploring them never finds the
-/// root nor hides a path to it). The other steps, spent on twins the caller may not see, are
-/// counted in [`QueryScope::walk_steps`] but not charged, so the budget stays the same as in a
-/// graph without them; the query's deadline bounds them.
+/// no path to the root).
+///
+/// Deciding is not charged: a query asks about twins it then skips as hidden (the far end of a
+/// relationship from a visible twin to a hidden one is asked about before the relationship is
+/// skipped), so what the decisions cost depends on what the scope hides. The work budget is
+/// charged by [`ChargeMemo`] instead, for the twins the query examines as visible only.
 struct SubtreeMemo {
     decided: HashMap<Arc<str>, bool>,
 }
@@ -80,7 +141,6 @@ impl SubtreeMemo {
         names: &[String],
         twin: &Arc<str>,
         steps: &Cell<u64>,
-        charged: &Cell<u64>,
     ) -> bool {
         if &**twin == root {
             return true;
@@ -88,69 +148,104 @@ impl SubtreeMemo {
         if let Some(known) = self.decided.get(twin) {
             return *known;
         }
-        // Each visited twin with the twin it was reached from.
-        let mut came_from: HashMap<Arc<str>, Option<Arc<str>>> = HashMap::new();
-        came_from.insert(twin.clone(), None);
-        let mut stack = vec![twin.clone()];
-        while let Some(id) = stack.pop() {
-            for rel in graph.incoming(&id) {
-                if !names.iter().any(|n| n.as_str() == &*rel.name) {
-                    continue;
-                }
-                steps.set(steps.get() + 1);
-                let parent = &rel.source;
-                let known = if &**parent == root {
-                    Some(true)
-                } else {
-                    self.decided.get(parent).copied()
-                };
-                match known {
-                    Some(true) => {
-                        // The path back from `id` to `twin` is inside.
-                        let mut at = Some(id.clone());
-                        let mut length = 1;
-                        while let Some(node) = at {
-                            at = came_from.get(&node).cloned().flatten();
-                            self.decided.insert(node, true);
-                            length += 1;
-                        }
-                        charged.set(charged.get() + length - 1);
-                        return true;
-                    }
-                    Some(false) => continue,
-                    None => {}
-                }
-                if !came_from.contains_key(parent) {
-                    if came_from.len() >= MAX_SUBTREE_WALK {
-                        // Deny by default, and decide nothing: the walk was cut short.
-                        return false;
-                    }
-                    came_from.insert(parent.clone(), Some(id.clone()));
-                    stack.push(parent.clone());
-                }
+        let decided = &self.decided;
+        let known = |id: &str| {
+            if id == root {
+                Some(true)
+            } else {
+                decided.get(id).copied()
             }
+        };
+        match walk_up(graph, names, twin, known, steps) {
+            Walk::Found(path) => {
+                for node in path {
+                    self.decided.insert(node, true);
+                }
+                true
+            }
+            Walk::NotFound(visited) => {
+                for node in visited {
+                    self.decided.insert(node, false);
+                }
+                false
+            }
+            // Deny by default, and decide nothing: the walk was cut short.
+            Walk::CutShort => false,
         }
-        for (node, _) in came_from {
-            self.decided.insert(node, false);
-        }
-        false
     }
 }
 
+/// The subtree-walk steps charged to one query's work budget, for one subtree grant.
+///
+/// A twin the query examines as visible is charged the steps of a path from it up to the root
+/// or to a twin charged before, found by a walk that knows only the twins charged so far (and
+/// skips twins already decided outside): one step per twin newly charged, so a scan of a
+/// containment chain of n twins is charged n - 1 steps, whatever the order it examines them
+/// in. What is charged depends only on the twins the query examines as visible, in the order it
+/// examines them, and on the subtree itself, never on twins or relationships the caller may not
+/// see: a query is charged the same as in a graph without them (hidden equals absent). Twins the
+/// query asks about and skips as hidden, and the decision walks they cause, are not charged;
+/// the query's deadline bounds them.
+struct ChargeMemo {
+    charged: HashSet<Arc<str>>,
+}
+
+impl ChargeMemo {
+    fn charge(
+        &mut self,
+        graph: &Graph,
+        root: &str,
+        names: &[String],
+        twin: &Arc<str>,
+        decided: &HashMap<Arc<str>, bool>,
+        steps: &Cell<u64>,
+    ) -> u64 {
+        if &**twin == root || self.charged.contains(twin) {
+            return 0;
+        }
+        let charged = &self.charged;
+        let known = |id: &str| {
+            if id == root || charged.contains(id) {
+                Some(true)
+            } else if decided.get(id) == Some(&false) {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        match walk_up(graph, names, twin, known, steps) {
+            Walk::Found(path) => {
+                let length = u64::try_from(path.len()).unwrap_or(u64::MAX);
+                self.charged.extend(path);
+                length
+            }
+            Walk::NotFound(_) | Walk::CutShort => 0,
+        }
+    }
+}
+
+/// One subtree grant's memos.
+struct Memos {
+    decide: SubtreeMemo,
+    charge: ChargeMemo,
+}
+
 /// What one query by a scoped caller may see, decided once per twin and remembered for the
-/// query. Build one per query with [`Principal::query_scope`].
+/// query, and the subtree-walk steps it is charged. Build one per query with
+/// [`Principal::query_scope`].
 pub struct QueryScope<'a> {
     principal: &'a Principal,
     graph: &'a Graph,
-    /// One memo per grant (subtree grants use theirs).
-    memos: RefCell<Vec<SubtreeMemo>>,
+    /// One pair of memos per grant (subtree grants use theirs).
+    memos: RefCell<Vec<Memos>>,
     decided: RefCell<HashMap<Arc<str>, bool>>,
     steps: Cell<u64>,
     charged: Cell<u64>,
 }
 
 impl QueryScope<'_> {
-    /// Whether the caller may see `twin` in a query.
+    /// Whether the caller may see `twin` in a query. Deciding it is not charged (see
+    /// [`QueryScope::charge`]).
     pub fn visible(&self, twin: &Twin) -> bool {
         if let Some(known) = self.decided.borrow().get(&twin.id) {
             return *known;
@@ -162,20 +257,17 @@ impl QueryScope<'_> {
             .grants
             .iter()
             .zip(memos.iter_mut())
-            .any(|(grant, memo)| {
+            .any(|(grant, memos)| {
                 grant.actions.contains(Action::Query)
                     && match &grant.scope {
                         Scope::Subtree {
                             root,
                             relationships,
-                        } => memo.contains(
-                            graph,
-                            root,
-                            relationships,
-                            &twin.id,
-                            &self.steps,
-                            &self.charged,
-                        ),
+                        } => {
+                            memos
+                                .decide
+                                .contains(graph, root, relationships, &twin.id, &self.steps)
+                        }
                         scope => scope.covers_twin(graph, twin),
                     }
             });
@@ -183,13 +275,53 @@ impl QueryScope<'_> {
         seen
     }
 
-    /// Relationship steps taken by subtree walks so far, seen or not.
+    /// The subtree-walk steps to charge the query's work budget for examining `twin`, a twin
+    /// it may see (see [`ChargeMemo`]): the steps placing it in the subtree of the first grant
+    /// that shows it, when that is a subtree grant and it was not charged before; else 0.
+    pub fn charge(&self, twin: &Twin) -> u64 {
+        let mut memos = self.memos.borrow_mut();
+        let graph = self.graph;
+        for (grant, memos) in self.principal.grants.iter().zip(memos.iter_mut()) {
+            if !grant.actions.contains(Action::Query) {
+                continue;
+            }
+            match &grant.scope {
+                Scope::Subtree {
+                    root,
+                    relationships,
+                } => {
+                    let Memos { decide, charge } = memos;
+                    if !decide.contains(graph, root, relationships, &twin.id, &self.steps) {
+                        continue;
+                    }
+                    let steps = charge.charge(
+                        graph,
+                        root,
+                        relationships,
+                        &twin.id,
+                        &decide.decided,
+                        &self.steps,
+                    );
+                    self.charged.set(self.charged.get().saturating_add(steps));
+                    return steps;
+                }
+                scope => {
+                    if scope.covers_twin(graph, twin) {
+                        return 0;
+                    }
+                }
+            }
+        }
+        0
+    }
+
+    /// Relationship steps taken by subtree walks so far (deciding and charging), seen or not.
     pub fn walk_steps(&self) -> u64 {
         self.steps.get()
     }
 
-    /// The steps of [`QueryScope::walk_steps`] along paths inside the caller's scopes: what
-    /// the query's work budget is charged for.
+    /// The steps charged so far by [`QueryScope::charge`]: what the query's work budget is
+    /// charged for.
     pub fn charged_steps(&self) -> u64 {
         self.charged.get()
     }
@@ -310,8 +442,13 @@ impl Principal {
         let memos = self
             .grants
             .iter()
-            .map(|_| SubtreeMemo {
-                decided: HashMap::new(),
+            .map(|_| Memos {
+                decide: SubtreeMemo {
+                    decided: HashMap::new(),
+                },
+                charge: ChargeMemo {
+                    charged: HashSet::new(),
+                },
             })
             .collect();
         Some(QueryScope {

@@ -796,9 +796,9 @@ impl TwinService {
                 query::execute_bounded(&graph, &parsed, &text, offset, size, &|_| true, &bounds)
             }
             Some(scope) => {
-                // Each twin's visibility is decided once per page, and the subtree walks along
-                // paths the caller may see are charged to the work budget.
-                let steps = || scope.charged_steps();
+                // Each twin's visibility is decided once per page, and the subtree walks that
+                // place the twins the page examines as visible are charged to the work budget.
+                let steps = |t: &crate::graph::Twin| scope.charge(t);
                 let bounds = query::Bounds {
                     expired: &expired,
                     scope_steps: &steps,

@@ -30,9 +30,11 @@ pub struct Bounds<'a> {
     /// Whether the query's deadline has passed; asked every [`limits::DEADLINE_CHECK_UNITS`]
     /// work units and every [`limits::DEADLINE_CHECK_SKIPS`] entities skipped unseen.
     pub expired: &'a dyn Fn() -> bool,
-    /// Subtree-walk steps the caller's visibility check has taken along paths it may see so
-    /// far (`access::QueryScope::charged_steps`); each costs [`limits::WORK_PER_SCOPE_STEP`].
-    pub scope_steps: &'a dyn Fn() -> u64,
+    /// The subtree-walk steps to charge for examining a twin the caller may see
+    /// (`access::QueryScope::charge`); each costs [`limits::WORK_PER_SCOPE_STEP`]. Asked only
+    /// for twins the run examines as visible, never for those it skips, so that what is
+    /// charged does not depend on what the caller may not see.
+    pub scope_steps: &'a dyn Fn(&Twin) -> u64,
 }
 
 impl Default for Bounds<'_> {
@@ -41,7 +43,7 @@ impl Default for Bounds<'_> {
             max_work: limits::MAX_WORK,
             max_page_bytes: limits::MAX_PAGE_BYTES,
             expired: &|| false,
-            scope_steps: &|| 0,
+            scope_steps: &|_| 0,
         }
     }
 }
@@ -89,7 +91,7 @@ pub(crate) fn run(
         max_page_bytes: bounds.max_page_bytes,
         expired: bounds.expired,
         scope_steps: bounds.scope_steps,
-        settled_steps: 0,
+        charged_steps: 0,
         next_deadline_check: limits::DEADLINE_CHECK_UNITS,
         skips: 0,
         examined: 0,
@@ -125,7 +127,7 @@ pub(crate) fn run(
         parses: run.meter.parses.get(),
         parsed_bytes: run.meter.parsed_bytes.get(),
         page_bytes: u64::try_from(run.page_bytes).unwrap_or(u64::MAX),
-        scope_steps: run.settled_steps,
+        scope_steps: run.charged_steps,
         items: run.items,
     })
 }
@@ -139,9 +141,9 @@ struct Run<'a> {
     max_work: u64,
     max_page_bytes: usize,
     expired: &'a dyn Fn() -> bool,
-    scope_steps: &'a dyn Fn() -> u64,
-    /// The scope steps already charged.
-    settled_steps: u64,
+    scope_steps: &'a dyn Fn(&Twin) -> u64,
+    /// The scope steps charged so far.
+    charged_steps: u64,
     /// The work at which the deadline is asked next.
     next_deadline_check: u64,
     /// Entities skipped unseen (hidden twins and their relationships), which spend no work.
@@ -256,29 +258,55 @@ impl<'a> Run<'a> {
     /// those entities were absent.
     fn examine(&mut self) -> Result<(), QueryError> {
         self.examined += 1;
-        let steps = (self.scope_steps)();
-        let walked = steps.saturating_sub(self.settled_steps);
-        self.settled_steps = steps;
-        self.spend(
-            walked
-                .saturating_mul(limits::WORK_PER_SCOPE_STEP)
-                .saturating_add(limits::WORK_PER_ENTITY),
-        )
+        self.spend(limits::WORK_PER_ENTITY)
     }
 
-    /// Whether the caller may see `bound`, counting it as examined if so.
+    /// Charges the subtree-walk steps that place `twin`, a twin the run examines as visible, in
+    /// the caller's scope. Only twins examined as visible are charged, in the order they are
+    /// examined: a twin asked about only on the way to skipping something hidden (the visible
+    /// end of a relationship to a hidden twin) is not, so the steps charged are those of a
+    /// graph without the hidden entities.
+    fn charge_scope(&mut self, twin: &Twin) -> Result<(), QueryError> {
+        let steps = (self.scope_steps)(twin);
+        if steps == 0 {
+            return Ok(());
+        }
+        self.charged_steps = self.charged_steps.saturating_add(steps);
+        self.spend(steps.saturating_mul(limits::WORK_PER_SCOPE_STEP))
+    }
+
+    /// [`Run::examine`] for a visible twin, with its scope steps.
+    fn examine_twin(&mut self, twin: &Twin) -> Result<(), QueryError> {
+        self.examine()?;
+        self.charge_scope(twin)
+    }
+
+    /// Whether the caller may see `bound`, counting it as examined (and charging the scope
+    /// steps of its twins) if so.
     fn examine_if_visible(&mut self, bound: &Bound<'a>) -> Result<bool, QueryError> {
         let visible = match bound {
             Bound::Twin(t, _) => self.twin_visible(t),
             Bound::Rel(r, _) => self.rel_visible(r),
             Bound::Unbound => false,
         };
-        if visible {
-            self.examine()?;
-        } else {
+        if !visible {
             self.skip_unseen()?;
+            return Ok(false);
         }
-        Ok(visible)
+        self.examine()?;
+        match bound {
+            Bound::Twin(t, _) => self.charge_scope(t)?,
+            Bound::Rel(r, _) => {
+                let graph = self.graph;
+                for id in [&r.source, &r.target] {
+                    if let Some(twin) = graph.twin(id) {
+                        self.charge_scope(twin)?;
+                    }
+                }
+            }
+            Bound::Unbound => {}
+        }
+        Ok(true)
     }
 
     fn twin_visible(&self, twin: &Twin) -> bool {
@@ -318,6 +346,7 @@ impl<'a> Run<'a> {
                     if !self.twin_visible(twin) {
                         continue;
                     }
+                    self.charge_scope(twin)?;
                     let bound = self.bind_twin(row, twin);
                     if self.bind_seed(row, *var, bound)? == Flow::Stop {
                         break;
@@ -440,7 +469,7 @@ impl<'a> Run<'a> {
                 self.skip_unseen()?;
                 continue;
             }
-            self.examine()?;
+            self.examine_twin(twin)?;
             if !name_allowed(&step.edge.names, rel) {
                 continue;
             }
@@ -486,7 +515,7 @@ impl<'a> Run<'a> {
                         self.skip_unseen()?;
                         continue;
                     }
-                    self.examine()?;
+                    self.examine_twin(twin)?;
                     if other == &*start.id
                         || !name_allowed(&step.edge.names, rel)
                         || !used.insert(Arc::as_ptr(rel))

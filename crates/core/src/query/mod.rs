@@ -68,7 +68,9 @@
 //!
 //! Hidden equals absent here too: a twin outside `visible`, and a relationship with such a twin
 //! at either end, is skipped before it is counted, so it adds nothing to the charge or to the
-//! work budget. The charge, the rows, the page boundaries, the continuation tokens and whether
+//! work budget. Subtree-walk steps are charged only for twins examined as visible (see
+//! [`Bounds::scope_steps`]): a visible twin asked about only on the way to skipping a
+//! relationship to a hidden one charges nothing then. The charge, the rows, the page boundaries, the continuation tokens and whether
 //! `QueryLimitExceeded` is reached are therefore the same as in a graph where those entities do
 //! not exist. What hidden entities still cost is wall-clock time: skipping one is a lookup and
 //! a visibility check, bounded by the relationships of the visible twins a walk reaches and by
@@ -139,8 +141,9 @@ pub struct QueryCost {
     /// Serialized bytes of the page's items with the commas between them (the `value` array
     /// without its brackets): at most [`limits::MAX_PAGE_BYTES`].
     pub page_bytes: u64,
-    /// Subtree-membership walk steps charged to the work budget: those along paths inside the
-    /// caller's scopes (`access::QueryScope`).
+    /// Subtree-membership walk steps charged to the work budget: those of the paths that place
+    /// the twins the page examined as visible in the caller's subtree scopes
+    /// (`access::QueryScope::charge`), each path charged up to a twin charged before.
     pub scope_steps: u64,
 }
 

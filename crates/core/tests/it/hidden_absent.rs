@@ -371,7 +371,7 @@ fn budgeted(graph: &Graph, who: &Principal, text: &str, page_size: usize, budget
     let page = match who.query_scope(graph) {
         None => query::execute_with_budget(graph, &parsed, text, 0, page_size, &|_| true, budget),
         Some(scope) => {
-            let steps = || scope.charged_steps();
+            let steps = |t: &Twin| scope.charge(t);
             let bounds = query::Bounds {
                 max_work: budget,
                 scope_steps: &steps,

@@ -362,7 +362,16 @@ async fn a_scoped_scan_of_a_containment_chain_walks_it_once_and_is_charged_for_t
         (N - 1) as u64,
         "each relationship walked once"
     );
+    assert_eq!(scope.charged_steps(), 0, "deciding is not charged");
+    for i in (0..N).rev() {
+        scope.charge(graph.twin(&format!("c{i}")).unwrap());
+    }
     assert_eq!(scope.charged_steps(), (N - 1) as u64);
+    assert_eq!(
+        scope.walk_steps(),
+        2 * (N - 1) as u64,
+        "each relationship walked once more to charge it"
+    );
 
     let page = service
         .query(&reader, &request("SELECT COUNT() FROM DIGITALTWINS", 10))
