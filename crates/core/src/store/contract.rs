@@ -9,6 +9,8 @@
 //!   Callers use U+001F as a separator inside keys, and [`super::for_each_record`] pages with
 //!   bounds that end in U+0000. A SQL backend therefore needs byte-ordered keys that can hold
 //!   U+0000 (`bytea`, not `text`).
+//! - **Keys** are up to 2 KiB long (a relationship key holds two IDs of up to 128 characters,
+//!   up to 512 bytes each); an index with a smaller entry limit must not hold them whole.
 //! - **Values** are any bytes, empty included, up to at least 1 MiB.
 //! - **Tables** are separate key spaces.
 //! - **Commit** applies a whole batch in order and at once: readers see all of it or none of it;
@@ -452,6 +454,36 @@ pub fn values_of_any_bytes_and_size_round_trip(store: &dyn Store) -> Result<(), 
         || "range after growing to 2 MiB".into(),
         &range_from(store, table, "large", 1)?,
         &vec![("large".to_owned(), larger)],
+    )
+}
+
+/// Keys of up to 2 KiB, ASCII and four-byte characters, are kept whole and apart from keys
+/// they share a long prefix with.
+pub fn keys_of_up_to_2_kib_round_trip(store: &dyn Store) -> Result<(), String> {
+    let table = Table::Relationships;
+    let ascii = "k".repeat(2048);
+    let wide = "\u{1f600}".repeat(512);
+    let mut keys = vec![
+        ascii.clone(),
+        format!("{}x", &ascii[..2047]),
+        wide.clone(),
+        format!("{}\u{1f}", &wide[..2044]),
+    ];
+    let batch: Vec<Mutation> = keys
+        .iter()
+        .map(|k| Mutation::put(table, k.as_str(), k.len().to_be_bytes().to_vec()))
+        .collect();
+    commit(store, &batch)?;
+    keys.sort();
+    let want: Rows = keys
+        .iter()
+        .map(|k| (k.clone(), k.len().to_be_bytes().to_vec()))
+        .collect();
+    same(|| "scan".into(), &scan(store, table)?, &want)?;
+    same(
+        || "range over the 2 KiB ASCII key".into(),
+        &range(store, table, &ascii, &format!("{ascii}\0"), 10)?,
+        &want[..1].to_vec(),
     )
 }
 
