@@ -463,11 +463,11 @@ pub fn keys_of_up_to_2_kib_round_trip(store: &dyn Store) -> Result<(), String> {
     let table = Table::Relationships;
     let ascii = "k".repeat(2048);
     let wide = "\u{1f600}".repeat(512);
-    let mut keys = vec![
+    let mut keys = [
         ascii.clone(),
-        format!("{}x", &ascii[..2047]),
-        wide.clone(),
-        format!("{}\u{1f}", &wide[..2044]),
+        format!("{}x", "k".repeat(2047)),
+        wide,
+        format!("{}\u{1f}", "\u{1f600}".repeat(511)),
     ];
     let batch: Vec<Mutation> = keys
         .iter()
