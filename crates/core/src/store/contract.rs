@@ -68,7 +68,7 @@ pub const CHECKS: &[(&str, Check)] = &[
 ];
 
 /// Runs every check of [`CHECKS`] on `store`, emptying its tables before each one, and reports
-/// every failure by name.
+/// every failure by name. It deletes every record: only ever on a store made for the test.
 pub fn check_all(store: &dyn Store) -> Result<(), String> {
     let mut failures = Vec::new();
     for (name, check) in CHECKS {
