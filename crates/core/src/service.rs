@@ -468,7 +468,9 @@ struct Merged {
 /// principal) into one, so that a twin that several of them move is parsed and written once per
 /// commit rather than once per write. Applying the merged updates in order leaves the graph and
 /// the store as applying the writes one after another would: each twin's updates keep their
-/// order, and the records of a later write still come after those of an earlier one.
+/// order, and the records of a later write still come after those of an earlier one. A write
+/// that the writer will refuse for its records (see `readings::check_records`) stays apart, so
+/// that it is refused alone.
 fn merge_readings(batch: &mut Vec<Job>) -> Vec<Merged> {
     type Part = (Vec<PropertyUpdate>, Vec<Mutation>, Reply);
     fn job(updates: Vec<PropertyUpdate>, records: Vec<Mutation>, reply: Reply) -> Job {
@@ -504,7 +506,9 @@ fn merge_readings(batch: &mut Vec<Job>) -> Vec<Merged> {
                 scoped: None,
                 reply,
                 ..
-            } => run.push((updates, records, reply)),
+            } if crate::graph::readings::telemetry_owns(&records) => {
+                run.push((updates, records, reply))
+            }
             job => {
                 flush(&mut run, &mut out, &mut merged);
                 out.push(job);

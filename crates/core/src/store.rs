@@ -3,11 +3,15 @@
 //! of a batch of changes. A backend is a durable key-value table set; the embedded redb backend
 //! lives in its own crate, and a PostgreSQL one can follow without touching the domain.
 
+#[doc(hidden)]
+pub mod contract;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// The tables of the store. Keys are UTF-8 strings; values are JSON documents as bytes.
+/// The tables of the store. Keys are UTF-8 strings (any, `""` and U+0000 included) in byte
+/// order; values are bytes, mostly JSON documents. Each table has one [`Owner`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Table {
     Models,
@@ -105,6 +109,48 @@ impl Table {
     }
 }
 
+/// The part of the system that owns a table: the only part that may write it. The twin writer
+/// refuses a telemetry write that carries a record of a table telemetry does not own (see
+/// `docs/storage.md`, "Table ownership").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// The twin graph, written only by the twin writer (`service`) from its own operations.
+    Graph,
+    /// Identities, their credentials and roles, and the tokens issued to them.
+    Identity,
+    /// The device plane and the telemetry pipeline's own state.
+    Telemetry,
+}
+
+impl Table {
+    /// Who may write this table. Exhaustive on purpose: a new table does not compile until
+    /// someone decides who owns it.
+    pub fn owner(self) -> Owner {
+        match self {
+            // `Meta` has no writer yet; it is instance-wide state, kept with the graph's.
+            Self::Models | Self::Twins | Self::Relationships | Self::EventRoutes | Self::Meta => {
+                Owner::Graph
+            }
+            Self::Clients
+            | Self::Identities
+            | Self::Roles
+            | Self::RoleAssignments
+            | Self::RefreshTokens
+            | Self::RevokedTokens
+            | Self::ApiKeys => Owner::Identity,
+            Self::Devices
+            | Self::Firmware
+            | Self::Policies
+            | Self::SensorGroups
+            | Self::Replay
+            | Self::Quarantine
+            | Self::History
+            | Self::HistoryLog
+            | Self::Streams => Owner::Telemetry,
+        }
+    }
+}
+
 /// One change: `value: None` deletes the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mutation {
@@ -135,7 +181,8 @@ impl Mutation {
 #[error("store error: {0}")]
 pub struct StoreError(pub String);
 
-/// A durable table store.
+/// A durable table store. Every backend behaves alike, down to key order and range bounds; the
+/// checks in [`contract`] say how, and each backend's tests run them.
 pub trait Store: Send + Sync + 'static {
     /// Every record of `table`, in key order.
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;

@@ -235,7 +235,49 @@ impl RedbStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use twinguard_core::store::contract::{self, DIFFERENTIAL_KEYS};
+
     use super::*;
+
+    #[test]
+    fn redb_keeps_the_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        contract::check_all(&store).unwrap();
+    }
+
+    #[test]
+    fn redb_keeps_the_store_contract_across_reopening_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        contract::check_reopen(|| Arc::new(RedbStore::open(&path).unwrap())).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn redb_agrees_with_a_model_on_random_batches(
+            batches in prop::collection::vec(
+                prop::collection::vec(
+                    (0u8..3, 0..DIFFERENTIAL_KEYS, prop::option::of(any::<u16>())),
+                    0..12,
+                ),
+                1..8,
+            ),
+            reads in prop::collection::vec(
+                (0..DIFFERENTIAL_KEYS, 0..=DIFFERENTIAL_KEYS, 0u8..6),
+                0..8,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+            contract::differential(&store, &batches, &reads).map_err(TestCaseError::fail)?;
+        }
+    }
 
     #[test]
     fn range_reads_agree_with_the_default_scan_and_filter() {

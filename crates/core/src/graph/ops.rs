@@ -295,9 +295,12 @@ impl WriteOp {
                 graph.remove_route(&id, muts);
                 Ok(WriteOutcome::Done)
             }
-            Self::ApplyReadings { updates, records } => Ok(WriteOutcome::Readings(
-                super::readings::apply(graph, updates, records, ctx, muts),
-            )),
+            Self::ApplyReadings { updates, records } => {
+                super::readings::check_records(&records)?;
+                Ok(WriteOutcome::Readings(super::readings::apply(
+                    graph, updates, records, ctx, muts,
+                )))
+            }
         }
     }
 }

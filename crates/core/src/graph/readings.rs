@@ -14,7 +14,8 @@ use super::Graph;
 use super::ops::WriteContext;
 use super::types::{Id, Twin};
 use crate::dtdl::Interface;
-use crate::store::Mutation;
+use crate::error::{DomainError, DomainResult};
+use crate::store::{Mutation, Owner};
 
 /// How far a property's value can be trusted (control DI-8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -70,6 +71,29 @@ impl Skipped {
             Self::TwinMissing => "twin_missing",
             Self::NotAProperty => "not_a_property",
             Self::Schema => "schema",
+        }
+    }
+}
+
+/// Whether every record is of a table that telemetry owns ([`crate::store::Table::owner`]).
+pub(crate) fn telemetry_owns(records: &[Mutation]) -> bool {
+    records.iter().all(|m| m.table.owner() == Owner::Telemetry)
+}
+
+/// Refuses a telemetry write that carries a record of a table telemetry does not own (the
+/// graph's, whose records only the writer's own operations make, or an identity table): the
+/// telemetry write must not be a way around the rules of the other writers.
+pub(crate) fn check_records(records: &[Mutation]) -> DomainResult<()> {
+    match records.iter().find(|m| m.table.owner() != Owner::Telemetry) {
+        None => Ok(()),
+        Some(m) => {
+            tracing::error!(
+                table = m.table.name(),
+                "a telemetry write carried a record of a table telemetry does not own; refused"
+            );
+            Err(DomainError::Internal(
+                "a telemetry write carried a record of a table telemetry does not own",
+            ))
         }
     }
 }

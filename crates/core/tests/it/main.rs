@@ -10,3 +10,4 @@ mod query_cost;
 mod robustness;
 mod scopes;
 mod service;
+mod store_contract;

@@ -690,3 +690,139 @@ async fn telemetry_writes_build_on_every_other_change_of_their_twin() {
     let stored = stored.iter().find(|(key, _)| key == "r1").unwrap();
     assert_eq!(stored.1, published.json().get().as_bytes());
 }
+
+/// A telemetry write that moves `temperature` of `twin` and carries `records`.
+fn readings_with_records(twin: &str, value: f64, records: Vec<Mutation>) -> WriteOp {
+    WriteOp::ApplyReadings {
+        updates: vec![PropertyUpdate {
+            twin: twin.into(),
+            name: "temperature".into(),
+            value: Some(json!(value)),
+            source_time: None,
+            quality: Quality::Good,
+            sources: vec!["d1".into()],
+        }],
+        records,
+    }
+}
+
+/// The telemetry write may carry records of the tables telemetry owns only: a record of an
+/// identity table (a user, an API key) or of the graph's is refused with the whole write, and
+/// nothing of it is stored, not even its twin updates.
+#[tokio::test]
+async fn a_telemetry_write_carrying_a_record_of_a_table_telemetry_does_not_own_is_refused() {
+    let (service, store) = service_with_ontology().await;
+    put_twin(
+        &service,
+        "r1",
+        "dtmi:test:Room;1",
+        json!({"temperature": 20.0}),
+    )
+    .await
+    .unwrap();
+    let pipeline = Principal::with_roles("pipeline", &[TELEMETRY_WRITER]);
+    let twin_before = store.scan(Table::Twins).unwrap();
+    for table in [
+        Table::Identities,
+        Table::ApiKeys,
+        Table::RoleAssignments,
+        Table::Twins,
+    ] {
+        let records = vec![
+            Mutation::put(Table::Replay, "d1", b"{}".to_vec()),
+            Mutation::put(table, "intruder", b"{}".to_vec()),
+        ];
+        let err = service
+            .write(&pipeline, readings_with_records("r1", 99.0, records))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DomainError::Internal(_)),
+            "{table:?}: {err:?}"
+        );
+        assert!(
+            store
+                .scan(table)
+                .unwrap()
+                .iter()
+                .all(|(k, _)| k != "intruder"),
+            "{table:?}: the record was stored"
+        );
+        assert!(store.scan(Table::Replay).unwrap().is_empty(), "{table:?}");
+        assert_eq!(store.scan(Table::Twins).unwrap(), twin_before, "{table:?}");
+    }
+    assert_eq!(
+        service.twin(&owner(), "r1").unwrap().doc()["temperature"],
+        json!(20.0)
+    );
+    // Records of the tables telemetry owns still go through.
+    let records = vec![Mutation::put(Table::Replay, "d1", b"{}".to_vec())];
+    service
+        .write(&pipeline, readings_with_records("r1", 21.0, records))
+        .await
+        .unwrap();
+    assert_eq!(store.scan(Table::Replay).unwrap().len(), 1);
+    assert_eq!(
+        service.twin(&owner(), "r1").unwrap().doc()["temperature"],
+        json!(21.0)
+    );
+}
+
+/// Telemetry writes queued together are merged into one; a refused one must not take the
+/// others down with it.
+#[tokio::test]
+async fn a_refused_telemetry_write_does_not_refuse_the_writes_queued_with_it() {
+    let (service, store) = service_with_ontology().await;
+    for id in ["r1", "r2", "r3"] {
+        put_twin(
+            &service,
+            id,
+            "dtmi:test:Room;1",
+            json!({"temperature": 20.0}),
+        )
+        .await
+        .unwrap();
+    }
+    let pipeline = Principal::with_roles("pipeline", &[TELEMETRY_WRITER]);
+    let mut pending = Vec::new();
+    for round in 0..20 {
+        for (id, table) in [
+            ("r1", Table::Replay),
+            ("r2", Table::ApiKeys),
+            ("r3", Table::History),
+        ] {
+            let records = vec![Mutation::put(
+                table,
+                format!("{id}-{round}"),
+                b"{}".to_vec(),
+            )];
+            let op = readings_with_records(id, f64::from(round), records);
+            pending.push((table, service.submit(&pipeline, op).unwrap()));
+        }
+    }
+    for (table, answer) in pending {
+        let answer = answer.await;
+        if table == Table::ApiKeys {
+            assert!(
+                matches!(answer, Err(DomainError::Internal(_))),
+                "{answer:?}"
+            );
+        } else {
+            assert!(
+                matches!(answer, Ok(WriteOutcome::Readings(ref r)) if r == &[Ok(())]),
+                "{table:?}: {answer:?}"
+            );
+        }
+    }
+    assert!(store.scan(Table::ApiKeys).unwrap().is_empty());
+    assert_eq!(store.scan(Table::Replay).unwrap().len(), 20);
+    assert_eq!(store.scan(Table::History).unwrap().len(), 20);
+    assert_eq!(
+        service.twin(&owner(), "r2").unwrap().doc()["temperature"],
+        json!(20.0)
+    );
+    assert_eq!(
+        service.twin(&owner(), "r3").unwrap().doc()["temperature"],
+        json!(19.0)
+    );
+}
