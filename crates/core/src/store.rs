@@ -51,10 +51,15 @@ pub enum Table {
     /// Each sensor stream's learned state (anomaly detector, last accepted reading), keyed by
     /// `device \u{1f} twin \u{1f} name`, so a restart does not start the streams afresh.
     Streams,
+    /// The change feed: one record per event, keyed by its zero-padded position (see
+    /// [`crate::feed`]).
+    Events,
+    /// Each twin's last event number in the feed, keyed by twin ID.
+    FeedTwins,
 }
 
 impl Table {
-    pub const ALL: [Table; 21] = [
+    pub const ALL: [Table; 23] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -76,6 +81,8 @@ impl Table {
         Table::History,
         Table::HistoryLog,
         Table::Streams,
+        Table::Events,
+        Table::FeedTwins,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +108,8 @@ impl Table {
             Self::History => "history",
             Self::HistoryLog => "historylog",
             Self::Streams => "streams",
+            Self::Events => "events",
+            Self::FeedTwins => "feedtwins",
         }
     }
 }
