@@ -56,10 +56,16 @@ pub enum Table {
     Events,
     /// Each twin's last event number in the feed, keyed by twin ID.
     FeedTwins,
+    /// Event endpoints (destinations of routes), keyed by name.
+    Endpoints,
+    /// Each endpoint's delivery position in the feed, keyed by endpoint name.
+    Deliveries,
+    /// Events that exhausted their delivery attempts, keyed by `endpoint \u{1f} position`.
+    DeadLetters,
 }
 
 impl Table {
-    pub const ALL: [Table; 23] = [
+    pub const ALL: [Table; 26] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -83,6 +89,9 @@ impl Table {
         Table::Streams,
         Table::Events,
         Table::FeedTwins,
+        Table::Endpoints,
+        Table::Deliveries,
+        Table::DeadLetters,
     ];
 
     pub fn name(self) -> &'static str {
@@ -110,6 +119,9 @@ impl Table {
             Self::Streams => "streams",
             Self::Events => "events",
             Self::FeedTwins => "feedtwins",
+            Self::Endpoints => "endpoints",
+            Self::Deliveries => "deliveries",
+            Self::DeadLetters => "deadletters",
         }
     }
 }
