@@ -144,15 +144,15 @@ async fn deliver_one(inner: &Inner, endpoint: &Endpoint, sink: &mut Option<Sink>
             }
             Err(e) => {
                 tracing::warn!(endpoint = %name, event = %event.id, attempt = attempts, error = %e, "an event was not delivered");
-                if matches!(sink, Some(Sink::Nats(_)) | Some(Sink::Mqtt(_))) && e.reconnect {
+                if e.reconnect {
                     *sink = None;
                 }
-                if attempts >= endpoint.max_attempts() || started.elapsed() >= endpoint.max_age() {
-                    if inner.dead_letter(endpoint, &event, attempts, &e.message) {
-                        metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => name.to_owned())
-                            .increment(1);
-                        return;
-                    }
+                let exhausted =
+                    attempts >= endpoint.max_attempts() || started.elapsed() >= endpoint.max_age();
+                if exhausted && inner.dead_letter(endpoint, &event, attempts, &e.message) {
+                    metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => name.to_owned())
+                        .increment(1);
+                    return;
                 }
                 metrics::counter!("twinguard_events_retried_total", "endpoint" => name.to_owned())
                     .increment(1);

@@ -154,6 +154,14 @@ impl Events {
             loop {
                 every.tick().await;
                 let below = inner.trim_point();
+                // The oldest record still stored: nothing below it to trim, no commit made.
+                let oldest = match inner.service.feed_after(0, 1) {
+                    Ok(first) => first.first().map_or(u64::MAX, |e| e.seq),
+                    Err(_) => continue,
+                };
+                if below <= oldest {
+                    continue;
+                }
                 if let Err(e) = inner.service.trim_feed(below).await {
                     tracing::warn!(error = %e, "delivered feed records could not be trimmed");
                 }

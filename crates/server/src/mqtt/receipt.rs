@@ -158,7 +158,13 @@ pub fn load_or_create_key(
     what: &str,
 ) -> anyhow::Result<(SigningKey, String)> {
     for dir in [private.parent(), public.parent()].into_iter().flatten() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        use std::os::unix::fs::DirBuilderExt;
+        // Owner-only, as everything under the data directory.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     if !private.exists() {
         let (_, pem) = generate_key().with_context(|| format!("generating {what}"))?;

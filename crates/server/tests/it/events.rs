@@ -19,10 +19,15 @@ use crate::kit::{TestServer, uuid_like};
 
 /// A webhook receiver on loopback: records what it gets, answers with the statuses queued
 /// (then 200).
+/// A request as received: headers and body.
+type Request = (HeaderMap, Vec<u8>);
+/// An answer to give: status and `Location`.
+type Answer = (StatusCode, Option<String>);
+
 #[derive(Clone, Default)]
 struct Receiver {
-    got: Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>,
-    answers: Arc<Mutex<VecDeque<(StatusCode, Option<String>)>>>,
+    got: Arc<Mutex<Vec<Request>>>,
+    answers: Arc<Mutex<VecDeque<Answer>>>,
 }
 
 impl Receiver {
@@ -457,14 +462,15 @@ async fn a_failing_webhook_is_retried_then_dead_lettered_and_can_be_replayed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
-    let got = receiver.got.lock().unwrap();
-    assert_eq!(got.len(), before + 1);
-    let replayed: Value = serde_json::from_slice(&got[before].1).unwrap();
+    let replayed: Value = {
+        let got = receiver.got.lock().unwrap();
+        assert_eq!(got.len(), before + 1);
+        serde_json::from_slice(&got[before].1).unwrap()
+    };
     assert_eq!(
         replayed["id"], dead[0]["id"],
         "the replay is the same event"
     );
-    drop(got);
     let dead = server
         .admin_json(
             Method::GET,
