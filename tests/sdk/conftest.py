@@ -93,6 +93,8 @@ class Server:
     token_endpoint: str
     stderr_path: Path
     device_endpoint: str | None = None
+    # The server process, for tests that kill it.
+    process: subprocess.Popen | None = None
 
     def credential(self) -> ClientSecretCredential:
         return ClientSecretCredential(self.token_endpoint, self.client_id, self.client_secret, self.ca_path)
@@ -213,6 +215,7 @@ def _serve(tmp_path_factory, extra_args=(), data_dir=None):
             token_endpoint=secrets["token_endpoint"],
             stderr_path=stderr_path,
             device_endpoint=device_endpoint,
+            process=process,
         )
     except BaseException:
         _stop(process)

@@ -64,6 +64,41 @@ pub enum AdminCommand {
     /// API keys.
     #[command(subcommand)]
     Apikey(ApiKeyCommand),
+    /// Event endpoints (where routes deliver) and their dead letters.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    List,
+    Show {
+        name: String,
+    },
+    /// Create or replace an endpoint from a JSON body (a file, or - for standard input), e.g.
+    /// {"type": "natsJetStream", "url": "nats://127.0.0.1:4222", "subject": "twins.events"}.
+    Put {
+        name: String,
+        #[arg(long)]
+        body: PathBuf,
+    },
+    Delete {
+        name: String,
+    },
+    /// The events that exhausted their delivery attempts.
+    DeadLetters {
+        name: String,
+    },
+    /// Send a dead letter again now; it leaves the store once delivered.
+    Replay {
+        name: String,
+        sequence: u64,
+    },
+    /// Drop a dead letter.
+    Discard {
+        name: String,
+        sequence: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -395,6 +430,47 @@ pub async fn run(connection: Connection, command: AdminCommand) -> anyhow::Resul
                 api.call(
                     Method::DELETE,
                     &format!("/admin/roleassignments/{id}"),
+                    None,
+                )
+                .await?
+            }
+        },
+        AdminCommand::Endpoint(c) => match c {
+            EndpointCommand::List => api.list("/admin/endpoints").await?,
+            EndpointCommand::Show { name } => {
+                api.call(Method::GET, &format!("/admin/endpoints/{name}"), None)
+                    .await?
+            }
+            EndpointCommand::Put { name, body } => {
+                let text = if body.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&body)?
+                };
+                let body: serde_json::Value = serde_json::from_str(&text)?;
+                api.call(Method::PUT, &format!("/admin/endpoints/{name}"), Some(body))
+                    .await?
+            }
+            EndpointCommand::Delete { name } => {
+                api.call(Method::DELETE, &format!("/admin/endpoints/{name}"), None)
+                    .await?
+            }
+            EndpointCommand::DeadLetters { name } => {
+                api.list(&format!("/admin/endpoints/{name}/deadletters"))
+                    .await?
+            }
+            EndpointCommand::Replay { name, sequence } => {
+                api.call(
+                    Method::POST,
+                    &format!("/admin/endpoints/{name}/deadletters/{sequence}/replay"),
+                    None,
+                )
+                .await?
+            }
+            EndpointCommand::Discard { name, sequence } => {
+                api.call(
+                    Method::DELETE,
+                    &format!("/admin/endpoints/{name}/deadletters/{sequence}"),
                     None,
                 )
                 .await?

@@ -132,6 +132,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         public_url: None,
         connections: Default::default(),
         dangerous_unbounded_resources: false,
+        egress: Default::default(),
     })?;
     let base = app.base_url();
     let device_plane = format!(

@@ -105,6 +105,16 @@ enum Command {
         /// Default: the listen address, or for 0.0.0.0 / [::] the first --tls-name.
         #[arg(long, env = "TWINGUARD_PUBLIC_URL")]
         public_url: Option<String>,
+        /// A destination twinguard may connect to on its own (event endpoints): a host name
+        /// (`hooks.example.com`, `*.example.com`) or an address range (`203.0.113.0/24`), with
+        /// an optional port (`host:443`, `[2001:db8::/32]:443`). Repeatable. Loopback, private,
+        /// link-local and metadata addresses only when an address rule names them. Nothing is
+        /// allowed by default.
+        #[arg(long = "egress-allow")]
+        egress_allow: Vec<String>,
+        /// A file of egress rules, one a line (`#` comments), added to --egress-allow.
+        #[arg(long, env = "TWINGUARD_EGRESS_ALLOW_FILE")]
+        egress_allow_file: Option<PathBuf>,
         /// DANGEROUS, benchmarks only: issue 17's resource protections off (connection limits
         /// and timeouts, query limits and slots, the log's rate limit) so `bench/protections.sh`
         /// can measure what they cost. Hidden from --help, no environment variable, no
@@ -257,6 +267,23 @@ fn verify_audit(
     }
 }
 
+/// The egress allowlist from `--egress-allow` rules and an optional file of them.
+fn egress_policy(
+    rules: &[String],
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<twinguard_server::egress::EgressPolicy> {
+    use anyhow::Context;
+    let mut text = rules.join("\n");
+    if let Some(path) = file {
+        let lines =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        text.push('\n');
+        text.push_str(&lines);
+    }
+    twinguard_server::egress::EgressPolicy::from_lines(&text)
+        .map_err(|(line, e)| anyhow::anyhow!("egress rule {line}: {e}"))
+}
+
 fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     install_crypto_provider();
     Ok(tokio::runtime::Builder::new_current_thread()
@@ -322,8 +349,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mqtt,
             history_retention_days,
             public_url,
+            egress_allow,
+            egress_allow_file,
             dangerous_unbounded_resources,
         } => {
+            let egress = egress_policy(&egress_allow, egress_allow_file.as_deref())?;
             let public_url = public_url
                 .as_deref()
                 .map(twinguard_server::startup::PublicUrl::parse)
@@ -393,6 +423,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     public_url,
                     connections: Default::default(),
                     dangerous_unbounded_resources,
+                    egress,
                 })?;
                 println!("twinguard: api listening on {}", app.listener_url());
                 if app.base_url() != app.listener_url() {

@@ -85,6 +85,8 @@ actions! {
     IdentitiesWrite => "twinguard/identities/write", Sensitive;
     RolesWrite => "twinguard/roles/write", Sensitive;
     MetricsRead => "twinguard/metrics/read", Read;
+    EndpointsRead => "twinguard/endpoints/read", SecurityRead;
+    EndpointsWrite => "twinguard/endpoints/write", Sensitive;
 }
 
 impl Action {
@@ -341,8 +343,10 @@ pub fn builtin_roles() -> Vec<Role> {
         builtin(
             SECURITY_ADMIN,
             "twinguard Security Admin",
-            "Manage identities, roles and role assignments, API keys and devices; read the audit trail.",
+            "Manage identities, roles and role assignments, API keys, devices and event endpoints; read the audit trail.",
             set(&[
+                EndpointsRead,
+                EndpointsWrite,
                 IdentitiesRead,
                 IdentitiesWrite,
                 RolesWrite,

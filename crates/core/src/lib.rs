@@ -16,6 +16,7 @@ pub mod clock;
 pub mod dtdl;
 pub mod dtmi;
 pub mod error;
+pub mod feed;
 pub mod gate;
 pub mod graph;
 pub mod identity;

@@ -19,6 +19,7 @@ use crate::clock::{Clock, rfc3339};
 use crate::dtdl::{self, ParseOptions};
 use crate::dtmi::Dtmi;
 use crate::error::{DomainError, DomainResult};
+use crate::feed::{self, FeedEvent, FeedState};
 use crate::graph::ops::{self, WriteContext, WriteOp, WriteOutcome};
 use crate::graph::{EventRoute, Graph, ModelEntry, PropertyUpdate, Relationship, Twin};
 use crate::query;
@@ -68,6 +69,10 @@ struct Shared {
     compile_hook: std::sync::RwLock<Option<CompileHook>>,
     /// Units of DTDL compilation work the start-up did (`dtdl::Compiled::work`).
     load_work: usize,
+    /// Read by the change feed's readers; the writer commits through its own handle.
+    store: Arc<dyn Store>,
+    /// The last feed position committed (0 before the first event); changes wake readers.
+    feed_head: tokio::sync::watch::Sender<u64>,
 }
 
 type CompileHook = Arc<dyn Fn() + Send + Sync>;
@@ -118,19 +123,25 @@ impl TwinService {
         let mut load_work = 0;
         let graph = load(store.as_ref(), &mut load_work)?;
         tracing::info!(work = load_work, "stored models compiled");
+        let feed =
+            FeedState::from_records(&store.scan(Table::Meta)?, store.scan(Table::FeedTwins)?)
+                .ok_or(OpenError::Corrupt("change feed", "position".into()))?;
+        let (feed_head, _) = tokio::sync::watch::channel(feed.next - 1);
         let shared = Arc::new(Shared {
             published: ArcSwap::from_pointee(graph),
             store_healthy: AtomicBool::new(true),
             writer_alive: AtomicBool::new(true),
             compile_hook: std::sync::RwLock::new(None),
             load_work,
+            store: store.clone(),
+            feed_head,
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
         let writer_clock = clock.clone();
         thread::Builder::new()
             .name("twinguard-writer".into())
-            .spawn(move || writer(rx, writer_shared, store, writer_clock))
+            .spawn(move || writer(rx, writer_shared, store, writer_clock, feed))
             .map_err(OpenError::Thread)?;
         Ok(Self {
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
@@ -158,6 +169,42 @@ impl TwinService {
     /// (`dtdl::Compiled::work`).
     pub fn load_work(&self) -> usize {
         self.shared.load_work
+    }
+
+    /// The last position of the change feed that is committed (0 before the first event).
+    pub fn feed_head(&self) -> u64 {
+        *self.shared.feed_head.borrow()
+    }
+
+    /// A receiver that sees the feed's head move: what delivery waits on.
+    pub fn watch_feed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.feed_head.subscribe()
+    }
+
+    /// Up to `limit` feed records after position `after`, in order. Records below the oldest
+    /// kept position were trimmed and are not returned.
+    pub fn feed_after(&self, after: u64, limit: usize) -> Result<Vec<FeedEvent>, StoreError> {
+        let from = feed::key(after.saturating_add(1));
+        let to = feed::key(self.feed_head().saturating_add(1));
+        self.shared
+            .store
+            .range(Table::Events, &from, &to, limit)?
+            .into_iter()
+            .map(|(key, bytes)| {
+                serde_json::from_slice(&bytes)
+                    .map_err(|_| StoreError(format!("feed record {key} is unreadable")))
+            })
+            .collect()
+    }
+
+    /// Deletes the feed records below position `below` (every reader has passed them), at
+    /// most [`feed::MAX_TRIM`] a call, through the writer like every other change.
+    pub async fn trim_feed(&self, below: u64) -> DomainResult<()> {
+        let answer = self.enqueue(WriteOp::TrimFeed(ops::FeedTrim { below }), None, None)?;
+        answer
+            .await
+            .map_err(|_| DomainError::Unavailable)?
+            .map(|_| ())
     }
 
     /// The current snapshot. It reflects every acknowledged write.
@@ -438,10 +485,14 @@ fn writer(
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    feed: FeedState,
 ) {
     let _alive = WriterAlive(&shared.writer_alive);
     let mut batch = Vec::with_capacity(MAX_GROUP);
-    let mut ctx = WriteContext::default();
+    let mut ctx = WriteContext {
+        feed: std::cell::RefCell::new(feed),
+        ..WriteContext::default()
+    };
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_GROUP {
@@ -451,7 +502,9 @@ fn writer(
             }
         }
         let merged = merge_readings(&mut batch);
-        ctx.now = rfc3339(clock.now());
+        let now = clock.now();
+        ctx.now = rfc3339(now);
+        ctx.unix_now = now.unix_timestamp();
         commit_group(&mut batch, &shared, store.as_ref(), &ctx);
         answer_merged(merged);
     }
@@ -562,6 +615,8 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &
     } in batch.drain(..)
     {
         let mark = muts.len();
+        let changes_mark = ctx.changes.borrow().len();
+        let ids_mark = ctx.feed.borrow().pending_ids();
         // A panic inside an operation (a parser bug hit by some input) must not take the
         // writer down with it; the job is refused and the group treated as torn.
         let applied = catch_unwind(AssertUnwindSafe(|| {
@@ -576,7 +631,8 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &
                 // Operations check everything before their first change (see `WriteOp::apply`),
                 // so a refused one has changed nothing. Should one ever break that rule, the
                 // working copy can no longer be trusted and the whole group is refused.
-                torn |= muts.len() != mark;
+                torn |= muts.len() != mark || ctx.changes.borrow().len() != changes_mark;
+                ctx.feed.borrow_mut().truncate_ids(ids_mark);
                 refused.push((reply, e));
             }
             Err(_) => {
@@ -589,6 +645,7 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &
             }
         }
     }
+    let changes = std::mem::take(&mut *ctx.changes.borrow_mut());
     let committed = if torn {
         tracing::error!("the working graph of a write group is torn; refusing the group");
         false
@@ -596,6 +653,7 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &
         true
     } else {
         let started = std::time::Instant::now();
+        let numbered = ctx.feed.borrow().number(changes, &ctx.now, &mut muts);
         keep_last_per_key(&mut muts);
         let result = store.commit(&muts);
         tracing::debug!(
@@ -608,6 +666,14 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &
             Ok(()) => {
                 shared.store_healthy.store(true, Ordering::Relaxed);
                 shared.published.store(Arc::new(working));
+                let mut feed = ctx.feed.borrow_mut();
+                feed.committed(numbered, ctx.unix_now);
+                let head = feed.next - 1;
+                shared.feed_head.send_if_modified(|h| {
+                    let moved = *h != head;
+                    *h = head;
+                    moved
+                });
                 true
             }
             Err(e) => {
@@ -617,6 +683,9 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &
             }
         }
     };
+    if !committed || done.is_empty() {
+        ctx.feed.borrow_mut().abandoned();
+    }
     for (reply, outcome) in done {
         let _ = reply.send(if committed {
             Ok(outcome)

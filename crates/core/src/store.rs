@@ -55,10 +55,21 @@ pub enum Table {
     /// Each sensor stream's learned state (anomaly detector, last accepted reading), keyed by
     /// `device \u{1f} twin \u{1f} name`, so a restart does not start the streams afresh.
     Streams,
+    /// The change feed: one record per event, keyed by its zero-padded position (see
+    /// [`crate::feed`]).
+    Events,
+    /// Each twin's last event number in the feed, keyed by twin ID.
+    FeedTwins,
+    /// Event endpoints (destinations of routes), keyed by name.
+    Endpoints,
+    /// Each endpoint's delivery position in the feed, keyed by endpoint name.
+    Deliveries,
+    /// Events that exhausted their delivery attempts, keyed by `endpoint \u{1f} position`.
+    DeadLetters,
 }
 
 impl Table {
-    pub const ALL: [Table; 21] = [
+    pub const ALL: [Table; 26] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -80,6 +91,11 @@ impl Table {
         Table::History,
         Table::HistoryLog,
         Table::Streams,
+        Table::Events,
+        Table::FeedTwins,
+        Table::Endpoints,
+        Table::Deliveries,
+        Table::DeadLetters,
     ];
 
     pub fn name(self) -> &'static str {
@@ -105,6 +121,11 @@ impl Table {
             Self::History => "history",
             Self::HistoryLog => "historylog",
             Self::Streams => "streams",
+            Self::Events => "events",
+            Self::FeedTwins => "feedtwins",
+            Self::Endpoints => "endpoints",
+            Self::Deliveries => "deliveries",
+            Self::DeadLetters => "deadletters",
         }
     }
 }
@@ -120,6 +141,8 @@ pub enum Owner {
     Identity,
     /// The device plane and the telemetry pipeline's own state.
     Telemetry,
+    /// Event endpoints and their delivery state (the server's `events` module).
+    Events,
 }
 
 impl Table {
@@ -127,10 +150,15 @@ impl Table {
     /// someone decides who owns it.
     pub fn owner(self) -> Owner {
         match self {
-            // `Meta` has no writer yet; it is instance-wide state, kept with the graph's.
-            Self::Models | Self::Twins | Self::Relationships | Self::EventRoutes | Self::Meta => {
-                Owner::Graph
-            }
+            // `Meta` holds the change feed's position, written by the twin writer with the
+            // feed (`crate::feed`), which numbers every event in the graph's commits.
+            Self::Models
+            | Self::Twins
+            | Self::Relationships
+            | Self::EventRoutes
+            | Self::Meta
+            | Self::Events
+            | Self::FeedTwins => Owner::Graph,
             Self::Clients
             | Self::Identities
             | Self::Roles
@@ -147,6 +175,7 @@ impl Table {
             | Self::History
             | Self::HistoryLog
             | Self::Streams => Owner::Telemetry,
+            Self::Endpoints | Self::Deliveries | Self::DeadLetters => Owner::Events,
         }
     }
 }

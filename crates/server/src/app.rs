@@ -12,8 +12,8 @@ use twinguard_core::service::TwinService;
 
 use crate::http::{correlate, require_api_version};
 use crate::routes::{
-    audit, discovery, eventroutes, health, identity, models, query, relationships, telemetry,
-    token, twins,
+    audit, discovery, endpoints, eventroutes, health, identity, models, query, relationships,
+    telemetry, token, twins,
 };
 use crate::tokens::TokenService;
 
@@ -45,6 +45,8 @@ pub struct AppState {
     pub public_url: Arc<crate::startup::PublicUrl>,
     /// The MQTT link's state (takeover evidence), when a broker is configured.
     pub mqtt: Option<Arc<crate::mqtt::MqttStatus>>,
+    /// Event endpoints and the delivery of the change feed to them.
+    pub events: crate::events::Events,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -164,6 +166,11 @@ pub fn router(state: AppState) -> Router {
             "/digitaltwins/{id}/components/{component}",
             get(twins::get_component).patch(twins::patch_component),
         )
+        .route("/digitaltwins/{id}/telemetry", post(endpoints::publish))
+        .route(
+            "/digitaltwins/{id}/components/{component}/telemetry",
+            post(endpoints::publish_component),
+        )
         .route("/digitaltwins/{id}/relationships", get(relationships::list))
         .route(
             "/digitaltwins/{id}/relationships/{rel}",
@@ -191,6 +198,25 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(TWIN_BODY_LIMIT));
 
     let admin = Router::new()
+        .route("/admin/endpoints", get(endpoints::list))
+        .route(
+            "/admin/endpoints/{name}",
+            get(endpoints::get)
+                .put(endpoints::put)
+                .delete(endpoints::delete),
+        )
+        .route(
+            "/admin/endpoints/{name}/deadletters",
+            get(endpoints::dead_letters),
+        )
+        .route(
+            "/admin/endpoints/{name}/deadletters/{seq}",
+            get(endpoints::dead_letter).delete(endpoints::discard_dead_letter),
+        )
+        .route(
+            "/admin/endpoints/{name}/deadletters/{seq}/replay",
+            post(endpoints::replay_dead_letter),
+        )
         .route(
             "/admin/identities",
             get(identity::list_identities).post(identity::create_identity),
@@ -295,6 +321,7 @@ pub fn router(state: AppState) -> Router {
             post(token::revoke).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
         )
         .route("/.well-known/jwks.json", get(discovery::jwks))
+        .route("/.well-known/event-keys.json", get(endpoints::event_keys))
         .route(
             "/.well-known/openid-configuration",
             get(discovery::metadata),

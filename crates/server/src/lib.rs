@@ -7,6 +7,7 @@
 //!   refresh tokens.
 //! - [`datadir`]: what first start generates (CA, keys, the first admin credential).
 //! - [`egress`]: the allowlist every outbound connection goes through (NS-4).
+//! - [`events`]: event endpoints and the delivery of the change feed to them.
 //! - [`mqtt`]: the MQTT subscriber feeding signed telemetry; the device plane's HTTPS
 //!   listener is [`app::device_router`].
 //! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share;
@@ -18,6 +19,7 @@ pub mod connections;
 pub mod datadir;
 pub mod egress;
 pub mod error;
+pub mod events;
 pub mod external;
 pub mod http;
 pub mod logging;

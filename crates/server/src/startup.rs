@@ -61,6 +61,8 @@ pub struct ServeConfig {
     /// correctness (a refused write is not applied), not a protection. Set only by the hidden
     /// `serve --dangerous-unbounded-resources`, which also drops the log's rate limit.
     pub dangerous_unbounded_resources: bool,
+    /// The destinations twinguard may connect to on its own (event endpoints): NS-4.
+    pub egress: crate::egress::EgressPolicy,
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -111,6 +113,15 @@ impl PublicUrl {
     }
 
     /// The base URL without a trailing slash; paths are appended to it.
+    /// The host (name or address, IPv6 in brackets), without scheme or port: events' `source`.
+    pub fn host(&self) -> &str {
+        let rest = self.0.trim_start_matches("https://");
+        match rest.rfind(':') {
+            Some(i) if !rest[i..].contains(']') => &rest[..i],
+            _ => rest,
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -217,6 +228,7 @@ impl Application {
             RedbStore::open_with_cache(&data_dir.history_path(), HISTORY_CACHE_BYTES)
                 .context("opening the history store")?,
         );
+        let event_store = store.clone();
         let telemetry = twinguard_telemetry::Telemetry::open(
             service.clone(),
             store,
@@ -262,6 +274,16 @@ impl Application {
         let mqtt_status = mqtt
             .as_ref()
             .map(|_| Arc::new(crate::mqtt::MqttStatus::default()));
+        let service = Arc::new(service);
+        let event_key = Arc::new(crate::events::EventKey::load_or_create(&data_dir)?);
+        let events = crate::events::Events::open(
+            service.clone(),
+            event_store,
+            crate::egress::Egress::new(config.egress.clone()),
+            event_key,
+            public_url.host().to_owned(),
+        )
+        .context("loading the event endpoints")?;
         let app = Self {
             listener,
             local_addr,
@@ -269,7 +291,7 @@ impl Application {
             mqtt,
             tls,
             state: AppState {
-                service: Arc::new(service),
+                service,
                 tokens,
                 query_slots: Arc::new(tokio::sync::Semaphore::new(
                     if config.dangerous_unbounded_resources {
@@ -283,6 +305,7 @@ impl Application {
                 telemetry,
                 public_url: Arc::new(public_url),
                 mqtt: mqtt_status,
+                events,
             },
             data_dir,
             siem: config.siem.clone(),
@@ -397,6 +420,7 @@ impl Application {
                 let _ = tokio::task::spawn_blocking(move || audit.measure_disk()).await;
             }
         });
+        self.state.events.start();
         let telemetry = self.state.telemetry.clone();
         tokio::spawn(async move {
             let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));

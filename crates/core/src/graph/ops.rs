@@ -17,6 +17,7 @@ use crate::auth::Action;
 use crate::dtdl::{self, Interface, ParseOptions};
 use crate::dtmi::Dtmi;
 use crate::error::{DomainError, DomainResult};
+use crate::feed::{self, Change, FeedState};
 use crate::routes;
 use crate::store::Mutation;
 
@@ -118,6 +119,31 @@ pub enum WriteOp {
         updates: Vec<super::readings::PropertyUpdate>,
         records: Vec<Mutation>,
     },
+    /// A telemetry message sent to a twin (ADT's `POST /digitaltwins/{id}/telemetry`): it
+    /// changes nothing but the change feed.
+    PublishTelemetry(TelemetryMessage),
+    /// Deletes delivered records from the change feed; only the service makes one.
+    TrimFeed(FeedTrim),
+}
+
+/// A telemetry message for [`WriteOp::PublishTelemetry`].
+#[derive(Debug, Clone)]
+pub struct TelemetryMessage {
+    pub twin: String,
+    /// The component it is sent to, if any.
+    pub component: Option<String>,
+    /// The sender's `Message-Id`: a repeat of one seen in the last hour is acknowledged and
+    /// not published again.
+    pub message_id: String,
+    /// The sender's `Telemetry-Source-Time`, RFC 3339.
+    pub source_time: Option<String>,
+    pub body: Value,
+}
+
+/// A trim of the change feed; made only by the service (`TwinService::trim_feed`).
+#[derive(Debug, Clone)]
+pub struct FeedTrim {
+    pub(crate) below: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +199,8 @@ impl WriteOp {
             Self::PutRoute { .. } => Action::EventRoutesWrite,
             Self::DeleteRoute(_) => Action::EventRoutesDelete,
             Self::ApplyReadings { .. } => Action::TelemetryWrite,
+            Self::PublishTelemetry(_) => Action::TwinsWrite,
+            Self::TrimFeed(_) => Action::EventRoutesDelete,
         }
     }
 
@@ -185,11 +213,26 @@ impl WriteOp {
         )
     }
 
-    /// Applies the operation to `graph`, recording store mutations in `muts`.
+    /// Applies the operation to `graph`, recording store mutations in `muts` and what it
+    /// changed in `ctx.changes` (the change feed).
     ///
     /// Every operation makes all its checks before its first change, so an error leaves `graph`
     /// and `muts` untouched; the writer relies on this instead of copying the graph per write.
     pub(crate) fn apply(
+        self,
+        graph: &mut Graph,
+        ctx: &WriteContext,
+        muts: &mut Vec<Mutation>,
+    ) -> DomainResult<WriteOutcome> {
+        let before = Before::of(&self, graph);
+        let outcome = self.apply_op(graph, ctx, muts)?;
+        if let Some(change) = before.change(graph, &outcome) {
+            ctx.changes.borrow_mut().push(change);
+        }
+        Ok(outcome)
+    }
+
+    fn apply_op(
         self,
         graph: &mut Graph,
         ctx: &WriteContext,
@@ -301,6 +344,11 @@ impl WriteOp {
                     graph, updates, records, ctx, muts,
                 )))
             }
+            Self::PublishTelemetry(message) => publish_telemetry(graph, message, ctx),
+            Self::TrimFeed(trim) => {
+                ctx.feed.borrow_mut().trim(trim.below, muts);
+                Ok(WriteOutcome::Done)
+            }
         }
     }
 }
@@ -312,8 +360,14 @@ impl WriteOp {
 pub struct WriteContext {
     /// RFC 3339 time of the commit.
     pub now: String,
+    /// The same time in Unix seconds.
+    pub unix_now: i64,
     /// Twin documents that telemetry writes left parsed (see [`super::readings::ParsedTwins`]).
     pub(crate) parsed: std::cell::RefCell<super::readings::ParsedTwins>,
+    /// What the writes of the group being built changed, for the change feed.
+    pub(crate) changes: std::cell::RefCell<Vec<Change>>,
+    /// The change feed's position (the writer's; a dry run has a blank one).
+    pub(crate) feed: std::cell::RefCell<FeedState>,
 }
 
 impl WriteContext {
@@ -936,4 +990,246 @@ fn patch_relationship(
     );
     graph.put_relationship(rel.clone(), muts);
     Ok(WriteOutcome::Relationship(rel))
+}
+
+/// What an operation found before it ran, to describe its change afterwards.
+enum Before {
+    Nothing,
+    Twin(Option<Arc<Twin>>),
+    TwinPatch {
+        component: Option<String>,
+        patch: Value,
+    },
+    Relationship(Option<Arc<Relationship>>),
+    RelationshipPatch(Value),
+}
+
+impl Before {
+    fn of(op: &WriteOp, graph: &Graph) -> Self {
+        match op {
+            WriteOp::PutTwin { id, .. } | WriteOp::DeleteTwin { id, .. } => {
+                Self::Twin(graph.twin(id).cloned())
+            }
+            WriteOp::PatchTwin {
+                component, patch, ..
+            } => Self::TwinPatch {
+                component: component.clone(),
+                patch: patch.clone(),
+            },
+            WriteOp::PutRelationship { source, id, .. }
+            | WriteOp::DeleteRelationship { source, id, .. } => {
+                Self::Relationship(graph.relationship(source, id).cloned())
+            }
+            WriteOp::PatchRelationship { patch, .. } => Self::RelationshipPatch(patch.clone()),
+            _ => Self::Nothing,
+        }
+    }
+
+    /// The change an operation made, from what it found and what it returned.
+    fn change(self, graph: &Graph, outcome: &WriteOutcome) -> Option<Change> {
+        match (self, outcome) {
+            (Self::Twin(None), WriteOutcome::Twin(twin)) => {
+                Some(twin_change(feed::TWIN_CREATE, twin, twin_json(twin)))
+            }
+            (Self::Twin(Some(old)), WriteOutcome::Twin(twin)) => {
+                let patch = json_patch::diff(&patch_view(&old), &patch_view(twin));
+                Some(twin_change(
+                    feed::TWIN_UPDATE,
+                    twin,
+                    update_data(&twin.model, serde_json::to_value(patch).ok()?),
+                ))
+            }
+            (Self::Twin(Some(old)), WriteOutcome::Done) => {
+                Some(twin_change(feed::TWIN_DELETE, &old, twin_json(&old)))
+            }
+            (Self::TwinPatch { component, patch }, WriteOutcome::Twin(twin)) => {
+                let patch = match component {
+                    Some(name) => prefix_paths(patch, &name),
+                    None => patch,
+                };
+                Some(twin_change(
+                    feed::TWIN_UPDATE,
+                    twin,
+                    update_data(&twin.model, patch),
+                ))
+            }
+            (Self::Relationship(None), WriteOutcome::Relationship(rel)) => Some(
+                relationship_change(feed::RELATIONSHIP_CREATE, rel, rel_json(rel)),
+            ),
+            (Self::Relationship(Some(old)), WriteOutcome::Relationship(rel)) => {
+                let patch = json_patch::diff(&Value::Object(old.doc()), &Value::Object(rel.doc()));
+                let patch = strip_system_paths(serde_json::to_value(patch).ok()?);
+                let model = source_model(graph, rel);
+                Some(relationship_change(
+                    feed::RELATIONSHIP_UPDATE,
+                    rel,
+                    update_data(&model, patch),
+                ))
+            }
+            (Self::Relationship(Some(old)), WriteOutcome::Done) => Some(relationship_change(
+                feed::RELATIONSHIP_DELETE,
+                &old,
+                rel_json(&old),
+            )),
+            (Self::RelationshipPatch(patch), WriteOutcome::Relationship(rel)) => {
+                let model = source_model(graph, rel);
+                Some(relationship_change(
+                    feed::RELATIONSHIP_UPDATE,
+                    rel,
+                    update_data(&model, patch),
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn twin_json(twin: &Twin) -> Value {
+    serde_json::from_str(twin.json().get()).unwrap_or(Value::Null)
+}
+
+fn rel_json(rel: &Relationship) -> Value {
+    serde_json::from_str(rel.json().get()).unwrap_or(Value::Null)
+}
+
+fn twin_change(event_type: &'static str, twin: &Twin, data: Value) -> Change {
+    Change {
+        event_type,
+        twin: twin.id.to_string(),
+        subject: twin.id.to_string(),
+        data,
+        dataschema: Some(twin.model.to_string()),
+        component: None,
+        source_time: None,
+    }
+}
+
+fn relationship_change(event_type: &'static str, rel: &Relationship, data: Value) -> Change {
+    Change {
+        event_type,
+        twin: rel.source.to_string(),
+        subject: format!("{}/relationships/{}", rel.source, rel.id),
+        data,
+        dataschema: None,
+        component: None,
+        source_time: None,
+    }
+}
+
+fn update_data(model: &impl std::fmt::Display, patch: Value) -> Value {
+    serde_json::json!({"modelId": model.to_string(), "patch": patch})
+}
+
+fn source_model(graph: &Graph, rel: &Relationship) -> String {
+    graph
+        .twin(&rel.source)
+        .map(|t| t.model.to_string())
+        .unwrap_or_default()
+}
+
+/// A twin's document as a replacement is compared: without `$dtId`, `$etag` and the
+/// `$metadata` times that every write changes.
+fn patch_view(twin: &Twin) -> Value {
+    let mut doc = twin.doc();
+    doc.remove("$dtId");
+    doc.remove("$etag");
+    if let Some(Value::Object(meta)) = doc.get_mut("$metadata") {
+        meta.remove("$lastUpdateTime");
+        for value in meta.values_mut() {
+            if let Value::Object(prop) = value {
+                prop.remove("lastUpdateTime");
+            }
+        }
+    }
+    Value::Object(doc)
+}
+
+/// Drops the operations on `$`-prefixed fields (etag and identity) from a relationship diff.
+fn strip_system_paths(patch: Value) -> Value {
+    match patch {
+        Value::Array(ops) => Value::Array(
+            ops.into_iter()
+                .filter(|op| {
+                    op.get("path")
+                        .and_then(Value::as_str)
+                        .is_some_and(|p| !p.starts_with("/$"))
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// A component patch's operations with paths from the twin's root, as ADT reports them.
+fn prefix_paths(patch: Value, component: &str) -> Value {
+    let escaped = component.replace('~', "~0").replace('/', "~1");
+    match patch {
+        Value::Array(ops) => Value::Array(
+            ops.into_iter()
+                .map(|mut op| {
+                    if let Some(Value::String(path)) = op.get_mut("path") {
+                        *path = format!("/{escaped}{path}");
+                    }
+                    op
+                })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// Most bytes of one telemetry message body (ADT's limit is 32 KiB).
+pub const MAX_TELEMETRY_BYTES: usize = 32 * 1024;
+
+fn publish_telemetry(
+    graph: &Graph,
+    message: TelemetryMessage,
+    ctx: &WriteContext,
+) -> DomainResult<WriteOutcome> {
+    let twin = graph
+        .twin(&message.twin)
+        .ok_or_else(|| DomainError::TwinNotFound(message.twin.clone()))?;
+    if message.message_id.is_empty() || message.message_id.len() > 128 {
+        return Err(DomainError::InvalidArgument(
+            "Message-Id must be 1 to 128 characters".into(),
+        ));
+    }
+    if !message.body.is_object() {
+        return Err(DomainError::InvalidArgument(
+            "the telemetry body must be a JSON object".into(),
+        ));
+    }
+    let schema = match &message.component {
+        None => twin.model.to_string(),
+        Some(name) => {
+            let entry = interface_for(graph, &twin.model)?;
+            let component = entry
+                .interface
+                .components
+                .get(name.as_str())
+                .ok_or_else(|| DomainError::ComponentNotFound(name.clone()))?;
+            component.schema.id.to_string()
+        }
+    };
+    if ctx
+        .feed
+        .borrow_mut()
+        .seen_message(&message.twin, &message.message_id)
+    {
+        return Ok(WriteOutcome::Done);
+    }
+    let subject = match &message.component {
+        None => message.twin.clone(),
+        Some(name) => format!("{}/components/{name}", message.twin),
+    };
+    ctx.changes.borrow_mut().push(Change {
+        event_type: feed::TELEMETRY,
+        twin: message.twin,
+        subject,
+        data: message.body,
+        dataschema: Some(schema),
+        component: message.component,
+        source_time: message.source_time,
+    });
+    Ok(WriteOutcome::Done)
 }

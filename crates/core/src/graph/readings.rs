@@ -138,10 +138,20 @@ pub(crate) fn apply(
             continue;
         };
         let mut moved = Vec::new();
+        let mut patch = Vec::new();
         for (i, update) in updates {
+            let change = update.value.clone().map(|value| {
+                (
+                    format!("/{}", update.name.replace('~', "~0").replace('/', "~1")),
+                    value,
+                )
+            });
             results[i] = update_doc(&mut doc, &iface, update, ctx);
             if results[i].is_ok() {
                 moved.push(i);
+                if let Some((path, value)) = change {
+                    patch.push(serde_json::json!({"op": "replace", "path": path, "value": value}));
+                }
             }
         }
         if moved.is_empty() {
@@ -154,6 +164,17 @@ pub(crate) fn apply(
         match Twin::from_doc(&doc) {
             Some(twin) => {
                 let twin = Arc::new(twin);
+                if !patch.is_empty() {
+                    ctx.changes.borrow_mut().push(crate::feed::Change {
+                        event_type: crate::feed::TWIN_UPDATE,
+                        twin: id.clone(),
+                        subject: id.clone(),
+                        data: serde_json::json!({"modelId": twin.model.to_string(), "patch": patch}),
+                        dataschema: Some(twin.model.to_string()),
+                        component: None,
+                        source_time: None,
+                    });
+                }
                 ctx.parsed.borrow_mut().keep(&twin, doc);
                 graph.put_twin(twin, muts);
             }

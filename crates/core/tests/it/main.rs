@@ -5,6 +5,7 @@
 
 mod dtdl_conformance;
 mod dtdl_cost;
+mod feed;
 mod hidden_absent;
 mod query_cost;
 mod robustness;

@@ -51,25 +51,11 @@ pub fn public_path(data_dir: &DataDir) -> PathBuf {
 impl ReceiptKey {
     /// Loads the receipt key, creating it (and its public JWK) at first use.
     pub fn load_or_create(data_dir: &DataDir) -> anyhow::Result<Self> {
-        let private = private_path(data_dir);
-        if !private.exists() {
-            let (_, pem) = generate_key().context("generating the MQTT receipt key")?;
-            write_private(&private, pem.as_bytes())?;
-            tracing::info!(path = %private.display(), "created the MQTT receipt key");
-        }
-        let pem = zeroize::Zeroizing::new(
-            std::fs::read_to_string(&private)
-                .with_context(|| format!("reading {}", private.display()))?,
-        );
-        let key = signing_key_from_pem(&pem).context("the MQTT receipt key")?;
-        let public = DeviceKey::from_bytes(key.verifying_key().as_bytes())
-            .context("the MQTT receipt key's public half")?;
-        let kid = public.thumbprint();
-        let mut jwk = public.to_jwk();
-        jwk["kid"] = kid.clone().into();
-        jwk["alg"] = "EdDSA".into();
-        jwk["use"] = "sig".into();
-        write_if_changed(&public_path(data_dir), &serde_json::to_vec_pretty(&jwk)?)?;
+        let (key, kid) = load_or_create_key(
+            &private_path(data_dir),
+            &public_path(data_dir),
+            "the MQTT receipt key",
+        )?;
         Ok(Self { key, kid })
     }
 
@@ -161,6 +147,44 @@ pub fn topic(prefix: &str, device: &str) -> String {
         }
     }
     out
+}
+
+/// An Ed25519 key of the instance's own: private at `private` (PKCS#8 PEM, 0600), created at
+/// first use, and its public half as a JWK at `public` (with `kid`, the RFC 7638 thumbprint).
+/// Returns the key and its `kid`.
+pub fn load_or_create_key(
+    private: &Path,
+    public: &Path,
+    what: &str,
+) -> anyhow::Result<(SigningKey, String)> {
+    for dir in [private.parent(), public.parent()].into_iter().flatten() {
+        use std::os::unix::fs::DirBuilderExt;
+        // Owner-only, as everything under the data directory.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if !private.exists() {
+        let (_, pem) = generate_key().with_context(|| format!("generating {what}"))?;
+        write_private(private, pem.as_bytes())?;
+        tracing::info!(path = %private.display(), "created {what}");
+    }
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read_to_string(private)
+            .with_context(|| format!("reading {}", private.display()))?,
+    );
+    let key = signing_key_from_pem(&pem).with_context(|| what.to_owned())?;
+    let public_key = DeviceKey::from_bytes(key.verifying_key().as_bytes())
+        .with_context(|| format!("the public half of {what}"))?;
+    let kid = public_key.thumbprint();
+    let mut jwk = public_key.to_jwk();
+    jwk["kid"] = kid.clone().into();
+    jwk["alg"] = "EdDSA".into();
+    jwk["use"] = "sig".into();
+    write_if_changed(public, &serde_json::to_vec_pretty(&jwk)?)?;
+    Ok((key, kid))
 }
 
 fn write_if_changed(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod discovery;
+pub mod endpoints;
 pub mod eventroutes;
 pub mod health;
 pub mod identity;

@@ -65,6 +65,7 @@ impl TestServer {
             public_url: None,
             connections: Default::default(),
             dangerous_unbounded_resources: false,
+            egress: Default::default(),
         };
         adjust(&mut config);
         Application::build(&config).unwrap()

@@ -8,6 +8,7 @@ mod attacks;
 mod audit;
 mod auth;
 mod connections;
+mod events;
 mod identity;
 mod kit;
 mod mqtt;

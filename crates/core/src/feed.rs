@@ -1,0 +1,381 @@
+//! The change feed: every change to the graph and every telemetry message, numbered and stored
+//! in the same commit as the change itself.
+//!
+//! Each operation the writer applies reports what it changed ([`Change`]); when the group
+//! commits, the writer numbers the changes with a gap-free sequence that starts at 1 and never
+//! repeats, gives each one the next number of its twin's own sequence, and stores them in
+//! [`Table::Events`] beside the change. A crash between the commit and the delivery of an event
+//! therefore loses nothing: the feed is read again from the last position delivered. Numbers
+//! are handed out only when a commit succeeds, so a failed group leaves no gap.
+//!
+//! The feed holds ADT's event types and payloads (see `docs/events.md`); the server turns a
+//! record into a CloudEvent, adds `source` and signs it when it delivers.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::store::{Mutation, Table};
+
+/// A twin was created (data: the twin as `GET` returns it).
+pub const TWIN_CREATE: &str = "Microsoft.DigitalTwins.Twin.Create";
+/// A twin's properties or metadata changed (data: `{"modelId", "patch"}`).
+pub const TWIN_UPDATE: &str = "Microsoft.DigitalTwins.Twin.Update";
+/// A twin was deleted (data: the twin as it was).
+pub const TWIN_DELETE: &str = "Microsoft.DigitalTwins.Twin.Delete";
+/// A relationship was created (data: the relationship as `GET` returns it).
+pub const RELATIONSHIP_CREATE: &str = "Microsoft.DigitalTwins.Relationship.Create";
+/// A relationship's properties changed (data: `{"modelId", "patch"}`, the source's model).
+pub const RELATIONSHIP_UPDATE: &str = "Microsoft.DigitalTwins.Relationship.Update";
+/// A relationship was deleted (data: the relationship as it was).
+pub const RELATIONSHIP_DELETE: &str = "Microsoft.DigitalTwins.Relationship.Delete";
+/// A telemetry message sent to a twin (data: the message body).
+pub const TELEMETRY: &str = "microsoft.iot.telemetry";
+
+/// Meta keys of the feed's position.
+const NEXT_KEY: &str = "feed.next";
+const FIRST_KEY: &str = "feed.first";
+
+/// Feed records one trim deletes at most; a larger trim takes several commits.
+pub const MAX_TRIM: u64 = 10_000;
+
+/// Telemetry message IDs remembered for de-duplication, per instance.
+const MAX_MESSAGE_IDS: usize = 100_000;
+/// How long a telemetry message ID is remembered.
+const MESSAGE_ID_SECONDS: i64 = 3_600;
+
+/// A change one operation made, before the writer numbers it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Change {
+    pub event_type: &'static str,
+    /// The twin whose sequence orders this change: the twin itself, or a relationship's source.
+    pub twin: String,
+    /// `twin`, or `twin/relationships/id`.
+    pub subject: String,
+    pub data: Value,
+    /// The model the data conforms to (telemetry: the twin's or the component's model).
+    pub dataschema: Option<String>,
+    /// The component a telemetry message was sent to.
+    pub component: Option<String>,
+    /// A telemetry message's `Telemetry-Source-Time`.
+    pub source_time: Option<String>,
+}
+
+/// One record of the feed, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedEvent {
+    /// Position in the feed: 1, 2, 3... with no gaps.
+    pub seq: u64,
+    /// The event's ID (a UUID), the same in every delivery of it.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub subject: String,
+    /// The twin whose sequence orders this event.
+    pub twin: String,
+    /// Position among the events of `twin`: 1, 2, 3... with no gaps, surviving the twin's
+    /// deletion (a twin created again under the same ID continues its sequence).
+    pub twin_seq: u64,
+    /// RFC 3339 time of the commit.
+    pub time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataschema: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    /// A telemetry message's `Telemetry-Source-Time`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_time: Option<String>,
+    pub data: Value,
+}
+
+/// The store key of feed position `seq`: fixed width, so that key order is number order.
+pub fn key(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+/// The writer's position in the feed and what it has numbered so far.
+#[derive(Debug, Default)]
+pub(crate) struct FeedState {
+    /// The number the next event gets.
+    pub next: u64,
+    /// The oldest number still stored.
+    pub first: u64,
+    /// Each twin's last number.
+    twin_seqs: HashMap<String, u64>,
+    /// A trim applied in the group being built, published if the group commits.
+    pending_first: Option<u64>,
+    /// Telemetry message IDs seen recently: `(twin, id)` with the Unix time seen.
+    recent: HashMap<(String, String), i64>,
+    recent_order: VecDeque<((String, String), i64)>,
+    /// Message IDs of the group being built.
+    pending_ids: Vec<(String, String)>,
+}
+
+impl FeedState {
+    /// Reads the feed's position and every twin's sequence from their stored records.
+    pub fn from_records(meta: &[(String, Vec<u8>)], twins: Vec<(String, Vec<u8>)>) -> Option<Self> {
+        let number = |k: &str| -> Option<Option<u64>> {
+            match meta.iter().find(|(key, _)| key == k) {
+                None => Some(None),
+                Some((_, v)) => std::str::from_utf8(v).ok()?.parse().ok().map(Some),
+            }
+        };
+        let next = number(NEXT_KEY)?.unwrap_or(1).max(1);
+        let first = number(FIRST_KEY)?.unwrap_or(1).clamp(1, next);
+        let mut twin_seqs = HashMap::with_capacity(twins.len());
+        for (twin, v) in twins {
+            twin_seqs.insert(twin, std::str::from_utf8(&v).ok()?.parse().ok()?);
+        }
+        Some(Self {
+            next,
+            first,
+            twin_seqs,
+            ..Self::default()
+        })
+    }
+
+    /// Numbers `changes` after everything committed so far and appends their records (and the
+    /// feed's new position) to `muts`. Returns what to publish once the commit succeeds.
+    pub fn number(&self, changes: Vec<Change>, now: &str, muts: &mut Vec<Mutation>) -> Numbered {
+        let mut next = self.next;
+        let mut twins: HashMap<String, u64> = HashMap::new();
+        let count = changes.len();
+        for change in changes {
+            let twin_seq = twins
+                .get(&change.twin)
+                .or_else(|| self.twin_seqs.get(&change.twin))
+                .copied()
+                .unwrap_or(0)
+                + 1;
+            twins.insert(change.twin.clone(), twin_seq);
+            let event = FeedEvent {
+                seq: next,
+                id: uuid::Uuid::new_v4().to_string(),
+                event_type: change.event_type.to_owned(),
+                subject: change.subject,
+                twin: change.twin,
+                twin_seq,
+                time: now.to_owned(),
+                dataschema: change.dataschema,
+                component: change.component,
+                source_time: change.source_time,
+                data: change.data,
+            };
+            // A record of plain JSON values always serializes.
+            let bytes = serde_json::to_vec(&event).unwrap_or_default();
+            muts.push(Mutation::put(Table::Events, key(next), bytes));
+            next += 1;
+        }
+        for (twin, seq) in &twins {
+            muts.push(Mutation::put(
+                Table::FeedTwins,
+                twin.clone(),
+                seq.to_string().into_bytes(),
+            ));
+        }
+        if count > 0 {
+            muts.push(Mutation::put(
+                Table::Meta,
+                NEXT_KEY,
+                next.to_string().into_bytes(),
+            ));
+        }
+        Numbered { next, twins }
+    }
+
+    /// Deletes the records below `below` (at most [`MAX_TRIM`] of them) in the group being
+    /// built.
+    pub fn trim(&mut self, below: u64, muts: &mut Vec<Mutation>) {
+        let first = self.pending_first.unwrap_or(self.first);
+        let end = below.min(self.next).min(first.saturating_add(MAX_TRIM));
+        if end <= first {
+            return;
+        }
+        for seq in first..end {
+            muts.push(Mutation::delete(Table::Events, key(seq)));
+        }
+        muts.push(Mutation::put(
+            Table::Meta,
+            FIRST_KEY,
+            end.to_string().into_bytes(),
+        ));
+        self.pending_first = Some(end);
+    }
+
+    /// Whether telemetry message `id` for `twin` was seen recently (or earlier in this group);
+    /// if not, remembers it for this group.
+    pub fn seen_message(&mut self, twin: &str, id: &str) -> bool {
+        let key = (twin.to_owned(), id.to_owned());
+        if self.recent.contains_key(&key) || self.pending_ids.contains(&key) {
+            return true;
+        }
+        self.pending_ids.push(key);
+        false
+    }
+
+    /// The group committed: its numbers, trim and message IDs take effect.
+    pub fn committed(&mut self, numbered: Numbered, unix_now: i64) {
+        self.next = numbered.next;
+        self.twin_seqs.extend(numbered.twins);
+        if let Some(first) = self.pending_first.take() {
+            self.first = first;
+        }
+        for key in self.pending_ids.drain(..) {
+            self.recent.insert(key.clone(), unix_now);
+            self.recent_order.push_back((key, unix_now));
+        }
+        while let Some((key, seen)) = self.recent_order.front() {
+            if self.recent_order.len() <= MAX_MESSAGE_IDS && unix_now - seen < MESSAGE_ID_SECONDS {
+                break;
+            }
+            if self.recent.get(key) == Some(seen) {
+                self.recent.remove(key);
+            }
+            self.recent_order.pop_front();
+        }
+    }
+
+    /// The group failed: nothing it did takes effect.
+    pub fn abandoned(&mut self) {
+        self.pending_first = None;
+        self.pending_ids.clear();
+    }
+
+    /// Forgets the message IDs a refused write remembered (see [`FeedState::seen_message`]).
+    pub fn truncate_ids(&mut self, len: usize) {
+        self.pending_ids.truncate(len);
+    }
+
+    pub fn pending_ids(&self) -> usize {
+        self.pending_ids.len()
+    }
+}
+
+/// What numbering a group's changes produced, to publish once it commits.
+#[derive(Debug, Default)]
+pub(crate) struct Numbered {
+    next: u64,
+    twins: HashMap<String, u64>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn change(twin: &str) -> Change {
+        Change {
+            event_type: TWIN_UPDATE,
+            twin: twin.into(),
+            subject: twin.into(),
+            data: Value::Null,
+            dataschema: None,
+            component: None,
+            source_time: None,
+        }
+    }
+
+    fn events(muts: &[Mutation]) -> Vec<FeedEvent> {
+        muts.iter()
+            .filter(|m| m.table == Table::Events)
+            .map(|m| serde_json::from_slice(m.value.as_ref().unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn numbers_are_gap_free_per_feed_and_per_twin_and_a_failed_group_leaves_no_gap() {
+        let mut feed = FeedState::from_records(&[], Vec::new()).unwrap();
+        let mut muts = Vec::new();
+        let n = feed.number(vec![change("a"), change("b"), change("a")], "t", &mut muts);
+        feed.committed(n, 0);
+        let first = events(&muts);
+        assert_eq!(
+            first
+                .iter()
+                .map(|e| (e.seq, e.twin_seq))
+                .collect::<Vec<_>>(),
+            [(1, 1), (2, 1), (3, 2)]
+        );
+        // A group that fails to commit hands out nothing.
+        let _lost = feed.number(vec![change("a")], "t", &mut Vec::new());
+        feed.abandoned();
+        let mut muts = Vec::new();
+        let n = feed.number(vec![change("a")], "t", &mut muts);
+        feed.committed(n, 0);
+        let e = &events(&muts)[0];
+        assert_eq!((e.seq, e.twin_seq), (4, 3));
+        // The position survives a restart through the records committed with it.
+        let meta: Vec<_> = muts
+            .iter()
+            .filter(|m| m.table == Table::Meta)
+            .map(|m| (m.key.clone(), m.value.clone().unwrap()))
+            .collect();
+        let twins = vec![
+            ("a".to_owned(), b"3".to_vec()),
+            ("b".to_owned(), b"1".to_vec()),
+        ];
+        let reopened = FeedState::from_records(&meta, twins).unwrap();
+        let mut muts = Vec::new();
+        reopened.number(vec![change("b")], "t", &mut muts);
+        let e = &events(&muts)[0];
+        assert_eq!((e.seq, e.twin_seq), (5, 2));
+    }
+
+    #[test]
+    fn a_trim_deletes_only_numbers_handed_out_and_at_most_a_bounded_count() {
+        let mut feed = FeedState::from_records(&[], Vec::new()).unwrap();
+        let n = feed.number(vec![change("a"); 5], "t", &mut Vec::new());
+        feed.committed(n, 0);
+        let mut muts = Vec::new();
+        feed.trim(100, &mut muts);
+        let deleted: Vec<_> = muts
+            .iter()
+            .filter(|m| m.table == Table::Events)
+            .map(|m| m.key.clone())
+            .collect();
+        assert_eq!(deleted, (1..6).map(key).collect::<Vec<_>>());
+        feed.committed(
+            Numbered {
+                next: 6,
+                ..Numbered::default()
+            },
+            0,
+        );
+        assert_eq!(feed.first, 6);
+        let mut muts = Vec::new();
+        feed.trim(100, &mut muts);
+        assert!(muts.is_empty(), "nothing left to trim");
+    }
+
+    #[test]
+    fn message_ids_are_remembered_only_once_committed_and_expire() {
+        let mut feed = FeedState::default();
+        assert!(!feed.seen_message("t", "m1"));
+        assert!(feed.seen_message("t", "m1"), "a repeat within the group");
+        feed.abandoned();
+        assert!(
+            !feed.seen_message("t", "m1"),
+            "a failed group remembers nothing"
+        );
+        assert!(!feed.seen_message("u", "m1"), "IDs are per twin");
+        feed.committed(
+            Numbered {
+                next: 1,
+                ..Numbered::default()
+            },
+            1_000,
+        );
+        assert!(feed.seen_message("t", "m1"));
+        feed.abandoned();
+        feed.committed(
+            Numbered {
+                next: 1,
+                ..Numbered::default()
+            },
+            1_000 + MESSAGE_ID_SECONDS,
+        );
+        assert!(!feed.seen_message("t", "m1"), "forgotten after an hour");
+    }
+}

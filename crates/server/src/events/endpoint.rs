@@ -1,0 +1,339 @@
+//! Endpoints: where routes send events. A Security Admin names each one
+//! (`PUT /admin/endpoints/{name}`); its destination must be admitted by the egress allowlist
+//! when it is created and again at every connection.
+//!
+//! Credentials are never stored or echoed: an endpoint names files the server reads when it
+//! connects (`passwordFile`, `secretFile`, `caFile`), and answers show the file names only.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::{Deserialize, Serialize};
+
+use crate::egress::{Destination, EgressPolicy};
+
+/// Most endpoints an instance holds.
+pub const MAX_ENDPOINTS: usize = 64;
+
+/// An endpoint as a Security Admin gives it, and as it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// `natsJetStream`, `mqtt` or `webhook`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub url: String,
+    /// NATS: the subject published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// MQTT: the topic published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// NATS or MQTT user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// A file holding the NATS or MQTT password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Webhooks: a file holding the Standard Webhooks secret (`whsec_` and base64) that the `v1`
+    /// HMAC signature uses. Without it only the Ed25519 `v1a` signature is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// PEM trust anchors for a TLS destination (`https`, `tls`, `mqtts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Attempts before an event is dead-lettered (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Time from the first attempt after which an event is dead-lettered (default a day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_seconds: Option<u64>,
+    /// The first retry's delay; each next one doubles, up to a minute (default 200 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_backoff_ms: Option<u64>,
+}
+
+/// The kinds of endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Nats,
+    Mqtt,
+    Webhook,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nats => "natsJetStream",
+            Self::Mqtt => "mqtt",
+            Self::Webhook => "webhook",
+        }
+    }
+}
+
+/// A checked endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    pub kind: Kind,
+    pub url: Url,
+    pub spec: EndpointSpec,
+}
+
+impl Endpoint {
+    /// Checks `spec` for an endpoint called `name`, against the egress allowlist.
+    pub fn check(name: &str, spec: EndpointSpec, egress: &EgressPolicy) -> Result<Self, String> {
+        twinguard_core::graph::validate::check_endpoint_name(name).map_err(|e| e.to_string())?;
+        let kind = match spec.kind.as_str() {
+            "natsJetStream" => Kind::Nats,
+            "mqtt" => Kind::Mqtt,
+            "webhook" => Kind::Webhook,
+            _ => return Err("type must be natsJetStream, mqtt or webhook".into()),
+        };
+        if spec.url.len() > 2_048 {
+            return Err("the url is longer than 2048 characters".into());
+        }
+        let url = Url::parse(&spec.url).map_err(|_| "the url is not a URL".to_owned())?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("the url must not carry credentials; use username and passwordFile".into());
+        }
+        let schemes: &[&str] = match kind {
+            Kind::Nats => &["nats", "tls"],
+            Kind::Mqtt => &["mqtt", "mqtts"],
+            Kind::Webhook => &["https", "http"],
+        };
+        if !schemes.contains(&url.scheme()) {
+            return Err(format!(
+                "a {} endpoint's url must use {}",
+                kind.as_str(),
+                schemes.join(" or ")
+            ));
+        }
+        let tls = matches!(url.scheme(), "https" | "tls" | "mqtts");
+        if tls && spec.ca_file.is_none() {
+            return Err("a TLS destination needs caFile (its trust anchors)".into());
+        }
+        if url.scheme() == "http" && !is_loopback(&url) {
+            return Err("a webhook must use https (http only to a loopback address)".into());
+        }
+        match kind {
+            Kind::Nats => {
+                let subject = spec.subject.as_deref().unwrap_or("");
+                if subject.is_empty()
+                    || subject.len() > 256
+                    || subject
+                        .chars()
+                        .any(|c| c.is_whitespace() || c == '*' || c == '>')
+                {
+                    return Err(
+                        "a NATS endpoint needs a subject without spaces or wildcards".into(),
+                    );
+                }
+                if spec.topic.is_some() || spec.secret_file.is_some() {
+                    return Err("a NATS endpoint takes subject, not topic or secretFile".into());
+                }
+            }
+            Kind::Mqtt => {
+                let topic = spec.topic.as_deref().unwrap_or("");
+                if topic.is_empty() || topic.len() > 256 || topic.contains(['+', '#', '\0']) {
+                    return Err("an MQTT endpoint needs a topic without wildcards".into());
+                }
+                if spec.subject.is_some() || spec.secret_file.is_some() {
+                    return Err("an MQTT endpoint takes topic, not subject or secretFile".into());
+                }
+            }
+            Kind::Webhook => {
+                if spec.subject.is_some()
+                    || spec.topic.is_some()
+                    || spec.username.is_some()
+                    || spec.password_file.is_some()
+                {
+                    return Err("a webhook takes url, secretFile and caFile only".into());
+                }
+            }
+        }
+        if spec.password_file.is_some() && spec.username.is_none() {
+            return Err("passwordFile needs username".into());
+        }
+        if spec.password_file.is_some() && !tls && !is_loopback(&url) {
+            return Err("credentials go only over TLS or to a loopback address".into());
+        }
+        for file in [&spec.password_file, &spec.secret_file, &spec.ca_file]
+            .into_iter()
+            .flatten()
+        {
+            if !file.is_absolute()
+                || std::fs::metadata(file)
+                    .map(|m| !m.is_file())
+                    .unwrap_or(true)
+            {
+                return Err(format!(
+                    "{} is not a readable file given by an absolute path",
+                    file.display()
+                ));
+            }
+        }
+        if let Some(secret) = &spec.secret_file {
+            read_webhook_secret(secret)?;
+        }
+        let destination = Destination::from_url(&url).map_err(|e| e.to_string())?;
+        egress.may_reach(&destination).map_err(|e| e.to_string())?;
+        Ok(Self {
+            name: name.to_owned(),
+            kind,
+            url,
+            spec,
+        })
+    }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.spec.max_attempts.unwrap_or(30).clamp(1, 1_000)
+    }
+
+    pub fn max_age(&self) -> Duration {
+        Duration::from_secs(
+            self.spec
+                .max_age_seconds
+                .unwrap_or(86_400)
+                .clamp(1, 7 * 86_400),
+        )
+    }
+
+    pub fn initial_backoff(&self) -> Duration {
+        Duration::from_millis(self.spec.initial_backoff_ms.unwrap_or(200).clamp(1, 60_000))
+    }
+
+    /// The password from `passwordFile`, read now.
+    pub fn password(&self) -> Result<Option<zeroize::Zeroizing<String>>, String> {
+        match &self.spec.password_file {
+            None => Ok(None),
+            Some(path) => std::fs::read_to_string(path)
+                .map(|s| Some(zeroize::Zeroizing::new(s.trim_end().to_owned())))
+                .map_err(|_| format!("{} cannot be read", path.display())),
+        }
+    }
+
+    /// The webhook's HMAC secret from `secretFile`, read now.
+    pub fn webhook_secret(&self) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, String> {
+        self.spec
+            .secret_file
+            .as_ref()
+            .map(|p| read_webhook_secret(p))
+            .transpose()
+    }
+
+    /// The trust anchors from `caFile`, read now.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        self.spec
+            .ca_file
+            .as_ref()
+            .map(|p| std::fs::read(p).map_err(|_| format!("{} cannot be read", p.display())))
+            .transpose()
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    url.host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_loopback())
+}
+
+/// A Standard Webhooks secret: `whsec_` then base64 of 24 to 64 bytes.
+fn read_webhook_secret(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    use base64::Engine;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|_| format!("{} cannot be read", path.display()))?,
+    );
+    let encoded = text.trim().strip_prefix("whsec_").unwrap_or(text.trim());
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| format!("{} does not hold a whsec_ secret", path.display()))?;
+    if !(24..=64).contains(&bytes.len()) {
+        return Err(format!(
+            "the secret in {} must be 24 to 64 bytes",
+            path.display()
+        ));
+    }
+    Ok(zeroize::Zeroizing::new(bytes))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: &str, url: &str) -> EndpointSpec {
+        EndpointSpec {
+            kind: kind.into(),
+            url: url.into(),
+            subject: (kind == "natsJetStream").then(|| "twins.events".into()),
+            topic: (kind == "mqtt").then(|| "twins/events".into()),
+            username: None,
+            password_file: None,
+            secret_file: None,
+            ca_file: None,
+            max_attempts: None,
+            max_age_seconds: None,
+            initial_backoff_ms: None,
+        }
+    }
+
+    #[test]
+    fn destinations_outside_the_allowlist_are_refused_at_creation() {
+        let allow = EgressPolicy::from_lines("127.0.0.1\nhooks.example.com:443").unwrap();
+        let loopback_nats = spec("natsJetStream", "nats://127.0.0.1:4222");
+        Endpoint::check("nats", loopback_nats.clone(), &allow).unwrap();
+        // Not listed at all.
+        assert!(Endpoint::check("nats", loopback_nats, &EgressPolicy::deny_all()).is_err());
+        // Loopback that is not listed, private and metadata addresses.
+        for url in [
+            "nats://127.0.0.2:4222",
+            "nats://10.0.0.1:4222",
+            "nats://169.254.169.254:4222",
+        ] {
+            let err = Endpoint::check("nats", spec("natsJetStream", url), &allow).unwrap_err();
+            assert!(err.contains("refused"), "{url}: {err}");
+        }
+        // A listed name on another port.
+        let names_only = EgressPolicy::from_lines("hooks.example.com:443").unwrap();
+        let other_port = spec("mqtt", "mqtt://hooks.example.com:1883");
+        assert!(Endpoint::check("mqtt", other_port, &names_only).is_err());
+    }
+
+    #[test]
+    fn malformed_endpoints_are_refused_with_a_reason() {
+        let allow = EgressPolicy::from_lines("127.0.0.1\n10.0.0.0/8").unwrap();
+        let cases = [
+            spec("kafka", "nats://127.0.0.1:4222"),
+            spec("natsJetStream", "http://127.0.0.1:4222"),
+            spec("webhook", "http://10.0.0.5/hook"),
+            spec("webhook", "https://10.0.0.5/hook"),
+            spec("webhook", "http://user:pw@127.0.0.1/hook"),
+            EndpointSpec {
+                subject: Some("a.>".into()),
+                ..spec("natsJetStream", "nats://127.0.0.1:4222")
+            },
+            EndpointSpec {
+                topic: Some("a/#".into()),
+                ..spec("mqtt", "mqtt://127.0.0.1:1883")
+            },
+            EndpointSpec {
+                username: Some("u".into()),
+                password_file: Some("/etc/hostname".into()),
+                ..spec("mqtt", "mqtt://10.0.0.5:1883")
+            },
+        ];
+        for case in cases {
+            assert!(
+                Endpoint::check("end", case.clone(), &allow).is_err(),
+                "{case:?}"
+            );
+        }
+        assert!(
+            Endpoint::check("bad name!", spec("webhook", "http://127.0.0.1/h"), &allow).is_err()
+        );
+        assert!(Endpoint::check("okay", spec("webhook", "http://127.0.0.1:9/h"), &allow).is_ok());
+    }
+}

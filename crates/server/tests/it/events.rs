@@ -1,0 +1,686 @@
+//! Event delivery end to end: endpoints behind the egress allowlist, routes with ADT filters,
+//! webhooks signed per Standard Webhooks (checked here with independent code), retries,
+//! dead letters, redirects, NATS JetStream and MQTT 5 through the machine's brokers.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use reqwest::Method;
+use serde_json::{Value, json};
+use twinguard_core::auth::{DATA_OWNER, SECURITY_ADMIN};
+
+use crate::kit::{TestServer, uuid_like};
+
+/// A webhook receiver on loopback: records what it gets, answers with the statuses queued
+/// (then 200).
+/// A request as received: headers and body.
+type Request = (HeaderMap, Vec<u8>);
+/// An answer to give: status and `Location`.
+type Answer = (StatusCode, Option<String>);
+
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<Request>>>,
+    answers: Arc<Mutex<VecDeque<Answer>>>,
+}
+
+impl Receiver {
+    async fn start(&self) -> SocketAddr {
+        let me = self.clone();
+        let app =
+            axum::Router::new().fallback(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let me = me.clone();
+                async move {
+                    me.got.lock().unwrap().push((headers, body.to_vec()));
+                    let (status, location) = me
+                        .answers
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or((StatusCode::OK, None));
+                    let mut response = axum::response::Response::new(axum::body::Body::empty());
+                    *response.status_mut() = status;
+                    if let Some(location) = location {
+                        response
+                            .headers_mut()
+                            .insert("location", location.parse().unwrap());
+                    }
+                    response
+                }
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+const MODEL: &str = "dtmi:test:events:Room;1";
+
+async fn plant(server: &TestServer, token: &str) {
+    let model = json!([{
+        "@context": "dtmi:dtdl:context;3", "@id": MODEL, "@type": "Interface",
+        "contents": [
+            {"@type": "Property", "name": "temperature", "schema": "double"},
+            {"@type": "Relationship", "name": "next"}
+        ]
+    }]);
+    let r = server
+        .call_json(Method::POST, "/models", token, &model)
+        .await;
+    assert_eq!(r.status(), 201);
+}
+
+async fn put_twin(server: &TestServer, token: &str, id: &str, t: f64) {
+    let body = json!({"$metadata": {"$model": MODEL}, "temperature": t});
+    let r = server
+        .call_json(Method::PUT, &format!("/digitaltwins/{id}"), token, &body)
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+async fn route(server: &TestServer, token: &str, id: &str, endpoint: &str, filter: &str) {
+    let r = server
+        .call_json(
+            Method::PUT,
+            &format!("/eventroutes/{id}"),
+            token,
+            &json!({"endpointName": endpoint, "filter": filter}),
+        )
+        .await;
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+async fn put_endpoint(
+    server: &TestServer,
+    token: &str,
+    name: &str,
+    body: &Value,
+) -> reqwest::Response {
+    server
+        .admin_call(Method::PUT, &format!("/admin/endpoints/{name}"), token)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn event_key(server: &TestServer) -> VerifyingKey {
+    let jwk: Value = serde_json::from_slice(
+        &std::fs::read(server.dir.path().join("events/event-key.jwk")).unwrap(),
+    )
+    .unwrap();
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(jwk["x"].as_str().unwrap())
+        .unwrap();
+    VerifyingKey::from_bytes(&x.try_into().unwrap()).unwrap()
+}
+
+/// Checks a Standard Webhooks request: `v1` (HMAC-SHA256 with `secret`) and `v1a` (Ed25519
+/// with `key`) over `id.timestamp.body`, written here from the specification.
+fn verify_webhook(headers: &HeaderMap, body: &[u8], secret: &[u8], key: &VerifyingKey) {
+    let header = |n: &str| headers.get(n).unwrap().to_str().unwrap().to_owned();
+    let signed = format!("{}.{}.", header("webhook-id"), header("webhook-timestamp"));
+    let mut signed = signed.into_bytes();
+    signed.extend_from_slice(body);
+    let mut v1 = false;
+    let mut v1a = false;
+    for part in header("webhook-signature").split(' ') {
+        let (scheme, sig) = part.split_once(',').unwrap();
+        let sig = STANDARD.decode(sig).unwrap();
+        match scheme {
+            "v1" => {
+                let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+                aws_lc_rs::hmac::verify(&k, &signed, &sig).unwrap();
+                v1 = true;
+            }
+            "v1a" => {
+                key.verify(&signed, &Signature::from_slice(&sig).unwrap())
+                    .unwrap();
+                v1a = true;
+            }
+            other => panic!("unknown scheme {other}"),
+        }
+    }
+    assert!(v1 && v1a, "both signatures present");
+}
+
+fn secret_file(server: &TestServer) -> (std::path::PathBuf, Vec<u8>) {
+    let secret = vec![42u8; 32];
+    let path = server.dir.path().join("hook-secret");
+    std::fs::write(&path, format!("whsec_{}", STANDARD.encode(&secret))).unwrap();
+    (path, secret)
+}
+
+fn allow_loopback(config: &mut twinguard_server::startup::ServeConfig) {
+    config.egress = twinguard_server::egress::EgressPolicy::from_lines("127.0.0.1").unwrap();
+}
+
+#[tokio::test]
+async fn endpoints_are_for_security_admins_and_outside_the_allowlist_are_refused() {
+    let server = TestServer::start_with(|c| {
+        c.egress =
+            twinguard_server::egress::EgressPolicy::from_lines("127.0.0.1:4222\nlocalhost:4223")
+                .unwrap();
+    })
+    .await;
+    let admin = server.token_with_role(SECURITY_ADMIN).await;
+    let owner = server.token_with_role(DATA_OWNER).await;
+    let nats =
+        json!({"type": "natsJetStream", "url": "nats://127.0.0.1:4222", "subject": "twins.x"});
+    let r = put_endpoint(&server, &owner, "nats-one", &nats).await;
+    assert_eq!(r.status(), 403, "a data owner does not manage endpoints");
+    let r = put_endpoint(&server, &admin, "nats-one", &nats).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    for (url, why) in [
+        ("nats://127.0.0.1:4223", "a port the rule does not list"),
+        (
+            "nats://127.0.0.2:4222",
+            "a loopback address that is not listed",
+        ),
+        ("nats://10.1.2.3:4222", "a private address"),
+        ("nats://169.254.169.254:4222", "the metadata address"),
+        (
+            "nats://localhost:4223",
+            "a listed name that resolves to loopback (needs an address rule)",
+        ),
+        ("nats://example.com:4222", "a name that is not listed"),
+        (
+            "nats://[::ffff:127.0.0.2]:4222",
+            "loopback written as IPv4-mapped IPv6",
+        ),
+    ] {
+        let body = json!({"type": "natsJetStream", "url": url, "subject": "twins.x"});
+        let r = put_endpoint(&server, &admin, "nats-two", &body).await;
+        assert_eq!(r.status(), 400, "{why}: {}", r.text().await.unwrap());
+    }
+    let listed = server
+        .admin_json(Method::GET, "/admin/endpoints", &admin, None)
+        .await;
+    let names: Vec<&str> = listed["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"nats-one"));
+    // A name that resolves to loopback is admitted by no address at connect time.
+    let inner = twinguard_server::egress::Egress::new(
+        twinguard_server::egress::EgressPolicy::from_lines("localhost").unwrap(),
+    );
+    let dest = twinguard_server::egress::Destination::new("localhost", 4222).unwrap();
+    assert!(inner.resolve(&dest).await.is_err());
+    let r = server
+        .admin_call(Method::DELETE, "/admin/endpoints/nats-one", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = server
+        .admin_call(Method::GET, "/admin/endpoints/nats-one", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn a_webhook_receives_every_change_in_order_signed_and_filtered() {
+    let server = TestServer::start_with(allow_loopback).await;
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let admin = server.admin_token().await;
+    let (secret_path, secret) = secret_file(&server);
+    let body =
+        json!({"type": "webhook", "url": format!("http://{addr}/hook"), "secretFile": secret_path});
+    let r = put_endpoint(&server, &admin, "hook", &body).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let shown: Value = server
+        .admin_json(Method::GET, "/admin/endpoints/hook", &admin, None)
+        .await;
+    assert!(
+        !shown.to_string().contains(&STANDARD.encode(&secret)),
+        "the secret is never echoed"
+    );
+    plant(&server, &admin).await;
+    route(&server, &admin, "all", "hook", "true").await;
+    // A second route to the same endpoint does not send an event twice.
+    route(
+        &server,
+        &admin,
+        "creates",
+        "hook",
+        "type = 'Microsoft.DigitalTwins.Twin.Create'",
+    )
+    .await;
+    put_twin(&server, &admin, "r1", 20.0).await;
+    put_twin(&server, &admin, "r2", 21.0).await;
+    let patch = json!([{"op": "replace", "path": "/temperature", "value": 23.5}]);
+    let r = server
+        .call_json(Method::PATCH, "/digitaltwins/r1", &admin, &patch)
+        .await;
+    assert_eq!(r.status(), 204);
+    let rel = json!({"$targetId": "r2", "$relationshipName": "next"});
+    let r = server
+        .call_json(
+            Method::PUT,
+            "/digitaltwins/r1/relationships/n1",
+            &admin,
+            &rel,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    // ADT's telemetry API: Message-Id de-duplicates.
+    for _ in 0..2 {
+        let r = server
+            .adt(Method::POST, "/digitaltwins/r1/telemetry", &admin)
+            .header("Message-Id", "m-1")
+            .header("Telemetry-Source-Time", "2026-12-05T08:00:00Z")
+            .json(&json!({"humidity": 40}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    }
+    let r = server
+        .adt(Method::POST, "/digitaltwins/r1/telemetry", &admin)
+        .json(&json!({"humidity": 41}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "Message-Id is required");
+    let r = server
+        .call(Method::DELETE, "/digitaltwins/r1/relationships/n1", &admin)
+        .await;
+    assert_eq!(r.status(), 204);
+    wait_for("six events", || receiver.got.lock().unwrap().len() >= 6).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bodies = receiver.bodies();
+    let kinds: Vec<(&str, &str, u64)> = bodies
+        .iter()
+        .map(|b| {
+            (
+                b["type"].as_str().unwrap(),
+                b["subject"].as_str().unwrap(),
+                b["twinsequence"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("Microsoft.DigitalTwins.Twin.Create", "r1", 1),
+            ("Microsoft.DigitalTwins.Twin.Create", "r2", 1),
+            ("Microsoft.DigitalTwins.Twin.Update", "r1", 2),
+            (
+                "Microsoft.DigitalTwins.Relationship.Create",
+                "r1/relationships/n1",
+                3
+            ),
+            ("microsoft.iot.telemetry", "r1", 4),
+            (
+                "Microsoft.DigitalTwins.Relationship.Delete",
+                "r1/relationships/n1",
+                5
+            ),
+        ]
+    );
+    assert_eq!(bodies.len(), 6, "one delivery per event: {bodies:#?}");
+    assert_eq!(bodies[2]["data"], json!({"modelId": MODEL, "patch": patch}));
+    assert_eq!(bodies[4]["data"], json!({"humidity": 40}));
+    assert_eq!(bodies[4]["telemetrysourcetime"], "2026-12-05T08:00:00Z");
+    assert_eq!(bodies[4]["dataschema"], MODEL);
+    assert_eq!(bodies[0]["specversion"], "1.0");
+    assert_eq!(bodies[0]["source"], "127.0.0.1");
+    assert_eq!(bodies[0]["data"]["$dtId"], "r1");
+    let key = event_key(&server);
+    for (headers, body) in receiver.got.lock().unwrap().iter() {
+        verify_webhook(headers, body, &secret, &key);
+        let id = headers.get("webhook-id").unwrap().to_str().unwrap();
+        let ce: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(ce["id"], id, "webhook-id is the event ID");
+    }
+    // The published key set carries the same key.
+    let jwks: Value = server
+        .client
+        .get(server.url("/.well-known/event-keys.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks["keys"][0]["crv"], "Ed25519");
+
+    // Deleting the route stops delivery at once.
+    for id in ["all", "creates"] {
+        let r = server
+            .call(Method::DELETE, &format!("/eventroutes/{id}"), &admin)
+            .await;
+        assert_eq!(r.status(), 204);
+    }
+    put_twin(&server, &admin, "r3", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        receiver.got.lock().unwrap().len(),
+        6,
+        "no route, no delivery"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_webhook_is_retried_then_dead_lettered_and_can_be_replayed() {
+    let server = TestServer::start_with(allow_loopback).await;
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let admin = server.admin_token().await;
+    let body = json!({"type": "webhook", "url": format!("http://{addr}/hook"),
+        "maxAttempts": 3, "initialBackoffMs": 10});
+    assert_eq!(
+        put_endpoint(&server, &admin, "flaky", &body).await.status(),
+        201
+    );
+    plant(&server, &admin).await;
+    route(&server, &admin, "r", "flaky", "true").await;
+    // Two failures, then success: the first event arrives on its third attempt.
+    receiver.answers.lock().unwrap().extend([
+        (StatusCode::SERVICE_UNAVAILABLE, None),
+        (StatusCode::INTERNAL_SERVER_ERROR, None),
+    ]);
+    put_twin(&server, &admin, "a", 1.0).await;
+    wait_for("three attempts", || receiver.got.lock().unwrap().len() >= 3).await;
+    let ids: Vec<String> = receiver
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(h, _)| h["webhook-id"].to_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] == w[1]),
+        "a retry carries the same ID"
+    );
+    // Three failures: dead-lettered, and the next event still goes.
+    receiver.answers.lock().unwrap().extend([
+        (StatusCode::BAD_GATEWAY, None),
+        (StatusCode::BAD_GATEWAY, None),
+        (StatusCode::BAD_GATEWAY, None),
+    ]);
+    put_twin(&server, &admin, "b", 1.0).await;
+    put_twin(&server, &admin, "c", 1.0).await;
+    wait_for("c delivered", || {
+        receiver.bodies().iter().any(|b| b["subject"] == "c")
+    })
+    .await;
+    let dead = server
+        .admin_json(
+            Method::GET,
+            "/admin/endpoints/flaky/deadletters",
+            &admin,
+            None,
+        )
+        .await;
+    let dead = dead["value"].as_array().unwrap().clone();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0]["event"]["subject"], "b");
+    assert_eq!(dead[0]["attempts"], 3);
+    assert!(dead[0]["lastError"].as_str().unwrap().contains("502"));
+    let seq = dead[0]["sequence"].as_u64().unwrap();
+    let before = receiver.got.lock().unwrap().len();
+    let r = server
+        .admin_call(
+            Method::POST,
+            &format!("/admin/endpoints/flaky/deadletters/{seq}/replay"),
+            &admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    let replayed: Value = {
+        let got = receiver.got.lock().unwrap();
+        assert_eq!(got.len(), before + 1);
+        serde_json::from_slice(&got[before].1).unwrap()
+    };
+    assert_eq!(
+        replayed["id"], dead[0]["id"],
+        "the replay is the same event"
+    );
+    let dead = server
+        .admin_json(
+            Method::GET,
+            "/admin/endpoints/flaky/deadletters",
+            &admin,
+            None,
+        )
+        .await;
+    assert!(dead["value"].as_array().unwrap().is_empty());
+    let metrics = server
+        .admin_call(Method::GET, "/metrics", &admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("twinguard_events_dead_lettered_total{endpoint=\"flaky\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("twinguard_events_retried_total{endpoint=\"flaky\"}"));
+}
+
+#[tokio::test]
+async fn a_webhook_redirect_is_not_followed() {
+    let server = TestServer::start_with(allow_loopback).await;
+    let hook = Receiver::default();
+    let target = Receiver::default();
+    let hook_addr = hook.start().await;
+    let target_addr = target.start().await;
+    hook.answers.lock().unwrap().extend([(
+        StatusCode::FOUND,
+        Some(format!("http://{target_addr}/stolen")),
+    )]);
+    let admin = server.admin_token().await;
+    let body =
+        json!({"type": "webhook", "url": format!("http://{hook_addr}/hook"), "maxAttempts": 1});
+    assert_eq!(
+        put_endpoint(&server, &admin, "redir", &body).await.status(),
+        201
+    );
+    plant(&server, &admin).await;
+    route(&server, &admin, "r", "redir", "true").await;
+    put_twin(&server, &admin, "a", 1.0).await;
+    wait_for("a dead letter", || {
+        server
+            .state
+            .events
+            .dead_letters("redir")
+            .map(|d| !d.is_empty())
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(hook.got.lock().unwrap().len(), 1);
+    assert!(
+        target.got.lock().unwrap().is_empty(),
+        "the redirect target got nothing"
+    );
+}
+
+#[tokio::test]
+async fn nats_jetstream_receives_signed_events_with_message_ids() {
+    let Ok(client) = async_nats::connect("nats://127.0.0.1:4222").await else {
+        panic!("NATS is expected on 127.0.0.1:4222 on this machine kind");
+    };
+    let js = async_nats::jetstream::new(client);
+    let name = format!("TG_{}", uuid_like().replace('-', "_"));
+    let subject = format!("tg.events.{name}");
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let server = TestServer::start_with(|c| {
+        c.egress = twinguard_server::egress::EgressPolicy::from_lines("127.0.0.1:4222").unwrap();
+    })
+    .await;
+    let admin = server.admin_token().await;
+    let body = json!({"type": "natsJetStream", "url": "nats://127.0.0.1:4222", "subject": subject});
+    assert_eq!(
+        put_endpoint(&server, &admin, "nats", &body).await.status(),
+        201
+    );
+    plant(&server, &admin).await;
+    route(
+        &server,
+        &admin,
+        "r",
+        "nats",
+        "$body.temperature > 10 OR type = 'Microsoft.DigitalTwins.Twin.Update'",
+    )
+    .await;
+    put_twin(&server, &admin, "cold", 5.0).await;
+    put_twin(&server, &admin, "warm", 15.0).await;
+    let patch = json!([{"op": "replace", "path": "/temperature", "value": 6.0}]);
+    assert_eq!(
+        server
+            .call_json(Method::PATCH, "/digitaltwins/cold", &admin, &patch)
+            .await
+            .status(),
+        204
+    );
+    let mut stream = stream;
+    for _ in 0..100 {
+        if stream.info().await.unwrap().state.messages >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        2,
+        "the cold twin's creation is filtered out"
+    );
+    let key = event_key(&server);
+    let mut subjects = Vec::new();
+    for seq in 1..=2 {
+        let message = stream.get_raw_message(seq).await.unwrap();
+        let headers = message.headers;
+        let id = headers.get("Nats-Msg-Id").unwrap().to_string();
+        let sig = STANDARD
+            .decode(headers.get("Twinguard-Signature").unwrap().as_str())
+            .unwrap();
+        key.verify(&message.payload, &Signature::from_slice(&sig).unwrap())
+            .unwrap();
+        let ce: Value = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(ce["id"], id);
+        subjects.push((
+            ce["type"].as_str().unwrap().to_owned(),
+            ce["subject"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        subjects,
+        [
+            (
+                "Microsoft.DigitalTwins.Twin.Create".to_owned(),
+                "warm".to_owned()
+            ),
+            (
+                "Microsoft.DigitalTwins.Twin.Update".to_owned(),
+                "cold".to_owned()
+            ),
+        ]
+    );
+    js.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test]
+async fn mqtt_receives_signed_events_at_qos_1() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let topic = format!("tg-it/events/{}", uuid_like());
+    let mut options = MqttOptions::new(format!("tg-it-sub-{}", uuid_like()), "127.0.0.1", 1883);
+    options.set_clean_start(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let sink = received.clone();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let props = p.properties.map(|p| p.user_properties).unwrap_or_default();
+                    sink.lock().unwrap().push((p.payload.to_vec(), props));
+                }
+                _ => {}
+            }
+        }
+    });
+    subscribed.await.unwrap();
+    let server = TestServer::start_with(|c| {
+        c.egress = twinguard_server::egress::EgressPolicy::from_lines("127.0.0.1:1883").unwrap();
+    })
+    .await;
+    let admin = server.admin_token().await;
+    let body = json!({"type": "mqtt", "url": "mqtt://127.0.0.1:1883", "topic": topic});
+    assert_eq!(
+        put_endpoint(&server, &admin, "mqtt", &body).await.status(),
+        201
+    );
+    plant(&server, &admin).await;
+    route(&server, &admin, "r", "mqtt", "true").await;
+    for i in 0..3 {
+        put_twin(&server, &admin, &format!("m{i}"), f64::from(i)).await;
+    }
+    wait_for("three MQTT events", || received.lock().unwrap().len() >= 3).await;
+    let key = event_key(&server);
+    for (i, (payload, props)) in received.lock().unwrap().iter().enumerate() {
+        let sig = props
+            .iter()
+            .find(|(k, _)| k == "twinguard-signature")
+            .unwrap();
+        let sig = STANDARD.decode(&sig.1).unwrap();
+        key.verify(payload, &Signature::from_slice(&sig).unwrap())
+            .unwrap();
+        let ce: Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(ce["subject"], format!("m{i}"));
+    }
+}
