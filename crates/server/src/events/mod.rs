@@ -154,16 +154,21 @@ impl Events {
             loop {
                 every.tick().await;
                 let below = inner.trim_point();
-                // The oldest record still stored: nothing below it to trim, no commit made.
-                let oldest = match inner.service.feed_after(0, 1) {
-                    Ok(first) => first.first().map_or(u64::MAX, |e| e.seq),
-                    Err(_) => continue,
-                };
-                if below <= oldest {
-                    continue;
-                }
-                if let Err(e) = inner.service.trim_feed(below).await {
-                    tracing::warn!(error = %e, "delivered feed records could not be trimmed");
+                // One trim removes at most `feed::MAX_TRIM` records: go on until the oldest record
+                // still stored is at `below`, so the trim keeps up with any event rate. Nothing
+                // below it: no commit made.
+                let mut previous = None;
+                while let Ok(first) = inner.service.feed_after(0, 1) {
+                    let oldest = first.first().map_or(u64::MAX, |e| e.seq);
+                    // No progress (records below the writer's own oldest position): stop.
+                    if below <= oldest || previous == Some(oldest) {
+                        break;
+                    }
+                    previous = Some(oldest);
+                    if let Err(e) = inner.service.trim_feed(below).await {
+                        tracing::warn!(error = %e, "delivered feed records could not be trimmed");
+                        break;
+                    }
                 }
             }
         });

@@ -391,6 +391,12 @@ async fn a_webhook_receives_every_change_in_order_signed_and_filtered() {
         6,
         "no route, no delivery"
     );
+    // Records every endpoint has passed are trimmed from the feed (every 5 s).
+    let service = server.state.service.clone();
+    wait_for("the delivered records trimmed", || {
+        service.feed_head() >= 7 && service.feed_after(0, 10).unwrap().is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]
