@@ -23,7 +23,7 @@ use crate::feed::{self, FeedEvent, FeedState};
 use crate::graph::ops::{self, WriteContext, WriteOp, WriteOutcome};
 use crate::graph::{EventRoute, Graph, ModelEntry, PropertyUpdate, Relationship, Twin};
 use crate::query;
-use crate::store::{Mutation, Store, StoreError, Table, for_each_record};
+use crate::store::{Mutation, Owner, Store, StoreError, Table, for_each_record};
 
 /// Twins or relationships read from the store at a time while the graph is loaded.
 const LOAD_PAGE: usize = 10_000;
@@ -47,8 +47,21 @@ enum Pending {
     },
 }
 
-/// Where a write's answer goes.
-type Reply = oneshot::Sender<DomainResult<WriteOutcome>>;
+/// Where a write's answer goes: an async caller's future, or a thread blocked in
+/// [`Door::commit`].
+enum Reply {
+    Async(oneshot::Sender<DomainResult<WriteOutcome>>),
+    Blocking(std::sync::mpsc::SyncSender<DomainResult<WriteOutcome>>),
+}
+
+impl Reply {
+    fn send(self, answer: DomainResult<WriteOutcome>) -> Result<(), ()> {
+        match self {
+            Self::Async(tx) => tx.send(answer).map_err(|_| ()),
+            Self::Blocking(tx) => tx.send(answer).map_err(|_| ()),
+        }
+    }
+}
 
 struct Job {
     op: WriteOp,
@@ -171,6 +184,15 @@ impl TwinService {
         self.shared.load_work
     }
 
+    /// The way into the writer for `owner`'s records (not the graph's: those change only
+    /// through [`WriteOp`]s).
+    pub fn door(&self, owner: Owner) -> Door {
+        Door {
+            owner,
+            jobs: self.jobs.clone(),
+        }
+    }
+
     /// The last position of the change feed that is committed (0 before the first event).
     pub fn feed_head(&self) -> u64 {
         *self.shared.feed_head.borrow()
@@ -286,7 +308,7 @@ impl TwinService {
             .try_send(Job {
                 op,
                 scoped,
-                reply,
+                reply: Reply::Async(reply),
                 _upload,
             })
             .map_err(|_| DomainError::Unavailable)?;
@@ -546,7 +568,7 @@ fn merge_readings(batch: &mut Vec<Job>) -> Vec<Merged> {
             updates.extend(u);
             records.extend(r);
         }
-        out.push(job(updates, records, reply));
+        out.push(job(updates, records, Reply::Async(reply)));
         merged.push(Merged { answer, parts });
     }
     let mut out = Vec::with_capacity(batch.len());
@@ -802,6 +824,128 @@ fn load(store: &dyn Store, load_work: &mut usize) -> Result<Graph, OpenError> {
     Ok(graph)
 }
 
+/// How long [`Door::commit`] waits for room in the writer's queue before it gives up.
+const DOOR_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One owner's way into the writer (see [`TwinService::door`]): its records are committed in
+/// the writer's groups, checked against the tables it owns. Synchronous, for the owners whose
+/// code is (the identity directory, token revocation): it blocks the calling thread for one
+/// group commit, as a direct commit to the store blocked it for one fsync.
+#[derive(Clone)]
+pub struct Door {
+    owner: Owner,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Door").field("owner", &self.owner).finish()
+    }
+}
+
+impl Door {
+    /// Commits `records` durably, all or none, in the writer's order. Refused when a record is
+    /// outside the owner's tables.
+    pub fn commit(&self, records: Vec<Mutation>) -> Result<(), StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let mut job = Job {
+            op: WriteOp::Commit(ops::OwnedRecords {
+                owner: self.owner,
+                records,
+            }),
+            scoped: None,
+            reply: Reply::Blocking(tx),
+            _upload: None,
+        };
+        let deadline = std::time::Instant::now() + DOOR_WAIT;
+        loop {
+            match self.jobs.try_send(job) {
+                Ok(()) => break,
+                Err(mpsc::error::TrySendError::Full(back))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    job = back;
+                    thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(_) => return Err(StoreError("the writer is busy or has stopped".into())),
+            }
+        }
+        match rx.recv() {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StoreError(e.to_string())),
+            Err(_) => Err(StoreError("the writer has stopped".into())),
+        }
+    }
+}
+
+/// A store that an owner's code reads and writes as before, whose commits go straight to the
+/// store until [`OwnerStore::connect`] hands it a [`Door`] (start-up and migrations run before
+/// the writer), then through the writer. Either way a record outside the owner's tables is
+/// refused.
+pub struct OwnerStore {
+    owner: Owner,
+    store: Arc<dyn Store>,
+    door: std::sync::OnceLock<Door>,
+}
+
+impl std::fmt::Debug for OwnerStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnerStore")
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnerStore {
+    pub fn new(owner: Owner, store: Arc<dyn Store>) -> Self {
+        Self {
+            owner,
+            store,
+            door: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// From now on, commits go through the writer.
+    pub fn connect(&self, door: Door) {
+        let _ = self.door.set(door);
+    }
+}
+
+impl Store for OwnerStore {
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.store.scan(table)
+    }
+
+    fn range_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.store.range_from(table, from, limit)
+    }
+
+    fn range(
+        &self,
+        table: Table,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.store.range(table, from, to, limit)
+    }
+
+    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        match self.door.get() {
+            Some(door) => door.commit(batch.to_vec()),
+            None => {
+                ops::check_owned(self.owner, batch).map_err(|e| StoreError(e.to_string()))?;
+                self.store.commit(batch)
+            }
+        }
+    }
+}
+
 /// A query request: new query text, or a continuation token from a previous page.
 #[derive(Debug, Clone, Default)]
 pub struct QueryRequest {
@@ -928,7 +1072,7 @@ mod tests {
         let job = Job {
             op,
             scoped: None,
-            reply,
+            reply: Reply::Async(reply),
             _upload: None,
         };
         (job, answer)
@@ -941,7 +1085,7 @@ mod tests {
         let route = Job {
             op: WriteOp::DeleteRoute("r".into()),
             scoped: None,
-            reply: route_reply,
+            reply: Reply::Async(route_reply),
             _upload: None,
         };
         let (c, mut answer_c) = readings_job(&["x"], "c");

@@ -10,8 +10,9 @@ use axum_server::tls_rustls::RustlsConfig;
 use serde_json::json;
 use twinguard_core::clock::SystemClock;
 use twinguard_core::identity::Directory;
+use twinguard_core::service::OwnerStore;
 use twinguard_core::service::TwinService;
-use twinguard_core::store::Store;
+use twinguard_core::store::{Owner, Store};
 use twinguard_store_redb::RedbStore;
 use twinguard_telemetry::service::TelemetryEvent;
 
@@ -155,13 +156,16 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// What [`init`] opened: the store, the token service, and the identity records' view of the
+/// store (to be connected to the twin writer's door once it runs: [`OwnerStore::connect`]).
+pub type Initialised = (Arc<dyn Store>, Arc<TokenService>, Arc<OwnerStore>);
+
 /// Creates the data directory's keys, certificates and first admin client if they are missing.
-/// Returns the admin credential file's path.
 pub fn init(
     data_dir: &DataDir,
     tls_names: &[String],
     issuers: Option<&std::path::Path>,
-) -> anyhow::Result<(Arc<dyn Store>, Arc<TokenService>)> {
+) -> anyhow::Result<Initialised> {
     let external = match issuers {
         Some(path) => ExternalIssuers::load(path)?,
         None => ExternalIssuers::default(),
@@ -169,16 +173,19 @@ pub fn init(
     let instance = data_dir.prepare(tls_names)?;
     let store: Arc<dyn Store> =
         Arc::new(RedbStore::open(&data_dir.store_path()).context("opening the store")?);
+    // Identities, credentials and tokens are written only to the identity tables.
+    let identity_store = Arc::new(OwnerStore::new(Owner::Identity, store.clone()));
+    let identity: Arc<dyn Store> = identity_store.clone();
     let keys = KeyRing::load(&data_dir.token_keys()).context("loading the token signing keys")?;
     let directory = Arc::new(
-        Directory::open(store.clone(), Arc::new(SystemClock))
+        Directory::open(identity.clone(), Arc::new(SystemClock))
             .context("loading the identity directory")?,
     );
     let tokens = Arc::new(TokenService::new(
         instance.issuer,
         keys,
         data_dir.token_keys(),
-        store.clone(),
+        identity,
         directory.clone(),
         external,
     )?);
@@ -200,7 +207,7 @@ pub fn init(
     } else if !data_dir.admin_client().exists() {
         tracing::warn!(path = %data_dir.admin_client().display(), "the first admin credential file is missing; administer with another identity");
     }
-    Ok((store, tokens))
+    Ok((store, tokens, identity_store))
 }
 
 /// The TLS handshake timeout with [`ServeConfig::dangerous_unbounded_resources`]: a day, as
@@ -212,9 +219,19 @@ impl Application {
         install_crypto_provider();
         crate::metrics::install();
         let data_dir = DataDir::new(&config.data_dir);
-        let (store, tokens) = init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
+        let (store, tokens, identity_store) =
+            init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
         let service = TwinService::open(store.clone(), Arc::new(SystemClock))
             .context("loading the twin graph")?;
+        // One door for durable writes: from here on, every owner's commits to the main store go
+        // through the twin writer's groups, checked against the tables the owner owns.
+        identity_store.connect(service.door(Owner::Identity));
+        let owned = |owner| {
+            let owned = OwnerStore::new(owner, store.clone());
+            owned.connect(service.door(owner));
+            Arc::new(owned) as Arc<dyn Store>
+        };
+        let (event_store, telemetry_store) = (owned(Owner::Events), owned(Owner::Telemetry));
         let service = if config.dangerous_unbounded_resources {
             tracing::warn!(
                 "DANGEROUS: resource protections are off (--dangerous-unbounded-resources); \
@@ -228,10 +245,9 @@ impl Application {
             RedbStore::open_with_cache(&data_dir.history_path(), HISTORY_CACHE_BYTES)
                 .context("opening the history store")?,
         );
-        let event_store = store.clone();
         let telemetry = twinguard_telemetry::Telemetry::open(
             service.clone(),
-            store,
+            telemetry_store,
             history,
             Arc::new(SystemClock),
         )

@@ -19,7 +19,7 @@ use crate::dtmi::Dtmi;
 use crate::error::{DomainError, DomainResult};
 use crate::feed::{self, Change, FeedState};
 use crate::routes;
-use crate::store::Mutation;
+use crate::store::{Mutation, Owner};
 
 /// Most models one upload may carry (ADT's limit).
 pub const MAX_MODELS_PER_UPLOAD: usize = 250;
@@ -124,6 +124,33 @@ pub enum WriteOp {
     PublishTelemetry(TelemetryMessage),
     /// Deletes delivered records from the change feed; only the service makes one.
     TrimFeed(FeedTrim),
+    /// Another owner's records (identity, tokens, event delivery), committed in the writer's
+    /// groups; made only by a `service::Door`.
+    Commit(OwnedRecords),
+}
+
+/// Records of one owner, for [`WriteOp::Commit`].
+#[derive(Debug, Clone)]
+pub struct OwnedRecords {
+    pub(crate) owner: Owner,
+    pub(crate) records: Vec<Mutation>,
+}
+
+/// Refuses records outside `owner`'s tables, and any through this path for the graph (whose
+/// tables change only through its own operations).
+pub(crate) fn check_owned(owner: Owner, records: &[Mutation]) -> DomainResult<()> {
+    match records
+        .iter()
+        .find(|r| owner == Owner::Graph || r.table.owner() != owner)
+    {
+        None => Ok(()),
+        Some(record) => {
+            tracing::error!(owner = ?owner, table = record.table.name(), "a commit carried a record outside its owner's tables; refused");
+            Err(DomainError::Internal(
+                "a commit carried a record outside its owner's tables",
+            ))
+        }
+    }
 }
 
 /// A telemetry message for [`WriteOp::PublishTelemetry`].
@@ -201,6 +228,7 @@ impl WriteOp {
             Self::ApplyReadings { .. } => Action::TelemetryWrite,
             Self::PublishTelemetry(_) => Action::TwinsWrite,
             Self::TrimFeed(_) => Action::EventRoutesDelete,
+            Self::Commit(_) => Action::KeysWrite,
         }
     }
 
@@ -345,6 +373,11 @@ impl WriteOp {
                 )))
             }
             Self::PublishTelemetry(message) => publish_telemetry(graph, message, ctx),
+            Self::Commit(OwnedRecords { owner, records }) => {
+                check_owned(owner, &records)?;
+                muts.extend(records);
+                Ok(WriteOutcome::Done)
+            }
             Self::TrimFeed(trim) => {
                 ctx.feed.borrow_mut().trim(trim.below, muts);
                 Ok(WriteOutcome::Done)
