@@ -3,6 +3,7 @@
 // Test helpers outside `#[test]` functions fail loudly on broken fixtures by design.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
+mod door;
 mod dtdl_conformance;
 mod dtdl_cost;
 mod feed;
