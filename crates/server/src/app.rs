@@ -45,6 +45,8 @@ pub struct AppState {
     pub public_url: Arc<crate::startup::PublicUrl>,
     /// The MQTT link's state (takeover evidence), when a broker is configured.
     pub mqtt: Option<Arc<crate::mqtt::MqttStatus>>,
+    /// Import and deletion jobs (in memory; `docs/jobs.md`).
+    pub jobs: crate::jobs::Jobs,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -187,6 +189,7 @@ pub fn router(state: AppState) -> Router {
                 .put(eventroutes::put)
                 .delete(eventroutes::delete),
         )
+        .merge(crate::routes::jobs::router())
         .layer(middleware::from_fn(require_api_version))
         .layer(DefaultBodyLimit::max(TWIN_BODY_LIMIT));
 

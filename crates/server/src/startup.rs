@@ -262,6 +262,8 @@ impl Application {
         let mqtt_status = mqtt
             .as_ref()
             .map(|_| Arc::new(crate::mqtt::MqttStatus::default()));
+        let jobs = crate::jobs::Jobs::open(data_dir.root(), Some(audit.clone()))
+            .context("preparing the jobs' spool directory")?;
         let app = Self {
             listener,
             local_addr,
@@ -283,6 +285,7 @@ impl Application {
                 telemetry,
                 public_url: Arc::new(public_url),
                 mqtt: mqtt_status,
+                jobs,
             },
             data_dir,
             siem: config.siem.clone(),

@@ -5,6 +5,7 @@ pub mod discovery;
 pub mod eventroutes;
 pub mod health;
 pub mod identity;
+pub mod jobs;
 pub mod models;
 pub mod query;
 pub mod relationships;

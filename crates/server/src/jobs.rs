@@ -1,0 +1,1290 @@
+//! Import and deletion jobs: ADT's `/jobs/imports` and `/jobs/deletions` (`docs/jobs.md`).
+//!
+//! A job runs in the background, one job at a time in the order they were created, under the
+//! principal that created it: every write it makes goes through [`TwinService::submit`] with
+//! that principal, so it is checked like the same write made through the API. Creating a job
+//! also requires its actions at instance scope (see [`Jobs::authorize_import`]), so a caller
+//! with scoped grants cannot start a job that would fail half-way on its scope.
+//!
+//! Jobs are kept in memory only: a restart forgets them (and removes their spooled input); a job
+//! running at a crash stops where it was, with everything it applied before durable.
+//!
+//! An import reads its input line by line from a spool file in the data directory, so memory
+//! holds one line, one batch of models (the models section as a whole, at most
+//! [`MAX_MODELS_SECTION_BYTES`], since models are uploaded in dependency order) and at most
+//! [`WINDOW`] twin or relationship writes in flight.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use serde::Serialize;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use twinguard_core::auth::{Action, Principal};
+use twinguard_core::dtmi::Dtmi;
+use twinguard_core::error::{DomainError, DomainResult};
+use twinguard_core::graph::{Precondition, WriteOp, WriteOutcome};
+use twinguard_core::service::TwinService;
+use twinguard_proto::ErrorCode;
+
+use crate::error::ApiError;
+
+/// Largest import input (an upload, spooled to the data directory).
+pub const MAX_IMPORT_BYTES: u64 = 1024 * 1024 * 1024;
+/// Longest line of an import file.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+/// Bytes the models section may hold: it is read whole, to upload it in dependency order.
+pub const MAX_MODELS_SECTION_BYTES: usize = 64 * 1024 * 1024;
+/// Models per upload (ADT's limit on one upload).
+pub const MODEL_BATCH: usize = twinguard_core::graph::ops::MAX_MODELS_PER_UPLOAD;
+/// Twin or relationship writes a job has in flight at once (the writer commits them in groups).
+pub const WINDOW: usize = 1024;
+/// Jobs of one kind kept; finished jobs past their purge time make room first.
+pub const MAX_JOBS: usize = 100;
+/// Entries of a job's output log kept; later ones are counted, not kept (the last is always).
+pub const MAX_LOG_ENTRIES: usize = 10_000;
+/// How long a finished job is kept.
+pub const RETENTION: time::Duration = time::Duration::hours(24);
+/// How often a write turned away because the writer's queue is full is tried again.
+const BUSY_RETRIES: u32 = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    NotStarted,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelling,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Import,
+    Deletion,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Import => "Import",
+            Self::Deletion => "Delete",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::Import => "imports",
+            Self::Deletion => "deletions",
+        }
+    }
+}
+
+/// A job's error, as ADT reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+}
+
+/// What a job has applied so far.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Input lines read (imports).
+    pub lines: u64,
+    pub models: u64,
+    pub twins: u64,
+    pub relationships: u64,
+}
+
+struct Job {
+    id: String,
+    /// Distinguishes this job from a later one with the same ID.
+    run: uuid::Uuid,
+    kind: Kind,
+    subject: String,
+    status: Status,
+    created: OffsetDateTime,
+    last_action: OffsetDateTime,
+    finished: Option<OffsetDateTime>,
+    error: Option<JobError>,
+    progress: Progress,
+    log: Vec<String>,
+    log_dropped: u64,
+    cancel: Arc<AtomicBool>,
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    twinguard_core::clock::rfc3339(t)
+}
+
+impl Job {
+    fn view(&self, base: &str) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "createdDateTime": rfc3339(self.created),
+            "lastActionDateTime": rfc3339(self.last_action),
+            "status": self.status,
+            "progress": self.progress,
+        });
+        if let Value::Object(m) = &mut v {
+            if self.kind == Kind::Import {
+                m.insert("inputBlobUri".into(), json!("upload"));
+                m.insert(
+                    "outputBlobUri".into(),
+                    json!(format!("{base}/jobs/imports/{}/output", self.id)),
+                );
+            }
+            if let Some(f) = self.finished {
+                m.insert("finishedDateTime".into(), json!(rfc3339(f)));
+                m.insert("purgeDateTime".into(), json!(rfc3339(f + RETENTION)));
+            }
+            if let Some(e) = &self.error {
+                m.insert(
+                    "error".into(),
+                    json!({"code": e.code, "message": e.message}),
+                );
+            }
+        }
+        v
+    }
+
+    fn purgeable(&self, now: OffsetDateTime) -> bool {
+        self.finished.is_some_and(|f| f + RETENTION <= now)
+    }
+}
+
+struct Inner {
+    jobs: Mutex<BTreeMap<(Kind, String), Job>>,
+    /// Where uploads are spooled (`DATA_DIR/jobs`).
+    spool: PathBuf,
+    /// One job runs at a time, in the order they were created.
+    runner: tokio::sync::Mutex<()>,
+    audit: Option<crate::audit::Audit>,
+}
+
+/// The jobs of this process (in memory; see the module documentation).
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").finish_non_exhaustive()
+    }
+}
+
+fn not_found(kind: Kind) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        match kind {
+            Kind::Import => "the import job was not found",
+            Kind::Deletion => "the delete job was not found",
+        },
+    )
+}
+
+fn lock_failed() -> ApiError {
+    ApiError::internal("the job table's lock is poisoned")
+}
+
+impl Jobs {
+    /// Jobs spooling their input under `DATA_DIR/jobs`; what a previous run left there is removed
+    /// (its jobs are gone with it). Completions are recorded in `audit` when given.
+    pub fn open(data_dir: &Path, audit: Option<crate::audit::Audit>) -> std::io::Result<Self> {
+        let spool = data_dir.join("jobs");
+        match std::fs::remove_dir_all(&spool) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(&spool)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                jobs: Mutex::new(BTreeMap::new()),
+                spool,
+                runner: tokio::sync::Mutex::new(()),
+                audit,
+            }),
+        })
+    }
+
+    /// An import writes models, twins and relationships: the caller must hold each of them, and
+    /// `jobs/write`, for the whole instance.
+    pub fn authorize_import(principal: &Principal) -> Result<(), ApiError> {
+        for action in [
+            Action::JobsWrite,
+            Action::ModelsWrite,
+            Action::TwinsWrite,
+            Action::RelationshipsWrite,
+        ] {
+            principal.authorize_instance(action)?;
+        }
+        Ok(())
+    }
+
+    /// A deletion deletes every model, twin and relationship: the caller must hold each delete
+    /// action, and `jobs/write`, for the whole instance.
+    pub fn authorize_deletion(principal: &Principal) -> Result<(), ApiError> {
+        for action in [
+            Action::JobsWrite,
+            Action::ModelsDelete,
+            Action::TwinsDelete,
+            Action::RelationshipsDelete,
+        ] {
+            principal.authorize_instance(action)?;
+        }
+        Ok(())
+    }
+
+    fn check_id(id: &str) -> Result<(), ApiError> {
+        let ok = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::invalid_argument(
+                "a job ID is 1 to 128 letters, digits, '-', '_' or '.'",
+            ))
+        }
+    }
+
+    /// Refuses an ID in use, and a full table.
+    fn check_room(
+        jobs: &mut BTreeMap<(Kind, String), Job>,
+        kind: Kind,
+        id: &str,
+    ) -> Result<(), ApiError> {
+        Self::check_id(id)?;
+        let now = OffsetDateTime::now_utc();
+        jobs.retain(|_, j| !j.purgeable(now));
+        if jobs.contains_key(&(kind, id.to_owned())) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::ValidationFailed,
+                "a job with this ID exists; delete it first",
+            ));
+        }
+        if jobs.keys().filter(|(k, _)| *k == kind).count() >= MAX_JOBS {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::ValidationFailed,
+                format!("at most {MAX_JOBS} jobs of a kind are kept; delete finished jobs first"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Spools an upload (`chunks` of the request body) to a file of its own; refuses more than
+    /// `limit` bytes.
+    pub async fn spool_upload(
+        &self,
+        principal: &Principal,
+        id: &str,
+        mut body: axum::body::Body,
+        limit: u64,
+    ) -> Result<Spooled, ApiError> {
+        use http_body_util::BodyExt;
+        Self::authorize_import(principal)?;
+        Self::check_room(
+            &mut *self.inner.jobs.lock().map_err(|_| lock_failed())?,
+            Kind::Import,
+            id,
+        )?;
+        let path = self
+            .inner
+            .spool
+            .join(format!("{}.ndjson", uuid::Uuid::new_v4()));
+        let spooled = Spooled { path: path.clone() };
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot create the job's spool file: {e}")))?;
+        let mut written: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| ApiError::bad_request("the request body could not be read"))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            written = written.saturating_add(data.len() as u64);
+            if written > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::PayloadTooLarge,
+                    format!("an import file holds at most {limit} bytes"),
+                ));
+            }
+            file.write_all(&data)
+                .await
+                .map_err(|e| ApiError::internal(format!("cannot spool the import: {e}")))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot spool the import: {e}")))?;
+        Ok(spooled)
+    }
+
+    fn insert(
+        &self,
+        kind: Kind,
+        id: &str,
+        subject: &str,
+    ) -> Result<(uuid::Uuid, Arc<AtomicBool>), ApiError> {
+        let mut jobs = self.inner.jobs.lock().map_err(|_| lock_failed())?;
+        Self::check_room(&mut jobs, kind, id)?;
+        let now = OffsetDateTime::now_utc();
+        let run = uuid::Uuid::new_v4();
+        let cancel = Arc::new(AtomicBool::new(false));
+        jobs.insert(
+            (kind, id.to_owned()),
+            Job {
+                id: id.to_owned(),
+                run,
+                kind,
+                subject: subject.to_owned(),
+                status: Status::NotStarted,
+                created: now,
+                last_action: now,
+                finished: None,
+                error: None,
+                progress: Progress::default(),
+                log: Vec::new(),
+                log_dropped: 0,
+                cancel: cancel.clone(),
+            },
+        );
+        Ok((run, cancel))
+    }
+
+    /// Creates an import job over a spooled upload and starts it in the background.
+    pub fn start_import(
+        &self,
+        service: Arc<TwinService>,
+        principal: Arc<Principal>,
+        id: &str,
+        input: Spooled,
+        base: &str,
+    ) -> Result<Value, ApiError> {
+        Self::authorize_import(&principal)?;
+        let (run, cancel) = self.insert(Kind::Import, id, &principal.subject)?;
+        let handle = Handle {
+            jobs: self.clone(),
+            kind: Kind::Import,
+            id: id.to_owned(),
+            run,
+            cancel,
+        };
+        tokio::spawn(async move {
+            let _input = input;
+            let _turn = handle.jobs.inner.runner.lock().await;
+            if handle.begin() {
+                let outcome = run_import(&service, &principal, &handle, &_input.path).await;
+                handle.finish(outcome).await;
+            }
+        });
+        self.get(Kind::Import, id, base)
+    }
+
+    /// Creates a deletion job and starts it in the background.
+    pub fn start_deletion(
+        &self,
+        service: Arc<TwinService>,
+        principal: Arc<Principal>,
+        id: &str,
+        base: &str,
+    ) -> Result<Value, ApiError> {
+        Self::authorize_deletion(&principal)?;
+        let (run, cancel) = self.insert(Kind::Deletion, id, &principal.subject)?;
+        let handle = Handle {
+            jobs: self.clone(),
+            kind: Kind::Deletion,
+            id: id.to_owned(),
+            run,
+            cancel,
+        };
+        tokio::spawn(async move {
+            let _turn = handle.jobs.inner.runner.lock().await;
+            if handle.begin() {
+                let outcome = run_deletion(&service, &principal, &handle).await;
+                handle.finish(outcome).await;
+            }
+        });
+        self.get(Kind::Deletion, id, base)
+    }
+
+    fn read<T>(&self, kind: Kind, id: &str, f: impl FnOnce(&Job) -> T) -> Result<T, ApiError> {
+        let jobs = self.inner.jobs.lock().map_err(|_| lock_failed())?;
+        jobs.get(&(kind, id.to_owned()))
+            .map(f)
+            .ok_or_else(|| not_found(kind))
+    }
+
+    pub fn get(&self, kind: Kind, id: &str, base: &str) -> Result<Value, ApiError> {
+        self.read(kind, id, |j| j.view(base))
+    }
+
+    /// Every job of `kind`, ordered by ID.
+    pub fn list(&self, kind: Kind, base: &str) -> Result<Vec<Value>, ApiError> {
+        let now = OffsetDateTime::now_utc();
+        let mut jobs = self.inner.jobs.lock().map_err(|_| lock_failed())?;
+        jobs.retain(|_, j| !j.purgeable(now));
+        Ok(jobs
+            .values()
+            .filter(|j| j.kind == kind)
+            .map(|j| j.view(base))
+            .collect())
+    }
+
+    /// The job's output log, one JSON object a line.
+    pub fn output(&self, kind: Kind, id: &str) -> Result<String, ApiError> {
+        self.read(kind, id, |j| {
+            let mut text = String::new();
+            for line in &j.log {
+                text.push_str(line);
+                text.push('\n');
+            }
+            text
+        })
+    }
+
+    /// Asks a job to stop: one not started yet is cancelled at once, a running one stops before
+    /// its next write (`cancelling` until it has).
+    pub fn cancel(&self, kind: Kind, id: &str, base: &str) -> Result<Value, ApiError> {
+        let mut jobs = self.inner.jobs.lock().map_err(|_| lock_failed())?;
+        let job = jobs
+            .get_mut(&(kind, id.to_owned()))
+            .ok_or_else(|| not_found(kind))?;
+        let now = OffsetDateTime::now_utc();
+        match job.status {
+            Status::NotStarted => {
+                job.cancel.store(true, Ordering::SeqCst);
+                job.status = Status::Cancelled;
+                job.last_action = now;
+                job.finished = Some(now);
+            }
+            Status::Running => {
+                job.cancel.store(true, Ordering::SeqCst);
+                job.status = Status::Cancelling;
+                job.last_action = now;
+            }
+            _ => {}
+        }
+        Ok(job.view(base))
+    }
+
+    /// Forgets a job; a job still running is cancelled first (it stops before its next write).
+    pub fn delete(&self, kind: Kind, id: &str) -> Result<(), ApiError> {
+        let mut jobs = self.inner.jobs.lock().map_err(|_| lock_failed())?;
+        let job = jobs
+            .remove(&(kind, id.to_owned()))
+            .ok_or_else(|| not_found(kind))?;
+        job.cancel.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// An upload spooled to disk; the file is removed when this is dropped.
+#[derive(Debug)]
+pub struct Spooled {
+    path: PathBuf,
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A running job's link to its record.
+struct Handle {
+    jobs: Jobs,
+    kind: Kind,
+    id: String,
+    run: uuid::Uuid,
+    cancel: Arc<AtomicBool>,
+}
+
+/// How a job ended.
+enum Outcome {
+    Succeeded,
+    Cancelled,
+    Failed(JobError),
+}
+
+impl Handle {
+    fn with<T>(&self, f: impl FnOnce(&mut Job) -> T) -> Option<T> {
+        let mut jobs = self.jobs.inner.jobs.lock().ok()?;
+        jobs.get_mut(&(self.kind, self.id.clone()))
+            .filter(|j| j.run == self.run)
+            .map(f)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Marks the job running; false if it was cancelled or deleted before its turn.
+    fn begin(&self) -> bool {
+        if self.cancelled() {
+            return false;
+        }
+        let started = self
+            .with(|j| {
+                j.status = Status::Running;
+                j.last_action = OffsetDateTime::now_utc();
+            })
+            .is_some();
+        if started {
+            self.log("Info", json!({"status": "Started"}));
+        }
+        started
+    }
+
+    /// Appends an entry to the output log, as ADT writes them.
+    fn log(&self, level: &str, details: Value) {
+        let entry = json!({
+            "timestamp": rfc3339(OffsetDateTime::now_utc()),
+            "jobId": self.id,
+            "jobType": self.kind.name(),
+            "logType": level,
+            "details": details,
+        })
+        .to_string();
+        self.with(|j| {
+            if j.log.len() < MAX_LOG_ENTRIES - 1 {
+                j.log.push(entry);
+            } else {
+                j.log_dropped += 1;
+            }
+        });
+    }
+
+    fn progress(&self, f: impl FnOnce(&mut Progress)) {
+        self.with(|j| {
+            f(&mut j.progress);
+            j.last_action = OffsetDateTime::now_utc();
+        });
+    }
+
+    async fn finish(&self, outcome: Outcome) {
+        let now = OffsetDateTime::now_utc();
+        let (status, error) = match outcome {
+            Outcome::Succeeded => (Status::Succeeded, None),
+            Outcome::Cancelled => (Status::Cancelled, None),
+            Outcome::Failed(e) => (Status::Failed, Some(e)),
+        };
+        let mut details = json!({"status": status});
+        if let (Some(e), Value::Object(m)) = (&error, &mut details) {
+            m.insert("code".into(), json!(e.code));
+            m.insert("message".into(), json!(e.message));
+        }
+        let level = if error.is_some() { "Error" } else { "Info" };
+        let last = json!({
+            "timestamp": rfc3339(now),
+            "jobId": self.id,
+            "jobType": self.kind.name(),
+            "logType": level,
+            "details": details,
+        })
+        .to_string();
+        let summary = self.with(|j| {
+            if j.log_dropped > 0 {
+                j.log.push(
+                    json!({
+                        "timestamp": rfc3339(now),
+                        "jobId": self.id,
+                        "jobType": self.kind.name(),
+                        "logType": "Warning",
+                        "details": {"message": format!("{} log entries were not kept", j.log_dropped)},
+                    })
+                    .to_string(),
+                );
+            }
+            j.log.push(last);
+            j.status = status;
+            j.error = error.clone();
+            j.last_action = now;
+            j.finished = Some(now);
+            (j.subject.clone(), j.progress)
+        });
+        let Some((subject, progress)) = summary else {
+            return;
+        };
+        tracing::info!(job = %self.id, kind = self.kind.name(), status = ?status, "job finished");
+        if let Some(audit) = &self.jobs.inner.audit {
+            let entry = json!({
+                "kind": "job",
+                "time": rfc3339(now),
+                "jobType": self.kind.path(),
+                "jobId": crate::audit::bounded(&self.id),
+                "principal": crate::audit::bounded(&subject),
+                "status": status,
+                "progress": progress,
+                "error": error.map(|e| e.code),
+            });
+            match serde_json::to_vec(&entry) {
+                Ok(bytes) => {
+                    if let Err(e) = audit.log().append_async(bytes).await {
+                        tracing::error!(error = %e, job = %self.id, "a job's completion could not be recorded in the audit log");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "a job's audit entry did not serialize"),
+            }
+        }
+    }
+}
+
+fn malformed(line: u64, what: impl std::fmt::Display) -> JobError {
+    JobError {
+        code: ErrorCode::ValidationFailed.as_str().to_owned(),
+        message: format!("line {line}: {what}"),
+    }
+}
+
+fn rejected(line: Option<u64>, e: DomainError) -> JobError {
+    let api = ApiError::from(e);
+    let message = match line.filter(|l| *l > 0) {
+        Some(line) => format!("line {line}: {}", api.message),
+        None => api.message,
+    };
+    JobError {
+        code: api.code.as_str().to_owned(),
+        message,
+    }
+}
+
+type Pending = Pin<Box<dyn Future<Output = DomainResult<WriteOutcome>> + Send>>;
+
+/// Writes in flight, each with the input line it came from.
+struct Pipeline<'a> {
+    service: &'a TwinService,
+    principal: &'a Principal,
+    in_flight: VecDeque<(u64, Pending)>,
+}
+
+impl<'a> Pipeline<'a> {
+    fn new(service: &'a TwinService, principal: &'a Principal) -> Self {
+        Self {
+            service,
+            principal,
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    /// Queues `op`, waiting for the oldest write when [`WINDOW`] are in flight or the writer's
+    /// queue is full. Returns how many writes completed while it waited.
+    async fn submit(&mut self, line: u64, op: WriteOp) -> Result<u64, JobError> {
+        let mut done = 0;
+        if self.in_flight.len() >= WINDOW {
+            done += self.complete_one().await?;
+        }
+        let mut tries = 0;
+        loop {
+            match self.service.submit(self.principal, op.clone()) {
+                Ok(pending) => {
+                    self.in_flight.push_back((line, Box::pin(pending)));
+                    return Ok(done);
+                }
+                Err(DomainError::Unavailable) if tries < BUSY_RETRIES => {
+                    tries += 1;
+                    if self.in_flight.is_empty() {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    } else {
+                        done += self.complete_one().await?;
+                    }
+                }
+                Err(e) => return Err(rejected(Some(line), e)),
+            }
+        }
+    }
+
+    async fn complete_one(&mut self) -> Result<u64, JobError> {
+        match self.in_flight.pop_front() {
+            Some((line, pending)) => pending
+                .await
+                .map(|_| 1)
+                .map_err(|e| rejected(Some(line), e)),
+            None => Ok(0),
+        }
+    }
+
+    /// Waits for every write in flight; the first error wins, but all are awaited.
+    async fn drain(&mut self) -> (u64, Option<JobError>) {
+        let mut done = 0;
+        let mut first = None;
+        while let Some((line, pending)) = self.in_flight.pop_front() {
+            match pending.await {
+                Ok(_) => done += 1,
+                Err(e) => {
+                    if first.is_none() {
+                        first = Some(rejected(Some(line), e));
+                    }
+                }
+            }
+        }
+        (done, first)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Section {
+    Start,
+    Header,
+    Models,
+    Twins,
+    Relationships,
+}
+
+/// Reads one line of at most [`MAX_LINE_BYTES`] into `buf` (without its line break); `None` at
+/// the end of the input.
+async fn read_line(
+    reader: &mut tokio::io::BufReader<tokio::fs::File>,
+    buf: &mut Vec<u8>,
+    number: u64,
+) -> Result<Option<()>, JobError> {
+    buf.clear();
+    let limit = MAX_LINE_BYTES as u64 + 2;
+    let n = (&mut *reader)
+        .take(limit)
+        .read_until(b'\n', buf)
+        .await
+        .map_err(|e| JobError {
+            code: ErrorCode::InternalServerError.as_str().to_owned(),
+            message: format!("the input could not be read at line {number}: {e}"),
+        })?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    }
+    if buf.len() > MAX_LINE_BYTES {
+        return Err(malformed(
+            number,
+            format!("the line is longer than {MAX_LINE_BYTES} bytes"),
+        ));
+    }
+    Ok(Some(()))
+}
+
+/// Models read so far, with the line each came from.
+#[derive(Default)]
+struct ModelSection {
+    models: Vec<(u64, Value)>,
+    bytes: usize,
+}
+
+/// The DTMIs a model needs before it: what it extends and its components' schemas.
+fn model_dependencies(model: &Value) -> Vec<String> {
+    let mut out: Vec<String> = match model.get("extends") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => vec![],
+    };
+    if let Some(Value::Array(contents)) = model.get("contents") {
+        for c in contents {
+            let is_component = match c.get("@type") {
+                Some(Value::String(t)) => t == "Component",
+                Some(Value::Array(ts)) => ts.iter().any(|t| t == "Component"),
+                _ => false,
+            };
+            if is_component && let Some(Value::String(s)) = c.get("schema") {
+                out.push(s.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The models in an order where each comes after the models of the section it depends on
+/// (file order otherwise; a cycle is left for the DTDL compiler to report).
+fn dependency_order(models: Vec<(u64, Value)>) -> Vec<(u64, Value)> {
+    let index: HashMap<String, usize> = models
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, m))| {
+            m.get("@id")
+                .and_then(Value::as_str)
+                .map(|id| (id.to_owned(), i))
+        })
+        .collect();
+    let deps: Vec<Vec<usize>> = models
+        .iter()
+        .map(|(_, m)| {
+            model_dependencies(m)
+                .iter()
+                .filter_map(|d| index.get(d).copied())
+                .collect()
+        })
+        .collect();
+    let mut order = Vec::with_capacity(models.len());
+    let mut state = vec![0u8; models.len()]; // 0 new, 1 on the stack, 2 placed
+    for root in 0..models.len() {
+        if state[root] != 0 {
+            continue;
+        }
+        // Iterative depth-first search: (node, next dependency to look at).
+        let mut stack = vec![(root, 0usize)];
+        state[root] = 1;
+        while let Some((node, next)) = stack.last_mut() {
+            let node = *node;
+            if let Some(&dep) = deps[node].get(*next) {
+                *next += 1;
+                if state[dep] == 0 {
+                    state[dep] = 1;
+                    stack.push((dep, 0));
+                }
+            } else {
+                state[node] = 2;
+                order.push(node);
+                stack.pop();
+            }
+        }
+    }
+    let mut slots: Vec<Option<(u64, Value)>> = models.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+        .collect()
+}
+
+/// Uploads the models section in dependency order, [`MODEL_BATCH`] models at a time.
+async fn upload_models(
+    service: &TwinService,
+    principal: &Principal,
+    handle: &Handle,
+    section: ModelSection,
+) -> Result<(), Outcome> {
+    let ordered = dependency_order(section.models);
+    let mut batch: Vec<Value> = Vec::with_capacity(MODEL_BATCH);
+    let mut lines: Vec<u64> = Vec::with_capacity(MODEL_BATCH);
+    let mut iter = ordered.into_iter().peekable();
+    while iter.peek().is_some() {
+        batch.clear();
+        lines.clear();
+        for (line, model) in iter.by_ref().take(MODEL_BATCH) {
+            lines.push(line);
+            batch.push(model);
+        }
+        if handle.cancelled() {
+            return Err(Outcome::Cancelled);
+        }
+        let mut tries = 0;
+        let result = loop {
+            match service.submit(principal, WriteOp::UploadModels(batch.clone())) {
+                Ok(pending) => break pending.await,
+                Err(DomainError::Unavailable) if tries < BUSY_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(_) => {
+                let n = batch.len() as u64;
+                handle.progress(|p| p.models += n);
+            }
+            Err(e) => {
+                let first = lines.iter().min().copied().unwrap_or(0);
+                let mut err = rejected(None, e);
+                err.message = format!(
+                    "a batch of {} models (the first from line {first}) was rejected: {}",
+                    lines.len(),
+                    err.message
+                );
+                return Err(Outcome::Failed(err));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies an import file; see `docs/jobs.md` for what is applied when it fails.
+async fn run_import(
+    service: &TwinService,
+    principal: &Principal,
+    handle: &Handle,
+    path: &Path,
+) -> Outcome {
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return Outcome::Failed(JobError {
+                code: ErrorCode::InternalServerError.as_str().to_owned(),
+                message: format!("the input could not be opened: {e}"),
+            });
+        }
+    };
+    let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, file);
+    let mut buf = Vec::new();
+    let mut number: u64 = 0;
+    let mut section = Section::Start;
+    let mut models = ModelSection::default();
+    let mut pipeline = Pipeline::new(service, principal);
+    // The first failure; what is in flight is still awaited before the job ends.
+    let mut failure: Option<Outcome> = None;
+    loop {
+        number += 1;
+        if handle.cancelled() {
+            failure = Some(Outcome::Cancelled);
+            break;
+        }
+        match read_line(&mut reader, &mut buf, number).await {
+            Ok(Some(())) => {}
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(Outcome::Failed(e));
+                break;
+            }
+        }
+        if number % 4096 == 0 {
+            handle.progress(|p| p.lines = number);
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let value: Value = match serde_json::from_slice(&buf) {
+            Ok(v) => v,
+            Err(e) => {
+                failure = Some(Outcome::Failed(malformed(
+                    number,
+                    format!("not valid JSON ({e})"),
+                )));
+                break;
+            }
+        };
+        let Value::Object(mut object) = value else {
+            failure = Some(Outcome::Failed(malformed(number, "not a JSON object")));
+            break;
+        };
+        if let Some(name) = object.get("Section") {
+            let next = match name.as_str() {
+                Some("Header") => Section::Header,
+                Some("Models") => Section::Models,
+                Some("Twins") => Section::Twins,
+                Some("Relationships") => Section::Relationships,
+                _ => {
+                    failure = Some(Outcome::Failed(malformed(
+                        number,
+                        "the section is none of Header, Models, Twins and Relationships",
+                    )));
+                    break;
+                }
+            };
+            if object.len() != 1
+                || next <= section
+                || (section == Section::Start && next != Section::Header)
+            {
+                failure = Some(Outcome::Failed(malformed(
+                    number,
+                    "sections come once each, Header first, in the order Header, Models, Twins, Relationships",
+                )));
+                break;
+            }
+            if section == Section::Models {
+                let done = std::mem::take(&mut models);
+                if let Err(outcome) = upload_models(service, principal, handle, done).await {
+                    failure = Some(outcome);
+                    break;
+                }
+            }
+            if section == Section::Twins {
+                // Relationships need their twins: every twin write is done first.
+                let (done, error) = pipeline.drain().await;
+                handle.progress(|p| p.twins += done);
+                if let Some(e) = error {
+                    failure = Some(Outcome::Failed(e));
+                    break;
+                }
+            }
+            handle.log("Info", json!({"section": name, "line": number}));
+            section = next;
+            continue;
+        }
+        let step = match section {
+            Section::Start => Err(malformed(
+                number,
+                "the file must start with the Header section",
+            )),
+            Section::Header => Ok(0),
+            Section::Models => {
+                models.bytes += buf.len();
+                if models.bytes > MAX_MODELS_SECTION_BYTES
+                    || models.models.len() >= twinguard_core::graph::ops::MAX_MODELS
+                {
+                    Err(malformed(
+                        number,
+                        format!(
+                            "the models section holds at most {} models and {MAX_MODELS_SECTION_BYTES} bytes",
+                            twinguard_core::graph::ops::MAX_MODELS
+                        ),
+                    ))
+                } else {
+                    models.models.push((number, Value::Object(object)));
+                    Ok(0)
+                }
+            }
+            Section::Twins => match object.get("$dtId").and_then(Value::as_str) {
+                Some(id) => {
+                    let id = id.to_owned();
+                    pipeline
+                        .submit(
+                            number,
+                            WriteOp::PutTwin {
+                                id,
+                                body: object,
+                                precondition: Precondition::None,
+                            },
+                        )
+                        .await
+                        .map(|done| {
+                            if done > 0 {
+                                handle.progress(|p| p.twins += done);
+                            }
+                            done
+                        })
+                }
+                None => Err(malformed(number, "a twin needs a string $dtId")),
+            },
+            Section::Relationships => {
+                let source = object.remove("$dtId");
+                match (
+                    source,
+                    object.get("$relationshipId").and_then(Value::as_str),
+                ) {
+                    (Some(Value::String(source)), Some(id)) => {
+                        let id = id.to_owned();
+                        pipeline
+                            .submit(
+                                number,
+                                WriteOp::PutRelationship {
+                                    source,
+                                    id,
+                                    body: object,
+                                    precondition: Precondition::None,
+                                },
+                            )
+                            .await
+                            .map(|done| {
+                                if done > 0 {
+                                    handle.progress(|p| p.relationships += done);
+                                }
+                                done
+                            })
+                    }
+                    _ => Err(malformed(
+                        number,
+                        "a relationship needs a string $dtId (its source) and $relationshipId",
+                    )),
+                }
+            }
+        };
+        if let Err(e) = step {
+            failure = Some(Outcome::Failed(e));
+            break;
+        }
+    }
+    // Everything read before the failure point is applied (or rejected on its own), nothing
+    // after it: the models read so far are uploaded, the writes in flight are awaited.
+    if section == Section::Models && !matches!(failure, Some(Outcome::Cancelled)) {
+        let done = std::mem::take(&mut models);
+        if !done.models.is_empty()
+            && let Err(outcome) = upload_models(service, principal, handle, done).await
+            && failure.is_none()
+        {
+            failure = Some(outcome);
+        }
+    }
+    let (done, error) = pipeline.drain().await;
+    handle.progress(|p| {
+        p.lines = number.saturating_sub(1);
+        match section {
+            Section::Relationships => p.relationships += done,
+            _ => p.twins += done,
+        }
+    });
+    if let Some(outcome) = failure {
+        if let Outcome::Failed(e) = &outcome {
+            handle.log("Error", json!({"code": e.code, "message": e.message}));
+        }
+        return outcome;
+    }
+    if let Some(e) = error {
+        handle.log("Error", json!({"code": e.code, "message": e.message}));
+        return Outcome::Failed(e);
+    }
+    if section == Section::Start {
+        return Outcome::Failed(malformed(
+            1,
+            "the file is empty; it must start with the Header section",
+        ));
+    }
+    Outcome::Succeeded
+}
+
+/// Items a deletion pass takes from one snapshot.
+const DELETION_CHUNK: usize = 1000;
+
+/// Deletes every relationship, then every twin, then every model, a chunk at a time.
+async fn run_deletion(service: &TwinService, principal: &Principal, handle: &Handle) -> Outcome {
+    let mut pipeline = Pipeline::new(service, principal);
+    // Relationships.
+    loop {
+        if handle.cancelled() {
+            return Outcome::Cancelled;
+        }
+        let chunk: Vec<(String, String)> = service
+            .snapshot()
+            .relationships()
+            .take(DELETION_CHUNK)
+            .map(|r| (r.source.to_string(), r.id.to_string()))
+            .collect();
+        if chunk.is_empty() {
+            break;
+        }
+        for (source, id) in chunk {
+            let op = WriteOp::DeleteRelationship {
+                source,
+                id,
+                precondition: Precondition::None,
+            };
+            if let Err(e) = pipeline.submit(0, op).await {
+                return Outcome::Failed(e);
+            }
+        }
+        let (done, error) = pipeline.drain().await;
+        handle.progress(|p| p.relationships += done);
+        if let Some(e) = error {
+            return Outcome::Failed(e);
+        }
+    }
+    // Twins.
+    loop {
+        if handle.cancelled() {
+            return Outcome::Cancelled;
+        }
+        let chunk: Vec<String> = service
+            .snapshot()
+            .twins()
+            .take(DELETION_CHUNK)
+            .map(|t| t.id.to_string())
+            .collect();
+        if chunk.is_empty() {
+            break;
+        }
+        for id in chunk {
+            let op = WriteOp::DeleteTwin {
+                id,
+                precondition: Precondition::None,
+            };
+            if let Err(e) = pipeline.submit(0, op).await {
+                return Outcome::Failed(e);
+            }
+        }
+        let (done, error) = pipeline.drain().await;
+        handle.progress(|p| p.twins += done);
+        if let Some(e) = error {
+            return Outcome::Failed(e);
+        }
+    }
+    // Models: a model another one extends (or uses as a component) goes in a later pass.
+    loop {
+        if handle.cancelled() {
+            return Outcome::Cancelled;
+        }
+        let ids: BTreeSet<Dtmi> = service.snapshot().models().map(|m| m.id.clone()).collect();
+        if ids.is_empty() {
+            break;
+        }
+        let mut deleted = 0u64;
+        let mut last_error = None;
+        for id in ids {
+            match service.write(principal, WriteOp::DeleteModel(id)).await {
+                Ok(_) => deleted += 1,
+                Err(DomainError::ModelReferenced(..)) => {}
+                Err(e) => last_error = Some(e),
+            }
+        }
+        handle.progress(|p| p.models += deleted);
+        if deleted == 0 {
+            return Outcome::Failed(match last_error {
+                Some(e) => rejected(None, e),
+                None => JobError {
+                    code: ErrorCode::ModelReferencesNotDeleted.as_str().to_owned(),
+                    message: "models remain that reference each other".into(),
+                },
+            });
+        }
+    }
+    handle.log(
+        "Info",
+        json!({"message": "every model, twin and relationship was deleted"}),
+    );
+    Outcome::Succeeded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_are_ordered_after_what_they_extend_and_use() {
+        let models = vec![
+            (1, json!({"@id": "dtmi:a:C;1", "extends": "dtmi:a:B;1"})),
+            (2, json!({"@id": "dtmi:a:B;1", "extends": ["dtmi:a:A;1"]})),
+            (
+                3,
+                json!({"@id": "dtmi:a:A;1", "contents": [{"@type": "Component", "name": "c", "schema": "dtmi:a:D;1"}]}),
+            ),
+            (4, json!({"@id": "dtmi:a:D;1"})),
+        ];
+        let lines: Vec<u64> = dependency_order(models)
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        assert_eq!(lines, vec![4, 3, 2, 1]);
+    }
+
+    #[test]
+    fn a_dependency_cycle_does_not_loop_and_keeps_every_model() {
+        let models = vec![
+            (1, json!({"@id": "dtmi:a:A;1", "extends": "dtmi:a:B;1"})),
+            (2, json!({"@id": "dtmi:a:B;1", "extends": "dtmi:a:A;1"})),
+        ];
+        assert_eq!(dependency_order(models).len(), 2);
+    }
+
+    #[test]
+    fn statuses_are_written_as_adt_writes_them() {
+        assert_eq!(json!(Status::NotStarted), json!("notstarted"));
+        assert_eq!(json!(Status::Cancelling), json!("cancelling"));
+    }
+
+    #[test]
+    fn dependencies_are_read_from_extends_and_components() {
+        let m = json!({"extends": ["dtmi:x:A;1"], "contents": [
+            {"@type": ["Component"], "name": "c", "schema": "dtmi:x:B;1"},
+            {"@type": "Property", "name": "p", "schema": "string"}]});
+        assert_eq!(model_dependencies(&m), vec!["dtmi:x:A;1", "dtmi:x:B;1"]);
+    }
+}
