@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod connections;
 mod identity;
+mod jobs;
 mod kit;
 mod mqtt;
 mod outputs;
