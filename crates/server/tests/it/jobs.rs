@@ -401,8 +401,12 @@ async fn callers_without_the_rights_get_403_and_anonymous_callers_401() {
     let server = TestServer::start().await;
     let reader = server.token_with_role(DATA_READER).await;
     let uploader = server.token_with_role(MODEL_UPLOADER).await;
+    // A data owner of one model's twins only: jobs need their actions instance-wide.
+    let scoped = server
+        .token_with_scoped_role(DATA_OWNER, json!({"kind": "model", "model": NODE}))
+        .await;
     let file = import_file(&[node_model()], &[], &[]);
-    for token in [&reader, &uploader] {
+    for token in [&reader, &uploader, &scoped] {
         let response = put_import(&server, token, "nope", file.clone()).await;
         assert_eq!(response.status(), 403);
         let body: Value = response.json().await.unwrap();
