@@ -111,6 +111,9 @@ struct Job {
     run: uuid::Uuid,
     kind: Kind,
     subject: String,
+    /// Where the input came from: `upload`, or the URL without its query (which may hold a
+    /// SAS token) and fragment.
+    input: String,
     status: Status,
     created: OffsetDateTime,
     last_action: OffsetDateTime,
@@ -137,7 +140,7 @@ impl Job {
         });
         if let Value::Object(m) = &mut v {
             if self.kind == Kind::Import {
-                m.insert("inputBlobUri".into(), json!("upload"));
+                m.insert("inputBlobUri".into(), json!(self.input));
                 m.insert(
                     "outputBlobUri".into(),
                     json!(format!("{base}/jobs/imports/{}/output", self.id)),
@@ -169,6 +172,37 @@ struct Inner {
     /// One job runs at a time, in the order they were created.
     runner: tokio::sync::Mutex<()>,
     audit: Option<crate::audit::Audit>,
+    /// How input is fetched from a URL (nothing is reachable until it is set).
+    url_input: std::sync::RwLock<UrlInput>,
+}
+
+/// How import jobs fetch input from a URL: only through the egress allowlist (NS-4), with the
+/// CA roots that https URLs are verified against. The default reaches nothing.
+#[derive(Clone, Debug)]
+pub struct UrlInput {
+    pub egress: crate::egress::Egress,
+    /// Roots for https URLs; with none, https input cannot be fetched.
+    pub roots: Vec<reqwest::Certificate>,
+}
+
+impl Default for UrlInput {
+    fn default() -> Self {
+        Self {
+            egress: crate::egress::Egress::new(crate::egress::EgressPolicy::deny_all()),
+            roots: Vec::new(),
+        }
+    }
+}
+
+/// Plain http only to a loopback address (a local file server); everything else is https.
+fn is_loopback_http(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    url.scheme() == "http"
+        && (host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()))
 }
 
 /// The jobs of this process (in memory; see the module documentation).
@@ -215,6 +249,7 @@ impl Jobs {
                 spool,
                 runner: tokio::sync::Mutex::new(()),
                 audit,
+                url_input: std::sync::RwLock::new(UrlInput::default()),
             }),
         })
     }
@@ -245,6 +280,102 @@ impl Jobs {
             principal.authorize_instance(action)?;
         }
         Ok(())
+    }
+
+    /// Lets import jobs fetch input from URLs that `input.egress` admits (`serve`'s egress
+    /// allowlist; tests).
+    pub fn set_url_input(&self, input: UrlInput) {
+        if let Ok(mut slot) = self.inner.url_input.write() {
+            *slot = input;
+        }
+    }
+
+    /// A client for `url`, if the egress allowlist admits it; the refusal's detail goes to the
+    /// log only.
+    fn input_client(&self, url: &reqwest::Url) -> Result<reqwest::Client, ApiError> {
+        let input = self
+            .inner
+            .url_input
+            .read()
+            .map_err(|_| lock_failed())?
+            .clone();
+        if url.scheme() != "https" && !is_loopback_http(url) {
+            return Err(ApiError::invalid_argument(
+                "inputBlobUri must be an https URL (http only on loopback)",
+            ));
+        }
+        let mut builder = input
+            .egress
+            .http_client(url)
+            .map_err(|e| ApiError {
+                detail: Some(format!("inputBlobUri refused: {e}")),
+                ..ApiError::invalid_argument("inputBlobUri is not on the egress allowlist")
+            })?
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .https_only(url.scheme() == "https")
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(std::time::Duration::from_secs(60));
+        for root in input.roots {
+            builder = builder.add_root_certificate(root);
+        }
+        builder
+            .build()
+            .map_err(|e| ApiError::internal(format!("building the input client: {e}")))
+    }
+
+    /// Creates an import job whose input is fetched from `url` (through the egress allowlist)
+    /// when its turn comes, and starts it in the background.
+    pub fn start_import_from_url(
+        &self,
+        service: Arc<TwinService>,
+        principal: Arc<Principal>,
+        id: &str,
+        url: &str,
+        base: &str,
+    ) -> Result<Value, ApiError> {
+        Self::authorize_import(&principal)?;
+        let url = reqwest::Url::parse(url)
+            .map_err(|_| ApiError::invalid_argument("inputBlobUri is not a URL"))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(ApiError::invalid_argument(
+                "inputBlobUri must not carry user information",
+            ));
+        }
+        let client = self.input_client(&url)?;
+        let mut shown = url.clone();
+        shown.set_query(None);
+        shown.set_fragment(None);
+        let (run, cancel) = self.insert(Kind::Import, id, &principal.subject, shown.as_str())?;
+        let handle = Handle {
+            jobs: self.clone(),
+            kind: Kind::Import,
+            id: id.to_owned(),
+            run,
+            cancel,
+        };
+        let spool = self
+            .inner
+            .spool
+            .join(format!("{}.ndjson", uuid::Uuid::new_v4()));
+        tokio::spawn(async move {
+            let _turn = handle.jobs.inner.runner.lock().await;
+            if handle.begin() {
+                let input = Spooled { path: spool };
+                let outcome = match download(&client, url, &input.path, MAX_IMPORT_BYTES).await {
+                    Ok(bytes) => {
+                        handle.log("Info", json!({"message": format!("fetched {bytes} bytes")}));
+                        run_import(&service, &principal, &handle, &input.path).await
+                    }
+                    Err(e) => {
+                        handle.log("Error", json!({"code": e.code, "message": e.message}));
+                        Outcome::Failed(e)
+                    }
+                };
+                handle.finish(outcome).await;
+            }
+        });
+        self.get(Kind::Import, id, base)
     }
 
     fn check_id(id: &str) -> Result<(), ApiError> {
@@ -342,6 +473,7 @@ impl Jobs {
         kind: Kind,
         id: &str,
         subject: &str,
+        input: &str,
     ) -> Result<(uuid::Uuid, Arc<AtomicBool>), ApiError> {
         let mut jobs = self.inner.jobs.lock().map_err(|_| lock_failed())?;
         Self::check_room(&mut jobs, kind, id)?;
@@ -355,6 +487,7 @@ impl Jobs {
                 run,
                 kind,
                 subject: subject.to_owned(),
+                input: input.to_owned(),
                 status: Status::NotStarted,
                 created: now,
                 last_action: now,
@@ -379,7 +512,7 @@ impl Jobs {
         base: &str,
     ) -> Result<Value, ApiError> {
         Self::authorize_import(&principal)?;
-        let (run, cancel) = self.insert(Kind::Import, id, &principal.subject)?;
+        let (run, cancel) = self.insert(Kind::Import, id, &principal.subject, "upload")?;
         let handle = Handle {
             jobs: self.clone(),
             kind: Kind::Import,
@@ -407,7 +540,7 @@ impl Jobs {
         base: &str,
     ) -> Result<Value, ApiError> {
         Self::authorize_deletion(&principal)?;
-        let (run, cancel) = self.insert(Kind::Deletion, id, &principal.subject)?;
+        let (run, cancel) = self.insert(Kind::Deletion, id, &principal.subject, "")?;
         let handle = Handle {
             jobs: self.clone(),
             kind: Kind::Deletion,
@@ -917,6 +1050,57 @@ async fn upload_models(
         }
     }
     Ok(())
+}
+
+/// Fetches `url` into `path`, at most `limit` bytes; the error says what went wrong in words the
+/// caller may see (the detail goes to the log).
+async fn download(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    path: &Path,
+    limit: u64,
+) -> Result<u64, JobError> {
+    let failed = |message: String| JobError {
+        code: ErrorCode::BadRequest.as_str().to_owned(),
+        message,
+    };
+    let mut response = client.get(url).send().await.map_err(|e| {
+        tracing::info!(error = %e, "an import job's input could not be fetched");
+        failed(
+            "the input could not be fetched (unreachable, or refused by the egress allowlist)"
+                .into(),
+        )
+    })?;
+    if !response.status().is_success() {
+        return Err(failed(format!(
+            "fetching the input answered HTTP {}",
+            response.status().as_u16()
+        )));
+    }
+    let mut file = tokio::fs::File::create(path).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot create an import job's spool file");
+        failed("the input could not be stored".into())
+    })?;
+    let mut written: u64 = 0;
+    loop {
+        let chunk = response.chunk().await.map_err(|e| {
+            tracing::info!(error = %e, "an import job's input broke off");
+            failed("fetching the input broke off".into())
+        })?;
+        let Some(chunk) = chunk else { break };
+        written = written.saturating_add(chunk.len() as u64);
+        if written > limit {
+            return Err(failed(format!("the input is larger than {limit} bytes")));
+        }
+        file.write_all(&chunk).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot write an import job's spool file");
+            failed("the input could not be stored".into())
+        })?;
+    }
+    file.flush()
+        .await
+        .map_err(|_| failed("the input could not be stored".into()))?;
+    Ok(written)
 }
 
 /// Applies an import file; see `docs/jobs.md` for what is applied when it fails.

@@ -41,9 +41,17 @@ fn base(state: &AppState) -> String {
     state.public_url.as_str().trim_end_matches('/').to_owned()
 }
 
-/// `PUT /jobs/imports/{id}` with the import file as the body (`application/x-ndjson`).
-/// ADT's JSON body naming an `inputBlobUri` is refused: twinguard has no blob store, and
-/// fetching from a URL is not enabled (see `docs/jobs.md`).
+/// ADT's import job body. Its `outputBlobUri` (and any other field) is ignored: the output log
+/// is read at `/jobs/imports/{id}/output`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImportBody {
+    input_blob_uri: String,
+}
+
+/// `PUT /jobs/imports/{id}` with the import file as the body (`application/x-ndjson`), or with
+/// ADT's JSON body naming an `inputBlobUri` that the egress allowlist admits (see
+/// `docs/jobs.md`).
 pub async fn create_import(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -68,10 +76,22 @@ pub async fn create_import(
         "application/json" => {
             // Authorization first: an unauthorized caller learns nothing about the body.
             Jobs::authorize_import(&caller)?;
-            return Err(ApiError::invalid_argument(
-                "importing from inputBlobUri is not supported: upload the import file as the \
-                 request body with Content-Type application/x-ndjson",
-            ));
+            let bytes = axum::body::to_bytes(request.into_body(), crate::app::ADMIN_BODY_LIMIT)
+                .await
+                .map_err(|_| ApiError::bad_request("the request body could not be read"))?;
+            let body: ImportBody = serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::bad_request(format!(
+                    "the request body is not valid JSON for this operation: {e}"
+                ))
+            })?;
+            let job = state.jobs.start_import_from_url(
+                state.service.clone(),
+                caller,
+                &id,
+                &body.input_blob_uri,
+                &base(&state),
+            )?;
+            return Ok((StatusCode::CREATED, axum::Json(job)).into_response());
         }
         _ => {
             Jobs::authorize_import(&caller)?;

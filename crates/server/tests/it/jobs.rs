@@ -516,3 +516,103 @@ async fn a_deletion_job_deletes_every_model_twin_and_relationship() {
         "{audited:?}"
     );
 }
+
+/// Serves `body` once over plain HTTP on loopback; the request line it got comes back.
+async fn serve_once(body: String) -> (String, tokio::task::JoinHandle<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/container/plant.ndjson",
+        listener.local_addr().unwrap()
+    );
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            request.extend_from_slice(&buf[..n]);
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        String::from_utf8_lossy(&request)
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned()
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn an_import_from_a_url_needs_the_egress_allowlist() {
+    use twinguard_server::egress::{Egress, EgressPolicy, Rule};
+    use twinguard_server::jobs::UrlInput;
+    let server = TestServer::start().await;
+    let token = server.admin_token().await;
+    let (twins, relationships) = generated_graph(50);
+    let file = import_file(&[node_model()], &twins, &relationships);
+    let (url, served) = serve_once(file).await;
+    let url = format!("{url}?sig=secret-sas-token");
+
+    // Nothing is reachable by default.
+    let refused = server
+        .call_json(
+            Method::PUT,
+            "/jobs/imports/fetched",
+            &token,
+            &json!({"inputBlobUri": url, "outputBlobUri": "https://example.com/out"}),
+        )
+        .await;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "inputBlobUri is not on the egress allowlist"
+    );
+    // Plain http is for loopback only, whatever the allowlist says.
+    let refused = server
+        .call_json(
+            Method::PUT,
+            "/jobs/imports/fetched",
+            &token,
+            &json!({"inputBlobUri": "http://203.0.113.7/plant.ndjson"}),
+        )
+        .await;
+    assert_eq!(refused.status(), 400);
+
+    let rule: Rule = "127.0.0.1".parse().unwrap();
+    server.state.jobs.set_url_input(UrlInput {
+        egress: Egress::new(EgressPolicy::new([rule])),
+        roots: vec![],
+    });
+    let created = server
+        .call_json(
+            Method::PUT,
+            "/jobs/imports/fetched",
+            &token,
+            &json!({"inputBlobUri": url, "outputBlobUri": "https://example.com/out"}),
+        )
+        .await;
+    assert_eq!(created.status(), 201, "{}", created.text().await.unwrap());
+    let job = finished(&server, &token, "imports", "fetched").await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    // The URL is shown without its query, which may hold a SAS token.
+    let shown = job["inputBlobUri"].as_str().unwrap();
+    assert!(shown.ends_with("/container/plant.ndjson"), "{shown}");
+    assert!(!job.to_string().contains("secret-sas-token"));
+    assert!(
+        served
+            .await
+            .unwrap()
+            .starts_with("GET /container/plant.ndjson?sig=secret-sas-token")
+    );
+    let graph = server.state.service.snapshot();
+    assert_eq!((graph.twin_count(), graph.relationship_count()), (50, 150));
+}
