@@ -1141,7 +1141,7 @@ async fn run_import(
                 break;
             }
         }
-        if number % 4096 == 0 {
+        if number.is_multiple_of(4096) {
             handle.progress(|p| p.lines = number);
         }
         if buf.iter().all(u8::is_ascii_whitespace) {
@@ -1241,11 +1241,10 @@ async fn run_import(
                             },
                         )
                         .await
-                        .map(|done| {
+                        .inspect(|&done| {
                             if done > 0 {
                                 handle.progress(|p| p.twins += done);
                             }
-                            done
                         })
                 }
                 None => Err(malformed(number, "a twin needs a string $dtId")),
@@ -1269,11 +1268,10 @@ async fn run_import(
                                 },
                             )
                             .await
-                            .map(|done| {
+                            .inspect(|&done| {
                                 if done > 0 {
                                     handle.progress(|p| p.relationships += done);
                                 }
-                                done
                             })
                     }
                     _ => Err(malformed(
