@@ -110,7 +110,6 @@ struct Job {
     /// Distinguishes this job from a later one with the same ID.
     run: uuid::Uuid,
     kind: Kind,
-    subject: String,
     /// Where the input came from: `upload`, or the URL without its query (which may hold a
     /// SAS token) and fragment.
     input: String,
@@ -346,9 +345,10 @@ impl Jobs {
         let mut shown = url.clone();
         shown.set_query(None);
         shown.set_fragment(None);
-        let (run, cancel) = self.insert(Kind::Import, id, &principal.subject, shown.as_str())?;
+        let (run, cancel) = self.insert(Kind::Import, id, shown.as_str())?;
         let handle = Handle {
             jobs: self.clone(),
+            subject: principal.subject.clone(),
             kind: Kind::Import,
             id: id.to_owned(),
             run,
@@ -472,7 +472,6 @@ impl Jobs {
         &self,
         kind: Kind,
         id: &str,
-        subject: &str,
         input: &str,
     ) -> Result<(uuid::Uuid, Arc<AtomicBool>), ApiError> {
         let mut jobs = self.inner.jobs.lock().map_err(|_| lock_failed())?;
@@ -486,7 +485,6 @@ impl Jobs {
                 id: id.to_owned(),
                 run,
                 kind,
-                subject: subject.to_owned(),
                 input: input.to_owned(),
                 status: Status::NotStarted,
                 created: now,
@@ -512,9 +510,10 @@ impl Jobs {
         base: &str,
     ) -> Result<Value, ApiError> {
         Self::authorize_import(&principal)?;
-        let (run, cancel) = self.insert(Kind::Import, id, &principal.subject, "upload")?;
+        let (run, cancel) = self.insert(Kind::Import, id, "upload")?;
         let handle = Handle {
             jobs: self.clone(),
+            subject: principal.subject.clone(),
             kind: Kind::Import,
             id: id.to_owned(),
             run,
@@ -540,9 +539,10 @@ impl Jobs {
         base: &str,
     ) -> Result<Value, ApiError> {
         Self::authorize_deletion(&principal)?;
-        let (run, cancel) = self.insert(Kind::Deletion, id, &principal.subject, "")?;
+        let (run, cancel) = self.insert(Kind::Deletion, id, "")?;
         let handle = Handle {
             jobs: self.clone(),
+            subject: principal.subject.clone(),
             kind: Kind::Deletion,
             id: id.to_owned(),
             run,
@@ -644,6 +644,8 @@ impl Drop for Spooled {
 /// A running job's link to its record.
 struct Handle {
     jobs: Jobs,
+    /// Who created the job (its audit entry names them).
+    subject: String,
     kind: Kind,
     id: String,
     run: uuid::Uuid,
@@ -751,11 +753,10 @@ impl Handle {
             j.error = error.clone();
             j.last_action = now;
             j.finished = Some(now);
-            (j.subject.clone(), j.progress)
+            j.progress
         });
-        let Some((subject, progress)) = summary else {
-            return;
-        };
+        // A job deleted while it ran has no record left; its end is still audited.
+        let subject = &self.subject;
         tracing::info!(job = %self.id, kind = self.kind.name(), status = ?status, "job finished");
         if let Some(audit) = &self.jobs.inner.audit {
             let entry = json!({
@@ -763,9 +764,10 @@ impl Handle {
                 "time": rfc3339(now),
                 "jobType": self.kind.path(),
                 "jobId": crate::audit::bounded(&self.id),
-                "principal": crate::audit::bounded(&subject),
+                "principal": crate::audit::bounded(subject),
                 "status": status,
-                "progress": progress,
+                "progress": summary,
+                "deleted": summary.is_none(),
                 "error": error.map(|e| e.code),
             });
             match serde_json::to_vec(&entry) {
@@ -1025,7 +1027,8 @@ async fn upload_models(
         let result = loop {
             match service.submit(principal, WriteOp::UploadModels(batch.clone())) {
                 Ok(pending) => break pending.await,
-                Err(DomainError::Unavailable) if tries < BUSY_RETRIES => {
+                // Uploads compile two at a time; an API upload may hold the slots a while.
+                Err(DomainError::Unavailable) if tries < 30 * BUSY_RETRIES => {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
@@ -1204,6 +1207,17 @@ async fn run_import(
             handle.log("Info", json!({"section": name, "line": number}));
             section = next;
             continue;
+        }
+        let limit = match section {
+            Section::Twins | Section::Relationships => crate::app::TWIN_BODY_LIMIT,
+            _ => crate::app::MODEL_UPLOAD_LIMIT,
+        };
+        if buf.len() > limit {
+            failure = Some(Outcome::Failed(malformed(
+                number,
+                format!("the line is longer than {limit} bytes, the API's limit for it"),
+            )));
+            break;
         }
         let step = match section {
             Section::Start => Err(malformed(

@@ -315,6 +315,25 @@ async fn a_malformed_line_fails_the_job_with_its_line_number_and_nothing_after_i
         "{job}"
     );
 
+    // A twin larger than PUT /digitaltwins takes (32 KiB) is refused the same way.
+    let big_twin =
+        json!({"$dtId": "big", "$metadata": {"$model": NODE}, "pad": "x".repeat(40_000)});
+    let response = put_import(
+        &server,
+        &token,
+        "oversize",
+        import_file(&[], &[big_twin], &[]),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let job = finished(&server, &token, "imports", "oversize").await;
+    assert_eq!(job["status"], "failed");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("line 5: the line is longer than 32768"),
+        "{message}"
+    );
+
     // A file that does not start with the header section.
     let response = put_import(
         &server,
