@@ -241,7 +241,15 @@ impl Jobs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        std::fs::create_dir_all(&spool)?;
+        // Owner only, whatever the umask: an import file is twin data.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&spool)?;
+            std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o700))?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 jobs: Mutex::new(BTreeMap::new()),
@@ -440,7 +448,7 @@ impl Jobs {
             .spool
             .join(format!("{}.ndjson", uuid::Uuid::new_v4()));
         let spooled = Spooled { path: path.clone() };
-        let mut file = tokio::fs::File::create(&path)
+        let mut file = private_file(&path)
             .await
             .map_err(|e| ApiError::internal(format!("cannot create the job's spool file: {e}")))?;
         let mut written: u64 = 0;
@@ -627,6 +635,16 @@ impl Jobs {
         job.cancel.store(true, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// Creates a spool file readable by its owner only.
+async fn private_file(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .await
 }
 
 /// An upload spooled to disk; the file is removed when this is dropped.
@@ -1080,7 +1098,7 @@ async fn download(
             response.status().as_u16()
         )));
     }
-    let mut file = tokio::fs::File::create(path).await.map_err(|e| {
+    let mut file = private_file(path).await.map_err(|e| {
         tracing::error!(error = %e, "cannot create an import job's spool file");
         failed("the input could not be stored".into())
     })?;
