@@ -1489,6 +1489,20 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_forgets_the_jobs_and_removes_what_they_spooled() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("jobs");
+        std::fs::create_dir(&spool).unwrap();
+        std::fs::write(spool.join("left-over.ndjson"), b"{}").unwrap();
+        let jobs = Jobs::open(dir.path(), None).unwrap();
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+        let mode = std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(jobs.list(Kind::Import, "").unwrap().is_empty());
+    }
+
+    #[test]
     fn statuses_are_written_as_adt_writes_them() {
         assert_eq!(json!(Status::NotStarted), json!("notstarted"));
         assert_eq!(json!(Status::Cancelling), json!("cancelling"));
