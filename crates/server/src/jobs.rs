@@ -1182,7 +1182,10 @@ async fn run_import(
             failure = Some(Outcome::Failed(malformed(number, "not a JSON object")));
             break;
         };
-        if let Some(name) = object.get("Section") {
+        // A section line holds `Section` alone (a twin may have a property of that name).
+        if object.len() == 1
+            && let Some(name) = object.get("Section")
+        {
             let next = match name.as_str() {
                 Some("Header") => Section::Header,
                 Some("Models") => Section::Models,
@@ -1196,10 +1199,7 @@ async fn run_import(
                     break;
                 }
             };
-            if object.len() != 1
-                || next <= section
-                || (section == Section::Start && next != Section::Header)
-            {
+            if next <= section || (section == Section::Start && next != Section::Header) {
                 failure = Some(Outcome::Failed(malformed(
                     number,
                     "sections come once each, Header first, in the order Header, Models, Twins, Relationships",
