@@ -141,13 +141,19 @@ async fn output(server: &TestServer, token: &str, id: &str) -> Vec<Value> {
         .collect()
 }
 
-fn audit_job_entries(server: &TestServer) -> Vec<Value> {
+fn audit_entries(server: &TestServer) -> Vec<Value> {
     let bytes = std::fs::read(server.dir.path().join("audit/entries.jsonl")).unwrap();
     twinguard_audit::log::recorded(&bytes)
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
         .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
         .map(|e| e.get("entry").cloned().unwrap_or(e))
+        .collect()
+}
+
+fn audit_job_entries(server: &TestServer) -> Vec<Value> {
+    audit_entries(server)
+        .into_iter()
         .filter(|e| e["kind"] == "job")
         .collect()
 }
@@ -244,6 +250,17 @@ async fn jobs_import_the_realestatecore_ontology_and_a_generated_graph() {
             .iter()
             .any(|e| e["jobId"] == "plant" && e["status"] == "succeeded"),
         "{audited:?}"
+    );
+
+    // Its creation is recorded like every request, with the job's ID.
+    let entries = audit_entries(&server);
+    assert!(
+        entries.iter().any(|e| e["kind"] == "request"
+            && e["method"] == "PUT"
+            && e["path"] == "/jobs/imports/plant"
+            && e["job"] == "plant"
+            && e["status"] == 201),
+        "no request entry for the job's creation"
     );
 
     // The ID is taken until the job is deleted.
