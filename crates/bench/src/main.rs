@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod import;
 mod ingest;
 
 #[derive(Debug, Parser)]
@@ -73,6 +74,19 @@ enum Command {
         /// Leave out the latency phases (for profiling the throughput phases).
         #[arg(long)]
         no_latency: bool,
+    },
+    /// The same graph created by an import job and by single PUTs, in the same run.
+    Import {
+        #[arg(long)]
+        twins: usize,
+        #[arg(long, default_value_t = 3)]
+        relationships_per_twin: usize,
+        /// PUTs in flight in the single-PUT phase.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Rounds; each creates the graph both ways, alternating which goes first.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
     },
     /// Run a query template sequentially and print latency percentiles. `{id}` in the template
     /// is replaced by a random twin ID below `--twins`.
@@ -487,6 +501,15 @@ fn main() -> anyhow::Result<()> {
                         pct(0.99)
                     );
                 }
+            }
+            Command::Import {
+                twins,
+                relationships_per_twin,
+                concurrency,
+                rounds,
+            } => {
+                let api = Arc::new(Api::connect(&cli.data_dir, &cli.base, 8).await?);
+                import::compare(api, twins, relationships_per_twin, concurrency, rounds).await?;
             }
             Command::Latency {
                 query,

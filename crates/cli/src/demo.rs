@@ -133,6 +133,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         connections: Default::default(),
         dangerous_unbounded_resources: false,
         egress: Default::default(),
+        egress_ca: None,
     })?;
     let base = app.base_url();
     let device_plane = format!(

@@ -115,6 +115,9 @@ enum Command {
         /// A file of egress rules, one a line (`#` comments), added to --egress-allow.
         #[arg(long, env = "TWINGUARD_EGRESS_ALLOW_FILE")]
         egress_allow_file: Option<PathBuf>,
+        /// PEM trust anchors for https import URLs (`/jobs/imports` with `inputBlobUri`).
+        #[arg(long)]
+        egress_ca: Option<PathBuf>,
         /// DANGEROUS, benchmarks only: issue 17's resource protections off (connection limits
         /// and timeouts, query limits and slots, the log's rate limit) so `bench/protections.sh`
         /// can measure what they cost. Hidden from --help, no environment variable, no
@@ -351,6 +354,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             public_url,
             egress_allow,
             egress_allow_file,
+            egress_ca,
             dangerous_unbounded_resources,
         } => {
             let egress = egress_policy(&egress_allow, egress_allow_file.as_deref())?;
@@ -424,6 +428,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     connections: Default::default(),
                     dangerous_unbounded_resources,
                     egress,
+                    egress_ca,
                 })?;
                 println!("twinguard: api listening on {}", app.listener_url());
                 if app.base_url() != app.listener_url() {

@@ -47,6 +47,8 @@ pub struct AppState {
     pub mqtt: Option<Arc<crate::mqtt::MqttStatus>>,
     /// Event endpoints and the delivery of the change feed to them.
     pub events: crate::events::Events,
+    /// Import and deletion jobs (in memory; `docs/jobs.md`).
+    pub jobs: crate::jobs::Jobs,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -194,6 +196,7 @@ pub fn router(state: AppState) -> Router {
                 .put(eventroutes::put)
                 .delete(eventroutes::delete),
         )
+        .merge(crate::routes::jobs::router())
         .layer(middleware::from_fn(require_api_version))
         .layer(DefaultBodyLimit::max(TWIN_BODY_LIMIT));
 

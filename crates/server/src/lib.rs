@@ -3,6 +3,7 @@
 //! - [`app`]: the router and its layers.
 //! - [`http`]: the authenticated caller, bodies, paging, correlation IDs.
 //! - [`routes`]: thin handlers, one domain call each.
+//! - [`jobs`]: ADT's import and deletion jobs, run in the background.
 //! - [`tokens`]: the OAuth 2.0 grants, JWT access tokens and revocation; [`refresh`]: rotating
 //!   refresh tokens.
 //! - [`datadir`]: what first start generates (CA, keys, the first admin credential).
@@ -22,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod external;
 pub mod http;
+pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;

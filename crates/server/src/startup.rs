@@ -62,8 +62,11 @@ pub struct ServeConfig {
     /// correctness (a refused write is not applied), not a protection. Set only by the hidden
     /// `serve --dangerous-unbounded-resources`, which also drops the log's rate limit.
     pub dangerous_unbounded_resources: bool,
-    /// The destinations twinguard may connect to on its own (event endpoints): NS-4.
+    /// The destinations twinguard may connect to on its own (event endpoints, import URLs):
+    /// NS-4.
     pub egress: crate::egress::EgressPolicy,
+    /// Trust anchors (PEM) for https import URLs; without them only http on loopback is fetched.
+    pub egress_ca: Option<PathBuf>,
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -300,6 +303,18 @@ impl Application {
             public_url.host().to_owned(),
         )
         .context("loading the event endpoints")?;
+        let jobs = crate::jobs::Jobs::open(data_dir.root(), Some(audit.clone()))
+            .context("preparing the jobs' spool directory")?;
+        let mut roots = Vec::new();
+        if let Some(path) = &config.egress_ca {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            roots = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("{} holds no PEM certificate", path.display()))?;
+        }
+        jobs.set_url_input(crate::jobs::UrlInput {
+            egress: crate::egress::Egress::new(config.egress.clone()),
+            roots,
+        });
         let app = Self {
             listener,
             local_addr,
@@ -322,6 +337,7 @@ impl Application {
                 public_url: Arc::new(public_url),
                 mqtt: mqtt_status,
                 events,
+                jobs,
             },
             data_dir,
             siem: config.siem.clone(),

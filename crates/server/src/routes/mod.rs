@@ -6,6 +6,7 @@ pub mod endpoints;
 pub mod eventroutes;
 pub mod health;
 pub mod identity;
+pub mod jobs;
 pub mod models;
 pub mod query;
 pub mod relationships;

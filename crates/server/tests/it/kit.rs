@@ -66,6 +66,7 @@ impl TestServer {
             connections: Default::default(),
             dangerous_unbounded_resources: false,
             egress: Default::default(),
+            egress_ca: None,
         };
         adjust(&mut config);
         Application::build(&config).unwrap()

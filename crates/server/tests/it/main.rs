@@ -10,6 +10,7 @@ mod auth;
 mod connections;
 mod events;
 mod identity;
+mod jobs;
 mod kit;
 mod mqtt;
 mod outputs;
