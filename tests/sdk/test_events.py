@@ -112,7 +112,7 @@ def admin(srv, method, path, body=None):
 
 
 def secret_file(srv):
-    path = srv.data_dir.parent / f"hook-secret-{uuid.uuid4().hex}"
+    path = srv.data_dir / "endpoint-credentials" / f"hook-secret-{uuid.uuid4().hex}"
     path.write_text("whsec_" + SECRET)
     return str(path)
 

@@ -40,7 +40,10 @@ def test_schemathesis_finds_no_server_errors_or_undocumented_answers(fuzz_server
         capture_output=True,
         text=True,
         timeout=FUZZ_SECONDS + 120,
-        env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false", "NO_COLOR": "1"},
+        # The hooks module teaches schemathesis to send import jobs' NDJSON bodies.
+        env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false", "NO_COLOR": "1",
+             "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))},
     )
     report = result.stdout[-6000:] + result.stderr[-2000:]
     assert result.returncode == 0, report

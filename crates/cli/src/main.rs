@@ -118,6 +118,10 @@ enum Command {
         /// PEM trust anchors for https import URLs (`/jobs/imports` with `inputBlobUri`).
         #[arg(long)]
         egress_ca: Option<PathBuf>,
+        /// The only directory event endpoints' credential files (passwordFile, secretFile,
+        /// caFile) may be in. Default: DATA_DIR/endpoint-credentials.
+        #[arg(long, env = "TWINGUARD_ENDPOINT_CREDENTIALS")]
+        endpoint_credentials: Option<PathBuf>,
         /// DANGEROUS, benchmarks only: issue 17's resource protections off (connection limits
         /// and timeouts, query limits and slots, the log's rate limit) so `bench/protections.sh`
         /// can measure what they cost. Hidden from --help, no environment variable, no
@@ -355,6 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             egress_allow,
             egress_allow_file,
             egress_ca,
+            endpoint_credentials,
             dangerous_unbounded_resources,
         } => {
             let egress = egress_policy(&egress_allow, egress_allow_file.as_deref())?;
@@ -429,6 +434,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     dangerous_unbounded_resources,
                     egress,
                     egress_ca,
+                    endpoint_credentials,
                 })?;
                 println!("twinguard: api listening on {}", app.listener_url());
                 if app.base_url() != app.listener_url() {

@@ -67,6 +67,9 @@ pub struct ServeConfig {
     pub egress: crate::egress::EgressPolicy,
     /// Trust anchors (PEM) for https import URLs; without them only http on loopback is fetched.
     pub egress_ca: Option<PathBuf>,
+    /// The only directory event endpoints' credential files (`passwordFile`, `secretFile`,
+    /// `caFile`) may be in; `None`: `DATA_DIR/endpoint-credentials`.
+    pub endpoint_credentials: Option<PathBuf>,
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -301,6 +304,10 @@ impl Application {
             crate::egress::Egress::new(config.egress.clone()),
             event_key,
             public_url.host().to_owned(),
+            match &config.endpoint_credentials {
+                Some(dir) => dir.clone(),
+                None => data_dir.private_dir("endpoint-credentials")?,
+            },
         )
         .context("loading the event endpoints")?;
         let jobs = crate::jobs::Jobs::open(data_dir.root(), Some(audit.clone()))

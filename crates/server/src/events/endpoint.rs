@@ -5,7 +5,7 @@
 //! Credentials are never stored or echoed: an endpoint names files the server reads when it
 //! connects (`passwordFile`, `secretFile`, `caFile`), and answers show the file names only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::Url;
@@ -79,11 +79,26 @@ pub struct Endpoint {
     pub kind: Kind,
     pub url: Url,
     pub spec: EndpointSpec,
+    /// The only directory its credential files may be in (see [`Endpoint::check`]).
+    credentials: PathBuf,
+}
+
+/// Where endpoints may reach and where their credential files may be.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    pub egress: &'a EgressPolicy,
+    /// `serve --endpoint-credentials`, by default `DATA_DIR/endpoint-credentials`.
+    pub credentials: &'a Path,
 }
 
 impl Endpoint {
-    /// Checks `spec` for an endpoint called `name`, against the egress allowlist.
-    pub fn check(name: &str, spec: EndpointSpec, egress: &EgressPolicy) -> Result<Self, String> {
+    /// Checks `spec` for an endpoint called `name`: the destination against the egress
+    /// allowlist, and every credential file against the credentials directory. A file is read
+    /// only if its real path (symbolic links resolved) lies inside that directory, when the
+    /// endpoint is created and again at every read: a Security Admin cannot make twinguard send
+    /// its own keys (or any other file it can read) to a destination as a password or secret.
+    pub fn check(name: &str, spec: EndpointSpec, rules: Rules<'_>) -> Result<Self, String> {
+        let egress = rules.egress;
         twinguard_core::graph::validate::check_endpoint_name(name).map_err(|e| e.to_string())?;
         let kind = match spec.kind.as_str() {
             "natsJetStream" => Kind::Nats,
@@ -163,19 +178,10 @@ impl Endpoint {
             .into_iter()
             .flatten()
         {
-            if !file.is_absolute()
-                || std::fs::metadata(file)
-                    .map(|m| !m.is_file())
-                    .unwrap_or(true)
-            {
-                return Err(format!(
-                    "{} is not a readable file given by an absolute path",
-                    file.display()
-                ));
-            }
+            read_contained(file, rules.credentials)?;
         }
         if let Some(secret) = &spec.secret_file {
-            read_webhook_secret(secret)?;
+            read_webhook_secret(secret, rules.credentials)?;
         }
         let destination = Destination::from_url(&url).map_err(|e| e.to_string())?;
         egress.may_reach(&destination).map_err(|e| e.to_string())?;
@@ -184,6 +190,7 @@ impl Endpoint {
             kind,
             url,
             spec,
+            credentials: rules.credentials.to_owned(),
         })
     }
 
@@ -208,9 +215,12 @@ impl Endpoint {
     pub fn password(&self) -> Result<Option<zeroize::Zeroizing<String>>, String> {
         match &self.spec.password_file {
             None => Ok(None),
-            Some(path) => std::fs::read_to_string(path)
-                .map(|s| Some(zeroize::Zeroizing::new(s.trim_end().to_owned())))
-                .map_err(|_| format!("{} cannot be read", path.display())),
+            Some(path) => {
+                let bytes = zeroize::Zeroizing::new(read_contained(path, &self.credentials)?);
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|_| format!("{} is not text", path.display()))?;
+                Ok(Some(zeroize::Zeroizing::new(text.trim_end().to_owned())))
+            }
         }
     }
 
@@ -219,7 +229,7 @@ impl Endpoint {
         self.spec
             .secret_file
             .as_ref()
-            .map(|p| read_webhook_secret(p))
+            .map(|p| read_webhook_secret(p, &self.credentials))
             .transpose()
     }
 
@@ -228,7 +238,7 @@ impl Endpoint {
         self.spec
             .ca_file
             .as_ref()
-            .map(|p| std::fs::read(p).map_err(|_| format!("{} cannot be read", p.display())))
+            .map(|p| read_contained(p, &self.credentials))
             .transpose()
     }
 }
@@ -240,11 +250,37 @@ fn is_loopback(url: &Url) -> bool {
         .is_some_and(|ip| ip.is_loopback())
 }
 
+/// Most bytes of a credential file.
+const MAX_CREDENTIAL_FILE: u64 = 1 << 20;
+
+/// The contents of `path` if its real path is a regular file inside `dir` (also real), at most
+/// [`MAX_CREDENTIAL_FILE`] bytes. The same answer for a file outside as for a missing one.
+fn read_contained(path: &Path, dir: &Path) -> Result<Vec<u8>, String> {
+    let refused = || {
+        format!(
+            "{} is not a readable file in the endpoint credentials directory",
+            path.display()
+        )
+    };
+    let real = std::fs::canonicalize(path).map_err(|_| refused())?;
+    let dir = std::fs::canonicalize(dir).map_err(|_| refused())?;
+    if !path.is_absolute() || !real.starts_with(&dir) {
+        return Err(refused());
+    }
+    let meta = std::fs::metadata(&real).map_err(|_| refused())?;
+    if !meta.is_file() || meta.len() > MAX_CREDENTIAL_FILE {
+        return Err(refused());
+    }
+    std::fs::read(&real).map_err(|_| refused())
+}
+
 /// A Standard Webhooks secret: `whsec_` then base64 of 24 to 64 bytes.
-fn read_webhook_secret(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+fn read_webhook_secret(path: &Path, dir: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
     use base64::Engine;
+    let bytes = zeroize::Zeroizing::new(read_contained(path, dir)?);
     let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|_| format!("{} cannot be read", path.display()))?,
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| format!("{} does not hold a whsec_ secret", path.display()))?,
     );
     let encoded = text.trim().strip_prefix("whsec_").unwrap_or(text.trim());
     let bytes = base64::engine::general_purpose::STANDARD
@@ -263,6 +299,13 @@ fn read_webhook_secret(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn rules(egress: &EgressPolicy) -> Rules<'_> {
+        Rules {
+            egress,
+            credentials: Path::new("/nonexistent-credentials"),
+        }
+    }
 
     fn spec(kind: &str, url: &str) -> EndpointSpec {
         EndpointSpec {
@@ -284,22 +327,23 @@ mod tests {
     fn destinations_outside_the_allowlist_are_refused_at_creation() {
         let allow = EgressPolicy::from_lines("127.0.0.1\nhooks.example.com:443").unwrap();
         let loopback_nats = spec("natsJetStream", "nats://127.0.0.1:4222");
-        Endpoint::check("nats", loopback_nats.clone(), &allow).unwrap();
+        Endpoint::check("nats", loopback_nats.clone(), rules(&allow)).unwrap();
         // Not listed at all.
-        assert!(Endpoint::check("nats", loopback_nats, &EgressPolicy::deny_all()).is_err());
+        assert!(Endpoint::check("nats", loopback_nats, rules(&EgressPolicy::deny_all())).is_err());
         // Loopback that is not listed, private and metadata addresses.
         for url in [
             "nats://127.0.0.2:4222",
             "nats://10.0.0.1:4222",
             "nats://169.254.169.254:4222",
         ] {
-            let err = Endpoint::check("nats", spec("natsJetStream", url), &allow).unwrap_err();
+            let err =
+                Endpoint::check("nats", spec("natsJetStream", url), rules(&allow)).unwrap_err();
             assert!(err.contains("refused"), "{url}: {err}");
         }
         // A listed name on another port.
         let names_only = EgressPolicy::from_lines("hooks.example.com:443").unwrap();
         let other_port = spec("mqtt", "mqtt://hooks.example.com:1883");
-        assert!(Endpoint::check("mqtt", other_port, &names_only).is_err());
+        assert!(Endpoint::check("mqtt", other_port, rules(&names_only)).is_err());
     }
 
     #[test]
@@ -327,13 +371,68 @@ mod tests {
         ];
         for case in cases {
             assert!(
-                Endpoint::check("end", case.clone(), &allow).is_err(),
+                Endpoint::check("end", case.clone(), rules(&allow)).is_err(),
                 "{case:?}"
             );
         }
         assert!(
-            Endpoint::check("bad name!", spec("webhook", "http://127.0.0.1/h"), &allow).is_err()
+            Endpoint::check(
+                "bad name!",
+                spec("webhook", "http://127.0.0.1/h"),
+                rules(&allow)
+            )
+            .is_err()
         );
-        assert!(Endpoint::check("okay", spec("webhook", "http://127.0.0.1:9/h"), &allow).is_ok());
+        assert!(
+            Endpoint::check(
+                "okay",
+                spec("webhook", "http://127.0.0.1:9/h"),
+                rules(&allow)
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn credential_files_are_read_only_inside_the_credentials_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("credentials");
+        std::fs::create_dir(&dir).unwrap();
+        let inside = dir.join("pass");
+        std::fs::write(&inside, "s3cret\n").unwrap();
+        let outside = root.path().join("server-key");
+        std::fs::write(&outside, "PRIVATE KEY").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let allow = EgressPolicy::from_lines("127.0.0.1").unwrap();
+        let rules = Rules {
+            egress: &allow,
+            credentials: &dir,
+        };
+        let with = |file: &Path| EndpointSpec {
+            username: Some("u".into()),
+            password_file: Some(file.to_owned()),
+            ..spec("mqtt", "mqtt://127.0.0.1:1883")
+        };
+        let endpoint = Endpoint::check("mqtt", with(&inside), rules).unwrap();
+        assert_eq!(endpoint.password().unwrap().unwrap().as_str(), "s3cret");
+        for refused in [
+            outside.clone(),
+            link.clone(),
+            dir.join("../server-key"),
+            Path::new("credentials/pass").to_owned(),
+            dir.join("missing"),
+        ] {
+            let err = Endpoint::check("mqtt", with(&refused), rules).unwrap_err();
+            assert!(
+                err.contains("credentials directory"),
+                "{}: {err}",
+                refused.display()
+            );
+        }
+        // Swapped for a link after the endpoint was made: refused at the read.
+        std::fs::remove_file(&inside).unwrap();
+        std::os::unix::fs::symlink(&outside, &inside).unwrap();
+        assert!(endpoint.password().is_err());
     }
 }

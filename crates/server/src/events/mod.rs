@@ -42,6 +42,8 @@ pub struct Inner {
     key: Arc<EventKey>,
     /// The CloudEvents `source`: the instance's host name.
     source: String,
+    /// The only directory endpoints' credential files may be in.
+    credentials: std::path::PathBuf,
     state: Mutex<State>,
 }
 
@@ -94,6 +96,7 @@ impl Events {
         egress: Egress,
         key: Arc<EventKey>,
         source: String,
+        credentials: std::path::PathBuf,
     ) -> Result<Self, StoreError> {
         let mut state = State::default();
         for (name, bytes) in store.scan(Table::Deliveries)? {
@@ -108,7 +111,11 @@ impl Events {
                 .map_err(|_| StoreError(format!("endpoint record '{name}' is unreadable")))?;
             // Checked again against today's allowlist: an endpoint the operator no longer
             // allows stays stored but does not run.
-            match Endpoint::check(&name, spec, egress.policy()) {
+            let rules = endpoint::Rules {
+                egress: egress.policy(),
+                credentials: &credentials,
+            };
+            match Endpoint::check(&name, spec, rules) {
                 Ok(endpoint) => {
                     state.endpoints.insert(
                         name,
@@ -130,6 +137,7 @@ impl Events {
                 egress,
                 key,
                 source,
+                credentials,
                 state: Mutex::new(state),
             }),
         })
@@ -186,8 +194,15 @@ impl Events {
         spec: EndpointSpec,
     ) -> Result<(Arc<Endpoint>, bool), EventsError> {
         let endpoint = Arc::new(
-            Endpoint::check(name, spec, self.inner.egress.policy())
-                .map_err(EventsError::Invalid)?,
+            Endpoint::check(
+                name,
+                spec,
+                endpoint::Rules {
+                    egress: self.inner.egress.policy(),
+                    credentials: &self.inner.credentials,
+                },
+            )
+            .map_err(EventsError::Invalid)?,
         );
         let destination = crate::egress::Destination::from_url(&endpoint.url)
             .map_err(|e| EventsError::Invalid(e.to_string()))?;

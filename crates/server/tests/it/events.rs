@@ -172,7 +172,7 @@ fn verify_webhook(headers: &HeaderMap, body: &[u8], secret: &[u8], key: &Verifyi
 
 fn secret_file(server: &TestServer) -> (std::path::PathBuf, Vec<u8>) {
     let secret = vec![42u8; 32];
-    let path = server.dir.path().join("hook-secret");
+    let path = server.dir.path().join("endpoint-credentials/hook-secret");
     std::fs::write(&path, format!("whsec_{}", STANDARD.encode(&secret))).unwrap();
     (path, secret)
 }
