@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod events;
 mod import;
 mod ingest;
 
@@ -88,6 +89,34 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
+    /// Event delivery (issue 19): writes per second with a natsJetStream endpoint and a route
+    /// `true` on and off (ABBA rounds), events per second end to end, and the time from each
+    /// write's acknowledgement to a JetStream consumer receiving its event, at half the peak.
+    /// Creates a JetStream stream of its own and deletes it at the end.
+    Events {
+        /// The NATS server (the twinguard server must be allowed to connect to it).
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        #[arg(long, default_value_t = 10_000)]
+        twins: usize,
+        /// Writes per round.
+        #[arg(long, default_value_t = 20_000)]
+        writes: usize,
+        /// Rounds of each mode.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Seconds of the latency phase at half the peak write rate.
+        #[arg(long, default_value_t = 10.0)]
+        latency_seconds: f64,
+        /// The server's process ID, for its CPU time per write.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// The NATS server's process ID, for its CPU time per event.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+    },
     /// Run a query template sequentially and print latency percentiles. `{id}` in the template
     /// is replaced by a random twin ID below `--twins`.
     Latency {
@@ -164,12 +193,24 @@ impl Api {
     /// PUT is idempotent, so a request whose connection failed is sent again on another
     /// connection (at most twice); retries are counted and reported.
     async fn put(&self, n: usize, path: &str, body: &Value) -> anyhow::Result<()> {
+        self.write(reqwest::Method::PUT, n, path, body).await
+    }
+
+    /// A write (`PUT`, or a `PATCH` that sets values, which is idempotent too) on connection
+    /// `n`, sent again on another connection after a transport error (at most twice).
+    async fn write(
+        &self,
+        method: reqwest::Method,
+        n: usize,
+        path: &str,
+        body: &Value,
+    ) -> anyhow::Result<()> {
         let mut attempt = 0;
         loop {
             let client = &self.clients[(n + attempt) % self.clients.len()];
             let url = format!("{}{path}?{API}", self.base);
             match client
-                .put(url)
+                .request(method.clone(), url)
                 .bearer_auth(&self.token)
                 .json(body)
                 .send()
@@ -184,19 +225,42 @@ impl Api {
                 Ok(response) => {
                     let status = response.status();
                     bail!(
-                        "PUT {path}: {status} {}",
+                        "{method} {path}: {status} {}",
                         response.text().await.unwrap_or_default()
                     );
                 }
                 Err(e) if attempt < 2 => {
                     if RETRIES.fetch_add(1, Ordering::Relaxed) < 3 {
-                        eprintln!("retrying PUT {path} after a transport error: {e:#}");
+                        eprintln!("retrying {method} {path} after a transport error: {e:#}");
                     }
                     attempt += 1;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// One request with `path_and_query` as given (admin paths take no `api-version`); fails
+    /// unless the answer is a success.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<()> {
+        let mut request = self.clients[0]
+            .request(method.clone(), format!("{}{path_and_query}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("{method} {path_and_query}: {status} {text}");
+        }
+        Ok(())
     }
 }
 
@@ -510,6 +574,29 @@ fn main() -> anyhow::Result<()> {
             } => {
                 let api = Arc::new(Api::connect(&cli.data_dir, &cli.base, 8).await?);
                 import::compare(api, twins, relationships_per_twin, concurrency, rounds).await?;
+            }
+            Command::Events {
+                nats,
+                twins,
+                writes,
+                rounds,
+                concurrency,
+                latency_seconds,
+                server_pid,
+                broker_pid,
+            } => {
+                let api = Arc::new(Api::connect(&cli.data_dir, &cli.base, 8).await?);
+                let options = events::Options {
+                    nats,
+                    twins,
+                    writes,
+                    rounds,
+                    concurrency,
+                    latency_seconds,
+                    server_pid,
+                    broker_pid,
+                };
+                events::run(api, &options).await?;
             }
             Command::Latency {
                 query,
