@@ -88,7 +88,7 @@ pub async fn run(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
         let Some(last) = events.last().map(|e| e.seq) else {
             // Trimmed below the position (cannot happen while the position holds the trim
             // back); move to the head rather than spin.
-            inner.set_position(&name, head);
+            inner.set_position(&name, head).await;
             continue;
         };
         if let Some(oldest) = events.first() {
@@ -102,7 +102,7 @@ pub async fn run(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
             let prepared = Prepared::new(event, &inner);
             deliver_one(&inner, &endpoint, &mut sink, prepared).await;
         }
-        inner.set_position(&name, last);
+        inner.set_position(&name, last).await;
     }
 }
 
@@ -149,7 +149,11 @@ async fn deliver_one(inner: &Inner, endpoint: &Endpoint, sink: &mut Option<Sink>
                 }
                 let exhausted =
                     attempts >= endpoint.max_attempts() || started.elapsed() >= endpoint.max_age();
-                if exhausted && inner.dead_letter(endpoint, &event, attempts, &e.message) {
+                if exhausted
+                    && inner
+                        .dead_letter(endpoint, &event, attempts, &e.message)
+                        .await
+                {
                     metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => name.to_owned())
                         .increment(1);
                     return;
@@ -256,10 +260,8 @@ impl Sink {
                     // after the check above admitted what it resolves to (a rebinding between
                     // the two is not caught; docs/events.md).
                     options = options.require_tls(true);
-                    if let Some(pem) = endpoint.ca_pem().map_err(|e| failed(e, true))? {
-                        let dir = std::env::temp_dir();
-                        let path = dir.join(format!("twinguard-nats-ca-{}.pem", endpoint.name));
-                        std::fs::write(&path, pem).map_err(|e| failed(e.to_string(), true))?;
+                    // The checked file itself (inside the credentials directory), not a copy.
+                    if let Some(path) = endpoint.ca_path().map_err(|e| failed(e, true))? {
                         options = options.add_root_certificates(path);
                     }
                     format!("tls://{destination}")

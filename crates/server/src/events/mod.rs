@@ -56,6 +56,8 @@ struct State {
     filters: HashMap<String, Option<Filter>>,
     /// Whether delivery tasks run (after [`Events::start`]).
     started: bool,
+    /// Dead letters per endpoint, once counted (see [`Inner::dead_letter`]).
+    dead_counts: HashMap<String, usize>,
 }
 
 struct Running {
@@ -284,6 +286,7 @@ impl Events {
         self.inner.store.commit(&muts)?;
         state.endpoints.remove(name);
         state.positions.remove(name);
+        state.dead_counts.remove(name);
         Ok(())
     }
 
@@ -338,6 +341,9 @@ impl Events {
             Table::DeadLetters,
             deliver::dead_letter_key(name, seq),
         )])?;
+        if let Some(count) = self.inner.lock().dead_counts.get_mut(name) {
+            *count = count.saturating_sub(1);
+        }
         Ok(())
     }
 }
@@ -363,19 +369,37 @@ impl Inner {
     }
 
     /// Moves `name`'s position on (durably, then in memory). A failed store keeps the old
-    /// position: the events are sent again later, never skipped.
-    fn set_position(&self, name: &str, position: u64) {
-        let mut state = self.lock();
-        if !state.endpoints.contains_key(name) {
+    /// position: the events are sent again later, never skipped. The commit (a group commit of
+    /// the writer) runs on the blocking pool, without the state lock.
+    async fn set_position(&self, name: &str, position: u64) {
+        if !self.lock().endpoints.contains_key(name) {
             return;
         }
-        match self.store.commit(&[Mutation::put(
-            Table::Deliveries,
-            name,
-            position.to_string().into_bytes(),
-        )]) {
+        let store = self.store.clone();
+        let record = Mutation::put(Table::Deliveries, name, position.to_string().into_bytes());
+        let stored = tokio::task::spawn_blocking(move || store.commit(&[record]))
+            .await
+            .unwrap_or_else(|_| Err(StoreError("the commit task failed".into())));
+        match stored {
             Ok(()) => {
-                state.positions.insert(name.to_owned(), position);
+                // Deleted meanwhile: its position record goes with it (the deletion's own
+                // commit may have run first).
+                let kept = {
+                    let mut state = self.lock();
+                    let kept = state.endpoints.contains_key(name);
+                    if kept {
+                        state.positions.insert(name.to_owned(), position);
+                    }
+                    kept
+                };
+                if !kept {
+                    let store = self.store.clone();
+                    let name = name.to_owned();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        store.commit(&[Mutation::delete(Table::Deliveries, name)])
+                    })
+                    .await;
+                }
             }
             Err(e) => {
                 tracing::error!(endpoint = %name, error = %e, "a delivery position could not be stored")
@@ -448,28 +472,39 @@ impl Inner {
     }
 
     /// Stores `event` as a dead letter of `endpoint`; false when the endpoint's dead letters
-    /// are at their limit or the store fails (the event is then retried, not dropped).
-    fn dead_letter(
+    /// are at their limit or the store fails (the event is then retried, not dropped). The
+    /// count is read from the store once per endpoint, then kept (replays and discards lower
+    /// it), so a dead letter costs one commit, not a read of the others.
+    async fn dead_letter(
         &self,
         endpoint: &Endpoint,
         event: &Prepared,
         attempts: u32,
         error: &str,
     ) -> bool {
-        match self.dead_letter_rows(&endpoint.name, MAX_DEAD_LETTERS) {
-            Ok(rows) if rows.len() >= MAX_DEAD_LETTERS => {
-                tracing::error!(endpoint = %endpoint.name, "the endpoint's dead letters are full; delivery waits");
-                return false;
-            }
-            Err(_) => return false,
-            Ok(_) => {}
+        let known = self.lock().dead_counts.get(&endpoint.name).copied();
+        let count = match known {
+            Some(count) => count,
+            None => match self.dead_letter_rows(&endpoint.name, MAX_DEAD_LETTERS) {
+                Ok(rows) => rows.len(),
+                Err(_) => return false,
+            },
+        };
+        if count >= MAX_DEAD_LETTERS {
+            tracing::error!(endpoint = %endpoint.name, "the endpoint's dead letters are full; delivery waits");
+            return false;
         }
         let record = deliver::dead_letter_record(&endpoint.name, event, attempts, error);
-        match self
-            .store
-            .commit(&[deliver::dead_letter_mutation(&endpoint.name, &record)])
-        {
+        let mutation = deliver::dead_letter_mutation(&endpoint.name, &record);
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || store.commit(&[mutation]))
+            .await
+            .unwrap_or_else(|_| Err(StoreError("the commit task failed".into())));
+        match stored {
             Ok(()) => {
+                self.lock()
+                    .dead_counts
+                    .insert(endpoint.name.clone(), count + 1);
                 tracing::warn!(endpoint = %endpoint.name, event = %event.id, attempts, "an event was dead-lettered");
                 true
             }
