@@ -324,18 +324,11 @@ fn init_logging<W>(writer: W, filter: tracing_subscriber::EnvFilter, rate_limite
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let limited = rate_limited.then(twinguard_server::logging::RateLimited::with_reporter);
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .json()
-                .with_writer(writer)
-                .with_filter(filter)
-                .with_filter(limited),
-        )
+        .with(twinguard_server::logging::layer(writer, filter, limited))
         .init();
 }
 

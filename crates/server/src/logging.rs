@@ -116,6 +116,30 @@ impl<S> Filter<S> for RateLimited {
     }
 }
 
+/// The server's log layer: JSON lines to `writer`, filtered by `filter`, then rate-limited per
+/// call site by `limited` (`None` only for `serve --dangerous-unbounded-resources`).
+///
+/// The level filter is the outer one: it decides first, so a call site below the level is
+/// disabled where it stands (its events and spans are never built) and never reaches the rate
+/// limiter. The other way round, every `debug!` and `trace!` in every dependency (hyper, h2,
+/// async-nats...) was built and counted against its call site's budget before being dropped.
+pub fn layer<S, W>(
+    writer: W,
+    filter: tracing_subscriber::EnvFilter,
+    limited: Option<RateLimited>,
+) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::Layer;
+    tracing_subscriber::fmt::layer()
+        .json()
+        .with_writer(writer)
+        .with_filter(limited)
+        .with_filter(filter)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -139,6 +163,32 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn events_below_the_level_are_never_built_nor_counted() {
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let limiter = RateLimited::new();
+        let subscriber = tracing_subscriber::registry().with(layer(
+            move || writer.clone(),
+            tracing_subscriber::EnvFilter::new("info"),
+            Some(limiter.clone()),
+        ));
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..1_000 {
+                tracing::debug!(i, "below the level");
+            }
+            tracing::info!("at the level");
+        });
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("below the level"));
+        assert!(text.contains("at the level"));
+        assert_eq!(
+            limiter.buckets.lock().unwrap().len(),
+            1,
+            "only the call site at the level reached the rate limiter"
+        );
     }
 
     #[test]

@@ -1,21 +1,34 @@
 //! Delivery: one task per endpoint reads the change feed from the endpoint's position, sends
 //! each event that a route to the endpoint matches, and moves the position on.
 //!
-//! - **At least once.** The position is stored after the events before it were acknowledged by
-//!   the destination (a JetStream publish acknowledgement, an MQTT PUBACK, a 2xx answer); a crash
-//!   in between sends them again, with the same event ID (`Nats-Msg-Id`, `webhook-id`).
-//! - **In order per twin.** An endpoint's events go one at a time in feed order, and an event
-//!   is retried before any later one goes; order breaks only where an event is dead-lettered.
+//! - **At least once.** The stored position only passes an event once the destination
+//!   acknowledged it (a JetStream publish acknowledgement, an MQTT PUBACK, a 2xx answer) or it
+//!   was dead-lettered; a crash in between sends it again, with the same event ID
+//!   (`Nats-Msg-Id`, `webhook-id`).
+//! - **Pipelined, in order per twin.** An endpoint keeps several events in flight at once (up
+//!   to [`window`] for its kind), but never two of the same twin: the next event of a twin
+//!   starts only when the one before it was acknowledged or dead-lettered, so order per twin
+//!   holds whatever the transport does with a failure. Order breaks only where an event is
+//!   dead-lettered.
 //! - **Retries** back off exponentially with full jitter, from the endpoint's first delay up to
-//!   a minute; after `maxAttempts` or `maxAgeSeconds` the event goes to the dead-letter store.
+//!   a minute, per event; after a failure the whole endpoint also sends one event at a time,
+//!   after its own backoff, until a send succeeds again (a destination that is down is probed,
+//!   not flooded). After `maxAttempts` or `maxAgeSeconds` (from the event's first attempt) an
+//!   event goes to the dead-letter store.
 //! - **Routes are read at each attempt**, so deleting a route or the endpoint stops delivery at
 //!   once.
 
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use futures_util::StreamExt;
+use futures_util::future::OptionFuture;
+use futures_util::stream::FuturesUnordered;
 use rand::Rng;
 use serde_json::{Value, json};
 use twinguard_core::feed::FeedEvent;
@@ -27,13 +40,28 @@ use crate::egress::Destination;
 
 /// Feed records read at a time.
 const READ_BATCH: usize = 256;
+/// Feed records read ahead of the oldest unfinished one, at most.
+const READ_AHEAD: usize = 2_048;
 /// The longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long one send may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often, at most, a busy endpoint stores its position (an idle one stores it at once).
+const POSITION_EVERY: Duration = Duration::from_millis(50);
 /// Most dead letters kept per endpoint; at the limit the endpoint stops (and keeps retrying)
 /// rather than drop events.
 pub const MAX_DEAD_LETTERS: usize = 10_000;
+
+/// Events an endpoint of `kind` keeps in flight at once. JetStream acknowledges each publish
+/// on one connection; a webhook needs one HTTP/1.1 connection per request in flight; MQTT
+/// waits for each PUBACK (rumqttc does not say which publish a PUBACK answers).
+pub fn window(kind: Kind) -> usize {
+    match kind {
+        Kind::Nats => 256,
+        Kind::Webhook => 16,
+        Kind::Mqtt => 1,
+    }
+}
 
 /// An event ready to send: its CloudEvent bytes and signature.
 pub struct Prepared {
@@ -59,51 +87,352 @@ impl Prepared {
     }
 }
 
+/// A feed record on its way to one endpoint.
+struct Pending {
+    event: FeedEvent,
+    /// Built at the first attempt, kept for the retries.
+    prepared: Option<Arc<Prepared>>,
+    attempts: u32,
+    first_attempt: Option<Instant>,
+    /// The next wait after a failure (doubles, up to [`MAX_BACKOFF`]).
+    backoff: Duration,
+    /// No attempt before this.
+    not_before: Option<Instant>,
+}
+
+/// What an attempt gives back: the event, the connection it made (if it had none), and the
+/// outcome.
+type Attempt =
+    Pin<Box<dyn Future<Output = (Pending, Option<Arc<Sink>>, Result<(), SendError>)> + Send>>;
+
 /// Runs delivery for `endpoint` until the endpoint is deleted or replaced (the task is aborted
 /// then).
 pub async fn run(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
-    let name = endpoint.name.clone();
-    let mut feed = inner.service.watch_feed();
-    let mut sink: Option<Sink> = None;
-    loop {
-        let position = inner.position(&name);
-        let head = *feed.borrow_and_update();
-        metrics::gauge!("twinguard_events_lag", "endpoint" => name.clone())
-            .set(head.saturating_sub(position) as f64);
-        if head <= position {
-            metrics::gauge!("twinguard_events_lag_seconds", "endpoint" => name.clone()).set(0.0);
-            if feed.changed().await.is_err() {
-                return;
-            }
-            continue;
-        }
-        let events = match inner.service.feed_after(position, READ_BATCH) {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::error!(endpoint = %name, error = %e, "the change feed cannot be read");
+    let position = inner.position(&endpoint.name);
+    let mut delivery = Delivery {
+        feed: inner.service.watch_feed(),
+        window: window(endpoint.kind),
+        backoff: endpoint.initial_backoff(),
+        inner,
+        endpoint,
+        sink: None,
+        read: position,
+        stored: position,
+        storing: None,
+        last_store: Instant::now(),
+        unfinished: BTreeMap::new(),
+        queue: VecDeque::new(),
+        retry: BTreeMap::new(),
+        busy: HashSet::new(),
+        in_flight: FuturesUnordered::new(),
+        failing: None,
+    };
+    delivery.run().await;
+}
+
+/// One endpoint's delivery state.
+struct Delivery {
+    inner: Arc<Inner>,
+    endpoint: Arc<Endpoint>,
+    feed: tokio::sync::watch::Receiver<u64>,
+    window: usize,
+    sink: Option<Arc<Sink>>,
+    /// The last feed position read.
+    read: u64,
+    /// The last position stored (or being stored).
+    stored: u64,
+    storing: Option<tokio::task::JoinHandle<()>>,
+    last_store: Instant,
+    /// Every event read and not finished (acknowledged, dead-lettered or no longer routed),
+    /// with its commit time: the position is just below the first.
+    unfinished: BTreeMap<u64, String>,
+    /// Read, not yet tried, in feed order.
+    queue: VecDeque<Pending>,
+    /// Tried and failed, waiting for their next attempt, by feed position.
+    retry: BTreeMap<u64, Pending>,
+    /// Twins with an event in flight or waiting for a retry.
+    busy: HashSet<String>,
+    in_flight: FuturesUnordered<Attempt>,
+    /// Set while the last attempt failed: one attempt at a time, none before this instant.
+    failing: Option<Instant>,
+    /// The endpoint's next wait while failing.
+    backoff: Duration,
+}
+
+impl Delivery {
+    async fn run(&mut self) {
+        loop {
+            if !self.read_feed() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
-        };
-        let Some(last) = events.last().map(|e| e.seq) else {
-            // Trimmed below the position (cannot happen while the position holds the trim
-            // back); move to the head rather than spin.
-            inner.set_position(&name, head).await;
-            continue;
-        };
-        if let Some(oldest) = events.first() {
-            metrics::gauge!("twinguard_events_lag_seconds", "endpoint" => name.clone())
-                .set(age_seconds(&oldest.time));
+            self.start_attempts();
+            self.store_position();
+            self.report_lag();
+            let head = *self.feed.borrow();
+            let wake = self.next_wake();
+            let can_read = self.read < head && self.unfinished.len() < READ_AHEAD;
+            tokio::select! {
+                Some((pending, sink, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.finished(pending, sink, result).await;
+                }
+                changed = self.feed.changed(), if !can_read => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = sleep_until(wake), if wake.is_some() => {}
+                _ = OptionFuture::from(self.storing.as_mut()), if self.storing.is_some() => {
+                    self.storing = None;
+                }
+                else => {}
+            }
         }
-        for event in &events {
-            if !inner.routed(&name, event) {
+    }
+
+    /// Reads the next records of the feed while the read-ahead allows. False when the feed
+    /// cannot be read.
+    fn read_feed(&mut self) -> bool {
+        let head = *self.feed.borrow_and_update();
+        while self.read < head && self.unfinished.len() < READ_AHEAD {
+            let events = match self.inner.service.feed_after(self.read, READ_BATCH) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(endpoint = %self.endpoint.name, error = %e, "the change feed cannot be read");
+                    return false;
+                }
+            };
+            let Some(last) = events.last().map(|e| e.seq) else {
+                // Trimmed below the position (cannot happen while the position holds the
+                // trim back); move to the head rather than spin.
+                self.read = head;
+                break;
+            };
+            for event in events {
+                self.unfinished.insert(event.seq, event.time.clone());
+                self.queue.push_back(Pending {
+                    event,
+                    prepared: None,
+                    attempts: 0,
+                    first_attempt: None,
+                    backoff: self.endpoint.initial_backoff(),
+                    not_before: None,
+                });
+            }
+            self.read = last;
+        }
+        true
+    }
+
+    /// Starts every attempt that may start now: retries that are due first, then new events of
+    /// twins with nothing in flight, up to the window (one at a time while failing).
+    fn start_attempts(&mut self) {
+        let now = Instant::now();
+        let limit = if self.failing.is_some() || self.sink.is_none() {
+            1
+        } else {
+            self.window
+        };
+        if self.failing.is_some_and(|until| until > now) {
+            return;
+        }
+        let due: Vec<u64> = if self.failing.is_some() {
+            // The probe: the oldest event that failed, whatever its own backoff says (the
+            // endpoint's backoff has passed).
+            self.retry.keys().next().copied().into_iter().collect()
+        } else {
+            self.retry
+                .iter()
+                .filter(|(_, p)| p.not_before.is_none_or(|t| t <= now))
+                .map(|(seq, _)| *seq)
+                .collect()
+        };
+        for seq in due {
+            if self.in_flight.len() >= limit {
+                return;
+            }
+            if let Some(pending) = self.retry.remove(&seq) {
+                // A route or the endpoint deleted meanwhile: the event is no longer wanted.
+                if self.inner.still_routed(&self.endpoint.name, seq) {
+                    self.attempt(pending);
+                } else {
+                    self.finish(&pending);
+                }
+            }
+        }
+        let mut blocked = 0;
+        while self.in_flight.len() < limit && blocked < self.queue.len() {
+            let pending = &self.queue[blocked];
+            if self.busy.contains(&pending.event.twin) {
+                // An earlier event of this twin is unfinished: this one waits behind it (and
+                // so does every later one of the twin, which is further back in the queue).
+                blocked += 1;
                 continue;
             }
-            let prepared = Prepared::new(event, &inner);
-            deliver_one(&inner, &endpoint, &mut sink, prepared).await;
+            let Some(pending) = self.queue.remove(blocked) else {
+                break;
+            };
+            if self.inner.routed(&self.endpoint.name, &pending.event) {
+                self.busy.insert(pending.event.twin.clone());
+                self.attempt(pending);
+            } else {
+                self.unfinished.remove(&pending.event.seq);
+            }
         }
-        inner.set_position(&name, last).await;
     }
+
+    fn attempt(&mut self, mut pending: Pending) {
+        let prepared = pending
+            .prepared
+            .get_or_insert_with(|| Arc::new(Prepared::new(&pending.event, &self.inner)))
+            .clone();
+        pending.first_attempt.get_or_insert_with(Instant::now);
+        pending.attempts += 1;
+        let inner = self.inner.clone();
+        let endpoint = self.endpoint.clone();
+        let sink = self.sink.clone();
+        self.in_flight.push(Box::pin(async move {
+            let (sink, made) = match sink {
+                Some(sink) => (sink, None),
+                None => match Sink::connect(&endpoint, &inner).await {
+                    Ok(sink) => {
+                        let sink = Arc::new(sink);
+                        (sink.clone(), Some(sink))
+                    }
+                    Err(e) => return (pending, None, Err(e)),
+                },
+            };
+            let result = sink.send(&endpoint, &inner, &prepared).await;
+            (pending, made, result)
+        }));
+    }
+
+    async fn finished(
+        &mut self,
+        mut pending: Pending,
+        made: Option<Arc<Sink>>,
+        result: Result<(), SendError>,
+    ) {
+        let name = self.endpoint.name.as_str();
+        if let Some(sink) = made {
+            self.sink = Some(sink);
+        }
+        match result {
+            Ok(()) => {
+                metrics::counter!("twinguard_events_delivered_total", "endpoint" => name.to_owned())
+                    .increment(1);
+                self.failing = None;
+                self.backoff = self.endpoint.initial_backoff();
+                self.finish(&pending);
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %name, event = %pending.event.id, attempt = pending.attempts, error = %e, "an event was not delivered");
+                if e.reconnect {
+                    self.sink = None;
+                }
+                let exhausted = pending.attempts >= self.endpoint.max_attempts()
+                    || pending
+                        .first_attempt
+                        .is_some_and(|t| t.elapsed() >= self.endpoint.max_age());
+                if exhausted
+                    && let Some(prepared) = pending.prepared.clone()
+                    && self
+                        .inner
+                        .dead_letter(&self.endpoint, &prepared, pending.attempts, &e.message)
+                        .await
+                {
+                    metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => name.to_owned())
+                        .increment(1);
+                    self.finish(&pending);
+                    return;
+                }
+                metrics::counter!("twinguard_events_retried_total", "endpoint" => name.to_owned())
+                    .increment(1);
+                let now = Instant::now();
+                pending.not_before = Some(now + jitter(pending.backoff));
+                pending.backoff = (pending.backoff * 2).min(MAX_BACKOFF);
+                if self.failing.is_none_or(|until| until <= now) {
+                    // The first failure, or a probe that failed: wait before the next attempt.
+                    self.failing = Some(now + jitter(self.backoff));
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                }
+                self.retry.insert(pending.event.seq, pending);
+            }
+        }
+    }
+
+    /// `pending` needs nothing more: its twin's next event may go.
+    fn finish(&mut self, pending: &Pending) {
+        self.busy.remove(&pending.event.twin);
+        self.unfinished.remove(&pending.event.seq);
+    }
+
+    /// The position every event up to which is finished.
+    fn position(&self) -> u64 {
+        match self.unfinished.keys().next() {
+            Some(first) => first - 1,
+            None => self.read,
+        }
+    }
+
+    /// Stores the position in the background when it moved on: at most one store at a time,
+    /// at most every [`POSITION_EVERY`] while events are in flight.
+    fn store_position(&mut self) {
+        let position = self.position();
+        if self.storing.is_some() || position <= self.stored {
+            return;
+        }
+        let idle = self.in_flight.is_empty() && self.queue.is_empty();
+        if !idle && self.last_store.elapsed() < POSITION_EVERY {
+            return;
+        }
+        self.stored = position;
+        self.last_store = Instant::now();
+        let inner = self.inner.clone();
+        let name = self.endpoint.name.clone();
+        self.storing = Some(tokio::spawn(async move {
+            inner.set_position(&name, position).await;
+        }));
+    }
+
+    fn report_lag(&self) {
+        let name = &self.endpoint.name;
+        let head = *self.feed.borrow();
+        metrics::gauge!("twinguard_events_lag", "endpoint" => name.clone())
+            .set(head.saturating_sub(self.position()) as f64);
+        let age = self
+            .unfinished
+            .values()
+            .next()
+            .map(|time| age_seconds(time))
+            .unwrap_or(0.0);
+        metrics::gauge!("twinguard_events_lag_seconds", "endpoint" => name.clone()).set(age);
+    }
+
+    /// When the loop must look again without anything finishing: a retry or the end of the
+    /// endpoint's backoff falling due, or the position waiting to be stored.
+    fn next_wake(&self) -> Option<Instant> {
+        let mut wake = self.failing;
+        if self.failing.is_none() {
+            wake = self.retry.values().filter_map(|p| p.not_before).min();
+        }
+        if self.storing.is_none() && self.position() > self.stored {
+            let at = self.last_store + POSITION_EVERY;
+            wake = Some(wake.map_or(at, |w| w.min(at)));
+        }
+        wake
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// A wait drawn uniformly from zero to `backoff` ("full jitter").
+fn jitter(backoff: Duration) -> Duration {
+    rand::rng().random_range(Duration::ZERO..=backoff)
 }
 
 fn age_seconds(time: &str) -> f64 {
@@ -114,62 +443,6 @@ fn age_seconds(time: &str) -> f64 {
                 .max(0.0)
         })
         .unwrap_or(0.0)
-}
-
-/// Sends one event until it is acknowledged, no route wants it any more, or it is
-/// dead-lettered.
-async fn deliver_one(inner: &Inner, endpoint: &Endpoint, sink: &mut Option<Sink>, event: Prepared) {
-    let name = endpoint.name.as_str();
-    let started = Instant::now();
-    let mut attempts = 0u32;
-    let mut backoff = endpoint.initial_backoff();
-    loop {
-        attempts += 1;
-        let result = match sink {
-            Some(s) => s.send(endpoint, inner, &event).await,
-            None => match Sink::connect(endpoint, inner).await {
-                Ok(mut s) => {
-                    let r = s.send(endpoint, inner, &event).await;
-                    *sink = Some(s);
-                    r
-                }
-                Err(e) => Err(e),
-            },
-        };
-        match result {
-            Ok(()) => {
-                metrics::counter!("twinguard_events_delivered_total", "endpoint" => name.to_owned())
-                    .increment(1);
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(endpoint = %name, event = %event.id, attempt = attempts, error = %e, "an event was not delivered");
-                if e.reconnect {
-                    *sink = None;
-                }
-                let exhausted =
-                    attempts >= endpoint.max_attempts() || started.elapsed() >= endpoint.max_age();
-                if exhausted
-                    && inner
-                        .dead_letter(endpoint, &event, attempts, &e.message)
-                        .await
-                {
-                    metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => name.to_owned())
-                        .increment(1);
-                    return;
-                }
-                metrics::counter!("twinguard_events_retried_total", "endpoint" => name.to_owned())
-                    .increment(1);
-                let wait = rand::rng().random_range(Duration::ZERO..=backoff);
-                tokio::time::sleep(wait).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                // A route or the endpoint deleted meanwhile: the event is no longer wanted.
-                if !inner.still_routed(name, event.seq) {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// Why a send failed, and whether the connection should be made again.
@@ -201,7 +474,8 @@ pub enum Sink {
 
 pub struct MqttSink {
     client: rumqttc::v5::AsyncClient,
-    acks: tokio::sync::mpsc::Receiver<Result<(), String>>,
+    /// One publish at a time waits for its PUBACK.
+    acks: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Result<(), String>>>,
     task: tokio::task::AbortHandle,
 }
 
@@ -282,7 +556,7 @@ impl Sink {
     }
 
     pub async fn send(
-        &mut self,
+        &self,
         endpoint: &Endpoint,
         inner: &Inner,
         event: &Prepared,
@@ -318,7 +592,8 @@ impl Sink {
                     ],
                     ..PublishProperties::default()
                 };
-                while mqtt.acks.try_recv().is_ok() {}
+                let mut acks = mqtt.acks.lock().await;
+                while acks.try_recv().is_ok() {}
                 let topic = endpoint.spec.topic.clone().unwrap_or_default();
                 mqtt.client
                     .publish_with_properties(
@@ -330,7 +605,7 @@ impl Sink {
                     )
                     .await
                     .map_err(|e| failed(format!("MQTT publish: {e}"), true))?;
-                match tokio::time::timeout(SEND_TIMEOUT, mqtt.acks.recv()).await {
+                match tokio::time::timeout(SEND_TIMEOUT, acks.recv()).await {
                     Ok(Some(Ok(()))) => Ok(()),
                     Ok(Some(Err(e))) => Err(failed(e, true)),
                     Ok(None) => Err(failed("the MQTT connection ended", true)),
@@ -496,7 +771,11 @@ async fn connect_mqtt(endpoint: &Endpoint, inner: &Inner) -> Result<Sink, SendEr
     })
     .abort_handle();
     match tokio::time::timeout(SEND_TIMEOUT, connected).await {
-        Ok(Ok(Ok(()))) => Ok(Sink::Mqtt(MqttSink { client, acks, task })),
+        Ok(Ok(Ok(()))) => Ok(Sink::Mqtt(MqttSink {
+            client,
+            acks: tokio::sync::Mutex::new(acks),
+            task,
+        })),
         Ok(Ok(Err(e))) => {
             task.abort();
             Err(failed(e, true))

@@ -326,7 +326,7 @@ impl Events {
             signature: self.inner.key.sign(&body),
             body,
         };
-        let mut sink = Sink::connect(&endpoint, &self.inner)
+        let sink = Sink::connect(&endpoint, &self.inner)
             .await
             .map_err(|e| EventsError::Undeliverable(e.message))?;
         sink.send(&endpoint, &self.inner, &prepared)

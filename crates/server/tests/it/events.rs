@@ -70,6 +70,18 @@ impl Receiver {
     }
 }
 
+/// Each twin's events arrived in its order: `twinsequence` rises by one from event to event
+/// of a twin (a relationship's events count for its source twin).
+fn assert_in_order_per_twin(bodies: &[Value]) {
+    let mut last: std::collections::HashMap<String, u64> = Default::default();
+    for b in bodies {
+        let twin = b["subject"].as_str().unwrap().split('/').next().unwrap();
+        let seq = b["twinsequence"].as_u64().unwrap();
+        let before = last.insert(twin.to_owned(), seq).unwrap_or(0);
+        assert_eq!(seq, before + 1, "twin {twin}: event {seq} after {before}");
+    }
+}
+
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..200 {
         if done() {
@@ -321,7 +333,7 @@ async fn a_webhook_receives_every_change_in_order_signed_and_filtered() {
     wait_for("six events", || receiver.got.lock().unwrap().len() >= 6).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let bodies = receiver.bodies();
-    let kinds: Vec<(&str, &str, u64)> = bodies
+    let mut kinds: Vec<(&str, &str, u64)> = bodies
         .iter()
         .map(|b| {
             (
@@ -331,11 +343,14 @@ async fn a_webhook_receives_every_change_in_order_signed_and_filtered() {
             )
         })
         .collect();
+    // Events of different twins may overtake each other (delivery is pipelined); each twin's
+    // arrive in its order.
+    assert_in_order_per_twin(&bodies);
+    kinds.sort_by_key(|(_, subject, seq)| (subject.split('/').next().unwrap().to_owned(), *seq));
     assert_eq!(
         kinds,
         [
             ("Microsoft.DigitalTwins.Twin.Create", "r1", 1),
-            ("Microsoft.DigitalTwins.Twin.Create", "r2", 1),
             ("Microsoft.DigitalTwins.Twin.Update", "r1", 2),
             (
                 "Microsoft.DigitalTwins.Relationship.Create",
@@ -348,16 +363,24 @@ async fn a_webhook_receives_every_change_in_order_signed_and_filtered() {
                 "r1/relationships/n1",
                 5
             ),
+            ("Microsoft.DigitalTwins.Twin.Create", "r2", 1),
         ]
     );
     assert_eq!(bodies.len(), 6, "one delivery per event: {bodies:#?}");
-    assert_eq!(bodies[2]["data"], json!({"modelId": MODEL, "patch": patch}));
-    assert_eq!(bodies[4]["data"], json!({"humidity": 40}));
-    assert_eq!(bodies[4]["telemetrysourcetime"], "2026-12-05T08:00:00Z");
-    assert_eq!(bodies[4]["dataschema"], MODEL);
-    assert_eq!(bodies[0]["specversion"], "1.0");
-    assert_eq!(bodies[0]["source"], "127.0.0.1");
-    assert_eq!(bodies[0]["data"]["$dtId"], "r1");
+    let of_type = |t: &str| bodies.iter().find(|b| b["type"] == t).unwrap();
+    let update = of_type("Microsoft.DigitalTwins.Twin.Update");
+    assert_eq!(update["data"], json!({"modelId": MODEL, "patch": patch}));
+    let telemetry = of_type("microsoft.iot.telemetry");
+    assert_eq!(telemetry["data"], json!({"humidity": 40}));
+    assert_eq!(telemetry["telemetrysourcetime"], "2026-12-05T08:00:00Z");
+    assert_eq!(telemetry["dataschema"], MODEL);
+    let create = bodies
+        .iter()
+        .find(|b| b["subject"] == "r1" && b["twinsequence"] == 1)
+        .unwrap();
+    assert_eq!(create["specversion"], "1.0");
+    assert_eq!(create["source"], "127.0.0.1");
+    assert_eq!(create["data"]["$dtId"], "r1");
     let key = event_key(&server);
     for (headers, body) in receiver.got.lock().unwrap().iter() {
         verify_webhook(headers, body, &secret, &key);
@@ -438,6 +461,10 @@ async fn a_failing_webhook_is_retried_then_dead_lettered_and_can_be_replayed() {
         (StatusCode::BAD_GATEWAY, None),
     ]);
     put_twin(&server, &admin, "b", 1.0).await;
+    wait_for("b tried three times", || {
+        receiver.got.lock().unwrap().len() >= 6
+    })
+    .await;
     put_twin(&server, &admin, "c", 1.0).await;
     wait_for("c delivered", || {
         receiver.bodies().iter().any(|b| b["subject"] == "c")
@@ -499,6 +526,91 @@ async fn a_failing_webhook_is_retried_then_dead_lettered_and_can_be_replayed() {
         "{metrics}"
     );
     assert!(metrics.contains("twinguard_events_retried_total{endpoint=\"flaky\"}"));
+}
+
+/// A slow webhook that refuses every fifth request: delivery keeps several events in flight
+/// (it is pipelined) and still delivers each twin's events exactly once each, in order, however
+/// the failures fall.
+#[tokio::test]
+async fn pipelined_delivery_keeps_each_twins_order_through_failures() {
+    #[derive(Clone, Default)]
+    struct Slow {
+        accepted: Arc<Mutex<Vec<Value>>>,
+        requests: Arc<std::sync::atomic::AtomicUsize>,
+        now: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    }
+    use std::sync::atomic::Ordering::SeqCst;
+    let slow = Slow::default();
+    let me = slow.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let me = me.clone();
+        async move {
+            let now = me.now.fetch_add(1, SeqCst) + 1;
+            me.most.fetch_max(now, SeqCst);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            let n = me.requests.fetch_add(1, SeqCst);
+            let status = if n % 5 == 4 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                me.accepted
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
+                StatusCode::OK
+            };
+            me.now.fetch_sub(1, SeqCst);
+            status
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let server = Arc::new(TestServer::start_with(allow_loopback).await);
+    let admin = server.admin_token().await;
+    let body = json!({"type": "webhook", "url": format!("http://{addr}/hook"),
+        "maxAttempts": 1000, "initialBackoffMs": 5});
+    assert_eq!(
+        put_endpoint(&server, &admin, "slow", &body).await.status(),
+        201
+    );
+    plant(&server, &admin).await;
+    route(&server, &admin, "r", "slow", "true").await;
+    const TWINS: usize = 40;
+    const UPDATES: usize = 5;
+    let writers: Vec<_> = (0..TWINS)
+        .map(|i| {
+            let server = server.clone();
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                for u in 0..=UPDATES {
+                    put_twin(&server, &admin, &format!("t{i}"), u as f64).await;
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let total = TWINS * (UPDATES + 1);
+    wait_for("every event accepted", || {
+        slow.accepted.lock().unwrap().len() >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let accepted = slow.accepted.lock().unwrap().clone();
+    assert_eq!(accepted.len(), total, "each event accepted once");
+    assert_in_order_per_twin(&accepted);
+    assert!(
+        slow.requests.load(SeqCst) > total,
+        "some requests were refused and retried"
+    );
+    let most = slow.most.load(SeqCst);
+    assert!(
+        most > 1,
+        "at most {most} request(s) in flight: not pipelined"
+    );
 }
 
 #[tokio::test]
