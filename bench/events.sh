@@ -6,8 +6,11 @@
 #      natsJetStream endpoint and a route `true`), alternating off/on in ABBA order;
 #   2. events per second delivered end to end (first write to the last event a JetStream
 #      consumer received), in every "on" round;
-#   3. the time from each write's HTTP acknowledgement to the consumer receiving its event, at
-#      half of the peak write rate with delivery on (open loop): p50, p99, max.
+#   3. at half of the peak write rate with delivery on, offered open loop for LATENCY_SECONDS,
+#      alternating off/on in ABBA order: the server's CPU per write with delivery off and on at
+#      the same load (the cost of delivery, free of how batching changes with the rate), and in
+#      the "on" rounds the time from each write's HTTP acknowledgement to the consumer
+#      receiving its event: p50, p99, max.
 #
 #   bash bench/events.sh                                   # 2 rounds of 20,000 writes, 10 s latency
 #   ROUNDS=4 WRITES=50000 LATENCY_SECONDS=30 bash bench/events.sh   # a longer run

@@ -1,6 +1,7 @@
 //! Issue 19's event delivery benchmark: writes per second with delivery to NATS JetStream on
-//! and off (ABBA rounds), events per second delivered end to end, and the time from a write's
-//! acknowledgement to a JetStream consumer receiving its event at half of the peak write rate.
+//! and off (ABBA rounds), events per second delivered end to end, and, at half of the peak write
+//! rate offered open loop, the server's CPU per write with delivery off and on (ABBA rounds) and
+//! the time from a write's acknowledgement to a JetStream consumer receiving its event.
 //!
 //! The writes change `temperature` to a number unique over the run (the write's index), so the
 //! consumer matches each event to its write by the value in the event's patch.
@@ -143,7 +144,44 @@ impl Bench<'_> {
             mean(&e2e),
             e2e.len()
         );
-        self.latency(on_rate / 2.0).await
+        self.paced(on_rate / 2.0).await
+    }
+
+    /// The cost at equal load: the same offered write rate (open loop) with delivery off and
+    /// on, in ABBA rounds, so the server's CPU per write compares like with like (a closed
+    /// loop at each mode's own peak also measures how batching changes with the rate). The
+    /// "on" rounds also give the time from acknowledgement to receipt.
+    async fn paced(&self, rate: f64) -> anyhow::Result<()> {
+        let o = self.options;
+        if !rate.is_finite() || rate < 1.0 {
+            bail!("no write rate to offer half of: {rate}");
+        }
+        let mut cpu: HashMap<bool, Vec<f64>> = HashMap::new();
+        for round in 1..=o.rounds {
+            let order = if round % 2 == 1 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for on in order {
+                if let Some(us) = self.latency(round, rate, on).await? {
+                    cpu.entry(on).or_default().push(us);
+                }
+            }
+        }
+        let mean = |v: Option<&Vec<f64>>| {
+            v.filter(|v| !v.is_empty())
+                .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        if let (Some(off), Some(on)) = (mean(cpu.get(&false)), mean(cpu.get(&true))) {
+            println!(
+                "paced offered_writes_per_s={rate:.0}: server_cpu_us_per_write off={off:.1} on={on:.1}; delivery adds {:.1} us per write = {:.1} % ({} rounds each)",
+                on - off,
+                (on - off) / off * 100.0,
+                o.rounds
+            );
+        }
+        Ok(())
     }
 
     /// Creates the endpoint and the route `true` to it (`on`), or deletes both.
@@ -222,18 +260,23 @@ impl Bench<'_> {
         ))
     }
 
-    /// Writes at `rate` per second (open loop) for the phase's seconds, with delivery on, and
-    /// reports the time from each write's acknowledgement to its event's receipt.
-    async fn latency(&self, rate: f64) -> anyhow::Result<()> {
+    /// Writes at `rate` per second (open loop) for the phase's seconds, with delivery `on` or
+    /// off; with it on, reports the time from each write's acknowledgement to its event's
+    /// receipt. Returns the server's CPU microseconds per write (until the last event arrived,
+    /// with delivery on).
+    async fn latency(&self, round: usize, rate: f64, on: bool) -> anyhow::Result<Option<f64>> {
         let o = self.options;
-        if !rate.is_finite() || rate < 1.0 {
-            bail!("no write rate to offer half of: {rate}");
-        }
-        self.delivery(true).await?;
-        let collector = Collector::start(&self.js, &self.stream).await?;
-        // Warm up: the endpoint connects to NATS with its first event.
-        let (first, _) = self.write_load(200).await?;
-        collector.wait(first, 200).await?;
+        let collector = if on {
+            self.delivery(true).await?;
+            let collector = Collector::start(&self.js, &self.stream).await?;
+            // Warm up: the endpoint connects to NATS with its first event.
+            let (first, _) = self.write_load(200).await?;
+            collector.wait(first, 200).await?;
+            Some(collector)
+        } else {
+            self.write_load(200).await?;
+            None
+        };
         let count = ((rate * o.latency_seconds) as usize).max(1);
         let first = self.next_value.fetch_add(count, Ordering::Relaxed);
         let cpu = Cpu::now(o);
@@ -254,8 +297,15 @@ impl Bench<'_> {
         for task in tasks {
             acks.push(task.await??);
         }
+        let Some(collector) = collector else {
+            let (used, cpu_figures) = cpu.per_op(count, false);
+            println!(
+                "paced round={round} mode=off offered_writes_per_s={rate:.0} writes={count}{cpu_figures}"
+            );
+            return Ok(used);
+        };
         collector.wait(first, count).await?;
-        let (_, cpu_figures) = cpu.per_op(count, true);
+        let (used, cpu_figures) = cpu.per_op(count, true);
         let received = collector.received();
         let mut delays = Vec::with_capacity(count);
         let mut answers = Vec::with_capacity(count);
@@ -276,7 +326,7 @@ impl Bench<'_> {
         answers.sort_by(f64::total_cmp);
         let pct = |v: &[f64], p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
         println!(
-            "ack_to_event offered_writes_per_s={rate:.0} writes={count} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} min_ms={:.2} write_answer_p50_ms={:.2} write_answer_p99_ms={:.2} duplicates={}{cpu_figures}",
+            "paced round={round} mode=on offered_writes_per_s={rate:.0} writes={count} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} min_ms={:.2} write_answer_p50_ms={:.2} write_answer_p99_ms={:.2} duplicates={}{cpu_figures}",
             pct(&delays, 0.5),
             pct(&delays, 0.99),
             pct(&delays, 1.0),
@@ -292,7 +342,8 @@ impl Bench<'_> {
             state.messages,
             state.bytes as f64 / state.messages.max(1) as f64
         );
-        Ok(())
+        self.delivery(false).await?;
+        Ok(used)
     }
 }
 
