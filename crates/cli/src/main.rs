@@ -118,8 +118,8 @@ enum Command {
         /// PEM trust anchors for https import URLs (`/jobs/imports` with `inputBlobUri`).
         #[arg(long)]
         egress_ca: Option<PathBuf>,
-        /// The only directory event endpoints' credential files (passwordFile, secretFile,
-        /// caFile) may be in. Default: DATA_DIR/endpoint-credentials.
+        /// The only directory event endpoints' credential files (passwordFile, credentialsFile,
+        /// nkeyFile, secretFile, caFile) may be in. Default: DATA_DIR/endpoint-credentials.
         #[arg(long, env = "TWINGUARD_ENDPOINT_CREDENTIALS")]
         endpoint_credentials: Option<PathBuf>,
         /// DANGEROUS, benchmarks only: issue 17's resource protections off (connection limits

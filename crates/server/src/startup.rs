@@ -67,8 +67,8 @@ pub struct ServeConfig {
     pub egress: crate::egress::EgressPolicy,
     /// Trust anchors (PEM) for https import URLs; without them only http on loopback is fetched.
     pub egress_ca: Option<PathBuf>,
-    /// The only directory event endpoints' credential files (`passwordFile`, `secretFile`,
-    /// `caFile`) may be in; `None`: `DATA_DIR/endpoint-credentials`.
+    /// The only directory event endpoints' credential files (`passwordFile`, `credentialsFile`,
+    /// `nkeyFile`, `secretFile`, `caFile`) may be in; `None`: `DATA_DIR/endpoint-credentials`.
     pub endpoint_credentials: Option<PathBuf>,
 }
 

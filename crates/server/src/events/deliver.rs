@@ -520,15 +520,13 @@ impl Sink {
                     .resolve(&destination)
                     .await
                     .map_err(|e| failed(e.to_string(), true))?;
-                let mut options = async_nats::ConnectOptions::new()
-                    .connection_timeout(SEND_TIMEOUT)
-                    .max_reconnects(Some(0));
-                if let (Some(user), Some(password)) = (
-                    &endpoint.spec.username,
-                    endpoint.password().map_err(|e| failed(e, true))?,
-                ) {
-                    options = options.user_and_password(user.clone(), password.to_string());
-                }
+                let mut options = endpoint
+                    .nats_auth(
+                        async_nats::ConnectOptions::new()
+                            .connection_timeout(SEND_TIMEOUT)
+                            .max_reconnects(Some(0)),
+                    )
+                    .map_err(|e| failed(e, true))?;
                 let target = if url.scheme() == "tls" {
                     // TLS needs the name for the certificate check: the name is connected to
                     // after the check above admitted what it resolves to (a rebinding between

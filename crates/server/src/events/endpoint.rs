@@ -36,6 +36,14 @@ pub struct EndpointSpec {
     /// A file holding the NATS or MQTT password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// NATS: a `.creds` file (the user's JWT and nkey seed, as `nsc` writes it) for a server in
+    /// operator (decentralised JWT) mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// NATS: a file holding a user nkey seed (`SU...`) for a server that lists the user's
+    /// public nkey.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_file: Option<PathBuf>,
     /// Webhooks: a file holding the Standard Webhooks secret (`whsec_` and base64) that the `v1`
     /// HMAC signature uses. Without it only the Ed25519 `v1a` signature is sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,14 +156,34 @@ impl Endpoint {
                 if spec.topic.is_some() || spec.secret_file.is_some() {
                     return Err("a NATS endpoint takes subject, not topic or secretFile".into());
                 }
+                let ways = [
+                    spec.password_file.is_some(),
+                    spec.credentials_file.is_some(),
+                    spec.nkey_file.is_some(),
+                ];
+                if ways.iter().filter(|w| **w).count() > 1 {
+                    return Err(
+                        "a NATS endpoint takes one of passwordFile, credentialsFile and nkeyFile"
+                            .into(),
+                    );
+                }
+                if spec.username.is_some()
+                    && (spec.credentials_file.is_some() || spec.nkey_file.is_some())
+                {
+                    return Err("credentialsFile and nkeyFile name the user themselves".into());
+                }
             }
             Kind::Mqtt => {
                 let topic = spec.topic.as_deref().unwrap_or("");
                 if topic.is_empty() || topic.len() > 256 || topic.contains(['+', '#', '\0']) {
                     return Err("an MQTT endpoint needs a topic without wildcards".into());
                 }
-                if spec.subject.is_some() || spec.secret_file.is_some() {
-                    return Err("an MQTT endpoint takes topic, not subject or secretFile".into());
+                if spec.subject.is_some()
+                    || spec.secret_file.is_some()
+                    || spec.credentials_file.is_some()
+                    || spec.nkey_file.is_some()
+                {
+                    return Err("an MQTT endpoint takes topic, username and passwordFile, not subject, secretFile, credentialsFile or nkeyFile".into());
                 }
             }
             Kind::Webhook => {
@@ -163,6 +191,8 @@ impl Endpoint {
                     || spec.topic.is_some()
                     || spec.username.is_some()
                     || spec.password_file.is_some()
+                    || spec.credentials_file.is_some()
+                    || spec.nkey_file.is_some()
                 {
                     return Err("a webhook takes url, secretFile and caFile only".into());
                 }
@@ -171,12 +201,21 @@ impl Endpoint {
         if spec.password_file.is_some() && spec.username.is_none() {
             return Err("passwordFile needs username".into());
         }
-        if spec.password_file.is_some() && !tls && !is_loopback(&url) {
+        let credentials = spec.password_file.is_some()
+            || spec.credentials_file.is_some()
+            || spec.nkey_file.is_some();
+        if credentials && !tls && !is_loopback(&url) {
             return Err("credentials go only over TLS or to a loopback address".into());
         }
-        for file in [&spec.password_file, &spec.secret_file, &spec.ca_file]
-            .into_iter()
-            .flatten()
+        for file in [
+            &spec.password_file,
+            &spec.secret_file,
+            &spec.ca_file,
+            &spec.credentials_file,
+            &spec.nkey_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             read_contained(file, rules.credentials)?;
         }
@@ -185,13 +224,17 @@ impl Endpoint {
         }
         let destination = Destination::from_url(&url).map_err(|e| e.to_string())?;
         egress.may_reach(&destination).map_err(|e| e.to_string())?;
-        Ok(Self {
+        let endpoint = Self {
             name: name.to_owned(),
             kind,
             url,
             spec,
             credentials: rules.credentials.to_owned(),
-        })
+        };
+        if kind == Kind::Nats {
+            endpoint.nats_auth(async_nats::ConnectOptions::new())?;
+        }
+        Ok(endpoint)
     }
 
     pub fn max_attempts(&self) -> u32 {
@@ -221,6 +264,42 @@ impl Endpoint {
                     .map_err(|_| format!("{} is not text", path.display()))?;
                 Ok(Some(zeroize::Zeroizing::new(text.trim_end().to_owned())))
             }
+        }
+    }
+
+    /// How the endpoint proves itself to NATS: user and password, a `.creds` file or an nkey
+    /// seed, read now (from inside the credentials directory) and checked by async-nats's
+    /// parser.
+    pub fn nats_auth(
+        &self,
+        options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, String> {
+        let text = |path: &Path| -> Result<zeroize::Zeroizing<String>, String> {
+            let bytes = zeroize::Zeroizing::new(read_contained(path, &self.credentials)?);
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|_| format!("{} is not text", path.display()))?;
+            Ok(zeroize::Zeroizing::new(text.to_owned()))
+        };
+        if let Some(path) = &self.spec.credentials_file {
+            // As written (the parser wants the line ends).
+            return options
+                .credentials(&text(path)?)
+                .map_err(|_| format!("{} is not a NATS .creds file", path.display()));
+        }
+        if let Some(path) = &self.spec.nkey_file {
+            let seed = zeroize::Zeroizing::new(text(path)?.trim().to_owned());
+            // Checked here: async-nats would only find a bad seed when it connects.
+            nkeys::KeyPair::from_seed(&seed)
+                .ok()
+                .filter(|k| k.public_key().starts_with('U'))
+                .ok_or_else(|| format!("{} does not hold a user nkey seed", path.display()))?;
+            return Ok(options.nkey(seed.to_string()));
+        }
+        match (&self.spec.username, self.password()?) {
+            (Some(user), Some(password)) => {
+                Ok(options.user_and_password(user.clone(), password.to_string()))
+            }
+            _ => Ok(options),
         }
     }
 
@@ -329,6 +408,8 @@ mod tests {
             topic: (kind == "mqtt").then(|| "twins/events".into()),
             username: None,
             password_file: None,
+            credentials_file: None,
+            nkey_file: None,
             secret_file: None,
             ca_file: None,
             max_attempts: None,

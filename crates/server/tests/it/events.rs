@@ -802,3 +802,258 @@ async fn mqtt_receives_signed_events_at_qos_1() {
         assert_eq!(ce["subject"], format!("m{i}"));
     }
 }
+
+/// A nats-server of the test's own (JetStream on, the given extra configuration) on a free
+/// loopback port, stopped when dropped.
+struct OwnNats {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnNats {
+    async fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let file = dir.path().join("nats.conf");
+        std::fs::write(
+            &file,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{config}\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+            .spawn()
+            .expect("nats-server (scripts/test-env.sh installs it)");
+        let mut ready = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            ready,
+            "nats-server did not start: {}",
+            std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+        );
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A NATS JWT (`ed25519-nkey`) with `claims`, issued and signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, nats: Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": uuid_like().replace('-', "").to_uppercase(),
+        "iat": 1_700_000_000,
+        "iss": issuer.public_key(),
+        "name": subject,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signed = format!("{header}.{claims}");
+    let signature = URL_SAFE_NO_PAD.encode(issuer.sign(signed.as_bytes()).unwrap());
+    format!("{signed}.{signature}")
+}
+
+/// Delivers through `endpoint` (its NATS credentials as given) to a stream on `nats`, as the
+/// client `check` connects with, and returns how many events the stream holds.
+async fn deliver_through(
+    nats: &OwnNats,
+    check: async_nats::ConnectOptions,
+    endpoint: Value,
+) -> (reqwest::StatusCode, u64) {
+    let js = async_nats::jetstream::new(check.connect(nats.url()).await.unwrap());
+    let name = format!("TG_{}", uuid_like().replace('-', "_"));
+    let subject = format!("tg.events.{name}");
+    let mut stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name,
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let allow = format!("127.0.0.1:{}", nats.port);
+    let server = TestServer::start_with(move |c| {
+        c.egress = twinguard_server::egress::EgressPolicy::from_lines(&allow).unwrap();
+    })
+    .await;
+    let admin = server.admin_token().await;
+    let dir = server.dir.path().join("endpoint-credentials");
+    let mut body = endpoint;
+    body["url"] = nats.url().into();
+    body["subject"] = subject.into();
+    for field in ["nkeyFile", "credentialsFile"] {
+        if let Some(text) = body[field].as_str().map(str::to_owned) {
+            let path = dir.join(field);
+            std::fs::write(&path, text).unwrap();
+            body[field] = path.display().to_string().into();
+        }
+    }
+    let answer = put_endpoint(&server, &admin, "nats", &body).await;
+    let status = answer.status();
+    if status != 201 {
+        eprintln!("endpoint refused: {}", answer.text().await.unwrap());
+        return (status, 0);
+    }
+    plant(&server, &admin).await;
+    route(&server, &admin, "r", "nats", "true").await;
+    put_twin(&server, &admin, "a", 1.0).await;
+    put_twin(&server, &admin, "b", 2.0).await;
+    for _ in 0..40 {
+        if stream.info().await.unwrap().state.messages >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (status, stream.info().await.unwrap().state.messages)
+}
+
+#[tokio::test]
+async fn nats_endpoints_authenticate_with_an_nkey_or_a_creds_file() {
+    // A server that lists one user by public nkey.
+    let user = nkeys::KeyPair::new_user();
+    let nats = OwnNats::start(&format!(
+        "authorization {{ users = [ {{ nkey: {} }} ] }}",
+        user.public_key()
+    ))
+    .await;
+    let check = || async_nats::ConnectOptions::new().nkey(user.seed().unwrap());
+    let seed = user.seed().unwrap();
+    assert_eq!(
+        deliver_through(
+            &nats,
+            check(),
+            json!({"type": "natsJetStream", "nkeyFile": seed})
+        )
+        .await,
+        (reqwest::StatusCode::CREATED, 2),
+        "delivered with the user's nkey"
+    );
+    // Another user's seed is not listed: nothing arrives.
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+    assert_eq!(
+        deliver_through(
+            &nats,
+            check(),
+            json!({"type": "natsJetStream", "nkeyFile": stranger})
+        )
+        .await,
+        (reqwest::StatusCode::CREATED, 0),
+        "an unlisted nkey delivers nothing"
+    );
+    // Not a user seed: refused when the endpoint is created.
+    let account = nkeys::KeyPair::new_account().seed().unwrap();
+    for bad in [account.as_str(), "SUNOTASEED"] {
+        assert_eq!(
+            deliver_through(
+                &nats,
+                check(),
+                json!({"type": "natsJetStream", "nkeyFile": bad})
+            )
+            .await
+            .0,
+            reqwest::StatusCode::BAD_REQUEST
+        );
+    }
+    assert_eq!(
+        deliver_through(
+            &nats,
+            check(),
+            json!({"type": "natsJetStream", "credentialsFile": "not a creds file"})
+        )
+        .await
+        .0,
+        reqwest::StatusCode::BAD_REQUEST
+    );
+    drop(nats);
+
+    // Operator (decentralised JWT) mode: the user's JWT and seed in a .creds file.
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        json!({"type": "account", "version": 2, "limits": {
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        json!({"type": "user", "version": 2, "pub": {}, "sub": {},
+            "subs": -1, "data": -1, "payload": -1}),
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        json!({"type": "account", "version": 2}),
+    );
+    let nats = OwnNats::start(&format!(
+        "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{ {}: {account_jwt}, {sys}: {system_jwt} }}",
+        account.public_key(),
+        sys = system.public_key(),
+    ))
+    .await;
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().unwrap()
+    );
+    let check = async_nats::ConnectOptions::new()
+        .credentials(&creds)
+        .unwrap();
+    assert_eq!(
+        deliver_through(
+            &nats,
+            check,
+            json!({"type": "natsJetStream", "credentialsFile": creds})
+        )
+        .await,
+        (reqwest::StatusCode::CREATED, 2),
+        "delivered with the user's .creds"
+    );
+}
