@@ -202,7 +202,7 @@ async fn upload_models(
 pub(super) async fn download(
     client: &reqwest::Client,
     url: reqwest::Url,
-    path: &Path,
+    spooled: &mut super::Spooled,
     limit: u64,
 ) -> Result<u64, JobError> {
     let failed = |message: String| JobError {
@@ -222,7 +222,7 @@ pub(super) async fn download(
             response.status().as_u16()
         )));
     }
-    let mut file = private_file(path).await.map_err(|e| {
+    let mut file = private_file(&spooled.path).await.map_err(|e| {
         tracing::error!(error = %e, "cannot create an import job's spool file");
         failed("the input could not be stored".into())
     })?;
@@ -237,6 +237,17 @@ pub(super) async fn download(
         if written > limit {
             return Err(failed(format!("the input is larger than {limit} bytes")));
         }
+        spooled.grow(chunk.len() as u64).map_err(|full| JobError {
+            code: ErrorCode::ServiceUnavailable.as_str().to_owned(),
+            message: match full {
+                super::SpoolFull::Budget(limit) => format!(
+                    "import inputs waiting or running hold the spool's {limit} bytes; retry when they finish"
+                ),
+                super::SpoolFull::Disk => {
+                    "the server has too little free disk space to take the input".to_owned()
+                }
+            },
+        })?;
         file.write_all(&chunk).await.map_err(|e| {
             tracing::error!(error = %e, "cannot write an import job's spool file");
             failed("the input could not be stored".into())

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
@@ -41,6 +41,12 @@ use import::{download, run_import};
 
 /// Largest import input (an upload, spooled to the data directory).
 pub const MAX_IMPORT_BYTES: u64 = 1024 * 1024 * 1024;
+/// Most bytes all spooled inputs (uploading, waiting or running) hold together.
+pub const MAX_SPOOL_BYTES: u64 = 4 * MAX_IMPORT_BYTES;
+/// Free space an input never takes from the data directory's file system.
+pub const DISK_RESERVE_BYTES: u64 = 1024 * 1024 * 1024;
+/// How often (in bytes written) the free space is looked at.
+const DISK_CHECK_EVERY: u64 = 8 * 1024 * 1024;
 /// Longest line of an import file.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 /// Bytes the models section may hold: it is read whole, to upload it in dependency order.
@@ -172,6 +178,7 @@ struct Inner {
     jobs: Mutex<BTreeMap<(Kind, String), Job>>,
     /// Where uploads are spooled (`DATA_DIR/jobs`).
     spool: PathBuf,
+    spool_budget: Arc<SpoolBudget>,
     /// One job runs at a time, in the order they were created.
     runner: tokio::sync::Mutex<()>,
     audit: Option<crate::audit::Audit>,
@@ -258,11 +265,47 @@ impl Jobs {
             inner: Arc::new(Inner {
                 jobs: Mutex::new(BTreeMap::new()),
                 spool,
+                spool_budget: Arc::new(SpoolBudget {
+                    used: AtomicU64::new(0),
+                    limit: AtomicU64::new(MAX_SPOOL_BYTES),
+                    reserve: AtomicU64::new(DISK_RESERVE_BYTES),
+                }),
                 runner: tokio::sync::Mutex::new(()),
                 audit,
                 url_input: std::sync::RwLock::new(UrlInput::default()),
             }),
         })
+    }
+
+    /// Sets the spool's limit (default [`MAX_SPOOL_BYTES`]).
+    pub fn set_spool_limit(&self, bytes: u64) {
+        self.inner
+            .spool_budget
+            .limit
+            .store(bytes, Ordering::Relaxed);
+    }
+
+    /// Sets the free space an input leaves on the file system (default
+    /// [`DISK_RESERVE_BYTES`]).
+    pub fn set_disk_reserve(&self, bytes: u64) {
+        self.inner
+            .spool_budget
+            .reserve
+            .store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes the spooled inputs hold now.
+    pub fn spool_used(&self) -> u64 {
+        self.inner.spool_budget.used.load(Ordering::Acquire)
+    }
+
+    fn spooled(&self) -> Spooled {
+        Spooled::new(
+            self.inner
+                .spool
+                .join(format!("{}.ndjson", uuid::Uuid::new_v4())),
+            self.inner.spool_budget.clone(),
+        )
     }
 
     /// An import writes models, twins and relationships: the caller must hold each of them, and
@@ -366,15 +409,11 @@ impl Jobs {
             run,
             cancel,
         };
-        let spool = self
-            .inner
-            .spool
-            .join(format!("{}.ndjson", uuid::Uuid::new_v4()));
+        let mut input = self.spooled();
         tokio::spawn(async move {
             let _turn = handle.jobs.inner.runner.lock().await;
             if handle.begin() {
-                let input = Spooled { path: spool };
-                let outcome = match download(&client, url, &input.path, MAX_IMPORT_BYTES).await {
+                let outcome = match download(&client, url, &mut input, MAX_IMPORT_BYTES).await {
                     Ok(bytes) => {
                         handle.log("Info", json!({"message": format!("fetched {bytes} bytes")}));
                         run_import(&service, &principal, &handle, &input.path).await
@@ -447,12 +486,8 @@ impl Jobs {
             Kind::Import,
             id,
         )?;
-        let path = self
-            .inner
-            .spool
-            .join(format!("{}.ndjson", uuid::Uuid::new_v4()));
-        let spooled = Spooled { path: path.clone() };
-        let mut file = private_file(&path)
+        let mut spooled = self.spooled();
+        let mut file = private_file(&spooled.path)
             .await
             .map_err(|e| ApiError::internal(format!("cannot create the job's spool file: {e}")))?;
         let mut written: u64 = 0;
@@ -470,6 +505,9 @@ impl Jobs {
                     format!("an import file holds at most {limit} bytes"),
                 ));
             }
+            spooled
+                .grow(data.len() as u64)
+                .map_err(|full| full.to_api())?;
             file.write_all(&data)
                 .await
                 .map_err(|e| ApiError::internal(format!("cannot spool the import: {e}")))?;
@@ -651,15 +689,94 @@ async fn private_file(path: &Path) -> std::io::Result<tokio::fs::File> {
         .await
 }
 
-/// An upload spooled to disk; the file is removed when this is dropped.
+/// The bytes every spooled input holds together, against one limit, and the free space the spool
+/// must leave on the data directory's file system: however many jobs wait or upload at once,
+/// the spool cannot fill the disk the store and the audit trail live on.
+#[derive(Debug)]
+struct SpoolBudget {
+    used: AtomicU64,
+    limit: AtomicU64,
+    /// Free space left alone ([`DISK_RESERVE_BYTES`]; tests raise it).
+    reserve: AtomicU64,
+}
+
+/// Why a spooled input cannot grow.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SpoolFull {
+    /// Every input together would pass the spool's limit.
+    Budget(u64),
+    /// The file system would have less than [`DISK_RESERVE_BYTES`] free.
+    Disk,
+}
+
+impl SpoolFull {
+    fn to_api(&self) -> ApiError {
+        match self {
+            Self::Budget(limit) => ApiError::unavailable(format!(
+                "import inputs waiting or running hold the spool's {limit} bytes; retry when they finish"
+            )),
+            Self::Disk => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::ServiceUnavailable,
+                "the server has too little free disk space to take the input",
+            ),
+        }
+    }
+}
+
+/// An upload spooled to disk; the file is removed, and its bytes given back to the spool's
+/// budget, when this is dropped.
 #[derive(Debug)]
 pub struct Spooled {
     path: PathBuf,
+    budget: Arc<SpoolBudget>,
+    reserved: u64,
+    /// Where the next free-space check is due.
+    next_disk_check: u64,
+}
+
+impl Spooled {
+    fn new(path: PathBuf, budget: Arc<SpoolBudget>) -> Self {
+        Self {
+            path,
+            budget,
+            reserved: 0,
+            next_disk_check: 0,
+        }
+    }
+
+    /// Reserves `n` more bytes, before they are written.
+    fn grow(&mut self, n: u64) -> Result<(), SpoolFull> {
+        let limit = self.budget.limit.load(Ordering::Relaxed);
+        let taken = self
+            .budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= limit)
+            });
+        if taken.is_err() {
+            return Err(SpoolFull::Budget(limit));
+        }
+        self.reserved += n;
+        if self.reserved >= self.next_disk_check {
+            self.next_disk_check = self.reserved + DISK_CHECK_EVERY;
+            let dir = self.path.parent().unwrap_or(&self.path);
+            let free = rustix::fs::statvfs(dir)
+                .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+                .unwrap_or(0);
+            let reserve = self.budget.reserve.load(Ordering::Relaxed);
+            if free < reserve.saturating_add(n) {
+                return Err(SpoolFull::Disk);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Spooled {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        self.budget.used.fetch_sub(self.reserved, Ordering::AcqRel);
     }
 }
 
@@ -899,6 +1016,45 @@ impl<'a> Pipeline<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every spooled input counts against one limit, and gives its bytes back when it goes,
+    /// however the growing interleaves.
+    #[test]
+    fn the_spool_budget_bounds_every_input_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::open(dir.path(), None).unwrap();
+        jobs.set_spool_limit(1_000);
+        let mut a = jobs.spooled();
+        let mut b = jobs.spooled();
+        a.grow(700).unwrap();
+        assert_eq!(b.grow(400), Err(SpoolFull::Budget(1_000)));
+        b.grow(300).unwrap();
+        assert_eq!(a.grow(1), Err(SpoolFull::Budget(1_000)));
+        assert_eq!(jobs.spool_used(), 1_000);
+        drop(a);
+        assert_eq!(jobs.spool_used(), 300);
+        b.grow(700).unwrap();
+        drop(b);
+        assert_eq!(jobs.spool_used(), 0, "every byte given back");
+    }
+
+    #[test]
+    fn an_input_never_takes_the_disks_last_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::open(dir.path(), None).unwrap();
+        let free = {
+            let s = rustix::fs::statvfs(dir.path()).unwrap();
+            s.f_bavail * s.f_frsize
+        };
+        // A reserve above what is free: the first byte is refused.
+        jobs.set_disk_reserve(free + (1 << 30));
+        let mut input = jobs.spooled();
+        assert_eq!(input.grow(1), Err(SpoolFull::Disk));
+        drop(input);
+        assert_eq!(jobs.spool_used(), 0);
+        jobs.set_disk_reserve(0);
+        jobs.spooled().grow(1).unwrap();
+    }
 
     #[test]
     fn a_restart_forgets_the_jobs_and_removes_what_they_spooled() {

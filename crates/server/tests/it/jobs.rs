@@ -276,6 +276,36 @@ async fn jobs_import_the_realestatecore_ontology_and_a_generated_graph() {
     assert_eq!(gone.status(), 404);
 }
 
+/// Uploads share one spool budget: an upload past it is refused with 503 (nothing kept), and
+/// the budget is whole again afterwards.
+#[tokio::test]
+async fn uploads_past_the_spool_budget_are_refused_and_leave_nothing() {
+    let server = TestServer::start().await;
+    let token = server.admin_token().await;
+    server.state.jobs.set_spool_limit(64 * 1024);
+    let (twins, _) = generated_graph(2_000);
+    let big = import_file(&[node_model()], &twins, &[]);
+    assert!(big.len() > 64 * 1024);
+    let response = put_import(&server, &token, "big", big).await;
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "ServiceUnavailable", "{body}");
+    assert_eq!(server.state.jobs.spool_used(), 0);
+    let spool = server.dir.path().join("jobs");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "no file left"
+    );
+    let small = import_file(&[node_model()], &twins[..10], &[]);
+    let response = put_import(&server, &token, "small", small).await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        finished(&server, &token, "imports", "small").await["status"],
+        "succeeded"
+    );
+}
+
 #[tokio::test]
 async fn a_malformed_line_fails_the_job_with_its_line_number_and_nothing_after_it_is_applied() {
     let server = TestServer::start().await;
