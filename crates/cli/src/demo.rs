@@ -135,6 +135,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         egress: Default::default(),
         egress_ca: None,
         endpoint_credentials: None,
+        event_backlog: None,
     })?;
     let base = app.base_url();
     let device_plane = format!(

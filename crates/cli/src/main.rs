@@ -122,6 +122,11 @@ enum Command {
         /// nkeyFile, secretFile, caFile) may be in. Default: DATA_DIR/endpoint-credentials.
         #[arg(long, env = "TWINGUARD_ENDPOINT_CREDENTIALS")]
         endpoint_credentials: Option<PathBuf>,
+        /// Most change-feed events kept for event endpoints that lag behind (default
+        /// 1,000,000): past it the oldest are dropped and the lagging endpoints skip them
+        /// (twinguard_events_skipped_total), so a receiver that is down cannot fill the disk.
+        #[arg(long, env = "TWINGUARD_EVENT_BACKLOG", value_parser = clap::value_parser!(u64).range(1000..))]
+        event_backlog: Option<u64>,
         /// DANGEROUS, benchmarks only: issue 17's resource protections off (connection limits
         /// and timeouts, query limits and slots, the log's rate limit) so `bench/protections.sh`
         /// can measure what they cost. Hidden from --help, no environment variable, no
@@ -353,6 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             egress_allow_file,
             egress_ca,
             endpoint_credentials,
+            event_backlog,
             dangerous_unbounded_resources,
         } => {
             let egress = egress_policy(&egress_allow, egress_allow_file.as_deref())?;
@@ -428,6 +434,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     egress,
                     egress_ca,
                     endpoint_credentials,
+                    event_backlog,
                 })?;
                 println!("twinguard: api listening on {}", app.listener_url());
                 if app.base_url() != app.listener_url() {

@@ -70,6 +70,10 @@ pub struct ServeConfig {
     /// The only directory event endpoints' credential files (`passwordFile`, `credentialsFile`,
     /// `nkeyFile`, `secretFile`, `caFile`) may be in; `None`: `DATA_DIR/endpoint-credentials`.
     pub endpoint_credentials: Option<PathBuf>,
+    /// Most change-feed records kept for endpoints that lag (`None`:
+    /// [`crate::events::DEFAULT_BACKLOG`]); past it, the oldest go and the lagging endpoints
+    /// skip them (counted in `twinguard_events_skipped_total`).
+    pub event_backlog: Option<u64>,
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -308,6 +312,9 @@ impl Application {
                 Some(dir) => dir.clone(),
                 None => data_dir.private_dir("endpoint-credentials")?,
             },
+            config
+                .event_backlog
+                .unwrap_or(crate::events::DEFAULT_BACKLOG),
         )
         .context("loading the event endpoints")?;
         let jobs = crate::jobs::Jobs::open(data_dir.root(), Some(audit.clone()))

@@ -13,8 +13,9 @@
 //! - **Retries** back off exponentially with full jitter, from the endpoint's first delay up to
 //!   a minute, per event; after a failure the whole endpoint also sends one event at a time,
 //!   after its own backoff, until a send succeeds again (a destination that is down is probed,
-//!   not flooded). After `maxAttempts` or `maxAgeSeconds` (from the event's first attempt) an
-//!   event goes to the dead-letter store.
+//!   not flooded). After `maxAttempts`, or once it is `maxAgeSeconds` old (from its commit, as
+//!   ADT's event time-to-live), an event goes to the dead-letter store; events that age past it
+//!   while waiting go there without another attempt.
 //! - **Routes are read at each attempt**, so deleting a route or the endpoint stops delivery at
 //!   once.
 
@@ -93,7 +94,6 @@ struct Pending {
     /// Built at the first attempt, kept for the retries.
     prepared: Option<Arc<Prepared>>,
     attempts: u32,
-    first_attempt: Option<Instant>,
     /// The next wait after a failure (doubles, up to [`MAX_BACKOFF`]).
     backoff: Duration,
     /// No attempt before this.
@@ -166,6 +166,7 @@ impl Delivery {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
+            self.expire(READ_BATCH).await;
             self.start_attempts();
             self.store_position();
             self.report_lag();
@@ -202,9 +203,10 @@ impl Delivery {
                     return false;
                 }
             };
+            // Records trimmed before this endpoint had them: it lagged past the backlog.
+            let next = events.first().map_or(head + 1, |e| e.seq);
+            self.skipped(next.saturating_sub(self.read + 1));
             let Some(last) = events.last().map(|e| e.seq) else {
-                // Trimmed below the position (cannot happen while the position holds the
-                // trim back); move to the head rather than spin.
                 self.read = head;
                 break;
             };
@@ -214,7 +216,6 @@ impl Delivery {
                     event,
                     prepared: None,
                     attempts: 0,
-                    first_attempt: None,
                     backoff: self.endpoint.initial_backoff(),
                     not_before: None,
                 });
@@ -222,6 +223,73 @@ impl Delivery {
             self.read = last;
         }
         true
+    }
+
+    fn skipped(&self, count: u64) {
+        if count > 0 {
+            metrics::counter!("twinguard_events_skipped_total", "endpoint" => self.endpoint.name.clone())
+                .increment(count);
+            tracing::error!(endpoint = %self.endpoint.name, count, after = self.read, "events were dropped from the feed before this endpoint had them (it lagged past the backlog)");
+        }
+    }
+
+    /// Dead-letters, without another attempt, the oldest waiting events that are older than
+    /// `maxAgeSeconds` (counted from their commit): an endpoint that was down for longer than
+    /// that drains its backlog into the dead-letter store at once instead of one probe at a
+    /// time. At most `limit` per call, so the loop stays responsive.
+    async fn expire(&mut self, limit: usize) {
+        let max_age = self.endpoint.max_age().as_secs_f64();
+        for _ in 0..limit {
+            let oldest_retry = self.retry.keys().next().copied();
+            let oldest_new = self.queue.front().map(|p| p.event.seq);
+            let from_retry = match (oldest_retry, oldest_new) {
+                (Some(r), Some(q)) => r < q,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => return,
+            };
+            let pending = if from_retry {
+                self.retry.values().next()
+            } else {
+                self.queue.front()
+            };
+            if pending.is_none_or(|p| age_seconds(&p.event.time) < max_age) {
+                return;
+            }
+            let mut pending = if from_retry {
+                match self.retry.pop_first() {
+                    Some((_, p)) => p,
+                    None => return,
+                }
+            } else {
+                match self.queue.pop_front() {
+                    Some(p) => p,
+                    None => return,
+                }
+            };
+            let prepared = pending
+                .prepared
+                .get_or_insert_with(|| Arc::new(Prepared::new(&pending.event, &self.inner)))
+                .clone();
+            let error = "older than maxAgeSeconds before it could be delivered";
+            if self
+                .inner
+                .dead_letter(&self.endpoint, &prepared, pending.attempts, error)
+                .await
+            {
+                metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => self.endpoint.name.clone())
+                    .increment(1);
+                self.finish(&pending);
+            } else {
+                // The dead letters are full: it waits where it was.
+                if from_retry {
+                    self.retry.insert(pending.event.seq, pending);
+                } else {
+                    self.queue.push_front(pending);
+                }
+                return;
+            }
+        }
     }
 
     /// Starts every attempt that may start now: retries that are due first, then new events of
@@ -253,7 +321,7 @@ impl Delivery {
             }
             if let Some(pending) = self.retry.remove(&seq) {
                 // A route or the endpoint deleted meanwhile: the event is no longer wanted.
-                if self.inner.still_routed(&self.endpoint.name, seq) {
+                if self.inner.routed(&self.endpoint.name, &pending.event) {
                     self.attempt(pending);
                 } else {
                     self.finish(&pending);
@@ -286,7 +354,6 @@ impl Delivery {
             .prepared
             .get_or_insert_with(|| Arc::new(Prepared::new(&pending.event, &self.inner)))
             .clone();
-        pending.first_attempt.get_or_insert_with(Instant::now);
         pending.attempts += 1;
         let inner = self.inner.clone();
         let endpoint = self.endpoint.clone();
@@ -331,9 +398,7 @@ impl Delivery {
                     self.sink = None;
                 }
                 let exhausted = pending.attempts >= self.endpoint.max_attempts()
-                    || pending
-                        .first_attempt
-                        .is_some_and(|t| t.elapsed() >= self.endpoint.max_age());
+                    || age_seconds(&pending.event.time) >= self.endpoint.max_age().as_secs_f64();
                 if exhausted
                     && let Some(prepared) = pending.prepared.clone()
                     && self
@@ -418,6 +483,23 @@ impl Delivery {
         }
         if self.storing.is_none() && self.position() > self.stored {
             let at = self.last_store + POSITION_EVERY;
+            wake = Some(wake.map_or(at, |w| w.min(at)));
+        }
+        // The oldest waiting event reaching maxAgeSeconds (it is dead-lettered then).
+        let oldest = [self.retry.values().next(), self.queue.front()]
+            .into_iter()
+            .flatten()
+            .min_by_key(|p| p.event.seq);
+        if let Some(p) = oldest {
+            let left = self.endpoint.max_age().as_secs_f64() - age_seconds(&p.event.time);
+            // Already due: `expire` ran just before and left it (its batch was done, or the
+            // dead letters are full): look again shortly, not in a busy loop.
+            let left = if left <= 0.0 {
+                0.05
+            } else {
+                left.min(86_400.0 * 7.0)
+            };
+            let at = Instant::now() + Duration::from_secs_f64(left);
             wake = Some(wake.map_or(at, |w| w.min(at)));
         }
         wake

@@ -54,7 +54,7 @@ pub struct EndpointSpec {
     /// Attempts before an event is dead-lettered (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
-    /// Time from the first attempt after which an event is dead-lettered (default a day).
+    /// Age (from the event's commit) after which an event is dead-lettered (default a day).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_age_seconds: Option<u64>,
     /// The first retry's delay; each next one doubles, up to a minute (default 200 ms).

@@ -20,6 +20,10 @@ pub use endpoint::{Endpoint, EndpointSpec, MAX_ENDPOINTS};
 
 use crate::egress::Egress;
 
+/// Change-feed records kept for lagging endpoints by default (about 1 GB of store at ADT-sized
+/// events); see [`Inner::trim_point`].
+pub const DEFAULT_BACKLOG: u64 = 1_000_000;
+
 /// How often delivered feed records are trimmed.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -44,6 +48,8 @@ pub struct Inner {
     source: String,
     /// The only directory endpoints' credential files may be in.
     credentials: std::path::PathBuf,
+    /// Most feed records kept for lagging endpoints.
+    backlog: u64,
     state: Mutex<State>,
 }
 
@@ -99,6 +105,7 @@ impl Events {
         key: Arc<EventKey>,
         source: String,
         credentials: std::path::PathBuf,
+        backlog: u64,
     ) -> Result<Self, StoreError> {
         let mut state = State::default();
         for (name, bytes) in store.scan(Table::Deliveries)? {
@@ -140,6 +147,7 @@ impl Events {
                 key,
                 source,
                 credentials,
+                backlog,
                 state: Mutex::new(state),
             }),
         })
@@ -407,18 +415,36 @@ impl Inner {
         }
     }
 
-    /// The lowest position any endpoint still needs, plus one: records below it can go.
+    /// The lowest position any endpoint still needs, plus one: records below it can go. At
+    /// most [`Self::backlog`] records are kept, though: an endpoint that lags further (its
+    /// receiver down for long, its dead letters full) loses the oldest, which its delivery
+    /// counts as skipped, rather than the feed growing until the disk is full and every write
+    /// stops.
     fn trim_point(&self) -> u64 {
         let state = self.lock();
         let head = self.service.feed_head();
-        state
+        let needed = state
             .endpoints
             .keys()
             .map(|n| state.positions.get(n).copied().unwrap_or(0))
             .min()
             .unwrap_or(head)
             .min(head)
-            + 1
+            + 1;
+        let cap = head.saturating_sub(self.backlog) + 1;
+        if cap > needed {
+            let lagging: Vec<&String> = state
+                .endpoints
+                .keys()
+                .filter(|n| state.positions.get(*n).copied().unwrap_or(0) + 1 < cap)
+                .collect();
+            tracing::error!(
+                ?lagging,
+                backlog = self.backlog,
+                "event endpoints lag more than the backlog: their oldest events are dropped"
+            );
+        }
+        needed.max(cap)
     }
 
     /// Whether a route to endpoint `name` matches `event`.
@@ -447,18 +473,6 @@ impl Inner {
             }
         }
         false
-    }
-
-    /// Whether endpoint `name` still exists and some route still sends it event `seq` (read
-    /// again from the feed).
-    fn still_routed(&self, name: &str, seq: u64) -> bool {
-        match self.service.feed_after(seq.saturating_sub(1), 1) {
-            Ok(events) => events
-                .first()
-                .is_some_and(|e| e.seq == seq && self.routed(name, e)),
-            // Cannot tell: keep trying rather than lose the event.
-            Err(_) => true,
-        }
     }
 
     fn dead_letter_rows(

@@ -1057,3 +1057,178 @@ async fn nats_endpoints_authenticate_with_an_nkey_or_a_creds_file() {
         "delivered with the user's .creds"
     );
 }
+
+/// A webhook receiver that refuses everything (503) until `up` is set; records what it accepted.
+#[derive(Clone, Default)]
+struct Switch {
+    up: Arc<std::sync::atomic::AtomicBool>,
+    accepted: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Switch {
+    async fn start(&self) -> SocketAddr {
+        let me = self.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let me = me.clone();
+            async move {
+                if !me.up.load(std::sync::atomic::Ordering::SeqCst) {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                me.accepted
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
+                StatusCode::OK
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+}
+
+async fn metric(server: &TestServer, token: &str, name: &str) -> Option<f64> {
+    let text = server
+        .admin_call(Method::GET, "/metrics", token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// An endpoint whose receiver is down cannot make the change feed grow without end: past the
+/// backlog the oldest records go, and the endpoint counts what it skipped. Every event is
+/// either delivered or counted as skipped.
+#[tokio::test]
+async fn a_receiver_that_is_down_cannot_grow_the_feed_past_the_backlog() {
+    let switch = Switch::default();
+    let addr = switch.start().await;
+    let server = TestServer::start_with(|c| {
+        allow_loopback(c);
+        c.event_backlog = Some(100);
+    })
+    .await;
+    let admin = server.admin_token().await;
+    let body = json!({"type": "webhook", "url": format!("http://{addr}/hook"),
+        "maxAttempts": 1000, "initialBackoffMs": 10});
+    assert_eq!(
+        put_endpoint(&server, &admin, "down", &body).await.status(),
+        201
+    );
+    plant(&server, &admin).await;
+    route(&server, &admin, "r", "down", "true").await;
+    // More than the delivery task reads ahead (2,048) plus the backlog.
+    const WRITES: usize = 3_000;
+    let server = Arc::new(server);
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (server, admin) = (server.clone(), admin.clone());
+            tokio::spawn(async move {
+                for i in (w..WRITES).step_by(8) {
+                    put_twin(&server, &admin, &format!("t{}", i % 50), i as f64).await;
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let service = server.state.service.clone();
+    assert!(service.feed_head() >= WRITES as u64);
+    // The trim (every 5 s) keeps no more than the backlog.
+    let mut kept = usize::MAX;
+    for _ in 0..160 {
+        kept = service.feed_after(0, 10_000).unwrap().len();
+        if kept <= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(kept <= 100, "{kept} feed records kept");
+    switch.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let accounted = || async {
+        let delivered = switch.accepted.lock().unwrap().len() as f64;
+        let skipped = metric(
+            &server,
+            &admin,
+            "twinguard_events_skipped_total{endpoint=\"down\"}",
+        )
+        .await
+        .unwrap_or(0.0);
+        (delivered, skipped)
+    };
+    let mut last = (0.0, 0.0);
+    for _ in 0..300 {
+        last = accounted().await;
+        if last.0 + last.1 >= WRITES as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (delivered, skipped) = last;
+    assert!(skipped > 0.0, "nothing skipped: {last:?}");
+    assert_eq!(
+        delivered + skipped,
+        WRITES as f64,
+        "every event delivered or skipped"
+    );
+    // What arrived is still in order per twin (with gaps where events were skipped).
+    let mut seen: std::collections::HashMap<String, u64> = Default::default();
+    for b in switch.accepted.lock().unwrap().iter() {
+        let twin = b["subject"].as_str().unwrap().to_owned();
+        let seq = b["twinsequence"].as_u64().unwrap();
+        let before = seen.insert(twin.clone(), seq).unwrap_or(0);
+        assert!(seq > before, "twin {twin}: {seq} after {before}");
+    }
+}
+
+/// `maxAgeSeconds` counts from the event's commit (ADT's time-to-live): events that age past it
+/// while their receiver is down are dead-lettered together, not one probe at a time.
+#[tokio::test]
+async fn events_older_than_max_age_are_dead_lettered_while_the_receiver_is_down() {
+    let switch = Switch::default();
+    let addr = switch.start().await;
+    let server = TestServer::start_with(allow_loopback).await;
+    let admin = server.admin_token().await;
+    let body = json!({"type": "webhook", "url": format!("http://{addr}/hook"),
+        "maxAttempts": 1000, "maxAgeSeconds": 1, "initialBackoffMs": 20000});
+    assert_eq!(
+        put_endpoint(&server, &admin, "ttl", &body).await.status(),
+        201
+    );
+    plant(&server, &admin).await;
+    route(&server, &admin, "r", "ttl", "true").await;
+    for i in 0..5 {
+        put_twin(&server, &admin, &format!("t{i}"), 1.0).await;
+    }
+    let mut dead = Vec::new();
+    for _ in 0..60 {
+        dead = server
+            .admin_json(
+                Method::GET,
+                "/admin/endpoints/ttl/deadletters",
+                &admin,
+                None,
+            )
+            .await["value"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if dead.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead.len(), 5, "{dead:#?}");
+    assert!(
+        dead.iter().filter(|d| d["attempts"] == 0).count() >= 4,
+        "waiting events expire without an attempt: {dead:#?}"
+    );
+}

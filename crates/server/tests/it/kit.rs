@@ -68,6 +68,7 @@ impl TestServer {
             egress: Default::default(),
             egress_ca: None,
             endpoint_credentials: None,
+            event_backlog: None,
         };
         adjust(&mut config);
         Application::build(&config).unwrap()
