@@ -136,6 +136,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         egress_ca: None,
         endpoint_credentials: None,
         event_backlog: None,
+        egress_lookup: None,
     })?;
     let base = app.base_url();
     let device_plane = format!(

@@ -435,6 +435,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     egress_ca,
                     endpoint_credentials,
                     event_backlog,
+                    egress_lookup: None,
                 })?;
                 println!("twinguard: api listening on {}", app.listener_url());
                 if app.base_url() != app.listener_url() {

@@ -388,6 +388,17 @@ pub trait Lookup: Send + Sync {
     fn lookup(&self, host: &str, port: u16) -> LookupFuture;
 }
 
+/// A name resolver to hand to [`crate::startup::ServeConfig`] (tests play a DNS server with
+/// it); `None` there is the system resolver.
+#[derive(Clone)]
+pub struct SharedLookup(pub Arc<dyn Lookup>);
+
+impl fmt::Debug for SharedLookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedLookup")
+    }
+}
+
 /// The system resolver.
 #[derive(Debug, Default)]
 pub struct SystemLookup;

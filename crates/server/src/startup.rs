@@ -74,6 +74,9 @@ pub struct ServeConfig {
     /// [`crate::events::DEFAULT_BACKLOG`]); past it, the oldest go and the lagging endpoints
     /// skip them (counted in `twinguard_events_skipped_total`).
     pub event_backlog: Option<u64>,
+    /// How outbound connections resolve names (`None`: the system resolver; tests give a DNS
+    /// of their own).
+    pub egress_lookup: Option<crate::egress::SharedLookup>,
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -302,10 +305,16 @@ impl Application {
             .map(|_| Arc::new(crate::mqtt::MqttStatus::default()));
         let service = Arc::new(service);
         let event_key = Arc::new(crate::events::EventKey::load_or_create(&data_dir)?);
+        let egress = match &config.egress_lookup {
+            Some(lookup) => {
+                crate::egress::Egress::with_lookup(config.egress.clone(), lookup.0.clone())
+            }
+            None => crate::egress::Egress::new(config.egress.clone()),
+        };
         let events = crate::events::Events::open(
             service.clone(),
             event_store,
-            crate::egress::Egress::new(config.egress.clone()),
+            egress.clone(),
             event_key,
             public_url.host().to_owned(),
             match &config.endpoint_credentials {
@@ -326,7 +335,7 @@ impl Application {
                 .with_context(|| format!("{} holds no PEM certificate", path.display()))?;
         }
         jobs.set_url_input(crate::jobs::UrlInput {
-            egress: crate::egress::Egress::new(config.egress.clone()),
+            egress: egress.clone(),
             roots,
         });
         let app = Self {

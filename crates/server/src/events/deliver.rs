@@ -609,20 +609,21 @@ impl Sink {
                             .max_reconnects(Some(0)),
                     )
                     .map_err(|e| failed(e, true))?;
+                let addr = addrs
+                    .first()
+                    .ok_or_else(|| failed("no admitted address", true))?;
+                // Only the admitted address is connected to, with TLS too: the certificate is
+                // checked for the endpoint's host name whatever address the library dialled.
                 let target = if url.scheme() == "tls" {
-                    // TLS needs the name for the certificate check: the name is connected to
-                    // after the check above admitted what it resolves to (a rebinding between
-                    // the two is not caught; docs/events.md).
-                    options = options.require_tls(true);
-                    // The checked file itself (inside the credentials directory), not a copy.
-                    if let Some(path) = endpoint.ca_path().map_err(|e| failed(e, true))? {
-                        options = options.add_root_certificates(path);
-                    }
-                    format!("tls://{destination}")
+                    let pem = endpoint
+                        .ca_pem()
+                        .map_err(|e| failed(e, true))?
+                        .unwrap_or_default();
+                    options = options
+                        .require_tls(true)
+                        .tls_client_config(pinned_tls(&pem, url.host_str().unwrap_or_default())?);
+                    format!("tls://{addr}")
                 } else {
-                    let addr = addrs
-                        .first()
-                        .ok_or_else(|| failed("no admitted address", true))?;
                     format!("nats://{addr}")
                 };
                 let client = options
@@ -778,14 +779,12 @@ async fn connect_mqtt(endpoint: &Endpoint, inner: &Inner) -> Result<Sink, SendEr
         .await
         .map_err(|e| failed(e.to_string(), true))?;
     let tls = url.scheme() == "mqtts";
-    let host = if tls {
-        url.host_str().unwrap_or_default().to_owned()
-    } else {
-        addrs
-            .first()
-            .map(|a| a.ip().to_string())
-            .ok_or_else(|| failed("no admitted address", true))?
-    };
+    // Only the admitted address is connected to (with TLS the certificate is checked for the
+    // host name: `pinned_tls`).
+    let host = addrs
+        .first()
+        .map(|a| a.ip().to_string())
+        .ok_or_else(|| failed("no admitted address", true))?;
     let client_id = format!("twinguard-events-{}", uuid::Uuid::new_v4().simple());
     let mut options = MqttOptions::new(client_id, host, destination.port());
     options.set_keep_alive(Duration::from_secs(30));
@@ -801,14 +800,7 @@ async fn connect_mqtt(endpoint: &Endpoint, inner: &Inner) -> Result<Sink, SendEr
             .ca_pem()
             .map_err(|e| failed(e, true))?
             .unwrap_or_default();
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls::pki_types::pem::PemObject;
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem).flatten() {
-            let _ = roots.add(cert);
-        }
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = pinned_tls(&pem, url.host_str().unwrap_or_default())?;
         options.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
         ));
@@ -864,6 +856,75 @@ async fn connect_mqtt(endpoint: &Endpoint, inner: &Inner) -> Result<Sink, SendEr
             task.abort();
             Err(failed("MQTT connection timed out", true))
         }
+    }
+}
+
+/// A TLS client configuration trusting only the anchors in `pem` that checks the server's
+/// certificate for `host`, whatever name or address the client library connected with. The
+/// NATS and MQTT libraries take the certificate's name from the address they dial; twinguard
+/// dials the address its egress check admitted (so a DNS answer that changes between the check
+/// and the connection, a rebinding, is never followed) and keeps the name check here. The
+/// library then sends no SNI for the address: a broker that picks its certificate by SNI needs
+/// a default certificate for this name.
+fn pinned_tls(pem: &[u8], host: &str) -> Result<rustls::ClientConfig, SendError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem).flatten() {
+        let _ = roots.add(cert);
+    }
+    let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
+        .map_err(|_| failed("the host is not a valid TLS name", false))?
+        .to_owned();
+    let inner = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|_| failed("caFile holds no usable trust anchor", false))?;
+    Ok(rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedName { inner, name }))
+        .with_no_client_auth())
+}
+
+/// Checks a certificate for a fixed name (see [`pinned_tls`]); everything else is WebPKI's.
+#[derive(Debug)]
+struct PinnedName {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _dialled: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

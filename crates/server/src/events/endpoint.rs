@@ -312,20 +312,6 @@ impl Endpoint {
             .transpose()
     }
 
-    /// The real path of `caFile`, checked to lie in the credentials directory now, for client
-    /// libraries that read the file themselves.
-    pub fn ca_path(&self) -> Result<Option<PathBuf>, String> {
-        match &self.spec.ca_file {
-            None => Ok(None),
-            Some(path) => {
-                read_contained(path, &self.credentials)?;
-                std::fs::canonicalize(path)
-                    .map(Some)
-                    .map_err(|_| format!("{} cannot be read", path.display()))
-            }
-        }
-    }
-
     /// The trust anchors from `caFile`, read now.
     pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
         self.spec

@@ -808,6 +808,8 @@ async fn mqtt_receives_signed_events_at_qos_1() {
 struct OwnNats {
     child: std::process::Child,
     port: u16,
+    /// Clients connect with TLS, to the name `localhost`.
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -854,12 +856,17 @@ impl OwnNats {
         Self {
             child,
             port,
+            tls: config.contains("tls {"),
             _dir: dir,
         }
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        if self.tls {
+            format!("tls://localhost:{}", self.port)
+        } else {
+            format!("nats://127.0.0.1:{}", self.port)
+        }
     }
 }
 
@@ -895,6 +902,17 @@ async fn deliver_through(
     check: async_nats::ConnectOptions,
     endpoint: Value,
 ) -> (reqwest::StatusCode, u64) {
+    deliver_resolving(nats, check, endpoint, None).await
+}
+
+/// [`deliver_through`], with twinguard resolving names through `lookup`, and the endpoint's
+/// `url` as given when it has one.
+async fn deliver_resolving(
+    nats: &OwnNats,
+    check: async_nats::ConnectOptions,
+    endpoint: Value,
+    lookup: Option<twinguard_server::egress::SharedLookup>,
+) -> (reqwest::StatusCode, u64) {
     let js = async_nats::jetstream::new(check.connect(nats.url()).await.unwrap());
     let name = format!("TG_{}", uuid_like().replace('-', "_"));
     let subject = format!("tg.events.{name}");
@@ -906,17 +924,20 @@ async fn deliver_through(
         })
         .await
         .unwrap();
-    let allow = format!("127.0.0.1:{}", nats.port);
+    let allow = format!("127.0.0.1:{port}\nbroker.test:{port}", port = nats.port);
     let server = TestServer::start_with(move |c| {
         c.egress = twinguard_server::egress::EgressPolicy::from_lines(&allow).unwrap();
+        c.egress_lookup = lookup;
     })
     .await;
     let admin = server.admin_token().await;
     let dir = server.dir.path().join("endpoint-credentials");
     let mut body = endpoint;
-    body["url"] = nats.url().into();
+    if body["url"].is_null() {
+        body["url"] = nats.url().into();
+    }
     body["subject"] = subject.into();
-    for field in ["nkeyFile", "credentialsFile"] {
+    for field in ["nkeyFile", "credentialsFile", "caFile"] {
         if let Some(text) = body[field].as_str().map(str::to_owned) {
             let path = dir.join(field);
             std::fs::write(&path, text).unwrap();
@@ -1230,5 +1251,152 @@ async fn events_older_than_max_age_are_dead_lettered_while_the_receiver_is_down(
     assert!(
         dead.iter().filter(|d| d["attempts"] == 0).count() >= 4,
         "waiting events expire without an attempt: {dead:#?}"
+    );
+}
+
+/// A certificate for `name` only (no address in it), from a fresh CA: (CA PEM, cert PEM, key PEM).
+fn certificate_for(name: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// NATS over TLS: twinguard dials the address its egress check admitted and checks the
+/// certificate for the endpoint's host name (the certificate names `localhost` only, no
+/// address); a certificate for another name is refused.
+#[tokio::test]
+async fn nats_over_tls_checks_the_host_name_on_the_admitted_address() {
+    for (cert_name, delivered) in [("localhost", 2), ("elsewhere.test", 0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = certificate_for(cert_name);
+        std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+        let nats = OwnNats::start(&format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+            dir.path().join("cert.pem").display(),
+            dir.path().join("key.pem").display()
+        ))
+        .await;
+        // The test's own client (it only creates and reads the stream) checks nothing.
+        let check = async_nats::ConnectOptions::new()
+            .require_tls(true)
+            .tls_client_config(
+                rustls::ClientConfig::builder()
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+                    .with_no_client_auth(),
+            );
+        let endpoint = json!({"type": "natsJetStream", "caFile": ca});
+        assert_eq!(
+            deliver_through(&nats, check, endpoint).await,
+            (reqwest::StatusCode::CREATED, delivered),
+            "a certificate for {cert_name}"
+        );
+    }
+}
+
+/// The test client's verifier: accepts any certificate (signatures still checked).
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+fn algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
+    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+}
+
+/// A DNS of the test's own: `broker.test` is 127.0.0.1; the system resolver does not know it.
+struct TestDns;
+
+impl twinguard_server::egress::Lookup for TestDns {
+    fn lookup(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>
+    {
+        let found = (host == "broker.test").then(|| SocketAddr::from(([127, 0, 0, 1], port)));
+        Box::pin(async move {
+            found
+                .map(|a| vec![a])
+                .ok_or_else(|| std::io::Error::other("no such host"))
+        })
+    }
+}
+
+/// The rebinding window is closed for TLS too: twinguard connects to the address its own
+/// (checked) resolution gave, never resolving the name a second time in the client library.
+/// `broker.test` exists only in twinguard's resolver, so a library that resolved it again
+/// would not connect at all; the certificate is still checked for `broker.test`.
+#[tokio::test]
+async fn nats_over_tls_connects_to_the_address_the_egress_check_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate_for("broker.test");
+    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key).unwrap();
+    let nats = OwnNats::start(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    ))
+    .await;
+    let check = async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .tls_client_config(
+            rustls::ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+                .with_no_client_auth(),
+        );
+    let endpoint = json!({"type": "natsJetStream", "caFile": ca,
+        "url": format!("tls://broker.test:{}", nats.port)});
+    let lookup = twinguard_server::egress::SharedLookup(Arc::new(TestDns));
+    assert_eq!(
+        deliver_resolving(&nats, check, endpoint, Some(lookup)).await,
+        (reqwest::StatusCode::CREATED, 2)
     );
 }

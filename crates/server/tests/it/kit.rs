@@ -69,6 +69,7 @@ impl TestServer {
             egress_ca: None,
             endpoint_credentials: None,
             event_backlog: None,
+            egress_lookup: None,
         };
         adjust(&mut config);
         Application::build(&config).unwrap()
