@@ -70,6 +70,10 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
 /// The key of the advisory lock held while migrating: `twinguard` as ASCII, in a `bigint`.
 const MIGRATION_LOCK: i64 = 0x7477_696e_6775_6172;
 
+/// The key of the session advisory lock a serving node holds ([`PgStore::lock_exclusive`]):
+/// `twinsrv1` as ASCII.
+const SERVING_LOCK: i64 = 0x7477_696e_7372_7631;
+
 /// Rows per statement in a commit, and bytes of values per upsert statement: a group commit of
 /// thousands of mutations is a few statements, each a bounded message.
 const ROWS_PER_STATEMENT: usize = 10_000;
@@ -118,6 +122,11 @@ impl Default for PgOptions {
 /// The PostgreSQL store. See the crate documentation.
 pub struct PgStore {
     pool: Pool,
+    /// The connection settings, for the exclusive lock's own connection.
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    /// The connection holding the serving lock, once taken ([`PgStore::lock_exclusive`]).
+    exclusive: std::sync::Mutex<Option<tokio_postgres::Client>>,
     /// Runs every query; `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
@@ -292,8 +301,8 @@ impl PgStore {
             .build()
             .map_err(|e| bounded(format!("starting the PostgreSQL store's runtime: {e}")))?;
         let manager = Manager::from_config(
-            pg_config,
-            tls,
+            pg_config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -308,6 +317,9 @@ impl PgStore {
             .map_err(|e| bounded(format!("PostgreSQL pool: {e}")))?;
         let store = Self {
             pool,
+            config: pg_config,
+            tls,
+            exclusive: std::sync::Mutex::new(None),
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
         };
@@ -327,6 +339,66 @@ impl PgStore {
         });
         rx.recv()
             .map_err(|_| StoreError("the PostgreSQL store's runtime stopped".into()))?
+    }
+
+    /// Takes the database for this store alone, as a serving node must while nodes do not yet
+    /// share a change feed: two nodes writing one database would each commit from their own
+    /// in-memory graph and number the change feed twice. A session advisory lock on a
+    /// connection of its own, outside the pool, held until the store is dropped; waits up to
+    /// `wait` for a node that is stopping to let go. Once that connection is lost, every commit
+    /// fails (the lock may be another node's by then).
+    pub fn lock_exclusive(&self, wait: Duration) -> Result<(), StoreError> {
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        let client = self.run(async move {
+            let (client, connection) = config
+                .connect(tls)
+                .await
+                .map_err(|e| pg_err("connection for the serving lock", &e))?;
+            tokio::spawn(connection);
+            let millis = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX).max(1);
+            client
+                .batch_execute(&format!("SET lock_timeout = {millis}"))
+                .await
+                .map_err(|e| pg_err("serving lock", &e))?;
+            match client
+                .execute("SELECT pg_advisory_lock($1)", &[&SERVING_LOCK])
+                .await
+            {
+                Ok(_) => Ok(client),
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                {
+                    Err(StoreError(
+                        "PostgreSQL: another twinguard node serves this database (its serving \
+                         lock is held); one node per database until nodes share a change feed"
+                            .into(),
+                    ))
+                }
+                Err(e) => Err(pg_err("serving lock", &e)),
+            }
+        })?;
+        let mut exclusive = self
+            .exclusive
+            .lock()
+            .map_err(|_| StoreError("PostgreSQL: the serving lock's state is poisoned".into()))?;
+        *exclusive = Some(client);
+        Ok(())
+    }
+
+    /// Fails once the connection holding the serving lock is gone.
+    fn check_exclusive(&self) -> Result<(), StoreError> {
+        let exclusive = self
+            .exclusive
+            .lock()
+            .map_err(|_| StoreError("PostgreSQL: the serving lock's state is poisoned".into()))?;
+        match exclusive.as_ref() {
+            Some(client) if client.is_closed() => Err(StoreError(
+                "PostgreSQL: the connection holding this node's serving lock is lost; \
+                 restart the node"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The schema version of the database (the highest applied migration).
@@ -521,6 +593,7 @@ impl Store for PgStore {
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        self.check_exclusive()?;
         if batch.is_empty() {
             return Ok(());
         }

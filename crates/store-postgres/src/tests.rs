@@ -398,3 +398,46 @@ fn commit_latency() {
         );
     }
 }
+
+#[test]
+fn one_node_at_a_time_holds_the_serving_lock_and_a_lost_lock_stops_commits() {
+    let Some(db) = database() else { return };
+    let first = open(&db);
+    first.lock_exclusive(Duration::from_secs(1)).unwrap();
+    first
+        .commit(&[Mutation::put(Table::Twins, "a", b"1".to_vec())])
+        .unwrap();
+    let second = open(&db);
+    let e = second
+        .lock_exclusive(Duration::from_millis(300))
+        .unwrap_err();
+    assert!(
+        e.0.contains("another twinguard node serves this database"),
+        "{e}"
+    );
+    // A stopping node lets go: the next one waits for it.
+    drop(first);
+    second.lock_exclusive(Duration::from_secs(10)).unwrap();
+    second
+        .commit(&[Mutation::put(Table::Twins, "b", b"2".to_vec())])
+        .unwrap();
+    // The lock's connection ended from the server's side: commits stop.
+    db.query(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND objid = {} AND granted",
+        SERVING_LOCK & 0xffff_ffff
+    ))
+    .unwrap();
+    let mut refused = None;
+    for _ in 0..50 {
+        match second.commit(&[Mutation::put(Table::Twins, "c", b"3".to_vec())]) {
+            Ok(()) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("commits go on after the serving lock's connection ended");
+    assert!(e.0.contains("serving lock is lost"), "{e}");
+}
