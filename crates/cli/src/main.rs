@@ -156,7 +156,7 @@ enum Command {
         #[arg(long, hide = true)]
         dangerous_unbounded_resources: bool,
         #[command(flatten)]
-        store: StoreArgs,
+        store: Box<StoreArgs>,
     },
     /// Administer identities, roles, role assignments and API keys through the API.
     Admin {
@@ -394,7 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dangerous_unbounded_resources,
             store,
         } => {
-            let store = store.config()?;
+            let store = (*store).config()?;
             let egress = egress_policy(&egress_allow, egress_allow_file.as_deref())?;
             let public_url = public_url
                 .as_deref()

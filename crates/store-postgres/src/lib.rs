@@ -70,9 +70,10 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
 /// The key of the advisory lock held while migrating: `twinguard` as ASCII, in a `bigint`.
 const MIGRATION_LOCK: i64 = 0x7477_696e_6775_6172;
 
-/// The key of the session advisory lock a serving node holds ([`PgStore::lock_exclusive`]):
-/// `twinsrv1` as ASCII.
-const SERVING_LOCK: i64 = 0x7477_696e_7372_7631;
+/// The first key of the session advisory lock a serving node holds ([`PgStore::lock_exclusive`]):
+/// `twsv` as ASCII; the second is a hash of the schema the tables are in, so deployments in
+/// schemas of their own (`search_path`) do not lock each other out.
+const SERVING_LOCK: i32 = 0x7477_7376;
 
 /// Rows per statement in a commit, and bytes of values per upsert statement: a group commit of
 /// thousands of mutations is a few statements, each a bounded message.
@@ -361,7 +362,10 @@ impl PgStore {
                 .await
                 .map_err(|e| pg_err("serving lock", &e))?;
             match client
-                .execute("SELECT pg_advisory_lock($1)", &[&SERVING_LOCK])
+                .execute(
+                    "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
+                    &[&SERVING_LOCK],
+                )
                 .await
             {
                 Ok(_) => Ok(client),

@@ -1,6 +1,7 @@
 //! Test support (not for production code): a uniquely named database on the PostgreSQL server
-//! at 127.0.0.1:5432 (user `postgres`, trust authentication), created through the `postgres`
-//! maintenance database and dropped when the guard is dropped, also when a test fails.
+//! at 127.0.0.1:5432 (or `TWINGUARD_TEST_POSTGRES_ADDR`; user `postgres`, trust authentication),
+//! created through the `postgres` maintenance database and dropped when the guard is dropped,
+//! also when a test fails.
 //!
 //! Tests that need PostgreSQL fail when it is unreachable, with a message saying so, unless the
 //! environment sets `TWINGUARD_SKIP_POSTGRES=1`; then [`TestDatabase::create`] returns `None`
@@ -9,8 +10,19 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The server's `HOST:PORT`: 127.0.0.1:5432 unless [`ADDR_ENV`] names another (loopback, as
+/// the connections are plaintext).
+pub fn addr() -> String {
+    std::env::var(ADDR_ENV).unwrap_or_else(|_| "127.0.0.1:5432".to_owned())
+}
+
+/// Names the PostgreSQL server's `HOST:PORT` for the tests.
+pub const ADDR_ENV: &str = "TWINGUARD_TEST_POSTGRES_ADDR";
+
 /// The maintenance database tests connect to, to create and drop their own.
-pub const ADMIN_URL: &str = "postgresql://postgres@127.0.0.1:5432/postgres";
+fn admin_url() -> String {
+    format!("postgresql://postgres@{}/postgres", addr())
+}
 
 /// Set to `1` to skip the tests that need PostgreSQL.
 pub const SKIP_ENV: &str = "TWINGUARD_SKIP_POSTGRES";
@@ -36,12 +48,12 @@ pub fn query(url: &str, sql: &str) -> Result<Vec<Option<String>>, String> {
             let (client, connection) = config
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|e| format!("{e}"))?;
+                .map_err(|e| with_causes(&e))?;
             let connection = tokio::spawn(connection);
             let messages = client
                 .simple_query(&sql)
                 .await
-                .map_err(|e| format!("{e}"))?;
+                .map_err(|e| with_causes(&e))?;
             let mut out = Vec::new();
             for message in messages {
                 if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
@@ -56,6 +68,17 @@ pub fn query(url: &str, sql: &str) -> Result<Vec<Option<String>>, String> {
     worker
         .join()
         .map_err(|_| "the query thread panicked".to_owned())?
+}
+
+/// An error and its causes, as one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 /// A database of its own for one test, dropped with the guard.
@@ -83,11 +106,12 @@ impl TestDatabase {
             nanos,
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        query(ADMIN_URL, &format!("CREATE DATABASE \"{name}\"")).map_err(|e| {
+        query(&admin_url(), &format!("CREATE DATABASE \"{name}\"")).map_err(|e| {
             format!(
-                "this test needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust \
-                 authentication) to create a database, and could not: {e}. Set {SKIP_ENV}=1 \
-                 to skip the PostgreSQL tests."
+                "this test needs PostgreSQL on {} (user postgres, trust authentication; \
+                 {ADDR_ENV} names another HOST:PORT) to create a database, and could not: \
+                 {e}. Set {SKIP_ENV}=1 to skip the PostgreSQL tests.",
+                addr()
             )
         })?;
         Ok(Some(Self { name }))
@@ -99,7 +123,7 @@ impl TestDatabase {
 
     /// The URL of this database (plaintext, loopback).
     pub fn url(&self) -> String {
-        format!("postgresql://postgres@127.0.0.1:5432/{}", self.name)
+        format!("postgresql://postgres@{}/{}", addr(), self.name)
     }
 
     /// Runs `sql` in this database (see [`query`]).
@@ -112,7 +136,7 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         // FORCE ends the connections a test left open (PostgreSQL 13 and later).
         if let Err(e) = query(
-            ADMIN_URL,
+            &admin_url(),
             &format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name),
         ) {
             eprintln!("could not drop the test database {}: {e}", self.name);

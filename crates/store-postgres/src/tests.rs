@@ -287,7 +287,10 @@ fn errors_do_not_repeat_the_connection_string_or_its_password() {
     }
     // The server refuses an unknown role: its message names the role, not the password.
     let e = PgStore::connect(
-        "postgresql://no_such_role_here:s3cr3t-pw@127.0.0.1:5432/postgres",
+        &format!(
+            "postgresql://no_such_role_here:s3cr3t-pw@{}/postgres",
+            testdb::addr()
+        ),
         &small(),
     )
     .unwrap_err();
@@ -299,7 +302,10 @@ fn errors_do_not_repeat_the_connection_string_or_its_password() {
 fn tls_verified_against_the_ca_file_connects_and_an_untrusted_server_is_refused() {
     let Some(db) = database() else { return };
     // The server's certificate names `localhost`, so the URL does too.
-    let url = format!("postgresql://postgres@localhost:5432/{}", db.name());
+    let port = testdb::addr()
+        .rsplit_once(':')
+        .map_or("5432".to_owned(), |(_, p)| p.to_owned());
+    let url = format!("postgresql://postgres@localhost:{port}/{}", db.name());
     let store = PgStore::connect(
         &url,
         &PgOptions {
@@ -422,12 +428,13 @@ fn one_node_at_a_time_holds_the_serving_lock_and_a_lost_lock_stops_commits() {
         .commit(&[Mutation::put(Table::Twins, "b", b"2".to_vec())])
         .unwrap();
     // The lock's connection ended from the server's side: commits stop.
-    db.query(&format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks \
-         WHERE locktype = 'advisory' AND objid = {} AND granted",
-        SERVING_LOCK & 0xffff_ffff
-    ))
-    .unwrap();
+    let terminated = db
+        .query(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND classid = {SERVING_LOCK} AND objsubid = 2 AND granted"
+        ))
+        .unwrap();
+    assert_eq!(terminated, vec![Some("t".to_owned())]);
     let mut refused = None;
     for _ in 0..50 {
         match second.commit(&[Mutation::put(Table::Twins, "c", b"3".to_vec())]) {
@@ -440,4 +447,38 @@ fn one_node_at_a_time_holds_the_serving_lock_and_a_lost_lock_stops_commits() {
     }
     let e = refused.expect("commits go on after the serving lock's connection ended");
     assert!(e.0.contains("serving lock is lost"), "{e}");
+}
+
+/// A deployment can keep its tables in a schema of its own through the URL's `options`; its
+/// serving lock is its own too.
+#[test]
+fn a_schema_of_its_own_through_the_search_path_holds_the_tables_and_its_own_serving_lock() {
+    let Some(db) = database() else { return };
+    db.query("CREATE SCHEMA tenant_a; CREATE SCHEMA tenant_b")
+        .unwrap();
+    let in_schema = |schema: &str| {
+        let url = format!("{}?options=-csearch_path%3D{schema}", db.url());
+        PgStore::connect(&url, &small()).unwrap()
+    };
+    let (a, b) = (in_schema("tenant_a"), in_schema("tenant_b"));
+    a.lock_exclusive(Duration::from_secs(1)).unwrap();
+    b.lock_exclusive(Duration::from_secs(1)).unwrap();
+    a.commit(&[Mutation::put(Table::Twins, "in a", b"1".to_vec())])
+        .unwrap();
+    assert!(b.scan(Table::Twins).unwrap().is_empty());
+    assert_eq!(
+        db.query("SELECT count(*) FROM tenant_a.records").unwrap(),
+        vec![Some("1".to_owned())]
+    );
+    assert_eq!(
+        db.query("SELECT count(*) FROM tenant_b.twinguard_schema")
+            .unwrap(),
+        vec![Some(MIGRATIONS.len().to_string())]
+    );
+    // Nothing in the default schema.
+    assert_eq!(
+        db.query("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .unwrap(),
+        vec![Some("0".to_owned())]
+    );
 }
