@@ -5,6 +5,8 @@
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use twinguard_store_postgres::testdb::TestDatabase;
@@ -125,4 +127,78 @@ fn a_store_url_for_a_remote_host_without_tls_is_refused_at_start() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not loopback without TLS"), "{stderr}");
     assert!(!stderr.contains("hunter2-secret"), "{stderr}");
+}
+
+/// As `crash::every_acknowledged_write_survives_kill_9`, on PostgreSQL: four writers, SIGKILL
+/// mid-stream, and every twin the killed server acknowledged is read back, with its value, by
+/// a server started again on the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_acknowledged_on_postgresql_survives_kill_9() {
+    let db = match TestDatabase::create() {
+        Ok(Some(db)) => db,
+        Ok(None) => return,
+        Err(e) => panic!("{e}"),
+    };
+    let url = db.url();
+    let store = ["--store", url.as_str()];
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &store, None);
+    let token = server.admin_token(dir.path()).await;
+    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Meter;1", "@type": "Interface",
+        "contents": [{"@type": "Property", "name": "reading", "schema": "long"}]}]);
+    let response = server
+        .client
+        .post(server.url("/models"))
+        .bearer_auth(&token)
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (client, base, token, acknowledged) = (
+            server.client.clone(),
+            server.base.clone(),
+            token.clone(),
+            acknowledged.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let started = Instant::now();
+            for i in 0.. {
+                if started.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                let id = format!("m-{w}-{i}");
+                let body = json!({"$metadata": {"$model": "dtmi:pg:Meter;1"}, "reading": i});
+                let url = format!("{base}/digitaltwins/{id}?api-version=2023-10-31");
+                match client.put(url).bearer_auth(&token).json(&body).send().await {
+                    Ok(r) if r.status() == 200 => acknowledged.lock().unwrap().push((id, i)),
+                    _ => break,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 20,
+        "only {} writes were acknowledged before the kill",
+        acknowledged.len()
+    );
+    let restarted = Server::start_with(dir.path(), &store, None);
+    let token = restarted.admin_token(dir.path()).await;
+    for (id, reading) in &acknowledged {
+        let (status, twin) = read_twin(&restarted, &token, id).await;
+        assert_eq!(
+            status, 200,
+            "acknowledged twin {id} is missing after the kill"
+        );
+        assert_eq!(&twin["reading"], reading);
+    }
 }
