@@ -349,7 +349,14 @@ impl PgStore {
     /// `wait` for a node that is stopping to let go. Once that connection is lost, every commit
     /// fails (the lock may be another node's by then).
     pub fn lock_exclusive(&self, wait: Duration) -> Result<(), StoreError> {
-        let (config, tls) = (self.config.clone(), self.tls.clone());
+        let (mut config, tls) = (self.config.clone(), self.tls.clone());
+        // Notice a silent network failure within about half a minute (the default keepalive
+        // idle time is two hours), so that commits stop rather than go on without the lock.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(15))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
         let client = self.run(async move {
             let (client, connection) = config
                 .connect(tls)

@@ -427,11 +427,13 @@ fn one_node_at_a_time_holds_the_serving_lock_and_a_lost_lock_stops_commits() {
     second
         .commit(&[Mutation::put(Table::Twins, "b", b"2".to_vec())])
         .unwrap();
-    // The lock's connection ended from the server's side: commits stop.
+    // The lock's connection ended from the server's side: commits stop. (Advisory locks of
+    // every database are in `pg_locks`: only this test's database is touched.)
     let terminated = db
         .query(&format!(
             "SELECT pg_terminate_backend(pid) FROM pg_locks \
-         WHERE locktype = 'advisory' AND classid = {SERVING_LOCK} AND objsubid = 2 AND granted"
+         WHERE locktype = 'advisory' AND classid = {SERVING_LOCK} AND objsubid = 2 AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ))
         .unwrap();
     assert_eq!(terminated, vec![Some("t".to_owned())]);
