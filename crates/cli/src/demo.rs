@@ -134,6 +134,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         dangerous_unbounded_resources: false,
         egress: Default::default(),
         egress_ca: None,
+        store: Default::default(),
         endpoint_credentials: None,
         event_backlog: None,
         egress_lookup: None,

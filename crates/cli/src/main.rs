@@ -12,7 +12,9 @@ mod demo;
 mod device;
 mod sim;
 use twinguard_server::datadir::DataDir;
-use twinguard_server::startup::{Application, ServeConfig, init, install_crypto_provider};
+use twinguard_server::startup::{
+    Application, ServeConfig, StoreConfig, init, install_crypto_provider,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,6 +51,31 @@ struct MqttArgs {
     /// PREFIX/DEVICE (see docs/telemetry-format.md).
     #[arg(long, default_value = twinguard_server::mqtt::receipt::DEFAULT_PREFIX)]
     mqtt_receipt_topic: String,
+}
+
+/// Where the main store is (`serve` and `init`).
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// The main store: `redb` (DATA_DIR/store.redb, the default) or a PostgreSQL URL,
+    /// postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE. Give a password through the
+    /// environment variable rather than the command line. The history store stays
+    /// DATA_DIR/history.redb (docs/storage.md).
+    #[arg(long = "store", env = "TWINGUARD_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// CA certificates (PEM) the PostgreSQL server's certificate must chain to: TLS, verified
+    /// against the URL's host name. Without it the connection is plaintext, allowed only to a
+    /// loopback host.
+    #[arg(long, env = "TWINGUARD_STORE_CA")]
+    store_ca: Option<PathBuf>,
+    /// Connections to PostgreSQL in the pool.
+    #[arg(long, env = "TWINGUARD_STORE_POOL_SIZE", default_value_t = 8)]
+    store_pool_size: usize,
+}
+
+impl StoreArgs {
+    fn config(self) -> anyhow::Result<StoreConfig> {
+        StoreConfig::parse(self.store.as_deref(), self.store_ca, self.store_pool_size)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +160,8 @@ enum Command {
         /// config file entry.
         #[arg(long, hide = true)]
         dangerous_unbounded_resources: bool,
+        #[command(flatten)]
+        store: Box<StoreArgs>,
     },
     /// Administer identities, roles, role assignments and API keys through the API.
     Admin {
@@ -168,6 +197,8 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -360,7 +391,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             endpoint_credentials,
             event_backlog,
             dangerous_unbounded_resources,
+            store,
         } => {
+            let store = (*store).config()?;
             let egress = egress_policy(&egress_allow, egress_allow_file.as_deref())?;
             let public_url = public_url
                 .as_deref()
@@ -436,6 +469,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     endpoint_credentials,
                     event_backlog,
                     egress_lookup: None,
+                    store,
                 })?;
                 println!("twinguard: api listening on {}", app.listener_url());
                 if app.base_url() != app.listener_url() {
@@ -476,10 +510,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init {
             data_dir,
             tls_names,
+            store,
         } => {
             install_crypto_provider();
+            let store = store.config()?;
             let dir = DataDir::new(data_dir);
-            init(&dir, &tls_names, None)?;
+            init(&dir, &tls_names, None, &store)?;
             println!(
                 "twinguard: initialised {}; CA at {}, admin credential at {}",
                 dir.root().display(),

@@ -3,7 +3,7 @@
 //! built in; every secret is generated here, on this machine (control AC-8).
 //!
 //! ```text
-//! DIR/store.redb                    the embedded store
+//! DIR/store.redb                    the embedded store (not with serve --store postgresql://...)
 //! DIR/history.redb                  accepted readings' history, by twin, name and time
 //! DIR/instance.json                 instance ID and token issuer
 //! DIR/tls/ca.pem                    the CA certificate clients trust

@@ -13,6 +13,7 @@ use twinguard_core::identity::Directory;
 use twinguard_core::service::OwnerStore;
 use twinguard_core::service::TwinService;
 use twinguard_core::store::{Owner, Store};
+use twinguard_store_postgres::{PgOptions, PgStore};
 use twinguard_store_redb::RedbStore;
 use twinguard_telemetry::service::TelemetryEvent;
 
@@ -77,6 +78,98 @@ pub struct ServeConfig {
     /// How outbound connections resolve names (`None`: the system resolver; tests give a DNS
     /// of their own).
     pub egress_lookup: Option<crate::egress::SharedLookup>,
+    /// Where the main store is: the embedded redb file (the default) or PostgreSQL.
+    pub store: StoreConfig,
+}
+
+/// Where the main store (graph, identities, events, device registry, history log) is kept. The
+/// history store stays `DATA_DIR/history.redb` either way (`docs/storage.md`).
+#[derive(Debug, Clone, Default)]
+pub enum StoreConfig {
+    /// `DATA_DIR/store.redb`.
+    #[default]
+    Embedded,
+    /// A PostgreSQL database (see the `twinguard-store-postgres` crate).
+    Postgres(PostgresConfig),
+}
+
+/// How to reach the PostgreSQL store.
+#[derive(Clone)]
+pub struct PostgresConfig {
+    /// `postgresql://user[:password]@host[:port]/database[?...]`; may hold a password, so it is
+    /// never printed (see the `Debug` impl).
+    pub url: String,
+    /// CA certificates (PEM) the server's certificate must chain to; without it the
+    /// connection is plaintext, which only a loopback host is allowed.
+    pub ca_file: Option<PathBuf>,
+    /// Connections in the pool.
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &"(not shown)")
+            .field("ca_file", &self.ca_file)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl StoreConfig {
+    /// Parses `--store`: `redb` (the embedded default) or a `postgresql://` (or `postgres://`)
+    /// URL.
+    pub fn parse(
+        store: Option<&str>,
+        ca_file: Option<PathBuf>,
+        pool_size: usize,
+    ) -> anyhow::Result<Self> {
+        match store.map(str::trim) {
+            None | Some("redb") => {
+                anyhow::ensure!(
+                    ca_file.is_none(),
+                    "--store-ca is for a PostgreSQL store (--store postgresql://...)"
+                );
+                Ok(Self::Embedded)
+            }
+            Some(url) if url.starts_with("postgresql://") || url.starts_with("postgres://") => {
+                anyhow::ensure!(pool_size > 0, "--store-pool-size must be at least 1");
+                Ok(Self::Postgres(PostgresConfig {
+                    url: url.to_owned(),
+                    ca_file,
+                    pool_size,
+                }))
+            }
+            // Not the text itself: it may be a connection string with a password.
+            Some(_) => anyhow::bail!("--store takes `redb` or a postgresql:// URL"),
+        }
+    }
+
+    /// Opens the main store. With PostgreSQL, also takes the database for this node alone
+    /// (one node per database until nodes share a change feed), waiting up to 30 s for a
+    /// node that is stopping.
+    pub fn open(&self, data_dir: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
+        match self {
+            Self::Embedded => Ok(Arc::new(
+                RedbStore::open(&data_dir.store_path()).context("opening the store")?,
+            )),
+            Self::Postgres(pg) => {
+                let store = PgStore::connect(
+                    &pg.url,
+                    &PgOptions {
+                        pool_size: pg.pool_size,
+                        ca_file: pg.ca_file.clone(),
+                        ..PgOptions::default()
+                    },
+                )
+                .context("connecting to the PostgreSQL store")?;
+                store
+                    .lock_exclusive(std::time::Duration::from_secs(30))
+                    .context("taking the PostgreSQL store for this node")?;
+                Ok(Arc::new(store))
+            }
+        }
+    }
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -178,14 +271,14 @@ pub fn init(
     data_dir: &DataDir,
     tls_names: &[String],
     issuers: Option<&std::path::Path>,
+    store: &StoreConfig,
 ) -> anyhow::Result<Initialised> {
     let external = match issuers {
         Some(path) => ExternalIssuers::load(path)?,
         None => ExternalIssuers::default(),
     };
     let instance = data_dir.prepare(tls_names)?;
-    let store: Arc<dyn Store> =
-        Arc::new(RedbStore::open(&data_dir.store_path()).context("opening the store")?);
+    let store = store.open(data_dir)?;
     // Identities, credentials and tokens are written only to the identity tables.
     let identity_store = Arc::new(OwnerStore::new(Owner::Identity, store.clone()));
     let identity: Arc<dyn Store> = identity_store.clone();
@@ -232,8 +325,12 @@ impl Application {
         install_crypto_provider();
         crate::metrics::install();
         let data_dir = DataDir::new(&config.data_dir);
-        let (store, tokens, identity_store) =
-            init(&data_dir, &config.tls_names, config.issuers.as_deref())?;
+        let (store, tokens, identity_store) = init(
+            &data_dir,
+            &config.tls_names,
+            config.issuers.as_deref(),
+            &config.store,
+        )?;
         let service = TwinService::open(store.clone(), Arc::new(SystemClock))
             .context("loading the twin graph")?;
         // One door for durable writes: from here on, every owner's commits to the main store go

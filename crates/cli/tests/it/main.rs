@@ -7,6 +7,7 @@ mod admin;
 mod audit;
 mod crash;
 mod demo;
+mod postgres;
 mod power_cut;
 mod process;
 mod resources;

@@ -67,6 +67,7 @@ impl TestServer {
             dangerous_unbounded_resources: false,
             egress: Default::default(),
             egress_ca: None,
+            store: Default::default(),
             endpoint_credentials: None,
             event_backlog: None,
             egress_lookup: None,

@@ -1,0 +1,204 @@
+//! The real binary on a PostgreSQL main store (`serve --store postgresql://...`): what it
+//! acknowledged is read back by a server started again on the same database, with the same data
+//! directory and with a fresh one. Needs PostgreSQL on 127.0.0.1:5432 (a database of its own,
+//! dropped at the end); fails without it unless `TWINGUARD_SKIP_POSTGRES=1`.
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use twinguard_store_postgres::testdb::TestDatabase;
+
+use crate::process::Server;
+
+async fn read_twin(server: &Server, token: &str, id: &str) -> (u16, Value) {
+    let response = server
+        .client
+        .get(server.url(&format!("/digitaltwins/{id}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Copies the first admin credential, the one file of a data directory that another node on
+/// the same database needs to administer it (the credential is checked against the
+/// identities in PostgreSQL).
+fn copy_admin_credential(from: &Path, to: &Path) {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(to.join("secrets"))
+        .unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to.join("secrets/admin-client.json"))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut file,
+        &std::fs::read(from.join("secrets/admin-client.json")).unwrap(),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_postgresql_reads_back_its_twins_after_a_restart_with_a_fresh_data_dir() {
+    let db = match TestDatabase::create() {
+        Ok(Some(db)) => db,
+        Ok(None) => return,
+        Err(e) => panic!("{e}"),
+    };
+    let url = db.url();
+    let store = ["--store", url.as_str()];
+    let first_dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(first_dir.path(), &store, None);
+    let token = server.admin_token(first_dir.path()).await;
+    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Pump;1", "@type": "Interface",
+        "contents": [{"@type": "Property", "name": "flow", "schema": "double"}]}]);
+    let response = server
+        .client
+        .post(server.url("/models"))
+        .bearer_auth(&token)
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let response = server
+        .client
+        .put(server.url("/digitaltwins/pump-1"))
+        .bearer_auth(&token)
+        .json(&json!({"$metadata": {"$model": "dtmi:pg:Pump;1"}, "flow": 12.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The main store is PostgreSQL: no store file, the twin's record in the database.
+    assert!(!first_dir.path().join("store.redb").exists());
+    assert_eq!(
+        db.query("SELECT count(*) FROM records WHERE tbl = 'twins' AND key = 'pump-1'::bytea")
+            .unwrap(),
+        vec![Some("1".to_owned())]
+    );
+    drop(server);
+
+    // Again on the same data directory.
+    let server = Server::start_with(first_dir.path(), &store, None);
+    let token = server.admin_token(first_dir.path()).await;
+    let (status, twin) = read_twin(&server, &token, "pump-1").await;
+    assert_eq!(status, 200, "{twin}");
+    assert_eq!(twin["flow"], 12.5);
+    drop(server);
+
+    // A fresh data directory (its own CA, token keys, instance and audit log) with only the
+    // admin credential copied: the graph and the identities come from PostgreSQL.
+    let second_dir = tempfile::tempdir().unwrap();
+    copy_admin_credential(first_dir.path(), second_dir.path());
+    let server = Server::start_with(second_dir.path(), &store, None);
+    let token = server.admin_token(second_dir.path()).await;
+    let (status, twin) = read_twin(&server, &token, "pump-1").await;
+    assert_eq!(status, 200, "{twin}");
+    assert_eq!(twin["flow"], 12.5);
+    assert_eq!(twin["$metadata"]["$model"], "dtmi:pg:Pump;1");
+    let (status, _) = read_twin(&server, &token, "pump-2").await;
+    assert_eq!(status, 404);
+    drop(server);
+}
+
+#[test]
+fn a_store_url_for_a_remote_host_without_tls_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_twinguard"))
+        .args(["init", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--store",
+            "postgresql://twinguard:hunter2-secret@192.0.2.10:5432/twins",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not loopback without TLS"), "{stderr}");
+    assert!(!stderr.contains("hunter2-secret"), "{stderr}");
+}
+
+/// As `crash::every_acknowledged_write_survives_kill_9`, on PostgreSQL: four writers, SIGKILL
+/// mid-stream, and every twin the killed server acknowledged is read back, with its value, by
+/// a server started again on the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_acknowledged_on_postgresql_survives_kill_9() {
+    let db = match TestDatabase::create() {
+        Ok(Some(db)) => db,
+        Ok(None) => return,
+        Err(e) => panic!("{e}"),
+    };
+    let url = db.url();
+    let store = ["--store", url.as_str()];
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &store, None);
+    let token = server.admin_token(dir.path()).await;
+    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Meter;1", "@type": "Interface",
+        "contents": [{"@type": "Property", "name": "reading", "schema": "long"}]}]);
+    let response = server
+        .client
+        .post(server.url("/models"))
+        .bearer_auth(&token)
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (client, base, token, acknowledged) = (
+            server.client.clone(),
+            server.base.clone(),
+            token.clone(),
+            acknowledged.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let started = Instant::now();
+            for i in 0.. {
+                if started.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                let id = format!("m-{w}-{i}");
+                let body = json!({"$metadata": {"$model": "dtmi:pg:Meter;1"}, "reading": i});
+                let url = format!("{base}/digitaltwins/{id}?api-version=2023-10-31");
+                match client.put(url).bearer_auth(&token).json(&body).send().await {
+                    Ok(r) if r.status() == 200 => acknowledged.lock().unwrap().push((id, i)),
+                    _ => break,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 20,
+        "only {} writes were acknowledged before the kill",
+        acknowledged.len()
+    );
+    let restarted = Server::start_with(dir.path(), &store, None);
+    let token = restarted.admin_token(dir.path()).await;
+    for (id, reading) in &acknowledged {
+        let (status, twin) = read_twin(&restarted, &token, id).await;
+        assert_eq!(
+            status, 200,
+            "acknowledged twin {id} is missing after the kill"
+        );
+        assert_eq!(&twin["reading"], reading);
+    }
+}

@@ -1,0 +1,690 @@
+//! A PostgreSQL store: every [`Table`] of twinguard-core's [`Store`] trait in one PostgreSQL
+//! table, `records (tbl, key, value)`, so that several nodes can share one durable store.
+//!
+//! # Design
+//!
+//! - **tokio-postgres and deadpool-postgres**, not sqlx: sqlx checks its queries at build time
+//!   against a live database or a committed offline cache (friction in CI and for every
+//!   contributor), while this backend has five fixed statements. We need `bytea` keys compared
+//!   in byte order and explicit transactions, both plain in tokio-postgres. deadpool keeps a
+//!   pool of connections (8 by default), so history reads and group commits do not wait on one
+//!   connection.
+//! - **Keys and values are `bytea`.** Keys are the contract's UTF-8 strings, stored as their bytes:
+//!   `bytea` compares bytewise, which is the UTF-8 byte order the contract requires, and holds
+//!   U+0000, which `text` cannot. Values are bytes (some records are binary), never `jsonb`.
+//! - **One table, not one per [`Table`]:** `records (tbl text, key bytea, value bytea, primary
+//!   key (tbl, key))`. `tbl` is [`Table::name`], the same stable name the redb backend uses, so a
+//!   new [`Table`] needs no migration, and a commit that touches several tables is one upsert and
+//!   one delete statement. The primary key's B-tree serves every read (`tbl = $1 and key >= $2
+//!   order by key`).
+//! - **Migrations** are numbered; `twinguard_schema` holds one row per applied version. They run
+//!   at [`PgStore::connect`] in one transaction holding `pg_advisory_xact_lock`, so nodes starting
+//!   at once apply each migration exactly once. A database whose schema is newer than this binary
+//!   knows is refused.
+//! - **A commit is one transaction**, returning after `COMMIT` succeeded: durable as the server's
+//!   `synchronous_commit` makes it, and a server with `synchronous_commit = off` is refused at
+//!   connect. Mutations are deduplicated first (the last change of a key wins), then applied
+//!   with multi-row statements over `unnest` arrays rather than one round trip each.
+//! - **Synchronous trait, asynchronous driver:** the store owns a small tokio runtime (two
+//!   workers) that runs every query; the calling thread waits on a channel. That works from the
+//!   writer thread and from inside another tokio runtime alike (no `block_on` on a runtime
+//!   worker), and dropping the store from an async context does not panic (the runtime is shut
+//!   down in the background).
+//! - **TLS** with rustls (tokio-postgres-rustls), the server certificate verified against the
+//!   roots of a CA file. Without a CA file the connection is in plaintext, which is allowed only
+//!   to loopback hosts (and Unix sockets); a non-loopback host without TLS is refused, and so is
+//!   `sslmode=require` without a CA file (TLS we cannot verify is not offered, nor is `prefer`'s
+//!   silent fall back to plaintext).
+//! - Errors carry PostgreSQL's code and message or the driver's, never the connection string.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use twinguard_core::store::{Mutation, Store, StoreError, Table};
+
+#[doc(hidden)]
+pub mod testdb;
+
+/// The schema migrations, in order: `(version, description, SQL)`. Append only; a released
+/// migration never changes.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "records: every table's keys and values",
+    "CREATE TABLE records (
+        tbl text COLLATE \"C\" NOT NULL,
+        key bytea NOT NULL,
+        value bytea NOT NULL,
+        PRIMARY KEY (tbl, key)
+    )",
+)];
+
+/// The key of the advisory lock held while migrating: `twinguard` as ASCII, in a `bigint`.
+const MIGRATION_LOCK: i64 = 0x7477_696e_6775_6172;
+
+/// The first key of the session advisory lock a serving node holds ([`PgStore::lock_exclusive`]):
+/// `twsv` as ASCII; the second is a hash of the schema the tables are in, so deployments in
+/// schemas of their own (`search_path`) do not lock each other out.
+const SERVING_LOCK: i32 = 0x7477_7376;
+
+/// Rows per statement in a commit, and bytes of values per upsert statement: a group commit of
+/// thousands of mutations is a few statements, each a bounded message.
+const ROWS_PER_STATEMENT: usize = 10_000;
+const BYTES_PER_STATEMENT: usize = 16 * 1024 * 1024;
+
+/// Longest error message kept from the driver or the server.
+const MAX_ERROR_CHARS: usize = 512;
+
+const UPSERT: &str = "INSERT INTO records (tbl, key, value) \
+     SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) \
+     ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value";
+const DELETE: &str = "DELETE FROM records AS r USING unnest($1::text[], $2::bytea[]) AS d(tbl, key) \
+     WHERE r.tbl = d.tbl AND r.key = d.key";
+const SCAN: &str = "SELECT key, value FROM records WHERE tbl = $1 ORDER BY key";
+const RANGE_FROM: &str =
+    "SELECT key, value FROM records WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3";
+const RANGE: &str = "SELECT key, value FROM records WHERE tbl = $1 AND key >= $2 AND key < $3 \
+     ORDER BY key LIMIT $4";
+
+/// How to reach the database, besides its URL.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connections in the pool (at least 1).
+    pub pool_size: usize,
+    /// PEM file of the CA certificates that sign the server's certificate. `Some` means TLS,
+    /// verified, with the host name of the URL; `None` means plaintext, allowed only to
+    /// loopback hosts and Unix sockets.
+    pub ca_file: Option<PathBuf>,
+    /// How long opening one connection may take (unless the URL sets `connect_timeout`).
+    pub connect_timeout: Duration,
+    /// How long a query may wait for a free connection of the pool.
+    pub wait_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 8,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(10),
+            wait_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The PostgreSQL store. See the crate documentation.
+pub struct PgStore {
+    pool: Pool,
+    /// The connection settings, for the exclusive lock's own connection.
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    /// The connection holding the serving lock, once taken ([`PgStore::lock_exclusive`]).
+    exclusive: std::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// Runs every query; `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the connection string: it may hold a password.
+        f.debug_struct("PgStore")
+            .field("pool_size", &self.pool.status().max_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // `shutdown_background` does not block, so dropping the store inside an async context
+        // does not panic as dropping a runtime there would.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn bounded(message: String) -> StoreError {
+    let message = if message.chars().count() > MAX_ERROR_CHARS {
+        let cut: String = message.chars().take(MAX_ERROR_CHARS).collect();
+        format!("{cut}...")
+    } else {
+        message
+    };
+    StoreError(message)
+}
+
+/// A driver error as a store error: the server's code and message, or the driver's own text
+/// (which names no host, user or password).
+fn pg_err(context: &str, e: &tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => bounded(format!(
+            "PostgreSQL {context}: {} ({})",
+            db.message(),
+            db.code().code()
+        )),
+        None => {
+            // The driver's text and its causes (an I/O or TLS error): "error performing TLS
+            // handshake" alone would not say that the certificate was refused.
+            let mut message = format!("PostgreSQL {context}: {e}");
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            bounded(message)
+        }
+    }
+}
+
+fn pool_err(context: &str, e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(context, &e),
+        other => bounded(format!("PostgreSQL {context}: {other}")),
+    }
+}
+
+fn is_loopback(host: &Host) -> bool {
+    match host {
+        Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        Host::Unix(_) => true,
+    }
+}
+
+/// The rustls client configuration: aws-lc-rs (the process's one provider, named here so that
+/// no process-wide default is needed), and only the roots of `ca_file`.
+fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| bounded(format!("reading the PostgreSQL CA file: {e}")))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| bounded(format!("reading the PostgreSQL CA file: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bounded(format!("a certificate of the PostgreSQL CA file: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(StoreError(
+            "the PostgreSQL CA file holds no certificate".into(),
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bounded(format!("PostgreSQL TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Parses `url` and applies the TLS rules of the crate documentation.
+fn config(
+    url: &str,
+    options: &PgOptions,
+) -> Result<(tokio_postgres::Config, MakeRustlsConnect), StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| pg_err("connection string is not valid", &e))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(options.connect_timeout);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("twinguard");
+    }
+    let loopback = config.get_hosts().iter().all(is_loopback)
+        && config.get_hostaddrs().iter().all(|ip| ip.is_loopback());
+    let tls = match &options.ca_file {
+        Some(ca_file) => {
+            if config.get_ssl_mode() == SslMode::Disable {
+                return Err(StoreError(
+                    "PostgreSQL: sslmode=disable and a CA file contradict each other".into(),
+                ));
+            }
+            config.ssl_mode(SslMode::Require);
+            tls_config(ca_file)?
+        }
+        None => {
+            if config.get_ssl_mode() == SslMode::Require {
+                return Err(StoreError(
+                    "PostgreSQL: sslmode=require needs a CA file to verify the server's \
+                     certificate"
+                        .into(),
+                ));
+            }
+            if !loopback {
+                return Err(StoreError(
+                    "PostgreSQL: refusing to connect to a host that is not loopback without \
+                     TLS; give a CA file to verify the server's certificate"
+                        .into(),
+                ));
+            }
+            config.ssl_mode(SslMode::Disable);
+            // Never used (TLS is off), but the pool takes one connector type.
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bounded(format!("PostgreSQL TLS: {e}")))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+        }
+    };
+    Ok((config, MakeRustlsConnect::new(tls)))
+}
+
+impl PgStore {
+    /// Connects to the database of `url` (`postgresql://user@host:port/db?...` or
+    /// `host=... dbname=...`), applies the schema migrations it lacks, and checks that commits
+    /// will be durable. Fails if the database is unreachable, refuses the TLS rules, or has a
+    /// newer schema than this binary knows.
+    pub fn connect(url: &str, options: &PgOptions) -> Result<Self, StoreError> {
+        if options.pool_size == 0 {
+            return Err(StoreError(
+                "PostgreSQL: the pool needs at least one connection".into(),
+            ));
+        }
+        let (pg_config, tls) = config(url, options)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("twinguard-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| bounded(format!("starting the PostgreSQL store's runtime: {e}")))?;
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(options.wait_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .recycle_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| bounded(format!("PostgreSQL pool: {e}")))?;
+        let store = Self {
+            pool,
+            config: pg_config,
+            tls,
+            exclusive: std::sync::Mutex::new(None),
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        };
+        let pool = store.pool.clone();
+        store.run(async move { prepare(&pool).await })?;
+        Ok(store)
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it on this thread.
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| StoreError("the PostgreSQL store's runtime stopped".into()))?
+    }
+
+    /// Takes the database for this store alone, as a serving node must while nodes do not yet
+    /// share a change feed: two nodes writing one database would each commit from their own
+    /// in-memory graph and number the change feed twice. A session advisory lock on a
+    /// connection of its own, outside the pool, held until the store is dropped; waits up to
+    /// `wait` for a node that is stopping to let go. Once that connection is lost, every commit
+    /// fails (the lock may be another node's by then).
+    pub fn lock_exclusive(&self, wait: Duration) -> Result<(), StoreError> {
+        let (mut config, tls) = (self.config.clone(), self.tls.clone());
+        // Notice a silent network failure within about half a minute (the default keepalive
+        // idle time is two hours), so that commits stop rather than go on without the lock.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(15))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        let client = self.run(async move {
+            let (client, connection) = config
+                .connect(tls)
+                .await
+                .map_err(|e| pg_err("connection for the serving lock", &e))?;
+            tokio::spawn(connection);
+            let millis = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX).max(1);
+            client
+                .batch_execute(&format!("SET lock_timeout = {millis}"))
+                .await
+                .map_err(|e| pg_err("serving lock", &e))?;
+            match client
+                .execute(
+                    "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
+                    &[&SERVING_LOCK],
+                )
+                .await
+            {
+                Ok(_) => Ok(client),
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                {
+                    Err(StoreError(
+                        "PostgreSQL: another twinguard node serves this database (its serving \
+                         lock is held); one node per database until nodes share a change feed"
+                            .into(),
+                    ))
+                }
+                Err(e) => Err(pg_err("serving lock", &e)),
+            }
+        })?;
+        let mut exclusive = self
+            .exclusive
+            .lock()
+            .map_err(|_| StoreError("PostgreSQL: the serving lock's state is poisoned".into()))?;
+        *exclusive = Some(client);
+        Ok(())
+    }
+
+    /// Fails once the connection holding the serving lock is gone.
+    fn check_exclusive(&self) -> Result<(), StoreError> {
+        let exclusive = self
+            .exclusive
+            .lock()
+            .map_err(|_| StoreError("PostgreSQL: the serving lock's state is poisoned".into()))?;
+        match exclusive.as_ref() {
+            Some(client) if client.is_closed() => Err(StoreError(
+                "PostgreSQL: the connection holding this node's serving lock is lost; \
+                 restart the node"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The schema version of the database (the highest applied migration).
+    pub fn schema_version(&self) -> Result<i32, StoreError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let row = client
+                .query_one("SELECT max(version) FROM twinguard_schema", &[])
+                .await
+                .map_err(|e| pg_err("reading the schema version", &e))?;
+            row.try_get::<_, Option<i32>>(0)
+                .map(|v| v.unwrap_or(0))
+                .map_err(|e| pg_err("reading the schema version", &e))
+        })
+    }
+
+    fn read(
+        &self,
+        sql: &'static str,
+        table: Table,
+        bounds: Vec<Vec<u8>>,
+        limit: Option<usize>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let statement = client
+                .prepare_cached(sql)
+                .await
+                .map_err(|e| pg_err("read", &e))?;
+            let tbl = table.name();
+            let limit = limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&tbl];
+            for bound in &bounds {
+                params.push(bound);
+            }
+            if let Some(limit) = &limit {
+                params.push(limit);
+            }
+            let rows = client
+                .query(&statement, &params)
+                .await
+                .map_err(|e| pg_err("read", &e))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let key: Vec<u8> = row.try_get(0).map_err(|e| pg_err("read", &e))?;
+                let value: Vec<u8> = row.try_get(1).map_err(|e| pg_err("read", &e))?;
+                let key = String::from_utf8(key).map_err(|_| {
+                    StoreError(format!(
+                        "PostgreSQL: a key of table {} is not UTF-8",
+                        table.name()
+                    ))
+                })?;
+                out.push((key, value));
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Checks durability and applies the missing migrations, under the migration lock.
+async fn prepare(pool: &Pool) -> Result<(), StoreError> {
+    let mut client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+    let row = client
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .map_err(|e| pg_err("reading synchronous_commit", &e))?;
+    let synchronous: String = row
+        .try_get(0)
+        .map_err(|e| pg_err("reading synchronous_commit", &e))?;
+    if synchronous == "off" {
+        return Err(StoreError(
+            "PostgreSQL: synchronous_commit is off, so a commit could be acknowledged before it \
+             is durable; turn it on for this database or role"
+                .into(),
+        ));
+    }
+    let txn = client
+        .transaction()
+        .await
+        .map_err(|e| pg_err("migration", &e))?;
+    txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| pg_err("taking the migration lock", &e))?;
+    txn.batch_execute(
+        "CREATE TABLE IF NOT EXISTS twinguard_schema (
+            version integer PRIMARY KEY,
+            description text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .await
+    .map_err(|e| pg_err("creating twinguard_schema", &e))?;
+    let row = txn
+        .query_one("SELECT max(version) FROM twinguard_schema", &[])
+        .await
+        .map_err(|e| pg_err("reading the schema version", &e))?;
+    let current: i32 = row
+        .try_get::<_, Option<i32>>(0)
+        .map_err(|e| pg_err("reading the schema version", &e))?
+        .unwrap_or(0);
+    let known = MIGRATIONS.last().map_or(0, |(v, _, _)| *v);
+    if current > known {
+        return Err(StoreError(format!(
+            "PostgreSQL: the database's schema is version {current}, newer than this binary \
+             knows ({known}); run a newer twinguard"
+        )));
+    }
+    for (version, description, sql) in MIGRATIONS {
+        if *version <= current {
+            continue;
+        }
+        txn.batch_execute(sql)
+            .await
+            .map_err(|e| pg_err(&format!("migration {version}"), &e))?;
+        txn.execute(
+            "INSERT INTO twinguard_schema (version, description) VALUES ($1, $2)",
+            &[version, description],
+        )
+        .await
+        .map_err(|e| pg_err(&format!("recording migration {version}"), &e))?;
+    }
+    txn.commit().await.map_err(|e| pg_err("migration", &e))
+}
+
+/// A batch as the statements of one commit: the last change of each key only, puts and deletes
+/// apart (their keys are then disjoint, so their order no longer matters).
+#[derive(Debug, Default)]
+struct Plan {
+    put_tables: Vec<&'static str>,
+    put_keys: Vec<Vec<u8>>,
+    put_values: Vec<Vec<u8>>,
+    delete_tables: Vec<&'static str>,
+    delete_keys: Vec<Vec<u8>>,
+}
+
+impl Plan {
+    fn new(batch: &[Mutation]) -> Self {
+        let mut last: HashMap<(Table, &str), usize> = HashMap::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            last.insert((m.table, m.key.as_str()), i);
+        }
+        let mut plan = Self::default();
+        for (i, m) in batch.iter().enumerate() {
+            if last.get(&(m.table, m.key.as_str())) != Some(&i) {
+                continue;
+            }
+            match &m.value {
+                Some(value) => {
+                    plan.put_tables.push(m.table.name());
+                    plan.put_keys.push(m.key.as_bytes().to_vec());
+                    plan.put_values.push(value.clone());
+                }
+                None => {
+                    plan.delete_tables.push(m.table.name());
+                    plan.delete_keys.push(m.key.as_bytes().to_vec());
+                }
+            }
+        }
+        plan
+    }
+
+    /// The upserts as `(start, end)` index ranges, each at most [`ROWS_PER_STATEMENT`] rows and,
+    /// unless one value alone is larger, [`BYTES_PER_STATEMENT`] bytes.
+    fn put_chunks(&self) -> Vec<(usize, usize)> {
+        let mut chunks = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, value) in self.put_values.iter().enumerate() {
+            let size = value.len() + self.put_keys.get(i).map_or(0, Vec::len);
+            if i > start && (i - start == ROWS_PER_STATEMENT || bytes + size > BYTES_PER_STATEMENT)
+            {
+                chunks.push((start, i));
+                (start, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        if start < self.put_values.len() {
+            chunks.push((start, self.put_values.len()));
+        }
+        chunks
+    }
+}
+
+fn slice<T>(v: &[T], start: usize, end: usize) -> &[T] {
+    v.get(start..end).unwrap_or(&[])
+}
+
+impl Store for PgStore {
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(SCAN, table, Vec::new(), None)
+    }
+
+    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        self.check_exclusive()?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let plan = Plan::new(batch);
+        let pool = self.pool.clone();
+        self.run(async move {
+            let mut client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let txn = client
+                .transaction()
+                .await
+                .map_err(|e| pg_err("commit", &e))?;
+            if !plan.delete_keys.is_empty() {
+                let delete = txn
+                    .prepare_cached(DELETE)
+                    .await
+                    .map_err(|e| pg_err("commit", &e))?;
+                let mut start = 0;
+                while start < plan.delete_keys.len() {
+                    let end = (start + ROWS_PER_STATEMENT).min(plan.delete_keys.len());
+                    let tables = slice(&plan.delete_tables, start, end);
+                    let keys = slice(&plan.delete_keys, start, end);
+                    txn.execute(&delete, &[&tables, &keys])
+                        .await
+                        .map_err(|e| pg_err("commit", &e))?;
+                    start = end;
+                }
+            }
+            if !plan.put_keys.is_empty() {
+                let upsert = txn
+                    .prepare_cached(UPSERT)
+                    .await
+                    .map_err(|e| pg_err("commit", &e))?;
+                for (start, end) in plan.put_chunks() {
+                    let tables = slice(&plan.put_tables, start, end);
+                    let keys = slice(&plan.put_keys, start, end);
+                    let values = slice(&plan.put_values, start, end);
+                    txn.execute(&upsert, &[&tables, &keys, &values])
+                        .await
+                        .map_err(|e| pg_err("commit", &e))?;
+                }
+            }
+            txn.commit().await.map_err(|e| pg_err("commit", &e))
+        })
+    }
+
+    fn range_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read(
+            RANGE_FROM,
+            table,
+            vec![from.as_bytes().to_vec()],
+            Some(limit),
+        )
+    }
+
+    fn range(
+        &self,
+        table: Table,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if limit == 0 || from >= to {
+            return Ok(Vec::new());
+        }
+        self.read(
+            RANGE,
+            table,
+            vec![from.as_bytes().to_vec(), to.as_bytes().to_vec()],
+            Some(limit),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;
