@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit and integration tests (cargo-nextest), then the official
+# The whole test suite: Rust unit and integration tests (cargo-nextest), the API-level ones on
+# both store backends (the embedded redb file and PostgreSQL), then the official
 # Azure Digital Twins Python SDK against a real server. Installs what the Python tests need
 # (scripts/test-env.sh) on first use.
 set -euo pipefail
@@ -10,6 +11,15 @@ if command -v cargo-nextest >/dev/null 2>&1; then
     cargo nextest run --locked --workspace --no-fail-fast
 else
     cargo test --locked --workspace --no-fail-fast
+fi
+# The API-level tests once more with the main store in PostgreSQL (127.0.0.1:5432, a database
+# of their own per server, dropped after it), unless TWINGUARD_SKIP_POSTGRES=1.
+if [ "${TWINGUARD_SKIP_POSTGRES:-}" != 1 ]; then
+    if command -v cargo-nextest >/dev/null 2>&1; then
+        TWINGUARD_TEST_STORE=postgresql cargo nextest run --locked -p twinguard-server --test it --no-fail-fast
+    else
+        TWINGUARD_TEST_STORE=postgresql cargo test --locked -p twinguard-server --test it --no-fail-fast
+    fi
 fi
 
 if [ -d tests/sdk ]; then

@@ -8,6 +8,57 @@ use twinguard_server::startup::{Application, ServeConfig};
 
 pub const API: &str = "api-version=2023-10-31";
 
+/// With `TWINGUARD_TEST_STORE=postgresql` every test server keeps its main store in a
+/// PostgreSQL database of its own (created on the machine's server, dropped with the
+/// [`TestServer`]): `scripts/test.sh` runs the API tests once on each backend.
+const STORE_ENV: &str = "TWINGUARD_TEST_STORE";
+
+/// The databases of the servers running in this process, by data directory (a server started
+/// again on the same directory finds its database).
+static DATABASES: std::sync::Mutex<
+    Vec<(
+        std::path::PathBuf,
+        twinguard_store_postgres::testdb::TestDatabase,
+    )>,
+> = std::sync::Mutex::new(Vec::new());
+
+/// The PostgreSQL store for a server on `dir`, when the environment asks for one.
+fn test_store(dir: &std::path::Path) -> Option<twinguard_server::startup::StoreConfig> {
+    match std::env::var(STORE_ENV).as_deref() {
+        Ok("postgresql") => {}
+        Ok("redb") | Err(_) => return None,
+        Ok(other) => panic!("{STORE_ENV}={other}: expected postgresql or redb"),
+    }
+    let mut databases = DATABASES.lock().unwrap();
+    let url = match databases.iter().find(|(d, _)| d == dir) {
+        Some((_, db)) => db.url(),
+        None => {
+            let db = twinguard_store_postgres::testdb::TestDatabase::create()
+                .unwrap()
+                .expect("TWINGUARD_TEST_STORE=postgresql needs PostgreSQL");
+            let url = db.url();
+            databases.push((dir.to_owned(), db));
+            url
+        }
+    };
+    Some(twinguard_server::startup::StoreConfig::Postgres(
+        twinguard_server::startup::PostgresConfig {
+            url,
+            ca_file: None,
+            pool_size: 4,
+        },
+    ))
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        // Its database goes with it (dropped with FORCE: the server task may still run).
+        if let Ok(mut databases) = DATABASES.lock() {
+            databases.retain(|(d, _)| d != self.dir.path());
+        }
+    }
+}
+
 pub struct TestServer {
     pub base: String,
     /// The device plane's base URL (signed telemetry).
@@ -72,6 +123,9 @@ impl TestServer {
             event_backlog: None,
             egress_lookup: None,
         };
+        if let Some(store) = test_store(dir.path()) {
+            config.store = store;
+        }
         adjust(&mut config);
         Application::build(&config).unwrap()
     }
@@ -80,6 +134,12 @@ impl TestServer {
     pub fn run(app: Application, dir: TempDir) -> Self {
         // The listener itself: a configured public URL need not resolve here.
         let base = app.listener_url();
+        if std::env::var(STORE_ENV).as_deref() == Ok("postgresql") {
+            assert!(
+                !dir.path().join("store.redb").exists(),
+                "the main store is not in PostgreSQL"
+            );
+        }
         let device_base = format!("https://{}", app.device_addr().unwrap());
         let state = app.state().clone();
         tokio::spawn(app.run());
