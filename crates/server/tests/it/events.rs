@@ -1254,6 +1254,35 @@ async fn events_older_than_max_age_are_dead_lettered_while_the_receiver_is_down(
     );
 }
 
+/// A NATS server of the test's own serving a certificate for `cert_name` only; and its CA (PEM).
+async fn tls_nats(cert_name: &str) -> (OwnNats, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate_for(cert_name);
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    // nats-server reads the files when it starts; `dir` may go after that.
+    let nats = OwnNats::start(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        cert_file.display(),
+        key_file.display()
+    ))
+    .await;
+    (nats, ca)
+}
+
+/// The test's own NATS client (it only creates and reads the stream): checks no certificate.
+fn unchecked_tls_client() -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .tls_client_config(
+            rustls::ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+                .with_no_client_auth(),
+        )
+}
+
 /// A certificate for `name` only (no address in it), from a fresh CA: (CA PEM, cert PEM, key PEM).
 fn certificate_for(name: &str) -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -1277,26 +1306,8 @@ fn certificate_for(name: &str) -> (String, String, String) {
 #[tokio::test]
 async fn nats_over_tls_checks_the_host_name_on_the_admitted_address() {
     for (cert_name, delivered) in [("localhost", 2), ("elsewhere.test", 0)] {
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, cert, key) = certificate_for(cert_name);
-        std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
-        let nats = OwnNats::start(&format!(
-            "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
-            dir.path().join("cert.pem").display(),
-            dir.path().join("key.pem").display()
-        ))
-        .await;
-        // The test's own client (it only creates and reads the stream) checks nothing.
-        let check = async_nats::ConnectOptions::new()
-            .require_tls(true)
-            .tls_client_config(
-                rustls::ClientConfig::builder()
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AnyCertificate))
-                    .with_no_client_auth(),
-            );
+        let (nats, ca) = tls_nats(cert_name).await;
+        let check = unchecked_tls_client();
         let endpoint = json!({"type": "natsJetStream", "caFile": ca});
         assert_eq!(
             deliver_through(&nats, check, endpoint).await,
@@ -1374,24 +1385,8 @@ impl twinguard_server::egress::Lookup for TestDns {
 /// would not connect at all; the certificate is still checked for `broker.test`.
 #[tokio::test]
 async fn nats_over_tls_connects_to_the_address_the_egress_check_resolved() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificate_for("broker.test");
-    std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
-    std::fs::write(dir.path().join("key.pem"), key).unwrap();
-    let nats = OwnNats::start(&format!(
-        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
-        dir.path().join("cert.pem").display(),
-        dir.path().join("key.pem").display()
-    ))
-    .await;
-    let check = async_nats::ConnectOptions::new()
-        .require_tls(true)
-        .tls_client_config(
-            rustls::ClientConfig::builder()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate))
-                .with_no_client_auth(),
-        );
+    let (nats, ca) = tls_nats("broker.test").await;
+    let check = unchecked_tls_client();
     let endpoint = json!({"type": "natsJetStream", "caFile": ca,
         "url": format!("tls://broker.test:{}", nats.port)});
     let lookup = twinguard_server::egress::SharedLookup(Arc::new(TestDns));
