@@ -118,6 +118,15 @@ impl Filter {
     pub fn matches(&self, event: &Value) -> bool {
         self.expr.eval(event)
     }
+
+    /// The answer for every event, when the filter is the constant `true` or `false`: a
+    /// caller may then skip building the event it would evaluate.
+    pub fn constant(&self) -> Option<bool> {
+        match self.expr {
+            Expr::Const(answer) => Some(answer),
+            _ => None,
+        }
+    }
 }
 
 /// Checks that `filter` is a well-formed event route filter.

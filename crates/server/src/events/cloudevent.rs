@@ -9,7 +9,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::SigningKey;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use twinguard_core::feed::FeedEvent;
 
 use crate::datadir::DataDir;
@@ -85,28 +85,58 @@ fn pair(key: &SigningKey) -> anyhow::Result<aws_lc_rs::signature::Ed25519KeyPair
     Ok(pair)
 }
 
-/// The CloudEvent for `event`, as JSON bytes: ADT's attributes and payload, with `source` the
-/// instance's host name and the extension attribute `twinsequence` (the event's position among
-/// its twin's events, 1, 2, 3...). Telemetry carries `telemetrysourcetime` when the sender gave
-/// one.
+/// The CloudEvent for `event`: ADT's attributes and payload, with `source` the instance's host
+/// name and the extension attribute `twinsequence` (the event's position among its twin's
+/// events, 1, 2, 3...). Telemetry carries `telemetrysourcetime` when the sender gave one.
+///
+/// Serialized straight from the feed record's fields: a delivery builds no JSON tree. The
+/// fields are in alphabetical order, the order the event's bytes have always had (a JSON
+/// object of `serde_json` sorts its keys), so consumers see the same bytes as before.
+#[derive(serde::Serialize)]
+struct CloudEvent<'a> {
+    data: &'a Value,
+    datacontenttype: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataschema: Option<&'a str>,
+    id: &'a str,
+    source: &'a str,
+    specversion: &'static str,
+    subject: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    telemetrysourcetime: Option<&'a str>,
+    time: &'a str,
+    twinsequence: u64,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+}
+
+impl<'a> CloudEvent<'a> {
+    fn of(event: &'a FeedEvent, source: &'a str) -> Self {
+        Self {
+            data: &event.data,
+            datacontenttype: "application/json",
+            dataschema: event.dataschema.as_deref(),
+            id: &event.id,
+            source,
+            specversion: "1.0",
+            subject: &event.subject,
+            telemetrysourcetime: event.source_time.as_deref(),
+            time: &event.time,
+            twinsequence: event.twin_seq,
+            event_type: &event.event_type,
+        }
+    }
+}
+
+/// The CloudEvent for `event` as the JSON bytes delivered and signed.
+pub fn cloud_event_bytes(event: &FeedEvent, source: &str) -> Vec<u8> {
+    // Borrowed strings, a JSON value and numbers always serialize.
+    serde_json::to_vec(&CloudEvent::of(event, source)).unwrap_or_default()
+}
+
+/// The CloudEvent for `event` as a JSON value, for route filters that look into it.
 pub fn to_cloud_event(event: &FeedEvent, source: &str) -> Value {
-    let mut ce = Map::new();
-    ce.insert("specversion".into(), "1.0".into());
-    ce.insert("id".into(), event.id.clone().into());
-    ce.insert("type".into(), event.event_type.clone().into());
-    ce.insert("source".into(), source.into());
-    ce.insert("subject".into(), event.subject.clone().into());
-    ce.insert("time".into(), event.time.clone().into());
-    ce.insert("datacontenttype".into(), "application/json".into());
-    if let Some(schema) = &event.dataschema {
-        ce.insert("dataschema".into(), schema.clone().into());
-    }
-    ce.insert("twinsequence".into(), event.twin_seq.into());
-    if let Some(time) = &event.source_time {
-        ce.insert("telemetrysourcetime".into(), time.clone().into());
-    }
-    ce.insert("data".into(), event.data.clone());
-    Value::Object(ce)
+    serde_json::to_value(CloudEvent::of(event, source)).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -114,6 +144,63 @@ pub fn to_cloud_event(event: &FeedEvent, source: &str) -> Value {
 mod tests {
     use super::*;
     use ed25519_dalek::{Signature, Verifier};
+
+    /// How the event's bytes were built before they were serialized from its fields: a JSON
+    /// object, whose keys `serde_json` keeps sorted.
+    fn reference_bytes(event: &FeedEvent, source: &str) -> Vec<u8> {
+        let mut ce = serde_json::Map::new();
+        ce.insert("specversion".into(), "1.0".into());
+        ce.insert("id".into(), event.id.clone().into());
+        ce.insert("type".into(), event.event_type.clone().into());
+        ce.insert("source".into(), source.into());
+        ce.insert("subject".into(), event.subject.clone().into());
+        ce.insert("time".into(), event.time.clone().into());
+        ce.insert("datacontenttype".into(), "application/json".into());
+        if let Some(schema) = &event.dataschema {
+            ce.insert("dataschema".into(), schema.clone().into());
+        }
+        ce.insert("twinsequence".into(), event.twin_seq.into());
+        if let Some(time) = &event.source_time {
+            ce.insert("telemetrysourcetime".into(), time.clone().into());
+        }
+        ce.insert("data".into(), event.data.clone());
+        serde_json::to_vec(&Value::Object(ce)).unwrap()
+    }
+
+    #[test]
+    fn the_event_bytes_are_those_of_the_json_object_built_before() {
+        let mut event = FeedEvent {
+            seq: 1,
+            id: "0b1c\"quoted\"".into(),
+            event_type: twinguard_core::feed::TELEMETRY.into(),
+            subject: "pump-\u{e9}/components/motor".into(),
+            twin: "pump-\u{e9}".into(),
+            twin_seq: u64::MAX,
+            time: "2026-12-05T08:00:00.123456Z".into(),
+            dataschema: None,
+            component: Some("motor".into()),
+            source_time: None,
+            data: json!({"z": [1, 2.5, null], "a": {"\n": "\u{1f}"}, "m": true}),
+        };
+        for (schema, source_time) in [
+            (None, None),
+            (Some("dtmi:x:Motor;1"), None),
+            (None, Some("2026-12-05T07:59:59Z")),
+            (Some("dtmi:x:Motor;1"), Some("2026-12-05T07:59:59Z")),
+        ] {
+            event.dataschema = schema.map(str::to_owned);
+            event.source_time = source_time.map(str::to_owned);
+            let bytes = cloud_event_bytes(&event, "twins.example.com");
+            assert_eq!(
+                String::from_utf8(bytes.clone()).unwrap(),
+                String::from_utf8(reference_bytes(&event, "twins.example.com")).unwrap()
+            );
+            assert_eq!(
+                to_cloud_event(&event, "twins.example.com"),
+                serde_json::from_slice::<Value>(&bytes).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn a_cloud_event_carries_adt_attributes_and_verifies() {

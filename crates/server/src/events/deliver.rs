@@ -69,14 +69,14 @@ pub struct Prepared {
     pub seq: u64,
     pub id: String,
     pub time: String,
-    pub body: Vec<u8>,
+    /// Shared by every attempt without a copy.
+    pub body: bytes::Bytes,
     pub signature: String,
 }
 
 impl Prepared {
     pub fn new(event: &FeedEvent, inner: &Inner) -> Self {
-        let ce = cloudevent::to_cloud_event(event, &inner.source);
-        let body = serde_json::to_vec(&ce).unwrap_or_default();
+        let body = bytes::Bytes::from(cloudevent::cloud_event_bytes(event, &inner.source));
         let signature = inner.key.sign(&body);
         Self {
             seq: event.seq,
@@ -91,6 +91,8 @@ impl Prepared {
 /// A feed record on its way to one endpoint.
 struct Pending {
     event: FeedEvent,
+    /// The event's commit time, in Unix seconds (read once from `event.time`).
+    committed: f64,
     /// Built at the first attempt, kept for the retries.
     prepared: Option<Arc<Prepared>>,
     attempts: u32,
@@ -109,6 +111,7 @@ type Attempt =
 /// then).
 pub async fn run(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
     let position = inner.position(&endpoint.name);
+    let metrics = Metrics::new(&endpoint.name);
     let mut delivery = Delivery {
         feed: inner.service.watch_feed(),
         window: window(endpoint.kind),
@@ -121,6 +124,7 @@ pub async fn run(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
         storing: None,
         last_store: Instant::now(),
         unfinished: BTreeMap::new(),
+        metrics,
         queue: VecDeque::new(),
         retry: BTreeMap::new(),
         busy: HashSet::new(),
@@ -144,8 +148,8 @@ struct Delivery {
     storing: Option<tokio::task::JoinHandle<()>>,
     last_store: Instant,
     /// Every event read and not finished (acknowledged, dead-lettered or no longer routed),
-    /// with its commit time: the position is just below the first.
-    unfinished: BTreeMap<u64, String>,
+    /// with its commit time (Unix seconds): the position is just below the first.
+    unfinished: BTreeMap<u64, f64>,
     /// Read, not yet tried, in feed order.
     queue: VecDeque<Pending>,
     /// Tried and failed, waiting for their next attempt, by feed position.
@@ -157,6 +161,31 @@ struct Delivery {
     failing: Option<Instant>,
     /// The endpoint's next wait while failing.
     backoff: Duration,
+    metrics: Metrics,
+}
+
+/// The endpoint's metrics, looked up once rather than at each event.
+struct Metrics {
+    delivered: metrics::Counter,
+    retried: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    skipped: metrics::Counter,
+    lag: metrics::Gauge,
+    lag_seconds: metrics::Gauge,
+}
+
+impl Metrics {
+    fn new(endpoint: &str) -> Self {
+        let name = endpoint.to_owned();
+        Self {
+            delivered: metrics::counter!("twinguard_events_delivered_total", "endpoint" => name.clone()),
+            retried: metrics::counter!("twinguard_events_retried_total", "endpoint" => name.clone()),
+            dead_lettered: metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => name.clone()),
+            skipped: metrics::counter!("twinguard_events_skipped_total", "endpoint" => name.clone()),
+            lag: metrics::gauge!("twinguard_events_lag", "endpoint" => name.clone()),
+            lag_seconds: metrics::gauge!("twinguard_events_lag_seconds", "endpoint" => name),
+        }
+    }
 }
 
 impl Delivery {
@@ -211,9 +240,11 @@ impl Delivery {
                 break;
             };
             for event in events {
-                self.unfinished.insert(event.seq, event.time.clone());
+                let committed = unix_seconds(&event.time);
+                self.unfinished.insert(event.seq, committed);
                 self.queue.push_back(Pending {
                     event,
+                    committed,
                     prepared: None,
                     attempts: 0,
                     backoff: self.endpoint.initial_backoff(),
@@ -227,8 +258,7 @@ impl Delivery {
 
     fn skipped(&self, count: u64) {
         if count > 0 {
-            metrics::counter!("twinguard_events_skipped_total", "endpoint" => self.endpoint.name.clone())
-                .increment(count);
+            self.metrics.skipped.increment(count);
             tracing::error!(endpoint = %self.endpoint.name, count, after = self.read, "events were dropped from the feed before this endpoint had them (it lagged past the backlog)");
         }
     }
@@ -253,7 +283,7 @@ impl Delivery {
             } else {
                 self.queue.front()
             };
-            if pending.is_none_or(|p| age_seconds(&p.event.time) < max_age) {
+            if pending.is_none_or(|p| age_seconds(p.committed) < max_age) {
                 return;
             }
             let mut pending = if from_retry {
@@ -277,8 +307,7 @@ impl Delivery {
                 .dead_letter(&self.endpoint, &prepared, pending.attempts, error)
                 .await
             {
-                metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => self.endpoint.name.clone())
-                    .increment(1);
+                self.metrics.dead_lettered.increment(1);
                 self.finish(&pending);
             } else {
                 // The dead letters are full: it waits where it was.
@@ -386,8 +415,7 @@ impl Delivery {
         }
         match result {
             Ok(()) => {
-                metrics::counter!("twinguard_events_delivered_total", "endpoint" => name.to_owned())
-                    .increment(1);
+                self.metrics.delivered.increment(1);
                 self.failing = None;
                 self.backoff = self.endpoint.initial_backoff();
                 self.finish(&pending);
@@ -398,7 +426,7 @@ impl Delivery {
                     self.sink = None;
                 }
                 let exhausted = pending.attempts >= self.endpoint.max_attempts()
-                    || age_seconds(&pending.event.time) >= self.endpoint.max_age().as_secs_f64();
+                    || age_seconds(pending.committed) >= self.endpoint.max_age().as_secs_f64();
                 if exhausted
                     && let Some(prepared) = pending.prepared.clone()
                     && self
@@ -406,13 +434,11 @@ impl Delivery {
                         .dead_letter(&self.endpoint, &prepared, pending.attempts, &e.message)
                         .await
                 {
-                    metrics::counter!("twinguard_events_dead_lettered_total", "endpoint" => name.to_owned())
-                        .increment(1);
+                    self.metrics.dead_lettered.increment(1);
                     self.finish(&pending);
                     return;
                 }
-                metrics::counter!("twinguard_events_retried_total", "endpoint" => name.to_owned())
-                    .increment(1);
+                self.metrics.retried.increment(1);
                 let now = Instant::now();
                 pending.not_before = Some(now + jitter(pending.backoff));
                 pending.backoff = (pending.backoff * 2).min(MAX_BACKOFF);
@@ -461,17 +487,17 @@ impl Delivery {
     }
 
     fn report_lag(&self) {
-        let name = &self.endpoint.name;
         let head = *self.feed.borrow();
-        metrics::gauge!("twinguard_events_lag", "endpoint" => name.clone())
+        self.metrics
+            .lag
             .set(head.saturating_sub(self.position()) as f64);
         let age = self
             .unfinished
             .values()
             .next()
-            .map(|time| age_seconds(time))
+            .map(|committed| age_seconds(*committed))
             .unwrap_or(0.0);
-        metrics::gauge!("twinguard_events_lag_seconds", "endpoint" => name.clone()).set(age);
+        self.metrics.lag_seconds.set(age);
     }
 
     /// When the loop must look again without anything finishing: a retry or the end of the
@@ -491,7 +517,7 @@ impl Delivery {
             .flatten()
             .min_by_key(|p| p.event.seq);
         if let Some(p) = oldest {
-            let left = self.endpoint.max_age().as_secs_f64() - age_seconds(&p.event.time);
+            let left = self.endpoint.max_age().as_secs_f64() - age_seconds(p.committed);
             // Already due: `expire` ran just before and left it (its batch was done, or the
             // dead letters are full): look again shortly, not in a busy loop.
             let left = if left <= 0.0 {
@@ -517,14 +543,18 @@ fn jitter(backoff: Duration) -> Duration {
     rand::rng().random_range(Duration::ZERO..=backoff)
 }
 
-fn age_seconds(time: &str) -> f64 {
+/// An RFC 3339 time in Unix seconds; an unreadable one counts as now (age zero).
+fn unix_seconds(time: &str) -> f64 {
     time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
-        .map(|t| {
-            (time::OffsetDateTime::now_utc() - t)
-                .as_seconds_f64()
-                .max(0.0)
-        })
-        .unwrap_or(0.0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .unix_timestamp_nanos() as f64
+        / 1e9
+}
+
+/// Seconds since `committed` (Unix seconds), never negative.
+fn age_seconds(committed: f64) -> f64 {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9;
+    (now - committed).max(0.0)
 }
 
 /// Why a send failed, and whether the connection should be made again.
@@ -651,7 +681,7 @@ impl Sink {
                 headers.insert("Twinguard-Key-Id", inner.key.kid());
                 let subject = endpoint.spec.subject.clone().unwrap_or_default();
                 let ack = tokio::time::timeout(SEND_TIMEOUT, async {
-                    js.publish_with_headers(subject, headers, event.body.clone().into())
+                    js.publish_with_headers(subject, headers, event.body.clone())
                         .await
                         .map_err(|e| failed(format!("NATS publish: {e}"), true))?
                         .await

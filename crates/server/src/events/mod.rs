@@ -332,7 +332,7 @@ impl Events {
             id: record["id"].as_str().unwrap_or_default().to_owned(),
             time: record["eventTime"].as_str().unwrap_or_default().to_owned(),
             signature: self.inner.key.sign(&body),
-            body,
+            body: body.into(),
         };
         let sink = Sink::connect(&endpoint, &self.inner)
             .await
@@ -456,19 +456,27 @@ impl Inner {
             return false;
         }
         for route in graph.routes().filter(|r| r.endpoint_name == name) {
-            let filter = state
-                .filters
-                .entry(route.filter.clone())
-                .or_insert_with(|| match Filter::parse(&route.filter) {
+            if !state.filters.contains_key(&route.filter) {
+                let parsed = match Filter::parse(&route.filter) {
                     Ok(f) => Some(f),
                     Err(e) => {
                         tracing::error!(route = %route.id, error = %e, "a stored route's filter no longer parses; it matches nothing");
                         None
                     }
-                });
-            let Some(filter) = filter else { continue };
-            let ce = ce.get_or_insert_with(|| cloudevent::to_cloud_event(event, &self.source));
-            if filter.matches(ce) {
+                };
+                state.filters.insert(route.filter.clone(), parsed);
+            }
+            let Some(Some(filter)) = state.filters.get(&route.filter) else {
+                continue;
+            };
+            let matched = match filter.constant() {
+                // `true` and `false` need no event to look at.
+                Some(answer) => answer,
+                None => filter.matches(
+                    ce.get_or_insert_with(|| cloudevent::to_cloud_event(event, &self.source)),
+                ),
+            };
+            if matched {
                 return true;
             }
         }
