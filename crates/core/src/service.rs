@@ -824,8 +824,10 @@ fn load(store: &dyn Store, load_work: &mut usize) -> Result<Graph, OpenError> {
     Ok(graph)
 }
 
-/// How long [`Door::commit`] waits for room in the writer's queue before it gives up.
-const DOOR_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long [`Door::commit`] waits for room in the writer's queue before it gives up: long
+/// enough to ride out a burst, short enough that a stuck writer does not hold the calling
+/// threads (the caller answers 503, as an async write into a full queue does at once).
+const DOOR_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One owner's way into the writer (see [`TwinService::door`]): its records are committed in
 /// the writer's groups, checked against the tables it owns. Synchronous, for the owners whose
