@@ -111,6 +111,8 @@ pub(crate) struct FeedState {
     recent_order: VecDeque<((String, String), i64)>,
     /// Message IDs of the group being built.
     pending_ids: Vec<(String, String)>,
+    /// How many of the oldest remembered IDs the group being built forgets (and deletes).
+    pending_evict: usize,
 }
 
 impl FeedState {
@@ -134,6 +136,52 @@ impl FeedState {
             twin_seqs,
             ..Self::default()
         })
+    }
+
+    /// Adds the telemetry message IDs remembered in the store (`Table::MessageIds`), so that
+    /// de-duplication holds across a restart. `None` when a record is unreadable.
+    pub fn with_message_ids(mut self, records: Vec<(String, Vec<u8>)>) -> Option<Self> {
+        let mut remembered = Vec::with_capacity(records.len());
+        for (key, value) in records {
+            let pair = split_message_id_key(&key)?;
+            let seen: i64 = std::str::from_utf8(&value).ok()?.parse().ok()?;
+            remembered.push((pair, seen));
+        }
+        remembered.sort_by_key(|(_, seen)| *seen);
+        for (pair, seen) in remembered {
+            self.recent.insert(pair.clone(), seen);
+            self.recent_order.push_back((pair, seen));
+        }
+        Some(self)
+    }
+
+    /// Appends to `muts` the records of the message IDs this group remembers, and deletes those
+    /// it forgets (older than an hour, or past the most kept): they commit with the group's
+    /// telemetry events, so that what is remembered after a restart is what was committed.
+    pub fn message_id_records(&mut self, unix_now: i64, muts: &mut Vec<Mutation>) {
+        for (twin, id) in &self.pending_ids {
+            muts.push(Mutation::put(
+                Table::MessageIds,
+                message_id_key(twin, id),
+                unix_now.to_string().into_bytes(),
+            ));
+        }
+        let total = self.recent_order.len() + self.pending_ids.len();
+        let mut evict = 0;
+        for (pair, seen) in &self.recent_order {
+            if total - evict <= MAX_MESSAGE_IDS && unix_now - seen < MESSAGE_ID_SECONDS {
+                break;
+            }
+            // An entry an ID seen again replaced is not the stored one.
+            if self.recent.get(pair) == Some(seen) {
+                muts.push(Mutation::delete(
+                    Table::MessageIds,
+                    message_id_key(&pair.0, &pair.1),
+                ));
+            }
+            evict += 1;
+        }
+        self.pending_evict = evict;
     }
 
     /// Numbers `changes` after everything committed so far and appends their records (and the
@@ -222,18 +270,16 @@ impl FeedState {
         if let Some(first) = self.pending_first.take() {
             self.first = first;
         }
+        for _ in 0..std::mem::take(&mut self.pending_evict) {
+            if let Some((key, seen)) = self.recent_order.pop_front()
+                && self.recent.get(&key) == Some(&seen)
+            {
+                self.recent.remove(&key);
+            }
+        }
         for key in self.pending_ids.drain(..) {
             self.recent.insert(key.clone(), unix_now);
             self.recent_order.push_back((key, unix_now));
-        }
-        while let Some((key, seen)) = self.recent_order.front() {
-            if self.recent_order.len() <= MAX_MESSAGE_IDS && unix_now - seen < MESSAGE_ID_SECONDS {
-                break;
-            }
-            if self.recent.get(key) == Some(seen) {
-                self.recent.remove(key);
-            }
-            self.recent_order.pop_front();
         }
     }
 
@@ -241,6 +287,7 @@ impl FeedState {
     pub fn abandoned(&mut self) {
         self.pending_first = None;
         self.pending_ids.clear();
+        self.pending_evict = 0;
     }
 
     /// Forgets the message IDs a refused write remembered (see [`FeedState::seen_message`]).
@@ -251,6 +298,19 @@ impl FeedState {
     pub fn pending_ids(&self) -> usize {
         self.pending_ids.len()
     }
+}
+
+/// The store key of a remembered message ID: the twin's length first, so that no pair of twin
+/// and ID can be read as another.
+fn message_id_key(twin: &str, id: &str) -> String {
+    format!("{}:{twin}{id}", twin.len())
+}
+
+fn split_message_id_key(key: &str) -> Option<(String, String)> {
+    let (len, rest) = key.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    let (twin, id) = (rest.get(..len)?, rest.get(len..)?);
+    Some((twin.to_owned(), id.to_owned()))
 }
 
 /// What numbering a group's changes produced, to publish once it commits.
@@ -349,6 +409,17 @@ mod tests {
         assert!(muts.is_empty(), "nothing left to trim");
     }
 
+    /// Commits a group with no changes at `unix_now`, as the writer does, and returns its
+    /// message-ID records.
+    fn commit_ids(feed: &mut FeedState, unix_now: i64) -> Vec<Mutation> {
+        let mut muts = Vec::new();
+        let numbered = feed.number(Vec::new(), "t", &mut muts);
+        feed.message_id_records(unix_now, &mut muts);
+        feed.committed(numbered, unix_now);
+        muts.retain(|m| m.table == Table::MessageIds);
+        muts
+    }
+
     #[test]
     fn message_ids_are_remembered_only_once_committed_and_expire() {
         let mut feed = FeedState::default();
@@ -360,22 +431,57 @@ mod tests {
             "a failed group remembers nothing"
         );
         assert!(!feed.seen_message("u", "m1"), "IDs are per twin");
-        feed.committed(
-            Numbered {
-                next: 1,
-                ..Numbered::default()
-            },
-            1_000,
+        let stored = commit_ids(&mut feed, 1_000);
+        assert_eq!(
+            stored.len(),
+            2,
+            "each remembered ID is committed with its group"
         );
         assert!(feed.seen_message("t", "m1"));
         feed.abandoned();
-        feed.committed(
-            Numbered {
-                next: 1,
-                ..Numbered::default()
-            },
-            1_000 + MESSAGE_ID_SECONDS,
-        );
+        let forgotten = commit_ids(&mut feed, 1_000 + MESSAGE_ID_SECONDS);
         assert!(!feed.seen_message("t", "m1"), "forgotten after an hour");
+        assert_eq!(
+            forgotten.iter().filter(|m| m.value.is_none()).count(),
+            2,
+            "and deleted from the store in the same commit"
+        );
+    }
+
+    #[test]
+    fn remembered_message_ids_survive_a_restart_through_their_records() {
+        let mut feed = FeedState::default();
+        // Twin and ID pairs whose plain concatenation would collide.
+        assert!(!feed.seen_message("a:b", "c"));
+        assert!(!feed.seen_message("a", "b:c"));
+        assert!(!feed.seen_message("x", "old"));
+        let mut table: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+        let mut apply = |muts: Vec<Mutation>| {
+            for m in muts {
+                match m.value {
+                    Some(v) => table.insert(m.key, v),
+                    None => table.remove(&m.key),
+                };
+            }
+        };
+        apply(commit_ids(&mut feed, 1_000));
+        assert!(!feed.seen_message("x", "new"));
+        apply(commit_ids(&mut feed, 1_000 + MESSAGE_ID_SECONDS - 1));
+        // An hour after the first group: its IDs are forgotten, in memory and in the store.
+        apply(commit_ids(&mut feed, 1_000 + MESSAGE_ID_SECONDS));
+        let records: Vec<_> = table.into_iter().collect();
+        let mut reopened = FeedState::from_records(&[], Vec::new())
+            .unwrap()
+            .with_message_ids(records)
+            .unwrap();
+        assert!(reopened.seen_message("x", "new"));
+        assert!(!reopened.seen_message("x", "old"));
+        assert!(!reopened.seen_message("a:b", "c"));
+        assert!(
+            FeedState::default()
+                .with_message_ids(vec![("no length".into(), b"1".to_vec())])
+                .is_none(),
+            "an unreadable record is reported, not skipped"
+        );
     }
 }

@@ -138,7 +138,9 @@ impl TwinService {
         tracing::info!(work = load_work, "stored models compiled");
         let feed =
             FeedState::from_records(&store.scan(Table::Meta)?, store.scan(Table::FeedTwins)?)
-                .ok_or(OpenError::Corrupt("change feed", "position".into()))?;
+                .ok_or(OpenError::Corrupt("change feed", "position".into()))?
+                .with_message_ids(store.scan(Table::MessageIds)?)
+                .ok_or(OpenError::Corrupt("change feed", "message IDs".into()))?;
         let (feed_head, _) = tokio::sync::watch::channel(feed.next - 1);
         let shared = Arc::new(Shared {
             published: ArcSwap::from_pointee(graph),
@@ -676,6 +678,9 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &
     } else {
         let started = std::time::Instant::now();
         let numbered = ctx.feed.borrow().number(changes, &ctx.now, &mut muts);
+        ctx.feed
+            .borrow_mut()
+            .message_id_records(ctx.unix_now, &mut muts);
         keep_last_per_key(&mut muts);
         let result = store.commit(&muts);
         tracing::debug!(

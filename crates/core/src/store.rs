@@ -60,6 +60,10 @@ pub enum Table {
     Events,
     /// Each twin's last event number in the feed, keyed by twin ID.
     FeedTwins,
+    /// Telemetry message IDs seen in the last hour (at most 100,000), keyed by
+    /// `len(twin):twin id`, with the Unix time they were committed: `Message-Id`
+    /// de-duplication that survives a restart.
+    MessageIds,
     /// Event endpoints (destinations of routes), keyed by name.
     Endpoints,
     /// Each endpoint's delivery position in the feed, keyed by endpoint name.
@@ -69,7 +73,7 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 26] = [
+    pub const ALL: [Table; 27] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -93,6 +97,7 @@ impl Table {
         Table::Streams,
         Table::Events,
         Table::FeedTwins,
+        Table::MessageIds,
         Table::Endpoints,
         Table::Deliveries,
         Table::DeadLetters,
@@ -123,6 +128,7 @@ impl Table {
             Self::Streams => "streams",
             Self::Events => "events",
             Self::FeedTwins => "feedtwins",
+            Self::MessageIds => "messageids",
             Self::Endpoints => "endpoints",
             Self::Deliveries => "deliveries",
             Self::DeadLetters => "deadletters",
@@ -158,7 +164,8 @@ impl Table {
             | Self::EventRoutes
             | Self::Meta
             | Self::Events
-            | Self::FeedTwins => Owner::Graph,
+            | Self::FeedTwins
+            | Self::MessageIds => Owner::Graph,
             Self::Clients
             | Self::Identities
             | Self::Roles

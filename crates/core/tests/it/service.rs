@@ -826,3 +826,44 @@ async fn a_refused_telemetry_write_does_not_refuse_the_writes_queued_with_it() {
         json!(19.0)
     );
 }
+
+/// ADT's `Message-Id`: a telemetry message sent again within the hour is acknowledged and not
+/// published twice, and a restart in between does not make it new.
+#[tokio::test]
+async fn a_repeated_telemetry_message_id_is_published_once_even_across_a_restart() {
+    let (service, store) = service_with_ontology().await;
+    put_twin(
+        &service,
+        "r1",
+        "dtmi:test:Room;1",
+        json!({"temperature": 19.0}),
+    )
+    .await
+    .unwrap();
+    let send = |id: &str| {
+        WriteOp::PublishTelemetry(twinguard_core::graph::ops::TelemetryMessage {
+            twin: "r1".into(),
+            component: None,
+            message_id: id.into(),
+            source_time: None,
+            body: json!({"humidity": 40}),
+        })
+    };
+    let telemetry_events = |service: &TwinService| {
+        service
+            .feed_after(0, 1_000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_type == "microsoft.iot.telemetry")
+            .count()
+    };
+    service.write(&owner(), send("m-1")).await.unwrap();
+    service.write(&owner(), send("m-1")).await.unwrap();
+    assert_eq!(telemetry_events(&service), 1);
+    drop(service);
+    let reopened = TwinService::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    reopened.write(&owner(), send("m-1")).await.unwrap();
+    assert_eq!(telemetry_events(&reopened), 1, "a repeat after a restart");
+    reopened.write(&owner(), send("m-2")).await.unwrap();
+    assert_eq!(telemetry_events(&reopened), 2, "a new ID is published");
+}
