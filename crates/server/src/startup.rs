@@ -351,10 +351,15 @@ impl Application {
         } else {
             service
         };
-        let history: Arc<dyn Store> = Arc::new(
-            RedbStore::open_with_cache(&data_dir.history_path(), HISTORY_CACHE_BYTES)
-                .context("opening the history store")?,
-        );
+        // The history store is a file of its own with one writer, the history merger; its
+        // commits are checked against telemetry's tables like those through the door.
+        let history: Arc<dyn Store> = Arc::new(OwnerStore::new(
+            Owner::Telemetry,
+            Arc::new(
+                RedbStore::open_with_cache(&data_dir.history_path(), HISTORY_CACHE_BYTES)
+                    .context("opening the history store")?,
+            ),
+        ));
         let telemetry = twinguard_telemetry::Telemetry::open(
             service.clone(),
             telemetry_store,
