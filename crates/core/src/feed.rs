@@ -44,6 +44,10 @@ pub const MAX_TRIM: u64 = 10_000;
 const MAX_MESSAGE_IDS: usize = 100_000;
 /// How long a telemetry message ID is remembered.
 const MESSAGE_ID_SECONDS: i64 = 3_600;
+/// Remembered message IDs one group forgets at most (twice the IDs a group can add, so the
+/// memory stays bounded): after a restart that finds many expired, the deletes are spread over
+/// several commits rather than one large one.
+const MAX_FORGET: usize = 8_192;
 
 /// A change one operation made, before the writer numbers it.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,13 +171,18 @@ impl FeedState {
             ));
         }
         let total = self.recent_order.len() + self.pending_ids.len();
+        let pending: std::collections::HashSet<&(String, String)> =
+            self.pending_ids.iter().collect();
         let mut evict = 0;
         for (pair, seen) in &self.recent_order {
-            if total - evict <= MAX_MESSAGE_IDS && unix_now - seen < MESSAGE_ID_SECONDS {
+            if evict == MAX_FORGET
+                || (total - evict <= MAX_MESSAGE_IDS && unix_now - seen < MESSAGE_ID_SECONDS)
+            {
                 break;
             }
-            // An entry an ID seen again replaced is not the stored one.
-            if self.recent.get(pair) == Some(seen) {
+            // An entry an ID seen again replaced is not the stored one; an expired ID sent again
+            // in this group is stored anew by the put above.
+            if self.recent.get(pair) == Some(seen) && !pending.contains(pair) {
                 muts.push(Mutation::delete(
                     Table::MessageIds,
                     message_id_key(&pair.0, &pair.1),
@@ -254,9 +263,14 @@ impl FeedState {
 
     /// Whether telemetry message `id` for `twin` was seen recently (or earlier in this group);
     /// if not, remembers it for this group.
-    pub fn seen_message(&mut self, twin: &str, id: &str) -> bool {
+    /// An ID older than an hour is not seen, even before a commit forgets it.
+    pub fn seen_message(&mut self, twin: &str, id: &str, unix_now: i64) -> bool {
         let key = (twin.to_owned(), id.to_owned());
-        if self.recent.contains_key(&key) || self.pending_ids.contains(&key) {
+        let recent = self
+            .recent
+            .get(&key)
+            .is_some_and(|seen| unix_now - seen < MESSAGE_ID_SECONDS);
+        if recent || self.pending_ids.contains(&key) {
             return true;
         }
         self.pending_ids.push(key);
@@ -423,24 +437,27 @@ mod tests {
     #[test]
     fn message_ids_are_remembered_only_once_committed_and_expire() {
         let mut feed = FeedState::default();
-        assert!(!feed.seen_message("t", "m1"));
-        assert!(feed.seen_message("t", "m1"), "a repeat within the group");
+        assert!(!feed.seen_message("t", "m1", 0));
+        assert!(feed.seen_message("t", "m1", 0), "a repeat within the group");
         feed.abandoned();
         assert!(
-            !feed.seen_message("t", "m1"),
+            !feed.seen_message("t", "m1", 0),
             "a failed group remembers nothing"
         );
-        assert!(!feed.seen_message("u", "m1"), "IDs are per twin");
+        assert!(!feed.seen_message("u", "m1", 0), "IDs are per twin");
         let stored = commit_ids(&mut feed, 1_000);
         assert_eq!(
             stored.len(),
             2,
             "each remembered ID is committed with its group"
         );
-        assert!(feed.seen_message("t", "m1"));
+        assert!(feed.seen_message("t", "m1", 1_000));
         feed.abandoned();
         let forgotten = commit_ids(&mut feed, 1_000 + MESSAGE_ID_SECONDS);
-        assert!(!feed.seen_message("t", "m1"), "forgotten after an hour");
+        assert!(
+            !feed.seen_message("t", "m1", 1_000 + MESSAGE_ID_SECONDS),
+            "forgotten after an hour"
+        );
         assert_eq!(
             forgotten.iter().filter(|m| m.value.is_none()).count(),
             2,
@@ -449,12 +466,46 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_id_is_new_again_and_its_new_record_is_kept() {
+        let mut feed = FeedState::default();
+        assert!(!feed.seen_message("t", "m", 0));
+        commit_ids(&mut feed, 0);
+        // An hour later, before any commit forgot it: new again.
+        assert!(!feed.seen_message("t", "m", MESSAGE_ID_SECONDS));
+        let muts = commit_ids(&mut feed, MESSAGE_ID_SECONDS);
+        // The group forgets the old entry and remembers the new one under the same key: the
+        // put must win, or the ID would be forgotten at the next restart.
+        assert!(
+            muts.iter().all(|m| m.value.is_some()),
+            "the new record is not deleted by the expiry of the old one: {muts:?}"
+        );
+        assert!(feed.seen_message("t", "m", MESSAGE_ID_SECONDS + 1));
+    }
+
+    #[test]
+    fn a_group_forgets_a_bounded_number_of_ids() {
+        let records: Vec<_> = (0..MAX_FORGET + 10)
+            .map(|i| (message_id_key("t", &i.to_string()), b"0".to_vec()))
+            .collect();
+        let mut feed = FeedState::default().with_message_ids(records).unwrap();
+        let first = commit_ids(&mut feed, MESSAGE_ID_SECONDS);
+        assert_eq!(
+            first.len(),
+            MAX_FORGET,
+            "one commit deletes at most MAX_FORGET"
+        );
+        let second = commit_ids(&mut feed, MESSAGE_ID_SECONDS);
+        assert_eq!(second.len(), 10, "the next one the rest");
+        assert!(commit_ids(&mut feed, MESSAGE_ID_SECONDS).is_empty());
+    }
+
+    #[test]
     fn remembered_message_ids_survive_a_restart_through_their_records() {
         let mut feed = FeedState::default();
         // Twin and ID pairs whose plain concatenation would collide.
-        assert!(!feed.seen_message("a:b", "c"));
-        assert!(!feed.seen_message("a", "b:c"));
-        assert!(!feed.seen_message("x", "old"));
+        assert!(!feed.seen_message("a:b", "c", 1_000));
+        assert!(!feed.seen_message("a", "b:c", 1_000));
+        assert!(!feed.seen_message("x", "old", 1_000));
         let mut table: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
         let mut apply = |muts: Vec<Mutation>| {
             for m in muts {
@@ -465,7 +516,7 @@ mod tests {
             }
         };
         apply(commit_ids(&mut feed, 1_000));
-        assert!(!feed.seen_message("x", "new"));
+        assert!(!feed.seen_message("x", "new", 1_000));
         apply(commit_ids(&mut feed, 1_000 + MESSAGE_ID_SECONDS - 1));
         // An hour after the first group: its IDs are forgotten, in memory and in the store.
         apply(commit_ids(&mut feed, 1_000 + MESSAGE_ID_SECONDS));
@@ -474,9 +525,9 @@ mod tests {
             .unwrap()
             .with_message_ids(records)
             .unwrap();
-        assert!(reopened.seen_message("x", "new"));
-        assert!(!reopened.seen_message("x", "old"));
-        assert!(!reopened.seen_message("a:b", "c"));
+        assert!(reopened.seen_message("x", "new", 1_000 + MESSAGE_ID_SECONDS));
+        assert!(!reopened.seen_message("x", "old", 1_000 + MESSAGE_ID_SECONDS));
+        assert!(!reopened.seen_message("a:b", "c", 1_000 + MESSAGE_ID_SECONDS));
         assert!(
             FeedState::default()
                 .with_message_ids(vec![("no length".into(), b"1".to_vec())])

@@ -1247,7 +1247,7 @@ fn publish_telemetry(
     if ctx
         .feed
         .borrow_mut()
-        .seen_message(&message.twin, &message.message_id)
+        .seen_message(&message.twin, &message.message_id, ctx.unix_now)
     {
         return Ok(WriteOutcome::Done);
     }
