@@ -115,6 +115,8 @@ pub(crate) struct FeedState {
     recent_order: VecDeque<((String, String), i64)>,
     /// Message IDs of the group being built.
     pending_ids: Vec<(String, String)>,
+    /// The same, for look-ups.
+    pending_set: std::collections::HashSet<(String, String)>,
     /// How many of the oldest remembered IDs the group being built forgets (and deletes).
     pending_evict: usize,
 }
@@ -171,8 +173,6 @@ impl FeedState {
             ));
         }
         let total = self.recent_order.len() + self.pending_ids.len();
-        let pending: std::collections::HashSet<&(String, String)> =
-            self.pending_ids.iter().collect();
         let mut evict = 0;
         for (pair, seen) in &self.recent_order {
             if evict == MAX_FORGET
@@ -182,7 +182,7 @@ impl FeedState {
             }
             // An entry an ID seen again replaced is not the stored one; an expired ID sent again
             // in this group is stored anew by the put above.
-            if self.recent.get(pair) == Some(seen) && !pending.contains(pair) {
+            if self.recent.get(pair) == Some(seen) && !self.pending_set.contains(pair) {
                 muts.push(Mutation::delete(
                     Table::MessageIds,
                     message_id_key(&pair.0, &pair.1),
@@ -270,9 +270,10 @@ impl FeedState {
             .recent
             .get(&key)
             .is_some_and(|seen| unix_now - seen < MESSAGE_ID_SECONDS);
-        if recent || self.pending_ids.contains(&key) {
+        if recent || self.pending_set.contains(&key) {
             return true;
         }
+        self.pending_set.insert(key.clone());
         self.pending_ids.push(key);
         false
     }
@@ -291,6 +292,7 @@ impl FeedState {
                 self.recent.remove(&key);
             }
         }
+        self.pending_set.clear();
         for key in self.pending_ids.drain(..) {
             self.recent.insert(key.clone(), unix_now);
             self.recent_order.push_back((key, unix_now));
@@ -301,12 +303,15 @@ impl FeedState {
     pub fn abandoned(&mut self) {
         self.pending_first = None;
         self.pending_ids.clear();
+        self.pending_set.clear();
         self.pending_evict = 0;
     }
 
     /// Forgets the message IDs a refused write remembered (see [`FeedState::seen_message`]).
     pub fn truncate_ids(&mut self, len: usize) {
-        self.pending_ids.truncate(len);
+        for key in self.pending_ids.drain(len.min(self.pending_ids.len())..) {
+            self.pending_set.remove(&key);
+        }
     }
 
     pub fn pending_ids(&self) -> usize {
@@ -463,6 +468,22 @@ mod tests {
             2,
             "and deleted from the store in the same commit"
         );
+    }
+
+    #[test]
+    fn the_ids_of_a_refused_write_are_forgotten_within_the_group() {
+        let mut feed = FeedState::default();
+        assert!(!feed.seen_message("t", "kept", 0));
+        let mark = feed.pending_ids();
+        assert!(!feed.seen_message("t", "refused", 0));
+        feed.truncate_ids(mark);
+        assert!(
+            !feed.seen_message("t", "refused", 0),
+            "the refused write's ID is new again"
+        );
+        assert!(feed.seen_message("t", "kept", 0));
+        let stored = commit_ids(&mut feed, 0);
+        assert_eq!(stored.len(), 2);
     }
 
     #[test]
