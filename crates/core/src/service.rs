@@ -831,7 +831,7 @@ fn load(store: &dyn Store, load_work: &mut usize) -> Result<Graph, OpenError> {
 
 /// How long [`Door::commit`] waits for room in the writer's queue before it gives up: long
 /// enough to ride out a burst, short enough that a stuck writer does not hold the calling
-/// threads (the caller answers 503, as an async write into a full queue does at once).
+/// threads (then it fails, as an async write into a full queue does at once).
 const DOOR_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One owner's way into the writer (see [`TwinService::door`]): its records are committed in

@@ -96,7 +96,7 @@ impl Store for GatedStore {
 
 /// A synchronous commit (identity, token revocation) holds its thread while it waits for room
 /// in the writer's queue; when the writer is stuck and the queue full, it gives up within a
-/// fraction of a second (the caller answers 503) instead of holding the thread for seconds.
+/// fraction of a second instead of holding the thread for seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_door_commit_gives_up_at_once_when_the_writer_queue_is_full() {
     let store = Arc::new(GatedStore::default());
