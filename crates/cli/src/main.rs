@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod anomaly;
+mod backup;
 mod demo;
 mod device;
 mod sim;
@@ -191,6 +192,39 @@ enum Command {
     /// The tamper-evident audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Write a signed bundle of a stopped instance: every record of its stores and its audit
+    /// trail (see docs/backup.md).
+    Backup {
+        #[arg(long, env = "TWINGUARD_DATA_DIR", default_value = "twinguard-data")]
+        data_dir: PathBuf,
+        /// The bundle to write: a new file.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Verify a bundle, then restore it into an empty store and a data directory that is new
+    /// or the instance's own.
+    Restore {
+        /// The bundle `twinguard backup` wrote.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The instance's audit checkpoint key (a copy of DATA_DIR/audit/checkpoint.pub kept
+        /// apart from the bundle): a bundle not signed with it is refused.
+        #[arg(long)]
+        key: PathBuf,
+        /// Verify the bundle and say what it holds; restore nothing.
+        #[arg(long, conflicts_with = "data_dir")]
+        verify_only: bool,
+        #[arg(
+            long,
+            env = "TWINGUARD_DATA_DIR",
+            required_unless_present = "verify_only"
+        )]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Create the data directory's CA, keys and first admin credential, then exit.
     Init {
         #[arg(long, env = "TWINGUARD_DATA_DIR", default_value = "twinguard-data")]
@@ -481,6 +515,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 app.run_until(shutdown_signal()).await
             })
         }
+        Command::Backup {
+            data_dir,
+            out,
+            store,
+        } => backup::backup(&data_dir, &store.config()?, &out),
+        Command::Restore {
+            bundle,
+            key,
+            verify_only: _,
+            data_dir,
+            store,
+        } => backup::restore(&bundle, &key, data_dir.as_deref(), &store.config()?),
         Command::Admin {
             connection,
             command,

@@ -187,6 +187,19 @@ impl Table {
     }
 }
 
+/// The [`Table::Meta`] key of a restore that has not finished (`twinguard restore` writes it in
+/// its first commit and deletes it in its last): a server refuses to start on a store that
+/// holds it, and a backup refuses to read one.
+pub const RESTORE_MARKER: &str = "restore.incomplete";
+
+/// True when `store` holds [`RESTORE_MARKER`].
+pub fn restore_unfinished(store: &dyn Store) -> Result<bool, StoreError> {
+    let end = format!("{RESTORE_MARKER}\0");
+    Ok(!store
+        .range(Table::Meta, RESTORE_MARKER, &end, 1)?
+        .is_empty())
+}
+
 /// One change: `value: None` deletes the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mutation {

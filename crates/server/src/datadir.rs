@@ -6,6 +6,8 @@
 //! DIR/store.redb                    the embedded store (not with serve --store postgresql://...)
 //! DIR/history.redb                  accepted readings' history, by twin, name and time
 //! DIR/instance.json                 instance ID and token issuer
+//! DIR/restore-incomplete            only while `twinguard restore` runs (the server will not start)
+//! DIR/audit-archive/NAME/           audit trails brought in by `twinguard restore`
 //! DIR/tls/ca.pem                    the CA certificate clients trust
 //! DIR/tls/ca-key.pem                the CA key (0600)
 //! DIR/tls/server.pem, server-key.pem  the API certificate and key (0600)
@@ -140,6 +142,38 @@ impl DataDir {
         };
         write_private(&path, &serde_json::to_vec_pretty(&instance)?)?;
         Ok(instance)
+    }
+
+    /// The instance's identity if the directory has one; unlike [`DataDir::instance`], creates
+    /// nothing.
+    pub fn existing_instance(&self) -> anyhow::Result<Option<Instance>> {
+        if self.instance_file().exists() {
+            self.instance().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Takes `instance` as this directory's identity (a restore): only a directory without
+    /// one, created owner-only if missing.
+    pub fn adopt_instance(&self, instance: &Instance) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.instance_file().exists(),
+            "{} already has an instance identity",
+            self.root.display()
+        );
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))?;
+        write_private(&self.instance_file(), &serde_json::to_vec_pretty(instance)?)
+    }
+
+    /// Present while a restore into this directory has not finished (`twinguard restore`);
+    /// the server refuses to start beside it.
+    pub fn restore_marker(&self) -> PathBuf {
+        self.root.join("restore-incomplete")
     }
 
     fn server_cert_meta(&self) -> PathBuf {

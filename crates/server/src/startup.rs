@@ -149,6 +149,16 @@ impl StoreConfig {
     /// (one node per database until nodes share a change feed), waiting up to 30 s for a
     /// node that is stopping.
     pub fn open(&self, data_dir: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
+        self.open_waiting(data_dir, std::time::Duration::from_secs(30))
+    }
+
+    /// [`StoreConfig::open`], waiting at most `wait` for another node to let the PostgreSQL
+    /// database go.
+    pub fn open_waiting(
+        &self,
+        data_dir: &DataDir,
+        wait: std::time::Duration,
+    ) -> anyhow::Result<Arc<dyn Store>> {
         match self {
             Self::Embedded => Ok(Arc::new(
                 RedbStore::open(&data_dir.store_path()).context("opening the store")?,
@@ -164,7 +174,7 @@ impl StoreConfig {
                 )
                 .context("connecting to the PostgreSQL store")?;
                 store
-                    .lock_exclusive(std::time::Duration::from_secs(30))
+                    .lock_exclusive(wait)
                     .context("taking the PostgreSQL store for this node")?;
                 Ok(Arc::new(store))
             }
@@ -277,8 +287,15 @@ pub fn init(
         Some(path) => ExternalIssuers::load(path)?,
         None => ExternalIssuers::default(),
     };
+    let unfinished = "a restore into this instance did not finish (twinguard restore): restore \
+        again into a new data directory and an empty store";
+    anyhow::ensure!(!data_dir.restore_marker().exists(), unfinished);
     let instance = data_dir.prepare(tls_names)?;
     let store = store.open(data_dir)?;
+    anyhow::ensure!(
+        !twinguard_core::store::restore_unfinished(store.as_ref())?,
+        unfinished
+    );
     // Identities, credentials and tokens are written only to the identity tables.
     let identity_store = Arc::new(OwnerStore::new(Owner::Identity, store.clone()));
     let identity: Arc<dyn Store> = identity_store.clone();

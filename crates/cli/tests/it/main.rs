@@ -5,6 +5,7 @@
 
 mod admin;
 mod audit;
+mod backup;
 mod crash;
 mod demo;
 mod postgres;

@@ -28,7 +28,7 @@ async fn read_twin(server: &Server, token: &str, id: &str) -> (u16, Value) {
 /// Copies the first admin credential, the one file of a data directory that another node on
 /// the same database needs to administer it (the credential is checked against the
 /// identities in PostgreSQL).
-fn copy_admin_credential(from: &Path, to: &Path) {
+pub(crate) fn copy_admin_credential(from: &Path, to: &Path) {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

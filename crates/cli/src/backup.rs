@@ -1,0 +1,505 @@
+//! `twinguard backup` and `twinguard restore` (control RS-6): a stopped instance's stores and
+//! audit trail into one signed bundle, and a bundle that verifies into an empty store. The
+//! bundle's format and its checks are the `twinguard-backup` crate's; this module finds what to
+//! put in it and where it goes back. See `docs/backup.md`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use twinguard_audit::note::{NoteSigner, NoteVerifier};
+use twinguard_backup::{FILES, Header, Item, Part, VerifiedBundle, Writer};
+use twinguard_core::store::{
+    Mutation, RESTORE_MARKER, Store, Table, for_each_record, restore_unfinished,
+};
+use twinguard_server::datadir::{DataDir, Instance};
+use twinguard_server::startup::StoreConfig;
+use twinguard_store_redb::RedbStore;
+
+/// How long a backup or restore waits for a node to let a PostgreSQL store go: not long, since
+/// both work only on a stopped instance.
+const STORE_WAIT: Duration = Duration::from_secs(2);
+/// Records read from a store per page.
+const PAGE: usize = 1024;
+/// Most mutations, and bytes of values, in one restore commit.
+const BATCH_RECORDS: usize = 4096;
+const BATCH_BYTES: usize = 16 << 20;
+
+fn open_store(config: &StoreConfig, data_dir: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
+    config.open_waiting(data_dir, STORE_WAIT).context(
+        "opening the main store (backup and restore work on a stopped instance: stop the \
+         server first)",
+    )
+}
+
+fn open_history(data_dir: &DataDir) -> anyhow::Result<RedbStore> {
+    RedbStore::open(&data_dir.history_path()).context(
+        "opening the history store (backup and restore work on a stopped instance: stop the \
+         server first)",
+    )
+}
+
+fn source_name(config: &StoreConfig) -> &'static str {
+    match config {
+        StoreConfig::Embedded => "redb",
+        StoreConfig::Postgres(_) => "postgresql",
+    }
+}
+
+/// `twinguard backup`: writes `out` (a new file, 0600) from the stopped instance in
+/// `data_dir` and prints what it holds.
+pub fn backup(data_dir: &Path, store: &StoreConfig, out: &Path) -> anyhow::Result<()> {
+    let data_dir = DataDir::new(data_dir);
+    let instance = data_dir.existing_instance()?.with_context(|| {
+        format!(
+            "{} holds no instance (no instance.json)",
+            data_dir.root().display()
+        )
+    })?;
+    ensure!(
+        !data_dir.restore_marker().exists(),
+        "a restore into this instance did not finish: there is nothing whole to back up"
+    );
+    let key_path = data_dir.root().join("secrets/audit-key");
+    let key = fs::read_to_string(&key_path).with_context(|| {
+        format!(
+            "reading the audit key {} (the bundle is signed with it)",
+            key_path.display()
+        )
+    })?;
+    let signer = NoteSigner::from_key(&key).map_err(|e| anyhow::anyhow!("the audit key: {e}"))?;
+    if matches!(store, StoreConfig::Embedded) {
+        ensure!(
+            data_dir.store_path().exists(),
+            "{} holds no store (store.redb); for a PostgreSQL store give --store",
+            data_dir.root().display()
+        );
+    }
+    let main = open_store(store, &data_dir)?;
+    ensure!(
+        !restore_unfinished(main.as_ref())?,
+        "a restore into this store did not finish: there is nothing whole to back up"
+    );
+    let history = if data_dir.history_path().exists() {
+        Some(open_history(&data_dir)?)
+    } else {
+        None
+    };
+
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {} (it must not exist)", out.display()))?;
+    let written = write_bundle(
+        BufWriter::new(file),
+        &data_dir,
+        &instance,
+        store,
+        main.as_ref(),
+        history.as_ref(),
+        &signer,
+    );
+    let (file, counts) = match written {
+        Ok(done) => done,
+        Err(e) => {
+            // Half a bundle is no bundle.
+            let _ = fs::remove_file(out);
+            return Err(e);
+        }
+    };
+    file.sync_all()?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent)?.sync_all()?;
+    }
+    let digest = twinguard_backup::verify(
+        File::open(out)?,
+        &NoteVerifier::parse(&signer.verifier_key()).map_err(|e| anyhow::anyhow!("{e}"))?,
+        io::sink(),
+    )
+    .context("reading back the bundle just written")?
+    .sha256;
+    println!(
+        "twinguard: backup of instance {} written to {}",
+        instance.instance_id,
+        out.display()
+    );
+    println!("  {}", counts.describe());
+    println!("  sha256 {digest}");
+    println!(
+        "  signed with the audit key; verify it with: twinguard restore --verify-only \
+         --bundle {} --key <a copy of {}/audit/checkpoint.pub kept apart>",
+        out.display(),
+        data_dir.root().display()
+    );
+    println!(
+        "  not in it: the secrets/ and tls/ directories (keys, the CA, the first admin \
+         credential) and event endpoints' credential files"
+    );
+    Ok(())
+}
+
+/// What a bundle holds, counted for people.
+#[derive(Debug, Default)]
+struct Counts {
+    records: u64,
+    twins: u64,
+    relationships: u64,
+    models: u64,
+    identities: u64,
+    devices: u64,
+    history: u64,
+    audit_bytes: u64,
+}
+
+impl Counts {
+    fn add(&mut self, part: Part, table: Table) {
+        self.records += 1;
+        match (part, table) {
+            (Part::Main, Table::Twins) => self.twins += 1,
+            (Part::Main, Table::Relationships) => self.relationships += 1,
+            (Part::Main, Table::Models) => self.models += 1,
+            (Part::Main, Table::Identities) => self.identities += 1,
+            (Part::Main, Table::Devices) => self.devices += 1,
+            (Part::History, _) => self.history += 1,
+            _ => {}
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} records: {} models, {} twins, {} relationships, {} identities, {} devices, \
+             {} history readings; audit trail {} bytes",
+            self.records,
+            self.models,
+            self.twins,
+            self.relationships,
+            self.identities,
+            self.devices,
+            self.history,
+            self.audit_bytes
+        )
+    }
+}
+
+fn write_bundle(
+    out: BufWriter<File>,
+    data_dir: &DataDir,
+    instance: &Instance,
+    config: &StoreConfig,
+    main: &dyn Store,
+    history: Option<&RedbStore>,
+    signer: &NoteSigner,
+) -> anyhow::Result<(File, Counts)> {
+    let header = Header {
+        format: twinguard_backup::FORMAT,
+        instance_id: instance.instance_id.clone(),
+        issuer: instance.issuer.clone(),
+        created: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)?,
+        source: source_name(config).to_owned(),
+    };
+    let mut writer = Writer::new(out, &header)?;
+    let mut counts = Counts::default();
+    for table in Table::ALL {
+        for_each_record(main, table, PAGE, |key, value| -> anyhow::Result<()> {
+            writer.record(Part::Main, table, &key, &value)?;
+            counts.add(Part::Main, table);
+            Ok(())
+        })?;
+    }
+    if let Some(history) = history {
+        for_each_record(
+            history,
+            Table::History,
+            PAGE,
+            |key, value| -> anyhow::Result<()> {
+                writer.record(Part::History, Table::History, &key, &value)?;
+                counts.add(Part::History, Table::History);
+                Ok(())
+            },
+        )?;
+    }
+    let audit = data_dir.root().join("audit");
+    for name in FILES {
+        let path = audit.join(name);
+        match File::open(&path) {
+            // The log's entries end at the first NUL: the server writes zeros ahead of them.
+            Ok(file) => counts.audit_bytes += writer.file(name, UntilNul::new(file))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    let out = writer.finish(signer)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    Ok((file, counts))
+}
+
+/// The bytes of `inner` before its first NUL.
+struct UntilNul<R> {
+    inner: R,
+    done: bool,
+}
+
+impl<R> UntilNul<R> {
+    fn new(inner: R) -> Self {
+        Self { inner, done: false }
+    }
+}
+
+impl<R: Read> Read for UntilNul<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        match buf[..n].iter().position(|b| *b == 0) {
+            Some(nul) => {
+                self.done = true;
+                Ok(nul)
+            }
+            None => Ok(n),
+        }
+    }
+}
+
+/// `twinguard restore`.
+pub fn restore(
+    bundle: &Path,
+    key: &Path,
+    data_dir: Option<&Path>,
+    store: &StoreConfig,
+) -> anyhow::Result<()> {
+    let key_text = fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+    let verifier =
+        NoteVerifier::parse(&key_text).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let input = File::open(bundle).with_context(|| format!("opening {}", bundle.display()))?;
+    // Everything is checked before anything is written: the bundle is read whole into an
+    // unnamed file of this process's own, and only that verified copy is restored.
+    let verified = VerifiedBundle::verify(input, &verifier, &std::env::temp_dir())
+        .with_context(|| format!("{} was refused", bundle.display()))?;
+    let summary = verified.summary().clone();
+    println!(
+        "twinguard: {} verified: a backup of instance {} taken {} from {}, {} records, sha256 {}",
+        bundle.display(),
+        summary.header.instance_id,
+        summary.header.created,
+        summary.header.source,
+        summary.records,
+        summary.sha256
+    );
+    let Some(data_dir) = data_dir else {
+        return Ok(());
+    };
+    let data_dir = DataDir::new(data_dir);
+    let archive = prepare_target(&data_dir, &summary)?;
+    let counts = apply(verified, &data_dir, store, &archive, &summary.sha256)?;
+    println!("twinguard: restored into {}", data_dir.root().display());
+    println!("  {}", counts.describe());
+    println!(
+        "  the instance's audit trail up to the backup is in {}; check it with: twinguard \
+         audit verify --log {} --key {}",
+        archive.display(),
+        archive.display(),
+        key.display()
+    );
+    println!(
+        "  next: twinguard serve --data-dir {} (identities are those of the backup: sign in \
+         with a credential of the instance)",
+        data_dir.root().display()
+    );
+    Ok(())
+}
+
+/// Checks the target is this instance's or new, and empty; makes the data directory ready.
+/// Returns the directory the audit trail goes to.
+fn prepare_target(
+    data_dir: &DataDir,
+    summary: &twinguard_backup::Summary,
+) -> anyhow::Result<PathBuf> {
+    let header = &summary.header;
+    ensure!(
+        !data_dir.restore_marker().exists(),
+        "a restore into {} did not finish before: restore into a new data directory and an \
+         empty store",
+        data_dir.root().display()
+    );
+    match data_dir.existing_instance()? {
+        Some(existing) => ensure!(
+            existing.instance_id == header.instance_id,
+            "{} belongs to instance {}, the bundle to {}: restore into a new data directory",
+            data_dir.root().display(),
+            existing.instance_id,
+            header.instance_id
+        ),
+        None => data_dir.adopt_instance(&Instance {
+            version: 1,
+            instance_id: header.instance_id.clone(),
+            issuer: header.issuer.clone(),
+        })?,
+    }
+    // Keys and certificates of the target's own (kept if the operator brought them back).
+    data_dir.prepare(&[])?;
+    let name: String = header
+        .created
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let archive = data_dir
+        .private_dir("audit-archive")?
+        .join(format!("{name}-{}", &summary.sha256[..12]));
+    Ok(archive)
+}
+
+fn apply(
+    verified: VerifiedBundle,
+    data_dir: &DataDir,
+    config: &StoreConfig,
+    archive: &Path,
+    sha256: &str,
+) -> anyhow::Result<Counts> {
+    let main = open_store(config, data_dir)?;
+    for table in Table::ALL {
+        ensure!(
+            main.range_from(table, "", 1)?.is_empty(),
+            "the main store is not empty (its {} table has records): restore only into an \
+             empty store",
+            table.name()
+        );
+    }
+    let history = open_history(data_dir)?;
+    ensure!(
+        history.range_from(Table::History, "", 1)?.is_empty(),
+        "the history store {} is not empty: restore only into an empty one",
+        data_dir.history_path().display()
+    );
+
+    ensure!(
+        !archive.exists(),
+        "{} exists: this bundle was restored here before",
+        archive.display()
+    );
+
+    // The markers go first: should the restore stop half-way, neither the data directory nor
+    // the store can be served.
+    write_new(&data_dir.restore_marker(), sha256.as_bytes())?;
+    sync_dir(data_dir.root())?;
+    let mut main_batch = Batch::new(main.as_ref());
+    main_batch.push(Mutation::put(
+        Table::Meta,
+        RESTORE_MARKER,
+        sha256.as_bytes().to_vec(),
+    ))?;
+    main_batch.flush()?;
+    let mut history_batch = Batch::new(&history);
+    fs::DirBuilder::new().mode(0o700).create(archive)?;
+    let mut counts = Counts::default();
+    let mut file: Option<(&str, File)> = None;
+    let mut items = verified.items()?;
+    while let Some(item) = items.next_item()? {
+        match item {
+            Item::Record {
+                part,
+                table,
+                key,
+                value,
+            } => {
+                if table == Table::Meta && key == RESTORE_MARKER {
+                    bail!("the bundle holds a restore marker: it is not a backup of a whole store");
+                }
+                counts.add(part, table);
+                let mutation = Mutation::put(table, key, value);
+                match part {
+                    Part::Main => main_batch.push(mutation)?,
+                    Part::History => history_batch.push(mutation)?,
+                }
+            }
+            Item::Chunk { file: name, bytes } => {
+                if file.as_ref().is_none_or(|(open, _)| *open != name) {
+                    if let Some((_, done)) = file.take() {
+                        done.sync_all()?;
+                    }
+                    let path = archive.join(name);
+                    let created = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    file = Some((name, created));
+                }
+                if let Some((_, open)) = file.as_mut() {
+                    open.write_all(&bytes)?;
+                }
+                counts.audit_bytes += bytes.len() as u64;
+            }
+        }
+    }
+    if let Some((_, done)) = file.take() {
+        done.sync_all()?;
+    }
+    sync_dir(archive)?;
+    history_batch.flush()?;
+    main_batch.push(Mutation::delete(Table::Meta, RESTORE_MARKER))?;
+    main_batch.flush()?;
+    fs::remove_file(data_dir.restore_marker())?;
+    sync_dir(data_dir.root())?;
+    Ok(counts)
+}
+
+/// Mutations committed a bounded batch at a time.
+struct Batch<'s> {
+    store: &'s dyn Store,
+    mutations: Vec<Mutation>,
+    bytes: usize,
+}
+
+impl<'s> Batch<'s> {
+    fn new(store: &'s dyn Store) -> Self {
+        Self {
+            store,
+            mutations: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    fn push(&mut self, mutation: Mutation) -> anyhow::Result<()> {
+        self.bytes += mutation.key.len() + mutation.value.as_ref().map_or(0, Vec::len);
+        self.mutations.push(mutation);
+        if self.mutations.len() >= BATCH_RECORDS || self.bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.mutations.is_empty() {
+            self.store.commit(&self.mutations)?;
+            self.mutations.clear();
+            self.bytes = 0;
+        }
+        Ok(())
+    }
+}
+
+fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn sync_dir(path: &Path) -> anyhow::Result<()> {
+    File::open(path)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! `twinguard backup` and `twinguard restore` as an operator runs them (control RS-6): a bundle
+//! of a stopped instance restores into a fresh data directory (and into PostgreSQL) that serves
+//! every twin, relationship and model byte for byte, its audit trail verifies offline, and a
+//! bundle altered in one byte is refused before anything is written.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::json;
+use twinguard_core::store::{Mutation, RESTORE_MARKER, Store, Table};
+use twinguard_store_postgres::testdb::TestDatabase;
+use twinguard_store_redb::RedbStore;
+
+use crate::postgres::copy_admin_credential;
+use crate::process::Server;
+
+fn twinguard(args: &[&str], paths: &[&Path]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_twinguard"));
+    command.args(args);
+    for path in paths {
+        command.arg(path);
+    }
+    command.output().unwrap()
+}
+
+/// `twinguard restore` of `bundle` with `key` into `data_dir`, with `store` options.
+fn restore(bundle: &Path, key: &Path, data_dir: &Path, store: &[&str]) -> Output {
+    let mut args = vec!["restore"];
+    args.extend_from_slice(store);
+    args.push("--bundle");
+    twinguard(
+        &args,
+        &[
+            bundle,
+            Path::new("--key"),
+            key,
+            Path::new("--data-dir"),
+            data_dir,
+        ],
+    )
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The paths whose answers must read the same after a restore.
+const READS: [&str; 8] = [
+    "/models",
+    "/models/dtmi:backup:Pump;1",
+    "/digitaltwins/pump-1",
+    "/digitaltwins/pump-2",
+    "/digitaltwins/plant",
+    "/digitaltwins/plant/relationships",
+    "/digitaltwins/plant/relationships/feeds-1",
+    "/digitaltwins/pump-2/incomingrelationships",
+];
+
+/// A small plant: two models, three twins, two relationships, one patched twin.
+async fn build_plant(server: &Server, token: &str) {
+    let models = json!([
+        {"@context": "dtmi:dtdl:context;3", "@id": "dtmi:backup:Pump;1", "@type": "Interface",
+         "contents": [{"@type": "Property", "name": "flow", "schema": "double"},
+                      {"@type": "Property", "name": "label", "schema": "string"}]},
+        {"@context": "dtmi:dtdl:context;3", "@id": "dtmi:backup:Plant;1", "@type": "Interface",
+         "contents": [{"@type": "Relationship", "name": "feeds", "target": "dtmi:backup:Pump;1"}]}
+    ]);
+    let sent = server
+        .request(
+            token,
+            reqwest::Method::POST,
+            "/models?api-version=2023-10-31",
+            models,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 201);
+    for (id, body) in [
+        (
+            "pump-1",
+            json!({"$metadata": {"$model": "dtmi:backup:Pump;1"}, "flow": 1.5, "label": "ünïcode ✓"}),
+        ),
+        (
+            "pump-2",
+            json!({"$metadata": {"$model": "dtmi:backup:Pump;1"}, "flow": 2.0}),
+        ),
+        (
+            "plant",
+            json!({"$metadata": {"$model": "dtmi:backup:Plant;1"}}),
+        ),
+    ] {
+        let sent = server
+            .request(
+                token,
+                reqwest::Method::PUT,
+                &format!("/digitaltwins/{id}?api-version=2023-10-31"),
+                body,
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 200);
+    }
+    for (rel, target) in [("feeds-1", "pump-1"), ("feeds-2", "pump-2")] {
+        let sent = server
+            .request(
+                token,
+                reqwest::Method::PUT,
+                &format!("/digitaltwins/plant/relationships/{rel}?api-version=2023-10-31"),
+                json!({"$targetId": target, "$relationshipName": "feeds"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 200);
+    }
+    let sent = server
+        .request(
+            token,
+            reqwest::Method::PATCH,
+            "/digitaltwins/pump-2?api-version=2023-10-31",
+            json!([{"op": "replace", "path": "/flow", "value": 3.25}]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 204);
+}
+
+/// Each of [`READS`] with the exact bytes of its answer.
+async fn answers(server: &Server, token: &str) -> Vec<(String, u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    for path in READS {
+        let response = server
+            .client
+            .get(server.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        out.push((
+            path.to_owned(),
+            status,
+            response.bytes().await.unwrap().to_vec(),
+        ));
+    }
+    let query = server
+        .client
+        .post(server.url("/query"))
+        .bearer_auth(token)
+        .json(&json!({"query": "SELECT T, R FROM DIGITALTWINS T JOIN P RELATED T.feeds R WHERE T.$dtId = 'plant'"}))
+        .send()
+        .await
+        .unwrap();
+    let status = query.status().as_u16();
+    out.push((
+        "query".into(),
+        status,
+        query.bytes().await.unwrap().to_vec(),
+    ));
+    out
+}
+
+/// A server of its own with the plant, stopped; returns its directory, the answers it gave,
+/// and the operator's copy of its audit key.
+async fn instance_with_a_plant(
+    keep: &Path,
+) -> (
+    tempfile::TempDir,
+    Vec<(String, u16, Vec<u8>)>,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let token = server.admin_token(dir.path()).await;
+    build_plant(&server, &token).await;
+    let before = answers(&server, &token).await;
+    for (path, status, body) in &before {
+        assert_eq!(*status, 200, "{path}: {}", String::from_utf8_lossy(body));
+    }
+    // A running instance is not backed up: its store is in use.
+    let refused = twinguard(
+        &["backup", "--data-dir"],
+        &[dir.path(), Path::new("--out"), &keep.join("running.bundle")],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("stop the server first"),
+        "{}",
+        text(&refused)
+    );
+    assert!(!keep.join("running.bundle").exists());
+    // Let a checkpoint cover the trail, then stop.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    server.kill();
+    let key = keep.join("checkpoint.pub");
+    std::fs::copy(dir.path().join("audit/checkpoint.pub"), &key).unwrap();
+    (dir, before, key)
+}
+
+fn backup(data_dir: &Path, out: &Path) {
+    let made = twinguard(
+        &["backup", "--data-dir"],
+        &[data_dir, Path::new("--out"), out],
+    );
+    assert!(made.status.success(), "{}", text(&made));
+    assert!(
+        text(&made).contains("3 twins, 2 relationships"),
+        "{}",
+        text(&made)
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(out).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+fn archived_trail(data_dir: &Path) -> std::path::PathBuf {
+    let mut trails: Vec<_> = std::fs::read_dir(data_dir.join("audit-archive"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(trails.len(), 1, "{trails:?}");
+    trails.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_instance_answers_byte_for_byte_and_its_audit_trail_verifies() {
+    let keep = tempfile::tempdir().unwrap();
+    let (source, before, key) = instance_with_a_plant(keep.path()).await;
+    let bundle = keep.path().join("plant.bundle");
+    backup(source.path(), &bundle);
+
+    // One byte altered in the middle (inside a record): refused, and nothing is written.
+    let mut altered = std::fs::read(&bundle).unwrap();
+    let middle = altered.len() / 2;
+    altered[middle] ^= 0x20;
+    let altered_path = keep.path().join("altered.bundle");
+    std::fs::write(&altered_path, &altered).unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let fresh = target.path().join("restored");
+    let refused = restore(&altered_path, &key, &fresh, &[]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("was refused"), "{}", text(&refused));
+    assert!(
+        !fresh.exists(),
+        "a refused bundle must not touch the target"
+    );
+
+    // The whole bundle restores into a new data directory.
+    let restored = restore(&bundle, &key, &fresh, &[]);
+    assert!(restored.status.success(), "{}", text(&restored));
+    assert!(!fresh.join("restore-incomplete").exists());
+
+    // Its audit trail up to the backup verifies offline with the operator's key.
+    let trail = archived_trail(&fresh);
+    let verified = twinguard(
+        &["audit", "verify", "--log"],
+        &[&trail, Path::new("--key"), &key],
+    );
+    assert!(verified.status.success(), "{}", text(&verified));
+
+    // Served again (with the first admin credential the operator kept), every answer is the
+    // same to the byte.
+    copy_admin_credential(source.path(), &fresh);
+    let server = Server::start(&fresh);
+    let token = server.admin_token(&fresh).await;
+    let after = answers(&server, &token).await;
+    for ((path, status, body), (_, was_status, was)) in after.iter().zip(&before) {
+        assert_eq!(status, was_status, "{path}");
+        assert_eq!(
+            String::from_utf8_lossy(body),
+            String::from_utf8_lossy(was),
+            "{path}"
+        );
+    }
+    assert_eq!(after.len(), before.len());
+    drop(server);
+
+    // Restoring again into the same, now used, instance is refused: only an empty store.
+    let again = restore(&bundle, &key, &fresh, &[]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("empty"), "{}", text(&again));
+
+    // A data directory of another instance is refused.
+    let other = tempfile::tempdir().unwrap();
+    let init = twinguard(&["init", "--data-dir"], &[other.path()]);
+    assert!(init.status.success(), "{}", text(&init));
+    let foreign = restore(&bundle, &key, other.path(), &[]);
+    assert!(!foreign.status.success());
+    assert!(
+        text(&foreign).contains("belongs to instance"),
+        "{}",
+        text(&foreign)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_of_an_embedded_store_restores_into_postgresql() {
+    let db = match TestDatabase::create() {
+        Ok(Some(db)) => db,
+        Ok(None) => return,
+        Err(e) => panic!("{e}"),
+    };
+    let url = db.url();
+    let keep = tempfile::tempdir().unwrap();
+    let (source, before, key) = instance_with_a_plant(keep.path()).await;
+    let bundle = keep.path().join("plant.bundle");
+    backup(source.path(), &bundle);
+
+    let target = tempfile::tempdir().unwrap();
+    let restored = restore(&bundle, &key, target.path(), &["--store", url.as_str()]);
+    assert!(restored.status.success(), "{}", text(&restored));
+    assert!(!target.path().join("store.redb").exists());
+    copy_admin_credential(source.path(), target.path());
+    let server = Server::start_with(target.path(), &["--store", url.as_str()], None);
+    let token = server.admin_token(target.path()).await;
+    let after = answers(&server, &token).await;
+    assert_eq!(after, before);
+}
+
+#[test]
+fn a_bundle_signed_by_another_instance_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    // Each started and stopped once: each has its own audit key.
+    for d in [dir.path(), other.path()] {
+        Server::start(d).kill();
+    }
+    let bundle = dir.path().join("b.bundle");
+    let made = twinguard(
+        &["backup", "--data-dir"],
+        &[dir.path(), Path::new("--out"), &bundle],
+    );
+    assert!(made.status.success(), "{}", text(&made));
+    let checked = twinguard(
+        &["restore", "--verify-only", "--bundle"],
+        &[
+            &bundle,
+            Path::new("--key"),
+            &dir.path().join("audit/checkpoint.pub"),
+        ],
+    );
+    assert!(checked.status.success(), "{}", text(&checked));
+    let wrong = twinguard(
+        &["restore", "--verify-only", "--bundle"],
+        &[
+            &bundle,
+            Path::new("--key"),
+            &other.path().join("audit/checkpoint.pub"),
+        ],
+    );
+    assert!(!wrong.status.success());
+    assert!(text(&wrong).contains("does not verify"), "{}", text(&wrong));
+}
+
+#[test]
+fn a_server_does_not_start_on_a_restore_that_did_not_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    // Started once, so the instance has its audit key (a backup needs it to sign).
+    Server::start(dir.path()).kill();
+    // A server that refuses exits at once; one that does not is stopped after 30 s.
+    let serve = |dir: &Path| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--device-listen",
+                "off",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("the server started on an unfinished restore");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    };
+    // The data directory's marker.
+    std::fs::write(dir.path().join("restore-incomplete"), b"x").unwrap();
+    let refused = serve(dir.path());
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("did not finish"),
+        "{}",
+        text(&refused)
+    );
+    std::fs::remove_file(dir.path().join("restore-incomplete")).unwrap();
+    // The store's marker (a data directory copied in without its own marker).
+    RedbStore::open(&dir.path().join("store.redb"))
+        .unwrap()
+        .commit(&[Mutation::put(Table::Meta, RESTORE_MARKER, b"x".to_vec())])
+        .unwrap();
+    let refused = serve(dir.path());
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("did not finish"),
+        "{}",
+        text(&refused)
+    );
+    // And a backup of it is refused too.
+    let bundle = dir.path().join("b.bundle");
+    let made = twinguard(
+        &["backup", "--data-dir"],
+        &[dir.path(), Path::new("--out"), &bundle],
+    );
+    assert!(!made.status.success());
+    assert!(text(&made).contains("did not finish"), "{}", text(&made));
+    assert!(!bundle.exists());
+}
