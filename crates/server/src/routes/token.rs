@@ -191,12 +191,24 @@ pub async fn token(
             }
             response
         }
-        Err(TokenError::InvalidClient) => oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
-        Err(TokenError::InvalidGrant) => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"),
-        Err(TokenError::Unavailable) => {
+        Err(e) => refusal(e),
+    }
+}
+
+/// The answer to a token request that failed for a reason other than throttling.
+fn refusal(error: TokenError) -> Response {
+    match error {
+        TokenError::InvalidClient => oauth_error(StatusCode::UNAUTHORIZED, "invalid_client"),
+        TokenError::InvalidGrant => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"),
+        // A store that cannot commit now (a full writer queue, a database away) is transient:
+        // the client may try again (RFC 6749 5.2 has the code for it).
+        TokenError::Unavailable | TokenError::Store(_) => {
+            if let TokenError::Store(e) = &error {
+                tracing::warn!(error = %e, "token issuance could not be recorded");
+            }
             oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable")
         }
-        Err(e) => {
+        e => {
             tracing::error!(error = %e, "token issuance failed");
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error")
         }
@@ -279,4 +291,28 @@ fn parse_form(body: &[u8]) -> Result<TokenForm, ()> {
         }
     }
     Ok(form)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_store_failure_is_temporarily_unavailable_not_a_server_error() {
+        let response = refusal(TokenError::Store(twinguard_core::store::StoreError(
+            "the writer's queue is full".into(),
+        )));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "temporarily_unavailable");
+        // What is not transient stays a server error.
+        assert_eq!(
+            refusal(TokenError::Signing).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 }
