@@ -23,7 +23,7 @@ use crate::feed::{self, FeedEvent, FeedState};
 use crate::graph::ops::{self, WriteContext, WriteOp, WriteOutcome};
 use crate::graph::{EventRoute, Graph, ModelEntry, PropertyUpdate, Relationship, Twin};
 use crate::query;
-use crate::store::{Mutation, Owner, Store, StoreError, Table, for_each_record};
+use crate::store::{Fenced, Mutation, Owner, Store, StoreError, Table, for_each_record};
 
 /// Twins or relationships read from the store at a time while the graph is loaded.
 const LOAD_PAGE: usize = 10_000;
@@ -77,6 +77,8 @@ struct Job {
 struct Shared {
     published: ArcSwap<Graph>,
     store_healthy: AtomicBool,
+    /// False while [`TwinService::probe_store`] cannot reach the store.
+    store_reachable: AtomicBool,
     writer_alive: AtomicBool,
     /// Run on the compiling thread before each model upload compiles (tests only).
     compile_hook: std::sync::RwLock<Option<CompileHook>>,
@@ -133,18 +135,18 @@ pub enum OpenError {
 impl TwinService {
     /// Loads the graph from `store` and starts the writer.
     pub fn open(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
-        let mut load_work = 0;
-        let graph = load(store.as_ref(), &mut load_work)?;
+        let Loaded {
+            graph,
+            feed,
+            work: load_work,
+            head,
+        } = Loaded::read(store.as_ref())?;
         tracing::info!(work = load_work, "stored models compiled");
-        let feed =
-            FeedState::from_records(&store.scan(Table::Meta)?, store.scan(Table::FeedTwins)?)
-                .ok_or(OpenError::Corrupt("change feed", "position".into()))?
-                .with_message_ids(store.scan(Table::MessageIds)?)
-                .ok_or(OpenError::Corrupt("change feed", "message IDs".into()))?;
         let (feed_head, _) = tokio::sync::watch::channel(feed.next - 1);
         let shared = Arc::new(Shared {
             published: ArcSwap::from_pointee(graph),
             store_healthy: AtomicBool::new(true),
+            store_reachable: AtomicBool::new(true),
             writer_alive: AtomicBool::new(true),
             compile_hook: std::sync::RwLock::new(None),
             load_work,
@@ -156,7 +158,7 @@ impl TwinService {
         let writer_clock = clock.clone();
         thread::Builder::new()
             .name("twinguard-writer".into())
-            .spawn(move || writer(rx, writer_shared, store, writer_clock, feed))
+            .spawn(move || writer(rx, writer_shared, store, writer_clock, feed, head))
             .map_err(OpenError::Thread)?;
         Ok(Self {
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
@@ -241,6 +243,30 @@ impl TwinService {
     pub fn store_healthy(&self) -> bool {
         self.shared.store_healthy.load(Ordering::Relaxed)
             && self.shared.writer_alive.load(Ordering::SeqCst)
+            && self.store_reachable()
+    }
+
+    /// False while the last [`TwinService::probe_store`] could not reach the store.
+    pub fn store_reachable(&self) -> bool {
+        self.shared.store_reachable.load(Ordering::Relaxed)
+    }
+
+    /// Asks the store for its commit counter (a query to PostgreSQL; nothing for a store of
+    /// one writer) and records whether it answered: a node that cannot reach its database
+    /// reports not ready even while no write comes to find out. Blocking: call it off the
+    /// async threads.
+    pub fn probe_store(&self) -> bool {
+        let reachable = match self.shared.store.head() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the store does not answer");
+                false
+            }
+        };
+        self.shared
+            .store_reachable
+            .store(reachable, Ordering::Relaxed);
+        reachable
     }
 
     /// Performs a write for `principal` and returns once it is durable and visible.
@@ -504,12 +530,56 @@ fn collect_dependencies(iface: &dtdl::Interface, out: &mut std::collections::BTr
     }
 }
 
+/// What the writer builds on: the graph and the change feed's state as the store holds them,
+/// and the store's commit counter they reflect (`None` for a store of one writer).
+struct Loaded {
+    graph: Graph,
+    feed: FeedState,
+    work: usize,
+    head: Option<u64>,
+}
+
+/// Times [`Loaded::read`] reads a shared store again when another writer committed while it
+/// read, before it gives up.
+const LOAD_ATTEMPTS: usize = 8;
+
+impl Loaded {
+    /// Reads the graph and the feed's state. On a store that other writers share, the commit
+    /// counter is read before and after: equal, no commit fell between the tables' reads, so
+    /// they are one consistent state; otherwise it reads again.
+    fn read(store: &dyn Store) -> Result<Self, OpenError> {
+        for _ in 0..LOAD_ATTEMPTS {
+            let before = store.head()?;
+            let mut work = 0;
+            let graph = load(store, &mut work)?;
+            let feed =
+                FeedState::from_records(&store.scan(Table::Meta)?, store.scan(Table::FeedTwins)?)
+                    .ok_or(OpenError::Corrupt("change feed", "position".into()))?
+                    .with_message_ids(store.scan(Table::MessageIds)?)
+                    .ok_or(OpenError::Corrupt("change feed", "message IDs".into()))?;
+            let head = store.head()?;
+            if head == before {
+                return Ok(Self {
+                    graph,
+                    feed,
+                    work,
+                    head,
+                });
+            }
+        }
+        Err(OpenError::Store(StoreError(
+            "other writers kept committing while the graph was read".into(),
+        )))
+    }
+}
+
 fn writer(
     mut rx: mpsc::Receiver<Job>,
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     feed: FeedState,
+    mut applied: Option<u64>,
 ) {
     let _alive = WriterAlive(&shared.writer_alive);
     let mut batch = Vec::with_capacity(MAX_GROUP);
@@ -529,8 +599,60 @@ fn writer(
         let now = clock.now();
         ctx.now = rfc3339(now);
         ctx.unix_now = now.unix_timestamp();
-        commit_group(&mut batch, &shared, store.as_ref(), &ctx);
+        if catch_up(&shared, store.as_ref(), &mut ctx, &mut applied) {
+            commit_group(&mut batch, &shared, store.as_ref(), &ctx, &mut applied);
+        } else {
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(DomainError::Unavailable));
+            }
+        }
         answer_merged(merged);
+    }
+}
+
+/// Before a group is decided on a store that other writers share: if the store's commit
+/// counter moved past what the writer has applied, reads the graph and the feed again and
+/// publishes them, so every decision (a precondition, a refusal, a feed position) is taken on
+/// a state that includes every commit acknowledged before the group began. False when that
+/// state cannot be had now (the group is then answered 503 and applies nothing).
+fn catch_up(
+    shared: &Shared,
+    store: &dyn Store,
+    ctx: &mut WriteContext,
+    applied: &mut Option<u64>,
+) -> bool {
+    let Some(current) = *applied else {
+        return true;
+    };
+    match store.head() {
+        Ok(Some(head)) if head == current => return true,
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the store's commit counter; writes refused");
+            shared.store_healthy.store(false, Ordering::Relaxed);
+            return false;
+        }
+    }
+    metrics::counter!("twinguard_store_catch_ups_total").increment(1);
+    match Loaded::read(store) {
+        Ok(loaded) => {
+            shared.published.store(Arc::new(loaded.graph));
+            let head = loaded.feed.next - 1;
+            *ctx.feed.borrow_mut() = loaded.feed;
+            *ctx.parsed.borrow_mut() = Default::default();
+            shared.feed_head.send_if_modified(|h| {
+                let moved = *h != head;
+                *h = head;
+                moved
+            });
+            *applied = loaded.head;
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read what other writers committed; writes refused");
+            shared.store_healthy.store(false, Ordering::Relaxed);
+            false
+        }
     }
 }
 
@@ -628,7 +750,17 @@ fn answer_merged(merged: Vec<Merged>) {
 /// mutations at once, then publishes and answers. Refusals are answered only once the group's
 /// fate is known, because they were decided against earlier writes of the same group that were
 /// not yet durable: if the group fails, its refusals fail with it (503, retryable).
-fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &WriteContext) {
+///
+/// On a store that other writers share, the commit is fenced at `applied`, the commit counter
+/// the group was decided on: if another writer committed since, nothing is applied and the
+/// group is answered 503 (retryable; the next group reads the new state first).
+fn commit_group(
+    batch: &mut Vec<Job>,
+    shared: &Shared,
+    store: &dyn Store,
+    ctx: &WriteContext,
+    applied: &mut Option<u64>,
+) {
     let mut working: Graph = (**shared.published.load()).clone();
     let mut muts: Vec<Mutation> = Vec::new();
     let mut done = Vec::with_capacity(batch.len());
@@ -682,15 +814,32 @@ fn commit_group(batch: &mut Vec<Job>, shared: &Shared, store: &dyn Store, ctx: &
             .borrow_mut()
             .message_id_records(ctx.unix_now, &mut muts);
         keep_last_per_key(&mut muts);
-        let result = store.commit(&muts);
+        let result = match *applied {
+            Some(expected) => store.commit_at(&muts, expected),
+            None => store.commit(&muts).map(|()| Fenced::Committed(0)),
+        };
+        let elapsed = started.elapsed();
+        metrics::histogram!("twinguard_store_commit_seconds").record(elapsed.as_secs_f64());
         tracing::debug!(
             writes = done.len(),
             records = muts.len(),
-            micros = started.elapsed().as_micros() as u64,
+            micros = elapsed.as_micros() as u64,
             "group committed"
         );
         match result {
-            Ok(()) => {
+            Ok(Fenced::Stale(head)) => {
+                metrics::counter!("twinguard_store_commit_conflicts_total").increment(1);
+                tracing::warn!(
+                    writes = done.len(),
+                    head,
+                    "another writer committed first; writes refused (retryable)"
+                );
+                false
+            }
+            Ok(Fenced::Committed(head)) => {
+                if applied.is_some() {
+                    *applied = Some(head);
+                }
                 shared.store_healthy.store(true, Ordering::Relaxed);
                 shared.published.store(Arc::new(working));
                 let mut feed = ctx.feed.borrow_mut();
@@ -950,6 +1099,21 @@ impl Store for OwnerStore {
                 self.store.commit(batch)
             }
         }
+    }
+
+    fn head(&self) -> Result<Option<u64>, StoreError> {
+        self.store.head()
+    }
+
+    /// Only before the door is connected: once it is, the writer fences its own commits.
+    fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
+        if self.door.get().is_some() {
+            return Err(StoreError(
+                "a fenced commit goes through the writer, not its door".into(),
+            ));
+        }
+        ops::check_owned(self.owner, batch).map_err(|e| StoreError(e.to_string()))?;
+        self.store.commit_at(batch, expected)
     }
 }
 

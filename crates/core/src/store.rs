@@ -230,6 +230,15 @@ impl Mutation {
 #[error("store error: {0}")]
 pub struct StoreError(pub String);
 
+/// What a fenced commit ([`Store::commit_at`]) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced {
+    /// Applied; the store's commit counter is now this.
+    Committed(u64),
+    /// Nothing applied: another writer committed first, and the counter is now this.
+    Stale(u64),
+}
+
 /// A durable table store. Every backend behaves alike, down to key order and range bounds; the
 /// checks in [`contract`] say how, and each backend's tests run them.
 pub trait Store: Send + Sync + 'static {
@@ -238,6 +247,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies every mutation of `batch` or none, and returns only once the batch is durable.
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError>;
+
+    /// The store's commit counter, when several writers may share the store (PostgreSQL, and
+    /// [`MemoryStore::shared`] in tests): every commit moves it on by one. `None` for a store
+    /// that one process writes alone (the embedded file), which needs no fence.
+    fn head(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+
+    /// [`Store::commit`], only if the commit counter is still `expected`: the compare-and-set
+    /// that serialises writers sharing a store, so that a writer whose view of the store is
+    /// behind applies nothing ([`Fenced::Stale`]) instead of overwriting what it has not seen.
+    /// A store without a counter ([`Store::head`] is `None`) commits unconditionally.
+    fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
+        self.commit(batch)?;
+        Ok(Fenced::Committed(expected))
+    }
 
     /// The records of `table` with `from <= key`, in key order, at most `limit` of them: a page
     /// of a large table. Backends with ordered keys should override this default, which scans
@@ -308,11 +333,58 @@ pub fn for_each_record<E: From<StoreError>>(
 pub struct MemoryStore {
     tables: Mutex<BTreeMap<(Table, String), Vec<u8>>>,
     failing: AtomicBool,
+    /// The commit counter of [`MemoryStore::shared`]; `None` for a store of one writer.
+    commits: Option<Mutex<u64>>,
 }
 
 impl MemoryStore {
+    /// A store that several writers may share, as services on one PostgreSQL database do: it
+    /// counts its commits ([`Store::head`]) and fences them ([`Store::commit_at`]).
+    pub fn shared() -> Self {
+        Self {
+            commits: Some(Mutex::new(0)),
+            ..Self::default()
+        }
+    }
+
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Applies `batch` if the counter is `expected` (or unconditionally for `None`); the
+    /// counter's lock is held across it, so fenced commits are serialised.
+    fn apply(&self, batch: &[Mutation], expected: Option<u64>) -> Result<Fenced, StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError("commit refused (test failure injection)".into()));
+        }
+        let mut counter = self
+            .commits
+            .as_ref()
+            .map(|c| c.lock())
+            .transpose()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        let head = counter.as_deref().copied().unwrap_or(0);
+        if expected.is_some_and(|e| counter.is_some() && e != head) {
+            return Ok(Fenced::Stale(head));
+        }
+        let mut tables = self
+            .tables
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        for m in batch {
+            let key = (m.table, m.key.clone());
+            match &m.value {
+                Some(v) => tables.insert(key, v.clone()),
+                None => tables.remove(&key),
+            };
+        }
+        match counter.as_deref_mut() {
+            Some(n) => {
+                *n += 1;
+                Ok(Fenced::Committed(*n))
+            }
+            None => Ok(Fenced::Committed(expected.unwrap_or(0))),
+        }
     }
 }
 
@@ -372,20 +444,18 @@ impl Store for MemoryStore {
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError("commit refused (test failure injection)".into()));
-        }
-        let mut tables = self
-            .tables
-            .lock()
-            .map_err(|_| StoreError("poisoned".into()))?;
-        for m in batch {
-            let key = (m.table, m.key.clone());
-            match &m.value {
-                Some(v) => tables.insert(key, v.clone()),
-                None => tables.remove(&key),
-            };
-        }
-        Ok(())
+        self.apply(batch, None).map(|_| ())
+    }
+
+    fn head(&self) -> Result<Option<u64>, StoreError> {
+        self.commits
+            .as_ref()
+            .map(|c| c.lock().map(|n| *n))
+            .transpose()
+            .map_err(|_| StoreError("poisoned".into()))
+    }
+
+    fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
+        self.apply(batch, Some(expected))
     }
 }

@@ -333,6 +333,9 @@ pub fn init(
     Ok((store, tokens, identity_store))
 }
 
+/// How often the server checks that its store answers (`TwinService::probe_store`).
+pub const STORE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The TLS handshake timeout with [`ServeConfig::dangerous_unbounded_resources`]: a day, as
 /// good as none for a benchmark (axum-server would otherwise apply its own 10 s).
 const UNBOUNDED_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(86_400);
@@ -592,6 +595,16 @@ impl Application {
                 every_five_seconds.tick().await;
                 let audit = audit.clone();
                 let _ = tokio::task::spawn_blocking(move || audit.measure_disk()).await;
+            }
+        });
+        // Readiness follows the database even while no write comes to find out it is gone.
+        let service = self.state.service.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(STORE_PROBE_EVERY);
+            loop {
+                every.tick().await;
+                let service = service.clone();
+                let _ = tokio::task::spawn_blocking(move || service.probe_store()).await;
             }
         });
         self.state.events.start();

@@ -21,6 +21,9 @@
 //!   at [`PgStore::connect`] in one transaction holding `pg_advisory_xact_lock`, so nodes starting
 //!   at once apply each migration exactly once. A database whose schema is newer than this binary
 //!   knows is refused.
+//! - **A commit counter** (`twinguard_head`, migration 2) that every commit moves as its first
+//!   statement, so writers sharing the database can fence their commits at the state they
+//!   decided on ([`Store::commit_at`]; `docs/storage.md`, "The commit fence").
 //! - **A commit is one transaction**, returning after `COMMIT` succeeded: durable as the server's
 //!   `synchronous_commit` makes it, and a server with `synchronous_commit = off` is refused at
 //!   connect. Mutations are deduplicated first (the last change of a key wins), then applied
@@ -49,23 +52,31 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
-use twinguard_core::store::{Mutation, Store, StoreError, Table};
+use twinguard_core::store::{Fenced, Mutation, Store, StoreError, Table};
 
 #[doc(hidden)]
 pub mod testdb;
 
 /// The schema migrations, in order: `(version, description, SQL)`. Append only; a released
 /// migration never changes.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "records: every table's keys and values",
-    "CREATE TABLE records (
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "records: every table's keys and values",
+        "CREATE TABLE records (
         tbl text COLLATE \"C\" NOT NULL,
         key bytea NOT NULL,
         value bytea NOT NULL,
         PRIMARY KEY (tbl, key)
     )",
-)];
+    ),
+    (
+        2,
+        "twinguard_head: the commit counter that fences writers sharing the database",
+        "CREATE TABLE twinguard_head (id int PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL);
+         INSERT INTO twinguard_head VALUES (1, 0)",
+    ),
+];
 
 /// The key of the advisory lock held while migrating: `twinguard` as ASCII, in a `bigint`.
 const MIGRATION_LOCK: i64 = 0x7477_696e_6775_6172;
@@ -88,6 +99,14 @@ const UPSERT: &str = "INSERT INTO records (tbl, key, value) \
      ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value";
 const DELETE: &str = "DELETE FROM records AS r USING unnest($1::text[], $2::bytea[]) AS d(tbl, key) \
      WHERE r.tbl = d.tbl AND r.key = d.key";
+/// Every commit's first statement: the counter moves on by one (the row lock it takes
+/// serialises committers), unconditionally or only from the counter the writer expects. Under
+/// READ COMMITTED a committer that waited for the row re-checks `seq = $1` on the version the
+/// other committed, so of two writers fenced at one value exactly one updates a row.
+const BUMP: &str = "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 RETURNING seq";
+const BUMP_FROM: &str =
+    "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 AND seq = $1 RETURNING seq";
+const HEAD: &str = "SELECT seq FROM twinguard_head WHERE id = 1";
 const SCAN: &str = "SELECT key, value FROM records WHERE tbl = $1 ORDER BY key";
 const RANGE_FROM: &str =
     "SELECT key, value FROM records WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3";
@@ -343,8 +362,9 @@ impl PgStore {
     }
 
     /// Takes the database for this store alone, as a serving node must while nodes do not yet
-    /// share a change feed: two nodes writing one database would each commit from their own
-    /// in-memory graph and number the change feed twice. A session advisory lock on a
+    /// share their security state: the graph and the change feed are fenced for several
+    /// writers ([`Store::commit_at`]), but identities, revocations, the device registry and
+    /// event delivery are still decided in one node's memory. A session advisory lock on a
     /// connection of its own, outside the pool, held until the store is dropped; waits up to
     /// `wait` for a node that is stopping to let go. Once that connection is lost, every commit
     /// fails (the lock may be another node's by then).
@@ -410,6 +430,74 @@ impl PgStore {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// One commit: the counter moved first (from `expected` only, if given), then the
+    /// deletes and upserts, in one transaction. A counter that is not `expected` applies
+    /// nothing and answers [`Fenced::Stale`].
+    fn commit_plan(&self, plan: Plan, expected: Option<i64>) -> Result<Fenced, StoreError> {
+        self.check_exclusive()?;
+        let pool = self.pool.clone();
+        self.run(async move {
+            let mut client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let txn = client
+                .transaction()
+                .await
+                .map_err(|e| pg_err("commit", &e))?;
+            let moved = match expected {
+                Some(expected) => txn.query_opt(BUMP_FROM, &[&expected]).await,
+                None => txn.query_opt(BUMP, &[]).await,
+            }
+            .map_err(|e| pg_err("commit", &e))?;
+            let seq = |row: &tokio_postgres::Row| -> Result<u64, StoreError> {
+                let seq: i64 = row.try_get(0).map_err(|e| pg_err("commit", &e))?;
+                Ok(u64::try_from(seq).unwrap_or(0))
+            };
+            let head = match moved {
+                Some(row) => seq(&row)?,
+                None => {
+                    // Another writer moved the counter first: nothing of this batch is
+                    // applied (the transaction rolls back as it is dropped).
+                    let row = txn
+                        .query_one(HEAD, &[])
+                        .await
+                        .map_err(|e| pg_err("commit", &e))?;
+                    return Ok(Fenced::Stale(seq(&row)?));
+                }
+            };
+            if !plan.delete_keys.is_empty() {
+                let delete = txn
+                    .prepare_cached(DELETE)
+                    .await
+                    .map_err(|e| pg_err("commit", &e))?;
+                let mut start = 0;
+                while start < plan.delete_keys.len() {
+                    let end = (start + ROWS_PER_STATEMENT).min(plan.delete_keys.len());
+                    let tables = slice(&plan.delete_tables, start, end);
+                    let keys = slice(&plan.delete_keys, start, end);
+                    txn.execute(&delete, &[&tables, &keys])
+                        .await
+                        .map_err(|e| pg_err("commit", &e))?;
+                    start = end;
+                }
+            }
+            if !plan.put_keys.is_empty() {
+                let upsert = txn
+                    .prepare_cached(UPSERT)
+                    .await
+                    .map_err(|e| pg_err("commit", &e))?;
+                for (start, end) in plan.put_chunks() {
+                    let tables = slice(&plan.put_tables, start, end);
+                    let keys = slice(&plan.put_keys, start, end);
+                    let values = slice(&plan.put_values, start, end);
+                    txn.execute(&upsert, &[&tables, &keys, &values])
+                        .await
+                        .map_err(|e| pg_err("commit", &e))?;
+                }
+            }
+            txn.commit().await.map_err(|e| pg_err("commit", &e))?;
+            Ok(Fenced::Committed(head))
+        })
     }
 
     /// The schema version of the database (the highest applied migration).
@@ -604,50 +692,42 @@ impl Store for PgStore {
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
-        self.check_exclusive()?;
         if batch.is_empty() {
+            self.check_exclusive()?;
             return Ok(());
         }
-        let plan = Plan::new(batch);
+        self.commit_plan(Plan::new(batch), None).map(|_| ())
+    }
+
+    /// Fails, like a commit, once this node's serving lock is lost. Also publishes the pool's
+    /// use (the server's probe calls it every two seconds, the writer before each group).
+    fn head(&self) -> Result<Option<u64>, StoreError> {
+        self.check_exclusive()?;
+        let status = self.pool.status();
+        let in_use = status.size.saturating_sub(status.available);
+        metrics::gauge!("twinguard_store_pool_connections", "state" => "in_use").set(in_use as f64);
+        metrics::gauge!("twinguard_store_pool_connections", "state" => "idle")
+            .set(status.available as f64);
+        metrics::gauge!("twinguard_store_pool_waiting").set(status.waiting as f64);
+        metrics::gauge!("twinguard_store_pool_max").set(status.max_size as f64);
         let pool = self.pool.clone();
         self.run(async move {
-            let mut client = pool.get().await.map_err(|e| pool_err("connection", e))?;
-            let txn = client
-                .transaction()
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let row = client
+                .query_one(HEAD, &[])
                 .await
-                .map_err(|e| pg_err("commit", &e))?;
-            if !plan.delete_keys.is_empty() {
-                let delete = txn
-                    .prepare_cached(DELETE)
-                    .await
-                    .map_err(|e| pg_err("commit", &e))?;
-                let mut start = 0;
-                while start < plan.delete_keys.len() {
-                    let end = (start + ROWS_PER_STATEMENT).min(plan.delete_keys.len());
-                    let tables = slice(&plan.delete_tables, start, end);
-                    let keys = slice(&plan.delete_keys, start, end);
-                    txn.execute(&delete, &[&tables, &keys])
-                        .await
-                        .map_err(|e| pg_err("commit", &e))?;
-                    start = end;
-                }
-            }
-            if !plan.put_keys.is_empty() {
-                let upsert = txn
-                    .prepare_cached(UPSERT)
-                    .await
-                    .map_err(|e| pg_err("commit", &e))?;
-                for (start, end) in plan.put_chunks() {
-                    let tables = slice(&plan.put_tables, start, end);
-                    let keys = slice(&plan.put_keys, start, end);
-                    let values = slice(&plan.put_values, start, end);
-                    txn.execute(&upsert, &[&tables, &keys, &values])
-                        .await
-                        .map_err(|e| pg_err("commit", &e))?;
-                }
-            }
-            txn.commit().await.map_err(|e| pg_err("commit", &e))
+                .map_err(|e| pg_err("reading the commit counter", &e))?;
+            let seq: i64 = row
+                .try_get(0)
+                .map_err(|e| pg_err("reading the commit counter", &e))?;
+            Ok(Some(u64::try_from(seq).unwrap_or(0)))
         })
+    }
+
+    fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
+        let expected = i64::try_from(expected)
+            .map_err(|_| StoreError("PostgreSQL: the commit counter is out of range".into()))?;
+        self.commit_plan(Plan::new(batch), Some(expected))
     }
 
     fn range_from(

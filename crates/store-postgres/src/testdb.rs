@@ -126,6 +126,28 @@ impl TestDatabase {
         format!("postgresql://postgres@{}/{}", addr(), self.name)
     }
 
+    /// Cuts the database off (no new connection is allowed, every open one is ended), or lets
+    /// connections in again: a database that is unreachable for the nodes using it.
+    pub fn set_reachable(&self, reachable: bool) -> Result<(), String> {
+        query(
+            &admin_url(),
+            &format!(
+                "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {reachable}",
+                self.name
+            ),
+        )?;
+        if !reachable {
+            query(
+                &admin_url(),
+                &format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+                    self.name
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Runs `sql` in this database (see [`query`]).
     pub fn query(&self, sql: &str) -> Result<Vec<Option<String>>, String> {
         query(&self.url(), sql)

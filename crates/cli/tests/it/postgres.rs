@@ -202,3 +202,80 @@ async fn every_write_acknowledged_on_postgresql_survives_kill_9() {
         assert_eq!(&twin["reading"], reading);
     }
 }
+
+/// Readiness as a load balancer reads it: a node whose database stops answering reports not
+/// ready (`"store": "unreachable"`) within a few probes, with no write needed to find out, and
+/// refuses writes meanwhile; its serving lock went with the connections, so it stays not ready
+/// once the database is back, and a restart serves again with every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes() {
+    let db = match TestDatabase::create() {
+        Ok(Some(db)) => db,
+        Ok(None) => return,
+        Err(e) => panic!("{e}"),
+    };
+    let url = db.url();
+    let store = ["--store", url.as_str()];
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &store, None);
+    let token = server.admin_token(dir.path()).await;
+    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Valve;1", "@type": "Interface"}]);
+    let response = server
+        .request(
+            &token,
+            reqwest::Method::POST,
+            "/models?api-version=2023-10-31",
+            model,
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let put = |id: &str| {
+        server.request(
+            &token,
+            reqwest::Method::PUT,
+            &format!("/digitaltwins/{id}?api-version=2023-10-31"),
+            json!({"$metadata": {"$model": "dtmi:pg:Valve;1"}}),
+        )
+    };
+    assert_eq!(put("before").await.unwrap().status(), 200);
+    let readiness = || async {
+        let response = server
+            .client
+            .get(format!("{}/readyz", server.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    assert_eq!(readiness().await.0, 200);
+
+    db.set_reachable(false).unwrap();
+    // A deadline, not a measurement: the probe runs every 2 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (status, body) = readiness().await;
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready with its database gone: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(body["store"], "unreachable", "{body}");
+    assert_eq!(put("during").await.unwrap().status(), 503);
+
+    db.set_reachable(true).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (status, body) = readiness().await;
+    assert_eq!(status, 503, "ready again without its serving lock: {body}");
+    server.kill();
+
+    let restarted = Server::start_with(dir.path(), &store, None);
+    let token = restarted.admin_token(dir.path()).await;
+    assert_eq!(read_twin(&restarted, &token, "before").await.0, 200);
+    assert_eq!(read_twin(&restarted, &token, "during").await.0, 404);
+}

@@ -65,6 +65,10 @@ pub const CHECKS: &[(&str, Check)] = &[
         "readers_see_a_batch_whole_or_not_at_all",
         readers_see_a_batch_whole_or_not_at_all,
     ),
+    (
+        "a_counted_store_fences_commits_at_its_counter",
+        a_counted_store_fences_commits_at_its_counter,
+    ),
 ];
 
 /// Runs every check of [`CHECKS`] on `store`, emptying its tables before each one, and reports
@@ -693,6 +697,52 @@ pub fn differential(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// A store with a commit counter ([`Store::head`] is `Some`) moves it by one per commit,
+/// fenced or not, and applies nothing of a fenced commit at another value. A store without one
+/// passes trivially: it is written by one process alone.
+pub fn a_counted_store_fences_commits_at_its_counter(store: &dyn Store) -> Result<(), String> {
+    use super::Fenced;
+    let Some(start) = store.head().map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let table = Table::EventRoutes;
+    let put = |key: &str| vec![Mutation::put(table, key, key.as_bytes().to_vec())];
+    let head = |store: &dyn Store| store.head().map_err(|e| e.to_string());
+    match store
+        .commit_at(&put("a"), start)
+        .map_err(|e| e.to_string())?
+    {
+        Fenced::Committed(n) if n == start + 1 => {}
+        other => return Err(format!("a commit at the counter answered {other:?}")),
+    }
+    commit(store, &put("b"))?;
+    if head(store)? != Some(start + 2) {
+        return Err("a plain commit did not move the counter".into());
+    }
+    match store
+        .commit_at(&put("c"), start + 1)
+        .map_err(|e| e.to_string())?
+    {
+        Fenced::Stale(n) if n == start + 2 => {}
+        other => return Err(format!("a commit at a stale counter answered {other:?}")),
+    }
+    if head(store)? != Some(start + 2) {
+        return Err("a refused fenced commit moved the counter".into());
+    }
+    let keys: Vec<String> = store
+        .scan(table)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    if keys != ["a", "b"] {
+        return Err(format!(
+            "a refused fenced commit applied something: {keys:?}"
+        ));
     }
     Ok(())
 }

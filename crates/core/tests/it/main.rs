@@ -8,6 +8,7 @@ mod dtdl_conformance;
 mod dtdl_cost;
 mod feed;
 mod hidden_absent;
+mod nodes;
 mod query_cost;
 mod robustness;
 mod scopes;

@@ -13,6 +13,11 @@ fn memory_store_keeps_the_store_contract() {
 }
 
 #[test]
+fn a_shared_memory_store_keeps_the_store_contract_with_its_fence() {
+    contract::check_all(&MemoryStore::shared()).unwrap();
+}
+
+#[test]
 fn memory_store_keeps_its_records_while_it_lives() {
     // A memory store cannot be reopened; the same one handed out again stands for it.
     let store: Arc<dyn Store> = Arc::new(MemoryStore::default());

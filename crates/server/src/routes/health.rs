@@ -1,5 +1,5 @@
-//! Anonymous probes: `/healthz` (the process runs) and `/readyz` (the store accepts writes, the
-//! audit trail records, and its disk has room). `/readyz` also carries an `mqtt` detail when a
+//! Anonymous probes: `/healthz` (the process runs) and `/readyz` (the store accepts writes and
+//! answers the probe every two seconds, the audit trail records, and its disk has room). `/readyz` also carries an `mqtt` detail when a
 //! broker is configured: connected or not, and any evidence that another client took
 //! twinguard's session (informational: the HTTP API stays ready).
 
@@ -20,9 +20,14 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     // Not ready before the audit log's disk fills: appends would fail closed then.
     let disk = state.audit.disk_ok();
     let word = |ok: bool| if ok { "ok" } else { "failing" };
+    let store_word = if !state.service.store_reachable() {
+        "unreachable"
+    } else {
+        word(store)
+    };
     let mut body = json!({
         "status": if store && audit && disk { "ready" } else { "not ready" },
-        "store": word(store),
+        "store": store_word,
         "audit": word(audit),
         "auditDisk": if disk { "ok" } else { "low" },
     });

@@ -235,21 +235,9 @@ async fn metrics_report_requests_latencies_and_the_audit_trail() {
             .status(),
         401
     );
-    let text = server
-        .admin_call(Method::GET, "/metrics", &admin)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
-    };
+    let text = metrics_text(&server, &admin).await;
+    let value =
+        |name: &str| metric(&text, name).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
     assert!(value("twinguard_http_requests_total{method=\"GET\",status=\"2xx\"}") >= 5.0);
     assert!(value("twinguard_http_requests_total{method=\"GET\",status=\"4xx\"}") >= 1.0);
     assert!(value("twinguard_http_request_duration_seconds_count") >= 6.0);
@@ -257,6 +245,110 @@ async fn metrics_report_requests_latencies_and_the_audit_trail() {
     assert!(value("twinguard_audit_entries") >= 7.0);
     assert_eq!(value("twinguard_audit_healthy"), 1.0);
     assert!(value("twinguard_auth_failures_total{method=\"bearer\"}") >= 1.0);
+}
+
+/// A node that writes its store alone never has to read it again (on PostgreSQL, where the
+/// writer checks the store's commit counter before each group, every commit of the node's own
+/// moves it and is known), and each group commit's duration is recorded. Meaningful on the
+/// PostgreSQL run of this suite (`TWINGUARD_TEST_STORE=postgresql`); on the embedded store
+/// there is no counter to check.
+#[tokio::test]
+async fn a_lone_node_never_reads_its_store_again_and_times_its_commits() {
+    let server = TestServer::start().await;
+    let admin = server.admin_token().await;
+    let model =
+        json!({"@context": "dtmi:dtdl:context;3", "@id": "dtmi:t:Lone;1", "@type": "Interface"});
+    assert_eq!(
+        server
+            .call_json(Method::POST, "/models", &admin, &json!([model]))
+            .await
+            .status(),
+        201
+    );
+    let scrape = || metrics_text(&server, &admin);
+    let value = |text: &str, name: &str| metric(text, name).unwrap_or(0.0);
+    let before = scrape().await;
+    for i in 0..20 {
+        let body = json!({"$metadata": {"$model": "dtmi:t:Lone;1"}});
+        let path = format!("/digitaltwins/lone-{i}");
+        assert_eq!(
+            server
+                .call_json(Method::PUT, &path, &admin, &body)
+                .await
+                .status(),
+            200
+        );
+    }
+    let after = scrape().await;
+    assert_eq!(
+        value(&after, "twinguard_store_catch_ups_total"),
+        value(&before, "twinguard_store_catch_ups_total"),
+        "the node read its store again between its own writes"
+    );
+    assert!(
+        value(&after, "twinguard_store_commit_seconds_count")
+            >= value(&before, "twinguard_store_commit_seconds_count") + 20.0,
+        "{after}"
+    );
+    // The control: a commit from elsewhere (another node would make one) is noticed before the
+    // next write, which reads the store again.
+    let Some(url) = server.database_url() else {
+        return;
+    };
+    let elsewhere = twinguard_store_postgres::PgStore::connect(&url, &Default::default()).unwrap();
+    twinguard_core::store::Store::commit(
+        &elsewhere,
+        &[twinguard_core::store::Mutation::put(
+            twinguard_core::store::Table::Meta,
+            "test.elsewhere",
+            b"1".to_vec(),
+        )],
+    )
+    .unwrap();
+    let body = json!({"$metadata": {"$model": "dtmi:t:Lone;1"}});
+    assert_eq!(
+        server
+            .call_json(Method::PUT, "/digitaltwins/lone-x", &admin, &body)
+            .await
+            .status(),
+        200
+    );
+    let control = scrape().await;
+    assert_eq!(
+        value(&control, "twinguard_store_catch_ups_total"),
+        value(&after, "twinguard_store_catch_ups_total") + 1.0,
+        "{control}"
+    );
+    // The pool's use is published (the test kit's pool has four connections).
+    assert_eq!(
+        value(&control, "twinguard_store_pool_max"),
+        4.0,
+        "{control}"
+    );
+    assert!(
+        control.contains("twinguard_store_pool_connections{state=\"in_use\"}"),
+        "{control}"
+    );
+}
+
+/// `GET /metrics` as `token`.
+async fn metrics_text(server: &TestServer, token: &str) -> String {
+    server
+        .admin_call(Method::GET, "/metrics", token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first sample of `text` whose line starts with `name`.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// `chattr +i` on a file for the life of the guard.

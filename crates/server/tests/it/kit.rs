@@ -85,6 +85,15 @@ pub fn https_client(data_dir: &std::path::Path, from: Option<std::net::IpAddr>) 
 }
 
 impl TestServer {
+    /// The URL of this server's PostgreSQL database, when the suite runs on PostgreSQL.
+    pub fn database_url(&self) -> Option<String> {
+        let databases = DATABASES.lock().unwrap();
+        databases
+            .iter()
+            .find(|(d, _)| d == self.dir.path())
+            .map(|(_, db)| db.url())
+    }
+
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
