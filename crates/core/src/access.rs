@@ -584,9 +584,10 @@ impl Principal {
                 allow(self.may_route(action, id), action)
             }
             // The telemetry pipeline writes with instance scope; nobody narrower may.
-            WriteOp::ApplyReadings { .. } | WriteOp::TrimFeed(_) | WriteOp::Commit(_) => {
-                self.authorize_instance(action)
-            }
+            WriteOp::ApplyReadings { .. }
+            | WriteOp::TrimFeed(_)
+            | WriteOp::Refresh
+            | WriteOp::Commit(_) => self.authorize_instance(action),
             WriteOp::PublishTelemetry(message) => {
                 self.twin_for(graph, action, &message.twin).map(|_| ())
             }

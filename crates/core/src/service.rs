@@ -6,7 +6,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 
 use arc_swap::ArcSwap;
@@ -88,6 +88,30 @@ struct Shared {
     store: Arc<dyn Store>,
     /// The last feed position committed (0 before the first event); changes wake readers.
     feed_head: tokio::sync::watch::Sender<u64>,
+    /// On a store that other writers share: the store's commit counter that the published
+    /// snapshot reflects (its position), and when the snapshot was last known to be current
+    /// (milliseconds since `epoch`). `None` for a store of one writer, always current.
+    position: Option<Position>,
+}
+
+/// Where a shared store's snapshot stands (see `Shared::position`).
+struct Position {
+    applied: tokio::sync::watch::Sender<u64>,
+    confirmed_ms: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl Position {
+    /// The snapshot reflects `head`, which the store had a moment ago.
+    fn confirm(&self, head: u64) {
+        self.applied.send_if_modified(|a| {
+            let moved = *a != head;
+            *a = head;
+            moved
+        });
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.confirmed_ms.fetch_max(now, Ordering::Relaxed);
+    }
 }
 
 type CompileHook = Arc<dyn Fn() + Send + Sync>;
@@ -152,6 +176,11 @@ impl TwinService {
             load_work,
             store: store.clone(),
             feed_head,
+            position: head.map(|head| Position {
+                applied: tokio::sync::watch::channel(head).0,
+                confirmed_ms: AtomicU64::new(0),
+                epoch: std::time::Instant::now(),
+            }),
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
@@ -244,6 +273,61 @@ impl TwinService {
         self.shared.store_healthy.load(Ordering::Relaxed)
             && self.shared.writer_alive.load(Ordering::SeqCst)
             && self.store_reachable()
+    }
+
+    /// On a store that other writers share (PostgreSQL): the store's commit counter that the
+    /// published snapshot reflects. Every write this node acknowledged is at or below it, so a
+    /// client that presents it to another node ([`TwinService::wait_for_position`]) reads its
+    /// own writes there. `None` on a store of one writer.
+    pub fn position(&self) -> Option<u64> {
+        self.shared.position.as_ref().map(|p| *p.applied.borrow())
+    }
+
+    /// How long ago the snapshot was last known to be current (`None` on a store of one
+    /// writer, which is always current). [`TwinService::follow`] keeps it small while the store
+    /// answers.
+    pub fn lag(&self) -> Option<std::time::Duration> {
+        self.shared.position.as_ref().map(|p| {
+            let now = p.epoch.elapsed().as_millis() as u64;
+            std::time::Duration::from_millis(
+                now.saturating_sub(p.confirmed_ms.load(Ordering::Relaxed)),
+            )
+        })
+    }
+
+    /// Follows the other writers of a shared store: reads its commit counter and, if it moved
+    /// past the snapshot, wakes the writer to read what they committed (it does so before its
+    /// next group anyway). Blocking: call it off the async threads, every so often. Nothing on a
+    /// store of one writer.
+    pub fn follow(&self) -> Result<(), StoreError> {
+        let Some(position) = &self.shared.position else {
+            return Ok(());
+        };
+        let head = self.shared.store.head()?.unwrap_or(0);
+        if head == *position.applied.borrow() {
+            position.confirm(head);
+        } else {
+            // A full queue means the writer is about to run a group, which catches up first.
+            let _ = self.enqueue(WriteOp::Refresh, None, None);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `within` until the snapshot reflects `position` (a position another node
+    /// answered a write with); true once it does. Always true on a store of one writer.
+    pub async fn wait_for_position(&self, position: u64, within: std::time::Duration) -> bool {
+        let Some(shared) = &self.shared.position else {
+            return true;
+        };
+        let mut applied = shared.applied.subscribe();
+        if *applied.borrow() >= position {
+            return true;
+        }
+        // Ask the writer to look now rather than at the next follow.
+        let _ = self.enqueue(WriteOp::Refresh, None, None);
+        tokio::time::timeout(within, applied.wait_for(|a| *a >= position))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// False while the last [`TwinService::probe_store`] could not reach the store.
@@ -625,7 +709,12 @@ fn catch_up(
         return true;
     };
     match store.head() {
-        Ok(Some(head)) if head == current => return true,
+        Ok(Some(head)) if head == current => {
+            if let Some(position) = &shared.position {
+                position.confirm(head);
+            }
+            return true;
+        }
         Ok(_) => {}
         Err(e) => {
             tracing::error!(error = %e, "cannot read the store's commit counter; writes refused");
@@ -646,6 +735,9 @@ fn catch_up(
                 moved
             });
             *applied = loaded.head;
+            if let (Some(position), Some(head)) = (&shared.position, loaded.head) {
+                position.confirm(head);
+            }
             true
         }
         Err(e) => {
@@ -814,7 +906,10 @@ fn commit_group(
             .borrow_mut()
             .message_id_records(ctx.unix_now, &mut muts);
         keep_last_per_key(&mut muts);
+        // Nothing to make durable (a refresh, a trim with nothing to trim): no commit, so a
+        // shared store's counter moves only for changes.
         let result = match *applied {
+            _ if muts.is_empty() => Ok(Fenced::Committed(applied.unwrap_or(0))),
             Some(expected) => store.commit_at(&muts, expected),
             None => store.commit(&muts).map(|()| Fenced::Committed(0)),
         };
@@ -840,6 +935,9 @@ fn commit_group(
                 if applied.is_some() {
                     *applied = Some(head);
                 }
+                // Published first, then the position: a reader that sees the position sees
+                // the snapshot that reflects it.
+                let publish_position = shared.position.as_ref().map(|p| (p, head));
                 shared.store_healthy.store(true, Ordering::Relaxed);
                 shared.published.store(Arc::new(working));
                 let mut feed = ctx.feed.borrow_mut();
@@ -850,6 +948,9 @@ fn commit_group(
                     *h = head;
                     moved
                 });
+                if let Some((position, head)) = publish_position {
+                    position.confirm(head);
+                }
                 true
             }
             Err(e) => {

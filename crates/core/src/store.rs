@@ -447,7 +447,11 @@ impl Store for MemoryStore {
         self.apply(batch, None).map(|_| ())
     }
 
+    /// Fails with the commits under `set_failing(true)`: a shared store that is unreachable.
     fn head(&self) -> Result<Option<u64>, StoreError> {
+        if self.commits.is_some() && self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError("unreachable (test failure injection)".into()));
+        }
         self.commits
             .as_ref()
             .map(|c| c.lock().map(|n| *n))

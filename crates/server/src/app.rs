@@ -49,6 +49,8 @@ pub struct AppState {
     pub events: crate::events::Events,
     /// Import and deletion jobs (in memory; `docs/jobs.md`).
     pub jobs: crate::jobs::Jobs,
+    /// Seals the store positions clients are given, on a store that nodes may share.
+    pub positions: Option<Arc<crate::positions::PositionSeal>>,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -197,6 +199,10 @@ pub fn router(state: AppState) -> Router {
                 .delete(eventroutes::delete),
         )
         .merge(crate::routes::jobs::router())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::http::consistency,
+        ))
         .layer(middleware::from_fn(require_api_version))
         .layer(DefaultBodyLimit::max(TWIN_BODY_LIMIT));
 

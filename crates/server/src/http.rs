@@ -441,6 +441,77 @@ pub async fn require_api_version(
     }
 }
 
+/// A write's answer names the store position that holds it, sealed (on a store that several
+/// nodes may share: `crate::positions`); a request that presents one is answered only once this
+/// node has applied it.
+pub const POSITION_HEADER: &str = "twinguard-position";
+pub const MIN_POSITION_HEADER: &str = "twinguard-min-position";
+/// How long a request that presents a position waits for this node to apply it.
+pub const POSITION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A node whose snapshot was last known current longer ago than this refuses reads rather than
+/// answer them stale, and reports not ready.
+pub const MAX_READ_LAG: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The consistency a client of several nodes relies on (`docs/storage.md`, "What a client sees
+/// across nodes"): `Twinguard-Min-Position` is waited for (up to [`POSITION_WAIT`], then 503
+/// with `Retry-After`), a read on a node that lags more than [`MAX_READ_LAG`] is refused with
+/// 503, and a successful write's answer carries `Twinguard-Position`. On a store of one writer,
+/// always current, nothing waits and no position is named.
+pub async fn consistency(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let service = &state.service;
+    if let Some(value) = req.headers().get(MIN_POSITION_HEADER) {
+        // On a store of one writer every position is reached: the header is only checked.
+        let opened = match &state.positions {
+            Some(seal) => value.to_str().ok().and_then(|v| seal.open(v)),
+            None => value.to_str().ok().map(|_| 0),
+        };
+        let Some(position) = opened else {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "Twinguard-Min-Position must be a position a write was answered with",
+            )
+            .into_response();
+        };
+        if !service.wait_for_position(position, POSITION_WAIT).await {
+            return not_current("this node has not applied that position yet");
+        }
+    }
+    let reads = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    ) || req.uri().path() == "/query";
+    if reads && service.lag().is_some_and(|lag| lag > MAX_READ_LAG) {
+        return not_current("this node's view of the store is out of date");
+    }
+    let mut response = next.run(req).await;
+    // Only a write that succeeded names a position: a refusal stays the same answer whatever
+    // the store holds (a hidden twin is refused as an absent one is, to the byte).
+    if !reads
+        && response.status().is_success()
+        && let (Some(seal), Some(position)) = (&state.positions, service.position())
+        && let Some(token) = seal.seal(position)
+        && let Ok(value) = axum::http::HeaderValue::from_str(&token)
+    {
+        response.headers_mut().insert(POSITION_HEADER, value);
+    }
+    response
+}
+
+fn not_current(message: &'static str) -> Response {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::ServiceUnavailable,
+        message,
+    );
+    error.retry_after = Some(1);
+    error.into_response()
+}
+
 /// The correlation ID of the request being served.
 #[derive(Debug, Clone)]
 pub struct CorrelationId(pub String);

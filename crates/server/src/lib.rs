@@ -11,6 +11,7 @@
 //! - [`events`]: event endpoints and the delivery of the change feed to them.
 //! - [`mqtt`]: the MQTT subscriber feeding signed telemetry; the device plane's HTTPS
 //!   listener is [`app::device_router`].
+//! - [`positions`]: store positions as clients see them, sealed.
 //! - [`startup`]: [`startup::Application`], the wiring the binary and the tests share;
 //!   [`connections`]: how long and how many connections every listener keeps.
 
@@ -27,6 +28,7 @@ pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod mqtt;
+pub mod positions;
 pub mod refresh;
 pub mod routes;
 pub mod siem;

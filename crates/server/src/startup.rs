@@ -333,6 +333,9 @@ pub fn init(
     Ok((store, tokens, identity_store))
 }
 
+/// How often a node on a shared store looks for other nodes' commits (`TwinService::follow`).
+pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How often the server checks that its store answers (`TwinService::probe_store`).
 pub const STORE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -351,6 +354,14 @@ impl Application {
             config.issuers.as_deref(),
             &config.store,
         )?;
+        // Before the writer reads the store's counter: making the key is a commit.
+        let positions = match store.head()? {
+            Some(_) => Some(Arc::new(
+                crate::positions::PositionSeal::load_or_create(store.as_ref())
+                    .context("the store positions' key")?,
+            )),
+            None => None,
+        };
         let service = TwinService::open(store.clone(), Arc::new(SystemClock))
             .context("loading the twin graph")?;
         // One door for durable writes: from here on, every owner's commits to the main store go
@@ -483,6 +494,7 @@ impl Application {
                 mqtt: mqtt_status,
                 events,
                 jobs,
+                positions,
             },
             data_dir,
             siem: config.siem.clone(),
@@ -597,6 +609,19 @@ impl Application {
                 let _ = tokio::task::spawn_blocking(move || audit.measure_disk()).await;
             }
         });
+        // On a store that other nodes may write, follow their commits.
+        if self.state.service.position().is_some() {
+            let service = self.state.service.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(FOLLOW_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let service = service.clone();
+                    let _ = tokio::task::spawn_blocking(move || service.follow()).await;
+                }
+            });
+        }
         // Readiness follows the database even while no write comes to find out it is gone.
         let service = self.state.service.clone();
         tokio::spawn(async move {

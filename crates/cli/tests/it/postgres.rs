@@ -205,8 +205,10 @@ async fn every_write_acknowledged_on_postgresql_survives_kill_9() {
 
 /// Readiness as a load balancer reads it: a node whose database stops answering reports not
 /// ready (`"store": "unreachable"`) within a few probes, with no write needed to find out, and
-/// refuses writes meanwhile; its serving lock went with the connections, so it stays not ready
-/// once the database is back, and a restart serves again with every acknowledged write.
+/// refuses writes meanwhile; it serves reads from memory only until its view is older than the
+/// 5 s bound, then refuses them (`"feed": "lagging"`); its serving lock went with the
+/// connections, so it stays not ready once the database is back, and a restart serves again
+/// with every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes() {
     let db = match TestDatabase::create() {
@@ -252,6 +254,7 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
     assert_eq!(readiness().await.0, 200);
 
     db.set_reachable(false).unwrap();
+    let cut = Instant::now();
     // A deadline, not a measurement: the probe runs every 2 s.
     let deadline = Instant::now() + Duration::from_secs(20);
     let body = loop {
@@ -267,6 +270,25 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
     };
     assert_eq!(body["store"], "unreachable", "{body}");
     assert_eq!(put("during").await.unwrap().status(), 503);
+    // Reads are served from memory until the node's view is older than the bound (5 s: it
+    // was last confirmed current before the cut), then refused. A read sent after the bound
+    // plus a second of slack (for a confirmation in flight at the cut) must not be served.
+    loop {
+        let sent = Instant::now();
+        let (status, _) = read_twin(&server, &token, "before").await;
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            sent.duration_since(cut) <= Duration::from_secs(6),
+            "a read was served {:?} after the database was cut off",
+            sent.duration_since(cut)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, body) = readiness().await;
+    assert_eq!(body["feed"], "lagging", "{body}");
 
     db.set_reachable(true).unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;

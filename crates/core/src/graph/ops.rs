@@ -124,6 +124,9 @@ pub enum WriteOp {
     PublishTelemetry(TelemetryMessage),
     /// Deletes delivered records from the change feed; only the service makes one.
     TrimFeed(FeedTrim),
+    /// Changes nothing: wakes the writer so that it reads what other writers sharing the store
+    /// committed (`TwinService::follow`); only the service makes one.
+    Refresh,
     /// Another owner's records (identity, tokens, event delivery), committed in the writer's
     /// groups; made only by a `service::Door`.
     Commit(OwnedRecords),
@@ -228,6 +231,7 @@ impl WriteOp {
             Self::ApplyReadings { .. } => Action::TelemetryWrite,
             Self::PublishTelemetry(_) => Action::TwinsWrite,
             Self::TrimFeed(_) => Action::EventRoutesDelete,
+            Self::Refresh => Action::TwinsRead,
             Self::Commit(_) => Action::KeysWrite,
         }
     }
@@ -382,6 +386,7 @@ impl WriteOp {
                 ctx.feed.borrow_mut().trim(trim.below, muts);
                 Ok(WriteOutcome::Done)
             }
+            Self::Refresh => Ok(WriteOutcome::Done),
         }
     }
 }

@@ -253,3 +253,71 @@ fn a_fenced_commit_at_a_stale_counter_applies_nothing() {
         Fenced::Committed(7)
     );
 }
+
+#[tokio::test]
+async fn a_node_that_only_reads_follows_what_the_other_commits() {
+    let store = Arc::new(MemoryStore::shared());
+    let (a, b) = two_nodes(&store).await;
+    put(&a, "d", 4).await.unwrap();
+    assert!(b.twin(&owner(), "d").is_err(), "B has not looked yet");
+    // B writes nothing; following the store is what brings A's twin.
+    b.follow().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while b.twin(&owner(), "d").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never followed A's commit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.position(), a.position());
+}
+
+#[tokio::test]
+async fn a_read_that_presents_another_nodes_position_waits_for_it() {
+    let store = Arc::new(MemoryStore::shared());
+    let (a, b) = two_nodes(&store).await;
+    put(&a, "d", 4).await.unwrap();
+    let written = a.position().unwrap();
+    assert!(b.position().unwrap() < written);
+    // Presented to B, A's position is waited for, and then A's write is there.
+    assert!(
+        b.wait_for_position(written, std::time::Duration::from_secs(5))
+            .await
+    );
+    assert!(b.twin(&owner(), "d").is_ok());
+    // A position nobody has reached is not waited for past the bound.
+    assert!(
+        !b.wait_for_position(written + 100, std::time::Duration::from_millis(100))
+            .await
+    );
+    // A store of one writer has no positions: always current.
+    let single =
+        TwinService::open(Arc::new(MemoryStore::default()), Arc::new(SystemClock)).unwrap();
+    assert_eq!(single.position(), None);
+    assert_eq!(single.lag(), None);
+    assert!(
+        single
+            .wait_for_position(u64::MAX, std::time::Duration::ZERO)
+            .await
+    );
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_reach_its_store_knows_how_stale_it_is() {
+    let store = Arc::new(MemoryStore::shared());
+    let (_a, b) = two_nodes(&store).await;
+    b.follow().unwrap();
+    let fresh = b.lag().unwrap();
+    store.set_failing(true);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(b.follow().is_err());
+    let stale = b.lag().unwrap();
+    assert!(
+        stale >= fresh + std::time::Duration::from_millis(300),
+        "{stale:?} after {fresh:?}"
+    );
+    store.set_failing(false);
+    b.follow().unwrap();
+    assert!(b.lag().unwrap() < stale);
+}

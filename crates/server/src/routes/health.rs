@@ -15,7 +15,11 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let store = state.service.store_healthy();
+    let lagging = state
+        .service
+        .lag()
+        .is_some_and(|lag| lag > crate::http::MAX_READ_LAG);
+    let store = state.service.store_healthy() && !lagging;
     let audit = state.audit.healthy();
     // Not ready before the audit log's disk fills: appends would fail closed then.
     let disk = state.audit.disk_ok();
@@ -31,6 +35,9 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "audit": word(audit),
         "auditDisk": if disk { "ok" } else { "low" },
     });
+    if state.service.position().is_some() {
+        body["feed"] = json!(if lagging { "lagging" } else { "ok" });
+    }
     if let Some(mqtt) = &state.mqtt {
         body["mqtt"] = mqtt.detail();
     }

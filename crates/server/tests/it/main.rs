@@ -8,6 +8,7 @@ mod attacks;
 mod audit;
 mod auth;
 mod connections;
+mod consistency;
 mod events;
 mod identity;
 mod jobs;
