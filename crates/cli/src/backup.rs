@@ -412,6 +412,12 @@ fn apply(
                 if table == Table::Meta && key == RESTORE_MARKER {
                     bail!("the bundle holds a restore marker: it is not a backup of a whole store");
                 }
+                // Store positions count the commits of one database; the restored one counts
+                // afresh, so the old key is not kept and positions handed out before do not
+                // open on it (a new key is made at the first start).
+                if table == Table::Meta && key == twinguard_server::positions::KEY_RECORD {
+                    continue;
+                }
                 counts.add(part, table);
                 let mutation = Mutation::put(table, key, value);
                 match part {

@@ -418,3 +418,54 @@ fn a_server_does_not_start_on_a_restore_that_did_not_finish() {
     assert!(text(&made).contains("did not finish"), "{}", text(&made));
     assert!(!bundle.exists());
 }
+
+/// A bundle of a PostgreSQL instance restored into another database: the twins come back, and
+/// the key that sealed the old database's store positions does not (the new database counts its
+/// commits afresh, so a position handed out before must not open there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_instance_restores_into_another_database_with_a_new_position_key() {
+    let (source_db, target_db) = match (TestDatabase::create(), TestDatabase::create()) {
+        (Ok(Some(a)), Ok(Some(b))) => (a, b),
+        (Ok(None), _) | (_, Ok(None)) => return,
+        (Err(e), _) | (_, Err(e)) => panic!("{e}"),
+    };
+    let keep = tempfile::tempdir().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    let url = source_db.url();
+    let server = Server::start_with(source.path(), &["--store", url.as_str()], None);
+    let token = server.admin_token(source.path()).await;
+    build_plant(&server, &token).await;
+    let before = answers(&server, &token).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    server.kill();
+    let key = keep.path().join("checkpoint.pub");
+    std::fs::copy(source.path().join("audit/checkpoint.pub"), &key).unwrap();
+    let bundle = keep.path().join("pg.bundle");
+    let made = twinguard(
+        &["backup", "--store", url.as_str(), "--data-dir"],
+        &[source.path(), Path::new("--out"), &bundle],
+    );
+    assert!(made.status.success(), "{}", text(&made));
+
+    let target = tempfile::tempdir().unwrap();
+    let target_url = target_db.url();
+    let restored = restore(
+        &bundle,
+        &key,
+        target.path(),
+        &["--store", target_url.as_str()],
+    );
+    assert!(restored.status.success(), "{}", text(&restored));
+    let position_key = |db: &TestDatabase| {
+        db.query("SELECT encode(value, 'escape') FROM records WHERE tbl = 'meta' AND key = 'position.key'::bytea")
+            .unwrap()
+    };
+    assert_eq!(position_key(&target_db), Vec::<Option<String>>::new());
+    copy_admin_credential(source.path(), target.path());
+    let server = Server::start_with(target.path(), &["--store", target_url.as_str()], None);
+    let token = server.admin_token(target.path()).await;
+    assert_eq!(answers(&server, &token).await, before);
+    let (old, new) = (position_key(&source_db), position_key(&target_db));
+    assert_eq!((old.len(), new.len()), (1, 1));
+    assert_ne!(old, new, "the restored database kept the old position key");
+}
