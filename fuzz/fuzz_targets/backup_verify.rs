@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         panic!("the header of a bundle that verified cannot be written");
     };
     let mut file: Option<(&str, Vec<u8>)> = None;
-    let mut flush = |writer: &mut Writer<Vec<u8>>, file: &mut Option<(&str, Vec<u8>)>| {
+    let flush = |writer: &mut Writer<Vec<u8>>, file: &mut Option<(&str, Vec<u8>)>| {
         if let Some((name, bytes)) = file.take() {
             assert!(writer.file(name, &bytes[..]).is_ok());
         }

@@ -297,7 +297,7 @@ pub fn restore(
         return Ok(());
     };
     let data_dir = DataDir::new(data_dir);
-    let archive = prepare_target(&data_dir, &summary)?;
+    let archive = prepare_target(&data_dir, store, &summary)?;
     let counts = apply(verified, &data_dir, store, &archive, &summary.sha256)?;
     println!("twinguard: restored into {}", data_dir.root().display());
     println!("  {}", counts.describe());
@@ -309,8 +309,12 @@ pub fn restore(
         key.display()
     );
     println!(
-        "  next: twinguard serve --data-dir {} (identities are those of the backup: sign in \
-         with a credential of the instance)",
+        "  identities, credentials and revocations are as they were at the backup: re-apply \
+         any revocation, disabled identity or reset made since, before serving"
+    );
+    println!(
+        "  next: twinguard serve --data-dir {} (sign in with a credential of the instance); \
+         keep a copy of its audit/checkpoint.pub apart",
         data_dir.root().display()
     );
     Ok(())
@@ -320,6 +324,7 @@ pub fn restore(
 /// Returns the directory the audit trail goes to.
 fn prepare_target(
     data_dir: &DataDir,
+    config: &StoreConfig,
     summary: &twinguard_backup::Summary,
 ) -> anyhow::Result<PathBuf> {
     let header = &summary.header;
@@ -329,19 +334,30 @@ fn prepare_target(
          empty store",
         data_dir.root().display()
     );
-    match data_dir.existing_instance()? {
-        Some(existing) => ensure!(
+    let existing = data_dir.existing_instance()?;
+    if let Some(existing) = &existing {
+        ensure!(
             existing.instance_id == header.instance_id,
             "{} belongs to instance {}, the bundle to {}: restore into a new data directory",
             data_dir.root().display(),
             existing.instance_id,
             header.instance_id
-        ),
-        None => data_dir.adopt_instance(&Instance {
+        );
+    }
+    // Refused before anything is written: a store that is not empty must not be left beside
+    // a data directory that now names the bundle's instance.
+    if !matches!(config, StoreConfig::Embedded) || data_dir.store_path().exists() {
+        check_empty(open_store(config, data_dir)?.as_ref())?;
+    }
+    if data_dir.history_path().exists() {
+        check_history_empty(&open_history(data_dir)?, data_dir)?;
+    }
+    if existing.is_none() {
+        data_dir.adopt_instance(&Instance {
             version: 1,
             instance_id: header.instance_id.clone(),
             issuer: header.issuer.clone(),
-        })?,
+        })?;
     }
     // Keys and certificates of the target's own (kept if the operator brought them back).
     data_dir.prepare(&[])?;
@@ -364,20 +380,9 @@ fn apply(
     sha256: &str,
 ) -> anyhow::Result<Counts> {
     let main = open_store(config, data_dir)?;
-    for table in Table::ALL {
-        ensure!(
-            main.range_from(table, "", 1)?.is_empty(),
-            "the main store is not empty (its {} table has records): restore only into an \
-             empty store",
-            table.name()
-        );
-    }
+    check_empty(main.as_ref())?;
     let history = open_history(data_dir)?;
-    ensure!(
-        history.range_from(Table::History, "", 1)?.is_empty(),
-        "the history store {} is not empty: restore only into an empty one",
-        data_dir.history_path().display()
-    );
+    check_history_empty(&history, data_dir)?;
 
     ensure!(
         !archive.exists(),
@@ -456,6 +461,27 @@ fn apply(
     fs::remove_file(data_dir.restore_marker())?;
     sync_dir(data_dir.root())?;
     Ok(counts)
+}
+
+fn check_empty(main: &dyn Store) -> anyhow::Result<()> {
+    for table in Table::ALL {
+        ensure!(
+            main.range_from(table, "", 1)?.is_empty(),
+            "the main store is not empty (its {} table has records): restore only into an \
+             empty store",
+            table.name()
+        );
+    }
+    Ok(())
+}
+
+fn check_history_empty(history: &RedbStore, data_dir: &DataDir) -> anyhow::Result<()> {
+    ensure!(
+        history.range_from(Table::History, "", 1)?.is_empty(),
+        "the history store {} is not empty: restore only into an empty one",
+        data_dir.history_path().display()
+    );
+    Ok(())
 }
 
 /// Mutations committed a bounded batch at a time.

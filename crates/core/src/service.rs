@@ -99,14 +99,20 @@ struct Position {
     applied: tokio::sync::watch::Sender<u64>,
     confirmed_ms: AtomicU64,
     epoch: std::time::Instant,
+    /// A refresh is queued for the writer and not yet run: one is enough, however many
+    /// requests wait for a position.
+    refresh_queued: AtomicBool,
 }
 
 impl Position {
-    /// The snapshot reflects `head`, which the store had a moment ago.
+    /// The snapshot reflects `head`, which the store had a moment ago. Only ever raised: a
+    /// follower that read an older head races the writer's confirmation of a newer one.
     fn confirm(&self, head: u64) {
         self.applied.send_if_modified(|a| {
-            let moved = *a != head;
-            *a = head;
+            let moved = head > *a;
+            if moved {
+                *a = head;
+            }
             moved
         });
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -180,6 +186,7 @@ impl TwinService {
                 applied: tokio::sync::watch::channel(head).0,
                 confirmed_ms: AtomicU64::new(0),
                 epoch: std::time::Instant::now(),
+                refresh_queued: AtomicBool::new(false),
             }),
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -307,8 +314,7 @@ impl TwinService {
         if head == *position.applied.borrow() {
             position.confirm(head);
         } else {
-            // A full queue means the writer is about to run a group, which catches up first.
-            let _ = self.enqueue(WriteOp::Refresh, None, None);
+            self.request_refresh();
         }
         Ok(())
     }
@@ -324,10 +330,23 @@ impl TwinService {
             return true;
         }
         // Ask the writer to look now rather than at the next follow.
-        let _ = self.enqueue(WriteOp::Refresh, None, None);
+        self.request_refresh();
         tokio::time::timeout(within, applied.wait_for(|a| *a >= position))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Queues one [`WriteOp::Refresh`] unless one is already waiting. A full queue needs
+    /// none: the writer is about to run a group, which catches up first.
+    fn request_refresh(&self) {
+        let Some(position) = &self.shared.position else {
+            return;
+        };
+        if !position.refresh_queued.swap(true, Ordering::AcqRel)
+            && self.enqueue(WriteOp::Refresh, None, None).is_err()
+        {
+            position.refresh_queued.store(false, Ordering::Release);
+        }
     }
 
     /// False while the last [`TwinService::probe_store`] could not reach the store.
@@ -350,7 +369,17 @@ impl TwinService {
         self.shared
             .store_reachable
             .store(reachable, Ordering::Relaxed);
+        // A shared store that failed a commit and answers again: have the writer look, which
+        // marks it healthy, rather than wait for a write that a balancer may no longer send.
+        if reachable && !self.shared.store_healthy.load(Ordering::Relaxed) {
+            self.request_refresh();
+        }
         reachable
+    }
+
+    /// Marks the store unreachable: its probe did not answer in time.
+    pub fn mark_store_unreachable(&self) {
+        self.shared.store_reachable.store(false, Ordering::Relaxed);
     }
 
     /// Performs a write for `principal` and returns once it is durable and visible.
@@ -708,11 +737,18 @@ fn catch_up(
     let Some(current) = *applied else {
         return true;
     };
+    // Any refresh queued before this point is served by this look at the store.
+    if let Some(position) = &shared.position {
+        position.refresh_queued.store(false, Ordering::Release);
+    }
     match store.head() {
         Ok(Some(head)) if head == current => {
             if let Some(position) = &shared.position {
                 position.confirm(head);
             }
+            // The store answers and nothing was missed: a commit that failed before no longer
+            // keeps the node not ready.
+            shared.store_healthy.store(true, Ordering::Relaxed);
             return true;
         }
         Ok(_) => {}
@@ -738,6 +774,7 @@ fn catch_up(
             if let (Some(position), Some(head)) = (&shared.position, loaded.head) {
                 position.confirm(head);
             }
+            shared.store_healthy.store(true, Ordering::Relaxed);
             true
         }
         Err(e) => {

@@ -335,6 +335,8 @@ pub struct MemoryStore {
     failing: AtomicBool,
     /// The commit counter of [`MemoryStore::shared`]; `None` for a store of one writer.
     commits: Option<Mutex<u64>>,
+    /// A commit "from another writer" made just before the next fenced commit (tests).
+    interposed: Mutex<Option<Vec<Mutation>>>,
 }
 
 impl MemoryStore {
@@ -351,6 +353,14 @@ impl MemoryStore {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Commits `batch` (moving the counter) at the moment the next fenced commit arrives, as
+    /// another writer that got there first would: that commit then finds the counter moved.
+    pub fn interpose_before_next_fenced_commit(&self, batch: Vec<Mutation>) {
+        if let Ok(mut interposed) = self.interposed.lock() {
+            *interposed = Some(batch);
+        }
+    }
+
     /// Applies `batch` if the counter is `expected` (or unconditionally for `None`); the
     /// counter's lock is held across it, so fenced commits are serialised.
     fn apply(&self, batch: &[Mutation], expected: Option<u64>) -> Result<Fenced, StoreError> {
@@ -363,6 +373,26 @@ impl MemoryStore {
             .map(|c| c.lock())
             .transpose()
             .map_err(|_| StoreError("poisoned".into()))?;
+        if expected.is_some() {
+            let interposed = self
+                .interposed
+                .lock()
+                .map_err(|_| StoreError("poisoned".into()))?
+                .take();
+            if let (Some(batch), Some(n)) = (interposed, counter.as_deref_mut()) {
+                let mut tables = self
+                    .tables
+                    .lock()
+                    .map_err(|_| StoreError("poisoned".into()))?;
+                for m in batch {
+                    match m.value {
+                        Some(v) => tables.insert((m.table, m.key), v),
+                        None => tables.remove(&(m.table, m.key)),
+                    };
+                }
+                *n += 1;
+            }
+        }
         let head = counter.as_deref().copied().unwrap_or(0);
         if expected.is_some_and(|e| counter.is_some() && e != head) {
             return Ok(Fenced::Stale(head));

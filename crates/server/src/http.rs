@@ -452,8 +452,7 @@ pub const POSITION_WAIT: std::time::Duration = std::time::Duration::from_secs(2)
 /// answer them stale, and reports not ready.
 pub const MAX_READ_LAG: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The consistency a client of several nodes relies on (`docs/storage.md`, "What a client sees
-/// across nodes"): `Twinguard-Min-Position` is waited for (up to [`POSITION_WAIT`], then 503
+/// The consistency a client of several nodes relies on (`docs/consistency.md`): `Twinguard-Min-Position` is waited for (up to [`POSITION_WAIT`], then 503
 /// with `Retry-After`), a read on a node that lags more than [`MAX_READ_LAG`] is refused with
 /// 503, and a successful write's answer carries `Twinguard-Position`. On a store of one writer,
 /// always current, nothing waits and no position is named.

@@ -1,31 +1,28 @@
 //! Store positions as clients see them: sealed. A write's answer names the position of the
 //! store that holds it (`Twinguard-Position`), and a client presents it to any node
 //! (`Twinguard-Min-Position`, `crate::http::consistency`). The number itself would tell a client
-//! how many commits everyone made between two of its own writes, including writes to twins it
-//! may not see; so the header carries the position encrypted under an instance key: one AES-256
-//! block (a pseudorandom permutation of the 8-byte position with its padding), which only a
-//! node can open and which says nothing about order or distance. A block that does not open to
-//! a well-padded 8-byte position (any forged or altered one, but for a 2^-64 chance) is refused.
-//!
-//! ECB here is one block per value by construction, a permutation on purpose: equal positions
-//! give equal tokens, which reveals no more than that two answers came from the same commit.
+//! how many commits everyone made between two of its own requests, including writes to twins it
+//! may not see; so the header carries the position sealed with AES-256-GCM under an instance key
+//! and a fresh random nonce: only a node can open it, it says nothing of order or distance, two
+//! tokens of the same position differ (so equal tokens do not tell that nobody wrote in
+//! between), and a forged or altered one fails its tag.
 //!
 //! The key is in the main store (`Table::Meta`, `position.key`), so every node sharing the store
 //! uses the same one; it is made at the first start on a shared store.
 
-use aws_lc_rs::cipher::{
-    AES_256, PaddedBlockDecryptingKey, PaddedBlockEncryptingKey, UnboundCipherKey,
-};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, NONCE_LEN, Nonce, RandomizedNonceKey};
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use twinguard_core::store::{Fenced, Mutation, Store, Table};
 
 /// The `Table::Meta` key of the instance's position key.
 pub const KEY_RECORD: &str = "position.key";
 
+/// Longest token accepted: a nonce, eight bytes and a tag, in base64url.
+const MAX_TOKEN: usize = 64;
+
 pub struct PositionSeal {
-    encrypt: PaddedBlockEncryptingKey,
-    decrypt: PaddedBlockDecryptingKey,
+    key: RandomizedNonceKey,
 }
 
 impl std::fmt::Debug for PositionSeal {
@@ -36,14 +33,9 @@ impl std::fmt::Debug for PositionSeal {
 
 impl PositionSeal {
     pub fn new(key: &[u8; 32]) -> anyhow::Result<Self> {
-        let unbound = || {
-            UnboundCipherKey::new(&AES_256, key).map_err(|_| anyhow::anyhow!("not an AES-256 key"))
-        };
         Ok(Self {
-            encrypt: PaddedBlockEncryptingKey::ecb_pkcs7(unbound()?)
-                .map_err(|_| anyhow::anyhow!("AES-256 is not available"))?,
-            decrypt: PaddedBlockDecryptingKey::ecb_pkcs7(unbound()?)
-                .map_err(|_| anyhow::anyhow!("AES-256 is not available"))?,
+            key: RandomizedNonceKey::new(&AES_256_GCM, key)
+                .map_err(|_| anyhow::anyhow!("AES-256-GCM is not available"))?,
         })
     }
 
@@ -51,6 +43,9 @@ impl PositionSeal {
     /// if missing.
     pub fn load_or_create(store: &dyn Store) -> anyhow::Result<Self> {
         for _ in 0..8 {
+            // The counter first: a key another node commits after this read moves it, so the
+            // fenced commit below fails and the loop reads that key.
+            let head = store.head()?;
             if let Some((_, value)) = store
                 .range(Table::Meta, KEY_RECORD, &format!("{KEY_RECORD}\0"), 1)?
                 .pop()
@@ -70,8 +65,7 @@ impl PositionSeal {
                 KEY_RECORD,
                 STANDARD.encode(raw).into_bytes(),
             )];
-            // Fenced, so of two nodes starting at once one key wins and both read it.
-            match store.head()? {
+            match head {
                 Some(head) => {
                     if let Fenced::Committed(_) = store.commit_at(&record, head)? {
                         return Self::new(&raw);
@@ -86,24 +80,32 @@ impl PositionSeal {
         anyhow::bail!("other nodes kept committing while the position key was made")
     }
 
-    /// The token a client is given for `position`: 32 hex digits.
+    /// The token a client is given for `position`.
     pub fn seal(&self, position: u64) -> Option<String> {
-        let mut block = position.to_be_bytes().to_vec();
-        self.encrypt.encrypt(&mut block).ok()?;
-        Some(block.iter().map(|b| format!("{b:02x}")).collect())
+        let mut sealed = position.to_be_bytes().to_vec();
+        let nonce = self
+            .key
+            .seal_in_place_append_tag(Aad::empty(), &mut sealed)
+            .ok()?;
+        let mut token = nonce.as_ref().to_vec();
+        token.extend_from_slice(&sealed);
+        Some(URL_SAFE_NO_PAD.encode(token))
     }
 
-    /// The position a token names, if it is one of this instance's.
+    /// The position a token names, if it is one of this instance's, unaltered.
     pub fn open(&self, token: &str) -> Option<u64> {
         let token = token.trim();
-        if token.len() != 32 || !token.is_ascii() {
+        if token.len() > MAX_TOKEN {
             return None;
         }
-        let mut block = (0..16)
-            .map(|i| u8::from_str_radix(token.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()?;
-        let context = aws_lc_rs::cipher::DecryptionContext::None;
-        let plain = self.decrypt.decrypt(&mut block, context).ok()?;
+        let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
+        let (nonce, sealed) = bytes.split_at_checked(NONCE_LEN)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut sealed = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::empty(), &mut sealed)
+            .ok()?;
         Some(u64::from_be_bytes(<[u8; 8]>::try_from(&*plain).ok()?))
     }
 }
@@ -116,17 +118,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_sealed_position_opens_to_itself_and_says_nothing_of_its_order() {
+    fn a_sealed_position_opens_to_itself_and_says_nothing_of_its_order_or_equality() {
         let seal = PositionSeal::new(&[7u8; 32]).unwrap();
         for position in [0, 1, 2, 41, 42, u64::MAX] {
             let token = seal.seal(position).unwrap();
-            assert_eq!(token.len(), 32);
+            assert!(token.len() <= MAX_TOKEN);
             assert_eq!(seal.open(&token), Some(position));
         }
-        // Neighbours share no prefix worth the name: the tokens are unrelated blocks.
-        let (a, b) = (seal.seal(41).unwrap(), seal.seal(42).unwrap());
-        let same = a.chars().zip(b.chars()).filter(|(x, y)| x == y).count();
-        assert!(same < 8, "{a} {b}");
+        // The same position twice: two different tokens, both opening to it.
+        let (a, b) = (seal.seal(42).unwrap(), seal.seal(42).unwrap());
+        assert_ne!(a, b);
+        assert_eq!((seal.open(&a), seal.open(&b)), (Some(42), Some(42)));
         // Another instance's key opens none of them.
         let other = PositionSeal::new(&[8u8; 32]).unwrap();
         assert_eq!(other.open(&a), None);
@@ -136,30 +138,38 @@ mod tests {
     fn an_altered_or_made_up_token_is_refused() {
         let seal = PositionSeal::new(&[7u8; 32]).unwrap();
         let token = seal.seal(42).unwrap();
-        for i in 0..token.len() {
-            let mut altered: Vec<char> = token.chars().collect();
-            altered[i] = if altered[i] == '0' { '1' } else { '0' };
-            let altered: String = altered.into_iter().collect();
-            assert_eq!(seal.open(&altered), None, "{altered}");
+        let bytes = URL_SAFE_NO_PAD.decode(&token).unwrap();
+        for i in 0..bytes.len() {
+            let mut altered = bytes.clone();
+            altered[i] ^= 1;
+            assert_eq!(
+                seal.open(&URL_SAFE_NO_PAD.encode(&altered)),
+                None,
+                "byte {i}"
+            );
         }
-        for junk in [
-            "",
-            "42",
-            "soon",
-            &"z".repeat(32),
-            &"0".repeat(31),
-            "é".repeat(16).as_str(),
-        ] {
+        for junk in ["", "42", "soon", &"A".repeat(48), &"A".repeat(65), "é"] {
             assert_eq!(seal.open(junk), None, "{junk}");
         }
     }
 
     #[test]
-    fn nodes_sharing_a_store_share_one_key() {
-        let store = MemoryStore::shared();
-        let first = PositionSeal::load_or_create(&store).unwrap();
-        let second = PositionSeal::load_or_create(&store).unwrap();
-        let token = first.seal(9).unwrap();
-        assert_eq!(second.open(&token), Some(9));
+    fn nodes_starting_at_once_on_one_store_share_one_key() {
+        for _ in 0..20 {
+            let store = std::sync::Arc::new(MemoryStore::shared());
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let starts: Vec<_> = (0..2)
+                .map(|_| {
+                    let (store, barrier) = (store.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        PositionSeal::load_or_create(store.as_ref()).unwrap()
+                    })
+                })
+                .collect();
+            let seals: Vec<PositionSeal> = starts.into_iter().map(|s| s.join().unwrap()).collect();
+            let token = seals[0].seal(9).unwrap();
+            assert_eq!(seals[1].open(&token), Some(9));
+        }
     }
 }

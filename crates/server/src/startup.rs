@@ -623,13 +623,22 @@ impl Application {
             });
         }
         // Readiness follows the database even while no write comes to find out it is gone.
+        // A probe still running at the next tick (a hung connection) counts as unreachable,
+        // and no second one is started beside it.
         let service = self.state.service.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(STORE_PROBE_EVERY);
+            let mut running: Option<tokio::task::JoinHandle<bool>> = None;
             loop {
                 every.tick().await;
-                let service = service.clone();
-                let _ = tokio::task::spawn_blocking(move || service.probe_store()).await;
+                if let Some(probe) = &running
+                    && !probe.is_finished()
+                {
+                    service.mark_store_unreachable();
+                    continue;
+                }
+                let probing = service.clone();
+                running = Some(tokio::task::spawn_blocking(move || probing.probe_store()));
             }
         });
         self.state.events.start();

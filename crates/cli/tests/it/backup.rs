@@ -449,6 +449,11 @@ async fn a_postgresql_instance_restores_into_another_database_with_a_new_positio
 
     let target = tempfile::tempdir().unwrap();
     let target_url = target_db.url();
+    // Into the source's own database (not empty): refused before the new directory is touched.
+    let refused = restore(&bundle, &key, target.path(), &["--store", url.as_str()]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("not empty"), "{}", text(&refused));
+    assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0);
     let restored = restore(
         &bundle,
         &key,

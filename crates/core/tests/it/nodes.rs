@@ -321,3 +321,66 @@ async fn a_node_that_cannot_reach_its_store_knows_how_stale_it_is() {
     b.follow().unwrap();
     assert!(b.lag().unwrap() < stale);
 }
+
+/// The race the pre-check cannot close: another writer commits after a node decided a write
+/// and before its commit. The fenced commit applies nothing, the write is answered 503
+/// (retryable), and the retry, decided on the new state, lands at the next feed position: the
+/// feed has no gap and no repeat. With plain commits the write would land on top of a state it
+/// never saw.
+#[tokio::test]
+async fn a_write_whose_commit_finds_another_writer_first_applies_nothing_and_is_503() {
+    use twinguard_core::store::Mutation;
+    let store = Arc::new(MemoryStore::shared());
+    let (a, _b) = two_nodes(&store).await;
+    let head = store.head().unwrap().unwrap();
+    store.interpose_before_next_fenced_commit(vec![Mutation::put(
+        Table::Meta,
+        "test.elsewhere",
+        b"1".to_vec(),
+    )]);
+    let refused = put(&a, "late", 1).await;
+    assert!(
+        matches!(refused, Err(DomainError::Unavailable)),
+        "{refused:?}"
+    );
+    assert!(
+        a.twin(&owner(), "late").is_err(),
+        "a refused write is not visible"
+    );
+    assert_eq!(
+        store.head().unwrap(),
+        Some(head + 1),
+        "only the other writer's commit"
+    );
+    assert!(
+        !store
+            .scan(Table::Twins)
+            .unwrap()
+            .iter()
+            .any(|(k, _)| k == "late"),
+        "a refused write is not stored"
+    );
+    put(&a, "late", 2).await.unwrap();
+    let positions: Vec<u64> = feed(&store).into_iter().map(|e| e.seq).collect();
+    let expected: Vec<u64> = (1..=positions.len() as u64).collect();
+    assert_eq!(positions, expected);
+}
+
+/// A node whose shared store failed for a moment is ready again once the store answers its
+/// probe, without waiting for a write (which a load balancer may no longer send it).
+#[tokio::test]
+async fn a_node_is_healthy_again_when_its_shared_store_answers_without_a_write() {
+    let store = Arc::new(MemoryStore::shared());
+    let (a, _b) = two_nodes(&store).await;
+    store.set_failing(true);
+    assert!(matches!(put(&a, "d", 1).await, Err(DomainError::Unavailable)));
+    assert!(!a.store_healthy());
+    assert!(!a.probe_store());
+    store.set_failing(false);
+    assert!(a.probe_store());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !a.store_healthy() {
+        assert!(std::time::Instant::now() < deadline, "still not healthy");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
