@@ -373,7 +373,10 @@ async fn a_node_is_healthy_again_when_its_shared_store_answers_without_a_write()
     let store = Arc::new(MemoryStore::shared());
     let (a, _b) = two_nodes(&store).await;
     store.set_failing(true);
-    assert!(matches!(put(&a, "d", 1).await, Err(DomainError::Unavailable)));
+    assert!(matches!(
+        put(&a, "d", 1).await,
+        Err(DomainError::Unavailable)
+    ));
     assert!(!a.store_healthy());
     assert!(!a.probe_store());
     store.set_failing(false);
