@@ -290,7 +290,12 @@ impl<W: Write> Writer<W> {
     }
 
     /// Signs what was written and ends the bundle; returns the output, flushed.
-    pub fn finish(mut self, signer: &NoteSigner) -> Result<W, BackupError> {
+    pub fn finish(self, signer: &NoteSigner) -> Result<W, BackupError> {
+        self.finish_with_digest(signer).map(|(out, _)| out)
+    }
+
+    /// [`Writer::finish`], with the SHA-256 of the whole bundle as hex ([`Summary::sha256`]).
+    pub fn finish_with_digest(mut self, signer: &NoteSigner) -> Result<(W, String), BackupError> {
         let digest = self.out.hash.clone().finalize();
         let text = note_text(
             &self.instance,
@@ -305,8 +310,13 @@ impl<W: Write> Writer<W> {
         self.out.write_all(&len.to_be_bytes())?;
         self.out.write_all(note.as_bytes())?;
         self.out.flush()?;
-        Ok(self.out.inner)
+        let whole = hex(&self.out.hash.finalize());
+        Ok((self.out.inner, whole))
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn checked_len(len: usize, max: u32, what: &str) -> Result<u32, BackupError> {
@@ -523,11 +533,7 @@ impl<R: Read> Reader<R> {
             header: self.header.clone(),
             records: self.records,
             files: self.files.clone(),
-            sha256: whole
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: hex(&whole.finalize()),
         })
     }
 }

@@ -100,8 +100,12 @@ fn a_file_larger_than_a_chunk_is_written_in_pieces_and_read_back_whole() {
         writer.file("entries.jsonl", &content[..]).unwrap(),
         content.len() as u64
     );
-    let bytes = writer.finish(&signer).unwrap();
+    let (bytes, digest) = writer.finish_with_digest(&signer).unwrap();
     let (items, summary) = read_all(&bytes, &verifier).unwrap();
+    assert_eq!(
+        digest, summary.sha256,
+        "the writer's digest is the reader's"
+    );
     assert_eq!(items.len(), 3);
     let joined: Vec<u8> = items
         .into_iter()

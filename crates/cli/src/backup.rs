@@ -105,7 +105,7 @@ pub fn backup(data_dir: &Path, store: &StoreConfig, out: &Path) -> anyhow::Resul
         history.as_ref(),
         &signer,
     );
-    let (file, counts) = match written {
+    let (file, counts, digest) = match written {
         Ok(done) => done,
         Err(e) => {
             // Half a bundle is no bundle.
@@ -117,13 +117,6 @@ pub fn backup(data_dir: &Path, store: &StoreConfig, out: &Path) -> anyhow::Resul
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         File::open(parent)?.sync_all()?;
     }
-    let digest = twinguard_backup::verify(
-        File::open(out)?,
-        &NoteVerifier::parse(&signer.verifier_key()).map_err(|e| anyhow::anyhow!("{e}"))?,
-        io::sink(),
-    )
-    .context("reading back the bundle just written")?
-    .sha256;
     println!(
         "twinguard: backup of instance {} written to {}",
         instance.instance_id,
@@ -195,7 +188,7 @@ fn write_bundle(
     main: &dyn Store,
     history: Option<&RedbStore>,
     signer: &NoteSigner,
-) -> anyhow::Result<(File, Counts)> {
+) -> anyhow::Result<(File, Counts, String)> {
     let header = Header {
         format: twinguard_backup::FORMAT,
         instance_id: instance.instance_id.clone(),
@@ -235,9 +228,9 @@ fn write_bundle(
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
-    let out = writer.finish(signer)?;
+    let (out, digest) = writer.finish_with_digest(signer)?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
-    Ok((file, counts))
+    Ok((file, counts, digest))
 }
 
 /// The bytes of `inner` before its first NUL.

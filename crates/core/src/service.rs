@@ -765,11 +765,7 @@ fn catch_up(
             let head = loaded.feed.next - 1;
             *ctx.feed.borrow_mut() = loaded.feed;
             *ctx.parsed.borrow_mut() = Default::default();
-            shared.feed_head.send_if_modified(|h| {
-                let moved = *h != head;
-                *h = head;
-                moved
-            });
+            publish_feed_head(shared, head);
             *applied = loaded.head;
             if let (Some(position), Some(head)) = (&shared.position, loaded.head) {
                 position.confirm(head);
@@ -783,6 +779,15 @@ fn catch_up(
             false
         }
     }
+}
+
+/// Moves the feed's head to `head`, waking its readers only if it moved.
+fn publish_feed_head(shared: &Shared, head: u64) {
+    shared.feed_head.send_if_modified(|h| {
+        let moved = *h != head;
+        *h = head;
+        moved
+    });
 }
 
 /// Telemetry writes merged into one for a group's commit: the merged write's answer, and each
@@ -979,12 +984,7 @@ fn commit_group(
                 shared.published.store(Arc::new(working));
                 let mut feed = ctx.feed.borrow_mut();
                 feed.committed(numbered, ctx.unix_now);
-                let head = feed.next - 1;
-                shared.feed_head.send_if_modified(|h| {
-                    let moved = *h != head;
-                    *h = head;
-                    moved
-                });
+                publish_feed_head(shared, feed.next - 1);
                 if let Some((position, head)) = publish_position {
                     position.confirm(head);
                 }

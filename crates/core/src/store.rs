@@ -361,6 +361,22 @@ impl MemoryStore {
         }
     }
 
+    /// Puts and deletes `batch`'s records, in order.
+    fn write(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        let mut tables = self
+            .tables
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        for m in batch {
+            let key = (m.table, m.key.clone());
+            match &m.value {
+                Some(v) => tables.insert(key, v.clone()),
+                None => tables.remove(&key),
+            };
+        }
+        Ok(())
+    }
+
     /// Applies `batch` if the counter is `expected` (or unconditionally for `None`); the
     /// counter's lock is held across it, so fenced commits are serialised.
     fn apply(&self, batch: &[Mutation], expected: Option<u64>) -> Result<Fenced, StoreError> {
@@ -380,16 +396,7 @@ impl MemoryStore {
                 .map_err(|_| StoreError("poisoned".into()))?
                 .take();
             if let (Some(batch), Some(n)) = (interposed, counter.as_deref_mut()) {
-                let mut tables = self
-                    .tables
-                    .lock()
-                    .map_err(|_| StoreError("poisoned".into()))?;
-                for m in batch {
-                    match m.value {
-                        Some(v) => tables.insert((m.table, m.key), v),
-                        None => tables.remove(&(m.table, m.key)),
-                    };
-                }
+                self.write(&batch)?;
                 *n += 1;
             }
         }
@@ -397,17 +404,7 @@ impl MemoryStore {
         if expected.is_some_and(|e| counter.is_some() && e != head) {
             return Ok(Fenced::Stale(head));
         }
-        let mut tables = self
-            .tables
-            .lock()
-            .map_err(|_| StoreError("poisoned".into()))?;
-        for m in batch {
-            let key = (m.table, m.key.clone());
-            match &m.value {
-                Some(v) => tables.insert(key, v.clone()),
-                None => tables.remove(&key),
-            };
-        }
+        self.write(batch)?;
         match counter.as_deref_mut() {
             Some(n) => {
                 *n += 1;
