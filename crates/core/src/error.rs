@@ -69,6 +69,11 @@ pub enum DomainError {
     PreconditionFailed,
     #[error("the store is unavailable")]
     Unavailable,
+    /// A write decided on records that another writer of a shared store has changed since
+    /// ([`crate::store::Expect`]): nothing of it was stored. Its owner reads the records again
+    /// and decides anew; one that gives up answers it as [`DomainError::Unavailable`].
+    #[error("the decision was made on records another node has changed since; retry")]
+    Superseded,
     /// Too many recent failed secret checks from this address or on this account; nothing was
     /// checked.
     #[error("too many failed attempts; retry in {retry_after_secs} s")]

@@ -23,7 +23,7 @@ use crate::feed::{self, FeedEvent, FeedState};
 use crate::graph::ops::{self, WriteContext, WriteOp, WriteOutcome};
 use crate::graph::{EventRoute, Graph, ModelEntry, PropertyUpdate, Relationship, Twin};
 use crate::query;
-use crate::store::{Fenced, Mutation, Owner, Store, StoreError, Table, for_each_record};
+use crate::store::{Expect, Fenced, Mutation, Owner, Store, StoreError, Table, for_each_record};
 
 /// Twins or relationships read from the store at a time while the graph is loaded.
 const LOAD_PAGE: usize = 10_000;
@@ -71,6 +71,8 @@ struct Job {
     reply: Reply,
     /// A model upload's slot, held until the writer has dealt with it.
     _upload: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The records the write was decided on (see [`Expect`]); checked only on a shared store.
+    expect: Vec<Expect>,
 }
 
 /// Shared by the service handle and the writer thread.
@@ -233,6 +235,12 @@ impl TwinService {
         }
     }
 
+    /// True on a store that other writers share (its commits are counted and fenced): there a
+    /// write decided on owner records should name them ([`TwinService::submit_expecting`]).
+    pub fn shares_store(&self) -> bool {
+        self.shared.position.is_some()
+    }
+
     /// The last position of the change feed that is committed (0 before the first event).
     pub fn feed_head(&self) -> u64 {
         *self.shared.feed_head.borrow()
@@ -262,7 +270,12 @@ impl TwinService {
     /// Deletes the feed records below position `below` (every reader has passed them), at
     /// most [`feed::MAX_TRIM`] a call, through the writer like every other change.
     pub async fn trim_feed(&self, below: u64) -> DomainResult<()> {
-        let answer = self.enqueue(WriteOp::TrimFeed(ops::FeedTrim { below }), None, None)?;
+        let answer = self.enqueue(
+            WriteOp::TrimFeed(ops::FeedTrim { below }),
+            None,
+            None,
+            Vec::new(),
+        )?;
         answer
             .await
             .map_err(|_| DomainError::Unavailable)?
@@ -343,7 +356,9 @@ impl TwinService {
             return;
         };
         if !position.refresh_queued.swap(true, Ordering::AcqRel)
-            && self.enqueue(WriteOp::Refresh, None, None).is_err()
+            && self
+                .enqueue(WriteOp::Refresh, None, None, Vec::new())
+                .is_err()
         {
             position.refresh_queued.store(false, Ordering::Release);
         }
@@ -400,7 +415,26 @@ impl TwinService {
         principal: &Principal,
         op: WriteOp,
     ) -> DomainResult<impl Future<Output = DomainResult<WriteOutcome>> + Send + 'static> {
+        self.submit_expecting(principal, op, Vec::new())
+    }
+
+    /// [`TwinService::submit`] of a write decided on the records `expect` names: on a store that
+    /// other writers share, it is answered [`DomainError::Superseded`], and nothing of it is
+    /// stored, unless each of them still holds the value expected when the writer commits it.
+    /// On a store of one writer the expectations are not read (nothing else writes it). Not for
+    /// model uploads.
+    pub fn submit_expecting(
+        &self,
+        principal: &Principal,
+        op: WriteOp,
+        expect: Vec<Expect>,
+    ) -> DomainResult<impl Future<Output = DomainResult<WriteOutcome>> + Send + 'static> {
         principal.authorize(op.action())?;
+        if !expect.is_empty() && matches!(op, WriteOp::UploadModels(_)) {
+            return Err(DomainError::Internal(
+                "a model upload cannot expect records",
+            ));
+        }
         let scoped = (!principal.holds_everywhere(op.action())).then(|| principal.clone());
         let pending = match op {
             WriteOp::UploadModels(docs) => {
@@ -419,7 +453,7 @@ impl TwinService {
                     scoped,
                 }
             }
-            op => Pending::Queued(self.enqueue(op, scoped, None)?),
+            op => Pending::Queued(self.enqueue(op, scoped, None, expect)?),
         };
         Ok(async move {
             let answer = match pending {
@@ -431,7 +465,12 @@ impl TwinService {
                     scoped,
                 } => {
                     let compiled = service.compile_upload(docs).await?;
-                    service.enqueue(WriteOp::AddCompiledModels(compiled), scoped, Some(permit))?
+                    service.enqueue(
+                        WriteOp::AddCompiledModels(compiled),
+                        scoped,
+                        Some(permit),
+                        Vec::new(),
+                    )?
                 }
             };
             answer.await.map_err(|_| DomainError::Unavailable)?
@@ -443,6 +482,7 @@ impl TwinService {
         op: WriteOp,
         scoped: Option<Principal>,
         _upload: Option<tokio::sync::OwnedSemaphorePermit>,
+        expect: Vec<Expect>,
     ) -> DomainResult<oneshot::Receiver<DomainResult<WriteOutcome>>> {
         let (reply, answer) = oneshot::channel();
         self.jobs
@@ -451,6 +491,7 @@ impl TwinService {
                 scoped,
                 reply: Reply::Async(reply),
                 _upload,
+                expect,
             })
             .map_err(|_| DomainError::Unavailable)?;
         Ok(answer)
@@ -708,18 +749,24 @@ fn writer(
                 Err(_) => break,
             }
         }
-        let merged = merge_readings(&mut batch);
         let now = clock.now();
         ctx.now = rfc3339(now);
         ctx.unix_now = now.unix_timestamp();
         if catch_up(&shared, store.as_ref(), &mut ctx, &mut applied) {
+            // Checked before the group is decided and at the counter it commits at: a record
+            // another writer changes from here on moves the counter, and the fenced commit
+            // then applies nothing.
+            if applied.is_some() {
+                check_expectations(&mut batch, store.as_ref());
+            }
+            let merged = merge_readings(&mut batch);
             commit_group(&mut batch, &shared, store.as_ref(), &ctx, &mut applied);
+            answer_merged(merged);
         } else {
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(DomainError::Unavailable));
             }
         }
-        answer_merged(merged);
     }
 }
 
@@ -781,6 +828,89 @@ fn catch_up(
     }
 }
 
+/// Answers [`DomainError::Superseded`] to each write of `batch` that expects a record to hold
+/// what it no longer holds, and takes it out of the group. A record is judged as the group
+/// would leave it up to that write: the store's value, then the records carried by the writes
+/// before it that are kept (an owner decides its writes in order, each on the one before). A
+/// store that cannot be read refuses the writes that expect something, 503.
+fn check_expectations(batch: &mut Vec<Job>, store: &dyn Store) {
+    use std::collections::HashMap;
+    if batch.iter().all(|job| job.expect.is_empty()) {
+        return;
+    }
+    let mut wanted: HashMap<Table, Vec<String>> = HashMap::new();
+    for job in batch.iter() {
+        for e in &job.expect {
+            wanted.entry(e.table).or_default().push(e.key.clone());
+        }
+    }
+    let mut current: HashMap<(Table, String), Option<Vec<u8>>> = HashMap::new();
+    let mut unreadable = false;
+    for (table, mut keys) in wanted {
+        keys.sort_unstable();
+        keys.dedup();
+        match store.get_many(table, &keys) {
+            Ok(values) if values.len() == keys.len() => {
+                current.extend(keys.into_iter().map(|k| (table, k)).zip(values));
+            }
+            Ok(_) => {
+                tracing::error!("the store answered a different number of records than asked");
+                unreadable = true;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the records writes were decided on; they are refused");
+                unreadable = true;
+            }
+        }
+    }
+    let mut kept = Vec::with_capacity(batch.len());
+    for job in batch.drain(..) {
+        if job.expect.is_empty() {
+            kept.push(job);
+            continue;
+        }
+        if unreadable {
+            let _ = job.reply.send(Err(DomainError::Unavailable));
+            continue;
+        }
+        let holds = job
+            .expect
+            .iter()
+            .all(|e| current.get(&(e.table, e.key.clone())) == Some(&e.value));
+        if !holds {
+            metrics::counter!("twinguard_store_superseded_total").increment(1);
+            let _ = job.reply.send(Err(DomainError::Superseded));
+            continue;
+        }
+        // The records this write will commit, if the writer keeps it (it refuses records
+        // outside their owner's tables, and a scoped caller's write it may refuse, before
+        // writing anything of the write).
+        let carried = match &job.op {
+            _ if job.scoped.is_some() => None,
+            WriteOp::Commit(owned)
+                if owned.owner != Owner::Graph
+                    && owned.records.iter().all(|r| r.table.owner() == owned.owner) =>
+            {
+                Some(&owned.records)
+            }
+            WriteOp::ApplyReadings { records, .. }
+                if crate::graph::readings::telemetry_owns(records) =>
+            {
+                Some(records)
+            }
+            _ => None,
+        };
+        for m in carried.into_iter().flatten() {
+            let key = (m.table, m.key.clone());
+            if let Some(value) = current.get_mut(&key) {
+                *value = m.value.clone();
+            }
+        }
+        kept.push(job);
+    }
+    *batch = kept;
+}
+
 /// Moves the feed's head to `head`, waking its readers only if it moved.
 fn publish_feed_head(shared: &Shared, head: u64) {
     shared.feed_head.send_if_modified(|h| {
@@ -812,6 +942,7 @@ fn merge_readings(batch: &mut Vec<Job>) -> Vec<Merged> {
             scoped: None,
             reply,
             _upload: None,
+            expect: Vec::new(),
         }
     }
     fn flush(run: &mut Vec<Part>, out: &mut Vec<Job>, merged: &mut Vec<Merged>) {
@@ -864,9 +995,14 @@ fn answer_merged(merged: Vec<Merged>) {
                     let _ = reply.send(Ok(WriteOutcome::Readings(part)));
                 }
             }
-            Ok(Err(DomainError::Unavailable)) => {
+            Ok(Err(e @ (DomainError::Unavailable | DomainError::Superseded))) => {
+                let superseded = matches!(e, DomainError::Superseded);
                 for (reply, _) in parts {
-                    let _ = reply.send(Err(DomainError::Unavailable));
+                    let _ = reply.send(Err(if superseded {
+                        DomainError::Superseded
+                    } else {
+                        DomainError::Unavailable
+                    }));
                 }
             }
             _ => {
@@ -936,11 +1072,12 @@ fn commit_group(
         }
     }
     let changes = std::mem::take(&mut *ctx.changes.borrow_mut());
-    let committed = if torn {
+    // What the group's writes are answered when it is not committed.
+    let failed = if torn {
         tracing::error!("the working graph of a write group is torn; refusing the group");
-        false
+        Some(DomainError::Unavailable)
     } else if done.is_empty() {
-        true
+        None
     } else {
         let started = std::time::Instant::now();
         let numbered = ctx.feed.borrow().number(changes, &ctx.now, &mut muts);
@@ -971,7 +1108,7 @@ fn commit_group(
                     head,
                     "another writer committed first; writes refused (retryable)"
                 );
-                false
+                Some(DomainError::Superseded)
             }
             Ok(Fenced::Committed(head)) => {
                 if applied.is_some() {
@@ -988,30 +1125,34 @@ fn commit_group(
                 if let Some((position, head)) = publish_position {
                     position.confirm(head);
                 }
-                true
+                None
             }
             Err(e) => {
                 tracing::error!(error = %e, writes = done.len(), "store commit failed; writes refused");
                 shared.store_healthy.store(false, Ordering::Relaxed);
-                false
+                Some(DomainError::Unavailable)
             }
         }
     };
-    if !committed || done.is_empty() {
+    if failed.is_some() || done.is_empty() {
         ctx.feed.borrow_mut().abandoned();
     }
+    // A group that another writer's commit made stale is answered `Superseded`: 503 to a
+    // client, and for an owner that decided on its own records, the cue to read them again.
+    let answer_failed = |failed: &DomainError| match failed {
+        DomainError::Superseded => DomainError::Superseded,
+        _ => DomainError::Unavailable,
+    };
     for (reply, outcome) in done {
-        let _ = reply.send(if committed {
-            Ok(outcome)
-        } else {
-            Err(DomainError::Unavailable)
+        let _ = reply.send(match &failed {
+            None => Ok(outcome),
+            Some(f) => Err(answer_failed(f)),
         });
     }
     for (reply, e) in refused {
-        let answer = match e {
-            DomainError::Internal(_) => e,
-            e if committed => e,
-            _ => DomainError::Unavailable,
+        let answer = match (e, &failed) {
+            (e @ DomainError::Internal(_), _) | (e, None) => e,
+            (_, Some(f)) => answer_failed(f),
         };
         let _ = reply.send(Err(answer));
     }
@@ -1141,6 +1282,18 @@ impl Door {
     /// Commits `records` durably, all or none, in the writer's order. Refused when a record is
     /// outside the owner's tables.
     pub fn commit(&self, records: Vec<Mutation>) -> Result<(), StoreError> {
+        self.commit_expecting(records, Vec::new())
+            .map_err(|e| StoreError(e.to_string()))
+    }
+
+    /// [`Door::commit`] of records decided on the records `expect` names (see [`Expect`]):
+    /// [`DomainError::Superseded`], with nothing stored, when another writer of a shared store
+    /// has changed one of them; [`DomainError::Unavailable`] when the writer cannot take it.
+    pub fn commit_expecting(
+        &self,
+        records: Vec<Mutation>,
+        expect: Vec<Expect>,
+    ) -> DomainResult<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let mut job = Job {
             op: WriteOp::Commit(ops::OwnedRecords {
@@ -1150,6 +1303,7 @@ impl Door {
             scoped: None,
             reply: Reply::Blocking(tx),
             _upload: None,
+            expect,
         };
         let deadline = std::time::Instant::now() + DOOR_WAIT;
         loop {
@@ -1161,14 +1315,13 @@ impl Door {
                     job = back;
                     thread::sleep(std::time::Duration::from_millis(1));
                 }
-                Err(_) => return Err(StoreError("the writer is busy or has stopped".into())),
+                Err(_) => {
+                    tracing::warn!(owner = ?self.owner, "the writer is busy or has stopped; an owner's commit is refused");
+                    return Err(DomainError::Unavailable);
+                }
             }
         }
-        match rx.recv() {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(StoreError(e.to_string())),
-            Err(_) => Err(StoreError("the writer has stopped".into())),
-        }
+        rx.recv().map_err(|_| DomainError::Unavailable)?.map(|_| ())
     }
 }
 
@@ -1202,6 +1355,36 @@ impl OwnerStore {
     /// From now on, commits go through the writer.
     pub fn connect(&self, door: Door) {
         let _ = self.door.set(door);
+    }
+
+    /// Commits `batch` only if the records `expect` names still hold what it was decided on
+    /// (see [`Door::commit_expecting`]). Before the door is connected, on a shared store, the
+    /// records are read and the commit fenced at the counter they were read at.
+    pub fn commit_expecting(&self, batch: Vec<Mutation>, expect: Vec<Expect>) -> DomainResult<()> {
+        if let Some(door) = self.door.get() {
+            return door.commit_expecting(batch, expect);
+        }
+        ops::check_owned(self.owner, &batch)?;
+        let unavailable = |e: StoreError| {
+            tracing::error!(error = %e, "an owner's commit failed");
+            DomainError::Unavailable
+        };
+        let Some(head) = self.store.head().map_err(unavailable)? else {
+            return self.store.commit(&batch).map_err(unavailable);
+        };
+        for e in &expect {
+            let found = self
+                .store
+                .get_many(e.table, std::slice::from_ref(&e.key))
+                .map_err(unavailable)?;
+            if found.first() != Some(&e.value) {
+                return Err(DomainError::Superseded);
+            }
+        }
+        match self.store.commit_at(&batch, head).map_err(unavailable)? {
+            Fenced::Committed(_) => Ok(()),
+            Fenced::Stale(_) => Err(DomainError::Superseded),
+        }
     }
 }
 
@@ -1241,6 +1424,10 @@ impl Store for OwnerStore {
 
     fn head(&self) -> Result<Option<u64>, StoreError> {
         self.store.head()
+    }
+
+    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.store.get_many(table, keys)
     }
 
     /// Only before the door is connected: once it is, the writer fences its own commits.
@@ -1383,6 +1570,7 @@ mod tests {
             scoped: None,
             reply: Reply::Async(reply),
             _upload: None,
+            expect: Vec::new(),
         };
         (job, answer)
     }
@@ -1396,6 +1584,7 @@ mod tests {
             scoped: None,
             reply: Reply::Async(route_reply),
             _upload: None,
+            expect: Vec::new(),
         };
         let (c, mut answer_c) = readings_job(&["x"], "c");
         let (d, mut answer_d) = readings_job(&["y", "z", "x"], "d");

@@ -226,6 +226,20 @@ impl Mutation {
     }
 }
 
+/// A record's value that a write was decided on (`value: None`: the record was absent). On a
+/// store that several writers share, the writer commits the write only if the record still
+/// holds exactly that value; otherwise the decision is [`DomainError::Superseded`] and its
+/// owner reads the record again and decides anew. This is how a security decision (a replay
+/// window moved, a refresh token spent) is decided in the store, not in one node's memory.
+///
+/// [`DomainError::Superseded`]: crate::error::DomainError::Superseded
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    pub table: Table,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("store error: {0}")]
 pub struct StoreError(pub String);
@@ -279,6 +293,22 @@ pub trait Store: Send + Sync + 'static {
             .filter(|(k, _)| k.as_str() >= from)
             .take(limit)
             .collect())
+    }
+
+    /// The values of `keys` in `table` (`None` for a key that is absent), in the order asked.
+    /// Backends that can look keys up together should override this default, one range read
+    /// per key.
+    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter()
+            .map(|key| {
+                let end = format!("{key}\0");
+                Ok(self
+                    .range(table, key, &end, 1)?
+                    .into_iter()
+                    .next()
+                    .map(|(_, v)| v))
+            })
+            .collect()
     }
 
     /// The records of `table` with `from <= key < to`, in key order, at most `limit` of them.

@@ -128,7 +128,7 @@ impl From<DomainError> for ApiError {
                 StatusCode::PRECONDITION_FAILED,
                 ErrorCode::PreconditionFailed,
             ),
-            D::Unavailable => {
+            D::Unavailable | D::Superseded => {
                 return Self {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     code: ErrorCode::ServiceUnavailable,

@@ -108,6 +108,7 @@ const BUMP_FROM: &str =
     "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 AND seq = $1 RETURNING seq";
 const HEAD: &str = "SELECT seq FROM twinguard_head WHERE id = 1";
 const SCAN: &str = "SELECT key, value FROM records WHERE tbl = $1 ORDER BY key";
+const GET_MANY: &str = "SELECT key, value FROM records WHERE tbl = $1 AND key = ANY($2::bytea[])";
 const RANGE_FROM: &str =
     "SELECT key, value FROM records WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3";
 const RANGE: &str = "SELECT key, value FROM records WHERE tbl = $1 AND key >= $2 AND key < $3 \
@@ -689,6 +690,37 @@ fn slice<T>(v: &[T], start: usize, end: usize) -> &[T] {
 impl Store for PgStore {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.read(SCAN, table, Vec::new(), None)
+    }
+
+    /// One query for all of `keys`.
+    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pool = self.pool.clone();
+        let asked: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+        let found = self.run(async move {
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let statement = client
+                .prepare_cached(GET_MANY)
+                .await
+                .map_err(|e| pg_err("read", &e))?;
+            let rows = client
+                .query(&statement, &[&table.name(), &asked])
+                .await
+                .map_err(|e| pg_err("read", &e))?;
+            let mut found = std::collections::HashMap::with_capacity(rows.len());
+            for row in rows {
+                let key: Vec<u8> = row.try_get(0).map_err(|e| pg_err("read", &e))?;
+                let value: Vec<u8> = row.try_get(1).map_err(|e| pg_err("read", &e))?;
+                found.insert(key, value);
+            }
+            Ok(found)
+        })?;
+        Ok(keys
+            .iter()
+            .map(|k| found.get(k.as_bytes()).cloned())
+            .collect())
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {

@@ -609,7 +609,11 @@ fn two_twin_services_on_one_database_lose_no_update() {
                     };
                     match node.write(&owner, op).await {
                         Ok(_) => acknowledged += 1,
-                        Err(DomainError::PreconditionFailed | DomainError::Unavailable) => {}
+                        Err(
+                            DomainError::PreconditionFailed
+                            | DomainError::Unavailable
+                            | DomainError::Superseded,
+                        ) => {}
                         Err(e) => panic!("{e:?}"),
                     }
                 }

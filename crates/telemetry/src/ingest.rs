@@ -9,7 +9,7 @@ use serde_json::Value;
 use twinguard_core::dtdl::Interface;
 use twinguard_core::error::{DomainError, DomainResult};
 use twinguard_core::graph::{Graph, PropertyUpdate, Quality, Skipped};
-use twinguard_core::store::{Mutation, Table};
+use twinguard_core::store::{Expect, Mutation, Table};
 
 use crate::envelope::{Envelope, Message, Reject, Verified, verify_batch};
 use crate::fusion::fuse;
@@ -129,6 +129,11 @@ type Pending = std::pin::Pin<
 /// A batch decided: outcomes so far, the write to wait for, the replay marks it made.
 type Decided = (Vec<Option<Outcome>>, Option<Pending>, Vec<(String, u64)>);
 
+/// Times a batch is decided again after another node moved a replay window it was decided on
+/// (see [`Telemetry::ingest`]); then it is answered 503. Each time, the windows are read again,
+/// so only a device whose window another node keeps moving can exhaust them.
+const SUPERSEDED_RETRIES: usize = 4;
+
 /// Everything one batch decides, committed together.
 #[derive(Default)]
 pub(crate) struct Decisions {
@@ -142,22 +147,40 @@ impl Telemetry {
     /// Ingests signed messages (each a COSE_Sign1 or JWS envelope) and answers each once its
     /// effects are durable. `Err` only when the store cannot take the batch (retry later);
     /// every refusal of a message is in its [`Outcome`].
+    ///
+    /// On a store that several nodes share, the replay windows are decided in the store: the
+    /// write names each window it moved as it was before the batch, and the twin writer commits
+    /// it only if the stored window still is that ([`Expect`]). When another node moved one
+    /// first, nothing of the batch is stored; the windows and registry records of its devices
+    /// are read again and the batch is decided anew, so a message that two nodes receive at
+    /// once is accepted by one and refused as replayed by the other.
     pub async fn ingest(
         &self,
         messages: Vec<Vec<u8>>,
         transport: Transport,
     ) -> DomainResult<Vec<Outcome>> {
-        // Decoding, verifying and deciding a batch is milliseconds of CPU: on the blocking pool,
-        // so that the async workers stay free to read requests and deliver answers meanwhile.
-        let this = self.clone();
-        let (outcomes, pending, marked) =
-            tokio::task::spawn_blocking(move || this.decide_batch(messages, transport))
-                .await
-                .map_err(|_| DomainError::Internal("a telemetry batch could not be processed"))??;
-        // 5. Answer once durable.
-        if let Some(pending) = pending {
-            match pending.await {
-                Ok(skipped) => {
+        let retries = if self.inner.twins.shares_store() {
+            SUPERSEDED_RETRIES
+        } else {
+            0
+        };
+        let mut messages = messages;
+        let mut attempt = 0;
+        loop {
+            let again = (attempt < retries).then(|| messages.clone());
+            // Decoding, verifying and deciding a batch is milliseconds of CPU: on the blocking
+            // pool, so that the async workers stay free to read requests and deliver answers.
+            let this = self.clone();
+            let (outcomes, pending, marked) =
+                tokio::task::spawn_blocking(move || this.decide_batch(messages))
+                    .await
+                    .map_err(|_| {
+                        DomainError::Internal("a telemetry batch could not be processed")
+                    })??;
+            // 5. Answer once durable.
+            let settled = match pending {
+                None => Ok(()),
+                Some(pending) => pending.await.map(|skipped| {
                     for result in skipped {
                         if let Err(skip) = result {
                             tracing::warn!(
@@ -166,22 +189,48 @@ impl Telemetry {
                             );
                         }
                     }
+                }),
+            };
+            match settled {
+                Ok(()) => {
+                    count(transport, &outcomes);
+                    return Ok(outcomes
+                        .into_iter()
+                        .map(|o| o.unwrap_or_else(|| Outcome::rejected("internal", None, None)))
+                        .collect());
                 }
                 Err(e) => {
                     forget(&mut *self.state()?, &marked);
-                    return Err(e);
+                    let (DomainError::Superseded, Some(again)) = (&e, again) else {
+                        return Err(match e {
+                            DomainError::Superseded => DomainError::Unavailable,
+                            e => e,
+                        });
+                    };
+                    let mut devices: Vec<String> = marked.into_iter().map(|(d, _)| d).collect();
+                    devices.sort_unstable();
+                    devices.dedup();
+                    tracing::info!(
+                        devices = devices.len(),
+                        attempt,
+                        "another node moved a replay window first; deciding the batch again"
+                    );
+                    let this = self.clone();
+                    tokio::task::spawn_blocking(move || this.reload_devices(&devices))
+                        .await
+                        .map_err(|_| {
+                            DomainError::Internal("a telemetry batch could not be processed")
+                        })??;
+                    messages = again;
+                    attempt += 1;
                 }
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or_else(|| Outcome::rejected("internal", None, None)))
-            .collect())
     }
 
     /// Steps 1 to 4 of [`Telemetry::ingest`]: each message's outcome so far, the durable write
     /// to wait for, and the replay-window marks to take back should that write fail.
-    fn decide_batch(&self, messages: Vec<Vec<u8>>, transport: Transport) -> DomainResult<Decided> {
+    fn decide_batch(&self, messages: Vec<Vec<u8>>) -> DomainResult<Decided> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; messages.len()];
         // 1. Decode, without the lock: concurrent batches decode side by side.
         let mut decoded = Vec::with_capacity(messages.len());
@@ -240,8 +289,25 @@ impl Telemetry {
         }
         // 4. Decide under the lock, queue the write before letting go.
         let mut decisions = Decisions::default();
+        let shared = self.inner.twins.shares_store();
         let pending = {
             let mut state = self.state()?;
+            // On a shared store: each window as this node knows it before the batch, which the
+            // store must still hold for the batch to commit.
+            let mut before: Vec<Expect> = Vec::new();
+            if shared {
+                let mut devices: Vec<&str> = believed
+                    .iter()
+                    .map(|(_, v)| v.message().device.as_str())
+                    .collect();
+                devices.sort_unstable();
+                devices.dedup();
+                before.extend(devices.into_iter().map(|device| Expect {
+                    table: Table::Replay,
+                    key: device.to_owned(),
+                    value: state.windows.get(device).map(|w| w.to_bytes()),
+                }));
+            }
             let graph = self.inner.twins.snapshot();
             let now_ms = self.now_ms();
             let now = self.now_rfc3339();
@@ -260,19 +326,22 @@ impl Telemetry {
             let mut windows: Vec<&str> = decisions.marked.iter().map(|(d, _)| d.as_str()).collect();
             windows.sort_unstable();
             windows.dedup();
-            for device in windows {
-                if let Some(window) = state.windows.get(device) {
-                    decisions
-                        .records
-                        .push(Mutation::put(Table::Replay, device, window.to_bytes()));
+            for device in &windows {
+                if let Some(window) = state.windows.get(*device) {
+                    decisions.records.push(Mutation::put(
+                        Table::Replay,
+                        *device,
+                        window.to_bytes(),
+                    ));
                 }
             }
+            before.retain(|e| windows.binary_search(&e.key.as_str()).is_ok());
             if decisions.records.is_empty() && decisions.updates.is_empty() {
                 None
             } else {
                 let updates = std::mem::take(&mut decisions.updates);
                 let records = std::mem::take(&mut decisions.records);
-                match self.submit(updates, records) {
+                match self.submit(updates, records, before) {
                     Ok(p) => Some(Box::pin(p) as Pending),
                     Err(e) => {
                         forget(&mut state, &decisions.marked);
@@ -281,7 +350,6 @@ impl Telemetry {
                 }
             }
         };
-        count(transport, &outcomes);
         Ok((outcomes, pending, decisions.marked))
     }
 
@@ -744,7 +812,7 @@ impl Telemetry {
                 return Ok(0);
             }
             let n = updates.len();
-            (self.submit(updates, Vec::new())?, n)
+            (self.submit(updates, Vec::new(), Vec::new())?, n)
         };
         pending.0.await?;
         Ok(pending.1)

@@ -193,7 +193,11 @@ impl Telemetry {
                         .into(),
                 ));
             }
-            let pending = self.submit(Vec::new(), vec![put(Table::Devices, id, &device)])?;
+            let pending = self.submit(
+                Vec::new(),
+                vec![put(Table::Devices, id, &device)],
+                Vec::new(),
+            )?;
             state.devices.insert(id.to_owned(), device.clone());
             pending
         };
@@ -335,7 +339,11 @@ impl Telemetry {
                 .ok_or_else(|| not_found("device", id))?;
             let mut after = before.clone();
             f(&mut after)?;
-            let pending = self.submit(Vec::new(), vec![put(Table::Devices, id, &after)])?;
+            let pending = self.submit(
+                Vec::new(),
+                vec![put(Table::Devices, id, &after)],
+                Vec::new(),
+            )?;
             state.devices.insert(id.to_owned(), after.clone());
             (pending, before, after)
         };
@@ -642,7 +650,7 @@ impl Telemetry {
                 self.release(caller, &mut state, &record, &mut out)?;
             }
             out.records.push(put(Table::Quarantine, id, &record));
-            let pending = self.submit(std::mem::take(&mut out.updates), out.records)?;
+            let pending = self.submit(std::mem::take(&mut out.updates), out.records, Vec::new())?;
             if let Some(held) = state.held.get_mut(&record.device) {
                 *held = held.saturating_sub(1);
             }

@@ -13,7 +13,7 @@ use twinguard_core::clock::Clock;
 use twinguard_core::error::{DomainError, DomainResult};
 use twinguard_core::graph::{PropertyUpdate, Quality, Skipped, WriteOp, WriteOutcome};
 use twinguard_core::service::TwinService;
-use twinguard_core::store::{Mutation, Store, StoreError, Table};
+use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
 
 use crate::anomaly::{Detector, DetectorConfig};
 use crate::forecast::Forecaster;
@@ -336,15 +336,18 @@ impl Telemetry {
     }
 
     /// Queues twin updates and records as one durable write (see [`TwinService::submit`]).
+    /// `expect`: the records the write was decided on (see [`Expect`]).
     pub(crate) fn submit(
         &self,
         updates: Vec<PropertyUpdate>,
         records: Vec<Mutation>,
+        expect: Vec<Expect>,
     ) -> DomainResult<impl Future<Output = DomainResult<Vec<Result<(), Skipped>>>> + Send + 'static>
     {
-        let pending = self.inner.twins.submit(
+        let pending = self.inner.twins.submit_expecting(
             &self.inner.system,
             WriteOp::ApplyReadings { updates, records },
+            expect,
         )?;
         Ok(async move {
             match pending.await? {
@@ -354,6 +357,52 @@ impl Telemetry {
                 )),
             }
         })
+    }
+
+    /// Reads the replay windows and registry records of `devices` again from the store, as
+    /// another node that shares it may have committed them since this one read them, and drops
+    /// their cached keys.
+    pub(crate) fn reload_devices(&self, devices: &[String]) -> DomainResult<()> {
+        let store = &self.inner.store;
+        let unavailable = |e: StoreError| {
+            tracing::error!(error = %e, "cannot read devices' replay windows again");
+            DomainError::Unavailable
+        };
+        let windows = store
+            .get_many(Table::Replay, devices)
+            .map_err(unavailable)?;
+        let records = store
+            .get_many(Table::Devices, devices)
+            .map_err(unavailable)?;
+        let corrupt = |kind: &str, device: &str| {
+            tracing::error!(kind, device, "a stored record read again is unreadable");
+            DomainError::Internal("a stored telemetry record is unreadable")
+        };
+        let mut state = self.state()?;
+        for ((device, window), record) in devices.iter().zip(windows).zip(records) {
+            match window {
+                Some(bytes) => {
+                    let window = ReplayWindow::from_bytes(&bytes)
+                        .ok_or_else(|| corrupt("replay", device))?;
+                    state.windows.insert(device.clone(), window);
+                }
+                None => {
+                    state.windows.remove(device);
+                }
+            }
+            match record {
+                Some(bytes) => {
+                    let record: Device =
+                        serde_json::from_slice(&bytes).map_err(|_| corrupt("device", device))?;
+                    state.devices.insert(device.clone(), record);
+                }
+                None => {
+                    state.devices.remove(device);
+                }
+            }
+            state.keys.remove(device);
+        }
+        Ok(())
     }
 
     /// Where the pipeline's own decisions go (the server's audit trail). Called with the
@@ -392,7 +441,7 @@ impl Telemetry {
                 return Ok(0);
             }
             let n = records.len();
-            (self.submit(Vec::new(), records), n)
+            (self.submit(Vec::new(), records, Vec::new()), n)
         };
         let stored = match pending {
             Ok(pending) => pending.await.map(|_| ()),
@@ -410,7 +459,9 @@ impl Telemetry {
 
     /// Commits `records` durably (registry and review changes).
     pub(crate) async fn commit(&self, records: Vec<Mutation>) -> DomainResult<()> {
-        self.submit(Vec::new(), records)?.await.map(|_| ())
+        self.submit(Vec::new(), records, Vec::new())?
+            .await
+            .map(|_| ())
     }
 }
 

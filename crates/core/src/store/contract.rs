@@ -69,6 +69,10 @@ pub const CHECKS: &[(&str, Check)] = &[
         "a_counted_store_fences_commits_at_its_counter",
         a_counted_store_fences_commits_at_its_counter,
     ),
+    (
+        "get_many_answers_exactly_the_keys_asked",
+        get_many_answers_exactly_the_keys_asked,
+    ),
 ];
 
 /// Runs every check of [`CHECKS`] on `store`, emptying its tables before each one, and reports
@@ -354,6 +358,46 @@ pub fn tables_are_separate_key_spaces(store: &dyn Store) -> Result<(), String> {
         })?;
     }
     Ok(())
+}
+
+/// `get_many` answers each key asked, in the order asked, with its value or `None`: exact keys
+/// only (not a key's prefix or extensions, the empty key and U+0000 included), one table only,
+/// a key asked twice answered twice.
+pub fn get_many_answers_exactly_the_keys_asked(store: &dyn Store) -> Result<(), String> {
+    let present = ["", "a", "a\0", "ab", "b\u{10348}", "z"];
+    let mut batch: Vec<Mutation> = present
+        .iter()
+        .map(|k| Mutation::put(Table::Replay, *k, format!("v:{k}").into_bytes()))
+        .collect();
+    batch.push(Mutation::put(Table::Devices, "c", b"other table".to_vec()));
+    batch.push(Mutation::put(Table::Replay, "empty", Vec::new()));
+    commit(store, &batch)?;
+    let asked: Vec<String> = [
+        "ab", "", "c", "a", "a\0\0", "aa", "z", "ab", "\0", "empty", "b",
+    ]
+    .iter()
+    .map(|k| (*k).to_owned())
+    .collect();
+    let got = store
+        .get_many(Table::Replay, &asked)
+        .map_err(|e| format!("get_many: {e}"))?;
+    let want: Vec<Option<Vec<u8>>> = asked
+        .iter()
+        .map(|k| match k.as_str() {
+            "empty" => Some(Vec::new()),
+            k if present.contains(&k) => Some(format!("v:{k}").into_bytes()),
+            _ => None,
+        })
+        .collect();
+    ensure(got == want, || {
+        format!("get_many of {asked:?}: got {got:?}, want {want:?}")
+    })?;
+    let none = store
+        .get_many(Table::Replay, &[])
+        .map_err(|e| format!("get_many: {e}"))?;
+    ensure(none.is_empty(), || {
+        format!("get_many of no keys gave {none:?}")
+    })
 }
 
 /// `range_from` and `range` against a model, over keys that are prefixes of each other, with

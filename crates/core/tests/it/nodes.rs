@@ -13,7 +13,7 @@ use twinguard_core::error::DomainError;
 use twinguard_core::feed::FeedEvent;
 use twinguard_core::graph::{Precondition, WriteOp};
 use twinguard_core::service::TwinService;
-use twinguard_core::store::{MemoryStore, Store, Table};
+use twinguard_core::store::{Expect, MemoryStore, Mutation, Owner, Store, Table};
 
 fn owner() -> Principal {
     Principal::with_roles("owner", &[DATA_OWNER])
@@ -185,7 +185,11 @@ async fn racing_read_modify_writes_on_two_nodes_lose_no_update_and_the_feed_has_
                     let (count, etag) = read(&node);
                     match patch_count(&node, count + 1, Precondition::IfMatch(etag)).await {
                         Ok(_) => acknowledged += 1,
-                        Err(DomainError::PreconditionFailed | DomainError::Unavailable) => {
+                        Err(
+                            DomainError::PreconditionFailed
+                            | DomainError::Unavailable
+                            | DomainError::Superseded,
+                        ) => {
                             tokio::task::yield_now().await;
                         }
                         Err(e) => panic!("node {name} worker {worker}: {e:?}"),
@@ -328,8 +332,7 @@ async fn a_node_that_cannot_reach_its_store_knows_how_stale_it_is() {
 /// feed has no gap and no repeat. With plain commits the write would land on top of a state it
 /// never saw.
 #[tokio::test]
-async fn a_write_whose_commit_finds_another_writer_first_applies_nothing_and_is_503() {
-    use twinguard_core::store::Mutation;
+async fn a_write_whose_commit_finds_another_writer_first_applies_nothing_and_is_superseded() {
     let store = Arc::new(MemoryStore::shared());
     let (a, _b) = two_nodes(&store).await;
     let head = store.head().unwrap().unwrap();
@@ -339,8 +342,9 @@ async fn a_write_whose_commit_finds_another_writer_first_applies_nothing_and_is_
         b"1".to_vec(),
     )]);
     let refused = put(&a, "late", 1).await;
+    // Superseded: answered 503 by the API, and the cue for an owner to read its records again.
     assert!(
-        matches!(refused, Err(DomainError::Unavailable)),
+        matches!(refused, Err(DomainError::Superseded)),
         "{refused:?}"
     );
     assert!(
@@ -386,4 +390,102 @@ async fn a_node_is_healthy_again_when_its_shared_store_answers_without_a_write()
         assert!(std::time::Instant::now() < deadline, "still not healthy");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+fn replay(value: &[u8]) -> Mutation {
+    Mutation::put(Table::Replay, "d", value.to_vec())
+}
+
+fn expect(value: Option<&[u8]>) -> Vec<Expect> {
+    vec![Expect {
+        table: Table::Replay,
+        key: "d".into(),
+        value: value.map(<[u8]>::to_vec),
+    }]
+}
+
+fn stored(store: &MemoryStore) -> Option<Vec<u8>> {
+    store
+        .get_many(Table::Replay, &["d".into()])
+        .unwrap()
+        .remove(0)
+}
+
+/// An owner's commit decided on a record (a replay window) that another node has changed
+/// since is superseded and stores nothing; decided again on what the store holds, it commits.
+#[tokio::test]
+async fn an_owner_commit_decided_on_a_record_another_node_changed_is_superseded() {
+    let store = Arc::new(MemoryStore::shared());
+    let (a, b) = two_nodes(&store).await;
+    let (door_a, door_b) = (a.door(Owner::Telemetry), b.door(Owner::Telemetry));
+    let blocking = |door: twinguard_core::service::Door, m, e| {
+        std::thread::spawn(move || door.commit_expecting(vec![m], e))
+            .join()
+            .unwrap()
+    };
+    blocking(door_a.clone(), replay(b"a1"), expect(None)).unwrap();
+    // Node B still believes the window absent.
+    let refused = blocking(door_b.clone(), replay(b"b1"), expect(None));
+    assert!(
+        matches!(refused, Err(DomainError::Superseded)),
+        "{refused:?}"
+    );
+    assert_eq!(stored(&store).as_deref(), Some(&b"a1"[..]));
+    blocking(door_b, replay(b"b1"), expect(Some(b"a1"))).unwrap();
+    // Now node A is behind.
+    let refused = blocking(door_a, replay(b"a2"), expect(Some(b"a1")));
+    assert!(
+        matches!(refused, Err(DomainError::Superseded)),
+        "{refused:?}"
+    );
+    assert_eq!(stored(&store).as_deref(), Some(&b"b1"[..]));
+}
+
+/// Writes queued together are judged in order, each on what the writes before it leave: an
+/// owner that decided a second write on its first commits both, and a write decided on the
+/// state before both is superseded, whether or not the writer groups them.
+#[tokio::test]
+async fn expectations_are_judged_on_the_writes_queued_before() {
+    use twinguard_core::auth::TELEMETRY_WRITER;
+    let store = Arc::new(MemoryStore::shared());
+    let (a, _b) = two_nodes(&store).await;
+    let system = Principal::with_roles("system:telemetry", &[TELEMETRY_WRITER]);
+    let readings = |m| WriteOp::ApplyReadings {
+        updates: Vec::new(),
+        records: vec![m],
+    };
+    let first = a
+        .submit_expecting(&system, readings(replay(b"1")), expect(None))
+        .unwrap();
+    let second = a
+        .submit_expecting(&system, readings(replay(b"2")), expect(Some(b"1")))
+        .unwrap();
+    let stale = a
+        .submit_expecting(&system, readings(replay(b"x")), expect(None))
+        .unwrap();
+    first.await.unwrap();
+    second.await.unwrap();
+    let refused = stale.await;
+    assert!(
+        matches!(refused, Err(DomainError::Superseded)),
+        "{refused:?}"
+    );
+    assert_eq!(stored(&store).as_deref(), Some(&b"2"[..]));
+}
+
+/// On a store of one writer (the embedded file), nothing else writes the owners' records, so
+/// expectations are not read: the owner's memory is the truth.
+#[tokio::test]
+async fn a_store_of_one_writer_does_not_read_expectations() {
+    let store = Arc::new(MemoryStore::default());
+    let a = TwinService::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    assert!(!a.shares_store());
+    let door = a.door(Owner::Telemetry);
+    std::thread::spawn(move || {
+        door.commit_expecting(vec![replay(b"1")], expect(Some(b"never stored")))
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    assert_eq!(stored(&store).as_deref(), Some(&b"1"[..]));
 }

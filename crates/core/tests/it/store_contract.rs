@@ -76,6 +76,8 @@ enum Fault {
     TornBatch,
     /// `limit` off by one.
     LimitPlusOne,
+    /// `get_many` answers a key with the first record at or after it.
+    GetManyNextKey,
 }
 
 struct Broken(MemoryStore, Fault);
@@ -107,6 +109,16 @@ impl Store for Broken {
             _ => {}
         }
         self.0.commit(&batch)
+    }
+
+    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        match self.1 {
+            Fault::GetManyNextKey => keys
+                .iter()
+                .map(|k| Ok(self.range_from(table, k, 1)?.pop().map(|(_, v)| v)))
+                .collect(),
+            _ => self.0.get_many(table, keys),
+        }
     }
 
     fn range(
@@ -147,6 +159,10 @@ fn the_contract_catches_backends_that_break_it() {
         (Fault::SharedKeySpace, "tables_are_separate_key_spaces"),
         (Fault::TornBatch, "readers_see_a_batch_whole_or_not_at_all"),
         (Fault::LimitPlusOne, "ranges_keep_their_bounds_and_limits"),
+        (
+            Fault::GetManyNextKey,
+            "get_many_answers_exactly_the_keys_asked",
+        ),
     ] {
         let failures = contract::check_all(&Broken(MemoryStore::default(), fault))
             .expect_err(&format!("{fault:?} passed the contract"));

@@ -5,6 +5,7 @@
 
 mod attacks;
 mod history_pages;
+mod nodes;
 mod pipeline;
 mod poisoning;
 mod wycheproof_ed25519;

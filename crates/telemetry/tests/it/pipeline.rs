@@ -31,8 +31,9 @@ impl Clock for TestClock {
     }
 }
 
-pub(crate) struct Plant {
-    pub(crate) store: Arc<MemoryStore>,
+/// A plant over a main store of type `S` (in memory unless a test says otherwise).
+pub(crate) struct Plant<S: Store = MemoryStore> {
+    pub(crate) store: Arc<S>,
     /// The history store, apart from the main one as in the server.
     pub(crate) history: Arc<MemoryStore>,
     pub(crate) clock: Arc<TestClock>,
@@ -53,6 +54,12 @@ pub(crate) fn admin() -> Principal {
 }
 
 impl Plant {
+    pub(crate) async fn new() -> Self {
+        Self::new_on(Arc::new(MemoryStore::default())).await
+    }
+}
+
+impl<S: Store> Plant<S> {
     /// The telemetry service opened again over the same stores, as after a restart.
     pub(crate) fn reopen(&self) -> Telemetry {
         let store: Arc<dyn Store> = self.store.clone();
@@ -65,8 +72,8 @@ impl Plant {
         .unwrap()
     }
 
-    pub(crate) async fn new() -> Self {
-        let store = Arc::new(MemoryStore::default());
+    /// A plant whose main store is `store` (a shared one for several nodes).
+    pub(crate) async fn new_on(store: Arc<S>) -> Self {
         let clock = Arc::new(TestClock(Mutex::new(
             OffsetDateTime::from_unix_timestamp_nanos(i128::from(T0) * 1_000_000).unwrap(),
         )));

@@ -1,0 +1,122 @@
+//! Telemetry on several nodes that share one store (a [`MemoryStore::shared`], counted and
+//! fenced as PostgreSQL is, and PostgreSQL itself): replay windows are decided in the store, not
+//! in each node's memory.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use twinguard_core::service::TwinService;
+use twinguard_core::store::{MemoryStore, Store, Table};
+use twinguard_store_postgres::testdb::TestDatabase;
+use twinguard_store_postgres::{PgOptions, PgStore};
+use twinguard_telemetry::{Outcome, Telemetry, Transport, Verdict};
+
+use crate::pipeline::Plant;
+
+/// A second node over `store` (the plant's main store, or another connection to it): its own
+/// twin writer and telemetry service, loaded from what the store holds now, and its own
+/// history store (history is per node).
+fn second_node<S: Store>(plant: &Plant<S>, store: Arc<dyn Store>) -> Telemetry {
+    let twins = TwinService::open(store.clone(), plant.clock.clone()).unwrap();
+    Telemetry::open(
+        twins,
+        store,
+        Arc::new(MemoryStore::default()),
+        plant.clock.clone(),
+    )
+    .unwrap()
+}
+
+async fn send(node: &Telemetry, bytes: Vec<u8>) -> Outcome {
+    node.ingest(vec![bytes], Transport::Https)
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+/// The attack: a captured message replayed to every node at once, each of which has a window
+/// of its own in memory. Each round sends a new message to both nodes concurrently; exactly one
+/// accepts it and the other refuses it as a replay. With the windows decided in each node's
+/// memory alone, the node that did not accept last round knows nothing of it and accepts too.
+async fn race<S: Store>(mut plant: Plant<S>, b: Telemetry, rounds: usize) {
+    let a = plant.telemetry.clone();
+    let mut accepted_by = [0usize; 2];
+    for round in 0..rounds {
+        let message = plant.message("t1", "temperature", json!(20.0));
+        let bytes = plant.cose(&message);
+        let on_a = tokio::spawn({
+            let (a, bytes) = (a.clone(), bytes.clone());
+            async move { send(&a, bytes).await }
+        });
+        let on_b = tokio::spawn({
+            let b = b.clone();
+            async move { send(&b, bytes).await }
+        });
+        let outcomes = [on_a.await.unwrap(), on_b.await.unwrap()];
+        let accepted: Vec<usize> = (0..2)
+            .filter(|&i| outcomes[i].status == Verdict::Accepted)
+            .collect();
+        assert_eq!(accepted.len(), 1, "round {round}: {outcomes:?}");
+        accepted_by[accepted[0]] += 1;
+        let other = &outcomes[1 - accepted[0]];
+        assert_eq!(
+            (other.status, other.reason),
+            (Verdict::Rejected, Some("replay")),
+            "round {round}"
+        );
+    }
+    // The race went both ways, so each node refused messages the other accepted.
+    assert!(
+        accepted_by.iter().all(|&n| n > 0),
+        "acceptances by node: {accepted_by:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_sent_to_two_nodes_at_once_is_accepted_exactly_once() {
+    let store = Arc::new(MemoryStore::shared());
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    let b = second_node(&plant, store);
+    race(plant, b, 1_000).await;
+}
+
+/// The same race on PostgreSQL, each node with a connection pool of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_sent_to_two_nodes_of_one_postgres_database_is_accepted_exactly_once() {
+    let Some(db) = TestDatabase::create().unwrap() else {
+        return;
+    };
+    let connect = || Arc::new(PgStore::connect(&db.url(), &PgOptions::default()).unwrap());
+    let mut plant = Plant::new_on(connect()).await;
+    plant.device("t1", &["temperature"]).await;
+    let b = second_node(&plant, connect());
+    race(plant, b, 200).await;
+}
+
+/// A node whose window for a device is behind (another node accepted the device's messages
+/// since) reads the window again and still accepts a new message: being superseded costs a
+/// retry, not the reading.
+#[tokio::test]
+async fn a_node_whose_window_is_behind_reads_it_again_and_accepts_new_messages() {
+    let store = Arc::new(MemoryStore::shared());
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    let b = second_node(&plant, store.clone());
+    for _ in 0..3 {
+        let outcome = plant.reading("t1", "temperature", json!(20.0)).await;
+        assert_eq!(outcome.status, Verdict::Accepted, "{outcome:?}");
+    }
+    let fresh = plant.message("t1", "temperature", json!(20.5));
+    let outcome = send(&b, plant.cose(&fresh)).await;
+    assert_eq!(outcome.status, Verdict::Accepted, "{outcome:?}");
+    // And node A, behind in turn, refuses the same message as a replay.
+    let outcome = send(&plant.telemetry, plant.cose(&fresh)).await;
+    assert_eq!(
+        (outcome.status, outcome.reason),
+        (Verdict::Rejected, Some("replay"))
+    );
+    // The window in the store is the one node B wrote.
+    let window = store.get_many(Table::Replay, &["t1".into()]).unwrap();
+    assert!(window[0].is_some());
+}
