@@ -17,6 +17,7 @@ pub mod dtdl;
 pub mod dtmi;
 pub mod error;
 pub mod feed;
+pub mod follow;
 pub mod gate;
 pub mod graph;
 pub mod identity;

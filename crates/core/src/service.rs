@@ -1356,36 +1356,6 @@ impl OwnerStore {
     pub fn connect(&self, door: Door) {
         let _ = self.door.set(door);
     }
-
-    /// Commits `batch` only if the records `expect` names still hold what it was decided on
-    /// (see [`Door::commit_expecting`]). Before the door is connected, on a shared store, the
-    /// records are read and the commit fenced at the counter they were read at.
-    pub fn commit_expecting(&self, batch: Vec<Mutation>, expect: Vec<Expect>) -> DomainResult<()> {
-        if let Some(door) = self.door.get() {
-            return door.commit_expecting(batch, expect);
-        }
-        ops::check_owned(self.owner, &batch)?;
-        let unavailable = |e: StoreError| {
-            tracing::error!(error = %e, "an owner's commit failed");
-            DomainError::Unavailable
-        };
-        let Some(head) = self.store.head().map_err(unavailable)? else {
-            return self.store.commit(&batch).map_err(unavailable);
-        };
-        for e in &expect {
-            let found = self
-                .store
-                .get_many(e.table, std::slice::from_ref(&e.key))
-                .map_err(unavailable)?;
-            if found.first() != Some(&e.value) {
-                return Err(DomainError::Superseded);
-            }
-        }
-        match self.store.commit_at(&batch, head).map_err(unavailable)? {
-            Fenced::Committed(_) => Ok(()),
-            Fenced::Stale(_) => Err(DomainError::Superseded),
-        }
-    }
 }
 
 impl Store for OwnerStore {
@@ -1428,6 +1398,30 @@ impl Store for OwnerStore {
 
     fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         self.store.get_many(table, keys)
+    }
+
+    /// Through the door once it is connected (the writer checks `expect` on a shared store
+    /// only: an owner's memory is the truth on a store of one writer); before, the store's own.
+    fn commit_expecting(&self, batch: &[Mutation], expect: &[Expect]) -> Result<bool, StoreError> {
+        match self.door.get() {
+            Some(door) => match door.commit_expecting(batch.to_vec(), expect.to_vec()) {
+                Ok(()) => Ok(true),
+                Err(DomainError::Superseded) => Ok(false),
+                Err(e) => Err(StoreError(e.to_string())),
+            },
+            None => {
+                ops::check_owned(self.owner, batch).map_err(|e| StoreError(e.to_string()))?;
+                self.store.commit_expecting(batch, expect)
+            }
+        }
+    }
+
+    fn changes_after(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<Option<Vec<crate::store::Change>>, StoreError> {
+        self.store.changes_after(after, upto)
     }
 
     /// Only before the door is connected: once it is, the writer fences its own commits.

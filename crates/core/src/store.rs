@@ -70,10 +70,13 @@ pub enum Table {
     Deliveries,
     /// Events that exhausted their delivery attempts, keyed by `endpoint \u{1f} position`.
     DeadLetters,
+    /// `jti`s of client assertions (RFC 7523) already used, keyed by `client \u{1f} jti`, with
+    /// their expiry: an assertion is single-use across restarts and nodes.
+    UsedAssertions,
 }
 
 impl Table {
-    pub const ALL: [Table; 27] = [
+    pub const ALL: [Table; 28] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -101,6 +104,7 @@ impl Table {
         Table::Endpoints,
         Table::Deliveries,
         Table::DeadLetters,
+        Table::UsedAssertions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -132,6 +136,7 @@ impl Table {
             Self::Endpoints => "endpoints",
             Self::Deliveries => "deliveries",
             Self::DeadLetters => "deadletters",
+            Self::UsedAssertions => "usedassertions",
         }
     }
 }
@@ -172,7 +177,8 @@ impl Table {
             | Self::RoleAssignments
             | Self::RefreshTokens
             | Self::RevokedTokens
-            | Self::ApiKeys => Owner::Identity,
+            | Self::ApiKeys
+            | Self::UsedAssertions => Owner::Identity,
             Self::Devices
             | Self::Firmware
             | Self::Policies
@@ -185,6 +191,63 @@ impl Table {
             Self::Endpoints | Self::Deliveries | Self::DeadLetters => Owner::Events,
         }
     }
+}
+
+impl Table {
+    /// Whether a node must learn of other nodes' changes to this table's records: the tables
+    /// that an owner keeps in memory and decides security on (identities, roles, keys,
+    /// revocations, refresh families, devices, firmware, policies, groups, replay windows).
+    /// A shared store's change log ([`Store::changes_after`]) names the changed keys of these
+    /// tables only. Exhaustive on purpose, like [`Table::owner`].
+    pub fn followed(self) -> bool {
+        match self {
+            Self::Identities
+            | Self::Roles
+            | Self::RoleAssignments
+            | Self::RefreshTokens
+            | Self::RevokedTokens
+            | Self::ApiKeys
+            | Self::Devices
+            | Self::Firmware
+            | Self::Policies
+            | Self::SensorGroups
+            | Self::Replay => true,
+            // The graph is read again whole by the twin writer (`service::catch_up`); history,
+            // streams' learned state, quarantine and delivery state are each node's own for
+            // now (issue 20); `Clients` is only read by the start-up migration.
+            Self::Models
+            | Self::Twins
+            | Self::Relationships
+            | Self::EventRoutes
+            | Self::Meta
+            | Self::Events
+            | Self::FeedTwins
+            | Self::MessageIds
+            | Self::Clients
+            | Self::Quarantine
+            | Self::History
+            | Self::HistoryLog
+            | Self::Streams
+            | Self::Endpoints
+            | Self::Deliveries
+            | Self::DeadLetters => false,
+            // Decided in the store: each is recorded only if no node recorded it (`Expect`).
+            Self::UsedAssertions => false,
+        }
+    }
+}
+
+/// Commits a shared store's change log keeps (see [`Store::changes_after`]): a node that falls
+/// further behind reads its followed tables whole.
+pub const CHANGE_LOG_COMMITS: u64 = 100_000;
+
+/// One record of a [followed](Table::followed) table that a commit changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The commit counter after the commit ([`Store::head`]).
+    pub seq: u64,
+    pub table: Table,
+    pub key: String,
 }
 
 /// The [`Table::Meta`] key of a restore that has not finished (`twinguard restore` writes it in
@@ -295,6 +358,33 @@ pub trait Store: Send + Sync + 'static {
             .collect())
     }
 
+    /// [`Store::commit`] only if each record of `expect` still holds the value it names (see
+    /// [`Expect`]): `Ok(false)`, with nothing applied, when one does not, or when another
+    /// writer of a counted store committed between the check and the commit. A store of one
+    /// writer checks the records too (a read of each), for callers that keep no memory of them.
+    fn commit_expecting(&self, batch: &[Mutation], expect: &[Expect]) -> Result<bool, StoreError> {
+        let head = self.head()?;
+        for e in expect {
+            let found = self.get_many(e.table, std::slice::from_ref(&e.key))?;
+            if found.first() != Some(&e.value) {
+                return Ok(false);
+            }
+        }
+        match head {
+            Some(head) => Ok(matches!(self.commit_at(batch, head)?, Fenced::Committed(_))),
+            None => self.commit(batch).map(|()| true),
+        }
+    }
+
+    /// The records of followed tables changed by the commits numbered `after + 1 ..= upto`, in
+    /// commit order, when the store keeps a change log that still reaches back to `after`
+    /// (the last [`CHANGE_LOG_COMMITS`] commits); `None` otherwise, and always for a store of
+    /// one writer: the caller then reads what it follows whole.
+    fn changes_after(&self, after: u64, upto: u64) -> Result<Option<Vec<Change>>, StoreError> {
+        let _ = (after, upto);
+        Ok(None)
+    }
+
     /// The values of `keys` in `table` (`None` for a key that is absent), in the order asked.
     /// Backends that can look keys up together should override this default, one range read
     /// per key.
@@ -367,6 +457,8 @@ pub struct MemoryStore {
     commits: Option<Mutex<u64>>,
     /// A commit "from another writer" made just before the next fenced commit (tests).
     interposed: Mutex<Option<Vec<Mutation>>>,
+    /// A shared store's change log, and the counter below which it no longer reaches.
+    changes: Mutex<(Vec<Change>, u64)>,
 }
 
 impl MemoryStore {
@@ -376,6 +468,20 @@ impl MemoryStore {
         Self {
             commits: Some(Mutex::new(0)),
             ..Self::default()
+        }
+    }
+
+    /// Forgets the change log up to the current counter, as a log trimmed past a node that
+    /// fell behind would be (tests).
+    pub fn forget_changes(&self) {
+        let head = self
+            .commits
+            .as_ref()
+            .and_then(|c| c.lock().ok().map(|n| *n))
+            .unwrap_or(0);
+        if let Ok(mut changes) = self.changes.lock() {
+            changes.0.clear();
+            changes.1 = head;
         }
     }
 
@@ -407,6 +513,27 @@ impl MemoryStore {
         Ok(())
     }
 
+    /// Records the followed keys `batch` changed in commit `seq` (a shared store only).
+    fn log(&self, batch: &[Mutation], seq: u64) -> Result<(), StoreError> {
+        let mut changes = self
+            .changes
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        changes
+            .0
+            .extend(batch.iter().filter(|m| m.table.followed()).map(|m| Change {
+                seq,
+                table: m.table,
+                key: m.key.clone(),
+            }));
+        let floor = seq.saturating_sub(CHANGE_LOG_COMMITS);
+        if floor > changes.1 {
+            changes.1 = floor;
+            changes.0.retain(|c| c.seq > floor);
+        }
+        Ok(())
+    }
+
     /// Applies `batch` if the counter is `expected` (or unconditionally for `None`); the
     /// counter's lock is held across it, so fenced commits are serialised.
     fn apply(&self, batch: &[Mutation], expected: Option<u64>) -> Result<Fenced, StoreError> {
@@ -428,6 +555,7 @@ impl MemoryStore {
             if let (Some(batch), Some(n)) = (interposed, counter.as_deref_mut()) {
                 self.write(&batch)?;
                 *n += 1;
+                self.log(&batch, *n)?;
             }
         }
         let head = counter.as_deref().copied().unwrap_or(0);
@@ -438,6 +566,7 @@ impl MemoryStore {
         match counter.as_deref_mut() {
             Some(n) => {
                 *n += 1;
+                self.log(batch, *n)?;
                 Ok(Fenced::Committed(*n))
             }
             None => Ok(Fenced::Committed(expected.unwrap_or(0))),
@@ -518,5 +647,26 @@ impl Store for MemoryStore {
 
     fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
         self.apply(batch, Some(expected))
+    }
+
+    fn changes_after(&self, after: u64, upto: u64) -> Result<Option<Vec<Change>>, StoreError> {
+        if self.commits.is_none() {
+            return Ok(None);
+        }
+        let changes = self
+            .changes
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        if after < changes.1 {
+            return Ok(None);
+        }
+        Ok(Some(
+            changes
+                .0
+                .iter()
+                .filter(|c| c.seq > after && c.seq <= upto)
+                .cloned()
+                .collect(),
+        ))
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use twinguard_core::identity::credentials::{random_secret, secret_digest};
-use twinguard_core::store::{Mutation, Store, StoreError, Table};
+use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
 use zeroize::Zeroizing;
 
 use crate::tokens::now_secs;
@@ -22,6 +22,9 @@ use crate::tokens::now_secs;
 pub const FAMILY_LIFETIME_SECS: u64 = 12 * 3_600;
 /// Prefix that makes refresh tokens recognisable (and findable by secret scanners).
 const PREFIX: &str = "tgr_";
+/// Times a redemption reads its token again after another node changed it first.
+const REDEEM_ATTEMPTS: usize = 4;
+
 /// How often issuing a token also forgets expired families (a scan of every record).
 const SWEEP_EVERY_SECS: u64 = 60;
 
@@ -209,41 +212,122 @@ impl RefreshTokens {
         }
         let digest = secret_digest(token);
         let mut records = self.lock()?;
-        let Some(record) = records.by_digest.get(&digest).cloned() else {
-            return Ok(Redeemed::Invalid);
-        };
-        if record.family_expires <= now_secs() {
-            return Ok(Redeemed::Invalid);
-        }
-        match record.status {
-            Status::Revoked => Ok(Redeemed::Invalid),
-            Status::Spent => {
-                self.revoke_family(&mut records, &record.family)?;
-                Ok(Redeemed::Reused {
-                    subject: record.subject,
-                })
+        // Decided on the record as the store holds it, and spent only if it still holds that:
+        // on a store that several nodes share, a token presented to two of them at once is
+        // spent by one, and the other sees it spent (a reuse, which revokes the family).
+        for _ in 0..REDEEM_ATTEMPTS {
+            let stored = self.reread(&mut records, std::slice::from_ref(&digest))?;
+            let Some(bytes) = stored.into_iter().next().flatten() else {
+                return Ok(Redeemed::Invalid);
+            };
+            let Some(record) = records.by_digest.get(&digest).cloned() else {
+                return Ok(Redeemed::Invalid);
+            };
+            if record.family_expires <= now_secs() {
+                return Ok(Redeemed::Invalid);
             }
-            Status::Active => {
-                let spent = Record {
-                    status: Status::Spent,
-                    ..record.clone()
-                };
-                self.store.commit(&[Mutation::put(
-                    Table::RefreshTokens,
-                    digest.clone(),
-                    to_json(&spent)?,
-                )])?;
-                records.by_digest.insert(digest, spent);
-                Ok(Redeemed::Valid(Valid {
-                    family: record.family,
-                    subject: record.subject,
-                    mfa: record.mfa,
-                    auth_time: record.auth_time,
-                    family_expires: record.family_expires,
-                    generation: record.generation,
-                }))
+            match record.status {
+                Status::Revoked => return Ok(Redeemed::Invalid),
+                Status::Spent => {
+                    self.revoke_family(&mut records, &record.family)?;
+                    return Ok(Redeemed::Reused {
+                        subject: record.subject,
+                    });
+                }
+                Status::Active => {
+                    let spent = Record {
+                        status: Status::Spent,
+                        ..record.clone()
+                    };
+                    let committed = self.store.commit_expecting(
+                        &[Mutation::put(
+                            Table::RefreshTokens,
+                            digest.clone(),
+                            to_json(&spent)?,
+                        )],
+                        &[Expect {
+                            table: Table::RefreshTokens,
+                            key: digest.clone(),
+                            value: Some(bytes),
+                        }],
+                    )?;
+                    if !committed {
+                        continue;
+                    }
+                    records.by_digest.insert(digest, spent);
+                    return Ok(Redeemed::Valid(Valid {
+                        family: record.family,
+                        subject: record.subject,
+                        mfa: record.mfa,
+                        auth_time: record.auth_time,
+                        family_expires: record.family_expires,
+                        generation: record.generation,
+                    }));
+                }
             }
         }
+        Err(StoreError(
+            "a refresh token kept changing while it was redeemed".into(),
+        ))
+    }
+
+    /// Reads the records `digests` again from the store into `records` (a record now absent
+    /// is forgotten), recomputes whether their families are live, and returns the stored bytes.
+    fn reread(
+        &self,
+        records: &mut Records,
+        digests: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let stored = self.store.get_many(Table::RefreshTokens, digests)?;
+        let mut families = Vec::new();
+        for (digest, bytes) in digests.iter().zip(&stored) {
+            if let Some(old) = records.by_digest.remove(digest) {
+                families.push(old.family);
+            }
+            if let Some(record) = bytes
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<Record>(b).ok())
+            {
+                families.push(record.family.clone());
+                records.by_digest.insert(digest.clone(), record);
+            }
+        }
+        families.sort_unstable();
+        families.dedup();
+        for family in families {
+            let live = records
+                .by_digest
+                .values()
+                .find(|r| r.family == family && r.status != Status::Revoked)
+                .map(|r| r.family_expires);
+            match live {
+                Some(expires) => records.live.insert(family, expires),
+                None => records.live.remove(&family),
+            };
+        }
+        Ok(stored)
+    }
+
+    /// Reads the records `digests` again, as another node that shares the store changed them
+    /// (see `twinguard_core::follow`): a family revoked there is refused here.
+    pub fn changed(&self, digests: &[String]) -> Result<(), StoreError> {
+        let mut records = self.lock()?;
+        self.reread(&mut records, digests).map(|_| ())
+    }
+
+    /// Reads every record again (the follower fell behind the store's change log).
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let mut records = self.lock()?;
+        let mut digests: Vec<String> = self
+            .store
+            .scan(Table::RefreshTokens)?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        digests.extend(records.by_digest.keys().cloned());
+        digests.sort_unstable();
+        digests.dedup();
+        self.reread(&mut records, &digests).map(|_| ())
     }
 
     /// Revokes the family of `token`; false if it is not one of ours.
@@ -370,5 +454,59 @@ mod tests {
         assert!(!tokens.revoke("not ours").unwrap());
         assert!(matches!(tokens.redeem(&a).unwrap(), Redeemed::Invalid));
         assert!(matches!(tokens.redeem(&b).unwrap(), Redeemed::Valid(_)));
+    }
+
+    /// Two nodes on one shared store, each with the tokens in memory: a token presented to
+    /// both at once is spent by exactly one; the other finds it spent (a reuse). With spending
+    /// decided in each node's memory, both would redeem it.
+    #[test]
+    fn a_token_redeemed_on_two_nodes_at_once_is_spent_once() {
+        let store = Arc::new(MemoryStore::shared());
+        let a = RefreshTokens::open(store.clone()).unwrap();
+        let tokens: Vec<_> = (0..100)
+            .map(|_| a.issue(family("alice", false, 0, None)).unwrap().token)
+            .collect();
+        let b = RefreshTokens::open(store.clone()).unwrap();
+        for (round, token) in tokens.iter().enumerate() {
+            let barrier = std::sync::Barrier::new(2);
+            let redeem = |node: &RefreshTokens| {
+                barrier.wait();
+                node.redeem(token).unwrap()
+            };
+            let (on_a, on_b) = std::thread::scope(|s| {
+                let on_a = s.spawn(|| redeem(&a));
+                let on_b = s.spawn(|| redeem(&b));
+                (on_a.join().unwrap(), on_b.join().unwrap())
+            });
+            let valid = [&on_a, &on_b]
+                .iter()
+                .filter(|r| matches!(r, Redeemed::Valid(_)))
+                .count();
+            let reused = [&on_a, &on_b]
+                .iter()
+                .filter(|r| matches!(r, Redeemed::Reused { .. }))
+                .count();
+            assert_eq!((valid, reused), (1, 1), "round {round}");
+        }
+    }
+
+    /// A family revoked on node A is refused on node B once B reads the changed records
+    /// (what the change follower hands it), or reads them all.
+    #[test]
+    fn a_family_revoked_on_another_node_is_refused_once_read_again() {
+        let store = Arc::new(MemoryStore::shared());
+        let a = RefreshTokens::open(store.clone()).unwrap();
+        let issued = a.issue(family("alice", false, 0, None)).unwrap();
+        let other = a.issue(family("bob", false, 0, None)).unwrap();
+        let b = RefreshTokens::open(store.clone()).unwrap();
+        assert!(b.family_live(&issued.family) && b.family_live(&other.family));
+        assert!(a.revoke(&issued.token).unwrap());
+        assert!(b.family_live(&issued.family), "until B reads it again");
+        b.changed(&[secret_digest(&issued.token)]).unwrap();
+        assert!(!b.family_live(&issued.family));
+        assert!(b.family_live(&other.family));
+        assert!(a.revoke(&other.token).unwrap());
+        b.reload().unwrap();
+        assert!(!b.family_live(&other.family));
     }
 }

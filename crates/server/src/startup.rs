@@ -9,6 +9,7 @@ use anyhow::Context;
 use axum_server::tls_rustls::RustlsConfig;
 use serde_json::json;
 use twinguard_core::clock::SystemClock;
+use twinguard_core::follow::ChangeFollower;
 use twinguard_core::identity::Directory;
 use twinguard_core::service::OwnerStore;
 use twinguard_core::service::TwinService;
@@ -257,6 +258,8 @@ pub struct Application {
     connections: crate::connections::ConnectionPolicy,
     /// [`ServeConfig::dangerous_unbounded_resources`].
     unbounded: bool,
+    /// On a shared store: hands the owners what other nodes commit.
+    follower: Option<Arc<ChangeFollower>>,
 }
 
 impl std::fmt::Debug for Application {
@@ -274,7 +277,14 @@ pub fn install_crypto_provider() {
 
 /// What [`init`] opened: the store, the token service, and the identity records' view of the
 /// store (to be connected to the twin writer's door once it runs: [`OwnerStore::connect`]).
-pub type Initialised = (Arc<dyn Store>, Arc<TokenService>, Arc<OwnerStore>);
+/// On a shared store, also the follower of other nodes' changes, with the directory and the
+/// token service registered.
+pub type Initialised = (
+    Arc<dyn Store>,
+    Arc<TokenService>,
+    Arc<OwnerStore>,
+    Option<Arc<ChangeFollower>>,
+);
 
 /// Creates the data directory's keys, certificates and first admin client if they are missing.
 pub fn init(
@@ -296,6 +306,8 @@ pub fn init(
         !twinguard_core::store::restore_unfinished(store.as_ref())?,
         unfinished
     );
+    // Before the owners load: a commit another node makes while they do is handed to them again.
+    let follower = ChangeFollower::start(store.clone())?;
     // Identities, credentials and tokens are written only to the identity tables.
     let identity_store = Arc::new(OwnerStore::new(Owner::Identity, store.clone()));
     let identity: Arc<dyn Store> = identity_store.clone();
@@ -330,7 +342,11 @@ pub fn init(
     } else if !data_dir.admin_client().exists() {
         tracing::warn!(path = %data_dir.admin_client().display(), "the first admin credential file is missing; administer with another identity");
     }
-    Ok((store, tokens, identity_store))
+    if let Some(follower) = &follower {
+        follower.register(directory.clone());
+        follower.register(tokens.clone());
+    }
+    Ok((store, tokens, identity_store, follower))
 }
 
 /// How often a node on a shared store looks for other nodes' commits (`TwinService::follow`).
@@ -348,7 +364,7 @@ impl Application {
         install_crypto_provider();
         crate::metrics::install();
         let data_dir = DataDir::new(&config.data_dir);
-        let (store, tokens, identity_store) = init(
+        let (store, tokens, identity_store, follower) = init(
             &data_dir,
             &config.tls_names,
             config.issuers.as_deref(),
@@ -398,6 +414,9 @@ impl Application {
             Arc::new(SystemClock),
         )
         .context("loading the device registry")?;
+        if let Some(follower) = &follower {
+            follower.register(Arc::new(telemetry.clone()));
+        }
         if let Some(retention) = config.history_retention {
             telemetry.keep_history_for(retention);
         }
@@ -500,6 +519,7 @@ impl Application {
             siem: config.siem.clone(),
             connections: config.connections.clone(),
             unbounded: config.dangerous_unbounded_resources,
+            follower,
         };
         app.record_token_endpoint()?;
         app.state
@@ -609,16 +629,26 @@ impl Application {
                 let _ = tokio::task::spawn_blocking(move || audit.measure_disk()).await;
             }
         });
-        // On a store that other nodes may write, follow their commits.
+        // On a store that other nodes may write, follow their commits: the graph, then the
+        // owners' records (revocations, identities, devices...).
         if self.state.service.position().is_some() {
             let service = self.state.service.clone();
+            let follower = self.follower.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(FOLLOW_EVERY);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     every.tick().await;
-                    let service = service.clone();
-                    let _ = tokio::task::spawn_blocking(move || service.follow()).await;
+                    let (service, follower) = (service.clone(), follower.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let _ = service.follow();
+                        if let Some(follower) = follower
+                            && let Err(e) = follower.step()
+                        {
+                            tracing::error!(error = %e, "cannot read what other nodes changed in the owners' records");
+                        }
+                    })
+                    .await;
                 }
             });
         }

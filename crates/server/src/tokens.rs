@@ -23,7 +23,7 @@ use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use twinguard_core::auth::{Credential, Principal, PrincipalKind};
 use twinguard_core::identity::{Authenticated, Directory, LoginFailure, Refusal};
-use twinguard_core::store::{Mutation, Store, StoreError, Table};
+use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
 use twinguard_core::throttle::RetryAfter;
 use zeroize::Zeroizing;
 
@@ -44,6 +44,8 @@ pub const USER_TOKEN_LIFETIME_SECS: u64 = 900;
 pub const CLOCK_SKEW_SECS: u64 = 30;
 /// Longest bearer token accepted; anything larger is refused unparsed.
 pub const MAX_TOKEN_LEN: usize = 8_192;
+/// Longest client assertion `jti` taken (it becomes a store key).
+const MAX_JTI_LEN: usize = 256;
 /// Verified tokens remembered at most.
 const VERIFIED_CACHE_SIZE: usize = 16_384;
 
@@ -150,7 +152,8 @@ pub struct TokenService {
     external: ExternalIssuers,
     /// This server's token endpoint URL, an audience client assertions may name.
     token_endpoint: RwLock<Option<String>>,
-    /// `jti`s of client assertions already used, until they expire (RFC 7523 3, replay).
+    /// `jti`s of client assertions already used, keyed `client \u{1f} jti`, until they expire
+    /// (RFC 7523 3, replay); also in the store (`Table::UsedAssertions`).
     used_assertions: std::sync::Mutex<HashMap<String, u64>>,
     store: Arc<dyn Store>,
 }
@@ -237,6 +240,18 @@ impl TokenService {
                 revoked.insert(jti, exp);
             }
         }
+        let mut used_assertions = HashMap::new();
+        for (key, bytes) in store.scan(Table::UsedAssertions)? {
+            let exp: u64 = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            if exp + CLOCK_SKEW_SECS < now {
+                expired.push(Mutation::delete(Table::UsedAssertions, key));
+            } else {
+                used_assertions.insert(key, exp);
+            }
+        }
         store.commit(&expired)?;
         Ok(Self {
             issuer,
@@ -247,7 +262,7 @@ impl TokenService {
             refresh: RefreshTokens::open(store.clone())?,
             external,
             token_endpoint: RwLock::new(None),
-            used_assertions: std::sync::Mutex::new(HashMap::new()),
+            used_assertions: std::sync::Mutex::new(used_assertions),
             directory,
             verified: RwLock::new(HashMap::new()),
             revoked: RwLock::new(revoked),
@@ -438,14 +453,57 @@ impl TokenService {
         if exp > now + 300 + CLOCK_SKEW_SECS {
             return None;
         }
-        let jti = claims.get("jti")?.as_str()?.to_owned();
+        let jti = claims.get("jti")?.as_str()?;
+        if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+            return None;
+        }
+        // Per client: one client's `jti` cannot use up another's.
+        let key = format!("{claimed}\u{1f}{jti}");
         {
             let mut used = self.used_assertions.lock().ok()?;
-            used.retain(|_, e| *e + CLOCK_SKEW_SECS >= now);
-            if used.contains_key(&jti) {
+            if used.contains_key(&key) {
                 return None;
             }
-            used.insert(jti, exp);
+            let mut batch = vec![Mutation::put(
+                Table::UsedAssertions,
+                key.clone(),
+                exp.to_string().into_bytes(),
+            )];
+            let expired: Vec<String> = used
+                .iter()
+                .filter(|(_, e)| **e + CLOCK_SKEW_SECS < now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            batch.extend(
+                expired
+                    .iter()
+                    .map(|k| Mutation::delete(Table::UsedAssertions, k.clone())),
+            );
+            // Recorded durably, and only if no node recorded it first (on a shared store the
+            // writer checks the record is still absent): single use across restarts and nodes.
+            let recorded = self
+                .store
+                .commit_expecting(
+                    &batch,
+                    &[Expect {
+                        table: Table::UsedAssertions,
+                        key: key.clone(),
+                        value: None,
+                    }],
+                )
+                .map_err(|e| tracing::error!(error = %e, "cannot record a client assertion's jti"))
+                .ok()?;
+            for k in &expired {
+                used.remove(k);
+            }
+            if !recorded {
+                tracing::warn!(
+                    client = claimed,
+                    "a client assertion's jti was already used on another node"
+                );
+                return None;
+            }
+            used.insert(key, exp);
         }
         self.directory.workload(claimed)
     }
@@ -776,5 +834,207 @@ impl TokenService {
             certificate: claims.cnf.map(|c| c.x5t_s256),
             external: None,
         })
+    }
+}
+
+/// Revocations and refresh families as other nodes sharing the store change them (see
+/// `twinguard_core::follow`): a token revoked on one node is refused on this one once its ID
+/// is read.
+impl twinguard_core::follow::Follower for TokenService {
+    fn follows(&self, table: Table) -> bool {
+        matches!(table, Table::RevokedTokens | Table::RefreshTokens)
+    }
+
+    /// Revocations only ever grow until they expire (which each node forgets by itself), so
+    /// a revocation read is added and an absent one changes nothing: a read that raced this
+    /// node's own revocation cannot undo it.
+    fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        if table == Table::RefreshTokens {
+            self.refresh.changed(keys)?;
+            return Ok(Vec::new());
+        }
+        let stored = self.store.get_many(Table::RevokedTokens, keys)?;
+        let mut revoked = self
+            .revoked
+            .write()
+            .map_err(|_| StoreError("the revocation list is poisoned".into()))?;
+        for (jti, bytes) in keys.iter().zip(stored) {
+            if let Some(bytes) = bytes {
+                // Unreadable expiry: kept revoked for as long as any token lives.
+                let exp = serde_json::from_slice(&bytes).unwrap_or(u64::MAX / 2);
+                revoked.insert(jti.clone(), exp);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn reload(&self) -> Result<(), StoreError> {
+        self.refresh.reload()?;
+        let stored: HashMap<String, u64> = self
+            .store
+            .scan(Table::RevokedTokens)?
+            .into_iter()
+            .map(|(jti, bytes)| (jti, serde_json::from_slice(&bytes).unwrap_or(u64::MAX / 2)))
+            .collect();
+        let mut revoked = self
+            .revoked
+            .write()
+            .map_err(|_| StoreError("the revocation list is poisoned".into()))?;
+        revoked.extend(stored);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use twinguard_core::clock::SystemClock;
+    use twinguard_core::follow::ChangeFollower;
+    use twinguard_core::store::MemoryStore;
+
+    use super::*;
+
+    /// Two nodes on one shared store, each with its own directory and revocation list: an
+    /// access token revoked on node A is refused on node B at B's next follow step, and so is
+    /// a token of an identity disabled on A.
+    #[test]
+    fn a_token_revoked_or_an_identity_disabled_on_one_node_is_refused_on_the_other() {
+        let store = Arc::new(MemoryStore::shared());
+        let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token-keys.json");
+        KeyRing::generate(now_secs()).unwrap().save(&path).unwrap();
+        let node = || {
+            let directory =
+                Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
+            Arc::new(
+                TokenService::new(
+                    "https://twinguard.test".into(),
+                    KeyRing::load(&path).unwrap(),
+                    path.clone(),
+                    store.clone(),
+                    directory,
+                    ExternalIssuers::default(),
+                )
+                .unwrap(),
+            )
+        };
+        let a = node();
+        let (id, secret) = Directory::new_admin_credential();
+        a.directory().bootstrap_admin(&id, &secret).unwrap();
+        let b = node();
+        follower.register(b.directory().clone());
+        follower.register(b.clone());
+        follower.step().unwrap();
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let on_b = |token: &str| {
+            b.verify_cached(token)
+                .ok()
+                .and_then(|session| b.principal(&session, None))
+                .is_some()
+        };
+        let first = a
+            .issue_for_client(local, &id, &secret)
+            .unwrap()
+            .access_token;
+        let second = a
+            .issue_for_client(local, &id, &secret)
+            .unwrap()
+            .access_token;
+        assert!(on_b(&first) && on_b(&second));
+        a.revoke(&first).unwrap();
+        assert!(on_b(&first), "until B follows");
+        follower.step().unwrap();
+        assert!(!on_b(&first), "revoked on A");
+        assert!(on_b(&second));
+        let admin = a.directory().principal(&id, false, 0, 0).unwrap();
+        let disable = twinguard_core::identity::IdentityPatch {
+            disabled: Some(true),
+            ..Default::default()
+        };
+        a.directory().update_identity(&admin, &id, disable).unwrap();
+        follower.step().unwrap();
+        assert!(!on_b(&second), "its identity disabled on A");
+    }
+
+    /// A client assertion is single-use across nodes and restarts: presented to two nodes at
+    /// once, one issues a token and the other refuses it; presented again after a restart, it
+    /// is refused. (Its `jti` was kept in each node's memory only: a second node, or the same
+    /// node after a restart, took it again.)
+    #[test]
+    fn a_client_assertion_is_used_once_across_nodes_and_restarts() {
+        let store = Arc::new(MemoryStore::shared());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token-keys.json");
+        KeyRing::generate(now_secs()).unwrap().save(&path).unwrap();
+        let node = || {
+            let directory =
+                Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
+            TokenService::new(
+                "https://twinguard.test".into(),
+                KeyRing::load(&path).unwrap(),
+                path.clone(),
+                store.clone(),
+                directory,
+                ExternalIssuers::default(),
+            )
+            .unwrap()
+        };
+        let a = node();
+        let (admin_id, secret) = Directory::new_admin_credential();
+        a.directory().bootstrap_admin(&admin_id, &secret).unwrap();
+        let admin = a.directory().principal(&admin_id, false, 0, 0).unwrap();
+        let new = twinguard_core::identity::NewIdentity {
+            kind: twinguard_core::identity::IdentityKind::ServiceAccount,
+            name: "valve".into(),
+            display_name: None,
+            groups: vec![],
+            password: None,
+        };
+        let valve = a.directory().create_identity(&admin, new).unwrap().0.id;
+        let signer = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let x = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            signer.public_key_raw(),
+        );
+        let jwks =
+            serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "v1", "x": x}]});
+        a.directory().set_client_keys(&admin, &valve, jwks).unwrap();
+        let b = node();
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let key = jsonwebtoken::EncodingKey::from_ed_der(&signer.serialize_der());
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some("v1".into());
+        for round in 0..20 {
+            let now = now_secs();
+            let claims = serde_json::json!({"iss": valve, "sub": valve,
+                "aud": "https://twinguard.test", "exp": now + 60, "jti": format!("j-{round}")});
+            let assertion = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+            let barrier = std::sync::Barrier::new(2);
+            let present = |node: &TokenService| {
+                barrier.wait();
+                node.issue_for_assertion(local, None, &assertion).is_ok()
+            };
+            let issued = std::thread::scope(|s| {
+                let on_a = s.spawn(|| present(&a));
+                let on_b = s.spawn(|| present(&b));
+                [on_a.join().unwrap(), on_b.join().unwrap()]
+            });
+            assert_eq!(
+                issued.iter().filter(|ok| **ok).count(),
+                1,
+                "round {round}: {issued:?}"
+            );
+            if round == 0 {
+                let restarted = node();
+                assert!(
+                    restarted
+                        .issue_for_assertion(local, None, &assertion)
+                        .is_err(),
+                    "after a restart"
+                );
+            }
+        }
     }
 }

@@ -52,7 +52,9 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
-use twinguard_core::store::{Fenced, Mutation, Store, StoreError, Table};
+use twinguard_core::store::{
+    CHANGE_LOG_COMMITS, Change, Fenced, Mutation, Store, StoreError, Table,
+};
 
 #[doc(hidden)]
 pub mod testdb;
@@ -75,6 +77,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "twinguard_head: the commit counter that fences writers sharing the database",
         "CREATE TABLE twinguard_head (id int PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL);
          INSERT INTO twinguard_head VALUES (1, 0)",
+    ),
+    (
+        3,
+        "twinguard_changes: the keys of followed tables each commit changed",
+        "CREATE TABLE twinguard_changes (
+        seq bigint NOT NULL,
+        tbl text COLLATE \"C\" NOT NULL,
+        key bytea NOT NULL
+    );
+    CREATE INDEX twinguard_changes_seq ON twinguard_changes (seq)",
     ),
 ];
 
@@ -107,6 +119,15 @@ const BUMP: &str = "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 RETURNI
 const BUMP_FROM: &str =
     "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 AND seq = $1 RETURNING seq";
 const HEAD: &str = "SELECT seq FROM twinguard_head WHERE id = 1";
+/// The change log: the keys of followed tables (`Table::followed`) each commit changed, written
+/// in the commit, read by the other nodes (`Store::changes_after`), trimmed every
+/// [`TRIM_CHANGES_EVERY`] commits to the last [`CHANGE_LOG_COMMITS`].
+const LOG_CHANGES: &str = "INSERT INTO twinguard_changes (seq, tbl, key) \
+     SELECT $1, * FROM unnest($2::text[], $3::bytea[])";
+const TRIM_CHANGES: &str = "DELETE FROM twinguard_changes WHERE seq <= $1";
+const CHANGES: &str = "SELECT seq, tbl, key FROM twinguard_changes \
+     WHERE seq > $1 AND seq <= $2 ORDER BY seq";
+const TRIM_CHANGES_EVERY: u64 = 1_024;
 const SCAN: &str = "SELECT key, value FROM records WHERE tbl = $1 ORDER BY key";
 const GET_MANY: &str = "SELECT key, value FROM records WHERE tbl = $1 AND key = ANY($2::bytea[])";
 const RANGE_FROM: &str =
@@ -496,6 +517,21 @@ impl PgStore {
                         .map_err(|e| pg_err("commit", &e))?;
                 }
             }
+            let at = i64::try_from(head).unwrap_or(i64::MAX);
+            for start in (0..plan.followed_keys.len()).step_by(ROWS_PER_STATEMENT) {
+                let end = (start + ROWS_PER_STATEMENT).min(plan.followed_keys.len());
+                let tables = slice(&plan.followed_tables, start, end);
+                let keys = slice(&plan.followed_keys, start, end);
+                txn.execute(LOG_CHANGES, &[&at, &tables, &keys])
+                    .await
+                    .map_err(|e| pg_err("commit", &e))?;
+            }
+            if head % TRIM_CHANGES_EVERY == 0 && head > CHANGE_LOG_COMMITS {
+                let below = i64::try_from(head - CHANGE_LOG_COMMITS).unwrap_or(0);
+                txn.execute(TRIM_CHANGES, &[&below])
+                    .await
+                    .map_err(|e| pg_err("commit", &e))?;
+            }
             txn.commit().await.map_err(|e| pg_err("commit", &e))?;
             Ok(Fenced::Committed(head))
         })
@@ -634,6 +670,9 @@ struct Plan {
     put_values: Vec<Vec<u8>>,
     delete_tables: Vec<&'static str>,
     delete_keys: Vec<Vec<u8>>,
+    /// The changed records of followed tables, for the change log.
+    followed_tables: Vec<&'static str>,
+    followed_keys: Vec<Vec<u8>>,
 }
 
 impl Plan {
@@ -646,6 +685,10 @@ impl Plan {
         for (i, m) in batch.iter().enumerate() {
             if last.get(&(m.table, m.key.as_str())) != Some(&i) {
                 continue;
+            }
+            if m.table.followed() {
+                plan.followed_tables.push(m.table.name());
+                plan.followed_keys.push(m.key.as_bytes().to_vec());
             }
             match &m.value {
                 Some(value) => {
@@ -690,6 +733,62 @@ fn slice<T>(v: &[T], start: usize, end: usize) -> &[T] {
 impl Store for PgStore {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.read(SCAN, table, Vec::new(), None)
+    }
+
+    /// The rows of the change log, then the counter: rows are trimmed only below the counter
+    /// less [`CHANGE_LOG_COMMITS`] as it stood when they were trimmed, so if `after` is not
+    /// below the counter read *after* the rows, no row after `after` was trimmed before they
+    /// were read.
+    fn changes_after(&self, after: u64, upto: u64) -> Result<Option<Vec<Change>>, StoreError> {
+        let range = (
+            i64::try_from(after).unwrap_or(i64::MAX),
+            i64::try_from(upto).unwrap_or(i64::MAX),
+        );
+        let pool = self.pool.clone();
+        let (rows, head) = self.run(async move {
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let statement = client
+                .prepare_cached(CHANGES)
+                .await
+                .map_err(|e| pg_err("reading the change log", &e))?;
+            let rows = client
+                .query(&statement, &[&range.0, &range.1])
+                .await
+                .map_err(|e| pg_err("reading the change log", &e))?;
+            let head = client
+                .query_one(HEAD, &[])
+                .await
+                .map_err(|e| pg_err("reading the change log", &e))?;
+            let head: i64 = head
+                .try_get(0)
+                .map_err(|e| pg_err("reading the change log", &e))?;
+            Ok((rows, u64::try_from(head).unwrap_or(0)))
+        })?;
+        if after.saturating_add(CHANGE_LOG_COMMITS) < head {
+            return Ok(None);
+        }
+        let mut changes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let bad = |what: &str| StoreError(format!("PostgreSQL: a change log row has {what}"));
+            let seq: i64 = row
+                .try_get(0)
+                .map_err(|e| pg_err("reading the change log", &e))?;
+            let tbl: String = row
+                .try_get(1)
+                .map_err(|e| pg_err("reading the change log", &e))?;
+            let key: Vec<u8> = row
+                .try_get(2)
+                .map_err(|e| pg_err("reading the change log", &e))?;
+            changes.push(Change {
+                seq: u64::try_from(seq).map_err(|_| bad("a negative position"))?,
+                table: Table::ALL
+                    .into_iter()
+                    .find(|t| t.name() == tbl)
+                    .ok_or_else(|| bad("an unknown table"))?,
+                key: String::from_utf8(key).map_err(|_| bad("a key that is not UTF-8"))?,
+            });
+        }
+        Ok(Some(changes))
     }
 
     /// One query for all of `keys`.

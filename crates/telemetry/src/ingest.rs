@@ -216,7 +216,7 @@ impl Telemetry {
                         "another node moved a replay window first; deciding the batch again"
                     );
                     let this = self.clone();
-                    tokio::task::spawn_blocking(move || this.reload_devices(&devices))
+                    tokio::task::spawn_blocking(move || this.reload_devices(&devices).map(|_| ()))
                         .await
                         .map_err(|_| {
                             DomainError::Internal("a telemetry batch could not be processed")

@@ -11,6 +11,7 @@ use serde_json::Value;
 use twinguard_core::auth::{Principal, TELEMETRY_WRITER};
 use twinguard_core::clock::Clock;
 use twinguard_core::error::{DomainError, DomainResult};
+use twinguard_core::follow::Follower;
 use twinguard_core::graph::{PropertyUpdate, Quality, Skipped, WriteOp, WriteOutcome};
 use twinguard_core::service::TwinService;
 use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
@@ -174,6 +175,9 @@ pub(crate) struct Inner {
     pub history_readers: twinguard_core::gate::Gate,
     pub history_slots: twinguard_core::gate::Gate,
     pub audit: std::sync::OnceLock<AuditSink>,
+    /// Records of followed tables with a write of this node queued and not yet settled, and
+    /// how many: the change follower leaves them alone until they settle.
+    pub in_flight: Mutex<HashMap<(Table, String), u32>>,
 }
 
 /// The trusted telemetry service. Cheap to clone.
@@ -298,6 +302,7 @@ impl Telemetry {
                 ),
                 history_slots: twinguard_core::gate::Gate::new(crate::manage::MAX_HISTORY_READS),
                 audit: std::sync::OnceLock::new(),
+                in_flight: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -344,13 +349,21 @@ impl Telemetry {
         expect: Vec<Expect>,
     ) -> DomainResult<impl Future<Output = DomainResult<Vec<Result<(), Skipped>>>> + Send + 'static>
     {
+        let tracked: Vec<(Table, String)> = records
+            .iter()
+            .filter(|m| m.table.followed())
+            .map(|m| (m.table, m.key.clone()))
+            .collect();
         let pending = self.inner.twins.submit_expecting(
             &self.inner.system,
             WriteOp::ApplyReadings { updates, records },
             expect,
         )?;
+        let in_flight = InFlight::track(self.inner.clone(), tracked);
         Ok(async move {
-            match pending.await? {
+            let answer = pending.await;
+            drop(in_flight);
+            match answer? {
                 WriteOutcome::Readings(results) => Ok(results),
                 _ => Err(DomainError::Internal(
                     "a telemetry write produced no answer",
@@ -361,24 +374,30 @@ impl Telemetry {
 
     /// Reads the replay windows and registry records of `devices` again from the store, as
     /// another node that shares it may have committed them since this one read them, and drops
-    /// their cached keys.
-    pub(crate) fn reload_devices(&self, devices: &[String]) -> DomainResult<()> {
-        let store = &self.inner.store;
+    /// their cached keys. Read under the state lock, and not for a device with a write of this
+    /// node still in flight (the store may not hold it yet, and reading it would undo it here):
+    /// those are returned, to be read again later.
+    pub(crate) fn reload_devices(&self, devices: &[String]) -> DomainResult<Vec<String>> {
         let unavailable = |e: StoreError| {
             tracing::error!(error = %e, "cannot read devices' replay windows again");
             DomainError::Unavailable
         };
+        let mut state = self.state()?;
+        let (busy, devices): (Vec<String>, Vec<String>) = devices
+            .iter()
+            .cloned()
+            .partition(|d| self.in_flight(Table::Devices, d) || self.in_flight(Table::Replay, d));
+        let store = &self.inner.store;
         let windows = store
-            .get_many(Table::Replay, devices)
+            .get_many(Table::Replay, &devices)
             .map_err(unavailable)?;
         let records = store
-            .get_many(Table::Devices, devices)
+            .get_many(Table::Devices, &devices)
             .map_err(unavailable)?;
         let corrupt = |kind: &str, device: &str| {
             tracing::error!(kind, device, "a stored record read again is unreadable");
             DomainError::Internal("a stored telemetry record is unreadable")
         };
-        let mut state = self.state()?;
         for ((device, window), record) in devices.iter().zip(windows).zip(records) {
             match window {
                 Some(bytes) => {
@@ -402,7 +421,56 @@ impl Telemetry {
             }
             state.keys.remove(device);
         }
-        Ok(())
+        Ok(busy)
+    }
+
+    /// Whether a write of this node to `key` of `table` is queued and not yet settled.
+    fn in_flight(&self, table: Table, key: &str) -> bool {
+        self.inner
+            .in_flight
+            .lock()
+            .map(|f| f.contains_key(&(table, key.to_owned())))
+            .unwrap_or(true)
+    }
+
+    /// Reads `keys` of a followed table again from the store (see [`Follower`]); returns the
+    /// keys with a write of this node in flight, left for later.
+    fn reread(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        fn take<T: DeserializeOwned>(
+            map: &mut HashMap<String, T>,
+            key: &str,
+            value: Option<Vec<u8>>,
+        ) -> Result<(), StoreError> {
+            match value {
+                Some(bytes) => {
+                    let parsed = serde_json::from_slice(&bytes).map_err(|_| {
+                        StoreError(format!("a stored telemetry record '{key}' is unreadable"))
+                    })?;
+                    map.insert(key.to_owned(), parsed);
+                }
+                None => {
+                    map.remove(key);
+                }
+            }
+            Ok(())
+        }
+        let unreadable = |e: DomainError| StoreError(e.to_string());
+        if matches!(table, Table::Devices | Table::Replay) {
+            return self.reload_devices(keys).map_err(unreadable);
+        }
+        let mut state = self.state().map_err(unreadable)?;
+        let (busy, keys): (Vec<String>, Vec<String>) =
+            keys.iter().cloned().partition(|k| self.in_flight(table, k));
+        let values = self.inner.store.get_many(table, &keys)?;
+        for (key, value) in keys.iter().zip(values) {
+            match table {
+                Table::Firmware => take(&mut state.firmware, key, value)?,
+                Table::Policies => take(&mut state.policies, key, value)?,
+                Table::SensorGroups => take(&mut state.groups, key, value)?,
+                _ => {}
+            }
+        }
+        Ok(busy)
     }
 
     /// Where the pipeline's own decisions go (the server's audit trail). Called with the
@@ -469,3 +537,92 @@ impl Telemetry {
 pub(crate) fn put<T: Serialize>(table: Table, key: &str, value: &T) -> Mutation {
     Mutation::put(table, key, serde_json::to_vec(value).unwrap_or_default())
 }
+
+/// This node's writes to followed records, from when they are queued until they settle
+/// (committed, refused or dropped).
+struct InFlight {
+    inner: Arc<Inner>,
+    keys: Vec<(Table, String)>,
+}
+
+impl InFlight {
+    fn track(inner: Arc<Inner>, keys: Vec<(Table, String)>) -> Self {
+        if !keys.is_empty()
+            && let Ok(mut f) = inner.in_flight.lock()
+        {
+            for key in &keys {
+                *f.entry(key.clone()).or_default() += 1;
+            }
+        }
+        Self { inner, keys }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        if let Ok(mut f) = self.inner.in_flight.lock() {
+            for key in self.keys.drain(..) {
+                if let Some(n) = f.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        f.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The registry's tables and the replay windows, as other nodes sharing the store change them:
+/// a device suspended or revoked on one node is refused on this one once its key is read.
+impl Follower for Telemetry {
+    fn follows(&self, table: Table) -> bool {
+        FOLLOWED.contains(&table)
+    }
+
+    fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        self.reread(table, keys)
+    }
+
+    fn reload(&self) -> Result<(), StoreError> {
+        for table in FOLLOWED {
+            let stored: Vec<String> = self
+                .inner
+                .store
+                .scan(table)?
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            let known: Vec<String> = {
+                let state = self.state().map_err(|e| StoreError(e.to_string()))?;
+                match table {
+                    Table::Devices => state.devices.keys().cloned().collect(),
+                    Table::Replay => state.windows.keys().cloned().collect(),
+                    Table::Firmware => state.firmware.keys().cloned().collect(),
+                    Table::Policies => state.policies.keys().cloned().collect(),
+                    Table::SensorGroups => state.groups.keys().cloned().collect(),
+                    _ => Vec::new(),
+                }
+            };
+            let mut keys = stored;
+            keys.extend(known);
+            keys.sort_unstable();
+            keys.dedup();
+            // A record with a write of this node in flight comes back in the log after it.
+            let _in_flight = self.reread(table, &keys)?;
+        }
+        Ok(())
+    }
+}
+
+/// The tables the telemetry service keeps in memory and other nodes may change.
+const FOLLOWED: [Table; 5] = [
+    Table::Devices,
+    Table::Firmware,
+    Table::Policies,
+    Table::SensorGroups,
+    Table::Replay,
+];

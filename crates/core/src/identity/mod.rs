@@ -23,7 +23,7 @@ use crate::auth::{
 };
 use crate::clock::Clock;
 use crate::error::{DomainError, DomainResult};
-use crate::store::{Mutation, Store, StoreError, Table};
+use crate::store::{Expect, Mutation, Store, StoreError, Table};
 use crate::throttle::{Policy, RetryAfter, Throttle};
 use credentials::{CredentialError, TotpState};
 
@@ -283,6 +283,83 @@ struct State {
 }
 
 impl State {
+    /// Every identity, role, role assignment and API key `store` holds.
+    fn read(store: &dyn Store) -> Result<Self, StoreError> {
+        let mut state = State::default();
+        for table in FOLLOWED {
+            for (key, bytes) in store.scan(table)? {
+                state.put(table, key, &bytes)?;
+            }
+        }
+        Ok(state)
+    }
+
+    /// Takes in the stored record `key` of `table`, replacing what was there.
+    fn put(&mut self, table: Table, key: String, bytes: &[u8]) -> Result<(), StoreError> {
+        self.remove(table, &key);
+        match table {
+            Table::Identities => {
+                let record: Record =
+                    serde_json::from_slice(bytes).map_err(|_| corrupt("identity", &key))?;
+                self.by_name
+                    .insert(record.identity.name.to_lowercase(), key.clone());
+                self.records.insert(key, record);
+            }
+            Table::Roles => {
+                let record: RoleRecord =
+                    serde_json::from_slice(bytes).map_err(|_| corrupt("role", &key))?;
+                let actions =
+                    ActionSet::parse(&record.actions).map_err(|_| corrupt("role", &key))?;
+                self.roles.insert(
+                    key,
+                    Role {
+                        id: RoleId(record.id),
+                        name: record.name,
+                        description: record.description,
+                        actions,
+                        builtin: false,
+                    },
+                );
+            }
+            Table::RoleAssignments => {
+                let a: RoleAssignment =
+                    serde_json::from_slice(bytes).map_err(|_| corrupt("role assignment", &key))?;
+                self.assignments.insert(key, a);
+            }
+            Table::ApiKeys => {
+                apikeys::load(self, key.clone(), bytes).ok_or_else(|| corrupt("API key", &key))?;
+            }
+            _ => {}
+        }
+        self.grants.clear();
+        Ok(())
+    }
+
+    /// Forgets the record `key` of `table`.
+    fn remove(&mut self, table: Table, key: &str) {
+        match table {
+            Table::Identities => {
+                if let Some(old) = self.records.remove(key) {
+                    let name = old.identity.name.to_lowercase();
+                    if self.by_name.get(&name).is_some_and(|id| id == key) {
+                        self.by_name.remove(&name);
+                    }
+                }
+            }
+            Table::Roles => {
+                self.roles.remove(key);
+            }
+            Table::RoleAssignments => {
+                self.assignments.remove(key);
+            }
+            Table::ApiKeys => {
+                self.api_keys.remove(key);
+            }
+            _ => {}
+        }
+        self.grants.clear();
+    }
+
     fn role(&self, id: &str) -> Option<Role> {
         builtin_role(id).or_else(|| self.roles.get(id).cloned())
     }
@@ -327,6 +404,51 @@ pub struct Directory {
     throttle: Throttle,
 }
 
+/// Times a login reads its identity's record again after another node changed it first.
+const CREDENTIAL_ATTEMPTS: usize = 4;
+
+/// The tables the directory keeps in memory.
+const FOLLOWED: [Table; 4] = [
+    Table::Identities,
+    Table::Roles,
+    Table::RoleAssignments,
+    Table::ApiKeys,
+];
+
+/// What other nodes sharing the store change (see [`crate::follow`]): a disabled identity, a
+/// reset credential, a revoked API key or a changed role holds here once the keys are read.
+impl crate::follow::Follower for Directory {
+    fn follows(&self, table: Table) -> bool {
+        FOLLOWED.contains(&table)
+    }
+
+    /// Read under the directory's lock, which its own changes hold across their commit: no
+    /// change of this node lands between the read and the update, so none is undone.
+    fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut state = self
+            .state
+            .write()
+            .map_err(|_| StoreError("the identity directory is poisoned".into()))?;
+        let values = self.store.get_many(table, keys)?;
+        for (key, value) in keys.iter().zip(values) {
+            match value {
+                Some(bytes) => state.put(table, key.clone(), &bytes)?,
+                None => state.remove(table, key),
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn reload(&self) -> Result<(), StoreError> {
+        let mut state = self
+            .state
+            .write()
+            .map_err(|_| StoreError("the identity directory is poisoned".into()))?;
+        *state = State::read(self.store.as_ref())?;
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Directory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Directory").finish_non_exhaustive()
@@ -369,39 +491,7 @@ impl Directory {
     /// Loads the directory. Client records of earlier versions (table `clients`: secret digest
     /// and role IDs) become applications holding those roles at instance scope.
     pub fn open(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let mut state = State::default();
-        for (key, bytes) in store.scan(Table::Identities)? {
-            let record: Record =
-                serde_json::from_slice(&bytes).map_err(|_| corrupt("identity", &key))?;
-            state
-                .by_name
-                .insert(record.identity.name.to_lowercase(), key.clone());
-            state.records.insert(key, record);
-        }
-        for (key, bytes) in store.scan(Table::Roles)? {
-            let record: RoleRecord =
-                serde_json::from_slice(&bytes).map_err(|_| corrupt("role", &key))?;
-            let actions = ActionSet::parse(&record.actions).map_err(|_| corrupt("role", &key))?;
-            state.roles.insert(
-                key,
-                Role {
-                    id: RoleId(record.id),
-                    name: record.name,
-                    description: record.description,
-                    actions,
-                    builtin: false,
-                },
-            );
-        }
-        for (key, bytes) in store.scan(Table::RoleAssignments)? {
-            let a: RoleAssignment =
-                serde_json::from_slice(&bytes).map_err(|_| corrupt("role assignment", &key))?;
-            state.assignments.insert(key, a);
-        }
-        for (key, bytes) in store.scan(Table::ApiKeys)? {
-            apikeys::load(&mut state, key.clone(), &bytes)
-                .ok_or_else(|| corrupt("API key", &key))?;
-        }
+        let state = State::read(store.as_ref())?;
         let directory = Self {
             store,
             throttle: Throttle::new(Policy::default(), clock.clone()),
@@ -820,46 +910,76 @@ impl Directory {
         }
         let now = self.now();
         let mut state = self.state.write().map_err(|_| LoginFailure::Unavailable)?;
-        let record = state.records.get_mut(&id).ok_or(LoginFailure::Unknown)?;
-        if record.identity.disabled {
-            return Err(LoginFailure::Disabled);
+        // Decided on the record as the store holds it, and the used step or code committed
+        // only if the store still holds that record: on a store several nodes share, a code
+        // presented to two of them at once logs in on one only.
+        for _ in 0..CREDENTIAL_ATTEMPTS {
+            let stored = self
+                .store
+                .get_many(Table::Identities, std::slice::from_ref(&id))
+                .map_err(|_| LoginFailure::Unavailable)?
+                .pop()
+                .flatten()
+                .ok_or(LoginFailure::Unknown)?;
+            state
+                .put(Table::Identities, id.clone(), &stored)
+                .map_err(|_| LoginFailure::Unavailable)?;
+            let record = state.records.get_mut(&id).ok_or(LoginFailure::Unknown)?;
+            if record.identity.disabled {
+                return Err(LoginFailure::Disabled);
+            }
+            let enrolled = record
+                .credentials
+                .totp
+                .as_ref()
+                .is_some_and(|t| t.confirmed);
+            let generation = record.credentials.generation;
+            if !enrolled {
+                return Ok(Authenticated {
+                    id,
+                    kind: PrincipalKind::User,
+                    mfa: false,
+                    generation,
+                });
+            }
+            let code = code.ok_or(LoginFailure::WrongCode)?;
+            let mut updated = record.clone();
+            let totp_ok = updated
+                .credentials
+                .totp
+                .as_mut()
+                .is_some_and(|totp| totp.accept(code, now));
+            let accepted =
+                totp_ok || credentials::use_recovery_code(&mut updated.credentials.recovery, code);
+            if !accepted {
+                return Err(LoginFailure::WrongCode);
+            }
+            // The used step or code is durable before the login succeeds: a code works once,
+            // across restarts and nodes too.
+            let bytes = to_json(&updated).map_err(|_| LoginFailure::Unavailable)?;
+            let committed = self
+                .store
+                .commit_expecting(
+                    &[Mutation::put(Table::Identities, id.clone(), bytes)],
+                    &[Expect {
+                        table: Table::Identities,
+                        key: id.clone(),
+                        value: Some(stored),
+                    }],
+                )
+                .map_err(|_| LoginFailure::Unavailable)?;
+            if committed {
+                *record = updated;
+                return Ok(Authenticated {
+                    id,
+                    kind: PrincipalKind::User,
+                    mfa: true,
+                    generation,
+                });
+            }
         }
-        let enrolled = record
-            .credentials
-            .totp
-            .as_ref()
-            .is_some_and(|t| t.confirmed);
-        let generation = record.credentials.generation;
-        if !enrolled {
-            return Ok(Authenticated {
-                id,
-                kind: PrincipalKind::User,
-                mfa: false,
-                generation,
-            });
-        }
-        let code = code.ok_or(LoginFailure::WrongCode)?;
-        let mut updated = record.clone();
-        let totp_ok = updated
-            .credentials
-            .totp
-            .as_mut()
-            .is_some_and(|totp| totp.accept(code, now));
-        let accepted =
-            totp_ok || credentials::use_recovery_code(&mut updated.credentials.recovery, code);
-        if !accepted {
-            return Err(LoginFailure::WrongCode);
-        }
-        // The used step or code is durable before the login succeeds: a code works once,
-        // across restarts too.
-        self.persist(&id, &updated)?;
-        *record = updated;
-        Ok(Authenticated {
-            id,
-            kind: PrincipalKind::User,
-            mfa: true,
-            generation,
-        })
+        tracing::warn!(identity = %id, "an identity record kept changing during a login");
+        Err(LoginFailure::Unavailable)
     }
 
     // ---- self-service ----

@@ -73,6 +73,10 @@ pub const CHECKS: &[(&str, Check)] = &[
         "get_many_answers_exactly_the_keys_asked",
         get_many_answers_exactly_the_keys_asked,
     ),
+    (
+        "a_counted_store_logs_the_keys_of_followed_tables",
+        a_counted_store_logs_the_keys_of_followed_tables,
+    ),
 ];
 
 /// Runs every check of [`CHECKS`] on `store`, emptying its tables before each one, and reports
@@ -398,6 +402,82 @@ pub fn get_many_answers_exactly_the_keys_asked(store: &dyn Store) -> Result<(), 
     ensure(none.is_empty(), || {
         format!("get_many of no keys gave {none:?}")
     })
+}
+
+/// A store with a commit counter logs, per commit, the keys of followed tables it put or
+/// deleted (and nothing of other tables); `changes_after` answers the commits in its range, in
+/// commit order. A store without a counter keeps no log.
+pub fn a_counted_store_logs_the_keys_of_followed_tables(store: &dyn Store) -> Result<(), String> {
+    use crate::store::Change;
+    let head = store.head().map_err(|e| format!("head: {e}"))?;
+    let Some(h0) = head else {
+        let log = store
+            .changes_after(0, u64::MAX)
+            .map_err(|e| format!("changes_after: {e}"))?;
+        return ensure(log.is_none(), || {
+            "a store without a counter answered a change log".into()
+        });
+    };
+    commit(
+        store,
+        &[
+            Mutation::put(Table::Identities, "a", b"1".to_vec()),
+            Mutation::put(Table::Twins, "t", b"not followed".to_vec()),
+            Mutation::delete(Table::Devices, "d"),
+            Mutation::put(Table::Replay, "", b"w".to_vec()),
+            Mutation::put(Table::Identities, "a", b"2".to_vec()),
+        ],
+    )?;
+    commit(
+        store,
+        &[Mutation::put(Table::RevokedTokens, "j", b"9".to_vec())],
+    )?;
+    commit(
+        store,
+        &[Mutation::put(Table::History, "h", b"not followed".to_vec())],
+    )?;
+    let read = |after: u64, upto: u64| -> Result<Vec<(u64, Table, String)>, String> {
+        let changes = store
+            .changes_after(after, upto)
+            .map_err(|e| format!("changes_after({after}, {upto}): {e}"))?
+            .ok_or_else(|| format!("changes_after({after}, {upto}) has no log"))?;
+        let seqs: Vec<u64> = changes.iter().map(|c| c.seq).collect();
+        ensure(seqs.is_sorted(), || {
+            format!("changes_after({after}, {upto}) out of commit order: {seqs:?}")
+        })?;
+        let mut rows: Vec<(u64, Table, String)> = changes
+            .into_iter()
+            .map(|Change { seq, table, key }| (seq, table, key))
+            .collect();
+        rows.sort();
+        rows.dedup();
+        Ok(rows)
+    };
+    let first = vec![
+        (h0 + 1, Table::Identities, "a".to_owned()),
+        (h0 + 1, Table::Devices, "d".to_owned()),
+        (h0 + 1, Table::Replay, String::new()),
+    ];
+    let second = vec![(h0 + 2, Table::RevokedTokens, "j".to_owned())];
+    let sorted = |mut v: Vec<(u64, Table, String)>| {
+        v.sort();
+        v
+    };
+    let all = sorted([first.clone(), second.clone()].concat());
+    for (after, upto, want) in [
+        (h0, h0 + 3, all.clone()),
+        (h0, u64::MAX, all),
+        (h0, h0 + 1, sorted(first)),
+        (h0 + 1, h0 + 3, second),
+        (h0 + 2, h0 + 3, Vec::new()),
+        (h0 + 3, h0 + 3, Vec::new()),
+    ] {
+        let got = read(after, upto)?;
+        ensure(got == want, || {
+            format!("changes_after({after}, {upto}): got {got:?}, want {want:?}")
+        })?;
+    }
+    Ok(())
 }
 
 /// `range_from` and `range` against a model, over keys that are prefixes of each other, with

@@ -5,10 +5,12 @@
 use std::sync::Arc;
 
 use serde_json::json;
+use twinguard_core::follow::ChangeFollower;
 use twinguard_core::service::TwinService;
 use twinguard_core::store::{MemoryStore, Store, Table};
 use twinguard_store_postgres::testdb::TestDatabase;
 use twinguard_store_postgres::{PgOptions, PgStore};
+use twinguard_telemetry::manage::StatusChange;
 use twinguard_telemetry::{Outcome, Telemetry, Transport, Verdict};
 
 use crate::pipeline::Plant;
@@ -119,4 +121,61 @@ async fn a_node_whose_window_is_behind_reads_it_again_and_accepts_new_messages()
     // The window in the store is the one node B wrote.
     let window = store.get_many(Table::Replay, &["t1".into()]).unwrap();
     assert!(window[0].is_some());
+}
+
+/// A device suspended on node A is refused on node B once B's change follower, stepping every
+/// 100 ms as a server's does, has read the device again: measured from the suspension's
+/// acknowledgement to B's first refusal, within one second. Then resumed on A, accepted on B
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_suspended_on_one_node_is_refused_on_the_other_within_a_second() {
+    let store = Arc::new(MemoryStore::shared());
+    let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    let b = second_node(&plant, store.clone());
+    follower.register(Arc::new(b.clone()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stepping = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                follower.step().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    });
+    until(&mut plant, &b, Verdict::Accepted, None).await;
+    plant.set_status("t1", StatusChange::Suspend).await.unwrap();
+    let refused = until(&mut plant, &b, Verdict::Rejected, Some("suspended")).await;
+    plant.set_status("t1", StatusChange::Resume).await.unwrap();
+    let accepted = until(&mut plant, &b, Verdict::Accepted, None).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stepping.join().unwrap();
+    println!(
+        "node B refused the suspended device after {refused:?}, accepted it again after {accepted:?}"
+    );
+}
+
+/// Sends new messages of device `t1` to `node` until one is answered `expected` (with
+/// `reason`), failing after a second; returns how long it took.
+async fn until<S: Store>(
+    plant: &mut Plant<S>,
+    node: &Telemetry,
+    expected: Verdict,
+    reason: Option<&str>,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let message = plant.message("t1", "temperature", json!(20.0));
+        let outcome = send(node, plant.cose(&message)).await;
+        if (outcome.status, outcome.reason) == (expected, reason) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "the node still answers {outcome:?} a second after the device changed on another"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }

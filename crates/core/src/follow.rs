@@ -1,0 +1,165 @@
+//! Following what other nodes commit to owner records. Each owner (the identity directory,
+//! token revocation, refresh families, the device registry) keeps the records it decides on in
+//! memory, loaded at start. On a store that several nodes share, a [`ChangeFollower`] reads the
+//! store's change log (the keys of [followed](Table::followed) tables each commit changed)
+//! and hands each owner the keys of its tables, which it reads again; when the log no longer
+//! reaches back to where the follower stands, each owner reads its tables whole.
+//!
+//! This is what makes a revocation, a disabled identity or a suspended device on one node hold
+//! on the others within one follow interval. Decisions that must never be taken twice (a replay
+//! window, a spent refresh token) do not rely on it: they name the records they were decided on
+//! ([`crate::store::Expect`]) and the writer checks them in the store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use crate::store::{Change, Store, StoreError, Table};
+
+/// An owner of records that other nodes may change.
+pub trait Follower: Send + Sync {
+    /// Whether this owner keeps `table`'s records in memory.
+    fn follows(&self, table: Table) -> bool;
+
+    /// Reads `keys` of `table` again from the store (a key now absent was deleted), each
+    /// under the owner's lock so that no write of its own lands between the read and its
+    /// taking effect. Returns the keys it could not take now (a write of its own to them is
+    /// still in flight, and what the store holds may be older than what it knows): the
+    /// follower hands them again at its next step.
+    fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError>;
+
+    /// Reads every table it follows again, whole.
+    fn reload(&self) -> Result<(), StoreError>;
+}
+
+/// Commits read from the change log at a time.
+const COMMITS_PER_STEP: u64 = 4_096;
+
+/// Where a node stands in its shared store's change log, and who to tell.
+pub struct ChangeFollower {
+    store: Arc<dyn Store>,
+    /// The commit counter up to which every owner has been told.
+    after: Mutex<u64>,
+    followers: Mutex<Vec<Arc<dyn Follower>>>,
+    /// Keys an owner could not take at the last step, to hand again.
+    deferred: Mutex<BTreeMap<Table, BTreeSet<String>>>,
+}
+
+impl std::fmt::Debug for ChangeFollower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeFollower").finish_non_exhaustive()
+    }
+}
+
+impl ChangeFollower {
+    /// Starts following `store` from its counter now: call it *before* the owners load, so
+    /// that a commit made while they load is handed to them again (reading a record twice is
+    /// harmless; missing one is not). `None` for a store of one writer.
+    pub fn start(store: Arc<dyn Store>) -> Result<Option<Arc<Self>>, StoreError> {
+        let Some(head) = store.head()? else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(Self {
+            store,
+            after: Mutex::new(head),
+            followers: Mutex::new(Vec::new()),
+            deferred: Mutex::new(BTreeMap::new()),
+        })))
+    }
+
+    /// Tells `follower` of every change from now on.
+    pub fn register(&self, follower: Arc<dyn Follower>) {
+        if let Ok(mut followers) = self.followers.lock() {
+            followers.push(follower);
+        }
+    }
+
+    /// The commit counter up to which every owner has been told.
+    pub fn position(&self) -> u64 {
+        self.after.lock().map(|a| *a).unwrap_or(0)
+    }
+
+    /// Hands the owners what other nodes committed since the last step, up to the store's
+    /// counter now (in steps of at most [`COMMITS_PER_STEP`] commits). Returns the number of
+    /// changed records handed on. Steps run one at a time; an owner's failure leaves the
+    /// follower where it stood, so the next step hands the same changes again.
+    pub fn step(&self) -> Result<usize, StoreError> {
+        let mut after = self
+            .after
+            .lock()
+            .map_err(|_| StoreError("the change follower is poisoned".into()))?;
+        let Some(head) = self.store.head()? else {
+            return Ok(0);
+        };
+        let followers = self
+            .followers
+            .lock()
+            .map_err(|_| StoreError("the change follower is poisoned".into()))?
+            .clone();
+        let mut deferred = self
+            .deferred
+            .lock()
+            .map_err(|_| StoreError("the change follower is poisoned".into()))?;
+        let mut handed = 0;
+        // What was deferred first: each key is read as it stands now.
+        let again: Vec<Change> = std::mem::take(&mut *deferred)
+            .into_iter()
+            .flat_map(|(table, keys)| {
+                keys.into_iter()
+                    .map(move |key| Change { seq: 0, table, key })
+            })
+            .collect();
+        hand_on(&followers, again, &mut deferred)?;
+        while *after < head {
+            let upto = head.min(after.saturating_add(COMMITS_PER_STEP));
+            match self.store.changes_after(*after, upto)? {
+                Some(changes) => {
+                    handed += changes.len();
+                    hand_on(&followers, changes, &mut deferred)?;
+                }
+                None => {
+                    tracing::warn!(
+                        from = *after,
+                        head,
+                        "the store's change log no longer reaches back to this node; reading the followed tables whole"
+                    );
+                    metrics::counter!("twinguard_store_follow_reloads_total").increment(1);
+                    for follower in &followers {
+                        follower.reload()?;
+                    }
+                    deferred.clear();
+                    *after = head;
+                    break;
+                }
+            }
+            *after = upto;
+        }
+        if handed > 0 {
+            metrics::counter!("twinguard_store_followed_changes_total").increment(handed as u64);
+        }
+        Ok(handed)
+    }
+}
+
+/// Each follower's keys, table by table, each key once; what a follower cannot take now goes
+/// into `deferred`.
+fn hand_on(
+    followers: &[Arc<dyn Follower>],
+    changes: Vec<Change>,
+    deferred: &mut BTreeMap<Table, BTreeSet<String>>,
+) -> Result<(), StoreError> {
+    let mut by_table: BTreeMap<Table, Vec<String>> = BTreeMap::new();
+    for change in changes {
+        by_table.entry(change.table).or_default().push(change.key);
+    }
+    for (table, mut keys) in by_table {
+        keys.sort_unstable();
+        keys.dedup();
+        for follower in followers.iter().filter(|f| f.follows(table)) {
+            let later = follower.changed(table, &keys)?;
+            if !later.is_empty() {
+                deferred.entry(table).or_default().extend(later);
+            }
+        }
+    }
+    Ok(())
+}
