@@ -83,13 +83,19 @@ impl ChangeFollower {
     /// changed records handed on. Steps run one at a time; an owner's failure leaves the
     /// follower where it stood, so the next step hands the same changes again.
     pub fn step(&self) -> Result<usize, StoreError> {
+        match self.store.head()? {
+            Some(head) => self.step_to(head),
+            None => Ok(0),
+        }
+    }
+
+    /// [`ChangeFollower::step`] up to `head`, a counter the caller has just read (the server
+    /// reads it once for the graph's follower and this one).
+    pub fn step_to(&self, head: u64) -> Result<usize, StoreError> {
         let mut after = self
             .after
             .lock()
             .map_err(|_| StoreError("the change follower is poisoned".into()))?;
-        let Some(head) = self.store.head()? else {
-            return Ok(0);
-        };
         let followers = self
             .followers
             .lock()

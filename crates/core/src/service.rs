@@ -317,11 +317,12 @@ impl TwinService {
 
     /// Follows the other writers of a shared store: reads its commit counter and, if it moved
     /// past the snapshot, wakes the writer to read what they committed (it does so before its
-    /// next group anyway). Blocking: call it off the async threads, every so often. Nothing on a
+    /// next group anyway). Blocking: call it off the async threads, every so often. Returns
+    /// the counter it read (for the owners' [`crate::follow::ChangeFollower`]); nothing on a
     /// store of one writer.
-    pub fn follow(&self) -> Result<(), StoreError> {
+    pub fn follow(&self) -> Result<Option<u64>, StoreError> {
         let Some(position) = &self.shared.position else {
-            return Ok(());
+            return Ok(None);
         };
         let head = self.shared.store.head()?.unwrap_or(0);
         if head == *position.applied.borrow() {
@@ -329,7 +330,7 @@ impl TwinService {
         } else {
             self.request_refresh();
         }
-        Ok(())
+        Ok(Some(head))
     }
 
     /// Waits up to `within` until the snapshot reflects `position` (a position another node

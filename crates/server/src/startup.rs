@@ -641,9 +641,11 @@ impl Application {
                     every.tick().await;
                     let (service, follower) = (service.clone(), follower.clone());
                     let _ = tokio::task::spawn_blocking(move || {
-                        let _ = service.follow();
-                        if let Some(follower) = follower
-                            && let Err(e) = follower.step()
+                        // A store it cannot read leaves both where they are: the node's reads
+                        // are refused once its view is older than the staleness bound.
+                        if let Ok(Some(head)) = service.follow()
+                            && let Some(follower) = follower
+                            && let Err(e) = follower.step_to(head)
                         {
                             tracing::error!(error = %e, "cannot read what other nodes changed in the owners' records");
                         }
