@@ -449,7 +449,7 @@ pub fn for_each_record<E: From<StoreError>>(
 
 /// An in-memory store for tests; `set_failing(true)` makes every commit fail, as a full or broken
 /// disk would.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MemoryStore {
     tables: Mutex<BTreeMap<(Table, String), Vec<u8>>>,
     failing: AtomicBool,
@@ -459,6 +459,11 @@ pub struct MemoryStore {
     interposed: Mutex<Option<Vec<Mutation>>>,
     /// A shared store's change log, and the counter below which it no longer reaches.
     changes: Mutex<(Vec<Change>, u64)>,
+    /// Run on another thread during the next `get_many` (tests: a write racing a read).
+    during_next_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// While true, commits wait (tests: a write queued and not yet committed).
+    held: Mutex<bool>,
+    released: std::sync::Condvar,
 }
 
 impl MemoryStore {
@@ -469,6 +474,23 @@ impl MemoryStore {
             commits: Some(Mutex::new(0)),
             ..Self::default()
         }
+    }
+
+    /// Runs `hook` on another thread during the next `get_many`, which answers what it read
+    /// before the hook ran, once the hook is done (or after two seconds, should the hook wait
+    /// for something the reader holds): a write that races a read.
+    pub fn run_during_next_read(&self, hook: impl FnOnce() + Send + 'static) {
+        if let Ok(mut next) = self.during_next_read.lock() {
+            *next = Some(Box::new(hook));
+        }
+    }
+
+    /// While `held`, every commit waits: a write that is queued and not yet committed.
+    pub fn hold_commits(&self, held: bool) {
+        if let Ok(mut h) = self.held.lock() {
+            *h = held;
+        }
+        self.released.notify_all();
     }
 
     /// Forgets the change log up to the current counter, as a log trimmed past a node that
@@ -537,6 +559,17 @@ impl MemoryStore {
     /// Applies `batch` if the counter is `expected` (or unconditionally for `None`); the
     /// counter's lock is held across it, so fenced commits are serialised.
     fn apply(&self, batch: &[Mutation], expected: Option<u64>) -> Result<Fenced, StoreError> {
+        let mut held = self
+            .held
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        while *held {
+            held = self
+                .released
+                .wait(held)
+                .map_err(|_| StoreError("poisoned".into()))?;
+        }
+        drop(held);
         if self.failing.load(Ordering::SeqCst) {
             return Err(StoreError("commit refused (test failure injection)".into()));
         }
@@ -571,6 +604,14 @@ impl MemoryStore {
             }
             None => Ok(Fenced::Committed(expected.unwrap_or(0))),
         }
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shared", &self.commits.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -647,6 +688,32 @@ impl Store for MemoryStore {
 
     fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
         self.apply(batch, Some(expected))
+    }
+
+    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let read = {
+            let tables = self
+                .tables
+                .lock()
+                .map_err(|_| StoreError("poisoned".into()))?;
+            keys.iter()
+                .map(|k| tables.get(&(table, k.clone())).cloned())
+                .collect()
+        };
+        let hook = self
+            .during_next_read
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?
+            .take();
+        if let Some(hook) = hook {
+            let (done, finished) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                hook();
+                let _ = done.send(());
+            });
+            let _ = finished.recv_timeout(std::time::Duration::from_secs(2));
+        }
+        Ok(read)
     }
 
     fn changes_after(&self, after: u64, upto: u64) -> Result<Option<Vec<Change>>, StoreError> {

@@ -895,6 +895,42 @@ mod tests {
 
     use super::*;
 
+    /// Token services of nodes sharing `store` and one signing key ring (as copied from the
+    /// first node's data directory), each with a directory of its own.
+    struct Nodes {
+        store: Arc<MemoryStore>,
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    }
+
+    impl Nodes {
+        fn new(store: &Arc<MemoryStore>) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("token-keys.json");
+            KeyRing::generate(now_secs()).unwrap().save(&path).unwrap();
+            Self {
+                store: store.clone(),
+                _dir: dir,
+                path,
+            }
+        }
+
+        fn node(&self) -> TokenService {
+            let store: Arc<dyn Store> = self.store.clone();
+            let directory =
+                Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
+            TokenService::new(
+                "https://twinguard.test".into(),
+                KeyRing::load(&self.path).unwrap(),
+                self.path.clone(),
+                store,
+                directory,
+                ExternalIssuers::default(),
+            )
+            .unwrap()
+        }
+    }
+
     /// Two nodes on one shared store, each with its own directory and revocation list: an
     /// access token revoked on node A is refused on node B at B's next follow step, and so is
     /// a token of an identity disabled on A.
@@ -902,24 +938,8 @@ mod tests {
     fn a_token_revoked_or_an_identity_disabled_on_one_node_is_refused_on_the_other() {
         let store = Arc::new(MemoryStore::shared());
         let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token-keys.json");
-        KeyRing::generate(now_secs()).unwrap().save(&path).unwrap();
-        let node = || {
-            let directory =
-                Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
-            Arc::new(
-                TokenService::new(
-                    "https://twinguard.test".into(),
-                    KeyRing::load(&path).unwrap(),
-                    path.clone(),
-                    store.clone(),
-                    directory,
-                    ExternalIssuers::default(),
-                )
-                .unwrap(),
-            )
-        };
+        let nodes = Nodes::new(&store);
+        let node = || Arc::new(nodes.node());
         let a = node();
         let (id, secret) = Directory::new_admin_credential();
         a.directory().bootstrap_admin(&id, &secret).unwrap();
@@ -965,22 +985,8 @@ mod tests {
     #[test]
     fn a_client_assertion_is_used_once_across_nodes_and_restarts() {
         let store = Arc::new(MemoryStore::shared());
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token-keys.json");
-        KeyRing::generate(now_secs()).unwrap().save(&path).unwrap();
-        let node = || {
-            let directory =
-                Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
-            TokenService::new(
-                "https://twinguard.test".into(),
-                KeyRing::load(&path).unwrap(),
-                path.clone(),
-                store.clone(),
-                directory,
-                ExternalIssuers::default(),
-            )
-            .unwrap()
-        };
+        let nodes = Nodes::new(&store);
+        let node = || nodes.node();
         let a = node();
         let (admin_id, secret) = Directory::new_admin_credential();
         a.directory().bootstrap_admin(&admin_id, &secret).unwrap();

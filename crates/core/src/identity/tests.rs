@@ -413,62 +413,6 @@ fn a_node_follows_identities_created_disabled_and_deleted_on_another() {
     assert!(b.principal(&w.id, false, 0, generation).is_none());
 }
 
-/// A store that, the next time a record is read by key, runs `hook` on another thread and
-/// waits for it (at most two seconds) before answering what it had read: a write racing the
-/// read.
-struct RacingRead {
-    inner: Arc<MemoryStore>,
-    hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl Store for RacingRead {
-    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner.scan(table)
-    }
-    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
-        self.inner.commit(batch)
-    }
-    fn head(&self) -> Result<Option<u64>, StoreError> {
-        self.inner.head()
-    }
-    fn commit_at(
-        &self,
-        batch: &[Mutation],
-        expected: u64,
-    ) -> Result<crate::store::Fenced, StoreError> {
-        self.inner.commit_at(batch, expected)
-    }
-    fn changes_after(
-        &self,
-        after: u64,
-        upto: u64,
-    ) -> Result<Option<Vec<crate::store::Change>>, StoreError> {
-        self.inner.changes_after(after, upto)
-    }
-    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        let read = self.inner.get_many(table, keys)?;
-        if let Some(hook) = self.hook.lock().unwrap().take() {
-            // Until the hook is done, or two seconds if it waits for what this read holds.
-            let (done, finished) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                hook();
-                let _ = done.send(());
-            });
-            let _ = finished.recv_timeout(std::time::Duration::from_secs(2));
-        }
-        Ok(read)
-    }
-    fn range(
-        &self,
-        table: Table,
-        from: &str,
-        to: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner.range(table, from, to, limit)
-    }
-}
-
 /// The follower reads a changed identity while this node disables it: the disable is not
 /// undone by the older value the follower read (the read and its effect hold the directory's
 /// lock, which the disable holds across its commit). With the read outside the lock, the
@@ -476,10 +420,7 @@ impl Store for RacingRead {
 #[test]
 fn a_follower_read_racing_a_local_change_does_not_undo_it() {
     use crate::follow::ChangeFollower;
-    let store = Arc::new(RacingRead {
-        inner: Arc::new(MemoryStore::shared()),
-        hook: std::sync::Mutex::new(None),
-    });
+    let store = Arc::new(MemoryStore::shared());
     let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
     let node = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
     follower.register(node.clone());
@@ -490,14 +431,14 @@ fn a_follower_read_racing_a_local_change_does_not_undo_it() {
     let racing = {
         let (node, id) = (node.clone(), u.id.clone());
         let (done, finished) = std::sync::mpsc::channel();
-        *store.hook.lock().unwrap() = Some(Box::new(move || {
+        store.run_during_next_read(move || {
             let disable = IdentityPatch {
                 disabled: Some(true),
                 ..IdentityPatch::default()
             };
             node.update_identity(&admin, &id, disable).unwrap();
             done.send(()).unwrap();
-        }));
+        });
         finished
     };
     follower.step().unwrap();
@@ -516,15 +457,10 @@ fn a_follower_read_racing_a_local_change_does_not_undo_it() {
 #[test]
 fn a_one_time_code_presented_to_two_nodes_at_once_logs_in_once() {
     use crate::follow::ChangeFollower;
-    let shared = Arc::new(MemoryStore::shared());
-    let store: Arc<dyn Store> = shared.clone();
+    let store = Arc::new(MemoryStore::shared());
     let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
     let a = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
-    let racing = Arc::new(RacingRead {
-        inner: shared,
-        hook: std::sync::Mutex::new(None),
-    });
-    let b = Arc::new(Directory::open(racing.clone(), Arc::new(SystemClock)).unwrap());
+    let b = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
     follower.register(b.clone());
     let (admin_id, secret) = Directory::new_admin_credential();
     a.bootstrap_admin(&admin_id, &secret).unwrap();
@@ -538,13 +474,13 @@ fn a_one_time_code_presented_to_two_nodes_at_once_logs_in_once() {
     follower.step().unwrap();
     let password = "a long enough password";
     let (done, finished) = std::sync::mpsc::channel();
-    *racing.hook.lock().unwrap() = Some(Box::new({
+    store.run_during_next_read({
         let (a, code) = (a.clone(), recovery[0].clone());
         move || {
             let on_a = a.authenticate_user(LOCAL, "alice", password, Some(&code));
             done.send(on_a.is_ok()).unwrap();
         }
-    }));
+    });
     let on_b = b.authenticate_user(
         IpAddr::from([192, 0, 2, 7]),
         "alice",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::json;
 use twinguard_core::follow::ChangeFollower;
 use twinguard_core::service::TwinService;
-use twinguard_core::store::{Change, Fenced, MemoryStore, Mutation, Store, StoreError, Table};
+use twinguard_core::store::{MemoryStore, Store, Table};
 use twinguard_store_postgres::testdb::TestDatabase;
 use twinguard_store_postgres::{PgOptions, PgStore};
 use twinguard_telemetry::manage::StatusChange;
@@ -180,60 +180,6 @@ async fn until<S: Store>(
     }
 }
 
-/// A store whose commits wait while its gate is closed: a write of this node queued and not
-/// yet committed, for as long as a test needs.
-struct Gated {
-    inner: Arc<MemoryStore>,
-    closed: std::sync::Mutex<bool>,
-    opened: std::sync::Condvar,
-}
-
-impl Gated {
-    fn wait(&self) {
-        let mut closed = self.closed.lock().unwrap();
-        while *closed {
-            closed = self.opened.wait(closed).unwrap();
-        }
-    }
-
-    fn set(&self, closed: bool) {
-        *self.closed.lock().unwrap() = closed;
-        self.opened.notify_all();
-    }
-}
-
-impl Store for Gated {
-    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner.scan(table)
-    }
-    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
-        self.wait();
-        self.inner.commit(batch)
-    }
-    fn head(&self) -> Result<Option<u64>, StoreError> {
-        self.inner.head()
-    }
-    fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
-        self.wait();
-        self.inner.commit_at(batch, expected)
-    }
-    fn changes_after(&self, after: u64, upto: u64) -> Result<Option<Vec<Change>>, StoreError> {
-        self.inner.changes_after(after, upto)
-    }
-    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        self.inner.get_many(table, keys)
-    }
-    fn range(
-        &self,
-        table: Table,
-        from: &str,
-        to: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner.range(table, from, to, limit)
-    }
-}
-
 /// Node A suspends a device; while that write is queued and not yet committed, A's change
 /// follower is handed the device (node B changed its record before) and reads the store,
 /// which still holds it active. The follower leaves it for later, so A keeps refusing the
@@ -242,13 +188,8 @@ impl Store for Gated {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_does_not_undo_a_suspension_still_in_flight() {
     let shared = Arc::new(MemoryStore::shared());
-    let gated = Arc::new(Gated {
-        inner: shared.clone(),
-        closed: std::sync::Mutex::new(false),
-        opened: std::sync::Condvar::new(),
-    });
-    let follower = ChangeFollower::start(gated.clone()).unwrap().unwrap();
-    let mut plant = Plant::new_on(gated.clone()).await;
+    let follower = ChangeFollower::start(shared.clone()).unwrap().unwrap();
+    let mut plant = Plant::new_on(shared.clone()).await;
     plant.device("t1", &["temperature"]).await;
     follower.register(Arc::new(plant.telemetry.clone()));
     follower.step().unwrap();
@@ -257,7 +198,7 @@ async fn a_follower_does_not_undo_a_suspension_still_in_flight() {
     let first = plant.message("t1", "temperature", json!(20.0));
     assert_eq!(send(&b, plant.cose(&first)).await.status, Verdict::Accepted);
 
-    gated.set(true);
+    shared.hold_commits(true);
     let suspend = tokio::spawn({
         let (telemetry, admin) = (plant.telemetry.clone(), plant.admin.clone());
         async move {
@@ -267,7 +208,7 @@ async fn a_follower_does_not_undo_a_suspension_still_in_flight() {
         }
     });
     // Refused at once (a refusal commits nothing) once the suspension is in A's memory.
-    let refused = async |plant: &mut Plant<Gated>| {
+    let refused = async |plant: &mut Plant| {
         let message = plant.message("t1", "temperature", json!(20.0));
         let bytes = plant.cose(&message);
         let answer = tokio::time::timeout(
@@ -293,7 +234,7 @@ async fn a_follower_does_not_undo_a_suspension_still_in_flight() {
         refused(&mut plant).await,
         "the follower undid the suspension still in flight"
     );
-    gated.set(false);
+    shared.hold_commits(false);
     suspend.await.unwrap().unwrap();
     follower.step().unwrap();
     assert!(refused(&mut plant).await);
