@@ -6,9 +6,11 @@
 //! reaches back to where the follower stands, each owner reads its tables whole.
 //!
 //! This is what makes a revocation, a disabled identity or a suspended device on one node hold
-//! on the others within one follow interval. Decisions that must never be taken twice (a replay
-//! window, a spent refresh token) do not rely on it: they name the records they were decided on
-//! ([`crate::store::Expect`]) and the writer checks them in the store.
+//! on the others about one follow interval later, on a node that can read the store (one that
+//! cannot stops answering reads after the staleness bound). Decisions that must never be taken
+//! twice (a replay window, a spent refresh token, a one-time code) do not rely on it: they name
+//! the records they were decided on ([`crate::store::Expect`]) and the writer checks them in
+//! the store.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -27,8 +29,9 @@ pub trait Follower: Send + Sync {
     /// follower hands them again at its next step.
     fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError>;
 
-    /// Reads every table it follows again, whole.
-    fn reload(&self) -> Result<(), StoreError>;
+    /// Reads every table it follows again, whole; returns the records it could not take now,
+    /// as [`Follower::changed`] does.
+    fn reload(&self) -> Result<Vec<(Table, String)>, StoreError>;
 }
 
 /// Commits read from the change log at a time.
@@ -114,7 +117,13 @@ impl ChangeFollower {
                     .map(move |key| Change { seq: 0, table, key })
             })
             .collect();
-        hand_on(&followers, again, &mut deferred)?;
+        if let Err(e) = hand_on(&followers, again.clone(), &mut deferred) {
+            // Nothing of what was deferred is lost: all of it is handed again next time.
+            for change in again {
+                deferred.entry(change.table).or_default().insert(change.key);
+            }
+            return Err(e);
+        }
         while *after < head {
             let upto = head.min(after.saturating_add(COMMITS_PER_STEP));
             match self.store.changes_after(*after, upto)? {
@@ -129,10 +138,12 @@ impl ChangeFollower {
                         "the store's change log no longer reaches back to this node; reading the followed tables whole"
                     );
                     metrics::counter!("twinguard_store_follow_reloads_total").increment(1);
-                    for follower in &followers {
-                        follower.reload()?;
-                    }
                     deferred.clear();
+                    for follower in &followers {
+                        for (table, key) in follower.reload()? {
+                            deferred.entry(table).or_default().insert(key);
+                        }
+                    }
                     *after = head;
                     break;
                 }

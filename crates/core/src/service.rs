@@ -831,9 +831,10 @@ fn catch_up(
 
 /// Answers [`DomainError::Superseded`] to each write of `batch` that expects a record to hold
 /// what it no longer holds, and takes it out of the group. A record is judged as the group
-/// would leave it up to that write: the store's value, then the records carried by the writes
-/// before it that are kept (an owner decides its writes in order, each on the one before). A
-/// store that cannot be read refuses the writes that expect something, 503.
+/// would leave it up to that write: the store's value, then the records carried by every write
+/// before it that is kept, expecting something or not (an owner decides its writes in order,
+/// each on the one before). A store that cannot be read refuses the writes that expect
+/// something, 503.
 fn check_expectations(batch: &mut Vec<Job>, store: &dyn Store) {
     use std::collections::HashMap;
     if batch.iter().all(|job| job.expect.is_empty()) {
@@ -866,22 +867,20 @@ fn check_expectations(batch: &mut Vec<Job>, store: &dyn Store) {
     }
     let mut kept = Vec::with_capacity(batch.len());
     for job in batch.drain(..) {
-        if job.expect.is_empty() {
-            kept.push(job);
-            continue;
-        }
-        if unreadable {
-            let _ = job.reply.send(Err(DomainError::Unavailable));
-            continue;
-        }
-        let holds = job
-            .expect
-            .iter()
-            .all(|e| current.get(&(e.table, e.key.clone())) == Some(&e.value));
-        if !holds {
-            metrics::counter!("twinguard_store_superseded_total").increment(1);
-            let _ = job.reply.send(Err(DomainError::Superseded));
-            continue;
+        if !job.expect.is_empty() {
+            if unreadable {
+                let _ = job.reply.send(Err(DomainError::Unavailable));
+                continue;
+            }
+            let holds = job
+                .expect
+                .iter()
+                .all(|e| current.get(&(e.table, e.key.clone())) == Some(&e.value));
+            if !holds {
+                metrics::counter!("twinguard_store_superseded_total").increment(1);
+                let _ = job.reply.send(Err(DomainError::Superseded));
+                continue;
+            }
         }
         // The records this write will commit, if the writer keeps it (it refuses records
         // outside their owner's tables, and a scoped caller's write it may refuse, before

@@ -196,7 +196,7 @@ impl Table {
 impl Table {
     /// Whether a node must learn of other nodes' changes to this table's records: the tables
     /// that an owner keeps in memory and decides security on (identities, roles, keys,
-    /// revocations, refresh families, devices, firmware, policies, groups, replay windows).
+    /// revocations, refresh families, devices, firmware, policies, groups).
     /// A shared store's change log ([`Store::changes_after`]) names the changed keys of these
     /// tables only. Exhaustive on purpose, like [`Table::owner`].
     pub fn followed(self) -> bool {
@@ -210,8 +210,7 @@ impl Table {
             | Self::Devices
             | Self::Firmware
             | Self::Policies
-            | Self::SensorGroups
-            | Self::Replay => true,
+            | Self::SensorGroups => true,
             // The graph is read again whole by the twin writer (`service::catch_up`); history,
             // streams' learned state, quarantine and delivery state are each node's own for
             // now (issue 20); `Clients` is only read by the start-up migration.
@@ -231,8 +230,10 @@ impl Table {
             | Self::Endpoints
             | Self::Deliveries
             | Self::DeadLetters => false,
-            // Decided in the store: each is recorded only if no node recorded it (`Expect`).
-            Self::UsedAssertions => false,
+            // Decided in the store: each write expects what it was decided on (`Expect`), and
+            // a node reads them again when it is superseded. Following them would make every
+            // node read every device's window after every batch anywhere.
+            Self::Replay | Self::UsedAssertions => false,
         }
     }
 }

@@ -868,7 +868,7 @@ impl twinguard_core::follow::Follower for TokenService {
         Ok(Vec::new())
     }
 
-    fn reload(&self) -> Result<(), StoreError> {
+    fn reload(&self) -> Result<Vec<(Table, String)>, StoreError> {
         self.refresh.reload()?;
         let stored: HashMap<String, u64> = self
             .store
@@ -881,7 +881,7 @@ impl twinguard_core::follow::Follower for TokenService {
             .write()
             .map_err(|_| StoreError("the revocation list is poisoned".into()))?;
         revoked.extend(stored);
-        Ok(())
+        Ok(Vec::new())
     }
 }
 

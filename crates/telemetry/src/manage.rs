@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use twinguard_core::auth::{Action, Principal};
 use twinguard_core::error::{DomainError, DomainResult};
-use twinguard_core::store::{Mutation, Table};
+use twinguard_core::store::{Expect, Mutation, Table};
 
 use crate::envelope::{DeviceKey, generate_key};
 use crate::fusion::SensorGroup;
@@ -91,6 +91,9 @@ pub const MAX_HISTORY_SCAN: usize = 100_000;
 pub const MAX_HISTORY_PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Stored readings read from the history store at a time, within a page.
 const HISTORY_CHUNK: usize = 1_000;
+
+/// Times a device change is decided again after another node changed the device first.
+const CHANGE_ATTEMPTS: usize = 4;
 /// History reads one principal may run at once; one more is refused with `Busy` (429).
 pub const MAX_HISTORY_READS_PER_PRINCIPAL: usize = 2;
 /// History reads the server runs at once in all: each holds at most a page
@@ -285,7 +288,7 @@ impl Telemetry {
         check_bindings(&bindings)?;
         self.authorize_feeding(caller, bindings.iter().map(|b| b.twin.as_str()))?;
         self.change_device(id, |d| {
-            d.bindings = bindings;
+            d.bindings = bindings.clone();
             Ok(())
         })
         .await
@@ -324,34 +327,62 @@ impl Telemetry {
     }
 
     /// Applies `f` to a device, commits it, and makes it current; the lock is held while the
-    /// write is queued so the store sees changes in the order the state does.
+    /// write is queued so the store sees changes in the order the state does. Decided on the
+    /// record as the store holds it and committed only if the store still holds that (on a
+    /// store several nodes share, another node may have changed it: then it is read and
+    /// decided again), so a change made here never undoes one made there, such as a
+    /// suspension.
     async fn change_device(
         &self,
         id: &str,
-        f: impl FnOnce(&mut Device) -> DomainResult<()>,
+        f: impl Fn(&mut Device) -> DomainResult<()>,
     ) -> DomainResult<Device> {
-        let (pending, before, after) = {
-            let mut state = self.state()?;
-            let before = state
-                .devices
-                .get(id)
-                .cloned()
-                .ok_or_else(|| not_found("device", id))?;
-            let mut after = before.clone();
-            f(&mut after)?;
-            let pending = self.submit(
-                Vec::new(),
-                vec![put(Table::Devices, id, &after)],
-                Vec::new(),
-            )?;
-            state.devices.insert(id.to_owned(), after.clone());
-            (pending, before, after)
-        };
-        if let Err(e) = pending.await {
-            self.state()?.devices.insert(id.to_owned(), before);
-            return Err(e);
+        for _ in 0..CHANGE_ATTEMPTS {
+            let (pending, before, after) = {
+                let mut state = self.state()?;
+                let stored = self
+                    .inner
+                    .store
+                    .get_many(Table::Devices, &[id.to_owned()])
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "cannot read a device record");
+                        DomainError::Unavailable
+                    })?
+                    .pop()
+                    .flatten()
+                    .ok_or_else(|| not_found("device", id))?;
+                let before: Device = serde_json::from_slice(&stored)
+                    .map_err(|_| DomainError::Internal("a stored device record is unreadable"))?;
+                let mut after = before.clone();
+                f(&mut after)?;
+                let pending = self.submit(
+                    Vec::new(),
+                    vec![put(Table::Devices, id, &after)],
+                    vec![Expect {
+                        table: Table::Devices,
+                        key: id.to_owned(),
+                        value: Some(stored),
+                    }],
+                )?;
+                state.devices.insert(id.to_owned(), after.clone());
+                (pending, before, after)
+            };
+            match pending.await {
+                Ok(_) => return Ok(after),
+                Err(e) => {
+                    // What the store holds now, rather than what this node believed before:
+                    // another node may have changed the device meanwhile.
+                    if let Err(read) = self.reload_devices(&[id.to_owned()]) {
+                        tracing::warn!(error = %read, device = %id, "a device change failed and the device could not be read again; it is as the store last held it");
+                        self.state()?.devices.insert(id.to_owned(), before);
+                    }
+                    if !matches!(e, DomainError::Superseded) {
+                        return Err(e);
+                    }
+                }
+            }
         }
-        Ok(after)
+        Err(DomainError::Unavailable)
     }
 
     // ---- firmware ----

@@ -22,7 +22,7 @@ use crate::fusion::SensorGroup;
 use crate::history::HistoryStore;
 use crate::policy::Policy;
 use crate::records::StoredReading;
-use crate::registry::{Device, FirmwareList};
+use crate::registry::{Device, FirmwareList, Status};
 use crate::replay::ReplayWindow;
 
 /// One device's stream of one name on one twin: what judges its next reading. It is stored
@@ -373,32 +373,31 @@ impl Telemetry {
     }
 
     /// Reads the replay windows and registry records of `devices` again from the store, as
-    /// another node that shares it may have committed them since this one read them, and drops
-    /// their cached keys. Read under the state lock, and not for a device with a write of this
-    /// node still in flight (the store may not hold it yet, and reading it would undo it here):
-    /// those are returned, to be read again later.
+    /// another node that shares it may have committed them since this one read them. Read under
+    /// the state lock, and not a record with a write of this node still in flight (the store
+    /// may not hold it yet, and reading it would undo it here); those devices are returned, to
+    /// be read again later.
     pub(crate) fn reload_devices(&self, devices: &[String]) -> DomainResult<Vec<String>> {
-        let unavailable = |e: StoreError| {
-            tracing::error!(error = %e, "cannot read devices' replay windows again");
-            DomainError::Unavailable
-        };
         let mut state = self.state()?;
+        let mut busy = self.reread_windows(&mut state, devices)?;
+        busy.extend(self.reread_devices(&mut state, devices)?);
+        busy.sort_unstable();
+        busy.dedup();
+        Ok(busy)
+    }
+
+    /// The replay windows of `devices` as stored, but those with a write in flight (returned).
+    fn reread_windows(&self, state: &mut State, devices: &[String]) -> DomainResult<Vec<String>> {
         let (busy, devices): (Vec<String>, Vec<String>) = devices
             .iter()
             .cloned()
-            .partition(|d| self.in_flight(Table::Devices, d) || self.in_flight(Table::Replay, d));
-        let store = &self.inner.store;
-        let windows = store
+            .partition(|d| self.in_flight(Table::Replay, d));
+        let windows = self
+            .inner
+            .store
             .get_many(Table::Replay, &devices)
-            .map_err(unavailable)?;
-        let records = store
-            .get_many(Table::Devices, &devices)
-            .map_err(unavailable)?;
-        let corrupt = |kind: &str, device: &str| {
-            tracing::error!(kind, device, "a stored record read again is unreadable");
-            DomainError::Internal("a stored telemetry record is unreadable")
-        };
-        for ((device, window), record) in devices.iter().zip(windows).zip(records) {
+            .map_err(reread_failed)?;
+        for (device, window) in devices.iter().zip(windows) {
             match window {
                 Some(bytes) => {
                     let window = ReplayWindow::from_bytes(&bytes)
@@ -409,17 +408,50 @@ impl Telemetry {
                     state.windows.remove(device);
                 }
             }
-            match record {
-                Some(bytes) => {
-                    let record: Device =
-                        serde_json::from_slice(&bytes).map_err(|_| corrupt("device", device))?;
-                    state.devices.insert(device.clone(), record);
+        }
+        Ok(busy)
+    }
+
+    /// The registry records of `devices` as stored. A device with a write of this node in
+    /// flight is returned for later, but a suspension or revocation read for it holds at once:
+    /// a status that refuses more never waits.
+    fn reread_devices(&self, state: &mut State, devices: &[String]) -> DomainResult<Vec<String>> {
+        let records = self
+            .inner
+            .store
+            .get_many(Table::Devices, devices)
+            .map_err(reread_failed)?;
+        let mut busy = Vec::new();
+        for (device, record) in devices.iter().zip(records) {
+            let stored = match record {
+                Some(bytes) => Some(
+                    serde_json::from_slice::<Device>(&bytes)
+                        .map_err(|_| corrupt("device", device))?,
+                ),
+                None => None,
+            };
+            if self.in_flight(Table::Devices, device) {
+                busy.push(device.clone());
+                if let (Some(stored), Some(known)) = (&stored, state.devices.get_mut(device))
+                    && stored.status != Status::Active
+                    && known.status != Status::Revoked
+                {
+                    known.status = stored.status;
+                }
+                continue;
+            }
+            match stored {
+                Some(stored) => {
+                    if state.devices.get(device) != Some(&stored) {
+                        state.keys.remove(device);
+                        state.devices.insert(device.clone(), stored);
+                    }
                 }
                 None => {
+                    state.keys.remove(device);
                     state.devices.remove(device);
                 }
             }
-            state.keys.remove(device);
         }
         Ok(busy)
     }
@@ -455,10 +487,10 @@ impl Telemetry {
             Ok(())
         }
         let unreadable = |e: DomainError| StoreError(e.to_string());
-        if matches!(table, Table::Devices | Table::Replay) {
-            return self.reload_devices(keys).map_err(unreadable);
-        }
         let mut state = self.state().map_err(unreadable)?;
+        if table == Table::Devices {
+            return self.reread_devices(&mut state, keys).map_err(unreadable);
+        }
         let (busy, keys): (Vec<String>, Vec<String>) =
             keys.iter().cloned().partition(|k| self.in_flight(table, k));
         let values = self.inner.store.get_many(table, &keys)?;
@@ -538,6 +570,16 @@ pub(crate) fn put<T: Serialize>(table: Table, key: &str, value: &T) -> Mutation 
     Mutation::put(table, key, serde_json::to_vec(value).unwrap_or_default())
 }
 
+fn reread_failed(e: StoreError) -> DomainError {
+    tracing::error!(error = %e, "cannot read telemetry records again");
+    DomainError::Unavailable
+}
+
+fn corrupt(kind: &str, key: &str) -> DomainError {
+    tracing::error!(kind, key, "a stored record read again is unreadable");
+    DomainError::Internal("a stored telemetry record is unreadable")
+}
+
 /// This node's writes to followed records, from when they are queued until they settle
 /// (committed, refused or dropped).
 struct InFlight {
@@ -587,7 +629,8 @@ impl Follower for Telemetry {
         self.reread(table, keys)
     }
 
-    fn reload(&self) -> Result<(), StoreError> {
+    fn reload(&self) -> Result<Vec<(Table, String)>, StoreError> {
+        let mut busy = Vec::new();
         for table in FOLLOWED {
             let stored: Vec<String> = self
                 .inner
@@ -600,7 +643,6 @@ impl Follower for Telemetry {
                 let state = self.state().map_err(|e| StoreError(e.to_string()))?;
                 match table {
                     Table::Devices => state.devices.keys().cloned().collect(),
-                    Table::Replay => state.windows.keys().cloned().collect(),
                     Table::Firmware => state.firmware.keys().cloned().collect(),
                     Table::Policies => state.policies.keys().cloned().collect(),
                     Table::SensorGroups => state.groups.keys().cloned().collect(),
@@ -611,18 +653,16 @@ impl Follower for Telemetry {
             keys.extend(known);
             keys.sort_unstable();
             keys.dedup();
-            // A record with a write of this node in flight comes back in the log after it.
-            let _in_flight = self.reread(table, &keys)?;
+            busy.extend(self.reread(table, &keys)?.into_iter().map(|k| (table, k)));
         }
-        Ok(())
+        Ok(busy)
     }
 }
 
 /// The tables the telemetry service keeps in memory and other nodes may change.
-const FOLLOWED: [Table; 5] = [
+const FOLLOWED: [Table; 4] = [
     Table::Devices,
     Table::Firmware,
     Table::Policies,
     Table::SensorGroups,
-    Table::Replay,
 ];

@@ -298,13 +298,17 @@ impl Directory {
     pub fn revoke_api_key(&self, caller: &Principal, id: &str) -> DomainResult<ApiKey> {
         caller.authorize_instance(Action::KeysWrite)?;
         let mut state = self.lock()?;
+        let expect = self.refresh_record(&mut state, Table::ApiKeys, id)?;
         let mut record = self.manageable(&state, caller, id)?;
         record.key.revoked = true;
-        self.commit(&[Mutation::put(
-            Table::ApiKeys,
-            id.to_owned(),
-            to_json(&record)?,
-        )])?;
+        self.commit_expecting(
+            &[Mutation::put(
+                Table::ApiKeys,
+                id.to_owned(),
+                to_json(&record)?,
+            )],
+            expect,
+        )?;
         let key = record.key.clone();
         state.api_keys.insert(id.to_owned(), record);
         Ok(key)
@@ -322,6 +326,8 @@ impl Directory {
         let overlap = overlap_secs.unwrap_or(DEFAULT_OVERLAP_SECS).min(30 * DAY);
         let now = self.now();
         let mut state = self.lock()?;
+        // Decided on the key as stored: a revocation another node made is not undone here.
+        let expect = self.refresh_record(&mut state, Table::ApiKeys, id)?;
         let mut old = self.manageable(&state, caller, id)?;
         if old.key.revoked || old.key.expires_at <= now {
             return Err(DomainError::Conflict(
@@ -339,10 +345,13 @@ impl Directory {
         let (new, secret) = self.mint(&old.key, now + lifetime.min(MAX_LIFETIME_SECS));
         old.key.expires_at = old.key.expires_at.min(now + overlap);
         old.key.replaced_by = Some(new.key.id.clone());
-        self.commit(&[
-            Mutation::put(Table::ApiKeys, new.key.id.clone(), to_json(&new)?),
-            Mutation::put(Table::ApiKeys, id.to_owned(), to_json(&old)?),
-        ])?;
+        self.commit_expecting(
+            &[
+                Mutation::put(Table::ApiKeys, new.key.id.clone(), to_json(&new)?),
+                Mutation::put(Table::ApiKeys, id.to_owned(), to_json(&old)?),
+            ],
+            expect,
+        )?;
         let key = new.key.clone();
         state.api_keys.insert(id.to_owned(), old);
         state.api_keys.insert(key.id.clone(), new);

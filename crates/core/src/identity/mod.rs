@@ -439,13 +439,13 @@ impl crate::follow::Follower for Directory {
         Ok(Vec::new())
     }
 
-    fn reload(&self) -> Result<(), StoreError> {
+    fn reload(&self) -> Result<Vec<(Table, String)>, StoreError> {
         let mut state = self
             .state
             .write()
             .map_err(|_| StoreError("the identity directory is poisoned".into()))?;
         *state = State::read(self.store.as_ref())?;
-        Ok(())
+        Ok(Vec::new())
     }
 }
 
@@ -630,6 +630,46 @@ impl Directory {
             tracing::error!(error = %e, "directory commit failed");
             DomainError::Unavailable
         })
+    }
+
+    /// Reads record `key` of `table` from the store into `state`, as another node sharing the
+    /// store may have changed it, and returns what a commit decided on it must expect (see
+    /// [`Directory::commit_expecting`]). Call it with the directory locked, before deciding.
+    fn refresh_record(&self, state: &mut State, table: Table, key: &str) -> DomainResult<Expect> {
+        let stored = self
+            .store
+            .get_many(table, &[key.to_owned()])
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read a directory record");
+                DomainError::Unavailable
+            })?
+            .pop()
+            .flatten();
+        match &stored {
+            Some(bytes) => state.put(table, key.to_owned(), bytes).map_err(|e| {
+                tracing::error!(error = %e, "a stored directory record is unreadable");
+                DomainError::Internal("a stored directory record is unreadable")
+            })?,
+            None => state.remove(table, key),
+        }
+        Ok(Expect {
+            table,
+            key: key.to_owned(),
+            value: stored,
+        })
+    }
+
+    /// Commits `muts` only if the record `expect` names still holds what it was decided on:
+    /// [`DomainError::Superseded`] (503, retryable) when another node changed it meanwhile.
+    fn commit_expecting(&self, muts: &[Mutation], expect: Expect) -> DomainResult<()> {
+        match self.store.commit_expecting(muts, &[expect]) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DomainError::Superseded),
+            Err(e) => {
+                tracing::error!(error = %e, "directory commit failed");
+                Err(DomainError::Unavailable)
+            }
+        }
     }
 
     fn lock(&self) -> DomainResult<std::sync::RwLockWriteGuard<'_, State>> {
@@ -925,6 +965,12 @@ impl Directory {
                 .put(Table::Identities, id.clone(), &stored)
                 .map_err(|_| LoginFailure::Unavailable)?;
             let record = state.records.get_mut(&id).ok_or(LoginFailure::Unknown)?;
+            // The password was checked against what this node knew; a password changed since
+            // (on another node) is not the one checked, and its generation must not be had
+            // with the old one.
+            if record.credentials.password != hash {
+                return Err(LoginFailure::WrongSecret);
+            }
             if record.identity.disabled {
                 return Err(LoginFailure::Disabled);
             }
@@ -1197,6 +1243,9 @@ impl Directory {
         change: impl FnOnce(&mut Record) -> DomainResult<()>,
     ) -> DomainResult<Identity> {
         let mut state = self.lock()?;
+        // Decided on the record as stored: a change another node made (a disable, a reset) is
+        // not undone by this one.
+        let expect = self.refresh_record(&mut state, Table::Identities, id)?;
         let record = state
             .records
             .get(id)
@@ -1222,11 +1271,14 @@ impl Directory {
                 bounded(&state, caller, action, g)?;
             }
         }
-        self.commit(&[Mutation::put(
-            Table::Identities,
-            id.to_owned(),
-            to_json(&updated)?,
-        )])?;
+        self.commit_expecting(
+            &[Mutation::put(
+                Table::Identities,
+                id.to_owned(),
+                to_json(&updated)?,
+            )],
+            expect,
+        )?;
         let identity = updated.identity.clone();
         state.records.insert(id.to_owned(), updated);
         state.grants.clear();

@@ -517,3 +517,76 @@ fn a_one_time_code_presented_to_two_nodes_at_once_logs_in_once() {
         }
     }
 }
+
+/// Node A edits records that node B has just changed, before A's follower has read B's
+/// change: A decides on the records as stored, so B's change stands. A disabled identity stays
+/// disabled when A changes its display name; a key revoked on B cannot be rotated on A (which
+/// would have written it back unrevoked with a live successor); a password reset on B is not
+/// undone, and the old password no longer logs in on A with the new session generation.
+#[test]
+fn a_node_editing_a_record_another_node_just_changed_does_not_undo_the_change() {
+    use crate::identity::apikeys::{NewApiKey, Risk};
+    let store = Arc::new(MemoryStore::shared());
+    let a = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    let (admin_id, secret) = Directory::new_admin_credential();
+    a.bootstrap_admin(&admin_id, &secret).unwrap();
+    let admin = a.principal(&admin_id, false, 0, 0).unwrap();
+    let u = user(&a, &admin, "operator-1");
+    let v = user(&a, &admin, "operator-2");
+    let key = a
+        .create_api_key(
+            &admin,
+            NewApiKey {
+                name: "export".into(),
+                owner_id: admin_id.clone(),
+                role_id: crate::auth::DATA_OWNER.into(),
+                scope: crate::auth::Scope::Instance,
+                risk: Risk::Low,
+                expires_in: None,
+            },
+        )
+        .unwrap();
+    let b = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+
+    let disable = IdentityPatch {
+        disabled: Some(true),
+        ..IdentityPatch::default()
+    };
+    b.update_identity(&admin, &u.id, disable).unwrap();
+    let rename = IdentityPatch {
+        display_name: Some("Operator One".into()),
+        ..IdentityPatch::default()
+    };
+    let edited = a.update_identity(&admin, &u.id, rename).unwrap();
+    assert!(edited.disabled, "the disable made on B stands");
+    let again = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    assert!(
+        again
+            .generation(&u.id)
+            .is_some_and(|g| again.principal(&u.id, false, 0, g).is_none())
+    );
+
+    b.revoke_api_key(&admin, &key.key.id).unwrap();
+    assert!(matches!(
+        a.rotate_api_key(&admin, &key.key.id, None),
+        Err(DomainError::Conflict(_))
+    ));
+    let again = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    assert!(
+        again.authenticate_api_key(LOCAL, &key.secret).is_err(),
+        "the key revoked on B stays revoked"
+    );
+
+    b.set_password(&admin, &v.id, "a new long enough password")
+        .unwrap();
+    assert_eq!(
+        a.authenticate_user(LOCAL, "operator-2", "a long enough password", None)
+            .map(|_| ()),
+        Err(Refusal::Failed(LoginFailure::WrongSecret)),
+        "the old password, checked against what A knew, gets no session"
+    );
+    assert!(
+        a.authenticate_user(LOCAL, "operator-2", "a new long enough password", None)
+            .is_ok()
+    );
+}

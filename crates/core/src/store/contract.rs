@@ -424,7 +424,8 @@ pub fn a_counted_store_logs_the_keys_of_followed_tables(store: &dyn Store) -> Re
             Mutation::put(Table::Identities, "a", b"1".to_vec()),
             Mutation::put(Table::Twins, "t", b"not followed".to_vec()),
             Mutation::delete(Table::Devices, "d"),
-            Mutation::put(Table::Replay, "", b"w".to_vec()),
+            Mutation::put(Table::Firmware, "", b"w".to_vec()),
+            Mutation::put(Table::Replay, "r", b"decided by expectation".to_vec()),
             Mutation::put(Table::Identities, "a", b"2".to_vec()),
         ],
     )?;
@@ -456,7 +457,7 @@ pub fn a_counted_store_logs_the_keys_of_followed_tables(store: &dyn Store) -> Re
     let first = vec![
         (h0 + 1, Table::Identities, "a".to_owned()),
         (h0 + 1, Table::Devices, "d".to_owned()),
-        (h0 + 1, Table::Replay, String::new()),
+        (h0 + 1, Table::Firmware, String::new()),
     ];
     let second = vec![(h0 + 2, Table::RevokedTokens, "j".to_owned())];
     let sorted = |mut v: Vec<(u64, Table, String)>| {

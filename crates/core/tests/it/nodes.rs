@@ -441,11 +441,12 @@ async fn an_owner_commit_decided_on_a_record_another_node_changed_is_superseded(
     assert_eq!(stored(&store).as_deref(), Some(&b"b1"[..]));
 }
 
-/// Writes queued together are judged in order, each on what the writes before it leave: an
-/// owner that decided a second write on its first commits both, and a write decided on the
-/// state before both is superseded, whether or not the writer groups them.
-#[tokio::test]
-async fn expectations_are_judged_on_the_writes_queued_before() {
+/// Writes of one group are judged in order, each on what the writes before it leave, whether
+/// they expect something or not: an owner that decided a write on its previous one commits it,
+/// and a write decided on a value an earlier write of the group changed is superseded. The
+/// writer is held in a commit while the writes queue, so that they form one group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expectations_are_judged_on_the_writes_before_them_in_the_group() {
     use twinguard_core::auth::TELEMETRY_WRITER;
     let store = Arc::new(MemoryStore::shared());
     let (a, _b) = two_nodes(&store).await;
@@ -454,23 +455,39 @@ async fn expectations_are_judged_on_the_writes_queued_before() {
         updates: Vec::new(),
         records: vec![m],
     };
-    let first = a
-        .submit_expecting(&system, readings(replay(b"1")), expect(None))
+    store.hold_commits(true);
+    let blocker = a
+        .submit(
+            &system,
+            readings(Mutation::put(Table::Replay, "other", b"0".to_vec())),
+        )
         .unwrap();
-    let second = a
-        .submit_expecting(&system, readings(replay(b"2")), expect(Some(b"1")))
-        .unwrap();
-    let stale = a
-        .submit_expecting(&system, readings(replay(b"x")), expect(None))
-        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let submit = |value: &[u8], expected: Option<Option<&[u8]>>| {
+        a.submit_expecting(
+            &system,
+            readings(replay(value)),
+            expected.map(expect).unwrap_or_default(),
+        )
+        .unwrap()
+    };
+    let first = submit(b"1", Some(None));
+    let second = submit(b"2", Some(Some(b"1")));
+    let unconditional = submit(b"3", None);
+    let stale = submit(b"x", Some(Some(b"2")));
+    let last = submit(b"5", Some(Some(b"3")));
+    store.hold_commits(false);
+    blocker.await.unwrap();
     first.await.unwrap();
     second.await.unwrap();
+    unconditional.await.unwrap();
     let refused = stale.await;
     assert!(
         matches!(refused, Err(DomainError::Superseded)),
         "{refused:?}"
     );
-    assert_eq!(stored(&store).as_deref(), Some(&b"2"[..]));
+    last.await.unwrap();
+    assert_eq!(stored(&store).as_deref(), Some(&b"5"[..]));
 }
 
 /// On a store of one writer (the embedded file), nothing else writes the owners' records, so

@@ -106,9 +106,12 @@ pub async fn token(
                 return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
             }
             let assertion = form.client_assertion.unwrap_or_default();
-            state
-                .tokens
-                .issue_for_assertion(address, form.client_id.as_deref(), &assertion)
+            let (tokens, client_id) = (state.tokens.clone(), form.client_id);
+            // Recording the assertion's jti is a durable commit: off the async threads.
+            off_the_runtime(move || {
+                tokens.issue_for_assertion(address, client_id.as_deref(), &assertion)
+            })
+            .await
         }
         Some("client_credentials")
             if form.client_secret.is_none() && basic_credentials(&headers).is_none() =>
@@ -143,9 +146,7 @@ pub async fn token(
             let tokens = state.tokens.clone();
             let otp = form.otp;
             // argon2 takes tens of milliseconds of CPU: keep it off the async threads.
-            let span = tracing::Span::current();
-            let login = tokio::task::spawn_blocking(move || {
-                let _in_request = span.enter();
+            off_the_runtime(move || {
                 tokens.issue_for_user(
                     address,
                     &username,
@@ -153,17 +154,15 @@ pub async fn token(
                     otp.as_deref().map(|s| s.as_str()),
                 )
             })
-            .await;
-            match login {
-                Ok(result) => result,
-                Err(_) => Err(TokenError::Signing),
-            }
+            .await
         }
         Some("refresh_token") => {
             let Some(refresh) = form.refresh_token else {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
             };
-            state.tokens.refresh(address, &refresh)
+            // Spending the token is a durable commit: off the async threads.
+            let tokens = state.tokens.clone();
+            off_the_runtime(move || tokens.refresh(address, &refresh)).await
         }
         Some(_) => return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type"),
         None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request"),
@@ -291,6 +290,20 @@ fn parse_form(body: &[u8]) -> Result<TokenForm, ()> {
         }
     }
     Ok(form)
+}
+
+/// Runs `issue` on the blocking pool, in the request's span: for grants that hash a password
+/// or wait for a durable commit.
+async fn off_the_runtime(
+    issue: impl FnOnce() -> Result<Issued, TokenError> + Send + 'static,
+) -> Result<Issued, TokenError> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        let _in_request = span.enter();
+        issue()
+    })
+    .await
+    .unwrap_or(Err(TokenError::Signing))
 }
 
 #[cfg(test)]

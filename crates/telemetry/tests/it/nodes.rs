@@ -239,3 +239,32 @@ async fn a_follower_does_not_undo_a_suspension_still_in_flight() {
     follower.step().unwrap();
     assert!(refused(&mut plant).await);
 }
+
+/// Node B suspends a device; node A, which has not read that yet, changes the device's
+/// bindings. A decides on the record as stored, so the device stays suspended (A wrote it back
+/// active before) and A refuses it from then on.
+#[tokio::test]
+async fn a_device_changed_on_a_node_that_missed_its_suspension_stays_suspended() {
+    let store = Arc::new(MemoryStore::shared());
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    let b = second_node(&plant, store.clone());
+    b.set_status(&plant.admin, "t1", StatusChange::Suspend)
+        .await
+        .unwrap();
+    let bindings = vec![twinguard_telemetry::registry::Binding {
+        twin: "boiler-1".into(),
+        names: vec!["temperature".into(), "pressure".into()],
+    }];
+    let changed = plant
+        .telemetry
+        .set_bindings(&plant.admin, "t1", bindings)
+        .await
+        .unwrap();
+    assert_eq!(
+        changed.status,
+        twinguard_telemetry::registry::Status::Suspended
+    );
+    let outcome = plant.reading("t1", "temperature", json!(20.0)).await;
+    assert_eq!(outcome.reason, Some("suspended"));
+}
