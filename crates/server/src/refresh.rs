@@ -97,6 +97,35 @@ struct Records {
     live: HashMap<String, u64>,
     /// When expired families were last forgotten.
     swept_at: u64,
+    /// Families revoked (a tombstone each, with the family's expiry), whatever tokens of them
+    /// this node knows: a token another node issued in the family is refused too.
+    revoked: HashMap<String, u64>,
+}
+
+/// The key of a revoked family's tombstone in `Table::RefreshTokens` (token digests are hex).
+fn tombstone(family: &str) -> String {
+    format!("{TOMBSTONE_PREFIX}{family}")
+}
+
+const TOMBSTONE_PREFIX: &str = "family\u{1f}";
+
+impl Records {
+    /// Whether `family` is live by what this node knows: a token of it not revoked, and no
+    /// tombstone.
+    fn recompute(&mut self, family: &str) {
+        let live = (!self.revoked.contains_key(family))
+            .then(|| {
+                self.by_digest
+                    .values()
+                    .find(|r| r.family == family && r.status != Status::Revoked)
+                    .map(|r| r.family_expires)
+            })
+            .flatten();
+        match live {
+            Some(expires) => self.live.insert(family.to_owned(), expires),
+            None => self.live.remove(family),
+        };
+    }
 }
 
 pub struct RefreshTokens {
@@ -118,6 +147,18 @@ impl RefreshTokens {
         };
         let mut expired = Vec::new();
         for (digest, bytes) in store.scan(Table::RefreshTokens)? {
+            if let Some(family) = digest.strip_prefix(TOMBSTONE_PREFIX) {
+                match std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    Some(expires) if expires > now => {
+                        records.revoked.insert(family.to_owned(), expires);
+                    }
+                    _ => expired.push(Mutation::delete(Table::RefreshTokens, digest)),
+                }
+                continue;
+            }
             match serde_json::from_slice::<Record>(&bytes) {
                 Ok(r) if r.family_expires > now => {
                     if r.status != Status::Revoked {
@@ -130,6 +171,10 @@ impl RefreshTokens {
         }
         if !expired.is_empty() {
             store.commit(&expired)?;
+        }
+        let families: Vec<String> = records.revoked.keys().cloned().collect();
+        for family in families {
+            records.live.remove(&family);
         }
         Ok(Self {
             store,
@@ -156,6 +201,7 @@ impl RefreshTokens {
     /// Issues a token of `family` (a new family unless it continues one).
     pub fn issue(&self, family: Family) -> Result<IssuedRefresh, StoreError> {
         let now = now_secs();
+        let continued = family.continues.is_some();
         let (id, family_expires) = family
             .continues
             .unwrap_or_else(|| (uuid::Uuid::new_v4().to_string(), now + FAMILY_LIFETIME_SECS));
@@ -192,7 +238,20 @@ impl RefreshTokens {
                     .map(|(d, _)| Mutation::delete(Table::RefreshTokens, d.clone())),
             );
         }
-        self.store.commit(&muts)?;
+        // A family continued only if no node revoked it since its token was redeemed.
+        let expect: Vec<Expect> = continued
+            .then(|| Expect {
+                table: Table::RefreshTokens,
+                key: tombstone(&id),
+                value: None,
+            })
+            .into_iter()
+            .collect();
+        if !self.store.commit_expecting(&muts, &expect)? {
+            records.revoked.insert(id.clone(), family_expires);
+            records.live.remove(&id);
+            return Err(StoreError("the refresh token family was revoked".into()));
+        }
         if now.saturating_sub(records.swept_at) >= SWEEP_EVERY_SECS {
             records.swept_at = now;
         }
@@ -223,7 +282,9 @@ impl RefreshTokens {
             let Some(record) = records.by_digest.get(&digest).cloned() else {
                 return Ok(Redeemed::Invalid);
             };
-            if record.family_expires <= now_secs() {
+            // Revoked as a family on another node, whatever this token's own record says.
+            self.reread(&mut records, &[tombstone(&record.family)])?;
+            if record.family_expires <= now_secs() || records.revoked.contains_key(&record.family) {
                 return Ok(Redeemed::Invalid);
             }
             match record.status {
@@ -281,6 +342,18 @@ impl RefreshTokens {
         let stored = self.store.get_many(Table::RefreshTokens, digests)?;
         let mut families = Vec::new();
         for (digest, bytes) in digests.iter().zip(&stored) {
+            if let Some(family) = digest.strip_prefix(TOMBSTONE_PREFIX) {
+                let expires = bytes
+                    .as_deref()
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .and_then(|t| t.parse::<u64>().ok());
+                match expires {
+                    Some(expires) => records.revoked.insert(family.to_owned(), expires),
+                    None => records.revoked.remove(family),
+                };
+                families.push(family.to_owned());
+                continue;
+            }
             if let Some(old) = records.by_digest.remove(digest) {
                 families.push(old.family);
             }
@@ -295,15 +368,7 @@ impl RefreshTokens {
         families.sort_unstable();
         families.dedup();
         for family in families {
-            let live = records
-                .by_digest
-                .values()
-                .find(|r| r.family == family && r.status != Status::Revoked)
-                .map(|r| r.family_expires);
-            match live {
-                Some(expires) => records.live.insert(family, expires),
-                None => records.live.remove(&family),
-            };
+            records.recompute(&family);
         }
         Ok(stored)
     }
@@ -347,10 +412,15 @@ impl RefreshTokens {
     /// Revokes `family`; a family already revoked costs no commit (the revocation endpoint is
     /// unauthenticated).
     fn revoke_family(&self, records: &mut Records, family: &str) -> Result<(), StoreError> {
-        if !records.live.contains_key(family) {
+        let Some(expires) = records.live.get(family).copied() else {
             return Ok(());
-        }
-        let mut muts = Vec::new();
+        };
+        // The tombstone revokes the tokens of the family that this node does not know yet.
+        let mut muts = vec![Mutation::put(
+            Table::RefreshTokens,
+            tombstone(family),
+            expires.to_string().into_bytes(),
+        )];
         let mut changed = Vec::new();
         for (digest, r) in records.by_digest.iter() {
             if r.family == family && r.status != Status::Revoked {
@@ -366,10 +436,9 @@ impl RefreshTokens {
                 changed.push((digest.clone(), revoked));
             }
         }
-        if !muts.is_empty() {
-            self.store.commit(&muts)?;
-        }
+        self.store.commit(&muts)?;
         records.by_digest.extend(changed);
+        records.revoked.insert(family.to_owned(), expires);
         records.live.remove(family);
         Ok(())
     }
@@ -508,5 +577,46 @@ mod tests {
         assert!(a.revoke(&other.token).unwrap());
         b.reload().unwrap();
         assert!(!b.family_live(&other.family));
+    }
+
+    /// A stolen token reused on node B after node A rotated it: B revokes the whole family,
+    /// including the token A issued, which B has never seen. A refuses that token at its next
+    /// redemption without waiting to follow B, and its family's access tokens once it reads
+    /// the tombstone. (B revoked only the tokens it knew, and A's stayed live.)
+    #[test]
+    fn a_reuse_on_one_node_revokes_tokens_of_the_family_another_node_issued() {
+        let store = Arc::new(MemoryStore::shared());
+        let a = RefreshTokens::open(store.clone()).unwrap();
+        let first = a.issue(family("alice", false, 0, None)).unwrap();
+        let b = RefreshTokens::open(store.clone()).unwrap();
+        let Redeemed::Valid(v) = a.redeem(&first.token).unwrap() else {
+            unreachable!("a fresh token redeems")
+        };
+        let second = a
+            .issue(family(
+                "alice",
+                false,
+                0,
+                Some((v.family.clone(), v.family_expires)),
+            ))
+            .unwrap();
+        assert!(matches!(
+            b.redeem(&first.token).unwrap(),
+            Redeemed::Reused { .. }
+        ));
+        assert!(a.family_live(&first.family), "until A reads the tombstone");
+        assert!(matches!(
+            a.redeem(&second.token).unwrap(),
+            Redeemed::Invalid
+        ));
+        a.changed(&[tombstone(&first.family)]).unwrap();
+        assert!(!a.family_live(&first.family));
+        // And a node that starts now knows the family is revoked.
+        let c = RefreshTokens::open(store).unwrap();
+        assert!(!c.family_live(&first.family));
+        assert!(matches!(
+            c.redeem(&second.token).unwrap(),
+            Redeemed::Invalid
+        ));
     }
 }

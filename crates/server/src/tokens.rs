@@ -915,8 +915,15 @@ mod tests {
             }
         }
 
+        /// A node as a server builds one: its identity records go through its own twin
+        /// writer's door, which checks expectations against the shared store.
         fn node(&self) -> TokenService {
-            let store: Arc<dyn Store> = self.store.clone();
+            use twinguard_core::service::{OwnerStore, TwinService};
+            use twinguard_core::store::Owner;
+            let twins = TwinService::open(self.store.clone(), Arc::new(SystemClock)).unwrap();
+            let owned = OwnerStore::new(Owner::Identity, self.store.clone());
+            owned.connect(twins.door(Owner::Identity));
+            let store: Arc<dyn Store> = Arc::new(owned);
             let directory =
                 Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
             TokenService::new(
