@@ -296,15 +296,28 @@ impl State {
 
     /// Takes in the stored record `key` of `table`, replacing what was there.
     fn put(&mut self, table: Table, key: String, bytes: &[u8]) -> Result<(), StoreError> {
+        if table == Table::Identities {
+            let record: Record =
+                serde_json::from_slice(bytes).map_err(|_| corrupt("identity", &key))?;
+            // A change of credentials only (a used TOTP step, at each login) keeps the
+            // resolved grants: they follow from the identity's groups and roles alone.
+            let same_identity = self
+                .records
+                .get(&key)
+                .is_some_and(|old| old.identity == record.identity);
+            if same_identity {
+                self.records.insert(key, record);
+                return Ok(());
+            }
+            self.remove(table, &key);
+            self.by_name
+                .insert(record.identity.name.to_lowercase(), key.clone());
+            self.records.insert(key, record);
+            self.grants.clear();
+            return Ok(());
+        }
         self.remove(table, &key);
         match table {
-            Table::Identities => {
-                let record: Record =
-                    serde_json::from_slice(bytes).map_err(|_| corrupt("identity", &key))?;
-                self.by_name
-                    .insert(record.identity.name.to_lowercase(), key.clone());
-                self.records.insert(key, record);
-            }
             Table::Roles => {
                 let record: RoleRecord =
                     serde_json::from_slice(bytes).map_err(|_| corrupt("role", &key))?;
