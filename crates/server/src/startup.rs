@@ -352,6 +352,9 @@ pub fn init(
 /// How often a node on a shared store looks for other nodes' commits (`TwinService::follow`).
 pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How often the used client-assertion IDs of expired assertions are deleted.
+const ASSERTION_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// How often the server checks that its store answers (`TwinService::probe_store`).
 pub const STORE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -619,6 +622,20 @@ impl Application {
             shutdown.await;
             tracing::info!("shutting down");
             on_shutdown.graceful_shutdown(Some(SHUTDOWN_GRACE));
+        });
+        let tokens = self.state.tokens.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(ASSERTION_SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let tokens = tokens.clone();
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || tokens.forget_expired_assertions()).await
+                {
+                    tracing::warn!(error = %e, "expired client-assertion IDs could not be deleted");
+                }
+            }
         });
         let audit = self.state.audit.clone();
         tokio::spawn(async move {

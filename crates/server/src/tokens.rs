@@ -344,6 +344,33 @@ impl TokenService {
         }
     }
 
+    /// Deletes the used client-assertion `jti`s whose assertions have expired, whichever node
+    /// recorded them (each node forgets its own as it goes, but not the others'). Returns how
+    /// many. Blocking: a scan and a commit.
+    pub fn forget_expired_assertions(&self) -> Result<usize, StoreError> {
+        let now = now_secs();
+        let expired: Vec<Mutation> = self
+            .store
+            .scan(Table::UsedAssertions)?
+            .into_iter()
+            .filter(|(_, bytes)| {
+                let exp = std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .unwrap_or(0);
+                exp + CLOCK_SKEW_SECS < now
+            })
+            .map(|(key, _)| Mutation::delete(Table::UsedAssertions, key))
+            .collect();
+        if !expired.is_empty() {
+            self.store.commit(&expired)?;
+        }
+        if let Ok(mut used) = self.used_assertions.lock() {
+            used.retain(|_, e| *e + CLOCK_SKEW_SECS >= now);
+        }
+        Ok(expired.len())
+    }
+
     /// Records the URL clients reach the token endpoint at (an accepted assertion audience).
     pub fn set_token_endpoint(&self, url: String) {
         if let Ok(mut endpoint) = self.token_endpoint.write() {
@@ -1049,5 +1076,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The used `jti`s of expired assertions are deleted whichever node recorded them; those
+    /// of live assertions stay.
+    #[test]
+    fn expired_assertion_ids_are_deleted_whoever_recorded_them() {
+        let store = Arc::new(MemoryStore::shared());
+        let nodes = Nodes::new(&store);
+        let node = nodes.node();
+        let live = (now_secs() + 300).to_string().into_bytes();
+        store
+            .commit(&[
+                Mutation::put(Table::UsedAssertions, "a\u{1f}old", b"1".to_vec()),
+                Mutation::put(Table::UsedAssertions, "b\u{1f}live", live),
+            ])
+            .unwrap();
+        assert_eq!(node.forget_expired_assertions().unwrap(), 1);
+        let left: Vec<String> = store
+            .scan(Table::UsedAssertions)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, vec!["b\u{1f}live".to_owned()]);
     }
 }
