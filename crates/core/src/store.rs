@@ -73,13 +73,10 @@ pub enum Table {
     /// `jti`s of client assertions (RFC 7523) already used, keyed by `client \u{1f} jti`, with
     /// their expiry: an assertion is single-use across restarts and nodes.
     UsedAssertions,
-    /// Which node delivers each endpoint's events, and until when, keyed by endpoint name
-    /// (on a store several nodes share).
-    Leases,
 }
 
 impl Table {
-    pub const ALL: [Table; 29] = [
+    pub const ALL: [Table; 28] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -108,7 +105,6 @@ impl Table {
         Table::Deliveries,
         Table::DeadLetters,
         Table::UsedAssertions,
-        Table::Leases,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,7 +137,6 @@ impl Table {
             Self::Deliveries => "deliveries",
             Self::DeadLetters => "deadletters",
             Self::UsedAssertions => "usedassertions",
-            Self::Leases => "leases",
         }
     }
 }
@@ -193,7 +188,7 @@ impl Table {
             | Self::History
             | Self::HistoryLog
             | Self::Streams => Owner::Telemetry,
-            Self::Endpoints | Self::Deliveries | Self::DeadLetters | Self::Leases => Owner::Events,
+            Self::Endpoints | Self::Deliveries | Self::DeadLetters => Owner::Events,
         }
     }
 }
@@ -239,9 +234,6 @@ impl Table {
             // a node reads them again when it is superseded. Following them would make every
             // node read every device's window after every batch anywhere.
             Self::Replay | Self::UsedAssertions => false,
-            // Each holder commits its own expecting what it read; the delivery loop reads the
-            // leases and the endpoints every round (`events::lease`).
-            Self::Leases => false,
         }
     }
 }

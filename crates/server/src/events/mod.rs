@@ -4,7 +4,6 @@
 pub mod cloudevent;
 pub mod deliver;
 pub mod endpoint;
-pub mod lease;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -52,10 +51,6 @@ pub struct Inner {
     /// Most feed records kept for lagging endpoints.
     backlog: u64,
     state: Mutex<State>,
-    /// On a store that several nodes share, endpoints are delivered under a lease (see
-    /// [`lease`]); this node's name in the lease records.
-    shared: bool,
-    node: String,
 }
 
 #[derive(Default)]
@@ -69,8 +64,6 @@ struct State {
     started: bool,
     /// Dead letters per endpoint, once counted (see [`Inner::dead_letter`]).
     dead_counts: HashMap<String, usize>,
-    /// On a shared store: the endpoints whose lease this node holds (their delivery runs here).
-    leased: std::collections::HashSet<String>,
 }
 
 struct Running {
@@ -114,7 +107,6 @@ impl Events {
         credentials: std::path::PathBuf,
         backlog: u64,
     ) -> Result<Self, StoreError> {
-        let shared = store.head()?.is_some();
         let mut state = State::default();
         for (name, bytes) in store.scan(Table::Deliveries)? {
             let position = std::str::from_utf8(&bytes)
@@ -157,8 +149,6 @@ impl Events {
                 credentials,
                 backlog,
                 state: Mutex::new(state),
-                shared,
-                node: uuid::Uuid::new_v4().simple().to_string(),
             }),
         })
     }
@@ -167,30 +157,15 @@ impl Events {
         &self.inner.key
     }
 
-    /// Starts a delivery task for every endpoint (on a shared store, for every endpoint whose
-    /// lease this node takes, every [`lease::LEASE_EVERY`]), and the trimming of delivered
-    /// records.
+    /// Starts a delivery task for every endpoint, and the trimming of delivered records.
     pub fn start(&self) {
         let mut state = self.inner.lock();
         state.started = true;
-        if !self.inner.shared {
-            let names: Vec<String> = state.endpoints.keys().cloned().collect();
-            for name in names {
-                self.inner.spawn(&mut state, &name);
-            }
+        let names: Vec<String> = state.endpoints.keys().cloned().collect();
+        for name in names {
+            self.inner.spawn(&mut state, &name);
         }
         drop(state);
-        if self.inner.shared {
-            let inner = self.inner.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(lease::LEASE_EVERY);
-                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    every.tick().await;
-                    inner.clone().lease_round().await;
-                }
-            });
-        }
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(TRIM_EVERY);
@@ -246,49 +221,36 @@ impl Events {
             .resolve(&destination)
             .await
             .map_err(|e| EventsError::Invalid(e.to_string()))?;
-        let (created, started) = {
-            let mut state = self.inner.lock();
-            let created = !state.endpoints.contains_key(name);
-            if created && state.endpoints.len() >= MAX_ENDPOINTS {
-                return Err(EventsError::TooMany);
-            }
-            let mut muts = vec![Mutation::put(
-                Table::Endpoints,
-                name,
-                serde_json::to_vec(&endpoint.spec).unwrap_or_default(),
-            )];
-            let position = match state.positions.get(name) {
-                // On a shared store the node that delivers it stored the position, not this one.
-                Some(_) if !created && self.inner.shared => self.inner.stored_position(name)?,
-                Some(p) if !created => *p,
-                _ => self.inner.service.feed_head(),
-            };
-            muts.push(Mutation::put(
-                Table::Deliveries,
-                name,
-                position.to_string().into_bytes(),
-            ));
-            self.inner.store.commit(&muts)?;
-            state.positions.insert(name.to_owned(), position);
-            state.endpoints.insert(
-                name.to_owned(),
-                Running {
-                    endpoint: endpoint.clone(),
-                    task: None,
-                },
-            );
-            // A replaced endpoint's delivery starts again with its new settings (on a shared
-            // store, at the next lease round, from the position stored last).
-            state.leased.remove(name);
-            let started = state.started;
-            if started && !self.inner.shared {
-                self.inner.spawn(&mut state, name);
-            }
-            (created, started)
+        let mut state = self.inner.lock();
+        let created = !state.endpoints.contains_key(name);
+        if created && state.endpoints.len() >= MAX_ENDPOINTS {
+            return Err(EventsError::TooMany);
+        }
+        let mut muts = vec![Mutation::put(
+            Table::Endpoints,
+            name,
+            serde_json::to_vec(&endpoint.spec).unwrap_or_default(),
+        )];
+        let position = match state.positions.get(name) {
+            Some(p) if !created => *p,
+            _ => self.inner.service.feed_head(),
         };
-        if started && self.inner.shared {
-            // Delivered as soon as this node or another takes its lease; try now.
-            self.inner.clone().lease_round().await;
+        muts.push(Mutation::put(
+            Table::Deliveries,
+            name,
+            position.to_string().into_bytes(),
+        ));
+        self.inner.store.commit(&muts)?;
+        state.positions.insert(name.to_owned(), position);
+        state.endpoints.insert(
+            name.to_owned(),
+            Running {
+                endpoint: endpoint.clone(),
+                task: None,
+            },
+        );
+        if state.started {
+            self.inner.spawn(&mut state, name);
         }
         Ok((endpoint, created))
     }
@@ -325,7 +287,6 @@ impl Events {
         let mut muts = vec![
             Mutation::delete(Table::Endpoints, name),
             Mutation::delete(Table::Deliveries, name),
-            Mutation::delete(Table::Leases, name),
         ];
         for (key, _) in self.inner.dead_letter_rows(name, usize::MAX)? {
             muts.push(Mutation::delete(Table::DeadLetters, key));
@@ -334,7 +295,6 @@ impl Events {
         state.endpoints.remove(name);
         state.positions.remove(name);
         state.dead_counts.remove(name);
-        state.leased.remove(name);
         Ok(())
     }
 
@@ -412,19 +372,6 @@ impl Inner {
         running.task = Some(task.abort_handle());
     }
 
-    /// The position stored for endpoint `name` (the feed's head if none is).
-    fn stored_position(&self, name: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .store
-            .get_many(Table::Deliveries, &[name.to_owned()])?
-            .pop()
-            .flatten()
-            .as_deref()
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_else(|| self.service.feed_head()))
-    }
-
     fn position(&self, name: &str) -> u64 {
         self.lock().positions.get(name).copied().unwrap_or(0)
     }
@@ -433,13 +380,8 @@ impl Inner {
     /// position: the events are sent again later, never skipped. The commit (a group commit of
     /// the writer) runs on the blocking pool, without the state lock.
     async fn set_position(&self, name: &str, position: u64) {
-        {
-            let state = self.lock();
-            // A node that lost the lease leaves the position to the one that holds it now.
-            if !state.endpoints.contains_key(name) || (self.shared && !state.leased.contains(name))
-            {
-                return;
-            }
+        if !self.lock().endpoints.contains_key(name) {
+            return;
         }
         let store = self.store.clone();
         let record = Mutation::put(Table::Deliveries, name, position.to_string().into_bytes());
@@ -471,116 +413,6 @@ impl Inner {
                 tracing::error!(endpoint = %name, error = %e, "a delivery position could not be stored")
             }
         }
-    }
-
-    /// One round of the delivery leases (a shared store only): learns the endpoints other
-    /// nodes made, changed or deleted, takes or renews each endpoint's lease, starts the
-    /// delivery of those it took (from the position stored last) and stops those it lost.
-    async fn lease_round(self: Arc<Self>) {
-        let inner = self.clone();
-        let outcome = tokio::task::spawn_blocking(move || inner.lease_round_blocking()).await;
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "the delivery leases could not be renewed"),
-            Err(_) => tracing::error!("the delivery lease round failed"),
-        }
-    }
-
-    fn lease_round_blocking(self: &Arc<Self>) -> Result<(), StoreError> {
-        // The endpoints as stored: what another node made, changed or deleted.
-        let stored: BTreeMap<String, Vec<u8>> =
-            self.store.scan(Table::Endpoints)?.into_iter().collect();
-        let names: Vec<String> = {
-            let mut state = self.lock();
-            if !state.started {
-                return Ok(());
-            }
-            state.endpoints.retain(|name, _| stored.contains_key(name));
-            let gone: Vec<String> = state
-                .leased
-                .iter()
-                .filter(|n| !stored.contains_key(*n))
-                .cloned()
-                .collect();
-            for name in gone {
-                state.leased.remove(&name);
-                state.positions.remove(&name);
-            }
-            for (name, bytes) in &stored {
-                let same = state.endpoints.get(name).is_some_and(|r| {
-                    serde_json::to_vec(&r.endpoint.spec).is_ok_and(|b| &b == bytes)
-                });
-                if same {
-                    continue;
-                }
-                let rules = endpoint::Rules {
-                    egress: self.egress.policy(),
-                    credentials: &self.credentials,
-                };
-                let checked = serde_json::from_slice::<EndpointSpec>(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|spec| Endpoint::check(name, spec, rules));
-                match checked {
-                    Ok(endpoint) => {
-                        state.endpoints.insert(
-                            name.clone(),
-                            Running {
-                                endpoint: Arc::new(endpoint),
-                                task: None,
-                            },
-                        );
-                        // Changed: its delivery starts again with the new settings.
-                        state.leased.remove(name);
-                    }
-                    Err(e) => {
-                        tracing::error!(endpoint = %name, error = %e, "an endpoint stored by another node is refused here; it does not deliver from this node");
-                        state.endpoints.remove(name);
-                        state.leased.remove(name);
-                    }
-                }
-            }
-            state.endpoints.keys().cloned().collect()
-        };
-        let now = lease::now_ms();
-        let mut held = Vec::new();
-        for name in &names {
-            if lease::take(self.store.as_ref(), name, &self.node, now)?.is_some() {
-                held.push(name.clone());
-            }
-        }
-        // The position to start from, for the leases newly taken.
-        let newly: Vec<String> = {
-            let state = self.lock();
-            held.iter()
-                .filter(|n| !state.leased.contains(*n))
-                .cloned()
-                .collect()
-        };
-        let positions = newly
-            .iter()
-            .map(|name| self.stored_position(name))
-            .collect::<Result<Vec<u64>, StoreError>>()?;
-        let mut state = self.lock();
-        for name in &names {
-            if !held.contains(name)
-                && state.leased.remove(name)
-                && let Some(running) = state.endpoints.get_mut(name)
-                && let Some(task) = running.task.take()
-            {
-                tracing::info!(endpoint = %name, "another node delivers this endpoint now");
-                task.abort();
-            }
-        }
-        for (name, position) in newly.iter().zip(positions) {
-            if !state.endpoints.contains_key(name) {
-                continue;
-            }
-            state.positions.insert(name.clone(), position);
-            state.leased.insert(name.clone());
-            tracing::info!(endpoint = %name, position, "this node delivers this endpoint now");
-            self.spawn(&mut state, name);
-        }
-        Ok(())
     }
 
     /// The lowest position any endpoint still needs, plus one: records below it can go. At
