@@ -110,21 +110,24 @@ fn tombstone(family: &str) -> String {
 const TOMBSTONE_PREFIX: &str = "family\u{1f}";
 
 impl Records {
-    /// Whether `family` is live by what this node knows: a token of it not revoked, and no
-    /// tombstone.
-    fn recompute(&mut self, family: &str) {
-        let live = (!self.revoked.contains_key(family))
-            .then(|| {
-                self.by_digest
-                    .values()
-                    .find(|r| r.family == family && r.status != Status::Revoked)
-                    .map(|r| r.family_expires)
-            })
-            .flatten();
-        match live {
-            Some(expires) => self.live.insert(family.to_owned(), expires),
-            None => self.live.remove(family),
-        };
+    /// Whether each of `families` is live by what this node knows: a token of it not revoked,
+    /// and no tombstone. One pass over the tokens whatever the number of families (a reload
+    /// after the follower fell behind recomputes them all).
+    fn recompute(&mut self, families: &std::collections::HashSet<String>) {
+        let mut live: HashMap<&str, u64> = HashMap::new();
+        for r in self.by_digest.values() {
+            if r.status != Status::Revoked
+                && families.contains(&r.family)
+                && !self.revoked.contains_key(&r.family)
+            {
+                live.insert(r.family.as_str(), r.family_expires);
+            }
+        }
+        let live: Vec<(String, u64)> = live.into_iter().map(|(f, e)| (f.to_owned(), e)).collect();
+        for family in families {
+            self.live.remove(family);
+        }
+        self.live.extend(live);
     }
 }
 
@@ -365,11 +368,7 @@ impl RefreshTokens {
                 records.by_digest.insert(digest.clone(), record);
             }
         }
-        families.sort_unstable();
-        families.dedup();
-        for family in families {
-            records.recompute(&family);
-        }
+        records.recompute(&families.into_iter().collect());
         Ok(stored)
     }
 
