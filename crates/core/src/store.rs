@@ -73,10 +73,13 @@ pub enum Table {
     /// `jti`s of client assertions (RFC 7523) already used, keyed by `client \u{1f} jti`, with
     /// their expiry: an assertion is single-use across restarts and nodes.
     UsedAssertions,
+    /// Failed secret checks per account as each node counted them, keyed by
+    /// `node \u{1f} account` (on a store several nodes share): the throttle adds them up.
+    Backoff,
 }
 
 impl Table {
-    pub const ALL: [Table; 28] = [
+    pub const ALL: [Table; 29] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -105,6 +108,7 @@ impl Table {
         Table::Deliveries,
         Table::DeadLetters,
         Table::UsedAssertions,
+        Table::Backoff,
     ];
 
     pub fn name(self) -> &'static str {
@@ -137,6 +141,7 @@ impl Table {
             Self::Deliveries => "deliveries",
             Self::DeadLetters => "deadletters",
             Self::UsedAssertions => "usedassertions",
+            Self::Backoff => "backoff",
         }
     }
 }
@@ -178,7 +183,8 @@ impl Table {
             | Self::RefreshTokens
             | Self::RevokedTokens
             | Self::ApiKeys
-            | Self::UsedAssertions => Owner::Identity,
+            | Self::UsedAssertions
+            | Self::Backoff => Owner::Identity,
             Self::Devices
             | Self::Firmware
             | Self::Policies
@@ -210,7 +216,8 @@ impl Table {
             | Self::Devices
             | Self::Firmware
             | Self::Policies
-            | Self::SensorGroups => true,
+            | Self::SensorGroups
+            | Self::Backoff => true,
             // The graph is read again whole by the twin writer (`service::catch_up`); history,
             // streams' learned state, quarantine and delivery state are each node's own for
             // now (issue 20); `Clients` is only read by the start-up migration.

@@ -209,6 +209,38 @@ pub struct Throttle {
     policy: Policy,
     clock: Arc<dyn Clock>,
     tables: Mutex<Tables>,
+    /// Failures on accounts counted by other nodes that share the store (and by this node's
+    /// earlier runs), as they published them: account, then node.
+    remote: Mutex<HashMap<String, HashMap<String, Entry>>>,
+    /// Accounts whose failures changed here since they were last published.
+    unpublished: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Accounts waiting to be published at most; beyond, further ones are counted here only until
+/// the next publication (which drains the set every 200 ms).
+const MAX_UNPUBLISHED: usize = 100_000;
+
+/// An account's failures as one node counted them: how many, and the last one's Unix time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub failures: u32,
+    pub last_failure: i64,
+}
+
+impl Published {
+    /// `failures,last_failure`, as stored.
+    pub fn to_bytes(self) -> Vec<u8> {
+        format!("{},{}", self.failures, self.last_failure).into_bytes()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (failures, last) = text.split_once(',')?;
+        Some(Self {
+            failures: failures.parse().ok()?,
+            last_failure: last.parse().ok()?,
+        })
+    }
 }
 
 impl std::fmt::Debug for Throttle {
@@ -228,7 +260,78 @@ impl Throttle {
                 addresses: Counts::new(),
                 accounts: Counts::new(),
             }),
+            remote: Mutex::new(HashMap::new()),
+            unpublished: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Takes in `node`'s published failures on `account` (`None`: it has none any more).
+    pub fn set_remote(&self, node: &str, account: &str, published: Option<Published>) {
+        let Ok(mut remote) = self.remote.lock() else {
+            return;
+        };
+        match published {
+            Some(p) => {
+                let entry = Entry {
+                    failures: p.failures,
+                    last_failure: OffsetDateTime::from_unix_timestamp(p.last_failure)
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                };
+                remote
+                    .entry(account.to_owned())
+                    .or_default()
+                    .insert(node.to_owned(), entry);
+            }
+            None => {
+                if let Some(nodes) = remote.get_mut(account) {
+                    nodes.remove(node);
+                    if nodes.is_empty() {
+                        remote.remove(account);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The accounts whose failures changed here since the last call, with this node's count of
+    /// each (`None` once forgotten), for the other nodes.
+    pub fn take_unpublished(&self) -> Vec<(String, Option<Published>)> {
+        let accounts: Vec<String> = match self.unpublished.lock() {
+            Ok(mut set) => set.drain().collect(),
+            Err(_) => return Vec::new(),
+        };
+        let now = self.clock.now();
+        let Ok(tables) = self.tables.lock() else {
+            return Vec::new();
+        };
+        accounts
+            .into_iter()
+            .map(|account| {
+                let entry = tables.accounts.get(&account, now, &self.policy);
+                let published = (entry.failures > 0).then(|| Published {
+                    failures: entry.failures,
+                    last_failure: entry.last_failure.unix_timestamp(),
+                });
+                (account, published)
+            })
+            .collect()
+    }
+
+    /// An account's failures here plus those the other nodes published, not yet forgotten.
+    fn with_remote(&self, account: &str, local: Entry, now: OffsetDateTime) -> Entry {
+        let Ok(remote) = self.remote.lock() else {
+            return local;
+        };
+        let Some(nodes) = remote.get(account) else {
+            return local;
+        };
+        nodes
+            .values()
+            .map(|e| e.current(now, self.policy.forget_after))
+            .fold(local, |sum, e| Entry {
+                failures: sum.failures.saturating_add(e.failures),
+                last_failure: sum.last_failure.max(e.last_failure),
+            })
     }
 
     /// Whether an attempt from `address` on `account` (if it names one) may go ahead now. A
@@ -240,7 +343,10 @@ impl Throttle {
         };
         let policy = &self.policy;
         let by_address = tables.addresses.get(&source_key(address), now, policy);
-        let by_account = account.map(|a| tables.accounts.get(&a.to_owned(), now, policy));
+        let by_account = account.map(|a| {
+            let local = tables.accounts.get(&a.to_owned(), now, policy);
+            self.with_remote(a, local, now)
+        });
         let waits = [
             self.wait(by_address, policy.address_free, now),
             by_account.and_then(|e| self.wait(e, policy.account_free, now)),
@@ -261,6 +367,11 @@ impl Throttle {
         tables.addresses.bump(source_key(address), now, policy);
         if let Some(account) = account {
             tables.accounts.bump(account.to_owned(), now, policy);
+            if let Ok(mut unpublished) = self.unpublished.lock()
+                && unpublished.len() < MAX_UNPUBLISHED
+            {
+                unpublished.insert(account.to_owned());
+            }
         }
     }
 

@@ -352,6 +352,9 @@ pub fn init(
 /// How often a node on a shared store looks for other nodes' commits (`TwinService::follow`).
 pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How often a node on a shared store publishes its failed secret checks per account.
+const PUBLISH_FAILURES_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How often the used client-assertion IDs of expired assertions are deleted.
 const ASSERTION_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -630,10 +633,14 @@ impl Application {
             loop {
                 every.tick().await;
                 let tokens = tokens.clone();
-                if let Ok(Err(e)) =
-                    tokio::task::spawn_blocking(move || tokens.forget_expired_assertions()).await
-                {
-                    tracing::warn!(error = %e, "expired client-assertion IDs could not be deleted");
+                let swept = tokio::task::spawn_blocking(move || {
+                    tokens
+                        .forget_expired_assertions()
+                        .and_then(|_| tokens.directory().forget_old_failures())
+                })
+                .await;
+                if let Ok(Err(e)) = swept {
+                    tracing::warn!(error = %e, "expired client-assertion IDs or old failure counts could not be deleted");
                 }
             }
         });
@@ -646,6 +653,24 @@ impl Application {
                 let _ = tokio::task::spawn_blocking(move || audit.measure_disk()).await;
             }
         });
+        // On a store that other nodes may write, publish this node's failed secret checks per
+        // account for them (off the request path, so a failure answers as fast as before).
+        if self.state.service.position().is_some() {
+            let directory = self.state.tokens.directory().clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(PUBLISH_FAILURES_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let directory = directory.clone();
+                    if let Ok(Err(e)) =
+                        tokio::task::spawn_blocking(move || directory.publish_failures()).await
+                    {
+                        tracing::warn!(error = %e, "failed secret checks could not be published to the other nodes");
+                    }
+                }
+            });
+        }
         // On a store that other nodes may write, follow their commits: the graph, then the
         // owners' records (revocations, identities, devices...).
         if self.state.service.position().is_some() {

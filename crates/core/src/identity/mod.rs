@@ -24,7 +24,7 @@ use crate::auth::{
 use crate::clock::Clock;
 use crate::error::{DomainError, DomainResult};
 use crate::store::{Expect, Mutation, Store, StoreError, Table};
-use crate::throttle::{Policy, RetryAfter, Throttle};
+use crate::throttle::{Policy, Published, RetryAfter, Throttle};
 use credentials::{CredentialError, TotpState};
 
 /// How long after an MFA-backed login a person may perform sensitive actions (step-up).
@@ -415,6 +415,8 @@ pub struct Directory {
     state: RwLock<State>,
     /// The one throttle every check of a secret goes through ([`Directory::guarded`]).
     throttle: Throttle,
+    /// This process's name in the failures it publishes ([`Directory::publish_failures`]).
+    node: String,
 }
 
 /// Times a login reads its identity's record again after another node changed it first.
@@ -428,16 +430,24 @@ const FOLLOWED: [Table; 4] = [
     Table::ApiKeys,
 ];
 
+/// Longest account name whose failures are published to the other nodes (longer ones, which
+/// no real account has, are throttled on each node alone).
+const MAX_PUBLISHED_ACCOUNT: usize = 256;
+
 /// What other nodes sharing the store change (see [`crate::follow`]): a disabled identity, a
 /// reset credential, a revoked API key or a changed role holds here once the keys are read.
 impl crate::follow::Follower for Directory {
     fn follows(&self, table: Table) -> bool {
-        FOLLOWED.contains(&table)
+        FOLLOWED.contains(&table) || table == Table::Backoff
     }
 
     /// Read under the directory's lock, which its own changes hold across their commit: no
     /// change of this node lands between the read and the update, so none is undone.
     fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        if table == Table::Backoff {
+            self.read_failures(keys)?;
+            return Ok(Vec::new());
+        }
         let mut state = self
             .state
             .write()
@@ -458,7 +468,79 @@ impl crate::follow::Follower for Directory {
             .write()
             .map_err(|_| StoreError("the identity directory is poisoned".into()))?;
         *state = State::read(self.store.as_ref())?;
+        drop(state);
+        let keys: Vec<String> = self
+            .store
+            .scan(Table::Backoff)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        self.read_failures(&keys)?;
         Ok(Vec::new())
+    }
+}
+
+impl Directory {
+    /// Takes in the failures other nodes published under `keys` (`node \u{1f} account`).
+    fn read_failures(&self, keys: &[String]) -> Result<(), StoreError> {
+        let values = self.store.get_many(Table::Backoff, keys)?;
+        for (key, value) in keys.iter().zip(values) {
+            let Some((node, account)) = key.split_once('\u{1f}') else {
+                continue;
+            };
+            if node == self.node {
+                continue;
+            }
+            let published = value.as_deref().and_then(Published::from_bytes);
+            self.throttle.set_remote(node, account, published);
+        }
+        Ok(())
+    }
+
+    /// Publishes this node's failed secret checks per account for the other nodes that share
+    /// the store (each node's count is a record of its own; the throttle adds them up), so an
+    /// attacker who spreads guesses on one account over several nodes waits as on one. Returns
+    /// how many accounts were published. Blocking: call it off the request path, every so often
+    /// (the server: every 200 ms on a shared store).
+    pub fn publish_failures(&self) -> Result<usize, StoreError> {
+        let muts: Vec<Mutation> = self
+            .throttle
+            .take_unpublished()
+            .into_iter()
+            .filter(|(account, _)| account.len() <= MAX_PUBLISHED_ACCOUNT)
+            .map(|(account, published)| {
+                let key = format!("{}\u{1f}{account}", self.node);
+                match published {
+                    Some(p) => Mutation::put(Table::Backoff, key, p.to_bytes()),
+                    None => Mutation::delete(Table::Backoff, key),
+                }
+            })
+            .collect();
+        if !muts.is_empty() {
+            self.store.commit(&muts)?;
+        }
+        Ok(muts.len())
+    }
+
+    /// Deletes the published failures that every node has forgotten by now (their last failure
+    /// older than the throttle's quiet period), whichever node published them.
+    pub fn forget_old_failures(&self) -> Result<usize, StoreError> {
+        let horizon = self
+            .now()
+            .saturating_sub(Policy::default().forget_after.whole_seconds().max(0) as u64);
+        let old: Vec<Mutation> = self
+            .store
+            .scan(Table::Backoff)?
+            .into_iter()
+            .filter(|(_, bytes)| {
+                Published::from_bytes(bytes).is_none_or(|p| p.last_failure < horizon as i64)
+            })
+            .map(|(key, _)| Mutation::delete(Table::Backoff, key))
+            .collect();
+        if !old.is_empty() {
+            self.store.commit(&old)?;
+        }
+        Ok(old.len())
     }
 }
 
@@ -508,11 +590,20 @@ impl Directory {
         let directory = Self {
             store,
             throttle: Throttle::new(Policy::default(), clock.clone()),
+            node: uuid::Uuid::new_v4().simple().to_string(),
             clock,
             state: RwLock::new(state),
         };
         directory.migrate_clients()?;
         directory.migrate_owner()?;
+        // Failures other nodes (and this node's earlier runs) published, on a shared store.
+        let published: Vec<String> = directory
+            .store
+            .scan(Table::Backoff)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        directory.read_failures(&published)?;
         Ok(directory)
     }
 

@@ -590,3 +590,50 @@ fn a_node_editing_a_record_another_node_just_changed_does_not_undo_the_change() 
             .is_ok()
     );
 }
+
+/// Guesses on one account spread over two nodes (from addresses that each stay under their
+/// own limit) hold the account back on both once the nodes have published and followed each
+/// other's counts: 30 failures on each node, against an account limit of 50. Each node alone
+/// saw 30 and let the next guess through.
+#[test]
+fn guesses_on_one_account_spread_over_two_nodes_are_throttled_as_on_one() {
+    use crate::follow::ChangeFollower;
+    let store = Arc::new(MemoryStore::shared());
+    let (follow_a, follow_b) = (
+        ChangeFollower::start(store.clone()).unwrap().unwrap(),
+        ChangeFollower::start(store.clone()).unwrap().unwrap(),
+    );
+    let a = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
+    let b = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
+    follow_a.register(a.clone());
+    follow_b.register(b.clone());
+    let account = Some("user:alice");
+    let address = |node: u8, n: u8| IpAddr::from([10, 0, node, n]);
+    let guess = |dir: &Directory, from: IpAddr| {
+        dir.guarded(from, account, || Err::<(), _>(LoginFailure::WrongSecret))
+    };
+    for n in 0..30 {
+        assert!(matches!(guess(&a, address(1, n)), Err(Refusal::Failed(_))));
+        assert!(matches!(guess(&b, address(2, n)), Err(Refusal::Failed(_))));
+    }
+    let fresh = address(3, 1);
+    assert!(
+        matches!(guess(&a, fresh), Err(Refusal::Failed(_))),
+        "each node alone lets the next guess through"
+    );
+    assert!(a.publish_failures().unwrap() > 0 && b.publish_failures().unwrap() > 0);
+    follow_a.step().unwrap();
+    follow_b.step().unwrap();
+    for dir in [&a, &b] {
+        assert!(
+            matches!(guess(dir, address(3, 2)), Err(Refusal::Throttled(_))),
+            "61 failures on the account in all"
+        );
+    }
+    // A node that starts now counts them too.
+    let c = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    assert!(matches!(
+        guess(&c, address(3, 3)),
+        Err(Refusal::Throttled(_))
+    ));
+}
