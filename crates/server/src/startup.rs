@@ -352,6 +352,27 @@ pub fn init(
 /// How often a node on a shared store looks for other nodes' commits (`TwinService::follow`).
 pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Runs `job` on the blocking pool every `period` (one run at a time), logging `failure` with
+/// the error when it fails.
+fn every<T, E: std::fmt::Display + Send + 'static>(
+    period: std::time::Duration,
+    failure: &'static str,
+    job: impl Fn() -> Result<T, E> + Send + Sync + 'static,
+) {
+    let job = Arc::new(job);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let job = job.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || job().map(|_| ())).await {
+                tracing::warn!(error = %e, "{failure}");
+            }
+        }
+    });
+}
+
 /// How often a node on a shared store publishes its failed secret checks per account.
 const PUBLISH_FAILURES_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -627,23 +648,15 @@ impl Application {
             on_shutdown.graceful_shutdown(Some(SHUTDOWN_GRACE));
         });
         let tokens = self.state.tokens.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(ASSERTION_SWEEP_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let tokens = tokens.clone();
-                let swept = tokio::task::spawn_blocking(move || {
-                    tokens
-                        .forget_expired_assertions()
-                        .and_then(|_| tokens.directory().forget_old_failures())
-                })
-                .await;
-                if let Ok(Err(e)) = swept {
-                    tracing::warn!(error = %e, "expired client-assertion IDs or old failure counts could not be deleted");
-                }
-            }
-        });
+        every(
+            ASSERTION_SWEEP_EVERY,
+            "expired client-assertion IDs or old failure counts could not be deleted",
+            move || {
+                tokens
+                    .forget_expired_assertions()
+                    .and_then(|_| tokens.directory().forget_old_failures())
+            },
+        );
         let audit = self.state.audit.clone();
         tokio::spawn(async move {
             let mut every_five_seconds = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -657,19 +670,11 @@ impl Application {
         // account for them (off the request path, so a failure answers as fast as before).
         if self.state.service.position().is_some() {
             let directory = self.state.tokens.directory().clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(PUBLISH_FAILURES_EVERY);
-                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    every.tick().await;
-                    let directory = directory.clone();
-                    if let Ok(Err(e)) =
-                        tokio::task::spawn_blocking(move || directory.publish_failures()).await
-                    {
-                        tracing::warn!(error = %e, "failed secret checks could not be published to the other nodes");
-                    }
-                }
-            });
+            every(
+                PUBLISH_FAILURES_EVERY,
+                "failed secret checks could not be published to the other nodes",
+                move || directory.publish_failures(),
+            );
         }
         // On a store that other nodes may write, follow their commits: the graph, then the
         // owners' records (revocations, identities, devices...).
