@@ -8,7 +8,12 @@
 #   2. authenticated GET /digitaltwins/{id} under wrk (2 threads, 64 connections, DURATION s):
 #      requests per second and the server's CPU per request (reads come from memory on both);
 #   3. twin creation under wrk (PUT, 64 connections, DURATION s): requests per second and the
-#      server's CPU per write.
+#      server's CPU per write;
+#   4. signed telemetry over the HTTPS device plane (`twinguard-bench ingest`, MESSAGES messages
+#      of one reading in batches of 250, 32 in flight): readings per second and the server's
+#      CPU per reading. On PostgreSQL each batch's replay windows are decided in the store
+#      (read in the writer's group, committed expecting what was read) and the device records
+#      it changes go into the change log.
 #
 #   bash bench/stores.sh                                # 2 rounds, 10,000 twins, 10 s phases
 #   ROUNDS=4 TWINS=20000 DURATION=15 bash bench/stores.sh
@@ -26,6 +31,7 @@ cd "$(dirname "$0")/.."
 TWINS=${TWINS:-10000}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-10}
+MESSAGES=${MESSAGES:-20000}
 PGADDR=${PGADDR:-127.0.0.1:5432}
 
 command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
@@ -58,16 +64,21 @@ pg_ticks() {
 }
 per_op_us() { awk -v t="$1" -v n="$2" -v k="$TICK" 'BEGIN {printf "%.1f", (n > 0 ? t / k / n * 1e6 : 0)}'; }
 
-start_server() { # $1 data dir, $2... extra serve arguments -> BASE, SERVER_PID
+start_server() { # $1 data dir, $2... extra serve arguments -> BASE, PLANE, SERVER_PID
     local dir=$1
     shift
     mkfifo "$WORK/out"
-    TWINGUARD_LOG=warn "$TG" serve --data-dir "$dir" --api-listen 127.0.0.1:0 --device-listen off "$@" \
-        >"$WORK/out" 2>"$dir.log" &
+    TWINGUARD_LOG=warn "$TG" serve --data-dir "$dir" --api-listen 127.0.0.1:0 \
+        --device-listen 127.0.0.1:0 "$@" >"$WORK/out" 2>"$dir.log" &
     SERVER_PID=$!
-    read -r line <"$WORK/out"
+    exec 3<"$WORK/out"
+    read -r line <&3
+    read -r plane <&3
+    cat <&3 >/dev/null &
+    exec 3<&-
     rm -f "$WORK/out"
     BASE=${line#twinguard: api listening on }
+    PLANE=${plane#twinguard: device plane listening on }
 }
 
 run_mode() { # $1 mode (embedded|postgresql), $2 round
@@ -129,6 +140,18 @@ LUA
     echo "round=$round mode=$mode phase=put rps=$rps non2xx=$bad server_cpu_us_per_write=$(per_op_us $((s1 - s0)) "$requests") postgres_cpu_us_per_write=$(per_op_us $((p1 - p0)) "$requests")"
     echo "$mode put $rps $(per_op_us $((s1 - s0)) "$requests")" >>"$WORK/results"
 
+    s0=$(cpu_ticks "$SERVER_PID"); p0=$(pg_ticks)
+    out=$("$TB" --data-dir "$data" --base "$BASE" ingest --device-plane "$PLANE" \
+        --messages "$MESSAGES" --no-latency | grep '^ingest_https readings_per_message=1 batch=250 ')
+    s1=$(cpu_ticks "$SERVER_PID"); p1=$(pg_ticks)
+    rate=$(sed 's/.*readings_per_s=\([0-9]*\).*/\1/' <<<"$out")
+    # The CPU over the whole command (its set-up, the warm-up and all three of its phases),
+    # per reading of the whole command: MESSAGES x 1 + MESSAGES/10 x 10 + MESSAGES/2 x 1
+    # readings, and 2,000 of warm-up.
+    local readings=$((MESSAGES + MESSAGES / 10 * 10 + MESSAGES / 2 + 2000))
+    echo "round=$round mode=$mode phase=ingest readings_per_s=$rate server_cpu_us_per_reading=$(per_op_us $((s1 - s0)) "$readings") postgres_cpu_us_per_reading=$(per_op_us $((p1 - p0)) "$readings")"
+    echo "$mode ingest $rate $(per_op_us $((s1 - s0)) "$readings")" >>"$WORK/results"
+
     kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=
     if [ -n "$DB" ]; then
@@ -137,7 +160,7 @@ LUA
     fi
 }
 
-echo "machine: $(nproc) cores; twins=$TWINS rounds=$ROUNDS duration=${DURATION}s; PostgreSQL $("${PSQL[@]}" -c 'SHOW server_version')"
+echo "machine: $(nproc) cores; twins=$TWINS messages=$MESSAGES rounds=$ROUNDS duration=${DURATION}s; PostgreSQL $("${PSQL[@]}" -c 'SHOW server_version')"
 for round in $(seq 1 "$ROUNDS"); do
     if [ $((round % 2)) -eq 1 ]; then order="embedded postgresql"; else order="postgresql embedded"; fi
     for mode in $order; do run_mode "$mode" "$round"; done
