@@ -109,6 +109,11 @@ fn split(presented: &str) -> Option<(&str, &str)> {
     (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
 }
 
+/// Whether the throttle account `key:<id>` names a stored key.
+pub(super) fn known(state: &State, id: &str) -> bool {
+    state.api_keys.contains_key(&format!("{PREFIX}{id}"))
+}
+
 pub(super) fn load(state: &mut State, key: String, bytes: &[u8]) -> Option<()> {
     let record: KeyRecord = serde_json::from_slice(bytes).ok()?;
     state.api_keys.insert(key, record);

@@ -503,11 +503,20 @@ impl Directory {
     /// how many accounts were published. Blocking: call it off the request path, every so often
     /// (the server: every 200 ms on a shared store).
     pub fn publish_failures(&self) -> Result<usize, StoreError> {
-        let muts: Vec<Mutation> = self
-            .throttle
-            .take_unpublished()
+        let unpublished = self.throttle.take_unpublished();
+        // Only accounts that exist: guesses on invented names (which anyone can make up) are
+        // throttled on each node, and never become records in the store.
+        let known = {
+            let state = self.read_state().map_err(|e| StoreError(e.to_string()))?;
+            unpublished
+                .into_iter()
+                .filter(|(account, _)| {
+                    account.len() <= MAX_PUBLISHED_ACCOUNT && known_account(&state, account)
+                })
+                .collect::<Vec<_>>()
+        };
+        let muts: Vec<Mutation> = known
             .into_iter()
-            .filter(|(account, _)| account.len() <= MAX_PUBLISHED_ACCOUNT)
             .map(|(account, published)| {
                 let key = format!("{}\u{1f}{account}", self.node);
                 match published {
@@ -1058,15 +1067,8 @@ impl Directory {
         // only if the store still holds that record: on a store several nodes share, a code
         // presented to two of them at once logs in on one only.
         for _ in 0..CREDENTIAL_ATTEMPTS {
-            let stored = self
-                .store
-                .get_many(Table::Identities, std::slice::from_ref(&id))
-                .map_err(|_| LoginFailure::Unavailable)?
-                .pop()
-                .flatten()
-                .ok_or(LoginFailure::Unknown)?;
-            state
-                .put(Table::Identities, id.clone(), &stored)
+            let expect = self
+                .refresh_record(&mut state, Table::Identities, &id)
                 .map_err(|_| LoginFailure::Unavailable)?;
             let record = state.records.get_mut(&id).ok_or(LoginFailure::Unknown)?;
             // The password was checked against what this node knew; a password changed since
@@ -1111,11 +1113,7 @@ impl Directory {
                 .store
                 .commit_expecting(
                     &[Mutation::put(Table::Identities, id.clone(), bytes)],
-                    &[Expect {
-                        table: Table::Identities,
-                        key: id.clone(),
-                        value: Some(stored),
-                    }],
+                    &[expect],
                 )
                 .map_err(|_| LoginFailure::Unavailable)?;
             if committed {
@@ -2001,6 +1999,18 @@ fn bounded(state: &State, caller: &Principal, action: Action, target: &str) -> D
             action: action.as_str(),
         })
     }
+}
+
+/// Whether throttle account `account` names something the directory holds: a person
+/// (`user:<name>`), an API key (`key:<id>`), or an identity by its ID (a client).
+fn known_account(state: &State, account: &str) -> bool {
+    if let Some(name) = account.strip_prefix("user:") {
+        return state.by_name.contains_key(name);
+    }
+    if let Some(id) = account.strip_prefix("key:") {
+        return apikeys::known(state, id);
+    }
+    state.records.contains_key(account)
 }
 
 /// The throttle account of a person's name.

@@ -607,6 +607,11 @@ fn guesses_on_one_account_spread_over_two_nodes_are_throttled_as_on_one() {
     let b = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
     follow_a.register(a.clone());
     follow_b.register(b.clone());
+    let (admin_id, secret) = Directory::new_admin_credential();
+    a.bootstrap_admin(&admin_id, &secret).unwrap();
+    let admin = a.principal(&admin_id, false, 0, 0).unwrap();
+    user(&a, &admin, "alice");
+    follow_b.step().unwrap();
     let account = Some("user:alice");
     let address = |node: u8, n: u8| IpAddr::from([10, 0, node, n]);
     let guess = |dir: &Directory, from: IpAddr| {
@@ -636,4 +641,18 @@ fn guesses_on_one_account_spread_over_two_nodes_are_throttled_as_on_one() {
         guess(&c, address(3, 3)),
         Err(Refusal::Throttled(_))
     ));
+    // Guesses on names nobody holds stay on their node: no record for an attacker's inventions.
+    for n in 0..3 {
+        let _ = a.guarded(address(4, n), Some("user:invented"), || {
+            Err::<(), _>(LoginFailure::WrongSecret)
+        });
+    }
+    a.publish_failures().unwrap();
+    let invented = store
+        .scan(Table::Backoff)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.ends_with("\u{1f}user:invented"))
+        .count();
+    assert_eq!(invented, 0);
 }
