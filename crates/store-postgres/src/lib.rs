@@ -518,13 +518,19 @@ impl PgStore {
                 }
             }
             let at = i64::try_from(head).unwrap_or(i64::MAX);
-            for start in (0..plan.followed_keys.len()).step_by(ROWS_PER_STATEMENT) {
-                let end = (start + ROWS_PER_STATEMENT).min(plan.followed_keys.len());
-                let tables = slice(&plan.followed_tables, start, end);
-                let keys = slice(&plan.followed_keys, start, end);
-                txn.execute(LOG_CHANGES, &[&at, &tables, &keys])
+            if !plan.followed_keys.is_empty() {
+                let log = txn
+                    .prepare_cached(LOG_CHANGES)
                     .await
                     .map_err(|e| pg_err("commit", &e))?;
+                for start in (0..plan.followed_keys.len()).step_by(ROWS_PER_STATEMENT) {
+                    let end = (start + ROWS_PER_STATEMENT).min(plan.followed_keys.len());
+                    let tables = slice(&plan.followed_tables, start, end);
+                    let keys = slice(&plan.followed_keys, start, end);
+                    txn.execute(&log, &[&at, &tables, &keys])
+                        .await
+                        .map_err(|e| pg_err("commit", &e))?;
+                }
             }
             if head % TRIM_CHANGES_EVERY == 0 && head > CHANGE_LOG_COMMITS {
                 let below = i64::try_from(head - CHANGE_LOG_COMMITS).unwrap_or(0);
