@@ -76,10 +76,13 @@ pub enum Table {
     /// Failed secret checks per account as each node counted them, keyed by
     /// `node \u{1f} account` (on a store several nodes share): the throttle adds them up.
     Backoff,
+    /// Which node delivers each endpoint's events, and until when, keyed by endpoint name (on
+    /// a store several nodes share; the server's `events::lease`).
+    Leases,
 }
 
 impl Table {
-    pub const ALL: [Table; 29] = [
+    pub const ALL: [Table; 30] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -109,6 +112,7 @@ impl Table {
         Table::DeadLetters,
         Table::UsedAssertions,
         Table::Backoff,
+        Table::Leases,
     ];
 
     pub fn name(self) -> &'static str {
@@ -142,6 +146,7 @@ impl Table {
             Self::DeadLetters => "deadletters",
             Self::UsedAssertions => "usedassertions",
             Self::Backoff => "backoff",
+            Self::Leases => "leases",
         }
     }
 }
@@ -194,7 +199,7 @@ impl Table {
             | Self::History
             | Self::HistoryLog
             | Self::Streams => Owner::Telemetry,
-            Self::Endpoints | Self::Deliveries | Self::DeadLetters => Owner::Events,
+            Self::Endpoints | Self::Deliveries | Self::DeadLetters | Self::Leases => Owner::Events,
         }
     }
 }
@@ -241,6 +246,9 @@ impl Table {
             // a node reads them again when it is superseded. Following them would make every
             // node read every device's window after every batch anywhere.
             Self::Replay | Self::UsedAssertions => false,
+            // Each holder commits its own expecting what it read; every node's delivery rounds
+            // read the endpoints, positions and leases whole (`events::lease`).
+            Self::Leases => false,
         }
     }
 }

@@ -810,6 +810,7 @@ impl Application {
             });
         }
         let telemetry = self.state.telemetry.clone();
+        let events = self.state.events.clone();
         let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         if self.unbounded {
             let tls = crate::tls::ClientCertAcceptor::new(self.tls, UNBOUNDED_HANDSHAKE);
@@ -828,6 +829,8 @@ impl Application {
             self.connections.configure(server.http_builder());
             server.serve(app).await?;
         }
+        // Another node takes this one's event endpoints at once, not when their leases run out.
+        events.release().await;
         // What the streams learned since the last checkpoint outlives the process.
         if let Err(e) = telemetry.checkpoint().await {
             tracing::error!(error = %e, "the sensor streams' state could not be stored at shutdown");

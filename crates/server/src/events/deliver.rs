@@ -108,8 +108,13 @@ type Attempt =
     Pin<Box<dyn Future<Output = (Pending, Option<Arc<Sink>>, Result<(), SendError>)> + Send>>;
 
 /// Runs delivery for `endpoint` until the endpoint is deleted or replaced (the task is aborted
-/// then).
-pub async fn run(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
+/// then), or, on a shared store, until `lease` (the deadline of this node's delivery lease)
+/// passes without a renewal.
+pub async fn run(
+    inner: Arc<Inner>,
+    endpoint: Arc<Endpoint>,
+    lease: Option<tokio::sync::watch::Receiver<Instant>>,
+) {
     let position = inner.position(&endpoint.name);
     let metrics = Metrics::new(&endpoint.name);
     let mut delivery = Delivery {
@@ -122,6 +127,7 @@ pub async fn run(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
         read: position,
         stored: position,
         storing: None,
+        confirmed: position,
         last_store: Instant::now(),
         unfinished: BTreeMap::new(),
         metrics,
@@ -130,6 +136,7 @@ pub async fn run(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
         busy: HashSet::new(),
         in_flight: FuturesUnordered::new(),
         failing: None,
+        lease,
     };
     delivery.run().await;
 }
@@ -145,7 +152,7 @@ struct Delivery {
     read: u64,
     /// The last position stored (or being stored).
     stored: u64,
-    storing: Option<tokio::task::JoinHandle<()>>,
+    storing: Option<tokio::task::JoinHandle<bool>>,
     last_store: Instant,
     /// Every event read and not finished (acknowledged, dead-lettered or no longer routed),
     /// with its commit time (Unix seconds): the position is just below the first.
@@ -162,6 +169,10 @@ struct Delivery {
     /// The endpoint's next wait while failing.
     backoff: Duration,
     metrics: Metrics,
+    /// On a shared store: the deadline of this node's lease on the endpoint.
+    lease: Option<tokio::sync::watch::Receiver<Instant>>,
+    /// The last position stored, before the one being stored (`stored`), if that fails.
+    confirmed: u64,
 }
 
 /// The endpoint's metrics, looked up once rather than at each event.
@@ -191,6 +202,11 @@ impl Metrics {
 impl Delivery {
     async fn run(&mut self) {
         loop {
+            let lease_ends = self.lease.as_ref().map(|deadline| *deadline.borrow());
+            if lease_ends.is_some_and(|at| at <= Instant::now()) {
+                tracing::warn!(endpoint = %self.endpoint.name, "the delivery lease was not renewed in time: this node stops delivering the endpoint");
+                return;
+            }
             if !self.read_feed() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -212,8 +228,14 @@ impl Delivery {
                     }
                 }
                 _ = sleep_until(wake), if wake.is_some() => {}
-                _ = OptionFuture::from(self.storing.as_mut()), if self.storing.is_some() => {
+                _ = sleep_until(lease_ends), if lease_ends.is_some() => {}
+                stored = OptionFuture::from(self.storing.as_mut()), if self.storing.is_some() => {
                     self.storing = None;
+                    match stored {
+                        Some(Ok(true)) => self.confirmed = self.stored,
+                        // Not stored: stored again at the next chance.
+                        _ => self.stored = self.confirmed,
+                    }
                 }
                 else => {}
             }
@@ -482,7 +504,7 @@ impl Delivery {
         let inner = self.inner.clone();
         let name = self.endpoint.name.clone();
         self.storing = Some(tokio::spawn(async move {
-            inner.set_position(&name, position).await;
+            inner.set_position(&name, position).await
         }));
     }
 

@@ -4,15 +4,19 @@
 pub mod cloudevent;
 pub mod deliver;
 pub mod endpoint;
+pub mod lease;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde_json::Value;
 use twinguard_core::feed::FeedEvent;
 use twinguard_core::routes::Filter;
 use twinguard_core::service::TwinService;
-use twinguard_core::store::{Mutation, Store, StoreError, Table};
+use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
 
 pub use cloudevent::EventKey;
 use deliver::{MAX_DEAD_LETTERS, Prepared, Sink};
@@ -26,6 +30,13 @@ pub const DEFAULT_BACKLOG: u64 = 1_000_000;
 
 /// How often delivered feed records are trimmed.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How many times an endpoint edit on a shared store is decided again when another node changed
+/// the endpoint between its read and its commit.
+const EDIT_ATTEMPTS: usize = 4;
+
+const NOT_STORED: &str = "the endpoint is not stored";
+const CHANGED_MEANWHILE: &str = "the endpoint was changed on another node meanwhile";
 
 /// Endpoints and their delivery, shared by the routes and the delivery tasks.
 #[derive(Clone)]
@@ -50,13 +61,24 @@ pub struct Inner {
     credentials: std::path::PathBuf,
     /// Most feed records kept for lagging endpoints.
     backlog: u64,
+    /// On a store several nodes share: this node's name in the delivery leases (new at each
+    /// start) and their times. `None` on a store of one node, which delivers every endpoint.
+    leases: Option<(String, lease::Times)>,
+    /// Serialises endpoint edits with lease rounds: each decides on the stored records, then
+    /// updates this node's memory of them; two at once would undo each other (a deleted
+    /// endpoint brought back by a round that read it before the deletion).
+    edits: tokio::sync::Mutex<()>,
+    /// Wakes the lease rounds early: an endpoint made here is taken at once.
+    wake: tokio::sync::Notify,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
     endpoints: BTreeMap<String, Running>,
-    /// Each endpoint's delivery position (also stored in `Table::Deliveries`).
+    /// Each endpoint's delivery position (also stored in `Table::Deliveries`). On a shared
+    /// store: as the last lease round read them, for every stored endpoint (even one this node
+    /// refuses), and this node's own for the endpoints it delivers.
     positions: HashMap<String, u64>,
     /// Compiled route filters, by filter text.
     filters: HashMap<String, Option<Filter>>,
@@ -64,11 +86,29 @@ struct State {
     started: bool,
     /// Dead letters per endpoint, once counted (see [`Inner::dead_letter`]).
     dead_counts: HashMap<String, usize>,
+    /// Stored endpoints this node refuses (today's allowlist), with the record refused: each
+    /// is logged once, not at every round.
+    refused: HashMap<String, Vec<u8>>,
+    /// The lease rounds' task (on a shared store, once started).
+    rounds: Option<tokio::task::AbortHandle>,
 }
 
 struct Running {
     endpoint: Arc<Endpoint>,
+    /// The endpoint's record as stored: a round that reads another replaces the endpoint.
+    stored: Vec<u8>,
     task: Option<tokio::task::AbortHandle>,
+    /// On a shared store: the lease this node holds for the endpoint, if any.
+    lease: Option<Held>,
+}
+
+/// A delivery lease this node holds.
+struct Held {
+    /// The lease record as committed: the endpoint's position and dead letters are written
+    /// expecting it.
+    record: Vec<u8>,
+    /// When delivery must stop unless a round renews the lease first.
+    deadline: tokio::sync::watch::Sender<Instant>,
 }
 
 impl Drop for Running {
@@ -107,57 +147,45 @@ impl Events {
         credentials: std::path::PathBuf,
         backlog: u64,
     ) -> Result<Self, StoreError> {
-        let mut state = State::default();
-        for (name, bytes) in store.scan(Table::Deliveries)? {
-            let position = std::str::from_utf8(&bytes)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            state.positions.insert(name, position);
+        let leases = service
+            .shares_store()
+            .then(|| (uuid::Uuid::new_v4().to_string(), lease::Times::default()));
+        let inner = Inner {
+            service,
+            store,
+            egress,
+            key,
+            source,
+            credentials,
+            backlog,
+            leases,
+            edits: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
+            state: Mutex::new(State::default()),
+        };
+        let stored = lease::read(inner.store.as_ref())?;
+        let inner = Arc::new(inner);
+        inner.learn(&mut inner.lock(), &stored);
+        Ok(Self { inner })
+    }
+
+    /// Other lease times than [`lease::Times::default`] (tests); only before [`Events::start`].
+    pub fn with_lease_times(mut self, times: lease::Times) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner)
+            && let Some((_, t)) = &mut inner.leases
+        {
+            *t = times;
         }
-        for (name, bytes) in store.scan(Table::Endpoints)? {
-            let spec: EndpointSpec = serde_json::from_slice(&bytes)
-                .map_err(|_| StoreError(format!("endpoint record '{name}' is unreadable")))?;
-            // Checked again against today's allowlist: an endpoint the operator no longer
-            // allows stays stored but does not run.
-            let rules = endpoint::Rules {
-                egress: egress.policy(),
-                credentials: &credentials,
-            };
-            match Endpoint::check(&name, spec, rules) {
-                Ok(endpoint) => {
-                    state.endpoints.insert(
-                        name,
-                        Running {
-                            endpoint: Arc::new(endpoint),
-                            task: None,
-                        },
-                    );
-                }
-                Err(e) => {
-                    tracing::error!(endpoint = %name, error = %e, "a stored endpoint is refused now; it does not deliver");
-                }
-            }
-        }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                service,
-                store,
-                egress,
-                key,
-                source,
-                credentials,
-                backlog,
-                state: Mutex::new(state),
-            }),
-        })
+        self
     }
 
     pub fn key(&self) -> &EventKey {
         &self.inner.key
     }
 
-    /// Starts a delivery task for every endpoint, and the trimming of delivered records.
+    /// Starts a delivery task for every endpoint, and the trimming of delivered records. On a
+    /// shared store, starts the lease rounds instead: a task runs for each endpoint whose lease
+    /// this node holds.
     pub fn start(&self) {
         let mut state = self.inner.lock();
         state.started = true;
@@ -166,6 +194,21 @@ impl Events {
             self.inner.spawn(&mut state, &name);
         }
         drop(state);
+        if let Some((_, times)) = self.inner.leases {
+            let inner = self.inner.clone();
+            let rounds = tokio::spawn(async move {
+                loop {
+                    if let Err(e) = inner.round().await {
+                        tracing::error!(error = %e, "the event delivery leases could not be read or renewed");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(times.every) => {}
+                        _ = inner.wake.notified() => {}
+                    }
+                }
+            });
+            self.inner.lock().rounds = Some(rounds.abort_handle());
+        }
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(TRIM_EVERY);
@@ -221,37 +264,36 @@ impl Events {
             .resolve(&destination)
             .await
             .map_err(|e| EventsError::Invalid(e.to_string()))?;
-        let mut state = self.inner.lock();
-        let created = !state.endpoints.contains_key(name);
-        if created && state.endpoints.len() >= MAX_ENDPOINTS {
-            return Err(EventsError::TooMany);
-        }
-        let mut muts = vec![Mutation::put(
-            Table::Endpoints,
-            name,
-            serde_json::to_vec(&endpoint.spec).unwrap_or_default(),
-        )];
-        let position = match state.positions.get(name) {
-            Some(p) if !created => *p,
-            _ => self.inner.service.feed_head(),
+        let stored = serde_json::to_vec(&endpoint.spec).unwrap_or_default();
+        let _edits = self.inner.edits.lock().await;
+        let (created, position) = match self.inner.leases {
+            Some(_) => self.inner.put_shared(name, &stored).await?,
+            None => self.inner.put_local(name, &stored).await?,
         };
-        muts.push(Mutation::put(
-            Table::Deliveries,
-            name,
-            position.to_string().into_bytes(),
-        ));
-        self.inner.store.commit(&muts)?;
-        state.positions.insert(name.to_owned(), position);
+        let mut state = self.inner.lock();
+        // A replaced endpoint keeps its lease, and its holder's position.
+        let lease = state
+            .endpoints
+            .remove(name)
+            .and_then(|mut running| running.lease.take());
+        if created || lease.is_none() {
+            state.positions.insert(name.to_owned(), position);
+        }
+        state.refused.remove(name);
         state.endpoints.insert(
             name.to_owned(),
             Running {
                 endpoint: endpoint.clone(),
+                stored,
                 task: None,
+                lease,
             },
         );
         if state.started {
             self.inner.spawn(&mut state, name);
         }
+        drop(state);
+        self.inner.wake.notify_one();
         Ok((endpoint, created))
     }
 
@@ -278,24 +320,106 @@ impl Events {
         (self.inner.position(name), self.inner.service.feed_head())
     }
 
-    /// Deletes endpoint `name`: its delivery stops at once; its dead letters go with it.
-    pub fn delete(&self, name: &str) -> Result<(), EventsError> {
-        let mut state = self.inner.lock();
-        if !state.endpoints.contains_key(name) {
+    /// Deletes endpoint `name`: its delivery stops at once (on another node that delivers it,
+    /// at its next lease round, and it can store nothing more for it); its dead letters go with
+    /// it.
+    pub async fn delete(&self, name: &str) -> Result<(), EventsError> {
+        let _edits = self.inner.edits.lock().await;
+        if self.inner.leases.is_none() && !self.inner.lock().endpoints.contains_key(name) {
             return Err(EventsError::NotFound(name.to_owned()));
         }
-        let mut muts = vec![
-            Mutation::delete(Table::Endpoints, name),
-            Mutation::delete(Table::Deliveries, name),
-        ];
-        for (key, _) in self.inner.dead_letter_rows(name, usize::MAX)? {
-            muts.push(Mutation::delete(Table::DeadLetters, key));
+        let mut deleted = false;
+        for _ in 0..EDIT_ATTEMPTS {
+            let key = name.to_owned();
+            let shared = self.inner.leases.is_some();
+            deleted = self
+                .inner
+                .blocking(move |store| {
+                    let record = store
+                        .get_many(Table::Endpoints, std::slice::from_ref(&key))?
+                        .pop()
+                        .flatten();
+                    if shared && record.is_none() {
+                        return Err(StoreError(NOT_STORED.into()));
+                    }
+                    let mut batch = vec![
+                        Mutation::delete(Table::Endpoints, &key),
+                        Mutation::delete(Table::Deliveries, &key),
+                        Mutation::delete(Table::Leases, &key),
+                    ];
+                    for (row, _) in dead_letter_rows(store, &key, usize::MAX)? {
+                        batch.push(Mutation::delete(Table::DeadLetters, row));
+                    }
+                    store.commit_expecting(
+                        &batch,
+                        &[Expect {
+                            table: Table::Endpoints,
+                            key,
+                            value: record,
+                        }],
+                    )
+                })
+                .await
+                .map_err(|e| match e.0.as_str() {
+                    NOT_STORED => EventsError::NotFound(name.to_owned()),
+                    _ => EventsError::Store(e),
+                })?;
+            if deleted {
+                break;
+            }
         }
-        self.inner.store.commit(&muts)?;
+        if !deleted {
+            return Err(EventsError::Store(StoreError(CHANGED_MEANWHILE.into())));
+        }
+        let mut state = self.inner.lock();
         state.endpoints.remove(name);
         state.positions.remove(name);
         state.dead_counts.remove(name);
+        state.refused.remove(name);
         Ok(())
+    }
+
+    /// Gives up this node's delivery leases (at shutdown): their delivery stops, and another
+    /// node takes them at its next round rather than when they run out.
+    pub async fn release(&self) {
+        let _edits = self.inner.edits.lock().await;
+        let mut batch = Vec::new();
+        let mut expect = Vec::new();
+        {
+            let mut state = self.inner.lock();
+            if let Some(rounds) = state.rounds.take() {
+                rounds.abort();
+            }
+            for (name, running) in &mut state.endpoints {
+                if let Some(task) = running.task.take() {
+                    task.abort();
+                }
+                if let Some(held) = running.lease.take() {
+                    batch.push(Mutation::delete(Table::Leases, name));
+                    expect.push(Expect {
+                        table: Table::Leases,
+                        key: name.clone(),
+                        value: Some(held.record),
+                    });
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        match self
+            .inner
+            .blocking(move |store| store.commit_expecting(&batch, &expect))
+            .await
+        {
+            Ok(true) => tracing::info!("the event delivery leases were given up"),
+            Ok(false) => tracing::warn!(
+                "the event delivery leases changed before they were given up; they run out instead"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "the event delivery leases could not be given up; they run out instead")
+            }
+        }
     }
 
     /// The dead letters of endpoint `name`, oldest first.
@@ -361,37 +485,325 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `job` on the store on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || job(store.as_ref()))
+            .await
+            .unwrap_or_else(|_| Err(StoreError("the store task failed".into())))
+    }
+
+    /// (Re)starts delivery of endpoint `name`; on a shared store only while this node holds its
+    /// lease, and until the lease's deadline.
     fn spawn(self: &Arc<Self>, state: &mut State, name: &str) {
+        let shared = self.leases.is_some();
         let Some(running) = state.endpoints.get_mut(name) else {
             return;
         };
         if let Some(task) = running.task.take() {
             task.abort();
         }
-        let task = tokio::spawn(deliver::run(self.clone(), running.endpoint.clone()));
+        let deadline = match &running.lease {
+            Some(held) => Some(held.deadline.subscribe()),
+            None if shared => return,
+            None => None,
+        };
+        let task = tokio::spawn(deliver::run(
+            self.clone(),
+            running.endpoint.clone(),
+            deadline,
+        ));
         running.task = Some(task.abort_handle());
+    }
+
+    /// Makes this node's endpoints the stored ones: new and changed records are checked
+    /// against today's allowlist (an endpoint the operator no longer allows stays stored but
+    /// does not run here), deleted ones stop. The positions of endpoints this node does not
+    /// deliver are taken as stored.
+    fn learn(self: &Arc<Self>, state: &mut State, stored: &lease::Stored) {
+        state
+            .endpoints
+            .retain(|name, _| stored.endpoints.contains_key(name));
+        state
+            .refused
+            .retain(|name, _| stored.endpoints.contains_key(name));
+        for (name, record) in &stored.endpoints {
+            let known = state.endpoints.get(name).map(|r| &r.stored);
+            if known == Some(record) || state.refused.get(name) == Some(record) {
+                continue;
+            }
+            let rules = endpoint::Rules {
+                egress: self.egress.policy(),
+                credentials: &self.credentials,
+            };
+            let checked = serde_json::from_slice::<EndpointSpec>(record)
+                .map_err(|_| "its stored record is unreadable".to_owned())
+                .and_then(|spec| Endpoint::check(name, spec, rules));
+            let lease = state
+                .endpoints
+                .remove(name)
+                .and_then(|mut running| running.lease.take());
+            match checked {
+                Ok(endpoint) => {
+                    state.refused.remove(name);
+                    state.endpoints.insert(
+                        name.clone(),
+                        Running {
+                            endpoint: Arc::new(endpoint),
+                            stored: record.clone(),
+                            task: None,
+                            lease,
+                        },
+                    );
+                    if state.started {
+                        self.spawn(state, name);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = %name, error = %e, "a stored endpoint is refused now; this node does not deliver it");
+                    state.refused.insert(name.clone(), record.clone());
+                }
+            }
+        }
+        let held: Vec<String> = state
+            .endpoints
+            .iter()
+            .filter(|(_, r)| r.lease.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        state
+            .positions
+            .retain(|name, _| held.contains(name) || stored.positions.contains_key(name));
+        for (name, position) in &stored.positions {
+            if !held.contains(name) {
+                state.positions.insert(name.clone(), *position);
+            }
+        }
+    }
+
+    /// One lease round (shared store): reads the endpoints, positions and leases as stored,
+    /// learns the endpoints, then takes or renews the leases that are free, its own or run out,
+    /// in one commit that expects what it read. Decided again once when another node's commit
+    /// came between.
+    async fn round(self: &Arc<Self>) -> Result<(), StoreError> {
+        let Some((node, times)) = self.leases.clone() else {
+            return Ok(());
+        };
+        let _edits = self.edits.lock().await;
+        for _ in 0..2 {
+            let started = Instant::now();
+            let now_ms = lease::now_ms();
+            let stored = self.blocking(lease::read).await?;
+            let wanted: Vec<String> = {
+                let mut state = self.lock();
+                self.learn(&mut state, &stored);
+                state.endpoints.keys().cloned().collect()
+            };
+            let lease::Plan {
+                batch,
+                expect,
+                held,
+            } = lease::plan(&stored, &wanted, &node, now_ms, times);
+            let committed = batch.is_empty()
+                || self
+                    .blocking(move |store| store.commit_expecting(&batch, &expect))
+                    .await?;
+            if committed {
+                let deadline = started + times.ttl.saturating_sub(times.margin);
+                self.hold(&held, &stored, deadline);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// After a round's commit: this node holds the leases in `held` until `deadline`, and no
+    /// other. A lease taken (not renewed) starts delivery from the stored position, with the
+    /// dead letters counted again (another node may have added some).
+    fn hold(
+        self: &Arc<Self>,
+        held: &BTreeMap<String, Vec<u8>>,
+        stored: &lease::Stored,
+        deadline: Instant,
+    ) {
+        let mut state = self.lock();
+        let names: Vec<String> = state.endpoints.keys().cloned().collect();
+        for name in names {
+            let Some(running) = state.endpoints.get_mut(&name) else {
+                continue;
+            };
+            let Some(record) = held.get(&name) else {
+                if running.lease.take().is_some() {
+                    if let Some(task) = running.task.take() {
+                        task.abort();
+                    }
+                    tracing::info!(endpoint = %name, "another node delivers this endpoint now");
+                }
+                continue;
+            };
+            let renewed = running
+                .lease
+                .as_ref()
+                .is_some_and(|h| stored.leases.get(&name) == Some(&h.record))
+                && running.task.as_ref().is_some_and(|t| !t.is_finished());
+            match &mut running.lease {
+                Some(lease) => {
+                    lease.record = record.clone();
+                    lease.deadline.send_replace(deadline);
+                }
+                None => {
+                    running.lease = Some(Held {
+                        record: record.clone(),
+                        deadline: tokio::sync::watch::channel(deadline).0,
+                    });
+                }
+            }
+            if !renewed {
+                let position = stored
+                    .positions
+                    .get(&name)
+                    .copied()
+                    .unwrap_or_else(|| self.service.feed_head());
+                state.positions.insert(name.clone(), position);
+                state.dead_counts.remove(&name);
+                if state.started {
+                    tracing::info!(endpoint = %name, position, "this node delivers this endpoint now");
+                    self.spawn(&mut state, &name);
+                }
+            }
+        }
+    }
+
+    /// Creates or replaces endpoint `name` on a store of one node, decided on this node's
+    /// memory: whether it was created, and its position.
+    async fn put_local(&self, name: &str, record: &[u8]) -> Result<(bool, u64), EventsError> {
+        let (created, position) = {
+            let state = self.lock();
+            let created = !state.endpoints.contains_key(name);
+            if created && state.endpoints.len() >= MAX_ENDPOINTS {
+                return Err(EventsError::TooMany);
+            }
+            let position = match state.positions.get(name) {
+                Some(p) if !created => *p,
+                _ => self.service.feed_head(),
+            };
+            (created, position)
+        };
+        let batch = vec![
+            Mutation::put(Table::Endpoints, name, record.to_vec()),
+            Mutation::put(Table::Deliveries, name, position.to_string().into_bytes()),
+        ];
+        self.blocking(move |store| store.commit(&batch)).await?;
+        Ok((created, position))
+    }
+
+    /// Creates or replaces endpoint `name` on a shared store, decided on the stored records
+    /// and committed expecting the endpoint's record as read: a new endpoint delivers from
+    /// the feed's head, a replaced one keeps its stored position (which its holder moves on).
+    async fn put_shared(&self, name: &str, record: &[u8]) -> Result<(bool, u64), EventsError> {
+        for _ in 0..EDIT_ATTEMPTS {
+            let key = name.to_owned();
+            let (stored, position, count) = self
+                .blocking(move |store| {
+                    let keys = std::slice::from_ref(&key);
+                    let stored = store.get_many(Table::Endpoints, keys)?.pop().flatten();
+                    let position = store.get_many(Table::Deliveries, keys)?.pop().flatten();
+                    let count = store.scan(Table::Endpoints)?.len();
+                    Ok((stored, position, count))
+                })
+                .await?;
+            let created = stored.is_none();
+            if created && count >= MAX_ENDPOINTS {
+                return Err(EventsError::TooMany);
+            }
+            let mut batch = vec![Mutation::put(Table::Endpoints, name, record.to_vec())];
+            let position = match position.filter(|_| !created) {
+                Some(bytes) => lease::parse_position(&bytes),
+                None => {
+                    let head = self.service.feed_head();
+                    batch.push(Mutation::put(
+                        Table::Deliveries,
+                        name,
+                        head.to_string().into_bytes(),
+                    ));
+                    head
+                }
+            };
+            let expect = vec![Expect {
+                table: Table::Endpoints,
+                key: name.to_owned(),
+                value: stored,
+            }];
+            if self
+                .blocking(move |store| store.commit_expecting(&batch, &expect))
+                .await?
+            {
+                return Ok((created, position));
+            }
+        }
+        Err(EventsError::Store(StoreError(CHANGED_MEANWHILE.into())))
     }
 
     fn position(&self, name: &str) -> u64 {
         self.lock().positions.get(name).copied().unwrap_or(0)
     }
 
+    /// Commits `batch` for the delivery of endpoint `name`: on a shared store only while this
+    /// node holds its lease, expecting the lease record (once more if a round renewed it
+    /// meanwhile). False when nothing was stored: the lease is another node's, or the endpoint
+    /// was deleted.
+    async fn commit_delivery(&self, name: &str, batch: Vec<Mutation>) -> Result<bool, StoreError> {
+        let mut tried = None;
+        for _ in 0..2 {
+            let held = {
+                let state = self.lock();
+                let Some(running) = state.endpoints.get(name) else {
+                    return Ok(false);
+                };
+                running.lease.as_ref().map(|held| held.record.clone())
+            };
+            let batch = batch.clone();
+            let stored = match held {
+                None if self.leases.is_some() => return Ok(false),
+                None => self
+                    .blocking(move |store| store.commit(&batch))
+                    .await
+                    .map(|()| true)?,
+                Some(record) => {
+                    if tried.as_ref() == Some(&record) {
+                        return Ok(false);
+                    }
+                    tried = Some(record.clone());
+                    let expect = vec![Expect {
+                        table: Table::Leases,
+                        key: name.to_owned(),
+                        value: Some(record),
+                    }];
+                    self.blocking(move |store| store.commit_expecting(&batch, &expect))
+                        .await?
+                }
+            };
+            if stored {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Moves `name`'s position on (durably, then in memory). A failed store keeps the old
     /// position: the events are sent again later, never skipped. The commit (a group commit of
-    /// the writer) runs on the blocking pool, without the state lock.
-    async fn set_position(&self, name: &str, position: u64) {
-        if !self.lock().endpoints.contains_key(name) {
-            return;
-        }
-        let store = self.store.clone();
+    /// the writer) runs on the blocking pool, without the state lock. False when nothing was
+    /// stored.
+    async fn set_position(&self, name: &str, position: u64) -> bool {
         let record = Mutation::put(Table::Deliveries, name, position.to_string().into_bytes());
-        let stored = tokio::task::spawn_blocking(move || store.commit(&[record]))
-            .await
-            .unwrap_or_else(|_| Err(StoreError("the commit task failed".into())));
-        match stored {
-            Ok(()) => {
+        match self.commit_delivery(name, vec![record]).await {
+            Ok(true) => {
                 // Deleted meanwhile: its position record goes with it (the deletion's own
-                // commit may have run first).
+                // commit may have run first). On a shared store the deletion took the lease,
+                // so the commit above stored nothing.
                 let kept = {
                     let mut state = self.lock();
                     let kept = state.endpoints.contains_key(name);
@@ -400,17 +812,20 @@ impl Inner {
                     }
                     kept
                 };
-                if !kept {
-                    let store = self.store.clone();
+                if !kept && self.leases.is_none() {
                     let name = name.to_owned();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        store.commit(&[Mutation::delete(Table::Deliveries, name)])
-                    })
-                    .await;
+                    let _ = self
+                        .blocking(move |store| {
+                            store.commit(&[Mutation::delete(Table::Deliveries, name)])
+                        })
+                        .await;
                 }
+                kept
             }
+            Ok(false) => false,
             Err(e) => {
-                tracing::error!(endpoint = %name, error = %e, "a delivery position could not be stored")
+                tracing::error!(endpoint = %name, error = %e, "a delivery position could not be stored");
+                false
             }
         }
     }
@@ -420,23 +835,29 @@ impl Inner {
     /// receiver down for long, its dead letters full) loses the oldest, which its delivery
     /// counts as skipped, rather than the feed growing until the disk is full and every write
     /// stops.
+    ///
+    /// On a shared store the positions are those of every stored endpoint (as the last lease
+    /// round read them, or this node's own where it delivers): an endpoint this node refuses,
+    /// or another node delivers, keeps its records too.
     fn trim_point(&self) -> u64 {
         let state = self.lock();
         let head = self.service.feed_head();
-        let needed = state
-            .endpoints
-            .keys()
-            .map(|n| state.positions.get(n).copied().unwrap_or(0))
+        let names: Vec<&String> = match self.leases {
+            Some(_) => state.positions.keys().collect(),
+            None => state.endpoints.keys().collect(),
+        };
+        let needed = names
+            .iter()
+            .map(|n| state.positions.get(*n).copied().unwrap_or(0))
             .min()
             .unwrap_or(head)
             .min(head)
             + 1;
         let cap = head.saturating_sub(self.backlog) + 1;
         if cap > needed {
-            let lagging: Vec<&String> = state
-                .endpoints
-                .keys()
-                .filter(|n| state.positions.get(*n).copied().unwrap_or(0) + 1 < cap)
+            let lagging: Vec<&&String> = names
+                .iter()
+                .filter(|n| state.positions.get(**n).copied().unwrap_or(0) + 1 < cap)
                 .collect();
             tracing::error!(
                 ?lagging,
@@ -488,9 +909,7 @@ impl Inner {
         name: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let from = format!("{name}\u{1f}");
-        let to = format!("{name}\u{20}");
-        self.store.range(Table::DeadLetters, &from, &to, limit)
+        dead_letter_rows(self.store.as_ref(), name, limit)
     }
 
     /// Stores `event` as a dead letter of `endpoint`; false when the endpoint's dead letters
@@ -518,12 +937,9 @@ impl Inner {
         }
         let record = deliver::dead_letter_record(&endpoint.name, event, attempts, error);
         let mutation = deliver::dead_letter_mutation(&endpoint.name, &record);
-        let store = self.store.clone();
-        let stored = tokio::task::spawn_blocking(move || store.commit(&[mutation]))
-            .await
-            .unwrap_or_else(|_| Err(StoreError("the commit task failed".into())));
-        match stored {
-            Ok(()) => {
+        match self.commit_delivery(&endpoint.name, vec![mutation]).await {
+            Ok(false) => false,
+            Ok(true) => {
                 self.lock()
                     .dead_counts
                     .insert(endpoint.name.clone(), count + 1);
@@ -536,4 +952,15 @@ impl Inner {
             }
         }
     }
+}
+
+/// Endpoint `name`'s dead-letter records, oldest first, at most `limit`.
+fn dead_letter_rows(
+    store: &dyn Store,
+    name: &str,
+    limit: usize,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let from = format!("{name}\u{1f}");
+    let to = format!("{name}\u{20}");
+    store.range(Table::DeadLetters, &from, &to, limit)
 }

@@ -108,7 +108,7 @@ pub async fn delete(
     let note = note.map(|n| n.0).unwrap_or_default();
     note.set("event", "endpoint_delete");
     note.set("endpoint", name.clone());
-    state.events.delete(&name)?;
+    state.events.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

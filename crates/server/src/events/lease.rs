@@ -1,0 +1,256 @@
+//! Delivery leases: on a store that several nodes share, each endpoint is delivered by one node
+//! at a time, the one that holds its lease (`Table::Leases`, keyed by endpoint name). A lease
+//! lasts [`Times::ttl`] by the wall clock and its holder renews it every [`Times::every`]; a
+//! node that stops renewing (it died, or lost the database) loses it when it runs out, and
+//! another node takes it and delivers from the position stored last.
+//!
+//! Taking and renewing are decided in the store: a round writes every lease it takes or renews
+//! in one commit that expects each lease record and each endpoint record as the round read them
+//! (`Store::commit_expecting`), so of two nodes that find a lease free at once exactly one takes
+//! it, and a lease is never taken for an endpoint deleted or changed since the round read it.
+//! The holder's own writes for the endpoint (its position, its dead letters) expect the lease
+//! record it holds: once another node took the lease, or the endpoint was deleted, they store
+//! nothing.
+//!
+//! The holder stops on its own clock: its delivery ends at a monotonic deadline, [`Times::margin`]
+//! before the lease runs out by the wall clock it was taken at, unless a round renewed it. So a
+//! node whose rounds fail (its database connection is gone) stops sending before any other node
+//! may take over, provided the nodes' clocks agree to within the margin (NTP).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
+
+/// How long leases last and how often they are renewed.
+#[derive(Debug, Clone, Copy)]
+pub struct Times {
+    /// How long a lease lasts without renewal, by the wall clock.
+    pub ttl: Duration,
+    /// How often each node reads the endpoints and takes or renews leases.
+    pub every: Duration,
+    /// How long before the wall-clock end the holder stops delivering: the clock difference
+    /// between nodes that is tolerated.
+    pub margin: Duration,
+}
+
+impl Default for Times {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(10),
+            every: Duration::from_secs(2),
+            margin: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    node: String,
+    /// Until when (Unix milliseconds) the node holds it.
+    until_ms: u64,
+}
+
+/// What a round reads: every endpoint, position and lease as stored.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// Endpoint records (their specs as stored), by name.
+    pub endpoints: BTreeMap<String, Vec<u8>>,
+    pub positions: HashMap<String, u64>,
+    pub leases: BTreeMap<String, Vec<u8>>,
+}
+
+/// Reads what a round decides on.
+pub fn read(store: &dyn Store) -> Result<Stored, StoreError> {
+    Ok(Stored {
+        endpoints: store.scan(Table::Endpoints)?.into_iter().collect(),
+        positions: store
+            .scan(Table::Deliveries)?
+            .into_iter()
+            .map(|(name, bytes)| (name, parse_position(&bytes)))
+            .collect(),
+        leases: store.scan(Table::Leases)?.into_iter().collect(),
+    })
+}
+
+/// A stored delivery position (0 when unreadable: events are sent again, never skipped).
+pub fn parse_position(bytes: &[u8]) -> u64 {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What a round writes: the leases it takes or renews and the stale ones it deletes, with what
+/// each write expects.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub batch: Vec<Mutation>,
+    pub expect: Vec<Expect>,
+    /// The lease records to hold once the batch commits, by endpoint name.
+    pub held: BTreeMap<String, Vec<u8>>,
+}
+
+/// Decides a round for `node` at wall time `now_ms`: it takes or renews the lease of each
+/// endpoint in `wanted` (the stored endpoints this node can deliver) that is free, its own or
+/// run out, and deletes leases of endpoints no longer stored once they are its own or run out.
+pub fn plan<'a>(
+    stored: &Stored,
+    wanted: impl IntoIterator<Item = &'a String>,
+    node: &str,
+    now_ms: u64,
+    times: Times,
+) -> Plan {
+    let mut plan = Plan::default();
+    for name in wanted {
+        let Some(endpoint) = stored.endpoints.get(name) else {
+            continue;
+        };
+        let lease = stored.leases.get(name);
+        if !free_for(lease.map(Vec::as_slice), node, now_ms) {
+            continue;
+        }
+        let record = serde_json::to_vec(&Record {
+            node: node.to_owned(),
+            until_ms: now_ms.saturating_add(times.ttl.as_millis() as u64),
+        })
+        .unwrap_or_default();
+        plan.batch
+            .push(Mutation::put(Table::Leases, name.clone(), record.clone()));
+        plan.expect.push(Expect {
+            table: Table::Leases,
+            key: name.clone(),
+            value: lease.cloned(),
+        });
+        plan.expect.push(Expect {
+            table: Table::Endpoints,
+            key: name.clone(),
+            value: Some(endpoint.clone()),
+        });
+        plan.held.insert(name.clone(), record);
+    }
+    for (name, lease) in &stored.leases {
+        if !stored.endpoints.contains_key(name) && free_for(Some(lease), node, now_ms) {
+            plan.batch
+                .push(Mutation::delete(Table::Leases, name.clone()));
+            plan.expect.push(Expect {
+                table: Table::Leases,
+                key: name.clone(),
+                value: Some(lease.clone()),
+            });
+        }
+    }
+    plan
+}
+
+/// Whether `node` may take or renew a lease stored as `lease`: none, its own, another's that
+/// ran out, or one that cannot be read.
+fn free_for(lease: Option<&[u8]>, node: &str, now_ms: u64) -> bool {
+    match lease.map(serde_json::from_slice::<Record>) {
+        None | Some(Err(_)) => true,
+        Some(Ok(record)) => record.node == node || record.until_ms < now_ms,
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use twinguard_core::store::MemoryStore;
+
+    use super::*;
+
+    const TTL: u64 = 10_000;
+
+    /// One round of `node` at `now_ms` on `store` for endpoint `e`: whether it holds the lease.
+    fn round(store: &dyn Store, node: &str, now_ms: u64) -> bool {
+        let stored = read(store).unwrap();
+        let wanted: Vec<String> = stored.endpoints.keys().cloned().collect();
+        let plan = plan(&stored, &wanted, node, now_ms, Times::default());
+        !plan.held.is_empty() && store.commit_expecting(&plan.batch, &plan.expect).unwrap()
+    }
+
+    fn with_endpoint(name: &str) -> MemoryStore {
+        let store = MemoryStore::shared();
+        store
+            .commit(&[Mutation::put(Table::Endpoints, name, b"{}".to_vec())])
+            .unwrap();
+        store
+    }
+
+    /// Two nodes that find a lease free at once: exactly one takes it, round after round.
+    #[test]
+    fn of_two_nodes_taking_a_free_lease_at_once_exactly_one_holds_it() {
+        for round_no in 0..200u64 {
+            let store = Arc::new(with_endpoint("e"));
+            let barrier = std::sync::Barrier::new(2);
+            let take_as = |node: &str| {
+                let stored = read(store.as_ref()).unwrap();
+                let wanted: Vec<String> = stored.endpoints.keys().cloned().collect();
+                let plan = plan(&stored, &wanted, node, 1_000, Times::default());
+                barrier.wait();
+                store.commit_expecting(&plan.batch, &plan.expect).unwrap()
+            };
+            let taken = std::thread::scope(|s| {
+                let a = s.spawn(|| take_as("a"));
+                let b = s.spawn(|| take_as("b"));
+                [a.join().unwrap(), b.join().unwrap()]
+            });
+            assert_eq!(taken.iter().filter(|t| **t).count(), 1, "round {round_no}");
+        }
+    }
+
+    /// The holder renews its lease; another node cannot take it while it lives, takes it once
+    /// it ran out, and then the first node's renewal fails.
+    #[test]
+    fn a_lease_is_renewed_by_its_holder_and_taken_over_only_once_it_runs_out() {
+        let store = with_endpoint("e");
+        assert!(round(&store, "a", 0));
+        assert!(!round(&store, "b", TTL - 1));
+        assert!(round(&store, "a", TTL - 1), "renewed");
+        assert!(!round(&store, "b", 2 * TTL - 2));
+        assert!(round(&store, "b", 2 * TTL), "ran out");
+        assert!(!round(&store, "a", 2 * TTL + 1));
+    }
+
+    /// A lease is not taken for an endpoint deleted after the round read it, and a lease left
+    /// by a deleted endpoint is deleted once it ran out.
+    #[test]
+    fn no_lease_outlives_its_endpoint() {
+        let store = with_endpoint("e");
+        let stored = read(&store).unwrap();
+        let wanted: Vec<String> = stored.endpoints.keys().cloned().collect();
+        let decided = plan(&stored, &wanted, "a", 0, Times::default());
+        store
+            .commit(&[Mutation::delete(Table::Endpoints, "e")])
+            .unwrap();
+        assert!(
+            !store
+                .commit_expecting(&decided.batch, &decided.expect)
+                .unwrap()
+        );
+        assert!(store.scan(Table::Leases).unwrap().is_empty());
+
+        let store = with_endpoint("e");
+        assert!(round(&store, "a", 0));
+        store
+            .commit(&[Mutation::delete(Table::Endpoints, "e")])
+            .unwrap();
+        let stale = plan(&read(&store).unwrap(), &[], "b", TTL - 1, Times::default());
+        assert!(stale.batch.is_empty(), "a live lease of another is left");
+        let stale = plan(&read(&store).unwrap(), &[], "b", TTL + 1, Times::default());
+        assert!(store.commit_expecting(&stale.batch, &stale.expect).unwrap());
+        assert!(store.scan(Table::Leases).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,450 @@
+//! Event delivery on a store two nodes share (`MemoryStore::shared`, as two nodes on one
+//! PostgreSQL database): each endpoint is delivered by the node that holds its lease, edits are
+//! decided on the stored records, and a holder that cannot renew stops before another takes
+//! over.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use twinguard_core::auth::{DATA_OWNER, Principal};
+use twinguard_core::clock::SystemClock;
+use twinguard_core::graph::{Precondition, WriteOp};
+use twinguard_core::service::{OwnerStore, TwinService};
+use twinguard_core::store::{
+    Expect, Fenced, MemoryStore, Mutation, Owner, Store, StoreError, Table,
+};
+
+use super::*;
+use crate::egress::EgressPolicy;
+
+const TIMES: lease::Times = lease::Times {
+    ttl: Duration::from_millis(1_000),
+    every: Duration::from_millis(100),
+    margin: Duration::from_millis(300),
+};
+
+fn owner() -> Principal {
+    Principal::with_roles("owner", &[DATA_OWNER])
+}
+
+/// A webhook receiver on loopback: the CloudEvents it got, with when; answers 200.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<(Value, Instant)>>>,
+}
+
+impl Receiver {
+    async fn start(&self) -> std::net::SocketAddr {
+        let me = self.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let me = me.clone();
+            async move {
+                let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                me.got.lock().unwrap().push((event, Instant::now()));
+                axum::http::StatusCode::OK
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// How many times each twin's creation arrived, and from which node (the event's source).
+    fn creations(&self) -> HashMap<String, Vec<String>> {
+        let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+        for (event, _) in self.got.lock().unwrap().iter() {
+            if event["type"] == "Microsoft.DigitalTwins.Twin.Create" {
+                let twin = event["subject"].as_str().unwrap_or_default().to_owned();
+                let source = event["source"].as_str().unwrap_or_default().to_owned();
+                seen.entry(twin).or_default().push(source);
+            }
+        }
+        seen
+    }
+}
+
+/// What a test runs in the middle of a read.
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// A store that fails every call while `failing` is set: a node that lost its database. It can
+/// also run a hook during its next scan of the endpoints.
+struct Cut {
+    inner: Arc<dyn Store>,
+    failing: AtomicBool,
+    during_endpoint_scan: Mutex<Option<Hook>>,
+}
+
+impl Cut {
+    fn check(&self) -> Result<(), StoreError> {
+        match self.failing.load(Ordering::SeqCst) {
+            true => Err(StoreError("cut off".into())),
+            false => Ok(()),
+        }
+    }
+}
+
+impl Store for Cut {
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.check()?;
+        let rows = self.inner.scan(table)?;
+        if table == Table::Endpoints {
+            let hook = self.during_endpoint_scan.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+        Ok(rows)
+    }
+    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.commit(batch)
+    }
+    fn head(&self) -> Result<Option<u64>, StoreError> {
+        self.check()?;
+        self.inner.head()
+    }
+    fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
+        self.check()?;
+        self.inner.commit_at(batch, expected)
+    }
+    fn commit_expecting(&self, batch: &[Mutation], expect: &[Expect]) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.commit_expecting(batch, expect)
+    }
+    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.check()?;
+        self.inner.get_many(table, keys)
+    }
+    fn range(
+        &self,
+        table: Table,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.check()?;
+        self.inner.range(table, from, to, limit)
+    }
+}
+
+/// One node: its twin service and its event delivery (whose events say `source`).
+struct Node {
+    service: Arc<TwinService>,
+    events: Events,
+    cut: Arc<Cut>,
+}
+
+fn node(store: &Arc<MemoryStore>, source: &str) -> Node {
+    let service = Arc::new(TwinService::open(store.clone(), Arc::new(SystemClock)).unwrap());
+    let owned = OwnerStore::new(Owner::Events, store.clone());
+    owned.connect(service.door(Owner::Events));
+    let cut = Arc::new(Cut {
+        inner: Arc::new(owned),
+        failing: AtomicBool::new(false),
+        during_endpoint_scan: Mutex::new(None),
+    });
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let events = Events::open(
+        service.clone(),
+        cut.clone(),
+        Egress::new(EgressPolicy::from_lines("127.0.0.1").unwrap()),
+        Arc::new(EventKey::from_key(key).unwrap()),
+        source.to_owned(),
+        std::env::temp_dir(),
+        DEFAULT_BACKLOG,
+    )
+    .unwrap()
+    .with_lease_times(TIMES);
+    Node {
+        service,
+        events,
+        cut,
+    }
+}
+
+fn model() -> Value {
+    json!({
+        "@context": "dtmi:dtdl:context;3",
+        "@id": "dtmi:lease:Thing;1",
+        "@type": "Interface",
+        "contents": [{"@type": "Property", "name": "n", "schema": "integer"}]
+    })
+}
+
+async fn create(node: &Node, id: &str) {
+    let mut body = serde_json::Map::new();
+    body.insert("$metadata".into(), json!({"$model": "dtmi:lease:Thing;1"}));
+    body.insert("n".into(), json!(1));
+    let op = WriteOp::PutTwin {
+        id: id.into(),
+        body,
+        precondition: Precondition::None,
+    };
+    // The node's snapshot may be behind the other's commit: decided again then.
+    for _ in 0..20 {
+        if node.service.write(&owner(), op.clone()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("twin {id} could not be created");
+}
+
+fn spec(addr: std::net::SocketAddr) -> EndpointSpec {
+    serde_json::from_value(json!({"type": "webhook", "url": format!("http://{addr}/hook")}))
+        .unwrap()
+}
+
+/// Node A with the model, endpoint `hook` to `addr` and a route of every event to it.
+async fn first_node(store: &Arc<MemoryStore>, addr: std::net::SocketAddr) -> Node {
+    let a = node(store, "a");
+    a.service
+        .write(&owner(), WriteOp::UploadModels(vec![model()]))
+        .await
+        .unwrap();
+    a.events.put("hook", spec(addr)).await.unwrap();
+    a.service
+        .write(
+            &owner(),
+            WriteOp::PutRoute {
+                id: "all".into(),
+                endpoint_name: "hook".into(),
+                filter: "true".into(),
+            },
+        )
+        .await
+        .unwrap();
+    a
+}
+
+async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn holder(store: &MemoryStore) -> Option<String> {
+    let leases = store.scan(Table::Leases).unwrap();
+    let (_, record) = leases.first()?;
+    let record: Value = serde_json::from_slice(record).unwrap();
+    Some(record["node"].as_str().unwrap().to_owned())
+}
+
+/// Two nodes that both know the endpoint: each event arrives once, sent by one node. Without
+/// leases each node delivers every event, and each arrives twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_two_nodes_each_event_is_delivered_once_by_the_holder() {
+    let store = Arc::new(MemoryStore::shared());
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let a = first_node(&store, addr).await;
+    let b = node(&store, "b");
+    a.events.start();
+    b.events.start();
+    for i in 0..40 {
+        create(if i % 2 == 0 { &a } else { &b }, &format!("t{i}")).await;
+    }
+    wait_for("every creation", Duration::from_secs(10), || {
+        receiver.creations().len() == 40
+    })
+    .await;
+    // Time for a second delivery to arrive, if there were one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let creations = receiver.creations();
+    let senders: std::collections::BTreeSet<&String> = creations.values().flatten().collect();
+    assert_eq!(senders.len(), 1, "one node delivers: {senders:?}");
+    for (twin, sources) in &creations {
+        assert_eq!(sources.len(), 1, "{twin} arrived {} times", sources.len());
+    }
+}
+
+/// A node cut off from the database cannot renew its lease: it stops delivering at its own
+/// deadline, before the lease runs out for the other node, which then delivers from the stored
+/// position. So no event arrives from the cut-off node after the first from the other, and
+/// every event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_renew_stops_delivering_before_another_takes_over() {
+    let store = Arc::new(MemoryStore::shared());
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let a = first_node(&store, addr).await;
+    a.events.start();
+    wait_for("a's lease", Duration::from_secs(5), || {
+        holder(&store).is_some()
+    })
+    .await;
+    let b = node(&store, "b");
+    b.events.start();
+    create(&a, "before").await;
+    wait_for("the first event", Duration::from_secs(5), || {
+        receiver.creations().contains_key("before")
+    })
+    .await;
+    a.cut.failing.store(true, Ordering::SeqCst);
+    let cut_at = Instant::now();
+    let mut i = 0;
+    // Written on a: its feed, which its delivery reads, holds them all.
+    while cut_at.elapsed() < Duration::from_millis(2_500) {
+        create(&a, &format!("t{i}")).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for("every creation", Duration::from_secs(10), || {
+        receiver.creations().len() == i + 1
+    })
+    .await;
+    let got = receiver.got.lock().unwrap().clone();
+    let first_from_b = got
+        .iter()
+        .filter(|(e, _)| e["source"] == "b")
+        .map(|(_, at)| *at)
+        .min()
+        .expect("b took over");
+    let last_from_a = got
+        .iter()
+        .filter(|(e, _)| e["source"] == "a")
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap();
+    assert!(
+        last_from_a < first_from_b,
+        "a sent {:?} after b's first event",
+        last_from_a - first_from_b
+    );
+}
+
+/// Runs `edit` on `events` while a lease round of that node has just read the endpoints, and
+/// lets the round go on once it finished (or after 300 ms: under the edits lock the edit waits
+/// for the round). Returns once both finished.
+async fn edit_during_a_round<F>(a: &Node, edit: impl FnOnce(Events) -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let events = a.events.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let (done, edited) = std::sync::mpsc::channel();
+    let finished = Arc::new(AtomicBool::new(false));
+    let flag = finished.clone();
+    *a.cut.during_endpoint_scan.lock().unwrap() = Some(Box::new(move || {
+        runtime.spawn(async move {
+            edit(events).await;
+            flag.store(true, Ordering::SeqCst);
+            let _ = done.send(());
+        });
+        let _ = edited.recv_timeout(Duration::from_millis(300));
+    }));
+    a.events.inner.round().await.unwrap();
+    wait_for("the edit", Duration::from_secs(5), || {
+        finished.load(Ordering::SeqCst)
+    })
+    .await;
+}
+
+/// An endpoint made or deleted on a node while a lease round of that node has just read the
+/// endpoints is neither undone nor brought back by the round; a deletion leaves no record of
+/// the endpoint behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_racing_a_lease_round_is_neither_undone_nor_brought_back() {
+    let store = Arc::new(MemoryStore::shared());
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let a = first_node(&store, addr).await;
+    a.events.inner.round().await.unwrap();
+    edit_during_a_round(&a, move |events| async move {
+        events.put("new", spec(addr)).await.unwrap();
+    })
+    .await;
+    assert!(a.events.get("new").is_ok(), "the new endpoint was undone");
+
+    edit_during_a_round(&a, |events| async move {
+        events.delete("hook").await.unwrap();
+    })
+    .await;
+    assert!(a.events.get("hook").is_err(), "the endpoint came back");
+    a.events.inner.round().await.unwrap();
+    assert!(a.events.get("hook").is_err(), "the endpoint came back");
+    for table in [
+        Table::Endpoints,
+        Table::Deliveries,
+        Table::Leases,
+        Table::DeadLetters,
+    ] {
+        let names: Vec<String> = store
+            .scan(table)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            names.iter().all(|n| n.starts_with("new")),
+            "{table:?} keeps {names:?}"
+        );
+    }
+}
+
+/// A node that stops cleanly gives its leases up: the other takes the endpoint at its next
+/// round, not when the lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_cleanly_hands_its_endpoints_over_at_once() {
+    let store = Arc::new(MemoryStore::shared());
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let a = first_node(&store, addr).await;
+    let a = Node {
+        events: a.events.with_lease_times(lease::Times {
+            ttl: Duration::from_secs(60),
+            ..TIMES
+        }),
+        ..a
+    };
+    a.events.start();
+    wait_for("a's lease", Duration::from_secs(5), || {
+        holder(&store).is_some()
+    })
+    .await;
+    let b = node(&store, "b");
+    b.events.start();
+    a.events.release().await;
+    create(&b, "after").await;
+    wait_for("b's delivery", Duration::from_secs(3), || {
+        receiver.creations().get("after") == Some(&vec!["b".to_owned()])
+    })
+    .await;
+}
+
+/// An endpoint replaced on a node that never delivered it keeps the stored position: the
+/// events committed while nobody delivered it arrive, none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_replaced_on_another_node_skips_no_event() {
+    let store = Arc::new(MemoryStore::shared());
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let a = first_node(&store, addr).await;
+    a.events.start();
+    create(&a, "first").await;
+    wait_for("the first event", Duration::from_secs(5), || {
+        receiver.creations().contains_key("first")
+    })
+    .await;
+    a.events.release().await;
+    for i in 0..10 {
+        create(&a, &format!("t{i}")).await;
+    }
+    let b = node(&store, "b");
+    let mut changed = spec(addr);
+    changed.max_attempts = Some(3);
+    assert!(!b.events.put("hook", changed).await.unwrap().1, "replaced");
+    b.events.start();
+    wait_for("every creation", Duration::from_secs(5), || {
+        receiver.creations().len() == 11
+    })
+    .await;
+}
