@@ -37,6 +37,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Already authenticated by a layer (`consistency`): not checked, or counted, twice.
+        if let Some(Authenticated(caller)) = parts.extensions.get::<Authenticated>() {
+            return Ok(caller.clone());
+        }
         if let Some(key) = api_key(&parts.headers) {
             // An API key is a secret like any other: checked behind the one throttle.
             let from = peer_address(parts);
@@ -86,6 +90,20 @@ impl FromRequestParts<AppState> for Caller {
         Ok(Caller(Arc::new(principal)))
     }
 }
+
+/// Authenticates `req`'s caller ahead of its handler, which then reuses the outcome.
+async fn authenticate(req: Request, state: &AppState) -> Result<Request, Response> {
+    let (mut parts, body) = req.into_parts();
+    let caller = Caller::from_request_parts(&mut parts, state)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    parts.extensions.insert(Authenticated(caller));
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The caller of a request that a layer authenticated before its handler ran.
+#[derive(Clone)]
+struct Authenticated(Caller);
 
 /// The address a request came from (the unspecified address if the server did not record it).
 pub fn peer_address(parts: &Parts) -> IpAddr {
@@ -462,6 +480,20 @@ pub async fn consistency(
     next: Next,
 ) -> Response {
     let service = &state.service;
+    let reads = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    ) || req.uri().path() == "/query";
+    // A request that would wait for a position, or learn that this node lags, is authenticated
+    // first: nobody without a credential makes a node wait, or learns how current it is.
+    let presents = req.headers().contains_key(MIN_POSITION_HEADER);
+    let req = match presents {
+        true => match authenticate(req, &state).await {
+            Ok(req) => req,
+            Err(refused) => return refused,
+        },
+        false => req,
+    };
     if let Some(value) = req.headers().get(MIN_POSITION_HEADER) {
         // On a store of one writer every position is reached: the header is only checked.
         let opened = match &state.positions {
@@ -480,11 +512,10 @@ pub async fn consistency(
             return not_current("this node has not applied that position yet");
         }
     }
-    let reads = matches!(
-        *req.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD
-    ) || req.uri().path() == "/query";
     if reads && service.lag().is_some_and(|lag| lag > MAX_READ_LAG) {
+        if !presents && let Err(refused) = authenticate(req, &state).await {
+            return refused;
+        }
         return not_current("this node's view of the store is out of date");
     }
     let mut response = next.run(req).await;

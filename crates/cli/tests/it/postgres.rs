@@ -289,6 +289,9 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
     }
     let (_, body) = readiness().await;
     assert_eq!(body["feed"], "lagging", "{body}");
+    // Who has no credential does not learn that the node lags: 401, as anywhere.
+    let (status, _) = read_twin(&server, "not-a-token", "before").await;
+    assert_eq!(status, 401, "an unauthenticated read learnt the node lags");
 
     db.set_reachable(true).unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -83,6 +83,28 @@ async fn a_write_names_its_position_and_a_request_presenting_one_waits_for_it() 
         assert_eq!(ahead.headers()["retry-after"], "1");
     }
 
+    // Without a valid credential, a presented position is not looked at, let alone waited
+    // for: 401, as for any unauthenticated request (a position ahead of the node, one from
+    // the write, and a made-up one alike).
+    let ahead = seal
+        .as_ref()
+        .map(|seal| {
+            seal.seal(server.state.service.position().unwrap() + 1_000)
+                .unwrap()
+        })
+        .unwrap_or_else(|| "1".into());
+    for presented in [ahead, presented, "soon".into()] {
+        for token in ["", "not-a-token"] {
+            let anonymous = server
+                .adt(Method::GET, "/digitaltwins/pos-1", token)
+                .header("twinguard-min-position", &presented)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(anonymous.status(), 401, "{token:?} with {presented}");
+        }
+    }
+
     // A refused write names no position (the same answer whatever else the store holds).
     let missing = json!({"$metadata": {"$model": "dtmi:t:Missing;1"}});
     let refused = server
