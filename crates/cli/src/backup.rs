@@ -159,7 +159,8 @@ impl Counts {
             (Part::Main, Table::Models) => self.models += 1,
             (Part::Main, Table::Identities) => self.identities += 1,
             (Part::Main, Table::Devices) => self.devices += 1,
-            (Part::History, _) => self.history += 1,
+            // A PostgreSQL store keeps history in the main store.
+            (Part::History, _) | (Part::Main, Table::History) => self.history += 1,
             _ => {}
         }
     }

@@ -59,8 +59,8 @@ struct MqttArgs {
 struct StoreArgs {
     /// The main store: `redb` (DATA_DIR/store.redb, the default) or a PostgreSQL URL,
     /// postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE. Give a password through the
-    /// environment variable rather than the command line. The history store stays
-    /// DATA_DIR/history.redb (docs/storage.md).
+    /// environment variable rather than the command line. Beside PostgreSQL the readings'
+    /// history is kept there too; beside redb in DATA_DIR/history.redb (docs/storage.md).
     #[arg(long = "store", env = "TWINGUARD_STORE", hide_env_values = true)]
     store: Option<String>,
     /// CA certificates (PEM) the PostgreSQL server's certificate must chain to: TLS, verified

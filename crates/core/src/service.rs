@@ -1363,6 +1363,17 @@ impl Store for OwnerStore {
         self.store.scan(table)
     }
 
+    /// Not a commit: history is the telemetry owner's, and no node keeps it in memory.
+    fn drop_history_before(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        if self.owner != Owner::Telemetry {
+            return Err(StoreError(format!(
+                "the {:?} owner may not remove history",
+                self.owner
+            )));
+        }
+        self.store.drop_history_before(cutoff_ms)
+    }
+
     fn range_from(
         &self,
         table: Table,

@@ -266,6 +266,52 @@ pub struct Change {
     pub key: String,
 }
 
+/// History keys ([`Table::History`]) end in `SEP time SEP device SEP seq`, where `SEP` is
+/// U+001F, `time` the measurement time in Unix milliseconds as 16 digits and `seq` 20 digits
+/// (`twinguard_telemetry::records::history_key`); a bound of a range of one stream's history
+/// ends in `SEP time`. A store may keep history by time with these (PostgreSQL partitions it by
+/// day).
+const HISTORY_SEP: char = '\u{1f}';
+
+/// The measurement time of history key `key`, if it is one.
+pub fn history_key_time(key: &str) -> Option<i64> {
+    let mut fields = key.rsplitn(4, HISTORY_SEP);
+    let seq = fields.next()?;
+    let _device = fields.next()?;
+    let time = fields.next()?;
+    fields.next()?;
+    (seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| sixteen_digits(time))
+        .flatten()
+}
+
+/// The stream and time of a bound of one stream's history: `stream SEP time`, or a history key
+/// (with `\0`s after it, as a paged read's next bound is).
+fn history_bound(bound: &str) -> Option<(&str, i64)> {
+    let key = bound.trim_end_matches('\0');
+    if let Some(time) = history_key_time(key) {
+        let stream = key.rsplitn(4, HISTORY_SEP).nth(3)?;
+        return Some((stream, time));
+    }
+    let (stream, time) = bound.rsplit_once(HISTORY_SEP)?;
+    Some((stream, sixteen_digits(time)?))
+}
+
+fn sixteen_digits(field: &str) -> Option<i64> {
+    (field.len() == 16 && field.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| field.parse().ok())
+        .flatten()
+}
+
+/// The measurement times that history records with `from <= key < to` can have, when both are
+/// bounds of one stream's history: a store may look only there. `None` otherwise.
+pub fn history_range_times(from: &str, to: &str) -> Option<(i64, i64)> {
+    let (stream, start) = history_bound(from)?;
+    let (other, end) = history_bound(to)?;
+    // Keys of `end` itself sort after `to` (they go on after it), so `end` is excluded.
+    (stream == other).then_some((start, end.saturating_sub(1)))
+}
+
 /// The [`Table::Meta`] key of a restore that has not finished (`twinguard restore` writes it in
 /// its first commit and deletes it in its last): a server refuses to start on a store that
 /// holds it, and a backup refuses to read one.
@@ -390,6 +436,14 @@ pub trait Store: Send + Sync + 'static {
             Some(head) => Ok(matches!(self.commit_at(batch, head)?, Fenced::Committed(_))),
             None => self.commit(batch).map(|()| true),
         }
+    }
+
+    /// Removes at once whole days of history ([`Table::History`]) measured before `cutoff_ms`,
+    /// where the store keeps history by day (PostgreSQL drops their partitions): the number of
+    /// days removed. The caller removes what is left before the cutoff record by record.
+    fn drop_history_before(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let _ = cutoff_ms;
+        Ok(0)
     }
 
     /// The records of followed tables changed by the commits numbered `after + 1 ..= upto`, in

@@ -13,7 +13,7 @@ use twinguard_core::follow::ChangeFollower;
 use twinguard_core::identity::Directory;
 use twinguard_core::service::OwnerStore;
 use twinguard_core::service::TwinService;
-use twinguard_core::store::{Owner, Store};
+use twinguard_core::store::{Mutation, Owner, Store, Table};
 use twinguard_store_postgres::{PgOptions, PgStore};
 use twinguard_store_redb::RedbStore;
 use twinguard_telemetry::service::TelemetryEvent;
@@ -84,7 +84,8 @@ pub struct ServeConfig {
 }
 
 /// Where the main store (graph, identities, events, device registry, history log) is kept. The
-/// history store stays `DATA_DIR/history.redb` either way (`docs/storage.md`).
+/// history is `DATA_DIR/history.redb` beside the embedded store, and in PostgreSQL beside a
+/// PostgreSQL store (`docs/storage.md`).
 #[derive(Debug, Clone, Default)]
 pub enum StoreConfig {
     /// `DATA_DIR/store.redb`.
@@ -181,6 +182,39 @@ impl StoreConfig {
             }
         }
     }
+}
+
+/// Moves the history that a node kept in `DATA_DIR/history.redb` (before history was kept in
+/// PostgreSQL) into `store`, then renames the file `history.redb.moved`. Idempotent: records are
+/// written under their own keys, so a move cut short is done again at the next start.
+fn adopt_local_history(data_dir: &DataDir, store: &dyn Store) -> anyhow::Result<()> {
+    let path = data_dir.history_path();
+    if !path.exists() {
+        return Ok(());
+    }
+    let local = RedbStore::open(&path).context("opening the local history store to move it")?;
+    let mut moved = 0usize;
+    let mut from = String::new();
+    loop {
+        let rows = local.range_from(Table::History, &from, 4_096)?;
+        let Some((last, _)) = rows.last() else {
+            break;
+        };
+        from = format!("{last}\0");
+        moved += rows.len();
+        let puts: Vec<Mutation> = rows
+            .into_iter()
+            .map(|(key, value)| Mutation::put(Table::History, key, value))
+            .collect();
+        store
+            .commit(&puts)
+            .context("moving the local history into PostgreSQL")?;
+    }
+    drop(local);
+    let moved_to = path.with_extension("redb.moved");
+    std::fs::rename(&path, &moved_to).with_context(|| format!("renaming {}", path.display()))?;
+    tracing::info!(records = moved, file = %moved_to.display(), "moved the local history into PostgreSQL");
+    Ok(())
 }
 
 /// The API's public base URL: `https://host[:port]`, no path, query, fragment or user info.
@@ -425,15 +459,23 @@ impl Application {
         } else {
             service
         };
-        // The history store is a file of its own with one writer, the history merger; its
-        // commits are checked against telemetry's tables like those through the door.
-        let history: Arc<dyn Store> = Arc::new(OwnerStore::new(
-            Owner::Telemetry,
-            Arc::new(
-                RedbStore::open_with_cache(&data_dir.history_path(), HISTORY_CACHE_BYTES)
-                    .context("opening the history store")?,
-            ),
-        ));
+        // Beside the embedded store, the history store is a file of its own with one writer,
+        // the history merger; its commits are checked against telemetry's tables like those
+        // through the door. Beside PostgreSQL, history is kept there, shared by the nodes: the
+        // telemetry store itself (readings go to it in the ingestion commit).
+        let history: Arc<dyn Store> = match &config.store {
+            StoreConfig::Embedded => Arc::new(OwnerStore::new(
+                Owner::Telemetry,
+                Arc::new(
+                    RedbStore::open_with_cache(&data_dir.history_path(), HISTORY_CACHE_BYTES)
+                        .context("opening the history store")?,
+                ),
+            )),
+            StoreConfig::Postgres(_) => {
+                adopt_local_history(&data_dir, telemetry_store.as_ref())?;
+                telemetry_store.clone()
+            }
+        };
         let telemetry = twinguard_telemetry::Telemetry::open(
             service.clone(),
             telemetry_store,

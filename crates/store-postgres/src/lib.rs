@@ -53,7 +53,8 @@ use rustls::pki_types::pem::PemObject;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use twinguard_core::store::{
-    CHANGE_LOG_COMMITS, Change, Fenced, Mutation, Store, StoreError, Table,
+    CHANGE_LOG_COMMITS, Change, Fenced, Mutation, Store, StoreError, Table, history_key_time,
+    history_range_times,
 };
 
 #[doc(hidden)]
@@ -88,7 +89,31 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     );
     CREATE INDEX twinguard_changes_seq ON twinguard_changes (seq)",
     ),
+    (
+        4,
+        "twinguard_history: readings' history, partitioned by day of measurement",
+        "CREATE TABLE twinguard_history (
+        key bytea NOT NULL,
+        at_ms bigint NOT NULL,
+        value bytea NOT NULL,
+        PRIMARY KEY (key, at_ms)
+    ) PARTITION BY RANGE (at_ms);
+    CREATE TABLE twinguard_history_default PARTITION OF twinguard_history DEFAULT;
+    CREATE INDEX twinguard_history_default_at ON twinguard_history_default (at_ms)",
+    ),
 ];
+
+/// The history (`Table::History`) is kept in `twinguard_history`, one partition a day of
+/// measurement time (`twinguard_history_d<days since 1970-01-01>`), made when a commit first
+/// holds a reading of that day: retention drops whole days ([`Store::drop_history_before`]),
+/// and a read of one stream's time range looks only at the days it spans. Days further back
+/// than this, or ahead of today by more than [`HISTORY_DAYS_AHEAD`], go to the default
+/// partition, so that no stream of odd timestamps makes thousands of tables.
+const HISTORY_DAYS_BACK: i64 = 400;
+const HISTORY_DAYS_AHEAD: i64 = 2;
+const DAY_MS: i64 = 86_400_000;
+/// The advisory lock under which history partitions are made and dropped: `twhistor`.
+const HISTORY_LOCK: i64 = 0x7477_6869_7374_6f72;
 
 /// The key of the advisory lock held while migrating: `twinguard` as ASCII, in a `bigint`.
 const MIGRATION_LOCK: i64 = 0x7477_696e_6775_6172;
@@ -129,6 +154,24 @@ const CHANGES: &str = "SELECT seq, tbl, key FROM twinguard_changes \
      WHERE seq > $1 AND seq <= $2 ORDER BY seq";
 const TRIM_CHANGES_EVERY: u64 = 1_024;
 const SCAN: &str = "SELECT key, value FROM records WHERE tbl = $1 ORDER BY key";
+const HISTORY_UPSERT: &str = "INSERT INTO twinguard_history (key, at_ms, value) \
+     SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[]) \
+     ON CONFLICT (key, at_ms) DO UPDATE SET value = EXCLUDED.value";
+const HISTORY_DELETE: &str = "DELETE FROM twinguard_history AS h \
+     USING unnest($1::bytea[], $2::bigint[]) AS d(key, at_ms) \
+     WHERE h.key = d.key AND h.at_ms = d.at_ms";
+/// History reads take the table's name too (unused), so that they bind as the others do.
+const HISTORY_SCAN: &str =
+    "SELECT key, value FROM twinguard_history WHERE $1::text IS NOT NULL ORDER BY key";
+const HISTORY_GET_MANY: &str = "SELECT key, value FROM twinguard_history \
+     WHERE $1::text IS NOT NULL AND key = ANY($2::bytea[])";
+const HISTORY_RANGE_FROM: &str = "SELECT key, value FROM twinguard_history \
+     WHERE $1::text IS NOT NULL AND key >= $2 ORDER BY key LIMIT $3";
+/// A range of one stream's history also bounds the measurement time, so that only the days it
+/// spans are read (pruned at execution, the bounds being parameters).
+const HISTORY_RANGE: &str = "SELECT key, value FROM twinguard_history \
+     WHERE $1::text IS NOT NULL AND key >= $2 AND key < $3 AND at_ms BETWEEN $5 AND $6 \
+     ORDER BY key LIMIT $4";
 const GET_MANY: &str = "SELECT key, value FROM records WHERE tbl = $1 AND key = ANY($2::bytea[])";
 const RANGE_FROM: &str =
     "SELECT key, value FROM records WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3";
@@ -169,6 +212,8 @@ pub struct PgStore {
     tls: MakeRustlsConnect,
     /// The connection holding the serving lock, once taken ([`PgStore::lock_exclusive`]).
     exclusive: std::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The days whose history partition this store made or found (see [`HISTORY_DAYS_BACK`]).
+    history_days: std::sync::Mutex<std::collections::HashSet<i64>>,
     /// Runs every query; `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
@@ -362,11 +407,13 @@ impl PgStore {
             config: pg_config,
             tls,
             exclusive: std::sync::Mutex::new(None),
+            history_days: std::sync::Mutex::new(std::collections::HashSet::new()),
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
         };
         let pool = store.pool.clone();
         store.run(async move { prepare(&pool).await })?;
+        store.load_history_days()?;
         Ok(store)
     }
 
@@ -459,9 +506,11 @@ impl PgStore {
     /// nothing and answers [`Fenced::Stale`].
     fn commit_plan(&self, plan: Plan, expected: Option<i64>) -> Result<Fenced, StoreError> {
         self.check_exclusive()?;
+        let days = self.new_history_days(&plan.history_put_times);
         let pool = self.pool.clone();
         self.run(async move {
             let mut client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            make_history_partitions(&mut client, &days).await;
             let txn = client
                 .transaction()
                 .await
@@ -517,6 +566,35 @@ impl PgStore {
                         .map_err(|e| pg_err("commit", &e))?;
                 }
             }
+            if !plan.history_delete_keys.is_empty() {
+                let delete = txn
+                    .prepare_cached(HISTORY_DELETE)
+                    .await
+                    .map_err(|e| pg_err("commit", &e))?;
+                for start in (0..plan.history_delete_keys.len()).step_by(ROWS_PER_STATEMENT) {
+                    let end = (start + ROWS_PER_STATEMENT).min(plan.history_delete_keys.len());
+                    let keys = slice(&plan.history_delete_keys, start, end);
+                    let times = slice(&plan.history_delete_times, start, end);
+                    txn.execute(&delete, &[&keys, &times])
+                        .await
+                        .map_err(|e| pg_err("commit", &e))?;
+                }
+            }
+            if !plan.history_put_keys.is_empty() {
+                let upsert = txn
+                    .prepare_cached(HISTORY_UPSERT)
+                    .await
+                    .map_err(|e| pg_err("commit", &e))?;
+                for start in (0..plan.history_put_keys.len()).step_by(ROWS_PER_STATEMENT) {
+                    let end = (start + ROWS_PER_STATEMENT).min(plan.history_put_keys.len());
+                    let keys = slice(&plan.history_put_keys, start, end);
+                    let times = slice(&plan.history_put_times, start, end);
+                    let values = slice(&plan.history_put_values, start, end);
+                    txn.execute(&upsert, &[&keys, &times, &values])
+                        .await
+                        .map_err(|e| pg_err("commit", &e))?;
+                }
+            }
             let at = i64::try_from(head).unwrap_or(i64::MAX);
             if !plan.followed_keys.is_empty() {
                 let log = txn
@@ -543,6 +621,66 @@ impl PgStore {
         })
     }
 
+    /// The days of `times` that may have a partition of their own and that this store has not
+    /// made or found yet; noted as made (a failure is not retried at every commit).
+    fn new_history_days(&self, times: &[i64]) -> Vec<i64> {
+        if times.is_empty() {
+            return Vec::new();
+        }
+        let today = now_ms().div_euclid(DAY_MS);
+        let mut known = self.history_days.lock().unwrap_or_else(|p| p.into_inner());
+        let mut days: Vec<i64> = times
+            .iter()
+            .map(|at| at.div_euclid(DAY_MS))
+            .filter(|day| (today - HISTORY_DAYS_BACK..=today + HISTORY_DAYS_AHEAD).contains(day))
+            .filter(|day| known.insert(*day))
+            .collect();
+        days.sort_unstable();
+        days.dedup();
+        days
+    }
+
+    /// The days that have a history partition in the database.
+    async fn history_partitions(client: &tokio_postgres::Client) -> Result<Vec<i64>, StoreError> {
+        let rows = client
+            .query(
+                // The table the search path finds: a schema of its own holds its own.
+                "SELECT c.relname::text FROM pg_inherits i \
+                 JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = 'twinguard_history'::regclass",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_err("listing the history partitions", &e))?;
+        let mut days = Vec::new();
+        for row in rows {
+            let name: String = row
+                .try_get(0)
+                .map_err(|e| pg_err("listing the history partitions", &e))?;
+            if let Some(day) = name
+                .strip_prefix("twinguard_history_d")
+                .and_then(|d| d.parse().ok())
+            {
+                days.push(day);
+            }
+        }
+        Ok(days)
+    }
+
+    /// Learns which days already have a history partition (at connection).
+    fn load_history_days(&self) -> Result<(), StoreError> {
+        let pool = self.pool.clone();
+        let days = self.run(async move {
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            Self::history_partitions(&client).await
+        })?;
+        self.history_days
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(days);
+        Ok(())
+    }
+
     /// The schema version of the database (the highest applied migration).
     pub fn schema_version(&self) -> Result<i32, StoreError> {
         let pool = self.pool.clone();
@@ -565,6 +703,18 @@ impl PgStore {
         bounds: Vec<Vec<u8>>,
         limit: Option<usize>,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read_times(sql, table, bounds, limit, None)
+    }
+
+    /// [`PgStore::read`], with measurement times bounding a history range.
+    fn read_times(
+        &self,
+        sql: &'static str,
+        table: Table,
+        bounds: Vec<Vec<u8>>,
+        limit: Option<usize>,
+        times: Option<(i64, i64)>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let pool = self.pool.clone();
         self.run(async move {
             let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
@@ -580,6 +730,10 @@ impl PgStore {
             }
             if let Some(limit) = &limit {
                 params.push(limit);
+            }
+            if let Some((from, to)) = &times {
+                params.push(from);
+                params.push(to);
             }
             let rows = client
                 .query(&statement, &params)
@@ -679,6 +833,12 @@ struct Plan {
     /// The changed records of followed tables, for the change log.
     followed_tables: Vec<&'static str>,
     followed_keys: Vec<Vec<u8>>,
+    /// History records (`twinguard_history`), with their measurement times.
+    history_put_keys: Vec<Vec<u8>>,
+    history_put_times: Vec<i64>,
+    history_put_values: Vec<Vec<u8>>,
+    history_delete_keys: Vec<Vec<u8>>,
+    history_delete_times: Vec<i64>,
 }
 
 impl Plan {
@@ -695,6 +855,24 @@ impl Plan {
             if m.table.followed() {
                 plan.followed_tables.push(m.table.name());
                 plan.followed_keys.push(m.key.as_bytes().to_vec());
+            }
+            if m.table == Table::History {
+                // A key that is not a history key (the contract suite writes any) is kept as
+                // measured at 0, in the default partition.
+                let at = history_key_time(&m.key).unwrap_or(0);
+                let key = m.key.as_bytes().to_vec();
+                match &m.value {
+                    Some(value) => {
+                        plan.history_put_keys.push(key);
+                        plan.history_put_times.push(at);
+                        plan.history_put_values.push(value.clone());
+                    }
+                    None => {
+                        plan.history_delete_keys.push(key);
+                        plan.history_delete_times.push(at);
+                    }
+                }
+                continue;
             }
             match &m.value {
                 Some(value) => {
@@ -738,7 +916,49 @@ fn slice<T>(v: &[T], start: usize, end: usize) -> &[T] {
 
 impl Store for PgStore {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.read(SCAN, table, Vec::new(), None)
+        let sql = if table == Table::History {
+            HISTORY_SCAN
+        } else {
+            SCAN
+        };
+        self.read(sql, table, Vec::new(), None)
+    }
+
+    /// Drops the history partitions of the days that end at or before `cutoff_ms`, under the
+    /// partitions' advisory lock: the number of days dropped. What is left before the cutoff
+    /// (that day's first hours, the default partition) the caller deletes record by record.
+    fn drop_history_before(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let pool = self.pool.clone();
+        let dropped = self.run(async move {
+            let mut client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let days = Self::history_partitions(&client).await?;
+            let mut dropped = Vec::new();
+            for day in days {
+                if (day + 1).saturating_mul(DAY_MS) > cutoff_ms {
+                    continue;
+                }
+                let txn = client
+                    .transaction()
+                    .await
+                    .map_err(|e| pg_err("dropping a history partition", &e))?;
+                txn.execute("SELECT pg_advisory_xact_lock($1)", &[&HISTORY_LOCK])
+                    .await
+                    .map_err(|e| pg_err("dropping a history partition", &e))?;
+                txn.batch_execute(&format!("DROP TABLE IF EXISTS twinguard_history_d{day}"))
+                    .await
+                    .map_err(|e| pg_err("dropping a history partition", &e))?;
+                txn.commit()
+                    .await
+                    .map_err(|e| pg_err("dropping a history partition", &e))?;
+                dropped.push(day);
+            }
+            Ok(dropped)
+        })?;
+        let mut known = self.history_days.lock().unwrap_or_else(|p| p.into_inner());
+        for day in &dropped {
+            known.remove(day);
+        }
+        Ok(dropped.len())
     }
 
     /// The rows of the change log, then the counter: rows are trimmed only below the counter
@@ -806,8 +1026,13 @@ impl Store for PgStore {
         let asked: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
         let found = self.run(async move {
             let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let sql = if table == Table::History {
+                HISTORY_GET_MANY
+            } else {
+                GET_MANY
+            };
             let statement = client
-                .prepare_cached(GET_MANY)
+                .prepare_cached(sql)
                 .await
                 .map_err(|e| pg_err("read", &e))?;
             let rows = client
@@ -876,12 +1101,12 @@ impl Store for PgStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        self.read(
-            RANGE_FROM,
-            table,
-            vec![from.as_bytes().to_vec()],
-            Some(limit),
-        )
+        let sql = if table == Table::History {
+            HISTORY_RANGE_FROM
+        } else {
+            RANGE_FROM
+        };
+        self.read(sql, table, vec![from.as_bytes().to_vec()], Some(limit))
     }
 
     fn range(
@@ -894,13 +1119,46 @@ impl Store for PgStore {
         if limit == 0 || from >= to {
             return Ok(Vec::new());
         }
-        self.read(
-            RANGE,
-            table,
-            vec![from.as_bytes().to_vec(), to.as_bytes().to_vec()],
-            Some(limit),
-        )
+        let bounds = vec![from.as_bytes().to_vec(), to.as_bytes().to_vec()];
+        if table == Table::History {
+            let times = history_range_times(from, to).unwrap_or((i64::MIN, i64::MAX));
+            return self.read_times(HISTORY_RANGE, table, bounds, Some(limit), Some(times));
+        }
+        self.read(RANGE, table, bounds, Some(limit))
     }
+}
+
+/// Makes the history partitions of `days` that do not exist yet, each in a transaction of its
+/// own under the partitions' advisory lock. A day that cannot have one (the default partition
+/// already holds readings of it) keeps going to the default partition: logged, not fatal.
+async fn make_history_partitions(client: &mut tokio_postgres::Client, days: &[i64]) {
+    for day in days {
+        let (from, to) = (day * DAY_MS, (day + 1) * DAY_MS);
+        let made = async {
+            let txn = client.transaction().await?;
+            txn.execute("SELECT pg_advisory_xact_lock($1)", &[&HISTORY_LOCK])
+                .await?;
+            txn.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS twinguard_history_d{day} PARTITION OF \
+                 twinguard_history FOR VALUES FROM ({from}) TO ({to})"
+            ))
+            .await?;
+            txn.commit().await
+        }
+        .await;
+        if let Err(e) = made {
+            let e = pg_err("making a history partition", &e);
+            metrics::counter!("twinguard_store_history_partition_failures_total").increment(1);
+            tracing::warn!(day, error = %e, "a day of history has no partition of its own; its readings go to the default partition");
+        }
+    }
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -645,3 +645,113 @@ fn two_twin_services_on_one_database_lose_no_update() {
     drop((a, b, c));
     runtime.shutdown_background();
 }
+
+/// A history key of stream `pump/flow` measured at `at_ms`.
+fn reading_key(at_ms: i64, seq: u64) -> String {
+    format!("pump\u{1f}flow\u{1f}{at_ms:016}\u{1f}dev\u{1f}{seq:020}")
+}
+
+impl PgStore {
+    /// The partition each history record is stored in, by key.
+    fn history_partitions_of(&self) -> Vec<(String, String)> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            let rows = client
+                .query(
+                    "SELECT convert_from(key, 'UTF8'), tableoid::regclass::text \
+                     FROM twinguard_history ORDER BY key",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_err("read", &e))?;
+            Ok(rows
+                .into_iter()
+                .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+                .collect())
+        })
+        .unwrap()
+    }
+}
+
+/// History goes to a partition per day of measurement (readings of long ago to the default
+/// partition); a read of one stream's time range answers as any range does; retention drops
+/// the days before the cutoff whole and leaves the rest.
+#[test]
+fn history_is_kept_in_a_partition_per_day_and_old_days_are_dropped_whole() {
+    let Some(db) = database() else { return };
+    let store = open(&db);
+    let today = now_ms().div_euclid(DAY_MS) * DAY_MS;
+    let times = [
+        today - 500 * DAY_MS,
+        today - DAY_MS + 5,
+        today - DAY_MS + 6,
+        today + 7,
+    ];
+    let batch: Vec<Mutation> = times
+        .iter()
+        .enumerate()
+        .map(|(i, at)| Mutation::put(Table::History, reading_key(*at, i as u64), vec![i as u8]))
+        .collect();
+    store.commit(&batch).unwrap();
+    let day = |at: i64| format!("twinguard_history_d{}", at.div_euclid(DAY_MS));
+    let placed = store.history_partitions_of();
+    assert_eq!(
+        placed.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(),
+        vec![
+            "twinguard_history_default".to_owned(),
+            day(times[1]),
+            day(times[2]),
+            day(times[3]),
+        ]
+    );
+    // One stream's range between two times, as the history route reads it.
+    let bound = |at: i64| format!("pump\u{1f}flow\u{1f}{at:016}");
+    let rows = store
+        .range(Table::History, &bound(times[1]), &bound(times[3]), 10)
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let rows = store
+        .range(
+            Table::History,
+            &format!("{}\0", rows[0].0),
+            &bound(times[3] + 1),
+            10,
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 2, "the page after the first record");
+    assert_eq!(store.scan(Table::History).unwrap().len(), 4);
+    assert_eq!(
+        store
+            .get_many(Table::History, &[reading_key(times[3], 3)])
+            .unwrap(),
+        vec![Some(vec![3])]
+    );
+
+    assert_eq!(store.drop_history_before(today).unwrap(), 1, "yesterday");
+    let left: Vec<i64> = store
+        .scan(Table::History)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| twinguard_core::store::history_key_time(&k).unwrap())
+        .collect();
+    assert_eq!(left, vec![times[0], times[3]]);
+    // Readings of a dropped day made again: the partition comes back.
+    store
+        .commit(&[Mutation::put(
+            Table::History,
+            reading_key(times[1], 9),
+            vec![9],
+        )])
+        .unwrap();
+    assert!(
+        store
+            .history_partitions_of()
+            .contains(&(reading_key(times[1], 9), day(times[1])))
+    );
+    // Deleting a record finds it in its partition.
+    store
+        .commit(&[Mutation::delete(Table::History, reading_key(times[3], 3))])
+        .unwrap();
+    assert_eq!(store.scan(Table::History).unwrap().len(), 2);
+}

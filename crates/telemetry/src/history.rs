@@ -70,6 +70,9 @@ struct Inner {
     trim: OnceLock<Trim>,
     /// How long merged records are kept; for ever until set.
     retention: OnceLock<Duration>,
+    /// Readings go straight to their history keys in the ingestion commit, with no log (see
+    /// [`HistoryStore::open`]).
+    direct: bool,
 }
 
 impl std::fmt::Debug for HistoryStore {
@@ -82,7 +85,15 @@ impl HistoryStore {
     /// Opens the history over `main` (which holds the log) and `series` (which holds the merged
     /// records); `series` may be `main` itself. Merges everything the log holds, and moves
     /// history records that an earlier version kept in the main store into `series`.
+    ///
+    /// When `series` is `main` and several nodes may share it (it counts its commits,
+    /// [`Store::head`]), there is no log from then on: each reading goes to its history key in
+    /// the ingestion commit. The log's keys count per node, so two nodes' logs would overwrite
+    /// each other's records; and the log exists for redb, whose B-tree a commit of many
+    /// streams' readings would dirty leaf by leaf, not for PostgreSQL, which keeps history in a
+    /// table of its own partitioned by day.
     pub fn open(main: Arc<dyn Store>, series: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let direct = Arc::ptr_eq(&main, &series) && main.head()?.is_some();
         let history = Self {
             inner: Arc::new(Inner {
                 main,
@@ -93,6 +104,7 @@ impl HistoryStore {
                 merger: Mutex::new(None),
                 trim: OnceLock::new(),
                 retention: OnceLock::new(),
+                direct: false,
             }),
         };
         if !Arc::ptr_eq(&history.inner.main, &history.inner.series) {
@@ -106,6 +118,14 @@ impl HistoryStore {
             .and_then(|(key, _)| key.parse::<u64>().ok())
             .map_or(0, |n| n + 1);
         history.inner.next.store(next, Ordering::Relaxed);
+        if direct {
+            // The log is merged (what an earlier version left): from here on it stays empty.
+            let mut history = history;
+            if let Some(inner) = Arc::get_mut(&mut history.inner) {
+                inner.direct = true;
+            }
+            return Ok(history);
+        }
         Ok(history)
     }
 
@@ -176,6 +196,14 @@ impl HistoryStore {
     /// stream besides the records removed.
     pub fn purge_before(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
         let series = &self.inner.series;
+        // Whole days at once where the store keeps history by day.
+        let days = series.drop_history_before(cutoff_ms)?;
+        if days > 0 {
+            tracing::info!(
+                days,
+                "removed whole days of history older than the retention period"
+            );
+        }
         let mut removed = 0;
         let mut from = String::new();
         while let Some((key, _)) = series.range_from(Table::History, &from, 1)?.pop() {
@@ -207,6 +235,9 @@ impl HistoryStore {
     /// The log record of a reading whose history key is `key` and stored value `value`: a
     /// mutation of the main store, for the commit that applies the reading.
     pub fn record(&self, key: &str, value: &[u8]) -> Mutation {
+        if self.inner.direct {
+            return Mutation::put(Table::History, key, value.to_vec());
+        }
         let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
         if self.inner.pending.fetch_add(1, Ordering::Relaxed) + 1 == MERGE_PAGE {
             self.wake_merger();
@@ -242,6 +273,9 @@ impl HistoryStore {
     /// Returns how many records moved.
     pub fn merge(&self) -> Result<usize, StoreError> {
         let inner = &self.inner;
+        if inner.direct {
+            return Ok(0);
+        }
         let mut unreadable = inner
             .merging
             .lock()
@@ -368,6 +402,30 @@ mod tests {
 
     fn stores() -> (Arc<MemoryStore>, Arc<MemoryStore>) {
         (Arc::default(), Arc::default())
+    }
+
+    /// Two nodes that share a store (one that counts its commits, as PostgreSQL) each record
+    /// readings and commit them: every reading of both is in the history. With a log (keyed by
+    /// a counter of each node's own) the second node's records overwrote the first's.
+    #[test]
+    fn two_nodes_sharing_a_store_lose_none_of_each_others_readings() {
+        let main: Arc<dyn Store> = Arc::new(MemoryStore::shared());
+        let a = HistoryStore::open(main.clone(), main.clone()).unwrap();
+        let b = HistoryStore::open(main.clone(), main.clone()).unwrap();
+        for n in 0..100u64 {
+            for (node, history) in [("a", &a), ("b", &b)] {
+                let key = crate::records::history_key("t", "p", 1_000 + n as i64, node, n);
+                main.commit(&[history.record(&key, b"{}")]).unwrap();
+            }
+        }
+        let prefix = crate::records::history_bound("t", "p", 0);
+        for history in [&a, &b] {
+            let all = history
+                .range(&prefix, &stream_end("t\u{1f}p"), 1_000)
+                .unwrap();
+            assert_eq!(all.len(), 200);
+        }
+        assert!(main.scan(Table::HistoryLog).unwrap().is_empty());
     }
 
     #[test]

@@ -188,6 +188,33 @@ pub fn downsample(points: &[(i64, f64)], from_ms: i64, interval_ms: i64) -> Vec<
 mod tests {
     use super::*;
 
+    /// The store's reading of history keys and bounds (PostgreSQL partitions history by the
+    /// time it finds there) agrees with the keys made here.
+    #[test]
+    fn the_store_reads_the_measurement_time_of_history_keys_and_bounds() {
+        use twinguard_core::store::{history_key_time, history_range_times};
+        for time in [0, 1, 1_764_000_000_123, 9_999_999_999_999_990] {
+            let key = history_key("pump\u{1f}7", "flow\u{1f}x", time, "dev-1", 42);
+            assert_eq!(history_key_time(&key), Some(time), "{key:?}");
+            let (from, to) = (
+                history_bound("pump\u{1f}7", "flow\u{1f}x", time),
+                history_bound("pump\u{1f}7", "flow\u{1f}x", time + 5),
+            );
+            assert_eq!(history_range_times(&from, &to), Some((time, time + 4)));
+            // A paged read goes on after the last key it got.
+            let next = format!("{key}\u{0}");
+            assert_eq!(history_range_times(&next, &to), Some((time, time + 4)));
+        }
+        // Bounds of two streams, or the end of a stream, bound no time.
+        let (a, b) = (history_bound("a", "x", 5), history_bound("b", "x", 9));
+        assert_eq!(history_range_times(&a, &b), None);
+        assert_eq!(
+            history_range_times(&a, &stream_end(&history_prefix("a", "x"))),
+            None
+        );
+        assert_eq!(history_key_time(&a), None);
+    }
+
     #[test]
     fn history_keys_sort_by_time_within_a_property() {
         let a = history_key("t", "temp", 999, "d", 5);
