@@ -885,6 +885,37 @@ impl Application {
 mod tests {
     use super::PublicUrl;
 
+    /// A node that finds a local history file beside a PostgreSQL store (from before history
+    /// was kept there) copies every record over, page by page, and renames the file, so a second
+    /// start copies nothing again.
+    #[test]
+    fn a_local_history_file_is_moved_into_the_shared_store_once() {
+        use twinguard_core::store::{MemoryStore, Mutation, Store, Table};
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = super::DataDir::new(dir.path());
+        let records: Vec<Mutation> = (0..5_000)
+            .map(|n| Mutation::put(Table::History, format!("t\u{1f}p\u{1f}{n:016}"), vec![1]))
+            .collect();
+        {
+            let local = twinguard_store_redb::RedbStore::open(&data_dir.history_path()).unwrap();
+            local.commit(&records).unwrap();
+        }
+        let shared = MemoryStore::shared();
+        super::adopt_local_history(&data_dir, &shared).unwrap();
+        assert_eq!(shared.scan(Table::History).unwrap().len(), 5_000);
+        assert!(!data_dir.history_path().exists());
+        assert!(dir.path().join("history.redb.moved").exists());
+        shared
+            .commit(&[Mutation::delete(Table::History, records[0].key.clone())])
+            .unwrap();
+        super::adopt_local_history(&data_dir, &shared).unwrap();
+        assert_eq!(
+            shared.scan(Table::History).unwrap().len(),
+            4_999,
+            "moved once"
+        );
+    }
+
     #[test]
     fn a_public_url_is_an_https_origin_and_nothing_else() {
         for good in ["https://twins.example.com", "https://twins.example.com/"] {
