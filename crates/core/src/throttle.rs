@@ -199,6 +199,12 @@ pub fn source_key(address: IpAddr) -> IpAddr {
     }
 }
 
+/// The name an address's failures are published under for the other nodes (beside accounts,
+/// which are `user:`, `key:`...): `addr:` and its [`source_key`].
+pub fn address_account(address: IpAddr) -> String {
+    format!("addr:{}", source_key(address))
+}
+
 #[derive(Debug)]
 struct Tables {
     addresses: Counts<IpAddr>,
@@ -209,10 +215,11 @@ pub struct Throttle {
     policy: Policy,
     clock: Arc<dyn Clock>,
     tables: Mutex<Tables>,
-    /// Failures on accounts counted by other nodes that share the store (and by this node's
-    /// earlier runs), as they published them: account, then node.
+    /// Failures on accounts and addresses ([`address_account`]) counted by other nodes that
+    /// share the store (and by this node's earlier runs), as they published them: account,
+    /// then node.
     remote: Mutex<HashMap<String, HashMap<String, Entry>>>,
-    /// Accounts whose failures changed here since they were last published.
+    /// Accounts and addresses whose failures changed here since they were last published.
     unpublished: Mutex<std::collections::HashSet<String>>,
 }
 
@@ -307,7 +314,13 @@ impl Throttle {
         accounts
             .into_iter()
             .map(|account| {
-                let entry = tables.accounts.get(&account, now, &self.policy);
+                let entry = match account
+                    .strip_prefix("addr:")
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+                {
+                    Some(address) => tables.addresses.get(&address, now, &self.policy),
+                    None => tables.accounts.get(&account, now, &self.policy),
+                };
                 let published = (entry.failures > 0).then(|| Published {
                     failures: entry.failures,
                     last_failure: entry.last_failure.unix_timestamp(),
@@ -315,6 +328,19 @@ impl Throttle {
                 (account, published)
             })
             .collect()
+    }
+
+    /// Marks `accounts` to be published again at the next [`Throttle::take_unpublished`] (ones
+    /// a publication left for later).
+    pub fn publish_later(&self, accounts: impl IntoIterator<Item = String>) {
+        if let Ok(mut unpublished) = self.unpublished.lock() {
+            for account in accounts {
+                if unpublished.len() >= MAX_UNPUBLISHED {
+                    return;
+                }
+                unpublished.insert(account);
+            }
+        }
     }
 
     /// An account's failures here plus those the other nodes published, not yet forgotten.
@@ -342,7 +368,10 @@ impl Throttle {
             return Err(RetryAfter(self.policy.base));
         };
         let policy = &self.policy;
-        let by_address = tables.addresses.get(&source_key(address), now, policy);
+        let by_address = {
+            let local = tables.addresses.get(&source_key(address), now, policy);
+            self.with_remote(&address_account(address), local, now)
+        };
         let by_account = account.map(|a| {
             let local = tables.accounts.get(&a.to_owned(), now, policy);
             self.with_remote(a, local, now)
@@ -365,11 +394,15 @@ impl Throttle {
         };
         let policy = &self.policy;
         tables.addresses.bump(source_key(address), now, policy);
+        let Ok(mut unpublished) = self.unpublished.lock() else {
+            return;
+        };
+        if unpublished.len() < MAX_UNPUBLISHED {
+            unpublished.insert(address_account(address));
+        }
         if let Some(account) = account {
             tables.accounts.bump(account.to_owned(), now, policy);
-            if let Ok(mut unpublished) = self.unpublished.lock()
-                && unpublished.len() < MAX_UNPUBLISHED
-            {
+            if unpublished.len() < MAX_UNPUBLISHED {
                 unpublished.insert(account.to_owned());
             }
         }

@@ -417,6 +417,8 @@ pub struct Directory {
     throttle: Throttle,
     /// This process's name in the failures it publishes ([`Directory::publish_failures`]).
     node: String,
+    /// The addresses whose failures this node keeps published ([`MAX_PUBLISHED_ADDRESSES`]).
+    published_addresses: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Times a login reads its identity's record again after another node changed it first.
@@ -433,6 +435,17 @@ const FOLLOWED: [Table; 4] = [
 /// Longest account name whose failures are published to the other nodes (longer ones, which
 /// no real account has, are throttled on each node alone).
 const MAX_PUBLISHED_ACCOUNT: usize = 256;
+
+/// Addresses whose failures a node keeps published at once: anyone can fail from many
+/// addresses (an IPv6 /48 holds 65,536 of the /64s the throttle counts by), so their records
+/// are bounded; beyond, further addresses are throttled on each node alone until some are
+/// forgotten.
+const MAX_PUBLISHED_ADDRESSES: usize = 10_000;
+
+/// Address records a node writes per publication at most (5,000 a second at one publication
+/// every 200 ms), so that a botnet failing from many addresses cannot turn its failures into
+/// an unbounded stream of writes; an address left out is published with its next failure.
+const MAX_ADDRESSES_PER_PUBLICATION: usize = 1_000;
 
 /// What other nodes sharing the store change (see [`crate::follow`]): a disabled identity, a
 /// reset credential, a revoked API key or a changed role holds here once the keys are read.
@@ -497,23 +510,48 @@ impl Directory {
         Ok(())
     }
 
-    /// Publishes this node's failed secret checks per account for the other nodes that share
-    /// the store (each node's count is a record of its own; the throttle adds them up), so an
-    /// attacker who spreads guesses on one account over several nodes waits as on one. Returns
-    /// how many accounts were published. Blocking: call it off the request path, every so often
-    /// (the server: every 200 ms on a shared store).
+    /// Publishes this node's failed secret checks per account and per address for the other
+    /// nodes that share the store (each node's count is a record of its own; the throttle adds
+    /// them up), so an attacker who spreads guesses on one account, or from one address, over
+    /// several nodes waits as on one. Returns how many were published. Blocking: call it off
+    /// the request path, every so often (the server: every 200 ms on a shared store).
     pub fn publish_failures(&self) -> Result<usize, StoreError> {
         let unpublished = self.throttle.take_unpublished();
         // Only accounts that exist: guesses on invented names (which anyone can make up) are
-        // throttled on each node, and never become records in the store.
+        // throttled on each node, and never become records in the store. Addresses up to
+        // `MAX_PUBLISHED_ADDRESSES` at once.
         let known = {
             let state = self.read_state().map_err(|e| StoreError(e.to_string()))?;
-            unpublished
+            let mut addresses = self
+                .published_addresses
+                .lock()
+                .map_err(|_| StoreError("the published addresses are poisoned".into()))?;
+            let mut this_time = 0;
+            let mut later = Vec::new();
+            let known: Vec<_> = unpublished
                 .into_iter()
-                .filter(|(account, _)| {
-                    account.len() <= MAX_PUBLISHED_ACCOUNT && known_account(&state, account)
+                .filter(|(account, published)| {
+                    if !account.starts_with("addr:") {
+                        return account.len() <= MAX_PUBLISHED_ACCOUNT
+                            && known_account(&state, account);
+                    }
+                    if this_time == MAX_ADDRESSES_PER_PUBLICATION {
+                        later.push(account.clone());
+                        return false;
+                    }
+                    this_time += 1;
+                    match published {
+                        None => addresses.remove(account),
+                        Some(_) if addresses.contains(account) => true,
+                        Some(_) if addresses.len() < MAX_PUBLISHED_ADDRESSES => {
+                            addresses.insert(account.clone())
+                        }
+                        Some(_) => false,
+                    }
                 })
-                .collect::<Vec<_>>()
+                .collect();
+            self.throttle.publish_later(later);
+            known
         };
         let muts: Vec<Mutation> = known
             .into_iter()
@@ -548,6 +586,16 @@ impl Directory {
             .collect();
         if !old.is_empty() {
             self.store.commit(&old)?;
+        }
+        // This node's addresses among them no longer count against its bound.
+        if let Ok(mut addresses) = self.published_addresses.lock() {
+            for m in &old {
+                if let Some((node, account)) = m.key.split_once('\u{1f}')
+                    && node == self.node
+                {
+                    addresses.remove(account);
+                }
+            }
         }
         Ok(old.len())
     }
@@ -600,6 +648,7 @@ impl Directory {
             store,
             throttle: Throttle::new(Policy::default(), clock.clone()),
             node: uuid::Uuid::new_v4().simple().to_string(),
+            published_addresses: std::sync::Mutex::new(std::collections::HashSet::new()),
             clock,
             state: RwLock::new(state),
         };

@@ -595,6 +595,73 @@ fn a_node_editing_a_record_another_node_just_changed_does_not_undo_the_change() 
 /// own limit) hold the account back on both once the nodes have published and followed each
 /// other's counts: 30 failures on each node, against an account limit of 50. Each node alone
 /// saw 30 and let the next guess through.
+/// Guesses from one address spread over two nodes wait as on one node: 3 on each are under
+/// the 5 an address may fail freely on one node, 6 in all are not. An attacker failing from
+/// more addresses than a node publishes (10,000) makes no more records than that.
+#[test]
+fn guesses_from_one_address_spread_over_two_nodes_are_throttled_as_on_one() {
+    use crate::follow::ChangeFollower;
+    let store = Arc::new(MemoryStore::shared());
+    let (follow_a, follow_b) = (
+        ChangeFollower::start(store.clone()).unwrap().unwrap(),
+        ChangeFollower::start(store.clone()).unwrap().unwrap(),
+    );
+    let a = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
+    let b = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
+    follow_a.register(a.clone());
+    follow_b.register(b.clone());
+    let attacker = IpAddr::from([192, 0, 2, 7]);
+    let guess = |dir: &Directory, n: u32| {
+        let account = format!("user:nobody-{n}");
+        dir.guarded(attacker, Some(&account), || {
+            Err::<(), _>(LoginFailure::WrongSecret)
+        })
+    };
+    for n in 0..3 {
+        assert!(matches!(guess(&a, n), Err(Refusal::Failed(_))));
+        assert!(matches!(guess(&b, 10 + n), Err(Refusal::Failed(_))));
+    }
+    assert!(
+        matches!(guess(&a, 20), Err(Refusal::Failed(_))),
+        "4 failures on one node: not throttled yet"
+    );
+    a.publish_failures().unwrap();
+    b.publish_failures().unwrap();
+    follow_a.step().unwrap();
+    follow_b.step().unwrap();
+    for dir in [&a, &b] {
+        assert!(
+            matches!(guess(dir, 30), Err(Refusal::Throttled(_))),
+            "7 failures from the address in all"
+        );
+    }
+
+    for n in 0..10_050u32 {
+        let from = IpAddr::from(std::net::Ipv6Addr::from(
+            (0x2001_0db8_u128 << 96) | (u128::from(n) << 64),
+        ));
+        let _ = a.guarded(from, None, || Err::<(), _>(LoginFailure::WrongSecret));
+    }
+    let mut publications = 0;
+    while a.publish_failures().unwrap() > 0 {
+        publications += 1;
+    }
+    // 9,999 addresses under the bound, 1,000 a publication; the 51 past the bound wait for
+    // their next failure.
+    assert_eq!(publications, 10, "at most 1,000 addresses a publication");
+    let addresses = store
+        .scan(Table::Backoff)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.contains("\u{1f}addr:2001:db8:"))
+        .count();
+    assert_eq!(
+        addresses,
+        10_000 - 1,
+        "the bound, less the attacker's first address"
+    );
+}
+
 #[test]
 fn guesses_on_one_account_spread_over_two_nodes_are_throttled_as_on_one() {
     use crate::follow::ChangeFollower;
