@@ -821,10 +821,45 @@ impl Directory {
         })
     }
 
+    /// Reads every record of `table` from the store into `state` (the few tables an edit
+    /// decides on whole: roles, role assignments), as another node sharing the store may have
+    /// changed them. On a store of one writer, memory is the store: nothing is read.
+    fn refresh_table(&self, state: &mut State, table: Table) -> DomainResult<()> {
+        if self.store.head().ok().flatten().is_none() {
+            return Ok(());
+        }
+        let stored = self.store.scan(table).map_err(|e| {
+            tracing::error!(error = %e, "cannot read a directory table");
+            DomainError::Unavailable
+        })?;
+        let known: Vec<String> = match table {
+            Table::Roles => state.roles.keys().cloned().collect(),
+            Table::RoleAssignments => state.assignments.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        for key in known {
+            if !stored.iter().any(|(k, _)| *k == key) {
+                state.remove(table, &key);
+            }
+        }
+        for (key, bytes) in stored {
+            state.put(table, key, &bytes).map_err(|e| {
+                tracing::error!(error = %e, "a stored directory record is unreadable");
+                DomainError::Internal("a stored directory record is unreadable")
+            })?;
+        }
+        Ok(())
+    }
+
     /// Commits `muts` only if the record `expect` names still holds what it was decided on:
     /// [`DomainError::Superseded`] (503, retryable) when another node changed it meanwhile.
     fn commit_expecting(&self, muts: &[Mutation], expect: Expect) -> DomainResult<()> {
-        match self.store.commit_expecting(muts, &[expect]) {
+        self.commit_expecting_all(muts, vec![expect])
+    }
+
+    /// [`Directory::commit_expecting`] for several records.
+    fn commit_expecting_all(&self, muts: &[Mutation], expect: Vec<Expect>) -> DomainResult<()> {
+        match self.store.commit_expecting(muts, &expect) {
             Ok(true) => Ok(()),
             Ok(false) => Err(DomainError::Superseded),
             Err(e) => {
@@ -1556,6 +1591,9 @@ impl Directory {
     pub fn delete_identity(&self, caller: &Principal, id: &str) -> DomainResult<()> {
         caller.authorize_instance(Action::IdentitiesWrite)?;
         let mut state = self.lock()?;
+        // Its assignments as stored: one another node made moments ago goes with it.
+        let expect = self.refresh_record(&mut state, Table::Identities, id)?;
+        self.refresh_table(&mut state, Table::RoleAssignments)?;
         let record = state
             .records
             .get(id)
@@ -1585,7 +1623,7 @@ impl Directory {
                 members.push(updated);
             }
         }
-        self.commit(&muts)?;
+        self.commit_expecting(&muts, expect)?;
         state.records.remove(id);
         state.by_name.remove(&name);
         for a in gone {
@@ -1872,6 +1910,8 @@ impl Directory {
             actions: set.names().into_iter().map(str::to_owned).collect(),
         };
         let mut state = self.lock()?;
+        // The names as stored: one another node took moments ago counts.
+        self.refresh_table(&mut state, Table::Roles)?;
         let taken = builtin_roles()
             .iter()
             .map(|r| r.name.clone())
@@ -1904,13 +1944,17 @@ impl Directory {
             ));
         }
         let mut state = self.lock()?;
+        // Decided on the stored role and assignments: an assignment another node made moments
+        // ago keeps the role.
+        let expect = self.refresh_record(&mut state, Table::Roles, id)?;
         if !state.roles.contains_key(id) {
             return Err(not_found("role", id));
         }
+        self.refresh_table(&mut state, Table::RoleAssignments)?;
         if state.assignments.values().any(|a| a.role_id == id) {
             return Err(DomainError::Conflict("the role is still assigned".into()));
         }
-        self.commit(&[Mutation::delete(Table::Roles, id.to_owned())])?;
+        self.commit_expecting(&[Mutation::delete(Table::Roles, id.to_owned())], expect)?;
         state.roles.remove(id);
         Ok(())
     }
@@ -1943,6 +1987,12 @@ impl Directory {
         caller.authorize_instance(Action::RolesWrite)?;
         scope.validate()?;
         let mut state = self.lock()?;
+        // Decided on the stored identity and role: one another node deleted moments ago is not
+        // found here either, and the commit expects both as read.
+        let mut expect = vec![self.refresh_record(&mut state, Table::Identities, principal_id)?];
+        if builtin_role(role_id).is_none() {
+            expect.push(self.refresh_record(&mut state, Table::Roles, role_id)?);
+        }
         if !state.records.contains_key(principal_id) {
             return Err(not_found("identity", principal_id));
         }
@@ -1982,11 +2032,14 @@ impl Directory {
             scope,
             created_at: self.now(),
         };
-        self.commit(&[Mutation::put(
-            Table::RoleAssignments,
-            a.id.clone(),
-            to_json(&a)?,
-        )])?;
+        self.commit_expecting_all(
+            &[Mutation::put(
+                Table::RoleAssignments,
+                a.id.clone(),
+                to_json(&a)?,
+            )],
+            expect,
+        )?;
         state.assignments.insert(a.id.clone(), a.clone());
         state.grants.clear();
         Ok(a)
@@ -1995,6 +2048,7 @@ impl Directory {
     pub fn unassign(&self, caller: &Principal, id: &str) -> DomainResult<()> {
         caller.authorize_instance(Action::RolesWrite)?;
         let mut state = self.lock()?;
+        let expect = self.refresh_record(&mut state, Table::RoleAssignments, id)?;
         let Some(assignment) = state.assignments.get(id) else {
             return Err(not_found("role assignment", id));
         };
@@ -2009,7 +2063,10 @@ impl Directory {
                 action: Action::RolesWrite.as_str(),
             });
         }
-        self.commit(&[Mutation::delete(Table::RoleAssignments, id.to_owned())])?;
+        self.commit_expecting(
+            &[Mutation::delete(Table::RoleAssignments, id.to_owned())],
+            expect,
+        )?;
         state.assignments.remove(id);
         state.grants.clear();
         Ok(())

@@ -595,6 +595,64 @@ fn a_node_editing_a_record_another_node_just_changed_does_not_undo_the_change() 
 /// own limit) hold the account back on both once the nodes have published and followed each
 /// other's counts: 30 failures on each node, against an account limit of 50. Each node alone
 /// saw 30 and let the next guess through.
+/// Role and assignment edits on a node that has not followed another's changes are decided on
+/// the stored records: no assignment to a role or an identity another node deleted, no role
+/// deleted or identity deleted while another node's assignment holds it (its assignments go
+/// with it), no second role of a name another node took.
+#[test]
+fn role_and_assignment_edits_are_decided_on_the_stored_records() {
+    let store = Arc::new(MemoryStore::shared());
+    let a = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    let (admin_id, secret) = Directory::new_admin_credential();
+    a.bootstrap_admin(&admin_id, &secret).unwrap();
+    let admin = a.principal(&admin_id, false, 0, 0).unwrap();
+    let (u, v, w) = (
+        user(&a, &admin, "u"),
+        user(&a, &admin, "v"),
+        user(&a, &admin, "w"),
+    );
+    let actions = ["Microsoft.DigitalTwins/digitaltwins/read".to_owned()];
+    let gone = a.create_role(&admin, "Gone", "", &actions).unwrap();
+    let held = a.create_role(&admin, "Held", "", &actions).unwrap();
+    // B knows all of that, and follows nothing from here on.
+    let b = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    a.delete_role(&admin, &gone.id).unwrap();
+    a.delete_identity(&admin, &w.id).unwrap();
+    let assigned = a.assign(&admin, &v.id, &held.id, Scope::Instance).unwrap();
+    a.create_role(&admin, "Taken", "", &actions).unwrap();
+
+    assert!(matches!(
+        b.assign(&admin, &u.id, &gone.id, Scope::Instance),
+        Err(DomainError::NotFound { .. })
+    ));
+    assert!(matches!(
+        b.assign(&admin, &w.id, DATA_READER, Scope::Instance),
+        Err(DomainError::NotFound { .. })
+    ));
+    assert!(matches!(
+        b.delete_role(&admin, &held.id),
+        Err(DomainError::Conflict(_))
+    ));
+    assert!(matches!(
+        b.create_role(&admin, "taken", "", &actions),
+        Err(DomainError::Conflict(_))
+    ));
+    b.delete_identity(&admin, &v.id).unwrap();
+    let left: Vec<String> = store
+        .scan(Table::RoleAssignments)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(!left.contains(&assigned.id), "v's assignment went with v");
+    // Every stored assignment names a stored identity and role.
+    let c = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    for assignment in c.assignments(&admin, None).unwrap() {
+        assert!(c.identity(&admin, &assignment.principal_id).is_ok());
+        assert!(c.role(&assignment.role_id).is_ok());
+    }
+}
+
 /// Guesses from one address spread over two nodes wait as on one node: 3 on each are under
 /// the 5 an address may fail freely on one node, 6 in all are not. An attacker failing from
 /// more addresses than a node publishes (10,000) makes no more records than that.
