@@ -106,6 +106,9 @@ pub struct PostgresConfig {
     pub ca_file: Option<PathBuf>,
     /// Connections in the pool.
     pub pool_size: usize,
+    /// Serve without taking the database for this node alone (`serve
+    /// --dangerous-several-nodes`, for issue 20's tests: see [`StoreConfig::several_nodes`]).
+    pub several_nodes: bool,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -114,6 +117,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("url", &"(not shown)")
             .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
+            .field("several_nodes", &self.several_nodes)
             .finish()
     }
 }
@@ -140,10 +144,28 @@ impl StoreConfig {
                     url: url.to_owned(),
                     ca_file,
                     pool_size,
+                    several_nodes: false,
                 }))
             }
             // Not the text itself: it may be a connection string with a password.
             Some(_) => anyhow::bail!("--store takes `redb` or a postgresql:// URL"),
+        }
+    }
+
+    /// Lets several nodes serve one PostgreSQL database (`yes`): no node takes it alone. Not
+    /// safe for production yet: each node's audit trail, token signing key rotation and MQTT
+    /// session are still its data directory's own (`docs/storage.md`). Refused for the
+    /// embedded store, which one process holds by its file lock.
+    pub fn several_nodes(self, yes: bool) -> anyhow::Result<Self> {
+        match self {
+            Self::Postgres(pg) => Ok(Self::Postgres(PostgresConfig {
+                several_nodes: yes,
+                ..pg
+            })),
+            Self::Embedded if yes => {
+                anyhow::bail!("--dangerous-several-nodes is for a PostgreSQL store")
+            }
+            Self::Embedded => Ok(Self::Embedded),
         }
     }
 
@@ -175,9 +197,17 @@ impl StoreConfig {
                     },
                 )
                 .context("connecting to the PostgreSQL store")?;
-                store
-                    .lock_exclusive(wait)
-                    .context("taking the PostgreSQL store for this node")?;
+                if pg.several_nodes {
+                    tracing::warn!(
+                        "DANGEROUS: several nodes may serve this database \
+                         (--dangerous-several-nodes); the audit trail, token key rotation and \
+                         the MQTT session are still this data directory's own"
+                    );
+                } else {
+                    store
+                        .lock_exclusive(wait)
+                        .context("taking the PostgreSQL store for this node")?;
+                }
                 Ok(Arc::new(store))
             }
         }

@@ -304,3 +304,176 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
     assert_eq!(read_twin(&restarted, &token, "before").await.0, 200);
     assert_eq!(read_twin(&restarted, &token, "during").await.0, 404);
 }
+
+/// A token for the client `id` with `secret` from `server`'s token endpoint.
+async fn client_token(server: &Server, id: &str, secret: &str) -> String {
+    let response: Value = server
+        .client
+        .post(server.url("/oauth2/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", id),
+            ("client_secret", secret),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    response["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token: {response}"))
+        .to_owned()
+}
+
+/// How long until `token` is refused by `server` (polled every 10 ms, for at most 5 s).
+async fn refused_after(server: &Server, token: &str, since: Instant) -> Duration {
+    loop {
+        let (status, _) = read_twin(server, token, "shared-1").await;
+        if status == 401 {
+            return since.elapsed();
+        }
+        assert_eq!(status, 200);
+        assert!(since.elapsed() < Duration::from_secs(5), "still accepted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Two `serve` processes on one database (`--dangerous-several-nodes`, the second started from
+/// a copy of the first's data directory): a write on one is read on the other through the
+/// position it was answered with; an identity disabled on one, and a token revoked on one, are
+/// refused by the other within a second (measured and printed); both answer for the same graph.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serving_processes_on_one_database_share_writes_and_revocations() {
+    let db = match TestDatabase::create() {
+        Ok(Some(db)) => db,
+        Ok(None) => return,
+        Err(e) => panic!("{e}"),
+    };
+    let url = db.url();
+    let flags = ["--store", url.as_str(), "--dangerous-several-nodes"];
+    let first_dir = tempfile::tempdir().unwrap();
+    let a = Server::start_with(first_dir.path(), &flags, None);
+    let admin_a = a.admin_token(first_dir.path()).await;
+    let second_dir = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", first_dir.path().display()))
+        .arg(second_dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let b = Server::start_with(second_dir.path(), &flags, None);
+    let admin: Value = serde_json::from_slice(
+        &std::fs::read(second_dir.path().join("secrets/admin-client.json")).unwrap(),
+    )
+    .unwrap();
+    let admin_b = client_token(
+        &b,
+        admin["client_id"].as_str().unwrap(),
+        admin["client_secret"].as_str().unwrap(),
+    )
+    .await;
+
+    // A write on A, read on B with the position A answered.
+    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Shared;1",
+        "@type": "Interface", "contents": [{"@type": "Property", "name": "n", "schema": "integer"}]}]);
+    let uploaded = a
+        .client
+        .post(a.url("/models"))
+        .bearer_auth(&admin_a)
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploaded.status(), 201);
+    let twin = json!({"$metadata": {"$model": "dtmi:pg:Shared;1"}, "n": 1});
+    let written = a
+        .client
+        .put(a.url("/digitaltwins/shared-1"))
+        .bearer_auth(&admin_a)
+        .json(&twin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 200);
+    let position = written.headers()["twinguard-position"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let read = b
+        .client
+        .get(b.url("/digitaltwins/shared-1"))
+        .bearer_auth(&admin_b)
+        .header("twinguard-min-position", &position)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(read.json::<Value>().await.unwrap()["n"], 1);
+
+    // An application with a reader role, made on B; its tokens, issued by B, work on A.
+    let made: Value = b
+        .request(
+            &admin_b,
+            reqwest::Method::POST,
+            "/admin/identities",
+            json!({"kind": "application", "name": "reader-app", "groups": []}),
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (app_id, app_secret) = (
+        made["identity"]["id"].as_str().unwrap().to_owned(),
+        made["clientSecret"].as_str().unwrap().to_owned(),
+    );
+    let assigned = b
+        .request(
+            &admin_b,
+            reqwest::Method::POST,
+            "/admin/roleassignments",
+            json!({"principalId": app_id, "roleId": twinguard_core::auth::DATA_READER,
+                "scope": {"kind": "instance"}}),
+        )
+        .await
+        .unwrap();
+    assert!(assigned.status().is_success(), "{}", assigned.status());
+    let revoked_token = client_token(&b, &app_id, &app_secret).await;
+    let disabled_token = client_token(&b, &app_id, &app_secret).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for token in [&revoked_token, &disabled_token] {
+        assert_eq!(read_twin(&a, token, "shared-1").await.0, 200);
+    }
+
+    // Revoked on B: refused on A within a second.
+    let revoked = b
+        .client
+        .post(b.url("/oauth2/revoke"))
+        .form(&[("token", revoked_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let after_revocation = refused_after(&a, &revoked_token, Instant::now()).await;
+    // Disabled on A: refused on B within a second.
+    let disabled = a
+        .request(
+            &admin_a,
+            reqwest::Method::PATCH,
+            &format!("/admin/identities/{app_id}"),
+            json!({"disabled": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(disabled.status(), 200);
+    let after_disabling = refused_after(&b, &disabled_token, Instant::now()).await;
+    println!(
+        "refused on the other node after: revocation {after_revocation:?}, disabling {after_disabling:?}"
+    );
+    assert!(after_revocation < Duration::from_secs(1));
+    assert!(after_disabling < Duration::from_secs(1));
+    drop((a, b));
+}
