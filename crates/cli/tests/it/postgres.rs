@@ -568,3 +568,172 @@ async fn two_serving_processes_on_one_database_share_writes_revocations_and_tele
     }
     drop((a, b));
 }
+
+/// A webhook receiver on loopback, written on plain tokio: the bodies it received, each
+/// answered 200 (HTTP/1.1, kept alive).
+async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let bodies = got.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let bodies = bodies.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    bodies
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if stream.get_mut().write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
+/// Two `serve` processes on one database deliver each event of an endpoint once: the one that
+/// holds the endpoint's lease sends it, whichever node the write came through. Without the
+/// lease each process delivers every event (both know the endpoint: the second starts after it
+/// was made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serving_processes_deliver_each_event_once() {
+    let db = match TestDatabase::create() {
+        Ok(Some(db)) => db,
+        Ok(None) => return,
+        Err(e) => panic!("{e}"),
+    };
+    let url = db.url();
+    let flags = [
+        "--store",
+        url.as_str(),
+        "--dangerous-several-nodes",
+        "--egress-allow",
+        "127.0.0.1",
+    ];
+    let first_dir = tempfile::tempdir().unwrap();
+    let a = Server::start_with(first_dir.path(), &flags, None);
+    let admin_a = a.admin_token(first_dir.path()).await;
+
+    let (hook, got) = webhook_receiver().await;
+    let made = a
+        .request(
+            &admin_a,
+            reqwest::Method::PUT,
+            "/admin/endpoints/hook",
+            json!({"type": "webhook", "url": hook}),
+        )
+        .await
+        .unwrap();
+    assert!(made.status().is_success(), "{}", made.status());
+    let routed = a
+        .client
+        .put(a.url("/eventroutes/all"))
+        .bearer_auth(&admin_a)
+        .json(&json!({"endpointName": "hook", "filter": "true"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(routed.status().is_success(), "{}", routed.status());
+    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Hooked;1",
+        "@type": "Interface"}]);
+    let uploaded = a
+        .client
+        .post(a.url("/models"))
+        .bearer_auth(&admin_a)
+        .json(&model)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(uploaded.status(), 201);
+    // B starts with the endpoint stored: it knows it from its start.
+    let second_dir = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", first_dir.path().display()))
+        .arg(second_dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let b = Server::start_with(second_dir.path(), &flags, None);
+    let admin: Value = serde_json::from_slice(
+        &std::fs::read(second_dir.path().join("secrets/admin-client.json")).unwrap(),
+    )
+    .unwrap();
+    let admin_b = client_token(
+        &b,
+        admin["client_id"].as_str().unwrap(),
+        admin["client_secret"].as_str().unwrap(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    const TWINS: usize = 40;
+    for i in 0..TWINS {
+        let (server, token) = if i % 2 == 0 {
+            (&a, &admin_a)
+        } else {
+            (&b, &admin_b)
+        };
+        let written = server
+            .client
+            .put(server.url(&format!("/digitaltwins/hooked-{i}")))
+            .bearer_auth(token)
+            .json(&json!({"$metadata": {"$model": "dtmi:pg:Hooked;1"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(written.status(), 200);
+    }
+    let creations = || {
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        for event in got.lock().unwrap().iter() {
+            if event["type"] == "Microsoft.DigitalTwins.Twin.Create" {
+                *seen
+                    .entry(event["subject"].as_str().unwrap_or_default().to_owned())
+                    .or_default() += 1;
+            }
+        }
+        seen
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while creations().len() < TWINS {
+        assert!(
+            Instant::now() < until,
+            "only {} creations arrived",
+            creations().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for a second delivery to arrive, if there were one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (twin, times) in creations() {
+        assert_eq!(times, 1, "{twin} arrived {times} times");
+    }
+    drop((a, b));
+}
