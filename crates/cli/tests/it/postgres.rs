@@ -621,7 +621,8 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
 /// Two `serve` processes on one database deliver each event of an endpoint once: the one that
 /// holds the endpoint's lease sends it, whichever node the write came through. Without the
 /// lease each process delivers every event (both know the endpoint: the second starts after it
-/// was made).
+/// was made). Once the holder is killed with SIGKILL, the other takes over when the lease runs
+/// out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_serving_processes_deliver_each_event_once() {
     let db = match TestDatabase::create() {
@@ -735,5 +736,39 @@ async fn two_serving_processes_deliver_each_event_once() {
     for (twin, times) in creations() {
         assert_eq!(times, 1, "{twin} arrived {times} times");
     }
-    drop((a, b));
+
+    // A took the lease when the endpoint was made there, before B started. Killed (-9), it
+    // gives nothing up: B takes the endpoint once the lease runs out (10 s) and delivers what
+    // was written after, and what A had not delivered, from the stored position.
+    a.kill();
+    let killed = Instant::now();
+    for i in TWINS..TWINS + 10 {
+        let written = b
+            .client
+            .put(b.url(&format!("/digitaltwins/hooked-{i}")))
+            .bearer_auth(&admin_b)
+            .json(&json!({"$metadata": {"$model": "dtmi:pg:Hooked;1"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(written.status(), 200);
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    while creations().len() < TWINS + 10 {
+        assert!(
+            Instant::now() < until,
+            "only {} creations arrived after the kill",
+            creations().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "after A's kill -9, B delivered the next events {:?} later",
+        killed.elapsed()
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(5),
+        "A held the lease"
+    );
+    drop(b);
 }
