@@ -327,6 +327,31 @@ async fn client_token(server: &Server, id: &str, secret: &str) -> String {
         .to_owned()
 }
 
+/// A second node: `serve` with `flags` on a copy of `first`'s data directory, and an admin
+/// token from it (with the copied admin credential).
+async fn start_copy(first: &Path, flags: &[&str]) -> (tempfile::TempDir, Server, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", first.display()))
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let server = Server::start_with(dir.path(), flags, None);
+    let admin: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("secrets/admin-client.json")).unwrap(),
+    )
+    .unwrap();
+    let token = client_token(
+        &server,
+        admin["client_id"].as_str().unwrap(),
+        admin["client_secret"].as_str().unwrap(),
+    )
+    .await;
+    (dir, server, token)
+}
+
 /// How long until `token` is refused by `server` (polled every 10 ms, for at most 5 s).
 async fn refused_after(server: &Server, token: &str, since: Instant) -> Duration {
     loop {
@@ -358,25 +383,7 @@ async fn two_serving_processes_on_one_database_share_writes_revocations_and_tele
     let first_dir = tempfile::tempdir().unwrap();
     let a = Server::start_with(first_dir.path(), &flags, None);
     let admin_a = a.admin_token(first_dir.path()).await;
-    let second_dir = tempfile::tempdir().unwrap();
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", first_dir.path().display()))
-        .arg(second_dir.path())
-        .status()
-        .unwrap();
-    assert!(copied.success());
-    let b = Server::start_with(second_dir.path(), &flags, None);
-    let admin: Value = serde_json::from_slice(
-        &std::fs::read(second_dir.path().join("secrets/admin-client.json")).unwrap(),
-    )
-    .unwrap();
-    let admin_b = client_token(
-        &b,
-        admin["client_id"].as_str().unwrap(),
-        admin["client_secret"].as_str().unwrap(),
-    )
-    .await;
+    let (second_dir, b, admin_b) = start_copy(first_dir.path(), &flags).await;
 
     // A write on A, read on B with the position A answered.
     let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Shared;1",
@@ -618,6 +625,28 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
     (url, got)
 }
 
+/// Creates twin `hooked-{i}` through `server`, as a client does: again after a 503, which a
+/// node answers when another node's commit came between its decision and its own (a lease
+/// renewal, say: `docs/storage.md`, the commit fence).
+async fn create_hooked(server: &Server, token: &str, i: usize) {
+    for _ in 0..10 {
+        let written = server
+            .client
+            .put(server.url(&format!("/digitaltwins/hooked-{i}")))
+            .bearer_auth(token)
+            .json(&json!({"$metadata": {"$model": "dtmi:pg:Hooked;1"}}))
+            .send()
+            .await
+            .unwrap();
+        match written.status().as_u16() {
+            200 => return,
+            503 => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("hooked-{i}: {other}"),
+        }
+    }
+    panic!("hooked-{i}: 503 ten times");
+}
+
 /// Two `serve` processes on one database deliver each event of an endpoint once: the one that
 /// holds the endpoint's lease sends it, whichever node the write came through. Without the
 /// lease each process delivers every event (both know the endpoint: the second starts after it
@@ -674,25 +703,7 @@ async fn two_serving_processes_deliver_each_event_once() {
         .unwrap();
     assert_eq!(uploaded.status(), 201);
     // B starts with the endpoint stored: it knows it from its start.
-    let second_dir = tempfile::tempdir().unwrap();
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", first_dir.path().display()))
-        .arg(second_dir.path())
-        .status()
-        .unwrap();
-    assert!(copied.success());
-    let b = Server::start_with(second_dir.path(), &flags, None);
-    let admin: Value = serde_json::from_slice(
-        &std::fs::read(second_dir.path().join("secrets/admin-client.json")).unwrap(),
-    )
-    .unwrap();
-    let admin_b = client_token(
-        &b,
-        admin["client_id"].as_str().unwrap(),
-        admin["client_secret"].as_str().unwrap(),
-    )
-    .await;
+    let (_second_dir, b, admin_b) = start_copy(first_dir.path(), &flags).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     const TWINS: usize = 40;
     for i in 0..TWINS {
@@ -701,15 +712,7 @@ async fn two_serving_processes_deliver_each_event_once() {
         } else {
             (&b, &admin_b)
         };
-        let written = server
-            .client
-            .put(server.url(&format!("/digitaltwins/hooked-{i}")))
-            .bearer_auth(token)
-            .json(&json!({"$metadata": {"$model": "dtmi:pg:Hooked;1"}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(written.status(), 200);
+        create_hooked(server, token, i).await;
     }
     let creations = || {
         let mut seen: std::collections::HashMap<String, usize> = Default::default();
@@ -743,15 +746,7 @@ async fn two_serving_processes_deliver_each_event_once() {
     a.kill();
     let killed = Instant::now();
     for i in TWINS..TWINS + 10 {
-        let written = b
-            .client
-            .put(b.url(&format!("/digitaltwins/hooked-{i}")))
-            .bearer_auth(&admin_b)
-            .json(&json!({"$metadata": {"$model": "dtmi:pg:Hooked;1"}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(written.status(), 200);
+        create_hooked(&b, &admin_b, i).await;
     }
     let until = Instant::now() + Duration::from_secs(30);
     while creations().len() < TWINS + 10 {

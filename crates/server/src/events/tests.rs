@@ -223,6 +223,15 @@ async fn first_node(store: &Arc<MemoryStore>, addr: std::net::SocketAddr) -> Nod
     a
 }
 
+/// A shared store, a receiver, and node A with endpoint `hook` to it (see [`first_node`]).
+async fn setup() -> (Arc<MemoryStore>, Receiver, std::net::SocketAddr, Node) {
+    let store = Arc::new(MemoryStore::shared());
+    let receiver = Receiver::default();
+    let addr = receiver.start().await;
+    let a = first_node(&store, addr).await;
+    (store, receiver, addr, a)
+}
+
 async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let until = Instant::now() + within;
     while !done() {
@@ -242,10 +251,7 @@ fn holder(store: &MemoryStore) -> Option<String> {
 /// leases each node delivers every event, and each arrives twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_two_nodes_each_event_is_delivered_once_by_the_holder() {
-    let store = Arc::new(MemoryStore::shared());
-    let receiver = Receiver::default();
-    let addr = receiver.start().await;
-    let a = first_node(&store, addr).await;
+    let (store, receiver, _addr, a) = setup().await;
     let b = node(&store, "b");
     a.events.start();
     b.events.start();
@@ -272,10 +278,7 @@ async fn on_two_nodes_each_event_is_delivered_once_by_the_holder() {
 /// every event arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_cannot_renew_stops_delivering_before_another_takes_over() {
-    let store = Arc::new(MemoryStore::shared());
-    let receiver = Receiver::default();
-    let addr = receiver.start().await;
-    let a = first_node(&store, addr).await;
+    let (store, receiver, _addr, a) = setup().await;
     a.events.start();
     wait_for("a's lease", Duration::from_secs(5), || {
         holder(&store).is_some()
@@ -353,10 +356,7 @@ where
 /// the endpoint behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_racing_a_lease_round_is_neither_undone_nor_brought_back() {
-    let store = Arc::new(MemoryStore::shared());
-    let receiver = Receiver::default();
-    let addr = receiver.start().await;
-    let a = first_node(&store, addr).await;
+    let (store, _receiver, addr, a) = setup().await;
     a.events.inner.round().await.unwrap();
     edit_during_a_round(&a, move |events| async move {
         events.put("new", spec(addr)).await.unwrap();
@@ -394,10 +394,7 @@ async fn an_edit_racing_a_lease_round_is_neither_undone_nor_brought_back() {
 /// round, not when the lease would have run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_cleanly_hands_its_endpoints_over_at_once() {
-    let store = Arc::new(MemoryStore::shared());
-    let receiver = Receiver::default();
-    let addr = receiver.start().await;
-    let a = first_node(&store, addr).await;
+    let (store, receiver, _addr, a) = setup().await;
     let a = Node {
         events: a.events.with_lease_times(lease::Times {
             ttl: Duration::from_secs(60),
@@ -424,10 +421,7 @@ async fn a_node_stopped_cleanly_hands_its_endpoints_over_at_once() {
 /// events committed while nobody delivered it arrive, none skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_replaced_on_another_node_skips_no_event() {
-    let store = Arc::new(MemoryStore::shared());
-    let receiver = Receiver::default();
-    let addr = receiver.start().await;
-    let a = first_node(&store, addr).await;
+    let (store, receiver, addr, a) = setup().await;
     a.events.start();
     create(&a, "first").await;
     wait_for("the first event", Duration::from_secs(5), || {
