@@ -121,7 +121,12 @@ impl LossyMount {
             )));
         }
         detached.map_err(io::Error::from)?;
-        session.join()
+        match session.join() {
+            // The session's last read found the kernel's connection torn down rather than
+            // unmounted (seen under load in CI): either way the file system has ended.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => Ok(()),
+            ended => ended,
+        }
     }
 }
 
