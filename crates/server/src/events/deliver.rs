@@ -136,9 +136,38 @@ pub async fn run(
         busy: HashSet::new(),
         in_flight: FuturesUnordered::new(),
         failing: None,
-        lease,
     };
-    delivery.run().await;
+    // The lease's end stops the delivery wherever it is: between two attempts, or in the middle
+    // of a dead letter's commit or a send (which are dropped), so nothing starts after it.
+    let name = delivery.endpoint.name.clone();
+    tokio::select! {
+        () = delivery.run() => {}
+        () = lease_ends(lease) => {
+            tracing::warn!(endpoint = %name, "the delivery lease was not renewed in time: this node stops delivering the endpoint");
+        }
+    }
+}
+
+/// Returns once the lease's deadline passed without a renewal moving it on (or its holder
+/// dropped it); never without a lease.
+async fn lease_ends(lease: Option<tokio::sync::watch::Receiver<Instant>>) {
+    let Some(mut deadline) = lease else {
+        return std::future::pending().await;
+    };
+    loop {
+        let at = *deadline.borrow_and_update();
+        if at <= Instant::now() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(at.into()) => {}
+            changed = deadline.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// One endpoint's delivery state.
@@ -169,8 +198,6 @@ struct Delivery {
     /// The endpoint's next wait while failing.
     backoff: Duration,
     metrics: Metrics,
-    /// On a shared store: the deadline of this node's lease on the endpoint.
-    lease: Option<tokio::sync::watch::Receiver<Instant>>,
     /// The last position stored, before the one being stored (`stored`), if that fails.
     confirmed: u64,
 }
@@ -202,11 +229,6 @@ impl Metrics {
 impl Delivery {
     async fn run(&mut self) {
         loop {
-            let lease_ends = self.lease.as_ref().map(|deadline| *deadline.borrow());
-            if lease_ends.is_some_and(|at| at <= Instant::now()) {
-                tracing::warn!(endpoint = %self.endpoint.name, "the delivery lease was not renewed in time: this node stops delivering the endpoint");
-                return;
-            }
             if !self.read_feed() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -228,7 +250,6 @@ impl Delivery {
                     }
                 }
                 _ = sleep_until(wake), if wake.is_some() => {}
-                _ = sleep_until(lease_ends), if lease_ends.is_some() => {}
                 stored = OptionFuture::from(self.storing.as_mut()), if self.storing.is_some() => {
                     self.storing = None;
                     match stored {

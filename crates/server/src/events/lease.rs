@@ -50,6 +50,39 @@ struct Record {
     node: String,
     /// Until when (Unix milliseconds) the node holds it.
     until_ms: u64,
+    /// The endpoint was deleted while the node held the lease: the record stays until it runs
+    /// out, so that no other node delivers an endpoint made again under the name while the
+    /// holder may still be sending, and no longer matches what the holder's writes expect.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    deleted: bool,
+}
+
+/// What deleting an endpoint does with its lease, stored as `lease`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnDelete {
+    /// None, run out or unreadable: it is deleted with the endpoint.
+    Delete,
+    /// Live: it is first replaced by this record, which is kept until it runs out.
+    Close(Vec<u8>),
+    /// Already closed and live: it is kept.
+    Keep,
+}
+
+/// What deleting an endpoint at wall time `now_ms` does with its lease.
+pub fn on_delete(lease: Option<&[u8]>, now_ms: u64) -> OnDelete {
+    match lease.map(serde_json::from_slice::<Record>) {
+        Some(Ok(record)) if record.until_ms >= now_ms => match record.deleted {
+            true => OnDelete::Keep,
+            false => OnDelete::Close(
+                serde_json::to_vec(&Record {
+                    deleted: true,
+                    ..record
+                })
+                .unwrap_or_default(),
+            ),
+        },
+        _ => OnDelete::Delete,
+    }
 }
 
 /// What a round reads: every endpoint, position and lease as stored.
@@ -65,13 +98,18 @@ pub struct Stored {
 pub fn read(store: &dyn Store) -> Result<Stored, StoreError> {
     Ok(Stored {
         endpoints: store.scan(Table::Endpoints)?.into_iter().collect(),
-        positions: store
-            .scan(Table::Deliveries)?
-            .into_iter()
-            .map(|(name, bytes)| (name, parse_position(&bytes)))
-            .collect(),
+        positions: read_positions(store)?,
         leases: store.scan(Table::Leases)?.into_iter().collect(),
     })
+}
+
+/// Every endpoint's stored delivery position, by name.
+pub fn read_positions(store: &dyn Store) -> Result<HashMap<String, u64>, StoreError> {
+    Ok(store
+        .scan(Table::Deliveries)?
+        .into_iter()
+        .map(|(name, bytes)| (name, parse_position(&bytes)))
+        .collect())
 }
 
 /// A stored delivery position (0 when unreadable: events are sent again, never skipped).
@@ -114,6 +152,7 @@ pub fn plan<'a>(
         let record = serde_json::to_vec(&Record {
             node: node.to_owned(),
             until_ms: now_ms.saturating_add(times.ttl.as_millis() as u64),
+            deleted: false,
         })
         .unwrap_or_default();
         plan.batch
@@ -151,6 +190,13 @@ fn free_for(lease: Option<&[u8]>, node: &str, now_ms: u64) -> bool {
         None | Some(Err(_)) => true,
         Some(Ok(record)) => record.node == node || record.until_ms < now_ms,
     }
+}
+
+/// Whether `lease`, as stored, is `node`'s own and open (not closed by a deletion).
+pub fn is_own(lease: Option<&[u8]>, node: &str) -> bool {
+    lease
+        .and_then(|bytes| serde_json::from_slice::<Record>(bytes).ok())
+        .is_some_and(|record| record.node == node && !record.deleted)
 }
 
 /// Unix milliseconds now.

@@ -111,6 +111,19 @@ struct Held {
     deadline: tokio::sync::watch::Sender<Instant>,
 }
 
+impl Running {
+    /// Stops the delivery of a lease this node no longer holds (another node took it, or a
+    /// deletion closed it).
+    fn give_up(&mut self, name: &str) {
+        if self.lease.take().is_some() {
+            if let Some(task) = self.task.take() {
+                task.abort();
+            }
+            tracing::info!(endpoint = %name, "this endpoint's lease changed on another node; this node stops delivering it");
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(task) = &self.task {
@@ -169,11 +182,13 @@ impl Events {
         Ok(Self { inner })
     }
 
-    /// Other lease times than [`lease::Times::default`] (tests); only before [`Events::start`].
+    /// Other lease times than [`lease::Times::default`] (tests); only before [`Events::start`]
+    /// and before `self` is cloned (it panics otherwise, rather than keeping the old times).
+    #[cfg(test)]
+    #[allow(clippy::expect_used)]
     pub fn with_lease_times(mut self, times: lease::Times) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner)
-            && let Some((_, t)) = &mut inner.leases
-        {
+        let inner = Arc::get_mut(&mut self.inner).expect("lease times are set before any clone");
+        if let Some((_, t)) = &mut inner.leases {
             *t = times;
         }
         self
@@ -214,7 +229,9 @@ impl Events {
             let mut every = tokio::time::interval(TRIM_EVERY);
             loop {
                 every.tick().await;
-                let below = inner.trim_point();
+                let Some(below) = inner.trim_point().await else {
+                    continue;
+                };
                 // One trim removes at most `feed::MAX_TRIM` records: go on until the oldest record
                 // still stored is at `below`, so the trim keeps up with any event rate. Nothing
                 // below it: no commit made.
@@ -271,11 +288,14 @@ impl Events {
             None => self.inner.put_local(name, &stored).await?,
         };
         let mut state = self.inner.lock();
-        // A replaced endpoint keeps its lease, and its holder's position.
+        // A replaced endpoint keeps its lease, and its holder's position. A created one that
+        // this node still delivered was deleted on another node meanwhile: its lease was
+        // closed then, and a round takes it again.
         let lease = state
             .endpoints
             .remove(name)
-            .and_then(|mut running| running.lease.take());
+            .and_then(|mut running| running.lease.take())
+            .filter(|_| !created);
         if created || lease.is_none() {
             state.positions.insert(name.to_owned(), position);
         }
@@ -321,44 +341,20 @@ impl Events {
     }
 
     /// Deletes endpoint `name`: its delivery stops at once (on another node that delivers it,
-    /// at its next lease round, and it can store nothing more for it); its dead letters go with
-    /// it.
+    /// its writes for the endpoint are refused from now on and its sending stops at its next
+    /// lease round); its dead letters go with it.
     pub async fn delete(&self, name: &str) -> Result<(), EventsError> {
         let _edits = self.inner.edits.lock().await;
         if self.inner.leases.is_none() && !self.inner.lock().endpoints.contains_key(name) {
             return Err(EventsError::NotFound(name.to_owned()));
         }
+        let shared = self.inner.leases.is_some();
         let mut deleted = false;
         for _ in 0..EDIT_ATTEMPTS {
             let key = name.to_owned();
-            let shared = self.inner.leases.is_some();
             deleted = self
                 .inner
-                .blocking(move |store| {
-                    let record = store
-                        .get_many(Table::Endpoints, std::slice::from_ref(&key))?
-                        .pop()
-                        .flatten();
-                    if shared && record.is_none() {
-                        return Err(StoreError(NOT_STORED.into()));
-                    }
-                    let mut batch = vec![
-                        Mutation::delete(Table::Endpoints, &key),
-                        Mutation::delete(Table::Deliveries, &key),
-                        Mutation::delete(Table::Leases, &key),
-                    ];
-                    for (row, _) in dead_letter_rows(store, &key, usize::MAX)? {
-                        batch.push(Mutation::delete(Table::DeadLetters, row));
-                    }
-                    store.commit_expecting(
-                        &batch,
-                        &[Expect {
-                            table: Table::Endpoints,
-                            key,
-                            value: record,
-                        }],
-                    )
-                })
+                .blocking(move |store| delete_records(store, &key, shared, lease::now_ms()))
                 .await
                 .map_err(|e| match e.0.as_str() {
                     NOT_STORED => EventsError::NotFound(name.to_owned()),
@@ -530,6 +526,17 @@ impl Inner {
         state
             .refused
             .retain(|name, _| stored.endpoints.contains_key(name));
+        // A lease stored otherwise than this node holds it was taken by another node, or
+        // closed by a deletion: its delivery stops now.
+        for (name, running) in &mut state.endpoints {
+            if running
+                .lease
+                .as_ref()
+                .is_some_and(|held| stored.leases.get(name) != Some(&held.record))
+            {
+                running.give_up(name);
+            }
+        }
         for (name, record) in &stored.endpoints {
             let known = state.endpoints.get(name).map(|r| &r.stored);
             if known == Some(record) || state.refused.get(name) == Some(record) {
@@ -752,45 +759,64 @@ impl Inner {
     }
 
     /// Commits `batch` for the delivery of endpoint `name`: on a shared store only while this
-    /// node holds its lease, expecting the lease record (once more if a round renewed it
-    /// meanwhile). False when nothing was stored: the lease is another node's, or the endpoint
-    /// was deleted.
+    /// node holds its lease, expecting the lease record. False when nothing was stored: the
+    /// endpoint was deleted, or its lease is no longer this node's, and then this node stops
+    /// delivering it at once rather than at its next round.
     async fn commit_delivery(&self, name: &str, batch: Vec<Mutation>) -> Result<bool, StoreError> {
-        let mut tried = None;
-        for _ in 0..2 {
-            let held = {
-                let state = self.lock();
-                let Some(running) = state.endpoints.get(name) else {
-                    return Ok(false);
-                };
-                running.lease.as_ref().map(|held| held.record.clone())
+        let held = {
+            let state = self.lock();
+            let Some(running) = state.endpoints.get(name) else {
+                return Ok(false);
             };
-            let batch = batch.clone();
-            let stored = match held {
-                None if self.leases.is_some() => return Ok(false),
-                None => self
+            running.lease.as_ref().map(|held| held.record.clone())
+        };
+        let (node, mut record) = match (&self.leases, held) {
+            (None, _) => {
+                return self
                     .blocking(move |store| store.commit(&batch))
                     .await
-                    .map(|()| true)?,
-                Some(record) => {
-                    if tried.as_ref() == Some(&record) {
-                        return Ok(false);
+                    .map(|()| true);
+            }
+            (Some(_), None) => return Ok(false),
+            (Some((node, _)), Some(record)) => (node.clone(), record),
+        };
+        // A round may renew the lease between the read above and the commit: once more with
+        // the record stored then, if it is this node's own.
+        for _ in 0..2 {
+            let batch = batch.clone();
+            let key = name.to_owned();
+            let expect = vec![Expect {
+                table: Table::Leases,
+                key: key.clone(),
+                value: Some(record),
+            }];
+            let (stored, now) = self
+                .blocking(move |store| {
+                    if store.commit_expecting(&batch, &expect)? {
+                        return Ok((true, None));
                     }
-                    tried = Some(record.clone());
-                    let expect = vec![Expect {
-                        table: Table::Leases,
-                        key: name.to_owned(),
-                        value: Some(record),
-                    }];
-                    self.blocking(move |store| store.commit_expecting(&batch, &expect))
-                        .await?
-                }
-            };
+                    let now = store.get_many(Table::Leases, &[key])?.pop().flatten();
+                    Ok((false, now))
+                })
+                .await?;
             if stored {
                 return Ok(true);
             }
+            match now {
+                Some(now) if lease::is_own(Some(&now), &node) => record = now,
+                _ => break,
+            }
         }
+        self.lose(name);
         Ok(false)
+    }
+
+    /// This node no longer holds `name`'s lease (another node took it, or it was closed by a
+    /// deletion): its delivery stops now.
+    fn lose(&self, name: &str) {
+        if let Some(running) = self.lock().endpoints.get_mut(name) {
+            running.give_up(name);
+        }
     }
 
     /// Moves `name`'s position on (durably, then in memory). A failed store keeps the old
@@ -836,28 +862,50 @@ impl Inner {
     /// counts as skipped, rather than the feed growing until the disk is full and every write
     /// stops.
     ///
-    /// On a shared store the positions are those of every stored endpoint (as the last lease
-    /// round read them, or this node's own where it delivers): an endpoint this node refuses,
-    /// or another node delivers, keeps its records too.
-    fn trim_point(&self) -> u64 {
-        let state = self.lock();
+    /// On a shared store the positions are those of every stored endpoint, read from the store
+    /// now, and this node's own where it delivers (the lower of the two): an endpoint this
+    /// node refuses, another node delivers, or another node made since this node's last lease
+    /// round keeps its records too. The feed's head is read first: the records up to it were
+    /// committed before the positions are read, so an endpoint made after that read (from a
+    /// head at least as far) needs none of them. `None` when the positions cannot be read:
+    /// nothing is trimmed then.
+    async fn trim_point(&self) -> Option<u64> {
         let head = self.service.feed_head();
-        let names: Vec<&String> = match self.leases {
-            Some(_) => state.positions.keys().collect(),
-            None => state.endpoints.keys().collect(),
+        let stored = match self.leases {
+            Some(_) => match self.blocking(lease::read_positions).await {
+                Ok(stored) => Some(stored),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the delivery positions cannot be read; nothing is trimmed");
+                    return None;
+                }
+            },
+            None => None,
         };
-        let needed = names
-            .iter()
-            .map(|n| state.positions.get(*n).copied().unwrap_or(0))
-            .min()
-            .unwrap_or(head)
-            .min(head)
-            + 1;
+        let state = self.lock();
+        let mut positions: HashMap<&String, u64> = match &stored {
+            Some(stored) => stored.iter().map(|(n, p)| (n, *p)).collect(),
+            None => state.endpoints.keys().map(|n| (n, 0)).collect(),
+        };
+        for (name, position) in &state.positions {
+            match stored {
+                Some(_) => {
+                    let p = positions.entry(name).or_insert(*position);
+                    *p = (*p).min(*position);
+                }
+                None => {
+                    if let Some(p) = positions.get_mut(name) {
+                        *p = *position;
+                    }
+                }
+            }
+        }
+        let needed = positions.values().copied().min().unwrap_or(head).min(head) + 1;
         let cap = head.saturating_sub(self.backlog) + 1;
         if cap > needed {
-            let lagging: Vec<&&String> = names
+            let lagging: Vec<&&String> = positions
                 .iter()
-                .filter(|n| state.positions.get(**n).copied().unwrap_or(0) + 1 < cap)
+                .filter(|(_, p)| **p + 1 < cap)
+                .map(|(n, _)| n)
                 .collect();
             tracing::error!(
                 ?lagging,
@@ -865,7 +913,7 @@ impl Inner {
                 "event endpoints lag more than the backlog: their oldest events are dropped"
             );
         }
-        needed.max(cap)
+        Some(needed.max(cap))
     }
 
     /// Whether a route to endpoint `name` matches `event`.
@@ -914,8 +962,9 @@ impl Inner {
 
     /// Stores `event` as a dead letter of `endpoint`; false when the endpoint's dead letters
     /// are at their limit or the store fails (the event is then retried, not dropped). The
-    /// count is read from the store once per endpoint, then kept (replays and discards lower
-    /// it), so a dead letter costs one commit, not a read of the others.
+    /// count is read from the store once per endpoint, then kept (replays and discards on this
+    /// node lower it), so a dead letter costs one commit, not a read of the others; at the
+    /// limit it is read again.
     async fn dead_letter(
         &self,
         endpoint: &Endpoint,
@@ -923,10 +972,12 @@ impl Inner {
         attempts: u32,
         error: &str,
     ) -> bool {
+        // A count at the limit is read again: dead letters replayed or discarded on another
+        // node lowered it there, not here.
         let known = self.lock().dead_counts.get(&endpoint.name).copied();
         let count = match known {
-            Some(count) => count,
-            None => match self.dead_letter_rows(&endpoint.name, MAX_DEAD_LETTERS) {
+            Some(count) if count < MAX_DEAD_LETTERS => count,
+            _ => match self.dead_letter_rows(&endpoint.name, MAX_DEAD_LETTERS) {
                 Ok(rows) => rows.len(),
                 Err(_) => return false,
             },
@@ -963,4 +1014,65 @@ fn dead_letter_rows(
     let from = format!("{name}\u{1f}");
     let to = format!("{name}\u{20}");
     store.range(Table::DeadLetters, &from, &to, limit)
+}
+
+/// Deletes endpoint `key`'s records: the endpoint, its position and its dead letters. False
+/// when the endpoint (or on a shared store its lease) changed meanwhile; nothing is deleted
+/// then.
+///
+/// On a shared store, a lease another node may still deliver under is closed first, in a
+/// commit of its own ([`lease::on_delete`]): from then on the holder's writes, which expect
+/// the lease as it holds it, store nothing, so no dead letter it adds after the dead letters
+/// are read here outlives the endpoint; and the closed lease stays until it runs out, so no
+/// other node delivers an endpoint made again under the name while the holder may still send.
+fn delete_records(
+    store: &dyn Store,
+    key: &str,
+    shared: bool,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let keys = [key.to_owned()];
+    let record = store.get_many(Table::Endpoints, &keys)?.pop().flatten();
+    if shared && record.is_none() {
+        return Err(StoreError(NOT_STORED.into()));
+    }
+    let mut expect = vec![Expect {
+        table: Table::Endpoints,
+        key: key.to_owned(),
+        value: record,
+    }];
+    let mut batch = vec![
+        Mutation::delete(Table::Endpoints, key),
+        Mutation::delete(Table::Deliveries, key),
+    ];
+    if shared {
+        let lease = store.get_many(Table::Leases, &keys)?.pop().flatten();
+        let mut kept = lease.clone();
+        match lease::on_delete(lease.as_deref(), now_ms) {
+            lease::OnDelete::Delete => batch.push(Mutation::delete(Table::Leases, key)),
+            lease::OnDelete::Keep => {}
+            lease::OnDelete::Close(closed) => {
+                let close = [Mutation::put(Table::Leases, key, closed.clone())];
+                let mut expect_open = expect.clone();
+                expect_open.push(Expect {
+                    table: Table::Leases,
+                    key: key.to_owned(),
+                    value: lease,
+                });
+                if !store.commit_expecting(&close, &expect_open)? {
+                    return Ok(false);
+                }
+                kept = Some(closed);
+            }
+        }
+        expect.push(Expect {
+            table: Table::Leases,
+            key: key.to_owned(),
+            value: kept,
+        });
+    }
+    for (row, _) in dead_letter_rows(store, key, usize::MAX)? {
+        batch.push(Mutation::delete(Table::DeadLetters, row));
+    }
+    store.commit_expecting(&batch, &expect)
 }

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,10 +32,12 @@ fn owner() -> Principal {
     Principal::with_roles("owner", &[DATA_OWNER])
 }
 
-/// A webhook receiver on loopback: the CloudEvents it got, with when; answers 200.
+/// A webhook receiver on loopback: the CloudEvents it got, with when; answers 200, or 500
+/// while `refusing` is set (and then records nothing).
 #[derive(Clone, Default)]
 struct Receiver {
     got: Arc<Mutex<Vec<(Value, Instant)>>>,
+    refusing: Arc<AtomicBool>,
 }
 
 impl Receiver {
@@ -44,6 +46,9 @@ impl Receiver {
         let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
             let me = me.clone();
             async move {
+                if me.refusing.load(Ordering::SeqCst) {
+                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                }
                 let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 me.got.lock().unwrap().push((event, Instant::now()));
                 axum::http::StatusCode::OK
@@ -73,12 +78,19 @@ impl Receiver {
 type Hook = Box<dyn FnOnce() + Send>;
 
 /// A store that fails every call while `failing` is set: a node that lost its database. It can
-/// also run a hook during its next scan of the endpoints.
+/// also run a hook during its next scan of the endpoints or read of dead letters, fail reads of the leases once
+/// `lease_reads_left` ran out (the rounds cannot renew), and take [`SLOW`] over each commit of
+/// a dead letter while `slow_dead_letters` is set.
 struct Cut {
     inner: Arc<dyn Store>,
     failing: AtomicBool,
     during_endpoint_scan: Mutex<Option<Hook>>,
+    lease_reads_left: AtomicUsize,
+    slow_dead_letters: AtomicBool,
+    during_dead_letter_read: Mutex<Option<Hook>>,
 }
+
+const SLOW: Duration = Duration::from_millis(150);
 
 impl Cut {
     fn check(&self) -> Result<(), StoreError> {
@@ -92,6 +104,14 @@ impl Cut {
 impl Store for Cut {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.check()?;
+        if table == Table::Leases
+            && self
+                .lease_reads_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
+        {
+            return Err(StoreError("the leases cannot be read".into()));
+        }
         let rows = self.inner.scan(table)?;
         if table == Table::Endpoints {
             let hook = self.during_endpoint_scan.lock().unwrap().take();
@@ -115,6 +135,11 @@ impl Store for Cut {
     }
     fn commit_expecting(&self, batch: &[Mutation], expect: &[Expect]) -> Result<bool, StoreError> {
         self.check()?;
+        if self.slow_dead_letters.load(Ordering::SeqCst)
+            && batch.iter().any(|m| m.table == Table::DeadLetters)
+        {
+            std::thread::sleep(SLOW);
+        }
         self.inner.commit_expecting(batch, expect)
     }
     fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
@@ -129,7 +154,14 @@ impl Store for Cut {
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.check()?;
-        self.inner.range(table, from, to, limit)
+        let rows = self.inner.range(table, from, to, limit)?;
+        if table == Table::DeadLetters {
+            let hook = self.during_dead_letter_read.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+        Ok(rows)
     }
 }
 
@@ -148,6 +180,9 @@ fn node(store: &Arc<MemoryStore>, source: &str) -> Node {
         inner: Arc::new(owned),
         failing: AtomicBool::new(false),
         during_endpoint_scan: Mutex::new(None),
+        lease_reads_left: AtomicUsize::new(usize::MAX),
+        slow_dead_letters: AtomicBool::new(false),
+        during_dead_letter_read: Mutex::new(None),
     });
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let events = Events::open(
@@ -353,7 +388,9 @@ where
 
 /// An endpoint made or deleted on a node while a lease round of that node has just read the
 /// endpoints is neither undone nor brought back by the round; a deletion leaves no record of
-/// the endpoint behind.
+/// the endpoint behind. The first half is what the edits lock guards (without it the round
+/// forgets the new endpoint); the second holds by the round's commit too, which expects the
+/// endpoint record the round read and so is decided again on the deletion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_racing_a_lease_round_is_neither_undone_nor_brought_back() {
     let (store, _receiver, addr, a) = setup().await;
@@ -441,4 +478,229 @@ async fn an_endpoint_replaced_on_another_node_skips_no_event() {
         receiver.creations().len() == 11
     })
     .await;
+}
+
+/// A holder whose dead letters are slow to commit (a slow database) and whose lease is not
+/// renewed stops at its deadline even in the middle of them: the backlog it took over, older
+/// than `maxAgeSeconds`, is dead-lettered one slow commit at a time, and the young event
+/// behind it, which would be sent once they are done, is not sent by this node after its
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_slowed_down_by_dead_letters_starts_nothing_after_its_deadline() {
+    let (store, receiver, addr, a) = setup().await;
+    let mut aging = spec(addr);
+    aging.max_age_seconds = Some(3);
+    a.events.put("hook", aging).await.unwrap();
+    for i in 0..10 {
+        create(&a, &format!("old{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    create(&a, "young").await;
+    a.cut.slow_dead_letters.store(true, Ordering::SeqCst);
+    // The first round takes the lease; no later one can renew it. Its deadline is
+    // ttl - margin = 700 ms after that round, and ten dead letters take 1.5 s.
+    a.cut.lease_reads_left.store(1, Ordering::SeqCst);
+    a.events.start();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let dead = store.scan(Table::DeadLetters).unwrap().len();
+    assert!(
+        (1..10).contains(&dead),
+        "{dead} dead letters: the delivery did not stop in the middle of them"
+    );
+    assert!(
+        !receiver.creations().contains_key("young"),
+        "sent after the lease's deadline"
+    );
+}
+
+fn node_id(node: &Node) -> String {
+    node.events.inner.leases.as_ref().unwrap().0.clone()
+}
+
+/// Whether `node` holds a lease in its memory (for endpoint `name`).
+fn holds(node: &Node, name: &str) -> bool {
+    node.events
+        .inner
+        .lock()
+        .endpoints
+        .get(name)
+        .is_some_and(|r| r.lease.is_some())
+}
+
+/// An endpoint deleted on another node than its holder and made again at once under its name
+/// is not delivered by a second node while the holder may still be sending: the deletion
+/// closes the holder's lease rather than removing it, and no other node takes it before it
+/// runs out. The endpoint made again is delivered all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_deleted_and_made_again_elsewhere_has_one_sender_at_a_time() {
+    let (store, receiver, addr, a) = setup().await;
+    // A's rounds are far apart: it goes on sending until its next one.
+    let a = Node {
+        events: a.events.with_lease_times(lease::Times {
+            ttl: Duration::from_millis(2_000),
+            every: Duration::from_millis(1_500),
+            margin: Duration::from_millis(300),
+        }),
+        ..a
+    };
+    a.events.start();
+    wait_for("a's lease", Duration::from_secs(5), || holds(&a, "hook")).await;
+    let b = node(&store, "b");
+    b.events.start();
+    b.events.delete("hook").await.unwrap();
+    assert!(
+        b.events.put("hook", spec(addr)).await.unwrap().1,
+        "made again"
+    );
+    let (a_id, b_id) = (node_id(&a), node_id(&b));
+    let until = Instant::now() + Duration::from_millis(1_000);
+    while Instant::now() < until {
+        assert_ne!(holder(&store), Some(b_id.clone()), "b took the lease");
+        assert!(!holds(&b, "hook"), "b delivers while a may");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    create(&b, "after").await;
+    wait_for(
+        "the endpoint made again to deliver",
+        Duration::from_secs(5),
+        || receiver.creations().contains_key("after"),
+    )
+    .await;
+    assert!(
+        [Some(a_id), Some(b_id)].contains(&holder(&store)),
+        "one of the nodes holds it"
+    );
+}
+
+/// A dead letter the holder stores while another node deletes the endpoint (after that node
+/// read the dead letters it deletes) is refused: the deletion closed the lease first, and the
+/// holder's writes expect it open. So no dead letter outlives its endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_stored_during_a_deletion_does_not_outlive_the_endpoint() {
+    let (store, _receiver, _addr, a) = setup().await;
+    a.events.start();
+    wait_for("a's lease", Duration::from_secs(5), || holds(&a, "hook")).await;
+    let b = node(&store, "b");
+    let holder_events = a.events.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let stored_meanwhile = Arc::new(Mutex::new(None));
+    let outcome = stored_meanwhile.clone();
+    *b.cut.during_dead_letter_read.lock().unwrap() = Some(Box::new(move || {
+        let record = json!({"id": "late"});
+        let late = deliver::dead_letter_mutation("hook", &record);
+        let stored = runtime.block_on(holder_events.inner.commit_delivery("hook", vec![late]));
+        *outcome.lock().unwrap() = Some(stored.unwrap());
+    }));
+    b.events.delete("hook").await.unwrap();
+    assert_eq!(
+        *stored_meanwhile.lock().unwrap(),
+        Some(false),
+        "the holder's dead letter was refused"
+    );
+    assert!(store.scan(Table::DeadLetters).unwrap().is_empty());
+    assert!(!holds(&a, "hook"), "the holder stopped at the refusal");
+}
+
+/// Dead letters discarded on another node make room on the holder, whose cached count says
+/// the dead letters are full: it reads the count again at the limit rather than waiting for
+/// ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_discarded_on_another_node_make_room_on_the_holder() {
+    let (store, receiver, addr, a) = setup().await;
+    let mut once = spec(addr);
+    once.max_attempts = Some(1);
+    once.initial_backoff_ms = Some(20);
+    a.events.put("hook", once).await.unwrap();
+    // All but one of the endpoint's dead letters are taken (stored earlier by whichever node
+    // delivered it).
+    let filler: Vec<Mutation> = (0..deliver::MAX_DEAD_LETTERS as u64 - 1)
+        .map(|i| {
+            let key = deliver::dead_letter_key("hook", 1_000_000 + i);
+            Mutation::put(Table::DeadLetters, key, b"{}".to_vec())
+        })
+        .collect();
+    store.commit(&filler).unwrap();
+    let events_dead = || {
+        store
+            .scan(Table::DeadLetters)
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| serde_json::from_slice::<Value>(v).unwrap()["id"] != Value::Null)
+            .count()
+    };
+    receiver.refusing.store(true, Ordering::SeqCst);
+    a.events.start();
+    create(&a, "first").await;
+    wait_for("the first dead letter", Duration::from_secs(5), || {
+        events_dead() == 1
+    })
+    .await;
+    let b = node(&store, "b");
+    b.events.discard("hook", 1_000_000).unwrap();
+    create(&a, "second").await;
+    wait_for("the second dead letter", Duration::from_secs(5), || {
+        events_dead() == 2
+    })
+    .await;
+}
+
+/// An endpoint made on another node since this node's last lease round keeps the feed records
+/// it needs from this node's trim, although this node's own endpoint has delivered past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_made_on_another_node_keeps_its_records_from_this_nodes_trim() {
+    let (store, receiver, addr, a) = setup().await;
+    let a = Node {
+        events: a.events.with_lease_times(lease::Times {
+            ttl: Duration::from_secs(120),
+            every: Duration::from_secs(60),
+            margin: Duration::from_millis(300),
+        }),
+        ..a
+    };
+    a.events.start();
+    for i in 0..5 {
+        create(&a, &format!("t{i}")).await;
+    }
+    let b = node(&store, "b");
+    b.events.put("late", spec(addr)).await.unwrap();
+    let late = lease::read_positions(store.as_ref()).unwrap()["late"];
+    for i in 5..10 {
+        create(&a, &format!("t{i}")).await;
+    }
+    wait_for("a's delivery", Duration::from_secs(5), || {
+        receiver.creations().len() == 10 && a.events.progress("hook").0 > late
+    })
+    .await;
+    let below = a.events.inner.trim_point().await.unwrap();
+    assert!(
+        below <= late + 1,
+        "a would trim below {below}, and 'late' needs what follows {late}"
+    );
+}
+
+/// Two nodes whose lease rounds read a free lease at once, committing through their writers:
+/// exactly one holds it, in the store and in its memory, round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_nodes_rounding_at_once_through_their_writers_exactly_one_holds_the_lease() {
+    for attempt in 0..20 {
+        let (store, _receiver, _addr, a) = setup().await;
+        let b = node(&store, "b");
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        for n in [&a, &b] {
+            let barrier = barrier.clone();
+            *n.cut.during_endpoint_scan.lock().unwrap() = Some(Box::new(move || {
+                barrier.wait();
+            }));
+        }
+        let (ra, rb) = tokio::join!(a.events.inner.round(), b.events.inner.round());
+        ra.unwrap();
+        rb.unwrap();
+        let holding: Vec<&Node> = [&a, &b].into_iter().filter(|n| holds(n, "hook")).collect();
+        assert_eq!(holding.len(), 1, "attempt {attempt}");
+        assert_eq!(
+            holder(&store),
+            Some(node_id(holding[0])),
+            "attempt {attempt}"
+        );
+    }
 }
