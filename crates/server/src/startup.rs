@@ -884,29 +884,35 @@ impl Application {
         let telemetry = self.state.telemetry.clone();
         let events = self.state.events.clone();
         let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
-        if self.unbounded {
+        let served = if self.unbounded {
             let tls = crate::tls::ClientCertAcceptor::new(self.tls, UNBOUNDED_HANDSHAKE);
-            axum_server::from_tcp(self.listener)?
-                .acceptor(tls)
-                .handle(handle)
-                .serve(app)
-                .await?;
+            match axum_server::from_tcp(self.listener) {
+                Ok(server) => server.acceptor(tls).handle(handle).serve(app).await,
+                Err(e) => Err(e),
+            }
         } else {
             let tls =
                 crate::tls::ClientCertAcceptor::new(self.tls, self.connections.handshake_timeout);
             let gate = crate::connections::Gate::new(self.connections.clone());
-            let mut server = axum_server::from_tcp(self.listener)?
-                .acceptor(crate::connections::Limited::new(gate, tls))
-                .handle(handle);
-            self.connections.configure(server.http_builder());
-            server.serve(app).await?;
-        }
-        // Another node takes this one's event endpoints at once, not when their leases run out.
+            match axum_server::from_tcp(self.listener) {
+                Ok(server) => {
+                    let mut server = server
+                        .acceptor(crate::connections::Limited::new(gate, tls))
+                        .handle(handle);
+                    self.connections.configure(server.http_builder());
+                    server.serve(app).await
+                }
+                Err(e) => Err(e),
+            }
+        };
+        // Another node takes this one's event endpoints at once, not when their leases run out;
+        // also when the listener failed.
         events.release().await;
         // What the streams learned since the last checkpoint outlives the process.
         if let Err(e) = telemetry.checkpoint().await {
             tracing::error!(error = %e, "the sensor streams' state could not be stored at shutdown");
         }
+        served?;
         Ok(())
     }
 }

@@ -126,13 +126,16 @@ pub fn parse_position(bytes: &[u8]) -> u64 {
 pub struct Plan {
     pub batch: Vec<Mutation>,
     pub expect: Vec<Expect>,
-    /// The lease records to hold once the batch commits, by endpoint name.
-    pub held: BTreeMap<String, Vec<u8>>,
+    /// The lease records to hold once the batch commits, by endpoint name, with until when
+    /// (Unix milliseconds) each lasts.
+    pub held: BTreeMap<String, (Vec<u8>, u64)>,
 }
 
 /// Decides a round for `node` at wall time `now_ms`: it takes or renews the lease of each
 /// endpoint in `wanted` (the stored endpoints this node can deliver) that is free, its own or
-/// run out, and deletes leases of endpoints no longer stored once they are its own or run out.
+/// run out; deletes leases of endpoints no longer stored once they are its own or run out; and
+/// gives up its own leases of stored endpoints it no longer wants (its allowlist refuses them
+/// now), so that another node takes them at once.
 pub fn plan<'a>(
     stored: &Stored,
     wanted: impl IntoIterator<Item = &'a String>,
@@ -141,7 +144,8 @@ pub fn plan<'a>(
     times: Times,
 ) -> Plan {
     let mut plan = Plan::default();
-    for name in wanted {
+    let wanted: std::collections::BTreeSet<&String> = wanted.into_iter().collect();
+    for name in wanted.iter().copied() {
         let Some(endpoint) = stored.endpoints.get(name) else {
             continue;
         };
@@ -149,9 +153,19 @@ pub fn plan<'a>(
         if !free_for(lease.map(Vec::as_slice), node, now_ms) {
             continue;
         }
+        // Its own lease with time left is held as it is: renewed only once less than
+        // `ttl - 2 every` is left (two rounds' worth of renewal used), so that a node does not
+        // commit at every round, and every other node then read the store again.
+        if let Some((record, until_ms)) = lease.and_then(|l| own_until(l, node))
+            && until_ms.saturating_sub(now_ms) > renew_below(times)
+        {
+            plan.held.insert(name.clone(), (record.to_vec(), until_ms));
+            continue;
+        }
+        let until_ms = now_ms.saturating_add(times.ttl.as_millis() as u64);
         let record = serde_json::to_vec(&Record {
             node: node.to_owned(),
-            until_ms: now_ms.saturating_add(times.ttl.as_millis() as u64),
+            until_ms,
             deleted: false,
         })
         .unwrap_or_default();
@@ -167,10 +181,14 @@ pub fn plan<'a>(
             key: name.clone(),
             value: Some(endpoint.clone()),
         });
-        plan.held.insert(name.clone(), record);
+        plan.held.insert(name.clone(), (record, until_ms));
     }
     for (name, lease) in &stored.leases {
-        if !stored.endpoints.contains_key(name) && free_for(Some(lease), node, now_ms) {
+        let gone = !stored.endpoints.contains_key(name) && free_for(Some(lease), node, now_ms);
+        let unwanted = stored.endpoints.contains_key(name)
+            && !wanted.contains(name)
+            && own_until(lease, node).is_some();
+        if gone || unwanted {
             plan.batch
                 .push(Mutation::delete(Table::Leases, name.clone()));
             plan.expect.push(Expect {
@@ -181,6 +199,19 @@ pub fn plan<'a>(
         }
     }
     plan
+}
+
+/// Renewed once less than this is left, in milliseconds.
+fn renew_below(times: Times) -> u64 {
+    times.ttl.saturating_sub(times.every * 2).as_millis() as u64
+}
+
+/// `lease` with until when it lasts, if it is `node`'s own and open.
+fn own_until<'a>(lease: &'a [u8], node: &str) -> Option<(&'a [u8], u64)> {
+    serde_json::from_slice::<Record>(lease)
+        .ok()
+        .filter(|record| record.node == node && !record.deleted)
+        .map(|record| (lease, record.until_ms))
 }
 
 /// Whether `node` may take or renew a lease stored as `lease`: none, its own, another's that
@@ -297,6 +328,41 @@ mod tests {
         assert!(stale.batch.is_empty(), "a live lease of another is left");
         let stale = plan(&read(&store).unwrap(), &[], "b", TTL + 1, Times::default());
         assert!(store.commit_expecting(&stale.batch, &stale.expect).unwrap());
+        assert!(store.scan(Table::Leases).unwrap().is_empty());
+    }
+
+    /// A node's own lease is held as it is while more than `ttl - 2 every` is left, and renewed
+    /// after: its rounds do not commit each time.
+    #[test]
+    fn an_own_lease_is_renewed_only_once_its_time_runs_low() {
+        let store = with_endpoint("e");
+        let times = Times::default();
+        let every = times.every.as_millis() as u64;
+        assert!(round(&store, "a", 0));
+        let held = |now_ms| {
+            let stored = read(&store).unwrap();
+            let wanted: Vec<String> = stored.endpoints.keys().cloned().collect();
+            plan(&stored, &wanted, "a", now_ms, times)
+        };
+        let early = held(every);
+        assert!(early.batch.is_empty(), "nothing to commit");
+        assert_eq!(early.held["e"].1, TTL, "held as it is");
+        let late = held(2 * every + 1);
+        assert_eq!(late.batch.len(), 1, "renewed");
+        assert_eq!(late.held["e"].1, 2 * every + 1 + TTL);
+    }
+
+    /// A node's own lease of an endpoint it no longer wants (its allowlist refuses it now) is
+    /// given up at its next round, not left to run out; another node's is left alone.
+    #[test]
+    fn an_own_lease_of_an_endpoint_no_longer_wanted_is_given_up() {
+        let store = with_endpoint("e");
+        assert!(round(&store, "a", 0));
+        let stored = read(&store).unwrap();
+        let other = plan(&stored, &[], "b", 1, Times::default());
+        assert!(other.batch.is_empty());
+        let own = plan(&stored, &[], "a", 1, Times::default());
+        assert!(store.commit_expecting(&own.batch, &own.expect).unwrap());
         assert!(store.scan(Table::Leases).unwrap().is_empty());
     }
 }

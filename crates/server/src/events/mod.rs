@@ -10,7 +10,7 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use twinguard_core::feed::FeedEvent;
@@ -34,6 +34,9 @@ const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How many times an endpoint edit on a shared store is decided again when another node changed
 /// the endpoint between its read and its commit.
 const EDIT_ATTEMPTS: usize = 4;
+
+/// How long a shutdown waits for the store to take this node's leases back.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 const NOT_STORED: &str = "the endpoint is not stored";
 const CHANGED_MEANWHILE: &str = "the endpoint was changed on another node meanwhile";
@@ -403,18 +406,20 @@ impl Events {
         if batch.is_empty() {
             return;
         }
-        match self
+        let given_up = self
             .inner
-            .blocking(move |store| store.commit_expecting(&batch, &expect))
-            .await
-        {
-            Ok(true) => tracing::info!("the event delivery leases were given up"),
-            Ok(false) => tracing::warn!(
+            .blocking(move |store| store.commit_expecting(&batch, &expect));
+        match tokio::time::timeout(RELEASE_WAIT, given_up).await {
+            Ok(Ok(true)) => tracing::info!("the event delivery leases were given up"),
+            Ok(Ok(false)) => tracing::warn!(
                 "the event delivery leases changed before they were given up; they run out instead"
             ),
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the event delivery leases could not be given up; they run out instead")
             }
+            Err(_) => tracing::warn!(
+                "the store did not answer in time to give the event delivery leases up; they run out instead"
+            ),
         }
     }
 
@@ -619,22 +624,27 @@ impl Inner {
                     .blocking(move |store| store.commit_expecting(&batch, &expect))
                     .await?;
             if committed {
-                let deadline = started + times.ttl.saturating_sub(times.margin);
-                self.hold(&held, &stored, deadline);
+                self.hold(&held, &stored, |until_ms| {
+                    // The monotonic deadline: the margin before the wall-clock end, counted
+                    // from before the read.
+                    let left = Duration::from_millis(until_ms.saturating_sub(now_ms));
+                    started + left.saturating_sub(times.margin)
+                });
                 return Ok(());
             }
         }
         Ok(())
     }
 
-    /// After a round's commit: this node holds the leases in `held` until `deadline`, and no
-    /// other. A lease taken (not renewed) starts delivery from the stored position, with the
-    /// dead letters counted again (another node may have added some).
+    /// After a round's commit: this node holds the leases in `held`, each until the deadline
+    /// `deadline` gives for its wall-clock end, and no other. A lease taken (not held before)
+    /// starts delivery from the stored position, with the dead letters counted again (another
+    /// node may have added some).
     fn hold(
         self: &Arc<Self>,
-        held: &BTreeMap<String, Vec<u8>>,
+        held: &BTreeMap<String, (Vec<u8>, u64)>,
         stored: &lease::Stored,
-        deadline: Instant,
+        deadline: impl Fn(u64) -> Instant,
     ) {
         let mut state = self.lock();
         let names: Vec<String> = state.endpoints.keys().cloned().collect();
@@ -642,15 +652,11 @@ impl Inner {
             let Some(running) = state.endpoints.get_mut(&name) else {
                 continue;
             };
-            let Some(record) = held.get(&name) else {
-                if running.lease.take().is_some() {
-                    if let Some(task) = running.task.take() {
-                        task.abort();
-                    }
-                    tracing::info!(endpoint = %name, "another node delivers this endpoint now");
-                }
+            let Some((record, until_ms)) = held.get(&name) else {
+                running.give_up(&name);
                 continue;
             };
+            let deadline = deadline(*until_ms);
             let renewed = running
                 .lease
                 .as_ref()
@@ -744,14 +750,49 @@ impl Inner {
                 key: name.to_owned(),
                 value: stored,
             }];
-            if self
+            if !self
                 .blocking(move |store| store.commit_expecting(&batch, &expect))
                 .await?
             {
-                return Ok((created, position));
+                continue;
             }
+            if created {
+                self.within_cap(name, record).await?;
+            }
+            return Ok((created, position));
         }
         Err(EventsError::Store(StoreError(CHANGED_MEANWHILE.into())))
+    }
+
+    /// After endpoint `name` was created on a shared store as `record`: when endpoints created
+    /// on other nodes at the same time took the store past [`MAX_ENDPOINTS`] (each node counted
+    /// before its commit), takes it back and refuses it. Of several racing creations all may be
+    /// refused; never are more than the cap kept.
+    async fn within_cap(&self, name: &str, record: &[u8]) -> Result<(), EventsError> {
+        let key = name.to_owned();
+        let ours = record.to_vec();
+        let over = self
+            .blocking(move |store| {
+                if store.scan(Table::Endpoints)?.len() <= MAX_ENDPOINTS {
+                    return Ok(false);
+                }
+                store.commit_expecting(
+                    &[
+                        Mutation::delete(Table::Endpoints, &key),
+                        Mutation::delete(Table::Deliveries, &key),
+                    ],
+                    &[Expect {
+                        table: Table::Endpoints,
+                        key: key.clone(),
+                        value: Some(ours),
+                    }],
+                )
+            })
+            .await?;
+        match over {
+            true => Err(EventsError::TooMany),
+            false => Ok(()),
+        }
     }
 
     fn position(&self, name: &str) -> u64 {
@@ -780,8 +821,9 @@ impl Inner {
             (Some(_), None) => return Ok(false),
             (Some((node, _)), Some(record)) => (node.clone(), record),
         };
-        // A round may renew the lease between the read above and the commit: once more with
-        // the record stored then, if it is this node's own.
+        // A round may renew the lease between the read above and the commit, and a busy store
+        // may refuse the commit although the lease holds: again with the record stored then,
+        // while it is this node's own. Only a lease that is no longer its own stops delivery.
         for _ in 0..2 {
             let batch = batch.clone();
             let key = name.to_owned();
@@ -804,10 +846,12 @@ impl Inner {
             }
             match now {
                 Some(now) if lease::is_own(Some(&now), &node) => record = now,
-                _ => break,
+                _ => {
+                    self.lose(name);
+                    return Ok(false);
+                }
             }
         }
-        self.lose(name);
         Ok(false)
     }
 

@@ -704,3 +704,36 @@ async fn of_two_nodes_rounding_at_once_through_their_writers_exactly_one_holds_t
         );
     }
 }
+
+/// Two nodes creating an endpoint each at once, when the store holds one fewer than the cap:
+/// each counted before the other's commit, and never are more than the cap kept (here both are
+/// refused). Without the count after the commit, both land, one over the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_created_at_once_on_two_nodes_never_exceed_the_cap() {
+    let (store, _receiver, addr, a) = setup().await;
+    let record = serde_json::to_vec(&spec(addr)).unwrap();
+    let filler: Vec<Mutation> = (1..MAX_ENDPOINTS - 1)
+        .map(|i| Mutation::put(Table::Endpoints, format!("e{i}"), record.clone()))
+        .collect();
+    store.commit(&filler).unwrap();
+    let b = node(&store, "b");
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    for n in [&a, &b] {
+        let barrier = barrier.clone();
+        *n.cut.during_endpoint_scan.lock().unwrap() = Some(Box::new(move || {
+            barrier.wait();
+        }));
+    }
+    let (on_a, on_b) = tokio::join!(
+        a.events.put("on-a", spec(addr)),
+        b.events.put("on-b", spec(addr))
+    );
+    let stored = store.scan(Table::Endpoints).unwrap().len();
+    assert!(stored <= MAX_ENDPOINTS, "{stored} endpoints stored");
+    assert!(
+        [&on_a, &on_b]
+            .iter()
+            .any(|r| matches!(r, Err(EventsError::TooMany))),
+        "{on_a:?} {on_b:?}"
+    );
+}
