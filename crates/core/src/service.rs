@@ -29,6 +29,10 @@ use crate::store::{Expect, Fenced, Mutation, Owner, Store, StoreError, Table, fo
 const LOAD_PAGE: usize = 10_000;
 /// Most writes grouped into one commit.
 const MAX_GROUP: usize = 4_096;
+/// How many times a group whose fenced commit found that another writer of a shared store
+/// committed first is decided again, on a state that includes that commit, before its writes
+/// are answered [`DomainError::Superseded`] (503).
+const REDECIDE: usize = 3;
 /// Writes waiting for the writer before new ones are turned away with 503. Twin and relationship
 /// bodies are at most 32 KiB, so a full queue of them stays well under 200 MiB.
 const QUEUE_DEPTH: usize = 4_096;
@@ -761,7 +765,28 @@ fn writer(
                 check_expectations(&mut batch, store.as_ref());
             }
             let merged = merge_readings(&mut batch);
-            commit_group(&mut batch, &shared, store.as_ref(), &ctx, &mut applied);
+            let mut tries_left = REDECIDE;
+            // Another writer committed between the catch-up and the group's commit: the group
+            // is decided again on what that writer committed, rather than answered 503.
+            while let Some(again) = commit_group(
+                &mut batch,
+                &shared,
+                store.as_ref(),
+                &ctx,
+                &mut applied,
+                tries_left > 0,
+            ) {
+                tries_left -= 1;
+                metrics::counter!("twinguard_store_groups_decided_again_total").increment(1);
+                batch = again;
+                if !catch_up(&shared, store.as_ref(), &mut ctx, &mut applied) {
+                    for job in batch.drain(..) {
+                        let _ = job.reply.send(Err(DomainError::Unavailable));
+                    }
+                    break;
+                }
+                check_expectations(&mut batch, store.as_ref());
+            }
             answer_merged(merged);
         } else {
             for job in batch.drain(..) {
@@ -789,15 +814,23 @@ fn catch_up(
     if let Some(position) = &shared.position {
         position.refresh_queued.store(false, Ordering::Release);
     }
+    let current_at = |head: u64, applied: &mut Option<u64>| {
+        *applied = Some(head);
+        if let Some(position) = &shared.position {
+            position.confirm(head);
+        }
+        // The store answers and nothing was missed: a commit that failed before no longer
+        // keeps the node not ready.
+        shared.store_healthy.store(true, Ordering::Relaxed);
+        true
+    };
     match store.head() {
-        Ok(Some(head)) if head == current => {
-            if let Some(position) = &shared.position {
-                position.confirm(head);
-            }
-            // The store answers and nothing was missed: a commit that failed before no longer
-            // keeps the node not ready.
-            shared.store_healthy.store(true, Ordering::Relaxed);
-            return true;
+        Ok(Some(head)) if head == current => return current_at(head, applied),
+        // Only other owners' records changed since (delivery positions and leases, tokens,
+        // replay windows): the graph and the feed are as applied, at the new counter.
+        Ok(Some(head)) if graph_unchanged(store, current, head) => {
+            metrics::counter!("twinguard_store_catch_ups_skipped_total").increment(1);
+            return current_at(head, applied);
         }
         Ok(_) => {}
         Err(e) => {
@@ -824,6 +857,20 @@ fn catch_up(
         Err(e) => {
             tracing::error!(error = %e, "cannot read what other writers committed; writes refused");
             shared.store_healthy.store(false, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// Whether the commits numbered `after + 1 ..= upto` changed no record of the graph's tables,
+/// by the store's change log ([`crate::store::GRAPH_CHANGED`]); false when the log does not
+/// reach back that far, or cannot be read.
+fn graph_unchanged(store: &dyn Store, after: u64, upto: u64) -> bool {
+    match store.changes_after(after, upto) {
+        Ok(Some(changes)) => !changes.iter().any(|c| c.changed_graph()),
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "the store's change log cannot be read; the graph is read again whole");
             false
         }
     }
@@ -934,30 +981,43 @@ struct Merged {
 /// order, and the records of a later write still come after those of an earlier one. A write
 /// that the writer will refuse for its records (see `readings::check_records`) stays apart, so
 /// that it is refused alone.
+///
+/// A merged write expects what each of its writes expected (checked, in order, before the
+/// merge). Should the group be decided again (its commit was stale), they are judged together
+/// on the state before the merged write: each of them holding there implies each held in turn
+/// (every write was kept by the check in order), while the converse may fail, superseding the
+/// merged write, which its owner then decides again: never accepted on a broken expectation.
 fn merge_readings(batch: &mut Vec<Job>) -> Vec<Merged> {
-    type Part = (Vec<PropertyUpdate>, Vec<Mutation>, Reply);
-    fn job(updates: Vec<PropertyUpdate>, records: Vec<Mutation>, reply: Reply) -> Job {
+    type Part = (Vec<PropertyUpdate>, Vec<Mutation>, Reply, Vec<Expect>);
+    fn job(
+        updates: Vec<PropertyUpdate>,
+        records: Vec<Mutation>,
+        reply: Reply,
+        expect: Vec<Expect>,
+    ) -> Job {
         Job {
             op: WriteOp::ApplyReadings { updates, records },
             scoped: None,
             reply,
             _upload: None,
-            expect: Vec::new(),
+            expect,
         }
     }
     fn flush(run: &mut Vec<Part>, out: &mut Vec<Job>, merged: &mut Vec<Merged>) {
         if run.len() < 2 {
-            out.extend(run.drain(..).map(|(u, r, reply)| job(u, r, reply)));
+            out.extend(run.drain(..).map(|(u, r, reply, e)| job(u, r, reply, e)));
             return;
         }
         let (reply, answer) = oneshot::channel();
-        let (mut updates, mut records, mut parts) = (Vec::new(), Vec::new(), Vec::new());
-        for (u, r, part_reply) in run.drain(..) {
+        let (mut updates, mut records, mut parts, mut expect) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (u, r, part_reply, e) in run.drain(..) {
             parts.push((part_reply, u.len()));
             updates.extend(u);
             records.extend(r);
+            expect.extend(e);
         }
-        out.push(job(updates, records, Reply::Async(reply)));
+        out.push(job(updates, records, Reply::Async(reply), expect));
         merged.push(Merged { answer, parts });
     }
     let mut out = Vec::with_capacity(batch.len());
@@ -969,9 +1029,10 @@ fn merge_readings(batch: &mut Vec<Job>) -> Vec<Merged> {
                 op: WriteOp::ApplyReadings { updates, records },
                 scoped: None,
                 reply,
+                expect,
                 ..
             } if crate::graph::readings::telemetry_owns(&records) => {
-                run.push((updates, records, reply))
+                run.push((updates, records, reply, expect))
             }
             job => {
                 flush(&mut run, &mut out, &mut merged);
@@ -1024,22 +1085,47 @@ fn answer_merged(merged: Vec<Merged>) {
 /// On a store that other writers share, the commit is fenced at `applied`, the commit counter
 /// the group was decided on: if another writer committed since, nothing is applied and the
 /// group is answered 503 (retryable; the next group reads the new state first).
+/// A write as it came, kept to decide it again when its group's commit is stale.
+struct Again {
+    op: WriteOp,
+    scoped: Option<Principal>,
+    expect: Vec<Expect>,
+    upload: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Decides `batch`'s writes on the published graph and commits them as one group, then answers
+/// each. On a shared store whose commit counter another writer moved since the catch-up (the
+/// fenced commit applied nothing), and when `may_retry`, answers none and gives the writes
+/// back instead, to be decided again after another catch-up.
 fn commit_group(
     batch: &mut Vec<Job>,
     shared: &Shared,
     store: &dyn Store,
     ctx: &WriteContext,
     applied: &mut Option<u64>,
-) {
+    may_retry: bool,
+) -> Option<Vec<Job>> {
     let mut working: Graph = (**shared.published.load()).clone();
     let mut muts: Vec<Mutation> = Vec::new();
-    let mut done = Vec::with_capacity(batch.len());
-    let mut refused = Vec::new();
+    let keep = may_retry && applied.is_some();
+    // Each write's answer, in the group's order, with what deciding it again takes.
+    let mut decided: Vec<(Reply, DomainResult<WriteOutcome>, Option<Again>)> =
+        Vec::with_capacity(batch.len());
     let mut torn = false;
     for Job {
-        op, scoped, reply, ..
+        op,
+        scoped,
+        reply,
+        _upload,
+        expect,
     } in batch.drain(..)
     {
+        let again = keep.then(|| Again {
+            op: op.clone(),
+            scoped: scoped.clone(),
+            expect,
+            upload: _upload,
+        });
         let mark = muts.len();
         let changes_mark = ctx.changes.borrow().len();
         let ids_mark = ctx.feed.borrow().pending_ids();
@@ -1052,31 +1138,36 @@ fn commit_group(
             op.apply(&mut working, ctx, &mut muts)
         }));
         match applied {
-            Ok(Ok(outcome)) => done.push((reply, outcome)),
+            Ok(Ok(outcome)) => decided.push((reply, Ok(outcome), again)),
             Ok(Err(e)) => {
                 // Operations check everything before their first change (see `WriteOp::apply`),
                 // so a refused one has changed nothing. Should one ever break that rule, the
                 // working copy can no longer be trusted and the whole group is refused.
                 torn |= muts.len() != mark || ctx.changes.borrow().len() != changes_mark;
                 ctx.feed.borrow_mut().truncate_ids(ids_mark);
-                refused.push((reply, e));
+                decided.push((reply, Err(e), again));
             }
             Err(_) => {
                 tracing::error!("a write panicked in the writer; refusing its group");
                 torn = true;
-                refused.push((
+                decided.push((
                     reply,
-                    DomainError::Internal("the write could not be processed"),
+                    Err(DomainError::Internal("the write could not be processed")),
+                    None,
                 ));
             }
         }
     }
+    let done = decided
+        .iter()
+        .filter(|(_, answer, _)| answer.is_ok())
+        .count();
     let changes = std::mem::take(&mut *ctx.changes.borrow_mut());
     // What the group's writes are answered when it is not committed.
     let failed = if torn {
         tracing::error!("the working graph of a write group is torn; refusing the group");
         Some(DomainError::Unavailable)
-    } else if done.is_empty() {
+    } else if done == 0 {
         None
     } else {
         let started = std::time::Instant::now();
@@ -1095,7 +1186,7 @@ fn commit_group(
         let elapsed = started.elapsed();
         metrics::histogram!("twinguard_store_commit_seconds").record(elapsed.as_secs_f64());
         tracing::debug!(
-            writes = done.len(),
+            writes = done,
             records = muts.len(),
             micros = elapsed.as_micros() as u64,
             "group committed"
@@ -1104,7 +1195,7 @@ fn commit_group(
             Ok(Fenced::Stale(head)) => {
                 metrics::counter!("twinguard_store_commit_conflicts_total").increment(1);
                 tracing::warn!(
-                    writes = done.len(),
+                    writes = done,
                     head,
                     "another writer committed first; writes refused (retryable)"
                 );
@@ -1128,34 +1219,53 @@ fn commit_group(
                 None
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = done.len(), "store commit failed; writes refused");
+                tracing::error!(error = %e, writes = done, "store commit failed; writes refused");
                 shared.store_healthy.store(false, Ordering::Relaxed);
                 Some(DomainError::Unavailable)
             }
         }
     };
-    if failed.is_some() || done.is_empty() {
+    if failed.is_some() || done == 0 {
         ctx.feed.borrow_mut().abandoned();
     }
-    // A group that another writer's commit made stale is answered `Superseded`: 503 to a
-    // client, and for an owner that decided on its own records, the cue to read them again.
+    if keep && matches!(failed, Some(DomainError::Superseded)) {
+        return Some(
+            decided
+                .into_iter()
+                .filter_map(|(reply, _, again)| {
+                    let Again {
+                        op,
+                        scoped,
+                        expect,
+                        upload,
+                    } = again?;
+                    Some(Job {
+                        op,
+                        scoped,
+                        reply,
+                        _upload: upload,
+                        expect,
+                    })
+                })
+                .collect(),
+        );
+    }
+    // A group that another writer's commit made stale (again and again) is answered
+    // `Superseded`: 503 to a client, and for an owner that decided on its own records, the cue
+    // to read them again.
     let answer_failed = |failed: &DomainError| match failed {
         DomainError::Superseded => DomainError::Superseded,
         _ => DomainError::Unavailable,
     };
-    for (reply, outcome) in done {
-        let _ = reply.send(match &failed {
-            None => Ok(outcome),
-            Some(f) => Err(answer_failed(f)),
-        });
-    }
-    for (reply, e) in refused {
-        let answer = match (e, &failed) {
-            (e @ DomainError::Internal(_), _) | (e, None) => e,
-            (_, Some(f)) => answer_failed(f),
+    for (reply, answer, _) in decided {
+        let answer = match (answer, &failed) {
+            (Ok(outcome), None) => Ok(outcome),
+            (Err(e @ DomainError::Internal(_)), _) | (Err(e), None) => Err(e),
+            (_, Some(f)) => Err(answer_failed(f)),
         };
-        let _ = reply.send(Err(answer));
+        let _ = reply.send(answer);
     }
+    None
 }
 
 /// Drops every change that a later change of the same key in the batch overrides. A group often

@@ -223,7 +223,8 @@ impl Table {
             | Self::Policies
             | Self::SensorGroups
             | Self::Backoff => true,
-            // The graph is read again whole by the twin writer (`service::catch_up`); history,
+            // The graph is read again whole by the twin writer (`service::catch_up`) after a
+            // commit that changed it, which the log marks once ([`GRAPH_CHANGED`]); history,
             // streams' learned state, quarantine and delivery state are each node's own for
             // now (issue 20); `Clients` is only read by the start-up migration.
             Self::Models
@@ -256,6 +257,38 @@ impl Table {
 /// Commits a shared store's change log keeps (see [`Store::changes_after`]): a node that falls
 /// further behind reads its followed tables whole.
 pub const CHANGE_LOG_COMMITS: u64 = 100_000;
+
+/// The key of the change a shared store's log holds, once, for each commit that put or deleted
+/// a record of the graph's tables ([`Owner::Graph`]), under [`Table::Meta`]: the twin writer
+/// reads the graph again only after such a commit (`service::catch_up`), not after another
+/// owner's (a delivery position, a lease, a token).
+pub const GRAPH_CHANGED: &str = "graph-changed";
+
+/// The changes a shared store logs for `batch` committed as commit `seq`: the keys of
+/// followed tables it put or deleted, then [`GRAPH_CHANGED`] if it changed the graph.
+pub fn logged_changes(batch: &[Mutation], seq: u64) -> impl Iterator<Item = Change> + '_ {
+    let graph = batch.iter().any(|m| m.table.owner() == Owner::Graph);
+    batch
+        .iter()
+        .filter(|m| m.table.followed())
+        .map(move |m| Change {
+            seq,
+            table: m.table,
+            key: m.key.clone(),
+        })
+        .chain(graph.then(|| Change {
+            seq,
+            table: Table::Meta,
+            key: GRAPH_CHANGED.to_owned(),
+        }))
+}
+
+impl Change {
+    /// Whether this is a commit's [`GRAPH_CHANGED`] mark.
+    pub fn changed_graph(&self) -> bool {
+        self.table == Table::Meta && self.key == GRAPH_CHANGED
+    }
+}
 
 /// One record of a [followed](Table::followed) table that a commit changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -525,8 +558,11 @@ pub struct MemoryStore {
     failing: AtomicBool,
     /// The commit counter of [`MemoryStore::shared`]; `None` for a store of one writer.
     commits: Option<Mutex<u64>>,
-    /// A commit "from another writer" made just before the next fenced commit (tests).
-    interposed: Mutex<Option<Vec<Mutation>>>,
+    /// How many times each table was scanned whole (tests: who reads what again).
+    scans: Mutex<std::collections::HashMap<Table, u64>>,
+    /// Commits "from another writer", each made just before one of the next fenced commits
+    /// (tests).
+    interposed: Mutex<std::collections::VecDeque<Vec<Mutation>>>,
     /// A shared store's change log, and the counter below which it no longer reaches.
     changes: Mutex<(Vec<Change>, u64)>,
     /// Run on another thread during the next `get_many` (tests: a write racing a read).
@@ -544,6 +580,14 @@ impl MemoryStore {
             commits: Some(Mutex::new(0)),
             ..Self::default()
         }
+    }
+
+    /// How many times `table` was scanned whole ([`Store::scan`]).
+    pub fn scans_of(&self, table: Table) -> u64 {
+        self.scans
+            .lock()
+            .map(|scans| scans.get(&table).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Runs `hook` on another thread during the next `get_many`, which answers what it read
@@ -583,9 +627,11 @@ impl MemoryStore {
 
     /// Commits `batch` (moving the counter) at the moment the next fenced commit arrives, as
     /// another writer that got there first would: that commit then finds the counter moved.
+    /// Called several times, the batches are interposed before that many fenced commits, one
+    /// each.
     pub fn interpose_before_next_fenced_commit(&self, batch: Vec<Mutation>) {
         if let Ok(mut interposed) = self.interposed.lock() {
-            *interposed = Some(batch);
+            interposed.push_back(batch);
         }
     }
 
@@ -605,19 +651,13 @@ impl MemoryStore {
         Ok(())
     }
 
-    /// Records the followed keys `batch` changed in commit `seq` (a shared store only).
+    /// Records what `batch` changed in commit `seq` ([`logged_changes`]; a shared store only).
     fn log(&self, batch: &[Mutation], seq: u64) -> Result<(), StoreError> {
         let mut changes = self
             .changes
             .lock()
             .map_err(|_| StoreError("poisoned".into()))?;
-        changes
-            .0
-            .extend(batch.iter().filter(|m| m.table.followed()).map(|m| Change {
-                seq,
-                table: m.table,
-                key: m.key.clone(),
-            }));
+        changes.0.extend(logged_changes(batch, seq));
         let floor = seq.saturating_sub(CHANGE_LOG_COMMITS);
         if floor > changes.1 {
             changes.1 = floor;
@@ -654,7 +694,7 @@ impl MemoryStore {
                 .interposed
                 .lock()
                 .map_err(|_| StoreError("poisoned".into()))?
-                .take();
+                .pop_front();
             if let (Some(batch), Some(n)) = (interposed, counter.as_deref_mut()) {
                 self.write(&batch)?;
                 *n += 1;
@@ -687,6 +727,9 @@ impl std::fmt::Debug for MemoryStore {
 
 impl Store for MemoryStore {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if let Ok(mut scans) = self.scans.lock() {
+            *scans.entry(table).or_default() += 1;
+        }
         let tables = self
             .tables
             .lock()

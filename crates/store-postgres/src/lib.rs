@@ -53,8 +53,8 @@ use rustls::pki_types::pem::PemObject;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use twinguard_core::store::{
-    CHANGE_LOG_COMMITS, Change, Fenced, Mutation, Store, StoreError, Table, history_key_time,
-    history_range_times,
+    CHANGE_LOG_COMMITS, Change, Fenced, GRAPH_CHANGED, Mutation, Owner, Store, StoreError, Table,
+    history_key_time, history_range_times,
 };
 
 #[doc(hidden)]
@@ -830,7 +830,8 @@ struct Plan {
     put_values: Vec<Vec<u8>>,
     delete_tables: Vec<&'static str>,
     delete_keys: Vec<Vec<u8>>,
-    /// The changed records of followed tables, for the change log.
+    /// The changed records of followed tables, and the graph's mark if the batch changed the
+    /// graph, for the change log (`store::logged_changes`).
     followed_tables: Vec<&'static str>,
     followed_keys: Vec<Vec<u8>>,
     /// History records (`twinguard_history`), with their measurement times.
@@ -885,6 +886,10 @@ impl Plan {
                     plan.delete_keys.push(m.key.as_bytes().to_vec());
                 }
             }
+        }
+        if batch.iter().any(|m| m.table.owner() == Owner::Graph) {
+            plan.followed_tables.push(Table::Meta.name());
+            plan.followed_keys.push(GRAPH_CHANGED.as_bytes().to_vec());
         }
         plan
     }

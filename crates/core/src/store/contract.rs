@@ -405,8 +405,9 @@ pub fn get_many_answers_exactly_the_keys_asked(store: &dyn Store) -> Result<(), 
 }
 
 /// A store with a commit counter logs, per commit, the keys of followed tables it put or
-/// deleted (and nothing of other tables); `changes_after` answers the commits in its range, in
-/// commit order. A store without a counter keeps no log.
+/// deleted, and once the graph's mark (`GRAPH_CHANGED`) if it changed a record of the graph's
+/// tables (and nothing else of other tables); `changes_after` answers the commits in its range,
+/// in commit order. A store without a counter keeps no log.
 pub fn a_counted_store_logs_the_keys_of_followed_tables(store: &dyn Store) -> Result<(), String> {
     use crate::store::Change;
     let head = store.head().map_err(|e| format!("head: {e}"))?;
@@ -458,6 +459,7 @@ pub fn a_counted_store_logs_the_keys_of_followed_tables(store: &dyn Store) -> Re
         (h0 + 1, Table::Identities, "a".to_owned()),
         (h0 + 1, Table::Devices, "d".to_owned()),
         (h0 + 1, Table::Firmware, String::new()),
+        (h0 + 1, Table::Meta, crate::store::GRAPH_CHANGED.to_owned()),
     ];
     let second = vec![(h0 + 2, Table::RevokedTokens, "j".to_owned())];
     let sorted = |mut v: Vec<(u64, Table, String)>| {

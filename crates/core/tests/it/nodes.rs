@@ -277,6 +277,41 @@ async fn a_node_that_only_reads_follows_what_the_other_commits() {
     assert_eq!(b.position(), a.position());
 }
 
+/// Another node's commits that change only other owners' records (replay windows here; a
+/// delivery position, a lease or a token alike) do not make a node read the graph again before
+/// its next write: the change log says the graph is unchanged. A commit that changes the graph
+/// does, and the node then has it.
+#[tokio::test]
+async fn a_node_reads_the_graph_again_only_after_another_changed_it() {
+    let store = Arc::new(MemoryStore::shared());
+    let (a, b) = two_nodes(&store).await;
+    let door_b = b.door(Owner::Telemetry);
+    let reads = || store.scans_of(Table::Models);
+    let before = reads();
+    for i in 0..5 {
+        let door = door_b.clone();
+        let window = Mutation::put(Table::Replay, format!("d{i}"), b"1".to_vec());
+        std::thread::spawn(move || door.commit_expecting(vec![window], Vec::new()))
+            .join()
+            .unwrap()
+            .unwrap();
+    }
+    put(&a, "d", 1).await.unwrap();
+    assert_eq!(
+        reads(),
+        before,
+        "A read the graph again after owner records only"
+    );
+    put(&b, "e", 1).await.unwrap();
+    let before = reads();
+    put(&a, "f", 1).await.unwrap();
+    assert_eq!(reads(), before + 1, "A did not read B's twin");
+    assert!(a.twin(&owner(), "e").is_ok());
+    let positions: Vec<u64> = feed(&store).into_iter().map(|e| e.seq).collect();
+    let expected: Vec<u64> = (1..=positions.len() as u64).collect();
+    assert_eq!(positions, expected);
+}
+
 #[tokio::test]
 async fn a_read_that_presents_another_nodes_position_waits_for_it() {
     let store = Arc::new(MemoryStore::shared());
@@ -326,21 +361,67 @@ async fn a_node_that_cannot_reach_its_store_knows_how_stale_it_is() {
     assert!(b.lag().unwrap() < stale);
 }
 
-/// The race the pre-check cannot close: another writer commits after a node decided a write
-/// and before its commit. The fenced commit applies nothing, the write is answered 503
-/// (retryable), and the retry, decided on the new state, lands at the next feed position: the
-/// feed has no gap and no repeat. With plain commits the write would land on top of a state it
-/// never saw.
+/// Twin `c` as another writer would leave it: count `count`, a new etag.
+fn changed_elsewhere(store: &MemoryStore, count: i64) -> Mutation {
+    let stored = store
+        .get_many(Table::Twins, &["c".into()])
+        .unwrap()
+        .remove(0);
+    let mut twin: Value = serde_json::from_slice(&stored.unwrap()).unwrap();
+    twin["count"] = json!(count);
+    twin["$etag"] = json!(format!("W/\"elsewhere-{count}\""));
+    Mutation::put(Table::Twins, "c", serde_json::to_vec(&twin).unwrap())
+}
+
+/// Another writer commits after node A caught up for a group and before the group's commit.
+/// The fenced commit applies nothing, and A decides the group again on a state that includes
+/// the other writer's commit, rather than answering 503: a write whose precondition that
+/// commit broke is refused (412), one it does not touch lands, after it, and the feed has no
+/// gap and no repeat. With plain commits the writes would land on top of a state they never
+/// saw.
 #[tokio::test]
-async fn a_write_whose_commit_finds_another_writer_first_applies_nothing_and_is_superseded() {
+async fn a_group_whose_commit_finds_another_writer_first_is_decided_again_after_it() {
+    let store = Arc::new(MemoryStore::shared());
+    let (a, _b) = two_nodes(&store).await;
+    let (_, etag) = read(&a);
+    let head = store.head().unwrap().unwrap();
+    store.interpose_before_next_fenced_commit(vec![changed_elsewhere(&store, 7)]);
+    let refused = patch_count(&a, 8, Precondition::IfMatch(etag)).await;
+    assert!(
+        matches!(refused, Err(DomainError::PreconditionFailed)),
+        "decided again on the other writer's change: {refused:?}"
+    );
+    assert_eq!(read(&a).0, 7, "A's snapshot has the other writer's change");
+
+    store.interpose_before_next_fenced_commit(vec![changed_elsewhere(&store, 9)]);
+    put(&a, "late", 1).await.unwrap();
+    assert_eq!(
+        store.head().unwrap(),
+        Some(head + 3),
+        "two others and this one"
+    );
+    assert!(a.twin(&owner(), "late").is_ok());
+    assert_eq!(read(&a).0, 9);
+    let positions: Vec<u64> = feed(&store).into_iter().map(|e| e.seq).collect();
+    let expected: Vec<u64> = (1..=positions.len() as u64).collect();
+    assert_eq!(positions, expected);
+}
+
+/// A group whose commit finds another writer first at every try (more than it is decided
+/// again) applies nothing and is answered `Superseded` (503, retryable): the node does not
+/// spin for ever behind a busier writer. The retry, decided on the new state, lands.
+#[tokio::test]
+async fn a_group_that_another_writer_beats_at_every_try_is_superseded() {
     let store = Arc::new(MemoryStore::shared());
     let (a, _b) = two_nodes(&store).await;
     let head = store.head().unwrap().unwrap();
-    store.interpose_before_next_fenced_commit(vec![Mutation::put(
-        Table::Meta,
-        "test.elsewhere",
-        b"1".to_vec(),
-    )]);
+    for i in 0..4 {
+        store.interpose_before_next_fenced_commit(vec![Mutation::put(
+            Table::Meta,
+            format!("test.elsewhere.{i}"),
+            b"1".to_vec(),
+        )]);
+    }
     let refused = put(&a, "late", 1).await;
     // Superseded: answered 503 by the API, and the cue for an owner to read its records again.
     assert!(
@@ -353,8 +434,8 @@ async fn a_write_whose_commit_finds_another_writer_first_applies_nothing_and_is_
     );
     assert_eq!(
         store.head().unwrap(),
-        Some(head + 1),
-        "only the other writer's commit"
+        Some(head + 4),
+        "only the other writer's commits"
     );
     assert!(
         !store
@@ -434,6 +515,36 @@ async fn an_owner_commit_decided_on_a_record_another_node_changed_is_superseded(
     blocking(door_b, replay(b"b1"), expect(Some(b"a1"))).unwrap();
     // Now node A is behind.
     let refused = blocking(door_a, replay(b"a2"), expect(Some(b"a1")));
+    assert!(
+        matches!(refused, Err(DomainError::Superseded)),
+        "{refused:?}"
+    );
+    assert_eq!(stored(&store).as_deref(), Some(&b"b1"[..]));
+}
+
+/// An owner's commit (a delivery position, a lease) whose group another writer beat is
+/// decided again too: it lands when the records it expects still hold, and is superseded when
+/// the other writer's commit changed one of them.
+#[tokio::test]
+async fn an_owner_commit_beaten_by_an_unrelated_commit_lands_and_by_a_related_one_does_not() {
+    let store = Arc::new(MemoryStore::shared());
+    let (a, _b) = two_nodes(&store).await;
+    let door = a.door(Owner::Telemetry);
+    let blocking = |m, e| {
+        let door = door.clone();
+        std::thread::spawn(move || door.commit_expecting(vec![m], e))
+            .join()
+            .unwrap()
+    };
+    store.interpose_before_next_fenced_commit(vec![Mutation::put(
+        Table::Meta,
+        "test.elsewhere",
+        b"1".to_vec(),
+    )]);
+    blocking(replay(b"a1"), expect(None)).unwrap();
+    assert_eq!(stored(&store).as_deref(), Some(&b"a1"[..]));
+    store.interpose_before_next_fenced_commit(vec![replay(b"b1")]);
+    let refused = blocking(replay(b"a2"), expect(Some(b"a1")));
     assert!(
         matches!(refused, Err(DomainError::Superseded)),
         "{refused:?}"
