@@ -95,6 +95,18 @@ pub struct FeedEvent {
 }
 
 /// The store key of feed position `seq`: fixed width, so that key order is number order.
+/// The position of the last feed record committed, as `store` holds it now (0 before the
+/// first): on a store several writers share, possibly ahead of a node's own snapshot.
+pub fn stored_head(store: &dyn crate::store::Store) -> Result<u64, crate::store::StoreError> {
+    let next = store
+        .get_many(Table::Meta, &[NEXT_KEY.to_owned()])?
+        .pop()
+        .flatten()
+        .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok())
+        .unwrap_or(1);
+    Ok(next.saturating_sub(1))
+}
+
 pub fn key(seq: u64) -> String {
     format!("{seq:020}")
 }

@@ -715,17 +715,20 @@ impl Inner {
 
     /// Creates or replaces endpoint `name` on a shared store, decided on the stored records
     /// and committed expecting the endpoint's record as read: a new endpoint delivers from
-    /// the feed's head, a replaced one keeps its stored position (which its holder moves on).
+    /// the feed's head as stored, a replaced one keeps its stored position (which its holder moves on).
     async fn put_shared(&self, name: &str, record: &[u8]) -> Result<(bool, u64), EventsError> {
         for _ in 0..EDIT_ATTEMPTS {
             let key = name.to_owned();
-            let (stored, position, count) = self
+            let (stored, position, count, head) = self
                 .blocking(move |store| {
                     let keys = std::slice::from_ref(&key);
                     let stored = store.get_many(Table::Endpoints, keys)?.pop().flatten();
                     let position = store.get_many(Table::Deliveries, keys)?.pop().flatten();
                     let count = store.scan(Table::Endpoints)?.len();
-                    Ok((stored, position, count))
+                    // The feed's head as stored: this node's snapshot may lag other nodes'
+                    // commits, whose events came before the endpoint.
+                    let head = twinguard_core::feed::stored_head(store)?;
+                    Ok((stored, position, count, head))
                 })
                 .await?;
             let created = stored.is_none();
@@ -736,7 +739,7 @@ impl Inner {
             let position = match position.filter(|_| !created) {
                 Some(bytes) => lease::parse_position(&bytes),
                 None => {
-                    let head = self.service.feed_head();
+                    let head = head.max(self.service.feed_head());
                     batch.push(Mutation::put(
                         Table::Deliveries,
                         name,

@@ -432,13 +432,7 @@ async fn an_edit_racing_a_lease_round_is_neither_undone_nor_brought_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_cleanly_hands_its_endpoints_over_at_once() {
     let (store, receiver, _addr, a) = setup().await;
-    let a = Node {
-        events: a.events.with_lease_times(lease::Times {
-            ttl: Duration::from_secs(60),
-            ..TIMES
-        }),
-        ..a
-    };
+    let a = with_times(a, Duration::from_secs(60), TIMES.every);
     a.events.start();
     wait_for("a's lease", Duration::from_secs(5), || {
         holder(&store).is_some()
@@ -513,6 +507,18 @@ async fn a_holder_slowed_down_by_dead_letters_starts_nothing_after_its_deadline(
     );
 }
 
+/// `node` with leases of `ttl` renewed every `every` (the margin of [`TIMES`]).
+fn with_times(node: Node, ttl: Duration, every: Duration) -> Node {
+    Node {
+        events: node.events.with_lease_times(lease::Times {
+            ttl,
+            every,
+            margin: TIMES.margin,
+        }),
+        ..node
+    }
+}
+
 fn node_id(node: &Node) -> String {
     node.events.inner.leases.as_ref().unwrap().0.clone()
 }
@@ -535,14 +541,11 @@ fn holds(node: &Node, name: &str) -> bool {
 async fn an_endpoint_deleted_and_made_again_elsewhere_has_one_sender_at_a_time() {
     let (store, receiver, addr, a) = setup().await;
     // A's rounds are far apart: it goes on sending until its next one.
-    let a = Node {
-        events: a.events.with_lease_times(lease::Times {
-            ttl: Duration::from_millis(2_000),
-            every: Duration::from_millis(1_500),
-            margin: Duration::from_millis(300),
-        }),
-        ..a
-    };
+    let a = with_times(
+        a,
+        Duration::from_millis(2_000),
+        Duration::from_millis(1_500),
+    );
     a.events.start();
     wait_for("a's lease", Duration::from_secs(5), || holds(&a, "hook")).await;
     let b = node(&store, "b");
@@ -649,14 +652,7 @@ async fn dead_letters_discarded_on_another_node_make_room_on_the_holder() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_made_on_another_node_keeps_its_records_from_this_nodes_trim() {
     let (store, receiver, addr, a) = setup().await;
-    let a = Node {
-        events: a.events.with_lease_times(lease::Times {
-            ttl: Duration::from_secs(120),
-            every: Duration::from_secs(60),
-            margin: Duration::from_millis(300),
-        }),
-        ..a
-    };
+    let a = with_times(a, Duration::from_secs(120), Duration::from_secs(60));
     a.events.start();
     for i in 0..5 {
         create(&a, &format!("t{i}")).await;
@@ -736,4 +732,20 @@ async fn endpoints_created_at_once_on_two_nodes_never_exceed_the_cap() {
             .any(|r| matches!(r, Err(EventsError::TooMany))),
         "{on_a:?} {on_b:?}"
     );
+}
+
+/// An endpoint made on a node whose snapshot lags another node's commits starts at the feed's
+/// head as stored, not at the lagging node's: it is not sent the events committed elsewhere
+/// before it was made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_made_on_a_lagging_node_starts_at_the_stored_head() {
+    let (store, _receiver, addr, a) = setup().await;
+    let b = node(&store, "b");
+    for i in 0..5 {
+        create(&a, &format!("t{i}")).await;
+    }
+    assert!(b.service.feed_head() < a.service.feed_head(), "b lags");
+    b.events.put("late", spec(addr)).await.unwrap();
+    let late = lease::read_positions(store.as_ref()).unwrap()["late"];
+    assert_eq!(late, a.service.feed_head());
 }
