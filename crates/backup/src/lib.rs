@@ -230,6 +230,11 @@ impl<W: Write> Writer<W> {
         key: &str,
         value: &[u8],
     ) -> Result<(), BackupError> {
+        if table == Table::Secrets {
+            return Err(BackupError::Writer(
+                "the sealed instance material stays out of bundles".into(),
+            ));
+        }
         if part == Part::History && table != Table::History {
             return Err(BackupError::Writer(format!(
                 "the history store holds no {} records",
@@ -442,6 +447,11 @@ impl<R: Read> Reader<R> {
             .into_iter()
             .find(|t| t.name().as_bytes() == name.as_slice())
             .ok_or_else(|| malformed("a table that is not known"))?;
+        // A bundle never carries the instance's sealed material (it opens only under the
+        // source nodes' key-encryption key): one that does was not written by twinguard.
+        if table == Table::Secrets {
+            return Err(malformed("a record of the sealed instance material"));
+        }
         if part == Part::History && table != Table::History {
             return Err(malformed("a history-store record of another table"));
         }

@@ -258,7 +258,13 @@ fn a_signed_bundle_that_breaks_the_format_is_refused() {
         ),
         (
             "an unknown table",
-            record_frame(0, "secrets", "a", b"1"),
+            record_frame(0, "nosuchtable", "a", b"1"),
+            1,
+            0,
+        ),
+        (
+            "sealed instance material",
+            record_frame(0, "secrets", "token-keys", b"1"),
             1,
             0,
         ),

@@ -200,7 +200,9 @@ fn write_bundle(
     };
     let mut writer = Writer::new(out, &header)?;
     let mut counts = Counts::default();
-    for table in Table::ALL {
+    // The instance's sealed material stays out: it opens only under the source nodes' key-
+    // encryption key, and a restored instance makes its own (as with the embedded store's files).
+    for table in Table::ALL.into_iter().filter(|t| *t != Table::Secrets) {
         for_each_record(main, table, PAGE, |key, value| -> anyhow::Result<()> {
             writer.record(Part::Main, table, &key, &value)?;
             counts.add(Part::Main, table);

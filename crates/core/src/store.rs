@@ -79,10 +79,15 @@ pub enum Table {
     /// Which node delivers each endpoint's events, and until when, keyed by endpoint name (on
     /// a store several nodes share; the server's `events::lease`).
     Leases,
+    /// The instance's private material (token signing keys, the CA, the event and receipt
+    /// keys, the position key), each record sealed with AES-256-GCM under the key-encryption key
+    /// each node reads from its own file, keyed by the material's name (on a store several
+    /// nodes share; the server's `vault`).
+    Secrets,
 }
 
 impl Table {
-    pub const ALL: [Table; 30] = [
+    pub const ALL: [Table; 31] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -113,6 +118,7 @@ impl Table {
         Table::UsedAssertions,
         Table::Backoff,
         Table::Leases,
+        Table::Secrets,
     ];
 
     pub fn name(self) -> &'static str {
@@ -147,6 +153,7 @@ impl Table {
             Self::UsedAssertions => "usedassertions",
             Self::Backoff => "backoff",
             Self::Leases => "leases",
+            Self::Secrets => "secrets",
         }
     }
 }
@@ -189,7 +196,8 @@ impl Table {
             | Self::RevokedTokens
             | Self::ApiKeys
             | Self::UsedAssertions
-            | Self::Backoff => Owner::Identity,
+            | Self::Backoff
+            | Self::Secrets => Owner::Identity,
             Self::Devices
             | Self::Firmware
             | Self::Policies
@@ -222,7 +230,8 @@ impl Table {
             | Self::Firmware
             | Self::Policies
             | Self::SensorGroups
-            | Self::Backoff => true,
+            | Self::Backoff
+            | Self::Secrets => true,
             // The graph is read again whole by the twin writer (`service::catch_up`) after a
             // commit that changed it, which the log marks once ([`GRAPH_CHANGED`]); history,
             // streams' learned state, quarantine and delivery state are each node's own for

@@ -34,8 +34,8 @@ pub struct AppState {
     pub tokens: Arc<TokenService>,
     /// Queries running at once; more are answered 429.
     pub query_slots: Arc<tokio::sync::Semaphore>,
-    /// The data directory, whose CA signs workloads' client certificates.
-    pub ca: Arc<crate::datadir::DataDir>,
+    /// The local CA, which signs workloads' client certificates.
+    pub ca: Arc<crate::datadir::Ca>,
     /// The tamper-evident audit trail every request is recorded in.
     pub audit: crate::audit::Audit,
     /// Signed telemetry: device registry, ingestion, quarantine, history.

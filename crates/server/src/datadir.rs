@@ -12,6 +12,10 @@
 //! DIR/tls/ca-key.pem                the CA key (0600)
 //! DIR/tls/server.pem, server-key.pem  the API certificate and key (0600)
 //! DIR/secrets/token-keys.json      the Ed25519 token signing keys, rotated (0600)
+//! DIR/secrets/instance.kek          on a shared store only: the key-encryption key that opens
+//!                                   the instance's material sealed in the store (`crate::vault`),
+//!                                   which there replaces ca-key.pem, token-keys.json, event-key
+//!                                   and mqtt-receipt-key (0600)
 //! DIR/secrets/admin-client.json     {"client_id","client_secret","token_endpoint"} (0600)
 //! DIR/secrets/mqtt-receipt-key      the Ed25519 key MQTT receipts are signed with (0600)
 //! DIR/mqtt/session.json             the MQTT session's random client ID (0600)
@@ -31,7 +35,10 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
+use zeroize::Zeroizing;
+
 use crate::signing_keys::KeyRing;
+use crate::vault::{Material, names, remove_moved};
 
 #[derive(Debug, Clone)]
 pub struct DataDir {
@@ -96,10 +103,23 @@ impl DataDir {
     }
 
     /// Creates whatever is missing: directories, instance identity, TLS material (the server
-    /// certificate names `localhost`, `127.0.0.1`, `::1` and `extra_names`), the signing keys.
-    /// Existing material is kept, except a server certificate within [`RENEW_BEFORE_DAYS`] of its
-    /// expiry, which is issued anew by the local CA.
+    /// certificate names `localhost`, `127.0.0.1`, `::1` and `extra_names`), the signing keys,
+    /// all as files (the embedded store's way; on a shared store, [`DataDir::prepare_dirs`] and
+    /// [`DataDir::tls`] with the store's sealed material). Existing material is kept, except a
+    /// server certificate within [`RENEW_BEFORE_DAYS`] of its expiry, which is issued anew by the
+    /// local CA.
     pub fn prepare(&self, extra_names: &[String]) -> anyhow::Result<Instance> {
+        let instance = self.prepare_dirs()?;
+        self.tls(extra_names, &Material::Files)?;
+        if !self.token_keys().exists() {
+            let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+            KeyRing::generate(now)?.save(&self.token_keys())?;
+        }
+        Ok(instance)
+    }
+
+    /// The directories and the instance identity, created if missing.
+    pub fn prepare_dirs(&self) -> anyhow::Result<Instance> {
         // Everything under the data directory is the server's own: directories 0700, files
         // 0600, whatever the umask. The certificates are public, but nobody else needs them
         // here (clients get the CA from the operator).
@@ -112,18 +132,64 @@ impl DataDir {
                 .with_context(|| format!("creating {}", path.display()))?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
         }
-        let instance = self.instance()?;
-        if !self.ca_cert().exists() || !self.ca_key().exists() {
-            self.create_ca()?;
-            self.issue_server_cert(extra_names)?;
-        } else if self.server_cert_due()? {
-            self.issue_server_cert(extra_names)?;
+        self.instance()
+    }
+
+    /// The local CA, from `material` (made if the instance has none), with `tls/ca.pem` kept
+    /// equal to its certificate and this node's server certificate issued by it: anew when it
+    /// is missing, near its expiry, or the CA changed.
+    pub fn tls(&self, extra_names: &[String], material: &Material) -> anyhow::Result<Ca> {
+        let ca = match material {
+            Material::Files => {
+                if !self.ca_cert().exists() || !self.ca_key().exists() {
+                    // A new CA: its certificate is written below, with a server certificate
+                    // it issued.
+                    let ca = Ca::generate()?;
+                    write_private(&self.ca_key(), ca.key_pem.as_bytes())?;
+                    ca
+                } else {
+                    Ca::new(
+                        fs::read_to_string(self.ca_cert())?,
+                        Zeroizing::new(fs::read_to_string(self.ca_key())?),
+                    )?
+                }
+            }
+            Material::Sealed(vault) => {
+                // A data directory that had its CA before the store did hands it over.
+                let local = match (self.ca_cert().exists(), self.ca_key().exists()) {
+                    (true, true) => Some(Ca::new(
+                        fs::read_to_string(self.ca_cert())?,
+                        Zeroizing::new(fs::read_to_string(self.ca_key())?),
+                    )?),
+                    _ => None,
+                };
+                let local = local.as_ref().map(Ca::to_json).transpose()?;
+                let stored = vault.get_or_store(
+                    names::CA,
+                    "the instance's CA",
+                    local.as_ref().map(|l| l.as_slice()),
+                    || Ca::generate()?.to_json(),
+                )?;
+                let ca = Ca::from_json(&stored)?;
+                if local.is_some() {
+                    remove_moved(&self.ca_key(), "the CA key")?;
+                }
+                ca
+            }
+        };
+        let ca_changed = fs::read_to_string(self.ca_cert()).ok().as_deref() != Some(&ca.cert_pem);
+        if ca_changed {
+            write_public(&self.ca_cert(), ca.cert_pem.as_bytes())?;
         }
-        if !self.token_keys().exists() {
-            let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
-            KeyRing::generate(now)?.save(&self.token_keys())?;
+        if ca_changed || self.server_cert_due()? {
+            self.issue_server_cert(extra_names, &ca)?;
         }
-        Ok(instance)
+        Ok(ca)
+    }
+
+    /// This node's key-encryption key for the instance's sealed material (`crate::vault`).
+    pub fn kek(&self) -> PathBuf {
+        self.root.join("secrets/instance.kek")
     }
 
     /// The instance's identity, as the first start recorded it.
@@ -194,17 +260,9 @@ impl DataDir {
         Ok(OffsetDateTime::now_utc().unix_timestamp() >= renew_at)
     }
 
-    fn create_ca(&self) -> anyhow::Result<()> {
-        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let ca_cert = ca_params()?.self_signed(&ca_key)?;
-        write_private(&self.ca_key(), ca_key.serialize_pem().as_bytes())?;
-        write_public(&self.ca_cert(), ca_cert.pem().as_bytes())?;
-        Ok(())
-    }
-
     /// Issues a server certificate valid for [`SERVER_CERT_DAYS`] with the local CA's key.
-    fn issue_server_cert(&self, extra_names: &[String]) -> anyhow::Result<()> {
-        let ca_key = KeyPair::from_pem(&fs::read_to_string(self.ca_key())?)?;
+    fn issue_server_cert(&self, extra_names: &[String], ca: &Ca) -> anyhow::Result<()> {
+        let ca_key = ca.key()?;
         let issuer = Issuer::new(ca_params()?, &ca_key);
         let mut names = vec![
             "localhost".to_owned(),
@@ -254,7 +312,65 @@ pub fn identity_uri(identity_id: &str) -> String {
     format!("{IDENTITY_URI_PREFIX}{identity_id}")
 }
 
-impl DataDir {
+/// The local CA: it issues the nodes' server certificates and workloads' client certificates.
+pub struct Ca {
+    cert_pem: String,
+    key_pem: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+/// The CA as the shared store keeps it (sealed, `crate::vault::names::CA`).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StoredCa {
+    cert_pem: String,
+    key_pem: Zeroizing<String>,
+}
+
+impl Ca {
+    fn new(cert_pem: String, key_pem: Zeroizing<String>) -> anyhow::Result<Self> {
+        KeyPair::from_pem(&key_pem).context("the CA key is not a PEM key")?;
+        Ok(Self { cert_pem, key_pem })
+    }
+
+    fn generate() -> anyhow::Result<Self> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = ca_params()?.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
+    }
+
+    fn to_json(&self) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+        Ok(Zeroizing::new(serde_json::to_vec(&StoredCa {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+        })?))
+    }
+
+    fn from_json(bytes: &[u8]) -> anyhow::Result<Self> {
+        let stored: StoredCa =
+            serde_json::from_slice(bytes).context("the stored CA is not readable")?;
+        Self::new(stored.cert_pem, stored.key_pem)
+    }
+
+    fn key(&self) -> anyhow::Result<KeyPair> {
+        Ok(KeyPair::from_pem(&self.key_pem)?)
+    }
+
+    /// The CA certificate, which clients trust.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+}
+
+impl Ca {
     /// Signs a client certificate for workload `identity_id` from its CSR. Only the CSR's
     /// public key is used (its proof of possession is checked); the subject, names, usages and
     /// validity are the CA's choice: the identity's URI, client authentication only,
@@ -266,7 +382,7 @@ impl DataDir {
     ) -> anyhow::Result<ClientCertificate> {
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| anyhow::anyhow!("the certificate signing request is not valid: {e}"))?;
-        let ca_key = KeyPair::from_pem(&fs::read_to_string(self.ca_key())?)?;
+        let ca_key = self.key()?;
         let issuer = Issuer::new(ca_params()?, &ca_key);
         let mut params = CertificateParams::default();
         params

@@ -36,3 +36,4 @@ pub mod signing_keys;
 pub mod startup;
 pub mod tls;
 pub mod tokens;
+pub mod vault;

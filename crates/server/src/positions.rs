@@ -7,15 +7,18 @@
 //! tokens of the same position differ (so equal tokens do not tell that nobody wrote in
 //! between), and a forged or altered one fails its tag.
 //!
-//! The key is in the main store (`Table::Meta`, `position.key`), so every node sharing the store
-//! uses the same one; it is made at the first start on a shared store.
+//! The key is sealed in the main store (`crate::vault`, record `position-key`), so every node
+//! sharing the store uses the same one; it is made at the first start on a shared store.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, NONCE_LEN, Nonce, RandomizedNonceKey};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use twinguard_core::store::{Fenced, Mutation, Store, Table};
+use twinguard_core::store::{Expect, Mutation, Store, Table};
+use zeroize::Zeroizing;
 
-/// The `Table::Meta` key of the instance's position key.
+use crate::vault::{Vault, names};
+
+/// The `Table::Meta` key under which earlier versions kept the position key in plain.
 pub const KEY_RECORD: &str = "position.key";
 
 /// Longest token accepted: a nonce, eight bytes and a tag, in base64url.
@@ -39,45 +42,50 @@ impl PositionSeal {
         })
     }
 
-    /// The instance's seal, from the store's key record, made (once, whichever node is first)
-    /// if missing.
-    pub fn load_or_create(store: &dyn Store) -> anyhow::Result<Self> {
-        for _ in 0..8 {
-            // The counter first: a key another node commits after this read moves it, so the
-            // fenced commit below fails and the loop reads that key.
-            let head = store.head()?;
-            if let Some((_, value)) = store
-                .range(Table::Meta, KEY_RECORD, &format!("{KEY_RECORD}\0"), 1)?
-                .pop()
-            {
-                let raw = STANDARD
-                    .decode(&value)
+    /// The instance's seal, from its key sealed in the shared store (`crate::vault`), made
+    /// (once, whichever node is first) if missing. A key an earlier version kept in plain in
+    /// `Table::Meta` is adopted, then removed from there.
+    pub fn load_or_create(store: &dyn Store, vault: &Vault) -> anyhow::Result<Self> {
+        let legacy = store
+            .get_many(Table::Meta, &[KEY_RECORD.to_owned()])?
+            .pop()
+            .flatten();
+        let plain = legacy
+            .as_ref()
+            .map(|value| {
+                STANDARD
+                    .decode(value)
                     .ok()
-                    .and_then(|raw| <[u8; 32]>::try_from(raw).ok())
-                    .ok_or_else(|| anyhow::anyhow!("the stored position key is unreadable"))?;
-                return Self::new(&raw);
-            }
-            let mut raw = [0u8; 32];
-            aws_lc_rs::rand::fill(&mut raw)
-                .map_err(|_| anyhow::anyhow!("no randomness for the position key"))?;
-            let record = [Mutation::put(
-                Table::Meta,
-                KEY_RECORD,
-                STANDARD.encode(raw).into_bytes(),
-            )];
-            match head {
-                Some(head) => {
-                    if let Fenced::Committed(_) = store.commit_at(&record, head)? {
-                        return Self::new(&raw);
-                    }
-                }
-                None => {
-                    store.commit(&record)?;
-                    return Self::new(&raw);
-                }
-            }
+                    .filter(|raw| raw.len() == 32)
+                    .map(Zeroizing::new)
+                    .ok_or_else(|| anyhow::anyhow!("the stored position key is unreadable"))
+            })
+            .transpose()?;
+        let raw = vault.get_or_store(
+            names::POSITION_KEY,
+            "the position key",
+            plain.as_ref().map(|p| p.as_slice()),
+            || {
+                let mut raw = Zeroizing::new(vec![0u8; 32]);
+                aws_lc_rs::rand::fill(&mut raw)
+                    .map_err(|_| anyhow::anyhow!("no randomness for the position key"))?;
+                Ok(raw)
+            },
+        )?;
+        if let Some(legacy) = legacy {
+            store.commit_expecting(
+                &[Mutation::delete(Table::Meta, KEY_RECORD)],
+                &[Expect {
+                    table: Table::Meta,
+                    key: KEY_RECORD.to_owned(),
+                    value: Some(legacy),
+                }],
+            )?;
         }
-        anyhow::bail!("other nodes kept committing while the position key was made")
+        let raw = <[u8; 32]>::try_from(raw.as_slice())
+            .map(Zeroizing::new)
+            .map_err(|_| anyhow::anyhow!("the stored position key is unreadable"))?;
+        Self::new(&raw)
     }
 
     /// The token a client is given for `position`.
@@ -113,6 +121,8 @@ impl PositionSeal {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::sync::Arc;
+
     use twinguard_core::store::MemoryStore;
 
     use super::*;
@@ -156,14 +166,18 @@ mod tests {
     #[test]
     fn nodes_starting_at_once_on_one_store_share_one_key() {
         for _ in 0..20 {
-            let store = std::sync::Arc::new(MemoryStore::shared());
-            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let store = Arc::new(MemoryStore::shared());
+            let barrier = Arc::new(std::sync::Barrier::new(2));
             let starts: Vec<_> = (0..2)
                 .map(|_| {
                     let (store, barrier) = (store.clone(), barrier.clone());
                     std::thread::spawn(move || {
                         barrier.wait();
-                        PositionSeal::load_or_create(store.as_ref()).unwrap()
+                        let vault = Vault::new(
+                            crate::vault::Kek::new(&[3; 32]).unwrap(),
+                            store.clone() as Arc<dyn Store>,
+                        );
+                        PositionSeal::load_or_create(store.as_ref(), &vault).unwrap()
                     })
                 })
                 .collect();
@@ -171,5 +185,38 @@ mod tests {
             let token = seals[0].seal(9).unwrap();
             assert_eq!(seals[1].open(&token), Some(9));
         }
+    }
+
+    /// A position key that an earlier version kept in plain is taken into the vault and
+    /// removed from `Table::Meta`: tokens clients hold stay good, and the database no longer
+    /// holds the key in the clear.
+    #[test]
+    fn a_position_key_kept_in_plain_is_sealed_and_removed() {
+        let store = Arc::new(MemoryStore::shared());
+        let old = PositionSeal::new(&[9u8; 32]).unwrap();
+        let held = old.seal(17).unwrap();
+        store
+            .commit(&[Mutation::put(
+                Table::Meta,
+                KEY_RECORD,
+                STANDARD.encode([9u8; 32]).into_bytes(),
+            )])
+            .unwrap();
+        let vault = Vault::new(
+            crate::vault::Kek::new(&[3; 32]).unwrap(),
+            store.clone() as Arc<dyn Store>,
+        );
+        let seal = PositionSeal::load_or_create(store.as_ref(), &vault).unwrap();
+        assert_eq!(seal.open(&held), Some(17));
+        assert!(
+            store
+                .scan(Table::Meta)
+                .unwrap()
+                .iter()
+                .all(|(k, _)| k != KEY_RECORD),
+            "the plain key is gone"
+        );
+        let again = PositionSeal::load_or_create(store.as_ref(), &vault).unwrap();
+        assert_eq!(again.open(&held), Some(17));
     }
 }

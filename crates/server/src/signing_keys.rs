@@ -3,7 +3,8 @@
 //! Keys are Ed25519. A new key is published in the JWKS [`PUBLISH_LEAD_SECS`] before it starts
 //! signing, so verifiers that cache the JWKS know it before they meet it; the key it replaces
 //! keeps verifying until every token it signed has expired, then leaves the set. The active key
-//! is rotated after [`ROTATE_AFTER_SECS`]. The ring lives in `DIR/secrets/token-keys.json` (0600).
+//! is rotated after [`ROTATE_AFTER_SECS`]. The ring lives in `DIR/secrets/token-keys.json` (0600),
+//! or, on a store several nodes share, sealed in the store (`crate::vault`).
 //! Times are Unix seconds passed in by the caller, so tests control them.
 
 use std::path::Path;
@@ -105,8 +106,12 @@ impl KeyRing {
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = Zeroizing::new(std::fs::read_to_string(path)?);
-        let stored: StoredRing = serde_json::from_str(&text)?;
+        Self::from_json(&Zeroizing::new(std::fs::read(path)?))
+    }
+
+    /// The ring from its stored form (the file, or the shared store's sealed record).
+    pub fn from_json(bytes: &[u8]) -> anyhow::Result<Self> {
+        let stored: StoredRing = serde_json::from_slice(bytes)?;
         anyhow::ensure!(
             stored.version == 1,
             "unsupported key ring version {}",
@@ -122,7 +127,8 @@ impl KeyRing {
         Ok(Self { keys })
     }
 
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+    /// The ring's stored form.
+    pub fn to_json(&self) -> anyhow::Result<Zeroizing<Vec<u8>>> {
         let stored = StoredRing {
             version: 1,
             keys: self
@@ -136,10 +142,11 @@ impl KeyRing {
                 })
                 .collect(),
         };
-        write_private(
-            path,
-            Zeroizing::new(serde_json::to_vec_pretty(&stored)?).as_slice(),
-        )
+        Ok(Zeroizing::new(serde_json::to_vec_pretty(&stored)?))
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        write_private(path, self.to_json()?.as_slice())
     }
 
     /// The key that signs at `now`: the newest one already active (the first key otherwise).

@@ -19,10 +19,11 @@ use twinguard_store_redb::RedbStore;
 use twinguard_telemetry::service::TelemetryEvent;
 
 use crate::app::{AppState, router};
-use crate::datadir::{DataDir, write_private};
+use crate::datadir::{Ca, DataDir, write_private};
 use crate::external::ExternalIssuers;
 use crate::signing_keys::KeyRing;
-use crate::tokens::TokenService;
+use crate::tokens::{KeysHome, TokenService};
+use crate::vault::{Kek, Material, Vault};
 
 /// The history store's page cache: merges append to each stream's last leaf, so this holds
 /// those of a few thousand streams.
@@ -339,18 +340,25 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// What [`init`] opened: the store, the token service, and the identity records' view of the
-/// store (to be connected to the twin writer's door once it runs: [`OwnerStore::connect`]).
-/// On a shared store, also the follower of other nodes' changes, with the directory and the
-/// token service registered.
-pub type Initialised = (
-    Arc<dyn Store>,
-    Arc<TokenService>,
-    Arc<OwnerStore>,
-    Option<Arc<ChangeFollower>>,
-);
+/// What [`init`] opened.
+pub struct Initialised {
+    pub store: Arc<dyn Store>,
+    pub tokens: Arc<TokenService>,
+    /// The identity records' view of the store (to be connected to the twin writer's door
+    /// once it runs: [`OwnerStore::connect`]).
+    pub identity: Arc<OwnerStore>,
+    /// On a shared store, the follower of other nodes' changes, with the directory and the
+    /// token service registered.
+    pub follower: Option<Arc<ChangeFollower>>,
+    /// The local CA.
+    pub ca: Arc<Ca>,
+    /// Where the instance's private material lives.
+    pub material: Material,
+}
 
 /// Creates the data directory's keys, certificates and first admin client if they are missing.
+/// On a shared store, the instance's private material is read from the store, sealed under
+/// the node's key-encryption key (`crate::vault`), and made there if the instance has none.
 pub fn init(
     data_dir: &DataDir,
     tls_names: &[String],
@@ -364,7 +372,7 @@ pub fn init(
     let unfinished = "a restore into this instance did not finish (twinguard restore): restore \
         again into a new data directory and an empty store";
     anyhow::ensure!(!data_dir.restore_marker().exists(), unfinished);
-    let instance = data_dir.prepare(tls_names)?;
+    let instance = data_dir.prepare_dirs()?;
     let store = store.open(data_dir)?;
     anyhow::ensure!(
         !twinguard_core::store::restore_unfinished(store.as_ref())?,
@@ -375,7 +383,15 @@ pub fn init(
     // Identities, credentials and tokens are written only to the identity tables.
     let identity_store = Arc::new(OwnerStore::new(Owner::Identity, store.clone()));
     let identity: Arc<dyn Store> = identity_store.clone();
-    let keys = KeyRing::load(&data_dir.token_keys()).context("loading the token signing keys")?;
+    let material = match store.head()? {
+        None => Material::Files,
+        Some(_) => Material::Sealed(Arc::new(Vault::new(
+            Kek::load_or_create(&data_dir.kek()).context("the instance's key-encryption key")?,
+            identity.clone(),
+        ))),
+    };
+    let ca = Arc::new(data_dir.tls(tls_names, &material)?);
+    let (keys, keys_home) = token_keys(data_dir, &material)?;
     let directory = Arc::new(
         Directory::open(identity.clone(), Arc::new(SystemClock))
             .context("loading the identity directory")?,
@@ -383,7 +399,7 @@ pub fn init(
     let tokens = Arc::new(TokenService::new(
         instance.issuer,
         keys,
-        data_dir.token_keys(),
+        keys_home,
         identity,
         directory.clone(),
         external,
@@ -410,7 +426,46 @@ pub fn init(
         follower.register(directory.clone());
         follower.register(tokens.clone());
     }
-    Ok((store, tokens, identity_store, follower))
+    Ok(Initialised {
+        store,
+        tokens,
+        identity: identity_store,
+        follower,
+        ca,
+        material,
+    })
+}
+
+/// The token signing key ring and where it is kept: `DIR/secrets/token-keys.json`, or the
+/// shared store's sealed record (which adopts the file, then removes it).
+fn token_keys(data_dir: &DataDir, material: &Material) -> anyhow::Result<(KeyRing, KeysHome)> {
+    let path = data_dir.token_keys();
+    match material {
+        Material::Files => {
+            if !path.exists() {
+                KeyRing::generate(crate::tokens::now_secs())?.save(&path)?;
+            }
+            let keys = KeyRing::load(&path).context("loading the token signing keys")?;
+            Ok((keys, KeysHome::File(path)))
+        }
+        Material::Sealed(vault) => {
+            let local = path
+                .exists()
+                .then(|| std::fs::read(&path).map(zeroize::Zeroizing::new))
+                .transpose()?;
+            let stored = vault.get_or_store(
+                crate::vault::names::TOKEN_KEYS,
+                "the token signing keys",
+                local.as_ref().map(|l| l.as_slice()),
+                || KeyRing::generate(crate::tokens::now_secs())?.to_json(),
+            )?;
+            if local.is_some() {
+                crate::vault::remove_moved(&path, "the token signing keys")?;
+            }
+            let keys = KeyRing::from_json(&stored).context("reading the token signing keys")?;
+            Ok((keys, KeysHome::Sealed(vault.clone())))
+        }
+    }
 }
 
 /// How often a node on a shared store looks for other nodes' commits (`TwinService::follow`).
@@ -455,19 +510,26 @@ impl Application {
         install_crypto_provider();
         crate::metrics::install();
         let data_dir = DataDir::new(&config.data_dir);
-        let (store, tokens, identity_store, follower) = init(
+        let Initialised {
+            store,
+            tokens,
+            identity: identity_store,
+            follower,
+            ca,
+            material,
+        } = init(
             &data_dir,
             &config.tls_names,
             config.issuers.as_deref(),
             &config.store,
         )?;
         // Before the writer reads the store's counter: making the key is a commit.
-        let positions = match store.head()? {
-            Some(_) => Some(Arc::new(
-                crate::positions::PositionSeal::load_or_create(store.as_ref())
+        let positions = match &material {
+            Material::Sealed(vault) => Some(Arc::new(
+                crate::positions::PositionSeal::load_or_create(store.as_ref(), vault)
                     .context("the store positions' key")?,
             )),
-            None => None,
+            Material::Files => None,
         };
         let service = TwinService::open(store.clone(), Arc::new(SystemClock))
             .context("loading the twin graph")?;
@@ -549,13 +611,15 @@ impl Application {
         let mqtt = config
             .mqtt
             .clone()
-            .map(|m| crate::mqtt::Prepared::new(m, &data_dir, &instance.instance_id))
+            .map(|m| crate::mqtt::Prepared::new(m, &data_dir, &instance.instance_id, &material))
             .transpose()?;
         let mqtt_status = mqtt
             .as_ref()
             .map(|_| Arc::new(crate::mqtt::MqttStatus::default()));
         let service = Arc::new(service);
-        let event_key = Arc::new(crate::events::EventKey::load_or_create(&data_dir)?);
+        let event_key = Arc::new(crate::events::EventKey::load_or_create(
+            &data_dir, &material,
+        )?);
         let egress = match &config.egress_lookup {
             Some(lookup) => {
                 crate::egress::Egress::with_lookup(config.egress.clone(), lookup.0.clone())
@@ -605,7 +669,7 @@ impl Application {
                         crate::app::QUERY_SLOTS
                     },
                 )),
-                ca: Arc::new(DataDir::new(&config.data_dir)),
+                ca,
                 audit,
                 telemetry,
                 public_url: Arc::new(public_url),

@@ -33,6 +33,7 @@ use crate::external::{
 use crate::metrics;
 use crate::refresh::{Family, Redeemed, RefreshTokens};
 use crate::signing_keys::KeyRing;
+use crate::vault::{Vault, names};
 
 /// The audience ADT clients ask for; twinguard accepts it as its own.
 pub const ADT_AUDIENCE: &str = "https://digitaltwins.azure.net";
@@ -142,7 +143,10 @@ pub struct TokenService {
     issuer: String,
     audiences: Vec<String>,
     keys: RwLock<KeyRing>,
-    keys_path: PathBuf,
+    keys_home: KeysHome,
+    /// Held while the ring is rotated or read again from the store, so that a follower's read
+    /// of an older ring never lands after this node's own rotation.
+    keys_change: std::sync::Mutex<()>,
     validation: Validation,
     directory: Arc<Directory>,
     verified: RwLock<HashMap<String, (Arc<Session>, u64)>>,
@@ -208,15 +212,28 @@ fn refused(refusal: Refusal, wrong: TokenError) -> TokenError {
     }
 }
 
+/// Where the token signing key ring is kept.
+#[derive(Debug)]
+pub enum KeysHome {
+    /// `DIR/secrets/token-keys.json` (the embedded store).
+    File(PathBuf),
+    /// Sealed in the store the nodes share (`crate::vault`): a rotation on any node is every
+    /// node's, read again when the follower names the record.
+    Sealed(Arc<Vault>),
+}
+
+/// The key ring's name in errors.
+const RING: &str = "the token signing keys";
+
 /// The `client_id` claim of tokens from a person's login.
 const LOGIN_CLIENT: &str = "twinguard-login";
 
 impl TokenService {
-    /// `keys` sign and verify; the ring is saved to `keys_path` when it rotates.
+    /// `keys` sign and verify; the ring is saved to `keys_home` when it rotates.
     pub fn new(
         issuer: String,
         keys: KeyRing,
-        keys_path: PathBuf,
+        keys_home: KeysHome,
         store: Arc<dyn Store>,
         directory: Arc<Directory>,
         external: ExternalIssuers,
@@ -257,7 +274,8 @@ impl TokenService {
             issuer,
             audiences,
             keys: RwLock::new(keys),
-            keys_path,
+            keys_home,
+            keys_change: std::sync::Mutex::new(()),
             validation,
             refresh: RefreshTokens::open(store.clone())?,
             external,
@@ -310,13 +328,90 @@ impl TokenService {
 
     /// Rotates the signing key when it is due (see [`crate::signing_keys`]) and saves the ring.
     pub fn rotate_keys_if_due(&self) -> anyhow::Result<()> {
-        let mut ring = self
+        self.rotate_keys_at(now_secs())
+    }
+
+    /// [`TokenService::rotate_keys_if_due`] at `now` (Unix seconds). On a shared store the
+    /// rotation is decided on the ring as stored and committed only over it: of nodes rotating
+    /// at once, one publishes the successor and the others take its ring.
+    pub fn rotate_keys_at(&self, now: u64) -> anyhow::Result<()> {
+        let _change = self
+            .keys_change
+            .lock()
+            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?;
+        match &self.keys_home {
+            KeysHome::File(path) => {
+                let mut ring = self
+                    .keys
+                    .write()
+                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?;
+                if ring.rotate_if_due(now)? {
+                    ring.save(path)?;
+                    tracing::info!(kids = ?ring.kids(), "token signing keys rotated");
+                }
+                Ok(())
+            }
+            KeysHome::Sealed(vault) => {
+                for _ in 0..8 {
+                    let stored = vault
+                        .read(names::TOKEN_KEYS, RING)?
+                        .ok_or_else(|| anyhow::anyhow!("{RING} are missing from the store"))?;
+                    let mut ring = KeyRing::from_json(&stored.plain)?;
+                    let rotated = ring.rotate_if_due(now)?;
+                    if rotated
+                        && !vault.replace(names::TOKEN_KEYS, &stored.sealed, &ring.to_json()?)?
+                    {
+                        // Another node changed the ring first: decide again on its ring.
+                        continue;
+                    }
+                    if rotated {
+                        tracing::info!(kids = ?ring.kids(), "token signing keys rotated");
+                    }
+                    self.set_ring(ring)?;
+                    return Ok(());
+                }
+                anyhow::bail!("other nodes kept changing {RING}")
+            }
+        }
+    }
+
+    /// Runs `f` on the signing key ring (tests sign with the server's own key through it).
+    #[doc(hidden)]
+    pub fn with_key_ring<T>(&self, f: impl FnOnce(&KeyRing) -> T) -> T {
+        match self.keys.read() {
+            Ok(ring) => f(&ring),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
+    fn set_ring(&self, ring: KeyRing) -> anyhow::Result<()> {
+        *self
             .keys
             .write()
-            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?;
-        if ring.rotate_if_due(now_secs())? {
-            ring.save(&self.keys_path)?;
-            tracing::info!(kids = ?ring.kids(), "token signing keys rotated");
+            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))? = ring;
+        Ok(())
+    }
+
+    /// Reads the ring again from the shared store, after another node changed it. A ring that
+    /// no longer opens is not taken: this node keeps signing with the ring it has, and says so.
+    fn reload_ring(&self) -> Result<(), StoreError> {
+        let KeysHome::Sealed(vault) = &self.keys_home else {
+            return Ok(());
+        };
+        let _change = self
+            .keys_change
+            .lock()
+            .map_err(|_| StoreError("the key ring lock is poisoned".into()))?;
+        let read = vault
+            .read(names::TOKEN_KEYS, RING)
+            .and_then(|stored| stored.ok_or_else(|| anyhow::anyhow!("{RING} are missing")))
+            .and_then(|stored| KeyRing::from_json(&stored.plain));
+        match read {
+            Ok(ring) => {
+                self.set_ring(ring).map_err(|e| StoreError(e.to_string()))?;
+                tracing::info!("read the token signing keys another node changed");
+            }
+            Err(e) => tracing::error!(error = %e, "the stored token signing keys were not taken"),
         }
         Ok(())
     }
@@ -869,7 +964,10 @@ impl TokenService {
 /// is read.
 impl twinguard_core::follow::Follower for TokenService {
     fn follows(&self, table: Table) -> bool {
-        matches!(table, Table::RevokedTokens | Table::RefreshTokens)
+        matches!(
+            table,
+            Table::RevokedTokens | Table::RefreshTokens | Table::Secrets
+        )
     }
 
     /// Revocations only ever grow until they expire (which each node forgets by itself), so
@@ -878,6 +976,12 @@ impl twinguard_core::follow::Follower for TokenService {
     fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
         if table == Table::RefreshTokens {
             self.refresh.changed(keys)?;
+            return Ok(Vec::new());
+        }
+        if table == Table::Secrets {
+            if keys.iter().any(|k| k == names::TOKEN_KEYS) {
+                self.reload_ring()?;
+            }
             return Ok(Vec::new());
         }
         let stored = self.store.get_many(Table::RevokedTokens, keys)?;
@@ -897,6 +1001,7 @@ impl twinguard_core::follow::Follower for TokenService {
 
     fn reload(&self) -> Result<Vec<(Table, String)>, StoreError> {
         self.refresh.reload()?;
+        self.reload_ring()?;
         let stored: HashMap<String, u64> = self
             .store
             .scan(Table::RevokedTokens)?
@@ -956,12 +1061,112 @@ mod tests {
             TokenService::new(
                 "https://twinguard.test".into(),
                 KeyRing::load(&self.path).unwrap(),
-                self.path.clone(),
+                KeysHome::File(self.path.clone()),
                 store,
                 directory,
                 ExternalIssuers::default(),
             )
             .unwrap()
+        }
+    }
+
+    /// A node whose signing keys are sealed in the shared store, as a server on PostgreSQL
+    /// keeps them (`startup::init`): the ring is the store's, made by the first node.
+    fn sealed_node(store: &Arc<MemoryStore>) -> TokenService {
+        use twinguard_core::service::{OwnerStore, TwinService};
+        use twinguard_core::store::Owner;
+        let twins = TwinService::open(store.clone(), Arc::new(SystemClock)).unwrap();
+        let owned = OwnerStore::new(Owner::Identity, store.clone());
+        owned.connect(twins.door(Owner::Identity));
+        let owned: Arc<dyn Store> = Arc::new(owned);
+        let vault = Arc::new(Vault::new(
+            crate::vault::Kek::new(&[4; 32]).unwrap(),
+            owned.clone(),
+        ));
+        let ring = vault
+            .get_or_store(names::TOKEN_KEYS, RING, None, || {
+                KeyRing::generate(now_secs())?.to_json()
+            })
+            .unwrap();
+        let directory = Arc::new(Directory::open(owned.clone(), Arc::new(SystemClock)).unwrap());
+        TokenService::new(
+            "https://twinguard.test".into(),
+            KeyRing::from_json(&ring).unwrap(),
+            KeysHome::Sealed(vault),
+            owned,
+            directory,
+            ExternalIssuers::default(),
+        )
+        .unwrap()
+    }
+
+    const DAY: u64 = 24 * 3_600;
+
+    /// The signing keys rotate once for every node: node A rotates, and node B publishes and
+    /// verifies with A's new key at its next follow step; with each node's ring its own (as
+    /// in a data directory of its own), B would refuse every token A signs after the switch.
+    #[test]
+    fn a_rotation_on_one_node_is_every_nodes() {
+        let store = Arc::new(MemoryStore::shared());
+        let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
+        let a = Arc::new(sealed_node(&store));
+        let b = Arc::new(sealed_node(&store));
+        let c = sealed_node(&store);
+        follower.register(b.clone());
+        assert_eq!(a.jwks(), b.jwks(), "one ring");
+
+        let due = now_secs() + 31 * DAY;
+        a.rotate_keys_at(due).unwrap();
+        let kids = |node: &TokenService| node.with_key_ring(|r| r.kids().join(" "));
+        assert_eq!(kids(&a).split(' ').count(), 2, "the successor is published");
+        assert_ne!(kids(&a), kids(&b));
+        follower.step().unwrap();
+        assert_eq!(kids(&b), kids(&a), "B follows A's rotation");
+        assert_eq!(a.jwks(), b.jwks());
+        let switched = due + crate::signing_keys::PUBLISH_LEAD_SECS;
+        let signer = |node: &TokenService| node.with_key_ring(|r| r.active(switched).kid.clone());
+        assert_eq!(signer(&a), signer(&b), "both sign with the successor");
+
+        // C, due too and never told, decides on the stored ring: no second successor.
+        assert_ne!(kids(&c), kids(&a));
+        c.rotate_keys_at(due + 60).unwrap();
+        assert_eq!(kids(&c), kids(&a));
+    }
+
+    /// Of nodes rotating at the same instant, one publishes the successor and every node ends
+    /// with its ring (the rotation commits only over the ring it started from).
+    #[test]
+    fn nodes_rotating_at_once_publish_one_successor() {
+        for _ in 0..20 {
+            let store = Arc::new(MemoryStore::shared());
+            let nodes: Vec<Arc<TokenService>> =
+                (0..3).map(|_| Arc::new(sealed_node(&store))).collect();
+            let due = now_secs() + 31 * DAY;
+            let barrier = Arc::new(std::sync::Barrier::new(nodes.len()));
+            let rotations: Vec<_> = nodes
+                .iter()
+                .map(|node| {
+                    let (node, barrier) = (node.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        node.rotate_keys_at(due).unwrap();
+                    })
+                })
+                .collect();
+            for rotation in rotations {
+                rotation.join().unwrap();
+            }
+            let stored = store.get_many(Table::Secrets, &[names::TOKEN_KEYS.into()]);
+            let kek = crate::vault::Kek::new(&[4; 32]).unwrap();
+            let ring = KeyRing::from_json(
+                &kek.open(names::TOKEN_KEYS, &stored.unwrap()[0].clone().unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(ring.kids().len(), 2, "one successor");
+            for node in &nodes {
+                assert_eq!(node.jwks(), ring.jwks(), "every node holds the stored ring");
+            }
         }
     }
 

@@ -360,32 +360,7 @@ fn a_server_does_not_start_on_a_restore_that_did_not_finish() {
     let dir = tempfile::tempdir().unwrap();
     // Started once, so the instance has its audit key (a backup needs it to sign).
     Server::start(dir.path()).kill();
-    // A server that refuses exits at once; one that does not is stopped after 30 s.
-    let serve = |dir: &Path| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
-            .args([
-                "serve",
-                "--api-listen",
-                "127.0.0.1:0",
-                "--device-listen",
-                "off",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                child.kill().unwrap();
-                panic!("the server started on an unfinished restore");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        child.wait_with_output().unwrap()
-    };
+    let serve = |dir: &Path| Server::start_refused(dir, &[]);
     // The data directory's marker.
     std::fs::write(dir.path().join("restore-incomplete"), b"x").unwrap();
     let refused = serve(dir.path());
@@ -420,10 +395,12 @@ fn a_server_does_not_start_on_a_restore_that_did_not_finish() {
 }
 
 /// A bundle of a PostgreSQL instance restored into another database: the twins come back, and
-/// the key that sealed the old database's store positions does not (the new database counts its
-/// commits afresh, so a position handed out before must not open there).
+/// the instance's sealed material does not (it opens only under the source's key-encryption
+/// key); in particular the key that sealed the old database's store positions does not come
+/// back (the new database counts its commits afresh, so a position handed out before must not
+/// open there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postgresql_instance_restores_into_another_database_with_a_new_position_key() {
+async fn a_postgresql_instance_restores_into_another_database_with_material_of_its_own() {
     let (source_db, target_db) = match (TestDatabase::create(), TestDatabase::create()) {
         (Ok(Some(a)), Ok(Some(b))) => (a, b),
         (Ok(None), _) | (_, Ok(None)) => return,
@@ -435,6 +412,21 @@ async fn a_postgresql_instance_restores_into_another_database_with_a_new_positio
     let server = Server::start_with(source.path(), &["--store", url.as_str()], None);
     let token = server.admin_token(source.path()).await;
     build_plant(&server, &token).await;
+    let marker = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Marker;1",
+        "@type": "Interface"}]);
+    let written = server
+        .client
+        .post(server.url("/models"))
+        .bearer_auth(&token)
+        .json(&marker)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 201);
+    let old_position = written.headers()["twinguard-position"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let before = answers(&server, &token).await;
     tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
     server.kill();
@@ -461,16 +453,50 @@ async fn a_postgresql_instance_restores_into_another_database_with_a_new_positio
         &["--store", target_url.as_str()],
     );
     assert!(restored.status.success(), "{}", text(&restored));
-    let position_key = |db: &TestDatabase| {
-        db.query("SELECT encode(value, 'escape') FROM records WHERE tbl = 'meta' AND key = 'position.key'::bytea")
+    // The bundle holds none of the instance's sealed material (it opens only under the
+    // source's key-encryption key): the restored instance makes its own.
+    let sealed = |db: &TestDatabase| {
+        db.query("SELECT count(*) FROM records WHERE tbl = 'secrets'")
             .unwrap()
     };
-    assert_eq!(position_key(&target_db), Vec::<Option<String>>::new());
+    assert_eq!(sealed(&target_db), vec![Some("0".to_owned())]);
     copy_admin_credential(source.path(), target.path());
     let server = Server::start_with(target.path(), &["--store", target_url.as_str()], None);
     let token = server.admin_token(target.path()).await;
     assert_eq!(answers(&server, &token).await, before);
-    let (old, new) = (position_key(&source_db), position_key(&target_db));
-    assert_eq!((old.len(), new.len()), (1, 1));
-    assert_ne!(old, new, "the restored database kept the old position key");
+    assert_ne!(sealed(&target_db), vec![Some("0".to_owned())]);
+    // A position the source handed out does not open on the restored database; one of its own
+    // does.
+    let present = |position: String| {
+        server
+            .client
+            .get(server.url("/models/dtmi:pg:Marker;1"))
+            .bearer_auth(&token)
+            .header("twinguard-min-position", position)
+            .send()
+    };
+    assert_eq!(present(old_position).await.unwrap().status(), 400);
+    let own = server
+        .client
+        .post(server.url("/models"))
+        .bearer_auth(&token)
+        .json(
+            &json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Marker;2",
+            "@type": "Interface"}]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 201);
+    let own = own
+        .headers()
+        .get("twinguard-position")
+        .map(|p| p.to_str().unwrap().to_owned());
+    assert_eq!(
+        present(own.expect("a write names its position"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

@@ -25,30 +25,67 @@ async fn read_twin(server: &Server, token: &str, id: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// Copies the first admin credential, the one file of a data directory that another node on
-/// the same database needs to administer it (the credential is checked against the
-/// identities in PostgreSQL).
-pub(crate) fn copy_admin_credential(from: &Path, to: &Path) {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(to.join("secrets"))
-        .unwrap();
+/// Copies file `name` of data directory `from` into `to`, owner-only.
+fn copy_private(from: &Path, to: &Path, name: &str) {
+    let target = to.join(name);
+    if let Some(dir) = target.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .unwrap();
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(to.join("secrets/admin-client.json"))
+        .open(&target)
         .unwrap();
-    std::io::Write::write_all(
-        &mut file,
-        &std::fs::read(from.join("secrets/admin-client.json")).unwrap(),
-    )
-    .unwrap();
+    std::io::Write::write_all(&mut file, &std::fs::read(from.join(name)).unwrap()).unwrap();
+}
+
+/// Copies the first admin credential, to administer an instance from another data directory
+/// (the credential is checked against the identities in PostgreSQL).
+pub(crate) fn copy_admin_credential(from: &Path, to: &Path) {
+    copy_private(from, to, "secrets/admin-client.json");
+}
+
+/// The files of a data directory that another node on the same database needs, as the README
+/// lists them: the instance's identity and its key-encryption key (the admin credential only
+/// to administer it). Everything else a node makes, or reads sealed from the database.
+pub(crate) fn copy_node_files(from: &Path, to: &Path) {
+    for name in [
+        "instance.json",
+        "secrets/instance.kek",
+        "secrets/admin-client.json",
+    ] {
+        copy_private(from, to, name);
+    }
+}
+
+/// The names of the sealed records in `db`'s `Table::Secrets`, after checking that none
+/// holds a private key in the clear.
+fn sealed_records(db: &TestDatabase) -> Vec<String> {
+    let plain = db
+        .query(
+            "SELECT count(*) FROM records WHERE tbl = 'secrets' \
+             AND position('PRIVATE KEY'::bytea in value) > 0",
+        )
+        .unwrap();
+    assert_eq!(
+        plain,
+        vec![Some("0".to_owned())],
+        "a private key in the clear"
+    );
+    db.query("SELECT convert_from(key, 'UTF8') FROM records WHERE tbl = 'secrets' ORDER BY 1")
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_on_postgresql_reads_back_its_twins_after_a_restart_with_a_fresh_data_dir() {
+async fn a_server_on_postgresql_restarts_and_a_new_node_needs_only_the_instance_files() {
     let db = match TestDatabase::create() {
         Ok(Some(db)) => db,
         Ok(None) => return,
@@ -96,19 +133,53 @@ async fn a_server_on_postgresql_reads_back_its_twins_after_a_restart_with_a_fres
     assert_eq!(twin["flow"], 12.5);
     drop(server);
 
-    // A fresh data directory (its own CA, token keys, instance and audit log) with only the
-    // admin credential copied: the graph and the identities come from PostgreSQL.
+    // The instance's private material is sealed in PostgreSQL, and no longer in the data
+    // directory, so a copy of the directory carries none of it.
+    assert_eq!(
+        sealed_records(&db),
+        ["ca", "event-key", "position-key", "token-keys"]
+    );
+    for moved in [
+        "tls/ca-key.pem",
+        "secrets/token-keys.json",
+        "secrets/event-key",
+    ] {
+        assert!(!first_dir.path().join(moved).exists(), "{moved}");
+    }
+
+    // A new data directory with only the files a node needs (the instance's identity, its
+    // key-encryption key, and the admin credential): the CA and the token keys are the
+    // instance's, so a token the first directory's server issued is good here, and the
+    // graph and the identities come from PostgreSQL.
     let second_dir = tempfile::tempdir().unwrap();
-    copy_admin_credential(first_dir.path(), second_dir.path());
+    copy_node_files(first_dir.path(), second_dir.path());
     let server = Server::start_with(second_dir.path(), &store, None);
-    let token = server.admin_token(second_dir.path()).await;
     let (status, twin) = read_twin(&server, &token, "pump-1").await;
     assert_eq!(status, 200, "{twin}");
     assert_eq!(twin["flow"], 12.5);
     assert_eq!(twin["$metadata"]["$model"], "dtmi:pg:Pump;1");
+    let token = server.admin_token(second_dir.path()).await;
     let (status, _) = read_twin(&server, &token, "pump-2").await;
     assert_eq!(status, 404);
+    assert_eq!(
+        std::fs::read(second_dir.path().join("tls/ca.pem")).unwrap(),
+        std::fs::read(first_dir.path().join("tls/ca.pem")).unwrap(),
+        "one CA for the nodes"
+    );
     drop(server);
+
+    // A data directory without the instance's key-encryption key opens none of it, and says so.
+    let third_dir = tempfile::tempdir().unwrap();
+    copy_admin_credential(first_dir.path(), third_dir.path());
+    let refused = Server::start_refused(third_dir.path(), &store);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(said.contains("another key-encryption key"), "{said}");
+    assert_eq!(
+        sealed_records(&db),
+        ["ca", "event-key", "position-key", "token-keys"],
+        "nothing replaced"
+    );
 }
 
 #[test]
@@ -327,17 +398,12 @@ async fn client_token(server: &Server, id: &str, secret: &str) -> String {
         .to_owned()
 }
 
-/// A second node: `serve` with `flags` on a copy of `first`'s data directory, and an admin
-/// token from it (with the copied admin credential).
+/// A second node: `serve` with `flags` on a new data directory holding only the files a node
+/// needs of `first`'s ([`copy_node_files`]), and an admin token from it (with the copied admin
+/// credential).
 async fn start_copy(first: &Path, flags: &[&str]) -> (tempfile::TempDir, Server, String) {
     let dir = tempfile::tempdir().unwrap();
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", first.display()))
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    copy_node_files(first, dir.path());
     let server = Server::start_with(dir.path(), flags, None);
     let admin: Value = serde_json::from_slice(
         &std::fs::read(dir.path().join("secrets/admin-client.json")).unwrap(),
@@ -365,8 +431,8 @@ async fn refused_after(server: &Server, token: &str, since: Instant) -> Duration
     }
 }
 
-/// Two `serve` processes on one database (`--dangerous-several-nodes`, the second started from
-/// a copy of the first's data directory): a write on one is read on the other through the
+/// Two `serve` processes on one database (`--dangerous-several-nodes`, the second started with
+/// only the files a node needs of the first's data directory): a write on one is read on the other through the
 /// position it was answered with; an identity disabled on one, and a token revoked on one, are
 /// refused by the other within a second (measured and printed); one signed telemetry message
 /// sent to both at once, 1,000 times, is accepted exactly once each time, and the history read

@@ -169,6 +169,36 @@ impl Server {
         format!("{}{path}?api-version=2023-10-31", self.base)
     }
 
+    /// Runs `serve` with `extra` arguments where it is expected to refuse to start: its output
+    /// once it exits (at once, when it refuses); one that is still running after 30 s is
+    /// stopped and the test fails.
+    pub fn start_refused(data_dir: &Path, extra: &[&str]) -> std::process::Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--device-listen",
+                "off",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("the server started");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill(mut self) {
         self.child.kill().unwrap();

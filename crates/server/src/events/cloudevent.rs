@@ -33,11 +33,16 @@ impl std::fmt::Debug for EventKey {
 }
 
 impl EventKey {
-    /// Loads the key from `secrets/event-key`, creating it (and `events/event-key.jwk`) at
-    /// first use.
-    pub fn load_or_create(data_dir: &DataDir) -> anyhow::Result<Self> {
+    /// Loads the key from `secrets/event-key` (or the shared store's sealed record), creating
+    /// it (and `events/event-key.jwk`) at first use.
+    pub fn load_or_create(
+        data_dir: &DataDir,
+        material: &crate::vault::Material,
+    ) -> anyhow::Result<Self> {
         let public = data_dir.root().join("events/event-key.jwk");
         let (key, kid) = crate::mqtt::receipt::load_or_create_key(
+            material,
+            crate::vault::names::EVENT_KEY,
             &data_dir.root().join("secrets/event-key"),
             &public,
             "the event signing key",

@@ -657,6 +657,11 @@ async fn an_endpoint_made_on_another_node_keeps_its_records_from_this_nodes_trim
     for i in 0..5 {
         create(&a, &format!("t{i}")).await;
     }
+    // A's first lease round is over once it delivers: it cannot take 'late' for a minute.
+    wait_for("a delivering", Duration::from_secs(5), || {
+        receiver.creations().len() == 5
+    })
+    .await;
     let b = node(&store, "b");
     b.events.put("late", spec(addr)).await.unwrap();
     let late = lease::read_positions(store.as_ref()).unwrap()["late"];

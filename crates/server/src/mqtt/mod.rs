@@ -371,14 +371,19 @@ impl std::fmt::Debug for Prepared {
 }
 
 impl Prepared {
-    pub fn new(config: MqttConfig, data_dir: &DataDir, instance_id: &str) -> anyhow::Result<Self> {
+    pub fn new(
+        config: MqttConfig,
+        data_dir: &DataDir,
+        instance_id: &str,
+        material: &crate::vault::Material,
+    ) -> anyhow::Result<Self> {
         let endpoint = endpoint(&config.url)?;
         let credentials = credentials(&config, &endpoint)?;
         // Fails early on a bad CA file.
         options(&config, &endpoint, credentials.as_ref(), "probe", false)?;
         data_dir.private_dir("mqtt")?;
         let session = Session::load_or_create(data_dir, instance_id)?;
-        let receipts = Arc::new(ReceiptKey::load_or_create(data_dir)?);
+        let receipts = Arc::new(ReceiptKey::load_or_create(data_dir, material)?);
         if !endpoint.tls {
             tracing::warn!(
                 "MQTT without TLS: the broker link is readable on the network (messages are still verified by signature)"

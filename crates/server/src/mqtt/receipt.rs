@@ -20,6 +20,7 @@ use twinguard_telemetry::envelope::{DeviceKey, generate_key, signing_key_from_pe
 use twinguard_telemetry::{Outcome, Verdict};
 
 use crate::datadir::{DataDir, write_private};
+use crate::vault::Material;
 
 /// The default topic prefix receipts are published under.
 pub const DEFAULT_PREFIX: &str = "twinguard/receipts";
@@ -50,8 +51,10 @@ pub fn public_path(data_dir: &DataDir) -> PathBuf {
 
 impl ReceiptKey {
     /// Loads the receipt key, creating it (and its public JWK) at first use.
-    pub fn load_or_create(data_dir: &DataDir) -> anyhow::Result<Self> {
+    pub fn load_or_create(data_dir: &DataDir, material: &Material) -> anyhow::Result<Self> {
         let (key, kid) = load_or_create_key(
+            material,
+            crate::vault::names::RECEIPT_KEY,
             &private_path(data_dir),
             &public_path(data_dir),
             "the MQTT receipt key",
@@ -149,10 +152,13 @@ pub fn topic(prefix: &str, device: &str) -> String {
     out
 }
 
-/// An Ed25519 key of the instance's own: private at `private` (PKCS#8 PEM, 0600), created at
-/// first use, and its public half as a JWK at `public` (with `kid`, the RFC 7638 thumbprint).
-/// Returns the key and its `kid`.
+/// An Ed25519 key of the instance's own: private at `private` (PKCS#8 PEM, 0600) or, on a
+/// shared store, sealed in it as record `name` (`crate::vault::Material`), created at first use,
+/// and its public half as a JWK at `public` (with `kid`, the RFC 7638 thumbprint). Returns the
+/// key and its `kid`.
 pub fn load_or_create_key(
+    material: &Material,
+    name: &str,
     private: &Path,
     public: &Path,
     what: &str,
@@ -166,15 +172,10 @@ pub fn load_or_create_key(
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    if !private.exists() {
+    let pem = material.private_pem(name, private, what, || {
         let (_, pem) = generate_key().with_context(|| format!("generating {what}"))?;
-        write_private(private, pem.as_bytes())?;
-        tracing::info!(path = %private.display(), "created {what}");
-    }
-    let pem = zeroize::Zeroizing::new(
-        std::fs::read_to_string(private)
-            .with_context(|| format!("reading {}", private.display()))?,
-    );
+        Ok(pem)
+    })?;
     let key = signing_key_from_pem(&pem).with_context(|| what.to_owned())?;
     let public_key = DeviceKey::from_bytes(key.verifying_key().as_bytes())
         .with_context(|| format!("the public half of {what}"))?;

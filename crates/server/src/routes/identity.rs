@@ -208,7 +208,7 @@ async fn certify(state: &AppState, caller: &Principal, id: &str, csr: &str) -> A
             revoked: false,
         },
     )?;
-    let ca = std::fs::read_to_string(state.ca.ca_cert()).unwrap_or_default();
+    let ca = state.ca.cert_pem();
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({

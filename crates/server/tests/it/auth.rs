@@ -6,7 +6,6 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use reqwest::Method;
 use serde_json::{Value, json};
 use twinguard_core::auth::DATA_READER;
-use twinguard_server::signing_keys::KeyRing;
 
 use crate::kit::{TestServer, https_client};
 
@@ -323,15 +322,15 @@ async fn repeated_bad_secrets_from_one_address_back_off_while_the_owner_gets_in_
     );
 }
 
-/// Signs `claims` with the server's own key (read from its data directory), as an insider or a
-/// bug elsewhere might: the signature is valid, so only the claim checks stand in the way.
+/// Signs `claims` with the server's own key, as an insider or a bug elsewhere might: the
+/// signature is valid, so only the claim checks stand in the way.
 fn sign_with_server_key(server: &TestServer, header_kid: Option<&str>, claims: &Value) -> String {
-    let ring = KeyRing::load(&server.dir.path().join("secrets/token-keys.json")).unwrap();
-    let key = ring.active(u64::MAX);
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     header.typ = Some("at+jwt".into());
     header.kid = header_kid.map(str::to_owned);
-    jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
+    server.state.tokens.with_key_ring(|ring| {
+        jsonwebtoken::encode(&header, claims, &ring.active(u64::MAX).encoding).unwrap()
+    })
 }
 
 #[tokio::test]
