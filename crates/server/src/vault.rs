@@ -44,6 +44,8 @@ pub mod names {
     pub const RECEIPT_KEY: &str = "mqtt-receipt-key";
     /// The key store positions are sealed with for clients (32 bytes).
     pub const POSITION_KEY: &str = "position-key";
+    /// The group name of the nodes' shared MQTT subscription.
+    pub const MQTT_SHARE_GROUP: &str = "mqtt-share-group";
 }
 
 const MAGIC: &[u8; 4] = b"TGS1";

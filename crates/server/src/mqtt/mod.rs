@@ -253,6 +253,10 @@ struct StatusInner {
     sessions_lost: u64,
     last_takeover: Option<(Evidence, String)>,
     legacy_drained: bool,
+    /// Messages this node's session received (each node of a shared subscription its share).
+    received: u64,
+    /// Whether the subscription is shared with the other nodes of a shared store.
+    shared: bool,
 }
 
 impl MqttStatus {
@@ -272,6 +276,11 @@ impl MqttStatus {
         self.with(|s| s.connected && s.subscribed)
     }
 
+    /// Messages this node's session received from the broker.
+    pub fn received(&self) -> u64 {
+        self.with(|s| s.received)
+    }
+
     /// Whether the session of the derivable ID of older releases has been drained and ended.
     pub fn legacy_drained(&self) -> bool {
         self.with(|s| s.legacy_drained)
@@ -288,6 +297,8 @@ impl MqttStatus {
                 "sessionsLost": s.sessions_lost,
                 "lastTakeover": s.last_takeover.as_ref().map(|(e, t)| json!({"evidence": e.label(), "time": t})),
                 "legacySessionDrained": s.legacy_drained,
+                "sharedSubscription": s.shared,
+                "received": s.received,
             })
         })
     }
@@ -360,6 +371,8 @@ pub struct Prepared {
     credentials: Option<Credentials>,
     session: Session,
     receipts: Arc<ReceiptKey>,
+    /// The shared subscription's group name, on a store several nodes share.
+    share: Option<String>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -381,6 +394,26 @@ impl Prepared {
         let credentials = credentials(&config, &endpoint)?;
         // Fails early on a bad CA file.
         options(&config, &endpoint, credentials.as_ref(), "probe", false)?;
+        anyhow::ensure!(
+            !config.topic.starts_with("$share/"),
+            "give the MQTT topic as a plain filter: on a store several nodes share, twinguard \
+             shares the subscription among its nodes itself"
+        );
+        let share = match material {
+            crate::vault::Material::Files => None,
+            crate::vault::Material::Sealed(vault) => {
+                // Receipts go to `<prefix>/<device>`, the device ID one level.
+                let receipts = format!("{}/+", config.receipt_prefix.trim_end_matches('/'));
+                anyhow::ensure!(
+                    !filters_overlap(&config.topic, &receipts),
+                    "the MQTT topic filter {} takes twinguard's own receipts ({receipts}): a \
+                     shared subscription cannot leave a node's own messages out, so choose a \
+                     filter or a receipt prefix apart",
+                    config.topic
+                );
+                Some(share_group(vault)?)
+            }
+        };
         data_dir.private_dir("mqtt")?;
         let session = Session::load_or_create(data_dir, instance_id)?;
         let receipts = Arc::new(ReceiptKey::load_or_create(data_dir, material)?);
@@ -395,7 +428,62 @@ impl Prepared {
             credentials,
             session,
             receipts,
+            share,
         })
+    }
+}
+
+/// The shared subscription's group name: the same for every node of the instance, random, so
+/// a broker client that may subscribe to the topic cannot join the group by guessing it (the
+/// broker's ACLs are the first defence; an attacker in the group takes a share of the messages,
+/// which then get no receipt and are sent again). Sealed in the store like the other instance
+/// material.
+fn share_group(vault: &crate::vault::Vault) -> anyhow::Result<String> {
+    let group = vault.get_or_store(
+        crate::vault::names::MQTT_SHARE_GROUP,
+        "the MQTT share group",
+        None,
+        || {
+            let mut raw = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
+            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            Ok(Zeroizing::new(format!("twinguard-{hex}").into_bytes()))
+        },
+    )?;
+    let group = String::from_utf8(group.to_vec())?;
+    anyhow::ensure!(
+        !group.is_empty() && !group.contains(['/', '+', '#']),
+        "the stored MQTT share group is not a group name"
+    );
+    Ok(group)
+}
+
+/// The filter twinguard subscribes with: `topic`, or on a store several nodes share, the MQTT 5
+/// shared subscription `$share/<group>/<topic>`, so the broker hands each message to one node
+/// of the group (which then ingests and receipts it) instead of every node.
+fn subscription(topic: &str, share: Option<&str>) -> String {
+    match share {
+        Some(group) => format!("$share/{group}/{topic}"),
+        None => topic.to_owned(),
+    }
+}
+
+/// Whether some topic matches both MQTT topic filters (MQTT 5, 4.7: `+` one level, `#` this
+/// level and all below; wildcards at the first level never match a `$` topic).
+fn filters_overlap(a: &str, b: &str) -> bool {
+    let wild = |f: &str| f.starts_with(['+', '#']);
+    if (a.starts_with('$') && wild(b)) || (b.starts_with('$') && wild(a)) {
+        return false;
+    }
+    let (mut a, mut b) = (a.split('/'), b.split('/'));
+    loop {
+        match (a.next(), b.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(x), Some(y)) if x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
     }
 }
 
@@ -431,7 +519,9 @@ pub fn spawn(prepared: Prepared, cx: MqttContext) -> anyhow::Result<()> {
         credentials,
         session,
         receipts,
+        share,
     } = prepared;
+    cx.status.with(|s| s.shared = share.is_some());
     let persistent = options(
         &config,
         &endpoint,
@@ -446,7 +536,8 @@ pub fn spawn(prepared: Prepared, cx: MqttContext) -> anyhow::Result<()> {
     // Set before twinguard itself disconnects, so that close is not taken for a takeover.
     let leaving = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::channel::<(u64, Publish)>(usize::from(RECEIVE_MAXIMUM));
-    let topic = config.topic.clone();
+    let topic = subscription(&config.topic, share.as_deref());
+    let nolocal = share.is_none();
     let subscriber = client.clone();
     let current = connection.clone();
     let status = cx.status.clone();
@@ -478,8 +569,10 @@ pub fn spawn(prepared: Prepared, cx: MqttContext) -> anyhow::Result<()> {
                     }
                     expect_session = true;
                     // No Local: twinguard never receives its own receipts, whatever the filter.
+                    // A shared subscription may not ask for it (MQTT 5, 3.8.3.1): there the
+                    // filter was checked to leave the receipts out (`Prepared::new`).
                     let mut filter = Filter::new(topic.clone(), QoS::AtLeastOnce);
-                    filter.nolocal = true;
+                    filter.nolocal = nolocal;
                     if let Err(e) = subscriber.subscribe_many([filter]).await {
                         tracing::error!(error = %e, "MQTT subscribe failed");
                     }
@@ -489,6 +582,7 @@ pub fn spawn(prepared: Prepared, cx: MqttContext) -> anyhow::Result<()> {
                     first_subscription.notify_one();
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    status.with(|s| s.received += 1);
                     let on = current.load(Ordering::SeqCst);
                     if tx.send((on, publish)).await.is_err() {
                         return;
@@ -740,6 +834,66 @@ impl Drain {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn topic_filters_overlap_as_mqtt_matches_them() {
+        for (a, b, overlap) in [
+            ("a/b", "a/b", true),
+            ("a/b", "a/c", false),
+            ("a/+", "a/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/+/c", "a/b/+", true),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("#", "twinguard/receipts/+", true),
+            ("+/receipts/dev", "twinguard/receipts/+", true),
+            ("twinguard/+/dev", "twinguard/receipts/+", true),
+            ("twinguard/telemetry/#", "twinguard/receipts/+", false),
+            ("twinguard/receipts", "twinguard/receipts/+", false),
+            ("#", "$SYS/+", false),
+            ("+/broker", "$SYS/broker", false),
+            ("$SYS/#", "$SYS/broker", true),
+            ("a//b", "a/+/b", true),
+            ("a/b", "a/b/", false),
+        ] {
+            assert_eq!(filters_overlap(a, b), overlap, "{a} and {b}");
+            assert_eq!(filters_overlap(b, a), overlap, "{b} and {a}");
+        }
+    }
+
+    #[test]
+    fn a_shared_store_subscribes_with_a_shared_subscription_and_keeps_receipts_out() {
+        use twinguard_core::store::MemoryStore;
+        let store: Arc<dyn twinguard_core::store::Store> = Arc::new(MemoryStore::shared());
+        let vault = Arc::new(crate::vault::Vault::new(
+            crate::vault::Kek::new(&[6; 32]).unwrap(),
+            store,
+        ));
+        let sealed = crate::vault::Material::Sealed(vault.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = DataDir::new(dir.path());
+        let prepare = |topic: &str, material: &crate::vault::Material| {
+            Prepared::new(
+                MqttConfig::new("mqtt://127.0.0.1:1883", topic),
+                &data_dir,
+                "instance",
+                material,
+            )
+        };
+        let a = prepare("plant/telemetry/#", &sealed).unwrap();
+        let b = prepare("plant/telemetry/#", &sealed).unwrap();
+        let group = a.share.clone().unwrap();
+        assert_eq!(b.share.as_deref(), Some(group.as_str()), "one group");
+        assert_eq!(
+            subscription("plant/telemetry/#", a.share.as_deref()),
+            format!("$share/{group}/plant/telemetry/#")
+        );
+        assert!(prepare("#", &sealed).is_err(), "would take the receipts");
+        assert!(prepare("twinguard/+/dev", &sealed).is_err());
+        assert!(prepare("$share/g/plant/#", &sealed).is_err());
+        let alone = prepare("#", &crate::vault::Material::Files).unwrap();
+        assert_eq!(alone.share, None);
+    }
 
     #[test]
     fn credentials_go_only_over_tls_or_to_loopback() {

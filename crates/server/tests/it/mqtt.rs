@@ -885,3 +885,101 @@ async fn twinguard_logs_in_to_a_broker_that_refuses_anonymous_clients() {
     .await;
     devices.stop();
 }
+
+/// Two nodes on one PostgreSQL database, each subscribed to the broker with a session of its
+/// own: the subscription is shared (MQTT 5 `$share/<group>/...`), so the broker hands each
+/// message to one node, which ingests and receipts it. Every reading lands once, every message
+/// gets exactly one receipt, `accepted`, and both nodes took a share. With each node
+/// subscribed on its own, every message reached both, and the second copy drew a `replay`
+/// receipt (and the store decided it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_on_one_database_share_the_subscription_and_ingest_each_message_once() {
+    use twinguard_server::startup::{PostgresConfig, StoreConfig};
+    let Some(db) = twinguard_store_postgres::testdb::TestDatabase::create().unwrap() else {
+        return;
+    };
+    let topics = Topics::new();
+    let store = StoreConfig::Postgres(PostgresConfig {
+        url: db.url(),
+        ca_file: None,
+        pool_size: 4,
+        several_nodes: true,
+    });
+    let configure = |c: &mut twinguard_server::startup::ServeConfig| {
+        c.store = store.clone();
+        c.mqtt = Some(topics.config(BROKER));
+    };
+    let a = TestServer::start_in(tempfile::tempdir().unwrap(), configure).await;
+    // The second node's data directory holds only the instance files of the first's.
+    let b_dir = tempfile::tempdir().unwrap();
+    for name in [
+        "instance.json",
+        "secrets/instance.kek",
+        "secrets/admin-client.json",
+    ] {
+        std::fs::create_dir_all(b_dir.path().join(name).parent().unwrap()).unwrap();
+        std::fs::copy(a.dir.path().join(name), b_dir.path().join(name)).unwrap();
+    }
+    let b = TestServer::start_in(b_dir, configure).await;
+    assert_ne!(client_id(a.dir.path()), client_id(b.dir.path()));
+
+    let names = ["dev-a", "dev-b", "dev-c", "dev-d"];
+    let keys = provision(&a.state, &names).await;
+    let written = a.state.service.position().unwrap();
+    assert!(
+        b.state
+            .service
+            .wait_for_position(written, Duration::from_secs(10))
+            .await
+    );
+    eventually("the devices known on the second node", || {
+        names
+            .iter()
+            .all(|d| b.state.telemetry.device(&admin(), d).is_ok())
+    })
+    .await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let receipt_key = receipt_key(a.dir.path());
+    let mut devices = Devices::start(1883, &format!("{}/#", topics.receipts()), None).await;
+    let sent = sign_readings(&keys, 25);
+    devices
+        .publish(&topics, &sent.iter().collect::<Vec<_>>())
+        .await;
+
+    eventually("every reading in its twin's history", || {
+        names.iter().all(|d| history(&a.state, d).len() == 25)
+    })
+    .await;
+    // Receipts still in flight arrive; then each message has exactly one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut receipts: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+    while let Ok(bytes) = devices.receipts.try_recv() {
+        let body = verify_receipt(&receipt_key, &bytes);
+        receipts
+            .entry((body.device, body.seq))
+            .or_default()
+            .push(body.status);
+    }
+    devices.stop();
+    let (on_a, on_b) = (
+        a.state.mqtt.as_ref().unwrap().received(),
+        b.state.mqtt.as_ref().unwrap().received(),
+    );
+    eprintln!("node A received {on_a} messages, node B {on_b}");
+    for id in sent.keys() {
+        assert_eq!(
+            receipts.get(id).map(Vec::as_slice),
+            Some(&["accepted".to_owned()][..]),
+            "{id:?}"
+        );
+    }
+    assert!(on_a > 0 && on_b > 0, "A took {on_a}, B {on_b}");
+    assert_eq!(on_a + on_b, sent.len() as u64);
+    assert_eq!(
+        a.state.mqtt.as_ref().unwrap().detail()["sharedSubscription"],
+        true
+    );
+    end_session(&client_id(a.dir.path()), 1883).await;
+    end_session(&client_id(b.dir.path()), 1883).await;
+}
