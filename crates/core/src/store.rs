@@ -84,10 +84,14 @@ pub enum Table {
     /// each node reads from its own file, keyed by the material's name (on a store several
     /// nodes share; the server's `vault`).
     Secrets,
+    /// Claimed identity names, keyed by `identity \u{1f} lower-cased name`, each with the ID of
+    /// the identity that holds it: a creation commits its claim expecting none, so one name is
+    /// taken once across nodes (the identity directory).
+    Names,
 }
 
 impl Table {
-    pub const ALL: [Table; 31] = [
+    pub const ALL: [Table; 32] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -119,6 +123,7 @@ impl Table {
         Table::Backoff,
         Table::Leases,
         Table::Secrets,
+        Table::Names,
     ];
 
     pub fn name(self) -> &'static str {
@@ -154,6 +159,7 @@ impl Table {
             Self::Backoff => "backoff",
             Self::Leases => "leases",
             Self::Secrets => "secrets",
+            Self::Names => "names",
         }
     }
 }
@@ -197,7 +203,8 @@ impl Table {
             | Self::ApiKeys
             | Self::UsedAssertions
             | Self::Backoff
-            | Self::Secrets => Owner::Identity,
+            | Self::Secrets
+            | Self::Names => Owner::Identity,
             Self::Devices
             | Self::Firmware
             | Self::Policies
@@ -255,7 +262,7 @@ impl Table {
             // Decided in the store: each write expects what it was decided on (`Expect`), and
             // a node reads them again when it is superseded. Following them would make every
             // node read every device's window after every batch anywhere.
-            Self::Replay | Self::UsedAssertions => false,
+            Self::Replay | Self::UsedAssertions | Self::Names => false,
             // Each holder commits its own expecting what it read; every node's delivery rounds
             // read the endpoints, positions and leases whole (`events::lease`).
             Self::Leases => false,

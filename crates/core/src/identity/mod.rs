@@ -432,6 +432,17 @@ const FOLLOWED: [Table; 4] = [
     Table::ApiKeys,
 ];
 
+/// The key of identity name `name`'s claim in [`Table::Names`]: names are unique across
+/// kinds, whatever the case.
+fn name_key(name: &str) -> String {
+    format!("identity\u{1f}{}", name.to_lowercase())
+}
+
+/// The key of custom role name `name`'s claim in [`Table::Names`], whatever the case.
+fn role_name_key(name: &str) -> String {
+    format!("role\u{1f}{}", name.to_lowercase())
+}
+
 /// Longest account name whose failures are published to the other nodes (longer ones, which
 /// no real account has, are throttled on each node alone).
 const MAX_PUBLISHED_ACCOUNT: usize = 256;
@@ -654,6 +665,7 @@ impl Directory {
         };
         directory.migrate_clients()?;
         directory.migrate_owner()?;
+        directory.claim_names()?;
         // Failures other nodes (and this node's earlier runs) published, on a shared store.
         let published: Vec<String> = directory
             .store
@@ -663,6 +675,92 @@ impl Directory {
             .collect();
         directory.read_failures(&published)?;
         Ok(directory)
+    }
+
+    /// Identities stored before names were claimed in the store ([`Table::Names`]) get their
+    /// claims. Another node starting at once may claim the same names: then its claims stand.
+    fn claim_names(&self) -> Result<(), StoreError> {
+        let claimed: std::collections::HashSet<String> = self
+            .store
+            .scan(Table::Names)?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        let state = self
+            .state
+            .read()
+            .map_err(|_| StoreError("the directory is poisoned".into()))?;
+        let identities = state.by_name.iter().map(|(name, id)| (name_key(name), id));
+        let roles = state
+            .roles
+            .iter()
+            .map(|(id, role)| (role_name_key(&role.name), id));
+        let mut missing: Vec<Mutation> = identities
+            .chain(roles)
+            .filter(|(key, _)| !claimed.contains(key))
+            .map(|(key, id)| Mutation::put(Table::Names, key, id.as_bytes().to_vec()))
+            .collect();
+        drop(state);
+        // Two records that shared a name from before claims: the first keeps it.
+        missing.sort_by(|a, b| a.key.cmp(&b.key));
+        missing.dedup_by(|a, b| a.key == b.key);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let absent: Vec<Expect> = missing
+            .iter()
+            .map(|m| Expect {
+                table: Table::Names,
+                key: m.key.clone(),
+                value: None,
+            })
+            .collect();
+        self.store.commit_expecting(&missing, &absent)?;
+        Ok(())
+    }
+
+    /// Commits `muts`, which claim a name (a put of its [`Table::Names`] record `key`), expecting
+    /// no claim on it in the store: of nodes creating one name at once, one takes it, and the
+    /// others are told it is taken although their memory did not know it yet.
+    fn commit_claiming(&self, muts: &[Mutation], key: String, taken: &str) -> DomainResult<()> {
+        let absent = Expect {
+            table: Table::Names,
+            key: key.clone(),
+            value: None,
+        };
+        match self.commit_expecting_all(muts, vec![absent]) {
+            Err(DomainError::Superseded) => {
+                let claimed = self
+                    .store
+                    .get_many(Table::Names, &[key])
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "cannot read a name's claim");
+                        DomainError::Unavailable
+                    })?
+                    .pop()
+                    .flatten();
+                Err(match claimed {
+                    Some(_) => DomainError::Conflict(taken.to_owned()),
+                    None => DomainError::Superseded,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// The deletion of name claim `key` if `id` holds it (two records that shared a name from
+    /// before claims keep the one claim until its holder goes).
+    fn claim_of(&self, key: &str, id: &str) -> DomainResult<Option<Mutation>> {
+        let claim = self
+            .store
+            .get_many(Table::Names, &[key.to_owned()])
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read a name's claim");
+                DomainError::Unavailable
+            })?
+            .pop()
+            .flatten();
+        Ok((claim.as_deref() == Some(id.as_bytes())).then(|| Mutation::delete(Table::Names, key)))
     }
 
     /// Data directories made before administration was bounded by the actor gave the first
@@ -939,7 +1037,16 @@ impl Directory {
                 to_json(a)?,
             ));
         }
-        self.commit(&muts)?;
+        muts.push(Mutation::put(
+            Table::Names,
+            name_key("bootstrap-admin"),
+            id.as_bytes().to_vec(),
+        ));
+        self.commit_claiming(
+            &muts,
+            name_key("bootstrap-admin"),
+            "the first administrator already exists",
+        )?;
         state.by_name.insert("bootstrap-admin".into(), id.clone());
         state.records.insert(id.clone(), record);
         for a in assignments {
@@ -1552,11 +1659,14 @@ impl Directory {
             }
             bounded(&state, caller, Action::IdentitiesWrite, g)?;
         }
-        self.commit(&[Mutation::put(
-            Table::Identities,
-            id.clone(),
-            to_json(&record)?,
-        )])?;
+        self.commit_claiming(
+            &[
+                Mutation::put(Table::Identities, id.clone(), to_json(&record)?),
+                Mutation::put(Table::Names, name_key(&new.name), id.as_bytes().to_vec()),
+            ],
+            name_key(&new.name),
+            &format!("the name '{}' is taken", new.name),
+        )?;
         let identity = record.identity.clone();
         state.by_name.insert(new.name.to_lowercase(), id.clone());
         state.records.insert(id, record);
@@ -1601,6 +1711,7 @@ impl Directory {
         let name = record.identity.name.to_lowercase();
         bounded(&state, caller, Action::IdentitiesWrite, id)?;
         let mut muts = vec![Mutation::delete(Table::Identities, id.to_owned())];
+        muts.extend(self.claim_of(&name_key(&name), id)?);
         let gone: Vec<String> = state
             .assignments
             .values()
@@ -1922,7 +2033,14 @@ impl Directory {
                 "a role named '{name}' exists"
             )));
         }
-        self.commit(&[Mutation::put(Table::Roles, id.clone(), to_json(&record)?)])?;
+        self.commit_claiming(
+            &[
+                Mutation::put(Table::Roles, id.clone(), to_json(&record)?),
+                Mutation::put(Table::Names, role_name_key(name), id.as_bytes().to_vec()),
+            ],
+            role_name_key(name),
+            &format!("a role named '{name}' exists"),
+        )?;
         let role = Role {
             id: RoleId(id.clone()),
             name: record.name,
@@ -1954,7 +2072,11 @@ impl Directory {
         if state.assignments.values().any(|a| a.role_id == id) {
             return Err(DomainError::Conflict("the role is still assigned".into()));
         }
-        self.commit_expecting(&[Mutation::delete(Table::Roles, id.to_owned())], expect)?;
+        let mut muts = vec![Mutation::delete(Table::Roles, id.to_owned())];
+        if let Some(role) = state.roles.get(id) {
+            muts.extend(self.claim_of(&role_name_key(&role.name), id)?);
+        }
+        self.commit_expecting(&muts, expect)?;
         state.roles.remove(id);
         Ok(())
     }
