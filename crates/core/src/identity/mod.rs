@@ -729,21 +729,10 @@ impl Directory {
             value: None,
         };
         match self.commit_expecting_all(muts, vec![absent]) {
-            Err(DomainError::Superseded) => {
-                let claimed = self
-                    .store
-                    .get_many(Table::Names, &[key])
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "cannot read a name's claim");
-                        DomainError::Unavailable
-                    })?
-                    .pop()
-                    .flatten();
-                Err(match claimed {
-                    Some(_) => DomainError::Conflict(taken.to_owned()),
-                    None => DomainError::Superseded,
-                })
-            }
+            Err(DomainError::Superseded) => Err(match self.stored_claim(&key)? {
+                Some(_) => DomainError::Conflict(taken.to_owned()),
+                None => DomainError::Superseded,
+            }),
             other => other,
         }
     }
@@ -751,7 +740,13 @@ impl Directory {
     /// The deletion of name claim `key` if `id` holds it (two records that shared a name from
     /// before claims keep the one claim until its holder goes).
     fn claim_of(&self, key: &str, id: &str) -> DomainResult<Option<Mutation>> {
-        let claim = self
+        let claim = self.stored_claim(key)?;
+        Ok((claim.as_deref() == Some(id.as_bytes())).then(|| Mutation::delete(Table::Names, key)))
+    }
+
+    /// Name claim `key` as stored: the ID of the record that holds the name.
+    fn stored_claim(&self, key: &str) -> DomainResult<Option<Vec<u8>>> {
+        Ok(self
             .store
             .get_many(Table::Names, &[key.to_owned()])
             .map_err(|e| {
@@ -759,8 +754,7 @@ impl Directory {
                 DomainError::Unavailable
             })?
             .pop()
-            .flatten();
-        Ok((claim.as_deref() == Some(id.as_bytes())).then(|| Mutation::delete(Table::Names, key)))
+            .flatten())
     }
 
     /// Data directories made before administration was bounded by the actor gave the first

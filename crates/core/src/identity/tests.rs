@@ -782,6 +782,16 @@ fn guesses_on_one_account_spread_over_two_nodes_are_throttled_as_on_one() {
     assert_eq!(invented, 0);
 }
 
+/// The first node on a new shared store: its directory, with the first administrator.
+fn first_node() -> (Arc<MemoryStore>, Directory, Principal) {
+    let store = Arc::new(MemoryStore::shared());
+    let dir = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
+    let (admin, secret) = Directory::new_admin_credential();
+    dir.bootstrap_admin(&admin, &secret).unwrap();
+    let admin = dir.principal(&admin, false, 0, 0).unwrap();
+    (store, dir, admin)
+}
+
 /// Two nodes create an identity of one name (in another case) before either has followed the
 /// other: the name is claimed in the store, so the second creation is a conflict although its
 /// node's memory did not know the name; deciding on memory, both landed and one name answered
@@ -789,13 +799,9 @@ fn guesses_on_one_account_spread_over_two_nodes_are_throttled_as_on_one() {
 /// Deleting an identity frees its name on every node.
 #[test]
 fn one_name_created_on_two_nodes_is_taken_once() {
-    let store = Arc::new(MemoryStore::shared());
-    let a = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
-    let (admin_id, secret) = Directory::new_admin_credential();
-    a.bootstrap_admin(&admin_id, &secret).unwrap();
+    let (store, a, admin) = first_node();
     let b = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
     let a = Arc::new(a);
-    let admin = a.principal(&admin_id, false, 0, 0).unwrap();
     let new = |name: &str| NewIdentity {
         kind: IdentityKind::Application,
         name: name.into(),
@@ -855,11 +861,7 @@ fn one_name_created_on_two_nodes_is_taken_once() {
 /// so a node that has not read them yet still cannot take their names.
 #[test]
 fn names_stored_before_claims_are_claimed_at_open() {
-    let store = Arc::new(MemoryStore::shared());
-    let a = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
-    let (admin_id, secret) = Directory::new_admin_credential();
-    a.bootstrap_admin(&admin_id, &secret).unwrap();
-    let admin = a.principal(&admin_id, false, 0, 0).unwrap();
+    let (store, a, admin) = first_node();
     // Node C loaded the store before the identity below was made, and has not followed since.
     let c = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
     user(&a, &admin, "operator-1");
@@ -894,11 +896,7 @@ fn names_stored_before_claims_are_claimed_at_open() {
 /// deleting the role frees its name.
 #[test]
 fn one_role_name_created_on_two_nodes_at_once_is_taken_once() {
-    let store = Arc::new(MemoryStore::shared());
-    let a = Directory::open(store.clone(), Arc::new(SystemClock)).unwrap();
-    let (admin_id, secret) = Directory::new_admin_credential();
-    a.bootstrap_admin(&admin_id, &secret).unwrap();
-    let admin = a.principal(&admin_id, false, 0, 0).unwrap();
+    let (store, a, admin) = first_node();
     let b = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
     let a = Arc::new(a);
     let actions = ["Microsoft.DigitalTwins/digitaltwins/read".to_owned()];
