@@ -94,7 +94,6 @@ pub struct FeedEvent {
     pub data: Value,
 }
 
-/// The store key of feed position `seq`: fixed width, so that key order is number order.
 /// The position of the last feed record committed, as `store` holds it now (0 before the
 /// first): on a store several writers share, possibly ahead of a node's own snapshot.
 pub fn stored_head(store: &dyn crate::store::Store) -> Result<u64, crate::store::StoreError> {
@@ -107,6 +106,7 @@ pub fn stored_head(store: &dyn crate::store::Store) -> Result<u64, crate::store:
     Ok(next.saturating_sub(1))
 }
 
+/// The store key of feed position `seq`: fixed width, so that key order is number order.
 pub fn key(seq: u64) -> String {
     format!("{seq:020}")
 }

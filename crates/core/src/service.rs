@@ -1077,14 +1077,6 @@ fn answer_merged(merged: Vec<Merged>) {
     }
 }
 
-/// Validates and applies each job in order on a working copy of the graph, commits all their
-/// mutations at once, then publishes and answers. Refusals are answered only once the group's
-/// fate is known, because they were decided against earlier writes of the same group that were
-/// not yet durable: if the group fails, its refusals fail with it (503, retryable).
-///
-/// On a store that other writers share, the commit is fenced at `applied`, the commit counter
-/// the group was decided on: if another writer committed since, nothing is applied and the
-/// group is answered 503 (retryable; the next group reads the new state first).
 /// A write as it came, kept to decide it again when its group's commit is stale.
 struct Again {
     op: WriteOp,
@@ -1093,10 +1085,15 @@ struct Again {
     upload: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// Decides `batch`'s writes on the published graph and commits them as one group, then answers
-/// each. On a shared store whose commit counter another writer moved since the catch-up (the
-/// fenced commit applied nothing), and when `may_retry`, answers none and gives the writes
-/// back instead, to be decided again after another catch-up.
+/// Validates and applies each job in order on a working copy of the graph, commits all their
+/// mutations at once, then publishes and answers. Refusals are answered only once the group's
+/// fate is known, because they were decided against earlier writes of the same group that were
+/// not yet durable: if the group fails, its refusals fail with it (503, retryable).
+///
+/// On a store that other writers share, the commit is fenced at `applied`, the commit counter
+/// the group was decided on: if another writer committed since, nothing is applied. Then, when
+/// `may_retry`, no write is answered and the writes are given back, to be decided again after
+/// another catch-up; otherwise each is answered `Superseded` (503, retryable).
 fn commit_group(
     batch: &mut Vec<Job>,
     shared: &Shared,
@@ -1120,12 +1117,20 @@ fn commit_group(
         expect,
     } in batch.drain(..)
     {
-        let again = keep.then(|| Again {
-            op: op.clone(),
-            scoped: scoped.clone(),
-            expect,
-            upload: _upload,
-        });
+        // The upload's permit is held while the write is decided, and with the write when it
+        // may be decided again.
+        let (again, _upload) = match keep {
+            true => (
+                Some(Again {
+                    op: op.clone(),
+                    scoped: scoped.clone(),
+                    expect,
+                    upload: _upload,
+                }),
+                None,
+            ),
+            false => (None, _upload),
+        };
         let mark = muts.len();
         let changes_mark = ctx.changes.borrow().len();
         let ids_mark = ctx.feed.borrow().pending_ids();

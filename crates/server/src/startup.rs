@@ -440,32 +440,18 @@ pub fn init(
 /// shared store's sealed record (which adopts the file, then removes it).
 fn token_keys(data_dir: &DataDir, material: &Material) -> anyhow::Result<(KeyRing, KeysHome)> {
     let path = data_dir.token_keys();
-    match material {
-        Material::Files => {
-            if !path.exists() {
-                KeyRing::generate(crate::tokens::now_secs())?.save(&path)?;
-            }
-            let keys = KeyRing::load(&path).context("loading the token signing keys")?;
-            Ok((keys, KeysHome::File(path)))
-        }
-        Material::Sealed(vault) => {
-            let local = path
-                .exists()
-                .then(|| std::fs::read(&path).map(zeroize::Zeroizing::new))
-                .transpose()?;
-            let stored = vault.get_or_store(
-                crate::vault::names::TOKEN_KEYS,
-                "the token signing keys",
-                local.as_ref().map(|l| l.as_slice()),
-                || KeyRing::generate(crate::tokens::now_secs())?.to_json(),
-            )?;
-            if local.is_some() {
-                crate::vault::remove_moved(&path, "the token signing keys")?;
-            }
-            let keys = KeyRing::from_json(&stored).context("reading the token signing keys")?;
-            Ok((keys, KeysHome::Sealed(vault.clone())))
-        }
-    }
+    let stored = material.secret(
+        crate::vault::names::TOKEN_KEYS,
+        &path,
+        "the token signing keys",
+        || KeyRing::generate(crate::tokens::now_secs())?.to_json(),
+    )?;
+    let keys = KeyRing::from_json(&stored).context("reading the token signing keys")?;
+    let home = match material {
+        Material::Files => KeysHome::File(path),
+        Material::Sealed(vault) => KeysHome::Sealed(vault.clone()),
+    };
+    Ok((keys, home))
 }
 
 /// How often a node on a shared store looks for other nodes' commits (`TwinService::follow`).

@@ -302,16 +302,16 @@ pub enum Material {
 }
 
 impl Material {
-    /// The PEM of private key `name`, kept at `local` among the files, or sealed in the store
-    /// (where a key `local` held before is adopted, and the file then removed, so that copies
-    /// of the data directory no longer carry it). `make` generates a new one.
-    pub fn private_pem(
+    /// Secret `name`, kept at `local` among the files, or sealed in the store (where what
+    /// `local` held before is adopted, and the file then removed, so that copies of the data
+    /// directory no longer carry it). `make` makes a new one.
+    pub fn secret(
         &self,
         name: &str,
         local: &Path,
         what: &str,
-        make: impl Fn() -> anyhow::Result<Zeroizing<String>>,
-    ) -> anyhow::Result<Zeroizing<String>> {
+        make: impl Fn() -> anyhow::Result<Zeroizing<Vec<u8>>>,
+    ) -> anyhow::Result<Zeroizing<Vec<u8>>> {
         let file = if local.exists() {
             Some(Zeroizing::new(
                 std::fs::read(local).with_context(|| format!("reading {}", local.display()))?,
@@ -322,28 +322,38 @@ impl Material {
         match self {
             Self::Files => {
                 if let Some(file) = file {
-                    return String::from_utf8(file.to_vec())
-                        .map(Zeroizing::new)
-                        .with_context(|| format!("{} is not PEM", local.display()));
+                    return Ok(file);
                 }
-                let pem = make()?;
-                write_private(local, pem.as_bytes())?;
+                let made = make()?;
+                write_private(local, &made)?;
                 tracing::info!(path = %local.display(), "created {what}");
-                Ok(pem)
+                Ok(made)
             }
             Self::Sealed(vault) => {
                 let plain =
-                    vault.get_or_store(name, what, file.as_deref().map(|f| &f[..]), || {
-                        make().map(|pem| Zeroizing::new(pem.as_bytes().to_vec()))
-                    })?;
+                    vault.get_or_store(name, what, file.as_deref().map(|f| &f[..]), make)?;
                 if file.is_some() {
                     remove_moved(local, what)?;
                 }
-                String::from_utf8(plain.to_vec())
-                    .map(Zeroizing::new)
-                    .with_context(|| format!("{what} in the store is not PEM"))
+                Ok(plain)
             }
         }
+    }
+
+    /// [`Material::secret`] for a private key in PEM.
+    pub fn private_pem(
+        &self,
+        name: &str,
+        local: &Path,
+        what: &str,
+        make: impl Fn() -> anyhow::Result<Zeroizing<String>>,
+    ) -> anyhow::Result<Zeroizing<String>> {
+        let pem = self.secret(name, local, what, || {
+            make().map(|pem| Zeroizing::new(pem.as_bytes().to_vec()))
+        })?;
+        String::from_utf8(pem.to_vec())
+            .map(Zeroizing::new)
+            .with_context(|| format!("{what} is not PEM"))
     }
 }
 

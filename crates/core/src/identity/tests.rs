@@ -29,6 +29,17 @@ fn user(dir: &Directory, admin: &Principal, name: &str) -> Identity {
     dir.create_identity(admin, new).unwrap().0
 }
 
+/// A new application named `name`, in no group.
+fn application(name: &str) -> NewIdentity {
+    NewIdentity {
+        kind: IdentityKind::Application,
+        name: name.into(),
+        display_name: None,
+        groups: vec![],
+        password: None,
+    }
+}
+
 fn code_now(secret: &str) -> String {
     let totp = totp_rs::Builder::new()
         .with_secret(totp_rs::Secret::try_from_base32(secret).unwrap())
@@ -322,13 +333,7 @@ fn directory_survives_reopen_and_migrates_legacy_clients() {
 #[test]
 fn names_that_hide_characters_or_pass_for_another_name_are_refused() {
     let (dir, admin) = directory();
-    let new = |name: &str| NewIdentity {
-        kind: IdentityKind::Application,
-        name: name.into(),
-        display_name: None,
-        groups: vec![],
-        password: None,
-    };
+    let new = application;
     for name in [
         "\u{430}dmin",
         "admin\u{200b}",
@@ -802,13 +807,7 @@ fn one_name_created_on_two_nodes_is_taken_once() {
     let (store, a, admin) = first_node();
     let b = Arc::new(Directory::open(store.clone(), Arc::new(SystemClock)).unwrap());
     let a = Arc::new(a);
-    let new = |name: &str| NewIdentity {
-        kind: IdentityKind::Application,
-        name: name.into(),
-        display_name: None,
-        groups: vec![],
-        password: None,
-    };
+    let new = application;
     let alice = a.create_identity(&admin, new("alice")).unwrap().0;
     assert!(
         matches!(
