@@ -4,6 +4,8 @@
 //! fusion) run under the lock, and the resulting write is queued before the lock is released,
 //! so writes reach the store in decision order.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use serde_json::Value;
 use twinguard_core::dtdl::Interface;
@@ -129,10 +131,21 @@ type Pending = std::pin::Pin<
 /// A batch decided: outcomes so far, the write to wait for, the replay marks it made.
 type Decided = (Vec<Option<Outcome>>, Option<Pending>, Vec<(String, u64)>);
 
-/// Times a batch is decided again after another node moved a replay window it was decided on
-/// (see [`Telemetry::ingest`]); then it is answered 503. Each time, the windows are read again,
-/// so only a device whose window another node keeps moving can exhaust them.
-const SUPERSEDED_RETRIES: usize = 4;
+/// How long a batch is decided again, on a store several nodes share, while other writers keep
+/// committing first (see [`Telemetry::ingest`]); then it is answered 503. Each time, the
+/// windows are read again, so only a device whose window another node keeps moving can run it
+/// out. A budget of time, not of tries: two nodes ingesting the same devices (an MQTT shared
+/// subscription hands each node every other message) commit over each other all the time, and
+/// on a loaded machine a fixed few tries ran out in a burst (issue 20, CI of stop 32).
+const SUPERSEDED_PATIENCE: Duration = Duration::from_secs(3);
+
+/// The pause before deciding a superseded batch again: doubling from 1 ms up to 64 ms, each
+/// drawn at random between half and all of that, so that nodes which collided do not try again
+/// in step and collide again.
+fn superseded_backoff(attempt: usize) -> Duration {
+    let ceiling = 1u64 << attempt.min(6);
+    Duration::from_micros(rand::random_range(ceiling * 500..=ceiling * 1000))
+}
 
 /// Everything one batch decides, committed together.
 #[derive(Default)]
@@ -159,15 +172,17 @@ impl Telemetry {
         messages: Vec<Vec<u8>>,
         transport: Transport,
     ) -> DomainResult<Vec<Outcome>> {
-        let retries = if self.inner.twins.shares_store() {
-            SUPERSEDED_RETRIES
-        } else {
-            0
-        };
+        let deadline = self
+            .inner
+            .twins
+            .shares_store()
+            .then(|| tokio::time::Instant::now() + SUPERSEDED_PATIENCE);
         let mut messages = messages;
         let mut attempt = 0;
         loop {
-            let again = (attempt < retries).then(|| messages.clone());
+            let again = deadline
+                .is_some_and(|d| tokio::time::Instant::now() < d)
+                .then(|| messages.clone());
             // Decoding, verifying and deciding a batch is milliseconds of CPU: on the blocking
             // pool, so that the async workers stay free to read requests and deliver answers.
             let this = self.clone();
@@ -215,6 +230,7 @@ impl Telemetry {
                         attempt,
                         "another node moved a replay window first; deciding the batch again"
                     );
+                    tokio::time::sleep(superseded_backoff(attempt)).await;
                     let this = self.clone();
                     tokio::task::spawn_blocking(move || this.reload_devices(&devices).map(|_| ()))
                         .await
