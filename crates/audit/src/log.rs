@@ -51,6 +51,8 @@ pub enum AuditError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Corrupt(String),
+    #[error("the audit mirror: {0}")]
+    Mirror(String),
 }
 
 /// Node hashes on disk, one append-only file per level.
@@ -191,6 +193,8 @@ struct Shared {
     /// Groups committed (one fdatasync each).
     groups: AtomicU64,
     latest_checkpoint: RwLock<Option<String>>,
+    /// False while the mirror lacks entries the file has (its last append failed).
+    mirror_ok: AtomicBool,
 }
 
 /// The audit log. Cloning shares it.
@@ -219,6 +223,39 @@ pub struct Options {
     pub checkpoint_every: Duration,
     /// A file the latest checkpoint is copied to as well (a witness location).
     pub witness: Option<PathBuf>,
+}
+
+/// A second durable home for the log: the database that several nodes share (see
+/// `docs/audit.md`, "Several nodes"). A group is acknowledged only once the local file and the
+/// mirror both hold it, so a node whose disk is lost has lost no entry of an acknowledged
+/// request. The mirror holds entries `0..size`, in order, as the file records them.
+pub trait Mirror: Send + Sync + 'static {
+    /// How many entries of this log the mirror holds.
+    fn size(&self) -> Result<u64, String>;
+    /// Starts storing `lines` (each an entry as recorded, without its newline) as entries
+    /// `first..`; the wait it returns blocks until they are durable there, or failed. Storing
+    /// an entry that the mirror already holds, the same, is no error.
+    fn append(&self, first: u64, lines: Vec<Vec<u8>>) -> MirrorWait;
+    /// Stores a signed checkpoint of the first `size` entries, all of which it already holds.
+    fn checkpoint(&self, size: u64, note: &str) -> Result<(), String>;
+}
+
+/// The end of a [`Mirror::append`].
+pub type MirrorWait = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// Entries written locally but not yet in the mirror before appends are refused for good (the
+/// log is poisoned; a restart sends them from the file).
+const MIRROR_BACKLOG: usize = 65_536;
+
+/// The writer's side of a mirror: what it holds, and the entries it still lacks.
+struct Mirrored {
+    mirror: Arc<dyn Mirror>,
+    /// The first entry the mirror does not hold yet.
+    next: u64,
+    /// Entries `next..` as recorded, waiting for the mirror.
+    backlog: Vec<Vec<u8>>,
+    /// The latest signed checkpoint, until the mirror has it.
+    checkpoint: Option<(u64, String)>,
 }
 
 /// The recorded part of `entries.jsonl`'s bytes: everything before the first NUL (the rest is
@@ -281,6 +318,19 @@ fn read_entries(
 impl AuditLog {
     /// Opens (or creates) the log in `dir`, checkpoints signed by `signer`.
     pub fn open(dir: &Path, signer: NoteSigner, options: Options) -> Result<Self, AuditError> {
+        Self::open_mirrored(dir, signer, options, None)
+    }
+
+    /// [`AuditLog::open`], every group also stored in `mirror` before it is acknowledged.
+    /// Entries the file holds and the mirror lacks (a crash between the two) are sent first; a
+    /// mirror that holds more entries than the file is refused, since the file was rolled back
+    /// or replaced (a node's log continues only from its own file).
+    pub fn open_mirrored(
+        dir: &Path,
+        signer: NoteSigner,
+        options: Options,
+        mirror: Option<Arc<dyn Mirror>>,
+    ) -> Result<Self, AuditError> {
         create_private_dir(dir)?;
         write_atomic(
             &dir.join("checkpoint.pub"),
@@ -304,6 +354,10 @@ impl AuditLog {
         })?;
         tree.flush()?;
         let root = tree.root();
+        let mirrored = match mirror {
+            Some(mirror) => Some(catch_up(mirror, &entries_path, tree.size)?),
+            None => None,
+        };
         let latest = std::fs::read_to_string(dir.join("checkpoint")).ok();
         let shared = Arc::new(Shared {
             head: RwLock::new(Head {
@@ -313,6 +367,7 @@ impl AuditLog {
             healthy: AtomicBool::new(true),
             groups: AtomicU64::new(0),
             latest_checkpoint: RwLock::new(latest),
+            mirror_ok: AtomicBool::new(true),
         });
         let entries = OpenOptions::new()
             .create(true)
@@ -333,6 +388,7 @@ impl AuditLog {
             options,
             shared: shared.clone(),
             checkpointed: None,
+            mirrored,
         };
         std::thread::Builder::new()
             .name("twinguard-audit".into())
@@ -374,9 +430,10 @@ impl AuditLog {
         self.shared.groups.load(Ordering::Relaxed)
     }
 
-    /// False once a write failed: readiness reports it and appends are refused.
+    /// False once a write failed (appends are refused), and while the mirror lacks entries
+    /// (the appends of those groups were refused): readiness reports it.
     pub fn healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::SeqCst)
+        self.shared.healthy.load(Ordering::SeqCst) && self.shared.mirror_ok.load(Ordering::SeqCst)
     }
 
     pub fn head(&self) -> Head {
@@ -453,6 +510,54 @@ struct Writer {
     options: Options,
     shared: Arc<Shared>,
     checkpointed: Option<(u64, Instant)>,
+    mirrored: Option<Mirrored>,
+}
+
+/// Sends the mirror the entries of the file at `path` (which holds `size`) that it lacks.
+fn catch_up(mirror: Arc<dyn Mirror>, path: &Path, size: u64) -> Result<Mirrored, AuditError> {
+    let held = mirror.size().map_err(mirror_error)?;
+    if held > size {
+        return Err(AuditError::Corrupt(format!(
+            "the audit mirror holds {held} entries of this log but its file only {size}: the \
+             file was rolled back or replaced; put the log's own file back, or start the node \
+             with a new audit key (a new log)"
+        )));
+    }
+    let mut index = 0u64;
+    let mut chunk: Vec<Vec<u8>> = Vec::new();
+    let mut first = held;
+    read_entries(path, |line| {
+        if index >= held {
+            chunk.push(line.to_vec());
+            if chunk.len() == MAX_GROUP {
+                let lines = std::mem::take(&mut chunk);
+                let n = lines.len() as u64;
+                mirror.append(first, lines)().map_err(mirror_error)?;
+                first += n;
+            }
+        }
+        index += 1;
+        Ok(())
+    })?;
+    if !chunk.is_empty() {
+        mirror.append(first, chunk)().map_err(mirror_error)?;
+    }
+    if size > held {
+        tracing::info!(
+            entries = size - held,
+            "sent the audit mirror the entries it lacked"
+        );
+    }
+    Ok(Mirrored {
+        mirror,
+        next: size,
+        backlog: Vec::new(),
+        checkpoint: None,
+    })
+}
+
+fn mirror_error(e: String) -> AuditError {
+    AuditError::Mirror(e)
 }
 
 impl Writer {
@@ -464,6 +569,16 @@ impl Writer {
             match rx.recv_timeout(wait) {
                 Ok(job) => batch.push(job),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // A mirror that failed gets what it lacks without waiting for traffic, so
+                    // readiness comes back once the database does.
+                    if self
+                        .mirrored
+                        .as_ref()
+                        .is_some_and(|m| !m.backlog.is_empty())
+                    {
+                        let wait = self.start_mirror(&[]);
+                        self.finish_mirror(wait);
+                    }
                     self.checkpoint_if_due();
                     continue;
                 }
@@ -479,21 +594,35 @@ impl Writer {
                 }
             }
             let committed = if self.shared.healthy.load(Ordering::SeqCst) {
-                self.write_group(&batch, &mut buffer)
-                    .ok()
-                    .filter(|_| self.entries.sync_data().is_ok())
+                match self.write_group(&batch, &mut buffer) {
+                    // The mirror stores the group while the file syncs.
+                    Ok(head) => {
+                        let mirroring = self.start_mirror(&buffer);
+                        let synced = self.entries.sync_data().is_ok();
+                        let mirrored = self.finish_mirror(mirroring);
+                        synced.then_some((head, mirrored))
+                    }
+                    Err(_) => None,
+                }
             } else {
                 None
             };
             match committed {
-                Some(head) => {
+                Some((head, mirrored)) => {
                     self.shared.groups.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut durable) = self.shared.head.write() {
                         *durable = head;
                     }
                     let first = head.size - batch.len() as u64;
                     for (i, job) in batch.drain(..).enumerate() {
-                        let _ = job.reply.send(Ok(first + i as u64));
+                        // Recorded here but not in the mirror: refused, as a write to a
+                        // file that failed would be (the entries reach the mirror later).
+                        let answer = if mirrored {
+                            Ok(first + i as u64)
+                        } else {
+                            Err(())
+                        };
+                        let _ = job.reply.send(answer);
                     }
                 }
                 None => {
@@ -507,6 +636,49 @@ impl Writer {
                 }
             }
             self.checkpoint_if_due();
+        }
+    }
+
+    /// Hands the mirror what it lacks: the entries that failed to reach it before, then the
+    /// group just written (`written`, lines ending in newlines). `None` without a mirror.
+    fn start_mirror(&mut self, written: &[u8]) -> Option<MirrorWait> {
+        let mirrored = self.mirrored.as_mut()?;
+        mirrored.backlog.extend(
+            written
+                .split(|b| *b == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(<[u8]>::to_vec),
+        );
+        Some(
+            mirrored
+                .mirror
+                .append(mirrored.next, mirrored.backlog.clone()),
+        )
+    }
+
+    /// Whether the mirror now holds everything the file does. When it does not, the entries
+    /// wait for the next group; past [`MIRROR_BACKLOG`] of them the log is poisoned.
+    fn finish_mirror(&mut self, wait: Option<MirrorWait>) -> bool {
+        let (Some(wait), Some(mirrored)) = (wait, self.mirrored.as_mut()) else {
+            return true;
+        };
+        match wait() {
+            Ok(()) => {
+                mirrored.next += mirrored.backlog.len() as u64;
+                mirrored.backlog.clear();
+                self.shared.mirror_ok.store(true, Ordering::SeqCst);
+                true
+            }
+            Err(e) => {
+                self.shared.mirror_ok.store(false, Ordering::SeqCst);
+                if mirrored.backlog.len() > MIRROR_BACKLOG {
+                    self.shared.healthy.store(false, Ordering::SeqCst);
+                    tracing::error!(error = %e, entries = mirrored.backlog.len(), "the audit mirror lacks too many entries; every request is refused until a restart sends them");
+                } else {
+                    tracing::error!(error = %e, entries = mirrored.backlog.len(), "the audit mirror cannot store entries; requests are refused until it can");
+                }
+                false
+            }
         }
     }
 
@@ -565,6 +737,22 @@ impl Writer {
     }
 
     fn checkpoint_if_due(&mut self) {
+        self.sign_checkpoint_if_due();
+        // The mirror gets the latest checkpoint once it holds every entry it covers.
+        let Some(mirrored) = self.mirrored.as_mut() else {
+            return;
+        };
+        if let Some((size, note)) = mirrored
+            .checkpoint
+            .take_if(|(size, _)| *size <= mirrored.next)
+            && let Err(e) = mirrored.mirror.checkpoint(size, &note)
+        {
+            tracing::warn!(error = %e, size, "the audit mirror cannot store a checkpoint; it is sent again");
+            mirrored.checkpoint.get_or_insert((size, note));
+        }
+    }
+
+    fn sign_checkpoint_if_due(&mut self) {
         let head = match self.shared.head.read() {
             Ok(h) => *h,
             Err(_) => return,
@@ -585,6 +773,9 @@ impl Writer {
         match self.write_checkpoint(&note) {
             Ok(()) => {
                 self.checkpointed = Some((head.size, Instant::now()));
+                if let Some(mirrored) = self.mirrored.as_mut() {
+                    mirrored.checkpoint = Some((head.size, note.clone()));
+                }
                 if let Ok(mut latest) = self.shared.latest_checkpoint.write() {
                     *latest = Some(note);
                 }

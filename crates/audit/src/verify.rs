@@ -47,6 +47,48 @@ pub fn verify(dir: &Path, key: &NoteVerifier, witness: Option<&str>) -> Result<R
     let torn = lines.pop().filter(|l| !l.is_empty()).is_some() || scraps;
     let recorded = std::fs::read(dir.join("hashes/level-00")).unwrap_or_default();
 
+    let mut notes: Vec<(String, String)> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(dir.join("checkpoints.log")) {
+        for (k, note) in text
+            .split(CHECKPOINT_SEPARATOR)
+            .filter(|n| !n.is_empty())
+            .enumerate()
+        {
+            notes.push((
+                format!("checkpoint {k} of checkpoints.log"),
+                note.to_owned(),
+            ));
+        }
+    }
+    if let Ok(latest) = std::fs::read_to_string(dir.join("checkpoint")) {
+        notes.push(("the latest checkpoint".into(), latest));
+    }
+    if let Some(w) = witness {
+        notes.push(("the witness checkpoint".into(), w.to_owned()));
+    }
+    check(&lines, &recorded, torn, &notes, key)
+}
+
+/// Verifies a log kept elsewhere than in a directory (a node's copy in the shared database):
+/// its entries in order, as recorded, and its signed checkpoints, each with a name for the
+/// findings.
+pub fn verify_entries(
+    lines: &[&[u8]],
+    notes: &[(String, String)],
+    key: &NoteVerifier,
+) -> Result<Report, Finding> {
+    check(lines, &[], false, notes, key)
+}
+
+/// The checks of [`verify`]: `recorded` holds the leaf hashes written beside the entries (empty
+/// where there are none), `torn` says the entries ended in a torn line.
+fn check(
+    lines: &[&[u8]],
+    recorded: &[u8],
+    torn: bool,
+    notes: &[(String, String)],
+    key: &NoteVerifier,
+) -> Result<Report, Finding> {
     let mut tree = MemoryTree::default();
     for (i, line) in lines.iter().enumerate() {
         let entry: serde_json::Value = serde_json::from_slice(line)
@@ -88,32 +130,13 @@ pub fn verify(dir: &Path, key: &NoteVerifier, witness: Option<&str>) -> Result<R
     }
     let size = tree.size();
 
-    let mut notes: Vec<(String, String)> = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(dir.join("checkpoints.log")) {
-        for (k, note) in text
-            .split(CHECKPOINT_SEPARATOR)
-            .filter(|n| !n.is_empty())
-            .enumerate()
-        {
-            notes.push((
-                format!("checkpoint {k} of checkpoints.log"),
-                note.to_owned(),
-            ));
-        }
-    }
-    if let Ok(latest) = std::fs::read_to_string(dir.join("checkpoint")) {
-        notes.push(("the latest checkpoint".into(), latest));
-    }
-    if let Some(w) = witness {
-        notes.push(("the witness checkpoint".into(), w.to_owned()));
-    }
     if notes.is_empty() {
         return Err(finding("no signed checkpoint: nothing vouches for the log"));
     }
 
     // Signatures first: nothing below trusts an unsigned checkpoint.
     let mut checkpoints: Vec<(&str, Checkpoint)> = Vec::new();
-    for (name, note) in &notes {
+    for (name, note) in notes {
         let text = key
             .verify(note)
             .map_err(|e| finding(format!("{name}: {e}")))?;

@@ -257,6 +257,21 @@ enum AuditCommand {
         #[arg(long)]
         checkpoint: Option<PathBuf>,
     },
+    /// Verify every node's log kept in the instance's PostgreSQL database (docs/audit.md,
+    /// "Several nodes"), each against its node's checkpoint key. Exits non-zero on any finding,
+    /// on a log whose key is not given, and on a given key without a log.
+    VerifyNodes {
+        /// The database: postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
+        #[arg(long = "store", env = "TWINGUARD_STORE", hide_env_values = true)]
+        store: String,
+        /// CA certificates (PEM) the PostgreSQL server's certificate must chain to.
+        #[arg(long, env = "TWINGUARD_STORE_CA")]
+        store_ca: Option<PathBuf>,
+        /// Each node's checkpoint verifier key (its DATA_DIR/audit/checkpoint.pub, copied
+        /// apart when the node was set up); once per node.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,6 +337,96 @@ fn main() -> ExitCode {
             eprintln!("twinguard: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `twinguard audit verify-nodes`: each node's log in the database, checked as `audit verify`
+/// checks a log directory, against the keys the auditor holds.
+fn verify_node_logs(url: &str, ca_file: Option<PathBuf>, keys: &[PathBuf]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use twinguard_audit::note::NoteVerifier;
+    let mut given: Vec<(String, String, NoteVerifier, &std::path::Path)> = Vec::new();
+    for path in keys {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let verifier =
+            NoteVerifier::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let key = text.trim().to_owned();
+        given.push((
+            twinguard_server::audit::node_name(&key),
+            key,
+            verifier,
+            path,
+        ));
+    }
+    let store = twinguard_store_postgres::PgStore::connect(
+        url,
+        &twinguard_store_postgres::PgOptions {
+            pool_size: 1,
+            ca_file,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("connecting to PostgreSQL")?;
+    let nodes = store.audit_nodes().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut findings = Vec::new();
+    for node in &nodes {
+        let Some((_, key, verifier, _)) = given.iter().find(|(name, ..)| *name == node.node) else {
+            findings.push(format!(
+                "node {}: its log is vouched for by a key that was not given",
+                node.node
+            ));
+            continue;
+        };
+        if node.verifier_key.trim() != key {
+            findings.push(format!(
+                "node {}: the database names another key for it than the one given",
+                node.node
+            ));
+            continue;
+        }
+        let mut lines: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let page = store
+                .audit_entries(&node.node, lines.len() as u64)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            lines.extend(page.into_iter().map(|(_, entry)| entry));
+            if last + 1 != lines.len() as u64 {
+                // A gap in the indexes: the entries below name it (each carries its own).
+                break;
+            }
+        }
+        let notes: Vec<(String, String)> = store
+            .audit_checkpoints(&node.node)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .into_iter()
+            .map(|(size, note)| (format!("the checkpoint of size {size}"), note))
+            .collect();
+        let slices: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
+        match twinguard_audit::verify::verify_entries(&slices, &notes, verifier) {
+            Ok(report) => println!(
+                "twinguard: node {}: audit log verified: {} entries, {} signed checkpoints, all consistent",
+                node.node, report.entries, report.checkpoints
+            ),
+            Err(finding) => findings.push(format!("node {}: {finding}", node.node)),
+        }
+    }
+    for (name, _, _, path) in &given {
+        if !nodes.iter().any(|n| n.node == *name) {
+            findings.push(format!(
+                "the key {} (node {name}) has no log in the database",
+                path.display()
+            ));
+        }
+    }
+    if findings.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("audit verification FAILED:\n  {}", findings.join("\n  "))
     }
 }
 
@@ -560,6 +665,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             checkpoint,
         }) => verify_audit(&log, &key, checkpoint.as_deref()),
+        Command::Audit(AuditCommand::VerifyNodes {
+            store,
+            store_ca,
+            keys,
+        }) => {
+            install_crypto_provider();
+            verify_node_logs(&store, store_ca, &keys)
+        }
         Command::Init {
             data_dir,
             tls_names,

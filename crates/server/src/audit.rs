@@ -26,9 +26,11 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Map, Value};
-use twinguard_audit::log::{AuditLog, Options};
+use sha2::Digest as _;
+use twinguard_audit::log::{AuditLog, Mirror, MirrorWait, Options};
 use twinguard_audit::note::NoteSigner;
 use twinguard_proto::ErrorCode;
+use twinguard_store_postgres::PgStore;
 
 use crate::app::AppState;
 use crate::datadir::{DataDir, write_private};
@@ -54,6 +56,37 @@ impl std::fmt::Debug for Audit {
     }
 }
 
+/// The name of a node's audit log in the database: the first 16 hex digits of the SHA-256 of
+/// its checkpoint verifier key, so a log is named by the key that vouches for it, and a node
+/// started with a new key (a lost disk) starts a new log beside the old one.
+pub fn node_name(verifier_key: &str) -> String {
+    let digest = sha2::Sha256::digest(verifier_key.trim().as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// This node's audit log in the shared PostgreSQL database.
+struct DatabaseMirror {
+    store: Arc<PgStore>,
+    node: String,
+}
+
+impl Mirror for DatabaseMirror {
+    fn size(&self) -> Result<u64, String> {
+        self.store.audit_size(&self.node).map_err(|e| e.0)
+    }
+
+    fn append(&self, first: u64, lines: Vec<Vec<u8>>) -> MirrorWait {
+        let wait = self.store.audit_append(&self.node, first, lines);
+        Box::new(move || wait().map_err(|e| e.0))
+    }
+
+    fn checkpoint(&self, size: u64, note: &str) -> Result<(), String> {
+        self.store
+            .audit_checkpoint(&self.node, size, note)
+            .map_err(|e| e.0)
+    }
+}
+
 /// Detail a handler adds to its request's audit entry.
 #[derive(Debug, Clone, Default)]
 pub struct AuditNote(Arc<Mutex<Map<String, Value>>>);
@@ -69,10 +102,13 @@ impl AuditNote {
 impl Audit {
     /// Opens `DATA_DIR/audit/`, creating the checkpoint key (`secrets/audit-key`, its public
     /// half in `audit/checkpoint.pub`) and the HMAC key (`secrets/audit-hmac-key`) on first use.
+    /// With `database` (the instance's PostgreSQL), every group is also stored there, as this
+    /// node's log ([`node_name`]), before it is acknowledged.
     pub fn open(
         data_dir: &DataDir,
         instance: &str,
         witness: Option<&Path>,
+        database: Option<Arc<PgStore>>,
     ) -> anyhow::Result<Self> {
         let origin = format!("twinguard/{instance}/audit");
         let key_path = data_dir.root().join("secrets/audit-key");
@@ -97,7 +133,19 @@ impl Audit {
                 raw
             }
         };
-        let log = AuditLog::open(
+        let mirror = match database {
+            Some(store) => {
+                let node = node_name(&signer.verifier_key());
+                store
+                    .audit_register(&node, &signer.verifier_key())
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .context("registering this node's audit log in PostgreSQL")?;
+                tracing::info!(node = %node, "this node's audit log is kept in PostgreSQL too");
+                Some(Arc::new(DatabaseMirror { store, node }) as Arc<dyn Mirror>)
+            }
+            None => None,
+        };
+        let log = AuditLog::open_mirrored(
             &data_dir.root().join("audit"),
             signer,
             Options {
@@ -105,6 +153,7 @@ impl Audit {
                 checkpoint_every: Duration::from_secs(1),
                 witness: witness.map(Path::to_owned),
             },
+            mirror,
         )
         .context("opening the audit log")?;
         let audit = Self {

@@ -170,6 +170,26 @@ impl StoreConfig {
         }
     }
 
+    /// With PostgreSQL, a connection pool of its own for this node's audit log in the
+    /// database (`crate::audit::Audit::open`): audit groups neither wait for the main pool's
+    /// connections nor hold them.
+    pub fn audit_database(&self) -> anyhow::Result<Option<Arc<PgStore>>> {
+        match self {
+            Self::Embedded => Ok(None),
+            Self::Postgres(pg) => Ok(Some(Arc::new(
+                PgStore::connect(
+                    &pg.url,
+                    &PgOptions {
+                        pool_size: 2,
+                        ca_file: pg.ca_file.clone(),
+                        ..PgOptions::default()
+                    },
+                )
+                .context("connecting to PostgreSQL for the audit log")?,
+            ))),
+        }
+    }
+
     /// Opens the main store. With PostgreSQL, also takes the database for this node alone
     /// (one node per database until nodes share a change feed), waiting up to 30 s for a
     /// node that is stopping.
@@ -201,8 +221,8 @@ impl StoreConfig {
                 if pg.several_nodes {
                     tracing::warn!(
                         "DANGEROUS: several nodes may serve this database \
-                         (--dangerous-several-nodes); the audit trail, token key rotation and \
-                         the MQTT session are still this data directory's own"
+                         (--dangerous-several-nodes); the cluster, partition and fail-over \
+                         proofs of several nodes are not done yet (docs/storage.md)"
                     );
                 } else {
                     store
@@ -576,6 +596,7 @@ impl Application {
             &data_dir,
             &instance.instance_id,
             config.audit_witness.as_deref(),
+            config.store.audit_database()?,
         )?;
         let listener = std::net::TcpListener::bind(config.api_listen)
             .with_context(|| format!("binding {}", config.api_listen))?;

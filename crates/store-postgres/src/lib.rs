@@ -57,8 +57,11 @@ use twinguard_core::store::{
     history_key_time, history_range_times,
 };
 
+mod audit;
 #[doc(hidden)]
 pub mod testdb;
+
+pub use audit::AuditNode;
 
 /// The schema migrations, in order: `(version, description, SQL)`. Append only; a released
 /// migration never changes.
@@ -100,6 +103,27 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ) PARTITION BY RANGE (at_ms);
     CREATE TABLE twinguard_history_default PARTITION OF twinguard_history DEFAULT;
     CREATE INDEX twinguard_history_default_at ON twinguard_history_default (at_ms)",
+    ),
+    (
+        5,
+        "twinguard_audit: each node's audit log, its checkpoints and its key",
+        "CREATE TABLE twinguard_audit_nodes (
+        node text COLLATE \"C\" PRIMARY KEY,
+        verifier_key text NOT NULL,
+        registered timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE twinguard_audit (
+        node text COLLATE \"C\" NOT NULL REFERENCES twinguard_audit_nodes,
+        seq bigint NOT NULL,
+        entry bytea NOT NULL,
+        PRIMARY KEY (node, seq)
+    );
+    CREATE TABLE twinguard_audit_checkpoints (
+        node text COLLATE \"C\" NOT NULL REFERENCES twinguard_audit_nodes,
+        size bigint NOT NULL,
+        note text NOT NULL,
+        PRIMARY KEY (node, size)
+    )",
     ),
 ];
 
@@ -417,17 +441,27 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Starts `fut` on the store's runtime; the function returned waits for it.
+    fn start<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> impl FnOnce() -> Result<T, StoreError> + Send + 'static {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        move || {
+            rx.recv()
+                .map_err(|_| StoreError("the PostgreSQL store's runtime stopped".into()))?
+        }
+    }
+
     /// Runs `fut` on the store's runtime and waits for it on this thread.
     fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.handle.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv()
-            .map_err(|_| StoreError("the PostgreSQL store's runtime stopped".into()))?
+        self.start(fut)()
     }
 
     /// Takes the database for this store alone, as a serving node must while nodes do not yet

@@ -358,11 +358,19 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, body) = readiness().await;
-    assert_eq!(body["feed"], "lagging", "{body}");
-    // Who has no credential does not learn that the node lags: 401, as anywhere.
+    // The node's audit log is kept in the database too, so nothing it answers can be recorded
+    // now: whoever asks is refused (the trail fails closed), with or without a credential.
     let (status, _) = read_twin(&server, "not-a-token", "before").await;
-    assert_eq!(status, 401, "an unauthenticated read learnt the node lags");
+    assert_eq!(status, 503, "answered without its audit trail");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = readiness().await;
+        if body["feed"] == "lagging" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lag is not reported: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     db.set_reachable(true).unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -418,6 +426,44 @@ async fn start_copy(first: &Path, flags: &[&str]) -> (tempfile::TempDir, Server,
     (dir, server, token)
 }
 
+/// A database of its own and its URL; `None` when PostgreSQL tests are skipped.
+fn database() -> Option<(TestDatabase, String)> {
+    match TestDatabase::create() {
+        Ok(Some(db)) => {
+            let url = db.url();
+            Some((db, url))
+        }
+        Ok(None) => None,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Two `serve` processes with `flags`, the second on the files a node needs of the first's
+/// data directory ([`start_copy`]), each with an admin token.
+struct Pair {
+    first_dir: tempfile::TempDir,
+    a: Server,
+    admin_a: String,
+    second_dir: tempfile::TempDir,
+    b: Server,
+    admin_b: String,
+}
+
+async fn two_nodes(flags: &[&str]) -> Pair {
+    let first_dir = tempfile::tempdir().unwrap();
+    let a = Server::start_with(first_dir.path(), flags, None);
+    let admin_a = a.admin_token(first_dir.path()).await;
+    let (second_dir, b, admin_b) = start_copy(first_dir.path(), flags).await;
+    Pair {
+        first_dir,
+        a,
+        admin_a,
+        second_dir,
+        b,
+        admin_b,
+    }
+}
+
 /// How long until `token` is refused by `server` (polled every 10 ms, for at most 5 s).
 async fn refused_after(server: &Server, token: &str, since: Instant) -> Duration {
     loop {
@@ -439,17 +485,18 @@ async fn refused_after(server: &Server, token: &str, since: Instant) -> Duration
 /// on either node holds each reading once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_serving_processes_on_one_database_share_writes_revocations_and_telemetry() {
-    let db = match TestDatabase::create() {
-        Ok(Some(db)) => db,
-        Ok(None) => return,
-        Err(e) => panic!("{e}"),
+    let Some((_db, url)) = database() else {
+        return;
     };
-    let url = db.url();
     let flags = ["--store", url.as_str(), "--dangerous-several-nodes"];
-    let first_dir = tempfile::tempdir().unwrap();
-    let a = Server::start_with(first_dir.path(), &flags, None);
-    let admin_a = a.admin_token(first_dir.path()).await;
-    let (second_dir, b, admin_b) = start_copy(first_dir.path(), &flags).await;
+    let Pair {
+        first_dir,
+        a,
+        admin_a,
+        second_dir,
+        b,
+        admin_b,
+    } = two_nodes(&flags).await;
 
     // A write on A, read on B with the position A answered.
     let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Shared;1",
@@ -832,4 +879,107 @@ async fn two_serving_processes_deliver_each_event_once() {
         "A held the lease"
     );
     drop(b);
+}
+
+/// `twinguard audit verify-nodes` with `keys`, against `url`.
+fn verify_nodes(url: &str, keys: &[&Path]) -> (bool, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_twinguard"));
+    command.args(["audit", "verify-nodes", "--store", url]);
+    for key in keys {
+        command.arg("--key").arg(key);
+    }
+    let out = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Each node keeps its audit log in the database as well as on its disk (docs/audit.md,
+/// "Several nodes"). Two nodes answer requests; then node A's data directory is lost whole,
+/// and `twinguard audit verify-nodes` checks both logs from the database with the checkpoint
+/// keys kept apart: each request either node acknowledged has its entry (found by the
+/// correlation ID it was answered with). One byte of one of A's entries altered in the database
+/// fails verification, naming the node; so does a node whose key is not given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_nodes_audit_log_is_kept_in_the_database_and_verifies_after_its_disk_is_lost() {
+    let Some((db, url)) = database() else {
+        return;
+    };
+    let flags = ["--store", url.as_str(), "--dangerous-several-nodes"];
+    let Pair {
+        first_dir,
+        a,
+        admin_a,
+        second_dir,
+        b,
+        admin_b,
+    } = two_nodes(&flags).await;
+    // The keys an auditor keeps apart, copied when the nodes were set up.
+    let keys = tempfile::tempdir().unwrap();
+    let (key_a, key_b) = (keys.path().join("a.pub"), keys.path().join("b.pub"));
+    std::fs::copy(first_dir.path().join("audit/checkpoint.pub"), &key_a).unwrap();
+    std::fs::copy(second_dir.path().join("audit/checkpoint.pub"), &key_b).unwrap();
+    assert_ne!(
+        std::fs::read(&key_a).unwrap(),
+        std::fs::read(&key_b).unwrap(),
+        "each node signs its own log"
+    );
+
+    let mut answered: Vec<String> = Vec::new();
+    for i in 0..20 {
+        let (server, token) = if i % 2 == 0 {
+            (&a, &admin_a)
+        } else {
+            (&b, &admin_b)
+        };
+        let response = server
+            .client
+            .get(server.url("/models"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let id = response.headers()["x-ms-request-id"].to_str().unwrap();
+        answered.push(id.to_owned());
+    }
+    // A checkpoint covers every entry (one a second), then both stop hard and A's disk is lost.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    a.kill();
+    b.kill();
+    drop(first_dir);
+
+    let (ok, text) = verify_nodes(&url, &[&key_a, &key_b]);
+    assert!(ok, "{text}");
+    assert_eq!(text.matches("audit log verified").count(), 2, "{text}");
+    for id in &answered {
+        let found = db
+            .query(&format!(
+                "SELECT count(*) FROM twinguard_audit WHERE position('{id}'::bytea in entry) > 0"
+            ))
+            .unwrap();
+        assert_eq!(
+            found,
+            vec![Some("1".to_owned())],
+            "the entry of request {id}"
+        );
+    }
+
+    let node_a = twinguard_server::audit::node_name(&std::fs::read_to_string(&key_a).unwrap());
+    db.query(&format!(
+        "UPDATE twinguard_audit SET entry = overlay(entry placing '9'::bytea from 5 for 1) \
+         WHERE node = '{node_a}' AND seq = 3"
+    ))
+    .unwrap();
+    let (ok, text) = verify_nodes(&url, &[&key_a, &key_b]);
+    assert!(!ok, "an altered entry verified: {text}");
+    assert!(
+        text.contains(&format!("node {node_a}:")) && text.contains("modified"),
+        "{text}"
+    );
+    let (ok, text) = verify_nodes(&url, &[&key_b]);
+    assert!(!ok && text.contains("not given"), "{text}");
 }
