@@ -204,6 +204,21 @@ pub struct AuditLog {
     shared: Arc<Shared>,
     /// Shared, not copied: every request clones the server's state, and with it the log.
     dir: Arc<Path>,
+    /// Declared last, so dropped after `jobs`: the last handle dropped closes the queue, then
+    /// waits for the writer's final checkpoint, so a log opened again on the same directory
+    /// never meets the old writer still writing there.
+    _writer: Arc<WriterThread>,
+}
+
+/// The writer thread, joined when the last handle of the log is dropped.
+struct WriterThread(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -390,13 +405,14 @@ impl AuditLog {
             checkpointed: None,
             mirrored,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("twinguard-audit".into())
             .spawn(move || writer.run(rx))?;
         Ok(Self {
             jobs,
             shared,
             dir: Arc::from(dir),
+            _writer: Arc::new(WriterThread(Some(thread))),
         })
     }
 
@@ -818,7 +834,11 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // `checkpoint.tmp` for `checkpoint`, `checkpoint.pub.tmp` for `checkpoint.pub`: each file
+    // its own temporary name (`with_extension` gave both `checkpoint.tmp`).
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
