@@ -360,7 +360,11 @@ impl AuditLog {
             size: 0,
             buffers: Vec::new(),
         };
+        let mut catch_up = mirror.map(CatchUp::start).transpose()?;
         read_entries(&entries_path, |line| {
+            if let Some(c) = catch_up.as_mut() {
+                c.entry(tree.size, line)?;
+            }
             tree.push(merkle::leaf_hash(line));
             if tree.buffers.first().is_some_and(|b| b.len() >= 1 << 20) {
                 tree.flush()?;
@@ -369,10 +373,7 @@ impl AuditLog {
         })?;
         tree.flush()?;
         let root = tree.root();
-        let mirrored = match mirror {
-            Some(mirror) => Some(catch_up(mirror, &entries_path, tree.size)?),
-            None => None,
-        };
+        let mirrored = catch_up.map(|c| c.finish(tree.size)).transpose()?;
         let latest = std::fs::read_to_string(dir.join("checkpoint")).ok();
         let shared = Arc::new(Shared {
             head: RwLock::new(Head {
@@ -529,47 +530,72 @@ struct Writer {
     mirrored: Option<Mirrored>,
 }
 
-/// Sends the mirror the entries of the file at `path` (which holds `size`) that it lacks.
-fn catch_up(mirror: Arc<dyn Mirror>, path: &Path, size: u64) -> Result<Mirrored, AuditError> {
-    let held = mirror.size().map_err(mirror_error)?;
-    if held > size {
-        return Err(AuditError::Corrupt(format!(
-            "the audit mirror holds {held} entries of this log but its file only {size}: the \
-             file was rolled back or replaced; put the log's own file back, or start the node \
-             with a new audit key (a new log)"
-        )));
+/// What the mirror holds of the log at open, and the entries it lacks being sent as the file
+/// is read (the same pass that builds the tree), a group at a time.
+struct CatchUp {
+    mirror: Arc<dyn Mirror>,
+    held: u64,
+    chunk: Vec<Vec<u8>>,
+    /// Index of the first entry of `chunk`.
+    first: u64,
+}
+
+impl CatchUp {
+    fn start(mirror: Arc<dyn Mirror>) -> Result<Self, AuditError> {
+        let held = mirror.size().map_err(mirror_error)?;
+        Ok(Self {
+            mirror,
+            held,
+            chunk: Vec::new(),
+            first: held,
+        })
     }
-    let mut index = 0u64;
-    let mut chunk: Vec<Vec<u8>> = Vec::new();
-    let mut first = held;
-    read_entries(path, |line| {
-        if index >= held {
-            chunk.push(line.to_vec());
-            if chunk.len() == MAX_GROUP {
-                let lines = std::mem::take(&mut chunk);
-                let n = lines.len() as u64;
-                mirror.append(first, lines)().map_err(mirror_error)?;
-                first += n;
+
+    /// Entry `index` of the file, read in order.
+    fn entry(&mut self, index: u64, line: &[u8]) -> Result<(), AuditError> {
+        if index >= self.held {
+            self.chunk.push(line.to_vec());
+            if self.chunk.len() == MAX_GROUP {
+                self.send()?;
             }
         }
-        index += 1;
         Ok(())
-    })?;
-    if !chunk.is_empty() {
-        mirror.append(first, chunk)().map_err(mirror_error)?;
     }
-    if size > held {
-        tracing::info!(
-            entries = size - held,
-            "sent the audit mirror the entries it lacked"
-        );
+
+    fn send(&mut self) -> Result<(), AuditError> {
+        let lines = std::mem::take(&mut self.chunk);
+        let n = lines.len() as u64;
+        self.mirror.append(self.first, lines)().map_err(mirror_error)?;
+        self.first += n;
+        Ok(())
     }
-    Ok(Mirrored {
-        mirror,
-        next: size,
-        backlog: Vec::new(),
-        checkpoint: None,
-    })
+
+    /// The file read whole, holding `size` entries: a mirror that holds more is refused.
+    fn finish(mut self, size: u64) -> Result<Mirrored, AuditError> {
+        if self.held > size {
+            return Err(AuditError::Corrupt(format!(
+                "the audit mirror holds {} entries of this log but its file only {size}: the \
+                 file was rolled back or replaced; put the log's own file back, or start the \
+                 node with a new audit key (a new log)",
+                self.held
+            )));
+        }
+        if !self.chunk.is_empty() {
+            self.send()?;
+        }
+        if size > self.held {
+            tracing::info!(
+                entries = size - self.held,
+                "sent the audit mirror the entries it lacked"
+            );
+        }
+        Ok(Mirrored {
+            mirror: self.mirror,
+            next: size,
+            backlog: Vec::new(),
+            checkpoint: None,
+        })
+    }
 }
 
 fn mirror_error(e: String) -> AuditError {

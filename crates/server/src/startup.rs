@@ -123,6 +123,20 @@ impl std::fmt::Debug for PostgresConfig {
     }
 }
 
+impl PostgresConfig {
+    /// A store on the database with a pool of `pool_size` connections.
+    fn connect(&self, pool_size: usize) -> Result<PgStore, twinguard_core::store::StoreError> {
+        PgStore::connect(
+            &self.url,
+            &PgOptions {
+                pool_size,
+                ca_file: self.ca_file.clone(),
+                ..PgOptions::default()
+            },
+        )
+    }
+}
+
 impl StoreConfig {
     /// Parses `--store`: `redb` (the embedded default) or a `postgresql://` (or `postgres://`)
     /// URL.
@@ -177,15 +191,8 @@ impl StoreConfig {
         match self {
             Self::Embedded => Ok(None),
             Self::Postgres(pg) => Ok(Some(Arc::new(
-                PgStore::connect(
-                    &pg.url,
-                    &PgOptions {
-                        pool_size: 2,
-                        ca_file: pg.ca_file.clone(),
-                        ..PgOptions::default()
-                    },
-                )
-                .context("connecting to PostgreSQL for the audit log")?,
+                pg.connect(2)
+                    .context("connecting to PostgreSQL for the audit log")?,
             ))),
         }
     }
@@ -209,15 +216,9 @@ impl StoreConfig {
                 RedbStore::open(&data_dir.store_path()).context("opening the store")?,
             )),
             Self::Postgres(pg) => {
-                let store = PgStore::connect(
-                    &pg.url,
-                    &PgOptions {
-                        pool_size: pg.pool_size,
-                        ca_file: pg.ca_file.clone(),
-                        ..PgOptions::default()
-                    },
-                )
-                .context("connecting to the PostgreSQL store")?;
+                let store = pg
+                    .connect(pg.pool_size)
+                    .context("connecting to the PostgreSQL store")?;
                 if pg.several_nodes {
                     tracing::warn!(
                         "DANGEROUS: several nodes may serve this database \
