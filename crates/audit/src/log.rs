@@ -258,10 +258,6 @@ pub trait Mirror: Send + Sync + 'static {
 /// The end of a [`Mirror::append`].
 pub type MirrorWait = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
-/// Entries written locally but not yet in the mirror before appends are refused for good (the
-/// log is poisoned; a restart sends them from the file).
-const MIRROR_BACKLOG: usize = 65_536;
-
 /// The writer's side of a mirror: what it holds, and the entries it still lacks.
 struct Mirrored {
     mirror: Arc<dyn Mirror>,
@@ -613,14 +609,7 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // A mirror that failed gets what it lacks without waiting for traffic, so
                     // readiness comes back once the database does.
-                    if self
-                        .mirrored
-                        .as_ref()
-                        .is_some_and(|m| !m.backlog.is_empty())
-                    {
-                        let wait = self.start_mirror(&[]);
-                        self.finish_mirror(wait);
-                    }
+                    self.mirror_caught_up();
                     self.checkpoint_if_due();
                     continue;
                 }
@@ -634,6 +623,15 @@ impl Writer {
                     Ok(job) => batch.push(job),
                     Err(_) => break,
                 }
+            }
+            // While the mirror lacks entries, a group is refused unwritten: what the file holds
+            // beyond the mirror stays one group, however many requests arrive in an outage.
+            if !self.mirror_caught_up() {
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(()));
+                }
+                self.checkpoint_if_due();
+                continue;
             }
             let committed = if self.shared.healthy.load(Ordering::SeqCst) {
                 match self.write_group(&batch, &mut buffer) {
@@ -698,8 +696,17 @@ impl Writer {
         )
     }
 
+    /// Whether the mirror holds every entry of the file, after sending it what it lacked.
+    fn mirror_caught_up(&mut self) -> bool {
+        if self.mirrored.as_ref().is_none_or(|m| m.backlog.is_empty()) {
+            return true;
+        }
+        let wait = self.start_mirror(&[]);
+        self.finish_mirror(wait)
+    }
+
     /// Whether the mirror now holds everything the file does. When it does not, the entries
-    /// wait for the next group; past [`MIRROR_BACKLOG`] of them the log is poisoned.
+    /// wait, and groups are refused unwritten until they reach it.
     fn finish_mirror(&mut self, wait: Option<MirrorWait>) -> bool {
         let (Some(wait), Some(mirrored)) = (wait, self.mirrored.as_mut()) else {
             return true;
@@ -713,12 +720,7 @@ impl Writer {
             }
             Err(e) => {
                 self.shared.mirror_ok.store(false, Ordering::SeqCst);
-                if mirrored.backlog.len() > MIRROR_BACKLOG {
-                    self.shared.healthy.store(false, Ordering::SeqCst);
-                    tracing::error!(error = %e, entries = mirrored.backlog.len(), "the audit mirror lacks too many entries; every request is refused until a restart sends them");
-                } else {
-                    tracing::error!(error = %e, entries = mirrored.backlog.len(), "the audit mirror cannot store entries; requests are refused until it can");
-                }
+                tracing::error!(error = %e, entries = mirrored.backlog.len(), "the audit mirror cannot store entries; requests are refused until it can");
                 false
             }
         }
