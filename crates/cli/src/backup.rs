@@ -18,6 +18,7 @@ use twinguard_core::store::{
 };
 use twinguard_server::datadir::{DataDir, Instance};
 use twinguard_server::startup::StoreConfig;
+use twinguard_store_postgres::Hold;
 use twinguard_store_redb::RedbStore;
 
 /// How long a backup or restore waits for a node to let a PostgreSQL store go: not long, since
@@ -30,10 +31,12 @@ const BATCH_RECORDS: usize = 4096;
 const BATCH_BYTES: usize = 16 << 20;
 
 fn open_store(config: &StoreConfig, data_dir: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
-    config.open_waiting(data_dir, STORE_WAIT).context(
-        "opening the main store (backup and restore work on a stopped instance: stop the \
+    config
+        .open_holding(data_dir, Hold::Alone, STORE_WAIT)
+        .context(
+            "opening the main store (backup and restore work on a stopped instance: stop the \
          server first)",
-    )
+        )
 }
 
 fn open_history(data_dir: &DataDir) -> anyhow::Result<RedbStore> {

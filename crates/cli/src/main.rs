@@ -161,12 +161,6 @@ enum Command {
         /// config file entry.
         #[arg(long, hide = true)]
         dangerous_unbounded_resources: bool,
-        /// DANGEROUS, tests of issue 20 only: several nodes serve one PostgreSQL database
-        /// before everything they need is shared (the audit trail, the rotation of token
-        /// signing keys and the MQTT session are still each data directory's own:
-        /// docs/storage.md). Hidden from --help, no environment variable.
-        #[arg(long, hide = true)]
-        dangerous_several_nodes: bool,
         #[command(flatten)]
         store: Box<StoreArgs>,
     },
@@ -536,10 +530,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             endpoint_credentials,
             event_backlog,
             dangerous_unbounded_resources,
-            dangerous_several_nodes,
             store,
         } => {
-            let store = (*store).config()?.several_nodes(dangerous_several_nodes)?;
+            let store = (*store).config()?;
             let egress = egress_policy(&egress_allow, egress_allow_file.as_deref())?;
             let public_url = public_url
                 .as_deref()

@@ -14,7 +14,7 @@ use twinguard_core::identity::Directory;
 use twinguard_core::service::OwnerStore;
 use twinguard_core::service::TwinService;
 use twinguard_core::store::{Mutation, Owner, Store, Table};
-use twinguard_store_postgres::{PgOptions, PgStore};
+use twinguard_store_postgres::{Hold, PgOptions, PgStore};
 use twinguard_store_redb::RedbStore;
 use twinguard_telemetry::service::TelemetryEvent;
 
@@ -107,9 +107,6 @@ pub struct PostgresConfig {
     pub ca_file: Option<PathBuf>,
     /// Connections in the pool.
     pub pool_size: usize,
-    /// Serve without taking the database for this node alone (`serve
-    /// --dangerous-several-nodes`, for issue 20's tests: see [`StoreConfig::several_nodes`]).
-    pub several_nodes: bool,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -118,7 +115,6 @@ impl std::fmt::Debug for PostgresConfig {
             .field("url", &"(not shown)")
             .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
-            .field("several_nodes", &self.several_nodes)
             .finish()
     }
 }
@@ -159,28 +155,10 @@ impl StoreConfig {
                     url: url.to_owned(),
                     ca_file,
                     pool_size,
-                    several_nodes: false,
                 }))
             }
             // Not the text itself: it may be a connection string with a password.
             Some(_) => anyhow::bail!("--store takes `redb` or a postgresql:// URL"),
-        }
-    }
-
-    /// Lets several nodes serve one PostgreSQL database (`yes`): no node takes it alone. Not
-    /// safe for production yet: each node's audit trail, token signing key rotation and MQTT
-    /// session are still its data directory's own (`docs/storage.md`). Refused for the
-    /// embedded store, which one process holds by its file lock.
-    pub fn several_nodes(self, yes: bool) -> anyhow::Result<Self> {
-        match self {
-            Self::Postgres(pg) => Ok(Self::Postgres(PostgresConfig {
-                several_nodes: yes,
-                ..pg
-            })),
-            Self::Embedded if yes => {
-                anyhow::bail!("--dangerous-several-nodes is for a PostgreSQL store")
-            }
-            Self::Embedded => Ok(Self::Embedded),
         }
     }
 
@@ -197,18 +175,18 @@ impl StoreConfig {
         }
     }
 
-    /// Opens the main store. With PostgreSQL, also takes the database for this node alone
-    /// (one node per database until nodes share a change feed), waiting up to 30 s for a
-    /// node that is stopping.
+    /// Opens the main store for a serving node. With PostgreSQL, other nodes may serve the
+    /// same database; waits up to 30 s for a backup or restore that holds it.
     pub fn open(&self, data_dir: &DataDir) -> anyhow::Result<Arc<dyn Store>> {
-        self.open_waiting(data_dir, std::time::Duration::from_secs(30))
+        self.open_holding(data_dir, Hold::Serve, std::time::Duration::from_secs(30))
     }
 
-    /// [`StoreConfig::open`], waiting at most `wait` for another node to let the PostgreSQL
-    /// database go.
-    pub fn open_waiting(
+    /// Opens the main store; with PostgreSQL, holding the database as `hold` says and waiting
+    /// at most `wait` for the other kind of holder to let go ([`PgStore::lock`]).
+    pub fn open_holding(
         &self,
         data_dir: &DataDir,
+        hold: Hold,
         wait: std::time::Duration,
     ) -> anyhow::Result<Arc<dyn Store>> {
         match self {
@@ -219,17 +197,9 @@ impl StoreConfig {
                 let store = pg
                     .connect(pg.pool_size)
                     .context("connecting to the PostgreSQL store")?;
-                if pg.several_nodes {
-                    tracing::warn!(
-                        "DANGEROUS: several nodes may serve this database \
-                         (--dangerous-several-nodes); the cluster, partition and fail-over \
-                         proofs of several nodes are not done yet (docs/storage.md)"
-                    );
-                } else {
-                    store
-                        .lock_exclusive(wait)
-                        .context("taking the PostgreSQL store for this node")?;
-                }
+                store
+                    .lock(hold, wait)
+                    .context("taking the PostgreSQL store")?;
                 Ok(Arc::new(store))
             }
         }

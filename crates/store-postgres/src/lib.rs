@@ -142,10 +142,33 @@ const HISTORY_LOCK: i64 = 0x7477_6869_7374_6f72;
 /// The key of the advisory lock held while migrating: `twinguard` as ASCII, in a `bigint`.
 const MIGRATION_LOCK: i64 = 0x7477_696e_6775_6172;
 
-/// The first key of the session advisory lock a serving node holds ([`PgStore::lock_exclusive`]):
-/// `twsv` as ASCII; the second is a hash of the schema the tables are in, so deployments in
-/// schemas of their own (`search_path`) do not lock each other out.
+/// The first key of the session advisory lock on the database ([`PgStore::lock`]): `twsv` as
+/// ASCII; the second is a hash of the schema the tables are in, so deployments in schemas of
+/// their own (`search_path`) do not lock each other out.
 const SERVING_LOCK: i32 = 0x7477_7376;
+
+/// How often a lost lock on the database is tried again, how long that waits for the lock, and
+/// for a connection ([`PgStore::check_held`]).
+const RELOCK_EVERY: Duration = Duration::from_secs(1);
+const RELOCK_WAIT: Duration = Duration::from_millis(200);
+const RELOCK_CONNECT: Duration = Duration::from_secs(2);
+
+/// The lock on the database a store holds, on a connection of its own.
+struct Held {
+    hold: Hold,
+    client: tokio_postgres::Client,
+    /// When it was last found lost or tried again; `None` while held.
+    lost_at: Option<std::time::Instant>,
+}
+
+/// How a store holds the database ([`PgStore::lock`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// A serving node: any number of them at once (a shared lock).
+    Serve,
+    /// A backup or restore: no node serves meanwhile (the lock alone).
+    Alone,
+}
 
 /// Rows per statement in a commit, and bytes of values per upsert statement: a group commit of
 /// thousands of mutations is a few statements, each a bounded message.
@@ -231,11 +254,11 @@ impl Default for PgOptions {
 /// The PostgreSQL store. See the crate documentation.
 pub struct PgStore {
     pool: Pool,
-    /// The connection settings, for the exclusive lock's own connection.
+    /// The connection settings, for the lock's own connection.
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
-    /// The connection holding the serving lock, once taken ([`PgStore::lock_exclusive`]).
-    exclusive: std::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The lock on the database, once taken ([`PgStore::lock`]).
+    held: std::sync::Mutex<Option<Held>>,
     /// The days whose history partition this store made or found (see [`HISTORY_DAYS_BACK`]).
     history_days: std::sync::Mutex<std::collections::HashSet<i64>>,
     /// Runs every query; `Some` until dropped.
@@ -430,7 +453,7 @@ impl PgStore {
             pool,
             config: pg_config,
             tls,
-            exclusive: std::sync::Mutex::new(None),
+            held: std::sync::Mutex::new(None),
             history_days: std::sync::Mutex::new(std::collections::HashSet::new()),
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
@@ -464,14 +487,33 @@ impl PgStore {
         self.start(fut)()
     }
 
-    /// Takes the database for this store alone, as a serving node must while nodes do not yet
-    /// share their security state: the graph and the change feed are fenced for several
-    /// writers ([`Store::commit_at`]), but identities, revocations, the device registry and
-    /// event delivery are still decided in one node's memory. A session advisory lock on a
-    /// connection of its own, outside the pool, held until the store is dropped; waits up to
-    /// `wait` for a node that is stopping to let go. Once that connection is lost, every commit
-    /// fails (the lock may be another node's by then).
-    pub fn lock_exclusive(&self, wait: Duration) -> Result<(), StoreError> {
+    /// Holds the database as `hold` says, with a session advisory lock on a connection of its
+    /// own, outside the pool, kept until the store is dropped: serving nodes share it, and a
+    /// backup or restore takes it alone, so neither starts while the other runs. Waits up to
+    /// `wait` for the other kind to let go. Once that connection is lost, commits fail until
+    /// the lock is taken again (tried at most once a second, see [`PgStore::check_held`]).
+    pub fn lock(&self, hold: Hold, wait: Duration) -> Result<(), StoreError> {
+        let client = self.take_lock(hold, wait, None)?;
+        let mut held = self
+            .held
+            .lock()
+            .map_err(|_| StoreError("PostgreSQL: the lock's state is poisoned".into()))?;
+        *held = Some(Held {
+            hold,
+            client,
+            lost_at: None,
+        });
+        Ok(())
+    }
+
+    /// A new connection holding the lock, waiting at most `wait` for it (and at most
+    /// `connect_within` for the connection, if given).
+    fn take_lock(
+        &self,
+        hold: Hold,
+        wait: Duration,
+        connect_within: Option<Duration>,
+    ) -> Result<tokio_postgres::Client, StoreError> {
         let (mut config, tls) = (self.config.clone(), self.tls.clone());
         // Notice a silent network failure within about half a minute (the default keepalive
         // idle time is two hours), so that commits stop rather than go on without the lock.
@@ -480,58 +522,88 @@ impl PgStore {
             .keepalives_idle(Duration::from_secs(15))
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
-        let client = self.run(async move {
+        if let Some(within) = connect_within {
+            config.connect_timeout(within);
+        }
+        self.run(async move {
             let (client, connection) = config
                 .connect(tls)
                 .await
-                .map_err(|e| pg_err("connection for the serving lock", &e))?;
+                .map_err(|e| pg_err("connection for the lock on the database", &e))?;
             tokio::spawn(connection);
             let millis = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX).max(1);
             client
                 .batch_execute(&format!("SET lock_timeout = {millis}"))
                 .await
-                .map_err(|e| pg_err("serving lock", &e))?;
-            match client
-                .execute(
-                    "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
-                    &[&SERVING_LOCK],
-                )
-                .await
-            {
+                .map_err(|e| pg_err("lock on the database", &e))?;
+            let take = match hold {
+                Hold::Serve => "SELECT pg_advisory_lock_shared($1, hashtext(current_schema()))",
+                Hold::Alone => "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
+            };
+            match client.execute(take, &[&SERVING_LOCK]).await {
                 Ok(_) => Ok(client),
                 Err(e)
                     if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
                 {
                     Err(StoreError(
-                        "PostgreSQL: another twinguard node serves this database (its serving \
-                         lock is held); one node per database until nodes share a change feed"
-                            .into(),
+                        match hold {
+                            Hold::Serve => {
+                                "PostgreSQL: a backup or restore holds this database; start \
+                                 the node once it is done"
+                            }
+                            Hold::Alone => {
+                                "PostgreSQL: the database is in use (a twinguard node serves \
+                                 it, or a backup or restore runs); backup and restore work on \
+                                 a stopped instance: stop every node"
+                            }
+                        }
+                        .into(),
                     ))
                 }
-                Err(e) => Err(pg_err("serving lock", &e)),
+                Err(e) => Err(pg_err("lock on the database", &e)),
             }
-        })?;
-        let mut exclusive = self
-            .exclusive
-            .lock()
-            .map_err(|_| StoreError("PostgreSQL: the serving lock's state is poisoned".into()))?;
-        *exclusive = Some(client);
-        Ok(())
+        })
     }
 
-    /// Fails once the connection holding the serving lock is gone.
-    fn check_exclusive(&self) -> Result<(), StoreError> {
-        let exclusive = self
-            .exclusive
+    /// Fails while the connection holding the lock on the database is gone. A lost lock is
+    /// taken again, at most once a second: a serving node whose link to the database came back
+    /// goes on, unless a backup or restore took the database meanwhile.
+    fn check_held(&self) -> Result<(), StoreError> {
+        let mut held = self
+            .held
             .lock()
-            .map_err(|_| StoreError("PostgreSQL: the serving lock's state is poisoned".into()))?;
-        match exclusive.as_ref() {
-            Some(client) if client.is_closed() => Err(StoreError(
-                "PostgreSQL: the connection holding this node's serving lock is lost; \
-                 restart the node"
+            .map_err(|_| StoreError("PostgreSQL: the lock's state is poisoned".into()))?;
+        let Some(held) = held.as_mut() else {
+            return Ok(());
+        };
+        if !held.client.is_closed() {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let lost = || {
+            StoreError(
+                "PostgreSQL: the connection holding this node's lock on the database is lost"
                     .into(),
-            )),
-            _ => Ok(()),
+            )
+        };
+        match held.lost_at {
+            None => tracing::warn!("the connection holding the lock on the database is lost"),
+            Some(at) if now.duration_since(at) < RELOCK_EVERY => return Err(lost()),
+            Some(_) => {}
+        }
+        held.lost_at = Some(now);
+        match self.take_lock(held.hold, RELOCK_WAIT, Some(RELOCK_CONNECT)) {
+            Ok(client) => {
+                tracing::info!("the lock on the database is held again");
+                held.client = client;
+                held.lost_at = None;
+                Ok(())
+            }
+            Err(e) => Err(StoreError(format!(
+                "{}; taking it again: {}",
+                lost().0,
+                e.0
+            ))),
         }
     }
 
@@ -539,7 +611,7 @@ impl PgStore {
     /// deletes and upserts, in one transaction. A counter that is not `expected` applies
     /// nothing and answers [`Fenced::Stale`].
     fn commit_plan(&self, plan: Plan, expected: Option<i64>) -> Result<Fenced, StoreError> {
-        self.check_exclusive()?;
+        self.check_held()?;
         let days = self.new_history_days(&plan.history_put_times);
         let pool = self.pool.clone();
         self.run(async move {
@@ -1094,16 +1166,16 @@ impl Store for PgStore {
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
         if batch.is_empty() {
-            self.check_exclusive()?;
+            self.check_held()?;
             return Ok(());
         }
         self.commit_plan(Plan::new(batch), None).map(|_| ())
     }
 
-    /// Fails, like a commit, once this node's serving lock is lost. Also publishes the pool's
+    /// Fails, like a commit, once this node's lock on the database is lost. Also publishes the pool's
     /// use (the server's probe calls it every two seconds, the writer before each group).
     fn head(&self) -> Result<Option<u64>, StoreError> {
-        self.check_exclusive()?;
+        self.check_held()?;
         let status = self.pool.status();
         let in_use = status.size.saturating_sub(status.available);
         metrics::gauge!("twinguard_store_pool_connections", "state" => "in_use").set(in_use as f64);

@@ -406,29 +406,45 @@ fn commit_latency() {
 }
 
 #[test]
-fn one_node_at_a_time_holds_the_serving_lock_and_a_lost_lock_stops_commits() {
+fn nodes_share_the_database_a_backup_holds_it_alone_and_a_lost_lock_stops_commits_until_taken_again()
+ {
     let Some(db) = database() else { return };
-    let first = open(&db);
-    first.lock_exclusive(Duration::from_secs(1)).unwrap();
-    first
-        .commit(&[Mutation::put(Table::Twins, "a", b"1".to_vec())])
+    let refused = |store: &PgStore, hold: Hold| {
+        store
+            .lock(hold, Duration::from_millis(300))
+            .expect_err("the lock was taken")
+            .0
+    };
+    // Serving nodes share the database.
+    let (a, b) = (open(&db), open(&db));
+    a.lock(Hold::Serve, Duration::from_secs(1)).unwrap();
+    b.lock(Hold::Serve, Duration::from_secs(1)).unwrap();
+    a.commit(&[Mutation::put(Table::Twins, "a", b"1".to_vec())])
         .unwrap();
-    let second = open(&db);
-    let e = second
-        .lock_exclusive(Duration::from_millis(300))
-        .unwrap_err();
-    assert!(
-        e.0.contains("another twinguard node serves this database"),
-        "{e}"
-    );
-    // A stopping node lets go: the next one waits for it.
-    drop(first);
-    second.lock_exclusive(Duration::from_secs(10)).unwrap();
-    second
-        .commit(&[Mutation::put(Table::Twins, "b", b"2".to_vec())])
+    b.commit(&[Mutation::put(Table::Twins, "b", b"2".to_vec())])
         .unwrap();
-    // The lock's connection ended from the server's side: commits stop. (Advisory locks of
-    // every database are in `pg_locks`: only this test's database is touched.)
+    // A backup waits for every node to stop, and refuses while one still serves.
+    let backup = open(&db);
+    let e = refused(&backup, Hold::Alone);
+    assert!(e.contains("the database is in use"), "{e}");
+    drop(a);
+    let e = refused(&backup, Hold::Alone);
+    assert!(e.contains("the database is in use"), "{e}");
+    drop(b);
+    backup.lock(Hold::Alone, Duration::from_secs(10)).unwrap();
+    // No node starts while it runs, nor does a second backup.
+    let node = open(&db);
+    let e = refused(&node, Hold::Serve);
+    assert!(e.contains("a backup or restore holds this database"), "{e}");
+    let e = refused(&open(&db), Hold::Alone);
+    assert!(e.contains("the database is in use"), "{e}");
+    drop(backup);
+    node.lock(Hold::Serve, Duration::from_secs(10)).unwrap();
+    node.commit(&[Mutation::put(Table::Twins, "c", b"3".to_vec())])
+        .unwrap();
+    // The lock's connection ended from the server's side, and a backup took the database
+    // meanwhile: commits stop. (Advisory locks of every database are in `pg_locks`: only this
+    // test's database is touched.)
     let terminated = db
         .query(&format!(
             "SELECT pg_terminate_backend(pid) FROM pg_locks \
@@ -437,22 +453,46 @@ fn one_node_at_a_time_holds_the_serving_lock_and_a_lost_lock_stops_commits() {
         ))
         .unwrap();
     assert_eq!(terminated, vec![Some("t".to_owned())]);
-    let mut refused = None;
-    for _ in 0..50 {
-        match second.commit(&[Mutation::put(Table::Twins, "c", b"3".to_vec())]) {
-            Ok(()) => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => {
-                refused = Some(e);
-                break;
-            }
-        }
+    let backup = open(&db);
+    backup.lock(Hold::Alone, Duration::from_secs(10)).unwrap();
+    // The node learns of its lost connection when the driver reads the server's notice of it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while node.head().is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lost lock went unnoticed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let e = refused.expect("commits go on after the serving lock's connection ended");
-    assert!(e.0.contains("serving lock is lost"), "{e}");
+    let e = node
+        .commit(&[Mutation::put(Table::Twins, "d", b"4".to_vec())])
+        .expect_err("a commit went on while a backup held the database");
+    assert!(e.0.contains("lock on the database is lost"), "{e}");
+    // Tried again a second later: the backup still holds the database.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let e = node
+        .commit(&[Mutation::put(Table::Twins, "d", b"4".to_vec())])
+        .expect_err("a commit went on while a backup held the database");
+    assert!(
+        e.0.contains("a backup or restore holds this database"),
+        "{e}"
+    );
+    // Once the backup is done, the node takes its lock again and goes on.
+    drop(backup);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = node.commit(&[Mutation::put(Table::Twins, "d", b"4".to_vec())]) {
+        assert!(std::time::Instant::now() < deadline, "never went on: {e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        open(&db)
+            .lock(Hold::Alone, Duration::from_millis(300))
+            .is_err()
+    );
 }
 
 /// A deployment can keep its tables in a schema of its own through the URL's `options`; its
-/// serving lock is its own too.
+/// lock on the database is its own too.
 #[test]
 fn a_schema_of_its_own_through_the_search_path_holds_the_tables_and_its_own_serving_lock() {
     let Some(db) = database() else { return };
@@ -463,8 +503,8 @@ fn a_schema_of_its_own_through_the_search_path_holds_the_tables_and_its_own_serv
         PgStore::connect(&url, &small()).unwrap()
     };
     let (a, b) = (in_schema("tenant_a"), in_schema("tenant_b"));
-    a.lock_exclusive(Duration::from_secs(1)).unwrap();
-    b.lock_exclusive(Duration::from_secs(1)).unwrap();
+    a.lock(Hold::Alone, Duration::from_secs(1)).unwrap();
+    b.lock(Hold::Alone, Duration::from_secs(1)).unwrap();
     a.commit(&[Mutation::put(Table::Twins, "in a", b"1".to_vec())])
         .unwrap();
     assert!(b.scan(Table::Twins).unwrap().is_empty());

@@ -428,6 +428,20 @@ async fn a_postgresql_instance_restores_into_another_database_with_material_of_i
         .unwrap()
         .to_owned();
     let before = answers(&server, &token).await;
+    // Nor is a serving PostgreSQL instance: its nodes share the database, a backup takes it
+    // alone.
+    let running = keep.path().join("running.bundle");
+    let refused = twinguard(
+        &["backup", "--store", url.as_str(), "--data-dir"],
+        &[source.path(), Path::new("--out"), &running],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("the database is in use"),
+        "{}",
+        text(&refused)
+    );
+    assert!(!running.exists());
     tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
     server.kill();
     let key = keep.path().join("checkpoint.pub");

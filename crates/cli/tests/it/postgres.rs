@@ -277,9 +277,8 @@ async fn every_write_acknowledged_on_postgresql_survives_kill_9() {
 /// Readiness as a load balancer reads it: a node whose database stops answering reports not
 /// ready (`"store": "unreachable"`) within a few probes, with no write needed to find out, and
 /// refuses writes meanwhile; it serves reads from memory only until its view is older than the
-/// 5 s bound, then refuses them (`"feed": "lagging"`); its serving lock went with the
-/// connections, so it stays not ready once the database is back, and a restart serves again
-/// with every acknowledged write.
+/// 5 s bound, then refuses them (`"feed": "lagging"`); once the database is back it takes its
+/// lock on it again and is ready, and a restart serves every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes() {
     let db = match TestDatabase::create() {
@@ -372,16 +371,27 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // Once the database is back, the node takes its lock on it again, catches up and serves.
     db.set_reachable(true).unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let (status, body) = readiness().await;
-    assert_eq!(status, 503, "ready again without its serving lock: {body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = readiness().await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready again: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(read_twin(&server, &token, "before").await.0, 200);
+    assert_eq!(read_twin(&server, &token, "during").await.0, 404);
+    assert_eq!(put("after").await.unwrap().status(), 200);
     server.kill();
 
     let restarted = Server::start_with(dir.path(), &store, None);
     let token = restarted.admin_token(dir.path()).await;
     assert_eq!(read_twin(&restarted, &token, "before").await.0, 200);
     assert_eq!(read_twin(&restarted, &token, "during").await.0, 404);
+    assert_eq!(read_twin(&restarted, &token, "after").await.0, 200);
 }
 
 /// A token for the client `id` with `secret` from `server`'s token endpoint.
@@ -477,7 +487,7 @@ async fn refused_after(server: &Server, token: &str, since: Instant) -> Duration
     }
 }
 
-/// Two `serve` processes on one database (`--dangerous-several-nodes`, the second started with
+/// Two `serve` processes on one database (the second started with
 /// only the files a node needs of the first's data directory): a write on one is read on the other through the
 /// position it was answered with; an identity disabled on one, and a token revoked on one, are
 /// refused by the other within a second (measured and printed); one signed telemetry message
@@ -488,7 +498,7 @@ async fn two_serving_processes_on_one_database_share_writes_revocations_and_tele
     let Some((_db, url)) = database() else {
         return;
     };
-    let flags = ["--store", url.as_str(), "--dangerous-several-nodes"];
+    let flags = ["--store", url.as_str()];
     let Pair {
         first_dir,
         a,
@@ -773,13 +783,7 @@ async fn two_serving_processes_deliver_each_event_once() {
         Err(e) => panic!("{e}"),
     };
     let url = db.url();
-    let flags = [
-        "--store",
-        url.as_str(),
-        "--dangerous-several-nodes",
-        "--egress-allow",
-        "127.0.0.1",
-    ];
+    let flags = ["--store", url.as_str(), "--egress-allow", "127.0.0.1"];
     let first_dir = tempfile::tempdir().unwrap();
     let a = Server::start_with(first_dir.path(), &flags, None);
     let admin_a = a.admin_token(first_dir.path()).await;
@@ -908,7 +912,7 @@ async fn each_nodes_audit_log_is_kept_in_the_database_and_verifies_after_its_dis
     let Some((db, url)) = database() else {
         return;
     };
-    let flags = ["--store", url.as_str(), "--dangerous-several-nodes"];
+    let flags = ["--store", url.as_str()];
     let Pair {
         first_dir,
         a,

@@ -46,7 +46,6 @@ fn test_store(dir: &std::path::Path) -> Option<twinguard_server::startup::StoreC
             url,
             ca_file: None,
             pool_size: 4,
-            several_nodes: false,
         },
     ))
 }

@@ -903,7 +903,6 @@ async fn nodes_on_one_database_share_the_subscription_and_ingest_each_message_on
         url: db.url(),
         ca_file: None,
         pool_size: 4,
-        several_nodes: true,
     });
     let configure = |c: &mut twinguard_server::startup::ServeConfig| {
         c.store = store.clone();
