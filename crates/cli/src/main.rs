@@ -140,6 +140,8 @@ enum Command {
         /// allowed by default.
         #[arg(long = "egress-allow")]
         egress_allow: Vec<String>,
+        #[command(flatten)]
+        balancer: Box<BalancerArgs>,
         /// A file of egress rules, one a line (`#` comments), added to --egress-allow.
         #[arg(long, env = "TWINGUARD_EGRESS_ALLOW_FILE")]
         egress_allow_file: Option<PathBuf>,
@@ -449,6 +451,39 @@ fn verify_audit(
     }
 }
 
+/// What `serve` is told of the load balancers in front of it.
+#[derive(Debug, clap::Args)]
+struct BalancerArgs {
+    /// A TCP load balancer in front of this node (an address or range, repeatable):
+    /// connections from it must start with a PROXY protocol v2 header (HAProxy's
+    /// `send-proxy-v2`), whose client address then counts for connection limits, the
+    /// authentication backoff and the audit trail. From any other address no header is
+    /// read. None by default.
+    #[arg(
+        long = "proxy-protocol-from",
+        env = "TWINGUARD_PROXY_PROTOCOL_FROM",
+        value_delimiter = ','
+    )]
+    proxy_protocol_from: Vec<String>,
+}
+
+/// `--proxy-protocol-from`: addresses (`10.0.0.5`) or ranges (`10.0.0.0/24`).
+fn proxy_networks(values: &[String]) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    use anyhow::Context;
+    values
+        .iter()
+        .map(|value| {
+            let value = value.trim();
+            value
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .with_context(|| {
+                    format!("--proxy-protocol-from takes an address or a range, not {value:?}")
+                })
+        })
+        .collect()
+}
+
 /// The egress allowlist from `--egress-allow` rules and an optional file of them.
 fn egress_policy(
     rules: &[String],
@@ -525,6 +560,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             history_retention_days,
             public_url,
             egress_allow,
+            balancer,
             egress_allow_file,
             egress_ca,
             endpoint_credentials,
@@ -601,7 +637,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     history_retention: history_retention_days
                         .map(|days| std::time::Duration::from_secs(u64::from(days) * 86_400)),
                     public_url,
-                    connections: Default::default(),
+                    connections: twinguard_server::connections::ConnectionPolicy {
+                        proxies: proxy_networks(&balancer.proxy_protocol_from)?,
+                        ..Default::default()
+                    },
                     dangerous_unbounded_resources,
                     egress,
                     egress_ca,

@@ -11,20 +11,30 @@
 //!   (HTTP/2 included, and a client that stops reading its answer);
 //! - HTTP/2: concurrent streams, the header list size and reset streams (the "rapid reset"
 //!   flood, CVE-2023-44487) are capped; HTTP/1: the request head's buffer and header count.
+//!
+//! Behind a TCP load balancer every connection comes from the balancer, so per-address limits
+//! and backoff would count all its clients as one. A connection from an address of
+//! [`ConnectionPolicy::proxies`] must start with a PROXY protocol version 2 header (HAProxy's
+//! `send-proxy-v2`), read within the handshake timeout; the client address it names is then the
+//! connection's, for the limits above, the authentication backoff and the audit trail. From any
+//! other address no header is read, so nobody else can claim an address.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum_server::accept::Accept;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+use tower_http::add_extension::AddExtension;
 
 /// How long and how many connections a listener keeps.
 #[derive(Debug, Clone)]
@@ -39,6 +49,9 @@ pub struct ConnectionPolicy {
     pub max_header_bytes: u32,
     /// HTTP/2 streams a client may reset before the server has accepted them, at once.
     pub h2_max_pending_resets: usize,
+    /// Load balancers whose connections start with a PROXY protocol v2 header naming the
+    /// client (`serve --proxy-protocol-from`); empty by default.
+    pub proxies: Vec<IpNet>,
 }
 
 impl Default for ConnectionPolicy {
@@ -56,6 +69,7 @@ impl Default for ConnectionPolicy {
             // a bearer token is at most 8 KiB.
             max_header_bytes: 64 * 1024,
             h2_max_pending_resets: 20,
+            proxies: Vec::new(),
         }
     }
 }
@@ -259,28 +273,94 @@ where
     S: Send + 'static,
 {
     type Stream = A::Stream;
-    type Service = A::Service;
+    /// The connection's service, with the client's address as the request's `ConnectInfo`.
+    type Service = AddExtension<A::Service, ConnectInfo<SocketAddr>>;
     type Future = Pin<Box<dyn Future<Output = io::Result<(Self::Stream, Self::Service)>> + Send>>;
 
-    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
-        let admitted = stream
-            .peer_addr()
-            .ok()
-            .and_then(|peer| self.gate.admit(peer.ip()));
-        let idle = self.gate.policy.idle_timeout;
+    fn accept(&self, mut stream: TcpStream, service: S) -> Self::Future {
+        let gate = self.gate.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
-            let Some(slot) = admitted else {
+            let peer = stream.peer_addr()?;
+            let policy = &gate.policy;
+            let client = if policy.proxies.iter().any(|net| net.contains(&peer.ip())) {
+                let header = tokio::time::timeout(
+                    policy.handshake_timeout,
+                    read_proxy_header(&mut stream, peer),
+                );
+                match header.await {
+                    Ok(Ok(client)) => client,
+                    Ok(Err(e)) => {
+                        crate::metrics::connection_closed("proxy_header");
+                        tracing::debug!(%peer, error = %e, "a balancer's connection without a valid PROXY header");
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        crate::metrics::connection_closed("proxy_header");
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no PROXY header in time",
+                        ));
+                    }
+                }
+            } else {
+                peer
+            };
+            let Some(slot) = gate.admit(client.ip()) else {
                 crate::metrics::connection_closed("limit");
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
                     "too many connections from this source or in all",
                 ));
             };
-            inner
+            let idle = policy.idle_timeout;
+            let (stream, service) = inner
                 .accept(Guarded::new(stream, slot, idle), service)
-                .await
+                .await?;
+            Ok((stream, AddExtension::new(service, ConnectInfo(client))))
         })
+    }
+}
+
+/// Most bytes of addresses and TLVs after a PROXY v2 header's fixed 16 bytes: a balancer's
+/// IPv6 addresses take 36, and TLVs (ALPN, authority, unique ID) a few hundred.
+const MAX_PROXY_PAYLOAD: usize = 1_024;
+
+/// Reads a PROXY protocol v2 header, exactly its bytes and no more (what follows is TLS): the
+/// client's address for a `PROXY` command over TCP, `peer` itself for `LOCAL` (the balancer's
+/// own health checks). Anything else (version 1's text, another command, a datagram or Unix
+/// source, a header past [`MAX_PROXY_PAYLOAD`]) is refused.
+async fn read_proxy_header<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    peer: SocketAddr,
+) -> io::Result<SocketAddr> {
+    use ppp::v2::{Addresses, Command, Header, Protocol};
+    // The signature (12 bytes), version and command, family and protocol, payload length.
+    const MINIMUM_LENGTH: usize = 16;
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut head = [0u8; MINIMUM_LENGTH];
+    stream.read_exact(&mut head).await?;
+    let length = usize::from(u16::from_be_bytes([head[14], head[15]]));
+    if length > MAX_PROXY_PAYLOAD {
+        return Err(invalid("PROXY header too long"));
+    }
+    let mut bytes = Vec::with_capacity(MINIMUM_LENGTH + length);
+    bytes.extend_from_slice(&head);
+    bytes.resize(MINIMUM_LENGTH + length, 0);
+    stream.read_exact(&mut bytes[MINIMUM_LENGTH..]).await?;
+    let header =
+        Header::try_from(bytes.as_slice()).map_err(|_| invalid("not a PROXY v2 header"))?;
+    match (header.command, header.protocol, header.addresses) {
+        (Command::Local, _, _) => Ok(peer),
+        (Command::Proxy, Protocol::Stream, Addresses::IPv4(a)) => {
+            Ok(SocketAddr::from((a.source_address, a.source_port)))
+        }
+        (Command::Proxy, Protocol::Stream, Addresses::IPv6(a)) => {
+            Ok(SocketAddr::from((a.source_address, a.source_port)))
+        }
+        _ => Err(invalid(
+            "a PROXY header for something other than a TCP client",
+        )),
     }
 }
 
@@ -323,5 +403,76 @@ mod tests {
                 .is_none()
         );
         assert!(gate.admit("2001:db8:0:2::1".parse().unwrap()).is_some());
+    }
+
+    /// The signature, then `command`, `family`, the payload's length and the payload.
+    fn header(command: u8, family: u8, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        bytes.extend_from_slice(&[command, family]);
+        bytes.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    fn read(bytes: &[u8]) -> (io::Result<SocketAddr>, Vec<u8>) {
+        let peer: SocketAddr = "10.0.0.5:51000".parse().unwrap();
+        let mut input = bytes;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let result = runtime.block_on(read_proxy_header(&mut input, peer));
+        (result, input.to_vec())
+    }
+
+    #[test]
+    fn a_proxy_header_names_the_client_and_leaves_what_follows_unread() {
+        // IPv6 with a TLV (a NOOP of 3 bytes) after the addresses, then the TLS record.
+        let mut payload = Vec::new();
+        payload.extend_from_slice(
+            &"2001:db8::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        payload.extend_from_slice(
+            &"2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        payload.extend_from_slice(&[0xab, 0xcd, 0x01, 0xbb]);
+        payload.extend_from_slice(&[0x04, 0x00, 0x03, 1, 2, 3]);
+        let mut bytes = header(0x21, 0x21, &payload);
+        bytes.extend_from_slice(b"\x16\x03\x01 the ClientHello");
+        let (client, rest) = read(&bytes);
+        assert_eq!(client.unwrap(), "[2001:db8::7]:43981".parse().unwrap());
+        assert_eq!(rest, b"\x16\x03\x01 the ClientHello");
+        // LOCAL: the balancer itself.
+        let (client, _) = read(&header(0x20, 0x00, &[]));
+        assert_eq!(client.unwrap(), "10.0.0.5:51000".parse().unwrap());
+    }
+
+    #[test]
+    fn anything_but_a_proxy_v2_header_for_a_tcp_client_is_refused() {
+        let v4 = [192, 0, 2, 7, 192, 0, 2, 1, 0x9c, 0x40, 0x01, 0xbb];
+        let refused = [
+            // Version 1's text.
+            b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 443\r\n".to_vec(),
+            // A TLS ClientHello: a balancer's connection without a header.
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 random bytes".to_vec(),
+            // UDP, a Unix socket, an unknown command, version 1 in the binary form.
+            header(0x21, 0x12, &v4),
+            header(0x21, 0x31, &[0; 216]),
+            header(0x22, 0x11, &v4),
+            header(0x11, 0x11, &v4),
+            // Addresses cut short, and a payload past the bound.
+            header(0x21, 0x11, &v4[..8]),
+            header(0x21, 0x11, &[0; MAX_PROXY_PAYLOAD + 1]),
+            // The header cut off by the end of the stream.
+            header(0x21, 0x11, &v4)[..20].to_vec(),
+        ];
+        for bytes in refused {
+            assert!(read(&bytes).0.is_err(), "{bytes:?}");
+        }
     }
 }

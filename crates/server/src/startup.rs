@@ -519,6 +519,11 @@ impl Application {
             Arc::new(owned) as Arc<dyn Store>
         };
         let (event_store, telemetry_store) = (owned(Owner::Events), owned(Owner::Telemetry));
+        anyhow::ensure!(
+            !config.dangerous_unbounded_resources || config.connections.proxies.is_empty(),
+            "--proxy-protocol-from needs the connection limits that \
+             --dangerous-unbounded-resources turns off"
+        );
         let service = if config.dangerous_unbounded_resources {
             tracing::warn!(
                 "DANGEROUS: resource protections are off (--dangerous-unbounded-resources); \
@@ -899,8 +904,8 @@ impl Application {
             let devices = crate::app::device_router(self.state.clone());
             let handle = handle.clone();
             let tls = self.tls.clone();
-            let service = devices.into_make_service_with_connect_info::<SocketAddr>();
             let served = if self.unbounded {
+                let service = devices.into_make_service_with_connect_info::<SocketAddr>();
                 let tls = axum_server::tls_rustls::RustlsAcceptor::new(tls)
                     .handshake_timeout(UNBOUNDED_HANDSHAKE);
                 let server = axum_server::from_tcp(listener)?
@@ -908,6 +913,8 @@ impl Application {
                     .handle(handle);
                 tokio::spawn(server.serve(service))
             } else {
+                // `Limited` gives each request its client's address (`ConnectInfo`).
+                let service = devices.into_make_service();
                 let tls = axum_server::tls_rustls::RustlsAcceptor::new(tls)
                     .handshake_timeout(self.connections.handshake_timeout);
                 let gate = crate::connections::Gate::new(self.connections.clone());
@@ -925,14 +932,17 @@ impl Application {
         }
         let telemetry = self.state.telemetry.clone();
         let events = self.state.events.clone();
-        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let app = router(self.state);
         let served = if self.unbounded {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let tls = crate::tls::ClientCertAcceptor::new(self.tls, UNBOUNDED_HANDSHAKE);
             match axum_server::from_tcp(self.listener) {
                 Ok(server) => server.acceptor(tls).handle(handle).serve(app).await,
                 Err(e) => Err(e),
             }
         } else {
+            // `Limited` gives each request its client's address (`ConnectInfo`).
+            let app = app.into_make_service();
             let tls =
                 crate::tls::ClientCertAcceptor::new(self.tls, self.connections.handshake_timeout);
             let gate = crate::connections::Gate::new(self.connections.clone());
