@@ -445,6 +445,34 @@ fn token_keys(data_dir: &DataDir, material: &Material) -> anyhow::Result<(KeyRin
     Ok((keys, home))
 }
 
+/// Orders this process's graphs under the instance's order key (`twinguard_core::graph::order`),
+/// made once: every node iterates the same twins in the same order, also after a restart, so a
+/// query's continuation token resumes at the same row on whichever node it reaches. Before the
+/// graph is loaded (and, on a shared store, before the writer reads the store's counter: making
+/// the key is a commit).
+fn order_graphs(data_dir: &DataDir, material: &Material) -> anyhow::Result<()> {
+    let key = material.secret(
+        crate::vault::names::ORDER_KEY,
+        &data_dir.root().join("secrets/graph-order.key"),
+        "the graph order key",
+        || {
+            let mut key = zeroize::Zeroizing::new(vec![0u8; 16]);
+            aws_lc_rs::rand::fill(&mut key)
+                .map_err(|_| anyhow::anyhow!("no random bytes for the graph order key"))?;
+            Ok(key)
+        },
+    )?;
+    let key: [u8; 16] = key
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the graph order key is not 16 bytes"))?;
+    if !twinguard_core::graph::order::set_order_key(key) {
+        // Only where one process serves several instances (tests): the first key stays.
+        tracing::debug!("this process already orders its graphs under another key");
+    }
+    Ok(())
+}
+
 /// How often a node on a shared store looks for other nodes' commits (`TwinService::follow`).
 pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -508,6 +536,7 @@ impl Application {
             )),
             Material::Files => None,
         };
+        order_graphs(&data_dir, &material)?;
         let service = TwinService::open(store.clone(), Arc::new(SystemClock))
             .context("loading the twin graph")?;
         // One door for durable writes: from here on, every owner's commits to the main store go

@@ -46,6 +46,8 @@ pub mod names {
     pub const POSITION_KEY: &str = "position-key";
     /// The group name of the nodes' shared MQTT subscription.
     pub const MQTT_SHARE_GROUP: &str = "mqtt-share-group";
+    /// The key of the order the graph iterates in (16 bytes: `twinguard_core::graph::order`).
+    pub const ORDER_KEY: &str = "graph-order-key";
 }
 
 const MAGIC: &[u8; 4] = b"TGS1";

@@ -137,7 +137,13 @@ async fn a_server_on_postgresql_restarts_and_a_new_node_needs_only_the_instance_
     // directory, so a copy of the directory carries none of it.
     assert_eq!(
         sealed_records(&db),
-        ["ca", "event-key", "position-key", "token-keys"]
+        [
+            "ca",
+            "event-key",
+            "graph-order-key",
+            "position-key",
+            "token-keys"
+        ]
     );
     for moved in [
         "tls/ca-key.pem",
@@ -177,7 +183,13 @@ async fn a_server_on_postgresql_restarts_and_a_new_node_needs_only_the_instance_
     assert!(said.contains("another key-encryption key"), "{said}");
     assert_eq!(
         sealed_records(&db),
-        ["ca", "event-key", "position-key", "token-keys"],
+        [
+            "ca",
+            "event-key",
+            "graph-order-key",
+            "position-key",
+            "token-keys"
+        ],
         "nothing replaced"
     );
 }

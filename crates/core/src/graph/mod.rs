@@ -2,6 +2,7 @@
 
 mod adjacency;
 pub mod ops;
+pub mod order;
 pub mod readings;
 pub(crate) mod records;
 mod snapshot;

@@ -4,9 +4,15 @@
 
 use std::sync::Arc;
 
-use imbl::{HashMap, OrdMap};
+use imbl::OrdMap;
+use imbl::shared_ptr::DefaultSharedPtr;
 
 use super::adjacency::{Incoming, Outgoing};
+use super::order::OrderHasher;
+
+/// The graph's hash maps: hashed under the instance's order key, so that every node iterates
+/// alike (`order`).
+pub(crate) type HashMap<K, V> = imbl::GenericHashMap<K, V, OrderHasher, DefaultSharedPtr>;
 
 use super::types::{EventRoute, Id, ModelEntry, Relationship, Twin};
 use crate::dtmi::Dtmi;
@@ -28,7 +34,7 @@ impl Graph {
         self.twins.get(id)
     }
 
-    /// Every twin, in no particular order.
+    /// Every twin, in the instance's order (`order`).
     pub fn twins(&self) -> impl Iterator<Item = &Arc<Twin>> + '_ {
         self.twins.values()
     }

@@ -83,8 +83,9 @@
 //! continuation token is the URL-safe base64 (no padding) of `{"q": text, "o": offset}`; the
 //! next page parses the text again and runs it from the start, skipping `offset` rows. Pages are
 //! therefore consistent with the snapshot each one reads, not with each other (as in ADT). Row
-//! order is the graph's iteration order, stable while the server runs; a token used after a
-//! restart may repeat or skip rows. Tokens carry no authority: the next page is run with the
+//! order is the graph's iteration order, which is the instance's (`graph::order`): the same on
+//! every node holding the same twins and after a restart, so a token resumes at the same row on
+//! whichever node a load balancer sends it to. Tokens carry no authority: the next page is run with the
 //! caller's own `visible`.
 
 mod ast;
