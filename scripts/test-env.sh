@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up what the Python end-to-end tests need: a virtualenv at <repo>/.venv with the pinned
-# packages of tests/sdk/requirements.txt, and THC hydra, slowhttptest, rsyslog and Mosquitto from Debian. Idempotent,
+# packages of tests/sdk/requirements.txt, and THC hydra, slowhttptest, rsyslog, Mosquitto and HAProxy from Debian. Idempotent,
 # and a fast no-op when all are there (a stamp holds the hash of the requirements the venv was
 # built from).
 # Works on a fresh Debian machine as root: installs python3-venv if the venv module is missing.
@@ -28,6 +28,11 @@ fi
 # A real syslog collector (with its TLS driver) receives the SIEM export in the tests.
 if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 2>&1; then
     apt_install rsyslog rsyslog-gnutls
+fi
+
+# HAProxy: the cluster test puts three nodes behind it (tests/sdk/test_cluster.py).
+if ! command -v haproxy >/dev/null 2>&1; then
+    apt_install haproxy
 fi
 
 # Mosquitto: the tests start a TLS broker of their own beside the machine's plain one.

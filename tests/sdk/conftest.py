@@ -5,7 +5,8 @@ authenticates with the admin client credential that the server writes on first s
 small client-credentials `TokenCredential`, and trusts the data directory's CA.
 
 Environment:
-  TWINGUARD_BIN   server binary (default: target/debug/twinguard under the repo root)
+  TWINGUARD_BIN           server binary (default: target/debug/twinguard under the repo root)
+  TWINGUARD_TEST_CLUSTER  1: the shared `server` is three nodes on PostgreSQL behind HAProxy
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def _read_lines(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen) -> None:
     if process.poll() is not None:
         return
     process.terminate()
@@ -146,7 +147,19 @@ def _stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    yield from _serve(tmp_path_factory)
+    """The server the tests share: one node, or with TWINGUARD_TEST_CLUSTER=1 three nodes on one
+    PostgreSQL database behind HAProxy (`cluster.py`)."""
+    if os.environ.get("TWINGUARD_TEST_CLUSTER") == "1":
+        from cluster import Cluster
+
+        cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+        try:
+            cluster.start()
+            yield cluster.server()
+        finally:
+            cluster.close()
+    else:
+        yield from _serve(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -156,24 +169,12 @@ def fuzz_server(tmp_path_factory):
     yield from _serve(tmp_path_factory)
 
 
-def _serve(tmp_path_factory, extra_args=(), data_dir=None):
-    """Starts a server on a new data directory, or on `data_dir` to restart one."""
-    tmp = tmp_path_factory.mktemp("twinguard")
-    data_dir = data_dir or tmp / "data"
-    stderr_path = tmp / "server-stderr.jsonl"
-    with open(stderr_path, "wb") as stderr_file:
+def launch(data_dir: Path, stderr_path: Path, args) -> tuple[subprocess.Popen, str, str | None]:
+    """Runs `twinguard serve --data-dir DATA_DIR ARGS` and waits until it listens: the process,
+    its API endpoint and its device plane endpoint (None with `--device-listen off`)."""
+    with open(stderr_path, "ab") as stderr_file:
         process = subprocess.Popen(
-            [
-                str(_binary()),
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--api-listen",
-                "127.0.0.1:0",
-                "--device-listen",
-                "127.0.0.1:0",
-                *extra_args,
-            ],
+            [str(_binary()), "serve", "--data-dir", str(data_dir), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr_file,
@@ -198,13 +199,30 @@ def _serve(tmp_path_factory, extra_args=(), data_dir=None):
             if line.startswith(LISTENING_PREFIX):
                 endpoint = line[len(LISTENING_PREFIX):].strip()
         device_endpoint = None
-        while device_endpoint is None and "off" not in extra_args:
+        while device_endpoint is None and "off" not in args:
             line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
             if line is None:
                 raise RuntimeError("twinguard exited before its device plane listened")
             if line.startswith(DEVICE_PREFIX):
                 device_endpoint = line[len(DEVICE_PREFIX):].strip()
         assert endpoint.startswith("https://"), endpoint
+    except BaseException:
+        stop(process)
+        print("---- twinguard stderr ----")
+        print(stderr_path.read_text(errors="replace")[-20000:])
+        raise
+    return process, endpoint, device_endpoint
+
+
+def _serve(tmp_path_factory, extra_args=(), data_dir=None):
+    """Starts a server on a new data directory, or on `data_dir` to restart one."""
+    tmp = tmp_path_factory.mktemp("twinguard")
+    data_dir = data_dir or tmp / "data"
+    stderr_path = tmp / "server-stderr.jsonl"
+    process, endpoint, device_endpoint = launch(
+        data_dir, stderr_path, ("--api-listen", "127.0.0.1:0", "--device-listen", "127.0.0.1:0", *extra_args)
+    )
+    try:
         secrets = json.loads((data_dir / "secrets" / "admin-client.json").read_text())
         srv = Server(
             endpoint=endpoint,
@@ -218,16 +236,14 @@ def _serve(tmp_path_factory, extra_args=(), data_dir=None):
             process=process,
         )
     except BaseException:
-        _stop(process)
-        print("---- twinguard stderr ----")
-        print(stderr_path.read_text(errors="replace")[-20000:])
+        stop(process)
         raise
     try:
         yield srv
     finally:
         # Also when the generator is closed early (a test that restarts a server): the code
         # after a bare `yield` would never run then, and the process would outlive the test.
-        _stop(process)
+        stop(process)
     assert process.returncode is not None
 
 
