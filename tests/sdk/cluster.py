@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
-from conftest import HTTP_TIMEOUT_S, Server, free_port, launch, stop
+from conftest import Server, free_port, launch, stop
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 BALANCER_SOURCE = "127.0.0.2"
@@ -242,20 +242,9 @@ class Cluster:
 class ClusterServer(Server):
     cluster: Cluster | None = None
 
-    def client(self, credential=None, **kwargs):
-        """The official SDK client through the balancer, reading its own writes on whichever
-        node answers (`FollowPositions`)."""
-        from azure.digitaltwins.core import DigitalTwinsClient
-
-        options = dict(connection_timeout=HTTP_TIMEOUT_S, read_timeout=HTTP_TIMEOUT_S, retry_total=0)
-        options.update(kwargs)
-        return DigitalTwinsClient(
-            self.endpoint,
-            credential or self.credential(),
-            connection_verify=self.ca_path,
-            per_call_policies=[FollowPositions()],
-            **options,
-        )
+    def client_policies(self) -> list:
+        """Each SDK client reads its own writes on whichever node answers."""
+        return [FollowPositions()]
 
     def log_tail(self, max_chars: int = 20000) -> str:
         return self.cluster.log_tail(max_chars // 3)

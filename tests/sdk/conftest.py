@@ -100,15 +100,19 @@ class Server:
     def credential(self) -> ClientSecretCredential:
         return ClientSecretCredential(self.token_endpoint, self.client_id, self.client_secret, self.ca_path)
 
-    def client(self, credential=None) -> DigitalTwinsClient:
+    def client(self, credential=None, **options) -> DigitalTwinsClient:
+        """The official SDK client; `options` (retries, say) override the tests' defaults."""
         return DigitalTwinsClient(
             self.endpoint,
             credential or self.credential(),
             connection_verify=self.ca_path,
-            connection_timeout=HTTP_TIMEOUT_S,
-            read_timeout=HTTP_TIMEOUT_S,
-            retry_total=0,
+            per_call_policies=self.client_policies(),
+            **{"connection_timeout": HTTP_TIMEOUT_S, "read_timeout": HTTP_TIMEOUT_S, "retry_total": 0, **options},
         )
+
+    def client_policies(self) -> list:
+        """Pipeline policies every SDK client of this server runs (none for one node)."""
+        return []
 
     def log_tail(self, max_chars: int = 20000) -> str:
         try:

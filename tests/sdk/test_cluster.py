@@ -235,17 +235,13 @@ def test_a_revocation_a_disabling_and_a_suspension_on_one_node_hold_on_the_other
         print(f"{what}: refused after {seconds * 1000:.0f} ms")
 
 
-_PLANT_READY = threading.Lock()
-
-
 def _device(srv, node: str) -> tuple[Device, str]:
     """A registered device bound to a twin of its own (registered through `node`), and that
     twin; the admin client holds Operator, which registering devices needs."""
-    with _PLANT_READY:
-        assigned = _admin(srv, "POST", "/admin/roleassignments", node=node,
-                          json={"principalId": srv.client_id, "roleId": OPERATOR})
-        assert assigned.status_code in (201, 409), assigned.text
-        assert _admin(srv, "PUT", "/firmware/vendor-x", node=node, json={"digests": [FIRMWARE]}).status_code in (200, 201)
+    assigned = _admin(srv, "POST", "/admin/roleassignments", node=node,
+                      json={"principalId": srv.client_id, "roleId": OPERATOR})
+    assert assigned.status_code in (201, 409), assigned.text
+    assert _admin(srv, "PUT", "/firmware/vendor-x", node=node, json={"digests": [FIRMWARE]}).status_code in (200, 201)
     twin = f"meter-{uuid.uuid4().hex[:8]}"
     made = _admin(srv, "PUT", f"/digitaltwins/{twin}?api-version=2023-10-31", node=node,
                   json={"$metadata": {"$model": MODEL}})

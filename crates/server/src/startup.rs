@@ -467,8 +467,10 @@ fn order_graphs(data_dir: &DataDir, material: &Material) -> anyhow::Result<()> {
         .try_into()
         .map_err(|_| anyhow::anyhow!("the graph order key is not 16 bytes"))?;
     if !twinguard_core::graph::order::set_order_key(key) {
-        // Only where one process serves several instances (tests): the first key stays.
-        tracing::debug!("this process already orders its graphs under another key");
+        // Expected only where one process serves several instances (tests): the first key
+        // stays. Anywhere else a graph was made before this, and pages would not resume alike
+        // on every node.
+        tracing::warn!("this process already orders its graphs under another key");
     }
     Ok(())
 }
@@ -512,6 +514,11 @@ const UNBOUNDED_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(
 
 impl Application {
     pub fn build(config: &ServeConfig) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !config.dangerous_unbounded_resources || config.connections.proxies.is_empty(),
+            "--proxy-protocol-from needs the connection limits that \
+             --dangerous-unbounded-resources turns off"
+        );
         install_crypto_provider();
         crate::metrics::install();
         let data_dir = DataDir::new(&config.data_dir);
@@ -548,11 +555,6 @@ impl Application {
             Arc::new(owned) as Arc<dyn Store>
         };
         let (event_store, telemetry_store) = (owned(Owner::Events), owned(Owner::Telemetry));
-        anyhow::ensure!(
-            !config.dangerous_unbounded_resources || config.connections.proxies.is_empty(),
-            "--proxy-protocol-from needs the connection limits that \
-             --dangerous-unbounded-resources turns off"
-        );
         let service = if config.dangerous_unbounded_resources {
             tracing::warn!(
                 "DANGEROUS: resource protections are off (--dangerous-unbounded-resources); \
