@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and integration tests (cargo-nextest), the API-level ones on
 # both store backends (the embedded redb file and PostgreSQL), then the official
-# Azure Digital Twins Python SDK against a real server and through a three-node cluster. Installs what the Python tests need
-# (scripts/test-env.sh) on first use.
+# Azure Digital Twins Python SDK against a real server and through a three-node cluster.
+# Installs what the tests need (scripts/test-env.sh) on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/test-env.sh
 cargo build --locked -p twinguard
 if command -v cargo-nextest >/dev/null 2>&1; then
     cargo nextest run --locked --workspace --no-fail-fast
@@ -23,13 +24,13 @@ if [ "${TWINGUARD_SKIP_POSTGRES:-}" != 1 ]; then
 fi
 
 if [ -d tests/sdk ]; then
-    bash scripts/test-env.sh
     TWINGUARD_BIN="$PWD/target/debug/twinguard" .venv/bin/pytest -q tests/sdk
-    # The official SDK's scenario and the token tests once more through a cluster: three nodes
-    # on one PostgreSQL database behind HAProxy (tests/sdk/cluster.py), unless
-    # TWINGUARD_SKIP_POSTGRES=1.
+    # The official SDK's scenario, the token and the identity tests once more through a
+    # cluster: three nodes on one PostgreSQL database behind HAProxy (tests/sdk/cluster.py),
+    # unless TWINGUARD_SKIP_POSTGRES=1.
     if [ "${TWINGUARD_SKIP_POSTGRES:-}" != 1 ]; then
         TWINGUARD_TEST_CLUSTER=1 TWINGUARD_BIN="$PWD/target/debug/twinguard" \
-            .venv/bin/pytest -q tests/sdk/test_adt_sdk.py tests/sdk/test_tokens.py
+            .venv/bin/pytest -q tests/sdk/test_adt_sdk.py tests/sdk/test_tokens.py \
+                tests/sdk/test_identity.py tests/sdk/test_workload_identity.py
     fi
 fi

@@ -19,13 +19,13 @@ import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
-from conftest import Server, free_port, launch, stop
+from conftest import FromAddress, Server, free_port, launch, stop
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 BALANCER_SOURCE = "127.0.0.2"
@@ -54,6 +54,26 @@ class FollowPositions(SansIOHTTPPolicy):
         position = response.http_response.headers.get("Twinguard-Position")
         if position:
             self.position = position
+
+
+class PositionSession(requests.Session):
+    """`FollowPositions` for the tests' own `requests` calls: presents the last position any
+    client of the cluster was answered with, and asks for a new connection per request."""
+
+    def __init__(self, positions: FollowPositions):
+        super().__init__()
+        self.positions = positions
+
+    def request(self, method, url, **kwargs):
+        headers = dict(kwargs.pop("headers", None) or {})
+        if self.positions.position:
+            headers.setdefault("Twinguard-Min-Position", self.positions.position)
+        headers.setdefault("Connection", "close")
+        response = super().request(method, url, headers=headers, **kwargs)
+        position = response.headers.get("Twinguard-Position")
+        if position:
+            self.positions.position = position
+        return response
 
 
 @dataclass
@@ -241,10 +261,19 @@ class Cluster:
 @dataclass
 class ClusterServer(Server):
     cluster: Cluster | None = None
+    # One position for all the tests' clients: a test is one actor that hands what it wrote
+    # with one client (an identity, a role) to the next, as a provisioning script would.
+    positions: FollowPositions = field(default_factory=FollowPositions)
 
     def client_policies(self) -> list:
-        """Each SDK client reads its own writes on whichever node answers."""
-        return [FollowPositions()]
+        """Each SDK client reads the tests' writes on whichever node answers."""
+        return [self.positions]
+
+    def session(self, source_address: str | None = None) -> requests.Session:
+        session = PositionSession(self.positions)
+        if source_address:
+            session.mount("https://", FromAddress(source_address))
+        return session
 
     def log_tail(self, max_chars: int = 20000) -> str:
         return self.cluster.log_tail(max_chars // 3)

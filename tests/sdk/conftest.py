@@ -44,8 +44,10 @@ class ClientSecretCredential:
     """OAuth 2.0 client-credentials grant against twinguard's token endpoint (azure-core's
     `TokenCredential` protocol). Tokens are cached until shortly before they expire."""
 
-    def __init__(self, token_endpoint: str, client_id: str, client_secret: str, ca_path: str):
+    def __init__(self, token_endpoint: str, client_id: str, client_secret: str, ca_path: str,
+                 session: requests.Session | None = None):
         self._endpoint = token_endpoint
+        self._session = session or requests.Session()
         self._client_id = client_id
         self._client_secret = client_secret
         self._ca_path = ca_path
@@ -55,7 +57,7 @@ class ClientSecretCredential:
     def get_token(self, *scopes: str, **kwargs) -> AccessToken:
         if self._cached is not None and self._cached.expires_on - 60 > time.time():
             return self._cached
-        response = requests.post(
+        response = self._session.post(
             self._endpoint,
             data={
                 "grant_type": "client_credentials",
@@ -98,7 +100,9 @@ class Server:
     process: subprocess.Popen | None = None
 
     def credential(self) -> ClientSecretCredential:
-        return ClientSecretCredential(self.token_endpoint, self.client_id, self.client_secret, self.ca_path)
+        return ClientSecretCredential(
+            self.token_endpoint, self.client_id, self.client_secret, self.ca_path, self.session()
+        )
 
     def client(self, credential=None, **options) -> DigitalTwinsClient:
         """The official SDK client; `options` (retries, say) override the tests' defaults."""
@@ -113,6 +117,11 @@ class Server:
     def client_policies(self) -> list:
         """Pipeline policies every SDK client of this server runs (none for one node)."""
         return []
+
+    def session(self, source_address: str | None = None) -> requests.Session:
+        """A `requests` session for the tests' own calls to this server (connecting from
+        `source_address` if given); through a cluster, one that reads its writes anywhere."""
+        return _session(source_address)
 
     def log_tail(self, max_chars: int = 20000) -> str:
         try:
@@ -326,13 +335,20 @@ class FromAddress(HTTPAdapter):
 _NEXT_ADDRESS = iter(range(1, 250 * 250))
 
 
-def client_from_new_address() -> requests.Session:
-    """A session connecting from a loopback address no other test uses (127.0.x.y, x >= 100).
+def client_from_new_address(server: Server | None = None) -> requests.Session:
+    """A session connecting from a loopback address no other test uses (127.0.x.y, x >= 100),
+    made by `server` (see `Server.session`) when given.
 
     The server counts failed secret checks per source address and a success clears nothing, so
     a test that makes a wrong guess on purpose makes it from an address of its own, leaving the
     shared server's backoff of 127.0.0.1 to the tests that follow untouched."""
     n = next(_NEXT_ADDRESS)
+    address = f"127.0.{100 + n // 250}.{1 + n % 250}"
+    return server.session(address) if server is not None else _session(address)
+
+
+def _session(source_address: str | None) -> requests.Session:
     session = requests.Session()
-    session.mount("https://", FromAddress(f"127.0.{100 + n // 250}.{1 + n % 250}"))
+    if source_address:
+        session.mount("https://", FromAddress(source_address))
     return session

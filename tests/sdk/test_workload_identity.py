@@ -19,7 +19,7 @@ JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 def _admin(server, method: str, path: str, **kwargs) -> requests.Response:
     token = server.credential().get_token("https://digitaltwins.azure.net/.default").token
-    return requests.request(
+    return server.session().request(
         method,
         server.endpoint + path,
         headers={"Authorization": f"Bearer {token}"},
@@ -29,7 +29,7 @@ def _admin(server, method: str, path: str, **kwargs) -> requests.Response:
     )
 
 
-def _token_with(server, assertion: str, client_id: str | None = None, via=requests) -> requests.Response:
+def _token_with(server, assertion: str, client_id: str | None = None, via=None) -> requests.Response:
     form = {
         "grant_type": "client_credentials",
         "client_assertion_type": JWT_BEARER,
@@ -37,7 +37,7 @@ def _token_with(server, assertion: str, client_id: str | None = None, via=reques
     }
     if client_id:
         form["client_id"] = client_id
-    return via.post(server.token_endpoint, data=form, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
+    return (via or server.session()).post(server.token_endpoint, data=form, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
 
 
 def test_a_service_authenticates_with_a_signed_assertion_and_no_secret(server):
@@ -70,7 +70,7 @@ def test_a_service_authenticates_with_a_signed_assertion_and_no_secret(server):
     ok = _token_with(server, first, client_id)
     assert ok.status_code == 200, ok.text
     access = ok.json()["access_token"]
-    models = requests.get(f"{server.endpoint}/models?api-version=2023-10-31",
+    models = server.session().get(f"{server.endpoint}/models?api-version=2023-10-31",
                           headers={"Authorization": f"Bearer {access}"}, verify=server.ca_path,
                           timeout=HTTP_TIMEOUT_S)
     assert models.status_code == 200
@@ -89,12 +89,12 @@ def test_a_service_authenticates_with_a_signed_assertion_and_no_secret(server):
     }
     wrong = {}
     for name, forge in forgeries.items():
-        status = _token_with(server, forge(), via=client_from_new_address()).status_code
+        status = _token_with(server, forge(), via=client_from_new_address(server)).status_code
         if status != 401:
             wrong[name] = status
     assert _token_with(server, assertion()).status_code == 200
     status = _token_with(server, assertion(), client_id=str(uuid.uuid4()),
-                         via=client_from_new_address()).status_code
+                         via=client_from_new_address(server)).status_code
     if status != 401:
         wrong["client_id disagrees"] = status
     assert wrong == {}, wrong
@@ -143,34 +143,34 @@ def test_a_service_authenticates_with_a_client_certificate_of_the_instance_ca(se
     cert_path.write_text(cert_pem)
     mtls = (str(cert_path), str(key_path))
 
-    def token(client=client_id, cert=mtls, via=requests):
-        return via.post(server.token_endpoint, data={"grant_type": "client_credentials", "client_id": client},
+    def token(client=client_id, cert=mtls, via=None):
+        return (via or server.session()).post(server.token_endpoint, data={"grant_type": "client_credentials", "client_id": client},
                         cert=cert, verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
 
     ok = token()
     assert ok.status_code == 200, ok.text
     access = ok.json()["access_token"]
-    models = requests.get(f"{server.endpoint}/models?api-version=2023-10-31",
+    models = server.session().get(f"{server.endpoint}/models?api-version=2023-10-31",
                           headers={"Authorization": f"Bearer {access}"}, verify=server.ca_path,
                           timeout=HTTP_TIMEOUT_S)
     assert models.status_code == 200
     # Without the certificate, or claiming another client, nothing.
-    assert token(cert=None, via=client_from_new_address()).status_code == 401
-    assert token(client=str(uuid.uuid4()), via=client_from_new_address()).status_code == 401
+    assert token(cert=None, via=client_from_new_address(server)).status_code == 401
+    assert token(client=str(uuid.uuid4()), via=client_from_new_address(server)).status_code == 401
 
     # The workload renews its own certificate with the token its certificate got it, presenting
     # that certificate (proof of possession): the token alone, say a stolen copy, cannot.
     csr2, key2 = _csr_and_key(tmp_path, "pump-ctl-2")
     renew = dict(json={"csr": csr2}, headers={"Authorization": f"Bearer {access}"},
                  verify=server.ca_path, timeout=HTTP_TIMEOUT_S)
-    assert requests.post(f"{server.endpoint}/me/certificate", **renew).status_code == 403
-    renewed = requests.post(f"{server.endpoint}/me/certificate", cert=mtls, **renew)
+    assert server.session().post(f"{server.endpoint}/me/certificate", **renew).status_code == 403
+    renewed = server.session().post(f"{server.endpoint}/me/certificate", cert=mtls, **renew)
     assert renewed.status_code == 201, renewed.text
 
     # Revoking the first certificate stops it at once.
     serial = issued.json()["serial"]
     assert _admin(server, "DELETE", f"/admin/identities/{client_id}/certificates/{serial}").status_code == 204
-    assert token(via=client_from_new_address()).status_code == 401
+    assert token(via=client_from_new_address(server)).status_code == 401
     second = tmp_path / "pump-ctl-2.pem"
     second.write_text(renewed.json()["certificate"])
     assert token(cert=(str(second), str(key2))).status_code == 200

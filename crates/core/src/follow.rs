@@ -45,6 +45,10 @@ pub struct ChangeFollower {
     followers: Mutex<Vec<Arc<dyn Follower>>>,
     /// Keys an owner could not take at the last step, to hand again.
     deferred: Mutex<BTreeMap<Table, BTreeSet<String>>>,
+    /// [`ChangeFollower::position`], for those who wait for one ([`ChangeFollower::wait_for`]).
+    told: tokio::sync::watch::Sender<u64>,
+    /// Asked for a step before the next interval (a request waits for a position).
+    wanted: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for ChangeFollower {
@@ -66,6 +70,8 @@ impl ChangeFollower {
             after: Mutex::new(head),
             followers: Mutex::new(Vec::new()),
             deferred: Mutex::new(BTreeMap::new()),
+            told: tokio::sync::watch::Sender::new(head),
+            wanted: tokio::sync::Notify::new(),
         })))
     }
 
@@ -78,7 +84,28 @@ impl ChangeFollower {
 
     /// The commit counter up to which every owner has been told.
     pub fn position(&self) -> u64 {
-        self.after.lock().map(|a| *a).unwrap_or(0)
+        *self.told.borrow()
+    }
+
+    /// Whether every owner has been told of the commits up to `position`, waiting up to
+    /// `within` (and asking for a step now rather than at the next interval). A client that
+    /// presents the position of its write on one node is answered on another by owners that
+    /// know of it: an identity it created, a role it assigned, a device it registered.
+    pub async fn wait_for(&self, position: u64, within: std::time::Duration) -> bool {
+        let mut told = self.told.subscribe();
+        if *told.borrow() >= position {
+            return true;
+        }
+        self.wanted.notify_one();
+        tokio::time::timeout(within, told.wait_for(|t| *t >= position))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Returns when a step is asked for ([`ChangeFollower::wait_for`]): whoever runs the steps
+    /// runs one then rather than at its next interval.
+    pub async fn wanted(&self) {
+        self.wanted.notified().await
     }
 
     /// Hands the owners what other nodes committed since the last step, up to the store's
@@ -145,10 +172,12 @@ impl ChangeFollower {
                         }
                     }
                     *after = head;
+                    self.told.send_replace(head);
                     break;
                 }
             }
             *after = upto;
+            self.told.send_replace(upto);
         }
         if handed > 0 {
             metrics::counter!("twinguard_store_followed_changes_total").increment(handed as u64);

@@ -51,6 +51,9 @@ pub struct AppState {
     pub jobs: crate::jobs::Jobs,
     /// Seals the store positions clients are given, on a store that nodes may share.
     pub positions: Option<Arc<crate::positions::PositionSeal>>,
+    /// On a store that nodes may share, what tells this node's owners (identities, tokens,
+    /// devices) of other nodes' commits; a request that presents a position waits for it too.
+    pub follower: Option<Arc<twinguard_core::follow::ChangeFollower>>,
 }
 
 /// Queries that may run at once; the blocking pool runs them beside the async threads.
@@ -316,19 +319,25 @@ pub fn router(state: AppState) -> Router {
         .route("/quarantine/{id}/{decision}", post(telemetry::review))
         .route("/history/{twin}/{name}", get(telemetry::history))
         .route("/telemetry/status", get(telemetry::status))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::http::consistency,
+        ))
         .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT));
+
+    let tokens = Router::new()
+        .route("/oauth2/token", post(token::token))
+        .route("/oauth2/revoke", post(token::revoke))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::http::token_consistency,
+        ))
+        .layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT));
 
     let routes = Router::new()
         .merge(adt)
         .merge(admin)
-        .route(
-            "/oauth2/token",
-            post(token::token).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
-        )
-        .route(
-            "/oauth2/revoke",
-            post(token::revoke).layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT)),
-        )
+        .merge(tokens)
         .route("/.well-known/jwks.json", get(discovery::jwks))
         .route("/.well-known/event-keys.json", get(endpoints::event_keys))
         .route(

@@ -470,50 +470,69 @@ pub const POSITION_WAIT: std::time::Duration = std::time::Duration::from_secs(2)
 /// answer them stale, and reports not ready.
 pub const MAX_READ_LAG: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The consistency a client of several nodes relies on (`docs/consistency.md`): `Twinguard-Min-Position` is waited for (up to [`POSITION_WAIT`], then 503
-/// with `Retry-After`), a read on a node that lags more than [`MAX_READ_LAG`] is refused with
-/// 503, and a successful write's answer carries `Twinguard-Position`. On a store of one writer,
-/// always current, nothing waits and no position is named.
-pub async fn consistency(
-    axum::extract::State(state): axum::extract::State<AppState>,
+/// The consistency a client of several nodes relies on (`docs/consistency.md`), on every route
+/// of the API plane that reads or changes the store: `Twinguard-Min-Position` is waited for (up
+/// to [`POSITION_WAIT`], then 503 with `Retry-After`) by the graph and by the owners of the
+/// security records (identities, roles, keys, token families, devices), a read on a node that
+/// lags more than [`MAX_READ_LAG`] is refused with 503, and a successful write's answer carries
+/// `Twinguard-Position`. On a store of one writer, always current, nothing waits and no
+/// position is named.
+///
+/// A presented position is waited for before the caller is authenticated: the credential may be
+/// one the position brought (a token whose refresh family, or an API key, was made on another
+/// node), and judging it before would count a legitimate client's request as a failed secret
+/// check. Positions are sealed, so only a client that was answered a write can present one, and
+/// waiting for it costs no more than this node's real lag, at most [`POSITION_WAIT`]. Nothing
+/// else is told to a caller without a credential: a position that is not one, and this node's
+/// lag, are answered 401 as any unauthenticated request.
+pub async fn consistency(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    follow_positions(state, req, next, true).await
+}
+
+/// [`consistency`] for the token endpoints, whose request is itself the credential (a client
+/// that created an identity on one node logs in with it on another).
+pub async fn token_consistency(
+    State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
+    follow_positions(state, req, next, false).await
+}
+
+/// `bearer`: the routes' callers authenticate with a bearer token or an API key (all but the
+/// token endpoints).
+async fn follow_positions(state: AppState, req: Request, next: Next, bearer: bool) -> Response {
     let service = &state.service;
     let reads = matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     ) || req.uri().path() == "/query";
-    // A request that would wait for a position, or learn that this node lags, is authenticated
-    // first: nobody without a credential makes a node wait, or learns how current it is.
-    let presents = req.headers().contains_key(MIN_POSITION_HEADER);
-    let req = match presents {
-        true => match authenticate(req, &state).await {
-            Ok(req) => req,
-            Err(refused) => return refused,
-        },
-        false => req,
-    };
-    if let Some(value) = req.headers().get(MIN_POSITION_HEADER) {
-        // On a store of one writer every position is reached: the header is only checked.
-        let opened = match &state.positions {
-            Some(seal) => value.to_str().ok().and_then(|v| seal.open(v)),
-            None => value.to_str().ok().map(|_| 0),
-        };
-        let Some(position) = opened else {
-            return ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                "Twinguard-Min-Position must be a position a write was answered with",
-            )
-            .into_response();
-        };
-        if !service.wait_for_position(position, POSITION_WAIT).await {
-            return not_current("this node has not applied that position yet");
+    // On a store of one writer every position is reached: the header is only checked.
+    let presented = req.headers().get(MIN_POSITION_HEADER).map(|value| {
+        let value = value.to_str().ok();
+        match &state.positions {
+            Some(seal) => value.and_then(|v| seal.open(v)),
+            None => value.map(|_| 0),
         }
+    });
+    if presented == Some(None) {
+        if bearer && let Err(refused) = authenticate(req, &state).await {
+            return refused;
+        }
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "Twinguard-Min-Position must be a position a write was answered with",
+        )
+        .into_response();
+    }
+    if let Some(Some(position)) = presented
+        && !told(&state, position).await
+    {
+        return not_current("this node has not applied that position yet");
     }
     if reads && service.lag().is_some_and(|lag| lag > MAX_READ_LAG) {
-        if !presents && let Err(refused) = authenticate(req, &state).await {
+        if bearer && let Err(refused) = authenticate(req, &state).await {
             return refused;
         }
         return not_current("this node's view of the store is out of date");
@@ -530,6 +549,26 @@ pub async fn consistency(
         response.headers_mut().insert(POSITION_HEADER, value);
     }
     response
+}
+
+/// Whether this node's graph and its owners of security records have applied `position`,
+/// waiting up to [`POSITION_WAIT`] in all.
+async fn told(state: &AppState, position: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + POSITION_WAIT;
+    if !state
+        .service
+        .wait_for_position(position, POSITION_WAIT)
+        .await
+    {
+        return false;
+    }
+    match &state.follower {
+        Some(follower) => {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            follower.wait_for(position, left).await
+        }
+        None => true,
+    }
 }
 
 fn not_current(message: &'static str) -> Response {

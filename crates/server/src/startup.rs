@@ -314,8 +314,6 @@ pub struct Application {
     connections: crate::connections::ConnectionPolicy,
     /// [`ServeConfig::dangerous_unbounded_resources`].
     unbounded: bool,
-    /// On a shared store: hands the owners what other nodes commit.
-    follower: Option<Arc<ChangeFollower>>,
 }
 
 impl std::fmt::Debug for Application {
@@ -691,12 +689,12 @@ impl Application {
                 events,
                 jobs,
                 positions,
+                follower,
             },
             data_dir,
             siem: config.siem.clone(),
             connections: config.connections.clone(),
             unbounded: config.dangerous_unbounded_resources,
-            follower,
         };
         app.record_token_endpoint()?;
         app.state
@@ -830,12 +828,21 @@ impl Application {
         // owners' records (revocations, identities, devices...).
         if self.state.service.position().is_some() {
             let service = self.state.service.clone();
-            let follower = self.follower.clone();
+            let follower = self.state.follower.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(FOLLOW_EVERY);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    every.tick().await;
+                    // A request waiting for a position asks for a step now.
+                    match &follower {
+                        Some(asked) => tokio::select! {
+                            _ = every.tick() => {}
+                            _ = asked.wanted() => {}
+                        },
+                        None => {
+                            every.tick().await;
+                        }
+                    }
                     let (service, follower) = (service.clone(), follower.clone());
                     let _ = tokio::task::spawn_blocking(move || {
                         // A store it cannot read leaves both where they are: the node's reads

@@ -13,7 +13,7 @@ use twinguard_store_postgres::testdb::TestDatabase;
 
 use crate::process::Server;
 
-async fn read_twin(server: &Server, token: &str, id: &str) -> (u16, Value) {
+pub(crate) async fn read_twin(server: &Server, token: &str, id: &str) -> (u16, Value) {
     let response = server
         .client
         .get(server.url(&format!("/digitaltwins/{id}")))
@@ -303,17 +303,7 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(dir.path(), &store, None);
     let token = server.admin_token(dir.path()).await;
-    let model = json!([{"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Valve;1", "@type": "Interface"}]);
-    let response = server
-        .request(
-            &token,
-            reqwest::Method::POST,
-            "/models?api-version=2023-10-31",
-            model,
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
+    server.upload_interface(&token, "dtmi:pg:Valve;1").await;
     let put = |id: &str| {
         server.request(
             &token,
@@ -323,16 +313,7 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
         )
     };
     assert_eq!(put("before").await.unwrap().status(), 200);
-    let readiness = || async {
-        let response = server
-            .client
-            .get(format!("{}/readyz", server.base))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json::<Value>().await.unwrap())
-    };
+    let readiness = || server.readiness();
     assert_eq!(readiness().await.0, 200);
 
     db.set_reachable(false).unwrap();
@@ -373,6 +354,9 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
     // now: whoever asks is refused (the trail fails closed), with or without a credential.
     let (status, _) = read_twin(&server, "not-a-token", "before").await;
     assert_eq!(status, 503, "answered without its audit trail");
+    // Nor is a token issued, on what the node last knew of revocations and identities.
+    let issued = server.admin_token_request(dir.path()).await;
+    assert_eq!(issued.status(), 503, "a token issued while cut off");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, body) = readiness().await;
@@ -431,7 +415,10 @@ async fn client_token(server: &Server, id: &str, secret: &str) -> String {
 /// A second node: `serve` with `flags` on a new data directory holding only the files a node
 /// needs of `first`'s ([`copy_node_files`]), and an admin token from it (with the copied admin
 /// credential).
-async fn start_copy(first: &Path, flags: &[&str]) -> (tempfile::TempDir, Server, String) {
+pub(crate) async fn start_copy(
+    first: &Path,
+    flags: &[&str],
+) -> (tempfile::TempDir, Server, String) {
     let dir = tempfile::tempdir().unwrap();
     copy_node_files(first, dir.path());
     let server = Server::start_with(dir.path(), flags, None);

@@ -108,6 +108,17 @@ impl Server {
 
     /// A token from the credential file the first start wrote.
     pub async fn admin_token(&self, data_dir: &Path) -> String {
+        let response: Value = self
+            .admin_token_request(data_dir)
+            .await
+            .json()
+            .await
+            .unwrap();
+        response["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// The token endpoint's answer to the credential file the first start wrote.
+    pub async fn admin_token_request(&self, data_dir: &Path) -> reqwest::Response {
         let admin: Value = serde_json::from_slice(
             &std::fs::read(data_dir.join("secrets/admin-client.json")).unwrap(),
         )
@@ -116,8 +127,7 @@ impl Server {
             admin["token_endpoint"],
             format!("{}/oauth2/token", self.base)
         );
-        let response: Value = self
-            .client
+        self.client
             .post(admin["token_endpoint"].as_str().unwrap())
             .form(&[
                 ("grant_type", "client_credentials"),
@@ -127,10 +137,29 @@ impl Server {
             .send()
             .await
             .unwrap()
-            .json()
+    }
+
+    /// `/readyz`: its status and body.
+    pub async fn readiness(&self) -> (u16, Value) {
+        let response = self
+            .client
+            .get(format!("{}/readyz", self.base))
+            .send()
             .await
             .unwrap();
-        response["access_token"].as_str().unwrap().to_owned()
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Uploads an empty DTDL v3 interface `model_id` with `token`, and checks it was taken.
+    pub async fn upload_interface(&self, token: &str, model_id: &str) {
+        let model = serde_json::json!([{"@context": "dtmi:dtdl:context;3", "@id": model_id, "@type": "Interface"}]);
+        let path = "/models?api-version=2023-10-31";
+        let response = self
+            .request(token, reqwest::Method::POST, path, model)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
     }
 
     /// Sends `body` as JSON to `path` on the API with `token`.

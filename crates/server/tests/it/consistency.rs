@@ -83,9 +83,10 @@ async fn a_write_names_its_position_and_a_request_presenting_one_waits_for_it() 
         assert_eq!(ahead.headers()["retry-after"], "1");
     }
 
-    // Without a valid credential, a presented position is not looked at, let alone waited
-    // for: 401, as for any unauthenticated request (a position ahead of the node, one from
-    // the write, and a made-up one alike).
+    // Without a valid credential: a position already reached, and one that is not a position,
+    // are answered 401 as any unauthenticated request. A sealed position this node has not
+    // reached (only a write's answer gives one) is waited for before the credential is judged,
+    // since the credential may be one that the position brought: then 503, to retry.
     let ahead = seal
         .as_ref()
         .map(|seal| {
@@ -93,7 +94,11 @@ async fn a_write_names_its_position_and_a_request_presenting_one_waits_for_it() 
                 .unwrap()
         })
         .unwrap_or_else(|| "1".into());
-    for presented in [ahead, presented, "soon".into()] {
+    for (presented, expected) in [
+        (ahead, if shared { 503 } else { 401 }),
+        (presented, 401),
+        ("soon".into(), 401),
+    ] {
         for token in ["", "not-a-token"] {
             let anonymous = server
                 .adt(Method::GET, "/digitaltwins/pos-1", token)
@@ -101,7 +106,7 @@ async fn a_write_names_its_position_and_a_request_presenting_one_waits_for_it() 
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(anonymous.status(), 401, "{token:?} with {presented}");
+            assert_eq!(anonymous.status(), expected, "{token:?} with {presented}");
         }
     }
 
@@ -112,4 +117,177 @@ async fn a_write_names_its_position_and_a_request_presenting_one_waits_for_it() 
         .await;
     assert_eq!(refused.status(), 400);
     assert!(refused.headers().get("twinguard-position").is_none());
+}
+
+/// The security records behind the token and administration endpoints are followed from the
+/// store by each node's owners (identities, role assignments, revocations), about one follow
+/// interval after another node wrote them. A client that presents the position of its write is
+/// answered on the other node as if there were one node: a client created on A gets a token on
+/// B, a token issued on A (with its refresh family) is honoured on B, a role assigned on A
+/// grants on B, and a revocation or a disabled identity on A is refused on B, each at once, in
+/// every round. Before, the administration and token routes ignored the position; waiting for
+/// the graph alone would not do (the owners follow apart from it), nor would judging the
+/// credential before the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_writes_on_one_node_hold_at_once_on_another_for_a_client_presenting_the_position()
+{
+    use crate::identity::PASSWORD;
+    use twinguard_core::auth::DATA_READER;
+    use twinguard_server::startup::{PostgresConfig, StoreConfig};
+    let Some(db) = twinguard_store_postgres::testdb::TestDatabase::create().unwrap() else {
+        return;
+    };
+    let store = StoreConfig::Postgres(PostgresConfig {
+        url: db.url(),
+        ca_file: None,
+        pool_size: 4,
+    });
+    let configure = |c: &mut twinguard_server::startup::ServeConfig| c.store = store.clone();
+    let a = TestServer::start_in(tempfile::tempdir().unwrap(), configure).await;
+    let b = TestServer::start_in(a.node_files(), configure).await;
+    let admin = a.admin_token().await;
+    let mut client = Following::default();
+    for round in 0..10 {
+        let created = client
+            .write(
+                a.admin_call(Method::POST, "/admin/identities", &admin)
+                    .json(&json!({"kind": "application", "name": format!("app-{round}")})),
+            )
+            .await;
+        assert_eq!(created.status(), 201);
+        let created: serde_json::Value = created.json().await.unwrap();
+        let (id, secret) = (
+            created["identity"]["id"].as_str().unwrap().to_owned(),
+            created["clientSecret"].as_str().unwrap().to_owned(),
+        );
+        let issued = client
+            .write(client_credentials(&b, &b.client, &id, &secret))
+            .await;
+        assert_eq!(issued.status(), 200, "round {round}: the new client on B");
+        let issued: serde_json::Value = issued.json().await.unwrap();
+        let token = issued["access_token"].as_str().unwrap().to_owned();
+
+        let assigned = client
+            .write(
+                a.admin_call(Method::POST, "/admin/roleassignments", &admin)
+                    .json(&json!({"principalId": id, "roleId": DATA_READER})),
+            )
+            .await;
+        assert_eq!(assigned.status(), 201);
+        let read = client.read(b.adt(Method::GET, "/models", &token)).await;
+        assert_eq!(read, 200, "round {round}: the role assigned on A, on B");
+
+        // A person's token, whose refresh family is made on A, honoured on B.
+        let name = format!("erin-{round}");
+        let person = client
+            .write(
+                a.admin_call(Method::POST, "/admin/identities", &admin)
+                    .json(&json!({"kind": "user", "name": name, "password": PASSWORD})),
+            )
+            .await;
+        assert_eq!(person.status(), 201);
+        let person: serde_json::Value = person.json().await.unwrap();
+        let assigned = client
+            .write(
+                a.admin_call(Method::POST, "/admin/roleassignments", &admin)
+                    .json(&json!({"principalId": person["identity"]["id"], "roleId": DATA_READER})),
+            )
+            .await;
+        assert_eq!(assigned.status(), 201);
+        let login = client
+            .write(a.client.post(a.url("/oauth2/token")).form(&[
+                ("grant_type", "password"),
+                ("username", &name),
+                ("password", PASSWORD),
+            ]))
+            .await;
+        assert_eq!(login.status(), 200);
+        let login: serde_json::Value = login.json().await.unwrap();
+        assert!(login["refresh_token"].is_string());
+        let access = login["access_token"].as_str().unwrap();
+        let read = client.read(b.adt(Method::GET, "/models", access)).await;
+        assert_eq!(read, 200, "round {round}: a login on A, on B");
+
+        let revoked = client
+            .write(
+                a.client
+                    .post(a.url("/oauth2/revoke"))
+                    .form(&[("token", token.as_str())]),
+            )
+            .await;
+        assert_eq!(revoked.status(), 200);
+        let refused = client.read(b.adt(Method::GET, "/models", &token)).await;
+        assert_eq!(refused, 401, "round {round}: revoked on A, on B");
+
+        let fresh = b.token_for(&id, &secret).await;
+        assert_eq!(fresh.status(), 200);
+        let fresh: serde_json::Value = fresh.json().await.unwrap();
+        let fresh = fresh["access_token"].as_str().unwrap().to_owned();
+        let disabled = client
+            .write(
+                a.admin_call(Method::PATCH, &format!("/admin/identities/{id}"), &admin)
+                    .json(&json!({"disabled": true})),
+            )
+            .await;
+        assert_eq!(disabled.status(), 200);
+        let refused = client.read(b.adt(Method::GET, "/models", &fresh)).await;
+        assert_eq!(refused, 401, "round {round}: disabled on A, on B");
+        // A refused secret counts against its address: each round's from one of its own.
+        let elsewhere = format!("127.0.3.{}", round + 1).parse().ok();
+        let from_elsewhere = crate::kit::https_client(b.dir.path(), elsewhere);
+        let refused = client
+            .read(client_credentials(&b, &from_elsewhere, &id, &secret))
+            .await;
+        assert_eq!(refused, 401, "round {round}: disabled on A, on B");
+    }
+}
+
+/// A client as `docs/consistency.md` describes it: every request presents the position of its
+/// last write.
+#[derive(Default)]
+struct Following {
+    at: Option<String>,
+}
+
+impl Following {
+    /// Sends a write; its answer, if a success, must name a position, which later requests
+    /// present.
+    async fn write(&mut self, request: reqwest::RequestBuilder) -> reqwest::Response {
+        let response = self.present(request).send().await.unwrap();
+        if response.status().is_success() {
+            let named = response
+                .headers()
+                .get("twinguard-position")
+                .expect("a write names its position");
+            self.at = Some(named.to_str().unwrap().to_owned());
+        }
+        response
+    }
+
+    /// Sends a request that changes nothing; its status.
+    async fn read(&mut self, request: reqwest::RequestBuilder) -> u16 {
+        let response = self.present(request).send().await.unwrap();
+        response.status().as_u16()
+    }
+
+    fn present(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.at {
+            Some(at) => request.header("twinguard-min-position", at),
+            None => request,
+        }
+    }
+}
+
+/// A client-credentials token request to `server`, sent by `client`.
+fn client_credentials(
+    server: &TestServer,
+    client: &reqwest::Client,
+    id: &str,
+    secret: &str,
+) -> reqwest::RequestBuilder {
+    client.post(server.url("/oauth2/token")).form(&[
+        ("grant_type", "client_credentials"),
+        ("client_id", id),
+        ("client_secret", secret),
+    ])
 }

@@ -168,6 +168,21 @@ impl TestServer {
         }
     }
 
+    /// A data directory for another node of this one's instance: only the instance files of
+    /// this one's (`docs/cluster.md`), so nothing else is shared but the store.
+    pub fn node_files(&self) -> TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "instance.json",
+            "secrets/instance.kek",
+            "secrets/admin-client.json",
+        ] {
+            std::fs::create_dir_all(dir.path().join(name).parent().unwrap()).unwrap();
+            std::fs::copy(self.dir.path().join(name), dir.path().join(name)).unwrap();
+        }
+        dir
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -910,16 +910,7 @@ async fn nodes_on_one_database_share_the_subscription_and_ingest_each_message_on
     };
     let a = TestServer::start_in(tempfile::tempdir().unwrap(), configure).await;
     // The second node's data directory holds only the instance files of the first's.
-    let b_dir = tempfile::tempdir().unwrap();
-    for name in [
-        "instance.json",
-        "secrets/instance.kek",
-        "secrets/admin-client.json",
-    ] {
-        std::fs::create_dir_all(b_dir.path().join(name).parent().unwrap()).unwrap();
-        std::fs::copy(a.dir.path().join(name), b_dir.path().join(name)).unwrap();
-    }
-    let b = TestServer::start_in(b_dir, configure).await;
+    let b = TestServer::start_in(a.node_files(), configure).await;
     assert_ne!(client_id(a.dir.path()), client_id(b.dir.path()));
 
     let names = ["dev-a", "dev-b", "dev-c", "dev-d"];
