@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Sets up what the Python end-to-end tests need: a virtualenv at <repo>/.venv with the pinned
-# packages of tests/sdk/requirements.txt, and THC hydra, slowhttptest, rsyslog, Mosquitto and HAProxy from Debian. Idempotent,
-# and a fast no-op when all are there (a stamp holds the hash of the requirements the venv was
-# built from).
+# Sets up what the end-to-end tests need: a virtualenv at <repo>/.venv with the pinned packages
+# of tests/sdk/requirements.txt, and THC hydra, slowhttptest, rsyslog, iproute2, HAProxy and
+# Mosquitto from Debian. Idempotent, and a fast no-op when all are there (a stamp holds the hash
+# of the requirements the venv was built from).
 # Works on a fresh Debian machine as root: installs python3-venv if the venv module is missing.
 set -euo pipefail
 
@@ -28,6 +28,12 @@ fi
 # A real syslog collector (with its TLS driver) receives the SIEM export in the tests.
 if ! command -v rsyslogd >/dev/null 2>&1 || ! dpkg -s rsyslog-gnutls >/dev/null 2>&1; then
     apt_install rsyslog rsyslog-gnutls
+fi
+
+# iproute2: the partition test puts a PostgreSQL of its own in a network namespace
+# (crates/cli/tests/it/partition.rs).
+if ! command -v ip >/dev/null 2>&1; then
+    apt_install iproute2
 fi
 
 # HAProxy: the cluster test puts three nodes behind it (tests/sdk/test_cluster.py).

@@ -361,6 +361,14 @@ fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, StoreError> {
         .with_no_client_auth())
 }
 
+/// How long data sent to the database may go unacknowledged by its TCP peer before the
+/// connection is dropped (`TCP_USER_TIMEOUT`). Not a query timeout: a slow query's request is
+/// acknowledged at once, only a dead link leaves it unacknowledged.
+pub const UNACKNOWLEDGED: Duration = Duration::from_secs(10);
+
+/// tokio-postgres' (and libpq's) keepalive idle time: two hours.
+const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
 /// Parses `url` and applies the TLS rules of the crate documentation.
 fn config(
     url: &str,
@@ -374,6 +382,23 @@ fn config(
     }
     if config.get_application_name().is_none() {
         config.application_name("twinguard");
+    }
+    // A link that silently stops carrying packets (a partition, a failed switch) would hold a
+    // query until TCP gives up, about 15 minutes: the node's writer, its probes and its
+    // followers with it. Data sent and not acknowledged for `UNACKNOWLEDGED` drops the
+    // connection, and an idle one is probed (unless the URL says otherwise).
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(UNACKNOWLEDGED);
+    }
+    if config.get_keepalives()
+        && config.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE
+        && config.get_keepalives_interval().is_none()
+        && config.get_keepalives_retries().is_none()
+    {
+        config
+            .keepalives_idle(Duration::from_secs(15))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
     }
     let loopback = config.get_hosts().iter().all(is_loopback)
         && config.get_hostaddrs().iter().all(|ip| ip.is_loopback());
@@ -514,14 +539,10 @@ impl PgStore {
         wait: Duration,
         connect_within: Option<Duration>,
     ) -> Result<tokio_postgres::Client, StoreError> {
+        // Its keepalives and unacknowledged-data bound (`config`) notice a silent network
+        // failure within about half a minute, so that commits stop rather than go on without
+        // the lock.
         let (mut config, tls) = (self.config.clone(), self.tls.clone());
-        // Notice a silent network failure within about half a minute (the default keepalive
-        // idle time is two hours), so that commits stop rather than go on without the lock.
-        config
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(15))
-            .keepalives_interval(Duration::from_secs(5))
-            .keepalives_retries(3);
         if let Some(within) = connect_within {
             config.connect_timeout(within);
         }

@@ -8,6 +8,7 @@ mod audit;
 mod backup;
 mod crash;
 mod demo;
+mod partition;
 mod postgres;
 mod power_cut;
 mod process;
