@@ -135,6 +135,21 @@ impl ChangeFollower {
             .deferred
             .lock()
             .map_err(|_| StoreError("the change follower is poisoned".into()))?;
+        if head < *after {
+            // The store's counter went back: a standby promoted without commits this node had
+            // read from the old primary (visible there before the standby confirmed them), or a
+            // point-in-time recovery. What the owners were told since may not exist any more,
+            // and the new history reuses those numbers: every owner reads its tables whole.
+            tracing::warn!(
+                from = *after,
+                head,
+                "the store's commit counter went back (a failover or a recovery); reading the followed tables whole"
+            );
+            reload_all(&followers, &mut deferred)?;
+            *after = head;
+            self.told.send_replace(head);
+            return Ok(0);
+        }
         let mut handed = 0;
         // What was deferred first: each key is read as it stands now.
         let again: Vec<Change> = std::mem::take(&mut *deferred)
@@ -164,13 +179,7 @@ impl ChangeFollower {
                         head,
                         "the store's change log no longer reaches back to this node; reading the followed tables whole"
                     );
-                    metrics::counter!("twinguard_store_follow_reloads_total").increment(1);
-                    deferred.clear();
-                    for follower in &followers {
-                        for (table, key) in follower.reload()? {
-                            deferred.entry(table).or_default().insert(key);
-                        }
-                    }
+                    reload_all(&followers, &mut deferred)?;
                     *after = head;
                     self.told.send_replace(head);
                     break;
@@ -184,6 +193,21 @@ impl ChangeFollower {
         }
         Ok(handed)
     }
+}
+
+/// Every follower reads its tables whole; what one cannot take now goes into `deferred`.
+fn reload_all(
+    followers: &[Arc<dyn Follower>],
+    deferred: &mut BTreeMap<Table, BTreeSet<String>>,
+) -> Result<(), StoreError> {
+    metrics::counter!("twinguard_store_follow_reloads_total").increment(1);
+    deferred.clear();
+    for follower in followers {
+        for (table, key) in follower.reload()? {
+            deferred.entry(table).or_default().insert(key);
+        }
+    }
+    Ok(())
 }
 
 /// Each follower's keys, table by table, each key once; what a follower cannot take now goes
@@ -208,4 +232,64 @@ fn hand_on(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::store::{MemoryStore, Mutation};
+
+    /// An owner of the identities table that counts what it is told.
+    #[derive(Default)]
+    struct Counting {
+        changed: AtomicUsize,
+        reloads: AtomicUsize,
+    }
+
+    impl Follower for Counting {
+        fn follows(&self, table: Table) -> bool {
+            table == Table::Identities
+        }
+
+        fn changed(&self, _: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
+            self.changed.fetch_add(keys.len(), Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+
+        fn reload(&self) -> Result<Vec<(Table, String)>, StoreError> {
+            self.reloads.fetch_add(1, Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+    }
+
+    /// A promoted standby that lacks the last commits a node read from the old primary reports
+    /// a lower counter, and numbers its own next commits as those were: the follower cannot
+    /// tell which changes are new, so every owner reads its tables whole, once, and follows
+    /// the new history from there. Without it, the follower stood still until the counter
+    /// passed where it was, and never handed on the commits numbered in between.
+    #[test]
+    fn a_counter_that_went_back_makes_every_owner_read_its_tables_whole() {
+        let store = Arc::new(MemoryStore::shared());
+        let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
+        let owner = Arc::new(Counting::default());
+        follower.register(owner.clone());
+        for key in ["a", "b", "c"] {
+            store
+                .commit(&[Mutation::put(Table::Identities, key, b"1".to_vec())])
+                .unwrap();
+        }
+        assert_eq!(follower.step().unwrap(), 3);
+        assert_eq!(follower.position(), 3);
+        assert_eq!(owner.reloads.load(Ordering::SeqCst), 0);
+
+        // The store now answers for a history one commit shorter.
+        follower.step_to(2).unwrap();
+        assert_eq!(owner.reloads.load(Ordering::SeqCst), 1);
+        assert_eq!(follower.position(), 2);
+        // Standing still there is not another reload.
+        follower.step_to(2).unwrap();
+        assert_eq!(owner.reloads.load(Ordering::SeqCst), 1);
+    }
 }
