@@ -5,42 +5,14 @@
 //! (`a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes` cuts it off at the
 //! database instead, which closes the node's connections at once.)
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::ownpg::{Cluster, SERVER_CERT, SERVER_KEY, run};
 use crate::postgres::{read_twin, start_copy};
 use crate::process::Server;
-
-/// The certificate Debian makes for `localhost` (package ssl-cert), which the machine's
-/// PostgreSQL serves too; it is its own CA.
-const SERVER_CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
-const SERVER_KEY: &str = "/etc/ssl/private/ssl-cert-snakeoil.key";
-
-/// Runs `program` with `args`, failing the test with its output if it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// The newest PostgreSQL server programs Debian installed.
-fn postgres_bin() -> PathBuf {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL's server programs (/usr/lib/postgresql)")
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|bin| bin.join("initdb").exists())
-        .collect();
-    versions.sort();
-    versions.pop().expect("initdb under /usr/lib/postgresql")
-}
 
 /// The host's end of link `i` of `namespace` (`tgpartN`): `tgpNhI`, short enough for a
 /// device name (15 bytes).
@@ -52,17 +24,15 @@ fn host_end(namespace: &str, i: usize) -> String {
 struct Link {
     /// The namespace's end (taken down to cut the link).
     inside: String,
-    host_address: String,
     db_address: String,
 }
 
-/// A PostgreSQL server alone in a network namespace, reachable only through its links.
+/// A PostgreSQL cluster alone in a network namespace, reachable only through its links.
 struct NetnsPostgres {
     namespace: String,
     links: Vec<Link>,
-    bin: PathBuf,
-    data: PathBuf,
-    _dir: tempfile::TempDir,
+    /// Stopped before the namespace goes.
+    cluster: Option<Cluster>,
 }
 
 impl NetnsPostgres {
@@ -71,10 +41,15 @@ impl NetnsPostgres {
     fn start(links: usize) -> Self {
         let n = std::process::id() % 100_000;
         let namespace = format!("tgpart{n}");
-        // Left over from a run that was killed: nothing else uses this name.
+        // Left over from a run that was killed: nothing else uses these names.
         let _ = Command::new("ip")
             .args(["netns", "del", &namespace])
             .output();
+        for i in 0..links {
+            let _ = Command::new("ip")
+                .args(["link", "del", &host_end(&namespace, i)])
+                .output();
+        }
         run("ip", &["netns", "add", &namespace]);
         let inside = |args: &[&str]| {
             let mut all = vec!["netns", "exec", namespace.as_str()];
@@ -82,6 +57,7 @@ impl NetnsPostgres {
             run("ip", &all)
         };
         inside(&["ip", "link", "set", "lo", "up"]);
+        let mut rules = vec!["local all postgres trust".to_owned()];
         let links: Vec<Link> = (0..links)
             .map(|i| {
                 let (host, db) = (host_end(&namespace, i), format!("tgp{n}d{i}"));
@@ -100,83 +76,30 @@ impl NetnsPostgres {
                 run("ip", &["link", "set", &host, "up"]);
                 inside(&["ip", "addr", "add", &format!("{subnet}.2/30"), "dev", &db]);
                 inside(&["ip", "link", "set", &db, "up"]);
+                rules.push(format!("hostssl all postgres {subnet}.1/32 trust"));
                 Link {
                     inside: db,
-                    host_address: format!("{subnet}.1"),
                     db_address: format!("{subnet}.2"),
                 }
             })
             .collect();
-
-        // The cluster belongs to the postgres user, who must reach it through the directory.
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        let uid: u32 = run("id", &["-u", "postgres"]).trim().parse().unwrap();
-        let gid: u32 = run("id", &["-g", "postgres"]).trim().parse().unwrap();
-        std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
-        let bin = postgres_bin();
-        let data_arg = data.to_str().unwrap();
-        run(
-            "runuser",
-            &[
-                "-u",
-                "postgres",
-                "--",
-                bin.join("initdb").to_str().unwrap(),
-                "-D",
-                data_arg,
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-instructions",
-            ],
-        );
-        let hba: String = links
-            .iter()
-            .map(|l| format!("hostssl all postgres {}/32 trust\n", l.host_address))
-            .collect();
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            format!("local all postgres trust\n{hba}"),
-        )
-        .unwrap();
+        let mut cluster = Cluster::init(5432);
+        cluster.allow(&rules);
         let listen: Vec<&str> = links.iter().map(|l| l.db_address.as_str()).collect();
-        let options = format!(
-            "-c listen_addresses={} -c port=5432 -c unix_socket_directories={data_arg} \
-             -c ssl=on -c ssl_cert_file={SERVER_CERT} -c ssl_key_file={SERVER_KEY}",
-            listen.join(",")
+        let listen = listen.join(",");
+        cluster.start(
+            &[
+                ("listen_addresses", listen.as_str()),
+                ("ssl", "on"),
+                ("ssl_cert_file", SERVER_CERT),
+                ("ssl_key_file", SERVER_KEY),
+            ],
+            Some(&namespace),
         );
-        let log = data.join("server.log");
-        inside(&[
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            data_arg,
-            "-l",
-            log.to_str().unwrap(),
-            "-o",
-            &options,
-            "-w",
-            "-t",
-            "60",
-            "start",
-        ]);
         Self {
             namespace,
             links,
-            bin,
-            data,
-            _dir: dir,
+            cluster: Some(cluster),
         }
     }
 
@@ -209,13 +132,7 @@ impl NetnsPostgres {
 
 impl Drop for NetnsPostgres {
     fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "stop"])
-            .output();
+        drop(self.cluster.take());
         // Each pair goes with its host end (the namespace itself is torn down lazily, so
         // its ends could outlive its deletion for a while).
         for i in 0..self.links.len() {
