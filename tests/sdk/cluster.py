@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
-from conftest import FromAddress, Server, free_port, launch, stop
+from conftest import Server, free_port, launch, session_from, stop
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 BALANCER_SOURCE = "127.0.0.2"
@@ -270,10 +270,7 @@ class ClusterServer(Server):
         return [self.positions]
 
     def session(self, source_address: str | None = None) -> requests.Session:
-        session = PositionSession(self.positions)
-        if source_address:
-            session.mount("https://", FromAddress(source_address))
-        return session
+        return session_from(source_address, PositionSession(self.positions))
 
     def log_tail(self, max_chars: int = 20000) -> str:
         return self.cluster.log_tail(max_chars // 3)

@@ -121,7 +121,7 @@ class Server:
     def session(self, source_address: str | None = None) -> requests.Session:
         """A `requests` session for the tests' own calls to this server (connecting from
         `source_address` if given); through a cluster, one that reads its writes anywhere."""
-        return _session(source_address)
+        return session_from(source_address)
 
     def log_tail(self, max_chars: int = 20000) -> str:
         try:
@@ -344,11 +344,12 @@ def client_from_new_address(server: Server | None = None) -> requests.Session:
     shared server's backoff of 127.0.0.1 to the tests that follow untouched."""
     n = next(_NEXT_ADDRESS)
     address = f"127.0.{100 + n // 250}.{1 + n % 250}"
-    return server.session(address) if server is not None else _session(address)
+    return server.session(address) if server is not None else session_from(address)
 
 
-def _session(source_address: str | None) -> requests.Session:
-    session = requests.Session()
+def session_from(source_address: str | None, session: requests.Session | None = None) -> requests.Session:
+    """`session` (a new one if not given), connecting from `source_address` if given."""
+    session = session or requests.Session()
     if source_address:
         session.mount("https://", FromAddress(source_address))
     return session

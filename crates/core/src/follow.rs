@@ -139,15 +139,14 @@ impl ChangeFollower {
             // The store's counter went back: a standby promoted without commits this node had
             // read from the old primary (visible there before the standby confirmed them), or a
             // point-in-time recovery. What the owners were told since may not exist any more,
-            // and the new history reuses those numbers: every owner reads its tables whole.
-            tracing::warn!(
-                from = *after,
+            // and the new history reuses those numbers.
+            self.start_over(
+                &followers,
+                &mut deferred,
+                &mut after,
                 head,
-                "the store's commit counter went back (a failover or a recovery); reading the followed tables whole"
-            );
-            reload_all(&followers, &mut deferred)?;
-            *after = head;
-            self.told.send_replace(head);
+                "the store's commit counter went back (a failover or a recovery)",
+            )?;
             return Ok(0);
         }
         let mut handed = 0;
@@ -174,14 +173,13 @@ impl ChangeFollower {
                     hand_on(&followers, changes, &mut deferred)?;
                 }
                 None => {
-                    tracing::warn!(
-                        from = *after,
+                    self.start_over(
+                        &followers,
+                        &mut deferred,
+                        &mut after,
                         head,
-                        "the store's change log no longer reaches back to this node; reading the followed tables whole"
-                    );
-                    reload_all(&followers, &mut deferred)?;
-                    *after = head;
-                    self.told.send_replace(head);
+                        "the store's change log no longer reaches back to this node",
+                    )?;
                     break;
                 }
             }
@@ -193,21 +191,34 @@ impl ChangeFollower {
         }
         Ok(handed)
     }
-}
 
-/// Every follower reads its tables whole; what one cannot take now goes into `deferred`.
-fn reload_all(
-    followers: &[Arc<dyn Follower>],
-    deferred: &mut BTreeMap<Table, BTreeSet<String>>,
-) -> Result<(), StoreError> {
-    metrics::counter!("twinguard_store_follow_reloads_total").increment(1);
-    deferred.clear();
-    for follower in followers {
-        for (table, key) in follower.reload()? {
-            deferred.entry(table).or_default().insert(key);
+    /// Has every follower read its tables whole (what one cannot take now goes into
+    /// `deferred`), and stands at `head`: the changes up to it cannot be read one by one, for
+    /// the reason `why`.
+    fn start_over(
+        &self,
+        followers: &[Arc<dyn Follower>],
+        deferred: &mut BTreeMap<Table, BTreeSet<String>>,
+        after: &mut u64,
+        head: u64,
+        why: &str,
+    ) -> Result<(), StoreError> {
+        tracing::warn!(
+            from = *after,
+            head,
+            "{why}; reading the followed tables whole"
+        );
+        metrics::counter!("twinguard_store_follow_reloads_total").increment(1);
+        deferred.clear();
+        for follower in followers {
+            for (table, key) in follower.reload()? {
+                deferred.entry(table).or_default().insert(key);
+            }
         }
+        *after = head;
+        self.told.send_replace(head);
+        Ok(())
     }
-    Ok(())
 }
 
 /// Each follower's keys, table by table, each key once; what a follower cannot take now goes

@@ -481,10 +481,12 @@ pub const MAX_READ_LAG: std::time::Duration = std::time::Duration::from_secs(5);
 /// A presented position is waited for before the caller is authenticated: the credential may be
 /// one the position brought (a token whose refresh family, or an API key, was made on another
 /// node), and judging it before would count a legitimate client's request as a failed secret
-/// check. Positions are sealed, so only a client that was answered a write can present one, and
-/// waiting for it costs no more than this node's real lag, at most [`POSITION_WAIT`]. Nothing
-/// else is told to a caller without a credential: a position that is not one, and this node's
-/// lag, are answered 401 as any unauthenticated request.
+/// check. Positions are sealed, so a presented one is a position some node has reached, and
+/// waiting for it costs no more than this node's real lag, at most [`POSITION_WAIT`]. A caller
+/// without a credential can hold one (`/oauth2/revoke`'s answer names one, for any token) and
+/// learn from a 503 that this node lags behind it (`/readyz` tells past 5 s); nothing else is
+/// told: a position that is not one, and a read refused for lag, are answered 401 as any
+/// unauthenticated request.
 pub async fn consistency(State(state): State<AppState>, req: Request, next: Next) -> Response {
     follow_positions(state, req, next, true).await
 }

@@ -178,8 +178,8 @@ async fn until<F: std::future::Future<Output = bool>>(
 /// for 20 s under writes on node B. While cut, A acknowledges no write: a write sent to it is
 /// answered 503 once the store's bound on unacknowledged data drops the connection, not left
 /// hanging (before that bound, it hung past the client's 60 s); it reports not ready; it serves
-/// reads from memory, but none sent more than the documented 5 s (plus a second of slack)
-/// after the cut. Once the link is back, A is ready again by itself, serves what B wrote
+/// no read sent more than the documented 5 s (plus a second of slack) after the cut (in the
+/// runs so far none at all: its audit log, kept in the database, cannot record them). Once the link is back, A is ready again by itself, serves what B wrote
 /// meanwhile, and takes writes again; every write acknowledged by either node is on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_partitioned_from_its_database_acknowledges_nothing_serves_nothing_stale_and_catches_up()
