@@ -443,6 +443,15 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// A read-only view of the whole store as of one moment: its reads, and its
+    /// [`Store::head`], see every commit made before it was taken and none after, however long
+    /// they take. For reading many tables that must agree while other writers go on (a node
+    /// loading the graph). `None` where the store has none; the caller then reads the counter
+    /// before and after its reads, and reads again if it moved.
+    fn snapshot(&self) -> Result<Option<Box<dyn Store>>, StoreError> {
+        Ok(None)
+    }
+
     /// [`Store::commit`], only if the commit counter is still `expected`: the compare-and-set
     /// that serialises writers sharing a store, so that a writer whose view of the store is
     /// behind applies nothing ([`Fenced::Stale`]) instead of overwriting what it has not seen.

@@ -823,63 +823,199 @@ impl PgStore {
         })
     }
 
-    fn read(
-        &self,
-        sql: &'static str,
-        table: Table,
-        bounds: Vec<Vec<u8>>,
-        limit: Option<usize>,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.read_times(sql, table, bounds, limit, None)
-    }
-
-    /// [`PgStore::read`], with measurement times bounding a history range.
-    fn read_times(
-        &self,
-        sql: &'static str,
-        table: Table,
-        bounds: Vec<Vec<u8>>,
-        limit: Option<usize>,
-        times: Option<(i64, i64)>,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// Runs `read` on a connection of the pool.
+    fn records(&self, read: Read) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let pool = self.pool.clone();
         self.run(async move {
             let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
-            let statement = client
-                .prepare_cached(sql)
-                .await
-                .map_err(|e| pg_err("read", &e))?;
-            let tbl = table.name();
-            let limit = limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
-            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&tbl];
-            for bound in &bounds {
-                params.push(bound);
-            }
-            if let Some(limit) = &limit {
-                params.push(limit);
-            }
-            if let Some((from, to)) = &times {
-                params.push(from);
-                params.push(to);
-            }
-            let rows = client
-                .query(&statement, &params)
-                .await
-                .map_err(|e| pg_err("read", &e))?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                let key: Vec<u8> = row.try_get(0).map_err(|e| pg_err("read", &e))?;
-                let value: Vec<u8> = row.try_get(1).map_err(|e| pg_err("read", &e))?;
-                let key = String::from_utf8(key).map_err(|_| {
-                    StoreError(format!(
-                        "PostgreSQL: a key of table {} is not UTF-8",
-                        table.name()
-                    ))
-                })?;
-                out.push((key, value));
-            }
-            Ok(out)
+            read.run(&client).await
         })
+    }
+}
+
+/// One read of records, on whichever connection runs it: the pool's ([`PgStore`]) or a
+/// snapshot's ([`PgSnapshot`]).
+enum Read {
+    Scan(Table),
+    From(Table, String, usize),
+    Range(Table, String, String, usize),
+}
+
+impl Read {
+    async fn run(
+        self,
+        client: &deadpool_postgres::ClientWrapper,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let history = |table: Table| table == Table::History;
+        let (sql, table, bounds, limit, times) = match self {
+            Read::Scan(table) if history(table) => (HISTORY_SCAN, table, vec![], None, None),
+            Read::Scan(table) => (SCAN, table, vec![], None, None),
+            Read::From(_, _, 0) | Read::Range(_, _, _, 0) => return Ok(Vec::new()),
+            Read::From(table, from, limit) => {
+                let sql = if history(table) {
+                    HISTORY_RANGE_FROM
+                } else {
+                    RANGE_FROM
+                };
+                (sql, table, vec![from.into_bytes()], Some(limit), None)
+            }
+            Read::Range(_, from, to, _) if from >= to => return Ok(Vec::new()),
+            Read::Range(table, from, to, limit) if history(table) => {
+                let times = history_range_times(&from, &to).unwrap_or((i64::MIN, i64::MAX));
+                let bounds = vec![from.into_bytes(), to.into_bytes()];
+                (HISTORY_RANGE, table, bounds, Some(limit), Some(times))
+            }
+            Read::Range(table, from, to, limit) => {
+                let bounds = vec![from.into_bytes(), to.into_bytes()];
+                (RANGE, table, bounds, Some(limit), None)
+            }
+        };
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_err("read", &e))?;
+        let tbl = table.name();
+        let limit = limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&tbl];
+        for bound in &bounds {
+            params.push(bound);
+        }
+        if let Some(limit) = &limit {
+            params.push(limit);
+        }
+        if let Some((from, to)) = &times {
+            params.push(from);
+            params.push(to);
+        }
+        let rows = client
+            .query(&statement, &params)
+            .await
+            .map_err(|e| pg_err("read", &e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key: Vec<u8> = row.try_get(0).map_err(|e| pg_err("read", &e))?;
+            let value: Vec<u8> = row.try_get(1).map_err(|e| pg_err("read", &e))?;
+            let key = String::from_utf8(key).map_err(|_| {
+                StoreError(format!(
+                    "PostgreSQL: a key of table {} is not UTF-8",
+                    table.name()
+                ))
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+}
+
+/// The commit counter as `client` sees it.
+async fn read_head(client: &deadpool_postgres::ClientWrapper) -> Result<u64, StoreError> {
+    let row = client
+        .query_one(HEAD, &[])
+        .await
+        .map_err(|e| pg_err("reading the commit counter", &e))?;
+    let seq: i64 = row
+        .try_get(0)
+        .map_err(|e| pg_err("reading the commit counter", &e))?;
+    Ok(u64::try_from(seq).unwrap_or(0))
+}
+
+/// A read-only view of the database as of one moment ([`Store::snapshot`]): a connection of
+/// the pool in a `REPEATABLE READ, READ ONLY` transaction, rolled back when the view is dropped
+/// (the connection then goes back to the pool; one whose rollback fails is closed instead).
+pub struct PgSnapshot {
+    client: Arc<tokio::sync::Mutex<Option<deadpool_postgres::Object>>>,
+    handle: tokio::runtime::Handle,
+}
+
+/// The snapshot's connection, held for one read.
+type Pinned = tokio::sync::OwnedMutexGuard<Option<deadpool_postgres::Object>>;
+
+impl PgSnapshot {
+    /// Runs `read` on the snapshot's connection, on the store's runtime, and waits for it.
+    fn run<T: Send + 'static, F>(
+        &self,
+        read: impl FnOnce(Pinned) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let client = self.client.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(read(client.lock_owned().await).await);
+        });
+        rx.recv()
+            .map_err(|_| StoreError("the PostgreSQL store's runtime stopped".into()))?
+    }
+
+    fn records(&self, read: Read) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.run(move |held| async move { read.run(open(&held)?).await })
+    }
+}
+
+/// The connection of a snapshot not yet dropped.
+fn open(held: &Pinned) -> Result<&deadpool_postgres::ClientWrapper, StoreError> {
+    held.as_ref()
+        .map(|object| &**object)
+        .ok_or_else(|| StoreError("PostgreSQL: the snapshot is closed".into()))
+}
+
+impl Drop for PgSnapshot {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        self.handle.spawn(async move {
+            if let Some(object) = client.lock().await.take()
+                && object.batch_execute("ROLLBACK").await.is_err()
+            {
+                // Not back to the pool with a transaction open.
+                drop(deadpool_postgres::Object::take(object));
+            }
+        });
+    }
+}
+
+impl Store for PgSnapshot {
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.records(Read::Scan(table))
+    }
+
+    fn range_from(
+        &self,
+        table: Table,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.records(Read::From(table, from.to_owned(), limit))
+    }
+
+    fn range(
+        &self,
+        table: Table,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.records(Read::Range(table, from.to_owned(), to.to_owned(), limit))
+    }
+
+    fn head(&self) -> Result<Option<u64>, StoreError> {
+        self.run(|held| async move { read_head(open(&held)?).await.map(Some) })
+    }
+
+    fn commit(&self, _: &[Mutation]) -> Result<(), StoreError> {
+        Err(StoreError("PostgreSQL: a snapshot is read-only".into()))
+    }
+
+    fn commit_at(&self, _: &[Mutation], _: u64) -> Result<Fenced, StoreError> {
+        Err(StoreError("PostgreSQL: a snapshot is read-only".into()))
+    }
+
+    fn commit_expecting(
+        &self,
+        _: &[Mutation],
+        _: &[twinguard_core::store::Expect],
+    ) -> Result<bool, StoreError> {
+        Err(StoreError("PostgreSQL: a snapshot is read-only".into()))
     }
 }
 
@@ -1048,12 +1184,28 @@ fn slice<T>(v: &[T], start: usize, end: usize) -> &[T] {
 
 impl Store for PgStore {
     fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let sql = if table == Table::History {
-            HISTORY_SCAN
-        } else {
-            SCAN
-        };
-        self.read(sql, table, Vec::new(), None)
+        self.records(Read::Scan(table))
+    }
+
+    /// A `REPEATABLE READ, READ ONLY` transaction on a connection of the pool ([`PgSnapshot`]).
+    /// Refused, like a commit, once this node's lock on the database is lost.
+    fn snapshot(&self) -> Result<Option<Box<dyn Store>>, StoreError> {
+        self.check_held()?;
+        let pool = self.pool.clone();
+        let client = self.run(async move {
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|e| pg_err("starting a snapshot", &e))?;
+            // The transaction's snapshot is taken at its first query, not at BEGIN: now.
+            read_head(&client).await?;
+            Ok(client)
+        })?;
+        Ok(Some(Box::new(PgSnapshot {
+            client: Arc::new(tokio::sync::Mutex::new(Some(client))),
+            handle: self.handle.clone(),
+        })))
     }
 
     /// Drops the history partitions of the days that end at or before `cutoff_ms`, under the
@@ -1207,14 +1359,7 @@ impl Store for PgStore {
         let pool = self.pool.clone();
         self.run(async move {
             let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
-            let row = client
-                .query_one(HEAD, &[])
-                .await
-                .map_err(|e| pg_err("reading the commit counter", &e))?;
-            let seq: i64 = row
-                .try_get(0)
-                .map_err(|e| pg_err("reading the commit counter", &e))?;
-            Ok(Some(u64::try_from(seq).unwrap_or(0)))
+            read_head(&client).await.map(Some)
         })
     }
 
@@ -1230,15 +1375,7 @@ impl Store for PgStore {
         from: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let sql = if table == Table::History {
-            HISTORY_RANGE_FROM
-        } else {
-            RANGE_FROM
-        };
-        self.read(sql, table, vec![from.as_bytes().to_vec()], Some(limit))
+        self.records(Read::From(table, from.to_owned(), limit))
     }
 
     fn range(
@@ -1248,15 +1385,7 @@ impl Store for PgStore {
         to: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        if limit == 0 || from >= to {
-            return Ok(Vec::new());
-        }
-        let bounds = vec![from.as_bytes().to_vec(), to.as_bytes().to_vec()];
-        if table == Table::History {
-            let times = history_range_times(from, to).unwrap_or((i64::MIN, i64::MAX));
-            return self.read_times(HISTORY_RANGE, table, bounds, Some(limit), Some(times));
-        }
-        self.read(RANGE, table, bounds, Some(limit))
+        self.records(Read::Range(table, from.to_owned(), to.to_owned(), limit))
     }
 }
 

@@ -27,6 +27,15 @@ fn small() -> PgOptions {
     }
 }
 
+/// A runtime of two worker threads, as the machine has two cores.
+fn two_threads() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn open(db: &TestDatabase) -> PgStore {
     PgStore::connect(&db.url(), &small()).unwrap()
 }
@@ -599,11 +608,7 @@ fn two_twin_services_on_one_database_lose_no_update() {
 
     let Some(db) = database() else { return };
     let owner = Principal::with_roles("owner", &[DATA_OWNER]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_threads();
     let node =
         |db: &TestDatabase| TwinService::open(Arc::new(open(db)), Arc::new(SystemClock)).unwrap();
     let read = |node: &TwinService, owner: &Principal| {
@@ -794,4 +799,118 @@ fn history_is_kept_in_a_partition_per_day_and_old_days_are_dropped_whole() {
         .commit(&[Mutation::delete(Table::History, reading_key(times[3], 3))])
         .unwrap();
     assert_eq!(store.scan(Table::History).unwrap().len(), 2);
+}
+
+/// A snapshot reads the database as it was when taken, whatever is committed meanwhile, takes
+/// no write, and gives its connection back clean: with a pool of one connection, a commit and
+/// a read after the snapshot is dropped see the latest state.
+#[test]
+fn a_snapshot_sees_nothing_committed_after_it_and_gives_its_connection_back_clean() {
+    let Some(db) = database() else { return };
+    let store = open(&db);
+    store
+        .commit(&[Mutation::put(Table::Twins, "before", b"1".to_vec())])
+        .unwrap();
+    let head = store.head().unwrap();
+    let snapshot = store.snapshot().unwrap().unwrap();
+    store
+        .commit(&[Mutation::put(Table::Twins, "after", b"2".to_vec())])
+        .unwrap();
+    assert_ne!(store.head().unwrap(), head);
+    assert_eq!(snapshot.head().unwrap(), head);
+    let keys = |records: Vec<(String, Vec<u8>)>| -> Vec<String> {
+        records.into_iter().map(|(key, _)| key).collect()
+    };
+    assert_eq!(keys(snapshot.scan(Table::Twins).unwrap()), ["before"]);
+    assert_eq!(
+        keys(snapshot.range_from(Table::Twins, "", 10).unwrap()),
+        ["before"]
+    );
+    assert_eq!(
+        keys(snapshot.range(Table::Twins, "a", "z", 10).unwrap()),
+        ["before"]
+    );
+    assert_eq!(keys(store.scan(Table::Twins).unwrap()), ["after", "before"]);
+    assert!(
+        snapshot
+            .commit(&[Mutation::put(Table::Twins, "through it", b"3".to_vec())])
+            .is_err()
+    );
+    drop(snapshot);
+
+    let single = PgStore::connect(
+        &db.url(),
+        &PgOptions {
+            pool_size: 1,
+            ..PgOptions::default()
+        },
+    )
+    .unwrap();
+    drop(single.snapshot().unwrap().unwrap());
+    single
+        .commit(&[Mutation::put(Table::Twins, "later", b"4".to_vec())])
+        .unwrap();
+    assert_eq!(
+        keys(single.scan(Table::Twins).unwrap()),
+        ["after", "before", "later"]
+    );
+}
+
+/// A node starts, and reads the graph, while another node commits without pause. The graph
+/// was read table by table with the commit counter checked around the reads, and given up
+/// after 8 tries: in CI a node restarted under the cluster test's write load failed to start
+/// ("other writers kept committing while the graph was read"). Read from one snapshot, it
+/// starts every time, and holds every twin acknowledged before it started.
+#[test]
+fn a_node_starts_while_another_commits_without_pause() {
+    use serde_json::json;
+    use twinguard_core::auth::{DATA_OWNER, Principal};
+    use twinguard_core::clock::SystemClock;
+    use twinguard_core::graph::{Precondition, WriteOp};
+    use twinguard_core::service::TwinService;
+
+    let Some(db) = database() else { return };
+    let owner = Principal::with_roles("owner", &[DATA_OWNER]);
+    let runtime = two_threads();
+    let node = || TwinService::open(Arc::new(open(&db)), Arc::new(SystemClock));
+    let writer = node().unwrap();
+    let put = |i: usize| WriteOp::PutTwin {
+        id: format!("t{i}"),
+        body: serde_json::Map::from_iter([(
+            "$metadata".into(),
+            json!({"$model": "dtmi:pg:Thing;1"}),
+        )]),
+        precondition: Precondition::None,
+    };
+    runtime.block_on(async {
+        let model = json!({"@context": "dtmi:dtdl:context;3", "@id": "dtmi:pg:Thing;1", "@type": "Interface"});
+        writer
+            .write(&owner, WriteOp::UploadModels(vec![model]))
+            .await
+            .unwrap();
+        for i in 0..500 {
+            writer.write(&owner, put(i)).await.unwrap();
+        }
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = runtime.spawn({
+        let (writer, owner, stop) = (writer.clone(), owner.clone(), stop.clone());
+        async move {
+            let mut i = 500;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                writer.write(&owner, put(i)).await.unwrap();
+                i += 1;
+            }
+            i
+        }
+    });
+    for _ in 0..5 {
+        let started = node().expect("a node starts while another commits");
+        for i in [0, 250, 499] {
+            assert!(started.twin(&owner, &format!("t{i}")).is_ok());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = runtime.block_on(written).unwrap();
+    assert!(written > 500, "the other node committed {written}");
 }
