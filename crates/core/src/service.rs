@@ -124,6 +124,14 @@ impl Position {
         let now = self.epoch.elapsed().as_millis() as u64;
         self.confirmed_ms.fetch_max(now, Ordering::Relaxed);
     }
+
+    /// The snapshot was read whole at `head`, which may be below the position it had: the
+    /// store's counter went back (see `catch_up`). Only the writer calls it.
+    fn restart(&self, head: u64) {
+        self.applied.send_replace(head);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.confirmed_ms.fetch_max(now, Ordering::Relaxed);
+    }
 }
 
 type CompileHook = Arc<dyn Fn() + Send + Sync>;
@@ -779,6 +787,7 @@ fn writer(
             }
             let merged = merge_readings(&mut batch);
             let mut tries_left = REDECIDE;
+            let mut turn = None;
             // Another writer committed between the catch-up and the group's commit: the group
             // is decided again on what that writer committed, rather than answered 503.
             while let Some(again) = commit_group(
@@ -792,6 +801,12 @@ fn writer(
                 tries_left -= 1;
                 metrics::counter!("twinguard_store_groups_decided_again_total").increment(1);
                 batch = again;
+                if tries_left == 0 {
+                    // The last try is made in the store's commit turn: a node that catches up
+                    // more slowly than a busier one commits (every try lost, it would refuse
+                    // every write while the other writes on; CI saw that after a failover).
+                    turn = Turn::take(store.as_ref());
+                }
                 if !catch_up(&shared, store.as_ref(), &mut ctx, &mut applied) {
                     for job in batch.drain(..) {
                         let _ = job.reply.send(Err(DomainError::Unavailable));
@@ -800,12 +815,39 @@ fn writer(
                 }
                 check_expectations(&mut batch, store.as_ref());
             }
+            drop(turn);
             answer_merged(merged);
         } else {
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(DomainError::Unavailable));
             }
         }
+    }
+}
+
+/// The store's commit turn while the writer holds it ([`Store::hold_turn`]), given back when
+/// dropped (a commit in it has ended it already).
+struct Turn<'a>(&'a dyn Store);
+
+impl<'a> Turn<'a> {
+    fn take(store: &'a dyn Store) -> Option<Self> {
+        match store.hold_turn() {
+            Ok(true) => {
+                metrics::counter!("twinguard_store_commit_turns_total").increment(1);
+                Some(Self(store))
+            }
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "the commit turn could not be taken; the group is tried once more without it");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.end_turn();
     }
 }
 
@@ -840,8 +882,11 @@ fn catch_up(
     match store.head() {
         Ok(Some(head)) if head == current => return current_at(head, applied),
         // Only other owners' records changed since (delivery positions and leases, tokens,
-        // replay windows): the graph and the feed are as applied, at the new counter.
-        Ok(Some(head)) if graph_unchanged(store, current, head) => {
+        // replay windows): the graph and the feed are as applied, at the new counter. A
+        // counter that went back (a store that answers for another history: a standby
+        // promoted without commits this writer applied, a recovery to an earlier point) is
+        // read whole: what was applied may not exist any more.
+        Ok(Some(head)) if head > current && graph_unchanged(store, current, head) => {
             metrics::counter!("twinguard_store_catch_ups_skipped_total").increment(1);
             return current_at(head, applied);
         }
@@ -862,7 +907,14 @@ fn catch_up(
             publish_feed_head(shared, head);
             *applied = loaded.head;
             if let (Some(position), Some(head)) = (&shared.position, loaded.head) {
-                position.confirm(head);
+                if head < current {
+                    tracing::warn!(
+                        from = current,
+                        head,
+                        "the store's commit counter went back (a failover or a recovery); the graph was read again whole"
+                    );
+                }
+                position.restart(head);
             }
             shared.store_healthy.store(true, Ordering::Relaxed);
             true

@@ -461,6 +461,19 @@ pub trait Store: Send + Sync + 'static {
         Ok(Fenced::Committed(expected))
     }
 
+    /// Takes the store's commit turn, waiting for it: until this writer's next commit
+    /// ([`Store::commit_at`], which is made in the turn and ends it) or [`Store::end_turn`], no
+    /// other writer commits, so a commit fenced at the counter read in the turn cannot be
+    /// [`Fenced::Stale`]. For a writer that keeps losing the race to writers that commit faster
+    /// than it catches up with them. False where the store has no turn to take (a store of one
+    /// writer); the caller then commits as it would have.
+    fn hold_turn(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Gives back the commit turn, if this writer still holds it.
+    fn end_turn(&self) {}
+
     /// The records of `table` with `from <= key`, in key order, at most `limit` of them: a page
     /// of a large table. Backends with ordered keys should override this default, which scans
     /// the whole table.
@@ -643,6 +656,41 @@ impl MemoryStore {
         if let Ok(mut changes) = self.changes.lock() {
             changes.0.clear();
             changes.1 = head;
+        }
+    }
+
+    /// The records, counter and change log as they stand, for [`MemoryStore::go_back_to`].
+    pub fn copy(&self) -> Self {
+        let lock = |what| StoreError(format!("poisoned: {what}"));
+        let copy = || -> Result<Self, StoreError> {
+            Ok(Self {
+                tables: Mutex::new(self.tables.lock().map_err(|_| lock("tables"))?.clone()),
+                commits: match &self.commits {
+                    Some(c) => Some(Mutex::new(*c.lock().map_err(|_| lock("counter"))?)),
+                    None => None,
+                },
+                changes: Mutex::new(self.changes.lock().map_err(|_| lock("log"))?.clone()),
+                ..Self::default()
+            })
+        };
+        copy().unwrap_or_default()
+    }
+
+    /// Makes this store answer for `earlier`'s history from now on (its records, counter and
+    /// change log): a standby promoted without the last commits, or a recovery to an earlier
+    /// point, seen by a writer that read the lost commits (tests).
+    pub fn go_back_to(&self, earlier: &Self) {
+        let earlier = earlier.copy();
+        if let (Ok(mut tables), Ok(from)) = (self.tables.lock(), earlier.tables.into_inner()) {
+            *tables = from;
+        }
+        if let (Some(commits), Some(from)) = (&self.commits, earlier.commits)
+            && let (Ok(mut commits), Ok(from)) = (commits.lock(), from.into_inner())
+        {
+            *commits = from;
+        }
+        if let (Ok(mut changes), Ok(from)) = (self.changes.lock(), earlier.changes.into_inner()) {
+            *changes = from;
         }
     }
 

@@ -183,14 +183,45 @@ const UPSERT: &str = "INSERT INTO records (tbl, key, value) \
      ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value";
 const DELETE: &str = "DELETE FROM records AS r USING unnest($1::text[], $2::bytea[]) AS d(tbl, key) \
      WHERE r.tbl = d.tbl AND r.key = d.key";
+/// The timeline of the server the connection is to: the first 8 hex digits of the name of the
+/// WAL file it writes now. A promotion and a point-in-time recovery start a new timeline, a
+/// higher one than any before. (Not `pg_control_checkpoint()`, which names the timeline of the
+/// last checkpoint and, after a fast promotion, the old one until the next.) Fails on a server
+/// in recovery (a standby), which takes no commit either.
+macro_rules! timeline {
+    () => {
+        "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint"
+    };
+}
+
 /// Every commit's first statement: the counter moves on by one (the row lock it takes
 /// serialises committers), unconditionally or only from the counter the writer expects. Under
 /// READ COMMITTED a committer that waited for the row re-checks `seq = $1` on the version the
 /// other committed, so of two writers fenced at one value exactly one updates a row.
-const BUMP: &str = "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 RETURNING seq";
-const BUMP_FROM: &str =
-    "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 AND seq = $1 RETURNING seq";
-const HEAD: &str = "SELECT seq FROM twinguard_head WHERE id = 1";
+/// Each also answers the database's timeline (see [`Counter`]), and a fenced one moves the
+/// counter only on the timeline the writer expects.
+const BUMP: &str = concat!(
+    "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, ",
+    timeline!()
+);
+const BUMP_FROM: &str = concat!(
+    "UPDATE twinguard_head SET seq = seq + 1 WHERE id = 1 AND seq = $1 AND ",
+    timeline!(),
+    " = $2 RETURNING seq, ",
+    timeline!()
+);
+const HEAD: &str = concat!(
+    "SELECT seq, ",
+    timeline!(),
+    " FROM twinguard_head WHERE id = 1"
+);
+/// Takes the commit turn ([`Store::hold_turn`]): a writer waits for it 5 s at most, and holds
+/// it idle 5 s at most.
+const TAKE_TURN: &str = concat!(
+    "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '5s'; ",
+    "SET LOCAL lock_timeout = '5s'; ",
+    "SELECT seq FROM twinguard_head WHERE id = 1 FOR UPDATE"
+);
 /// The change log: the keys of followed tables (`Table::followed`) each commit changed, written
 /// in the commit, read by the other nodes (`Store::changes_after`), trimmed every
 /// [`TRIM_CHANGES_EVERY`] commits to the last [`CHANGE_LOG_COMMITS`].
@@ -261,6 +292,9 @@ pub struct PgStore {
     held: std::sync::Mutex<Option<Held>>,
     /// The days whose history partition this store made or found (see [`HISTORY_DAYS_BACK`]).
     history_days: std::sync::Mutex<std::collections::HashSet<i64>>,
+    /// The commit turn, while this store holds it ([`Store::hold_turn`]): a connection in a
+    /// transaction that holds the commit counter's row.
+    turn: std::sync::Mutex<Option<deadpool_postgres::Object>>,
     /// Runs every query; `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
@@ -480,6 +514,7 @@ impl PgStore {
             tls,
             held: std::sync::Mutex::new(None),
             history_days: std::sync::Mutex::new(std::collections::HashSet::new()),
+            turn: std::sync::Mutex::new(None),
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
         };
@@ -629,122 +664,41 @@ impl PgStore {
     }
 
     /// One commit: the counter moved first (from `expected` only, if given), then the
-    /// deletes and upserts, in one transaction. A counter that is not `expected` applies
-    /// nothing and answers [`Fenced::Stale`].
-    fn commit_plan(&self, plan: Plan, expected: Option<i64>) -> Result<Fenced, StoreError> {
+    /// deletes and upserts, in one transaction. A counter that is not `expected`, or is on
+    /// another timeline, applies nothing and answers [`Fenced::Stale`]. Made in the commit
+    /// turn if this store holds it ([`Store::hold_turn`]), which it ends.
+    fn commit_plan(&self, plan: Plan, expected: Option<Counter>) -> Result<Fenced, StoreError> {
         self.check_held()?;
         let days = self.new_history_days(&plan.history_put_times);
         let pool = self.pool.clone();
+        let turn = self.turn.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.run(async move {
             let mut client = pool.get().await.map_err(|e| pool_err("connection", e))?;
             make_history_partitions(&mut client, &days).await;
+            if let Some(turn) = turn {
+                drop(client);
+                let applied = apply_plan(&turn, &plan, expected).await;
+                if let Ok(Fenced::Committed(_)) = applied {
+                    if let Err(e) = turn.batch_execute("COMMIT").await {
+                        // Not back to the pool in a transaction.
+                        drop(deadpool_postgres::Object::take(turn));
+                        return Err(pg_err("commit", &e));
+                    }
+                    return applied;
+                }
+                release(turn).await;
+                return applied;
+            }
             let txn = client
                 .transaction()
                 .await
                 .map_err(|e| pg_err("commit", &e))?;
-            let moved = match expected {
-                Some(expected) => txn.query_opt(BUMP_FROM, &[&expected]).await,
-                None => txn.query_opt(BUMP, &[]).await,
+            let applied = apply_plan(&txn, &plan, expected).await?;
+            if let Fenced::Committed(_) = applied {
+                txn.commit().await.map_err(|e| pg_err("commit", &e))?;
             }
-            .map_err(|e| pg_err("commit", &e))?;
-            let seq = |row: &tokio_postgres::Row| -> Result<u64, StoreError> {
-                let seq: i64 = row.try_get(0).map_err(|e| pg_err("commit", &e))?;
-                Ok(u64::try_from(seq).unwrap_or(0))
-            };
-            let head = match moved {
-                Some(row) => seq(&row)?,
-                None => {
-                    // Another writer moved the counter first: nothing of this batch is
-                    // applied (the transaction rolls back as it is dropped).
-                    let row = txn
-                        .query_one(HEAD, &[])
-                        .await
-                        .map_err(|e| pg_err("commit", &e))?;
-                    return Ok(Fenced::Stale(seq(&row)?));
-                }
-            };
-            if !plan.delete_keys.is_empty() {
-                let delete = txn
-                    .prepare_cached(DELETE)
-                    .await
-                    .map_err(|e| pg_err("commit", &e))?;
-                let mut start = 0;
-                while start < plan.delete_keys.len() {
-                    let end = (start + ROWS_PER_STATEMENT).min(plan.delete_keys.len());
-                    let tables = slice(&plan.delete_tables, start, end);
-                    let keys = slice(&plan.delete_keys, start, end);
-                    txn.execute(&delete, &[&tables, &keys])
-                        .await
-                        .map_err(|e| pg_err("commit", &e))?;
-                    start = end;
-                }
-            }
-            if !plan.put_keys.is_empty() {
-                let upsert = txn
-                    .prepare_cached(UPSERT)
-                    .await
-                    .map_err(|e| pg_err("commit", &e))?;
-                for (start, end) in plan.put_chunks() {
-                    let tables = slice(&plan.put_tables, start, end);
-                    let keys = slice(&plan.put_keys, start, end);
-                    let values = slice(&plan.put_values, start, end);
-                    txn.execute(&upsert, &[&tables, &keys, &values])
-                        .await
-                        .map_err(|e| pg_err("commit", &e))?;
-                }
-            }
-            if !plan.history_delete_keys.is_empty() {
-                let delete = txn
-                    .prepare_cached(HISTORY_DELETE)
-                    .await
-                    .map_err(|e| pg_err("commit", &e))?;
-                for start in (0..plan.history_delete_keys.len()).step_by(ROWS_PER_STATEMENT) {
-                    let end = (start + ROWS_PER_STATEMENT).min(plan.history_delete_keys.len());
-                    let keys = slice(&plan.history_delete_keys, start, end);
-                    let times = slice(&plan.history_delete_times, start, end);
-                    txn.execute(&delete, &[&keys, &times])
-                        .await
-                        .map_err(|e| pg_err("commit", &e))?;
-                }
-            }
-            if !plan.history_put_keys.is_empty() {
-                let upsert = txn
-                    .prepare_cached(HISTORY_UPSERT)
-                    .await
-                    .map_err(|e| pg_err("commit", &e))?;
-                for start in (0..plan.history_put_keys.len()).step_by(ROWS_PER_STATEMENT) {
-                    let end = (start + ROWS_PER_STATEMENT).min(plan.history_put_keys.len());
-                    let keys = slice(&plan.history_put_keys, start, end);
-                    let times = slice(&plan.history_put_times, start, end);
-                    let values = slice(&plan.history_put_values, start, end);
-                    txn.execute(&upsert, &[&keys, &times, &values])
-                        .await
-                        .map_err(|e| pg_err("commit", &e))?;
-                }
-            }
-            let at = i64::try_from(head).unwrap_or(i64::MAX);
-            if !plan.followed_keys.is_empty() {
-                let log = txn
-                    .prepare_cached(LOG_CHANGES)
-                    .await
-                    .map_err(|e| pg_err("commit", &e))?;
-                for start in (0..plan.followed_keys.len()).step_by(ROWS_PER_STATEMENT) {
-                    let end = (start + ROWS_PER_STATEMENT).min(plan.followed_keys.len());
-                    let tables = slice(&plan.followed_tables, start, end);
-                    let keys = slice(&plan.followed_keys, start, end);
-                    txn.execute(&log, &[&at, &tables, &keys])
-                        .await
-                        .map_err(|e| pg_err("commit", &e))?;
-                }
-            }
-            if head % TRIM_CHANGES_EVERY == 0 && head > CHANGE_LOG_COMMITS {
-                let below = i64::try_from(head - CHANGE_LOG_COMMITS).unwrap_or(0);
-                txn.execute(TRIM_CHANGES, &[&below])
-                    .await
-                    .map_err(|e| pg_err("commit", &e))?;
-            }
-            txn.commit().await.map_err(|e| pg_err("commit", &e))?;
-            Ok(Fenced::Committed(head))
+            // A stale commit rolls back as the transaction is dropped.
+            Ok(applied)
         })
     }
 
@@ -907,16 +861,70 @@ impl Read {
     }
 }
 
+/// A place in the database's history: the commit counter (`twinguard_head.seq`) on the
+/// timeline of the server that answered. The positions the store answers ([`Store::head`],
+/// [`Fenced`], [`Change::seq`]) hold the timeline above the counter's [`COUNTER_BITS`], so
+/// that within one history they move on by one per commit, as the contract asks, and a new
+/// history (a standby promoted, a point-in-time recovery) numbers each of its commits above
+/// every position of the old one, even where its counter reuses the old numbers. A node that
+/// stood at a commit the new history never had (one the old primary showed before its
+/// standby had it) then sees the counter move on rather than stand still, and the change log
+/// read from the old history answers that it does not reach back ([`Store::changes_after`]):
+/// the node reads everything again (`docs/sites.md`, "A new history").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counter {
+    timeline: u64,
+    seq: u64,
+}
+
+/// The bits of a position that hold the commit counter: 2^44 commits, 55 years at 10,000
+/// commits a second. A commit that would go past them fails.
+pub const COUNTER_BITS: u32 = 44;
+/// The highest timeline a position holds, which keeps positions below 2^63.
+const MAX_TIMELINE: u64 = (1 << (63 - COUNTER_BITS)) - 1;
+
+impl Counter {
+    /// The position `position` names.
+    fn of(position: u64) -> Self {
+        Self {
+            timeline: position >> COUNTER_BITS,
+            seq: position & ((1 << COUNTER_BITS) - 1),
+        }
+    }
+
+    /// A row whose first columns are the counter and the timeline (`HEAD`, `BUMP`).
+    fn from_row(row: &tokio_postgres::Row, what: &str) -> Result<Self, StoreError> {
+        let seq: i64 = row.try_get(0).map_err(|e| pg_err(what, &e))?;
+        let timeline: i64 = row.try_get(1).map_err(|e| pg_err(what, &e))?;
+        match (u64::try_from(seq), u64::try_from(timeline)) {
+            (Ok(seq), Ok(timeline)) if seq >> COUNTER_BITS == 0 && timeline <= MAX_TIMELINE => {
+                Ok(Self { timeline, seq })
+            }
+            _ => Err(StoreError(format!(
+                "PostgreSQL: {what}: the commit counter ({seq}) or the timeline ({timeline}) \
+                 is beyond what a position holds"
+            ))),
+        }
+    }
+
+    fn position(self) -> u64 {
+        (self.timeline << COUNTER_BITS) | self.seq
+    }
+
+    /// The counter as PostgreSQL's `bigint`s: the counter, the timeline.
+    fn sql(self) -> (i64, i64) {
+        // Both fit: `of` leaves 44 and 20 bits.
+        (self.seq as i64, self.timeline as i64)
+    }
+}
+
 /// The commit counter as `client` sees it.
-async fn read_head(client: &deadpool_postgres::ClientWrapper) -> Result<u64, StoreError> {
+async fn read_head(client: &deadpool_postgres::ClientWrapper) -> Result<Counter, StoreError> {
     let row = client
         .query_one(HEAD, &[])
         .await
         .map_err(|e| pg_err("reading the commit counter", &e))?;
-    let seq: i64 = row
-        .try_get(0)
-        .map_err(|e| pg_err("reading the commit counter", &e))?;
-    Ok(u64::try_from(seq).unwrap_or(0))
+    Counter::from_row(&row, "reading the commit counter")
 }
 
 /// A read-only view of the database as of one moment ([`Store::snapshot`]): a connection of
@@ -953,6 +961,14 @@ impl PgSnapshot {
     }
 }
 
+/// Ends the transaction `client` is in and gives it back to the pool; closes it instead if
+/// the rollback fails, rather than pool a connection in a transaction.
+async fn release(client: deadpool_postgres::Object) {
+    if client.batch_execute("ROLLBACK").await.is_err() {
+        drop(deadpool_postgres::Object::take(client));
+    }
+}
+
 /// The connection of a snapshot not yet dropped.
 fn open(held: &Pinned) -> Result<&deadpool_postgres::ClientWrapper, StoreError> {
     held.as_ref()
@@ -964,11 +980,8 @@ impl Drop for PgSnapshot {
     fn drop(&mut self) {
         let client = self.client.clone();
         self.handle.spawn(async move {
-            if let Some(object) = client.lock().await.take()
-                && object.batch_execute("ROLLBACK").await.is_err()
-            {
-                // Not back to the pool with a transaction open.
-                drop(deadpool_postgres::Object::take(object));
+            if let Some(object) = client.lock().await.take() {
+                release(object).await;
             }
         });
     }
@@ -999,7 +1012,7 @@ impl Store for PgSnapshot {
     }
 
     fn head(&self) -> Result<Option<u64>, StoreError> {
-        self.run(|held| async move { read_head(open(&held)?).await.map(Some) })
+        self.run(|held| async move { Ok(Some(read_head(open(&held)?).await?.position())) })
     }
 
     fn commit(&self, _: &[Mutation]) -> Result<(), StoreError> {
@@ -1208,6 +1221,35 @@ impl Store for PgStore {
         })))
     }
 
+    /// A connection of the pool in a transaction that locks the commit counter's row (`FOR
+    /// UPDATE`): every other writer's commit waits at its first statement, which moves that
+    /// row, until the turn ends. PostgreSQL ends a turn left idle for 5 s (a node that stopped
+    /// midway; [`TAKE_TURN`]), so no writer waits on another's for longer; one that waits that
+    /// long for the turn gives up and commits without it.
+    fn hold_turn(&self) -> Result<bool, StoreError> {
+        self.check_held()?;
+        self.end_turn();
+        let pool = self.pool.clone();
+        let turn = self.run(async move {
+            let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
+            match client.batch_execute(TAKE_TURN).await {
+                Ok(()) => Ok(client),
+                Err(e) => {
+                    release(client).await;
+                    Err(pg_err("taking the commit turn", &e))
+                }
+            }
+        })?;
+        *self.turn.lock().unwrap_or_else(|p| p.into_inner()) = Some(turn);
+        Ok(true)
+    }
+
+    fn end_turn(&self) {
+        if let Some(turn) = self.turn.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.handle.spawn(release(turn));
+        }
+    }
+
     /// Drops the history partitions of the days that end at or before `cutoff_ms`, under the
     /// partitions' advisory lock: the number of days dropped. What is left before the cutoff
     /// (that day's first hours, the default partition) the caller deletes record by record.
@@ -1248,11 +1290,19 @@ impl Store for PgStore {
     /// The rows of the change log, then the counter: rows are trimmed only below the counter
     /// less [`CHANGE_LOG_COMMITS`] as it stood when they were trimmed, so if `after` is not
     /// below the counter read *after* the rows, no row after `after` was trimmed before they
-    /// were read.
+    /// were read. From a position of another timeline than the database's now (a history
+    /// that a promotion or a recovery left), `None`: which of its commits the new history
+    /// has, the log cannot tell.
     fn changes_after(&self, after: u64, upto: u64) -> Result<Option<Vec<Change>>, StoreError> {
+        let from = Counter::of(after);
+        let to = Counter::of(upto);
         let range = (
-            i64::try_from(after).unwrap_or(i64::MAX),
-            i64::try_from(upto).unwrap_or(i64::MAX),
+            from.sql().0,
+            match to.timeline.cmp(&from.timeline) {
+                std::cmp::Ordering::Equal => to.sql().0,
+                std::cmp::Ordering::Greater => i64::MAX,
+                std::cmp::Ordering::Less => from.sql().0,
+            },
         );
         let pool = self.pool.clone();
         let (rows, head) = self.run(async move {
@@ -1265,16 +1315,10 @@ impl Store for PgStore {
                 .query(&statement, &[&range.0, &range.1])
                 .await
                 .map_err(|e| pg_err("reading the change log", &e))?;
-            let head = client
-                .query_one(HEAD, &[])
-                .await
-                .map_err(|e| pg_err("reading the change log", &e))?;
-            let head: i64 = head
-                .try_get(0)
-                .map_err(|e| pg_err("reading the change log", &e))?;
-            Ok((rows, u64::try_from(head).unwrap_or(0)))
+            Ok((rows, read_head(&client).await?))
         })?;
-        if after.saturating_add(CHANGE_LOG_COMMITS) < head {
+        if from.timeline != head.timeline || from.seq.saturating_add(CHANGE_LOG_COMMITS) < head.seq
+        {
             return Ok(None);
         }
         let mut changes = Vec::with_capacity(rows.len());
@@ -1289,8 +1333,9 @@ impl Store for PgStore {
             let key: Vec<u8> = row
                 .try_get(2)
                 .map_err(|e| pg_err("reading the change log", &e))?;
+            let seq = u64::try_from(seq).map_err(|_| bad("a negative position"))?;
             changes.push(Change {
-                seq: u64::try_from(seq).map_err(|_| bad("a negative position"))?,
+                seq: Counter { seq, ..head }.position(),
                 table: Table::ALL
                     .into_iter()
                     .find(|t| t.name() == tbl)
@@ -1359,14 +1404,12 @@ impl Store for PgStore {
         let pool = self.pool.clone();
         self.run(async move {
             let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
-            read_head(&client).await.map(Some)
+            Ok(Some(read_head(&client).await?.position()))
         })
     }
 
     fn commit_at(&self, batch: &[Mutation], expected: u64) -> Result<Fenced, StoreError> {
-        let expected = i64::try_from(expected)
-            .map_err(|_| StoreError("PostgreSQL: the commit counter is out of range".into()))?;
-        self.commit_plan(Plan::new(batch), Some(expected))
+        self.commit_plan(Plan::new(batch), Some(Counter::of(expected)))
     }
 
     fn range_from(
@@ -1387,6 +1430,122 @@ impl Store for PgStore {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.records(Read::Range(table, from.to_owned(), to.to_owned(), limit))
     }
+}
+
+/// A commit's statements, in a transaction `client` has begun: the counter moved first (from
+/// `expected` only, if given), then the deletes and upserts. The caller commits on
+/// [`Fenced::Committed`] and rolls back otherwise.
+async fn apply_plan(
+    client: &impl deadpool_postgres::GenericClient,
+    plan: &Plan,
+    expected: Option<Counter>,
+) -> Result<Fenced, StoreError> {
+    let moved = match expected.map(Counter::sql) {
+        Some((seq, timeline)) => client.query_opt(BUMP_FROM, &[&seq, &timeline]).await,
+        None => client.query_opt(BUMP, &[]).await,
+    }
+    .map_err(|e| pg_err("commit", &e))?;
+    // A counter past what a position holds fails here, and rolls back.
+    let counter = match moved {
+        Some(row) => Counter::from_row(&row, "commit")?,
+        None => {
+            // Another writer moved the counter first, or the database is another history
+            // than the one the writer read: nothing of this batch is applied.
+            let row = client
+                .query_one(HEAD, &[])
+                .await
+                .map_err(|e| pg_err("commit", &e))?;
+            return Ok(Fenced::Stale(Counter::from_row(&row, "commit")?.position()));
+        }
+    };
+    let head = counter.seq;
+    if !plan.delete_keys.is_empty() {
+        let delete = client
+            .prepare_cached(DELETE)
+            .await
+            .map_err(|e| pg_err("commit", &e))?;
+        let mut start = 0;
+        while start < plan.delete_keys.len() {
+            let end = (start + ROWS_PER_STATEMENT).min(plan.delete_keys.len());
+            let tables = slice(&plan.delete_tables, start, end);
+            let keys = slice(&plan.delete_keys, start, end);
+            client
+                .execute(&delete, &[&tables, &keys])
+                .await
+                .map_err(|e| pg_err("commit", &e))?;
+            start = end;
+        }
+    }
+    if !plan.put_keys.is_empty() {
+        let upsert = client
+            .prepare_cached(UPSERT)
+            .await
+            .map_err(|e| pg_err("commit", &e))?;
+        for (start, end) in plan.put_chunks() {
+            let tables = slice(&plan.put_tables, start, end);
+            let keys = slice(&plan.put_keys, start, end);
+            let values = slice(&plan.put_values, start, end);
+            client
+                .execute(&upsert, &[&tables, &keys, &values])
+                .await
+                .map_err(|e| pg_err("commit", &e))?;
+        }
+    }
+    if !plan.history_delete_keys.is_empty() {
+        let delete = client
+            .prepare_cached(HISTORY_DELETE)
+            .await
+            .map_err(|e| pg_err("commit", &e))?;
+        for start in (0..plan.history_delete_keys.len()).step_by(ROWS_PER_STATEMENT) {
+            let end = (start + ROWS_PER_STATEMENT).min(plan.history_delete_keys.len());
+            let keys = slice(&plan.history_delete_keys, start, end);
+            let times = slice(&plan.history_delete_times, start, end);
+            client
+                .execute(&delete, &[&keys, &times])
+                .await
+                .map_err(|e| pg_err("commit", &e))?;
+        }
+    }
+    if !plan.history_put_keys.is_empty() {
+        let upsert = client
+            .prepare_cached(HISTORY_UPSERT)
+            .await
+            .map_err(|e| pg_err("commit", &e))?;
+        for start in (0..plan.history_put_keys.len()).step_by(ROWS_PER_STATEMENT) {
+            let end = (start + ROWS_PER_STATEMENT).min(plan.history_put_keys.len());
+            let keys = slice(&plan.history_put_keys, start, end);
+            let times = slice(&plan.history_put_times, start, end);
+            let values = slice(&plan.history_put_values, start, end);
+            client
+                .execute(&upsert, &[&keys, &times, &values])
+                .await
+                .map_err(|e| pg_err("commit", &e))?;
+        }
+    }
+    let at = i64::try_from(head).unwrap_or(i64::MAX);
+    if !plan.followed_keys.is_empty() {
+        let log = client
+            .prepare_cached(LOG_CHANGES)
+            .await
+            .map_err(|e| pg_err("commit", &e))?;
+        for start in (0..plan.followed_keys.len()).step_by(ROWS_PER_STATEMENT) {
+            let end = (start + ROWS_PER_STATEMENT).min(plan.followed_keys.len());
+            let tables = slice(&plan.followed_tables, start, end);
+            let keys = slice(&plan.followed_keys, start, end);
+            client
+                .execute(&log, &[&at, &tables, &keys])
+                .await
+                .map_err(|e| pg_err("commit", &e))?;
+        }
+    }
+    if head % TRIM_CHANGES_EVERY == 0 && head > CHANGE_LOG_COMMITS {
+        let below = i64::try_from(head - CHANGE_LOG_COMMITS).unwrap_or(0);
+        client
+            .execute(TRIM_CHANGES, &[&below])
+            .await
+            .map_err(|e| pg_err("commit", &e))?;
+    }
+    Ok(Fenced::Committed(counter.position()))
 }
 
 /// Makes the history partitions of `days` that do not exist yet, each in a transaction of its

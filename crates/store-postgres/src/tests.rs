@@ -542,6 +542,7 @@ fn two_nodes_committing_at_one_counter_at_once_give_exactly_one_winner() {
     use twinguard_core::store::Fenced;
     let Some(db) = database() else { return };
     let nodes = [Arc::new(open(&db)), Arc::new(open(&db))];
+    let start = nodes[0].head().unwrap().unwrap();
     for round in 0..50u32 {
         let head = nodes[0].head().unwrap().unwrap();
         assert_eq!(nodes[1].head().unwrap(), Some(head));
@@ -590,7 +591,98 @@ fn two_nodes_committing_at_one_counter_at_once_give_exactly_one_winner() {
             .collect();
         assert_eq!(written.iter().collect::<Vec<_>>(), winners, "round {round}");
     }
-    assert_eq!(nodes[0].head().unwrap(), Some(50));
+    assert_eq!(nodes[0].head().unwrap(), Some(start + 50));
+}
+
+/// While one store holds the commit turn, another's commit waits, whatever counter it is fenced
+/// at; the holder's commit, fenced at the counter it read in the turn, is applied, and ends
+/// the turn; the other's then finds the counter moved. A turn given back without a commit lets
+/// the others through too.
+#[test]
+fn a_writer_in_the_commit_turn_commits_and_the_others_wait_for_it() {
+    use twinguard_core::store::Fenced;
+    let Some(db) = database() else { return };
+    let (holder, other) = (open(&db), Arc::new(open(&db)));
+    let put = |key: &str| vec![Mutation::put(Table::Twins, key, vec![1])];
+    for round in 0..3 {
+        assert!(holder.hold_turn().unwrap());
+        let head = holder.head().unwrap().unwrap();
+        let racing = {
+            let other = other.clone();
+            let batch = put(&format!("other-{round}"));
+            std::thread::spawn(move || other.commit_at(&batch, head).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !racing.is_finished(),
+            "round {round}: a commit got past the turn"
+        );
+        if round == 2 {
+            holder.end_turn();
+            assert_eq!(racing.join().unwrap(), Fenced::Committed(head + 1));
+            continue;
+        }
+        assert_eq!(
+            holder
+                .commit_at(&put(&format!("holder-{round}")), head)
+                .unwrap(),
+            Fenced::Committed(head + 1)
+        );
+        assert_eq!(racing.join().unwrap(), Fenced::Stale(head + 1));
+    }
+    // The turn's connection went back to the pool clean: reads and commits go on.
+    let head = holder.head().unwrap().unwrap();
+    assert_eq!(
+        holder.commit_at(&put("after"), head).unwrap(),
+        Fenced::Committed(head + 1)
+    );
+}
+
+/// The store's positions are the database's timeline above its commit counter. A fenced
+/// commit expecting the counter as it stands but on another timeline (a writer that read the
+/// history a promotion left) applies nothing, and the change log read from another timeline
+/// answers that it does not reach back. Between those and the counter, a new history's
+/// positions are above every old one's.
+#[test]
+fn positions_name_the_timeline_and_another_timelines_are_fenced_off() {
+    use twinguard_core::store::Fenced;
+    let Some(db) = database() else { return };
+    let store = open(&db);
+    let head = store.head().unwrap().unwrap();
+    let timeline = db
+        .query(
+            "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint",
+        )
+        .unwrap();
+    assert_eq!(
+        Some((head >> crate::COUNTER_BITS).to_string()),
+        timeline[0],
+        "the timeline is above the counter"
+    );
+    let put = |key: &str| [Mutation::put(Table::Identities, key, vec![1])];
+    let other = 1u64 << crate::COUNTER_BITS;
+    for elsewhere in [head + other, head - other] {
+        assert_eq!(
+            store.commit_at(&put("x"), elsewhere).unwrap(),
+            Fenced::Stale(head),
+            "a commit fenced at {elsewhere:#x}"
+        );
+        assert_eq!(store.changes_after(elsewhere, u64::MAX).unwrap(), None);
+    }
+    assert_eq!(
+        store.get_many(Table::Identities, &["x".into()]).unwrap(),
+        [None]
+    );
+    assert_eq!(
+        store.commit_at(&put("y"), head).unwrap(),
+        Fenced::Committed(head + 1)
+    );
+    let changes = store.changes_after(head, head + other).unwrap().unwrap();
+    assert_eq!(
+        changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        [head + 1],
+        "an upper bound on a later timeline reaches the end of this one"
+    );
 }
 
 /// Two twin services, each on its own connection pool to one database, as two nodes: each runs

@@ -14,14 +14,20 @@ pub const SERVER_KEY: &str = "/etc/ssl/private/ssl-cert-snakeoil.key";
 
 /// Runs `program` with `args`, failing the test with its output if it fails; its stdout.
 pub fn run(program: &str, args: &[&str]) -> String {
+    try_run(program, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`run`], with the failure as an error: the command and its output.
+fn try_run(program: &str, args: &[&str]) -> Result<String, String> {
     let output = Command::new(program).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    if !output.status.success() {
+        return Err(format!(
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The newest PostgreSQL server programs Debian installed.
@@ -90,6 +96,13 @@ impl Cluster {
             primary.data_arg(),
             primary.port
         );
+        // The primary's socket lock file came along (its socket is in its data directory): it
+        // would keep the standby off the primary's port for good.
+        for entry in std::fs::read_dir(&cluster.data).unwrap().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".s.PGSQL.") {
+                std::fs::remove_file(entry.path()).unwrap();
+            }
+        }
         let auto = cluster.data.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&auto).unwrap();
         text.push_str(&conninfo);
@@ -129,6 +142,11 @@ impl Cluster {
     /// Runs server program `program` as the postgres user (in the cluster's namespace, if it
     /// has one).
     fn as_postgres(&self, program: &str, args: &[&str]) -> String {
+        self.try_as_postgres(program, args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log()))
+    }
+
+    fn try_as_postgres(&self, program: &str, args: &[&str]) -> Result<String, String> {
         let binary = self.bin.join(program);
         let mut all: Vec<&str> = Vec::new();
         if let Some(namespace) = &self.namespace {
@@ -137,9 +155,9 @@ impl Cluster {
         all.extend(["runuser", "-u", "postgres", "--", binary.to_str().unwrap()]);
         all.extend_from_slice(args);
         if self.namespace.is_some() {
-            run("ip", &all)
+            try_run("ip", &all)
         } else {
-            run(all[0], &all[1..])
+            try_run(all[0], &all[1..])
         }
     }
 
@@ -185,6 +203,18 @@ impl Cluster {
             "pg_ctl",
             &["-D", self.data_arg(), "-m", "immediate", "stop"],
         );
+    }
+
+    /// Stops the cluster cleanly and starts it again on `port` with `settings`: a server that
+    /// clients reach at another address from now on.
+    pub fn restart_on(&mut self, port: u16, settings: &[(&str, &str)]) {
+        self.as_postgres(
+            "pg_ctl",
+            &["-D", self.data_arg(), "-m", "fast", "-w", "stop"],
+        );
+        self.port = port;
+        let namespace = self.namespace.clone();
+        self.start(settings, namespace.as_deref());
     }
 
     /// Promotes a standby to primary, waiting until it takes writes.

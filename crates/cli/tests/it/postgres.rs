@@ -393,16 +393,8 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
 /// A token for the client `id` with `secret` from `server`'s token endpoint.
 async fn client_token(server: &Server, id: &str, secret: &str) -> String {
     let response: Value = server
-        .client
-        .post(server.url("/oauth2/token"))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", id),
-            ("client_secret", secret),
-        ])
-        .send()
+        .client_token_request(id, secret)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

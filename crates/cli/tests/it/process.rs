@@ -127,12 +127,21 @@ impl Server {
             admin["token_endpoint"],
             format!("{}/oauth2/token", self.base)
         );
+        self.client_token_request(
+            admin["client_id"].as_str().unwrap(),
+            admin["client_secret"].as_str().unwrap(),
+        )
+        .await
+    }
+
+    /// The token endpoint's answer to an application's client credentials.
+    pub async fn client_token_request(&self, id: &str, secret: &str) -> reqwest::Response {
         self.client
-            .post(admin["token_endpoint"].as_str().unwrap())
+            .post(format!("{}/oauth2/token", self.base))
             .form(&[
                 ("grant_type", "client_credentials"),
-                ("client_id", admin["client_id"].as_str().unwrap()),
-                ("client_secret", admin["client_secret"].as_str().unwrap()),
+                ("client_id", id),
+                ("client_secret", secret),
             ])
             .send()
             .await

@@ -312,6 +312,50 @@ async fn a_node_reads_the_graph_again_only_after_another_changed_it() {
     assert_eq!(positions, expected);
 }
 
+/// The store comes to answer for a history without A's last commits (a standby promoted
+/// before it had them, a recovery to an earlier point), and A reads its counter while it is
+/// below where A stands. A reads the graph again whole: the lost twin is gone from its
+/// snapshot, its position comes down to the store's (not left above it, where a client would
+/// be told a position no node reaches), and its next write is decided on that history.
+/// (Where the new history's counter has already reached A's, the numbers alone cannot tell
+/// the histories apart: PostgreSQL's positions name its timeline for that, proven in the
+/// cli's `sites` tests.)
+#[tokio::test]
+async fn a_node_whose_store_goes_back_to_an_earlier_history_forgets_what_it_lost() {
+    let store = Arc::new(MemoryStore::shared());
+    let (a, _b) = two_nodes(&store).await;
+    let earlier = store.copy();
+    put(&a, "lost", 1).await.unwrap();
+    put(&a, "lost-too", 1).await.unwrap();
+    store.go_back_to(&earlier);
+    let head = store.head().unwrap();
+    assert!(head < a.position(), "the store went back");
+
+    // Following the store brings A down to it, without a write.
+    a.follow().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while a.position() != head {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's position stayed above the store's counter: {:?} > {head:?}",
+            a.position()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for lost in ["lost", "lost-too"] {
+        assert!(a.twin(&owner(), lost).is_err(), "A kept the lost {lost}");
+    }
+    put(&a, "after", 1).await.unwrap();
+    assert_eq!(a.position(), store.head().unwrap());
+    let twins: Vec<String> = store
+        .scan(Table::Twins)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(twins, ["after", "c"]);
+}
+
 #[tokio::test]
 async fn a_read_that_presents_another_nodes_position_waits_for_it() {
     let store = Arc::new(MemoryStore::shared());
