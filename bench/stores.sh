@@ -17,6 +17,10 @@
 #
 #   bash bench/stores.sh                                # 2 rounds, 10,000 twins, 10 s phases
 #   ROUNDS=4 TWINS=20000 DURATION=15 bash bench/stores.sh
+#   BASELINE=/path/to/other/release/twinguard bash bench/stores.sh
+#
+# With BASELINE, the "embedded" runs are that build's binary on PostgreSQL instead: two builds
+# on the same database, in the same run (a change's cost to a node on PostgreSQL).
 #
 # CPU per operation is the server's own (utime + stime from /proc/PID/stat over the phase): the
 # load generator and PostgreSQL share the two cores, so rates move with whatever else runs,
@@ -33,6 +37,7 @@ ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-10}
 MESSAGES=${MESSAGES:-20000}
 PGADDR=${PGADDR:-127.0.0.1:5432}
+BASELINE=${BASELINE:-}
 
 command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 command -v psql >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null; }
@@ -83,7 +88,9 @@ start_server() { # $1 data dir, $2... extra serve arguments -> BASE, PLANE, SERV
 
 run_mode() { # $1 mode (embedded|postgresql), $2 round
     local mode=$1 round=$2 data="$WORK/$1-$2" extra=()
-    if [ "$mode" = postgresql ]; then
+    TG=target/release/twinguard
+    [ "$mode" = embedded ] && [ -n "$BASELINE" ] && TG=$BASELINE
+    if [ "$mode" = postgresql ] || [ -n "$BASELINE" ]; then
         DB="twinguard_bench_$$_$round"
         "${PSQL[@]}" -c "CREATE DATABASE \"$DB\"" >/dev/null
         extra=(--store "postgresql://postgres@$PGADDR/$DB")
@@ -160,6 +167,7 @@ LUA
     fi
 }
 
+[ -n "$BASELINE" ] && echo "embedded below means $BASELINE on PostgreSQL"
 echo "machine: $(nproc) cores; twins=$TWINS messages=$MESSAGES rounds=$ROUNDS duration=${DURATION}s; PostgreSQL $("${PSQL[@]}" -c 'SHOW server_version')"
 for round in $(seq 1 "$ROUNDS"); do
     if [ $((round % 2)) -eq 1 ]; then order="embedded postgresql"; else order="postgresql embedded"; fi

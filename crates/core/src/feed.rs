@@ -173,6 +173,63 @@ impl FeedState {
         Some(self)
     }
 
+    /// Brings the state up to the store's after other writers committed (between groups):
+    /// `meta`, the feed's position records as they stand; `twins`, each changed twin's last
+    /// number (`None`: the record is gone); `ids`, each changed message ID record. `None`,
+    /// with nothing changed, when a record is unreadable.
+    pub fn refresh(
+        &mut self,
+        meta: &[(String, Vec<u8>)],
+        twins: Vec<crate::service::Changed>,
+        ids: Vec<crate::service::Changed>,
+    ) -> Option<()> {
+        let number = |v: &[u8]| -> Option<u64> { std::str::from_utf8(v).ok()?.parse().ok() };
+        let position = Self::from_records(meta, Vec::new())?;
+        let twins = twins
+            .into_iter()
+            .map(|(twin, v)| match v {
+                Some(v) => number(&v).map(|seq| (twin, Some(seq))),
+                None => Some((twin, None)),
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let ids = ids
+            .into_iter()
+            .map(|(key, v)| {
+                let pair = split_message_id_key(&key)?;
+                match v {
+                    Some(v) => {
+                        let seen: i64 = std::str::from_utf8(&v).ok()?.parse().ok()?;
+                        Some((pair, Some(seen)))
+                    }
+                    None => Some((pair, None)),
+                }
+            })
+            .collect::<Option<Vec<_>>>()?;
+        self.next = position.next;
+        self.first = position.first;
+        for (twin, seq) in twins {
+            match seq {
+                Some(seq) => self.twin_seqs.insert(twin, seq),
+                None => self.twin_seqs.remove(&twin),
+            };
+        }
+        // An ID another writer remembered joins the order at the back (a little later than its
+        // time: it is forgotten a little later); one it forgot leaves the map, and its place in
+        // the order is skipped when reached.
+        for (pair, seen) in ids {
+            match seen {
+                Some(seen) => {
+                    self.recent.insert(pair.clone(), seen);
+                    self.recent_order.push_back((pair, seen));
+                }
+                None => {
+                    self.recent.remove(&pair);
+                }
+            }
+        }
+        Some(())
+    }
+
     /// Appends to `muts` the records of the message IDs this group remembers, and deletes those
     /// it forgets (older than an hour, or past the most kept): they commit with the group's
     /// telemetry events, so that what is remembered after a restart is what was committed.

@@ -881,15 +881,18 @@ fn catch_up(
     };
     match store.head() {
         Ok(Some(head)) if head == current => return current_at(head, applied),
-        // Only other owners' records changed since (delivery positions and leases, tokens,
-        // replay windows): the graph and the feed are as applied, at the new counter. A
-        // counter that went back (a store that answers for another history: a standby
-        // promoted without commits this writer applied, a recovery to an earlier point) is
-        // read whole: what was applied may not exist any more.
-        Ok(Some(head)) if head > current && graph_unchanged(store, current, head) => {
-            metrics::counter!("twinguard_store_catch_ups_skipped_total").increment(1);
-            return current_at(head, applied);
-        }
+        // Other writers committed: what they changed of the graph and the feed's state is read
+        // from the change log (nothing, when they changed only other owners' records). A
+        // counter that went back (a store that answers for another history: a standby promoted
+        // without commits this writer applied, a recovery to an earlier point) is read whole:
+        // what was applied may not exist any more.
+        Ok(Some(head)) if head > current => match follow_changes(shared, store, ctx, current) {
+            Ok(Some(head)) => return current_at(head, applied),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "what other writers changed could not be read from the change log; the graph is read again whole");
+            }
+        },
         Ok(_) => {}
         Err(e) => {
             tracing::error!(error = %e, "cannot read the store's commit counter; writes refused");
@@ -927,18 +930,111 @@ fn catch_up(
     }
 }
 
-/// Whether the commits numbered `after + 1 ..= upto` changed no record of the graph's tables,
-/// by the store's change log ([`crate::store::GRAPH_CHANGED`]); false when the log does not
-/// reach back that far, or cannot be read.
-fn graph_unchanged(store: &dyn Store, after: u64, upto: u64) -> bool {
-    match store.changes_after(after, upto) {
-        Ok(Some(changes)) => !changes.iter().any(|c| c.changed_graph()),
-        Ok(None) => false,
-        Err(e) => {
-            tracing::warn!(error = %e, "the store's change log cannot be read; the graph is read again whole");
-            false
+/// A record another writer changed, as it stands now (`None`: deleted).
+pub(crate) type Changed = (String, Option<Vec<u8>>);
+
+/// Most commits of other writers [`follow_changes`] reads one by one; a writer further behind
+/// reads the graph whole.
+const MAX_FOLLOWED_COMMITS: u64 = 4_096;
+/// Most changed records of the graph's tables it reads one by one.
+const MAX_FOLLOWED_RECORDS: usize = 20_000;
+
+/// Brings the published graph and the feed's state up to what other writers committed after
+/// `current`, reading only the records the change log names, all in one snapshot of the store
+/// (so the state published is exactly one commit's). Returns the counter it now reflects;
+/// `None` when only a whole read will do: the log does not reach back (or the counter went
+/// back), a model or an event route changed (models are compiled together), a commit logged
+/// the graph's mark without its keys (a node of an earlier version), or there is too much.
+fn follow_changes(
+    shared: &Shared,
+    store: &dyn Store,
+    ctx: &WriteContext,
+    current: u64,
+) -> Result<Option<u64>, OpenError> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let snapshot = store.snapshot()?;
+    let view: &dyn Store = snapshot.as_deref().unwrap_or(store);
+    let Some(head) = view.head()? else {
+        return Ok(None);
+    };
+    if head < current || head - current > MAX_FOLLOWED_COMMITS {
+        return Ok(None);
+    }
+    let Some(changes) = view.changes_after(current, head)? else {
+        return Ok(None);
+    };
+    let mut keys: BTreeMap<Table, BTreeSet<String>> = BTreeMap::new();
+    let (mut marked, mut keyed) = (BTreeSet::new(), BTreeSet::new());
+    for change in changes {
+        if change.changed_graph() {
+            marked.insert(change.seq);
+        } else if change.table.owner() == Owner::Graph {
+            keyed.insert(change.seq);
+            keys.entry(change.table).or_default().insert(change.key);
         }
     }
+    if marked.is_empty() {
+        // Only other owners' records changed (delivery positions and leases, tokens, replay
+        // windows): the graph and the feed are as applied, at the new counter.
+        metrics::counter!("twinguard_store_catch_ups_skipped_total").increment(1);
+        return Ok(Some(head));
+    }
+    let whole = !marked.is_subset(&keyed)
+        || keys.contains_key(&Table::Models)
+        || keys.contains_key(&Table::EventRoutes)
+        || keys.values().map(BTreeSet::len).sum::<usize>() > MAX_FOLLOWED_RECORDS;
+    if whole {
+        return Ok(None);
+    }
+    let mut read = |table: Table| -> Result<Vec<Changed>, StoreError> {
+        let asked: Vec<String> = keys
+            .remove(&table)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let values = view.get_many(table, &asked)?;
+        Ok(asked.into_iter().zip(values).collect())
+    };
+    let (twins, relationships) = (read(Table::Twins)?, read(Table::Relationships)?);
+    let (feed_twins, message_ids) = (read(Table::FeedTwins)?, read(Table::MessageIds)?);
+    let meta = view.scan(Table::Meta)?;
+
+    // Twins first (a relationship names its twins), then relationships, then the twins that are
+    // gone (a twin is deleted only once its relationships are).
+    let mut graph: Graph = (**shared.published.load()).clone();
+    let mut scratch = Vec::new();
+    let mut gone = Vec::new();
+    for (key, value) in twins {
+        match value {
+            Some(bytes) => graph.insert_twin(twin_record(key, bytes)?),
+            None => gone.push(key),
+        }
+    }
+    for (key, value) in relationships {
+        match value {
+            Some(bytes) => {
+                let rel = relationship_record(&graph, key, &bytes)?;
+                graph.insert_relationship(rel);
+            }
+            None => {
+                let (source, id) = crate::graph::records::split_relationship_key(&key)
+                    .ok_or(OpenError::Corrupt("relationship", key.clone()))?;
+                graph.remove_relationship(source, id, &mut scratch);
+            }
+        }
+    }
+    for key in gone {
+        graph.remove_twin(&key, &mut scratch);
+    }
+    ctx.feed
+        .borrow_mut()
+        .refresh(&meta, feed_twins, message_ids)
+        .ok_or(OpenError::Corrupt("change feed", "position".into()))?;
+    metrics::counter!("twinguard_store_catch_ups_incremental_total").increment(1);
+    shared.published.store(Arc::new(graph));
+    *ctx.parsed.borrow_mut() = Default::default();
+    publish_feed_head(shared, ctx.feed.borrow().next - 1);
+    Ok(Some(head))
 }
 
 /// Answers [`DomainError::Superseded`] to each write of `batch` that expects a record to hold
@@ -1397,25 +1493,12 @@ fn load(store: &dyn Store, load_work: &mut usize) -> Result<Graph, OpenError> {
         }
     }
     for_each_record(store, Table::Twins, LOAD_PAGE, |key, bytes| {
-        let twin = String::from_utf8(bytes)
-            .ok()
-            .and_then(Twin::from_json)
-            .filter(|twin| *twin.id == *key)
-            .ok_or(OpenError::Corrupt("twin", key))?;
-        graph.insert_twin(Arc::new(twin));
+        graph.insert_twin(twin_record(key, bytes)?);
         Ok::<_, OpenError>(())
     })?;
     for_each_record(store, Table::Relationships, LOAD_PAGE, |key, bytes| {
-        let doc: Map<String, Value> = serde_json::from_slice(&bytes)
-            .map_err(|_| OpenError::Corrupt("relationship", key.clone()))?;
-        let twin_id = |field: &str| {
-            let id = doc.get(field).and_then(Value::as_str)?;
-            graph.twin(id).map(|t| t.id.clone())
-        };
-        let (source, target) = (twin_id("$sourceId"), twin_id("$targetId"));
-        let rel = Relationship::from_doc(&doc, source.as_ref(), target.as_ref())
-            .ok_or(OpenError::Corrupt("relationship", key))?;
-        graph.insert_relationship(Arc::new(rel));
+        let rel = relationship_record(&graph, key, &bytes)?;
+        graph.insert_relationship(rel);
         Ok::<_, OpenError>(())
     })?;
     for (key, bytes) in store.scan(Table::EventRoutes)? {
@@ -1435,6 +1518,34 @@ fn load(store: &dyn Store, load_work: &mut usize) -> Result<Graph, OpenError> {
         );
     }
     Ok(graph)
+}
+
+/// The twin stored under `key`.
+fn twin_record(key: String, bytes: Vec<u8>) -> Result<Arc<Twin>, OpenError> {
+    String::from_utf8(bytes)
+        .ok()
+        .and_then(Twin::from_json)
+        .filter(|twin| *twin.id == *key)
+        .map(Arc::new)
+        .ok_or(OpenError::Corrupt("twin", key))
+}
+
+/// The relationship stored under `key`, between twins of `graph`.
+fn relationship_record(
+    graph: &Graph,
+    key: String,
+    bytes: &[u8],
+) -> Result<Arc<Relationship>, OpenError> {
+    let doc: Map<String, Value> = serde_json::from_slice(bytes)
+        .map_err(|_| OpenError::Corrupt("relationship", key.clone()))?;
+    let twin_id = |field: &str| {
+        let id = doc.get(field).and_then(Value::as_str)?;
+        graph.twin(id).map(|t| t.id.clone())
+    };
+    let (source, target) = (twin_id("$sourceId"), twin_id("$targetId"));
+    Relationship::from_doc(&doc, source.as_ref(), target.as_ref())
+        .map(Arc::new)
+        .ok_or(OpenError::Corrupt("relationship", key))
 }
 
 /// How long [`Door::commit`] waits for room in the writer's queue before it gives up: long

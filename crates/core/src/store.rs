@@ -224,7 +224,8 @@ impl Table {
     /// that an owner keeps in memory and decides security on (identities, roles, keys,
     /// revocations, refresh families, devices, firmware, policies, groups).
     /// A shared store's change log ([`Store::changes_after`]) names the changed keys of these
-    /// tables only. Exhaustive on purpose, like [`Table::owner`].
+    /// tables and of the graph's ([`Table::logged`]). Exhaustive on purpose, like
+    /// [`Table::owner`].
     pub fn followed(self) -> bool {
         match self {
             Self::Identities
@@ -270,23 +271,45 @@ impl Table {
     }
 }
 
+impl Table {
+    /// Whether a shared store's change log names the keys of this table a commit changed: the
+    /// [followed](Table::followed) tables, and the graph's tables that the twin writer keeps in
+    /// memory, so that it reads again only the records other nodes changed
+    /// (`service::catch_up`). Not the feed's records ([`Table::Events`]), which no node keeps.
+    pub fn logged(self) -> bool {
+        self.followed()
+            || matches!(
+                self,
+                Self::Models
+                    | Self::Twins
+                    | Self::Relationships
+                    | Self::EventRoutes
+                    | Self::Meta
+                    | Self::FeedTwins
+                    | Self::MessageIds
+            )
+    }
+}
+
 /// Commits a shared store's change log keeps (see [`Store::changes_after`]): a node that falls
 /// further behind reads its followed tables whole.
 pub const CHANGE_LOG_COMMITS: u64 = 100_000;
 
 /// The key of the change a shared store's log holds, once, for each commit that put or deleted
-/// a record of the graph's tables ([`Owner::Graph`]), under [`Table::Meta`]: the twin writer
-/// reads the graph again only after such a commit (`service::catch_up`), not after another
-/// owner's (a delivery position, a lease, a token).
+/// a record of the graph's tables ([`Owner::Graph`]), under [`Table::Meta`], beside the keys.
+/// Nodes before the keys were logged read the graph again whole after such a commit; a node
+/// that finds the mark of a commit without the keys of any graph table (one such node's
+/// commit) does the same (`service::catch_up`).
 pub const GRAPH_CHANGED: &str = "graph-changed";
 
 /// The changes a shared store logs for `batch` committed as commit `seq`: the keys of
-/// followed tables it put or deleted, then [`GRAPH_CHANGED`] if it changed the graph.
+/// [logged](Table::logged) tables it put or deleted, then [`GRAPH_CHANGED`] if it changed the
+/// graph.
 pub fn logged_changes(batch: &[Mutation], seq: u64) -> impl Iterator<Item = Change> + '_ {
     let graph = batch.iter().any(|m| m.table.owner() == Owner::Graph);
     batch
         .iter()
-        .filter(|m| m.table.followed())
+        .filter(|m| m.table.logged())
         .map(move |m| Change {
             seq,
             table: m.table,

@@ -1015,6 +1015,19 @@ impl Store for PgSnapshot {
         self.run(|held| async move { Ok(Some(read_head(open(&held)?).await?.position())) })
     }
 
+    /// The change log as of the snapshot: the commits up to its counter, exactly.
+    fn changes_after(&self, after: u64, upto: u64) -> Result<Option<Vec<Change>>, StoreError> {
+        self.run(move |held| async move { read_changes(open(&held)?, after, upto).await })
+    }
+
+    fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked = keys.to_vec();
+        self.run(move |held| async move { read_many(open(&held)?, table, &asked).await })
+    }
+
     fn commit(&self, _: &[Mutation]) -> Result<(), StoreError> {
         Err(StoreError("PostgreSQL: a snapshot is read-only".into()))
     }
@@ -1129,7 +1142,7 @@ impl Plan {
             if last.get(&(m.table, m.key.as_str())) != Some(&i) {
                 continue;
             }
-            if m.table.followed() {
+            if m.table.logged() {
                 plan.followed_tables.push(m.table.name());
                 plan.followed_keys.push(m.key.as_bytes().to_vec());
             }
@@ -1287,63 +1300,13 @@ impl Store for PgStore {
         Ok(dropped.len())
     }
 
-    /// The rows of the change log, then the counter: rows are trimmed only below the counter
-    /// less [`CHANGE_LOG_COMMITS`] as it stood when they were trimmed, so if `after` is not
-    /// below the counter read *after* the rows, no row after `after` was trimmed before they
-    /// were read. From a position of another timeline than the database's now (a history
-    /// that a promotion or a recovery left), `None`: which of its commits the new history
-    /// has, the log cannot tell.
+    /// [`read_changes`] on a connection of the pool.
     fn changes_after(&self, after: u64, upto: u64) -> Result<Option<Vec<Change>>, StoreError> {
-        let from = Counter::of(after);
-        let to = Counter::of(upto);
-        let range = (
-            from.sql().0,
-            match to.timeline.cmp(&from.timeline) {
-                std::cmp::Ordering::Equal => to.sql().0,
-                std::cmp::Ordering::Greater => i64::MAX,
-                std::cmp::Ordering::Less => from.sql().0,
-            },
-        );
         let pool = self.pool.clone();
-        let (rows, head) = self.run(async move {
+        self.run(async move {
             let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
-            let statement = client
-                .prepare_cached(CHANGES)
-                .await
-                .map_err(|e| pg_err("reading the change log", &e))?;
-            let rows = client
-                .query(&statement, &[&range.0, &range.1])
-                .await
-                .map_err(|e| pg_err("reading the change log", &e))?;
-            Ok((rows, read_head(&client).await?))
-        })?;
-        if from.timeline != head.timeline || from.seq.saturating_add(CHANGE_LOG_COMMITS) < head.seq
-        {
-            return Ok(None);
-        }
-        let mut changes = Vec::with_capacity(rows.len());
-        for row in rows {
-            let bad = |what: &str| StoreError(format!("PostgreSQL: a change log row has {what}"));
-            let seq: i64 = row
-                .try_get(0)
-                .map_err(|e| pg_err("reading the change log", &e))?;
-            let tbl: String = row
-                .try_get(1)
-                .map_err(|e| pg_err("reading the change log", &e))?;
-            let key: Vec<u8> = row
-                .try_get(2)
-                .map_err(|e| pg_err("reading the change log", &e))?;
-            let seq = u64::try_from(seq).map_err(|_| bad("a negative position"))?;
-            changes.push(Change {
-                seq: Counter { seq, ..head }.position(),
-                table: Table::ALL
-                    .into_iter()
-                    .find(|t| t.name() == tbl)
-                    .ok_or_else(|| bad("an unknown table"))?,
-                key: String::from_utf8(key).map_err(|_| bad("a key that is not UTF-8"))?,
-            });
-        }
-        Ok(Some(changes))
+            read_changes(&client, after, upto).await
+        })
     }
 
     /// One query for all of `keys`.
@@ -1352,34 +1315,11 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let pool = self.pool.clone();
-        let asked: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
-        let found = self.run(async move {
+        let asked = keys.to_vec();
+        self.run(async move {
             let client = pool.get().await.map_err(|e| pool_err("connection", e))?;
-            let sql = if table == Table::History {
-                HISTORY_GET_MANY
-            } else {
-                GET_MANY
-            };
-            let statement = client
-                .prepare_cached(sql)
-                .await
-                .map_err(|e| pg_err("read", &e))?;
-            let rows = client
-                .query(&statement, &[&table.name(), &asked])
-                .await
-                .map_err(|e| pg_err("read", &e))?;
-            let mut found = std::collections::HashMap::with_capacity(rows.len());
-            for row in rows {
-                let key: Vec<u8> = row.try_get(0).map_err(|e| pg_err("read", &e))?;
-                let value: Vec<u8> = row.try_get(1).map_err(|e| pg_err("read", &e))?;
-                found.insert(key, value);
-            }
-            Ok(found)
-        })?;
-        Ok(keys
-            .iter()
-            .map(|k| found.get(k.as_bytes()).cloned())
-            .collect())
+            read_many(&client, table, &asked).await
+        })
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
@@ -1430,6 +1370,96 @@ impl Store for PgStore {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.records(Read::Range(table, from.to_owned(), to.to_owned(), limit))
     }
+}
+
+/// The rows of the change log, then the counter: rows are trimmed only below the counter
+/// less [`CHANGE_LOG_COMMITS`] as it stood when they were trimmed, so if `after` is not below
+/// the counter read *after* the rows, no row after `after` was trimmed before they were read.
+/// From a position of another timeline than the database's now (a history that a promotion or
+/// a recovery left), `None`: which of its commits the new history has, the log cannot tell.
+async fn read_changes(
+    client: &deadpool_postgres::ClientWrapper,
+    after: u64,
+    upto: u64,
+) -> Result<Option<Vec<Change>>, StoreError> {
+    let from = Counter::of(after);
+    let to = Counter::of(upto);
+    let range = (
+        from.sql().0,
+        match to.timeline.cmp(&from.timeline) {
+            std::cmp::Ordering::Equal => to.sql().0,
+            std::cmp::Ordering::Greater => i64::MAX,
+            std::cmp::Ordering::Less => from.sql().0,
+        },
+    );
+    let statement = client
+        .prepare_cached(CHANGES)
+        .await
+        .map_err(|e| pg_err("reading the change log", &e))?;
+    let rows = client
+        .query(&statement, &[&range.0, &range.1])
+        .await
+        .map_err(|e| pg_err("reading the change log", &e))?;
+    let head = read_head(client).await?;
+    if from.timeline != head.timeline || from.seq.saturating_add(CHANGE_LOG_COMMITS) < head.seq {
+        return Ok(None);
+    }
+    let mut changes = Vec::with_capacity(rows.len());
+    for row in rows {
+        let bad = |what: &str| StoreError(format!("PostgreSQL: a change log row has {what}"));
+        let seq: i64 = row
+            .try_get(0)
+            .map_err(|e| pg_err("reading the change log", &e))?;
+        let tbl: String = row
+            .try_get(1)
+            .map_err(|e| pg_err("reading the change log", &e))?;
+        let key: Vec<u8> = row
+            .try_get(2)
+            .map_err(|e| pg_err("reading the change log", &e))?;
+        let seq = u64::try_from(seq).map_err(|_| bad("a negative position"))?;
+        changes.push(Change {
+            seq: Counter { seq, ..head }.position(),
+            table: Table::ALL
+                .into_iter()
+                .find(|t| t.name() == tbl)
+                .ok_or_else(|| bad("an unknown table"))?,
+            key: String::from_utf8(key).map_err(|_| bad("a key that is not UTF-8"))?,
+        });
+    }
+    Ok(Some(changes))
+}
+
+/// The values of `keys` in `table` (`None` for a key that is absent), in the order asked: one
+/// query.
+async fn read_many(
+    client: &deadpool_postgres::ClientWrapper,
+    table: Table,
+    keys: &[String],
+) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    let asked: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+    let sql = if table == Table::History {
+        HISTORY_GET_MANY
+    } else {
+        GET_MANY
+    };
+    let statement = client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| pg_err("read", &e))?;
+    let rows = client
+        .query(&statement, &[&table.name(), &asked])
+        .await
+        .map_err(|e| pg_err("read", &e))?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let key: Vec<u8> = row.try_get(0).map_err(|e| pg_err("read", &e))?;
+        let value: Vec<u8> = row.try_get(1).map_err(|e| pg_err("read", &e))?;
+        found.insert(key, value);
+    }
+    Ok(keys
+        .iter()
+        .map(|k| found.get(k.as_bytes()).cloned())
+        .collect())
 }
 
 /// A commit's statements, in a transaction `client` has begun: the counter moved first (from

@@ -17,6 +17,11 @@ pub(crate) fn relationship_key(source: &str, id: &str) -> String {
     format!("{source}{KEY_SEPARATOR}{id}")
 }
 
+/// The source and relationship ID of a [`relationship_key`].
+pub(crate) fn split_relationship_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once(KEY_SEPARATOR)
+}
+
 fn to_bytes(value: &impl serde::Serialize) -> Vec<u8> {
     // Serialising a serde_json Map or Value cannot fail: keys are strings and there are no
     // non-finite floats in a Value.

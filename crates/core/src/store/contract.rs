@@ -404,10 +404,11 @@ pub fn get_many_answers_exactly_the_keys_asked(store: &dyn Store) -> Result<(), 
     })
 }
 
-/// A store with a commit counter logs, per commit, the keys of followed tables it put or
-/// deleted, and once the graph's mark (`GRAPH_CHANGED`) if it changed a record of the graph's
-/// tables (and nothing else of other tables); `changes_after` answers the commits in its range,
-/// in commit order. A store without a counter keeps no log.
+/// A store with a commit counter logs, per commit, the keys of logged tables (`Table::logged`:
+/// the followed ones and the graph's kept in memory) it put or deleted, and once the graph's
+/// mark (`GRAPH_CHANGED`) if it changed a record of the graph's tables (and nothing of other
+/// tables: not replay windows, not history, not the feed's records); `changes_after` answers
+/// the commits in its range, in commit order. A store without a counter keeps no log.
 pub fn a_counted_store_logs_the_keys_of_followed_tables(store: &dyn Store) -> Result<(), String> {
     use crate::store::Change;
     let head = store.head().map_err(|e| format!("head: {e}"))?;
@@ -423,7 +424,8 @@ pub fn a_counted_store_logs_the_keys_of_followed_tables(store: &dyn Store) -> Re
         store,
         &[
             Mutation::put(Table::Identities, "a", b"1".to_vec()),
-            Mutation::put(Table::Twins, "t", b"not followed".to_vec()),
+            Mutation::put(Table::Twins, "t", b"the graph's".to_vec()),
+            Mutation::put(Table::Events, "e", b"not logged".to_vec()),
             Mutation::delete(Table::Devices, "d"),
             Mutation::put(Table::Firmware, "", b"w".to_vec()),
             Mutation::put(Table::Replay, "r", b"decided by expectation".to_vec()),
@@ -459,6 +461,7 @@ pub fn a_counted_store_logs_the_keys_of_followed_tables(store: &dyn Store) -> Re
         (h0 + 1, Table::Identities, "a".to_owned()),
         (h0 + 1, Table::Devices, "d".to_owned()),
         (h0 + 1, Table::Firmware, String::new()),
+        (h0 + 1, Table::Twins, "t".to_owned()),
         (h0 + 1, Table::Meta, crate::store::GRAPH_CHANGED.to_owned()),
     ];
     let second = vec![(h0 + 2, Table::RevokedTokens, "j".to_owned())];
