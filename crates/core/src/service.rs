@@ -886,7 +886,8 @@ fn catch_up(
         // counter that went back (a store that answers for another history: a standby promoted
         // without commits this writer applied, a recovery to an earlier point) is read whole:
         // what was applied may not exist any more.
-        Ok(Some(head)) if head > current => match follow_changes(shared, store, ctx, current) {
+        Ok(Some(head)) if head > current => match follow_changes(shared, store, ctx, current, head)
+        {
             Ok(Some(head)) => return current_at(head, applied),
             Ok(None) => {}
             Err(e) => {
@@ -938,54 +939,102 @@ pub(crate) type Changed = (String, Option<Vec<u8>>);
 const MAX_FOLLOWED_COMMITS: u64 = 4_096;
 /// Most changed records of the graph's tables it reads one by one.
 const MAX_FOLLOWED_RECORDS: usize = 20_000;
+/// Commits of the change log read at a time, so that what is held before the bound above is
+/// checked stays small.
+const LOG_STEP: u64 = 256;
+
+/// What the change log says other writers changed of the graph.
+#[derive(Default)]
+struct GraphChanges {
+    /// The keys of the graph's tables, by table.
+    keys: std::collections::BTreeMap<Table, std::collections::BTreeSet<String>>,
+    /// The commits that logged the graph's mark, and those that logged a key of its tables.
+    marked: std::collections::BTreeSet<u64>,
+    keyed: std::collections::BTreeSet<u64>,
+    records: usize,
+}
+
+impl GraphChanges {
+    /// Adds what `view`'s log says of the commits `after + 1 ..= upto`. False when the log does
+    /// not reach back, or names more than [`MAX_FOLLOWED_RECORDS`] records.
+    fn read(&mut self, view: &dyn Store, after: u64, upto: u64) -> Result<bool, StoreError> {
+        let mut at = after;
+        while at < upto {
+            let to = upto.min(at.saturating_add(LOG_STEP));
+            let Some(changes) = view.changes_after(at, to)? else {
+                return Ok(false);
+            };
+            for change in changes {
+                if change.changed_graph() {
+                    self.marked.insert(change.seq);
+                } else if change.table.owner() == Owner::Graph {
+                    self.keyed.insert(change.seq);
+                    let added = self
+                        .keys
+                        .entry(change.table)
+                        .or_default()
+                        .insert(change.key);
+                    self.records += usize::from(added);
+                }
+            }
+            if self.records > MAX_FOLLOWED_RECORDS {
+                return Ok(false);
+            }
+            at = to;
+        }
+        Ok(true)
+    }
+
+    /// Whether only a whole read will do: a model or an event route changed (models are
+    /// compiled together), or a commit logged the graph's mark without its keys (a node of an
+    /// earlier version).
+    fn need_whole(&self) -> bool {
+        !self.marked.is_subset(&self.keyed)
+            || self.keys.contains_key(&Table::Models)
+            || self.keys.contains_key(&Table::EventRoutes)
+    }
+}
 
 /// Brings the published graph and the feed's state up to what other writers committed after
-/// `current`, reading only the records the change log names, all in one snapshot of the store
-/// (so the state published is exactly one commit's). Returns the counter it now reflects;
-/// `None` when only a whole read will do: the log does not reach back (or the counter went
-/// back), a model or an event route changed (models are compiled together), a commit logged
-/// the graph's mark without its keys (a node of an earlier version), or there is too much.
+/// `current` (the store's counter was `head` a moment ago), reading only the records the change
+/// log names. The log up to `head` is read as it is (its rows do not change); only if it says
+/// the graph changed does the writer open a snapshot of the store, read the rest of the log and
+/// the records in it, so that the state published is exactly one commit's. Returns the counter
+/// it now reflects; `None` when only a whole read will do (see [`GraphChanges`]; also more than
+/// [`MAX_FOLLOWED_COMMITS`] behind, or a counter that went back).
 fn follow_changes(
     shared: &Shared,
     store: &dyn Store,
     ctx: &WriteContext,
     current: u64,
+    head: u64,
 ) -> Result<Option<u64>, OpenError> {
-    use std::collections::{BTreeMap, BTreeSet};
-    let snapshot = store.snapshot()?;
-    let view: &dyn Store = snapshot.as_deref().unwrap_or(store);
-    let Some(head) = view.head()? else {
-        return Ok(None);
-    };
-    if head < current || head - current > MAX_FOLLOWED_COMMITS {
+    let mut changes = GraphChanges::default();
+    if head - current > MAX_FOLLOWED_COMMITS || !changes.read(store, current, head)? {
         return Ok(None);
     }
-    let Some(changes) = view.changes_after(current, head)? else {
-        return Ok(None);
-    };
-    let mut keys: BTreeMap<Table, BTreeSet<String>> = BTreeMap::new();
-    let (mut marked, mut keyed) = (BTreeSet::new(), BTreeSet::new());
-    for change in changes {
-        if change.changed_graph() {
-            marked.insert(change.seq);
-        } else if change.table.owner() == Owner::Graph {
-            keyed.insert(change.seq);
-            keys.entry(change.table).or_default().insert(change.key);
-        }
-    }
-    if marked.is_empty() {
+    if changes.marked.is_empty() {
         // Only other owners' records changed (delivery positions and leases, tokens, replay
         // windows): the graph and the feed are as applied, at the new counter.
         metrics::counter!("twinguard_store_catch_ups_skipped_total").increment(1);
         return Ok(Some(head));
     }
-    let whole = !marked.is_subset(&keyed)
-        || keys.contains_key(&Table::Models)
-        || keys.contains_key(&Table::EventRoutes)
-        || keys.values().map(BTreeSet::len).sum::<usize>() > MAX_FOLLOWED_RECORDS;
-    if whole {
+    if changes.need_whole() {
         return Ok(None);
     }
+    let snapshot = store.snapshot()?;
+    let view: &dyn Store = snapshot.as_deref().unwrap_or(store);
+    let Some(at) = view.head()? else {
+        return Ok(None);
+    };
+    if at < head
+        || at - current > MAX_FOLLOWED_COMMITS
+        || !changes.read(view, head, at)?
+        || changes.need_whole()
+    {
+        return Ok(None);
+    }
+    let mut keys = changes.keys;
     let mut read = |table: Table| -> Result<Vec<Changed>, StoreError> {
         let asked: Vec<String> = keys
             .remove(&table)
@@ -1034,7 +1083,7 @@ fn follow_changes(
     shared.published.store(Arc::new(graph));
     *ctx.parsed.borrow_mut() = Default::default();
     publish_feed_head(shared, ctx.feed.borrow().next - 1);
-    Ok(Some(head))
+    Ok(Some(at))
 }
 
 /// Answers [`DomainError::Superseded`] to each write of `batch` that expects a record to hold
