@@ -11,6 +11,7 @@ mod anomaly;
 mod backup;
 mod demo;
 mod device;
+mod kek;
 mod sim;
 use twinguard_server::datadir::DataDir;
 use twinguard_server::startup::{
@@ -226,6 +227,16 @@ enum Command {
         data_dir: Option<PathBuf>,
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Rotate the key-encryption key that seals the instance's private material in a
+    /// PostgreSQL store, while the nodes serve: add, rotate, retire (see docs/storage.md).
+    Kek {
+        #[arg(long, env = "TWINGUARD_DATA_DIR", default_value = "twinguard-data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(subcommand)]
+        command: kek::KekCommand,
     },
     /// Create the data directory's CA, keys and first admin credential, then exit.
     Init {
@@ -664,6 +675,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             store,
         } => backup::backup(&data_dir, &store.config()?, &out),
+        Command::Kek {
+            data_dir,
+            store,
+            command,
+        } => kek::run(command, &data_dir, &store.config()?),
         Command::Restore {
             bundle,
             key,

@@ -23,7 +23,7 @@ use crate::datadir::{Ca, DataDir, write_private};
 use crate::external::ExternalIssuers;
 use crate::signing_keys::KeyRing;
 use crate::tokens::{KeysHome, TokenService};
-use crate::vault::{Kek, Material, Vault};
+use crate::vault::{Material, Vault};
 
 /// The history store's page cache: merges append to each stream's last leaf, so this holds
 /// those of a few thousand streams.
@@ -374,10 +374,10 @@ pub fn init(
     let identity: Arc<dyn Store> = identity_store.clone();
     let material = match store.head()? {
         None => Material::Files,
-        Some(_) => Material::Sealed(Arc::new(Vault::new(
-            Kek::load_or_create(&data_dir.kek()).context("the instance's key-encryption key")?,
-            identity.clone(),
-        ))),
+        Some(_) => Material::Sealed(Arc::new(
+            Vault::from_file(&data_dir.kek(), identity.clone())
+                .context("the instance's key-encryption key")?,
+        )),
     };
     let ca = Arc::new(data_dir.tls(tls_names, &material)?);
     let (keys, keys_home) = token_keys(data_dir, &material)?;

@@ -8,6 +8,7 @@ mod audit;
 mod backup;
 mod crash;
 mod demo;
+mod kek;
 mod ownpg;
 mod partition;
 mod postgres;

@@ -65,7 +65,7 @@ pub(crate) fn copy_node_files(from: &Path, to: &Path) {
 
 /// The names of the sealed records in `db`'s `Table::Secrets`, after checking that none
 /// holds a private key in the clear.
-fn sealed_records(db: &TestDatabase) -> Vec<String> {
+pub(crate) fn sealed_records(db: &TestDatabase) -> Vec<String> {
     let plain = db
         .query(
             "SELECT count(*) FROM records WHERE tbl = 'secrets' \
@@ -428,7 +428,7 @@ pub(crate) async fn start_copy(
 }
 
 /// A database of its own and its URL; `None` when PostgreSQL tests are skipped.
-fn database() -> Option<(TestDatabase, String)> {
+pub(crate) fn database() -> Option<(TestDatabase, String)> {
     match TestDatabase::create() {
         Ok(Some(db)) => {
             let url = db.url();
@@ -441,16 +441,16 @@ fn database() -> Option<(TestDatabase, String)> {
 
 /// Two `serve` processes with `flags`, the second on the files a node needs of the first's
 /// data directory ([`start_copy`]), each with an admin token.
-struct Pair {
-    first_dir: tempfile::TempDir,
-    a: Server,
-    admin_a: String,
-    second_dir: tempfile::TempDir,
-    b: Server,
-    admin_b: String,
+pub(crate) struct Pair {
+    pub first_dir: tempfile::TempDir,
+    pub a: Server,
+    pub admin_a: String,
+    pub second_dir: tempfile::TempDir,
+    pub b: Server,
+    pub admin_b: String,
 }
 
-async fn two_nodes(flags: &[&str]) -> Pair {
+pub(crate) async fn two_nodes(flags: &[&str]) -> Pair {
     let first_dir = tempfile::tempdir().unwrap();
     let a = Server::start_with(first_dir.path(), flags, None);
     let admin_a = a.admin_token(first_dir.path()).await;
