@@ -69,6 +69,11 @@ pub enum DomainError {
     PreconditionFailed,
     #[error("the store is unavailable")]
     Unavailable,
+    /// The store did not confirm the write within [`crate::service::WRITE_WAIT`] (a database
+    /// that stopped answering, a synchronous standby lost): not acknowledged, and it may still
+    /// be applied once the store confirms it.
+    #[error("the store did not confirm the write in time; it may still be applied")]
+    Unconfirmed,
     /// A write decided on records that another writer of a shared store has changed since
     /// ([`crate::store::Expect`]): nothing of it was stored. Its owner reads the records again
     /// and decides anew; one that gives up answers it as [`DomainError::Unavailable`].

@@ -39,6 +39,12 @@ const QUEUE_DEPTH: usize = 4_096;
 /// Model uploads (up to 1 MiB each, compiled before they enter the writer's queue) in flight at
 /// once; more get 503.
 const MAX_UPLOADS_IN_FLIGHT: usize = 2;
+/// How long a write waits for its commit to be confirmed before it is answered
+/// [`DomainError::Unconfirmed`]. A store that cannot confirm commits (a database that stopped
+/// answering, a synchronous standby that is gone) must not hold requests for ever; the write
+/// may still be applied once the store confirms it. The same bound as a silent link's
+/// (`TCP_USER_TIMEOUT` in the PostgreSQL store) and the audit trail's.
+pub const WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A submitted write: queued, or an upload still to compile.
 enum Pending {
@@ -410,7 +416,8 @@ impl TwinService {
         self.shared.store_reachable.store(false, Ordering::Relaxed);
     }
 
-    /// Performs a write for `principal` and returns once it is durable and visible.
+    /// Performs a write for `principal` and returns once it is durable and visible, or
+    /// [`DomainError::Unconfirmed`] after [`WRITE_WAIT`].
     pub async fn write(&self, principal: &Principal, op: WriteOp) -> DomainResult<WriteOutcome> {
         self.submit(principal, op)?.await
     }
@@ -486,7 +493,15 @@ impl TwinService {
                     )?
                 }
             };
-            answer.await.map_err(|_| DomainError::Unavailable)?
+            // Bounded where a runtime's timer drives the future; a thread that blocks on it
+            // (the history's merger) waits for the writer as before.
+            let answer = match tokio::runtime::Handle::try_current() {
+                Ok(_) => tokio::time::timeout(WRITE_WAIT, answer)
+                    .await
+                    .map_err(|_| DomainError::Unconfirmed)?,
+                Err(_) => answer.await,
+            };
+            answer.map_err(|_| DomainError::Unavailable)?
         })
     }
 

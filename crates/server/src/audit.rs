@@ -27,7 +27,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Map, Value};
 use sha2::Digest as _;
-use twinguard_audit::log::{AuditLog, Mirror, MirrorWait, Options};
+use twinguard_audit::log::{AuditError, AuditLog, Mirror, MirrorWait, Options};
 use twinguard_audit::note::NoteSigner;
 use twinguard_proto::ErrorCode;
 use twinguard_store_postgres::PgStore;
@@ -296,6 +296,29 @@ fn outcome(status: StatusCode) -> &'static str {
     }
 }
 
+/// How long a request waits for its audit entry to be durable before it is refused (503): a
+/// log whose mirror cannot confirm (a database that stopped answering, a synchronous standby
+/// that is gone) must not hold requests for ever. The entry may still be recorded later.
+pub const AUDIT_WAIT: Duration = twinguard_core::service::WRITE_WAIT;
+
+/// The least time an outcome's entry is given, when the request itself used up
+/// [`AUDIT_WAIT`] (a write that waited that long for its commit).
+const LAST_ENTRY_WAIT: Duration = Duration::from_secs(2);
+
+/// Appends `entry` to the log, durable by `deadline` (or within [`LAST_ENTRY_WAIT`] if that
+/// is sooner than it) or refused.
+async fn append_within(
+    state: &AppState,
+    entry: Vec<u8>,
+    deadline: tokio::time::Instant,
+) -> Result<(), AuditError> {
+    let deadline = deadline.max(tokio::time::Instant::now() + LAST_ENTRY_WAIT);
+    match tokio::time::timeout_at(deadline, state.audit.log().append_async(entry)).await {
+        Ok(appended) => appended.map(|_| ()),
+        Err(_) => Err(AuditError::Unavailable),
+    }
+}
+
 /// Records every request before its response is sent; refuses the response (503) when the
 /// record cannot be made durable.
 pub async fn record(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -313,6 +336,9 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         )
         .into_response();
     }
+    // One budget for the request's entries: a request refused for its intent is refused
+    // within it, and one whose write used it up gets its outcome's entry a last short wait.
+    let deadline = tokio::time::Instant::now() + AUDIT_WAIT;
     let note = AuditNote::default();
     req.extensions_mut().insert(note.clone());
     let changes = may_change(req.method());
@@ -338,10 +364,8 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
             path: &path,
         };
         let recorded = match serde_json::to_vec(&intent) {
-            Ok(bytes) => state.audit.log().append_async(bytes).await.map(|_| ()),
-            Err(e) => Err(twinguard_audit::log::AuditError::from(
-                std::io::Error::other(e),
-            )),
+            Ok(bytes) => append_within(&state, bytes, deadline).await,
+            Err(e) => Err(AuditError::from(std::io::Error::other(e))),
         };
         if let Err(e) = recorded {
             tracing::error!(error = %e, "a request's intent could not be recorded in the audit log; refused, not applied");
@@ -387,8 +411,8 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
             return ApiError::internal("an audit entry did not serialize").into_response();
         }
     };
-    match state.audit.log().append_async(bytes).await {
-        Ok(_) => response,
+    match append_within(&state, bytes, deadline).await {
+        Ok(()) => response,
         Err(e) => {
             tracing::error!(error = %e, "a request's outcome could not be recorded in the audit log; refused");
             let message = if changes {

@@ -128,6 +128,18 @@ impl From<DomainError> for ApiError {
                 StatusCode::PRECONDITION_FAILED,
                 ErrorCode::PreconditionFailed,
             ),
+            D::Unconfirmed => {
+                return Self {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: ErrorCode::ServiceUnavailable,
+                    message: "the store did not confirm the write in time; it may still be \
+                              applied: read before retrying a write that is not idempotent"
+                        .into(),
+                    detail: Some(message),
+                    hidden: false,
+                    retry_after: None,
+                };
+            }
             D::Unavailable | D::Superseded => {
                 return Self {
                     status: StatusCode::SERVICE_UNAVAILABLE,

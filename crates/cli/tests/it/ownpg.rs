@@ -161,6 +161,11 @@ impl Cluster {
         }
     }
 
+    /// The port the cluster listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Replaces the cluster's client authentication rules.
     pub fn allow(&self, rules: &[String]) {
         std::fs::write(self.data.join("pg_hba.conf"), rules.join("\n") + "\n").unwrap();

@@ -14,11 +14,15 @@ use crate::ownpg::{Cluster, free_port};
 use crate::postgres::{read_twin, start_copy};
 use crate::process::Server;
 
-/// What the writers saw: the twins acknowledged (with when), and the attempts that failed.
+/// What the writers saw: the twins acknowledged (with when), the attempts that failed, and
+/// of those the ones that got no answer at all (the client gave up after its 20 s), and how
+/// long the slowest refusal took.
 #[derive(Default)]
 struct Load {
     acknowledged: Vec<(String, Instant)>,
     failed: usize,
+    unanswered: usize,
+    slowest_refusal: Duration,
 }
 
 /// Writes twins `{name}-0`, `{name}-1`, ... to `server` until `stop`, each until acknowledged
@@ -27,6 +31,7 @@ async fn write_until(server: &Server, token: &str, name: &str, stop: Instant, lo
     let mut i = 0;
     while Instant::now() < stop {
         let id = format!("{name}-{i}");
+        let sent = Instant::now();
         let answer = server
             .client
             .put(server.url(&format!("/digitaltwins/{id}")))
@@ -34,18 +39,89 @@ async fn write_until(server: &Server, token: &str, name: &str, stop: Instant, lo
             .json(&json!({"$metadata": {"$model": "dtmi:site:Pump;1"}}))
             .send()
             .await;
-        let acknowledged = answer.is_ok_and(|r| r.status() == 200);
+        let acknowledged = answer.as_ref().is_ok_and(|r| r.status() == 200);
         {
             let mut load = load.lock().unwrap();
             match acknowledged {
                 true => load.acknowledged.push((id, Instant::now())),
-                false => load.failed += 1,
+                false => {
+                    load.failed += 1;
+                    load.unanswered += usize::from(answer.is_err());
+                    load.slowest_refusal = load.slowest_refusal.max(sent.elapsed());
+                }
             }
         }
         match acknowledged {
             true => i += 1,
             false => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+/// Two writers through each node (`a1`, `a2` through A; `b1`, `b2` through B) until `stop`.
+async fn two_writers_each(
+    (a, token_a): (&Server, &str),
+    (b, token_b): (&Server, &str),
+    stop: Instant,
+    load: &Mutex<Load>,
+) {
+    tokio::join!(
+        write_until(a, token_a, "a1", stop, load),
+        write_until(a, token_a, "a2", stop, load),
+        write_until(b, token_b, "b1", stop, load),
+        write_until(b, token_b, "b2", stop, load),
+    );
+}
+
+/// Stops `cluster` at once at `at`, as a lost site: when the stop began (requests sent from
+/// then on may meet the outage) and when it ended.
+async fn lose_site(cluster: &Cluster, at: Instant) -> (Instant, Instant) {
+    tokio::time::sleep_until(at.into()).await;
+    let losing = Instant::now();
+    tokio::task::block_in_place(|| cluster.stop_at_once());
+    (losing, Instant::now())
+}
+
+/// The standby's settings: it listens on loopback.
+const STANDBY: [(&str, &str); 1] = [("listen_addresses", "127.0.0.1")];
+
+/// A primary and its synchronous standby `site_b` (`remote_apply`), two clusters of the test's
+/// own, with the standby confirmed synchronous; and the URL nodes reach them by, naming both
+/// with `target_session_attrs=read-write`.
+fn synchronous_sites() -> (Cluster, Cluster, String) {
+    let (primary_port, standby_port) = (free_port(), free_port());
+    let mut primary = Cluster::init(primary_port);
+    primary.allow(&trusted());
+    primary.start(&[("listen_addresses", "127.0.0.1")], None);
+    let mut standby = Cluster::standby_of(&primary, "site_b", standby_port);
+    // In the primary's configuration, where the operator can change them (not on its command
+    // line), and after the base backup, so that a promoted standby waits for no standby.
+    primary.sql("ALTER SYSTEM SET synchronous_standby_names = 'site_b'");
+    primary.sql("ALTER SYSTEM SET synchronous_commit = 'remote_apply'");
+    primary.sql("SELECT pg_reload_conf()");
+    standby.start(&STANDBY, None);
+    wait_synchronous(&primary, &standby);
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{standby_port}/postgres\
+         ?target_session_attrs=read-write"
+    );
+    (primary, standby, url)
+}
+
+/// Waits up to 30 s until the primary names `site_b` its synchronous standby.
+fn wait_synchronous(primary: &Cluster, standby: &Cluster) {
+    let started = Instant::now();
+    while primary
+        .sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'site_b'")
+        .trim()
+        != "sync"
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the standby is not synchronous: {}",
+            standby.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -60,43 +136,8 @@ async fn a_synchronous_standby_promoted_under_write_load_has_every_acknowledged_
     if twinguard_store_postgres::testdb::skipped() {
         return;
     }
-    let (primary_port, standby_port) = (free_port(), free_port());
-    let rules = [
-        "local all postgres trust",
-        "local replication postgres trust",
-        "host all postgres 127.0.0.1/32 trust",
-    ]
-    .map(str::to_owned);
-    let mut primary = Cluster::init(primary_port);
-    primary.allow(&rules);
-    primary.start(
-        &[
-            ("listen_addresses", "127.0.0.1"),
-            ("synchronous_standby_names", "site_b"),
-            ("synchronous_commit", "remote_apply"),
-        ],
-        None,
-    );
-    let mut standby = Cluster::standby_of(&primary, "site_b", standby_port);
-    standby.start(&[("listen_addresses", "127.0.0.1")], None);
-    let started = Instant::now();
-    while primary
-        .sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'site_b'")
-        .trim()
-        != "sync"
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the standby is not synchronous: {}",
-            standby.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    let url = format!(
-        "postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{standby_port}/postgres\
-         ?target_session_attrs=read-write"
-    );
+    let (primary, standby, url) = synchronous_sites();
+    let standby_port = standby.port();
     let flags = ["--store", url.as_str()];
     let first = tempfile::tempdir().unwrap();
     let a = Server::start_with(first.path(), &flags, None);
@@ -107,14 +148,7 @@ async fn a_synchronous_standby_promoted_under_write_load_has_every_acknowledged_
     let load = Arc::new(Mutex::new(Load::default()));
     let lost_at = Instant::now() + Duration::from_secs(4);
     let stop = lost_at + Duration::from_secs(12);
-    let writers = async {
-        tokio::join!(
-            write_until(&a, &token_a, "a1", stop, &load),
-            write_until(&a, &token_a, "a2", stop, &load),
-            write_until(&b, &token_b, "b1", stop, &load),
-            write_until(&b, &token_b, "b2", stop, &load),
-        )
-    };
+    let writers = two_writers_each((&a, &token_a), (&b, &token_b), stop, &load);
     let failover = async {
         // The link between the sites goes first, a second before the primary's site: the
         // standby stops receiving (its primary is forgotten). Writes acknowledged in that
@@ -403,5 +437,209 @@ async fn a_node_that_applied_commits_a_promoted_standby_never_had_forgets_them()
          after B made a twin and {} applications; A forgot the lost twin and application and \
          has the new history",
         made.len()
+    );
+}
+
+/// Whether any write was acknowledged between `from` and `to`.
+fn acknowledged_between(load: &Load, from: Instant, to: Instant) -> Vec<String> {
+    load.acknowledged
+        .iter()
+        .filter(|(_, at)| *at > from && *at < to)
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// How many writes of node `node` (its writers' names start with it) were acknowledged in the
+/// 5 s after `from`.
+fn acknowledged_by_within(load: &Load, node: &str, from: Instant) -> usize {
+    let to = from + Duration::from_secs(5);
+    load.acknowledged
+        .iter()
+        .filter(|(id, at)| id.starts_with(node) && *at > from && *at < to)
+        .count()
+}
+
+/// The standby's site is lost, twice, under a write load through two nodes over a primary
+/// whose one synchronous standby it is. The primary cannot confirm a commit without it: no
+/// write is acknowledged until the standby is back (the first time) or until the operator
+/// drops it from `synchronous_standby_names` (the second), and every request meanwhile is
+/// answered (503 once its audit entry or its commit is not confirmed within 10 s), not left
+/// hanging; reads before and after are served. Each node takes writes again
+/// by itself within 5 s of either, and every acknowledged write is then on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dropped() {
+    if twinguard_store_postgres::testdb::skipped() {
+        return;
+    }
+    let (primary, mut standby, url) = synchronous_sites();
+    let flags = ["--store", url.as_str()];
+    let first = tempfile::tempdir().unwrap();
+    let a = Server::start_with(first.path(), &flags, None);
+    let token_a = a.admin_token(first.path()).await;
+    let (_second, b, token_b) = start_copy(first.path(), &flags).await;
+    a.upload_interface(&token_a, "dtmi:site:Pump;1").await;
+    assert_eq!(put_twin(&a, &token_a, "before").await, 200);
+    settle("B does not read A's twin", String::new, async || {
+        read_twin(&b, &token_b, "before").await.0 == 200
+    })
+    .await;
+
+    let load = Arc::new(Mutex::new(Load::default()));
+    let start = Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
+    // The first outage outlasts the clients' 20 s timeout; the second is short.
+    let (lost_at, back_at, lost_again_at, dropped_at) = (at(3), at(25), at(30), at(37));
+    let stop = at(42);
+    let writers = two_writers_each((&a, &token_a), (&b, &token_b), stop, &load);
+    // Reads of a twin written before, on both nodes, all along: when each was sent, its
+    // status (none: no answer within the client's 20 s), and how long the answer took.
+    let reads = async {
+        let mut reads = Vec::new();
+        while Instant::now() < stop {
+            for (server, token) in [(&a, &token_a), (&b, &token_b)] {
+                let sent = Instant::now();
+                let answer = server
+                    .client
+                    .get(server.url("/digitaltwins/before"))
+                    .bearer_auth(token)
+                    .send()
+                    .await;
+                let took = sent.elapsed();
+                let (status, said) = match answer {
+                    Ok(r) => (
+                        Some(r.status().as_u16()),
+                        r.text().await.unwrap_or_default(),
+                    ),
+                    Err(_) => (None, String::new()),
+                };
+                reads.push((sent, status, took, said));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        reads
+    };
+    let sites = async {
+        let (losing, lost) = lose_site(&standby, lost_at).await;
+        tokio::time::sleep_until(back_at.into()).await;
+        let back = tokio::task::block_in_place(|| {
+            standby.start(&STANDBY, None);
+            let back = Instant::now();
+            wait_synchronous(&primary, &standby);
+            back
+        });
+        let (losing_again, lost_again) = lose_site(&standby, lost_again_at).await;
+        tokio::time::sleep_until(dropped_at.into()).await;
+        let dropped = tokio::task::block_in_place(|| {
+            primary.sql("ALTER SYSTEM SET synchronous_standby_names = ''");
+            primary.sql("SELECT pg_reload_conf()");
+            Instant::now()
+        });
+        (losing, lost, back, losing_again, lost_again, dropped)
+    };
+    let (_, reads, (losing, lost, back, losing_again, lost_again, dropped)) =
+        tokio::join!(writers, reads, sites);
+    let load = std::mem::take(&mut *load.lock().unwrap());
+
+    // A commit the standby confirmed just before it went is acknowledged just after.
+    let slack = Duration::from_millis(500);
+    let first_outage = acknowledged_between(&load, lost + slack, back);
+    let second_outage = acknowledged_between(&load, lost_again + slack, dropped);
+    assert!(
+        first_outage.is_empty(),
+        "acknowledged without the standby: {first_outage:?}"
+    );
+    assert!(
+        second_outage.is_empty(),
+        "acknowledged without the standby: {second_outage:?}"
+    );
+    assert_eq!(
+        load.unanswered, 0,
+        "writes left unanswered by the client's 20 s"
+    );
+    // Every read is answered; outside the outages (and a second after each) each is served.
+    let settled = |at: Instant| {
+        at < losing
+            || (at > back + Duration::from_secs(1) && at < losing_again)
+            || at > dropped + Duration::from_secs(1)
+    };
+    let unanswered = reads
+        .iter()
+        .filter(|(_, status, ..)| status.is_none())
+        .count();
+    assert_eq!(unanswered, 0, "reads left unanswered by the client's 20 s");
+    let refused: Vec<_> = reads
+        .iter()
+        .filter(|(at, status, ..)| settled(*at) && *status != Some(200))
+        .map(|(at, status, took, said)| {
+            format!("{status:?} at {:?} after {took:?}: {said}", *at - start)
+        })
+        .collect();
+    if !refused.is_empty() {
+        for dir in [first.path(), _second.path()] {
+            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+            eprintln!(
+                "{}",
+                log.lines()
+                    .filter(|l| l.contains("audit"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "reads refused outside the outages: {refused:?}"
+    );
+    let refused_in_outages = reads.iter().filter(|(_, s, ..)| *s == Some(503)).count();
+    // The first outage was longer than the bound: requests were refused, not held.
+    assert!(refused_in_outages > 0, "no read refused in a 22 s outage");
+    assert!(load.failed > 0, "no write refused in a 22 s outage");
+    let slowest_read = reads
+        .iter()
+        .map(|(_, _, took, _)| *took)
+        .max()
+        .unwrap_or_default();
+    let before = load
+        .acknowledged
+        .iter()
+        .filter(|(_, at)| *at < lost)
+        .count();
+    assert!(before >= 10, "{before} writes acknowledged before the loss");
+    let mut again = Vec::new();
+    for from in [back, dropped] {
+        for node in ["a", "b"] {
+            let taken = acknowledged_by_within(&load, node, from);
+            assert!(
+                taken >= 5,
+                "node {node} acknowledged {taken} writes within 5 s"
+            );
+            again.push(taken);
+        }
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut missing = Vec::new();
+    for (id, _) in &load.acknowledged {
+        for (node, server, token) in [("A", &a, &token_a), ("B", &b, &token_b)] {
+            if read_twin(server, token, id).await.0 != 200 {
+                missing.push(format!("{id} on {node}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "acknowledged and lost: {missing:?}");
+    println!(
+        "{before} writes acknowledged before the standby's loss; none during either outage; \
+         within 5 s of its return {} by A and {} by B, of its dropping {} and {}; {} attempts \
+         refused and retried, the slowest refusal after {:?}; of {} reads {refused_in_outages} \
+         refused (503) during the outages, the slowest answered in {slowest_read:?}; all {} \
+         acknowledged writes on both nodes",
+        again[0],
+        again[1],
+        again[2],
+        again[3],
+        load.failed,
+        load.slowest_refusal,
+        reads.len(),
+        load.acknowledged.len()
     );
 }
