@@ -556,11 +556,13 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         load.unanswered, 0,
         "writes left unanswered by the client's 20 s"
     );
-    // Every read is answered; outside the outages (and a second after each) each is served.
+    // Every read is answered; outside the outages each is served. A second's margin on each
+    // side: a read sent just before the loss may have its audit entry written just after.
+    let margin = Duration::from_secs(1);
     let settled = |at: Instant| {
-        at < losing
-            || (at > back + Duration::from_secs(1) && at < losing_again)
-            || at > dropped + Duration::from_secs(1)
+        at + margin < losing
+            || (at > back + margin && at + margin < losing_again)
+            || at > dropped + margin
     };
     let unanswered = reads
         .iter()
