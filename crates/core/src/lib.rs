@@ -5,6 +5,7 @@
 //! - [`query`]: the ADT query language.
 //! - [`paging`]: the continuation tokens of list endpoints.
 //! - [`auth`]: data actions, built-in roles and access decisions.
+//! - [`edit`]: owners' memory that requests read while its edits wait for the store.
 //! - [`service`]: the one door into the graph: access checks, snapshots, group commit.
 //! - [`store`]: the storage seam that backends implement.
 //! - [`text`]: characters that must not reach a person or a log unescaped, and the one grammar
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod clock;
 pub mod dtdl;
 pub mod dtmi;
+pub mod edit;
 pub mod error;
 pub mod feed;
 pub mod follow;

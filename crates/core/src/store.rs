@@ -5,6 +5,8 @@
 
 #[doc(hidden)]
 pub mod contract;
+#[doc(hidden)]
+pub mod stalling;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

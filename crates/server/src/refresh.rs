@@ -9,9 +9,10 @@
 //! reset of their password or MFA ends it at once (see `Directory::principal`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use twinguard_core::edit::{Edit, EditLock};
 use twinguard_core::identity::credentials::{random_secret, secret_digest};
 use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
 use zeroize::Zeroizing;
@@ -133,7 +134,9 @@ impl Records {
 
 pub struct RefreshTokens {
     store: Arc<dyn Store>,
-    records: Mutex<Records>,
+    /// Read by every request of a session (`family_live`); changed by edits that let go of
+    /// it while the store works (see `twinguard_core::edit`).
+    records: EditLock<Records>,
 }
 
 fn to_json(record: &Record) -> Result<Vec<u8>, StoreError> {
@@ -181,14 +184,15 @@ impl RefreshTokens {
         }
         Ok(Self {
             store,
-            records: Mutex::new(records),
+            records: EditLock::new(records),
         })
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Records>, StoreError> {
-        self.records
-            .lock()
-            .map_err(|_| StoreError("refresh token lock poisoned".into()))
+    /// An edit of the families, in its turn.
+    fn lock(&self) -> Result<Edit<'_, Records>, StoreError> {
+        self.records.edit().map_err(|_| {
+            StoreError("another refresh token change is still waiting for the store".into())
+        })
     }
 
     /// Whether `family` is live: issued, not revoked, not expired (a lock failure counts as
@@ -196,9 +200,10 @@ impl RefreshTokens {
     pub fn family_live(&self, family: &str) -> bool {
         let now = now_secs();
         self.records
-            .lock()
-            .map(|r| r.live.get(family).is_some_and(|expires| *expires > now))
-            .unwrap_or(false)
+            .read()
+            .live
+            .get(family)
+            .is_some_and(|expires| *expires > now)
     }
 
     /// Issues a token of `family` (a new family unless it continues one).
@@ -250,7 +255,7 @@ impl RefreshTokens {
             })
             .into_iter()
             .collect();
-        if !self.store.commit_expecting(&muts, &expect)? {
+        if !records.unlocked(|| self.store.commit_expecting(&muts, &expect))? {
             records.revoked.insert(id.clone(), family_expires);
             records.live.remove(&id);
             return Err(StoreError("the refresh token family was revoked".into()));
@@ -303,18 +308,14 @@ impl RefreshTokens {
                         status: Status::Spent,
                         ..record.clone()
                     };
-                    let committed = self.store.commit_expecting(
-                        &[Mutation::put(
-                            Table::RefreshTokens,
-                            digest.clone(),
-                            to_json(&spent)?,
-                        )],
-                        &[Expect {
-                            table: Table::RefreshTokens,
-                            key: digest.clone(),
-                            value: Some(bytes),
-                        }],
-                    )?;
+                    let put = Mutation::put(Table::RefreshTokens, digest.clone(), to_json(&spent)?);
+                    let expect = Expect {
+                        table: Table::RefreshTokens,
+                        key: digest.clone(),
+                        value: Some(bytes),
+                    };
+                    let committed =
+                        records.unlocked(|| self.store.commit_expecting(&[put], &[expect]))?;
                     if !committed {
                         continue;
                     }
@@ -339,10 +340,10 @@ impl RefreshTokens {
     /// is forgotten), recomputes whether their families are live, and returns the stored bytes.
     fn reread(
         &self,
-        records: &mut Records,
+        records: &mut Edit<'_, Records>,
         digests: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        let stored = self.store.get_many(Table::RefreshTokens, digests)?;
+        let stored = records.unlocked(|| self.store.get_many(Table::RefreshTokens, digests))?;
         let mut families = Vec::new();
         for (digest, bytes) in digests.iter().zip(&stored) {
             if let Some(family) = digest.strip_prefix(TOMBSTONE_PREFIX) {
@@ -382,9 +383,8 @@ impl RefreshTokens {
     /// Reads every record again (the follower fell behind the store's change log).
     pub fn reload(&self) -> Result<(), StoreError> {
         let mut records = self.lock()?;
-        let mut digests: Vec<String> = self
-            .store
-            .scan(Table::RefreshTokens)?
+        let mut digests: Vec<String> = records
+            .unlocked(|| self.store.scan(Table::RefreshTokens))?
             .into_iter()
             .map(|(d, _)| d)
             .collect();
@@ -410,7 +410,11 @@ impl RefreshTokens {
 
     /// Revokes `family`; a family already revoked costs no commit (the revocation endpoint is
     /// unauthenticated).
-    fn revoke_family(&self, records: &mut Records, family: &str) -> Result<(), StoreError> {
+    fn revoke_family(
+        &self,
+        records: &mut Edit<'_, Records>,
+        family: &str,
+    ) -> Result<(), StoreError> {
         let Some(expires) = records.live.get(family).copied() else {
             return Ok(());
         };
@@ -435,7 +439,7 @@ impl RefreshTokens {
                 changed.push((digest.clone(), revoked));
             }
         }
-        self.store.commit(&muts)?;
+        records.unlocked(|| self.store.commit(&muts))?;
         records.by_digest.extend(changed);
         records.revoked.insert(family.to_owned(), expires);
         records.live.remove(family);
@@ -522,6 +526,48 @@ mod tests {
         assert!(!tokens.revoke("not ours").unwrap());
         assert!(matches!(tokens.redeem(&a).unwrap(), Redeemed::Invalid));
         assert!(matches!(tokens.redeem(&b).unwrap(), Redeemed::Valid(_)));
+    }
+
+    /// Every request of a person's session asks whether its family is live. A login, a
+    /// refresh or a revocation whose commit waits for the store must not make them wait too:
+    /// with the store stalled, one login would stop every session's requests on the node.
+    #[test]
+    fn sessions_are_checked_while_a_family_change_waits_for_the_store() {
+        use std::time::Duration;
+        use twinguard_core::store::stalling::StallingStore;
+
+        type Change = fn(&RefreshTokens, &IssuedRefresh);
+        let changes: [(&str, Change); 3] = [
+            ("issue", |t, _| {
+                t.issue(family("bob", false, 1, None)).unwrap();
+            }),
+            ("redeem", |t, live| {
+                assert!(matches!(t.redeem(&live.token).unwrap(), Redeemed::Valid(_)));
+            }),
+            ("revoke", |t, live| {
+                assert!(t.revoke(&live.token).unwrap());
+            }),
+        ];
+        let mut waited = Vec::new();
+        for (name, change) in changes {
+            let store = Arc::new(StallingStore::default());
+            let tokens = Arc::new(RefreshTokens::open(store.clone()).unwrap());
+            let live = tokens.issue(family("alice", false, 1, None)).unwrap();
+            let family = live.family.clone();
+            store.stall();
+            let changing = tokens.clone();
+            let changer = std::thread::spawn(move || change(&changing, &live));
+            assert!(store.wait_for_held(1, Duration::from_secs(10)), "{name}");
+            let (answer, answered) = std::sync::mpsc::channel();
+            let checking = tokens.clone();
+            std::thread::spawn(move || answer.send(checking.family_live(&family)));
+            if answered.recv_timeout(Duration::from_secs(5)) != Ok(true) {
+                waited.push(name);
+            }
+            store.release();
+            changer.join().unwrap();
+        }
+        assert!(waited.is_empty(), "sessions waited for: {waited:?}");
     }
 
     /// Two nodes on one shared store, each with the tokens in memory: a token presented to

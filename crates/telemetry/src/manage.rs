@@ -338,19 +338,21 @@ impl Telemetry {
         f: impl Fn(&mut Device) -> DomainResult<()>,
     ) -> DomainResult<Device> {
         for _ in 0..CHANGE_ATTEMPTS {
+            // Read before the lock, which ingestion waits for: a change of this node landing
+            // in between breaks the expectation below, and the change is decided again.
+            let stored = self
+                .inner
+                .store
+                .get_many(Table::Devices, &[id.to_owned()])
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cannot read a device record");
+                    DomainError::Unavailable
+                })?
+                .pop()
+                .flatten()
+                .ok_or_else(|| not_found("device", id))?;
             let (pending, before, after) = {
                 let mut state = self.state()?;
-                let stored = self
-                    .inner
-                    .store
-                    .get_many(Table::Devices, &[id.to_owned()])
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "cannot read a device record");
-                        DomainError::Unavailable
-                    })?
-                    .pop()
-                    .flatten()
-                    .ok_or_else(|| not_found("device", id))?;
                 let before: Device = serde_json::from_slice(&stored)
                     .map_err(|_| DomainError::Internal("a stored device record is unreadable"))?;
                 let mut after = before.clone();

@@ -518,6 +518,34 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         }
         reads
     };
+    // Administration on A across the first loss: an identity created every 500 ms, from
+    // before the loss to the standby's return, so that some edit is committing when the
+    // standby goes. The database holds that commit; A must go on answering its reads
+    // meanwhile, since every request reads the identity directory such an edit changes. Each:
+    // when it was sent, its status (none: no answer within the client's 20 s), how long it took.
+    let administration = async {
+        let mut edits = tokio::task::JoinSet::new();
+        let mut tick = lost_at - Duration::from_millis(1500);
+        for n in 0.. {
+            if tick >= back_at {
+                break;
+            }
+            tokio::time::sleep_until(tick.into()).await;
+            let body = json!({"kind": "serviceAccount", "name": format!("made-in-outage-{n}")});
+            let request = a.request(&token_a, reqwest::Method::POST, "/admin/identities", body);
+            edits.spawn(async move {
+                let sent = Instant::now();
+                let answer = request.await;
+                (
+                    sent,
+                    answer.ok().map(|r| r.status().as_u16()),
+                    sent.elapsed(),
+                )
+            });
+            tick += Duration::from_millis(500);
+        }
+        edits.join_all().await
+    };
     let sites = async {
         let (losing, lost) = lose_site(&standby, lost_at).await;
         tokio::time::sleep_until(back_at.into()).await;
@@ -536,8 +564,8 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         });
         (losing, lost, back, losing_again, lost_again, dropped)
     };
-    let (_, reads, (losing, lost, back, losing_again, lost_again, dropped)) =
-        tokio::join!(writers, reads, sites);
+    let (_, reads, administered, (losing, lost, back, losing_again, lost_again, dropped)) =
+        tokio::join!(writers, reads, administration, sites);
     let load = std::mem::take(&mut *load.lock().unwrap());
 
     // A commit the standby confirmed just before it went is acknowledged just after.
@@ -593,6 +621,57 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         "reads refused outside the outages: {refused:?}"
     );
     let refused_in_outages = reads.iter().filter(|(_, s, ..)| *s == Some(503)).count();
+    // Every edit was answered; none acknowledged without the standby.
+    let unanswered_edits = administered.iter().filter(|(_, s, _)| s.is_none()).count();
+    assert_eq!(
+        unanswered_edits, 0,
+        "edits left unanswered by the client's 20 s"
+    );
+    let edits_acknowledged: Vec<_> = administered
+        .iter()
+        .filter(|(sent, status, took)| {
+            let answered = *sent + *took;
+            *status == Some(201) && answered > lost + slack && answered < back
+        })
+        .collect();
+    assert!(
+        edits_acknowledged.is_empty(),
+        "edits acknowledged without the standby: {edits_acknowledged:?}"
+    );
+    let edits_refused = administered
+        .iter()
+        .filter(|(_, s, _)| *s == Some(503))
+        .count();
+    // Whether each took effect, both nodes agree.
+    let listed = async |server: &Server, token: &str| {
+        let listing: serde_json::Value = server
+            .client
+            .get(server.url("/admin/identities"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut names: Vec<String> = listing["value"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["name"].as_str())
+            .filter(|n| n.starts_with("made-in-outage"))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    };
+    let made_on_a = listed(&a, &token_a).await;
+    settle(
+        "B lists other identities made in the outage than A",
+        String::new,
+        async || listed(&b, &token_b).await == made_on_a,
+    )
+    .await;
     // The first outage was longer than the bound: requests were refused, not held.
     assert!(refused_in_outages > 0, "no read refused in a 22 s outage");
     assert!(load.failed > 0, "no write refused in a 22 s outage");
@@ -634,7 +713,9 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
          within 5 s of its return {} by A and {} by B, of its dropping {} and {}; {} attempts \
          refused and retried, the slowest refusal after {:?}; of {} reads {refused_in_outages} \
          refused (503) during the outages, the slowest answered in {slowest_read:?}; all {} \
-         acknowledged writes on both nodes",
+         acknowledged writes on both nodes; of {} identity creations on A across the \
+         first loss {edits_refused} refused (503), the slowest answered in {:?}, and {} \
+         identities exist on both nodes",
         again[0],
         again[1],
         again[2],
@@ -642,6 +723,13 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         load.failed,
         load.slowest_refusal,
         reads.len(),
-        load.acknowledged.len()
+        load.acknowledged.len(),
+        administered.len(),
+        administered
+            .iter()
+            .map(|(_, _, took)| *took)
+            .max()
+            .unwrap_or_default(),
+        made_on_a.len(),
     );
 }

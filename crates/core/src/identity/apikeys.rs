@@ -204,12 +204,9 @@ impl Directory {
             replaced_by: None,
         };
         let (record, secret) = self.mint(&template, self.now() + lifetime);
+        let put = Mutation::put(Table::ApiKeys, record.key.id.clone(), to_json(&record)?);
         let mut state = self.lock()?;
-        self.commit(&[Mutation::put(
-            Table::ApiKeys,
-            record.key.id.clone(),
-            to_json(&record)?,
-        )])?;
+        state.unlocked(|| self.commit(&[put]))?;
         let key = record.key.clone();
         state.api_keys.insert(key.id.clone(), record);
         Ok(CreatedKey { key, secret })
@@ -240,7 +237,7 @@ impl Directory {
         let (id, _) = split(presented).ok_or(LoginFailure::Unknown)?;
         let now = self.now();
         let (key, role) = {
-            let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
+            let state = self.state.read();
             let record = state.api_keys.get(&format!("{PREFIX}{id}"));
             let stored = record.map(|r| r.digest.as_str());
             if !credentials::secret_matches(presented, stored) {
@@ -306,14 +303,16 @@ impl Directory {
         let expect = self.refresh_record(&mut state, Table::ApiKeys, id)?;
         let mut record = self.manageable(&state, caller, id)?;
         record.key.revoked = true;
-        self.commit_expecting(
-            &[Mutation::put(
-                Table::ApiKeys,
-                id.to_owned(),
-                to_json(&record)?,
-            )],
-            expect,
-        )?;
+        state.unlocked(|| {
+            self.commit_expecting(
+                &[Mutation::put(
+                    Table::ApiKeys,
+                    id.to_owned(),
+                    to_json(&record)?,
+                )],
+                expect,
+            )
+        })?;
         let key = record.key.clone();
         state.api_keys.insert(id.to_owned(), record);
         Ok(key)
@@ -350,13 +349,15 @@ impl Directory {
         let (new, secret) = self.mint(&old.key, now + lifetime.min(MAX_LIFETIME_SECS));
         old.key.expires_at = old.key.expires_at.min(now + overlap);
         old.key.replaced_by = Some(new.key.id.clone());
-        self.commit_expecting(
-            &[
-                Mutation::put(Table::ApiKeys, new.key.id.clone(), to_json(&new)?),
-                Mutation::put(Table::ApiKeys, id.to_owned(), to_json(&old)?),
-            ],
-            expect,
-        )?;
+        state.unlocked(|| {
+            self.commit_expecting(
+                &[
+                    Mutation::put(Table::ApiKeys, new.key.id.clone(), to_json(&new)?),
+                    Mutation::put(Table::ApiKeys, id.to_owned(), to_json(&old)?),
+                ],
+                expect,
+            )
+        })?;
         let key = new.key.clone();
         state.api_keys.insert(id.to_owned(), old);
         state.api_keys.insert(key.id.clone(), new);
@@ -476,7 +477,7 @@ mod tests {
         // Nothing is overdue yet; a key created with an old date is.
         assert!(dir.overdue_api_keys(&admin).unwrap().is_empty());
         {
-            let mut state = dir.state.write().unwrap();
+            let mut state = dir.state.edit().unwrap();
             let record = state.api_keys.get_mut(&no_overlap.key.id).unwrap();
             record.key.rotate_by = 1;
         }

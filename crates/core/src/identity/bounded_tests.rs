@@ -157,7 +157,7 @@ proptest! {
             };
             let mine = pairs(actor.grants());
             let target_id = ids[*target as usize].clone();
-            let theirs = |id: &str| pairs(&dir.state.read().unwrap().resolve(id));
+            let theirs = |id: &str| pairs(&dir.state.read().resolve(id));
             let role_id = role_ids[*role as usize].clone();
             let role_pairs = pairs(&[Grant {
                 role: RoleId(role_id.clone()),
@@ -200,7 +200,7 @@ proptest! {
                     let Some(a) = listed.first() else { continue };
                     let removed = pairs(&[Grant {
                         role: RoleId(a.role_id.clone()),
-                        actions: dir.state.read().unwrap().role(&a.role_id).unwrap().actions,
+                        actions: dir.state.read().role(&a.role_id).unwrap().actions,
                         scope: a.scope.clone(),
                     }]);
                     (

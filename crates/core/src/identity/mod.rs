@@ -12,7 +12,7 @@ pub mod credentials;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -22,6 +22,7 @@ use crate::auth::{
     Role, RoleId, SECURITY_ADMIN, Scope, builtin_role, builtin_roles,
 };
 use crate::clock::Clock;
+use crate::edit::{Edit, EditLock};
 use crate::error::{DomainError, DomainResult};
 use crate::store::{Expect, Mutation, Store, StoreError, Table};
 use crate::throttle::{Policy, Published, RetryAfter, Throttle};
@@ -412,7 +413,8 @@ impl State {
 pub struct Directory {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    state: RwLock<State>,
+    /// Read by every request; changed by edits that let go of it while the store works.
+    state: EditLock<State>,
     /// The one throttle every check of a secret goes through ([`Directory::guarded`]).
     throttle: Throttle,
     /// This process's name in the failures it publishes ([`Directory::publish_failures`]).
@@ -465,18 +467,15 @@ impl crate::follow::Follower for Directory {
         FOLLOWED.contains(&table) || table == Table::Backoff
     }
 
-    /// Read under the directory's lock, which its own changes hold across their commit: no
+    /// Read in an edit's turn, which the directory's own changes hold across their commit: no
     /// change of this node lands between the read and the update, so none is undone.
     fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
         if table == Table::Backoff {
             self.read_failures(keys)?;
             return Ok(Vec::new());
         }
-        let mut state = self
-            .state
-            .write()
-            .map_err(|_| StoreError("the identity directory is poisoned".into()))?;
-        let values = self.store.get_many(table, keys)?;
+        let mut state = self.write_state()?;
+        let values = state.unlocked(|| self.store.get_many(table, keys))?;
         for (key, value) in keys.iter().zip(values) {
             match value {
                 Some(bytes) => state.put(table, key.clone(), &bytes)?,
@@ -487,11 +486,8 @@ impl crate::follow::Follower for Directory {
     }
 
     fn reload(&self) -> Result<Vec<(Table, String)>, StoreError> {
-        let mut state = self
-            .state
-            .write()
-            .map_err(|_| StoreError("the identity directory is poisoned".into()))?;
-        *state = State::read(self.store.as_ref())?;
+        let mut state = self.write_state()?;
+        *state = state.unlocked(|| State::read(self.store.as_ref()))?;
         drop(state);
         let keys: Vec<String> = self
             .store
@@ -661,7 +657,7 @@ impl Directory {
             node: uuid::Uuid::new_v4().simple().to_string(),
             published_addresses: std::sync::Mutex::new(std::collections::HashSet::new()),
             clock,
-            state: RwLock::new(state),
+            state: EditLock::new(state),
         };
         directory.migrate_clients()?;
         directory.migrate_owner()?;
@@ -686,10 +682,7 @@ impl Directory {
             .into_iter()
             .map(|(key, _)| key)
             .collect();
-        let state = self
-            .state
-            .read()
-            .map_err(|_| StoreError("the directory is poisoned".into()))?;
+        let state = self.state.read();
         let identities = state.by_name.iter().map(|(name, id)| (name_key(name), id));
         let roles = state
             .roles
@@ -784,8 +777,10 @@ impl Directory {
         };
         let bytes = serde_json::to_vec(&a)
             .map_err(|_| StoreError("a directory record did not serialize".into()))?;
-        self.store
-            .commit(&[Mutation::put(Table::RoleAssignments, a.id.clone(), bytes)])?;
+        state.unlocked(|| {
+            self.store
+                .commit(&[Mutation::put(Table::RoleAssignments, a.id.clone(), bytes)])
+        })?;
         state.assignments.insert(a.id.clone(), a);
         state.grants.clear();
         tracing::info!("the first administrator now holds the Instance Owner role");
@@ -854,7 +849,7 @@ impl Directory {
                 .insert(record.identity.name.to_lowercase(), id.clone());
             state.records.insert(id, record);
         }
-        self.store.commit(&muts)?;
+        state.unlocked(|| self.store.commit(&muts))?;
         for a in added {
             state.assignments.insert(a.id.clone(), a);
         }
@@ -867,16 +862,15 @@ impl Directory {
         u64::try_from(self.clock.now().unix_timestamp()).unwrap_or(0)
     }
 
-    fn read_state(&self) -> DomainResult<std::sync::RwLockReadGuard<'_, State>> {
-        self.state
-            .read()
-            .map_err(|_| DomainError::Internal("directory lock poisoned"))
+    fn read_state(&self) -> DomainResult<parking_lot::RwLockReadGuard<'_, State>> {
+        Ok(self.state.read())
     }
 
-    fn write_state(&self) -> Result<std::sync::RwLockWriteGuard<'_, State>, StoreError> {
+    /// An edit of the directory, in its turn (see [`crate::edit`]).
+    fn write_state(&self) -> Result<Edit<'_, State>, StoreError> {
         self.state
-            .write()
-            .map_err(|_| StoreError("directory lock poisoned".into()))
+            .edit()
+            .map_err(|_| StoreError("another directory edit is still waiting for the store".into()))
     }
 
     fn commit(&self, muts: &[Mutation]) -> DomainResult<()> {
@@ -889,10 +883,14 @@ impl Directory {
     /// Reads record `key` of `table` from the store into `state`, as another node sharing the
     /// store may have changed it, and returns what a commit decided on it must expect (see
     /// [`Directory::commit_expecting`]). Call it with the directory locked, before deciding.
-    fn refresh_record(&self, state: &mut State, table: Table, key: &str) -> DomainResult<Expect> {
-        let stored = self
-            .store
-            .get_many(table, &[key.to_owned()])
+    fn refresh_record(
+        &self,
+        state: &mut Edit<'_, State>,
+        table: Table,
+        key: &str,
+    ) -> DomainResult<Expect> {
+        let stored = state
+            .unlocked(|| self.store.get_many(table, &[key.to_owned()]))
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot read a directory record");
                 DomainError::Unavailable
@@ -916,11 +914,16 @@ impl Directory {
     /// Reads every record of `table` from the store into `state` (the few tables an edit
     /// decides on whole: roles, role assignments), as another node sharing the store may have
     /// changed them. On a store of one writer, memory is the store: nothing is read.
-    fn refresh_table(&self, state: &mut State, table: Table) -> DomainResult<()> {
-        if self.store.head().ok().flatten().is_none() {
+    fn refresh_table(&self, state: &mut Edit<'_, State>, table: Table) -> DomainResult<()> {
+        if state
+            .unlocked(|| self.store.head())
+            .ok()
+            .flatten()
+            .is_none()
+        {
             return Ok(());
         }
-        let stored = self.store.scan(table).map_err(|e| {
+        let stored = state.unlocked(|| self.store.scan(table)).map_err(|e| {
             tracing::error!(error = %e, "cannot read a directory table");
             DomainError::Unavailable
         })?;
@@ -961,8 +964,8 @@ impl Directory {
         }
     }
 
-    fn lock(&self) -> DomainResult<std::sync::RwLockWriteGuard<'_, State>> {
-        self.write_state().map_err(|_| DomainError::Unavailable)
+    fn lock(&self) -> DomainResult<Edit<'_, State>> {
+        self.state.edit().map_err(|_| DomainError::Unavailable)
     }
 
     /// Number of identities; the first start creates the first administrator when it is zero.
@@ -1036,11 +1039,13 @@ impl Directory {
             name_key("bootstrap-admin"),
             id.as_bytes().to_vec(),
         ));
-        self.commit_claiming(
-            &muts,
-            name_key("bootstrap-admin"),
-            "the first administrator already exists",
-        )?;
+        state.unlocked(|| {
+            self.commit_claiming(
+                &muts,
+                name_key("bootstrap-admin"),
+                "the first administrator already exists",
+            )
+        })?;
         state.by_name.insert("bootstrap-admin".into(), id.clone());
         state.records.insert(id.clone(), record);
         for a in assignments {
@@ -1055,7 +1060,7 @@ impl Directory {
     /// The grants `id` holds now, or `None` if it does not exist, is disabled or is a group.
     fn grants(&self, id: &str) -> Option<(PrincipalKind, Arc<[Grant]>)> {
         {
-            let state = self.state.read().ok()?;
+            let state = self.state.read();
             let record = state.records.get(id)?;
             if record.identity.disabled {
                 return None;
@@ -1065,7 +1070,7 @@ impl Directory {
                 return Some((kind, grants.clone()));
             }
         }
-        let mut state = self.state.write().ok()?;
+        let mut state = self.state.cache();
         let kind = state.records.get(id)?.identity.kind.principal_kind()?;
         let grants = state.resolve(id);
         state.grants.insert(id.to_owned(), grants.clone());
@@ -1095,7 +1100,7 @@ impl Directory {
 
     /// The session generation of identity `id`: sessions of another generation are dead.
     pub fn generation(&self, id: &str) -> Option<u64> {
-        let state = self.state.read().ok()?;
+        let state = self.state.read();
         Some(state.records.get(id)?.credentials.generation)
     }
 
@@ -1137,7 +1142,8 @@ impl Directory {
         auth_time: u64,
     ) -> Principal {
         let mut grants: Vec<Grant> = Vec::new();
-        if let Ok(state) = self.state.read() {
+        {
+            let state = self.state.read();
             // A mapped value names a directory group by ID or by name.
             let groups: Vec<&str> = group_ids
                 .iter()
@@ -1197,7 +1203,7 @@ impl Directory {
         secret: &str,
     ) -> Result<Authenticated, Refusal> {
         self.guarded(from, Some(client_id), || {
-            let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
+            let state = self.state.read();
             let record = state.records.get(client_id);
             let stored = record.and_then(|r| r.credentials.client_secret.as_deref());
             // The digest comparison runs whether or not the client exists.
@@ -1229,7 +1235,7 @@ impl Directory {
         code: Option<&str>,
     ) -> Result<Authenticated, LoginFailure> {
         let (id, hash) = {
-            let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
+            let state = self.state.read();
             let record = state
                 .by_name
                 .get(&name.to_lowercase())
@@ -1247,7 +1253,7 @@ impl Directory {
             return Err(LoginFailure::WrongSecret);
         }
         let now = self.now();
-        let mut state = self.state.write().map_err(|_| LoginFailure::Unavailable)?;
+        let mut state = self.lock().map_err(|_| LoginFailure::Unavailable)?;
         // Decided on the record as the store holds it, and the used step or code committed
         // only if the store still holds that record: on a store several nodes share, a code
         // presented to two of them at once logs in on one only.
@@ -1255,7 +1261,7 @@ impl Directory {
             let expect = self
                 .refresh_record(&mut state, Table::Identities, &id)
                 .map_err(|_| LoginFailure::Unavailable)?;
-            let record = state.records.get_mut(&id).ok_or(LoginFailure::Unknown)?;
+            let record = state.records.get(&id).ok_or(LoginFailure::Unknown)?;
             // The password was checked against what this node knew; a password changed since
             // (on another node) is not the one checked, and its generation must not be had
             // with the old one.
@@ -1294,15 +1300,12 @@ impl Directory {
             // The used step or code is durable before the login succeeds: a code works once,
             // across restarts and nodes too.
             let bytes = to_json(&updated).map_err(|_| LoginFailure::Unavailable)?;
-            let committed = self
-                .store
-                .commit_expecting(
-                    &[Mutation::put(Table::Identities, id.clone(), bytes)],
-                    &[expect],
-                )
+            let put = Mutation::put(Table::Identities, id.clone(), bytes);
+            let committed = state
+                .unlocked(|| self.store.commit_expecting(&[put], &[expect]))
                 .map_err(|_| LoginFailure::Unavailable)?;
             if committed {
-                *record = updated;
+                state.records.insert(id.clone(), updated);
                 return Ok(Authenticated {
                     id,
                     kind: PrincipalKind::User,
@@ -1352,14 +1355,14 @@ impl Directory {
         let now = self.now();
         let totp = TotpState::generate();
         let enrolled = self.guarded(from, Some(&account), || {
-            let mut state = self.state.write().map_err(|_| LoginFailure::Unavailable)?;
+            let mut state = self.lock().map_err(|_| LoginFailure::Unavailable)?;
             let privileged = state
                 .resolve(&caller.subject)
                 .iter()
                 .any(|g| g.actions.iter().any(Action::is_privileged));
             let record = state
                 .records
-                .get_mut(&caller.subject)
+                .get(&caller.subject)
                 .ok_or(LoginFailure::Unknown)?;
             let mut updated = record.clone();
             if updated
@@ -1387,9 +1390,9 @@ impl Directory {
                 }
             }
             updated.credentials.totp = Some(totp.clone());
-            self.persist(&caller.subject, &updated)?;
+            state.unlocked(|| self.persist(&caller.subject, &updated))?;
             let name = updated.identity.name.clone();
-            *record = updated;
+            state.records.insert(caller.subject.clone(), updated);
             Ok(Ok(name))
         });
         let name = match enrolled {
@@ -1420,10 +1423,10 @@ impl Directory {
         let account = self.person_account_of(&caller.subject)?;
         let now = self.now();
         let confirmed = self.guarded(from, Some(&account), || {
-            let mut state = self.state.write().map_err(|_| LoginFailure::Unavailable)?;
+            let mut state = self.lock().map_err(|_| LoginFailure::Unavailable)?;
             let record = state
                 .records
-                .get_mut(&caller.subject)
+                .get(&caller.subject)
                 .ok_or(LoginFailure::Unknown)?;
             let mut updated = record.clone();
             let Some(totp) = updated.credentials.totp.as_mut().filter(|t| !t.confirmed) else {
@@ -1438,8 +1441,8 @@ impl Directory {
             let (codes, digests) = credentials::recovery_codes();
             updated.credentials.recovery = digests;
             updated.identity.mfa_enrolled = true;
-            self.persist(&caller.subject, &updated)?;
-            *record = updated;
+            state.unlocked(|| self.persist(&caller.subject, &updated))?;
+            state.records.insert(caller.subject.clone(), updated);
             Ok(Ok(codes))
         });
         match confirmed {
@@ -1558,14 +1561,16 @@ impl Directory {
                 bounded(&state, caller, action, g)?;
             }
         }
-        self.commit_expecting(
-            &[Mutation::put(
-                Table::Identities,
-                id.to_owned(),
-                to_json(&updated)?,
-            )],
-            expect,
-        )?;
+        state.unlocked(|| {
+            self.commit_expecting(
+                &[Mutation::put(
+                    Table::Identities,
+                    id.to_owned(),
+                    to_json(&updated)?,
+                )],
+                expect,
+            )
+        })?;
         let identity = updated.identity.clone();
         state.records.insert(id.to_owned(), updated);
         state.grants.clear();
@@ -1653,14 +1658,16 @@ impl Directory {
             }
             bounded(&state, caller, Action::IdentitiesWrite, g)?;
         }
-        self.commit_claiming(
-            &[
-                Mutation::put(Table::Identities, id.clone(), to_json(&record)?),
-                Mutation::put(Table::Names, name_key(&new.name), id.as_bytes().to_vec()),
-            ],
-            name_key(&new.name),
-            &format!("the name '{}' is taken", new.name),
-        )?;
+        state.unlocked(|| {
+            self.commit_claiming(
+                &[
+                    Mutation::put(Table::Identities, id.clone(), to_json(&record)?),
+                    Mutation::put(Table::Names, name_key(&new.name), id.as_bytes().to_vec()),
+                ],
+                name_key(&new.name),
+                &format!("the name '{}' is taken", new.name),
+            )
+        })?;
         let identity = record.identity.clone();
         state.by_name.insert(new.name.to_lowercase(), id.clone());
         state.records.insert(id, record);
@@ -1705,7 +1712,7 @@ impl Directory {
         let name = record.identity.name.to_lowercase();
         bounded(&state, caller, Action::IdentitiesWrite, id)?;
         let mut muts = vec![Mutation::delete(Table::Identities, id.to_owned())];
-        muts.extend(self.claim_of(&name_key(&name), id)?);
+        muts.extend(state.unlocked(|| self.claim_of(&name_key(&name), id))?);
         let gone: Vec<String> = state
             .assignments
             .values()
@@ -1728,7 +1735,7 @@ impl Directory {
                 members.push(updated);
             }
         }
-        self.commit_expecting(&muts, expect)?;
+        state.unlocked(|| self.commit_expecting(&muts, expect))?;
         state.records.remove(id);
         state.by_name.remove(&name);
         for a in gone {
@@ -1866,7 +1873,7 @@ impl Directory {
 
     /// The registered public keys of an enabled workload, for checking its client assertions.
     pub fn client_keys(&self, id: &str) -> Option<(serde_json::Value, PrincipalKind)> {
-        let state = self.state.read().ok()?;
+        let state = self.state.read();
         let record = state.records.get(id)?;
         if record.identity.disabled || !record.identity.kind.is_workload() {
             return None;
@@ -1956,7 +1963,7 @@ impl Directory {
         serial: &str,
     ) -> Result<Authenticated, LoginFailure> {
         let now = self.now();
-        let state = self.state.read().map_err(|_| LoginFailure::Unavailable)?;
+        let state = self.state.read();
         let record = state.records.get(id).ok_or(LoginFailure::Unknown)?;
         let known = record
             .credentials
@@ -1969,7 +1976,7 @@ impl Directory {
     /// An enabled workload's kind, for a client authenticated by other means (a verified
     /// `private_key_jwt` assertion).
     pub fn workload(&self, id: &str) -> Option<Authenticated> {
-        let state = self.state.read().ok()?;
+        let state = self.state.read();
         workload_login(state.records.get(id)?, true).ok()
     }
 
@@ -2027,14 +2034,16 @@ impl Directory {
                 "a role named '{name}' exists"
             )));
         }
-        self.commit_claiming(
-            &[
-                Mutation::put(Table::Roles, id.clone(), to_json(&record)?),
-                Mutation::put(Table::Names, role_name_key(name), id.as_bytes().to_vec()),
-            ],
-            role_name_key(name),
-            &format!("a role named '{name}' exists"),
-        )?;
+        state.unlocked(|| {
+            self.commit_claiming(
+                &[
+                    Mutation::put(Table::Roles, id.clone(), to_json(&record)?),
+                    Mutation::put(Table::Names, role_name_key(name), id.as_bytes().to_vec()),
+                ],
+                role_name_key(name),
+                &format!("a role named '{name}' exists"),
+            )
+        })?;
         let role = Role {
             id: RoleId(id.clone()),
             name: record.name,
@@ -2067,10 +2076,10 @@ impl Directory {
             return Err(DomainError::Conflict("the role is still assigned".into()));
         }
         let mut muts = vec![Mutation::delete(Table::Roles, id.to_owned())];
-        if let Some(role) = state.roles.get(id) {
-            muts.extend(self.claim_of(&role_name_key(&role.name), id)?);
+        if let Some(key) = state.roles.get(id).map(|role| role_name_key(&role.name)) {
+            muts.extend(state.unlocked(|| self.claim_of(&key, id))?);
         }
-        self.commit_expecting(&muts, expect)?;
+        state.unlocked(|| self.commit_expecting(&muts, expect))?;
         state.roles.remove(id);
         Ok(())
     }
@@ -2148,14 +2157,16 @@ impl Directory {
             scope,
             created_at: self.now(),
         };
-        self.commit_expecting_all(
-            &[Mutation::put(
-                Table::RoleAssignments,
-                a.id.clone(),
-                to_json(&a)?,
-            )],
-            expect,
-        )?;
+        state.unlocked(|| {
+            self.commit_expecting_all(
+                &[Mutation::put(
+                    Table::RoleAssignments,
+                    a.id.clone(),
+                    to_json(&a)?,
+                )],
+                expect,
+            )
+        })?;
         state.assignments.insert(a.id.clone(), a.clone());
         state.grants.clear();
         Ok(a)
@@ -2179,10 +2190,12 @@ impl Directory {
                 action: Action::RolesWrite.as_str(),
             });
         }
-        self.commit_expecting(
-            &[Mutation::delete(Table::RoleAssignments, id.to_owned())],
-            expect,
-        )?;
+        state.unlocked(|| {
+            self.commit_expecting(
+                &[Mutation::delete(Table::RoleAssignments, id.to_owned())],
+                expect,
+            )
+        })?;
         state.assignments.remove(id);
         state.grants.clear();
         Ok(())
@@ -2250,5 +2263,7 @@ fn hash_new_password(password: &str) -> DomainResult<String> {
 
 #[cfg(test)]
 mod bounded_tests;
+#[cfg(test)]
+mod stall_tests;
 #[cfg(test)]
 mod tests;

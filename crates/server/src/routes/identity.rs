@@ -12,21 +12,34 @@ use serde_json::{Value, json};
 use twinguard_core::auth::{Principal, Scope};
 use twinguard_core::error::DomainError;
 use twinguard_core::identity::apikeys::{CreatedKey, NewApiKey};
-use twinguard_core::identity::{Identity, IdentityPatch, NewIdentity, RoleAssignment};
+use twinguard_core::identity::{Directory, Identity, IdentityPatch, NewIdentity, RoleAssignment};
+use twinguard_core::service::WRITE_WAIT;
 use zeroize::Zeroizing;
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Caller, JsonBody, ListParams, Path, PeerAddress, Query, serialized_list_page};
 
-/// Runs a directory call that hashes a password (argon2) on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DomainError> + Send + 'static,
+/// Runs a directory call that changes it (a commit that waits for the store, perhaps argon2
+/// first) on the blocking pool, in the request's span, so the runtime's threads go on serving
+/// whatever the store does. Answered within [`WRITE_WAIT`]: after it, 503 "may still be
+/// applied", while the call runs on and its change, once committed, holds as any other.
+async fn edit<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Directory) -> Result<T, DomainError> + Send + 'static,
 ) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| ApiError::internal("a directory task failed"))?
-        .map_err(ApiError::from)
+    let directory = state.tokens.directory().clone();
+    let span = tracing::Span::current();
+    let task = tokio::task::spawn_blocking(move || {
+        let _in_request = span.enter();
+        f(&directory)
+    });
+    match tokio::time::timeout(WRITE_WAIT, task).await {
+        Ok(joined) => joined
+            .map_err(|_| ApiError::internal("a directory task failed"))?
+            .map_err(ApiError::from),
+        Err(_) => Err(ApiError::from(DomainError::Unconfirmed)),
+    }
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
@@ -79,8 +92,7 @@ pub async fn create_identity(
     Caller(caller): Caller,
     JsonBody(new): JsonBody<NewIdentity>,
 ) -> ApiResult<Response> {
-    let directory = state.tokens.directory().clone();
-    let (identity, secret) = blocking(move || directory.create_identity(&caller, new)).await?;
+    let (identity, secret) = edit(&state, move |d| d.create_identity(&caller, new)).await?;
     let mut body = json!({ "identity": identity });
     if let Some(secret) = secret {
         body["clientSecret"] = json!(secret.as_str());
@@ -95,10 +107,7 @@ pub async fn update_identity(
     JsonBody(patch): JsonBody<IdentityPatch>,
 ) -> ApiResult<axum::Json<Identity>> {
     Ok(axum::Json(
-        state
-            .tokens
-            .directory()
-            .update_identity(&caller, &id, patch)?,
+        edit(&state, move |d| d.update_identity(&caller, &id, patch)).await?,
     ))
 }
 
@@ -107,7 +116,7 @@ pub async fn delete_identity(
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.tokens.directory().delete_identity(&caller, &id)?;
+    edit(&state, move |d| d.delete_identity(&caller, &id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -123,8 +132,10 @@ pub async fn set_password(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<PasswordBody>,
 ) -> ApiResult<StatusCode> {
-    let directory = state.tokens.directory().clone();
-    blocking(move || directory.set_password(&caller, &id, &body.password)).await?;
+    edit(&state, move |d| {
+        d.set_password(&caller, &id, &body.password)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -135,10 +146,7 @@ pub async fn enrolment_code(
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let (code, expires_at) = state
-        .tokens
-        .directory()
-        .issue_enrolment_code(&caller, &id)?;
+    let (code, expires_at) = edit(&state, move |d| d.issue_enrolment_code(&caller, &id)).await?;
     let mut response = (
         StatusCode::CREATED,
         axum::Json(json!({ "enrolmentCode": code.as_str(), "expiresAt": expires_at })),
@@ -153,7 +161,7 @@ pub async fn reset_mfa(
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.tokens.directory().reset_mfa(&caller, &id)?;
+    edit(&state, move |d| d.reset_mfa(&caller, &id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -162,10 +170,7 @@ pub async fn rotate_secret(
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let secret = state
-        .tokens
-        .directory()
-        .rotate_client_secret(&caller, &id)?;
+    let secret = edit(&state, move |d| d.rotate_client_secret(&caller, &id)).await?;
     Ok(axum::Json(json!({ "clientSecret": secret.as_str() })).into_response())
 }
 
@@ -176,10 +181,7 @@ pub async fn set_client_keys(
     Path(id): Path<String>,
     JsonBody(jwks): JsonBody<Value>,
 ) -> ApiResult<StatusCode> {
-    state
-        .tokens
-        .directory()
-        .set_client_keys(&caller, &id, jwks)?;
+    edit(&state, move |d| d.set_client_keys(&caller, &id, jwks)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -193,21 +195,18 @@ pub struct CsrBody {
 /// Signs a client certificate for workload `id` with the instance CA and records it.
 async fn certify(state: &AppState, caller: &Principal, id: &str, csr: &str) -> ApiResult<Response> {
     // Decide access and the identity's kind before the CA signs anything.
-    let directory = state.tokens.directory();
-    directory.authorize_certificate(caller, id)?;
+    state.tokens.directory().authorize_certificate(caller, id)?;
     let cert = state
         .ca
         .issue_client_cert(id, csr)
         .map_err(|e| ApiError::invalid_argument(e.to_string()))?;
-    directory.record_certificate(
-        caller,
-        id,
-        twinguard_core::identity::IssuedCertificate {
-            serial: cert.serial.clone(),
-            not_after: cert.not_after,
-            revoked: false,
-        },
-    )?;
+    let issued = twinguard_core::identity::IssuedCertificate {
+        serial: cert.serial.clone(),
+        not_after: cert.not_after,
+        revoked: false,
+    };
+    let (caller, id) = (caller.clone(), id.to_owned());
+    edit(state, move |d| d.record_certificate(&caller, &id, issued)).await?;
     let ca = state.ca.cert_pem();
     Ok((
         StatusCode::CREATED,
@@ -247,10 +246,7 @@ pub async fn revoke_certificate(
     Caller(caller): Caller,
     Path((id, serial)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    state
-        .tokens
-        .directory()
-        .revoke_certificate(&caller, &id, &serial)?;
+    edit(&state, move |d| d.revoke_certificate(&caller, &id, &serial)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -289,12 +285,10 @@ pub async fn create_role(
     Caller(caller): Caller,
     JsonBody(body): JsonBody<RoleBody>,
 ) -> ApiResult<Response> {
-    let role = state.tokens.directory().create_role(
-        &caller,
-        &body.name,
-        &body.description,
-        &body.actions,
-    )?;
+    let role = edit(&state, move |d| {
+        d.create_role(&caller, &body.name, &body.description, &body.actions)
+    })
+    .await?;
     Ok((StatusCode::CREATED, axum::Json(to_value(&role))).into_response())
 }
 
@@ -303,7 +297,7 @@ pub async fn delete_role(
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.tokens.directory().delete_role(&caller, &id)?;
+    edit(&state, move |d| d.delete_role(&caller, &id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -351,11 +345,10 @@ pub async fn create_assignment(
     Caller(caller): Caller,
     JsonBody(body): JsonBody<AssignmentBody>,
 ) -> ApiResult<(StatusCode, axum::Json<RoleAssignment>)> {
-    let a =
-        state
-            .tokens
-            .directory()
-            .assign(&caller, &body.principal_id, &body.role_id, body.scope)?;
+    let a = edit(&state, move |d| {
+        d.assign(&caller, &body.principal_id, &body.role_id, body.scope)
+    })
+    .await?;
     Ok((StatusCode::CREATED, axum::Json(a)))
 }
 
@@ -364,7 +357,7 @@ pub async fn delete_assignment(
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.tokens.directory().unassign(&caller, &id)?;
+    edit(&state, move |d| d.unassign(&caller, &id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -410,7 +403,7 @@ pub async fn create_api_key(
     JsonBody(new): JsonBody<NewApiKey>,
 ) -> ApiResult<Response> {
     Ok(created_key(
-        state.tokens.directory().create_api_key(&caller, new)?,
+        edit(&state, move |d| d.create_api_key(&caller, new)).await?,
     ))
 }
 
@@ -436,10 +429,7 @@ pub async fn rotate_api_key(
             .overlap_seconds
     };
     Ok(created_key(
-        state
-            .tokens
-            .directory()
-            .rotate_api_key(&caller, &id, overlap)?,
+        edit(&state, move |d| d.rotate_api_key(&caller, &id, overlap)).await?,
     ))
 }
 
@@ -448,7 +438,7 @@ pub async fn revoke_api_key(
     Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let key = state.tokens.directory().revoke_api_key(&caller, &id)?;
+    let key = edit(&state, move |d| d.revoke_api_key(&caller, &id)).await?;
     Ok(axum::Json(to_value(&key)).into_response())
 }
 
@@ -496,11 +486,11 @@ pub async fn begin_totp(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))?
     };
-    let code = body.enrolment_code.as_ref().map(|c| c.as_str());
-    let enrolment = state
-        .tokens
-        .directory()
-        .begin_totp(&caller, from, code, "twinguard")?;
+    let enrolment = edit(&state, move |d| {
+        let code = body.enrolment_code.as_ref().map(|c| c.as_str());
+        d.begin_totp(&caller, from, code, "twinguard")
+    })
+    .await?;
     let mut response = axum::Json(json!({
         "secret": enrolment.secret.as_str(),
         "otpauthUri": enrolment.uri.as_str(),
@@ -524,10 +514,7 @@ pub async fn confirm_totp(
     PeerAddress(from): PeerAddress,
     JsonBody(body): JsonBody<CodeBody>,
 ) -> ApiResult<Response> {
-    let codes = state
-        .tokens
-        .directory()
-        .confirm_totp(&caller, from, &body.code)?;
+    let codes = edit(&state, move |d| d.confirm_totp(&caller, from, &body.code)).await?;
     let mut response = axum::Json(json!({ "recoveryCodes": codes })).into_response();
     no_store(&mut response);
     Ok(response)
@@ -546,9 +533,8 @@ pub async fn change_password(
     PeerAddress(from): PeerAddress,
     JsonBody(body): JsonBody<ChangePassword>,
 ) -> ApiResult<StatusCode> {
-    let directory = state.tokens.directory().clone();
-    blocking(move || {
-        directory.change_own_password(&caller, from, &body.current_password, &body.new_password)
+    edit(&state, move |d| {
+        d.change_own_password(&caller, from, &body.current_password, &body.new_password)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)

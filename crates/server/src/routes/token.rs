@@ -16,6 +16,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::json;
+use twinguard_core::service::WRITE_WAIT;
+use twinguard_core::store::StoreError;
 use zeroize::Zeroizing;
 
 use crate::app::AppState;
@@ -250,7 +252,8 @@ pub async fn revoke(State(state): State<AppState>, body: Bytes) -> Response {
     let Some(token) = form.token else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
     };
-    match state.tokens.revoke(&token) {
+    let tokens = state.tokens.clone();
+    match off_the_runtime(move || tokens.revoke(&token)).await {
         Ok(()) => {
             let mut response = StatusCode::OK.into_response();
             response
@@ -292,18 +295,23 @@ fn parse_form(body: &[u8]) -> Result<TokenForm, ()> {
     Ok(form)
 }
 
-/// Runs `issue` on the blocking pool, in the request's span: for grants that hash a password
-/// or wait for a durable commit.
-async fn off_the_runtime(
-    issue: impl FnOnce() -> Result<Issued, TokenError> + Send + 'static,
-) -> Result<Issued, TokenError> {
+/// Runs `call` on the blocking pool, in the request's span: for grants that hash a password
+/// or wait for a durable commit, and for revocations. Answered within [`WRITE_WAIT`]: after
+/// it, 503 `temporarily_unavailable`, while the call runs on (what it commits holds).
+async fn off_the_runtime<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, TokenError> + Send + 'static,
+) -> Result<T, TokenError> {
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
+    let task = tokio::task::spawn_blocking(move || {
         let _in_request = span.enter();
-        issue()
-    })
-    .await
-    .unwrap_or(Err(TokenError::Signing))
+        call()
+    });
+    match tokio::time::timeout(WRITE_WAIT, task).await {
+        Ok(joined) => joined.unwrap_or(Err(TokenError::Signing)),
+        Err(_) => Err(TokenError::Store(StoreError(
+            "the store did not confirm the write in time; it may still be applied".into(),
+        ))),
+    }
 }
 
 #[cfg(test)]
