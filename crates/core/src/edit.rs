@@ -24,6 +24,11 @@ use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 /// ([`crate::service::WRITE_WAIT`]).
 pub const EDIT_WAIT: Duration = crate::service::WRITE_WAIT;
 
+/// How long an owner's follower of other nodes' changes waits for the turn before it hands the
+/// keys back to be read at its next step ([`crate::follow::Follower::changed`]): the follower
+/// hands every owner its changes, so an edit the store holds must not hold it.
+pub const FOLLOWER_WAIT: Duration = Duration::from_millis(50);
+
 /// Memory of type `S` read by requests and changed by edits that wait for the store.
 #[derive(Debug, Default)]
 pub struct EditLock<S> {

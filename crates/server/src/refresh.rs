@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use twinguard_core::edit::{Edit, EditLock};
+use twinguard_core::edit::{Edit, EditLock, FOLLOWER_WAIT};
 use twinguard_core::identity::credentials::{random_secret, secret_digest};
 use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
 use zeroize::Zeroizing;
@@ -195,8 +195,7 @@ impl RefreshTokens {
         })
     }
 
-    /// Whether `family` is live: issued, not revoked, not expired (a lock failure counts as
-    /// not live: fail closed).
+    /// Whether `family` is live: issued, not revoked, not expired.
     pub fn family_live(&self, family: &str) -> bool {
         let now = now_secs();
         self.records
@@ -278,6 +277,17 @@ impl RefreshTokens {
             return Ok(Redeemed::Invalid);
         }
         let digest = secret_digest(token);
+        // A token neither this node nor the store knows takes no turn: the grant needs no other
+        // credential, so guesses must not wait behind an edit the store holds.
+        let known = self.records.read().by_digest.contains_key(&digest)
+            || self
+                .store
+                .get_many(Table::RefreshTokens, std::slice::from_ref(&digest))?
+                .iter()
+                .any(Option::is_some);
+        if !known {
+            return Ok(Redeemed::Invalid);
+        }
         let mut records = self.lock()?;
         // Decided on the record as the store holds it, and spent only if it still holds that:
         // on a store that several nodes share, a token presented to two of them at once is
@@ -374,10 +384,14 @@ impl RefreshTokens {
     }
 
     /// Reads the records `digests` again, as another node that shares the store changed them
-    /// (see `twinguard_core::follow`): a family revoked there is refused here.
-    pub fn changed(&self, digests: &[String]) -> Result<(), StoreError> {
-        let mut records = self.lock()?;
-        self.reread(&mut records, digests).map(|_| ())
+    /// (see `twinguard_core::follow`): a family revoked there is refused here. While a change
+    /// of this node holds the turn, returns the digests, to be handed again at the next step.
+    pub fn changed(&self, digests: &[String]) -> Result<Vec<String>, StoreError> {
+        let Ok(mut records) = self.records.edit_within(FOLLOWER_WAIT) else {
+            return Ok(digests.to_vec());
+        };
+        self.reread(&mut records, digests)?;
+        Ok(Vec::new())
     }
 
     /// Reads every record again (the follower fell behind the store's change log).
@@ -400,6 +414,11 @@ impl RefreshTokens {
             return Ok(false);
         }
         let digest = secret_digest(token);
+        // Only a token of ours takes the turn: the revocation endpoint needs no credential, so
+        // guesses must not wait behind a change the store holds.
+        if !self.records.read().by_digest.contains_key(&digest) {
+            return Ok(false);
+        }
         let mut records = self.lock()?;
         let Some(family) = records.by_digest.get(&digest).map(|r| r.family.clone()) else {
             return Ok(false);
@@ -568,6 +587,39 @@ mod tests {
             changer.join().unwrap();
         }
         assert!(waited.is_empty(), "sessions waited for: {waited:?}");
+    }
+
+    /// The revocation endpoint needs no credential and the refresh grant no other than the
+    /// token: a token nobody issued is answered without waiting for a change the store holds,
+    /// and so are the follower's keys (handed back, to be read at its next step).
+    #[test]
+    fn guesses_and_the_follower_do_not_wait_behind_a_change_the_store_holds() {
+        use std::time::Duration;
+        use twinguard_core::store::stalling::StallingStore;
+
+        let store = Arc::new(StallingStore::default());
+        let tokens = Arc::new(RefreshTokens::open(store.clone()).unwrap());
+        let live = tokens.issue(family("alice", false, 1, None)).unwrap();
+        let digest = secret_digest(&live.token);
+        store.stall();
+        let changing = tokens.clone();
+        let changer = std::thread::spawn(move || changing.revoke(&live.token).unwrap());
+        assert!(store.wait_for_held(1, Duration::from_secs(10)));
+        let (answer, answered) = std::sync::mpsc::channel();
+        let guessing = tokens.clone();
+        std::thread::spawn(move || {
+            let revoked = guessing.revoke("tgr_guessed").unwrap();
+            let redeemed = guessing.redeem("tgr_guessed").unwrap();
+            let handed_back = guessing.changed(std::slice::from_ref(&digest)).unwrap();
+            let _ = answer.send((revoked, matches!(redeemed, Redeemed::Invalid), handed_back));
+        });
+        let (revoked, invalid, handed_back) = answered
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a guess or the follower waited for the store");
+        assert!(!revoked && invalid);
+        assert_eq!(handed_back.len(), 1);
+        store.release();
+        assert!(changer.join().unwrap());
     }
 
     /// Two nodes on one shared store, each with the tokens in memory: a token presented to

@@ -975,8 +975,7 @@ impl twinguard_core::follow::Follower for TokenService {
     /// node's own revocation cannot undo it.
     fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
         if table == Table::RefreshTokens {
-            self.refresh.changed(keys)?;
-            return Ok(Vec::new());
+            return self.refresh.changed(keys);
         }
         if table == Table::Secrets {
             if keys.iter().any(|k| k == names::TOKEN_KEYS) {

@@ -155,7 +155,7 @@ impl Directory {
             )));
         }
         {
-            let state = self.read_state()?;
+            let state = self.state.read();
             let owner = state
                 .records
                 .get(&new.owner_id)
@@ -278,7 +278,7 @@ impl Directory {
 
     pub fn api_keys(&self, caller: &Principal) -> DomainResult<Vec<ApiKey>> {
         caller.authorize_instance(Action::KeysWrite)?;
-        let state = self.read_state()?;
+        let state = self.state.read();
         let mut keys: Vec<ApiKey> = state.api_keys.values().map(|r| r.key.clone()).collect();
         // A total order, so pages neither repeat nor skip.
         keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));

@@ -468,13 +468,16 @@ impl crate::follow::Follower for Directory {
     }
 
     /// Read in an edit's turn, which the directory's own changes hold across their commit: no
-    /// change of this node lands between the read and the update, so none is undone.
+    /// change of this node lands between the read and the update, so none is undone. While an
+    /// edit of this node holds the turn, the keys are handed back for the next step.
     fn changed(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
         if table == Table::Backoff {
             self.read_failures(keys)?;
             return Ok(Vec::new());
         }
-        let mut state = self.write_state()?;
+        let Ok(mut state) = self.state.edit_within(crate::edit::FOLLOWER_WAIT) else {
+            return Ok(keys.to_vec());
+        };
         let values = state.unlocked(|| self.store.get_many(table, keys))?;
         for (key, value) in keys.iter().zip(values) {
             match value {
@@ -528,7 +531,7 @@ impl Directory {
         // throttled on each node, and never become records in the store. Addresses up to
         // `MAX_PUBLISHED_ADDRESSES` at once.
         let known = {
-            let state = self.read_state().map_err(|e| StoreError(e.to_string()))?;
+            let state = self.state.read();
             let mut addresses = self
                 .published_addresses
                 .lock()
@@ -862,10 +865,6 @@ impl Directory {
         u64::try_from(self.clock.now().unix_timestamp()).unwrap_or(0)
     }
 
-    fn read_state(&self) -> DomainResult<parking_lot::RwLockReadGuard<'_, State>> {
-        Ok(self.state.read())
-    }
-
     /// An edit of the directory, in its turn (see [`crate::edit`]).
     fn write_state(&self) -> Result<Edit<'_, State>, StoreError> {
         self.state
@@ -965,14 +964,12 @@ impl Directory {
     }
 
     fn lock(&self) -> DomainResult<Edit<'_, State>> {
-        self.state.edit().map_err(|_| DomainError::Unavailable)
+        self.write_state().map_err(|_| DomainError::Unavailable)
     }
 
     /// Number of identities; the first start creates the first administrator when it is zero.
     pub fn is_empty(&self) -> bool {
-        self.read_state()
-            .map(|s| s.records.is_empty())
-            .unwrap_or(false)
+        self.state.read().records.is_empty()
     }
 
     /// A client ID and secret for the first administrator, not yet registered: the caller
@@ -1467,7 +1464,7 @@ impl Directory {
         Self::self_service(caller)?;
         let account = self.person_account_of(&caller.subject)?;
         let stored = {
-            let state = self.read_state()?;
+            let state = self.state.read();
             state
                 .records
                 .get(&caller.subject)
@@ -1511,7 +1508,7 @@ impl Directory {
     /// The throttle account of a person: the same key whether a guess comes in by login or by
     /// a self-service check.
     fn person_account_of(&self, id: &str) -> DomainResult<String> {
-        let state = self.read_state()?;
+        let state = self.state.read();
         let record = state
             .records
             .get(id)
@@ -1579,7 +1576,7 @@ impl Directory {
 
     pub fn identities(&self, caller: &Principal) -> DomainResult<Vec<Identity>> {
         caller.authorize_instance(Action::IdentitiesRead)?;
-        let state = self.read_state()?;
+        let state = self.state.read();
         let mut out: Vec<Identity> = state.records.values().map(|r| r.identity.clone()).collect();
         // A total order (names are unique, ids break any tie), so pages neither repeat nor skip.
         out.sort_by(|a, b| (a.name.to_lowercase(), &a.id).cmp(&(b.name.to_lowercase(), &b.id)));
@@ -1591,7 +1588,7 @@ impl Directory {
         if caller.subject != id {
             caller.authorize_instance(Action::IdentitiesRead)?;
         }
-        let state = self.read_state()?;
+        let state = self.state.read();
         state
             .records
             .get(id)
@@ -1751,8 +1748,7 @@ impl Directory {
     /// Sets a user's password (an administrator's reset); every session of the person ends.
     pub fn set_password(&self, caller: &Principal, id: &str, password: &str) -> DomainResult<()> {
         caller.authorize_instance(Action::IdentitiesWrite)?;
-        self.read_state()
-            .and_then(|s| bounded(&s, caller, Action::IdentitiesWrite, id))?;
+        bounded(&self.state.read(), caller, Action::IdentitiesWrite, id)?;
         let hash = hash_new_password(password)?;
         self.update_record(Some((caller, Action::IdentitiesWrite)), id, |r| {
             if r.identity.kind != IdentityKind::User {
@@ -1892,7 +1888,7 @@ impl Directory {
         if !renewal {
             caller.authorize_instance(Action::KeysWrite)?;
         }
-        let state = self.read_state()?;
+        let state = self.state.read();
         let record = state
             .records
             .get(id)
@@ -1984,14 +1980,14 @@ impl Directory {
 
     /// Built-in and custom roles. Role definitions are not secret: any caller may list them.
     pub fn roles(&self) -> DomainResult<Vec<RoleView>> {
-        let state = self.read_state()?;
+        let state = self.state.read();
         let mut out: Vec<RoleView> = builtin_roles().iter().map(RoleView::from).collect();
         out.extend(state.roles.values().map(RoleView::from));
         Ok(out)
     }
 
     pub fn role(&self, id: &str) -> DomainResult<RoleView> {
-        let state = self.read_state()?;
+        let state = self.state.read();
         state
             .role(id)
             .map(|r| RoleView::from(&r))
@@ -2093,7 +2089,7 @@ impl Directory {
         if principal_id != Some(caller.subject.as_str()) {
             caller.authorize_instance(Action::IdentitiesRead)?;
         }
-        let state = self.read_state()?;
+        let state = self.state.read();
         Ok(state
             .assignments
             .values()

@@ -332,3 +332,44 @@ fn an_edit_behind_one_waiting_for_the_store_gives_up_after_its_wait() {
     plant.store.release();
     assert!(editor.join().unwrap().is_ok());
 }
+
+/// The follower of other nodes' changes hands every owner its keys on one thread: while an
+/// edit of this node waits for the store, the directory hands its keys back at once, to be
+/// read at the next step, rather than holding the follower (and the other owners' changes,
+/// such as revocations) behind the edit.
+#[test]
+fn the_follower_is_handed_its_keys_back_while_an_edit_waits_for_the_store() {
+    use crate::follow::Follower;
+
+    let plant = Arc::new(plant());
+    plant.store.stall();
+    let _release = Release(plant.store.clone());
+    let editing = plant.clone();
+    let editor = std::thread::spawn(move || {
+        editing
+            .dir
+            .reset_mfa(&editing.admin, &editing.enrolled.subject)
+    });
+    assert!(plant.store.wait_for_held(1, Duration::from_secs(10)));
+    let (done, followed) = mpsc::channel();
+    let following = plant.clone();
+    std::thread::spawn(move || {
+        let keys = [following.plain.subject.clone()];
+        let _ = done.send(following.dir.changed(Table::Identities, &keys));
+    });
+    let handed_back = followed
+        .recv_timeout(Duration::from_secs(2))
+        .expect("the follower waited for the edit");
+    assert_eq!(
+        handed_back.unwrap(),
+        std::slice::from_ref(&plant.plain.subject)
+    );
+    plant.store.release();
+    assert!(editor.join().unwrap().is_ok());
+    // With the turn free, the keys are taken.
+    let taken = plant.dir.changed(
+        Table::Identities,
+        std::slice::from_ref(&plant.plain.subject),
+    );
+    assert!(taken.unwrap().is_empty());
+}
