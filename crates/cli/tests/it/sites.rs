@@ -549,6 +549,9 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
     let sites = async {
         let (losing, lost) = lose_site(&standby, lost_at).await;
         tokio::time::sleep_until(back_at.into()).await;
+        // The outage ends as the standby starts: it takes the primary's stream, and the held
+        // commits are released, before `start` returns and `back` is taken.
+        let returning = Instant::now();
         let back = tokio::task::block_in_place(|| {
             standby.start(&STANDBY, None);
             let back = Instant::now();
@@ -557,21 +560,36 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         });
         let (losing_again, lost_again) = lose_site(&standby, lost_again_at).await;
         tokio::time::sleep_until(dropped_at.into()).await;
+        // Likewise the second ends as the operator starts dropping the standby.
+        let dropping = Instant::now();
         let dropped = tokio::task::block_in_place(|| {
             primary.sql("ALTER SYSTEM SET synchronous_standby_names = ''");
             primary.sql("SELECT pg_reload_conf()");
             Instant::now()
         });
-        (losing, lost, back, losing_again, lost_again, dropped)
+        (
+            losing,
+            lost,
+            returning,
+            back,
+            losing_again,
+            lost_again,
+            dropping,
+            dropped,
+        )
     };
-    let (_, reads, administered, (losing, lost, back, losing_again, lost_again, dropped)) =
-        tokio::join!(writers, reads, administration, sites);
+    let (
+        _,
+        reads,
+        administered,
+        (losing, lost, returning, back, losing_again, lost_again, dropping, dropped),
+    ) = tokio::join!(writers, reads, administration, sites);
     let load = std::mem::take(&mut *load.lock().unwrap());
 
     // A commit the standby confirmed just before it went is acknowledged just after.
     let slack = Duration::from_millis(500);
-    let first_outage = acknowledged_between(&load, lost + slack, back);
-    let second_outage = acknowledged_between(&load, lost_again + slack, dropped);
+    let first_outage = acknowledged_between(&load, lost + slack, returning);
+    let second_outage = acknowledged_between(&load, lost_again + slack, dropping);
     assert!(
         first_outage.is_empty(),
         "acknowledged without the standby: {first_outage:?}"
@@ -631,7 +649,7 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         .iter()
         .filter(|(sent, status, took)| {
             let answered = *sent + *took;
-            *status == Some(201) && answered > lost + slack && answered < back
+            *status == Some(201) && answered > lost + slack && answered < returning
         })
         .collect();
     assert!(
