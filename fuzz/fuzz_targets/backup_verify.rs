@@ -43,10 +43,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut writer) = Writer::new(Vec::new(), reader.header()) else {
         panic!("the header of a bundle that verified cannot be written");
     };
-    let mut file: Option<(&str, Vec<u8>)> = None;
-    let flush = |writer: &mut Writer<Vec<u8>>, file: &mut Option<(&str, Vec<u8>)>| {
+    let mut file: Option<(String, Vec<u8>)> = None;
+    let flush = |writer: &mut Writer<Vec<u8>>, file: &mut Option<(String, Vec<u8>)>| {
         if let Some((name, bytes)) = file.take() {
-            assert!(writer.file(name, &bytes[..]).is_ok());
+            assert!(writer.file(&name, &bytes[..]).is_ok());
         }
     };
     while let Ok(Some(item)) = reader.next_item() {

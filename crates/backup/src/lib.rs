@@ -17,7 +17,8 @@
 //! every byte before the `'E'`; nothing may follow it. A reader refuses, before anything is
 //! restored, a bundle whose note does not verify or does not match what it read, and a bundle
 //! that breaks the format's rules: a record out of key order or repeated, a table it does not
-//! know, a file not on [`FILES`] or in pieces, a length past its limit. The order rule makes the
+//! know, a file not on [`FILES`] nor a node's ([`node_file`]) or in pieces, a length past its
+//! limit. The order rule makes the
 //! bundle of a given store one sequence of bytes: nothing in it can be repeated or shadowed.
 //!
 //! The note's first line, `twinguard-backup 1`, cannot begin an audit checkpoint (whose first
@@ -44,6 +45,13 @@ pub const FILES: [&str; 4] = [
     "checkpoint",
     "checkpoint.pub",
 ];
+
+/// The files of one node's audit log as the database keeps it (a PostgreSQL instance's nodes,
+/// `docs/audit.md`), in this order, under `nodes/<node>/` ([`node_file`]): after [`FILES`],
+/// by node name.
+pub const NODE_FILES: [&str; 3] = ["entries.jsonl", "checkpoints.log", "checkpoint.pub"];
+/// The longest node name a bundle carries (the server's names are 16 hex digits).
+const MAX_NODE_NAME: usize = 64;
 
 const MAX_HEADER: u32 = 64 * 1024;
 const MAX_KEY: u32 = 64 * 1024;
@@ -94,8 +102,9 @@ pub enum Item {
         key: String,
         value: Vec<u8>,
     },
-    /// The next piece of one of [`FILES`]; a file's pieces are consecutive.
-    Chunk { file: &'static str, bytes: Vec<u8> },
+    /// The next piece of one of [`FILES`] or of a node's log ([`node_file`]), named by its
+    /// path in the archive; a file's pieces are consecutive.
+    Chunk { file: String, bytes: Vec<u8> },
 }
 
 /// What a verified bundle held.
@@ -104,7 +113,7 @@ pub struct Summary {
     pub header: Header,
     pub records: u64,
     /// Each file carried, with its length.
-    pub files: Vec<(&'static str, u64)>,
+    pub files: Vec<(String, u64)>,
     /// The SHA-256 of the whole bundle file, as hex: its name in logs and markers.
     pub sha256: String,
 }
@@ -146,6 +155,34 @@ fn table_index(table: Table) -> usize {
 
 /// Where a record sorts in a bundle: part, then table in [`Table::ALL`]'s order, then key.
 type Position = (u8, usize, String);
+
+/// Where a file sorts in a bundle: the trail's own ([`FILES`], node `""`) first, then each
+/// node's by name; within each, in the list's order.
+type FileOrder = (String, usize);
+
+/// Whether `node` is a name a bundle carries a log under: 1 to 64 lower-case letters and digits
+/// (so it is one path component, and sorts the same as bytes and as text).
+pub fn valid_node_name(node: &str) -> bool {
+    (1..=MAX_NODE_NAME).contains(&node.len())
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The name in a bundle, and the path in the archive, of one of [`NODE_FILES`] of `node`'s log.
+pub fn node_file(node: &str, file: &str) -> String {
+    format!("nodes/{node}/{file}")
+}
+
+/// Where the file `name` sorts, if a bundle may hold it.
+fn file_order(name: &str) -> Option<FileOrder> {
+    if let Some(index) = FILES.iter().position(|f| *f == name) {
+        return Some((String::new(), index));
+    }
+    let (node, file) = name.strip_prefix("nodes/")?.split_once('/')?;
+    let index = NODE_FILES.iter().position(|f| *f == file)?;
+    valid_node_name(node).then(|| (node.to_owned(), index))
+}
 
 /// Counts and hashes every byte that passes.
 struct Hashing<T> {
@@ -191,7 +228,7 @@ pub struct Writer<W: Write> {
     out: Hashing<W>,
     instance: String,
     last: Option<Position>,
-    next_file: usize,
+    last_file: Option<FileOrder>,
     records: u64,
     files: u64,
 }
@@ -217,7 +254,7 @@ impl<W: Write> Writer<W> {
             out,
             instance: header.instance_id.clone(),
             last: None,
-            next_file: 0,
+            last_file: None,
             records: 0,
             files: 0,
         })
@@ -241,7 +278,7 @@ impl<W: Write> Writer<W> {
                 table.name()
             )));
         }
-        if self.next_file > 0 {
+        if self.last_file.is_some() {
             return Err(BackupError::Writer("a record after the files".into()));
         }
         let position = (part.byte(), table_index(table), key.to_owned());
@@ -265,13 +302,11 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
-    /// Adds one of [`FILES`] (in their order; any may be left out) from `content`, in chunks.
-    /// Returns its length.
+    /// Adds one of [`FILES`], or of a node's log ([`node_file`]), from `content`, in chunks:
+    /// in their order, any of them left out. Returns its length.
     pub fn file(&mut self, name: &str, mut content: impl Read) -> Result<u64, BackupError> {
-        let index = FILES
-            .iter()
-            .position(|f| *f == name)
-            .filter(|i| *i >= self.next_file)
+        let order = file_order(name)
+            .filter(|order| self.last_file.as_ref().is_none_or(|last| last < order))
             .ok_or_else(|| {
                 BackupError::Writer(format!("{name} is not a file a bundle holds here"))
             })?;
@@ -289,7 +324,7 @@ impl<W: Write> Writer<W> {
                 break;
             }
         }
-        self.next_file = index + 1;
+        self.last_file = Some(order);
         self.files += 1;
         Ok(total)
     }
@@ -354,13 +389,12 @@ pub struct Reader<R: Read> {
     verifier: NoteVerifier,
     header: Header,
     last: Option<Position>,
-    /// The file being read, whether its last piece was full (so more must follow), and how
-    /// many of [`FILES`] may no longer start.
-    file: Option<usize>,
+    /// The file being read (or last read), and whether its last piece was full (so more of it
+    /// must follow).
+    file: Option<FileOrder>,
     file_open: bool,
-    next_file: usize,
     records: u64,
-    files: Vec<(&'static str, u64)>,
+    files: Vec<(String, u64)>,
     whole: Option<Sha256>,
     done: bool,
 }
@@ -402,7 +436,6 @@ impl<R: Read> Reader<R> {
             last: None,
             file: None,
             file_open: false,
-            next_file: 0,
             records: 0,
             files: Vec::new(),
             whole: None,
@@ -477,31 +510,28 @@ impl<R: Read> Reader<R> {
     }
 
     fn chunk(&mut self) -> Result<Item, BackupError> {
-        let name = read_name(&mut self.input)?;
-        let index = FILES
-            .iter()
-            .position(|f| f.as_bytes() == name.as_slice())
-            .ok_or_else(|| malformed("a file that a bundle does not hold"))?;
+        let name = String::from_utf8(read_name(&mut self.input)?)
+            .map_err(|_| malformed("a file that a bundle does not hold"))?;
+        let order =
+            file_order(&name).ok_or_else(|| malformed("a file that a bundle does not hold"))?;
         let bytes = read_bytes(&mut self.input, MAX_CHUNK, "a file piece")?;
-        match self.file {
-            Some(current) if current == index && self.file_open => {}
+        match &self.file {
+            Some(current) if *current == order && self.file_open => {}
             _ if self.file_open => return Err(malformed("a file is cut short")),
-            _ if index >= self.next_file => {
-                self.file = Some(index);
-                self.next_file = index + 1;
-                self.files.push((FILES[index], 0));
+            Some(last) if *last >= order => {
+                return Err(malformed("a file is in pieces or out of order"));
             }
-            _ => return Err(malformed("a file is in pieces or out of order")),
+            _ => {
+                self.file = Some(order);
+                self.files.push((name.clone(), 0));
+            }
         }
         // Only a full piece is followed by more of the same file.
         self.file_open = bytes.len() == MAX_CHUNK as usize;
         if let Some((_, len)) = self.files.last_mut() {
             *len += bytes.len() as u64;
         }
-        Ok(Item::Chunk {
-            file: FILES[index],
-            bytes,
-        })
+        Ok(Item::Chunk { file: name, bytes })
     }
 
     /// `signed`: the hash of every byte before the `'E'`, and their count.

@@ -18,6 +18,13 @@ fn header() -> Header {
     }
 }
 
+/// Names and lengths as a [`Summary`] lists files.
+fn files(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+    list.iter()
+        .map(|(name, len)| ((*name).to_owned(), *len))
+        .collect()
+}
+
 /// A small bundle with records in two stores and two audit files, one of them empty.
 fn bundle(signer: &NoteSigner) -> Vec<u8> {
     let mut writer = Writer::new(Vec::new(), &header()).unwrap();
@@ -70,14 +77,14 @@ fn a_bundle_reads_back_every_record_and_file_in_order() {
     assert_eq!(
         items[5],
         Item::Chunk {
-            file: "checkpoint",
+            file: "checkpoint".into(),
             bytes: Vec::new()
         }
     );
     assert_eq!(summary.records, 4);
     assert_eq!(
         summary.files,
-        vec![("entries.jsonl", 10), ("checkpoint", 0)]
+        files(&[("entries.jsonl", 10), ("checkpoint", 0)])
     );
     assert_eq!(summary.header, header());
     let expected: String = Sha256::digest(&bytes)
@@ -115,7 +122,10 @@ fn a_file_larger_than_a_chunk_is_written_in_pieces_and_read_back_whole() {
         })
         .collect();
     assert_eq!(joined, content);
-    assert_eq!(summary.files, vec![("entries.jsonl", content.len() as u64)]);
+    assert_eq!(
+        summary.files,
+        files(&[("entries.jsonl", content.len() as u64)])
+    );
 }
 
 #[test]
@@ -197,17 +207,23 @@ fn the_hand_made_bundle_of_the_checks_below_verifies_when_it_keeps_the_rules() {
         file_frame("entries.jsonl", &vec![b'x'; MAX_CHUNK as usize]),
         file_frame("entries.jsonl", b"y"),
         file_frame("checkpoint", b"z"),
+        file_frame("nodes/0a1b/entries.jsonl", b"n"),
+        file_frame("nodes/0a1b/checkpoint.pub", b"k"),
+        file_frame("nodes/ff/checkpoints.log", b"c"),
     ]
     .concat();
-    let bytes = hand_made(&signer, &frames, 2, 2);
+    let bytes = hand_made(&signer, &frames, 2, 5);
     let summary = verify(&bytes[..], &verifier, io::sink()).unwrap();
     assert_eq!(summary.records, 2);
     assert_eq!(
         summary.files,
-        vec![
+        files(&[
             ("entries.jsonl", u64::from(MAX_CHUNK) + 1),
-            ("checkpoint", 1)
-        ]
+            ("checkpoint", 1),
+            ("nodes/0a1b/entries.jsonl", 1),
+            ("nodes/0a1b/checkpoint.pub", 1),
+            ("nodes/ff/checkpoints.log", 1),
+        ])
     );
     assert_eq!(testing::sign_frames(&header(), &frames, &signer), bytes);
 }
@@ -283,6 +299,82 @@ fn a_signed_bundle_that_breaks_the_format_is_refused() {
         (
             "a file off the list",
             file_frame("../../secrets/token-keys.json", b"x"),
+            0,
+            1,
+        ),
+        (
+            "a node's file whose node is a path",
+            file_frame("nodes/../entries.jsonl", b"x"),
+            0,
+            1,
+        ),
+        (
+            "a node's file under a name that is not lower-case letters and digits",
+            file_frame("nodes/Ab/entries.jsonl", b"x"),
+            0,
+            1,
+        ),
+        (
+            "a node's file with an empty node name",
+            file_frame("nodes//entries.jsonl", b"x"),
+            0,
+            1,
+        ),
+        (
+            "a node's file with a node name past its limit",
+            file_frame(&node_file(&"a".repeat(65), "entries.jsonl"), b"x"),
+            0,
+            1,
+        ),
+        (
+            "a node's file off its list",
+            file_frame("nodes/ab/audit-key", b"x"),
+            0,
+            1,
+        ),
+        (
+            "a node's file deeper down",
+            file_frame("nodes/ab/cd/entries.jsonl", b"x"),
+            0,
+            1,
+        ),
+        (
+            "a node's file before the trail's own",
+            [
+                file_frame("nodes/ab/entries.jsonl", b"x"),
+                file_frame("checkpoint", b"y"),
+            ]
+            .concat(),
+            0,
+            2,
+        ),
+        (
+            "nodes out of order",
+            [
+                file_frame("nodes/b/entries.jsonl", b"x"),
+                file_frame("nodes/a/entries.jsonl", b"y"),
+            ]
+            .concat(),
+            0,
+            2,
+        ),
+        (
+            "a node's files out of order",
+            [
+                file_frame("nodes/a/checkpoint.pub", b"x"),
+                file_frame("nodes/a/entries.jsonl", b"y"),
+            ]
+            .concat(),
+            0,
+            2,
+        ),
+        (
+            "a node's file twice",
+            [
+                file_frame("nodes/a/entries.jsonl", b"x"),
+                file_frame("nodes/a/entries.jsonl", b"y"),
+            ]
+            .concat(),
             0,
             1,
         ),
@@ -396,8 +488,26 @@ fn the_writer_refuses_what_the_reader_would() {
             .is_err()
     );
     assert!(writer.file("secrets/audit-key", &b""[..]).is_err());
+    assert!(writer.file("nodes/../audit-key", &b""[..]).is_err());
     writer.file("checkpoint", &b""[..]).unwrap();
     assert!(writer.file("entries.jsonl", &b""[..]).is_err());
+    writer
+        .file(&node_file("b", "checkpoints.log"), &b""[..])
+        .unwrap();
+    assert!(
+        writer
+            .file(&node_file("b", "entries.jsonl"), &b""[..])
+            .is_err()
+    );
+    assert!(
+        writer
+            .file(&node_file("a", "entries.jsonl"), &b""[..])
+            .is_err()
+    );
+    assert!(writer.file("checkpoint.pub", &b""[..]).is_err());
+    writer
+        .file(&node_file("b", "checkpoint.pub"), &b""[..])
+        .unwrap();
     assert!(
         writer
             .record(Part::History, Table::History, "z", b"")
@@ -465,7 +575,10 @@ proptest! {
                 (0u8..3, prop::sample::select(vec!["twins", "models", "history", "meta", "x"]),
                  "[a-c]{0,2}", proptest::collection::vec(any::<u8>(), 0..4))
                     .prop_map(|(part, table, key, value)| record_frame(part, table, &key, &value)),
-                (prop::sample::select(FILES.to_vec()), proptest::collection::vec(any::<u8>(), 0..4))
+                (prop::sample::select(vec![
+                    "entries.jsonl", "checkpoint", "checkpoint.pub", "nodes/a/entries.jsonl",
+                    "nodes/a/checkpoint.pub", "nodes/b/checkpoints.log", "nodes/B/checkpoints.log",
+                ]), proptest::collection::vec(any::<u8>(), 0..4))
                     .prop_map(|(name, bytes)| file_frame(name, &bytes)),
                 proptest::collection::vec(any::<u8>(), 1..3),
             ],
@@ -483,7 +596,7 @@ proptest! {
                         writer.record(part, table, &key, &value).unwrap();
                     }
                     Item::Chunk { file, bytes } => {
-                        writer.file(file, &bytes[..]).unwrap();
+                        writer.file(&file, &bytes[..]).unwrap();
                     }
                 }
             }

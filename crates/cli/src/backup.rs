@@ -11,14 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use twinguard_audit::log::CHECKPOINT_SEPARATOR;
 use twinguard_audit::note::{NoteSigner, NoteVerifier};
-use twinguard_backup::{FILES, Header, Item, Part, VerifiedBundle, Writer};
+use twinguard_backup::{
+    FILES, Header, Item, NODE_FILES, Part, VerifiedBundle, Writer, node_file, valid_node_name,
+};
 use twinguard_core::store::{
-    Mutation, RESTORE_MARKER, Store, Table, for_each_record, restore_unfinished,
+    Mutation, RESTORE_MARKER, Store, StoreError, Table, for_each_record, restore_unfinished,
 };
 use twinguard_server::datadir::{DataDir, Instance};
 use twinguard_server::startup::StoreConfig;
-use twinguard_store_postgres::Hold;
+use twinguard_store_postgres::{Hold, PgStore};
 use twinguard_store_redb::RedbStore;
 
 /// How long a backup or restore waits for a node to let a PostgreSQL store go: not long, since
@@ -92,6 +95,9 @@ pub fn backup(data_dir: &Path, store: &StoreConfig, out: &Path) -> anyhow::Resul
     } else {
         None
     };
+    // Every node's audit log as the database keeps it: the one place the logs of nodes whose
+    // disks are gone survive (`docs/audit.md`, "Several nodes").
+    let node_logs = store.audit_database()?;
 
     let file = OpenOptions::new()
         .write(true)
@@ -103,9 +109,12 @@ pub fn backup(data_dir: &Path, store: &StoreConfig, out: &Path) -> anyhow::Resul
         BufWriter::new(file),
         &data_dir,
         &instance,
-        store,
-        main.as_ref(),
-        history.as_ref(),
+        &Sources {
+            config: store,
+            main: main.as_ref(),
+            history: history.as_ref(),
+            node_logs: node_logs.as_deref(),
+        },
         &signer,
     );
     let (file, counts, digest) = match written {
@@ -151,6 +160,9 @@ struct Counts {
     devices: u64,
     history: u64,
     audit_bytes: u64,
+    /// Nodes whose audit logs came from the database, and their entries.
+    nodes: u64,
+    node_entries: u64,
 }
 
 impl Counts {
@@ -169,7 +181,7 @@ impl Counts {
     }
 
     fn describe(&self) -> String {
-        format!(
+        let mut text = format!(
             "{} records: {} models, {} twins, {} relationships, {} identities, {} devices, \
              {} history readings; audit trail {} bytes",
             self.records,
@@ -180,19 +192,39 @@ impl Counts {
             self.devices,
             self.history,
             self.audit_bytes
-        )
+        );
+        if self.nodes > 0 {
+            text.push_str(&format!(
+                ", with the audit logs of {} nodes from the database ({} entries)",
+                self.nodes, self.node_entries
+            ));
+        }
+        text
     }
+}
+
+/// What a bundle is read from, besides the data directory's audit trail.
+struct Sources<'a> {
+    config: &'a StoreConfig,
+    main: &'a dyn Store,
+    history: Option<&'a RedbStore>,
+    /// The database that keeps the nodes' audit logs (a PostgreSQL store).
+    node_logs: Option<&'a PgStore>,
 }
 
 fn write_bundle(
     out: BufWriter<File>,
     data_dir: &DataDir,
     instance: &Instance,
-    config: &StoreConfig,
-    main: &dyn Store,
-    history: Option<&RedbStore>,
+    sources: &Sources<'_>,
     signer: &NoteSigner,
 ) -> anyhow::Result<(File, Counts, String)> {
+    let Sources {
+        config,
+        main,
+        history,
+        node_logs,
+    } = *sources;
     let header = Header {
         format: twinguard_backup::FORMAT,
         instance_id: instance.instance_id.clone(),
@@ -234,9 +266,116 @@ fn write_bundle(
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
+    if let Some(database) = node_logs {
+        write_node_logs(&mut writer, database, &mut counts)?;
+    }
     let (out, digest) = writer.finish_with_digest(signer)?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
     Ok((file, counts, digest))
+}
+
+/// Each node's audit log in the database, as the files of a log directory that `twinguard audit
+/// verify` reads (`nodes/<node>/`): its entries in index order, one per line (a gap in the
+/// indexes is left for the verifier to name), its signed checkpoints, and the verifier key the
+/// database names for it. Read a page at a time.
+fn write_node_logs(
+    writer: &mut Writer<BufWriter<File>>,
+    database: &PgStore,
+    counts: &mut Counts,
+) -> anyhow::Result<()> {
+    let mut nodes = database.audit_nodes()?;
+    // In the bundle's order (bytes), whatever the database's collation.
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    for node in &nodes {
+        ensure!(
+            valid_node_name(&node.node),
+            "the database keeps an audit log under a name no node has (twinguard_audit_nodes): \
+             the database was changed by hand"
+        );
+        let name = node.node.as_str();
+        let [entries, checkpoints, key] = NODE_FILES;
+        let mut from = 0u64;
+        let mut read = 0u64;
+        writer.file(
+            &node_file(name, entries),
+            Pages::new(|| {
+                let page = database.audit_entries(name, from)?;
+                let Some(&(last, _)) = page.last() else {
+                    return Ok(None);
+                };
+                from = last + 1;
+                read += page.len() as u64;
+                Ok(Some(page.into_iter().fold(
+                    Vec::new(),
+                    |mut out, (_, e)| {
+                        out.extend_from_slice(&e);
+                        out.push(b'\n');
+                        out
+                    },
+                )))
+            }),
+        )?;
+        let mut from = 0u64;
+        writer.file(
+            &node_file(name, checkpoints),
+            Pages::new(|| {
+                let page = database.audit_checkpoints(name, from)?;
+                let Some(&(last, _)) = page.last() else {
+                    return Ok(None);
+                };
+                from = last + 1;
+                Ok(Some(page.into_iter().fold(
+                    Vec::new(),
+                    |mut out, (_, note)| {
+                        out.extend_from_slice(note.as_bytes());
+                        out.extend_from_slice(CHECKPOINT_SEPARATOR.as_bytes());
+                        out
+                    },
+                )))
+            }),
+        )?;
+        writer.file(&node_file(name, key), node.verifier_key.as_bytes())?;
+        counts.nodes += 1;
+        counts.node_entries += read;
+    }
+    Ok(())
+}
+
+/// A file read a page at a time: `next` gives the next page's bytes, `None` after the last.
+struct Pages<F> {
+    next: F,
+    page: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl<F> Pages<F> {
+    fn new(next: F) -> Self {
+        Self {
+            next,
+            page: Vec::new(),
+            at: 0,
+            done: false,
+        }
+    }
+}
+
+impl<F: FnMut() -> Result<Option<Vec<u8>>, StoreError>> Read for Pages<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.page.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match (self.next)().map_err(|e| io::Error::other(e.0))? {
+                Some(page) => (self.page, self.at) = (page, 0),
+                None => self.done = true,
+            }
+        }
+        let n = buf.len().min(self.page.len() - self.at);
+        buf[..n].copy_from_slice(&self.page[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// The bytes of `inner` before its first NUL.
@@ -307,6 +446,23 @@ pub fn restore(
         archive.display(),
         key.display()
     );
+    let mut nodes: Vec<&str> = summary
+        .files
+        .iter()
+        .filter_map(|(name, _)| name.strip_prefix("nodes/")?.split('/').next())
+        .collect();
+    nodes.dedup();
+    if !nodes.is_empty() {
+        println!(
+            "  the audit logs of {} nodes, as the source database kept them, are in {}/nodes/; \
+             check each with: twinguard audit verify --log {}/nodes/<node> --key <that node's \
+             audit/checkpoint.pub, kept apart>",
+            nodes.len(),
+            archive.display(),
+            archive.display()
+        );
+        println!("  nodes: {}", nodes.join(", "));
+    }
     println!(
         "  identities, credentials and revocations are as they were at the backup: re-apply \
          any revocation, disabled identity or reset made since, before serving"
@@ -403,7 +559,9 @@ fn apply(
     let mut history_batch = Batch::new(&history);
     fs::DirBuilder::new().mode(0o700).create(archive)?;
     let mut counts = Counts::default();
-    let mut file: Option<(&str, File)> = None;
+    let mut file: Option<(String, File)> = None;
+    // Directories made in the archive (the nodes' logs), synced at the end.
+    let mut dirs: Vec<PathBuf> = Vec::new();
     let mut items = verified.items()?;
     while let Some(item) = items.next_item()? {
         match item {
@@ -434,7 +592,18 @@ fn apply(
                     if let Some((_, done)) = file.take() {
                         done.sync_all()?;
                     }
-                    let path = archive.join(name);
+                    // The reader let through only the trail's own files and `nodes/<node>/...`
+                    // with a node name of letters and digits: never a path out of the archive.
+                    let path = archive.join(&name);
+                    if let Some(dir) = path.parent().filter(|dir| *dir != archive)
+                        && !dir.exists()
+                    {
+                        fs::DirBuilder::new()
+                            .recursive(true)
+                            .mode(0o700)
+                            .create(dir)?;
+                        dirs.push(dir.to_owned());
+                    }
                     let created = OpenOptions::new()
                         .write(true)
                         .create_new(true)
@@ -452,6 +621,12 @@ fn apply(
     }
     if let Some((_, done)) = file.take() {
         done.sync_all()?;
+    }
+    for dir in &dirs {
+        sync_dir(dir)?;
+    }
+    if !dirs.is_empty() {
+        sync_dir(&archive.join("nodes"))?;
     }
     sync_dir(archive)?;
     history_batch.flush()?;

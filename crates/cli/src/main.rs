@@ -407,12 +407,21 @@ fn verify_node_logs(url: &str, ca_file: Option<PathBuf>, keys: &[PathBuf]) -> an
                 break;
             }
         }
-        let notes: Vec<(String, String)> = store
-            .audit_checkpoints(&node.node)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .into_iter()
-            .map(|(size, note)| (format!("the checkpoint of size {size}"), note))
-            .collect();
+        let mut notes: Vec<(String, String)> = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = store
+                .audit_checkpoints(&node.node, from)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            from = last + 1;
+            notes.extend(
+                page.into_iter()
+                    .map(|(size, note)| (format!("the checkpoint of size {size}"), note)),
+            );
+        }
         let slices: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
         match twinguard_audit::verify::verify_entries(&slices, &notes, verifier) {
             Ok(report) => println!(

@@ -183,17 +183,23 @@ impl PgStore {
         })
     }
 
-    /// The signed checkpoints of `node`'s log, by size.
-    pub fn audit_checkpoints(&self, node: &str) -> Result<Vec<(u64, String)>, StoreError> {
+    /// The signed checkpoints of `node`'s log covering `from` entries or more, by size, at
+    /// most [`AUDIT_PAGE`].
+    pub fn audit_checkpoints(
+        &self,
+        node: &str,
+        from: u64,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
         let pool = self.pool.clone();
         let node = node.to_owned();
         self.run(async move {
+            let from = index(from)?;
             let client = pool.get().await.map_err(|e| pool_err("audit", e))?;
             let rows = client
                 .query(
                     "SELECT size, note FROM twinguard_audit_checkpoints WHERE node = $1 \
-                     ORDER BY size",
-                    &[&node],
+                     AND size >= $2 ORDER BY size LIMIT $3",
+                    &[&node, &from, &(AUDIT_PAGE as i64)],
                 )
                 .await
                 .map_err(|e| pg_err("reading audit checkpoints", &e))?;

@@ -514,3 +514,84 @@ async fn a_postgresql_instance_restores_into_another_database_with_material_of_i
         200
     );
 }
+
+/// A bundle of a PostgreSQL instance carries every node's audit log as the database keeps it
+/// (`docs/backup.md`): two nodes answer requests, both stop, node A's data directory is lost
+/// whole, and a bundle taken from node B's restores into a new directory where each node's log
+/// verifies with the key kept apart for that node, and holds the entry of every request that
+/// node answered (found by its correlation ID). A node's log does not verify with the other
+/// node's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_carries_every_nodes_audit_log_from_the_database_after_a_node_is_lost() {
+    let Some((_db, url)) = crate::postgres::database() else {
+        return;
+    };
+    let crate::postgres::Pair {
+        first_dir,
+        a,
+        admin_a,
+        second_dir,
+        b,
+        admin_b,
+    } = crate::postgres::two_nodes(&["--store", url.as_str()]).await;
+    let keep = tempfile::tempdir().unwrap();
+    let (key_a, key_b) = (keep.path().join("a.pub"), keep.path().join("b.pub"));
+    std::fs::copy(first_dir.path().join("audit/checkpoint.pub"), &key_a).unwrap();
+    std::fs::copy(second_dir.path().join("audit/checkpoint.pub"), &key_b).unwrap();
+
+    let answered = crate::postgres::answered_in_turn([(&a, &admin_a), (&b, &admin_b)], 12).await;
+    // A checkpoint covers every entry (one a second), then both stop and A's disk is lost.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    a.kill();
+    b.kill();
+    drop(first_dir);
+
+    let bundle = keep.path().join("instance.bundle");
+    let made = twinguard(
+        &["backup", "--store", url.as_str(), "--data-dir"],
+        &[second_dir.path(), Path::new("--out"), &bundle],
+    );
+    assert!(made.status.success(), "{}", text(&made));
+    assert!(
+        text(&made).contains("the audit logs of 2 nodes from the database"),
+        "{}",
+        text(&made)
+    );
+    let target = tempfile::tempdir().unwrap();
+    let restored = restore(&bundle, &key_b, target.path(), &[]);
+    assert!(restored.status.success(), "{}", text(&restored));
+    let archive = archived_trail(target.path());
+
+    let verify = |log: &Path, key: &Path| {
+        twinguard(
+            &["audit", "verify", "--log"],
+            &[log, Path::new("--key"), key],
+        )
+    };
+    for (key, ids) in [(&key_a, &answered[0]), (&key_b, &answered[1])] {
+        let node = twinguard_server::audit::node_name(&std::fs::read_to_string(key).unwrap());
+        let log = archive.join("nodes").join(&node);
+        let checked = verify(&log, key);
+        assert!(checked.status.success(), "node {node}: {}", text(&checked));
+        assert!(
+            text(&checked).contains("signed checkpoints, all consistent"),
+            "{}",
+            text(&checked)
+        );
+        let entries = std::fs::read_to_string(log.join("entries.jsonl")).unwrap();
+        for id in ids {
+            assert_eq!(
+                entries.matches(id.as_str()).count(),
+                1,
+                "node {node}: the entry of request {id}"
+            );
+        }
+        let other = if key == &key_a { &key_b } else { &key_a };
+        assert!(!verify(&log, other).status.success(), "node {node}");
+    }
+    assert_eq!(
+        std::fs::read_dir(archive.join("nodes")).unwrap().count(),
+        2,
+        "one log per node"
+    );
+}

@@ -876,6 +876,29 @@ async fn two_serving_processes_deliver_each_event_once() {
     drop(b);
 }
 
+/// `requests` GETs of the model list, sent to the two nodes in turn; the correlation IDs each
+/// node answered with.
+pub(crate) async fn answered_in_turn(
+    nodes: [(&Server, &String); 2],
+    requests: usize,
+) -> [Vec<String>; 2] {
+    let mut answered = [Vec::new(), Vec::new()];
+    for i in 0..requests {
+        let (server, token) = nodes[i % 2];
+        let response = server
+            .client
+            .get(server.url("/models"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let id = response.headers()["x-ms-request-id"].to_str().unwrap();
+        answered[i % 2].push(id.to_owned());
+    }
+    answered
+}
+
 /// `twinguard audit verify-nodes` with `keys`, against `url`.
 fn verify_nodes(url: &str, keys: &[&Path]) -> (bool, String) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_twinguard"));
@@ -923,24 +946,9 @@ async fn each_nodes_audit_log_is_kept_in_the_database_and_verifies_after_its_dis
         "each node signs its own log"
     );
 
-    let mut answered: Vec<String> = Vec::new();
-    for i in 0..20 {
-        let (server, token) = if i % 2 == 0 {
-            (&a, &admin_a)
-        } else {
-            (&b, &admin_b)
-        };
-        let response = server
-            .client
-            .get(server.url("/models"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        let id = response.headers()["x-ms-request-id"].to_str().unwrap();
-        answered.push(id.to_owned());
-    }
+    let answered = answered_in_turn([(&a, &admin_a), (&b, &admin_b)], 20)
+        .await
+        .concat();
     // A checkpoint covers every entry (one a second), then both stop hard and A's disk is lost.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     a.kill();
