@@ -279,13 +279,7 @@ impl RefreshTokens {
         let digest = secret_digest(token);
         // A token neither this node nor the store knows takes no turn: the grant needs no other
         // credential, so guesses must not wait behind an edit the store holds.
-        let known = self.records.read().by_digest.contains_key(&digest)
-            || self
-                .store
-                .get_many(Table::RefreshTokens, std::slice::from_ref(&digest))?
-                .iter()
-                .any(Option::is_some);
-        if !known {
+        if !self.known(&digest)? {
             return Ok(Redeemed::Invalid);
         }
         let mut records = self.lock()?;
@@ -348,6 +342,17 @@ impl RefreshTokens {
 
     /// Reads the records `digests` again from the store into `records` (a record now absent
     /// is forgotten), recomputes whether their families are live, and returns the stored bytes.
+    /// Whether this node or the store holds a record under `digest`, without taking the turn.
+    fn known(&self, digest: &str) -> Result<bool, StoreError> {
+        if self.records.read().by_digest.contains_key(digest) {
+            return Ok(true);
+        }
+        let stored = self
+            .store
+            .get_many(Table::RefreshTokens, &[digest.to_owned()])?;
+        Ok(stored.iter().any(Option::is_some))
+    }
+
     fn reread(
         &self,
         records: &mut Edit<'_, Records>,
@@ -415,14 +420,20 @@ impl RefreshTokens {
         }
         let digest = secret_digest(token);
         // Only a token of ours takes the turn: the revocation endpoint needs no credential, so
-        // guesses must not wait behind a change the store holds.
-        if !self.records.read().by_digest.contains_key(&digest) {
+        // guesses must not wait behind a change the store holds. Ours means this node's or the
+        // store's: a token another node issued a moment ago, which this node has not followed
+        // yet, is revoked too.
+        if !self.known(&digest)? {
             return Ok(false);
         }
         let mut records = self.lock()?;
+        // Decided on the record as the store holds it (another node's family, or one revoked
+        // there).
+        self.reread(&mut records, std::slice::from_ref(&digest))?;
         let Some(family) = records.by_digest.get(&digest).map(|r| r.family.clone()) else {
             return Ok(false);
         };
+        self.reread(&mut records, &[tombstone(&family)])?;
         self.revoke_family(&mut records, &family)?;
         Ok(true)
     }
@@ -674,6 +685,31 @@ mod tests {
         assert!(a.revoke(&other.token).unwrap());
         b.reload().unwrap();
         assert!(!b.family_live(&other.family));
+    }
+
+    /// A token node A issued, revoked on node B before B's change follower handed B its record:
+    /// B reads it from the store and revokes its family, so A refuses it. (B answered "not one
+    /// of ours" and revoked nothing, while the client was told it was revoked.)
+    #[test]
+    fn a_token_revoked_on_a_node_that_has_not_followed_its_issue_is_revoked() {
+        let store = Arc::new(MemoryStore::shared());
+        let a = RefreshTokens::open(store.clone()).unwrap();
+        let b = RefreshTokens::open(store.clone()).unwrap();
+        let issued = a.issue(family("alice", false, 0, None)).unwrap();
+        let other = a.issue(family("bob", false, 0, None)).unwrap();
+        assert!(b.revoke(&issued.token).unwrap());
+        assert!(matches!(
+            a.redeem(&issued.token).unwrap(),
+            Redeemed::Invalid
+        ));
+        assert!(!a.family_live(&issued.family));
+        // Only that family: the other token of A's still redeems.
+        assert!(matches!(
+            a.redeem(&other.token).unwrap(),
+            Redeemed::Valid(_)
+        ));
+        // And a guess is not one of ours on either node.
+        assert!(!b.revoke("tgr_not-a-token-of-anyone").unwrap());
     }
 
     /// A stolen token reused on node B after node A rotated it: B revokes the whole family,
