@@ -231,12 +231,8 @@ impl Telemetry {
                         "another node moved a replay window first; deciding the batch again"
                     );
                     tokio::time::sleep(superseded_backoff(attempt)).await;
-                    let this = self.clone();
-                    tokio::task::spawn_blocking(move || this.reload_devices(&devices).map(|_| ()))
-                        .await
-                        .map_err(|_| {
-                            DomainError::Internal("a telemetry batch could not be processed")
-                        })??;
+                    self.off_the_runtime(move |this| this.reload_devices(&devices))
+                        .await?;
                     messages = again;
                     attempt += 1;
                 }

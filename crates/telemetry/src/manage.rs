@@ -340,14 +340,20 @@ impl Telemetry {
         for _ in 0..CHANGE_ATTEMPTS {
             // Read before the lock, which ingestion waits for: a change of this node landing
             // in between breaks the expectation below, and the change is decided again.
+            // On the blocking pool: a database read that takes long must not hold one of the
+            // runtime's threads.
+            let key = id.to_owned();
             let stored = self
-                .inner
-                .store
-                .get_many(Table::Devices, &[id.to_owned()])
-                .map_err(|e| {
-                    tracing::error!(error = %e, "cannot read a device record");
-                    DomainError::Unavailable
-                })?
+                .off_the_runtime(move |this| {
+                    this.inner
+                        .store
+                        .get_many(Table::Devices, &[key])
+                        .map_err(|e| {
+                            tracing::error!(error = %e, "cannot read a device record");
+                            DomainError::Unavailable
+                        })
+                })
+                .await?
                 .pop()
                 .flatten()
                 .ok_or_else(|| not_found("device", id))?;
@@ -374,7 +380,11 @@ impl Telemetry {
                 Err(e) => {
                     // What the store holds now, rather than what this node believed before:
                     // another node may have changed the device meanwhile.
-                    if let Err(read) = self.reload_devices(&[id.to_owned()]) {
+                    let key = id.to_owned();
+                    let reloaded = self
+                        .off_the_runtime(move |this| this.reload_devices(&[key]))
+                        .await;
+                    if let Err(read) = reloaded {
                         tracing::warn!(error = %read, device = %id, "a device change failed and the device could not be read again; it is as the store last held it");
                         self.state()?.devices.insert(id.to_owned(), before);
                     }

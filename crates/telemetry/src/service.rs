@@ -372,6 +372,18 @@ impl Telemetry {
         })
     }
 
+    /// Runs `f` on the blocking pool, for store reads and the rereads that hold the state's
+    /// lock while the store answers: neither may hold one of the runtime's threads.
+    pub(crate) async fn off_the_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Self) -> DomainResult<T> + Send + 'static,
+    ) -> DomainResult<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|_| DomainError::Internal("a telemetry task could not be run"))?
+    }
+
     /// Reads the replay windows and registry records of `devices` again from the store, as
     /// another node that shares it may have committed them since this one read them. Read under
     /// the state lock, and not a record with a write of this node still in flight (the store

@@ -8,11 +8,14 @@ use std::time::{Duration, Instant};
 use super::{Expect, MemoryStore, Mutation, Store, StoreError, Table};
 
 /// A [`MemoryStore`] whose commits wait while it is stalled ([`StallingStore::stall`]).
-/// Reads are answered throughout, as they are by a database waiting for its standby.
+/// Reads are answered throughout, as they are by a database waiting for its standby, but those
+/// of a table named by [`StallingStore::stall_reads_of`] (a database far away, or cut off).
 #[derive(Debug, Default)]
 pub struct StallingStore {
     inner: MemoryStore,
     stalled: Mutex<bool>,
+    /// The table whose reads wait too while stalled.
+    slow_reads: Mutex<Option<Table>>,
     changed: Condvar,
     /// Commits waiting now.
     waiting: AtomicUsize,
@@ -22,6 +25,13 @@ impl StallingStore {
     /// Holds every commit from now until [`StallingStore::release`].
     pub fn stall(&self) {
         *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Holds every commit, and every read of `table`, from now until
+    /// [`StallingStore::release`]; [`StallingStore::wait_for_held`] counts both.
+    pub fn stall_reads_of(&self, table: Table) {
+        *self.slow_reads.lock().unwrap_or_else(|e| e.into_inner()) = Some(table);
+        self.stall();
     }
 
     /// Lets the held commits and every later one through.
@@ -61,6 +71,9 @@ impl Store for StallingStore {
     }
 
     fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if *self.slow_reads.lock().unwrap_or_else(|e| e.into_inner()) == Some(table) {
+            self.pass();
+        }
         self.inner.get_many(table, keys)
     }
 

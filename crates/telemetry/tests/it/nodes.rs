@@ -352,3 +352,50 @@ async fn a_device_changed_on_a_node_that_missed_its_suspension_stays_suspended()
     let outcome = plant.reading("t1", "temperature", json!(20.0)).await;
     assert_eq!(outcome.reason, Some("suspended"));
 }
+
+/// A device change reads the device's stored record on the blocking pool: while that read
+/// waits for the store (a database far away, or cut off), the runtime's one thread goes on
+/// answering other work. (The read on the runtime's thread held it until the store answered:
+/// nothing else ran.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_device_change_waiting_for_its_read_does_not_hold_the_runtime() {
+    let store = Arc::new(twinguard_core::store::stalling::StallingStore::default());
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    store.stall_reads_of(Table::Devices);
+    let releaser = std::thread::spawn({
+        let store = store.clone();
+        move || {
+            let held = store.wait_for_held(1, std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            let released = std::time::Instant::now();
+            store.release();
+            (held, released)
+        }
+    });
+    let suspend = tokio::spawn({
+        let (telemetry, admin) = (plant.telemetry.clone(), plant.admin.clone());
+        async move {
+            telemetry
+                .set_status(&admin, "t1", StatusChange::Suspend)
+                .await
+        }
+    });
+    // Other work on this thread, while the change's read waits.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let answered = std::time::Instant::now();
+    let (held, released) = tokio::task::spawn_blocking(move || releaser.join().unwrap())
+        .await
+        .unwrap();
+    assert!(held, "the change never read the device");
+    assert!(
+        answered < released,
+        "other work waited {:?} past the store's answer",
+        answered - released
+    );
+    let device = suspend.await.unwrap().unwrap();
+    assert_eq!(
+        device.status,
+        twinguard_telemetry::registry::Status::Suspended
+    );
+}
