@@ -13,32 +13,24 @@ use twinguard_core::auth::{Principal, Scope};
 use twinguard_core::error::DomainError;
 use twinguard_core::identity::apikeys::{CreatedKey, NewApiKey};
 use twinguard_core::identity::{Directory, Identity, IdentityPatch, NewIdentity, RoleAssignment};
-use twinguard_core::service::WRITE_WAIT;
 use zeroize::Zeroizing;
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Caller, JsonBody, ListParams, Path, PeerAddress, Query, serialized_list_page};
+use crate::routes::{NoAnswer, off_the_runtime};
 
 /// Runs a directory call that changes it (a commit that waits for the store, perhaps argon2
-/// first) on the blocking pool, in the request's span, so the runtime's threads go on serving
-/// whatever the store does. Answered within [`WRITE_WAIT`]: after it, 503 "may still be
-/// applied", while the call runs on and its change, once committed, holds as any other.
+/// first) off the runtime ([`off_the_runtime`]): after its wait, 503 "may still be applied".
 async fn edit<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Directory) -> Result<T, DomainError> + Send + 'static,
 ) -> ApiResult<T> {
     let directory = state.tokens.directory().clone();
-    let span = tracing::Span::current();
-    let task = tokio::task::spawn_blocking(move || {
-        let _in_request = span.enter();
-        f(&directory)
-    });
-    match tokio::time::timeout(WRITE_WAIT, task).await {
-        Ok(joined) => joined
-            .map_err(|_| ApiError::internal("a directory task failed"))?
-            .map_err(ApiError::from),
-        Err(_) => Err(ApiError::from(DomainError::Unconfirmed)),
+    match off_the_runtime(move || f(&directory)).await {
+        Ok(answer) => answer.map_err(ApiError::from),
+        Err(NoAnswer::Failed) => Err(ApiError::internal("a directory task failed")),
+        Err(NoAnswer::Late) => Err(ApiError::from(DomainError::Unconfirmed)),
     }
 }
 

@@ -16,12 +16,12 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::json;
-use twinguard_core::service::WRITE_WAIT;
 use twinguard_core::store::StoreError;
 use zeroize::Zeroizing;
 
 use crate::app::AppState;
 use crate::audit::AuditNote;
+use crate::routes::{self, NoAnswer};
 use crate::tls::PeerCertificate;
 use crate::tokens::{Issued, TokenError};
 
@@ -295,20 +295,16 @@ fn parse_form(body: &[u8]) -> Result<TokenForm, ()> {
     Ok(form)
 }
 
-/// Runs `call` on the blocking pool, in the request's span: for grants that hash a password
-/// or wait for a durable commit, and for revocations. Answered within [`WRITE_WAIT`]: after
-/// it, 503 `temporarily_unavailable`, while the call runs on (what it commits holds).
+/// Runs `call` off the runtime ([`routes::off_the_runtime`]): for grants that hash a password
+/// or wait for a durable commit, and for revocations. After its wait, 503
+/// `temporarily_unavailable`, while the call runs on (what it commits holds).
 async fn off_the_runtime<T: Send + 'static>(
     call: impl FnOnce() -> Result<T, TokenError> + Send + 'static,
 ) -> Result<T, TokenError> {
-    let span = tracing::Span::current();
-    let task = tokio::task::spawn_blocking(move || {
-        let _in_request = span.enter();
-        call()
-    });
-    match tokio::time::timeout(WRITE_WAIT, task).await {
-        Ok(joined) => joined.unwrap_or(Err(TokenError::Signing)),
-        Err(_) => Err(TokenError::Store(StoreError(
+    match routes::off_the_runtime(call).await {
+        Ok(answer) => answer,
+        Err(NoAnswer::Failed) => Err(TokenError::Signing),
+        Err(NoAnswer::Late) => Err(TokenError::Store(StoreError(
             "the store did not confirm the write in time; it may still be applied".into(),
         ))),
     }
