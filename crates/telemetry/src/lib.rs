@@ -31,6 +31,7 @@ pub mod records;
 pub mod registry;
 pub mod replay;
 pub mod service;
+mod writes;
 
 pub use ingest::{Outcome, Transport, Verdict};
 pub use service::Telemetry;

@@ -24,6 +24,7 @@ use crate::policy::Policy;
 use crate::records::StoredReading;
 use crate::registry::{Device, FirmwareList, Status};
 use crate::replay::ReplayWindow;
+use crate::writes::{InFlight, Reading, Writes};
 
 /// One device's stream of one name on one twin: what judges its next reading. It is stored
 /// (table `Streams`, see [`Telemetry::checkpoint`]) so that a restart neither hands the stream
@@ -175,9 +176,8 @@ pub(crate) struct Inner {
     pub history_readers: twinguard_core::gate::Gate,
     pub history_slots: twinguard_core::gate::Gate,
     pub audit: std::sync::OnceLock<AuditSink>,
-    /// Records of followed tables with a write of this node queued and not yet settled, and
-    /// how many: the change follower leaves them alone until they settle.
-    pub in_flight: Mutex<HashMap<(Table, String), u32>>,
+    /// This node's writes to records that other nodes change too (see [`crate::writes`]).
+    pub writes: Arc<Mutex<Writes>>,
 }
 
 /// The trusted telemetry service. Cheap to clone.
@@ -302,7 +302,7 @@ impl Telemetry {
                 ),
                 history_slots: twinguard_core::gate::Gate::new(crate::manage::MAX_HISTORY_READS),
                 audit: std::sync::OnceLock::new(),
-                in_flight: Mutex::new(HashMap::new()),
+                writes: Arc::default(),
             }),
         })
     }
@@ -351,7 +351,7 @@ impl Telemetry {
     {
         let tracked: Vec<(Table, String)> = records
             .iter()
-            .filter(|m| m.table.followed())
+            .filter(|m| m.table.followed() || m.table == Table::Replay)
             .map(|m| (m.table, m.key.clone()))
             .collect();
         let pending = self.inner.twins.submit_expecting(
@@ -359,7 +359,7 @@ impl Telemetry {
             WriteOp::ApplyReadings { updates, records },
             expect,
         )?;
-        let in_flight = InFlight::track(self.inner.clone(), tracked);
+        let in_flight = InFlight::track(self.inner.writes.clone(), tracked);
         Ok(async move {
             let answer = pending.await;
             drop(in_flight);
@@ -385,133 +385,114 @@ impl Telemetry {
     }
 
     /// Reads the replay windows and registry records of `devices` again from the store, as
-    /// another node that shares it may have committed them since this one read them. Read under
-    /// the state lock, and not a record with a write of this node still in flight (the store
-    /// may not hold it yet, and reading it would undo it here); those devices are returned, to
-    /// be read again later.
+    /// another node that shares it may have committed them since this one read them. Read
+    /// without the state's lock, which ingestion waits for, and taken under it but for a
+    /// record this node wrote since the read began (see [`crate::writes`]); those devices are
+    /// returned, to be read again later.
     pub(crate) fn reload_devices(&self, devices: &[String]) -> DomainResult<Vec<String>> {
+        let reading = Reading::begin(self.inner.writes.clone());
+        let (mut busy, quiet): (Vec<String>, Vec<String>) = devices
+            .iter()
+            .cloned()
+            .partition(|d| reading.in_flight(Table::Replay, d));
+        let store = &self.inner.store;
+        let windows = store
+            .get_many(Table::Replay, &quiet)
+            .map_err(reread_failed)?
+            .into_iter()
+            .zip(&quiet)
+            .map(|(bytes, device)| {
+                bytes
+                    .map(|b| ReplayWindow::from_bytes(&b).ok_or_else(|| corrupt("replay", device)))
+                    .transpose()
+            })
+            .collect::<DomainResult<Vec<_>>>()?;
+        let records = parse_devices(
+            devices,
+            store
+                .get_many(Table::Devices, devices)
+                .map_err(reread_failed)?,
+        )?;
         let mut state = self.state()?;
-        let mut busy = self.reread_windows(&mut state, devices)?;
-        busy.extend(self.reread_devices(&mut state, devices)?);
+        for (device, window) in quiet.into_iter().zip(windows) {
+            if reading.written_since(Table::Replay, &device) {
+                busy.push(device);
+                continue;
+            }
+            match window {
+                Some(window) => {
+                    state.windows.insert(device, window);
+                }
+                None => {
+                    state.windows.remove(&device);
+                }
+            }
+        }
+        busy.extend(take_devices(&mut state, &reading, devices, records));
         busy.sort_unstable();
         busy.dedup();
         Ok(busy)
     }
 
-    /// The replay windows of `devices` as stored, but those with a write in flight (returned).
-    fn reread_windows(&self, state: &mut State, devices: &[String]) -> DomainResult<Vec<String>> {
-        let (busy, devices): (Vec<String>, Vec<String>) = devices
-            .iter()
-            .cloned()
-            .partition(|d| self.in_flight(Table::Replay, d));
-        let windows = self
-            .inner
-            .store
-            .get_many(Table::Replay, &devices)
-            .map_err(reread_failed)?;
-        for (device, window) in devices.iter().zip(windows) {
-            match window {
-                Some(bytes) => {
-                    let window = ReplayWindow::from_bytes(&bytes)
-                        .ok_or_else(|| corrupt("replay", device))?;
-                    state.windows.insert(device.clone(), window);
-                }
-                None => {
-                    state.windows.remove(device);
-                }
-            }
-        }
-        Ok(busy)
-    }
-
-    /// The registry records of `devices` as stored. A device with a write of this node in
-    /// flight is returned for later, but a suspension or revocation read for it holds at once:
-    /// a status that refuses more never waits.
-    fn reread_devices(&self, state: &mut State, devices: &[String]) -> DomainResult<Vec<String>> {
-        let records = self
-            .inner
-            .store
-            .get_many(Table::Devices, devices)
-            .map_err(reread_failed)?;
-        let mut busy = Vec::new();
-        for (device, record) in devices.iter().zip(records) {
-            let stored = match record {
-                Some(bytes) => Some(
-                    serde_json::from_slice::<Device>(&bytes)
-                        .map_err(|_| corrupt("device", device))?,
-                ),
-                None => None,
-            };
-            if self.in_flight(Table::Devices, device) {
-                busy.push(device.clone());
-                if let (Some(stored), Some(known)) = (&stored, state.devices.get_mut(device))
-                    && stored.status != Status::Active
-                    && known.status != Status::Revoked
-                {
-                    known.status = stored.status;
-                }
-                continue;
-            }
-            match stored {
-                Some(stored) => {
-                    if state.devices.get(device) != Some(&stored) {
-                        state.keys.remove(device);
-                        state.devices.insert(device.clone(), stored);
-                    }
-                }
-                None => {
-                    state.keys.remove(device);
-                    state.devices.remove(device);
-                }
-            }
-        }
-        Ok(busy)
-    }
-
-    /// Whether a write of this node to `key` of `table` is queued and not yet settled.
-    fn in_flight(&self, table: Table, key: &str) -> bool {
-        self.inner
-            .in_flight
-            .lock()
-            .map(|f| f.contains_key(&(table, key.to_owned())))
-            .unwrap_or(true)
-    }
-
-    /// Reads `keys` of a followed table again from the store (see [`Follower`]); returns the
-    /// keys with a write of this node in flight, left for later.
+    /// Reads `keys` of a followed table again from the store (see [`Follower`]) without the
+    /// state's lock, and takes them under it; returns the keys this node wrote since the read
+    /// began, left for later.
     fn reread(&self, table: Table, keys: &[String]) -> Result<Vec<String>, StoreError> {
-        fn take<T: DeserializeOwned>(
-            map: &mut HashMap<String, T>,
+        fn parse<T: DeserializeOwned>(
             key: &str,
             value: Option<Vec<u8>>,
-        ) -> Result<(), StoreError> {
-            match value {
-                Some(bytes) => {
-                    let parsed = serde_json::from_slice(&bytes).map_err(|_| {
+        ) -> Result<Option<T>, StoreError> {
+            value
+                .map(|bytes| {
+                    serde_json::from_slice(&bytes).map_err(|_| {
                         StoreError(format!("a stored telemetry record '{key}' is unreadable"))
-                    })?;
-                    map.insert(key.to_owned(), parsed);
+                    })
+                })
+                .transpose()
+        }
+        fn take<T>(map: &mut HashMap<String, T>, key: String, value: Option<T>) {
+            match value {
+                Some(value) => {
+                    map.insert(key, value);
                 }
                 None => {
-                    map.remove(key);
+                    map.remove(&key);
                 }
             }
-            Ok(())
         }
         let unreadable = |e: DomainError| StoreError(e.to_string());
-        let mut state = self.state().map_err(unreadable)?;
+        let reading = Reading::begin(self.inner.writes.clone());
         if table == Table::Devices {
-            return self.reread_devices(&mut state, keys).map_err(unreadable);
+            let records =
+                parse_devices(keys, self.inner.store.get_many(table, keys)?).map_err(unreadable)?;
+            let mut state = self.state().map_err(unreadable)?;
+            return Ok(take_devices(&mut state, &reading, keys, records));
         }
-        let (busy, keys): (Vec<String>, Vec<String>) =
-            keys.iter().cloned().partition(|k| self.in_flight(table, k));
+        let (mut busy, keys): (Vec<String>, Vec<String>) = keys
+            .iter()
+            .cloned()
+            .partition(|k| reading.in_flight(table, k));
         let values = self.inner.store.get_many(table, &keys)?;
-        for (key, value) in keys.iter().zip(values) {
-            match table {
-                Table::Firmware => take(&mut state.firmware, key, value)?,
-                Table::Policies => take(&mut state.policies, key, value)?,
-                Table::SensorGroups => take(&mut state.groups, key, value)?,
-                _ => {}
+        let mut read = Vec::with_capacity(keys.len());
+        for (key, value) in keys.into_iter().zip(values) {
+            let value = match table {
+                Table::Firmware => Read::Firmware(parse(&key, value)?),
+                Table::Policies => Read::Policy(parse(&key, value)?),
+                Table::SensorGroups => Read::Group(parse(&key, value)?),
+                _ => continue,
+            };
+            read.push((key, value));
+        }
+        let mut state = self.state().map_err(unreadable)?;
+        for (key, value) in read {
+            if reading.written_since(table, &key) {
+                busy.push(key);
+                continue;
+            }
+            match value {
+                Read::Firmware(v) => take(&mut state.firmware, key, v),
+                Read::Policy(v) => take(&mut state.policies, key, v),
+                Read::Group(v) => take(&mut state.groups, key, v),
             }
         }
         Ok(busy)
@@ -592,42 +573,64 @@ fn corrupt(kind: &str, key: &str) -> DomainError {
     DomainError::Internal("a stored telemetry record is unreadable")
 }
 
-/// This node's writes to followed records, from when they are queued until they settle
-/// (committed, refused or dropped).
-struct InFlight {
-    inner: Arc<Inner>,
-    keys: Vec<(Table, String)>,
+/// A followed record as a reread read it.
+enum Read {
+    Firmware(Option<FirmwareList>),
+    Policy(Option<Policy>),
+    Group(Option<SensorGroup>),
 }
 
-impl InFlight {
-    fn track(inner: Arc<Inner>, keys: Vec<(Table, String)>) -> Self {
-        if !keys.is_empty()
-            && let Ok(mut f) = inner.in_flight.lock()
-        {
-            for key in &keys {
-                *f.entry(key.clone()).or_default() += 1;
+/// Stored device records, parsed.
+fn parse_devices(
+    devices: &[String],
+    records: Vec<Option<Vec<u8>>>,
+) -> DomainResult<Vec<Option<Device>>> {
+    devices
+        .iter()
+        .zip(records)
+        .map(|(device, record)| {
+            record
+                .map(|bytes| serde_json::from_slice(&bytes).map_err(|_| corrupt("device", device)))
+                .transpose()
+        })
+        .collect()
+}
+
+/// Takes the device records a reread read. A device this node wrote since the read began is
+/// returned for later, but a suspension or revocation read for it holds at once: a status
+/// that refuses more never waits.
+fn take_devices(
+    state: &mut State,
+    reading: &Reading,
+    devices: &[String],
+    records: Vec<Option<Device>>,
+) -> Vec<String> {
+    let mut busy = Vec::new();
+    for (device, stored) in devices.iter().zip(records) {
+        if reading.written_since(Table::Devices, device) {
+            busy.push(device.clone());
+            if let (Some(stored), Some(known)) = (&stored, state.devices.get_mut(device))
+                && stored.status != Status::Active
+                && known.status != Status::Revoked
+            {
+                known.status = stored.status;
             }
+            continue;
         }
-        Self { inner, keys }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.keys.is_empty() {
-            return;
-        }
-        if let Ok(mut f) = self.inner.in_flight.lock() {
-            for key in self.keys.drain(..) {
-                if let Some(n) = f.get_mut(&key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        f.remove(&key);
-                    }
+        match stored {
+            Some(stored) => {
+                if state.devices.get(device) != Some(&stored) {
+                    state.keys.remove(device);
+                    state.devices.insert(device.clone(), stored);
                 }
             }
+            None => {
+                state.keys.remove(device);
+                state.devices.remove(device);
+            }
         }
     }
+    busy
 }
 
 /// The registry's tables and the replay windows, as other nodes sharing the store change them:

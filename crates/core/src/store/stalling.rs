@@ -2,45 +2,59 @@
 //! synchronous standby is gone: for tests that what waits for the store waits alone.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{Expect, MemoryStore, Mutation, Store, StoreError, Table};
 
 /// A [`MemoryStore`] whose commits wait while it is stalled ([`StallingStore::stall`]).
 /// Reads are answered throughout, as they are by a database waiting for its standby, but those
-/// of a table named by [`StallingStore::stall_reads_of`] (a database far away, or cut off).
+/// of a table named by [`StallingStore::stall_reads_of`] or [`StallingStore::hold_reads_of`]
+/// (a database far away, or cut off): such a read is answered late, with what the store held
+/// when it began, as a statement answers from the snapshot it began with.
 #[derive(Debug, Default)]
 pub struct StallingStore {
     inner: MemoryStore,
-    stalled: Mutex<bool>,
-    /// The table whose reads wait too while stalled.
-    slow_reads: Mutex<Option<Table>>,
+    held: Mutex<Held>,
     changed: Condvar,
-    /// Commits waiting now.
+    /// Commits and reads waiting now.
     waiting: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    commits: bool,
+    /// The table whose reads wait.
+    reads_of: Option<Table>,
 }
 
 impl StallingStore {
     /// Holds every commit from now until [`StallingStore::release`].
     pub fn stall(&self) {
-        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.held().commits = true;
     }
 
     /// Holds every commit, and every read of `table`, from now until
     /// [`StallingStore::release`]; [`StallingStore::wait_for_held`] counts both.
     pub fn stall_reads_of(&self, table: Table) {
-        *self.slow_reads.lock().unwrap_or_else(|e| e.into_inner()) = Some(table);
-        self.stall();
+        let mut held = self.held();
+        held.commits = true;
+        held.reads_of = Some(table);
     }
 
-    /// Lets the held commits and every later one through.
+    /// Holds every read of `table` from now until [`StallingStore::release`], and no commit;
+    /// [`StallingStore::wait_for_held`] counts the reads.
+    pub fn hold_reads_of(&self, table: Table) {
+        self.held().reads_of = Some(table);
+    }
+
+    /// Lets the held commits and reads through, and every later one.
     pub fn release(&self) {
-        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        *self.held() = Held::default();
         self.changed.notify_all();
     }
 
-    /// Waits up to `within` until `count` commits are held; whether they are.
+    /// Waits up to `within` until `count` commits or reads are held; whether they are.
     pub fn wait_for_held(&self, count: usize, within: Duration) -> bool {
         let until = Instant::now() + within;
         while self.waiting.load(Ordering::SeqCst) < count {
@@ -52,16 +66,25 @@ impl StallingStore {
         true
     }
 
-    fn pass(&self) {
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits while `waits` says the store holds this call.
+    fn pass(&self, waits: impl Fn(&Held) -> bool) {
+        let mut held = self.held();
+        if !waits(&held) {
+            return;
+        }
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let mut stalled = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
-        while *stalled {
-            stalled = self
-                .changed
-                .wait(stalled)
-                .unwrap_or_else(|e| e.into_inner());
+        while waits(&held) {
+            held = self.changed.wait(held).unwrap_or_else(|e| e.into_inner());
         }
         self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn pass_commit(&self) {
+        self.pass(|held| held.commits);
     }
 }
 
@@ -71,10 +94,9 @@ impl Store for StallingStore {
     }
 
     fn get_many(&self, table: Table, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        if *self.slow_reads.lock().unwrap_or_else(|e| e.into_inner()) == Some(table) {
-            self.pass();
-        }
-        self.inner.get_many(table, keys)
+        let answer = self.inner.get_many(table, keys);
+        self.pass(|held| held.reads_of == Some(table));
+        answer
     }
 
     fn head(&self) -> Result<Option<u64>, StoreError> {
@@ -82,12 +104,12 @@ impl Store for StallingStore {
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
-        self.pass();
+        self.pass_commit();
         self.inner.commit(batch)
     }
 
     fn commit_expecting(&self, batch: &[Mutation], expect: &[Expect]) -> Result<bool, StoreError> {
-        self.pass();
+        self.pass_commit();
         self.inner.commit_expecting(batch, expect)
     }
 }

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::json;
-use twinguard_core::follow::ChangeFollower;
+use twinguard_core::follow::{ChangeFollower, Follower};
 use twinguard_core::service::TwinService;
+use twinguard_core::store::stalling::StallingStore;
 use twinguard_core::store::{Change, Fenced, MemoryStore, Mutation, Store, StoreError, Table};
 use twinguard_store_postgres::testdb::TestDatabase;
 use twinguard_store_postgres::{PgOptions, PgStore};
 use twinguard_telemetry::manage::StatusChange;
+use twinguard_telemetry::policy::Policy;
 use twinguard_telemetry::{Outcome, Telemetry, Transport, Verdict};
 
 use crate::pipeline::Plant;
@@ -359,7 +361,7 @@ async fn a_device_changed_on_a_node_that_missed_its_suspension_stays_suspended()
 /// nothing else ran.)
 #[tokio::test(flavor = "current_thread")]
 async fn a_device_change_waiting_for_its_read_does_not_hold_the_runtime() {
-    let store = Arc::new(twinguard_core::store::stalling::StallingStore::default());
+    let store = Arc::new(StallingStore::default());
     let mut plant = Plant::new_on(store.clone()).await;
     plant.device("t1", &["temperature"]).await;
     store.stall_reads_of(Table::Devices);
@@ -397,5 +399,106 @@ async fn a_device_change_waiting_for_its_read_does_not_hold_the_runtime() {
     assert_eq!(
         device.status,
         twinguard_telemetry::registry::Status::Suspended
+    );
+}
+
+/// Lets a store's held commits and reads through when a test ends, passed or not, so that no
+/// blocking task waits for it forever.
+struct Released(Arc<StallingStore>);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// The change follower reads what other nodes changed without holding the state's lock, which
+/// ingestion takes: while its read of a device waits for the store (a database far away, or
+/// cut off), this node goes on accepting messages. (Read under the lock, every message waited
+/// for the store's answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_waiting_for_the_store_does_not_hold_ingestion() {
+    let store = Arc::new(StallingStore::default());
+    let _released = Released(store.clone());
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    store.hold_reads_of(Table::Devices);
+    let following = tokio::task::spawn_blocking({
+        let telemetry = plant.telemetry.clone();
+        move || telemetry.changed(Table::Devices, &["t1".to_owned()])
+    });
+    assert!(
+        store.wait_for_held(1, std::time::Duration::from_secs(10)),
+        "the follower never read the device"
+    );
+    let message = plant.message("t1", "temperature", json!(20.0));
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        send(&plant.telemetry, plant.cose(&message)),
+    )
+    .await;
+    store.release();
+    assert!(
+        matches!(&answer, Ok(o) if o.status == Verdict::Accepted),
+        "ingestion waited for the follower's read: {answer:?}"
+    );
+    following.await.unwrap().unwrap();
+}
+
+/// A write of this node that lands while the follower's read of the same record waits for the
+/// store is not undone by what that read saw: the follower hands the record back, to be read
+/// again, and this node keeps its own write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_does_not_undo_a_write_that_landed_while_it_read() {
+    let store = Arc::new(StallingStore::default());
+    let _released = Released(store.clone());
+    let plant = Plant::new_on(store.clone()).await;
+    let policy = |max: f64| -> Policy {
+        serde_json::from_value(json!({
+            "model": "dtmi:test:Boiler;1", "property": "temperature", "max": max
+        }))
+        .unwrap()
+    };
+    // Node B sets the policy; A's follower is handed it and reads the store, which answers
+    // late with what it held then.
+    let b = second_node(&plant, store.clone());
+    b.put_policy(&plant.admin, "p", policy(100.0))
+        .await
+        .unwrap();
+    store.hold_reads_of(Table::Policies);
+    let following = tokio::task::spawn_blocking({
+        let telemetry = plant.telemetry.clone();
+        move || telemetry.changed(Table::Policies, &["p".to_owned()])
+    });
+    assert!(store.wait_for_held(1, std::time::Duration::from_secs(10)));
+    // Meanwhile A sets the policy again, and its write lands.
+    let writing = tokio::spawn({
+        let (telemetry, admin) = (plant.telemetry.clone(), plant.admin.clone());
+        async move { telemetry.put_policy(&admin, "p", policy(50.0)).await }
+    });
+    let written = tokio::time::timeout(std::time::Duration::from_secs(5), writing).await;
+    store.release();
+    written
+        .expect("A's write waited for the follower's read")
+        .unwrap()
+        .unwrap();
+    let handed_back = following.await.unwrap().unwrap();
+    assert_eq!(
+        handed_back,
+        ["p"],
+        "the follower took a read older than A's write"
+    );
+    let policies = plant.telemetry.policies(&plant.admin).unwrap();
+    assert_eq!(policies.len(), 1);
+    assert_eq!(policies[0].max, Some(50.0), "A's own write was undone");
+    // Read again at the next step, the record is what the store holds: A's write.
+    let taken = plant
+        .telemetry
+        .changed(Table::Policies, &["p".to_owned()])
+        .unwrap();
+    assert!(taken.is_empty());
+    assert_eq!(
+        plant.telemetry.policies(&plant.admin).unwrap()[0].max,
+        Some(50.0)
     );
 }
