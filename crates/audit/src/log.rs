@@ -195,6 +195,9 @@ struct Shared {
     latest_checkpoint: RwLock<Option<String>>,
     /// False while the mirror lacks entries the file has (its last append failed).
     mirror_ok: AtomicBool,
+    /// When the group (or the mirror's catching up) now waiting for the disk or the mirror
+    /// began; `None` between groups.
+    group_began: std::sync::Mutex<Option<Instant>>,
 }
 
 /// The audit log. Cloning shares it.
@@ -380,6 +383,7 @@ impl AuditLog {
             groups: AtomicU64::new(0),
             latest_checkpoint: RwLock::new(latest),
             mirror_ok: AtomicBool::new(true),
+            group_began: std::sync::Mutex::new(None),
         });
         let entries = OpenOptions::new()
             .create(true)
@@ -447,6 +451,17 @@ impl AuditLog {
     /// (the appends of those groups were refused): readiness reports it.
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::SeqCst) && self.shared.mirror_ok.load(Ordering::SeqCst)
+    }
+
+    /// How long the group being written has been waiting for the disk or the mirror, while
+    /// one is: a group that waits for seconds is held (a database waiting for a synchronous
+    /// standby that is gone, a disk or a link that hangs), and no request is answered meanwhile.
+    pub fn group_waiting(&self) -> Option<Duration> {
+        self.shared
+            .group_began
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|began| began.elapsed())
     }
 
     pub fn head(&self) -> Head {
@@ -609,7 +624,9 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // A mirror that failed gets what it lacks without waiting for traffic, so
                     // readiness comes back once the database does.
+                    self.waiting(Some(Instant::now()));
                     self.mirror_caught_up();
+                    self.waiting(None);
                     self.checkpoint_if_due();
                     continue;
                 }
@@ -624,9 +641,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.waiting(Some(Instant::now()));
             // While the mirror lacks entries, a group is refused unwritten: what the file holds
             // beyond the mirror stays one group, however many requests arrive in an outage.
             if !self.mirror_caught_up() {
+                self.waiting(None);
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(()));
                 }
@@ -647,6 +666,7 @@ impl Writer {
             } else {
                 None
             };
+            self.waiting(None);
             match committed {
                 Some((head, mirrored)) => {
                     self.shared.groups.fetch_add(1, Ordering::Relaxed);
@@ -677,6 +697,15 @@ impl Writer {
             }
             self.checkpoint_if_due();
         }
+    }
+
+    /// Marks a group as waiting for the disk or the mirror since `began`, or as done.
+    fn waiting(&self, began: Option<Instant>) {
+        *self
+            .shared
+            .group_began
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = began;
     }
 
     /// Hands the mirror what it lacks: the entries that failed to reach it before, then the

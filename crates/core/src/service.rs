@@ -104,6 +104,15 @@ struct Shared {
     /// snapshot reflects (its position), and when the snapshot was last known to be current
     /// (milliseconds since `epoch`). `None` for a store of one writer, always current.
     position: Option<Position>,
+    /// When the writer's commit now waiting for the store began; `None` between commits.
+    commit_began: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Shared {
+    /// Marks the writer's commit as waiting for the store since `began`, or as done.
+    fn waiting_for_the_store(&self, began: Option<std::time::Instant>) {
+        *self.commit_began.lock().unwrap_or_else(|e| e.into_inner()) = began;
+    }
 }
 
 /// Where a shared store's snapshot stands (see `Shared::position`).
@@ -208,6 +217,7 @@ impl TwinService {
                 epoch: std::time::Instant::now(),
                 refresh_queued: AtomicBool::new(false),
             }),
+            commit_began: std::sync::Mutex::new(None),
         });
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer_shared = shared.clone();
@@ -311,6 +321,17 @@ impl TwinService {
         self.shared.store_healthy.load(Ordering::Relaxed)
             && self.shared.writer_alive.load(Ordering::SeqCst)
             && self.store_reachable()
+    }
+
+    /// How long the writer's commit has been waiting for the store, while one is: a commit
+    /// that waits for seconds is held (a database waiting for a synchronous standby that is
+    /// gone, or a link that hangs), and no write is acknowledged meanwhile.
+    pub fn commit_waiting(&self) -> Option<std::time::Duration> {
+        self.shared
+            .commit_began
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|began| began.elapsed())
     }
 
     /// On a store that other writers share (PostgreSQL): the store's commit counter that the
@@ -1408,11 +1429,13 @@ fn commit_group(
         keep_last_per_key(&mut muts);
         // Nothing to make durable (a refresh, a trim with nothing to trim): no commit, so a
         // shared store's counter moves only for changes.
+        shared.waiting_for_the_store(Some(started));
         let result = match *applied {
             _ if muts.is_empty() => Ok(Fenced::Committed(applied.unwrap_or(0))),
             Some(expected) => store.commit_at(&muts, expected),
             None => store.commit(&muts).map(|()| Fenced::Committed(0)),
         };
+        shared.waiting_for_the_store(None);
         let elapsed = started.elapsed();
         metrics::histogram!("twinguard_store_commit_seconds").record(elapsed.as_secs_f64());
         tracing::debug!(

@@ -173,6 +173,11 @@ impl Audit {
         self.log.healthy()
     }
 
+    /// How long the log's group now being written has waited (see [`AuditLog::group_waiting`]).
+    pub fn group_waiting(&self) -> Option<Duration> {
+        self.log.group_waiting()
+    }
+
     /// Looks at the free space of the log's file system again (a `statvfs`); the server does
     /// this every few seconds.
     pub fn measure_disk(&self) {

@@ -546,6 +546,26 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         }
         edits.join_all().await
     };
+    // Readiness of both nodes, every 500 ms: when each probe was sent, its status and body.
+    let probes = async {
+        let mut probes = Vec::new();
+        while Instant::now() < stop {
+            for server in [&a, &b] {
+                let sent = Instant::now();
+                let answer = server.client.get(server.url("/readyz")).send().await;
+                let (status, body) = match answer {
+                    Ok(r) => (
+                        Some(r.status().as_u16()),
+                        r.json::<serde_json::Value>().await.unwrap_or_default(),
+                    ),
+                    Err(_) => (None, serde_json::Value::Null),
+                };
+                probes.push((sent, status, body));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        probes
+    };
     let sites = async {
         let (losing, lost) = lose_site(&standby, lost_at).await;
         tokio::time::sleep_until(back_at.into()).await;
@@ -582,8 +602,9 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         _,
         reads,
         administered,
+        probes,
         (losing, lost, returning, back, losing_again, lost_again, dropping, dropped),
-    ) = tokio::join!(writers, reads, administration, sites);
+    ) = tokio::join!(writers, reads, administration, probes, sites);
     let load = std::mem::take(&mut *load.lock().unwrap());
 
     // A commit the standby confirmed just before it went is acknowledged just after.
@@ -639,6 +660,31 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         "reads refused outside the outages: {refused:?}"
     );
     let refused_in_outages = reads.iter().filter(|(_, s, ..)| *s == Some(503)).count();
+    // Readiness: from a second past the bound of a held commit (5 s) into the first outage
+    // until the standby returns, each node reports its audit trail's commits held (every
+    // request waits for its entry there; the twin writer's commit is held only when a write
+    // reached it), and is not ready; before the loss and a second after each way out, it is
+    // ready.
+    let held_from = lost + twinguard_server::routes::health::HELD_COMMIT + margin;
+    let (mut held_probes, mut store_held) = (0, 0);
+    let mut wrong_probes = Vec::new();
+    for (sent, status, body) in &probes {
+        let at = format!("{:?}", *sent - start);
+        if *sent > held_from && *sent + margin < returning {
+            held_probes += 1;
+            store_held += usize::from(body["store"] == "held");
+            if *status != Some(503) || body["audit"] != "held" || body["status"] != "not ready" {
+                wrong_probes.push(format!("in the outage at {at}: {status:?} {body}"));
+            }
+        } else if settled(*sent) && *status != Some(200) {
+            wrong_probes.push(format!("outside the outages at {at}: {status:?} {body}"));
+        }
+    }
+    assert!(
+        held_probes >= 20,
+        "{held_probes} probes while commits were held"
+    );
+    assert!(wrong_probes.is_empty(), "readiness: {wrong_probes:?}");
     // Every edit was answered; none acknowledged without the standby.
     let unanswered_edits = administered.iter().filter(|(_, s, _)| s.is_none()).count();
     assert_eq!(
@@ -726,6 +772,11 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         }
     }
     assert!(missing.is_empty(), "acknowledged and lost: {missing:?}");
+    println!(
+        "/readyz on both nodes: 503 with the audit trail's commits held in all {held_probes} \
+         probes from 6 s into the first outage ({store_held} with the store's held too), ready \
+         outside the outages"
+    );
     println!(
         "{before} writes acknowledged before the standby's loss; none during either outage; \
          within 5 s of its return {} by A and {} by B, of its dropping {} and {}; {} attempts \

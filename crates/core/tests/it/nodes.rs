@@ -879,3 +879,36 @@ proptest::proptest! {
         });
     }
 }
+
+/// The writer says how long its commit has been waiting for the store, while one is, and
+/// nothing between commits: `/readyz` reports a node whose commits the database holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_tells_how_long_its_commit_has_waited_for_the_store() {
+    use twinguard_core::auth::TELEMETRY_WRITER;
+    let store = Arc::new(MemoryStore::shared());
+    let (a, _b) = two_nodes(&store).await;
+    let system = Principal::with_roles("system:telemetry", &[TELEMETRY_WRITER]);
+    let write = |value: &[u8]| {
+        a.submit(
+            &system,
+            WriteOp::ApplyReadings {
+                updates: Vec::new(),
+                records: vec![replay(value)],
+            },
+        )
+        .unwrap()
+    };
+    write(b"1").await.unwrap();
+    assert_eq!(a.commit_waiting(), None, "no commit waits between commits");
+    store.hold_commits(true);
+    let held = write(b"2");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let waited = a.commit_waiting();
+    store.hold_commits(false);
+    held.await.unwrap();
+    assert!(
+        waited.is_some_and(|w| w >= std::time::Duration::from_millis(250)),
+        "a commit held for 300 ms: {waited:?}"
+    );
+    assert_eq!(a.commit_waiting(), None, "the commit returned");
+}

@@ -1,7 +1,10 @@
 //! Anonymous probes: `/healthz` (the process runs) and `/readyz` (the store accepts writes and
-//! answers the probe every two seconds, the audit trail records, and its disk has room). `/readyz` also carries an `mqtt` detail when a
-//! broker is configured: connected or not, and any evidence that another client took
+//! answers the probe every two seconds, no commit of the store or of the audit trail is held,
+//! the audit trail records, and its disk has room). `/readyz` also carries an `mqtt` detail
+//! when a broker is configured: connected or not, and any evidence that another client took
 //! twinguard's session (informational: the HTTP API stays ready).
+
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -14,25 +17,38 @@ pub async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
+/// A commit waiting this long is held, not slow: the database waits for a synchronous standby
+/// that is gone, or a disk or a link hangs. Every request waits for the audit trail's commit,
+/// and every write for the store's, so a node whose commits are held answers nothing in time
+/// (each request gets its 503 after 10 s): not ready.
+pub const HELD_COMMIT: Duration = Duration::from_secs(5);
+
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let lagging = state
         .service
         .lag()
         .is_some_and(|lag| lag > crate::http::MAX_READ_LAG);
-    let store = state.service.store_healthy() && !lagging;
-    let audit = state.audit.healthy();
+    let held = |waiting: Option<Duration>| waiting.is_some_and(|w| w >= HELD_COMMIT);
+    let store_held = held(state.service.commit_waiting());
+    let audit_held = held(state.audit.group_waiting());
+    let store = state.service.store_healthy() && !lagging && !store_held;
+    let audit = state.audit.healthy() && !audit_held;
     // Not ready before the audit log's disk fills: appends would fail closed then.
     let disk = state.audit.disk_ok();
-    let word = |ok: bool| if ok { "ok" } else { "failing" };
+    let word = |ok: bool, held: bool| match (ok, held) {
+        (true, _) => "ok",
+        (false, true) => "held",
+        (false, false) => "failing",
+    };
     let store_word = if !state.service.store_reachable() {
         "unreachable"
     } else {
-        word(store)
+        word(store, store_held)
     };
     let mut body = json!({
         "status": if store && audit && disk { "ready" } else { "not ready" },
         "store": store_word,
-        "audit": word(audit),
+        "audit": word(audit, audit_held),
         "auditDisk": if disk { "ok" } else { "low" },
     });
     if state.service.position().is_some() {
