@@ -504,6 +504,22 @@ fn prepare_target(
     if !matches!(config, StoreConfig::Embedded) || data_dir.store_path().exists() {
         check_empty(open_store(config, data_dir)?.as_ref())?;
     }
+    // Nor beside the audit logs of nodes that served the database before: `audit verify-nodes`
+    // would check them as this instance's, and they would ride in its next backup.
+    if let Some(audit) = config.audit_database()? {
+        let nodes = audit.audit_nodes()?;
+        ensure!(
+            nodes.is_empty(),
+            "the database holds the audit log of {} that served it before (node {} first): \
+             restore only into an empty database (`twinguard backup` of the old instance \
+             carries those logs)",
+            match nodes.len() {
+                1 => "1 node".to_owned(),
+                n => format!("{n} nodes"),
+            },
+            nodes[0].node
+        );
+    }
     if data_dir.history_path().exists() {
         check_history_empty(&open_history(data_dir)?, data_dir)?;
     }

@@ -460,6 +460,17 @@ async fn a_postgresql_instance_restores_into_another_database_with_material_of_i
     assert!(!refused.status.success());
     assert!(text(&refused).contains("not empty"), "{}", text(&refused));
     assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0);
+    // Nor into a database whose records were emptied but which keeps the audit logs of the
+    // nodes that served it.
+    source_db.query("DELETE FROM records").unwrap();
+    let refused = restore(&bundle, &key, target.path(), &["--store", url.as_str()]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("holds the audit log of 1 node that served it"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0);
     let restored = restore(
         &bundle,
         &key,
