@@ -195,9 +195,9 @@ struct Shared {
     latest_checkpoint: RwLock<Option<String>>,
     /// False while the mirror lacks entries the file has (its last append failed).
     mirror_ok: AtomicBool,
-    /// When the group (or the mirror's catching up) now waiting for the disk or the mirror
-    /// began; `None` between groups.
-    group_began: std::sync::Mutex<Option<Instant>>,
+    /// When the writer's current step (a group, a checkpoint, the mirror's catching up) began;
+    /// `None` while it waits for work.
+    step_began: std::sync::Mutex<Option<Instant>>,
 }
 
 /// The audit log. Cloning shares it.
@@ -383,7 +383,7 @@ impl AuditLog {
             groups: AtomicU64::new(0),
             latest_checkpoint: RwLock::new(latest),
             mirror_ok: AtomicBool::new(true),
-            group_began: std::sync::Mutex::new(None),
+            step_began: std::sync::Mutex::new(None),
         });
         let entries = OpenOptions::new()
             .create(true)
@@ -453,12 +453,13 @@ impl AuditLog {
         self.shared.healthy.load(Ordering::SeqCst) && self.shared.mirror_ok.load(Ordering::SeqCst)
     }
 
-    /// How long the group being written has been waiting for the disk or the mirror, while
-    /// one is: a group that waits for seconds is held (a database waiting for a synchronous
-    /// standby that is gone, a disk or a link that hangs), and no request is answered meanwhile.
-    pub fn group_waiting(&self) -> Option<Duration> {
+    /// How long the writer has been at its current step (a group, a checkpoint, the mirror's
+    /// catching up), while it is at one: a step that takes seconds is held (a database waiting
+    /// for a synchronous standby that is gone, a disk or a link that hangs), and no request is
+    /// answered meanwhile.
+    pub fn busy_for(&self) -> Option<Duration> {
         self.shared
-            .group_began
+            .step_began
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .map(|began| began.elapsed())
@@ -619,14 +620,17 @@ impl Writer {
         let mut buffer: Vec<u8> = Vec::with_capacity(1 << 20);
         loop {
             let wait = self.options.checkpoint_every;
-            match rx.recv_timeout(wait) {
+            self.waiting(None);
+            let received = rx.recv_timeout(wait);
+            // From here until the next wait for work: a group, a checkpoint, or the mirror's
+            // catching up, each of which may wait for the disk or the database.
+            self.waiting(Some(Instant::now()));
+            match received {
                 Ok(job) => batch.push(job),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // A mirror that failed gets what it lacks without waiting for traffic, so
                     // readiness comes back once the database does.
-                    self.waiting(Some(Instant::now()));
                     self.mirror_caught_up();
-                    self.waiting(None);
                     self.checkpoint_if_due();
                     continue;
                 }
@@ -641,11 +645,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.waiting(Some(Instant::now()));
             // While the mirror lacks entries, a group is refused unwritten: what the file holds
             // beyond the mirror stays one group, however many requests arrive in an outage.
             if !self.mirror_caught_up() {
-                self.waiting(None);
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(()));
                 }
@@ -666,7 +668,6 @@ impl Writer {
             } else {
                 None
             };
-            self.waiting(None);
             match committed {
                 Some((head, mirrored)) => {
                     self.shared.groups.fetch_add(1, Ordering::Relaxed);
@@ -699,11 +700,11 @@ impl Writer {
         }
     }
 
-    /// Marks a group as waiting for the disk or the mirror since `began`, or as done.
+    /// Marks the writer as at work since `began`, or as waiting for work.
     fn waiting(&self, began: Option<Instant>) {
         *self
             .shared
-            .group_began
+            .step_began
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = began;
     }

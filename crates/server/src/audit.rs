@@ -173,9 +173,9 @@ impl Audit {
         self.log.healthy()
     }
 
-    /// How long the log's group now being written has waited (see [`AuditLog::group_waiting`]).
-    pub fn group_waiting(&self) -> Option<Duration> {
-        self.log.group_waiting()
+    /// How long the log's writer has been at its current step (see [`AuditLog::busy_for`]).
+    pub fn busy_for(&self) -> Option<Duration> {
+        self.log.busy_for()
     }
 
     /// Looks at the free space of the log's file system again (a `statvfs`); the server does

@@ -17,10 +17,11 @@ pub async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-/// A commit waiting this long is held, not slow: the database waits for a synchronous standby
-/// that is gone, or a disk or a link hangs. Every request waits for the audit trail's commit,
-/// and every write for the store's, so a node whose commits are held answers nothing in time
-/// (each request gets its 503 after 10 s): not ready.
+/// A commit waiting this long (the twin writer's, or any step of the audit trail's writer: a
+/// group, a checkpoint, the mirror's catching up) is held, not slow: the database waits for a
+/// synchronous standby that is gone, or a disk or a link hangs. Every request waits for the
+/// audit trail, and every write for the store, so a node whose commits are held answers
+/// nothing in time (each request gets its 503 after 10 s): not ready.
 pub const HELD_COMMIT: Duration = Duration::from_secs(5);
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
@@ -30,7 +31,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         .is_some_and(|lag| lag > crate::http::MAX_READ_LAG);
     let held = |waiting: Option<Duration>| waiting.is_some_and(|w| w >= HELD_COMMIT);
     let store_held = held(state.service.commit_waiting());
-    let audit_held = held(state.audit.group_waiting());
+    let audit_held = held(state.audit.busy_for());
     let store = state.service.store_healthy() && !lagging && !store_held;
     let audit = state.audit.healthy() && !audit_held;
     // Not ready before the audit log's disk fills: appends would fail closed then.
