@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tempfile::TempDir;
 
 use crate::ownpg::{Cluster, free_port};
 use crate::postgres::{read_twin, start_copy};
@@ -138,12 +139,7 @@ async fn a_synchronous_standby_promoted_under_write_load_has_every_acknowledged_
     }
     let (primary, standby, url) = synchronous_sites();
     let standby_port = standby.port();
-    let flags = ["--store", url.as_str()];
-    let first = tempfile::tempdir().unwrap();
-    let a = Server::start_with(first.path(), &flags, None);
-    let token_a = a.admin_token(first.path()).await;
-    let (_second, b, token_b) = start_copy(first.path(), &flags).await;
-    a.upload_interface(&token_a, "dtmi:site:Pump;1").await;
+    let (first, _second, (a, token_a), (b, token_b)) = two_nodes(&url).await;
 
     let load = Arc::new(Mutex::new(Load::default()));
     let lost_at = Instant::now() + Duration::from_secs(4);
@@ -213,22 +209,13 @@ async fn a_synchronous_standby_promoted_under_write_load_has_every_acknowledged_
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    // A node that starts now has only the promoted standby to go by.
-    let standby_url = format!("postgresql://postgres@127.0.0.1:{standby_port}/postgres");
-    let (_third, c, token_c) = start_copy(first.path(), &["--store", standby_url.as_str()]).await;
-    let mut missing = Vec::new();
-    for (id, _) in &load.acknowledged {
-        for (node, server, token) in [
-            ("A", &a, &token_a),
-            ("B", &b, &token_b),
-            ("C", &c, &token_c),
-        ] {
-            if read_twin(server, token, id).await.0 != 200 {
-                missing.push(format!("{id} on {node}"));
-            }
-        }
-    }
-    assert!(missing.is_empty(), "acknowledged and lost: {missing:?}");
+    assert_every_write_on_them_and_a_new_node(
+        &load,
+        first.path(),
+        standby_port,
+        [(&a, &token_a), (&b, &token_b)],
+    )
+    .await;
     println!(
         "primary lost after {before} acknowledged writes; promoted in {promoted_in:?}; first \
          write acknowledged {first_after:?} after the loss; {after} after it ({} by A, {} by B); \
@@ -440,6 +427,49 @@ async fn a_node_that_applied_commits_a_promoted_standby_never_had_forgets_them()
     );
 }
 
+/// Two nodes over `url`, A and B (started from a copy of A's files), with the interface the
+/// writers' twins use: the data directories, and each node with an administrator's token.
+async fn two_nodes(url: &str) -> (TempDir, TempDir, (Server, String), (Server, String)) {
+    let flags = ["--store", url];
+    let first = tempfile::tempdir().unwrap();
+    let a = Server::start_with(first.path(), &flags, None);
+    let token_a = a.admin_token(first.path()).await;
+    let (second, b, token_b) = start_copy(first.path(), &flags).await;
+    a.upload_interface(&token_a, "dtmi:site:Pump;1").await;
+    (first, second, (a, token_a), (b, token_b))
+}
+
+/// Asserts that every acknowledged write is served by each of `nodes` (name, server, token).
+async fn assert_every_write_on(load: &Load, nodes: &[(&str, &Server, &String)]) {
+    let mut missing = Vec::new();
+    for (id, _) in &load.acknowledged {
+        for (node, server, token) in nodes {
+            if read_twin(server, token, id).await.0 != 200 {
+                missing.push(format!("{id} on {node}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "acknowledged and lost: {missing:?}");
+}
+
+/// Asserts that every acknowledged write is served by A and B (with their tokens) and by a node that
+/// starts now from a copy of `first`'s files over the promoted standby on `port` alone, which
+/// has only the database to go by.
+async fn assert_every_write_on_them_and_a_new_node(
+    load: &Load,
+    first: &std::path::Path,
+    port: u16,
+    [(a, token_a), (b, token_b)]: [(&Server, &String); 2],
+) {
+    let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres");
+    let (_third, c, token_c) = start_copy(first, &["--store", url.as_str()]).await;
+    assert_every_write_on(
+        load,
+        &[("A", a, token_a), ("B", b, token_b), ("C", &c, &token_c)],
+    )
+    .await;
+}
+
 /// Whether any write was acknowledged between `from` and `to`.
 fn acknowledged_between(load: &Load, from: Instant, to: Instant) -> Vec<String> {
     load.acknowledged
@@ -472,12 +502,7 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
         return;
     }
     let (primary, mut standby, url) = synchronous_sites();
-    let flags = ["--store", url.as_str()];
-    let first = tempfile::tempdir().unwrap();
-    let a = Server::start_with(first.path(), &flags, None);
-    let token_a = a.admin_token(first.path()).await;
-    let (_second, b, token_b) = start_copy(first.path(), &flags).await;
-    a.upload_interface(&token_a, "dtmi:site:Pump;1").await;
+    let (first, _second, (a, token_a), (b, token_b)) = two_nodes(&url).await;
     assert_eq!(put_twin(&a, &token_a, "before").await, 200);
     settle("B does not read A's twin", String::new, async || {
         read_twin(&b, &token_b, "before").await.0 == 200
@@ -763,15 +788,7 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
     }
 
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut missing = Vec::new();
-    for (id, _) in &load.acknowledged {
-        for (node, server, token) in [("A", &a, &token_a), ("B", &b, &token_b)] {
-            if read_twin(server, token, id).await.0 != 200 {
-                missing.push(format!("{id} on {node}"));
-            }
-        }
-    }
-    assert!(missing.is_empty(), "acknowledged and lost: {missing:?}");
+    assert_every_write_on(&load, &[("A", &a, &token_a), ("B", &b, &token_b)]).await;
     println!(
         "/readyz on both nodes: 503 with the audit trail's commits held in all {held_probes} \
          probes from 6 s into the first outage ({store_held} with the store's held too), ready \
@@ -800,5 +817,146 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
             .max()
             .unwrap_or_default(),
         made_on_a.len(),
+    );
+}
+
+/// Waits up to 30 s until the primary counts `standbys` standbys in its quorum (`ANY 1`).
+fn wait_quorum(primary: &Cluster, standbys: usize) {
+    let started = Instant::now();
+    loop {
+        let counted = primary
+            .sql("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'quorum'")
+            .trim()
+            .parse::<usize>()
+            .unwrap_or(0);
+        if counted == standbys {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{counted} standbys in the quorum, not {standbys}: {}",
+            primary.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// How far a standby has replayed the primary's WAL, in bytes.
+fn replayed(standby: &Cluster) -> u128 {
+    let bytes = standby.sql("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')");
+    bytes.trim().parse().unwrap_or_else(|_| panic!("{bytes}"))
+}
+
+/// Three sites: a primary and two standbys, `synchronous_standby_names = 'ANY 1 (site_b,
+/// site_c)'` with `remote_apply`, so that a commit is acknowledged once either standby has
+/// applied it. Under a write load through two nodes:
+/// - site C is lost for 6 s: writes are acknowledged throughout, confirmed by B alone; C then
+///   starts again and catches up;
+/// - site B's link drops (C alone confirms from then on), and a second later the primary's
+///   site is lost. The operator promotes the standby that replayed furthest, which must be C
+///   (promoting B would lose the last second's acknowledged writes).
+/// Every acknowledged write is then on both nodes and on a new node over the promoted standby
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sites_keep_writing_through_a_lost_standby_and_a_lost_primary() {
+    if twinguard_store_postgres::testdb::skipped() {
+        return;
+    }
+    let ports = [free_port(), free_port(), free_port()];
+    let mut primary = Cluster::init(ports[0]);
+    primary.allow(&trusted());
+    primary.start(&[("listen_addresses", "127.0.0.1")], None);
+    let mut site_b = Cluster::standby_of(&primary, "site_b", ports[1]);
+    let mut site_c = Cluster::standby_of(&primary, "site_c", ports[2]);
+    primary.sql("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (site_b, site_c)'");
+    primary.sql("ALTER SYSTEM SET synchronous_commit = 'remote_apply'");
+    primary.sql("SELECT pg_reload_conf()");
+    site_b.start(&STANDBY, None);
+    site_c.start(&STANDBY, None);
+    wait_quorum(&primary, 2);
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}/postgres\
+         ?target_session_attrs=read-write",
+        ports[0], ports[1], ports[2]
+    );
+    let (first, _second, (a, token_a), (b, token_b)) = two_nodes(&url).await;
+
+    let load = Arc::new(Mutex::new(Load::default()));
+    let start = Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
+    let (c_lost_at, c_back_at, b_cut_at, primary_lost_at, stop) =
+        (at(3), at(9), at(14), at(15), at(22));
+    let writers = two_writers_each((&a, &token_a), (&b, &token_b), stop, &load);
+    let sites = async {
+        let (_, c_lost) = lose_site(&site_c, c_lost_at).await;
+        tokio::time::sleep_until(c_back_at.into()).await;
+        let c_back = tokio::task::block_in_place(|| {
+            site_c.start(&STANDBY, None);
+            let back = Instant::now();
+            wait_quorum(&primary, 2);
+            back
+        });
+        tokio::time::sleep_until(b_cut_at.into()).await;
+        tokio::task::block_in_place(|| {
+            site_b.sql("ALTER SYSTEM SET primary_conninfo = ''");
+            site_b.sql("SELECT pg_reload_conf()");
+        });
+        let (_, primary_lost) = lose_site(&primary, primary_lost_at).await;
+        // The operator's choice: the standby that replayed furthest has every commit either
+        // standby confirmed, since the WAL is one line.
+        let promoted = tokio::task::block_in_place(|| {
+            let (b_at, c_at) = (replayed(&site_b), replayed(&site_c));
+            let promoted = if c_at > b_at { &site_c } else { &site_b };
+            promoted.promote();
+            (promoted.port(), b_at, c_at)
+        });
+        (c_lost, c_back, primary_lost, promoted)
+    };
+    let (_, (c_lost, c_back, primary_lost, (promoted_port, b_at, c_at))) =
+        tokio::join!(writers, sites);
+    let load = std::mem::take(&mut *load.lock().unwrap());
+
+    assert_eq!(
+        promoted_port, ports[2],
+        "site B replayed as far as C ({b_at} and {c_at} bytes) though its link was cut"
+    );
+    // Writing went on while C was lost, through each node, and after the promotion.
+    let mut taken = Vec::new();
+    for (from, what) in [(c_lost, "site C's loss"), (primary_lost, "the promotion")] {
+        for node in ["a", "b"] {
+            let n = acknowledged_by_within(&load, node, from);
+            assert!(
+                n >= 5,
+                "node {node} acknowledged {n} writes within 5 s of {what}"
+            );
+            taken.push(n);
+        }
+    }
+    assert_eq!(
+        load.unanswered, 0,
+        "writes left unanswered by the client's 20 s"
+    );
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_every_write_on_them_and_a_new_node(
+        &load,
+        first.path(),
+        promoted_port,
+        [(&a, &token_a), (&b, &token_b)],
+    )
+    .await;
+    println!(
+        "site C lost: within 5 s {} writes acknowledged by A and {} by B; C back after {:?}; \
+         B's link cut, then the primary lost: C had replayed {} bytes more than B and was \
+         promoted; within 5 s {} by A and {} by B; {} attempts refused and retried; all {} \
+         acknowledged writes on both nodes and on a new one over the promoted standby",
+        taken[0],
+        taken[1],
+        c_back - c_lost,
+        c_at.saturating_sub(b_at),
+        taken[2],
+        taken[3],
+        load.failed,
+        load.acknowledged.len()
     );
 }
