@@ -294,51 +294,53 @@ fn write_node_logs(
         );
         let name = node.node.as_str();
         let [entries, checkpoints, key] = NODE_FILES;
-        let mut from = 0u64;
         let mut read = 0u64;
         writer.file(
             &node_file(name, entries),
-            Pages::new(|| {
-                let page = database.audit_entries(name, from)?;
-                let Some(&(last, _)) = page.last() else {
-                    return Ok(None);
-                };
-                from = last + 1;
-                read += page.len() as u64;
-                Ok(Some(page.into_iter().fold(
-                    Vec::new(),
-                    |mut out, (_, e)| {
-                        out.extend_from_slice(&e);
-                        out.push(b'\n');
-                        out
-                    },
-                )))
-            }),
+            Pages::new(indexed(
+                |from| database.audit_entries(name, from),
+                b"\n",
+                &mut read,
+            )),
         )?;
-        let mut from = 0u64;
         writer.file(
             &node_file(name, checkpoints),
-            Pages::new(|| {
-                let page = database.audit_checkpoints(name, from)?;
-                let Some(&(last, _)) = page.last() else {
-                    return Ok(None);
-                };
-                from = last + 1;
-                Ok(Some(page.into_iter().fold(
-                    Vec::new(),
-                    |mut out, (_, note)| {
-                        out.extend_from_slice(note.as_bytes());
-                        out.extend_from_slice(CHECKPOINT_SEPARATOR.as_bytes());
-                        out
-                    },
-                )))
-            }),
+            Pages::new(indexed(
+                |from| database.audit_checkpoints(name, from),
+                CHECKPOINT_SEPARATOR.as_bytes(),
+                &mut 0,
+            )),
         )?;
         writer.file(&node_file(name, key), node.verifier_key.as_bytes())?;
         counts.nodes += 1;
         counts.node_entries += read;
     }
     Ok(())
+}
+
+/// The pages of records stored under increasing indexes, for [`Pages`]: `fetch(from)` answers
+/// the records from index `from` on, a page of them, none after the last; each record is
+/// followed by `end`. `read` counts the records.
+fn indexed<'a, L: AsRef<[u8]>>(
+    mut fetch: impl FnMut(u64) -> Result<Vec<(u64, L)>, StoreError> + 'a,
+    end: &'static [u8],
+    read: &'a mut u64,
+) -> impl FnMut() -> Result<Option<Vec<u8>>, StoreError> + 'a {
+    let mut from = 0u64;
+    move || {
+        let page = fetch(from)?;
+        let Some(&(last, _)) = page.last() else {
+            return Ok(None);
+        };
+        from = last + 1;
+        *read += page.len() as u64;
+        let mut bytes = Vec::new();
+        for (_, record) in page {
+            bytes.extend_from_slice(record.as_ref());
+            bytes.extend_from_slice(end);
+        }
+        Ok(Some(bytes))
+    }
 }
 
 /// A file read a page at a time: `next` gives the next page's bytes, `None` after the last.

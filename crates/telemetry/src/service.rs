@@ -372,8 +372,8 @@ impl Telemetry {
         })
     }
 
-    /// Runs `f` on the blocking pool, for store reads and the rereads that hold the state's
-    /// lock while the store answers: neither may hold one of the runtime's threads.
+    /// Runs `f` on the blocking pool, for store reads (a device's record, a reread): a read
+    /// that waits for a database far away must not hold one of the runtime's threads.
     pub(crate) async fn off_the_runtime<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Self) -> DomainResult<T> + Send + 'static,
