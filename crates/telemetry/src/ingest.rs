@@ -167,7 +167,20 @@ impl Telemetry {
     /// first, nothing of the batch is stored; the windows and registry records of its devices
     /// are read again and the batch is decided anew, so a message that two nodes receive at
     /// once is accepted by one and refused as replayed by the other.
+    ///
+    /// Runs to its end even if the caller is dropped (see [`Telemetry::to_the_end`]): the
+    /// marks of a batch whose commit failed are taken back, so a device's retry of a message
+    /// that was never stored is not refused as a replay.
     pub async fn ingest(
+        &self,
+        messages: Vec<Vec<u8>>,
+        transport: Transport,
+    ) -> DomainResult<Vec<Outcome>> {
+        self.to_the_end(move |this| async move { this.ingest_batch(messages, transport).await })
+            .await
+    }
+
+    async fn ingest_batch(
         &self,
         messages: Vec<Vec<u8>>,
         transport: Transport,

@@ -204,10 +204,15 @@ impl Telemetry {
             state.devices.insert(id.to_owned(), device.clone());
             pending
         };
-        if let Err(e) = pending.await {
-            self.state()?.devices.remove(id);
-            return Err(e);
-        }
+        let key = id.to_owned();
+        self.to_the_end(move |this| async move {
+            if let Err(e) = pending.await {
+                this.state()?.devices.remove(&key);
+                return Err(e);
+            }
+            Ok(())
+        })
+        .await?;
         tracing::info!(device = %id, "device registered");
         Ok(Registered {
             device,
@@ -287,7 +292,7 @@ impl Telemetry {
         caller.authorize_instance(Action::DevicesWrite)?;
         check_bindings(&bindings)?;
         self.authorize_feeding(caller, bindings.iter().map(|b| b.twin.as_str()))?;
-        self.change_device(id, |d| {
+        self.change_device(id, move |d| {
             d.bindings = bindings.clone();
             Ok(())
         })
@@ -304,7 +309,7 @@ impl Telemetry {
     ) -> DomainResult<Device> {
         caller.authorize_instance(Action::DevicesWrite)?;
         let device = self
-            .change_device(id, |d| {
+            .change_device(id, move |d| {
                 if d.status == Status::Revoked {
                     return Err(DomainError::Conflict(
                         "the device is revoked; register a new device".into(),
@@ -332,7 +337,19 @@ impl Telemetry {
     /// store several nodes share, another node may have changed it: then it is read and
     /// decided again), so a change made here never undoes one made there, such as a
     /// suspension.
+    /// Runs to its end even if the request is dropped (see [`Telemetry::to_the_end`]): a
+    /// change that failed is read again from the store, not left in memory.
     async fn change_device(
+        &self,
+        id: &str,
+        f: impl Fn(&mut Device) -> DomainResult<()> + Send + 'static,
+    ) -> DomainResult<Device> {
+        let id = id.to_owned();
+        self.to_the_end(move |this| async move { this.change_device_here(&id, f).await })
+            .await
+    }
+
+    async fn change_device_here(
         &self,
         id: &str,
         f: impl Fn(&mut Device) -> DomainResult<()>,
@@ -410,12 +427,15 @@ impl Telemetry {
         list.device_model = device_model.to_owned();
         list.check_definition()
             .map_err(DomainError::InvalidArgument)?;
-        self.commit(vec![put(Table::Firmware, device_model, &list)])
+        let key = device_model.to_owned();
+        self.to_the_end(move |this| async move {
+            this.commit(vec![put(Table::Firmware, &key, &list)], |state| {
+                state.firmware.insert(key.clone(), list.clone());
+            })
             .await?;
-        self.state()?
-            .firmware
-            .insert(device_model.to_owned(), list.clone());
-        Ok(list)
+            Ok(list)
+        })
+        .await
     }
 
     /// Firmware allowlists; for a scoped caller, those of the device models of devices it may
@@ -472,9 +492,15 @@ impl Telemetry {
                 ));
             }
         }
-        self.commit(vec![put(Table::Policies, id, &policy)]).await?;
-        self.state()?.policies.insert(id.to_owned(), policy.clone());
-        Ok(policy)
+        let key = id.to_owned();
+        self.to_the_end(move |this| async move {
+            this.commit(vec![put(Table::Policies, &key, &policy)], |state| {
+                state.policies.insert(key.clone(), policy.clone());
+            })
+            .await?;
+            Ok(policy)
+        })
+        .await
     }
 
     /// Validation policies; for a scoped caller, those whose model it may see.
@@ -497,10 +523,14 @@ impl Telemetry {
         if !self.state()?.policies.contains_key(id) {
             return Err(not_found("policy", id));
         }
-        self.commit(vec![Mutation::delete(Table::Policies, id)])
-            .await?;
-        self.state()?.policies.remove(id);
-        Ok(())
+        let key = id.to_owned();
+        self.to_the_end(move |this| async move {
+            this.commit(vec![Mutation::delete(Table::Policies, &key)], |state| {
+                state.policies.remove(&key);
+            })
+            .await
+        })
+        .await
     }
 
     // ---- sensor groups ----
@@ -530,10 +560,15 @@ impl Telemetry {
                 ));
             }
         }
-        self.commit(vec![put(Table::SensorGroups, id, &group)])
+        let key = id.to_owned();
+        self.to_the_end(move |this| async move {
+            this.commit(vec![put(Table::SensorGroups, &key, &group)], |state| {
+                state.groups.insert(key.clone(), group.clone());
+            })
             .await?;
-        self.state()?.groups.insert(id.to_owned(), group.clone());
-        Ok(group)
+            Ok(group)
+        })
+        .await
     }
 
     /// Sensor groups; for a scoped caller, those feeding a twin it may see.
@@ -556,10 +591,14 @@ impl Telemetry {
         if !self.state()?.groups.contains_key(id) {
             return Err(not_found("sensor group", id));
         }
-        self.commit(vec![Mutation::delete(Table::SensorGroups, id)])
-            .await?;
-        self.state()?.groups.remove(id);
-        Ok(())
+        let key = id.to_owned();
+        self.to_the_end(move |this| async move {
+            this.commit(vec![Mutation::delete(Table::SensorGroups, &key)], |state| {
+                state.groups.remove(&key);
+            })
+            .await
+        })
+        .await
     }
 
     // ---- quarantine ----

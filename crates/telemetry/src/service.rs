@@ -347,8 +347,23 @@ impl Telemetry {
         updates: Vec<PropertyUpdate>,
         records: Vec<Mutation>,
         expect: Vec<Expect>,
-    ) -> DomainResult<impl Future<Output = DomainResult<Vec<Result<(), Skipped>>>> + Send + 'static>
-    {
+    ) -> DomainResult<impl Future<Output = Answer> + Send + 'static> {
+        let (pending, in_flight) = self.queue(updates, records, expect)?;
+        Ok(async move {
+            let answer = pending.await;
+            drop(in_flight);
+            answer
+        })
+    }
+
+    /// [`Telemetry::submit`], with the write's mark as in flight (see [`crate::writes`]) handed
+    /// to the caller, to drop once what the write changes in memory is changed.
+    fn queue(
+        &self,
+        updates: Vec<PropertyUpdate>,
+        records: Vec<Mutation>,
+        expect: Vec<Expect>,
+    ) -> DomainResult<(impl Future<Output = Answer> + Send + 'static, InFlight)> {
         let tracked: Vec<(Table, String)> = records
             .iter()
             .filter(|m| m.table.followed() || m.table == Table::Replay)
@@ -360,16 +375,33 @@ impl Telemetry {
             expect,
         )?;
         let in_flight = InFlight::track(self.inner.writes.clone(), tracked);
-        Ok(async move {
-            let answer = pending.await;
-            drop(in_flight);
-            match answer? {
+        let answer = async move {
+            match pending.await? {
                 WriteOutcome::Readings(results) => Ok(results),
                 _ => Err(DomainError::Internal(
                     "a telemetry write produced no answer",
                 )),
             }
-        })
+        };
+        Ok((answer, in_flight))
+    }
+
+    /// Runs a write to its end on a task of its own. The request that asked for it may be
+    /// dropped once the write is queued (its client went away), and what follows the commit
+    /// must still happen: the write taken into memory once it landed, or what was marked for
+    /// it taken back if it failed. Dropped halfway, a node would keep a policy the store does
+    /// not hold, or lack one it does, until it restarts.
+    pub(crate) async fn to_the_end<T, F>(
+        &self,
+        write: impl FnOnce(Telemetry) -> F,
+    ) -> DomainResult<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = DomainResult<T>> + Send + 'static,
+    {
+        tokio::spawn(write(self.clone()))
+            .await
+            .map_err(|_| DomainError::Internal("a telemetry write could not be run"))?
     }
 
     /// Runs `f` on the blocking pool, for store reads (a device's record, a reread): a read
@@ -550,13 +582,26 @@ impl Telemetry {
         Ok(n)
     }
 
-    /// Commits `records` durably (registry and review changes).
-    pub(crate) async fn commit(&self, records: Vec<Mutation>) -> DomainResult<()> {
-        self.submit(Vec::new(), records, Vec::new())?
-            .await
-            .map(|_| ())
+    /// Commits `records` durably (firmware lists, policies, sensor groups) and, once they
+    /// landed, applies them to memory with `apply`, under the state's lock and while the write
+    /// is still in flight: a reread that began after the write settled then cannot read the
+    /// store between the two and have its older view overwritten by `apply` (see
+    /// [`crate::writes`]).
+    pub(crate) async fn commit(
+        &self,
+        records: Vec<Mutation>,
+        apply: impl FnOnce(&mut State),
+    ) -> DomainResult<()> {
+        let (pending, in_flight) = self.queue(Vec::new(), records, Vec::new())?;
+        pending.await?;
+        apply(&mut *self.state()?);
+        drop(in_flight);
+        Ok(())
     }
 }
+
+/// A telemetry write's answer: whether each twin update applied.
+type Answer = DomainResult<Vec<Result<(), Skipped>>>;
 
 /// A JSON record for the store.
 pub(crate) fn put<T: Serialize>(table: Table, key: &str, value: &T) -> Mutation {

@@ -24,6 +24,8 @@ pub struct StallingStore {
 #[derive(Debug, Default)]
 struct Held {
     commits: bool,
+    /// Commits fail (a database that lost its primary mid-commit) instead of landing.
+    failing: bool,
     /// The table whose reads wait.
     reads_of: Option<Table>,
 }
@@ -48,6 +50,16 @@ impl StallingStore {
         self.held().reads_of = Some(table);
     }
 
+    /// Fails the held commits, and every later one until [`StallingStore::release`]; held reads
+    /// are let through.
+    pub fn fail_held(&self) {
+        *self.held() = Held {
+            failing: true,
+            ..Held::default()
+        };
+        self.changed.notify_all();
+    }
+
     /// Lets the held commits and reads through, and every later one.
     pub fn release(&self) {
         *self.held() = Held::default();
@@ -58,6 +70,18 @@ impl StallingStore {
     pub fn wait_for_held(&self, count: usize, within: Duration) -> bool {
         let until = Instant::now() + within;
         while self.waiting.load(Ordering::SeqCst) < count {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Waits up to `within` until no commit or read is held; whether none is.
+    pub fn wait_until_none_held(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while self.waiting.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= until {
                 return false;
             }
@@ -83,8 +107,14 @@ impl StallingStore {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
-    fn pass_commit(&self) {
+    fn pass_commit(&self) -> Result<(), StoreError> {
         self.pass(|held| held.commits);
+        if self.held().failing {
+            return Err(StoreError(
+                "the store failed the commit (a test's failure)".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -104,12 +134,12 @@ impl Store for StallingStore {
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
-        self.pass_commit();
+        self.pass_commit()?;
         self.inner.commit(batch)
     }
 
     fn commit_expecting(&self, batch: &[Mutation], expect: &[Expect]) -> Result<bool, StoreError> {
-        self.pass_commit();
+        self.pass_commit()?;
         self.inner.commit_expecting(batch, expect)
     }
 }

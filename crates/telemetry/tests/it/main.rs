@@ -4,6 +4,7 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod attacks;
+mod dropped;
 mod history_pages;
 mod nodes;
 mod pipeline;

@@ -404,7 +404,7 @@ async fn a_device_change_waiting_for_its_read_does_not_hold_the_runtime() {
 
 /// Lets a store's held commits and reads through when a test ends, passed or not, so that no
 /// blocking task waits for it forever.
-struct Released(Arc<StallingStore>);
+pub(crate) struct Released(pub(crate) Arc<StallingStore>);
 
 impl Drop for Released {
     fn drop(&mut self) {
