@@ -91,6 +91,26 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// `Option<Caller>`: `None` for a request that presents no credential at all; one that
+/// presents a credential is authenticated as for [`Caller`], and refused if it fails.
+impl axum::extract::OptionalFromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Option<Self>, ApiError> {
+        let presented = parts.headers.contains_key(header::AUTHORIZATION)
+            || parts.headers.contains_key("x-api-key");
+        if !presented {
+            return Ok(None);
+        }
+        <Caller as FromRequestParts<AppState>>::from_request_parts(parts, state)
+            .await
+            .map(Some)
+    }
+}
+
 /// Authenticates `req`'s caller ahead of its handler, which then reuses the outcome.
 async fn authenticate(req: Request, state: &AppState) -> Result<Request, Response> {
     let (mut parts, body) = req.into_parts();

@@ -201,7 +201,7 @@ async fn a_node_partitioned_from_its_database_acknowledges_nothing_serves_nothin
         read_twin(&b, &token_b, "before").await.0 == 200
     })
     .await;
-    assert_eq!(a.readiness().await.0, 200);
+    assert_eq!(a.readiness(None).await.0, 200);
 
     db.set_link(0, false);
     let cut = Instant::now();
@@ -235,7 +235,7 @@ async fn a_node_partitioned_from_its_database_acknowledges_nothing_serves_nothin
     };
     // And A's readiness, as a balancer polls it.
     let not_ready = until("A reports not ready", Duration::from_secs(20), || async {
-        a.readiness().await.0 == 503
+        a.readiness(None).await.0 == 503
     });
     let ((during_a, answered), (written_on_b, served_until, refused, slowest), not_ready) =
         tokio::join!(write_on_a, watch, not_ready);
@@ -251,7 +251,7 @@ async fn a_node_partitioned_from_its_database_acknowledges_nothing_serves_nothin
     db.set_link(0, true);
     let healed = Instant::now();
     let caught_up = until("A ready again", Duration::from_secs(60), || async {
-        a.readiness().await.0 == 200
+        a.readiness(None).await.0 == 200
     })
     .await;
     for id in &written_on_b {

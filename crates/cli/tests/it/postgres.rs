@@ -313,7 +313,7 @@ async fn a_node_cut_off_from_its_database_reports_not_ready_and_refuses_writes()
         )
     };
     assert_eq!(put("before").await.unwrap().status(), 200);
-    let readiness = || server.readiness();
+    let readiness = || server.readiness(Some(&token));
     assert_eq!(readiness().await.0, 200);
 
     db.set_reachable(false).unwrap();

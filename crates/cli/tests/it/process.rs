@@ -148,14 +148,14 @@ impl Server {
             .unwrap()
     }
 
-    /// `/readyz`: its status and body.
-    pub async fn readiness(&self) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}/readyz", self.base))
-            .send()
-            .await
-            .unwrap();
+    /// `/readyz`: its status and body; with `token` (of a caller holding the metrics
+    /// permission), the body says why a node is not ready.
+    pub async fn readiness(&self, token: Option<&str>) -> (u16, Value) {
+        let mut request = self.client.get(format!("{}/readyz", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }

@@ -200,7 +200,7 @@ async fn a_synchronous_standby_promoted_under_write_load_has_every_acknowledged_
     // Both nodes back in service, and each current with the other's last writes.
     let settled = Instant::now();
     for server in [&a, &b] {
-        while server.readiness().await.0 != 200 {
+        while server.readiness(None).await.0 != 200 {
             assert!(
                 settled.elapsed() < Duration::from_secs(30),
                 "a node is not ready again"
@@ -388,7 +388,7 @@ async fn a_node_that_applied_commits_a_promoted_standby_never_had_forgets_them()
     settle(
         "A is not ready again",
         || standby.log(),
-        async || a.readiness().await.0 == 200,
+        async || a.readiness(None).await.0 == 200,
     )
     .await;
     settle(
@@ -575,9 +575,10 @@ async fn losing_the_standbys_site_stops_acknowledgements_until_it_is_back_or_dro
     let probes = async {
         let mut probes = Vec::new();
         while Instant::now() < stop {
-            for server in [&a, &b] {
+            for (server, token) in [(&a, &token_a), (&b, &token_b)] {
                 let sent = Instant::now();
-                let answer = server.client.get(server.url("/readyz")).send().await;
+                let probe = server.client.get(server.url("/readyz")).bearer_auth(token);
+                let answer = probe.send().await;
                 let (status, body) = match answer {
                     Ok(r) => (
                         Some(r.status().as_u16()),

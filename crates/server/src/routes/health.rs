@@ -1,8 +1,15 @@
 //! Anonymous probes: `/healthz` (the process runs) and `/readyz` (the store accepts writes and
 //! answers the probe every two seconds, no commit of the store or of the audit trail is held,
-//! the audit trail records, and its disk has room). `/readyz` also carries an `mqtt` detail
-//! when a broker is configured: connected or not, and any evidence that another client took
-//! twinguard's session (informational: the HTTP API stays ready).
+//! the audit trail records, and its disk has room).
+//!
+//! Anyone may ask whether a node is ready, since balancers ask without credentials; only a
+//! caller holding `twinguard/metrics/read` learns why. For it, `/readyz` says which part
+//! fails (the store unreachable, lagging or held, the audit trail failing or held, its disk
+//! low) and carries an `mqtt` detail when a broker is configured: connected or not, and any
+//! evidence that another client took twinguard's session (informational: the HTTP API stays
+//! ready). An anonymous caller, or one without that permission, gets the status alone: the
+//! state of the database, the audit disk and the broker tells an attacker when and where to
+//! push.
 
 use std::time::Duration;
 
@@ -24,7 +31,10 @@ pub async fn healthz() -> impl IntoResponse {
 /// nothing in time (each request gets its 503 after 10 s): not ready.
 pub const HELD_COMMIT: Duration = Duration::from_secs(5);
 
-pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn readyz(
+    State(state): State<AppState>,
+    caller: Option<crate::http::Caller>,
+) -> impl IntoResponse {
     let lagging = state
         .service
         .lag()
@@ -46,8 +56,22 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         word(store, store_held)
     };
+    let ready = store && audit && disk;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let summary = if ready { "ready" } else { "not ready" };
+    let told = caller.is_some_and(|crate::http::Caller(c)| {
+        c.authorize_instance(twinguard_core::auth::Action::MetricsRead)
+            .is_ok()
+    });
+    if !told {
+        return (status, axum::Json(json!({ "status": summary })));
+    }
     let mut body = json!({
-        "status": if store && audit && disk { "ready" } else { "not ready" },
+        "status": summary,
         "store": store_word,
         "audit": word(audit, audit_held),
         "auditDisk": if disk { "ok" } else { "low" },
@@ -58,11 +82,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(mqtt) = &state.mqtt {
         body["mqtt"] = mqtt.detail();
     }
-    if store && audit && disk {
-        (StatusCode::OK, axum::Json(body))
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body))
-    }
+    (status, axum::Json(body))
 }
 
 /// `GET /metrics`: Prometheus text format, for callers holding `twinguard/metrics/read`.

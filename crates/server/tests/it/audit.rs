@@ -210,12 +210,22 @@ async fn when_the_log_cannot_be_written_requests_fail_and_nothing_is_acknowledge
     let ready = server
         .client
         .get(server.url("/readyz"))
+        .bearer_auth(&admin)
         .send()
         .await
         .unwrap();
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["audit"], "failing");
+    // Without the metrics permission, the status alone.
+    let anonymous = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 503);
+    assert_eq!(anonymous.text().await.unwrap(), r#"{"status":"not ready"}"#);
 }
 
 #[tokio::test]
@@ -463,10 +473,12 @@ async fn readiness_fails_when_the_audit_disk_runs_low_before_appends_would() {
     let disk = SmallDisk::mount(320);
     let data = tempfile::tempdir_in(disk.0.path()).unwrap();
     let server = TestServer::start_in(data, |_| {}).await;
+    let admin = server.admin_token().await;
     let ready = || async {
         let r = server
             .client
             .get(server.url("/readyz"))
+            .bearer_auth(&admin)
             .send()
             .await
             .unwrap();
@@ -486,8 +498,15 @@ async fn readiness_fails_when_the_audit_disk_runs_low_before_appends_would() {
         (503, Some("low")),
         "{body}"
     );
+    let anonymous = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 503);
+    assert_eq!(anonymous.text().await.unwrap(), r#"{"status":"not ready"}"#);
     // Requests are still recorded meanwhile: readiness warns, the log has not failed.
-    let admin = server.admin_token().await;
     assert_eq!(
         server.call(Method::GET, "/models", &admin).await.status(),
         200

@@ -5,7 +5,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use reqwest::Method;
 use serde_json::{Value, json};
-use twinguard_core::auth::DATA_READER;
+use twinguard_core::auth::{DATA_READER, MONITORING};
 
 use crate::kit::{TestServer, https_client};
 
@@ -267,8 +267,11 @@ async fn data_reader_reads_and_queries_but_every_write_is_forbidden() {
     }
 }
 
+/// The probes need no credential; `/readyz` says why only to a caller that may read metrics.
+/// Anonymous, with a role that lacks the permission, the answer is the status alone (the
+/// not-ready cases are in `audit.rs`); a credential that fails is refused as on every route.
 #[tokio::test]
-async fn probes_are_anonymous_and_report_readiness() {
+async fn probes_are_anonymous_and_readiness_says_why_only_to_monitoring() {
     let server = TestServer::start().await;
     let health = server
         .client
@@ -277,13 +280,33 @@ async fn probes_are_anonymous_and_report_readiness() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
-    let ready = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    let probe = async |token: Option<&str>| {
+        let mut request = server.client.get(server.url("/readyz"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request.send().await.unwrap();
+        (answer.status().as_u16(), answer.text().await.unwrap())
+    };
+    let reader = server.token_with_role(DATA_READER).await;
+    let monitor = server.token_with_role(MONITORING).await;
+    let status_alone = (200, r#"{"status":"ready"}"#.to_owned());
+    assert_eq!(probe(None).await, status_alone);
+    assert_eq!(probe(Some(&reader)).await, status_alone);
+    let (status, told) = probe(Some(&monitor)).await;
+    let told: Value = serde_json::from_str(&told).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            &told["status"],
+            &told["store"],
+            &told["audit"],
+            &told["auditDisk"]
+        ),
+        (&json!("ready"), &json!("ok"), &json!("ok"), &json!("ok")),
+        "{told}"
+    );
+    assert_eq!(probe(Some("not-a-token")).await.0, 401);
 }
 
 #[tokio::test]

@@ -611,10 +611,13 @@ async fn with_the_client_id_leaked_every_reading_reaches_the_twin_or_has_no_rece
     })
     .await;
 
-    // Detected and reported: /readyz, the audit trail (the log line and metrics go beside).
+    // Detected and reported: /readyz to a caller that may read metrics, the audit trail (the
+    // log line and metrics go beside).
+    let monitor = server.admin_token().await;
     let ready: Value = server
         .client
         .get(server.url("/readyz"))
+        .bearer_auth(&monitor)
         .send()
         .await
         .unwrap()
