@@ -261,7 +261,18 @@ impl Events {
     /// The destination is checked against the allowlist as written and, for a name, by
     /// resolving it now: a name that resolves to no admitted address (a private one under a
     /// name rule, say) is refused here, and again at each connection.
+    /// Creates or replaces endpoint `name`. Runs to its end on a task of its own, as
+    /// [`Events::delete`] does.
     pub async fn put(
+        &self,
+        name: &str,
+        spec: EndpointSpec,
+    ) -> Result<(Arc<Endpoint>, bool), EventsError> {
+        let (this, name) = (self.clone(), name.to_owned());
+        to_the_end(async move { this.put_here(&name, spec).await }).await
+    }
+
+    async fn put_here(
         &self,
         name: &str,
         spec: EndpointSpec,
@@ -346,7 +357,18 @@ impl Events {
     /// Deletes endpoint `name`: its delivery stops at once (on another node that delivers it,
     /// its writes for the endpoint are refused from now on and its sending stops at its next
     /// lease round); its dead letters go with it.
+    ///
+    /// Runs to its end on a task of its own: the request that asked for it may be dropped
+    /// (its client went away) while the store commits, and the node must still stop
+    /// delivering an endpoint whose deletion landed (or, for [`Events::put`], start
+    /// delivering one that was stored). Dropped halfway, a deleted endpoint went on receiving
+    /// events from this node until it restarted.
     pub async fn delete(&self, name: &str) -> Result<(), EventsError> {
+        let (this, name) = (self.clone(), name.to_owned());
+        to_the_end(async move { this.delete_here(&name).await }).await
+    }
+
+    async fn delete_here(&self, name: &str) -> Result<(), EventsError> {
         let _edits = self.inner.edits.lock().await;
         if self.inner.leases.is_none() && !self.inner.lock().endpoints.contains_key(name) {
             return Err(EventsError::NotFound(name.to_owned()));
@@ -479,6 +501,16 @@ impl Events {
         }
         Ok(())
     }
+}
+
+/// Runs an edit of the endpoints on a task of its own, so that it ends even if its caller is
+/// dropped (see [`Events::delete`]).
+async fn to_the_end<T: Send + 'static>(
+    edit: impl Future<Output = Result<T, EventsError>> + Send + 'static,
+) -> Result<T, EventsError> {
+    tokio::spawn(edit)
+        .await
+        .unwrap_or_else(|_| Err(StoreError("an endpoint edit could not be run".into()).into()))
 }
 
 impl Inner {

@@ -172,7 +172,7 @@ struct Node {
     cut: Arc<Cut>,
 }
 
-fn node(store: &Arc<MemoryStore>, source: &str) -> Node {
+fn node<S: Store + 'static>(store: &Arc<S>, source: &str) -> Node {
     let service = Arc::new(TwinService::open(store.clone(), Arc::new(SystemClock)).unwrap());
     let owned = OwnerStore::new(Owner::Events, store.clone());
     owned.connect(service.door(Owner::Events));
@@ -753,4 +753,66 @@ async fn an_endpoint_made_on_a_lagging_node_starts_at_the_stored_head() {
     b.events.put("late", spec(addr)).await.unwrap();
     let late = lease::read_positions(store.as_ref()).unwrap()["late"];
     assert_eq!(late, a.service.feed_head());
+}
+
+/// An endpoint edit whose request is dropped while the store holds its commit (the client went
+/// away) still ends once the commit lands: a deleted endpoint is no longer delivered, a new
+/// one is. (With the edit's memory change in the request's future, the deleted endpoint went
+/// on receiving every event from this node until it restarted, and the new one received none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_edit_whose_request_is_dropped_still_takes_effect() {
+    use twinguard_core::store::stalling::StallingStore;
+    let store = Arc::new(StallingStore::default());
+    let (deleted, kept) = (Receiver::default(), Receiver::default());
+    let (deleted_at, kept_at) = (deleted.start().await, kept.start().await);
+    let a = node(&store, "a");
+    a.events.start();
+    a.service
+        .write(&owner(), WriteOp::UploadModels(vec![model()]))
+        .await
+        .unwrap();
+    a.events.put("hook", spec(deleted_at)).await.unwrap();
+    for (id, endpoint) in [("to-deleted", "hook"), ("to-new", "new")] {
+        let route = WriteOp::PutRoute {
+            id: id.into(),
+            endpoint_name: endpoint.into(),
+            filter: "true".into(),
+        };
+        a.service.write(&owner(), route).await.unwrap();
+    }
+    let dropped_while_held = async |edit: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+        store.stall();
+        let answered = tokio::time::timeout(Duration::from_millis(300), edit).await;
+        assert!(
+            answered.is_err(),
+            "the edit answered while its commit was held"
+        );
+        assert!(store.wait_for_held(1, Duration::from_secs(5)));
+        store.release();
+    };
+    let events = a.events.clone();
+    dropped_while_held(Box::pin(async move {
+        let _ = events.delete("hook").await;
+    }))
+    .await;
+    let events = a.events.clone();
+    dropped_while_held(Box::pin(async move {
+        let _ = events.put("new", spec(kept_at)).await;
+    }))
+    .await;
+    wait_for("the edits in memory", Duration::from_secs(2), || {
+        a.events.get("hook").is_err() && a.events.get("new").is_ok()
+    })
+    .await;
+    create(&a, "after-the-edits").await;
+    wait_for(
+        "the new endpoint's delivery",
+        Duration::from_secs(5),
+        || kept.creations().contains_key("after-the-edits"),
+    )
+    .await;
+    assert!(
+        !deleted.creations().contains_key("after-the-edits"),
+        "a deleted endpoint received an event"
+    );
 }
