@@ -68,20 +68,18 @@ impl StallingStore {
 
     /// Waits up to `within` until `count` commits or reads are held; whether they are.
     pub fn wait_for_held(&self, count: usize, within: Duration) -> bool {
-        let until = Instant::now() + within;
-        while self.waiting.load(Ordering::SeqCst) < count {
-            if Instant::now() >= until {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+        self.wait_until(within, |held| held >= count)
     }
 
     /// Waits up to `within` until no commit or read is held; whether none is.
     pub fn wait_until_none_held(&self, within: Duration) -> bool {
+        self.wait_until(within, |held| held == 0)
+    }
+
+    /// Waits up to `within` until `done` says so of the number of calls held now.
+    fn wait_until(&self, within: Duration, done: impl Fn(usize) -> bool) -> bool {
         let until = Instant::now() + within;
-        while self.waiting.load(Ordering::SeqCst) > 0 {
+        while !done(self.waiting.load(Ordering::SeqCst)) {
             if Instant::now() >= until {
                 return false;
             }

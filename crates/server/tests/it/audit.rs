@@ -217,15 +217,7 @@ async fn when_the_log_cannot_be_written_requests_fail_and_nothing_is_acknowledge
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["audit"], "failing");
-    // Without the metrics permission, the status alone.
-    let anonymous = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(anonymous.status(), 503);
-    assert_eq!(anonymous.text().await.unwrap(), r#"{"status":"not ready"}"#);
+    assert_anonymous_readiness_is_the_status_alone(&server).await;
 }
 
 #[tokio::test]
@@ -498,14 +490,7 @@ async fn readiness_fails_when_the_audit_disk_runs_low_before_appends_would() {
         (503, Some("low")),
         "{body}"
     );
-    let anonymous = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(anonymous.status(), 503);
-    assert_eq!(anonymous.text().await.unwrap(), r#"{"status":"not ready"}"#);
+    assert_anonymous_readiness_is_the_status_alone(&server).await;
     // Requests are still recorded meanwhile: readiness warns, the log has not failed.
     assert_eq!(
         server.call(Method::GET, "/models", &admin).await.status(),
@@ -527,4 +512,17 @@ async fn readiness_fails_when_the_audit_disk_runs_low_before_appends_would() {
     server.state.audit.measure_disk();
     assert_eq!(ready().await.0, 200);
     drop(server);
+}
+
+/// A node not ready answers an anonymous probe with its status alone: why is told only to a
+/// caller that may read metrics.
+async fn assert_anonymous_readiness_is_the_status_alone(server: &TestServer) {
+    let anonymous = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 503);
+    assert_eq!(anonymous.text().await.unwrap(), r#"{"status":"not ready"}"#);
 }
