@@ -67,6 +67,26 @@ pub enum AdminCommand {
     /// Event endpoints (where routes deliver) and their dead letters.
     #[command(subcommand)]
     Endpoint(EndpointCommand),
+    /// The instance's CA, rotated while the nodes serve: add, rotate, retire (docs/storage.md).
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// The authorities (retiring, issuing, next) and the trust bundle clients should hold.
+    Show,
+    /// A new authority, trusted at once and issuing nothing yet: give clients the new bundle.
+    Add,
+    /// The newest authority issues: each node presents a certificate of it from its next
+    /// handshake, and new client certificates chain to it.
+    Rotate,
+    /// The authorities older than the issuing one leave the trust bundle. Refused while live
+    /// client certificates they issued are recorded, unless --force.
+    Retire {
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -474,6 +494,15 @@ pub async fn run(connection: Connection, command: AdminCommand) -> anyhow::Resul
                     None,
                 )
                 .await?
+            }
+        },
+        AdminCommand::Ca(c) => match c {
+            CaCommand::Show => api.call(Method::GET, "/admin/ca", None).await?,
+            CaCommand::Add => api.call(Method::POST, "/admin/ca/add", None).await?,
+            CaCommand::Rotate => api.call(Method::POST, "/admin/ca/rotate", None).await?,
+            CaCommand::Retire { force } => {
+                let path = format!("/admin/ca/retire?force={force}");
+                api.call(Method::POST, &path, None).await?
             }
         },
         AdminCommand::Apikey(c) => match c {

@@ -12,7 +12,7 @@ use twinguard_core::service::TwinService;
 
 use crate::http::{correlate, require_api_version};
 use crate::routes::{
-    audit, discovery, endpoints, eventroutes, health, identity, models, query, relationships,
+    audit, ca, discovery, endpoints, eventroutes, health, identity, models, query, relationships,
     telemetry, token, twins,
 };
 use crate::tokens::TokenService;
@@ -34,8 +34,9 @@ pub struct AppState {
     pub tokens: Arc<TokenService>,
     /// Queries running at once; more are answered 429.
     pub query_slots: Arc<tokio::sync::Semaphore>,
-    /// The local CA, which signs workloads' client certificates.
-    pub ca: Arc<crate::datadir::Ca>,
+    /// The instance's CA ring, which signs workloads' client certificates and follows
+    /// rotations.
+    pub ca: Arc<crate::ca::Authority>,
     /// The tamper-evident audit trail every request is recorded in.
     pub audit: crate::audit::Audit,
     /// Signed telemetry: device registry, ingestion, quarantine, history.
@@ -252,6 +253,10 @@ pub fn router(state: AppState) -> Router {
             "/admin/identities/{id}/keys",
             put(identity::set_client_keys),
         )
+        .route("/admin/ca", get(ca::show))
+        .route("/admin/ca/add", post(ca::add))
+        .route("/admin/ca/rotate", post(ca::rotate))
+        .route("/admin/ca/retire", post(ca::retire))
         .route(
             "/admin/identities/{id}/certificates",
             post(identity::issue_certificate),

@@ -8,13 +8,13 @@
 //! DIR/instance.json                 instance ID and token issuer
 //! DIR/restore-incomplete            only while `twinguard restore` runs (the server will not start)
 //! DIR/audit-archive/NAME/           audit trails brought in by `twinguard restore`
-//! DIR/tls/ca.pem                    the CA certificate clients trust
-//! DIR/tls/ca-key.pem                the CA key (0600)
+//! DIR/tls/ca.pem                    the CA certificates clients trust (`crate::ca`)
+//! DIR/secrets/ca.json               the CA ring: certificates and keys (0600)
 //! DIR/tls/server.pem, server-key.pem  the API certificate and key (0600)
 //! DIR/secrets/token-keys.json      the Ed25519 token signing keys, rotated (0600)
 //! DIR/secrets/instance.kek          on a shared store only: the key-encryption key that opens
 //!                                   the instance's material sealed in the store (`crate::vault`),
-//!                                   which there replaces ca-key.pem, token-keys.json, event-key
+//!                                   which there replaces ca.json, token-keys.json, event-key
 //!                                   and mqtt-receipt-key (0600)
 //! DIR/secrets/admin-client.json     {"client_id","client_secret","token_endpoint"} (0600)
 //! DIR/secrets/mqtt-receipt-key      the Ed25519 key MQTT receipts are signed with (0600)
@@ -28,17 +28,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
-use zeroize::Zeroizing;
-
+use crate::ca::{Ca, CaRing};
 use crate::signing_keys::KeyRing;
-use crate::vault::{Material, names, remove_moved};
+use crate::vault::Material;
 
 #[derive(Debug, Clone)]
 pub struct DataDir {
@@ -72,8 +68,13 @@ impl DataDir {
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("tls/ca.pem")
     }
+    /// Where instances before the CA ring kept the CA's key; adopted into the ring at start.
     pub fn ca_key(&self) -> PathBuf {
         self.root.join("tls/ca-key.pem")
+    }
+    /// The CA ring, on the embedded store (`crate::ca`).
+    pub fn ca_ring(&self) -> PathBuf {
+        self.root.join("secrets/ca.json")
     }
     pub fn server_cert(&self) -> PathBuf {
         self.root.join("tls/server.pem")
@@ -110,7 +111,8 @@ impl DataDir {
     /// local CA.
     pub fn prepare(&self, extra_names: &[String]) -> anyhow::Result<Instance> {
         let instance = self.prepare_dirs()?;
-        self.tls(extra_names, &Material::Files)?;
+        let ring = crate::ca::load(self, &Material::Files)?;
+        self.install_ca(extra_names, &ring)?;
         if !self.token_keys().exists() {
             let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
             KeyRing::generate(now)?.save(&self.token_keys())?;
@@ -135,56 +137,18 @@ impl DataDir {
         self.instance()
     }
 
-    /// The local CA, from `material` (made if the instance has none), with `tls/ca.pem` kept
-    /// equal to its certificate and this node's server certificate issued by it: anew when it
-    /// is missing, near its expiry, or the CA changed.
-    pub fn tls(&self, extra_names: &[String], material: &Material) -> anyhow::Result<Ca> {
-        let ca = match material {
-            Material::Files => {
-                if !self.ca_cert().exists() || !self.ca_key().exists() {
-                    // A new CA: its certificate is written below, with a server certificate
-                    // it issued.
-                    let ca = Ca::generate()?;
-                    write_private(&self.ca_key(), ca.key_pem.as_bytes())?;
-                    ca
-                } else {
-                    Ca::new(
-                        fs::read_to_string(self.ca_cert())?,
-                        Zeroizing::new(fs::read_to_string(self.ca_key())?),
-                    )?
-                }
-            }
-            Material::Sealed(vault) => {
-                // A data directory that had its CA before the store did hands it over.
-                let local = match (self.ca_cert().exists(), self.ca_key().exists()) {
-                    (true, true) => Some(Ca::new(
-                        fs::read_to_string(self.ca_cert())?,
-                        Zeroizing::new(fs::read_to_string(self.ca_key())?),
-                    )?),
-                    _ => None,
-                };
-                let local = local.as_ref().map(Ca::to_json).transpose()?;
-                let stored = vault.get_or_store(
-                    names::CA,
-                    "the instance's CA",
-                    local.as_ref().map(|l| l.as_slice()),
-                    || Ca::generate()?.to_json(),
-                )?;
-                let ca = Ca::from_json(&stored)?;
-                if local.is_some() {
-                    remove_moved(&self.ca_key(), "the CA key")?;
-                }
-                ca
-            }
-        };
-        let ca_changed = fs::read_to_string(self.ca_cert()).ok().as_deref() != Some(&ca.cert_pem);
-        if ca_changed {
-            write_public(&self.ca_cert(), ca.cert_pem.as_bytes())?;
+    /// Writes this node's files from the CA `ring`: the trust bundle `tls/ca.pem` (every
+    /// authority of the ring) and a server certificate issued by the issuing authority, anew
+    /// when it is missing, near its expiry, or another authority issued it.
+    pub fn install_ca(&self, extra_names: &[String], ring: &CaRing) -> anyhow::Result<()> {
+        let bundle = ring.bundle_pem();
+        if fs::read_to_string(self.ca_cert()).ok().as_deref() != Some(&bundle) {
+            write_public(&self.ca_cert(), bundle.as_bytes())?;
         }
-        if ca_changed || self.server_cert_due()? {
-            self.issue_server_cert(extra_names, &ca)?;
+        if self.server_cert_due(ring.issuing().fingerprint())? {
+            self.issue_server_cert(extra_names, ring.issuing())?;
         }
-        Ok(ca)
+        Ok(())
     }
 
     /// This node's key-encryption key for the instance's sealed material (`crate::vault`).
@@ -246,9 +210,9 @@ impl DataDir {
         self.root.join("tls/server.json")
     }
 
-    /// True when the server certificate is missing, its record is, or it expires within
-    /// [`RENEW_BEFORE_DAYS`].
-    fn server_cert_due(&self) -> anyhow::Result<bool> {
+    /// True when the server certificate is missing, its record is, it expires within
+    /// [`RENEW_BEFORE_DAYS`], or an authority other than `issuer` (a fingerprint) issued it.
+    fn server_cert_due(&self, issuer: &str) -> anyhow::Result<bool> {
         if !self.server_cert().exists() {
             return Ok(true);
         }
@@ -256,14 +220,15 @@ impl DataDir {
             return Ok(true);
         };
         let meta: ServerCertMeta = serde_json::from_str(&text)?;
+        if meta.issuer.as_deref() != Some(issuer) {
+            return Ok(true);
+        }
         let renew_at = meta.not_after - Duration::days(RENEW_BEFORE_DAYS).whole_seconds();
         Ok(OffsetDateTime::now_utc().unix_timestamp() >= renew_at)
     }
 
     /// Issues a server certificate valid for [`SERVER_CERT_DAYS`] with the local CA's key.
     fn issue_server_cert(&self, extra_names: &[String], ca: &Ca) -> anyhow::Result<()> {
-        let ca_key = ca.key()?;
-        let issuer = Issuer::new(ca_params()?, &ca_key);
         let mut names = vec![
             "localhost".to_owned(),
             "127.0.0.1".to_owned(),
@@ -282,139 +247,18 @@ impl DataDir {
         let now = OffsetDateTime::now_utc();
         server.not_before = now - Duration::hours(1);
         server.not_after = now + Duration::days(SERVER_CERT_DAYS);
-        let server_cert = server.signed_by(&server_key, &issuer)?;
+        let server_cert = ca.sign(|issuer| server.signed_by(&server_key, issuer))??;
         write_private(&self.server_key(), server_key.serialize_pem().as_bytes())?;
         write_public(&self.server_cert(), server_cert.pem().as_bytes())?;
         let meta = ServerCertMeta {
             not_after: server.not_after.unix_timestamp(),
+            issuer: Some(ca.fingerprint().to_owned()),
         };
         write_public(&self.server_cert_meta(), &serde_json::to_vec(&meta)?)?;
-        tracing::info!(not_after = %server.not_after, "issued the server certificate");
+        tracing::info!(not_after = %server.not_after, issuer = ca.fingerprint(), "issued the server certificate");
         Ok(())
     }
 }
-
-/// A client certificate issued to a workload.
-#[derive(Debug, Clone)]
-pub struct ClientCertificate {
-    pub pem: String,
-    /// Serial number, lowercase hex.
-    pub serial: String,
-    /// Expiry, Unix seconds.
-    pub not_after: u64,
-}
-
-/// The prefix of the URI SAN naming the identity a client certificate belongs to.
-pub const IDENTITY_URI_PREFIX: &str = "urn:twinguard:identity:";
-
-/// The URI SAN naming the identity a client certificate belongs to.
-pub fn identity_uri(identity_id: &str) -> String {
-    format!("{IDENTITY_URI_PREFIX}{identity_id}")
-}
-
-/// The local CA: it issues the nodes' server certificates and workloads' client certificates.
-pub struct Ca {
-    cert_pem: String,
-    key_pem: Zeroizing<String>,
-}
-
-impl std::fmt::Debug for Ca {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").finish_non_exhaustive()
-    }
-}
-
-/// The CA as the shared store keeps it (sealed, `crate::vault::names::CA`).
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct StoredCa {
-    cert_pem: String,
-    key_pem: Zeroizing<String>,
-}
-
-impl Ca {
-    fn new(cert_pem: String, key_pem: Zeroizing<String>) -> anyhow::Result<Self> {
-        KeyPair::from_pem(&key_pem).context("the CA key is not a PEM key")?;
-        Ok(Self { cert_pem, key_pem })
-    }
-
-    fn generate() -> anyhow::Result<Self> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = ca_params()?.self_signed(&key)?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
-        })
-    }
-
-    fn to_json(&self) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-        Ok(Zeroizing::new(serde_json::to_vec(&StoredCa {
-            cert_pem: self.cert_pem.clone(),
-            key_pem: self.key_pem.clone(),
-        })?))
-    }
-
-    fn from_json(bytes: &[u8]) -> anyhow::Result<Self> {
-        let stored: StoredCa =
-            serde_json::from_slice(bytes).context("the stored CA is not readable")?;
-        Self::new(stored.cert_pem, stored.key_pem)
-    }
-
-    fn key(&self) -> anyhow::Result<KeyPair> {
-        Ok(KeyPair::from_pem(&self.key_pem)?)
-    }
-
-    /// The CA certificate, which clients trust.
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
-    }
-}
-
-impl Ca {
-    /// Signs a client certificate for workload `identity_id` from its CSR. Only the CSR's
-    /// public key is used (its proof of possession is checked); the subject, names, usages and
-    /// validity are the CA's choice: the identity's URI, client authentication only,
-    /// [`CLIENT_CERT_DAYS`].
-    pub fn issue_client_cert(
-        &self,
-        identity_id: &str,
-        csr_pem: &str,
-    ) -> anyhow::Result<ClientCertificate> {
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| anyhow::anyhow!("the certificate signing request is not valid: {e}"))?;
-        let ca_key = self.key()?;
-        let issuer = Issuer::new(ca_params()?, &ca_key);
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, identity_id);
-        params.subject_alt_names = vec![rcgen::SanType::URI(identity_uri(identity_id).try_into()?)];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let mut serial = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
-        // Positive and without a leading zero byte, so DER keeps all sixteen bytes as given.
-        serial[0] = (serial[0] & 0x7f) | 0x01;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + Duration::days(CLIENT_CERT_DAYS);
-        let signed = rcgen::CertificateSigningRequestParams {
-            params,
-            public_key: csr.public_key,
-        }
-        .signed_by(&issuer)?;
-        Ok(ClientCertificate {
-            pem: signed.pem(),
-            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
-            not_after: u64::try_from((now + Duration::days(CLIENT_CERT_DAYS)).unix_timestamp())
-                .unwrap_or(0),
-        })
-    }
-}
-
-/// Days a workload's client certificate is valid; it renews with `POST /me/certificate`.
-pub const CLIENT_CERT_DAYS: i64 = 30;
 
 /// Days a server certificate is valid (the CA/Browser Forum's 397-day ceiling).
 pub const SERVER_CERT_DAYS: i64 = 397;
@@ -426,24 +270,10 @@ pub const RENEW_BEFORE_DAYS: i64 = 30;
 struct ServerCertMeta {
     /// Expiry of `server.pem`, Unix seconds.
     not_after: i64,
-}
-
-/// The local CA's parameters. Certificates it issues name it by this subject, so the same
-/// parameters rebuild the issuer from the stored key when a server certificate is renewed.
-fn ca_params() -> anyhow::Result<CertificateParams> {
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name
-        .push(DnType::CommonName, "twinguard local CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let now = OffsetDateTime::now_utc();
-    ca.not_before = now - Duration::days(1);
-    ca.not_after = now + Duration::days(3_650);
-    Ok(ca)
+    /// The fingerprint of the authority that issued it (absent before the CA ring: issued
+    /// again at the next start).
+    #[serde(default)]
+    issuer: Option<String>,
 }
 
 /// Writes a file readable by the owner only, atomically (temporary file, fsync, rename).
@@ -522,6 +352,11 @@ mod tests {
         let soon = OffsetDateTime::now_utc() + Duration::days(10);
         let meta = ServerCertMeta {
             not_after: soon.unix_timestamp(),
+            issuer: serde_json::from_slice::<ServerCertMeta>(
+                &fs::read(dir.server_cert_meta()).unwrap(),
+            )
+            .unwrap()
+            .issuer,
         };
         fs::write(dir.server_cert_meta(), serde_json::to_vec(&meta).unwrap()).unwrap();
         dir.prepare(&[]).unwrap();
@@ -535,7 +370,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = DataDir::new(root.path());
         dir.prepare(&[]).unwrap();
-        for path in [dir.ca_key(), dir.server_key(), dir.token_keys()] {
+        for path in [dir.ca_ring(), dir.server_key(), dir.token_keys()] {
             let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", path.display());
         }

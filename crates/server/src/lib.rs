@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod ca;
 pub mod connections;
 pub mod datadir;
 pub mod egress;

@@ -19,7 +19,8 @@ use twinguard_store_redb::RedbStore;
 use twinguard_telemetry::service::TelemetryEvent;
 
 use crate::app::{AppState, router};
-use crate::datadir::{Ca, DataDir, write_private};
+use crate::ca::Authority;
+use crate::datadir::{DataDir, write_private};
 use crate::external::ExternalIssuers;
 use crate::signing_keys::KeyRing;
 use crate::tokens::{KeysHome, TokenService};
@@ -339,8 +340,8 @@ pub struct Initialised {
     /// On a shared store, the follower of other nodes' changes, with the directory and the
     /// token service registered.
     pub follower: Option<Arc<ChangeFollower>>,
-    /// The local CA.
-    pub ca: Arc<Ca>,
+    /// The instance's CA.
+    pub ca: Arc<Authority>,
     /// Where the instance's private material lives.
     pub material: Material,
 }
@@ -379,7 +380,7 @@ pub fn init(
                 .context("the instance's key-encryption key")?,
         )),
     };
-    let ca = Arc::new(data_dir.tls(tls_names, &material)?);
+    let ca = Arc::new(Authority::open(data_dir, tls_names, &material)?);
     let (keys, keys_home) = token_keys(data_dir, &material)?;
     let directory = Arc::new(
         Directory::open(identity.clone(), Arc::new(SystemClock))
@@ -414,6 +415,7 @@ pub fn init(
     if let Some(follower) = &follower {
         follower.register(directory.clone());
         follower.register(tokens.clone());
+        follower.register(ca.clone());
     }
     Ok(Initialised {
         store,
@@ -596,6 +598,7 @@ impl Application {
             .spawn_history_merger()
             .context("starting the history merger")?;
         let tls = crate::tls::server_config(&data_dir)?;
+        ca.serve_with(tls.clone());
         let instance = data_dir.instance()?;
         let audit = crate::audit::Audit::open(
             &data_dir,

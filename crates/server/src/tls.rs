@@ -30,6 +30,14 @@ pub struct PeerCertificate(pub Option<Arc<CertificateDer<'static>>>);
 /// Server certificate and key from the data directory, client certificates verified against
 /// the instance CA but not required.
 pub fn server_config(data_dir: &DataDir) -> anyhow::Result<RustlsConfig> {
+    Ok(RustlsConfig::from_config(Arc::new(rustls_config(
+        data_dir,
+    )?)))
+}
+
+/// [`server_config`]'s rustls configuration: the server certificate and key in the data
+/// directory; as client roots, every authority of the trust bundle (`tls/ca.pem`).
+pub fn rustls_config(data_dir: &DataDir) -> anyhow::Result<rustls::ServerConfig> {
     let certs = CertificateDer::pem_file_iter(data_dir.server_cert())
         .context("reading the server certificate")?
         .collect::<Result<Vec<_>, _>>()?;
@@ -46,7 +54,7 @@ pub fn server_config(data_dir: &DataDir) -> anyhow::Result<RustlsConfig> {
         .with_client_cert_verifier(clients)
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(RustlsConfig::from_config(Arc::new(config)))
+    Ok(config)
 }
 
 /// [`RustlsAcceptor`] that also hands the verified client certificate to the connection's

@@ -190,7 +190,7 @@ fn certificate_identity(der: &[u8]) -> Option<(String, String)> {
         .collect();
     let san = cert.subject_alternative_name().ok()??;
     let id = san.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => uri.strip_prefix(crate::datadir::IDENTITY_URI_PREFIX),
+        GeneralName::URI(uri) => uri.strip_prefix(crate::ca::IDENTITY_URI_PREFIX),
         _ => None,
     })?;
     Some((id.to_owned(), serial))

@@ -249,3 +249,36 @@ async fn the_command_line_follows_next_links_and_prints_whole_lists() {
     );
     assert!(listed.get("nextLink").is_none(), "one list, as before");
 }
+
+/// The CA rotates from the command line while the server serves: each command trusts the data
+/// directory's bundle (`tls/ca.pem`), which follows the ring, so the operator's own client
+/// keeps connecting through add, rotate and retire.
+#[tokio::test]
+async fn an_operator_rotates_the_ca_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let _server = Server::start(dir.path());
+    let states = |view: &Value| -> Vec<String> {
+        view["authorities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["state"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first = json(&twinguard(dir.path(), &["ca", "show"], None));
+    assert_eq!(states(&first), ["issuing"]);
+    let added = json(&twinguard(dir.path(), &["ca", "add"], None));
+    assert_eq!(states(&added), ["issuing", "next"]);
+    let rotated = json(&twinguard(dir.path(), &["ca", "rotate"], None));
+    assert_eq!(states(&rotated), ["retiring", "issuing"]);
+    let refused = twinguard(dir.path(), &["ca", "rotate"], None);
+    assert!(!refused.status.success());
+    let retired = json(&twinguard(dir.path(), &["ca", "retire"], None));
+    assert_eq!(states(&retired), ["issuing"]);
+    assert_ne!(
+        retired["authorities"][0]["fingerprint"],
+        first["authorities"][0]["fingerprint"]
+    );
+    let shown = json(&twinguard(dir.path(), &["ca", "show"], None));
+    assert_eq!(shown, retired);
+}

@@ -147,6 +147,7 @@ async fn a_server_on_postgresql_restarts_and_a_new_node_needs_only_the_instance_
     );
     for moved in [
         "tls/ca-key.pem",
+        "secrets/ca.json",
         "secrets/token-keys.json",
         "secrets/event-key",
     ] {

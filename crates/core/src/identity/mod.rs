@@ -132,6 +132,10 @@ pub struct IssuedCertificate {
     pub serial: String,
     pub not_after: u64,
     pub revoked: bool,
+    /// The fingerprint of the authority that issued it (absent on records from before the
+    /// CA could rotate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1926,6 +1930,21 @@ impl Directory {
             Ok(())
         })
         .map(|_| ())
+    }
+
+    /// How many recorded client certificates, unrevoked and unexpired, an authority outside
+    /// `keep` (fingerprints) issued, or an unknown one: those a retirement of the others
+    /// would stop at their next handshake.
+    pub fn live_certificates_outside(&self, keep: &[&str]) -> usize {
+        let now = self.now();
+        let state = self.state.read();
+        state
+            .records
+            .values()
+            .flat_map(|r| &r.credentials.certificates)
+            .filter(|c| !c.revoked && c.not_after > now)
+            .filter(|c| !c.issuer.as_deref().is_some_and(|i| keep.contains(&i)))
+            .count()
     }
 
     /// Revokes one of a workload's certificates at once.

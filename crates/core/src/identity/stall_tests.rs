@@ -99,6 +99,7 @@ fn plant() -> Plant {
             serial: "0a".into(),
             not_after: u64::MAX / 2,
             revoked: false,
+            issuer: None,
         },
     )
     .unwrap();
@@ -191,6 +192,7 @@ fn edits() -> Vec<(&'static str, EditFn)> {
                 serial: "0b".into(),
                 not_after: u64::MAX / 2,
                 revoked: false,
+                issuer: None,
             };
             p.dir.record_certificate(&p.admin, &p.app, issued)
         }),

@@ -188,18 +188,22 @@ pub struct CsrBody {
 async fn certify(state: &AppState, caller: &Principal, id: &str, csr: &str) -> ApiResult<Response> {
     // Decide access and the identity's kind before the CA signs anything.
     state.tokens.directory().authorize_certificate(caller, id)?;
-    let cert = state
-        .ca
+    let ring = state.ca.ring();
+    let cert = ring
+        .issuing()
         .issue_client_cert(id, csr)
         .map_err(|e| ApiError::invalid_argument(e.to_string()))?;
     let issued = twinguard_core::identity::IssuedCertificate {
         serial: cert.serial.clone(),
         not_after: cert.not_after,
         revoked: false,
+        issuer: Some(cert.issuer.clone()),
     };
     let (caller, id) = (caller.clone(), id.to_owned());
     edit(state, move |d| d.record_certificate(&caller, &id, issued)).await?;
-    let ca = state.ca.cert_pem();
+    // Every authority the instance trusts: a client that trusts the bundle keeps connecting
+    // across a rotation of the CA.
+    let ca = ring.bundle_pem();
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({

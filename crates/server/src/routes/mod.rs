@@ -1,6 +1,7 @@
 //! Route handlers: each extracts, calls one domain function and maps the result.
 
 pub mod audit;
+pub mod ca;
 pub mod discovery;
 pub mod endpoints;
 pub mod eventroutes;

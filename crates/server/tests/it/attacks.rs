@@ -12,7 +12,11 @@ use crate::identity::{PASSWORD, code_at, create_user, error_code, login};
 use crate::kit::{TestServer, https_client, uuid_like};
 
 /// An application holding `roles` at instance scope, created by the first administrator.
-async fn application(server: &TestServer, admin: &str, roles: &[&str]) -> (String, String) {
+pub(crate) async fn application(
+    server: &TestServer,
+    admin: &str,
+    roles: &[&str],
+) -> (String, String) {
     let created: Value = server
         .admin_json(
             Method::POST,
@@ -78,7 +82,7 @@ async fn holder_of(server: &TestServer, admin: &str, actions: &[&str]) -> (Strin
 }
 
 /// A PKCS #10 request and its key, PEM.
-fn csr() -> (String, String) {
+pub(crate) fn csr() -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .unwrap()

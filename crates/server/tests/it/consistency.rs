@@ -133,18 +133,10 @@ async fn security_writes_on_one_node_hold_at_once_on_another_for_a_client_presen
 {
     use crate::identity::PASSWORD;
     use twinguard_core::auth::DATA_READER;
-    use twinguard_server::startup::{PostgresConfig, StoreConfig};
-    let Some(db) = twinguard_store_postgres::testdb::TestDatabase::create().unwrap() else {
+    let Some((_db, store)) = crate::kit::shared_store() else {
         return;
     };
-    let store = StoreConfig::Postgres(PostgresConfig {
-        url: db.url(),
-        ca_file: None,
-        pool_size: 4,
-    });
-    let configure = |c: &mut twinguard_server::startup::ServeConfig| c.store = store.clone();
-    let a = TestServer::start_in(tempfile::tempdir().unwrap(), configure).await;
-    let b = TestServer::start_in(a.node_files(), configure).await;
+    let (a, b) = TestServer::two_nodes(|c| c.store = store.clone()).await;
     let admin = a.admin_token().await;
     let mut client = Following::default();
     for round in 0..10 {

@@ -50,6 +50,23 @@ fn test_store(dir: &std::path::Path) -> Option<twinguard_server::startup::StoreC
     ))
 }
 
+/// A PostgreSQL database of the test's own, dropped with it, and the store configuration of
+/// nodes on it; `None` on a machine without PostgreSQL.
+pub fn shared_store() -> Option<(
+    twinguard_store_postgres::testdb::TestDatabase,
+    twinguard_server::startup::StoreConfig,
+)> {
+    let db = twinguard_store_postgres::testdb::TestDatabase::create().unwrap()?;
+    let store = twinguard_server::startup::StoreConfig::Postgres(
+        twinguard_server::startup::PostgresConfig {
+            url: db.url(),
+            ca_file: None,
+            pool_size: 4,
+        },
+    );
+    Some((db, store))
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         // Its database goes with it (dropped with FORCE: the server task may still run).
@@ -181,6 +198,14 @@ impl TestServer {
             std::fs::copy(self.dir.path().join(name), dir.path().join(name)).unwrap();
         }
         dir
+    }
+
+    /// Two nodes of one instance, each configured by `adjust` (which gives them a shared
+    /// store, [`shared_store`]): B's data directory holds only A's instance files.
+    pub async fn two_nodes(adjust: impl Fn(&mut ServeConfig)) -> (Self, Self) {
+        let a = Self::start_in(tempfile::tempdir().unwrap(), &adjust).await;
+        let b = Self::start_in(a.node_files(), &adjust).await;
+        (a, b)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -7,6 +7,7 @@ mod api;
 mod attacks;
 mod audit;
 mod auth;
+mod ca;
 mod connections;
 mod consistency;
 mod events;

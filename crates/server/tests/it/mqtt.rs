@@ -897,23 +897,16 @@ async fn twinguard_logs_in_to_a_broker_that_refuses_anonymous_clients() {
 /// receipt (and the store decided it twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_on_one_database_share_the_subscription_and_ingest_each_message_once() {
-    use twinguard_server::startup::{PostgresConfig, StoreConfig};
-    let Some(db) = twinguard_store_postgres::testdb::TestDatabase::create().unwrap() else {
+    let Some((_db, store)) = crate::kit::shared_store() else {
         return;
     };
     let topics = Topics::new();
-    let store = StoreConfig::Postgres(PostgresConfig {
-        url: db.url(),
-        ca_file: None,
-        pool_size: 4,
-    });
-    let configure = |c: &mut twinguard_server::startup::ServeConfig| {
+    // The second node's data directory holds only the instance files of the first's.
+    let (a, b) = TestServer::two_nodes(|c| {
         c.store = store.clone();
         c.mqtt = Some(topics.config(BROKER));
-    };
-    let a = TestServer::start_in(tempfile::tempdir().unwrap(), configure).await;
-    // The second node's data directory holds only the instance files of the first's.
-    let b = TestServer::start_in(a.node_files(), configure).await;
+    })
+    .await;
     assert_ne!(client_id(a.dir.path()), client_id(b.dir.path()));
 
     let names = ["dev-a", "dev-b", "dev-c", "dev-d"];
