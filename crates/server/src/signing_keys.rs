@@ -1,13 +1,17 @@
-//! The token signing keys and their rotation (control AC-2).
+//! Signing key rings and their rotation: the token signing keys (control AC-2) and the event
+//! key (`crate::events`).
 //!
 //! Keys are Ed25519. A new key is published in the JWKS [`PUBLISH_LEAD_SECS`] before it starts
 //! signing, so verifiers that cache the JWKS know it before they meet it; the key it replaces
-//! keeps verifying until every token it signed has expired, then leaves the set. The active key
-//! is rotated after [`ROTATE_AFTER_SECS`]. The ring lives in `DIR/secrets/token-keys.json` (0600),
-//! or, on a store several nodes share, sealed in the store (`crate::vault`).
-//! Times are Unix seconds passed in by the caller, so tests control them.
+//! keeps verifying for as long as the ring's [`Policy`] says (for tokens, until every token it
+//! signed has expired), then leaves the set. The active key is rotated after
+//! [`ROTATE_AFTER_SECS`]. A ring lives in a file of `DIR/secrets/` (0600), or, on a store
+//! several nodes share, sealed in the store (`crate::vault`), where a rotation on one node is
+//! every node's ([`SharedRing`]). Times are Unix seconds passed in by the caller, so tests
+//! control them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LockResult, Mutex, RwLock, RwLockReadGuard};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,13 +21,34 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use twinguard_core::store::StoreError;
+
 use crate::datadir::write_private;
 use crate::tokens::{CLOCK_SKEW_SECS, TOKEN_LIFETIME_SECS};
+use crate::vault::Vault;
 
 /// Age after which the signing key is replaced.
 pub const ROTATE_AFTER_SECS: u64 = 30 * 24 * 3_600;
 /// How long a new key is published before it signs (well above the JWKS cache lifetime).
 pub const PUBLISH_LEAD_SECS: u64 = 3_600;
+
+/// How long a ring keeps a replaced key: for as long after its successor began to sign as
+/// anything it signed may still be verified.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub keep_after_successor_secs: u64,
+}
+
+/// Event keys verify for as long as an event signed before the successor may still be
+/// delivered (an endpoint's `maxAgeSeconds` is at most seven days), and an hour more.
+pub const EVENT_KEYS: Policy = Policy {
+    keep_after_successor_secs: 7 * 86_400 + PUBLISH_LEAD_SECS,
+};
+
+/// Token keys verify until every token they signed has expired.
+pub const TOKEN_KEYS: Policy = Policy {
+    keep_after_successor_secs: TOKEN_LIFETIME_SECS + CLOCK_SKEW_SECS,
+};
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -61,19 +86,24 @@ impl std::fmt::Debug for SigningKey {
 }
 
 impl SigningKey {
+    /// The key in `pem` (PKCS #8), named `kid`, or by the first eight bytes of its public key's
+    /// SHA-256 without one.
     fn from_pem(
         pem: Zeroizing<String>,
+        kid: Option<String>,
         created_at: u64,
         activates_at: u64,
     ) -> anyhow::Result<Self> {
         let pair = KeyPair::from_pem(&pem)?;
         let raw = pair.public_key_raw();
         let public_x = URL_SAFE_NO_PAD.encode(raw);
-        let kid = Sha256::digest(raw)
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let kid = kid.unwrap_or_else(|| {
+            Sha256::digest(raw)
+                .iter()
+                .take(8)
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        });
         Ok(Self {
             kid,
             created_at,
@@ -87,7 +117,19 @@ impl SigningKey {
 
     fn generate(now: u64, activates_at: u64) -> anyhow::Result<Self> {
         let pair = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-        Self::from_pem(Zeroizing::new(pair.serialize_pem()), now, activates_at)
+        Self::from_pem(
+            Zeroizing::new(pair.serialize_pem()),
+            None,
+            now,
+            activates_at,
+        )
+    }
+
+    /// The private key, PKCS #8 DER.
+    pub fn pkcs8_der(&self) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+        Ok(Zeroizing::new(
+            KeyPair::from_pem(&self.pkcs8_pem)?.serialize_der(),
+        ))
     }
 }
 
@@ -102,6 +144,14 @@ impl KeyRing {
     pub fn generate(now: u64) -> anyhow::Result<Self> {
         Ok(Self {
             keys: vec![SigningKey::generate(now, now)?],
+        })
+    }
+
+    /// A ring of the one key in `pem` (PKCS #8), named `kid`, active since `now`: how a key
+    /// kept alone before its ring becomes one.
+    pub fn of_one(pem: Zeroizing<String>, kid: String, now: u64) -> anyhow::Result<Self> {
+        Ok(Self {
+            keys: vec![SigningKey::from_pem(pem, Some(kid), now, now)?],
         })
     }
 
@@ -120,7 +170,7 @@ impl KeyRing {
         let mut keys = stored
             .keys
             .into_iter()
-            .map(|k| SigningKey::from_pem(k.pkcs8_pem, k.created_at, k.activates_at))
+            .map(|k| SigningKey::from_pem(k.pkcs8_pem, Some(k.kid), k.created_at, k.activates_at))
             .collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!keys.is_empty(), "the key ring is empty");
         keys.sort_by_key(|k| k.activates_at);
@@ -169,6 +219,10 @@ impl KeyRing {
         self.keys.iter().map(|k| k.kid.as_str()).collect()
     }
 
+    fn kids_owned(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.kid.clone()).collect()
+    }
+
     /// Every key in the ring as a JSON Web Key Set (RFC 7517, RFC 8037).
     pub fn jwks(&self) -> serde_json::Value {
         let keys: Vec<serde_json::Value> = self
@@ -187,6 +241,11 @@ impl KeyRing {
     /// Publishes a successor when the active key is due and none is pending, and drops keys
     /// whose tokens have all expired. Returns whether the ring changed.
     pub fn rotate_if_due(&mut self, now: u64) -> anyhow::Result<bool> {
+        self.rotate_by(now, TOKEN_KEYS)
+    }
+
+    /// [`KeyRing::rotate_if_due`] under `policy`.
+    pub fn rotate_by(&mut self, now: u64, policy: Policy) -> anyhow::Result<bool> {
         let mut changed = false;
         let active_since = self.active(now).activates_at;
         let pending = self.keys.iter().any(|k| k.activates_at > now);
@@ -195,8 +254,8 @@ impl KeyRing {
                 .push(SigningKey::generate(now, now + PUBLISH_LEAD_SECS)?);
             changed = true;
         }
-        // A key is retired once its successor has signed for longer than a token lives.
-        let retire_before = now.saturating_sub(TOKEN_LIFETIME_SECS + CLOCK_SKEW_SECS);
+        // A key is retired once its successor has signed for longer than the policy keeps it.
+        let retire_before = now.saturating_sub(policy.keep_after_successor_secs);
         let successors: Vec<u64> = self.keys.iter().skip(1).map(|k| k.activates_at).collect();
         let before = self.keys.len();
         let mut index = 0;
@@ -208,6 +267,159 @@ impl KeyRing {
             keep
         });
         Ok(changed || self.keys.len() != before)
+    }
+}
+
+/// Where a key ring is kept.
+#[derive(Debug)]
+pub enum KeysHome {
+    /// A file of `DIR/secrets/` (the embedded store).
+    File(PathBuf),
+    /// Sealed in the store the nodes share (`crate::vault`): a rotation on any node is every
+    /// node's, read again when the follower names the record.
+    Sealed(Arc<Vault>),
+    /// Nowhere: rotated in memory only (tests).
+    Memory,
+}
+
+/// A key ring as a node holds it: rotated where it is kept, and, on a shared store, read again
+/// when another node changed it.
+pub struct SharedRing {
+    /// The sealed record's name (`crate::vault::names`).
+    name: &'static str,
+    /// The ring's name in messages, without an article ("token signing keys").
+    what: &'static str,
+    policy: Policy,
+    ring: RwLock<KeyRing>,
+    home: KeysHome,
+    /// Held while the ring is rotated or read again from the store, so that a follower's read
+    /// of an older ring never lands after this node's own rotation.
+    change: Mutex<()>,
+}
+
+impl std::fmt::Debug for SharedRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRing")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedRing {
+    pub fn new(
+        name: &'static str,
+        what: &'static str,
+        policy: Policy,
+        ring: KeyRing,
+        home: KeysHome,
+    ) -> Self {
+        Self {
+            name,
+            what,
+            policy,
+            ring: RwLock::new(ring),
+            home,
+            change: Mutex::new(()),
+        }
+    }
+
+    /// The sealed record's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The ring, to sign or verify with.
+    pub fn read(&self) -> LockResult<RwLockReadGuard<'_, KeyRing>> {
+        self.ring.read()
+    }
+
+    fn set(&self, ring: KeyRing) -> anyhow::Result<()> {
+        *self
+            .ring
+            .write()
+            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))? = ring;
+        Ok(())
+    }
+
+    /// Rotates the ring at `now` when it is due, where it is kept; whether it changed. On a
+    /// shared store the rotation is decided on the ring as stored and committed only over it:
+    /// of nodes rotating at once, one publishes the successor and the others take its ring.
+    pub fn rotate_at(&self, now: u64) -> anyhow::Result<bool> {
+        let _change = self
+            .change
+            .lock()
+            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?;
+        let what = self.what;
+        match &self.home {
+            KeysHome::File(_) | KeysHome::Memory => {
+                let mut ring = self
+                    .ring
+                    .write()
+                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?;
+                let rotated = ring.rotate_by(now, self.policy)?;
+                if rotated {
+                    if let KeysHome::File(path) = &self.home {
+                        ring.save(path)?;
+                    }
+                    tracing::info!(kids = ?ring.kids(), "{what} rotated");
+                }
+                Ok(rotated)
+            }
+            KeysHome::Sealed(vault) => {
+                for _ in 0..8 {
+                    let stored = vault
+                        .read(self.name, &format!("the {what}"))?
+                        .ok_or_else(|| anyhow::anyhow!("the {what} are missing from the store"))?;
+                    let mut ring = KeyRing::from_json(&stored.plain)?;
+                    let rotated = ring.rotate_by(now, self.policy)?;
+                    if rotated && !vault.replace(self.name, &stored.sealed, &ring.to_json()?)? {
+                        // Another node changed the ring first: decide again on its ring.
+                        continue;
+                    }
+                    if rotated {
+                        tracing::info!(kids = ?ring.kids(), "{what} rotated");
+                    }
+                    // Taken even when nothing was due: it may be another node's rotation.
+                    let changed = rotated || self.read_kids()? != ring.kids_owned();
+                    self.set(ring)?;
+                    return Ok(changed);
+                }
+                anyhow::bail!("other nodes kept changing the {what}")
+            }
+        }
+    }
+
+    fn read_kids(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .ring
+            .read()
+            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?
+            .kids_owned())
+    }
+
+    /// Reads the ring again from the shared store, after another node changed it. A ring that
+    /// no longer opens is not taken: this node keeps signing with the ring it has, and says so.
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let KeysHome::Sealed(vault) = &self.home else {
+            return Ok(());
+        };
+        let _change = self
+            .change
+            .lock()
+            .map_err(|_| StoreError("the key ring lock is poisoned".into()))?;
+        let what = self.what;
+        let read = vault
+            .read(self.name, &format!("the {what}"))
+            .and_then(|stored| stored.ok_or_else(|| anyhow::anyhow!("the {what} are missing")))
+            .and_then(|stored| KeyRing::from_json(&stored.plain));
+        match read {
+            Ok(ring) => {
+                self.set(ring).map_err(|e| StoreError(e.to_string()))?;
+                tracing::info!("read the {what} another node changed");
+            }
+            Err(e) => tracing::error!(error = %e, "the stored {what} were not taken"),
+        }
+        Ok(())
     }
 }
 

@@ -635,6 +635,10 @@ impl Application {
         let event_key = Arc::new(crate::events::EventKey::load_or_create(
             &data_dir, &material,
         )?);
+        event_key.rotate_if_due()?;
+        if let Some(follower) = &follower {
+            follower.register(event_key.clone());
+        }
         let egress = match &config.egress_lookup {
             Some(lookup) => {
                 crate::egress::Egress::with_lookup(config.egress.clone(), lookup.0.clone())
@@ -766,14 +770,22 @@ impl Application {
     ) -> anyhow::Result<()> {
         let handle = axum_server::Handle::new();
         let on_shutdown = handle.clone();
-        let tokens = self.state.tokens.clone();
+        let (tokens, events) = (self.state.tokens.clone(), self.state.events.clone());
         tokio::spawn(async move {
             let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3_600));
             loop {
                 hourly.tick().await;
-                if let Err(e) = tokens.rotate_keys_if_due() {
-                    tracing::error!(error = %e, "token signing key rotation failed");
-                }
+                // Both commit on a shared store: off the runtime's threads.
+                let (tokens, events) = (tokens.clone(), events.clone());
+                let rotated = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = tokens.rotate_keys_if_due() {
+                        tracing::error!(error = %e, "token signing key rotation failed");
+                    }
+                    if let Err(e) = events.key().rotate_if_due() {
+                        tracing::error!(error = %e, "event signing key rotation failed");
+                    }
+                });
+                let _ = rotated.await;
             }
         });
         for sink in &self.siem {

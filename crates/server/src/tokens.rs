@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,8 +32,8 @@ use crate::external::{
 };
 use crate::metrics;
 use crate::refresh::{Family, Redeemed, RefreshTokens};
-use crate::signing_keys::KeyRing;
-use crate::vault::{Vault, names};
+use crate::signing_keys::{KeyRing, SharedRing};
+use crate::vault::names;
 
 /// The audience ADT clients ask for; twinguard accepts it as its own.
 pub const ADT_AUDIENCE: &str = "https://digitaltwins.azure.net";
@@ -142,11 +142,7 @@ pub enum TokenError {
 pub struct TokenService {
     issuer: String,
     audiences: Vec<String>,
-    keys: RwLock<KeyRing>,
-    keys_home: KeysHome,
-    /// Held while the ring is rotated or read again from the store, so that a follower's read
-    /// of an older ring never lands after this node's own rotation.
-    keys_change: std::sync::Mutex<()>,
+    keys: SharedRing,
     validation: Validation,
     directory: Arc<Directory>,
     verified: RwLock<HashMap<String, (Arc<Session>, u64)>>,
@@ -212,18 +208,10 @@ fn refused(refusal: Refusal, wrong: TokenError) -> TokenError {
     }
 }
 
-/// Where the token signing key ring is kept.
-#[derive(Debug)]
-pub enum KeysHome {
-    /// `DIR/secrets/token-keys.json` (the embedded store).
-    File(PathBuf),
-    /// Sealed in the store the nodes share (`crate::vault`): a rotation on any node is every
-    /// node's, read again when the follower names the record.
-    Sealed(Arc<Vault>),
-}
+pub use crate::signing_keys::KeysHome;
 
-/// The key ring's name in errors.
-const RING: &str = "the token signing keys";
+/// The key ring's name in messages.
+const RING: &str = "token signing keys";
 
 /// The `client_id` claim of tokens from a person's login.
 const LOGIN_CLIENT: &str = "twinguard-login";
@@ -273,9 +261,13 @@ impl TokenService {
         Ok(Self {
             issuer,
             audiences,
-            keys: RwLock::new(keys),
-            keys_home,
-            keys_change: std::sync::Mutex::new(()),
+            keys: SharedRing::new(
+                names::TOKEN_KEYS,
+                RING,
+                crate::signing_keys::TOKEN_KEYS,
+                keys,
+                keys_home,
+            ),
             validation,
             refresh: RefreshTokens::open(store.clone())?,
             external,
@@ -335,44 +327,7 @@ impl TokenService {
     /// rotation is decided on the ring as stored and committed only over it: of nodes rotating
     /// at once, one publishes the successor and the others take its ring.
     pub fn rotate_keys_at(&self, now: u64) -> anyhow::Result<()> {
-        let _change = self
-            .keys_change
-            .lock()
-            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?;
-        match &self.keys_home {
-            KeysHome::File(path) => {
-                let mut ring = self
-                    .keys
-                    .write()
-                    .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))?;
-                if ring.rotate_if_due(now)? {
-                    ring.save(path)?;
-                    tracing::info!(kids = ?ring.kids(), "token signing keys rotated");
-                }
-                Ok(())
-            }
-            KeysHome::Sealed(vault) => {
-                for _ in 0..8 {
-                    let stored = vault
-                        .read(names::TOKEN_KEYS, RING)?
-                        .ok_or_else(|| anyhow::anyhow!("{RING} are missing from the store"))?;
-                    let mut ring = KeyRing::from_json(&stored.plain)?;
-                    let rotated = ring.rotate_if_due(now)?;
-                    if rotated
-                        && !vault.replace(names::TOKEN_KEYS, &stored.sealed, &ring.to_json()?)?
-                    {
-                        // Another node changed the ring first: decide again on its ring.
-                        continue;
-                    }
-                    if rotated {
-                        tracing::info!(kids = ?ring.kids(), "token signing keys rotated");
-                    }
-                    self.set_ring(ring)?;
-                    return Ok(());
-                }
-                anyhow::bail!("other nodes kept changing {RING}")
-            }
-        }
+        self.keys.rotate_at(now).map(|_| ())
     }
 
     /// Runs `f` on the signing key ring (tests sign with the server's own key through it).
@@ -382,38 +337,6 @@ impl TokenService {
             Ok(ring) => f(&ring),
             Err(poisoned) => f(&poisoned.into_inner()),
         }
-    }
-
-    fn set_ring(&self, ring: KeyRing) -> anyhow::Result<()> {
-        *self
-            .keys
-            .write()
-            .map_err(|_| anyhow::anyhow!("key ring lock poisoned"))? = ring;
-        Ok(())
-    }
-
-    /// Reads the ring again from the shared store, after another node changed it. A ring that
-    /// no longer opens is not taken: this node keeps signing with the ring it has, and says so.
-    fn reload_ring(&self) -> Result<(), StoreError> {
-        let KeysHome::Sealed(vault) = &self.keys_home else {
-            return Ok(());
-        };
-        let _change = self
-            .keys_change
-            .lock()
-            .map_err(|_| StoreError("the key ring lock is poisoned".into()))?;
-        let read = vault
-            .read(names::TOKEN_KEYS, RING)
-            .and_then(|stored| stored.ok_or_else(|| anyhow::anyhow!("{RING} are missing")))
-            .and_then(|stored| KeyRing::from_json(&stored.plain));
-        match read {
-            Ok(ring) => {
-                self.set_ring(ring).map_err(|e| StoreError(e.to_string()))?;
-                tracing::info!("read the token signing keys another node changed");
-            }
-            Err(e) => tracing::error!(error = %e, "the stored token signing keys were not taken"),
-        }
-        Ok(())
     }
 
     /// The client-credentials grant from `address`, subject to the failure backoff: while the
@@ -979,7 +902,7 @@ impl twinguard_core::follow::Follower for TokenService {
         }
         if table == Table::Secrets {
             if keys.iter().any(|k| k == names::TOKEN_KEYS) {
-                self.reload_ring()?;
+                self.keys.reload()?;
             }
             return Ok(Vec::new());
         }
@@ -1000,7 +923,7 @@ impl twinguard_core::follow::Follower for TokenService {
 
     fn reload(&self) -> Result<Vec<(Table, String)>, StoreError> {
         self.refresh.reload()?;
-        self.reload_ring()?;
+        self.keys.reload()?;
         let stored: HashMap<String, u64> = self
             .store
             .scan(Table::RevokedTokens)?
@@ -1020,8 +943,12 @@ impl twinguard_core::follow::Follower for TokenService {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::path::PathBuf;
     use twinguard_core::clock::SystemClock;
+
     use twinguard_core::follow::ChangeFollower;
+
+    use crate::vault::Vault;
     use twinguard_core::store::MemoryStore;
 
     use super::*;

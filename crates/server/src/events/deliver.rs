@@ -25,6 +25,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::events::EventSignature;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use futures_util::StreamExt;
@@ -71,7 +72,9 @@ pub struct Prepared {
     pub time: String,
     /// Shared by every attempt without a copy.
     pub body: bytes::Bytes,
-    pub signature: String,
+    /// Made once for every attempt, with the key that made it: an attempt after a rotation
+    /// still names the key that signed.
+    pub signature: EventSignature,
 }
 
 impl Prepared {
@@ -720,8 +723,8 @@ impl Sink {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert("Nats-Msg-Id", event.id.as_str());
                 headers.insert("Content-Type", "application/cloudevents+json");
-                headers.insert("Twinguard-Signature", event.signature.as_str());
-                headers.insert("Twinguard-Key-Id", inner.key.kid());
+                headers.insert("Twinguard-Signature", event.signature.value.as_str());
+                headers.insert("Twinguard-Key-Id", event.signature.kid.as_str());
                 let subject = endpoint.spec.subject.clone().unwrap_or_default();
                 let ack = tokio::time::timeout(SEND_TIMEOUT, async {
                     js.publish_with_headers(subject, headers, event.body.clone())
@@ -740,8 +743,8 @@ impl Sink {
                 let properties = PublishProperties {
                     content_type: Some("application/cloudevents+json".into()),
                     user_properties: vec![
-                        ("twinguard-signature".into(), event.signature.clone()),
-                        ("twinguard-key-id".into(), inner.key.kid().to_owned()),
+                        ("twinguard-signature".into(), event.signature.value.clone()),
+                        ("twinguard-key-id".into(), event.signature.kid.clone()),
                         ("ce-id".into(), event.id.clone()),
                     ],
                     ..PublishProperties::default()
@@ -837,7 +840,7 @@ pub fn webhook_signature(
         let tag = aws_lc_rs::hmac::sign(&key, &signed);
         parts.push(format!("v1,{}", STANDARD.encode(tag.as_ref())));
     }
-    parts.push(format!("v1a,{}", inner.key.sign(&signed)));
+    parts.push(format!("v1a,{}", inner.key.sign(&signed).value));
     Ok(parts.join(" "))
 }
 

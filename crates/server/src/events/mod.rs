@@ -18,7 +18,7 @@ use twinguard_core::routes::Filter;
 use twinguard_core::service::TwinService;
 use twinguard_core::store::{Expect, Mutation, Store, StoreError, Table};
 
-pub use cloudevent::EventKey;
+pub use cloudevent::{EventKey, EventSignature};
 use deliver::{MAX_DEAD_LETTERS, Prepared, Sink};
 pub use endpoint::{Endpoint, EndpointSpec, MAX_ENDPOINTS};
 

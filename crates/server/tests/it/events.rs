@@ -142,13 +142,17 @@ async fn put_endpoint(
         .unwrap()
 }
 
+/// The event key the instance signs with now: the one key of the set it publishes in
+/// `events/event-keys.json` (a new instance's ring holds one).
 fn event_key(server: &TestServer) -> VerifyingKey {
-    let jwk: Value = serde_json::from_slice(
-        &std::fs::read(server.dir.path().join("events/event-key.jwk")).unwrap(),
+    let jwks: Value = serde_json::from_slice(
+        &std::fs::read(server.dir.path().join("events/event-keys.json")).unwrap(),
     )
     .unwrap();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{jwks}");
     let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(jwk["x"].as_str().unwrap())
+        .decode(keys[0]["x"].as_str().unwrap())
         .unwrap();
     VerifyingKey::from_bytes(&x.try_into().unwrap()).unwrap()
 }
@@ -399,6 +403,11 @@ async fn a_webhook_receives_every_change_in_order_signed_and_filtered() {
         .await
         .unwrap();
     assert_eq!(jwks["keys"][0]["crv"], "Ed25519");
+    let on_disk: Value = serde_json::from_slice(
+        &std::fs::read(server.dir.path().join("events/event-keys.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(jwks, on_disk, "the endpoint and the file publish one set");
 
     // Deleting the route stops delivery at once.
     for id in ["all", "creates"] {
