@@ -104,9 +104,7 @@ impl Ca {
 
     fn generate() -> anyhow::Result<Self> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut serial = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
-        serial[0] = (serial[0] & 0x7f) | 0x01;
+        let serial = random_serial();
         // Each authority has a subject of its own, so a verifier never mistakes one for another.
         let mut params = ca_params(&format!("twinguard local CA {}", hex(&serial[..4])))?;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
@@ -153,10 +151,7 @@ impl Ca {
         params.subject_alt_names = vec![rcgen::SanType::URI(identity_uri(identity_id).try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let mut serial = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
-        // Positive and without a leading zero byte, so DER keeps all sixteen bytes as given.
-        serial[0] = (serial[0] & 0x7f) | 0x01;
+        let serial = random_serial();
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
@@ -188,6 +183,15 @@ fn ca_params(name: &str) -> anyhow::Result<CertificateParams> {
         KeyUsagePurpose::DigitalSignature,
     ];
     Ok(ca)
+}
+
+/// Sixteen random bytes for a certificate's serial number: positive and without a leading zero
+/// byte, so DER keeps all sixteen as given.
+fn random_serial() -> [u8; 16] {
+    let mut serial = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    serial
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -298,14 +302,6 @@ impl CaRing {
             .collect()
     }
 
-    /// The authorities older than the issuing one: those `retire` removes.
-    pub fn retiring(&self) -> Vec<String> {
-        self.authorities[..self.issuing]
-            .iter()
-            .map(|a| a.fingerprint.clone())
-            .collect()
-    }
-
     /// The authorities newer than the issuing one (added, not rotated to).
     pub fn after_issuing(&self) -> Vec<String> {
         self.authorities[self.issuing + 1..]
@@ -408,20 +404,21 @@ pub fn load(data_dir: &DataDir, material: &Material) -> anyhow::Result<CaRing> {
         None
     };
     let bytes = match material {
-        Material::Files => match local {
-            Some(bytes) if ring.exists() => bytes,
-            local => {
-                let bytes = match local {
-                    Some(legacy) => CaRing::from_json(&legacy)?.to_json()?,
-                    None => CaRing::generate()?.to_json()?,
-                };
+        Material::Files => {
+            let bytes = match local {
+                Some(bytes) if ring.exists() => bytes,
+                Some(legacy) => CaRing::from_json(&legacy)?.to_json()?,
+                None => CaRing::generate()?.to_json()?,
+            };
+            if !ring.exists() {
                 write_private(&ring, &bytes)?;
-                if key.exists() {
-                    remove_moved_to(&key, &ring)?;
-                }
-                bytes
             }
-        },
+            // Also after a stop between the ring's write and the key's removal.
+            if key.exists() {
+                remove_moved_to(&key, &ring)?;
+            }
+            bytes
+        }
         Material::Sealed(vault) => {
             let stored = vault.get_or_store(
                 names::CA,
@@ -635,7 +632,12 @@ mod tests {
         ring.rotate().unwrap();
         let second = ring.issuing().fingerprint().to_owned();
         assert_ne!(second, first);
-        assert_eq!(ring.retiring(), vec![first.clone()]);
+        assert_eq!(
+            ring.authorities[0].fingerprint(),
+            first,
+            "the old one stays, retiring"
+        );
+        assert!(ring.after_issuing().is_empty());
 
         ring.add().unwrap().unwrap();
         assert_eq!(ring.add().unwrap(), Err(Refused::NextPending));

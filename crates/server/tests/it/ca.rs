@@ -2,7 +2,7 @@
 //! rotate and retire, seen through fresh TLS handshakes of clients that trust one bundle or
 //! another, and of workloads presenting certificates of either authority.
 
-use reqwest::{Client, StatusCode};
+use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
 use twinguard_core::auth::DATA_OWNER;
 
@@ -167,6 +167,12 @@ async fn the_ca_rotates_while_the_server_serves_and_retiring_stops_only_the_old_
         !connects(&old_only, &server).await,
         "still the old authority's certificate"
     );
+    // A connection opened before the rotation goes on: the kit's client, which trusts the old
+    // authority alone, still has the one it opened then in its pool.
+    let through_open: Value = server
+        .admin_json(Method::GET, "/admin/ca", &admin, None)
+        .await;
+    assert_eq!(through_open, rotated);
     assert!(connects(&fresh(&new, None), &server).await);
     let everyone = fresh(&bundle, None);
     let shown: Value = everyone
