@@ -33,6 +33,25 @@ pub enum DeviceCommand {
         #[arg(long = "bind")]
         bindings: Vec<String>,
     },
+    /// Give a device a new key. Without --public-key a key pair is generated and the private
+    /// key is written to --key-out (mode 0600), the only copy. The old key stays accepted for
+    /// --overlap-seconds (default 0: refused from the next message on).
+    RotateKey {
+        id: String,
+        /// The device's new public key: an SPKI PEM file or a JWK JSON file.
+        #[arg(long, conflicts_with = "key_out")]
+        public_key: Option<PathBuf>,
+        /// Where to write a generated private key.
+        #[arg(long)]
+        key_out: Option<PathBuf>,
+        /// Seconds the old key stays accepted (at most 30 days).
+        #[arg(long, default_value_t = 0)]
+        overlap_seconds: u64,
+    },
+    /// End a key rotation's overlap: the device's previous key is refused from now on.
+    RetirePreviousKey {
+        id: String,
+    },
     /// Replace what a device may write: TWIN=NAME[,NAME...] (repeatable).
     Bind {
         id: String,
@@ -114,36 +133,28 @@ pub async fn run(connection: Connection, command: DeviceCommand) -> anyhow::Resu
             bindings: specs,
         } => {
             let mut body = json!({ "deviceModel": model, "bindings": bindings(&specs)? });
-            match &public_key {
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    body["publicKey"] = match serde_json::from_str::<Value>(&text) {
-                        Ok(jwk @ Value::Object(_)) => jwk,
-                        _ => Value::String(text),
-                    };
-                }
-                None => {
-                    if key_out.is_none() {
-                        anyhow::bail!("give --public-key, or --key-out for a generated key");
-                    }
-                    body["generate"] = Value::Bool(true);
-                }
-            }
-            let mut created = api
+            new_key(&mut body, public_key.as_ref(), key_out.as_ref())?;
+            let created = api
                 .call(Method::PUT, &format!("/devices/{id}"), Some(body))
                 .await?;
-            if let (Some(path), Some(key)) = (&key_out, created.get("privateKey").cloned()) {
-                twinguard_server::datadir::write_private(
-                    path,
-                    key.as_str().unwrap_or_default().as_bytes(),
-                )?;
-                eprintln!("private key written to {} (the only copy)", path.display());
-                if let Some(obj) = created.as_object_mut() {
-                    obj.remove("privateKey");
-                }
-            }
-            created
+            keep_private_key(created, key_out.as_ref())?
+        }
+        DeviceCommand::RotateKey {
+            id,
+            public_key,
+            key_out,
+            overlap_seconds,
+        } => {
+            let mut body = json!({ "overlapSeconds": overlap_seconds });
+            new_key(&mut body, public_key.as_ref(), key_out.as_ref())?;
+            let rotated = api
+                .call(Method::PUT, &format!("/devices/{id}/key"), Some(body))
+                .await?;
+            keep_private_key(rotated, key_out.as_ref())?
+        }
+        DeviceCommand::RetirePreviousKey { id } => {
+            api.call(Method::DELETE, &format!("/devices/{id}/key/previous"), None)
+                .await?
         }
         DeviceCommand::Bind {
             id,
@@ -194,6 +205,49 @@ pub async fn run(connection: Connection, command: DeviceCommand) -> anyhow::Resu
         }
     };
     print(&out)
+}
+
+/// Sets the key of a registration or rotation body: the public key read from `public_key`
+/// (a JWK JSON file, else an SPKI PEM), or `"generate": true` when a private key may be
+/// written to `key_out`.
+fn new_key(
+    body: &mut Value,
+    public_key: Option<&PathBuf>,
+    key_out: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    match public_key {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            body["publicKey"] = match serde_json::from_str::<Value>(&text) {
+                Ok(jwk @ Value::Object(_)) => jwk,
+                _ => Value::String(text),
+            };
+        }
+        None => {
+            if key_out.is_none() {
+                anyhow::bail!("give --public-key, or --key-out for a generated key");
+            }
+            body["generate"] = Value::Bool(true);
+        }
+    }
+    Ok(())
+}
+
+/// Writes a generated private key from `answer` to `key_out` (0600, the only copy) and takes
+/// it out of what is printed.
+fn keep_private_key(mut answer: Value, key_out: Option<&PathBuf>) -> anyhow::Result<Value> {
+    if let (Some(path), Some(key)) = (key_out, answer.get("privateKey").cloned()) {
+        twinguard_server::datadir::write_private(
+            path,
+            key.as_str().unwrap_or_default().as_bytes(),
+        )?;
+        eprintln!("private key written to {} (the only copy)", path.display());
+        if let Some(obj) = answer.as_object_mut() {
+            obj.remove("privateKey");
+        }
+    }
+    Ok(answer)
 }
 
 async fn status(api: &crate::admin::Api, id: &str, action: &str) -> anyhow::Result<Value> {

@@ -306,6 +306,11 @@ pub fn router(state: AppState) -> Router {
             get(telemetry::get_device).put(telemetry::register_device),
         )
         .route("/devices/{id}/bindings", put(telemetry::set_bindings))
+        .route("/devices/{id}/key", put(telemetry::rotate_device_key))
+        .route(
+            "/devices/{id}/key/previous",
+            delete(telemetry::retire_previous_key),
+        )
         .route("/devices/{id}/{action}", post(telemetry::change_status))
         .route("/firmware", get(telemetry::list_firmware))
         .route("/firmware/{model}", put(telemetry::put_firmware))

@@ -265,11 +265,20 @@ pub struct Message {
 pub struct Verified {
     format: Format,
     message: Message,
+    /// The key the signature verified with.
+    key: DeviceKey,
 }
 
 impl Verified {
     pub fn format(&self) -> Format {
         self.format
+    }
+
+    /// The key the signature verified with: the device's current one or, while a rotation's
+    /// overlap lasts, its previous one. Whoever decides on the message checks that the device
+    /// still accepts it then.
+    pub fn key(&self) -> &DeviceKey {
+        &self.key
     }
 
     pub fn message(&self) -> &Message {
@@ -278,6 +287,10 @@ impl Verified {
 
     pub fn into_message(self) -> Message {
         self.message
+    }
+
+    pub fn into_parts(self) -> (Message, DeviceKey) {
+        (self.message, self.key)
     }
 }
 
@@ -347,14 +360,14 @@ impl Envelope {
     /// Verifies the signature with `key` (strictly, as ed25519-dalek `verify_strict`), then
     /// parses the payload and checks that its `device` and the kid, if any, equal `device`.
     pub fn verify(self, device: &str, key: &DeviceKey) -> Result<Verified, Reject> {
-        let signed = verify_raw(key, &self.signed, &self.signature);
+        let signed = verify_raw(key, &self.signed, &self.signature).map(|()| key.clone());
         self.finish(device, signed)
     }
 
     /// Everything after the signature check, shared by [`Envelope::verify`] and
     /// [`verify_batch`] so that both give the same answer.
-    fn finish(self, device: &str, signed: Result<(), Reject>) -> Result<Verified, Reject> {
-        signed?;
+    fn finish(self, device: &str, signed: Result<DeviceKey, Reject>) -> Result<Verified, Reject> {
+        let key = signed?;
         if self.kid.as_deref().is_some_and(|kid| kid != device) {
             return Err(Reject::DeviceMismatch);
         }
@@ -369,17 +382,24 @@ impl Envelope {
         Ok(Verified {
             format: self.format,
             message,
+            key,
         })
     }
 }
 
+/// One message to verify in a batch: the envelope, the device it claims, the device's current
+/// key and, while a key rotation's overlap lasts, its previous key.
+pub type ToVerify = (Envelope, String, DeviceKey, Option<DeviceKey>);
+
 /// Verifies many envelopes at once for throughput, with exactly the acceptance of
 /// [`Envelope::verify`] for every item (see [`verify_raw_batch`]); one answer per item, in order.
-pub fn verify_batch(items: Vec<(Envelope, String, DeviceKey)>) -> Vec<Result<Verified, Reject>> {
+/// An item the current key does not verify is tried with its previous key, if it has one, on
+/// its own; the answer says which key verified it ([`Verified::key`]).
+pub fn verify_batch(items: Vec<ToVerify>) -> Vec<Result<Verified, Reject>> {
     let signed = {
         let raw: Vec<(&DeviceKey, &[u8], &[u8])> = items
             .iter()
-            .map(|(envelope, _, key)| {
+            .map(|(envelope, _, key, _)| {
                 (
                     key,
                     envelope.signed.as_slice(),
@@ -392,7 +412,16 @@ pub fn verify_batch(items: Vec<(Envelope, String, DeviceKey)>) -> Vec<Result<Ver
     items
         .into_iter()
         .zip(signed)
-        .map(|((envelope, device, _), signed)| envelope.finish(&device, signed))
+        .map(|((envelope, device, key, previous), signed)| {
+            let signed = match (signed, previous) {
+                (Ok(()), _) => Ok(key),
+                (Err(Reject::BadSignature), Some(previous)) => {
+                    verify_raw(&previous, &envelope.signed, &envelope.signature).map(|()| previous)
+                }
+                (Err(e), _) => Err(e),
+            };
+            envelope.finish(&device, signed)
+        })
         .collect()
 }
 
@@ -2252,6 +2281,7 @@ mod tests {
                         Envelope::decode(b).unwrap(),
                         (*d).to_owned(),
                         device.clone(),
+                        None,
                     )
                 })
                 .collect(),
@@ -2285,11 +2315,57 @@ mod tests {
                     Envelope::decode(&sign_cose(&m, &key())).unwrap(),
                     "sensor-17".to_owned(),
                     device.clone(),
+                    None,
                 )
             })
             .collect();
         assert!(verify_batch(good).iter().all(Result::is_ok));
         assert!(verify_batch(Vec::new()).is_empty());
+    }
+
+    /// During a key rotation's overlap a batch holds messages signed with the current key and
+    /// with the previous one: each verifies with the key that signed it and says which; a key
+    /// that is neither is refused, and without a previous key the old signatures are refused.
+    #[test]
+    fn a_batch_verifies_each_message_with_the_current_or_the_previous_key() {
+        let old = key();
+        let new = SigningKey::from_bytes(&[9; 32]);
+        let stranger = SigningKey::from_bytes(&[10; 32]);
+        let (old_public, new_public) = (public(&old), public(&new));
+        let signers = [&new, &old, &stranger, &old, &new];
+        let items = |previous: Option<DeviceKey>| -> Vec<ToVerify> {
+            signers
+                .iter()
+                .enumerate()
+                .map(|(i, signer)| {
+                    let mut m = message();
+                    m.seq = i as u64 + 1;
+                    (
+                        Envelope::decode(&sign_cose(&m, signer)).unwrap(),
+                        "sensor-17".to_owned(),
+                        new_public.clone(),
+                        previous.clone(),
+                    )
+                })
+                .collect()
+        };
+        let keys = |results: Vec<Result<Verified, Reject>>| -> Vec<Option<DeviceKey>> {
+            results.into_iter().map(|r| r.ok().map(|v| v.key)).collect()
+        };
+        assert_eq!(
+            keys(verify_batch(items(Some(old_public.clone())))),
+            [
+                Some(new_public.clone()),
+                Some(old_public.clone()),
+                None,
+                Some(old_public),
+                Some(new_public.clone())
+            ]
+        );
+        assert_eq!(
+            keys(verify_batch(items(None))),
+            [Some(new_public.clone()), None, None, None, Some(new_public)]
+        );
     }
 
     /// A signature `(R + T, s)` with `T` of order 8 that satisfies the cofactored equation but

@@ -13,7 +13,7 @@ use twinguard_core::error::{DomainError, DomainResult};
 use twinguard_core::graph::{Graph, PropertyUpdate, Quality, Skipped};
 use twinguard_core::store::{Expect, Mutation, Table};
 
-use crate::envelope::{Envelope, Message, Reject, Verified, verify_batch};
+use crate::envelope::{DeviceKey, Envelope, Reject, Verified, verify_batch};
 use crate::fusion::fuse;
 use crate::policy::DEFAULT_ANOMALY_THRESHOLD;
 use crate::records::{Quarantined, Review, StoredReading, history_key, quarantine_key};
@@ -276,27 +276,23 @@ impl Telemetry {
                 Err(e) => outcomes[i] = Some(self.refuse(&e, None)),
             }
         }
-        // 2. Find each claimed device's key, under the lock.
+        // 2. Find each claimed device's keys, under the lock: its current key and, while a
+        // rotation's overlap lasts, its previous one.
         let mut to_verify = Vec::with_capacity(decoded.len());
         let mut slots = Vec::with_capacity(decoded.len());
         {
-            let mut guard = self.state()?;
-            let state = &mut *guard;
+            let now_ms = self.now_ms();
+            let mut state = self.state()?;
             for (i, envelope, id) in decoded {
-                let refused = match state.devices.get(&id) {
-                    None => Some("unknown_device"),
-                    Some(d) if d.status == Status::Revoked => Some("revoked"),
-                    Some(d) if d.status == Status::Suspended => Some("suspended"),
-                    Some(d) => match state.keys.get(&id).cloned().or_else(|| d.key()) {
-                        Some(key) => {
-                            state.keys.entry(id.clone()).or_insert_with(|| key.clone());
-                            to_verify.push((envelope, id.clone(), key));
-                            slots.push(i);
-                            None
-                        }
-                        None => Some("unknown_device"),
-                    },
-                };
+                let refused = status_refusal(&state, &id).or_else(|| {
+                    let Some(keys) = state.device_keys(&id) else {
+                        return Some("unknown_device");
+                    };
+                    let previous = keys.previous_at(now_ms).cloned();
+                    to_verify.push((envelope, id.clone(), keys.current.clone(), previous));
+                    slots.push(i);
+                    None
+                });
                 if let Some(reason) = refused {
                     tracing::warn!(device = %id, reason, "telemetry message refused");
                     outcomes[i] = Some(Outcome::rejected(reason, Some(id), None));
@@ -315,6 +311,9 @@ impl Telemetry {
         // 4. Decide under the lock, queue the write before letting go.
         let mut decisions = Decisions::default();
         let shared = self.inner.twins.shares_store();
+        // The time of the decisions, read before the lock is taken.
+        let now_ms = self.now_ms();
+        let now = self.now_rfc3339();
         let pending = {
             let mut state = self.state()?;
             // On a shared store: each window as this node knows it before the batch, which the
@@ -334,17 +333,9 @@ impl Telemetry {
                 }));
             }
             let graph = self.inner.twins.snapshot();
-            let now_ms = self.now_ms();
-            let now = self.now_rfc3339();
             for (slot, verified) in believed {
-                let outcome = self.decide(
-                    &mut state,
-                    &graph,
-                    verified.into_message(),
-                    now_ms,
-                    &now,
-                    &mut decisions,
-                );
+                let outcome =
+                    self.decide(&mut state, &graph, verified, now_ms, &now, &mut decisions);
                 outcomes[slot] = Some(outcome);
             }
             // Each device's window once, as it stands after the whole batch.
@@ -405,19 +396,28 @@ impl Telemetry {
         Outcome::rejected(e.code(), device, None)
     }
 
-    /// Decides one verified message: time and replay, firmware, then each reading.
+    /// Decides one verified message: its device and key as the registry holds them now, time
+    /// and replay, firmware, then each reading.
     fn decide(
         &self,
         state: &mut State,
         graph: &Graph,
-        message: Message,
+        verified: Verified,
         now_ms: i64,
         now: &str,
         out: &mut Decisions,
     ) -> Outcome {
+        let (message, key) = verified.into_parts();
         let device_id = message.device.clone();
         let rejected =
             |reason| Outcome::rejected(reason, Some(device_id.clone()), Some(message.seq));
+        // The signature was checked without the lock, with the keys and status the registry
+        // held before: a suspension, revocation or key rotation (of any node) taken since then
+        // holds for this message too.
+        if let Some(reason) = still_refused(state, &device_id, &key, now_ms) {
+            tracing::warn!(device = %device_id, reason, "telemetry message refused");
+            return rejected(reason);
+        }
         if let Err(e) = check_time(message.time, now_ms) {
             return rejected(e.code());
         }
@@ -890,6 +890,35 @@ fn degraded(prop: &Prop, twin: &str, name: &str, now_s: f64) -> PropertyUpdate {
             quality: Quality::Stale,
             sources: Vec::new(),
         },
+    }
+}
+
+/// Why a message whose signature verified with `key` is refused by the registry as it stands
+/// at `now_ms`, if it is: the device is gone, suspended or revoked, or no longer holds `key`
+/// (a rotation replaced it, or its overlap ended). The last is answered as the bad signature
+/// it now is, as for a message the key never signed.
+fn still_refused(
+    state: &mut State,
+    device: &str,
+    key: &DeviceKey,
+    now_ms: i64,
+) -> Option<&'static str> {
+    if let Some(reason) = status_refusal(state, device) {
+        return Some(reason);
+    }
+    match state.device_keys(device) {
+        Some(keys) if keys.accept(key, now_ms) => None,
+        _ => Some(Reject::BadSignature.code()),
+    }
+}
+
+/// Why the registry refuses every message of `device` whatever its signature, if it does.
+fn status_refusal(state: &State, device: &str) -> Option<&'static str> {
+    match state.devices.get(device).map(|d| d.status) {
+        None => Some("unknown_device"),
+        Some(Status::Revoked) => Some("revoked"),
+        Some(Status::Suspended) => Some("suspended"),
+        Some(Status::Active) => None,
     }
 }
 

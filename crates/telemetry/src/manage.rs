@@ -15,7 +15,7 @@ use crate::history_page::{HistoryCursor, HistoryWindow, OpenBucket};
 use crate::ingest::rfc3339_ms;
 use crate::policy::Policy;
 use crate::records::{Bucket, HistoryEntry, Quarantined, Review, history_bound, history_entry};
-use crate::registry::{Binding, Device, FirmwareList, Status, check_device_id};
+use crate::registry::{Binding, Device, FirmwareList, PreviousKey, Status, check_device_id};
 use crate::service::{Telemetry, put};
 
 /// A device to register: either its public key (a JWK object or an SPKI PEM string) or
@@ -31,6 +31,23 @@ pub struct NewDevice {
     #[serde(default)]
     pub bindings: Vec<Binding>,
 }
+
+/// A device's new key (see [`Telemetry::rotate_device_key`]): its public key or
+/// `"generate": true`, and how long the old key stays accepted.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewKey {
+    #[serde(default)]
+    pub public_key: Option<Value>,
+    #[serde(default)]
+    pub generate: bool,
+    /// Seconds the old key stays accepted; 0 (the default) refuses it at once.
+    #[serde(default)]
+    pub overlap_seconds: u64,
+}
+
+/// The longest a rotated-out device key stays accepted: 30 days.
+pub const MAX_KEY_OVERLAP_SECONDS: u64 = 30 * 24 * 3600;
 
 #[derive(Debug)]
 pub struct Registered {
@@ -150,20 +167,7 @@ impl Telemetry {
         caller.authorize_instance(Action::DevicesWrite)?;
         check_name("device", id)?;
         check_name("device model", &new.device_model)?;
-        let (key, private_key) = match (new.public_key, new.generate) {
-            (Some(_), true) | (None, false) => {
-                return Err(DomainError::InvalidArgument(
-                    "give either publicKey or \"generate\": true".into(),
-                ));
-            }
-            (None, true) => {
-                let (key, pem) = generate_key()
-                    .map_err(|_| DomainError::Internal("a device key pair could not be made"))?;
-                (key, Some(pem))
-            }
-            (Some(Value::String(pem)), false) => (parse_key(DeviceKey::from_pem(&pem))?, None),
-            (Some(jwk), false) => (parse_key(DeviceKey::from_jwk(&jwk))?, None),
-        };
+        let (key, private_key) = new_key(new.public_key, new.generate)?;
         check_bindings(&new.bindings)?;
         self.authorize_feeding(caller, new.bindings.iter().map(|b| b.twin.as_str()))?;
         let thumbprint = key.thumbprint();
@@ -171,6 +175,7 @@ impl Telemetry {
             id: id.to_owned(),
             public_key: key.to_jwk(),
             key_thumbprint: thumbprint.clone(),
+            previous_key: None,
             device_model: new.device_model,
             bindings: new.bindings,
             status: Status::Active,
@@ -186,28 +191,19 @@ impl Telemetry {
                     "a device with ID '{id}' is already registered"
                 )));
             }
-            if state
-                .devices
-                .values()
-                .any(|d| d.key_thumbprint == thumbprint)
-            {
-                return Err(DomainError::Conflict(
-                    "this public key is registered to another device; every device needs its own key"
-                        .into(),
-                ));
-            }
+            key_unused(&state.devices, &thumbprint, None)?;
             let pending = self.submit(
                 Vec::new(),
                 vec![put(Table::Devices, id, &device)],
                 Vec::new(),
             )?;
-            state.devices.insert(id.to_owned(), device.clone());
+            state.put_device(device.clone());
             pending
         };
         let key = id.to_owned();
         self.to_the_end(move |this| async move {
             if let Err(e) = pending.await {
-                this.state()?.devices.remove(&key);
+                this.state()?.remove_device(&key);
                 return Err(e);
             }
             Ok(())
@@ -310,11 +306,7 @@ impl Telemetry {
         caller.authorize_instance(Action::DevicesWrite)?;
         let device = self
             .change_device(id, move |d| {
-                if d.status == Status::Revoked {
-                    return Err(DomainError::Conflict(
-                        "the device is revoked; register a new device".into(),
-                    ));
-                }
+                refuse_revoked(d)?;
                 match change {
                     StatusChange::Suspend => d.status = Status::Suspended,
                     StatusChange::Resume => {
@@ -328,6 +320,71 @@ impl Telemetry {
             })
             .await?;
         tracing::warn!(device = %id, status = ?device.status, "device status changed");
+        Ok(device)
+    }
+
+    /// Gives a device a new key (control DI-3): one generated here, whose private key is handed
+    /// out once, or the public half of one the device made. The old key stays accepted for
+    /// `overlap_seconds` (at most [`MAX_KEY_OVERLAP_SECONDS`]; 0 refuses it from the next
+    /// message on, for a key that may have leaked), so a device that switches keys loses no
+    /// message; a rotation during an overlap ends the older key's at once, and a rotation back
+    /// to the previous key is a rotation like any other. The replay window
+    /// is the device's, not the key's, so no message counts twice across the change. A revoked
+    /// device keeps its refusal; a suspended one may be rotated before it is resumed.
+    pub async fn rotate_device_key(
+        &self,
+        caller: &Principal,
+        id: &str,
+        new: NewKey,
+    ) -> DomainResult<Registered> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        if new.overlap_seconds > MAX_KEY_OVERLAP_SECONDS {
+            return Err(DomainError::InvalidArgument(format!(
+                "overlapSeconds is at most {MAX_KEY_OVERLAP_SECONDS} (30 days)"
+            )));
+        }
+        let (key, private_key) = new_key(new.public_key, new.generate)?;
+        let thumbprint = key.thumbprint();
+        key_unused(&self.state()?.devices, &thumbprint, Some(id))?;
+        let until = self.now_rfc3339_after(new.overlap_seconds);
+        let jwk = key.to_jwk();
+        let device = self
+            .change_device(id, move |d| {
+                refuse_revoked(d)?;
+                if d.key_thumbprint == thumbprint {
+                    return Err(DomainError::Conflict(
+                        "this is the device's key already; a rotation needs a new key".into(),
+                    ));
+                }
+                let old = std::mem::replace(&mut d.public_key, jwk.clone());
+                let old_thumbprint = std::mem::replace(&mut d.key_thumbprint, thumbprint.clone());
+                d.previous_key = (new.overlap_seconds > 0).then(|| PreviousKey {
+                    public_key: old,
+                    key_thumbprint: old_thumbprint,
+                    until: until.clone(),
+                });
+                Ok(())
+            })
+            .await?;
+        tracing::warn!(device = %id, overlap_seconds = new.overlap_seconds, "device key rotated");
+        Ok(Registered {
+            device,
+            private_key,
+        })
+    }
+
+    /// Ends a key rotation's overlap now: the device's previous key is refused from the next
+    /// message on. A device without one is answered as it is.
+    pub async fn retire_previous_key(&self, caller: &Principal, id: &str) -> DomainResult<Device> {
+        caller.authorize_instance(Action::DevicesWrite)?;
+        let device = self
+            .change_device(id, |d| {
+                refuse_revoked(d)?;
+                d.previous_key = None;
+                Ok(())
+            })
+            .await?;
+        tracing::warn!(device = %id, "device's previous key retired");
         Ok(device)
     }
 
@@ -389,7 +446,7 @@ impl Telemetry {
                         value: Some(stored),
                     }],
                 )?;
-                state.devices.insert(id.to_owned(), after.clone());
+                state.put_device(after.clone());
                 (pending, before, after)
             };
             match pending.await {
@@ -403,7 +460,7 @@ impl Telemetry {
                         .await;
                     if let Err(read) = reloaded {
                         tracing::warn!(error = %read, device = %id, "a device change failed and the device could not be read again; it is as the store last held it");
-                        self.state()?.devices.insert(id.to_owned(), before);
+                        self.state()?.put_device(before);
                     }
                     if !matches!(e, DomainError::Superseded) {
                         return Err(e);
@@ -1019,6 +1076,54 @@ impl Scoped<'_> {
             ..device.clone()
         })
     }
+}
+
+/// A device's new key: the public key given (a JWK object or an SPKI PEM string), or one made
+/// here with its private key.
+fn new_key(
+    public_key: Option<Value>,
+    generate: bool,
+) -> DomainResult<(DeviceKey, Option<Zeroizing<String>>)> {
+    match (public_key, generate) {
+        (Some(_), true) | (None, false) => Err(DomainError::InvalidArgument(
+            "give either publicKey or \"generate\": true".into(),
+        )),
+        (None, true) => {
+            let (key, pem) = generate_key()
+                .map_err(|_| DomainError::Internal("a device key pair could not be made"))?;
+            Ok((key, Some(pem)))
+        }
+        (Some(Value::String(pem)), false) => Ok((parse_key(DeviceKey::from_pem(&pem))?, None)),
+        (Some(jwk), false) => Ok((parse_key(DeviceKey::from_jwk(&jwk))?, None)),
+    }
+}
+
+/// Refuses a key that a device other than `except` holds, as its key or its previous one:
+/// every device has its own key.
+fn key_unused(
+    devices: &std::collections::HashMap<String, Device>,
+    thumbprint: &str,
+    except: Option<&str>,
+) -> DomainResult<()> {
+    let taken = devices
+        .values()
+        .any(|d| Some(d.id.as_str()) != except && d.holds_key(thumbprint));
+    if taken {
+        return Err(DomainError::Conflict(
+            "this public key is registered to another device; every device needs its own key"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn refuse_revoked(device: &Device) -> DomainResult<()> {
+    if device.status == Status::Revoked {
+        return Err(DomainError::Conflict(
+            "the device is revoked; register a new device".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_key<E: std::fmt::Display>(key: Result<DeviceKey, E>) -> DomainResult<DeviceKey> {

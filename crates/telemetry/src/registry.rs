@@ -4,6 +4,8 @@
 //! with its own key.
 
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::envelope::DeviceKey;
 
@@ -34,6 +36,10 @@ pub struct Device {
     pub public_key: serde_json::Value,
     /// RFC 7638 thumbprint of the key.
     pub key_thumbprint: String,
+    /// The key this one replaced, still accepted until its `until` so that a device can switch
+    /// keys without losing a message (see [`Device::keys`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key: Option<PreviousKey>,
     /// The device model, whose firmware allowlist applies.
     pub device_model: String,
     pub bindings: Vec<Binding>,
@@ -50,6 +56,39 @@ pub struct Device {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine_full: Option<QuarantineFull>,
     pub created: String,
+}
+
+/// A device's key before its last rotation, accepted until `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviousKey {
+    pub public_key: serde_json::Value,
+    pub key_thumbprint: String,
+    /// RFC 3339, UTC: messages this key signs are refused from this instant on.
+    pub until: String,
+}
+
+/// The keys a device's messages may be signed with, parsed once (checking a key costs a point
+/// decompression and a scalar multiplication) and kept beside the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeys {
+    pub current: DeviceKey,
+    /// The previous key and the Unix millisecond from which it is refused.
+    pub previous: Option<(DeviceKey, i64)>,
+}
+
+impl DeviceKeys {
+    /// The previous key, while it is still accepted at `now_ms`.
+    pub fn previous_at(&self, now_ms: i64) -> Option<&DeviceKey> {
+        self.previous
+            .as_ref()
+            .and_then(|(key, until)| (now_ms < *until).then_some(key))
+    }
+
+    /// Whether a message signed with `key` is believed at `now_ms`.
+    pub fn accept(&self, key: &DeviceKey, now_ms: i64) -> bool {
+        self.current == *key || self.previous_at(now_ms) == Some(key)
+    }
 }
 
 /// When a device reached its quarantine quota.
@@ -71,8 +110,26 @@ pub struct Suspect {
 }
 
 impl Device {
-    pub fn key(&self) -> Option<DeviceKey> {
-        DeviceKey::from_jwk(&self.public_key).ok()
+    /// The device's keys; `None` if the stored current key does not parse (a previous key that
+    /// does not, or whose `until` does not, is dropped: it is refused rather than believed).
+    pub fn keys(&self) -> Option<DeviceKeys> {
+        let current = DeviceKey::from_jwk(&self.public_key).ok()?;
+        let previous = self.previous_key.as_ref().and_then(|p| {
+            let key = DeviceKey::from_jwk(&p.public_key).ok()?;
+            let until = OffsetDateTime::parse(&p.until, &Rfc3339).ok()?;
+            Some((key, (until.unix_timestamp_nanos() / 1_000_000) as i64))
+        });
+        Some(DeviceKeys { current, previous })
+    }
+
+    /// Whether `thumbprint` is this device's key, or its previous one (its overlap ended or
+    /// not: the record still names it, so no other device may take it).
+    pub fn holds_key(&self, thumbprint: &str) -> bool {
+        self.key_thumbprint == thumbprint
+            || self
+                .previous_key
+                .as_ref()
+                .is_some_and(|p| p.key_thumbprint == thumbprint)
     }
 
     /// The twin a reading without a `twin` field goes to: the only bound twin, if there is one.

@@ -22,7 +22,7 @@ use crate::fusion::SensorGroup;
 use crate::history::HistoryStore;
 use crate::policy::Policy;
 use crate::records::StoredReading;
-use crate::registry::{Device, FirmwareList, Status};
+use crate::registry::{Device, DeviceKeys, FirmwareList, Status};
 use crate::replay::ReplayWindow;
 use crate::writes::{InFlight, Reading, Writes};
 
@@ -133,11 +133,34 @@ pub(crate) struct State {
     /// Readings each device has waiting for review, against its quota.
     pub held: HashMap<String, u64>,
     /// Parsed device keys: checking a key (prime order, canonical) costs a scalar
-    /// multiplication, so it is done once per device, not per message.
-    pub keys: HashMap<String, crate::envelope::DeviceKey>,
+    /// multiplication, so it is done once per device, not per message. Only
+    /// [`State::device_keys`] fills it and [`State::put_device`] empties it.
+    keys: HashMap<String, DeviceKeys>,
 }
 
 impl State {
+    /// Makes `device` the registry's record for its ID, forgetting the keys parsed from the
+    /// one it replaces: every change of a device record goes through here, so no message is
+    /// ever verified with a key the record no longer holds.
+    pub fn put_device(&mut self, device: Device) {
+        self.keys.remove(&device.id);
+        self.devices.insert(device.id.clone(), device);
+    }
+
+    pub fn remove_device(&mut self, id: &str) {
+        self.keys.remove(id);
+        self.devices.remove(id);
+    }
+
+    /// The keys of device `id`'s record, parsed once.
+    pub fn device_keys(&mut self, id: &str) -> Option<&DeviceKeys> {
+        if !self.keys.contains_key(id) {
+            let keys = self.devices.get(id)?.keys()?;
+            self.keys.insert(id.to_owned(), keys);
+        }
+        self.keys.get(id)
+    }
+
     pub fn group_for(&self, twin: &str, name: &str) -> Option<&SensorGroup> {
         self.groups
             .values()
@@ -338,6 +361,13 @@ impl Telemetry {
 
     pub(crate) fn now_rfc3339(&self) -> String {
         twinguard_core::clock::rfc3339(self.inner.clock.now())
+    }
+
+    /// The instant `seconds` from now, as [`Telemetry::now_rfc3339`] writes it.
+    pub(crate) fn now_rfc3339_after(&self, seconds: u64) -> String {
+        let seconds = time::Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX));
+        let later = self.inner.clock.now().saturating_add(seconds);
+        twinguard_core::clock::rfc3339(later)
     }
 
     /// Queues twin updates and records as one durable write (see [`TwinService::submit`]).
@@ -665,14 +695,10 @@ fn take_devices(
         match stored {
             Some(stored) => {
                 if state.devices.get(device) != Some(&stored) {
-                    state.keys.remove(device);
-                    state.devices.insert(device.clone(), stored);
+                    state.put_device(stored);
                 }
             }
-            None => {
-                state.keys.remove(device);
-                state.devices.remove(device);
-            }
+            None => state.remove_device(device),
         }
     }
     busy

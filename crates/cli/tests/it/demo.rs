@@ -130,7 +130,7 @@ async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
     );
     let device_plane = server.device_plane(&data);
     let ca = data.join("tls/ca.pem");
-    let sim = |extra: &[&str]| {
+    let sim_with = |key: &std::path::Path, extra: &[&str]| {
         let mut args = vec![
             "sim",
             "--device",
@@ -149,6 +149,7 @@ async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
         args.extend_from_slice(extra);
         cli(&args)
     };
+    let sim = |extra: &[&str]| sim_with(&key, extra);
     let run = sim(&["--base", "3.5", "--count", "3", "--interval-ms", "10"]);
     let out = String::from_utf8_lossy(&run.stdout);
     assert!(
@@ -176,9 +177,39 @@ async fn an_operator_provisions_a_device_and_the_simulator_signs_for_it() {
         "{twin}"
     );
     assert_eq!(twin["$metadata"]["level"]["sources"][0], "level-1");
+    // A new key from the command line, the old one refused at once (no overlap); the new
+    // private key only in its file.
+    let new_key = dir.path().join("level-1-new.pem");
+    let rotated = cli(&[
+        "device",
+        "rotate-key",
+        "level-1",
+        "--key-out",
+        new_key.to_str().unwrap(),
+    ]);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let shown = String::from_utf8_lossy(&rotated.stdout);
+    assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+    assert!(!shown.contains("previousKey"), "{shown}");
+    let old_key = sim(&["--count", "1"]);
+    assert!(
+        String::from_utf8_lossy(&old_key.stdout).contains("\"reason\":\"bad_signature\""),
+        "{}",
+        String::from_utf8_lossy(&old_key.stdout)
+    );
+    let with_new = sim_with(&new_key, &["--count", "1"]);
+    assert!(
+        String::from_utf8_lossy(&with_new.stdout).contains("\"status\":\"accepted\""),
+        "{}",
+        String::from_utf8_lossy(&with_new.stdout)
+    );
     // Revoked from the command line: the next message is refused.
     assert!(cli(&["device", "revoke", "level-1"]).status.success());
-    let again = sim(&["--count", "1"]);
+    let again = sim_with(&new_key, &["--count", "1"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("\"reason\":\"revoked\""));
 }
 

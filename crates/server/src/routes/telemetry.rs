@@ -11,7 +11,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use twinguard_proto::ErrorCode;
 use twinguard_telemetry::fusion::SensorGroup;
-use twinguard_telemetry::manage::{Decision, HistoryQuery, NewDevice, StatusChange};
+use twinguard_telemetry::manage::{
+    Decision, HistoryQuery, NewDevice, NewKey, Registered, StatusChange,
+};
 use twinguard_telemetry::policy::Policy;
 use twinguard_telemetry::records::Review;
 use twinguard_telemetry::registry::{Binding, FirmwareList};
@@ -135,11 +137,35 @@ pub async fn register_device(
     JsonBody(new): JsonBody<NewDevice>,
 ) -> ApiResult<Response> {
     let registered = state.telemetry.register_device(&caller, &id, new).await?;
+    Ok((StatusCode::CREATED, with_private_key(registered)).into_response())
+}
+
+pub async fn rotate_device_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(new): JsonBody<NewKey>,
+) -> ApiResult<Response> {
+    let rotated = state.telemetry.rotate_device_key(&caller, &id, new).await?;
+    Ok(with_private_key(rotated).into_response())
+}
+
+pub async fn retire_previous_key(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let device = state.telemetry.retire_previous_key(&caller, &id).await?;
+    Ok(axum::Json(device).into_response())
+}
+
+/// `{"device": ..., "privateKey": ...}`, the private key only when it was made here.
+fn with_private_key(registered: Registered) -> axum::Json<Value> {
     let mut body = json!({ "device": registered.device });
     if let Some(key) = &registered.private_key {
         body["privateKey"] = Value::String(key.as_str().to_owned());
     }
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+    axum::Json(body)
 }
 
 pub async fn set_bindings(

@@ -10,6 +10,7 @@ mod auth;
 mod ca;
 mod connections;
 mod consistency;
+mod device_keys;
 mod events;
 mod identity;
 mod jobs;

@@ -6,6 +6,7 @@
 mod attacks;
 mod dropped;
 mod history_pages;
+mod keys;
 mod nodes;
 mod pipeline;
 mod poisoning;

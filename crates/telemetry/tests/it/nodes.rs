@@ -3,7 +3,7 @@
 //! in each node's memory.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde_json::json;
 use twinguard_core::follow::{ChangeFollower, Follower};
@@ -16,6 +16,7 @@ use twinguard_telemetry::manage::StatusChange;
 use twinguard_telemetry::policy::Policy;
 use twinguard_telemetry::{Outcome, Telemetry, Transport, Verdict};
 
+use crate::keys::rotate;
 use crate::pipeline::Plant;
 
 /// A second node over `store` (the plant's main store, or another connection to it): its own
@@ -209,37 +210,90 @@ async fn a_batch_whose_commit_another_writer_keeps_beating_is_still_accepted() {
     );
 }
 
-/// A device suspended on node A is refused on node B once B's change follower, stepping every
-/// 100 ms as a server's does, has read the device again: measured from the suspension's
-/// acknowledgement to B's first refusal, within one second. Then resumed on A, accepted on B
-/// again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_suspended_on_one_node_is_refused_on_the_other_within_a_second() {
+/// A plant (node A) over a shared store with device `t1`, and node B, whose change follower
+/// steps every 100 ms as a server's does until the returned guard is dropped.
+async fn followed() -> (Plant, Telemetry, Stepping) {
     let store = Arc::new(MemoryStore::shared());
     let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
     let mut plant = Plant::new_on(store.clone()).await;
     plant.device("t1", &["temperature"]).await;
     let b = second_node(&plant, store.clone());
     follower.register(Arc::new(b.clone()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stepping = std::thread::spawn({
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = std::thread::spawn({
         let stop = stop.clone();
         move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 follower.step().unwrap();
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
     });
+    (
+        plant,
+        b,
+        Stepping {
+            stop,
+            thread: Some(thread),
+        },
+    )
+}
+
+struct Stepping {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Stepping {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A device suspended on node A is refused on node B once B's change follower, stepping every
+/// 100 ms as a server's does, has read the device again: measured from the suspension's
+/// acknowledgement to B's first refusal, within one second. Then resumed on A, accepted on B
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_suspended_on_one_node_is_refused_on_the_other_within_a_second() {
+    let (mut plant, b, stepping) = followed().await;
     until(&mut plant, &b, Verdict::Accepted, None).await;
     plant.set_status("t1", StatusChange::Suspend).await.unwrap();
     let refused = until(&mut plant, &b, Verdict::Rejected, Some("suspended")).await;
     plant.set_status("t1", StatusChange::Resume).await.unwrap();
     let accepted = until(&mut plant, &b, Verdict::Accepted, None).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    stepping.join().unwrap();
+    drop(stepping);
     println!(
         "node B refused the suspended device after {refused:?}, accepted it again after {accepted:?}"
+    );
+}
+
+/// A key rotated out on node A with no overlap is refused on node B once B's change follower
+/// has read the device again, within one second of the rotation's acknowledgement; the new key
+/// is accepted on B. Then a rotation with an overlap: B believes both keys until its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotated_on_one_node_is_refused_on_the_other_within_a_second() {
+    let (mut plant, b, stepping) = followed().await;
+    until(&mut plant, &b, Verdict::Accepted, None).await;
+    let (_, new) = rotate(&plant, 0).await;
+    // Until B follows, it believes the old key; then it refuses it as a bad signature.
+    let refused = until(&mut plant, &b, Verdict::Rejected, Some("bad_signature")).await;
+    plant.keys.insert("t1".into(), new.clone());
+    until(&mut plant, &b, Verdict::Accepted, None).await;
+
+    let (_, newer) = rotate(&plant, 60).await;
+    plant.keys.insert("t1".into(), newer);
+    let followed = until(&mut plant, &b, Verdict::Accepted, None).await;
+    plant.keys.insert("t1".into(), new);
+    until(&mut plant, &b, Verdict::Accepted, None).await;
+    plant.advance(60);
+    until(&mut plant, &b, Verdict::Rejected, Some("bad_signature")).await;
+    drop(stepping);
+    println!(
+        "node B refused the rotated-out key after {refused:?}, believed the next new key after {followed:?}"
     );
 }
 

@@ -23,11 +23,42 @@ pub(crate) const FIRMWARE: &str =
     "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 pub(crate) const T0: i64 = 1_800_000_000_000;
 
-pub(crate) struct TestClock(pub(crate) Mutex<OffsetDateTime>);
+/// A clock the tests move, which can also hold one caller still (see [`TestClock::pause`]).
+pub(crate) struct TestClock {
+    now: Mutex<OffsetDateTime>,
+    pause: crate::keys::Pause,
+}
+
+impl TestClock {
+    pub(crate) fn at_ms(ms: i64) -> Self {
+        Self {
+            now: Mutex::new(
+                OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap(),
+            ),
+            pause: Default::default(),
+        }
+    }
+
+    /// The next thread to read the clock goes on; its read after that waits until
+    /// [`TestClock::resume`]. Other threads read as usual.
+    pub(crate) fn pause(&self) {
+        self.pause.arm();
+    }
+
+    /// Whether a thread waits in the clock now.
+    pub(crate) fn paused(&self) -> bool {
+        self.pause.holding()
+    }
+
+    pub(crate) fn resume(&self) {
+        self.pause.release();
+    }
+}
 
 impl Clock for TestClock {
     fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap()
+        self.pause.pass();
+        *self.now.lock().unwrap()
     }
 }
 
@@ -74,9 +105,7 @@ impl<S: Store> Plant<S> {
 
     /// A plant whose main store is `store` (a shared one for several nodes).
     pub(crate) async fn new_on(store: Arc<S>) -> Self {
-        let clock = Arc::new(TestClock(Mutex::new(
-            OffsetDateTime::from_unix_timestamp_nanos(i128::from(T0) * 1_000_000).unwrap(),
-        )));
+        let clock = Arc::new(TestClock::at_ms(T0));
         let twins = TwinService::open(store.clone(), clock.clone()).unwrap();
         twins
             .write(
@@ -139,7 +168,7 @@ impl<S: Store> Plant<S> {
     }
 
     pub(crate) fn advance(&self, seconds: i64) {
-        let mut now = self.clock.0.lock().unwrap();
+        let mut now = self.clock.now.lock().unwrap();
         *now += time::Duration::seconds(seconds);
     }
 
