@@ -125,6 +125,10 @@ struct EnrolmentCode {
     expires_at: u64,
 }
 
+/// The most live (unrevoked, unexpired) client certificates one workload holds: a renewal a
+/// day of 30-day certificates stays under it.
+pub const MAX_LIVE_CERTIFICATES: usize = 32;
+
 /// A client certificate issued to a workload by the instance CA.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -1905,7 +1909,7 @@ impl Directory {
         if !renewal {
             bounded(&state, caller, Action::KeysWrite, id)?;
         }
-        Ok(())
+        room_for_a_certificate(record, self.now())
     }
 
     /// Records a client certificate issued to workload `id` (the CA signs it outside the
@@ -1925,7 +1929,12 @@ impl Directory {
                     "only applications and service accounts get client certificates".into(),
                 ));
             }
-            r.credentials.certificates.retain(|c| c.not_after > now);
+            // A revoked or expired certificate authenticates nothing whether it is recorded
+            // or not: only the live ones are kept, and they are bounded.
+            r.credentials
+                .certificates
+                .retain(|c| !c.revoked && c.not_after > now);
+            room_for_a_certificate(r, now)?;
             r.credentials.certificates.push(certificate);
             Ok(())
         })
@@ -1947,7 +1956,8 @@ impl Directory {
             .count()
     }
 
-    /// Revokes one of a workload's certificates at once.
+    /// Revokes one of a workload's certificates at once. One that expired or was revoked
+    /// before the workload's last new certificate is no longer recorded: not found.
     pub fn revoke_certificate(
         &self,
         caller: &Principal,
@@ -2215,6 +2225,26 @@ impl Directory {
         state.grants.clear();
         Ok(())
     }
+}
+
+/// Refuses a new client certificate for a workload that holds [`MAX_LIVE_CERTIFICATES`] live
+/// ones (unrevoked, unexpired): each renewal adds one for its lifetime, so without a bound a
+/// workload renewing in a loop, or a leaked certificate renewing for itself, would grow the
+/// record, and every write and certificate login that reads it, without end.
+fn room_for_a_certificate(record: &Record, now: u64) -> DomainResult<()> {
+    let live = record
+        .credentials
+        .certificates
+        .iter()
+        .filter(|c| !c.revoked && c.not_after > now)
+        .count();
+    if live >= MAX_LIVE_CERTIFICATES {
+        return Err(DomainError::Conflict(format!(
+            "the workload holds {MAX_LIVE_CERTIFICATES} live client certificates; revoke one \
+             before another is issued"
+        )));
+    }
+    Ok(())
 }
 
 /// The outcome of a workload's authentication once its credential was checked (`credential_ok`).

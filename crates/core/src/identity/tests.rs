@@ -939,3 +939,67 @@ fn one_role_name_created_on_two_nodes_at_once_is_taken_once() {
     a.delete_role(&admin, &role.id).unwrap();
     b.create_role(&admin, "pumps", "", &actions).unwrap();
 }
+
+/// A workload renewing in a loop (or a leaked certificate renewing for itself) cannot grow its
+/// record without end: at [`MAX_LIVE_CERTIFICATES`] live ones, a new certificate is refused
+/// before the CA would sign it and when it would be recorded. Expired and revoked ones do
+/// not count, and are no longer recorded once another is: they authenticate nothing either way.
+#[test]
+fn a_workload_holds_a_bounded_number_of_live_certificates() {
+    let (dir, admin) = directory();
+    let app = dir
+        .create_identity(&admin, application("historian"))
+        .unwrap()
+        .0
+        .id;
+    let now = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap();
+    let cert = |serial: usize, not_after: u64| IssuedCertificate {
+        serial: format!("{serial:x}"),
+        not_after,
+        revoked: false,
+        issuer: None,
+    };
+    // Serials are hex: certificate 99 is "63".
+    let full = |r: DomainResult<()>| matches!(r, Err(DomainError::Conflict(m)) if m.contains("live client certificates"));
+    for serial in 1000..1040 {
+        dir.record_certificate(&admin, &app, cert(serial, now - 1))
+            .unwrap();
+    }
+    for serial in 0..MAX_LIVE_CERTIFICATES {
+        dir.record_certificate(&admin, &app, cert(serial, now + 3600))
+            .unwrap();
+    }
+    assert!(full(dir.authorize_certificate(&admin, &app)));
+    assert!(full(dir.record_certificate(
+        &admin,
+        &app,
+        cert(99, now + 3600)
+    )));
+    assert!(dir.authenticate_certificate(&app, "63").is_err());
+    let last = format!("{:x}", MAX_LIVE_CERTIFICATES - 1);
+    for serial in ["0", last.as_str()] {
+        assert!(
+            dir.authenticate_certificate(&app, serial).is_ok(),
+            "{serial}"
+        );
+    }
+
+    // A revocation makes room; the revoked certificate stays refused once it is forgotten.
+    dir.revoke_certificate(&admin, &app, "0").unwrap();
+    dir.authorize_certificate(&admin, &app).unwrap();
+    dir.record_certificate(&admin, &app, cert(99, now + 3600))
+        .unwrap();
+    assert!(dir.authenticate_certificate(&app, "0").is_err());
+    assert!(dir.authenticate_certificate(&app, "63").is_ok());
+    assert!(matches!(
+        dir.revoke_certificate(&admin, &app, "0"),
+        Err(DomainError::NotFound { .. })
+    ));
+    assert!(full(dir.authorize_certificate(&admin, &app)));
+    let state = dir.state.read();
+    assert_eq!(
+        state.records[&app].credentials.certificates.len(),
+        MAX_LIVE_CERTIFICATES,
+        "the 40 expired certificates and the revoked one are no longer recorded"
+    );
+}
