@@ -740,6 +740,11 @@ impl Telemetry {
     }
 
     fn read_quarantined(&self, id: &str) -> DomainResult<Quarantined> {
+        self.read_quarantined_stored(id).map(|(record, _)| record)
+    }
+
+    /// A quarantine record and its bytes as stored.
+    fn read_quarantined_stored(&self, id: &str) -> DomainResult<(Quarantined, Vec<u8>)> {
         let found = self
             .inner
             .store
@@ -748,7 +753,7 @@ impl Telemetry {
         found
             .into_iter()
             .find(|(k, _)| k == id)
-            .and_then(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+            .and_then(|(_, bytes)| Some((serde_json::from_slice(&bytes).ok()?, bytes)))
             .ok_or_else(|| not_found("quarantined reading", id))
     }
 
@@ -770,11 +775,29 @@ impl Telemetry {
         decision: Decision,
     ) -> DomainResult<Quarantined> {
         caller.authorize_instance(Action::QuarantineReview)?;
-        let mut record = self.read_quarantined(id)?;
+        let (caller, id) = (caller.clone(), id.to_owned());
+        self.to_the_end(move |this| async move { this.review_here(&caller, &id, decision).await })
+            .await
+    }
+
+    /// [`Telemetry::review`], once the task runs to its end. A reading is reviewed once: the
+    /// commit expects the record as it was read (pending), so of two reviews that both read it
+    /// pending, on one node or on nodes sharing the store, the second to commit is refused as
+    /// already reviewed and none of its effects reach the store. The device's quota gets its
+    /// room back once the review is durable.
+    async fn review_here(
+        &self,
+        caller: &Principal,
+        id: &str,
+        decision: Decision,
+    ) -> DomainResult<Quarantined> {
+        let reviewed = || DomainError::Conflict("the reading was already reviewed".into());
+        let key = id.to_owned();
+        let (mut record, stored) = self
+            .off_the_runtime(move |this| this.read_quarantined_stored(&key))
+            .await?;
         if record.status != Review::Pending {
-            return Err(DomainError::Conflict(
-                "the reading was already reviewed".into(),
-            ));
+            return Err(reviewed());
         }
         record.status = match decision {
             Decision::Release => Review::Released,
@@ -789,13 +812,21 @@ impl Telemetry {
                 self.release(caller, &mut state, &record, &mut out)?;
             }
             out.records.push(put(Table::Quarantine, id, &record));
-            let pending = self.submit(std::mem::take(&mut out.updates), out.records, Vec::new())?;
-            if let Some(held) = state.held.get_mut(&record.device) {
-                *held = held.saturating_sub(1);
-            }
-            pending
+            let expect = vec![Expect {
+                table: Table::Quarantine,
+                key: id.to_owned(),
+                value: Some(stored),
+            }];
+            self.submit(std::mem::take(&mut out.updates), out.records, expect)?
         };
-        let results = pending.await?;
+        let results = match pending.await {
+            Ok(results) => results,
+            Err(DomainError::Superseded) => return Err(reviewed()),
+            Err(e) => return Err(e),
+        };
+        if let Some(held) = self.state()?.held.get_mut(&record.device) {
+            *held = held.saturating_sub(1);
+        }
         for skip in results.into_iter().filter_map(Result::err) {
             tracing::warn!(id = %id, reason = skip.code(), "a released reading could not be applied");
         }

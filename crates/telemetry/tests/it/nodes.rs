@@ -6,14 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde_json::json;
+use twinguard_core::error::DomainError;
 use twinguard_core::follow::{ChangeFollower, Follower};
 use twinguard_core::service::TwinService;
 use twinguard_core::store::stalling::StallingStore;
 use twinguard_core::store::{Change, Fenced, MemoryStore, Mutation, Store, StoreError, Table};
 use twinguard_store_postgres::testdb::TestDatabase;
 use twinguard_store_postgres::{PgOptions, PgStore};
-use twinguard_telemetry::manage::StatusChange;
+use twinguard_telemetry::manage::{Decision, StatusChange};
 use twinguard_telemetry::policy::Policy;
+use twinguard_telemetry::records::Review;
 use twinguard_telemetry::{Outcome, Telemetry, Transport, Verdict};
 
 use crate::keys::rotate;
@@ -555,4 +557,50 @@ async fn a_follower_does_not_undo_a_write_that_landed_while_it_read() {
         plant.telemetry.policies(&plant.admin).unwrap()[0].max,
         Some(50.0)
     );
+}
+
+/// Two reviews of one held reading that both read it pending: node B's runs whole while node
+/// A's reads (the store answers A with what it held before). A's is refused as already
+/// reviewed, nothing of it is stored, and the record holds B's decision. Before, A committed
+/// its own decision over B's: a reading could be discarded and then released, and its device's
+/// quota counted twice. (Two reviews on one node race the same way, through the same commit
+/// expectation; this store's read hook cannot interleave them, because a node reads through its
+/// own writer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_reading_is_reviewed_once_when_reviews_race() {
+    let shared = Arc::new(MemoryStore::shared());
+    let mut plant = Plant::new_on(shared.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    let policy: Policy = serde_json::from_value(json!({
+        "model": "dtmi:test:Boiler;1", "property": "temperature", "min": -40.0, "max": 150.0
+    }))
+    .unwrap();
+    plant
+        .telemetry
+        .put_policy(&plant.admin, "boiler-temp", policy)
+        .await
+        .unwrap();
+    let b = second_node(&plant, shared.clone());
+    let hot = plant.reading("t1", "temperature", json!(120.0)).await;
+    assert_eq!(hot.status, Verdict::Accepted);
+    let hot = plant.reading("t1", "temperature", json!(900.0)).await;
+    assert_eq!(hot.status, Verdict::Quarantined);
+    let id = plant.pending()[0].id.clone();
+    let handle = tokio::runtime::Handle::current();
+    let (admin, racing_id) = (plant.admin.clone(), id.clone());
+    shared.run_during_next_read(move || {
+        let discarded = handle.block_on(b.review(&admin, &racing_id, Decision::Discard));
+        assert_eq!(discarded.unwrap().status, Review::Discarded);
+    });
+    let first = plant
+        .telemetry
+        .review(&plant.admin, &id, Decision::Release)
+        .await;
+    assert!(
+        matches!(&first, Err(DomainError::Conflict(why)) if why.contains("already reviewed")),
+        "{first:?}"
+    );
+    let stored = plant.telemetry.quarantined(&plant.admin, &id).unwrap();
+    assert_eq!(stored.status, Review::Discarded);
+    assert_eq!(plant.twin()["temperature"], json!(120.0), "not released");
 }
