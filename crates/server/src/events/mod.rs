@@ -456,13 +456,13 @@ impl Events {
             .collect())
     }
 
-    pub fn dead_letter(&self, name: &str, seq: u64) -> Result<Value, EventsError> {
+    pub async fn dead_letter(&self, name: &str, seq: u64) -> Result<Value, EventsError> {
         self.get(name)?;
         let key = deliver::dead_letter_key(name, seq);
         let rows = self
             .inner
-            .store
-            .range(Table::DeadLetters, &key, &format!("{key}\0"), 1)?;
+            .blocking(move |store| store.range(Table::DeadLetters, &key, &format!("{key}\0"), 1))
+            .await?;
         rows.into_iter()
             .next()
             .and_then(|(_, v)| serde_json::from_slice(&v).ok())
@@ -472,7 +472,7 @@ impl Events {
     /// Sends a dead letter once more, now; on success it leaves the dead-letter store.
     pub async fn replay(&self, name: &str, seq: u64) -> Result<(), EventsError> {
         let endpoint = self.get(name)?;
-        let record = self.dead_letter(name, seq)?;
+        let record = self.dead_letter(name, seq).await?;
         let body = serde_json::to_vec(&record["event"]).unwrap_or_default();
         let prepared = Prepared {
             seq,
@@ -487,15 +487,28 @@ impl Events {
         sink.send(&endpoint, &self.inner, &prepared)
             .await
             .map_err(|e| EventsError::Undeliverable(e.message))?;
-        self.discard(name, seq)
+        self.discard(name, seq).await
     }
 
-    pub fn discard(&self, name: &str, seq: u64) -> Result<(), EventsError> {
-        self.dead_letter(name, seq)?;
-        self.inner.store.commit(&[Mutation::delete(
-            Table::DeadLetters,
-            deliver::dead_letter_key(name, seq),
-        )])?;
+    pub async fn discard(&self, name: &str, seq: u64) -> Result<(), EventsError> {
+        self.get(name)?;
+        // Read and removed on the blocking pool: a store far away must not hold a runtime
+        // thread.
+        let key = deliver::dead_letter_key(name, seq);
+        let found = self
+            .inner
+            .blocking(move |store| {
+                let rows = store.range(Table::DeadLetters, &key, &format!("{key}\0"), 1)?;
+                if rows.is_empty() {
+                    return Ok(false);
+                }
+                store.commit(&[Mutation::delete(Table::DeadLetters, key)])?;
+                Ok(true)
+            })
+            .await?;
+        if !found {
+            return Err(EventsError::DeadLetterNotFound(name.to_owned(), seq));
+        }
         if let Some(count) = self.inner.lock().dead_counts.get_mut(name) {
             *count = count.saturating_sub(1);
         }

@@ -639,7 +639,7 @@ async fn dead_letters_discarded_on_another_node_make_room_on_the_holder() {
     })
     .await;
     let b = node(&store, "b");
-    b.events.discard("hook", 1_000_000).unwrap();
+    b.events.discard("hook", 1_000_000).await.unwrap();
     create(&a, "second").await;
     wait_for("the second dead letter", Duration::from_secs(5), || {
         events_dead() == 2

@@ -131,7 +131,7 @@ pub async fn dead_letter(
     Path((name, seq)): Path<(String, u64)>,
 ) -> ApiResult<axum::Json<Value>> {
     caller.authorize(Action::EndpointsRead)?;
-    Ok(axum::Json(state.events.dead_letter(&name, seq)?))
+    Ok(axum::Json(state.events.dead_letter(&name, seq).await?))
 }
 
 pub async fn replay_dead_letter(
@@ -160,7 +160,7 @@ pub async fn discard_dead_letter(
     note.set("event", "dead_letter_discard");
     note.set("endpoint", name.clone());
     note.set("sequence", seq);
-    state.events.discard(&name, seq)?;
+    state.events.discard(&name, seq).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
