@@ -90,10 +90,15 @@ pub enum Table {
     /// the identity that holds it: a creation commits its claim expecting none, so one name is
     /// taken once across nodes (the identity directory).
     Names,
+    /// Claimed device public keys, keyed by key thumbprint, each with the ID of the device
+    /// that holds the key, as its current key or its previous one: a registration or rotation
+    /// commits its claim expecting none, so one key is held by one device across nodes (the
+    /// telemetry crate's `manage`).
+    DeviceKeys,
 }
 
 impl Table {
-    pub const ALL: [Table; 32] = [
+    pub const ALL: [Table; 33] = [
         Table::Models,
         Table::Twins,
         Table::Relationships,
@@ -126,6 +131,7 @@ impl Table {
         Table::Leases,
         Table::Secrets,
         Table::Names,
+        Table::DeviceKeys,
     ];
 
     pub fn name(self) -> &'static str {
@@ -162,6 +168,7 @@ impl Table {
             Self::Leases => "leases",
             Self::Secrets => "secrets",
             Self::Names => "names",
+            Self::DeviceKeys => "devicekeys",
         }
     }
 }
@@ -215,7 +222,8 @@ impl Table {
             | Self::Quarantine
             | Self::History
             | Self::HistoryLog
-            | Self::Streams => Owner::Telemetry,
+            | Self::Streams
+            | Self::DeviceKeys => Owner::Telemetry,
             Self::Endpoints | Self::Deliveries | Self::DeadLetters | Self::Leases => Owner::Events,
         }
     }
@@ -265,7 +273,7 @@ impl Table {
             // Decided in the store: each write expects what it was decided on (`Expect`), and
             // a node reads them again when it is superseded. Following them would make every
             // node read every device's window after every batch anywhere.
-            Self::Replay | Self::UsedAssertions | Self::Names => false,
+            Self::Replay | Self::UsedAssertions | Self::Names | Self::DeviceKeys => false,
             // Each holder commits its own expecting what it read; every node's delivery rounds
             // read the endpoints, positions and leases whole (`events::lease`).
             Self::Leases => false,

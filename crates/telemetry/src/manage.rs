@@ -170,11 +170,10 @@ impl Telemetry {
         let (key, private_key) = new_key(new.public_key, new.generate)?;
         check_bindings(&new.bindings)?;
         self.authorize_feeding(caller, new.bindings.iter().map(|b| b.twin.as_str()))?;
-        let thumbprint = key.thumbprint();
         let device = Device {
             id: id.to_owned(),
             public_key: key.to_jwk(),
-            key_thumbprint: thumbprint.clone(),
+            key_thumbprint: key.thumbprint(),
             previous_key: None,
             device_model: new.device_model,
             bindings: new.bindings,
@@ -184,29 +183,44 @@ impl Telemetry {
             quarantine_full: None,
             created: self.now_rfc3339(),
         };
+        let claims = self.key_claims(id, None, &device).await?;
         let pending = {
             let mut state = self.state()?;
             if state.devices.contains_key(id) {
-                return Err(DomainError::Conflict(format!(
-                    "a device with ID '{id}' is already registered"
-                )));
+                return Err(already_registered(id));
             }
-            key_unused(&state.devices, &thumbprint, None)?;
-            let pending = self.submit(
-                Vec::new(),
-                vec![put(Table::Devices, id, &device)],
-                Vec::new(),
-            )?;
+            keys_unused(&state.devices, id, &claims.claimed)?;
+            let mut expect = claims.expect;
+            expect.push(Expect {
+                table: Table::Devices,
+                key: id.to_owned(),
+                value: None,
+            });
+            let mut records = claims.records;
+            records.push(put(Table::Devices, id, &device));
+            let pending = self.submit(Vec::new(), records, expect)?;
             state.put_device(device.clone());
             pending
         };
-        let key = id.to_owned();
+        let (key, claimed) = (id.to_owned(), claims.claimed);
         self.to_the_end(move |this| async move {
-            if let Err(e) = pending.await {
-                this.state()?.remove_device(&key);
+            let Err(e) = pending.await else {
+                return Ok(());
+            };
+            this.state()?.remove_device(&key);
+            if !matches!(e, DomainError::Superseded) {
                 return Err(e);
             }
-            Ok(())
+            // Another node registered this ID or claimed this key first (this node had not
+            // followed it yet): say which.
+            let stored = this.stored(Table::Devices, vec![key.clone()]).await?;
+            if stored.first().is_some_and(Option::is_some) {
+                return Err(already_registered(&key));
+            }
+            if this.claimed_by_another(&key, claimed).await? {
+                return Err(key_taken());
+            }
+            Err(e)
         })
         .await?;
         tracing::info!(device = %id, "device registered");
@@ -345,7 +359,6 @@ impl Telemetry {
         }
         let (key, private_key) = new_key(new.public_key, new.generate)?;
         let thumbprint = key.thumbprint();
-        key_unused(&self.state()?.devices, &thumbprint, Some(id))?;
         let until = self.now_rfc3339_after(new.overlap_seconds);
         let jwk = key.to_jwk();
         let device = self
@@ -412,42 +425,34 @@ impl Telemetry {
         f: impl Fn(&mut Device) -> DomainResult<()>,
     ) -> DomainResult<Device> {
         for _ in 0..CHANGE_ATTEMPTS {
-            // Read before the lock, which ingestion waits for: a change of this node landing
-            // in between breaks the expectation below, and the change is decided again.
-            // On the blocking pool: a database read that takes long must not hold one of the
-            // runtime's threads.
-            let key = id.to_owned();
+            // Read and decided before the lock, which ingestion waits for: a change of this
+            // node landing in between breaks the expectation below, and the change is decided
+            // again.
             let stored = self
-                .off_the_runtime(move |this| {
-                    this.inner
-                        .store
-                        .get_many(Table::Devices, &[key])
-                        .map_err(|e| {
-                            tracing::error!(error = %e, "cannot read a device record");
-                            DomainError::Unavailable
-                        })
-                })
+                .stored(Table::Devices, vec![id.to_owned()])
                 .await?
                 .pop()
                 .flatten()
                 .ok_or_else(|| not_found("device", id))?;
-            let (pending, before, after) = {
+            let before: Device = serde_json::from_slice(&stored)
+                .map_err(|_| DomainError::Internal("a stored device record is unreadable"))?;
+            let mut after = before.clone();
+            f(&mut after)?;
+            let claims = self.key_claims(id, Some(&before), &after).await?;
+            let pending = {
                 let mut state = self.state()?;
-                let before: Device = serde_json::from_slice(&stored)
-                    .map_err(|_| DomainError::Internal("a stored device record is unreadable"))?;
-                let mut after = before.clone();
-                f(&mut after)?;
-                let pending = self.submit(
-                    Vec::new(),
-                    vec![put(Table::Devices, id, &after)],
-                    vec![Expect {
-                        table: Table::Devices,
-                        key: id.to_owned(),
-                        value: Some(stored),
-                    }],
-                )?;
+                keys_unused(&state.devices, id, &claims.claimed)?;
+                let mut records = claims.records;
+                records.push(put(Table::Devices, id, &after));
+                let mut expect = claims.expect;
+                expect.push(Expect {
+                    table: Table::Devices,
+                    key: id.to_owned(),
+                    value: Some(stored),
+                });
+                let pending = self.submit(Vec::new(), records, expect)?;
                 state.put_device(after.clone());
-                (pending, before, after)
+                pending
             };
             match pending.await {
                 Ok(_) => return Ok(after),
@@ -465,10 +470,90 @@ impl Telemetry {
                     if !matches!(e, DomainError::Superseded) {
                         return Err(e);
                     }
+                    if self.claimed_by_another(id, claims.claimed).await? {
+                        return Err(key_taken());
+                    }
                 }
             }
         }
         Err(DomainError::Unavailable)
+    }
+
+    /// What changing device `id`'s record from `before` (`None` for a registration) to
+    /// `after` does to the store's key claims ([`Table::DeviceKeys`]): a key the record comes
+    /// to name is claimed expecting no claim, so no two devices hold one key even when two
+    /// nodes decide at once and neither has followed the other; a key it no longer names is
+    /// released if this device holds its claim (a key two devices shared before keys were
+    /// claimed stays with the one that got the claim).
+    async fn key_claims(
+        &self,
+        id: &str,
+        before: Option<&Device>,
+        after: &Device,
+    ) -> DomainResult<KeyClaims> {
+        let held: Vec<&str> = before.map_or_else(Vec::new, |d| d.thumbprints().collect());
+        let named: Vec<&str> = after.thumbprints().collect();
+        let fresh = |of: &[&str], not_in: &[&str]| -> Vec<String> {
+            of.iter()
+                .filter(|t| !not_in.contains(t))
+                .map(|t| t.to_string())
+                .collect()
+        };
+        let (claimed, released) = (fresh(&named, &held), fresh(&held, &named));
+        let mut claims = KeyClaims {
+            records: Vec::new(),
+            expect: Vec::new(),
+            claimed: claimed.clone(),
+        };
+        for thumbprint in claimed {
+            let holder = id.as_bytes().to_vec();
+            claims
+                .records
+                .push(Mutation::put(Table::DeviceKeys, thumbprint.clone(), holder));
+            claims.expect.push(Expect {
+                table: Table::DeviceKeys,
+                key: thumbprint,
+                value: None,
+            });
+        }
+        if released.is_empty() {
+            return Ok(claims);
+        }
+        let holders = self.stored(Table::DeviceKeys, released.clone()).await?;
+        for (thumbprint, holder) in released.into_iter().zip(holders) {
+            if holder.as_deref() == Some(id.as_bytes()) {
+                claims
+                    .records
+                    .push(Mutation::delete(Table::DeviceKeys, thumbprint.clone()));
+                claims.expect.push(Expect {
+                    table: Table::DeviceKeys,
+                    key: thumbprint,
+                    value: holder,
+                });
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Whether the store holds a claim on one of `thumbprints` for a device other than `id`.
+    async fn claimed_by_another(&self, id: &str, thumbprints: Vec<String>) -> DomainResult<bool> {
+        if thumbprints.is_empty() {
+            return Ok(false);
+        }
+        let holders = self.stored(Table::DeviceKeys, thumbprints).await?;
+        Ok(holders.iter().flatten().any(|h| h != id.as_bytes()))
+    }
+
+    /// Records `keys` of `table` as the store holds them, read on the blocking pool: a
+    /// database read that takes long must not hold one of the runtime's threads.
+    async fn stored(&self, table: Table, keys: Vec<String>) -> DomainResult<Vec<Option<Vec<u8>>>> {
+        self.off_the_runtime(move |this| {
+            this.inner.store.get_many(table, &keys).map_err(|e| {
+                tracing::error!(error = %e, table = table.name(), "cannot read a record");
+                DomainError::Unavailable
+            })
+        })
+        .await
     }
 
     // ---- firmware ----
@@ -1129,23 +1214,44 @@ fn new_key(
     }
 }
 
-/// Refuses a key that a device other than `except` holds, as its key or its previous one:
-/// every device has its own key.
-fn key_unused(
+/// The records and expectations a device change commits for its key claims (see
+/// [`Telemetry::key_claims`]).
+struct KeyClaims {
+    records: Vec<Mutation>,
+    expect: Vec<Expect>,
+    /// The thumbprints newly claimed.
+    claimed: Vec<String>,
+}
+
+/// Refuses keys in `thumbprints` that a device other than `id` holds in this node's memory,
+/// as its key or its previous one. Checked under the state's lock as the change is queued, so
+/// two changes on one node cannot both take a key (on a store of one writer, where the store
+/// does not read the claims' expectations, this check is the whole rule).
+fn keys_unused(
     devices: &std::collections::HashMap<String, Device>,
-    thumbprint: &str,
-    except: Option<&str>,
+    id: &str,
+    thumbprints: &[String],
 ) -> DomainResult<()> {
     let taken = devices
         .values()
-        .any(|d| Some(d.id.as_str()) != except && d.holds_key(thumbprint));
+        .filter(|d| d.id != id)
+        .flat_map(Device::thumbprints)
+        .any(|t| thumbprints.iter().any(|mine| mine == t));
     if taken {
-        return Err(DomainError::Conflict(
-            "this public key is registered to another device; every device needs its own key"
-                .into(),
-        ));
+        return Err(key_taken());
     }
     Ok(())
+}
+
+fn already_registered(id: &str) -> DomainError {
+    DomainError::Conflict(format!("a device with ID '{id}' is already registered"))
+}
+
+/// A key another device holds, as its key or its previous one: every device has its own key.
+fn key_taken() -> DomainError {
+    DomainError::Conflict(
+        "this public key is registered to another device; every device needs its own key".into(),
+    )
 }
 
 fn refuse_revoked(device: &Device) -> DomainResult<()> {

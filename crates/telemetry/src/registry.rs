@@ -122,14 +122,12 @@ impl Device {
         Some(DeviceKeys { current, previous })
     }
 
-    /// Whether `thumbprint` is this device's key, or its previous one (its overlap ended or
-    /// not: the record still names it, so no other device may take it).
-    pub fn holds_key(&self, thumbprint: &str) -> bool {
-        self.key_thumbprint == thumbprint
-            || self
-                .previous_key
-                .as_ref()
-                .is_some_and(|p| p.key_thumbprint == thumbprint)
+    /// The thumbprints of the keys this record names: its key and its previous one, whether
+    /// that one's overlap has ended or not (the record still names it, so no other device may
+    /// take it; see `Table::DeviceKeys`).
+    pub fn thumbprints(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.key_thumbprint.as_str())
+            .chain(self.previous_key.iter().map(|p| p.key_thumbprint.as_str()))
     }
 
     /// The twin a reading without a `twin` field goes to: the only bound twin, if there is one.

@@ -239,6 +239,53 @@ fn load<T: DeserializeOwned>(
         .collect()
 }
 
+/// Devices stored before keys were claimed in the store ([`Table::DeviceKeys`]) get their
+/// claims; of two that shared a key from before, the first in ID order. Another node may claim
+/// keys meanwhile (starting too, or registering): then the claims are decided again on what
+/// the store holds.
+fn claim_device_keys(
+    store: &dyn Store,
+    devices: &HashMap<String, Device>,
+) -> Result<(), StoreError> {
+    let mut ids: Vec<&String> = devices.keys().collect();
+    ids.sort();
+    for _ in 0..8 {
+        let claimed: std::collections::HashSet<String> = store
+            .scan(Table::DeviceKeys)?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        let mut missing: Vec<Mutation> = Vec::new();
+        for id in &ids {
+            for thumbprint in devices[*id].thumbprints() {
+                if !claimed.contains(thumbprint) && !missing.iter().any(|m| m.key == thumbprint) {
+                    let holder = id.as_bytes().to_vec();
+                    missing.push(Mutation::put(Table::DeviceKeys, thumbprint, holder));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let absent: Vec<Expect> = missing
+            .iter()
+            .map(|m| Expect {
+                table: Table::DeviceKeys,
+                key: m.key.clone(),
+                value: None,
+            })
+            .collect();
+        if store.commit_expecting(&missing, &absent)? {
+            tracing::info!(keys = missing.len(), "device keys claimed in the store");
+            return Ok(());
+        }
+    }
+    Err(StoreError(
+        "the device keys' claims could not be committed: other writers kept committing first"
+            .into(),
+    ))
+}
+
 impl Telemetry {
     /// Loads the registry, policies, groups and replay windows from `store`, which must be the
     /// store `twins` commits to. Accepted readings' history is kept in `history` (see
@@ -272,6 +319,7 @@ impl Telemetry {
         for (key, device) in load::<Device>(store.as_ref(), Table::Devices, "device")? {
             state.devices.insert(key, device);
         }
+        claim_device_keys(store.as_ref(), &state.devices)?;
         for (key, list) in load::<FirmwareList>(store.as_ref(), Table::Firmware, "firmware")? {
             state.firmware.insert(key, list);
         }

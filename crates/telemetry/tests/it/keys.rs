@@ -70,7 +70,7 @@ impl Pause {
     }
 }
 
-fn public(key: &SigningKey) -> DeviceKey {
+pub(crate) fn public(key: &SigningKey) -> DeviceKey {
     DeviceKey::from_bytes(key.verifying_key().as_bytes()).unwrap()
 }
 
@@ -82,7 +82,7 @@ fn generated(overlap_seconds: u64) -> NewKey {
     }
 }
 
-fn given(key: &SigningKey, overlap_seconds: u64) -> NewKey {
+pub(crate) fn given(key: &SigningKey, overlap_seconds: u64) -> NewKey {
     NewKey {
         public_key: Some(public(key).to_jwk()),
         generate: false,
@@ -236,6 +236,48 @@ async fn a_rotation_without_overlap_refuses_the_old_key_at_once_and_retiring_end
     assert_eq!(back.device.key_thumbprint, public(&k4).thumbprint());
     assert_eq!(answer(&mut plant, &k5, 8.0).await, BAD_SIGNATURE);
     assert_eq!(answer(&mut plant, &k4, 9.0).await, ACCEPTED);
+}
+
+/// Two rotations on one node to one key, the second landing while the first reads its
+/// device's record: the first is refused, so the key stays with one device. The check that no
+/// other device holds the key runs under the lock that queues the change; made before the
+/// read, it passed for both and two devices held one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rotations_on_one_node_to_one_key_give_it_to_one_device() {
+    let mut plant = Plant::new().await;
+    plant.device("t1", &["temperature"]).await;
+    plant.device("t2", &["temperature"]).await;
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let (telemetry, admin) = (plant.telemetry.clone(), plant.admin.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let during = std::sync::Arc::new(Mutex::new(None));
+    plant.store.run_during_next_read({
+        let (key, during) = (key.clone(), during.clone());
+        move || {
+            let rotated =
+                runtime.block_on(telemetry.rotate_device_key(&admin, "t2", given(&key, 0)));
+            *during.lock().unwrap() = Some(rotated.map(|r| r.device.key_thumbprint));
+        }
+    });
+    let first = plant
+        .telemetry
+        .rotate_device_key(&plant.admin, "t1", given(&key, 0))
+        .await;
+    let second = during.lock().unwrap().take().expect("the hook ran");
+    assert_eq!(second.unwrap(), public(&key).thumbprint());
+    assert!(
+        matches!(first, Err(DomainError::Conflict(_))),
+        "t1 took the key t2 holds: {first:?}"
+    );
+    let holders: Vec<String> = plant
+        .telemetry
+        .devices(&plant.admin)
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.key_thumbprint == public(&key).thumbprint())
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(holders, ["t2"]);
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use ed25519_dalek::SigningKey;
 use serde_json::json;
 use twinguard_core::error::DomainError;
 use twinguard_core::follow::{ChangeFollower, Follower};
@@ -13,12 +14,12 @@ use twinguard_core::store::stalling::StallingStore;
 use twinguard_core::store::{Change, Fenced, MemoryStore, Mutation, Store, StoreError, Table};
 use twinguard_store_postgres::testdb::TestDatabase;
 use twinguard_store_postgres::{PgOptions, PgStore};
-use twinguard_telemetry::manage::{Decision, StatusChange};
+use twinguard_telemetry::manage::{Decision, NewDevice, StatusChange};
 use twinguard_telemetry::policy::Policy;
 use twinguard_telemetry::records::Review;
 use twinguard_telemetry::{Outcome, Telemetry, Transport, Verdict};
 
-use crate::keys::rotate;
+use crate::keys::{given, public, rotate};
 use crate::pipeline::Plant;
 
 /// A second node over `store` (the plant's main store, or another connection to it): its own
@@ -209,6 +210,173 @@ async fn a_batch_whose_commit_another_writer_keeps_beating_is_still_accepted() {
     assert_eq!(
         (again.status, again.reason),
         (Verdict::Rejected, Some("replay"))
+    );
+}
+
+fn device_with(key: &SigningKey) -> NewDevice {
+    NewDevice {
+        public_key: Some(public(key).to_jwk()),
+        generate: false,
+        device_model: "thermo-1".into(),
+        bindings: vec![],
+    }
+}
+
+fn conflict<T: std::fmt::Debug>(answer: Result<T, DomainError>, what: &str) -> String {
+    match answer {
+        Err(DomainError::Conflict(message)) => message,
+        other => panic!("{what}: expected a conflict, got {other:?}"),
+    }
+}
+
+/// Node B follows nothing here, so its memory knows none of node A's devices: what keeps one
+/// ID to one registration and one key to one device is the store. B registering an ID A took,
+/// or a key an A device holds (current or previous), or rotating to one, is refused with 409
+/// and changes nothing; a key A rotated out with no overlap is free again on B.
+async fn ids_and_keys_are_held_once_across_nodes<S: Store>(plant: Plant<S>, b: Telemetry) {
+    let (a, admin) = (&plant.telemetry, &plant.admin);
+    let [k1, k2, k3, k4] = [1u8, 2, 3, 4].map(|n| SigningKey::from_bytes(&[n; 32]));
+    a.register_device(admin, "pump", device_with(&k1))
+        .await
+        .unwrap();
+
+    let message = conflict(
+        b.register_device(admin, "pump", device_with(&k2)).await,
+        "the same ID on the other node",
+    );
+    assert!(message.contains("already registered"), "{message}");
+    let message = conflict(
+        b.register_device(admin, "valve", device_with(&k1)).await,
+        "A's key on the other node",
+    );
+    assert!(message.contains("another device"), "{message}");
+    assert_eq!(
+        a.device(admin, "pump").unwrap().key_thumbprint,
+        public(&k1).thumbprint()
+    );
+
+    // Rotated with an overlap, pump holds k1 as its previous key and k2 as its key.
+    a.rotate_device_key(admin, "pump", given(&k2, 60))
+        .await
+        .unwrap();
+    b.register_device(admin, "valve", device_with(&k3))
+        .await
+        .unwrap();
+    for taken in [&k1, &k2] {
+        conflict(
+            b.rotate_device_key(admin, "valve", given(taken, 0)).await,
+            "rotating to a key pump holds",
+        );
+        conflict(
+            b.register_device(admin, "fan", device_with(taken)).await,
+            "registering a key pump holds",
+        );
+    }
+    assert!(
+        b.device(admin, "fan").is_err(),
+        "nothing refused was stored"
+    );
+    assert_eq!(
+        b.device(admin, "valve").unwrap().key_thumbprint,
+        public(&k3).thumbprint()
+    );
+
+    // Rotated to k4 with no overlap, pump holds neither k1 nor k2: both are free again.
+    a.rotate_device_key(admin, "pump", given(&k4, 0))
+        .await
+        .unwrap();
+    b.rotate_device_key(admin, "valve", given(&k1, 0))
+        .await
+        .unwrap();
+    b.register_device(admin, "fan", device_with(&k2))
+        .await
+        .unwrap();
+    // And valve's k3, released by that rotation, may go to pump.
+    a.rotate_device_key(admin, "pump", given(&k3, 0))
+        .await
+        .unwrap();
+    conflict(
+        a.rotate_device_key(admin, "pump", given(&k2, 0)).await,
+        "A rotating to the key B registered",
+    );
+
+    // Both nodes at once: one ID with two keys, then two IDs with one key. One wins each time.
+    for round in 0..50u8 {
+        let [ka, kb] = [100 + 2 * round, 101 + 2 * round].map(|n| SigningKey::from_bytes(&[n; 32]));
+        let id = format!("same-{round}");
+        let (on_a, on_b) = tokio::join!(
+            a.register_device(admin, &id, device_with(&ka)),
+            b.register_device(admin, &id, device_with(&kb)),
+        );
+        assert_eq!(
+            on_a.is_ok() as u8 + on_b.is_ok() as u8,
+            1,
+            "round {round}: {on_a:?} {on_b:?}"
+        );
+        let kc = SigningKey::from_bytes(&[200 + round; 32]);
+        let (id_a, id_b) = (format!("a-{round}"), format!("b-{round}"));
+        let (on_a, on_b) = tokio::join!(
+            a.register_device(admin, &id_a, device_with(&kc)),
+            b.register_device(admin, &id_b, device_with(&kc)),
+        );
+        assert_eq!(
+            on_a.is_ok() as u8 + on_b.is_ok() as u8,
+            1,
+            "round {round}: {on_a:?} {on_b:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_id_and_one_key_are_held_by_one_device_across_nodes() {
+    let store = Arc::new(MemoryStore::shared());
+    let plant = Plant::new_on(store.clone()).await;
+    let b = second_node(&plant, store);
+    ids_and_keys_are_held_once_across_nodes(plant, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_id_and_one_key_are_held_by_one_device_across_nodes_of_one_postgres_database() {
+    let Some(db) = TestDatabase::create().unwrap() else {
+        return;
+    };
+    let connect = || Arc::new(PgStore::connect(&db.url(), &PgOptions::default()).unwrap());
+    let plant = Plant::new_on(connect()).await;
+    let b = second_node(&plant, connect());
+    ids_and_keys_are_held_once_across_nodes(plant, b).await;
+}
+
+/// Devices stored before keys were claimed in the store have their keys claimed when a node
+/// opens it, so the store refuses their keys to new devices on a node that never loaded them.
+#[tokio::test]
+async fn keys_of_devices_stored_before_claims_are_claimed_when_a_node_opens_the_store() {
+    let store = Arc::new(MemoryStore::shared());
+    let plant = Plant::new_on(store.clone()).await;
+    // Node C opens before pump exists and follows nothing: it never learns of pump.
+    let c = second_node(&plant, store.clone());
+    let k1 = SigningKey::from_bytes(&[1; 32]);
+    let (a, admin) = (&plant.telemetry, &plant.admin);
+    a.register_device(admin, "pump", device_with(&k1))
+        .await
+        .unwrap();
+    // As a store written before claims holds it: the device, no claim.
+    let claims: Vec<Mutation> = store
+        .scan(Table::DeviceKeys)
+        .unwrap()
+        .into_iter()
+        .map(|(key, _)| Mutation::delete(Table::DeviceKeys, key))
+        .collect();
+    assert_eq!(claims.len(), 1);
+    store.commit(&claims).unwrap();
+
+    second_node(&plant, store.clone());
+    assert_eq!(
+        store.scan(Table::DeviceKeys).unwrap(),
+        vec![(public(&k1).thumbprint(), b"pump".to_vec())]
+    );
+    conflict(
+        c.register_device(admin, "valve", device_with(&k1)).await,
+        "a key claimed when a node opened the store",
     );
 }
 
