@@ -47,10 +47,6 @@ fn valid_name(name: &str) -> bool {
         && !name.chars().any(char::is_control)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Signs notes with an Ed25519 key.
 pub struct NoteSigner {
     name: String,
@@ -83,7 +79,7 @@ impl NoteSigner {
         encoded.extend_from_slice(&seed);
         let text = format!(
             "PRIVATE+KEY+{name}+{}+{}",
-            hex(&signer.id),
+            hex::encode(signer.id),
             STANDARD.encode(&encoded)
         );
         Ok((signer, text))
@@ -132,7 +128,7 @@ impl NoteSigner {
         format!(
             "{}+{}+{}",
             self.name,
-            hex(&self.id),
+            hex::encode(self.id),
             STANDARD.encode(&encoded)
         )
     }
@@ -170,7 +166,7 @@ impl NoteVerifier {
             _ => return Err(NoteError::Key("not an Ed25519 verifier key")),
         };
         let id = key_id(name, &public);
-        if hex(&id) != id_hex.to_ascii_lowercase() || !valid_name(name) {
+        if hex::encode(id) != id_hex.to_ascii_lowercase() || !valid_name(name) {
             return Err(NoteError::Key("the key ID does not match the key"));
         }
         Ok(Self {

@@ -350,13 +350,9 @@ impl<W: Write> Writer<W> {
         self.out.write_all(&len.to_be_bytes())?;
         self.out.write_all(note.as_bytes())?;
         self.out.flush()?;
-        let whole = hex(&self.out.hash.finalize());
+        let whole = hex::encode(self.out.hash.finalize());
         Ok((self.out.inner, whole))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn checked_len(len: usize, max: u32, what: &str) -> Result<u32, BackupError> {
@@ -573,7 +569,7 @@ impl<R: Read> Reader<R> {
             header: self.header.clone(),
             records: self.records,
             files: self.files.clone(),
-            sha256: hex(&whole.finalize()),
+            sha256: hex::encode(whole.finalize()),
         })
     }
 }

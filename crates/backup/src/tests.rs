@@ -87,10 +87,7 @@ fn a_bundle_reads_back_every_record_and_file_in_order() {
         files(&[("entries.jsonl", 10), ("checkpoint", 0)])
     );
     assert_eq!(summary.header, header());
-    let expected: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let expected = hex::encode(Sha256::digest(&bytes));
     assert_eq!(summary.sha256, expected);
 
     let mut copy = Vec::new();

@@ -61,7 +61,7 @@ impl std::fmt::Debug for Audit {
 /// started with a new key (a lost disk) starts a new log beside the old one.
 pub fn node_name(verifier_key: &str) -> String {
     let digest = sha2::Sha256::digest(verifier_key.trim().as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&digest[..8])
 }
 
 /// This node's audit log in the shared PostgreSQL database.
@@ -257,10 +257,7 @@ pub fn bounded(value: &str) -> std::borrow::Cow<'_, str> {
         cut -= 1;
     }
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value.as_bytes());
-    let hex: String = digest.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = hex::encode(&digest.as_ref()[..16]);
     std::borrow::Cow::Owned(format!(
         "{}\u{2026}[{} bytes, sha256:{hex}]",
         &value[..cut],

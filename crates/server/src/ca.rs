@@ -94,7 +94,7 @@ impl Ca {
         KeyPair::from_pem(&key_pem).context("the CA key is not a PEM key")?;
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .context("the CA certificate is not PEM")?;
-        let fingerprint = hex(&Sha256::digest(der.as_ref()));
+        let fingerprint = hex::encode(Sha256::digest(der.as_ref()));
         Ok(Self {
             cert_pem,
             key_pem,
@@ -106,7 +106,7 @@ impl Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let serial = random_serial();
         // Each authority has a subject of its own, so a verifier never mistakes one for another.
-        let mut params = ca_params(&format!("twinguard local CA {}", hex(&serial[..4])))?;
+        let mut params = ca_params(&format!("twinguard local CA {}", hex::encode(&serial[..4])))?;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::days(1);
@@ -163,7 +163,7 @@ impl Ca {
         let signed = self.sign(|issuer| request.signed_by(issuer))??;
         Ok(ClientCertificate {
             pem: signed.pem(),
-            serial: hex(&serial),
+            serial: hex::encode(serial),
             not_after: u64::try_from((now + Duration::days(CLIENT_CERT_DAYS)).unix_timestamp())
                 .unwrap_or(0),
             issuer: self.fingerprint.clone(),
@@ -192,10 +192,6 @@ fn random_serial() -> [u8; 16] {
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
     serial[0] = (serial[0] & 0x7f) | 0x01;
     serial
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The ring as stored: sealed in the shared store, or `DATA_DIR/secrets/ca.json`.
@@ -415,7 +411,7 @@ pub fn load(data_dir: &DataDir, material: &Material) -> anyhow::Result<CaRing> {
             }
             // Also after a stop between the ring's write and the key's removal.
             if key.exists() {
-                remove_moved_to(&key, &ring)?;
+                remove_moved(&key, "the CA key", &ring.display().to_string())?;
             }
             bytes
         }
@@ -428,19 +424,13 @@ pub fn load(data_dir: &DataDir, material: &Material) -> anyhow::Result<CaRing> {
             )?;
             for path in [&ring, &key] {
                 if path.exists() {
-                    remove_moved(path, "the CA key")?;
+                    remove_moved(path, "the CA key", "the shared store")?;
                 }
             }
             stored
         }
     };
     CaRing::from_json(&bytes)
-}
-
-fn remove_moved_to(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::remove_file(from).with_context(|| format!("removing {}", from.display()))?;
-    tracing::info!(from = %from.display(), to = %to.display(), "moved the CA key into the CA ring");
-    Ok(())
 }
 
 /// The live CA of a node: the ring, where it is kept, and the TLS configuration that serves
@@ -525,20 +515,22 @@ impl Authority {
                 write_private(path, &ring.to_json()?)?;
                 ring
             }
-            Home::Sealed(vault) => 'stored: {
-                for _ in 0..8 {
-                    let stored = vault
-                        .read(names::CA, "the instance's CA")?
-                        .ok_or_else(|| anyhow::anyhow!("the instance's CA is missing"))?;
-                    let mut ring = CaRing::from_json(&stored.plain)?;
-                    if let Err(refused) = step(&mut ring)? {
-                        return Ok(Step::Refused(refused));
+            Home::Sealed(vault) => {
+                let mut refused = None;
+                let updated = vault.update(names::CA, "the instance's CA", |plain| {
+                    let mut ring = CaRing::from_json(plain)?;
+                    match step(&mut ring)? {
+                        Ok(()) => Ok(Some(ring.to_json()?)),
+                        Err(r) => {
+                            refused = Some(r);
+                            Ok(None)
+                        }
                     }
-                    if vault.replace(names::CA, &stored.sealed, &ring.to_json()?)? {
-                        break 'stored ring;
-                    }
+                })?;
+                if let Some(refused) = refused {
+                    return Ok(Step::Refused(refused));
                 }
-                anyhow::bail!("other nodes kept changing the instance's CA")
+                CaRing::from_json(&updated.plain)?
             }
         };
         let ring = Arc::new(ring);

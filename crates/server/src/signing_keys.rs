@@ -97,13 +97,7 @@ impl SigningKey {
         let pair = KeyPair::from_pem(&pem)?;
         let raw = pair.public_key_raw();
         let public_x = URL_SAFE_NO_PAD.encode(raw);
-        let kid = kid.unwrap_or_else(|| {
-            Sha256::digest(raw)
-                .iter()
-                .take(8)
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        });
+        let kid = kid.unwrap_or_else(|| hex::encode(&Sha256::digest(raw)[..8]));
         Ok(Self {
             kid,
             created_at,
@@ -366,25 +360,21 @@ impl SharedRing {
                 Ok(rotated)
             }
             KeysHome::Sealed(vault) => {
-                for _ in 0..8 {
-                    let stored = vault
-                        .read(self.name, &format!("the {what}"))?
-                        .ok_or_else(|| anyhow::anyhow!("the {what} are missing from the store"))?;
-                    let mut ring = KeyRing::from_json(&stored.plain)?;
-                    let rotated = ring.rotate_by(now, self.policy)?;
-                    if rotated && !vault.replace(self.name, &stored.sealed, &ring.to_json()?)? {
-                        // Another node changed the ring first: decide again on its ring.
-                        continue;
-                    }
-                    if rotated {
-                        tracing::info!(kids = ?ring.kids(), "{what} rotated");
-                    }
-                    // Taken even when nothing was due: it may be another node's rotation.
-                    let changed = rotated || self.read_kids()? != ring.kids_owned();
-                    self.set(ring)?;
-                    return Ok(changed);
+                let updated = vault.update(self.name, &format!("the {what}"), |plain| {
+                    let mut ring = KeyRing::from_json(plain)?;
+                    Ok(match ring.rotate_by(now, self.policy)? {
+                        true => Some(ring.to_json()?),
+                        false => None,
+                    })
+                })?;
+                let ring = KeyRing::from_json(&updated.plain)?;
+                if updated.changed {
+                    tracing::info!(kids = ?ring.kids(), "{what} rotated");
                 }
-                anyhow::bail!("other nodes kept changing the {what}")
+                // Taken even when nothing was due: it may be another node's rotation.
+                let changed = updated.changed || self.read_kids()? != ring.kids_owned();
+                self.set(ring)?;
+                Ok(changed)
             }
         }
     }

@@ -178,12 +178,7 @@ pub(crate) fn now_secs() -> u64 {
 fn certificate_identity(der: &[u8]) -> Option<(String, String)> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let serial: String = cert
-        .tbs_certificate
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let serial = hex::encode(cert.tbs_certificate.raw_serial());
     let san = cert.subject_alternative_name().ok()??;
     let id = san.value.general_names.iter().find_map(|name| match name {
         GeneralName::URI(uri) => uri.strip_prefix(crate::ca::IDENTITY_URI_PREFIX),

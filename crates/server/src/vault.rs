@@ -96,7 +96,7 @@ pub fn sealed_under(sealed: &[u8]) -> Option<KekId> {
 
 /// A KEK ID as the operator reads it.
 pub fn id_text(id: &KekId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(id)
 }
 
 impl Kek {
@@ -340,6 +340,14 @@ pub struct Opened {
     pub sealed: Vec<u8>,
 }
 
+/// A record of `Table::Secrets` after [`Vault::update`].
+pub struct Updated {
+    /// Its plain bytes as the store holds them now.
+    pub plain: Zeroizing<Vec<u8>>,
+    /// Whether this update wrote them.
+    pub changed: bool,
+}
+
 /// What a rotation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resealed {
@@ -543,10 +551,40 @@ impl Vault {
         anyhow::bail!("other nodes kept committing while {what} was stored")
     }
 
+    /// Changes record `name` as the store holds it: `change` gets its plain bytes and answers
+    /// new ones, or `None` to leave the record as it is. The new bytes replace the record only
+    /// if it still holds what was read; when another node changed it first, `change` decides
+    /// again on that node's record (at most 8 times). `what` names the record in errors.
+    pub fn update(
+        &self,
+        name: &str,
+        what: &str,
+        mut change: impl FnMut(&[u8]) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>>,
+    ) -> anyhow::Result<Updated> {
+        for _ in 0..8 {
+            let stored = self
+                .read(name, what)?
+                .ok_or_else(|| anyhow::anyhow!("{what} is missing from the store"))?;
+            let Some(plain) = change(&stored.plain)? else {
+                return Ok(Updated {
+                    plain: stored.plain,
+                    changed: false,
+                });
+            };
+            if self.replace(name, &stored.sealed, &plain)? {
+                return Ok(Updated {
+                    plain,
+                    changed: true,
+                });
+            }
+        }
+        anyhow::bail!("other nodes kept changing {what}")
+    }
+
     /// Replaces record `name` with `plain` if it still holds `expected` (sealed, as read):
     /// false when another node changed it first. The new value is sealed under the KEK that
     /// sealed `expected`, so a node never moves a record back to a key a rotation left.
-    pub fn replace(&self, name: &str, expected: &[u8], plain: &[u8]) -> anyhow::Result<bool> {
+    fn replace(&self, name: &str, expected: &[u8], plain: &[u8]) -> anyhow::Result<bool> {
         let put = [Mutation::put(
             Table::Secrets,
             name,
@@ -653,7 +691,7 @@ impl Material {
                 let plain =
                     vault.get_or_store(name, what, file.as_deref().map(|f| &f[..]), make)?;
                 if file.is_some() {
-                    remove_moved(local, what)?;
+                    remove_moved(local, what, "the shared store")?;
                 }
                 Ok(plain)
             }
@@ -677,13 +715,14 @@ impl Material {
     }
 }
 
-/// Removes a private file whose content the store now holds sealed.
-pub fn remove_moved(path: &Path, what: &str) -> anyhow::Result<()> {
+/// Removes a private file whose content is kept elsewhere now (`kept_in`: the shared store,
+/// sealed, or another file), durably: the directory is synced after the removal.
+pub fn remove_moved(path: &Path, what: &str, kept_in: &str) -> anyhow::Result<()> {
     std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)?.sync_all()?;
     }
-    tracing::info!(path = %path.display(), "{what} is in the shared store now; removed the file");
+    tracing::info!(path = %path.display(), "{what} is kept in {kept_in} now; removed the file");
     Ok(())
 }
 

@@ -132,10 +132,7 @@ pub fn verify_password(password: &str, stored: Option<&str>) -> Result<bool, Cre
 
 /// SHA-256 of a machine secret, hex.
 pub fn secret_digest(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// Constant-time comparison of a presented secret with a stored digest.
@@ -220,11 +217,7 @@ pub fn recovery_codes() -> (Vec<String>, Vec<String>) {
         .map(|_| {
             let mut raw = [0u8; 8];
             rand::rng().fill_bytes(&mut raw);
-            let code = raw
-                .chunks(2)
-                .map(|c| format!("{:02x}{:02x}", c[0], c[1]))
-                .collect::<Vec<_>>()
-                .join("-");
+            let code = raw.chunks(2).map(hex::encode).collect::<Vec<_>>().join("-");
             let digest = secret_digest(&code);
             (code, digest)
         })

@@ -89,19 +89,13 @@ impl EventKey {
                     write_private(&private, &ring.to_json()?)?;
                     ring
                 }
+                // Another node may have made the ring first: then its ring is taken.
                 Material::Sealed(vault) => {
-                    let sealed = vault
-                        .read(names::EVENT_KEY, "the event signing key")?
-                        .ok_or_else(|| anyhow::anyhow!("the event signing key is missing"))?;
-                    if vault.replace(names::EVENT_KEY, &sealed.sealed, &ring.to_json()?)? {
-                        ring
-                    } else {
-                        // Another node made the ring first: take its.
-                        let stored = vault
-                            .read(names::EVENT_KEY, "the event signing key")?
-                            .ok_or_else(|| anyhow::anyhow!("the event signing key is missing"))?;
-                        KeyRing::from_json(&stored.plain)?
-                    }
+                    let updated =
+                        vault.update(names::EVENT_KEY, "the event signing key", |plain| {
+                            legacy_key(plain)?.map(|ring| ring.to_json()).transpose()
+                        })?;
+                    KeyRing::from_json(&updated.plain)?
                 }
             },
         };

@@ -446,8 +446,9 @@ fn share_group(vault: &crate::vault::Vault) -> anyhow::Result<String> {
         || {
             let mut raw = [0u8; 16];
             rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
-            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-            Ok(Zeroizing::new(format!("twinguard-{hex}").into_bytes()))
+            Ok(Zeroizing::new(
+                format!("twinguard-{}", hex::encode(raw)).into_bytes(),
+            ))
         },
     )?;
     let group = String::from_utf8(group.to_vec())?;

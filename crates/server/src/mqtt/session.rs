@@ -39,8 +39,7 @@ pub fn legacy_client_id(instance_id: &str) -> String {
 pub fn random_client_id() -> String {
     let mut raw = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
-    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    format!("twinguard-{hex}")
+    format!("twinguard-{}", hex::encode(raw))
 }
 
 impl Session {
