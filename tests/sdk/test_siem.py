@@ -112,9 +112,17 @@ def test_audit_entries_reach_rsyslog_over_tls_as_cef(siem_server, collector):
     line = next(l for l in text.splitlines() if f"cs1={ids[0]}" in l)
     assert line.startswith("twinguard CEF:0|twinguard|twinguard|"), line
     assert "requestMethod=GET" in line and "request=/models" in line and "outcome=ok" in line
-    # The JSON-lines file sink has them too, as the log recorded them.
-    jsonl = (collector.directory / "audit.jsonl").read_text()
-    assert all(f'"correlationId":"{i}"' in jsonl for i in ids)
+    # The JSON-lines file sink has them too, as the log recorded them. It forwards on a cursor
+    # of its own, so it may write them a moment after the syslog sink sent them.
+    jsonl = collector.directory / "audit.jsonl"
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        text = jsonl.read_text() if jsonl.exists() else ""
+        missing = [i for i in ids if f'"correlationId":"{i}"' not in text]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not missing, f"{len(missing)} of {len(ids)} entries never reached the JSON-lines file"
 
 
 def test_a_stalled_receiver_loses_nothing_after_it_recovers(siem_server, collector):
