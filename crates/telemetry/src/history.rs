@@ -2,7 +2,7 @@
 //!
 //! History is read by twin, name and time, but readings arrive interleaved across every stream.
 //! Written under their read keys in the ingestion commit, each commit dirtied one B-tree leaf per
-//! stream it carried: the largest part of a small commit's work (docs/benchmarks.md). So the
+//! stream it carried: the largest part of a small commit's work (measured before ac95e99). So the
 //! commit appends each record to a log keyed by arrival ([`Table::HistoryLog`], in the main
 //! store, atomically with the twin update it goes with: one or two leaves per commit), and a
 //! merger moves the log a page at a time into the history store ([`Table::History`], a store of
