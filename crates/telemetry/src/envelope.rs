@@ -274,13 +274,6 @@ impl Verified {
         self.format
     }
 
-    /// The key the signature verified with: the device's current one or, while a rotation's
-    /// overlap lasts, its previous one. Whoever decides on the message checks that the device
-    /// still accepts it then.
-    pub fn key(&self) -> &DeviceKey {
-        &self.key
-    }
-
     pub fn message(&self) -> &Message {
         &self.message
     }
@@ -289,6 +282,9 @@ impl Verified {
         self.message
     }
 
+    /// The message and the key its signature verified with: the device's current one or, while
+    /// a rotation's overlap lasts, its previous one. Whoever decides on the message checks that
+    /// the device still accepts that key then.
     pub fn into_parts(self) -> (Message, DeviceKey) {
         (self.message, self.key)
     }
@@ -394,7 +390,7 @@ pub type ToVerify = (Envelope, String, DeviceKey, Option<DeviceKey>);
 /// Verifies many envelopes at once for throughput, with exactly the acceptance of
 /// [`Envelope::verify`] for every item (see [`verify_raw_batch`]); one answer per item, in order.
 /// An item the current key does not verify is tried with its previous key, if it has one, on
-/// its own; the answer says which key verified it ([`Verified::key`]).
+/// its own; the answer says which key verified it ([`Verified::into_parts`]).
 pub fn verify_batch(items: Vec<ToVerify>) -> Vec<Result<Verified, Reject>> {
     let signed = {
         let raw: Vec<(&DeviceKey, &[u8], &[u8])> = items

@@ -250,7 +250,8 @@ fn claim_device_keys(
     let mut ids: Vec<&String> = devices.keys().collect();
     ids.sort();
     for _ in 0..8 {
-        let claimed: std::collections::HashSet<String> = store
+        // Claimed in the store, and then by the devices before in ID order.
+        let mut claimed: std::collections::HashSet<String> = store
             .scan(Table::DeviceKeys)?
             .into_iter()
             .map(|(key, _)| key)
@@ -258,7 +259,7 @@ fn claim_device_keys(
         let mut missing: Vec<Mutation> = Vec::new();
         for id in &ids {
             for thumbprint in devices[*id].thumbprints() {
-                if !claimed.contains(thumbprint) && !missing.iter().any(|m| m.key == thumbprint) {
+                if claimed.insert(thumbprint.to_owned()) {
                     let holder = id.as_bytes().to_vec();
                     missing.push(Mutation::put(Table::DeviceKeys, thumbprint, holder));
                 }
