@@ -27,9 +27,27 @@ pub const TOKEN_BODY_LIMIT: usize = 8 * 1024;
 /// Identity administration bodies: small JSON documents.
 pub const ADMIN_BODY_LIMIT: usize = 16 * 1024;
 
-/// Shared by every request; cloned per request, so it holds only `Arc`s.
+/// Shared by every request. Each request clones it several times (each layer with state, each
+/// `State` extractor), so it is one `Arc`: a clone is one reference count, not one per part.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct AppParts {
     pub service: Arc<TwinService>,
     pub tokens: Arc<TokenService>,
     /// Queries running at once; more are answered 429.

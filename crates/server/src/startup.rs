@@ -678,7 +678,7 @@ impl Application {
             device_listener,
             mqtt,
             tls,
-            state: AppState {
+            state: AppState::new(crate::app::AppParts {
                 service,
                 tokens,
                 query_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -697,7 +697,7 @@ impl Application {
                 jobs,
                 positions,
                 follower,
-            },
+            }),
             data_dir,
             siem: config.siem.clone(),
             connections: config.connections.clone(),
