@@ -16,7 +16,7 @@ use crate::ingest::rfc3339_ms;
 use crate::policy::Policy;
 use crate::records::{Bucket, HistoryEntry, Quarantined, Review, history_bound, history_entry};
 use crate::registry::{Binding, Device, FirmwareList, PreviousKey, Status, check_device_id};
-use crate::service::{Telemetry, put};
+use crate::service::{State, Telemetry, put};
 
 /// A device to register: either its public key (a JWK object or an SPKI PEM string) or
 /// `"generate": true` for a key pair made here, whose private key is handed out once.
@@ -189,7 +189,7 @@ impl Telemetry {
             if state.devices.contains_key(id) {
                 return Err(already_registered(id));
             }
-            keys_unused(&state.devices, id, &claims.claimed)?;
+            keys_unused(&state, id, &claims.claimed)?;
             let mut expect = claims.expect;
             expect.push(Expect {
                 table: Table::Devices,
@@ -441,7 +441,7 @@ impl Telemetry {
             let claims = self.key_claims(id, Some(&before), &after).await?;
             let pending = {
                 let mut state = self.state()?;
-                keys_unused(&state.devices, id, &claims.claimed)?;
+                keys_unused(&state, id, &claims.claimed)?;
                 let mut records = claims.records;
                 records.push(put(Table::Devices, id, &after));
                 let mut expect = claims.expect;
@@ -1227,17 +1227,8 @@ struct KeyClaims {
 /// as its key or its previous one. Checked under the state's lock as the change is queued, so
 /// two changes on one node cannot both take a key (on a store of one writer, where the store
 /// does not read the claims' expectations, this check is the whole rule).
-fn keys_unused(
-    devices: &std::collections::HashMap<String, Device>,
-    id: &str,
-    thumbprints: &[String],
-) -> DomainResult<()> {
-    let taken = devices
-        .values()
-        .filter(|d| d.id != id)
-        .flat_map(Device::thumbprints)
-        .any(|t| thumbprints.iter().any(|mine| mine == t));
-    if taken {
+fn keys_unused(state: &State, id: &str, thumbprints: &[String]) -> DomainResult<()> {
+    if state.key_held_by_another(id, thumbprints) {
         return Err(key_taken());
     }
     Ok(())

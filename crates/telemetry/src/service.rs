@@ -121,6 +121,9 @@ pub(crate) struct Prop {
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
+    /// The registry. A record is replaced or removed only through [`State::put_device`] and
+    /// [`State::remove_device`], which keep `keys` and `key_holders` with it; an edit in place
+    /// never touches a key.
     pub devices: HashMap<String, Device>,
     pub firmware: HashMap<String, FirmwareList>,
     pub policies: HashMap<String, Policy>,
@@ -136,6 +139,9 @@ pub(crate) struct State {
     /// multiplication, so it is done once per device, not per message. Only
     /// [`State::device_keys`] fills it and [`State::put_device`] empties it.
     keys: HashMap<String, DeviceKeys>,
+    /// Which devices name each key thumbprint, as their key or their previous one: one each,
+    /// unless records stored before key claims shared a key.
+    key_holders: HashMap<String, Vec<String>>,
 }
 
 impl State {
@@ -144,12 +150,47 @@ impl State {
     /// ever verified with a key the record no longer holds.
     pub fn put_device(&mut self, device: Device) {
         self.keys.remove(&device.id);
-        self.devices.insert(device.id.clone(), device);
+        for thumbprint in device.thumbprints() {
+            let holders = self.key_holders.entry(thumbprint.to_owned()).or_default();
+            if !holders.contains(&device.id) {
+                holders.push(device.id.clone());
+            }
+        }
+        if let Some(old) = self.devices.insert(device.id.clone(), device) {
+            self.release_keys(&old);
+        }
     }
 
     pub fn remove_device(&mut self, id: &str) {
         self.keys.remove(id);
-        self.devices.remove(id);
+        if let Some(old) = self.devices.remove(id) {
+            self.release_keys(&old);
+        }
+    }
+
+    /// Forgets that `old`'s device holds the keys `old` names and its current record does not.
+    fn release_keys(&mut self, old: &Device) {
+        let current = self.devices.get(&old.id);
+        for thumbprint in old.thumbprints() {
+            if current.is_some_and(|d| d.thumbprints().any(|t| t == thumbprint)) {
+                continue;
+            }
+            if let Some(holders) = self.key_holders.get_mut(thumbprint) {
+                holders.retain(|h| *h != old.id);
+                if holders.is_empty() {
+                    self.key_holders.remove(thumbprint);
+                }
+            }
+        }
+    }
+
+    /// Whether a device other than `id` names any of `thumbprints` as its key or previous key.
+    pub fn key_held_by_another(&self, id: &str, thumbprints: &[String]) -> bool {
+        thumbprints.iter().any(|t| {
+            self.key_holders
+                .get(t)
+                .is_some_and(|holders| holders.iter().any(|h| h != id))
+        })
     }
 
     /// The keys of device `id`'s record, parsed once.
@@ -318,7 +359,8 @@ impl Telemetry {
         });
         let mut state = State::default();
         for (key, device) in load::<Device>(store.as_ref(), Table::Devices, "device")? {
-            state.devices.insert(key, device);
+            debug_assert_eq!(key, device.id);
+            state.put_device(device);
         }
         claim_device_keys(store.as_ref(), &state.devices)?;
         for (key, list) in load::<FirmwareList>(store.as_ref(), Table::Firmware, "firmware")? {
@@ -801,3 +843,76 @@ const FOLLOWED: [Table; 4] = [
     Table::Policies,
     Table::SensorGroups,
 ];
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::State;
+    use crate::registry::{Device, PreviousKey, Status};
+
+    fn device(id: usize, key: usize, previous: Option<usize>) -> Device {
+        Device {
+            id: format!("d{id}"),
+            public_key: serde_json::Value::Null,
+            key_thumbprint: format!("k{key}"),
+            previous_key: previous.map(|p| PreviousKey {
+                public_key: serde_json::Value::Null,
+                key_thumbprint: format!("k{p}"),
+                until: String::new(),
+            }),
+            device_model: "m".into(),
+            bindings: Vec::new(),
+            status: Status::Active,
+            firmware: None,
+            suspect: None,
+            quarantine_full: None,
+            created: String::new(),
+        }
+    }
+
+    /// What the index replaces: every other device's keys, scanned.
+    fn scanned(state: &State, id: &str, thumbprints: &[String]) -> bool {
+        state
+            .devices
+            .values()
+            .filter(|d| d.id != id)
+            .flat_map(Device::thumbprints)
+            .any(|t| thumbprints.iter().any(|mine| mine == t))
+    }
+
+    proptest! {
+        /// Over any sequence of records put (new keys, rotations with and without a previous
+        /// key, two devices sharing a key as records stored before claims may) and removed, the
+        /// key index answers exactly what scanning the registry answers, for every device and
+        /// key, and holds no key that no record names.
+        #[test]
+        fn the_key_index_answers_what_a_scan_of_the_registry_answers(
+            steps in proptest::collection::vec(
+                (0usize..5, 0usize..6, proptest::option::of(0usize..6), any::<bool>()),
+                1..40,
+            )
+        ) {
+            let mut state = State::default();
+            for (id, key, previous, remove) in steps {
+                if remove {
+                    state.remove_device(&format!("d{id}"));
+                } else {
+                    state.put_device(device(id, key, previous));
+                }
+                for id in (0..5).map(|i| format!("d{i}")) {
+                    for key in (0..6).map(|k| vec![format!("k{k}")]) {
+                        prop_assert_eq!(
+                            state.key_held_by_another(&id, &key),
+                            scanned(&state, &id, &key),
+                            "{} asking for {:?}", id, key
+                        );
+                    }
+                }
+                let named: std::collections::HashSet<&str> =
+                    state.devices.values().flat_map(Device::thumbprints).collect();
+                prop_assert!(state.key_holders.keys().all(|k| named.contains(k.as_str())));
+            }
+        }
+    }
+}
