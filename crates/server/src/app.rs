@@ -101,6 +101,11 @@ pub fn device_router(state: AppState) -> Router {
             "/telemetry",
             post(telemetry::ingest).layer(DefaultBodyLimit::max(DEVICE_BATCH_LIMIT)),
         )
+        // `/telemetry` only: routes added after a route layer are not wrapped by it.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::http::device_consistency,
+        ))
         .route("/healthz", get(health::healthz))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route);

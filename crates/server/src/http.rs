@@ -521,6 +521,19 @@ pub async fn token_consistency(
     follow_positions(state, req, next, false).await
 }
 
+/// [`consistency`] for the device plane's `/telemetry`, whose messages carry their own
+/// credentials: a batch presenting the position of a device's registration, key rotation or
+/// suspension on another node is decided as that node would decide it, and an answer that
+/// accepted or held readings names the position holding them, so a client (a gateway, a
+/// commissioning script) reads their effect on any node.
+pub async fn device_consistency(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    follow_positions(state, req, next, false).await
+}
+
 /// `bearer`: the routes' callers authenticate with a bearer token or an API key (all but the
 /// token endpoints).
 async fn follow_positions(state: AppState, req: Request, next: Next, bearer: bool) -> Response {

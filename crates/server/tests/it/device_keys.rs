@@ -65,19 +65,7 @@ async fn call(
 /// Sends one new message of `gauge-1` signed with `key` to `server`'s device plane; returns
 /// the outcome's reason (`None` when accepted).
 async fn send(server: &TestServer, key: &SigningKey) -> Option<String> {
-    let micros = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000;
-    let message = Message {
-        device: "gauge-1".into(),
-        seq: micros as u64,
-        time: (micros / 1_000) as i64,
-        firmware: Some(FIRMWARE.repeat(32)),
-        readings: vec![Reading {
-            name: "level".into(),
-            value: json!(1.5),
-            twin: None,
-            time: None,
-        }],
-    };
+    let message = message("gauge-1", 1.5);
     let r = server
         .client
         .post(format!("{}/telemetry", server.device_base))
@@ -236,4 +224,125 @@ async fn a_key_rotated_on_one_node_is_refused_by_the_other_within_a_second() {
     let refused_after = acknowledged.elapsed();
     assert_eq!(send(&b, &new).await, None);
     println!("node B refused the rotated-out key {refused_after:?} after node A's answer");
+}
+
+/// The device plane honours positions as the API plane does (`docs/consistency.md`): ten
+/// rounds on two nodes of one database of a device registered on node A and at once sending to
+/// node B presenting the registration's position: accepted every round, and its answer names a
+/// position under which node A shows the reading. Then the device suspended on A and a message
+/// presenting that position refused by B at once. Before, the device plane ignored positions:
+/// B refused a device it had not yet followed as `unknown_device` and named no position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_plane_waits_for_a_presented_position_and_names_its_own() {
+    let Some((_db, store)) = shared_store() else {
+        return;
+    };
+    let (a, b) = TestServer::two_nodes(|c| c.store = store.clone()).await;
+    let admin = a.admin_token().await;
+    plant(&a, &admin).await;
+    for round in 0..10 {
+        let device = format!("meter-{round}");
+        let registration = json!({"generate": true, "deviceModel": "gauge",
+            "bindings": [{"twin": "gauge", "names": ["level"]}]});
+        let r = a
+            .admin_call(Method::PUT, &format!("/devices/{device}"), &admin)
+            .json(&registration)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let registered = position(&r);
+        let body: Value = r.json().await.unwrap();
+        let key = signing_key_from_pem(body["privateKey"].as_str().unwrap()).unwrap();
+
+        let value = 100.0 + f64::from(round);
+        let r = post(&b, &device, &key, value, &registered).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "round {round}: the new device on B"
+        );
+        let holding = position(&r);
+        let outcome: Value = r.json().await.unwrap();
+        assert_eq!(outcome["status"], "accepted", "round {round}: {outcome}");
+        let twin: Value = a
+            .adt(Method::GET, "/digitaltwins/gauge", &admin)
+            .header("twinguard-min-position", &holding)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            twin["level"],
+            json!(value),
+            "round {round}: B's reading on A"
+        );
+
+        let r = a
+            .admin_call(Method::POST, &format!("/devices/{device}/suspend"), &admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let suspended = position(&r);
+        let r = post(&b, &device, &key, value + 0.5, &suspended).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert!(r.headers().get("twinguard-position").is_none());
+        let outcome: Value = r.json().await.unwrap();
+        assert_eq!(
+            outcome["reason"], "suspended",
+            "round {round}: suspended on A, on B"
+        );
+    }
+}
+
+/// The position a successful write's answer names.
+fn position(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("twinguard-position")
+        .expect("a write names its position")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// One new message of `device` with `value`, signed with `key`, sent to `server`'s device
+/// plane presenting `position`.
+async fn post(
+    server: &TestServer,
+    device: &str,
+    key: &SigningKey,
+    value: f64,
+    position: &str,
+) -> reqwest::Response {
+    let message = message(device, value);
+    server
+        .client
+        .post(format!("{}/telemetry", server.device_base))
+        .header("content-type", "application/cose")
+        .header("twinguard-min-position", position)
+        .body(sign_cose(&message, key))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A new message of `device` reporting `level` = `value`, its sequence number and time now.
+fn message(device: &str, value: f64) -> Message {
+    let micros = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000;
+    Message {
+        device: device.into(),
+        seq: micros as u64,
+        time: (micros / 1_000) as i64,
+        firmware: Some(FIRMWARE.repeat(32)),
+        readings: vec![Reading {
+            name: "level".into(),
+            value: json!(value),
+            twin: None,
+            time: None,
+        }],
+    }
 }
