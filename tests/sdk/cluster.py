@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
-from conftest import Server, free_port, launch, session_from, stop
+from conftest import Server, free_port, launch, metrics_of, session_from, stop
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 BALANCER_SOURCE = "127.0.0.2"
@@ -95,8 +95,10 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, directory: Path, size: int = 3):
+    def __init__(self, directory: Path, size: int = 3, extra_args=()):
         self.directory = directory
+        # Given to every node's `serve`, after the cluster's own arguments.
+        self.extra_args = tuple(extra_args)
         self.database = f"twinguard_cluster_{uuid.uuid4().hex[:12]}"
         self.url = f"{POSTGRES}/{self.database}"
         self.api_port = free_port()
@@ -136,6 +138,7 @@ class Cluster:
             "--device-listen", f"127.0.0.1:{node.device_port}",
             "--public-url", self.endpoint,
             "--proxy-protocol-from", BALANCER_SOURCE,
+            *self.extra_args,
         ))
 
     def kill(self, index: int) -> None:
@@ -271,6 +274,11 @@ class ClusterServer(Server):
 
     def session(self, source_address: str | None = None) -> requests.Session:
         return session_from(source_address, PositionSession(self.positions))
+
+    def metrics(self) -> str:
+        """Every node's Prometheus text, each asked directly: each counts what it decided."""
+        token = self.credential().get_token().token
+        return "\n".join(metrics_of(node.endpoint, token, self.ca_path) for node in self.cluster.nodes)
 
     def log_tail(self, max_chars: int = 20000) -> str:
         return self.cluster.log_tail(max_chars // 3)

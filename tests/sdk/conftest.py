@@ -123,6 +123,10 @@ class Server:
         `source_address` if given); through a cluster, one that reads its writes anywhere."""
         return session_from(source_address)
 
+    def metrics(self) -> str:
+        """The Prometheus text of every node serving the tests (one here)."""
+        return metrics_of(self.endpoint, self.credential().get_token().token, self.ca_path)
+
     def log_tail(self, max_chars: int = 20000) -> str:
         try:
             text = self.stderr_path.read_text(errors="replace")
@@ -162,23 +166,32 @@ def stop(process: subprocess.Popen) -> None:
 def server(tmp_path_factory):
     """The server the tests share: one node, or with TWINGUARD_TEST_CLUSTER=1 three nodes on one
     PostgreSQL database behind HAProxy (`cluster.py`)."""
+    yield from serve_shared(tmp_path_factory)
+
+
+def serve_shared(tmp_path_factory, extra_args=()):
+    """A server that a module's tests share, started with `serve ... EXTRA_ARGS`: one node, or
+    with TWINGUARD_TEST_CLUSTER=1 three nodes on one PostgreSQL database behind HAProxy, each
+    given EXTRA_ARGS."""
     if os.environ.get("TWINGUARD_TEST_CLUSTER") == "1":
         from cluster import Cluster
 
-        cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+        cluster = Cluster(tmp_path_factory.mktemp("cluster"), extra_args=extra_args)
         try:
             cluster.start()
             yield cluster.server()
         finally:
             cluster.close()
     else:
-        yield from _serve(tmp_path_factory)
+        yield from _serve(tmp_path_factory, extra_args)
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
     """A server of its own for fuzzers, whose failed token requests would otherwise make the
-    shared server back off from 127.0.0.1 for the tests that follow."""
+    shared server back off from 127.0.0.1 for the tests that follow. One node even in the cluster
+    pass: the fuzzer, with the administrator's token, steps the CA's rotation, after which a
+    balancer that trusts the CA it was started with takes every node out."""
     yield from _serve(tmp_path_factory)
 
 
@@ -282,6 +295,15 @@ def _remember_server(request, server):
     request.session._twinguard_server = server
 
 
+# For a test that starts servers of its own (restarts, brokers of its own): the cluster pass
+# of `scripts/test.sh` runs a module's shared-server tests through the cluster and leaves these
+# to the single-node pass.
+single_node_only = pytest.mark.skipif(
+    os.environ.get("TWINGUARD_TEST_CLUSTER") == "1",
+    reason="starts a server of its own; run in the single-node pass",
+)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -345,6 +367,13 @@ def client_from_new_address(server: Server | None = None) -> requests.Session:
     n = next(_NEXT_ADDRESS)
     address = f"127.0.{100 + n // 250}.{1 + n % 250}"
     return server.session(address) if server is not None else session_from(address)
+
+
+def metrics_of(endpoint: str, token: str, ca_path: str) -> str:
+    response = requests.get(f"{endpoint}/metrics", headers={"Authorization": f"Bearer {token}"},
+                            verify=ca_path, timeout=HTTP_TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    return response.text
 
 
 def session_from(source_address: str | None, session: requests.Session | None = None) -> requests.Session:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.properties import Properties  # noqa: F401  (paho's MQTT 5 support)
 from standardwebhooks.webhooks import Webhook
 
-from conftest import HTTP_TIMEOUT_S, _serve, free_port
+from conftest import HTTP_TIMEOUT_S, _serve, free_port, serve_shared, single_node_only
 
 MODEL = "dtmi:test:events:Room;1"
 SENSOR = "dtmi:test:events:Sensor;1"
@@ -105,14 +105,15 @@ def event_key(srv) -> Ed25519PublicKey:
 
 def admin(srv, method, path, body=None):
     token = srv.credential().get_token().token
-    r = requests.request(method, f"{srv.endpoint}{path}", json=body, verify=srv.ca_path,
+    r = srv.session().request(method, f"{srv.endpoint}{path}", json=body, verify=srv.ca_path,
                          headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT_S)
     assert r.status_code < 300, r.text
     return r
 
 
-def secret_file(srv):
-    path = srv.data_dir / "endpoint-credentials" / f"hook-secret-{uuid.uuid4().hex}"
+def secret_file(srv, directory=None):
+    """A webhook secret in `directory`, by default the server's endpoint credentials directory."""
+    path = (directory or srv.data_dir / "endpoint-credentials") / f"hook-secret-{uuid.uuid4().hex}"
     path.write_text("whsec_" + SECRET)
     return str(path)
 
@@ -194,11 +195,18 @@ def wait_until(what, condition, timeout=30):
 
 
 @pytest.fixture(scope="module")
-def esrv(tmp_path_factory):
-    yield from _serve(tmp_path_factory, ("--egress-allow", "127.0.0.1"))
+def credentials(tmp_path_factory):
+    """The endpoint credentials directory: on several nodes, one path that each node reads (the
+    node holding an endpoint's lease reads its files when it connects)."""
+    return tmp_path_factory.mktemp("endpoint-credentials")
 
 
-def test_consumers_receive_exactly_the_api_calls_in_adt_shapes(esrv):
+@pytest.fixture(scope="module")
+def esrv(tmp_path_factory, credentials):
+    yield from serve_shared(tmp_path_factory, ("--egress-allow", "127.0.0.1", "--endpoint-credentials", str(credentials)))
+
+
+def test_consumers_receive_exactly_the_api_calls_in_adt_shapes(esrv, credentials):
     key = event_key(esrv)
     hook = Hook(key)
     stream = NatsStream("nats://127.0.0.1:4222")
@@ -206,7 +214,7 @@ def test_consumers_receive_exactly_the_api_calls_in_adt_shapes(esrv):
     topic = MqttTopic()
     try:
         admin(esrv, "PUT", "/admin/endpoints/py-hook",
-              {"type": "webhook", "url": f"http://127.0.0.1:{hook.port}/events", "secretFile": secret_file(esrv)})
+              {"type": "webhook", "url": f"http://127.0.0.1:{hook.port}/events", "secretFile": secret_file(esrv, credentials)})
         admin(esrv, "PUT", "/admin/endpoints/py-nats",
               {"type": "natsJetStream", "url": "nats://127.0.0.1:4222", "subject": stream.subject})
         admin(esrv, "PUT", "/admin/endpoints/py-mqtt",
@@ -328,6 +336,7 @@ def _port_open(port):
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@single_node_only
 @pytest.mark.skipif(shutil.which("nats-server") is None, reason="nats-server is needed to stop and start NATS")
 def test_kill_9_and_consumer_outages_lose_no_acknowledged_change(tmp_path_factory):
     directory = tmp_path_factory.mktemp("events-crash")

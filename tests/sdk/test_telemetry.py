@@ -29,7 +29,7 @@ from pycose.keys.curves import Ed25519
 from pycose.algorithms import EdDSA
 from pycose.messages import Sign1Message
 
-from conftest import HTTP_TIMEOUT_S, _serve, free_port, make_test_ca
+from conftest import HTTP_TIMEOUT_S, _serve, free_port, make_test_ca, serve_shared, single_node_only
 
 MODEL = "dtmi:example:telemetry:Boiler;1"
 FIRMWARE = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
@@ -84,15 +84,16 @@ def mqtt_topic():
 
 @pytest.fixture(scope="module")
 def tserver(tmp_path_factory, mqtt_topic):
-    yield from _serve(tmp_path_factory, ("--mqtt-url", "mqtt://127.0.0.1:1883", "--mqtt-topic", f"{mqtt_topic}/#"))
+    yield from serve_shared(tmp_path_factory, ("--mqtt-url", "mqtt://127.0.0.1:1883", "--mqtt-topic", f"{mqtt_topic}/#"))
 
 
 @pytest.fixture(scope="module")
 def api(tserver):
     token = tserver.credential().get_token().token
+    session = tserver.session()
 
     def call(method: str, path: str, body=None, expect=200):
-        response = requests.request(
+        response = session.request(
             method, f"{tserver.endpoint}{path}", json=body, verify=tserver.ca_path, timeout=HTTP_TIMEOUT_S,
             headers={"Authorization": f"Bearer {token}"},
         )
@@ -116,7 +117,7 @@ def plant(tserver, api):
     api("PUT", "/firmware/vendor-x", {"digests": [FIRMWARE]})
     # The first administrator holds Instance Owner (every action), so it may review quarantine and
     # hand the Operator role on; it takes Operator too, as a plant's operator would hold it.
-    assert requests.get(f"{tserver.endpoint}/quarantine", verify=tserver.ca_path, timeout=HTTP_TIMEOUT_S,
+    assert tserver.session().get(f"{tserver.endpoint}/quarantine", verify=tserver.ca_path, timeout=HTTP_TIMEOUT_S,
                         headers={"Authorization": f"Bearer {tserver.credential().get_token().token}"}).status_code == 200
     api("POST", "/admin/roleassignments", {"principalId": tserver.client_id, "roleId": OPERATOR}, expect=201)
     devices = {}
@@ -131,7 +132,9 @@ def plant(tserver, api):
 
 
 def post(tserver, body: bytes | str, content_type: str):
-    return requests.post(
+    """To the device plane, presenting the position of the tests' last write (and naming the
+    one of this batch, when it is accepted or held), as every other request here."""
+    return tserver.session().post(
         f"{tserver.device_endpoint}/telemetry", data=body, headers={"Content-Type": content_type},
         verify=tserver.ca_path, timeout=HTTP_TIMEOUT_S,
     )
@@ -161,7 +164,7 @@ def test_a_batch_mixes_both_formats(tserver, plant):
         devices["py-jws"].jws(devices["py-jws"].payload("boiler-py", "pressure", 2.1)),
         base64.b64encode(d.cose(d.payload("boiler-py", "pressure", 2.2))).decode(),
     ]}
-    r = requests.post(f"{tserver.device_endpoint}/telemetry", json=batch, verify=tserver.ca_path,
+    r = tserver.session().post(f"{tserver.device_endpoint}/telemetry", json=batch, verify=tserver.ca_path,
                       timeout=HTTP_TIMEOUT_S)
     assert r.status_code == 200, r.text
     assert [x["status"] for x in r.json()["results"]] == ["accepted", "accepted"]
@@ -204,9 +207,7 @@ def test_tampered_resigned_replayed_reordered_and_revoked_messages_are_refused(t
     assert post(tserver, json.dumps({"device": "py-cose", "value": 1}), "application/jose").status_code == 400
     assert client.get_digital_twin("boiler-py")["temperature"] == 73.0
     # Each refusal is counted by reason.
-    token = tserver.credential().get_token().token
-    scrape = requests.get(f"{tserver.endpoint}/metrics", headers={"Authorization": f"Bearer {token}"},
-                          verify=tserver.ca_path, timeout=HTTP_TIMEOUT_S).text
+    scrape = tserver.metrics()
     for reason in ["bad_signature", "replay", "too_old", "timestamp", "revoked"]:
         assert f'reason="{reason}"' in scrape and "twinguard_telemetry_messages_total" in scrape, reason
     # Nothing with a bad signature was stored as data.
@@ -319,6 +320,7 @@ def publish_until_seen(publisher, topic: str, device: Device, client, twin: str,
     pytest.fail(f"{value} did not reach {twin} through the broker within 30 s")
 
 
+@single_node_only
 @pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is installed by scripts/test-env.sh")
 def test_a_tls_broker_started_here_delivers_to_twinguard(tmp_path_factory):
     """A Mosquitto of the test's own with TLS on a free port: twinguard verifies the broker's
@@ -344,6 +346,7 @@ def test_a_tls_broker_started_here_delivers_to_twinguard(tmp_path_factory):
             gen.close()
 
 
+@single_node_only
 @pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is installed by scripts/test-env.sh")
 def test_readings_published_while_twinguard_is_down_arrive_when_it_is_back(tmp_path_factory):
     """The subscription is a persistent session: the broker keeps what devices publish while
