@@ -232,7 +232,8 @@ impl Table {
 impl Table {
     /// Whether a node must learn of other nodes' changes to this table's records: the tables
     /// that an owner keeps in memory and decides security on (identities, roles, keys,
-    /// revocations, refresh families, devices, firmware, policies, groups).
+    /// revocations, refresh families, devices, firmware, policies, groups, the quarantine's
+    /// pending readings).
     /// A shared store's change log ([`Store::changes_after`]) names the changed keys of these
     /// tables and of the graph's ([`Table::logged`]). Exhaustive on purpose, like
     /// [`Table::owner`].
@@ -250,10 +251,13 @@ impl Table {
             | Self::SensorGroups
             | Self::Backoff
             | Self::Secrets => true,
+            // Each device's readings waiting for review count against one quota on every node,
+            // and a review on one node makes room on all.
+            Self::Quarantine => true,
             // The graph is read again whole by the twin writer (`service::catch_up`) after a
             // commit that changed it, which the log marks once ([`GRAPH_CHANGED`]); history,
-            // streams' learned state, quarantine and delivery state are each node's own for
-            // now (issue 20); `Clients` is only read by the start-up migration.
+            // streams' learned state and delivery state are each node's own for now (issue
+            // 20); `Clients` is only read by the start-up migration.
             Self::Models
             | Self::Twins
             | Self::Relationships
@@ -263,7 +267,6 @@ impl Table {
             | Self::FeedTwins
             | Self::MessageIds
             | Self::Clients
-            | Self::Quarantine
             | Self::History
             | Self::HistoryLog
             | Self::Streams

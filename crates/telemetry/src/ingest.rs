@@ -129,7 +129,7 @@ type Pending = std::pin::Pin<
 >;
 
 /// A batch decided: outcomes so far, the write to wait for, the replay marks it made.
-type Decided = (Vec<Option<Outcome>>, Option<Pending>, Vec<(String, u64)>);
+type Decided = (Vec<Option<Outcome>>, Option<Pending>, Marks);
 
 /// How long a batch is decided again, on a store several nodes share, while other writers keep
 /// committing first (see [`Telemetry::ingest`]); then it is answered 503. Each time, the
@@ -152,8 +152,18 @@ fn superseded_backoff(attempt: usize) -> Duration {
 pub(crate) struct Decisions {
     pub updates: Vec<PropertyUpdate>,
     pub records: Vec<Mutation>,
-    /// `(device, seq)` marked in the replay windows, taken back if the commit fails.
-    pub marked: Vec<(String, u64)>,
+    /// What the batch counted before its commit, taken back if the commit fails.
+    pub marks: Marks,
+}
+
+/// What deciding a batch counts in memory before its commit: taken back ([`forget`]) if the
+/// commit fails, so a batch decided again is not counted twice.
+#[derive(Debug, Default)]
+pub(crate) struct Marks {
+    /// `(device, seq)` marked in the replay windows.
+    pub windows: Vec<(String, u64)>,
+    /// The quarantine records held against their devices' quotas.
+    pub held: Vec<String>,
 }
 
 impl Telemetry {
@@ -199,7 +209,7 @@ impl Telemetry {
             // Decoding, verifying and deciding a batch is milliseconds of CPU: on the blocking
             // pool, so that the async workers stay free to read requests and deliver answers.
             let this = self.clone();
-            let (outcomes, pending, marked) =
+            let (outcomes, pending, marks) =
                 tokio::task::spawn_blocking(move || this.decide_batch(messages))
                     .await
                     .map_err(|_| {
@@ -228,14 +238,15 @@ impl Telemetry {
                         .collect());
                 }
                 Err(e) => {
-                    forget(&mut *self.state()?, &marked);
+                    forget(&mut *self.state()?, &marks);
                     let (DomainError::Superseded, Some(again)) = (&e, again) else {
                         return Err(match e {
                             DomainError::Superseded => DomainError::Unavailable,
                             e => e,
                         });
                     };
-                    let mut devices: Vec<String> = marked.into_iter().map(|(d, _)| d).collect();
+                    let mut devices: Vec<String> =
+                        marks.windows.into_iter().map(|(d, _)| d).collect();
                     devices.sort_unstable();
                     devices.dedup();
                     tracing::info!(
@@ -339,7 +350,12 @@ impl Telemetry {
                 outcomes[slot] = Some(outcome);
             }
             // Each device's window once, as it stands after the whole batch.
-            let mut windows: Vec<&str> = decisions.marked.iter().map(|(d, _)| d.as_str()).collect();
+            let mut windows: Vec<&str> = decisions
+                .marks
+                .windows
+                .iter()
+                .map(|(d, _)| d.as_str())
+                .collect();
             windows.sort_unstable();
             windows.dedup();
             for device in &windows {
@@ -360,13 +376,13 @@ impl Telemetry {
                 match self.submit(updates, records, before) {
                     Ok(p) => Some(Box::pin(p) as Pending),
                     Err(e) => {
-                        forget(&mut state, &decisions.marked);
+                        forget(&mut state, &decisions.marks);
                         return Err(e);
                     }
                 }
             }
         };
-        Ok((outcomes, pending, decisions.marked))
+        Ok((outcomes, pending, decisions.marks))
     }
 
     /// Flags a device whose readings waiting for review reached [`QUARANTINE_QUOTA`], once,
@@ -426,7 +442,7 @@ impl Telemetry {
             tracing::warn!(device = %device_id, seq = message.seq, reason = e.code(), "replayed telemetry refused");
             return rejected(e.code());
         }
-        out.marked.push((device_id.clone(), message.seq));
+        out.marks.windows.push((device_id.clone(), message.seq));
 
         // Firmware attestation: a reported digest is remembered; an unapproved one holds back
         // every reading of the device until it reports approved firmware again.
@@ -569,8 +585,7 @@ impl Telemetry {
                 continue;
             }
             // Held for review, within the device's quota; beyond it refused and not stored.
-            let held = state.held.entry(device_id.clone()).or_default();
-            if *held >= QUARANTINE_QUOTA {
+            if state.held(&device_id) >= QUARANTINE_QUOTA {
                 reasons.push("quarantine_quota".into());
                 metrics::counter!("twinguard_telemetry_quota_refused_total").increment(1);
                 self.quarantine_full(state, &device_id, now, out);
@@ -584,10 +599,11 @@ impl Telemetry {
                 });
                 continue;
             }
-            *held += 1;
             let id = uuid::Uuid::new_v4().simple().to_string();
             state.quarantined += 1;
             let key = quarantine_key(now_ms, state.quarantined, &id);
+            state.hold(key.clone(), &device_id);
+            out.marks.held.push(key.clone());
             out.records.push(put(
                 Table::Quarantine,
                 &key,
@@ -922,11 +938,14 @@ fn status_refusal(state: &State, device: &str) -> Option<&'static str> {
     }
 }
 
-fn forget(state: &mut State, marked: &[(String, u64)]) {
-    for (device, seq) in marked {
+fn forget(state: &mut State, marks: &Marks) {
+    for (device, seq) in &marks.windows {
         if let Some(w) = state.windows.get_mut(device) {
             w.forget(*seq);
         }
+    }
+    for key in &marks.held {
+        state.unhold(key);
     }
 }
 

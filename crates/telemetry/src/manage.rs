@@ -909,9 +909,7 @@ impl Telemetry {
             Err(DomainError::Superseded) => return Err(reviewed()),
             Err(e) => return Err(e),
         };
-        if let Some(held) = self.state()?.held.get_mut(&record.device) {
-            *held = held.saturating_sub(1);
-        }
+        self.state()?.unhold(id);
         for skip in results.into_iter().filter_map(Result::err) {
             tracing::warn!(id = %id, reason = skip.code(), "a released reading could not be applied");
         }

@@ -133,8 +133,13 @@ pub(crate) struct State {
     pub props: HashMap<(String, String), Prop>,
     /// Readings quarantined in this run, for the order of their keys.
     pub quarantined: u64,
-    /// Readings each device has waiting for review, against its quota.
-    pub held: HashMap<String, u64>,
+    /// Readings each device has waiting for review, against its quota: counted from
+    /// `pending`, which only [`State::hold`] and [`State::unhold`] change.
+    held: HashMap<String, u64>,
+    /// The quarantine records waiting for review, by key, and their devices: those this node
+    /// held, and on a shared store those other nodes held, as its follower reads them, so
+    /// that a device's quota is one count across the nodes and a review anywhere makes room.
+    pending: HashMap<String, String>,
     /// Parsed device keys: checking a key (prime order, canonical) costs a scalar
     /// multiplication, so it is done once per device, not per message. Only
     /// [`State::device_keys`] fills it and [`State::put_device`] empties it.
@@ -182,6 +187,36 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Readings `device` has waiting for review.
+    pub fn held(&self, device: &str) -> u64 {
+        self.held.get(device).copied().unwrap_or(0)
+    }
+
+    /// Counts quarantine record `key` of `device` as waiting for review (once, however often
+    /// it is seen).
+    pub fn hold(&mut self, key: String, device: &str) {
+        if self.pending.insert(key, device.to_owned()).is_none() {
+            *self.held.entry(device.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Counts quarantine record `key` as no longer waiting (reviewed, or never stored).
+    pub fn unhold(&mut self, key: &str) {
+        if let Some(device) = self.pending.remove(key)
+            && let Some(held) = self.held.get_mut(&device)
+        {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.held.remove(&device);
+            }
+        }
+    }
+
+    /// The quarantine records counted as waiting.
+    pub fn pending_keys(&self) -> impl Iterator<Item = &String> {
+        self.pending.keys()
     }
 
     /// Whether a device other than `id` names any of `thumbprints` as its key or previous key.
@@ -388,11 +423,11 @@ impl Telemetry {
             store.as_ref(),
             Table::Quarantine,
             1_000,
-            |_, bytes| -> Result<(), OpenError> {
+            |key, bytes| -> Result<(), OpenError> {
                 if let Ok(q) = serde_json::from_slice::<crate::records::Quarantined>(&bytes)
                     && q.status == crate::records::Review::Pending
                 {
-                    *state.held.entry(q.device).or_default() += 1;
+                    state.hold(key, &q.device);
                 }
                 Ok(())
             },
@@ -632,6 +667,11 @@ impl Telemetry {
                 Table::Firmware => Read::Firmware(parse(&key, value)?),
                 Table::Policies => Read::Policy(parse(&key, value)?),
                 Table::SensorGroups => Read::Group(parse(&key, value)?),
+                Table::Quarantine => Read::Held(
+                    parse::<crate::records::Quarantined>(&key, value)?
+                        .filter(|q| q.status == crate::records::Review::Pending)
+                        .map(|q| q.device),
+                ),
                 _ => continue,
             };
             read.push((key, value));
@@ -646,6 +686,8 @@ impl Telemetry {
                 Read::Firmware(v) => take(&mut state.firmware, key, v),
                 Read::Policy(v) => take(&mut state.policies, key, v),
                 Read::Group(v) => take(&mut state.groups, key, v),
+                Read::Held(Some(device)) => state.hold(key, &device),
+                Read::Held(None) => state.unhold(&key),
             }
         }
         Ok(busy)
@@ -744,6 +786,8 @@ enum Read {
     Firmware(Option<FirmwareList>),
     Policy(Option<Policy>),
     Group(Option<SensorGroup>),
+    /// A quarantine record's device while it waits for review; `None` once reviewed or gone.
+    Held(Option<String>),
 }
 
 /// Stored device records, parsed.
@@ -823,6 +867,7 @@ impl Follower for Telemetry {
                     Table::Firmware => state.firmware.keys().cloned().collect(),
                     Table::Policies => state.policies.keys().cloned().collect(),
                     Table::SensorGroups => state.groups.keys().cloned().collect(),
+                    Table::Quarantine => state.pending_keys().cloned().collect(),
                     _ => Vec::new(),
                 }
             };
@@ -837,11 +882,12 @@ impl Follower for Telemetry {
 }
 
 /// The tables the telemetry service keeps in memory and other nodes may change.
-const FOLLOWED: [Table; 4] = [
+const FOLLOWED: [Table; 5] = [
     Table::Devices,
     Table::Firmware,
     Table::Policies,
     Table::SensorGroups,
+    Table::Quarantine,
 ];
 
 #[cfg(test)]

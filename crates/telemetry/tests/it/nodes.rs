@@ -191,11 +191,7 @@ impl Store for Contended {
 /// `nodes_on_one_database_share_the_subscription_and_ingest_each_message_once`).
 #[tokio::test]
 async fn a_batch_whose_commit_another_writer_keeps_beating_is_still_accepted() {
-    let store = Arc::new(Contended {
-        inner: Arc::new(MemoryStore::shared()),
-        beaten: AtomicUsize::new(0),
-        stale: AtomicUsize::new(0),
-    });
+    let store = contended();
     let mut plant = Plant::new_on(store.clone()).await;
     plant.device("t1", &["temperature"]).await;
     store.beaten.store(40, Ordering::SeqCst);
@@ -211,6 +207,45 @@ async fn a_batch_whose_commit_another_writer_keeps_beating_is_still_accepted() {
         (again.status, again.reason),
         (Verdict::Rejected, Some("replay"))
     );
+}
+
+/// A batch decided again after its commits were beaten counts its held readings once: with
+/// room for one more, a batch holding one reading whose commit is beaten five times is held,
+/// and the next is refused for the quota. Before, each decision counted the reading again, so
+/// the batch was refused for a quota its own earlier tries had used up.
+#[tokio::test]
+async fn a_batch_decided_again_counts_its_held_readings_once() {
+    use twinguard_telemetry::ingest::QUARANTINE_QUOTA;
+    let store = contended();
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    let room = usize::try_from(QUARANTINE_QUOTA).unwrap() - 1;
+    for n in [250, 250, 250, room - 750] {
+        let bytes = unbound(&mut plant, n);
+        let out = send(&plant.telemetry, bytes).await;
+        assert_eq!(out.status, Verdict::Quarantined, "{:?}", out.reason);
+    }
+    store.beaten.store(5, Ordering::SeqCst);
+    let bytes = unbound(&mut plant, 1);
+    let out = send(&plant.telemetry, bytes).await;
+    assert_eq!(
+        store.beaten.load(Ordering::SeqCst),
+        0,
+        "the commits were beaten"
+    );
+    assert_eq!(out.status, Verdict::Quarantined, "{:?}", out.reason);
+    let bytes = unbound(&mut plant, 1);
+    let out = send(&plant.telemetry, bytes).await;
+    assert_eq!(out.reason, Some("quarantine_quota"));
+}
+
+/// A shared memory store whose next commits another writer beats when `beaten` is set.
+fn contended() -> Arc<Contended> {
+    Arc::new(Contended {
+        inner: Arc::new(MemoryStore::shared()),
+        beaten: AtomicUsize::new(0),
+        stale: AtomicUsize::new(0),
+    })
 }
 
 fn device_with(key: &SigningKey) -> NewDevice {
@@ -771,4 +806,86 @@ async fn a_held_reading_is_reviewed_once_when_reviews_race() {
     let stored = plant.telemetry.quarantined(&plant.admin, &id).unwrap();
     assert_eq!(stored.status, Review::Discarded);
     assert_eq!(plant.twin()["temperature"], json!(120.0), "not released");
+}
+
+/// A device's readings waiting for review count against one quota on every node, and a review
+/// on either node makes room on both. Node A holds the device's whole quota; node B, once its
+/// follower has read A's commits, refuses the next reading it would hold; B discards ten; node
+/// A, once its follower has read the reviews, holds ten more and refuses the eleventh. Before,
+/// each node counted only what it held and reviewed itself: B held another full quota, and A
+/// refused held readings after the reviews until it restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quarantine_quota_is_one_count_across_nodes() {
+    use twinguard_telemetry::ingest::QUARANTINE_QUOTA;
+    let store = Arc::new(MemoryStore::shared());
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    let b = second_node(&plant, store.clone());
+    let follows = |node: &Telemetry| {
+        let follower = ChangeFollower::start(store.clone()).unwrap().unwrap();
+        follower.register(Arc::new(node.clone()));
+        follower
+    };
+    let (follows_a, follows_b) = (follows(&plant.telemetry), follows(&b));
+    let step = |follower: &Arc<ChangeFollower>| {
+        let follower = follower.clone();
+        async move {
+            tokio::task::spawn_blocking(move || follower.step())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    };
+    let quota = usize::try_from(QUARANTINE_QUOTA).unwrap();
+    let held = |outcome: &Outcome| {
+        outcome
+            .readings
+            .iter()
+            .filter(|r| r.status == Verdict::Quarantined)
+            .count()
+    };
+
+    // The whole quota, in messages of 250 readings.
+    for _ in 0..quota / 250 {
+        let bytes = unbound(&mut plant, 250);
+        let out = send(&plant.telemetry, bytes).await;
+        assert_eq!(held(&out), 250, "{:?}", out.reason);
+    }
+    step(&follows_b).await;
+    let out = send(&b, unbound(&mut plant, 1)).await;
+    assert_eq!(
+        out.reason,
+        Some("quarantine_quota"),
+        "B held past A's quota"
+    );
+
+    for q in &plant.pending()[..10] {
+        b.review(&plant.admin, &q.id, Decision::Discard)
+            .await
+            .unwrap();
+    }
+    step(&follows_a).await;
+    let bytes = unbound(&mut plant, 11);
+    let out = send(&plant.telemetry, bytes).await;
+    assert_eq!(held(&out), 10, "A after B's ten reviews");
+    assert_eq!(
+        out.readings[10].reasons.last().map(String::as_str),
+        Some("quarantine_quota")
+    );
+    assert_eq!(plant.pending().len(), quota);
+}
+
+/// A message of device `t1` with `n` readings for a twin it is not bound to: each is held for
+/// review, as long as the device's quota has room.
+fn unbound<S: Store>(plant: &mut Plant<S>, n: usize) -> Vec<u8> {
+    let mut message = plant.message("t1", "temperature", json!(1.0));
+    message.readings = (0..n)
+        .map(|i| twinguard_telemetry::envelope::Reading {
+            name: "temperature".into(),
+            value: json!(i as f64),
+            twin: Some("boiler-2".into()),
+            time: None,
+        })
+        .collect();
+    plant.cose(&message)
 }
