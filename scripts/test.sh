@@ -25,8 +25,8 @@ fi
 
 if [ -d tests/sdk ]; then
     TWINGUARD_BIN="$PWD/target/debug/twinguard" .venv/bin/pytest -q tests/sdk
-    # The official SDK's scenario, the token, identity, telemetry, event, external issuer and
-    # TLS tests once more through a cluster: three nodes on one PostgreSQL database behind
+    # The official SDK's scenario, the token, identity, telemetry, event, external issuer, TLS
+    # and hydra tests once more through a cluster: three nodes on one PostgreSQL database behind
     # HAProxy (tests/sdk/cluster.py), unless TWINGUARD_SKIP_POSTGRES=1. Tests that start
     # servers of their own are left to the pass above (`single_node_only`).
     if [ "${TWINGUARD_SKIP_POSTGRES:-}" != 1 ]; then
@@ -34,6 +34,6 @@ if [ -d tests/sdk ]; then
             .venv/bin/pytest -q tests/sdk/test_adt_sdk.py tests/sdk/test_tokens.py \
                 tests/sdk/test_identity.py tests/sdk/test_workload_identity.py \
                 tests/sdk/test_telemetry.py tests/sdk/test_events.py \
-                tests/sdk/test_external_issuer.py tests/sdk/test_tls.py
+                tests/sdk/test_external_issuer.py tests/sdk/test_tls.py tests/sdk/test_hydra.py
     fi
 fi

@@ -275,9 +275,9 @@ class ClusterServer(Server):
     def session(self, source_address: str | None = None) -> requests.Session:
         return session_from(source_address, PositionSession(self.positions))
 
-    def metrics(self) -> str:
+    def metrics(self, token: str | None = None) -> str:
         """Every node's Prometheus text, each asked directly: each counts what it decided."""
-        token = self.credential().get_token().token
+        token = token or self.credential().get_token().token
         return "\n".join(metrics_of(node.endpoint, token, self.ca_path) for node in self.cluster.nodes)
 
     def log_tail(self, max_chars: int = 20000) -> str:

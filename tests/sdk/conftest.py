@@ -123,9 +123,10 @@ class Server:
         `source_address` if given); through a cluster, one that reads its writes anywhere."""
         return session_from(source_address)
 
-    def metrics(self) -> str:
-        """The Prometheus text of every node serving the tests (one here)."""
-        return metrics_of(self.endpoint, self.credential().get_token().token, self.ca_path)
+    def metrics(self, token: str | None = None) -> str:
+        """The Prometheus text of every node serving the tests (one here), read with `token`
+        or a new one."""
+        return metrics_of(self.endpoint, token or self.credential().get_token().token, self.ca_path)
 
     def log_tail(self, max_chars: int = 20000) -> str:
         try:
