@@ -104,7 +104,7 @@ pub fn device_router(state: AppState) -> Router {
         // `/telemetry` only: routes added after a route layer are not wrapped by it.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::http::device_consistency,
+            crate::http::consistency_self_authenticated,
         ))
         .route("/healthz", get(health::healthz))
         .method_not_allowed_fallback(method_not_allowed)
@@ -363,7 +363,7 @@ pub fn router(state: AppState) -> Router {
         .route("/oauth2/revoke", post(token::revoke))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::http::token_consistency,
+            crate::http::consistency_self_authenticated,
         ))
         .layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT));
 

@@ -511,22 +511,12 @@ pub async fn consistency(State(state): State<AppState>, req: Request, next: Next
     follow_positions(state, req, next, true).await
 }
 
-/// [`consistency`] for the token endpoints, whose request is itself the credential (a client
-/// that created an identity on one node logs in with it on another).
-pub async fn token_consistency(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    follow_positions(state, req, next, false).await
-}
-
-/// [`consistency`] for the device plane's `/telemetry`, whose messages carry their own
-/// credentials: a batch presenting the position of a device's registration, key rotation or
-/// suspension on another node is decided as that node would decide it, and an answer that
-/// accepted or held readings names the position holding them, so a client (a gateway, a
-/// commissioning script) reads their effect on any node.
-pub async fn device_consistency(
+/// [`consistency`] for routes whose request is itself the credential: the token endpoints (a
+/// client that created an identity on one node logs in with it on another) and the device
+/// plane's `/telemetry`, whose messages are signed (a batch presenting the position of a
+/// device's registration, key rotation or suspension on another node is decided as that node
+/// would decide it, and its 200 or 202 answer names the position holding what it changed).
+pub async fn consistency_self_authenticated(
     State(state): State<AppState>,
     req: Request,
     next: Next,
