@@ -419,19 +419,9 @@ impl Telemetry {
             let id = (device.to_owned(), twin.to_owned(), name.to_owned());
             state.sensors.insert(id, sensor);
         }
-        twinguard_core::store::for_each_record(
-            store.as_ref(),
-            Table::Quarantine,
-            1_000,
-            |key, bytes| -> Result<(), OpenError> {
-                if let Ok(q) = serde_json::from_slice::<crate::records::Quarantined>(&bytes)
-                    && q.status == crate::records::Review::Pending
-                {
-                    state.hold(key, &q.device);
-                }
-                Ok(())
-            },
-        )?;
+        for (key, device) in stored_pending(store.as_ref())? {
+            state.hold(key, &device);
+        }
         for (key, bytes) in store.scan(Table::Replay)? {
             let window = ReplayWindow::from_bytes(&bytes)
                 .ok_or_else(|| OpenError::Corrupt("replay", key.clone()))?;
@@ -853,13 +843,20 @@ impl Follower for Telemetry {
     fn reload(&self) -> Result<Vec<(Table, String)>, StoreError> {
         let mut busy = Vec::new();
         for table in FOLLOWED {
-            let stored: Vec<String> = self
-                .inner
-                .store
-                .scan(table)?
-                .into_iter()
-                .map(|(key, _)| key)
-                .collect();
+            let stored: Vec<String> = match table {
+                // The quarantine keeps every decided record too: only those waiting count.
+                Table::Quarantine => stored_pending(self.inner.store.as_ref())?
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect(),
+                _ => self
+                    .inner
+                    .store
+                    .scan(table)?
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect(),
+            };
             let known: Vec<String> = {
                 let state = self.state().map_err(|e| StoreError(e.to_string()))?;
                 match table {
@@ -879,6 +876,21 @@ impl Follower for Telemetry {
         }
         Ok(busy)
     }
+}
+
+/// The quarantine records waiting for review, with their devices, read a page at a time (the
+/// table keeps every decided record too).
+fn stored_pending(store: &dyn Store) -> Result<Vec<(String, String)>, StoreError> {
+    let mut pending = Vec::new();
+    twinguard_core::store::for_each_record(store, Table::Quarantine, 1_000, |key, bytes| {
+        if let Ok(q) = serde_json::from_slice::<crate::records::Quarantined>(&bytes)
+            && q.status == crate::records::Review::Pending
+        {
+            pending.push((key, q.device));
+        }
+        Ok::<_, StoreError>(())
+    })?;
+    Ok(pending)
 }
 
 /// The tables the telemetry service keeps in memory and other nodes may change.

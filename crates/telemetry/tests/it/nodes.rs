@@ -829,21 +829,9 @@ async fn the_quarantine_quota_is_one_count_across_nodes() {
     let (follows_a, follows_b) = (follows(&plant.telemetry), follows(&b));
     let step = |follower: &Arc<ChangeFollower>| {
         let follower = follower.clone();
-        async move {
-            tokio::task::spawn_blocking(move || follower.step())
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        blocking(move || follower.step())
     };
     let quota = usize::try_from(QUARANTINE_QUOTA).unwrap();
-    let held = |outcome: &Outcome| {
-        outcome
-            .readings
-            .iter()
-            .filter(|r| r.status == Verdict::Quarantined)
-            .count()
-    };
 
     // The whole quota, in messages of 250 readings.
     for _ in 0..quota / 250 {
@@ -888,4 +876,58 @@ fn unbound<S: Store>(plant: &mut Plant<S>, n: usize) -> Vec<u8> {
         })
         .collect();
     plant.cose(&message)
+}
+
+/// A node that reads its followed tables whole (its change log was trimmed past it) counts the
+/// quarantine as its followers would: every record still waiting, and none reviewed since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_reread_counts_the_quarantine_as_following_does() {
+    use twinguard_telemetry::ingest::QUARANTINE_QUOTA;
+    let store = Arc::new(MemoryStore::shared());
+    let mut plant = Plant::new_on(store.clone()).await;
+    plant.device("t1", &["temperature"]).await;
+    let b = second_node(&plant, store.clone());
+    let reload = |node: &Telemetry| {
+        let node = node.clone();
+        blocking(move || node.reload())
+    };
+    for _ in 0..QUARANTINE_QUOTA / 250 {
+        let bytes = unbound(&mut plant, 250);
+        assert_eq!(
+            send(&plant.telemetry, bytes).await.status,
+            Verdict::Quarantined
+        );
+    }
+    reload(&b).await;
+    let out = send(&b, unbound(&mut plant, 1)).await;
+    assert_eq!(
+        out.reason,
+        Some("quarantine_quota"),
+        "B after reading A's holds"
+    );
+
+    for q in &plant.pending()[..10] {
+        plant
+            .telemetry
+            .review(&plant.admin, &q.id, Decision::Discard)
+            .await
+            .unwrap();
+    }
+    reload(&b).await;
+    let out = send(&b, unbound(&mut plant, 11)).await;
+    assert_eq!(held(&out), 10, "B after reading A's reviews");
+}
+
+/// Runs a store-reading step (a follower's, a whole reread) on the blocking pool, as a node does.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) {
+    tokio::task::spawn_blocking(f).await.unwrap().unwrap();
+}
+
+/// How many of a message's readings were held for review.
+fn held(outcome: &Outcome) -> usize {
+    outcome
+        .readings
+        .iter()
+        .filter(|r| r.status == Verdict::Quarantined)
+        .count()
 }
